@@ -1,0 +1,202 @@
+"""Hugging Face checkpoints on disk: lazy, validated reading and streaming, atomic writing.
+
+Reading opens each safetensors shard memory-mapped and hands out one tensor at a time. Writing
+appends each tensor to disk as it arrives (`SafetensorsWriter`), so memory is bounded by one tensor,
+not by a shard or a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+
+from qpissa import UserError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+INDEX_NAME = "model.safetensors.index.json"
+# Keys that only a quantized checkpoint has (bitsandbytes, GPTQ/AWQ, int8).
+QUANTIZED_KEY_MARKERS = (".absmax", ".quant_map", ".quant_state.", ".qweight", ".qzeros", ".scales", ".SCB")
+
+_DTYPE_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}  # fmt: skip
+
+
+class CheckpointReader:
+    """The tensors of a safetensors checkpoint directory, read one at a time.
+
+    Args:
+        model_dir: a directory with `config.json` and `*.safetensors` shards (optionally indexed).
+
+    Raises:
+        UserError: missing directory or config, no safetensors, a truncated or corrupt shard.
+    """
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        self.config = read_config(model_dir)
+        self.shards = _shard_files(model_dir)
+        self.headers = {shard: _read_header(shard) for shard in self.shards}
+        self.location = {name: shard for shard, header in self.headers.items() for name in header}
+        self._handles: dict[Path, object] = {}
+
+    def names(self) -> list[str]:
+        """Tensor names in file order (shard by shard, sorted within a shard): deterministic."""
+        return [name for shard in self.shards for name in sorted(self.headers[shard])]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.headers[self.location[name]][name]["shape"])
+
+    def dtype_code(self, name: str) -> str:
+        return self.headers[self.location[name]][name]["dtype"]
+
+    def nbytes(self, name: str) -> int:
+        start, end = self.headers[self.location[name]][name]["data_offsets"]
+        return end - start
+
+    def read(self, name: str) -> torch.Tensor:
+        """Load one tensor into memory (CPU), in its stored dtype."""
+        from safetensors import safe_open
+
+        shard = self.location[name]
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(shard), framework="pt")
+        return self._handles[shard].get_tensor(name)
+
+
+class SafetensorsWriter:
+    """Writes a `.safetensors` file tensor by tensor, holding none of them in memory.
+
+    Tensor bytes go to one spool file per element size; `close()` writes the header and joins the spools
+    from the widest element size down, which keeps every tensor aligned without gaps (the format
+    forbids holes). The file appears under its final name only when complete.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: dict[str, tuple[str, list[int], int, int]] = {}  # name -> dtype, shape, size, spool
+        self.spools: dict[int, object] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.entries:
+            raise ValueError(f"tensor {name} written twice to {self.path.name}")
+        tensor = tensor.detach().cpu().contiguous()
+        width = tensor.element_size()
+        if width not in self.spools:
+            self.spools[width] = open(self._spool_path(width), "wb")  # noqa: SIM115 - closed in close()
+        data = tensor.reshape(-1).view(torch.uint8).numpy()
+        self.spools[width].write(memoryview(data))
+        self.entries[name] = (_DTYPE_CODES[tensor.dtype], list(tensor.shape), data.nbytes, width)
+
+    def close(self, metadata: dict[str, str] | None = None) -> None:
+        """Write header and data to `path` atomically and remove the spools."""
+        header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+        offset = 0
+        widths = sorted(self.spools, reverse=True)
+        for width in widths:
+            for name, (dtype, shape, size, spool) in self.entries.items():
+                if spool == width:
+                    header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+                    offset += size
+        raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+        raw += b" " * (-len(raw) % 8)
+        partial = self.path.with_name(self.path.name + ".tmp")
+        with open(partial, "wb") as out:
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+            for width in widths:
+                self.spools[width].close()
+                with open(self._spool_path(width), "rb") as spool:
+                    shutil.copyfileobj(spool, out, 16 << 20)
+                os.remove(self._spool_path(width))
+        os.replace(partial, self.path)
+
+    def _spool_path(self, width: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.spool{width}")
+
+
+def read_config(model_dir: Path) -> dict:
+    """`config.json` of a checkpoint directory, with user-facing errors for the usual mistakes."""
+    if not model_dir.exists():
+        raise UserError(f"model directory {model_dir} does not exist; pass a Hugging Face checkpoint directory")
+    if not model_dir.is_dir():
+        raise UserError(f"{model_dir} is a file, not a directory; pass the checkpoint's directory")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise UserError(
+            f"{model_dir} has no config.json, so it is not a Hugging Face checkpoint; "
+            "for the demo model run `qpissa fetch-model smollm2-135m DIR`"
+        )
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{config_path} is not valid JSON ({error}); restore it from the original model") from None
+
+
+def write_json(path: Path, data: object) -> None:
+    """Write JSON (sorted keys, indented) atomically: a reader never sees half a file."""
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(partial, path)
+
+
+def copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
+    """Copy tokenizer, chat template, generation config and other non-weight files; return their names."""
+    copied = []
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file() and path.name not in ("config.json", INDEX_NAME) and not path.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(path, out_dir / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def _shard_files(model_dir: Path) -> list[Path]:
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as error:
+            raise UserError(f"{index} is corrupt ({error}); restore it from the original model") from None
+        shards = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise UserError(f"{index} lists shards that are missing: {', '.join(missing)}; download them again")
+        return shards
+    shards = sorted(model_dir.glob("*.safetensors"))
+    if shards:
+        return shards
+    others = sorted(p.name for p in model_dir.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+    if others:
+        raise UserError(
+            f"{model_dir} has no .safetensors weights, only {', '.join(others)}; convert them first, e.g. "
+            "`AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)` writes safetensors"
+        )
+    raise UserError(f"{model_dir} has no weight files (*.safetensors); is it the right directory?")
+
+
+def _read_header(shard: Path) -> dict[str, dict]:
+    """Parse a shard's header and check that the file holds every byte it promises."""
+    size = shard.stat().st_size
+    try:
+        with open(shard, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise UserError(f"{shard} is not a readable safetensors file ({error}); download it again") from None
+    if 8 + length + end != size:
+        raise UserError(
+            f"{shard} is truncated or corrupt: its header describes {8 + length + end} bytes, the file has "
+            f"{size}; download it again"
+        )
+    return header

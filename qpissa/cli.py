@@ -1,0 +1,79 @@
+"""The `qpissa` command: argument parsing and one short handler per subcommand, nothing else.
+
+Heavy libraries are imported inside the handlers so that `qpissa --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from qpissa import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit status (2 for a user mistake, as argparse does)."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        args.handler(args)
+    except UserError as error:
+        print(f"qpissa: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main_entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+def _cmd_fetch_model(args: argparse.Namespace) -> None:
+    from qpissa.models import fetch_demo_model
+
+    out_dir = fetch_demo_model(args.name, args.out)
+    print(f"{args.name}: Hugging Face checkpoint in {out_dir}")
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from qpissa.config import from_namespace
+    from qpissa.convert import ConvertSettings, convert, summary_table
+
+    settings = from_namespace(ConvertSettings, args)
+    report = convert(args.model, args.out, settings, resume=args.resume, overwrite=args.overwrite,
+                     show_progress=not args.quiet)  # fmt: skip
+    summary = report["summary"]
+    print(summary_table(report))
+    print(
+        f"{settings.method.value}: {len(report['layers'])} matrices in {summary['total_seconds']:.1f} s "
+        f"(metrics {summary['metrics_seconds']:.1f} s), peak RSS {summary['peak_rss_mb']:.0f} MB -> {args.out}"
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from qpissa.config import add_arguments
+    from qpissa.convert import ConvertSettings
+    from qpissa.models import DEMO_MODELS
+
+    parser = argparse.ArgumentParser(prog="qpissa", description="QPiSSA: 4-bit fine-tuning that loses less.")
+    parser.add_argument("--quiet", action="store_true", help="only warnings and the result; no progress bars")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    fetch = commands.add_parser("fetch-model", help="write an embedded demo model as a standard HF checkpoint")
+    fetch.add_argument("name", choices=sorted(DEMO_MODELS), help="demo model")
+    fetch.add_argument("out", type=Path, help="directory to write (a second call is instant)")
+    fetch.set_defaults(handler=_cmd_fetch_model)
+
+    convert = commands.add_parser("convert", help="decompose a checkpoint: NF4 residual + adapter + error report")
+    convert.add_argument("model", type=Path, help="Hugging Face checkpoint directory (safetensors)")
+    convert.add_argument("out", type=Path, help="output QPiSSA directory")
+    add_arguments(convert, ConvertSettings)
+    convert.add_argument("--resume", action="store_true", help="continue an interrupted conversion of OUT")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    convert.set_defaults(handler=_cmd_convert)
+    return parser

@@ -1,0 +1,160 @@
+"""Settings dataclasses as user-facing options: argparse flags and YAML files from one definition.
+
+Each setting is a dataclass field with `metadata={"help": ...}`; flags, help texts and YAML validation
+are derived from it, so a knob is defined once. Enums are closed choices; nested dataclasses are
+reached with dotted keys (`data.max_seq_len=512`). Unknown keys and wrong types are errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from enum import Enum
+from pathlib import Path
+from typing import Any, TypeVar
+
+from qpissa import UserError
+
+T = TypeVar("T")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one `--flag` per field of the flat dataclass `cls`, with its help text and choices."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        kind = _base_type(hints[field.name])
+        flag = "--" + field.name.replace("_", "-")
+        help_text = field.metadata.get("help", "")
+        default = field.default if field.default is not dataclasses.MISSING else None
+        if kind is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
+        elif isinstance(kind, type) and issubclass(kind, Enum):
+            parser.add_argument(
+                flag, choices=[m.value for m in kind], default=_plain(default), help=help_text
+            )
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=help_text)
+
+
+def from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
+    """Build `cls` from the parsed flags that `add_arguments` added."""
+    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)}
+    return from_dict(cls, values, where="")
+
+
+def from_dict(cls: type[T], values: dict[str, Any], where: str = "") -> T:
+    """Build a (possibly nested) dataclass from plain data, checking every key and type.
+
+    Args:
+        cls: the dataclass type.
+        values: plain data (from YAML or flags); nested dataclasses take nested dicts.
+        where: dotted prefix used in error messages.
+
+    Raises:
+        UserError: naming every unknown key and every value of the wrong type at once.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    problems = [
+        f"unknown setting `{where}{key}` (known: {', '.join(sorted(fields))})" for key in values if key not in fields
+    ]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            continue
+        try:
+            kwargs[key] = _coerce(hints[key], value, f"{where}{key}")
+        except UserError as error:
+            problems.append(str(error))
+    if problems:
+        raise UserError("; ".join(problems))
+    return cls(**kwargs)
+
+
+def to_dict(settings: Any) -> dict[str, Any]:
+    """Plain, JSON-ready data of a settings dataclass (enums as their values, paths as strings)."""
+    return {key: _plain(value) for key, value in dataclasses.asdict(settings).items()}
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key=value` command-line overrides (dotted keys for nested settings) to plain data.
+
+    Values are parsed as YAML scalars, so `lr=2e-5`, `packing=true` and `name=foo` all work.
+    """
+    import yaml
+
+    merged = dict(values)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override `{item}` is not key=value; write e.g. learning_rate=2e-5")
+        node = merged
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override `{key}`: `{parent}` is not a group of settings")
+        node[leaf] = yaml.safe_load(raw)
+    return merged
+
+
+def _coerce(hint: Any, value: Any, name: str) -> Any:
+    kind = _base_type(hint)
+    if value is None:
+        if _is_optional(hint):
+            return None
+        raise UserError(f"`{name}` may not be empty")
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise UserError(f"`{name}` must be a group of settings, got {value!r}")
+        return from_dict(kind, value, where=f"{name}.")
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        try:
+            return kind(value)
+        except ValueError:
+            choices = ", ".join(m.value for m in kind)
+            raise UserError(f"`{name}` must be one of {choices}, got {value!r}") from None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"`{name}` must be true or false, got {value!r}")
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is Path and isinstance(value, (str, Path)):
+        return Path(value)
+    if kind is list and isinstance(value, list):
+        return value
+    if isinstance(kind, type) and isinstance(value, kind) and not isinstance(value, bool):
+        return value
+    raise UserError(f"`{name}` must be {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def _base_type(hint: Any) -> Any:
+    """`int | None` → int; `list[str]` → list; anything else unchanged."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _base_type(args[0])
+    if origin is not None:
+        return origin
+    return hint
+
+
+def _is_optional(hint: Any) -> bool:
+    return type(None) in typing.get_args(hint)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
