@@ -88,12 +88,17 @@ def load_model(
 
 
 def set_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Make every `Linear4bit` compute in `dtype` (its stored codes are unchanged)."""
+    """Make every `Linear4bit` compute in `dtype` (its stored codes are unchanged), and cast the 16-bit
+    weights (embeddings, norms, lm_head), which transformers leaves in the checkpoint's dtype for a
+    4-bit model even when asked for another: bf16 norms would otherwise turn the activations bf16."""
     import bitsandbytes as bnb
 
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.compute_dtype = dtype
+    for param in model.parameters():  # tied weights are one Parameter: they stay tied
+        if param.is_floating_point() and param.dtype != dtype and not isinstance(param, bnb.nn.Params4bit):
+            param.data = param.data.to(dtype)
 
 
 def load_tokenizer(source: ModelSource):
