@@ -21,6 +21,7 @@ demo: setup
 	$(BIN)/python tools/demo.py --workdir $(DEMO)
 
 test: setup
+	sh tools/install_chromium.sh
 	$(BIN)/python -m pytest -q
 
 test-integration: setup

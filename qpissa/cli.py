@@ -55,6 +55,32 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from qpissa.compare import CompareSettings, compare
+    from qpissa.config import from_namespace
+    from qpissa.convert import ConvertSettings
+    from qpissa.fidelity import FidelitySettings
+    from qpissa.report import ReportOptions
+
+    settings = from_namespace(CompareSettings, args)
+    convert_settings = from_namespace(ConvertSettings, args, exclude=("method",))
+    fidelity, options = from_namespace(FidelitySettings, args), from_namespace(ReportOptions, args)
+    record = compare(args.model, args.out, settings, convert_settings, fidelity, report_options=options,
+                     show_progress=not args.quiet)  # fmt: skip
+    steps = record["history"][-1]["steps"]
+    done = sum(step["status"] == "done" for step in steps)
+    print(f"{done} steps run, {len(steps) - done} reused -> {args.out}/report.html, report.md, summary.json")
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from qpissa.config import from_namespace
+    from qpissa.report import ReportOptions, build_report
+
+    summary = build_report(args.inputs, args.out, from_namespace(ReportOptions, args))
+    print("\n".join(summary["verdict"]))
+    print(f"{len(summary['methods'])} methods, {len(summary['plots'])} plots -> {args.out}/report.html")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from qpissa.config import add_arguments
     from qpissa.convert import ConvertSettings
@@ -76,4 +102,29 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--resume", action="store_true", help="continue an interrupted conversion of OUT")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     convert.set_defaults(handler=_cmd_convert)
+
+    _add_compare_and_report(commands)
     return parser
+
+
+def _add_compare_and_report(commands: argparse._SubParsersAction) -> None:
+    from qpissa.compare import CompareSettings
+    from qpissa.config import add_arguments
+    from qpissa.convert import ConvertSettings
+    from qpissa.fidelity import FidelitySettings
+    from qpissa.report import ReportOptions
+
+    compare = commands.add_parser("compare", help="convert with each method, measure fidelity, train; report")
+    compare.add_argument("model", type=Path, help="Hugging Face checkpoint directory (full precision)")
+    compare.add_argument("out", type=Path, help="comparison directory (a re-run reuses finished steps)")
+    add_arguments(compare, CompareSettings)
+    add_arguments(compare, ConvertSettings, exclude=("method",))
+    add_arguments(compare, FidelitySettings)
+    add_arguments(compare, ReportOptions)
+    compare.set_defaults(handler=_cmd_compare)
+
+    report = commands.add_parser("report", help="Markdown/HTML/PNG report from conversions, runs, exports")
+    report.add_argument("inputs", type=Path, nargs="+", help="QPiSSA, run, export and compare directories")
+    report.add_argument("--out", type=Path, required=True, help="report directory")
+    add_arguments(report, ReportOptions)
+    report.set_defaults(handler=_cmd_report)

@@ -20,10 +20,12 @@ from qpissa import UserError
 T = TypeVar("T")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one `--flag` per field of the flat dataclass `cls`, with its help text and choices."""
+def add_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = ()) -> None:
+    """Add one `--flag` per field of the flat dataclass `cls` (except `exclude`), with its help text and choices."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
+        if field.name in exclude:
+            continue
         kind = _base_type(hints[field.name])
         flag = "--" + field.name.replace("_", "-")
         help_text = field.metadata.get("help", "")
@@ -40,9 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(flag, type=kind, default=default, help=help_text)
 
 
-def from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
-    """Build `cls` from the parsed flags that `add_arguments` added."""
-    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)}
+def from_namespace(cls: type[T], namespace: argparse.Namespace, exclude: tuple[str, ...] = ()) -> T:
+    """Build `cls` from the parsed flags that `add_arguments` added; `exclude`d fields keep their defaults."""
+    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if f.name not in exclude}
     return from_dict(cls, values, where="")
 
 

@@ -1,0 +1,214 @@
+"""`qpissa compare`: convert one model with each method, measure fidelity, optionally train, report.
+
+Every method goes through the same converter, quantizer, seed, fidelity measurement and training
+config, so the comparison differs only in the method (DESIGN.md principle 4). OUT holds
+
+    conversions/<method>/      QPiSSA directories (+ qpissa_fidelity.json)
+    runs/<method>/             training runs (with --train)
+    compare.json               settings and a log of every step: done now, or reused
+    report.md, report.html, summary.json, *.png
+
+Each step is skipped when its result is already in OUT with the same inputs, so a re-run (or a run
+that was interrupted) redoes nothing that is finished. Conversions and training runs execute in a
+fresh process each, so their recorded peak memory is theirs alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qpissa import UserError
+from qpissa.checkpoint import write_json
+from qpissa.config import to_dict
+from qpissa.convert import REPORT_NAME, ConvertSettings, convert
+from qpissa.fidelity import FIDELITY_NAME, FidelitySettings, heldout_ids, measure_fidelity
+from qpissa.methods import Method
+from qpissa.report import ReportOptions
+
+log = logging.getLogger(__name__)
+
+COMPARE_NAME = "compare.json"
+CONVERSIONS_DIR = "conversions"
+RUNS_DIR = "runs"
+
+
+@dataclass
+class CompareSettings:
+    """What to compare. Every field is a `qpissa compare` flag."""
+
+    methods: str = field(
+        default="qlora,loftq,qpissa",
+        metadata={"help": "comma-separated methods to compare: qlora, loftq, qpissa"},
+    )
+    train: Path | None = field(
+        default=None, metadata={"help": "train every conversion with this YAML config (same config and seed)"}
+    )
+
+    def __post_init__(self) -> None:
+        known = {m.value for m in Method}
+        names = [name.strip() for name in self.methods.split(",") if name.strip()]
+        unknown = [name for name in names if name not in known]
+        if not names or unknown:
+            raise UserError(
+                f"--methods {self.methods!r}: use a comma-separated list of {', '.join(sorted(known))}"
+            )
+        if len(set(names)) != len(names):
+            raise UserError(f"--methods {self.methods!r} names a method twice; list each once")
+        if self.train is not None and not self.train.is_file():
+            raise UserError(
+                f"--train {self.train} is not a file; pass a training YAML such as configs/demo.yaml"
+            )
+
+    @property
+    def method_list(self) -> list[Method]:
+        return [Method(name.strip()) for name in self.methods.split(",") if name.strip()]
+
+
+def compare(
+    model_dir: Path,
+    out_dir: Path,
+    settings: CompareSettings,
+    convert_settings: ConvertSettings,
+    fidelity_settings: FidelitySettings,
+    *,
+    report_options: ReportOptions | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Run (or finish) a comparison in `out_dir` and write its report there.
+
+    Args:
+        model_dir: the full-precision Hugging Face checkpoint.
+        out_dir: the comparison directory (created; an earlier comparison with the same settings is reused).
+        settings: methods and optional training config.
+        convert_settings: rank, iterations, quantizer, seed... shared by all methods (`method` is ignored).
+        fidelity_settings: held-out text and window sizes.
+        report_options: how to draw the report (default: the `qpissa report` defaults).
+        show_progress: progress bars on a terminal.
+
+    Returns:
+        The contents of `compare.json`: settings and the steps of this invocation and earlier ones.
+
+    Raises:
+        UserError: bad inputs, or `out_dir` holds something else or a comparison with other settings.
+    """
+    from qpissa.checkpoint import CheckpointReader
+    from qpissa.report import build_report
+
+    CheckpointReader(model_dir)  # fails early, with a clear message, on a missing or broken model
+    record = _prepare_output(out_dir, _fingerprint(model_dir, convert_settings))
+    record["methods"] += [m.value for m in settings.method_list if m.value not in record["methods"]]
+    steps: list[dict] = []
+    for method in settings.method_list:
+        steps.append(_convert_step(model_dir, out_dir, method, convert_settings, show_progress))
+    steps += _fidelity_steps(model_dir, out_dir, settings.method_list, fidelity_settings)
+    if settings.train is not None:
+        for method in settings.method_list:
+            steps.append(_train_step(out_dir, method, settings.train, show_progress))
+    record["history"].append({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps": steps})
+    write_json(out_dir / COMPARE_NAME, record)
+    build_report([out_dir], out_dir, report_options or ReportOptions())
+    return record
+
+
+def method_dirs(out_dir: Path, kind: str) -> list[Path]:
+    """The conversion (`kind="conversions"`) or run (`"runs"`) directories of a comparison, by method."""
+    record = json.loads((out_dir / COMPARE_NAME).read_text())
+    paths = [out_dir / kind / name for name in record["methods"]]
+    return [path for path in paths if path.is_dir()]
+
+
+def _convert_step(
+    model_dir: Path, out_dir: Path, method: Method, base: ConvertSettings, show_progress: bool
+) -> dict:
+    """Convert with one method, unless a finished conversion with identical settings is already there."""
+    target = out_dir / CONVERSIONS_DIR / method.value
+    settings = dataclasses.replace(base, method=method, iters=None if method is Method.QLORA else base.iters)
+    if (target / REPORT_NAME).is_file():
+        convert(model_dir, target, settings, resume=True)  # checks the fingerprint; returns at once
+        return _step(method, "convert", target, "reused", 0.0)
+    started = time.perf_counter()
+    log.info("converting with %s -> %s", method.value, target)
+    _in_fresh_process(convert, model_dir, target, settings, resume=True, show_progress=show_progress)
+    return _step(method, "convert", target, "done", time.perf_counter() - started)
+
+
+def _fidelity_steps(
+    model_dir: Path, out_dir: Path, methods: list[Method], settings: FidelitySettings
+) -> list[dict]:
+    """Measure each conversion against the original; load the original only if anything is left to measure."""
+    from qpissa.loading import ModelSource, load_model, resolve_source
+
+    vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    ids, source = heldout_ids(model_dir, settings, vocab_size)
+    key = {"ids_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(), "settings": to_dict(settings)}
+    steps, original = [], None
+    for method in methods:
+        target = out_dir / CONVERSIONS_DIR / method.value
+        key_here = {**key, "conversion": json.loads((target / REPORT_NAME).read_text())["fingerprint"]}
+        path = target / FIDELITY_NAME
+        if path.is_file() and json.loads(path.read_text())["key"] == key_here:
+            steps.append(_step(method, "fidelity", path, "reused", 0.0))
+            continue
+        if original is None:
+            original = load_model(ModelSource(model_dir, None), compute_dtype=torch.float32)
+        model = load_model(resolve_source(target), compute_dtype=torch.float32)
+        result = measure_fidelity(original, model, ids, settings)
+        del model
+        write_json(path, {"key": key_here, "data": source, **dataclasses.asdict(result)})
+        steps.append(_step(method, "fidelity", path, "done", result.seconds))
+    return steps
+
+
+def _train_step(out_dir: Path, method: Method, config_path: Path, show_progress: bool) -> dict:
+    """Train one conversion with the shared config (not yet available: see the error)."""
+    raise UserError(
+        "--train is not available yet in this build (`qpissa train` is not wired into compare); "
+        "run compare without --train, then `qpissa train` on each conversions/<method> directory"
+    )
+
+
+def _fingerprint(model_dir: Path, convert_settings: ConvertSettings) -> dict:
+    """What must match for an existing OUT to be continued: the model and the shared conversion settings.
+
+    Methods may be added later; fidelity and training steps check their own inputs.
+    """
+    shared = {k: v for k, v in to_dict(convert_settings).items() if k != "method"}
+    return {"model": str(model_dir.resolve()), "convert": shared}
+
+
+def _prepare_output(out_dir: Path, fingerprint: dict) -> dict:
+    """Load the record of an earlier comparison with the same settings, or start a new one."""
+    record_path = out_dir / COMPARE_NAME
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record["fingerprint"] != fingerprint:
+            raise UserError(
+                f"{out_dir} holds a comparison with other settings or another model; "
+                "rerun with the same options or choose a new OUT"
+            )
+        return record
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"{out_dir} exists and is not a comparison directory; choose a new or empty OUT")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return {"fingerprint": fingerprint, "history": [], "methods": []}
+
+
+def _step(method: Method, step: str, path: Path, status: str, seconds: float) -> dict:
+    return {"method": method.value, "step": step, "path": str(path), "status": status, "seconds": seconds}
+
+
+def _in_fresh_process(function: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run `function` in a new interpreter so that its peak memory (ru_maxrss) is its own."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(function, *args, **kwargs).result()

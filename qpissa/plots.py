@@ -1,0 +1,190 @@
+"""The PNG plots of `qpissa report`, drawn with matplotlib's Agg backend from `summary.json` data only.
+
+Each function takes plain data (the matching section of the summary) and a PNG path, and draws one
+figure; the report decides which plots have data. Methods keep one colour across all plots.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+COLOURS = {"qlora": "#7f7f7f", "loftq": "#1f77b4", "qpissa": "#d62728"}
+FALLBACK_COLOURS = ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
+DPI = 110
+
+
+def colour(label: str, index: int) -> str:
+    """A method's colour: fixed for the three methods, from a palette for other labels."""
+    return COLOURS.get(label, FALLBACK_COLOURS[index % len(FALLBACK_COLOURS)])
+
+
+def reduction_by_type(quality: dict[str, dict], metric: str, path: Path) -> None:
+    """Grouped bars: error reduction (%) per module type, one bar per method; AVG set apart and hatched.
+
+    Args:
+        quality: label -> {"by_type": {type: %}, "avg": %} in the chosen norm.
+        metric: "nuclear" or "Frobenius", for the axis label.
+        path: PNG to write.
+    """
+    plt = _pyplot()
+    labels = list(quality)
+    kinds = list(next(iter(quality.values()))["by_type"])
+    positions = [*range(len(kinds)), len(kinds) + 0.6]  # AVG sits apart from the module types
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    for i, label in enumerate(labels):
+        values = [quality[label]["by_type"].get(kind, 0.0) for kind in kinds] + [quality[label]["avg"]]
+        xs = [x - 0.4 + width * (i + 0.5) for x in positions]
+        bars = ax.bar(xs, values, width, label=label, color=colour(label, i))
+        bars[-1].set_hatch("//")
+        bars[-1].set_edgecolor("black")
+        ax.annotate(f"{values[-1]:.1f}", (xs[-1], values[-1]), ha="center", va="bottom", fontsize=8)
+    ax.axvline(len(kinds) + 0.05, color="black", linewidth=0.6, linestyle=":")
+    ax.set_xticks(positions, [*kinds, "AVG"])
+    ax.set_ylabel(f"error reduction vs QLoRA, % ({metric} norm)")
+    ax.set_title("Quantization error reduction per module type")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.legend(frameon=False)
+    _save(fig, path)
+
+
+def reduction_by_layer(layers: dict[str, dict[str, float]], metric: str, path: Path) -> None:
+    """Lines: mean error reduction (%) per decoder layer index, one line per method.
+
+    Args:
+        layers: label -> {layer index (as a string): mean reduction %}.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    for i, (label, points) in enumerate(layers.items()):
+        xs = sorted(points, key=int)
+        ax.plot([int(x) for x in xs], [points[x] for x in xs], marker="o", markersize=3, label=label,
+                color=colour(label, i))  # fmt: skip
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel(f"error reduction, % ({metric})")
+    ax.set_title("Error reduction per layer (mean over the layer's matrices)")
+    ax.legend(frameon=False)
+    _save(fig, path)
+
+
+def spectrum(spectra: dict, path: Path) -> None:
+    """Singular values of one layer: W and each method's residual (left), the residual's NF4 error (right).
+
+    Args:
+        spectra: {"layer": name, "W": [σ...], "methods": {label: {"residual": [σ...], "error": [σ...]}}}.
+    """
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.semilogy(spectra["W"], color="black", label="W (original)")
+    for i, (label, values) in enumerate(spectra["methods"].items()):
+        style = {"color": colour(label, i), "label": label}
+        if label != "qlora":  # QLoRA's residual is W itself
+            left.semilogy(values["residual"], linestyle="--", **style)
+        right.semilogy(values["error"], **style)
+    left.set_title("σ of W and of the residual W − s·B·A")
+    right.set_title("σ of the error W − (deq(Q) + s·B·A)")
+    for ax in (left, right):
+        ax.set_xlabel("index")
+        ax.legend(frameon=False, fontsize=8)
+    left.set_ylabel("singular value")
+    fig.suptitle(spectra["layer"], fontsize=9)
+    _save(fig, path)
+
+
+def fidelity(values: dict[str, dict], path: Path) -> None:
+    """Bars: mean token KL to the original (left) and top-1 agreement in % (right) per method."""
+    plt = _pyplot()
+    labels = list(values)
+    colours = [colour(label, i) for i, label in enumerate(labels)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    _bars(left, labels, [values[k]["kl"] for k in labels], colours, "{:.3g}")
+    left.set_title("Mean token KL(original ‖ model), nats (lower is closer)")
+    _bars(right, labels, [100 * values[k]["top1"] for k in labels], colours, "{:.1f}")
+    right.set_title("Top-1 agreement with the original, %")
+    _save(fig, path)
+
+
+def loss_curves(curves: dict[str, list[list[float]]], log_steps: bool, path: Path) -> None:
+    """Training loss per step, one line per method; `log_steps` puts the step axis on a log scale."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for i, (label, points) in enumerate(curves.items()):
+        if log_steps:
+            points = [p for p in points if p[0] > 0]  # step 0 has no place on a log axis
+        ax.plot(
+            [p[0] for p in points], [p[1] for p in points], label=label, color=colour(label, i), linewidth=1.2
+        )
+    if log_steps:
+        ax.set_xscale("log")
+    ax.set_xlabel("step" + (" (log scale)" if log_steps else ""))
+    ax.set_ylabel("training loss")
+    ax.set_title("Training loss")
+    ax.legend(frameon=False)
+    _save(fig, path)
+
+
+def accuracy(values: dict[str, float], path: Path) -> None:
+    """Bars: eval accuracy (%) per method."""
+    plt = _pyplot()
+    labels = list(values)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    _bars(
+        ax, labels, [100 * values[k] for k in labels], [colour(k, i) for i, k in enumerate(labels)], "{:.1f}"
+    )
+    ax.set_title("Eval accuracy (exact match), %")
+    _save(fig, path)
+
+
+def memory_speed(memory: dict[str, dict[str, float]], speed: dict[str, float], path: Path) -> None:
+    """Bars: peak memory (MB) of conversion and training per method (left), training tokens/s (right)."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    labels = list(memory)
+    kinds = sorted({kind for values in memory.values() for kind in values})
+    width = 0.8 / max(len(kinds), 1)
+    for j, kind in enumerate(kinds):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(labels))]
+        ys = [memory[label].get(kind) or 0.0 for label in labels]
+        left.bar(xs, ys, width, label=kind, color=("#9ecae1", "#3182bd", "#08519c")[j % 3])
+    left.set_xticks(range(len(labels)), labels)
+    left.set_title("Peak memory, MB")
+    left.legend(frameon=False, fontsize=8)
+    if speed:
+        names = list(speed)
+        _bars(right, names, [speed[k] for k in names], [colour(k, i) for i, k in enumerate(names)], "{:.0f}")
+        right.set_title("Training throughput, tokens/s")
+    else:
+        right.axis("off")
+        right.text(0.5, 0.5, "no training runs", ha="center", va="center")
+    _save(fig, path)
+
+
+def _bars(ax, labels: list[str], values: list[float], colours: list[str], fmt: str) -> None:
+    bars = ax.bar(labels, values, color=colours)
+    for bar, value in zip(bars, values, strict=True):
+        ax.annotate(
+            fmt.format(value),
+            (bar.get_x() + bar.get_width() / 2, value),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    """Write the PNG atomically and free the figure."""
+    plt = _pyplot()
+    fig.tight_layout()
+    partial = path.with_name(path.name + ".tmp")
+    fig.savefig(partial, dpi=DPI, format="png", metadata={"Software": None})
+    plt.close(fig)
+    partial.replace(path)

@@ -1,0 +1,369 @@
+"""`qpissa report`: one comparison report from the JSON artifacts of conversions, runs, exports, comparisons.
+
+INPUTS are read, never changed: QPiSSA directories (`qpissa_report.json`, and `qpissa_fidelity.json`
+when `qpissa compare` measured them), training runs (`qpissa_run.json`, `trainer_log.jsonl`,
+`eval_results.json`), exports (`export_report.json`) and comparison directories (`compare.json`), in
+any mix. Everything is grouped by method; `summary.json` holds every number that the tables and plots
+show (DESIGN.md principle 6). Rendering lives in `report_render.py`, plotting in `plots.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qpissa import UserError
+from qpissa.checkpoint import write_json
+
+SUMMARY_NAME = "summary.json"
+METHOD_ORDER = ("qlora", "loftq", "qpissa")
+
+
+@dataclass
+class ReportOptions:
+    """How to draw the report. Every field is a `qpissa report` flag."""
+
+    layer: str | None = field(
+        default=None, metadata={"help": "matrix whose singular values to plot (default: the first q_proj)"}
+    )
+    log_steps: bool = field(default=False, metadata={"help": "log-scale step axis for the loss curves"})
+
+
+@dataclass
+class MethodData:
+    """Everything found about one method's conversion and what followed from it."""
+
+    label: str
+    conversion_dir: Path | None = None
+    conversion: dict | None = None  # qpissa_report.json
+    fidelity: dict | None = None  # qpissa_fidelity.json
+    run_dir: Path | None = None
+    steps: list[dict] = field(default_factory=list)  # trainer_log.jsonl
+    evals: dict | None = None  # eval_results.json
+    exports: list[tuple[Path, dict]] = field(default_factory=list)  # export_report.json
+
+
+def build_report(inputs: list[Path], out_dir: Path, options: ReportOptions) -> dict:
+    """Read INPUTS and write report.md, report.html, summary.json and the PNG plots into `out_dir`.
+
+    Args:
+        inputs: QPiSSA dirs, run dirs, export dirs and comparison dirs, in any mix.
+        out_dir: where the report goes (created; earlier report files are replaced).
+        options: layer for the spectrum, log-scale steps.
+
+    Returns:
+        The summary (also `summary.json`).
+
+    Raises:
+        UserError: an input that does not exist or is none of the above; no usable input at all.
+    """
+    from qpissa.report_render import draw_plots, write_documents
+
+    methods = collect(inputs)
+    summary = summarize(methods, options)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary["plots"] = draw_plots(summary, out_dir, options)
+    write_documents(summary, out_dir)
+    write_json(out_dir / SUMMARY_NAME, summary)
+    return summary
+
+
+def collect(inputs: list[Path]) -> list[MethodData]:
+    """Group the inputs by conversion (a run or export joins the conversion it was made from).
+
+    Raises:
+        UserError: naming every input that is missing or of an unknown kind, at once.
+    """
+    from qpissa.compare import COMPARE_NAME, method_dirs
+
+    by_key: dict[str, MethodData] = {}
+    problems = []
+    for path in inputs:
+        if (path / COMPARE_NAME).is_file():
+            for member in method_dirs(path, "conversions") + method_dirs(path, "runs"):
+                _add(by_key, member)
+        elif not _add(by_key, path):
+            problems.append(
+                f"{path} is not a QPiSSA directory, training run, export or comparison "
+                "(no qpissa_report.json, qpissa_run.json, export_report.json or compare.json)"
+            )
+    if problems:
+        raise UserError("; ".join(problems))
+    if not by_key:
+        raise UserError(
+            "no inputs; pass QPiSSA directories, training runs, exports or comparison directories"
+        )
+    entries = sorted(by_key.values(), key=_method_order)
+    _assign_labels(entries)
+    return entries
+
+
+def summarize(methods: list[MethodData], options: ReportOptions) -> dict:
+    """Every number the report shows, as plain JSON-ready data (the contents of summary.json)."""
+    quality = {m.label: _quality(m.conversion) for m in methods if m.conversion}
+    metric = "nuclear" if quality and all(q["avg"] is not None for q in quality.values()) else "Frobenius"
+    key = "nuc" if metric == "nuclear" else "fro"
+    original = _original(methods)
+    summary = {
+        "methods": [m.label for m in methods],
+        "metric": metric,
+        "original": original,
+        "quality": quality,
+        "layers": {m.label: _per_layer(m.conversion["layers"], key) for m in methods if m.conversion},
+        "fidelity": {m.label: _fidelity(m.fidelity) for m in methods if m.fidelity},
+        "memory": {m.label: _memory(m) for m in methods},
+        "training": {m.label: _training(m.steps) for m in methods if m.steps},
+        "eval": {m.label: m.evals for m in methods if m.evals},
+        "exports": [_export(m.label, path, report) for m in methods for path, report in m.exports],
+        "spectrum": _spectrum(methods, options.layer, original),
+    }
+    summary["verdict"] = verdict(summary)
+    return summary
+
+
+def verdict(summary: dict) -> list[str]:
+    """Plain sentences that state what the numbers show, and nothing else."""
+    lines = []
+    metric = summary["metric"]
+    norm = "avg" if metric == "nuclear" else "avg_fro"
+    for label, q in summary["quality"].items():
+        if q["method"] != "qlora":
+            change = "cut" if q[norm] >= 0 else "raised"
+            lines.append(f"{label} (r={q['rank']}, T={q['iters']}) {change} the QLoRA (plain NF4) "
+                         f"quantization error by {abs(q[norm]):.1f} % on average over {len(q['by_type'])} "
+                         f"module types ({metric} norm).")  # fmt: skip
+    fid = summary["fidelity"]
+    if fid:
+        kls = ", ".join(f"{k} {v['kl']:.3g}" for k, v in fid.items())
+        agree = ", ".join(f"{k} {100 * v['top1']:.1f} %" for k, v in fid.items())
+        lines.append(f"Mean token KL to the original model before training: {kls}; top-1 agreement: {agree}.")
+    train = summary["training"]
+    if train:
+        losses = ", ".join(f"{k} {v['final_loss']:.4f} (step {v['final_step']})" for k, v in train.items())
+        lines.append(f"Last logged training loss: {losses}.")
+    acc = {k: v["accuracy"] for k, v in summary["eval"].items() if v.get("accuracy") is not None}
+    if acc:
+        lines.append("Eval accuracy: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in acc.items()) + ".")
+    sizes = {k: v["residual_disk_mb"] + v["adapter_disk_mb"] for k, v in summary["memory"].items()
+             if v.get("residual_disk_mb") is not None}  # fmt: skip
+    if sizes:
+        text = ", ".join(f"{k} {v:.1f} MB" for k, v in sizes.items())
+        original = summary["original"]
+        against = f" against {original['disk_mb']:.1f} MB for the original model" if original else ""
+        lines.append(f"Residual + adapter on disk: {text}{against}.")
+    return lines
+
+
+def _add(by_key: dict[str, MethodData], path: Path) -> bool:
+    """Add one input directory; False if it is none of the known kinds."""
+    from qpissa.convert import REPORT_NAME
+    from qpissa.fidelity import FIDELITY_NAME
+    from qpissa.loading import RUN_MARKER
+
+    if (path / REPORT_NAME).is_file():
+        entry = _entry(by_key, path)
+        entry.conversion = _read(path / REPORT_NAME)
+        entry.fidelity = _read(path / FIDELITY_NAME) if (path / FIDELITY_NAME).is_file() else None
+        return True
+    if (path / RUN_MARKER).is_file():
+        model = Path(_read(path / RUN_MARKER)["model"])
+        entry = _add_linked(by_key, model, path)
+        entry.run_dir = path
+        entry.steps = _read_jsonl(path / "trainer_log.jsonl")
+        entry.evals = _read(path / "eval_results.json") if (path / "eval_results.json").is_file() else None
+        return True
+    if (path / "export_report.json").is_file():
+        report = _read(path / "export_report.json")
+        base = report.get("source", {}).get("base_dir")
+        entry = _add_linked(by_key, Path(base), path) if base else _entry(by_key, path)
+        entry.exports.append((path, report))
+        return True
+    return False
+
+
+def _add_linked(by_key: dict[str, MethodData], model: Path, path: Path) -> MethodData:
+    """The entry of the conversion `model` (read it if it still exists), else one of `path` alone."""
+    from qpissa.convert import REPORT_NAME
+
+    if (model / REPORT_NAME).is_file():
+        if str(model.resolve()) not in by_key:
+            _add(by_key, model)
+        return by_key[str(model.resolve())]
+    return _entry(by_key, path)
+
+
+def _entry(by_key: dict[str, MethodData], path: Path) -> MethodData:
+    key = str(path.resolve())
+    return by_key.setdefault(key, MethodData(label=path.name, conversion_dir=path))
+
+
+def _assign_labels(entries: list[MethodData]) -> None:
+    """Label by method; add rank and iterations, then the directory name, only where labels collide."""
+    for entry in entries:
+        if entry.conversion:
+            entry.label = entry.conversion["settings"]["method"]
+    for make in (_label_with_settings, _label_with_dir):
+        if len({e.label for e in entries}) == len(entries):
+            return
+        for entry in entries:
+            entry.label = make(entry)
+
+
+def _label_with_settings(entry: MethodData) -> str:
+    if not entry.conversion:
+        return entry.label
+    s = entry.conversion["settings"]
+    return f"{s['method']} r{s['rank']} T{s['iters']}"
+
+
+def _label_with_dir(entry: MethodData) -> str:
+    return f"{entry.label} ({entry.conversion_dir.name})" if entry.conversion_dir else entry.label
+
+
+def _method_order(entry: MethodData) -> tuple[int, str]:
+    method = entry.conversion["settings"]["method"] if entry.conversion else ""
+    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    return rank, str(entry.conversion_dir)
+
+
+def _quality(report: dict) -> dict:
+    s, summary = report["settings"], report["summary"]
+    return {
+        "method": s["method"], "rank": s["rank"], "iters": s["iters"], "matrices": len(report["layers"]),
+        "by_type": summary["by_type"] if summary["by_type"] is not None else summary["by_type_fro"],
+        "avg": summary["avg"], "avg_fro": summary["avg_fro"], "by_type_fro": summary["by_type_fro"],
+        "convert_seconds": summary["total_seconds"], "convert_peak_rss_mb": summary["peak_rss_mb"],
+    }  # fmt: skip
+
+
+def _per_layer(layers: list[dict], key: str) -> dict[str, float]:
+    """Mean reduction per decoder layer index (the first number in the module name)."""
+    groups: dict[str, list[float]] = {}
+    for layer in layers:
+        match = re.search(r"\.(\d+)\.", layer["name"])
+        value = layer[f"reduction_{key}"]
+        if match and value is not None:
+            groups.setdefault(match.group(1), []).append(value)
+    return {index: sum(v) / len(v) for index, v in groups.items()}
+
+
+def _fidelity(record: dict) -> dict:
+    names = ("kl", "top1", "ppl_original", "ppl_model", "tokens", "data")
+    return {name: record[name] for name in names}
+
+
+def _training(steps: list[dict]) -> dict:
+    """First/last loss, mean throughput and peak memory of a run, plus its loss curve."""
+    speeds = [s["tokens_per_second"] for s in steps if s.get("tokens_per_second")]
+    memory = [s["peak_memory_mb"] for s in steps if s.get("peak_memory_mb") is not None]
+    return {
+        "first_loss": steps[0]["loss"], "first_step": steps[0]["step"],
+        "final_loss": steps[-1]["loss"], "final_step": steps[-1]["step"],
+        "tokens_per_second": sum(speeds) / len(speeds) if speeds else None,
+        "peak_memory_mb": max(memory) if memory else None,
+        "curve": [[s["step"], s["loss"]] for s in steps],
+    }  # fmt: skip
+
+
+def _export(label: str, path: Path, report: dict) -> dict:
+    verify = report.get("verify") or {}
+    return {
+        "method": label, "path": str(path), "kind": report.get("kind"), "dtype": report.get("dtype"),
+        "disk_mb": _size_mb(path.glob("*.safetensors")), "max_abs_diff": verify.get("max_abs_diff"),
+        "kl_mean": verify.get("kl_mean"), "seconds": report.get("seconds"),
+    }  # fmt: skip
+
+
+def _memory(entry: MethodData) -> dict:
+    """On-disk sizes and parameter counts of a conversion, peak memory of its conversion and training."""
+    row: dict = {"convert_peak_rss_mb": None, "train_peak_memory_mb": None, "residual_disk_mb": None}
+    if entry.steps:
+        row["train_peak_memory_mb"] = _training(entry.steps)["peak_memory_mb"]
+    if not entry.conversion:
+        return row
+    directory = entry.conversion_dir
+    quantized = {layer["name"] for layer in entry.conversion["layers"]}
+    params_4bit = sum(layer["shape"][0] * layer["shape"][1] for layer in entry.conversion["layers"])
+    headers = {
+        name: info for shard in directory.glob("model*.safetensors") for name, info in _header(shard).items()
+    }
+    params_16bit = sum(_numel(info) for name, info in headers.items() if not _is_quantized(name, quantized))
+    adapter = directory / "adapter" / "adapter_model.safetensors"
+    row.update({
+        "convert_peak_rss_mb": entry.conversion["summary"]["peak_rss_mb"],
+        "residual_disk_mb": _size_mb(directory.glob("model*.safetensors")),
+        "adapter_disk_mb": _size_mb([adapter]),
+        "params_4bit": params_4bit, "params_16bit": params_16bit,
+        "adapter_params": sum(_numel(info) for info in _header(adapter).values()),
+    })  # fmt: skip
+    return row
+
+
+def _original(methods: list[MethodData]) -> dict | None:
+    """Size and parameter count of the original model named in the conversions' fingerprints, if present."""
+    for entry in methods:
+        model = Path(entry.conversion["fingerprint"]["model"]) if entry.conversion else None
+        if model is not None and model.is_dir() and list(model.glob("*.safetensors")):
+            headers = [_header(shard) for shard in model.glob("*.safetensors")]
+            params = sum(_numel(info) for header in headers for info in header.values())
+            return {"model": str(model), "disk_mb": _size_mb(model.glob("*.safetensors")), "params": params}
+    return None
+
+
+def _spectrum(methods: list[MethodData], layer: str | None, original: dict | None) -> dict:
+    """Singular values of one layer's W, residuals and errors; a note instead when they cannot be computed."""
+    from qpissa.report_render import layer_spectra
+
+    conversions = [m for m in methods if m.conversion]
+    if not conversions:
+        return {"note": "no conversions among the inputs"}
+    if original is None:
+        return {"note": "the original model named in qpissa_report.json (fingerprint.model) is not here"}
+    names = [entry["name"] for entry in conversions[0].conversion["layers"]]
+    chosen = layer or next((n for n in names if n.endswith("q_proj")), names[0])
+    if chosen not in names:
+        raise UserError(f"--layer {chosen} is not a converted matrix; e.g. --layer {names[0]}")
+    return layer_spectra(
+        Path(original["model"]), chosen, {m.label: (m.conversion_dir, m.conversion) for m in conversions}
+    )
+
+
+def _is_quantized(name: str, quantized: set[str]) -> bool:
+    """`<module>.weight` and its quant state (`.weight.absmax`, ...) of a quantized module."""
+    return name.split(".weight")[0] in quantized
+
+
+def _header(path: Path) -> dict[str, dict]:
+    """The tensor entries of a safetensors header (dtype, shape), without reading any data."""
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+def _numel(info: dict) -> int:
+    count = 1
+    for size in info["shape"]:
+        count *= size
+    return count
+
+
+def _size_mb(paths) -> float:
+    return sum(path.stat().st_size for path in paths if path.is_file()) / 2**20
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON ({error}); regenerate it") from None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

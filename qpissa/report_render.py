@@ -1,0 +1,338 @@
+"""Turn a report summary into tables, PNG plots, report.md and a self-contained report.html.
+
+The HTML embeds its PNGs as base64 data URIs and its CSS inline: it opens offline and references
+nothing outside itself. Tables come first, each with its plot beside it, under the verdict.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qpissa import plots
+
+
+@dataclass
+class Table:
+    """One table of the report, and the plot shown beside it (a PNG file name, or None)."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    plot: str | None = None
+    note: str = ""
+
+
+def draw_plots(summary: dict, out_dir: Path, options) -> dict[str, str]:
+    """Draw every plot that has data; return name -> PNG file name (relative to `out_dir`)."""
+    metric = summary["metric"]
+    by_type, avg = ("by_type", "avg") if metric == "nuclear" else ("by_type_fro", "avg_fro")
+    quality = {k: {"by_type": v[by_type], "avg": v[avg]} for k, v in summary["quality"].items()}
+    curves = {k: v["curve"] for k, v in summary["training"].items()}
+    memory = {
+        k: {"conversion": v["convert_peak_rss_mb"], "training": v["train_peak_memory_mb"]}
+        for k, v in summary["memory"].items()
+    }
+    speed = {k: v["tokens_per_second"] for k, v in summary["training"].items() if v["tokens_per_second"]}
+    accuracy = {k: v["accuracy"] for k, v in summary["eval"].items() if v.get("accuracy") is not None}
+    has_memory = any(any(v.values()) for v in memory.values())
+    jobs = {
+        "reduction_by_type": (quality, lambda p: plots.reduction_by_type(quality, metric, p)),
+        "reduction_by_layer": (
+            summary["layers"],
+            lambda p: plots.reduction_by_layer(summary["layers"], metric, p),
+        ),
+        "spectrum": ("W" in summary["spectrum"], lambda p: plots.spectrum(summary["spectrum"], p)),
+        "fidelity": (summary["fidelity"], lambda p: plots.fidelity(summary["fidelity"], p)),
+        "loss_curves": (curves, lambda p: plots.loss_curves(curves, options.log_steps, p)),
+        "eval_accuracy": (accuracy, lambda p: plots.accuracy(accuracy, p)),
+        "memory_speed": (has_memory, lambda p: plots.memory_speed(memory, speed, p)),
+    }
+    drawn = {}
+    for name, (has_data, draw) in jobs.items():
+        if has_data:
+            draw(out_dir / f"{name}.png")
+            drawn[name] = f"{name}.png"
+    return drawn
+
+
+def tables(summary: dict) -> list[Table]:
+    """The report's tables, in order: overview, error per module type, memory, training, exports."""
+    found = [_overview(summary), _by_type(summary), _memory(summary), _training(summary), _exports(summary)]
+    return [table for table in found if table is not None and table.rows]
+
+
+def write_documents(summary: dict, out_dir: Path) -> None:
+    """Write report.md (PNG links) and report.html (PNGs embedded), each atomically."""
+    found = tables(summary)
+    _write(out_dir / "report.md", _markdown(summary, found))
+    _write(out_dir / "report.html", _html(summary, found, out_dir))
+
+
+def layer_spectra(model_dir: Path, layer: str, conversions: dict[str, tuple[Path, dict]]) -> dict:
+    """Singular values of `layer`'s W, each method's residual `W − s·B·A` and its error `W − deq(Q) − s·B·A`.
+
+    Args:
+        model_dir: the original checkpoint (W is read from it, in float32).
+        layer: module name, e.g. `model.layers.0.self_attn.q_proj`.
+        conversions: label -> (QPiSSA dir, its qpissa_report.json).
+
+    Returns:
+        {"layer", "W": [σ], "methods": {label: {"residual": [σ], "error": [σ]}}}, σ in descending order.
+    """
+    from qpissa.checkpoint import CheckpointReader
+
+    W = CheckpointReader(model_dir).read(f"{layer}.weight").float()  # [out, in]
+    methods = {}
+    for label, (directory, report) in conversions.items():
+        deq, A, B = _read_layer(directory, layer)
+        s = report["settings"]["alpha"] / report["settings"]["rank"]
+        residual = W - s * (B @ A)  # what was quantized (REFERENCE.md §1)
+        methods[label] = {"residual": _svdvals(residual), "error": _svdvals(residual - deq)}
+    return {"layer": layer, "W": _svdvals(W), "methods": methods}
+
+
+def _read_layer(directory: Path, layer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """deq(Q) `[out, in]`, A `[r, in]`, B `[out, r]` (float32) of one layer of a QPiSSA directory."""
+    import bitsandbytes.functional as bnbf
+    from safetensors import safe_open
+
+    prefix = f"{layer}.weight"
+    for shard in sorted(directory.glob("model*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            names = list(f.keys())
+            if prefix not in names:
+                continue
+            state = {k[len(prefix) + 1 :]: f.get_tensor(k) for k in names if k.startswith(prefix + ".")}
+            packed = f.get_tensor(prefix)
+        deq = bnbf.dequantize_4bit(packed, bnbf.QuantState.from_dict(state, torch.device("cpu"))).float()
+        with safe_open(str(directory / "adapter" / "adapter_model.safetensors"), framework="pt") as f:
+            A = f.get_tensor(f"base_model.model.{layer}.lora_A.weight").float()
+            B = f.get_tensor(f"base_model.model.{layer}.lora_B.weight").float()
+        return deq, A, B
+    raise FileNotFoundError(f"{prefix} is in the report of {directory} but in none of its shards")
+
+
+def _svdvals(M: torch.Tensor) -> list[float]:
+    return [float(v) for v in torch.linalg.svdvals(M.double())]
+
+
+def _overview(summary: dict) -> Table:
+    metric = summary["metric"]
+    headers = [
+        "method",
+        "rank",
+        "T",
+        f"AVG error reduction % ({metric})",
+        "KL to original",
+        "top-1 agreement %",
+        "perplexity (original → model)",
+        "last train loss",
+        "eval accuracy %",
+        "conversion s",
+    ]
+    rows = []
+    for label in summary["methods"]:
+        q = summary["quality"].get(label, {})
+        f = summary["fidelity"].get(label)
+        t = summary["training"].get(label)
+        e = summary["eval"].get(label) or {}
+        rows.append(
+            [
+                label,
+                _num(q.get("rank"), "{}"),
+                _num(q.get("iters"), "{}"),
+                _num(q.get("avg") if metric == "nuclear" else q.get("avg_fro"), "{:.2f}"),
+                _num(f and f["kl"], "{:.4g}"),
+                _num(f and 100 * f["top1"], "{:.1f}"),
+                f"{f['ppl_original']:.2f} → {f['ppl_model']:.2f}" if f else "–",
+                _num(t and t["final_loss"], "{:.4f}"),
+                _num(e.get("accuracy") and 100 * e["accuracy"], "{:.1f}"),
+                _num(q.get("convert_seconds"), "{:.1f}"),
+            ]
+        )
+    data = next(iter(summary["fidelity"].values()), {}).get("data")
+    note = f"Fidelity measured on {data}." if data else ""
+    return Table("Overview", headers, rows, "fidelity", note)
+
+
+def _by_type(summary: dict) -> Table | None:
+    quality = summary["quality"]
+    if not quality:
+        return None
+    nuclear = summary["metric"] == "nuclear"
+    labels = list(quality)
+    kinds = list(next(iter(quality.values()))["by_type" if nuclear else "by_type_fro"])
+    rows = [
+        [kind]
+        + [_num(quality[k]["by_type" if nuclear else "by_type_fro"].get(kind), "{:.2f}") for k in labels]
+        for kind in kinds
+    ]
+    rows.append(["**AVG**"] + [_num(quality[k]["avg" if nuclear else "avg_fro"], "{:.2f}") for k in labels])
+    note = "Reduction of ‖W − (deq(Q) + s·B·A)‖ against ‖W − deq(nf4(W))‖ (QLoRA), mean over layers per type."
+    return Table(
+        f"Quantization error reduction per module type, % ({summary['metric']} norm)",
+        ["module type", *labels],
+        rows,
+        "reduction_by_type",
+        note,
+    )
+
+
+def _memory(summary: dict) -> Table:
+    headers = [
+        "model",
+        "residual on disk MB",
+        "adapter on disk MB",
+        "4-bit params",
+        "16-bit params",
+        "adapter params",
+        "conversion peak RSS MB",
+        "training peak MB",
+    ]
+    rows = []
+    original = summary["original"]
+    if original:
+        rows.append(
+            [
+                "original (16-bit)",
+                f"{original['disk_mb']:.1f}",
+                "–",
+                "–",
+                f"{original['params']:,}",
+                "–",
+                "–",
+                "–",
+            ]
+        )
+    for label, m in summary["memory"].items():
+        rows.append(
+            [
+                label,
+                _num(m.get("residual_disk_mb"), "{:.1f}"),
+                _num(m.get("adapter_disk_mb"), "{:.1f}"),
+                _num(m.get("params_4bit"), "{:,}"),
+                _num(m.get("params_16bit"), "{:,}"),
+                _num(m.get("adapter_params"), "{:,}"),
+                _num(m.get("convert_peak_rss_mb"), "{:.0f}"),
+                _num(m.get("train_peak_memory_mb"), "{:.0f}"),
+            ]
+        )
+    note = "Peak memory: process RSS on CPU, max allocated on CUDA. Each conversion ran in its own process."
+    return Table("Memory", headers, rows, "memory_speed", note)
+
+
+def _training(summary: dict) -> Table | None:
+    rows = [
+        [
+            label,
+            str(t["first_step"]),
+            f"{t['first_loss']:.4f}",
+            str(t["final_step"]),
+            f"{t['final_loss']:.4f}",
+            _num(t["tokens_per_second"], "{:.0f}"),
+            _num(t["peak_memory_mb"], "{:.0f}"),
+        ]
+        for label, t in summary["training"].items()
+    ]
+    headers = ["method", "first step", "first loss", "last step", "last loss", "tokens/s", "peak memory MB"]
+    return Table("Training", headers, rows, "loss_curves") if rows else None
+
+
+def _exports(summary: dict) -> Table | None:
+    rows = [
+        [
+            e["method"],
+            str(e["kind"]),
+            str(e["dtype"]),
+            f"{e['disk_mb']:.1f}",
+            _num(e["max_abs_diff"], "{:.2e}"),
+            _num(e["kl_mean"], "{:.2e}"),
+            _num(e["seconds"], "{:.1f}"),
+        ]
+        for e in summary["exports"]
+    ]
+    headers = ["method", "kind", "dtype", "on disk MB", "max |Δlogit|", "mean KL vs trained", "seconds"]
+    return Table("Exports", headers, rows) if rows else None
+
+
+def _markdown(summary: dict, found: list[Table]) -> str:
+    lines = ["# qpissa comparison report", "", *[f"- {line}" for line in summary["verdict"]], ""]
+    for table in found:
+        lines += [
+            f"## {table.title}",
+            "",
+            "| " + " | ".join(table.headers) + " |",
+            "|" + "---|" * len(table.headers),
+        ]
+        lines += ["| " + " | ".join(row) + " |" for row in table.rows]
+        lines += ["", table.note] if table.note else []
+        if table.plot in summary["plots"]:
+            lines += ["", f"![{table.plot}]({summary['plots'][table.plot]})"]
+        lines.append("")
+    shown = {t.plot for t in found}
+    extra = [name for name in summary["plots"] if name not in shown]
+    if extra or "note" in summary["spectrum"]:
+        lines += ["## More plots", ""] + [f"![{name}]({summary['plots'][name]})" for name in extra]
+        lines += (
+            [f"Singular value spectrum skipped: {summary['spectrum']['note']}."]
+            if "note" in summary["spectrum"]
+            else []
+        )
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _html(summary: dict, found: list[Table], out_dir: Path) -> str:
+    def image(name: str) -> str:
+        data = base64.b64encode((out_dir / summary["plots"][name]).read_bytes()).decode("ascii")
+        return f'<img alt="{name}" src="data:image/png;base64,{data}">'
+
+    parts = ["<h1>qpissa comparison report</h1>", "<ul class='verdict'>"]
+    parts += [f"<li>{html.escape(line)}</li>" for line in summary["verdict"]] + ["</ul>"]
+    for table in found:
+        cells = "".join(f"<th>{html.escape(h)}</th>" for h in table.headers)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c.strip('*'))}</td>" for c in row) + "</tr>"
+            for row in table.rows
+        )
+        side = image(table.plot) if table.plot in summary["plots"] else ""
+        note = f"<p class='note'>{html.escape(table.note)}</p>" if table.note else ""
+        parts.append(
+            f"<section><h2>{html.escape(table.title)}</h2><div class='row'><div><table><tr>{cells}</tr>"
+            f"{body}</table>{note}</div><div>{side}</div></div></section>"
+        )
+    shown = {t.plot for t in found}
+    extra = [image(name) for name in summary["plots"] if name not in shown]
+    if "note" in summary["spectrum"]:
+        extra.append(
+            f"<p class='note'>Singular value spectrum skipped: {html.escape(summary['spectrum']['note'])}</p>"
+        )
+    if extra:
+        parts.append("<section><h2>More plots</h2>" + "".join(extra) + "</section>")
+    head = f"<meta charset='utf-8'><title>qpissa report</title><style>{_CSS}</style>"
+    return f"<!DOCTYPE html><html><head>{head}</head><body>{''.join(parts)}</body></html>\n"
+
+
+_CSS = (
+    "body{font-family:sans-serif;margin:2em;color:#222}"
+    "table{border-collapse:collapse;font-size:13px}"
+    "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}"
+    "td:first-child{text-align:left}"
+    ".row{display:flex;flex-wrap:wrap;gap:2em;align-items:flex-start}img{max-width:720px}"
+    ".verdict{font-size:15px;background:#f4f8fb;padding:0.8em 2em}"
+    ".note{font-size:12px;color:#555;max-width:640px}"
+)
+
+
+def _num(value, fmt: str) -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def _write(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)

@@ -1,0 +1,186 @@
+"""`qpissa report` from tiny-model conversions (and a short training run when `qpissa train` exists)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qpissa import cli
+from qpissa.convert import REPORT_NAME, ConvertSettings, convert
+from qpissa.methods import Method
+from qpissa.quality import MetricKind
+
+PLOTS_WITHOUT_TRAINING = ("reduction_by_type", "reduction_by_layer", "spectrum", "memory_speed")
+QPISSA_RED = (214, 39, 40)  # plots.COLOURS["qpissa"]
+
+
+@pytest.fixture(scope="module")
+def inputs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """QLoRA and QPiSSA conversions of a tiny model and, if `qpissa train` is available, a 3-step run."""
+    model = _tiny_model_with_tokenizer(request)
+    root = tmp_path_factory.mktemp("report_inputs")
+    found = {}
+    for method in (Method.QLORA, Method.QPISSA):
+        iters = None if method is Method.QLORA else 2
+        settings = ConvertSettings(method=method, rank=4, iters=iters, metrics=MetricKind.NUC)
+        found[method.value] = root / method.value
+        convert(model, found[method.value], settings, show_progress=False)
+    if _train_available() and (model / "tokenizer.json").is_file():
+        found["run"] = _short_run(found["qpissa"], root)
+    return found
+
+
+def test_report_writes_every_file(inputs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    assert cli.main(["--quiet", "report", *map(str, inputs.values()), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    expected = list(PLOTS_WITHOUT_TRAINING) + (["loss_curves"] if "run" in inputs else [])
+    assert set(summary["plots"]) == set(expected)
+    for name in ("report.md", "report.html", "summary.json", *[f"{p}.png" for p in expected]):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for name in expected:
+        _check_png(out / f"{name}.png")
+    markdown = (out / "report.md").read_text()
+    assert "| qpissa |" in markdown and "![reduction_by_type](reduction_by_type.png)" in markdown
+    assert not list(out.glob("*.tmp"))
+
+
+def test_summary_numbers_equal_the_inputs(inputs: dict[str, Path], tmp_path: Path) -> None:
+    summary = _report(inputs, tmp_path)
+    assert summary["methods"] == ["qlora", "qpissa"] and summary["metric"] == "nuclear"
+    for method in ("qlora", "qpissa"):
+        source = json.loads((inputs[method] / REPORT_NAME).read_text())["summary"]
+        quality = summary["quality"][method]
+        assert quality["avg"] == source["avg"] and quality["by_type"] == source["by_type"]
+        assert quality["avg_fro"] == source["avg_fro"] and quality["by_type_fro"] == source["by_type_fro"]
+        assert summary["memory"][method]["convert_peak_rss_mb"] == source["peak_rss_mb"]
+    assert (
+        summary["quality"]["qpissa"]["avg"] > 0
+    )  # QPiSSA reduces the error: the comparison above is not vacuous
+    assert f"cut the QLoRA (plain NF4) quantization error by {summary['quality']['qpissa']['avg']:.1f} %" in (
+        " ".join(summary["verdict"])
+    )
+    memory = summary["memory"]["qpissa"]
+    assert memory["params_4bit"] + memory["params_16bit"] == summary["original"]["params"]
+    assert memory["adapter_params"] == sum(4 * sum(layer["shape"]) for layer in _layers(inputs["qpissa"]))
+    if "run" in inputs:
+        log = [json.loads(line) for line in (inputs["run"] / "trainer_log.jsonl").read_text().splitlines()]
+        training = summary["training"]["qpissa"]
+        assert training["curve"] == [[entry["step"], entry["loss"]] for entry in log]
+        assert training["final_loss"] == log[-1]["loss"]
+        assert training["peak_memory_mb"] == max(e["peak_memory_mb"] for e in log)
+
+
+def test_html_is_self_contained(inputs: dict[str, Path], tmp_path: Path) -> None:
+    summary = _report(inputs, tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    without_images = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
+    references = re.findall(r"""(?:src|href|url)\s*[=(]\s*["']?([^"') >]*)""", without_images)
+    assert references == [""] * len(references)  # every src= was a data URI (emptied above)
+    assert len(re.findall(r"<img ", page)) == len(summary["plots"])
+    assert "http" not in without_images and "<link" not in page and "<script" not in page
+    assert "<table>" in page
+
+
+def test_html_renders_in_headless_chromium(inputs: dict[str, Path], tmp_path: Path) -> None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip(
+            "Chromium is not installed and tools/install_chromium.sh could not install it (needs root + apt)"
+        )
+    _report(inputs, tmp_path)
+    shot = tmp_path / "shot.png"
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1400,2400",
+               (tmp_path / "report.html").as_uri()]  # fmt: skip
+    subprocess.run(command, capture_output=True, timeout=120, check=False)
+    assert shot.is_file(), "Chromium wrote no screenshot"
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
+    dark = int((pixels.max(axis=-1) < 80).sum())  # table text and borders
+    red = int((np.abs(pixels - np.array(QPISSA_RED)).max(axis=-1) < 12).sum())
+    assert dark > 2000, "the screenshot shows no text"
+    assert red > 500, "the screenshot shows none of the embedded plots' QPiSSA bars"
+
+
+def test_spectrum_is_skipped_with_a_note_without_the_original(
+    inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    moved = tmp_path / "qpissa"
+    shutil.copytree(inputs["qpissa"], moved)
+    report = json.loads((moved / REPORT_NAME).read_text())
+    report["fingerprint"]["model"] = str(tmp_path / "gone")
+    (moved / REPORT_NAME).write_text(json.dumps(report))
+    assert cli.main(["--quiet", "report", str(moved), "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert "is not here" in summary["spectrum"]["note"] and "spectrum" not in summary["plots"]
+    assert "Singular value spectrum skipped" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_bad_inputs_are_user_errors(
+    inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert cli.main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "is not a QPiSSA directory, training run, export or comparison" in capsys.readouterr().err
+    layer = ["--layer", "model.layers.0.nonexistent"]
+    assert cli.main(["report", str(inputs["qpissa"]), "--out", str(tmp_path / "o"), *layer]) == 2
+    assert "is not a converted matrix" in capsys.readouterr().err
+
+
+def _report(inputs: dict[str, Path], out: Path) -> dict:
+    assert cli.main(["--quiet", "report", *map(str, inputs.values()), "--out", str(out)]) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def _layers(conversion: Path) -> list[dict]:
+    return json.loads((conversion / REPORT_NAME).read_text())["layers"]
+
+
+def _check_png(path: Path) -> None:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > 300 and image.height > 200
+        colours = image.convert("RGB").getcolors(maxcolors=1_000_000)
+        assert colours is not None and len(colours) > 10, f"{path.name} is blank"
+
+
+def _tiny_model_with_tokenizer(request: pytest.FixtureRequest) -> Path:
+    try:
+        return request.getfixturevalue("tiny_chat_model")
+    except pytest.FixtureLookupError:
+        return request.getfixturevalue("tiny_model")
+
+
+def _train_available() -> bool:
+    return importlib.util.find_spec("qpissa.train") is not None
+
+
+def _short_run(conversion: Path, root: Path) -> Path:
+    """Three training steps on a tiny alpaca dataset, through the library function `qpissa train` uses."""
+    from qpissa.config import from_dict
+    from qpissa.train import TrainConfig, train
+
+    data = root / "data.jsonl"
+    records = [
+        {"instruction": f"add {i} and {i + 1}", "input": "", "output": f"{2 * i + 1}"} for i in range(12)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = from_dict(TrainConfig, {
+        "model": str(conversion), "output_dir": str(root / "run"), "max_steps": 3, "learning_rate": 1e-3,
+        "per_device_train_batch_size": 4, "save_steps": 100, "logging_steps": 1,
+        "data": {"path": str(data), "format": "alpaca", "max_seq_len": 64},
+    })  # fmt: skip
+    train(config, show_progress=False)
+    return root / "run"
