@@ -1,0 +1,189 @@
+"""Evaluation of a QPiSSA directory, training run or model: loss / perplexity and exact-match accuracy.
+
+Exact match compares final answers: the text after the last `####` when the reference has one
+(GSM8K style, as `tools/make_task_data.py` writes), otherwise the whole stripped response.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qpissa import UserError
+from qpissa.data import IGNORE_INDEX, DataConfig, DataFormat, Sample, collate, load_split, pad_token_id
+
+ANSWER_MARK = "####"
+
+
+class Metric(str, Enum):
+    """What `qpissa eval` computes."""
+
+    ALL = "all"  # loss, perplexity and accuracy
+    LOSS = "loss"
+    PPL = "ppl"
+    ACCURACY = "accuracy"
+
+
+@dataclass
+class EvalSettings:
+    """Options of `qpissa eval`."""
+
+    format: DataFormat | None = field(
+        default=None, metadata={"help": "record format; default: the run's data.format"}
+    )
+    metric: Metric = field(default=Metric.ALL, metadata={"help": "what to compute"})
+    max_seq_len: int | None = field(
+        default=None, metadata={"help": "tokens per sample; default: the run's, else 1024"}
+    )
+    max_samples: int | None = field(default=None, metadata={"help": "evaluate only the first N samples"})
+    batch_size: int = field(default=8, metadata={"help": "samples per batch"})
+    max_new_tokens: int = field(default=64, metadata={"help": "generation budget per answer (accuracy)"})
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise UserError("--batch-size and --max-new-tokens must be at least 1")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise UserError(f"--max-samples must be at least 1, got {self.max_samples}")
+
+
+def evaluate(model_or_run: Path, data_path: Path, settings: EvalSettings) -> dict[str, Any]:
+    """Load MODEL_OR_RUN and score it on `data_path`.
+
+    Returns:
+        JSON-ready: model, adapter, data, samples, dropped, and loss / perplexity / accuracy as asked.
+
+    Raises:
+        UserError: bad path, unknown format, unreadable data.
+    """
+    from qpissa.loading import load_model, load_tokenizer, resolve_source
+    from qpissa.train import Device, TrainConfig, resolve_runtime
+
+    source = resolve_source(model_or_run)
+    run_data = _run_data_config(source.run_dir)
+    data_format = settings.format or (run_data["format"] if run_data else None)
+    if data_format is None:
+        raise UserError(f"{model_or_run} is not a training run, so its data format is unknown; pass --format")
+    max_seq_len = settings.max_seq_len or (run_data["max_seq_len"] if run_data else 1024)
+    data = DataConfig(path=data_path, format=DataFormat(data_format), max_seq_len=max_seq_len)
+    tokenizer = load_tokenizer(source)
+    samples, tokenized = load_split(data_path, data, tokenizer)
+    if settings.max_samples:
+        samples, rows = samples[: settings.max_samples], tokenized.rows[: settings.max_samples]
+    else:
+        rows = tokenized.rows
+    runtime = resolve_runtime(
+        TrainConfig(model=source.base_dir, output_dir=Path("."), data=data, device=Device.AUTO)
+    )
+    model = load_model(source, device=runtime.device, compute_dtype=runtime.dtype)
+    result: dict[str, Any] = {
+        "adapter": str(source.adapter_dir) if source.adapter_dir else None,
+        "data": str(data_path),
+        "dropped": tokenized.dropped,
+        "model": str(source.base_dir),
+        "samples": len(samples),
+    }
+    if settings.metric is not Metric.ACCURACY:
+        result.update(
+            evaluate_loss(model, rows, pad_token_id(tokenizer), runtime.device, settings.batch_size)
+        )
+    if settings.metric in (Metric.ALL, Metric.ACCURACY):
+        result.update(
+            exact_match(
+                model, tokenizer, samples, settings.batch_size, runtime.device, settings.max_new_tokens
+            )
+        )
+    return result
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module,
+    rows: list[dict[str, list[int]]],
+    pad_id: int,
+    device: torch.device,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """Token-weighted mean cross-entropy over the trained (label) tokens.
+
+    Returns:
+        loss (nats/token), perplexity, tokens.
+    """
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        targets = batch["labels"][:, 1:]  # position t predicts token t+1
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total += losses.item()
+        count += int((targets != IGNORE_INDEX).sum())
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+@torch.no_grad()
+def exact_match(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    samples: list[Sample],
+    batch_size: int,
+    device: torch.device,
+    max_new_tokens: int = 64,
+) -> dict[str, float]:
+    """Greedy-generate each sample's response and compare final answers.
+
+    Returns:
+        accuracy (0..1), correct, total.
+    """
+    was_training = model.training
+    model.eval()
+    pad_id = pad_token_id(tokenizer)
+    correct = 0
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        prompts = [_prompt_ids(sample, tokenizer) for sample in chunk]
+        longest = max(len(ids) for ids in prompts)
+        # left padding so every prompt ends where generation starts
+        ids = torch.tensor([[pad_id] * (longest - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad_id,
+        )
+        for sample, generated in zip(chunk, output[:, longest:], strict=True):
+            text = tokenizer.decode(generated, skip_special_tokens=True)
+            correct += final_answer(text) == final_answer(sample.response)
+    model.train(was_training)
+    return {"accuracy": correct / max(len(samples), 1), "correct": correct, "total": len(samples)}
+
+
+def final_answer(text: str) -> str:
+    """The answer part of a response: after the last `####` if present, else the whole text, stripped."""
+    return text.rsplit(ANSWER_MARK, 1)[-1].strip()
+
+
+def _prompt_ids(sample: Sample, tokenizer: Any) -> list[int]:
+    add_special = not (tokenizer.bos_token and sample.prompt.startswith(tokenizer.bos_token))
+    return tokenizer(sample.prompt, add_special_tokens=add_special)["input_ids"]
+
+
+def _run_data_config(run_dir: Path | None) -> dict[str, Any] | None:
+    from qpissa.loading import RUN_MARKER
+
+    if run_dir is None:
+        return None
+    return json.loads((run_dir / RUN_MARKER).read_text())["config"]["data"]

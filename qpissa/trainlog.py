@@ -1,0 +1,166 @@
+"""Training metrics: the per-step JSONL log, a quieter progress bar, and the peak-memory estimate.
+
+Metrics go to `RUN/trainer_log.jsonl` (one line per optimizer step) and `RUN/eval_log.jsonl` (one line
+per evaluation); events go to the logger; the bar goes to stderr (STYLE.md rule 11).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+log = logging.getLogger(__name__)
+
+# optimizer state bytes per trainable parameter (AdamW keeps two moments)
+OPTIMIZER_BYTES = {
+    "adamw_torch": 8.0,
+    "paged_adamw_32bit": 8.0,
+    "adamw_bnb_8bit": 2.0,
+    "paged_adamw_8bit": 2.0,
+}
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Append one JSON line per optimizer step (and per evaluation) with the metrics users watch."""
+
+    def __init__(self, path: Path, eval_path: Path, device: torch.device, generate: Callable | None) -> None:
+        self.path, self.eval_path, self.device, self.generate = path, eval_path, device, generate
+        self.start = self.step_start = time.perf_counter()
+        self.first_step = 0
+        self.tokens_at_step_start = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.start = time.perf_counter()
+        self.first_step = state.global_step
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.step_start = time.perf_counter()
+        self.tokens_at_step_start = state.num_input_tokens_seen
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        logs = logs or {}
+        if "loss" not in logs:
+            return
+        now = time.perf_counter()
+        done = max(state.global_step - self.first_step, 1)
+        elapsed = now - self.start
+        tokens = state.num_input_tokens_seen - self.tokens_at_step_start
+        entry = {
+            "elapsed": round(elapsed, 3),
+            "eta": round(elapsed / done * max(state.max_steps - state.global_step, 0), 1),
+            "grad_norm": _float(logs.get("grad_norm")),
+            "learning_rate": _float(logs.get("learning_rate")),
+            "loss": _float(logs["loss"]),
+            "peak_memory_mb": round(peak_memory_mb(self.device), 1),
+            "step": state.global_step,
+            "tokens_per_second": round(tokens / max(now - self.step_start, 1e-9), 1),
+        }
+        append_jsonl(self.path, entry)
+
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any
+    ) -> None:
+        entry = {"step": state.global_step, **{k: _float(v) for k, v in (metrics or {}).items()}}
+        if self.generate is not None and kwargs.get("model") is not None:
+            entry.update(self.generate(kwargs["model"]))
+        append_jsonl(self.eval_path, entry)
+        log.info("eval at step %d: %s", state.global_step, json.dumps(entry, sort_keys=True))
+
+
+class QuietProgressCallback(ProgressCallback):
+    """transformers' tqdm bar, printing the log dict only every `every` steps (the JSONL has them all)."""
+
+    def __init__(self, every: int) -> None:
+        super().__init__()
+        self.every = every
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if "loss" not in (logs or {}) or state.global_step % self.every == 0:
+            super().on_log(args, state, control, logs=logs, **kwargs)
+
+
+def estimate_memory(model: torch.nn.Module, config: Any, runtime: Any) -> dict[str, Any]:
+    """Estimate peak training memory from the model's shapes and the batch settings.
+
+    Parts: frozen weights as stored (NF4 codes count their packed bytes), adapter weights and gradients
+    in fp32, optimizer states, activations (layer inputs kept for checkpointing, one layer recomputed,
+    logits in fp32). An upper-bound style estimate; the per-step log has the measured peak.
+
+    Returns:
+        trainable_params, frozen_params, parts_mb (name -> MB), total_mb.
+    """
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    frozen_params = sum(_logical_numel(p) for p in frozen)
+    cfg = model.config
+    batch, seq = config.per_device_train_batch_size, config.data.max_seq_len
+    act_bytes = torch.finfo(runtime.dtype).bits // 8
+    hidden, layers, heads = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads
+    inter = getattr(cfg, "intermediate_size", 4 * hidden)
+    per_layer = batch * seq * (10 * hidden + 4 * inter + heads * seq) * act_bytes
+    kept = batch * seq * hidden * act_bytes * layers if config.gradient_checkpointing else per_layer * layers
+    parts = {
+        "frozen_weights": sum(p.numel() * p.element_size() for p in frozen),
+        "adapter": trainable * 4,
+        "gradients": trainable * 4,
+        "optimizer": trainable * OPTIMIZER_BYTES.get(runtime.optim, 8.0),
+        "activations": kept + (per_layer if config.gradient_checkpointing else 0),
+        "logits": batch * seq * cfg.vocab_size * 4 * 3,
+    }
+    parts_mb = {name: value / 2**20 for name, value in parts.items()}
+    return {
+        "frozen_params": frozen_params,
+        "parts_mb": parts_mb,
+        "total_mb": sum(parts_mb.values()),
+        "trainable_params": trainable,
+    }
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Drop log lines after `last_step` (a resumed run rewrites them); 0 empties the file."""
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line and last_step > 0 and json.loads(line)["step"] <= last_step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """GPU max allocated on CUDA, else the process's peak RSS, in MB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def append_jsonl(path: Path, entry: dict[str, Any]) -> None:
+    """Append one JSON line with sorted keys."""
+    with path.open("a") as handle:
+        handle.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
+def _logical_numel(parameter: torch.nn.Parameter) -> int:
+    """Parameters a weight stands for: a packed NF4 tensor holds two per byte."""
+    quant_state = getattr(parameter, "quant_state", None)
+    if quant_state is not None:
+        return int(torch.Size(quant_state.shape).numel())
+    return parameter.numel()
+
+
+def _float(value: Any) -> float | None:
+    if value is None:
+        return None
+    return float(value.item() if hasattr(value, "item") else value)
