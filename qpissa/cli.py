@@ -55,6 +55,29 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from qpissa.config import from_namespace
+    from qpissa.export import ExportSettings, export, export_summary
+
+    report = export(args.run, args.out, from_namespace(ExportSettings, args), show_progress=not args.quiet)
+    print(export_summary(report, args.out))
+
+
+def _cmd_chat(args: argparse.Namespace) -> None:
+    import functools
+
+    from qpissa.chat import ChatSettings, answer, run_chat
+    from qpissa.config import from_namespace
+
+    settings = from_namespace(ChatSettings, args)
+    write = functools.partial(print, end="", flush=True)  # the answer, streamed as it is generated
+    if settings.prompt is not None:
+        answer(args.model_or_run, settings, write)
+        print()
+    else:
+        run_chat(args.model_or_run, settings, input, write)
+
+
 def _cmd_compare(args: argparse.Namespace) -> None:
     from qpissa.compare import CompareSettings, compare
     from qpissa.config import from_namespace
@@ -82,8 +105,10 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from qpissa.chat import ChatSettings
     from qpissa.config import add_arguments
     from qpissa.convert import ConvertSettings
+    from qpissa.export import ExportSettings
     from qpissa.models import DEMO_MODELS
 
     parser = argparse.ArgumentParser(prog="qpissa", description="QPiSSA: 4-bit fine-tuning that loses less.")
@@ -102,6 +127,17 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--resume", action="store_true", help="continue an interrupted conversion of OUT")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     convert.set_defaults(handler=_cmd_convert)
+
+    export = commands.add_parser("export", help="trained adapter -> merged 16-bit model or rank-2r LoRA")
+    export.add_argument("run", type=Path, help="training run, checkpoint-N directory or QPiSSA directory")
+    export.add_argument("out", type=Path, help="output directory (must not exist)")
+    add_arguments(export, ExportSettings)
+    export.set_defaults(handler=_cmd_export)
+
+    chat = commands.add_parser("chat", help="chat in the terminal, or answer one --prompt")
+    chat.add_argument("model_or_run", type=Path, help="QPiSSA directory, run, checkpoint or merged export")
+    add_arguments(chat, ChatSettings)
+    chat.set_defaults(handler=_cmd_chat)
 
     _add_compare_and_report(commands)
     return parser

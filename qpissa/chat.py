@@ -1,0 +1,216 @@
+"""`qpissa chat`: talk to a QPiSSA directory, a training run or a merged export in the terminal.
+
+Prompts are formatted with the tokenizer's own chat template and answers are streamed token by token
+through transformers' `TextStreamer`. Generation stops at the end-of-turn token the template writes
+after an assistant message (e.g. `<|im_end|>`), as well as at the model's EOS tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qpissa import UserError
+
+log = logging.getLogger(__name__)
+
+Reader = Callable[[str], str]  # like `input`: show a prompt, return a line; EOFError ends the chat
+Writer = Callable[[str], None]  # writes text as it is generated
+
+
+@dataclass
+class ChatSettings:
+    """How to generate. Every field is a `qpissa chat` flag."""
+
+    prompt: str | None = field(
+        default=None, metadata={"help": "answer this one message, print only the answer, exit"}
+    )
+    system: str | None = field(
+        default=None, metadata={"help": "system message (default: the template's own, if any)"}
+    )
+    max_new_tokens: int = field(default=512, metadata={"help": "longest answer, in tokens"})
+    greedy: bool = field(
+        default=False, metadata={"help": "always pick the most likely token (deterministic)"}
+    )
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (ignored with --greedy)"})
+    top_p: float = field(
+        default=0.9, metadata={"help": "nucleus sampling: smallest token set with this mass"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the sampler"})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            problems.append(
+                f"--temperature must be positive, got {self.temperature}; for a fixed answer use --greedy"
+            )
+        if not 0 < self.top_p <= 1:
+            problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
+        if problems:
+            raise UserError("; ".join(problems))
+
+
+@dataclass
+class ChatModel:
+    """A loaded model ready to chat.
+
+    Attributes:
+        model: transformers model or `PeftModel` (4-bit residual + adapter).
+        tokenizer: its tokenizer, with a chat template.
+        stop_ids: token ids that end an answer (end-of-turn and EOS).
+        device: where the model runs.
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    stop_ids: list[int]
+    device: str
+
+
+def load_chat_model(path: Path) -> ChatModel:
+    """Load MODEL_OR_RUN (QPiSSA directory, run, checkpoint-N or merged export) with its chat tokenizer.
+
+    Raises:
+        UserError: not a model, or its tokenizer has no chat template.
+    """
+    from qpissa.loading import load_model, load_tokenizer, resolve_source
+
+    source = resolve_source(path)
+    tokenizer = load_tokenizer(source)
+    if not tokenizer.chat_template:
+        raise UserError(
+            f"the tokenizer in {source.base_dir} has no chat template (chat_template.jinja or "
+            "tokenizer_config.json); chat needs an instruction-tuned model's tokenizer files"
+        )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # bf16 matmuls are ~100x slower than fp32 on a CPU
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    model = load_model(source, device=device, compute_dtype=dtype).eval()
+    return ChatModel(
+        model=model, tokenizer=tokenizer, stop_ids=stop_token_ids(tokenizer, model), device=device
+    )
+
+
+def stop_token_ids(tokenizer, model: torch.nn.Module) -> list[int]:
+    """The end-of-turn token (the special token the template puts after an answer) and the EOS ids."""
+    ids = set()
+    for eos in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    marker = "qpissa-end-of-turn-probe"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
+    after = rendered[rendered.rfind(marker) + len(marker) :]
+    tail = tokenizer(after, add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {int(i) for i in tokenizer.added_tokens_decoder}
+    if tail and tail[0] in special:
+        ids.add(tail[0])
+    return sorted(ids)
+
+
+def generate_reply(
+    chat_model: ChatModel, messages: list[dict], settings: ChatSettings, write: Writer | None
+) -> str:
+    """Generate the assistant's answer to `messages`, streaming it to `write`; return the answer text.
+
+    Args:
+        chat_model: from `load_chat_model`.
+        messages: `[{"role": ..., "content": ...}]`, ending with the user's turn.
+        settings: generation settings.
+        write: receives the answer piece by piece as it is generated (None: silent).
+    """
+    tokenizer = chat_model.tokenizer
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(chat_model.device)
+    config = copy.deepcopy(chat_model.model.generation_config)
+    config.update(
+        max_new_tokens=settings.max_new_tokens, do_sample=not settings.greedy,
+        temperature=None if settings.greedy else settings.temperature,
+        top_p=None if settings.greedy else settings.top_p,
+        top_k=None, eos_token_id=chat_model.stop_ids,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else chat_model.stop_ids[0],
+    )  # fmt: skip
+    streamer = _streamer(tokenizer, write) if write is not None else None
+    with torch.no_grad():
+        output = chat_model.model.generate(**inputs, generation_config=config, streamer=streamer)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def answer(path: Path, settings: ChatSettings, write: Writer) -> str:
+    """One-shot: answer `settings.prompt`, streaming only the answer to `write`."""
+    chat_model = load_chat_model(path)
+    torch.manual_seed(settings.seed)  # generate() samples from the global generator
+    reply = generate_reply(
+        chat_model, [*_start(settings), {"role": "user", "content": settings.prompt}], settings, write
+    )
+    return reply
+
+
+def run_chat(path: Path, settings: ChatSettings, read: Reader, write: Writer) -> int:
+    """Interactive chat: read a message, stream the answer, keep the history. `/reset` forgets, `/exit` ends.
+
+    Returns:
+        The number of answers given.
+    """
+    chat_model = load_chat_model(path)
+    torch.manual_seed(settings.seed)
+    messages = _start(settings)
+    write(f"chatting with {path} (/reset forgets the conversation, /exit or Ctrl-D quits)\n")
+    turns = 0
+    while True:
+        try:
+            text = read("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            return turns
+        if text in ("/exit", "/quit"):
+            return turns
+        if text == "/reset":
+            messages = _start(settings)
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        _fit_context(chat_model, messages, settings)
+        reply = generate_reply(chat_model, messages, settings, write)
+        messages.append({"role": "assistant", "content": reply})
+        turns += 1
+
+
+def _start(settings: ChatSettings) -> list[dict]:
+    return [{"role": "system", "content": settings.system}] if settings.system else []
+
+
+def _fit_context(chat_model: ChatModel, messages: list[dict], settings: ChatSettings) -> None:
+    """Forget the oldest exchanges until the prompt plus the answer fit the model's context."""
+    limit = getattr(chat_model.model.config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    first = 1 if messages and messages[0]["role"] == "system" else 0
+    while len(messages) - first > 1:
+        ids = chat_model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if (
+            len(chat_model.tokenizer(ids, add_special_tokens=False)["input_ids"]) + settings.max_new_tokens
+            <= limit
+        ):
+            return
+        del messages[first : first + 2]
+        log.info("conversation too long for the context of %d tokens: forgot the oldest exchange", limit)
+
+
+def _streamer(tokenizer, write: Writer):
+    """transformers' `TextStreamer`, writing to `write` instead of `print` (its documented hook)."""
+    from transformers import TextStreamer
+
+    class WriterStreamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            write(text)
+
+    return WriterStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -1,0 +1,247 @@
+"""`qpissa export --to lora`: the trained model as a rank-2r LoRA for the ORIGINAL model (REFERENCE.md §1).
+
+On the original `W` the trained model is `W + ΔW` with `ΔW = s·(B'A' − BA) = s·[B', −B]·[A'; A]`, a LoRA of
+rank 2r with r and alpha doubled (same scale). It differs from what was trained by the residual's NF4
+error `W_res − deq(Q)`, which this module measures, matrix by matrix, and writes into the adapter's README.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from qpissa import UserError
+from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, read_config, write_json
+from qpissa.export import QPISSA_REPORT, Adapter, ExportSettings, Residual, read_adapter
+from qpissa.loading import ADAPTER_FILES, ModelSource
+
+INITIAL_ADAPTER = "adapter"  # the untrained B, A written by `qpissa convert`
+
+
+@dataclass
+class LoraInputs:
+    """What a LoRA export needs beyond the trained adapter.
+
+    Attributes:
+        initial: the adapter as initialized by `qpissa convert` (B, A).
+        original: the full-precision model the QPiSSA directory was converted from.
+    """
+
+    initial: Adapter
+    original: CheckpointReader
+
+
+def check_lora_inputs(
+    source: ModelSource, residual: Residual, trained: Adapter, settings: ExportSettings
+) -> LoraInputs:
+    """Find the initial adapter and the original model and check that they fit the trained adapter.
+
+    Raises:
+        UserError: no initial adapter, no original model, shapes that differ, or `--rank` above 2r.
+    """
+    initial_dir = source.base_dir / INITIAL_ADAPTER
+    if not all((initial_dir / name).is_file() for name in ADAPTER_FILES):
+        raise UserError(
+            f"{source.base_dir} has no {INITIAL_ADAPTER}/ with the initial adapter B, A, which --to lora "
+            "subtracts; point RUN at a run of a QPiSSA directory made by `qpissa convert`, or use --to merged"
+        )
+    initial = read_adapter(initial_dir)
+    if initial.shapes != trained.shapes or initial.rank != trained.rank:
+        raise UserError(
+            f"the trained adapter {trained.path} (rank {trained.rank}) does not match the initial adapter "
+            f"{initial_dir} (rank {initial.rank}); the run was trained from another QPiSSA directory"
+        )
+    original = CheckpointReader(original_model_dir(source.base_dir, settings.base))
+    wrong = [
+        module for module, shape in trained.shapes.items()
+        if f"{module}.weight" not in original.location or original.shape(f"{module}.weight") != shape
+    ]  # fmt: skip
+    if wrong:
+        raise UserError(
+            f"{original.model_dir} is not the model {source.base_dir} was converted from ({wrong[0]} is "
+            "missing or has another shape); pass the right one with --base DIR"
+        )
+    if settings.rank is not None and settings.rank > 2 * trained.rank:
+        exact = 2 * trained.rank
+        raise UserError(f"--rank {settings.rank} is above the exact rank 2r = {exact}; use --rank ≤ {exact}")
+    return LoraInputs(initial=initial, original=original)
+
+
+def original_model_dir(base_dir: Path, override: Path | None) -> Path:
+    """The full-precision model a QPiSSA directory was converted from: `--base`, else its report.
+
+    Raises:
+        UserError: neither names one, or the model is not there any more.
+    """
+    where = "--base"
+    path = override
+    if path is None:
+        report_path = base_dir / QPISSA_REPORT
+        if not report_path.is_file():
+            raise UserError(
+                f"{base_dir} has no {QPISSA_REPORT} naming the original model; pass it with --base DIR"
+            )
+        path = Path(json.loads(report_path.read_text())["fingerprint"]["model"])
+        where = str(report_path)
+    if not (path / "config.json").is_file():
+        raise UserError(
+            f"the original model {path} (named by {where}) is missing; --to lora needs it: "
+            "pass it with --base DIR"
+        )
+    read_config(path)
+    return path
+
+
+def write_lora(
+    residual: Residual,
+    trained: Adapter,
+    inputs: LoraInputs,
+    partial: Path,
+    dtype: torch.dtype,
+    rank: int | None,
+    bar: tqdm,
+) -> dict:
+    """Write `s·[B', −B]·[A'; A]` (re-truncated to `rank` if given) as a PEFT adapter; measure its distance.
+
+    Returns:
+        base_model, ranks, scale, and in Frobenius norm: `distance` (adapter on the original vs the
+        trained weights), `residual_nf4_error` (`W_res − deq(Q)`), `truncation` (from `--rank`, or None).
+    """
+    s = trained.scale
+    out_rank = rank or 2 * trained.rank
+    sums = dict.fromkeys(("distance", "nf4", "weights", "delta", "dropped"), 0.0)
+    worst = 0.0
+    writer = SafetensorsWriter(partial / "adapter_model.safetensors")
+    for module in sorted(trained.shapes):
+        A1, B1 = trained.factors(module)  # A' [r, in], B' [out, r]
+        A0, B0 = inputs.initial.factors(module)  # A [r, in], B [out, r]
+        A2 = torch.cat([A1, A0])  # [2r, in]
+        B2 = torch.cat([B1, -(inputs.initial.scale / s) * B0], dim=1)  # [out, 2r]; -B when both scales agree
+        delta = s * (B2 @ A2)  # ΔW [out, in]
+        if rank is not None:
+            A2, B2, dropped = _truncate(A2, B2, rank)
+            sums["dropped"] += s * s * dropped
+        A2, B2 = A2.to(dtype), B2.to(dtype)
+        W = inputs.original.read(f"{module}.weight").float()  # [out, in]
+        deq = residual.weight(module)
+        trained_W = deq + s * (B1 @ A1)
+        exported_W = W + s * (B2.float() @ A2.float())  # what PEFT computes from the stored factors
+        distance = _sq(exported_W - trained_W)
+        worst = max(worst, (distance / max(_sq(W), 1e-30)) ** 0.5)
+        sums["distance"] += distance
+        sums["nf4"] += _sq(W - inputs.initial.scale * (B0 @ A0) - deq)  # W_res − deq(Q)
+        sums["weights"] += _sq(W)
+        sums["delta"] += _sq(delta)
+        writer.add(f"base_model.model.{module}.lora_A.weight", A2)
+        writer.add(f"base_model.model.{module}.lora_B.weight", B2)
+        bar.update(1)
+    writer.close()
+    base_model = inputs.original.model_dir.resolve()
+    _write_config(partial, trained, out_rank, s, base_model)
+    norm = max(sums["weights"], 1e-30) ** 0.5
+    truncation = None
+    if rank is not None:
+        relative = (sums["dropped"] / max(sums["delta"], 1e-30)) ** 0.5
+        truncation = {"rank": rank, "abs_fro": sums["dropped"] ** 0.5, "relative_to_delta_fro": relative}
+    return {
+        "base_model": str(base_model), "trained_rank": trained.rank, "rank": out_rank, "scale": s,
+        "lora_alpha": s * out_rank,
+        "distance": {"abs_fro": sums["distance"] ** 0.5, "relative_fro": sums["distance"] ** 0.5 / norm,
+                     "max_matrix_relative_fro": worst},
+        "residual_nf4_error": {"abs_fro": sums["nf4"] ** 0.5, "relative_fro": sums["nf4"] ** 0.5 / norm},
+        "truncation": truncation,
+    }  # fmt: skip
+
+
+def lora_summary(report: dict) -> str:
+    """Why the rank doubled and how far the adapter on the original is from the trained model, in words."""
+    d = report["details"]
+    r, r2 = d["trained_rank"], 2 * d["trained_rank"]
+    lines = [
+        f"Why the rank doubled (r = {r} -> 2r = {r2}): QPiSSA trained B', A' on top of the residual "
+        "W_res = W − s·B·A. On the original weights W the trained model is W + s·(B'A' − BA) = "
+        f"W + s·[B', −B]·[A'; A], a LoRA of rank 2r; r and lora_alpha are both doubled, so the scale "
+        f"s = {d['scale']:g} is unchanged.",
+        "How far it is from the trained model: the trained model used the NF4-quantized residual deq(Q), "
+        "this adapter on W uses W_res itself. Their difference, the residual's NF4 error W_res − deq(Q), "
+        f"measures {d['residual_nf4_error']['relative_fro']:.3%} of ‖W‖ (Frobenius, all adapted matrices); "
+        f"the exported weights differ from the trained ones by {d['distance']['relative_fro']:.3%} in all "
+        f"(worst matrix {d['distance']['max_matrix_relative_fro']:.3%}).",
+    ]
+    if d["truncation"] is not None:
+        t = d["truncation"]
+        lines.append(
+            f"Re-truncated from rank {r2} to {t['rank']} with an SVD (--rank): that drops "
+            f"{t['relative_to_delta_fro']:.3%} of ‖ΔW‖ (Frobenius {t['abs_fro']:.4g}), included in the "
+            "distance above."
+        )
+    if report["verify"] is not None:
+        v = report["verify"]
+        lines.append(
+            f"Measured on {v['prompts']} prompts ({v['tokens']} tokens), original model + this adapter vs "
+            f"the trained model: max |Δlogit| {v['max_abs_diff']:.4g}, mean {v['mean_abs_diff']:.4g}, "
+            f"KL {v['kl_mean']:.4g} nats/token, top-1 agreement {v['top1_agreement']:.1%}."
+        )
+    lines.append("For exactly the trained model, export it merged: `qpissa export RUN OUT --to merged`.")
+    return "\n\n".join(lines)
+
+
+def write_readme(partial: Path, report: dict) -> None:
+    """The adapter's README.md: how to load it, why its rank doubled, how far it is from the trained model."""
+    base = report["details"]["base_model"]
+    text = (
+        "# LoRA adapter exported by qpissa\n\n"
+        f"A PEFT LoRA adapter for the original model `{base}`, exported from the QPiSSA run "
+        f"`{report['source']['run']}`. Load it with plain transformers + PEFT:\n\n"
+        "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+        f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
+        'model = PeftModel.from_pretrained(base, "ADAPTER_DIR")\n```\n\n'
+        f"{lora_summary(report)}\n"
+    )
+    (partial / "README.md").write_text(text)
+
+
+def _write_config(partial: Path, trained: Adapter, rank: int, scale: float, base_model: Path) -> None:
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=scale * rank,  # same s = alpha / r as the trained adapter (2·alpha for 2r)
+        target_modules=sorted(trained.config["target_modules"]),
+        lora_dropout=0.0,
+        init_lora_weights=True,
+        bias="none",
+        task_type=trained.config.get("task_type") or "CAUSAL_LM",
+        base_model_name_or_path=str(base_model),
+    ).to_dict()
+    config["target_modules"] = sorted(config["target_modules"])
+    write_json(partial / "adapter_config.json", config)
+
+
+def _truncate(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-`rank` factors of `B @ A` without forming it: QR of both factors, SVD of the small core.
+
+    Args:
+        A: `[k, in]`; B: `[out, k]`; rank ≤ k.
+
+    Returns:
+        `A_r [rank, in]`, `B_r [out, rank]`, and `Σ_{i>rank} σ_i²`, the dropped squared norm of `B @ A`.
+    """
+    Qb, Rb = torch.linalg.qr(B)  # [out, m], [m, k]
+    Qa, Ra = torch.linalg.qr(A.T)  # [in, n], [n, k]
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)  # core [m, n] = U S Vh
+    keep = min(rank, S.numel())
+    root = S[:keep].sqrt()
+    B_r = torch.zeros(B.shape[0], rank)
+    A_r = torch.zeros(rank, A.shape[1])
+    B_r[:, :keep] = (Qb @ U[:, :keep]) * root  # [out, keep]
+    A_r[:keep] = root[:, None] * (Vh[:keep] @ Qa.T)  # [keep, in]
+    return A_r, B_r, S[keep:].square().sum().item()
+
+
+def _sq(E: torch.Tensor) -> float:
+    return E.double().square().sum().item()

@@ -1,0 +1,300 @@
+"""`qpissa export`: merged and rank-2r LoRA exports of a (really) trained tiny QPiSSA model.
+
+Tolerances: float32 exports are compared with the float32 trained model at 1e-4 absolute on logits of
+magnitude ~1 (only the summation order differs); weight identities hold to 1e-5 (float32 rounding).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from qpissa import cli
+from qpissa.checkpoint import CheckpointReader
+from qpissa.export import Residual, _ShardedWriter, read_adapter
+from qpissa.loading import RUN_MARKER, load_model, resolve_source
+from qpissa.nf4 import quantize_nf4
+
+RANK = 8
+
+
+def train_adapter(qpissa_dir: Path, run_dir: Path, steps: int = 6, checkpoint_at: int = 3) -> None:
+    """A few real AdamW steps on random tokens (QPiSSA model through PEFT), saved as a run directory."""
+    model = load_model(resolve_source(qpissa_dir), trainable=True, compute_dtype=torch.float32)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(1, steps + 1):
+        ids = torch.randint(model.config.vocab_size, (2, 16), generator=generator)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step == checkpoint_at:
+            model.save_pretrained(run_dir / f"checkpoint-{step}")
+    model.save_pretrained(run_dir / "adapter")
+    (run_dir / RUN_MARKER).write_text(json.dumps({"model": str(qpissa_dir)}))
+
+
+@pytest.fixture(scope="module")
+def qpissa_dir(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "qpissa"
+    argv = ["--quiet", "convert", str(tiny_chat_model), str(out), "--rank", str(RANK), "--iters", "1"]
+    assert cli.main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_run(qpissa_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("export_run") / "run"
+    train_adapter(qpissa_dir, run)
+    return run
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(256, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    return model.eval()(input_ids=_ids()).logits.float()
+
+
+def _plain(model_dir: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def _adapters(qpissa_dir: Path, run: Path, out: Path) -> tuple:
+    return tuple(read_adapter(path) for path in (qpissa_dir / "adapter", run / "adapter", out))
+
+
+def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    log_p, log_q = p_logits.double().log_softmax(-1), q_logits.double().log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+
+
+def test_merged_export_is_the_trained_model(
+    trained_run: Path, qpissa_dir: Path, tiny_chat_model: Path, tmp_path: Path
+):
+    out = tmp_path / "merged"
+    assert cli.main(["--quiet", "export", str(trained_run), str(out), "--dtype", "float32"]) == 0
+    trained = _logits(load_model(resolve_source(trained_run), compute_dtype=torch.float32))
+    untrained = _logits(load_model(resolve_source(qpissa_dir), compute_dtype=torch.float32))
+    assert (
+        trained - untrained
+    ).abs().max() > 1e-2  # training moved the model: the match below is not vacuous
+    assert (_logits(_plain(out)) - trained).abs().max() < 1e-4
+
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["verify"]["inputs"] == "prompts" and report["verify"]["max_abs_diff"] < 1e-4
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    assert config["tie_word_embeddings"] is True
+    tensors = load_file(out / "model.safetensors")
+    assert "lm_head.weight" not in tensors and not any(".absmax" in name for name in tensors)
+    original = CheckpointReader(tiny_chat_model)
+    assert torch.equal(
+        tensors["model.embed_tokens.weight"], original.read("model.embed_tokens.weight").float()
+    )
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out).chat_template
+    assert (out / "generation_config.json").is_file() and not (out / "qpissa_report.json").exists()
+
+
+def test_merged_export_default_dtype_keeps_the_model_dtype(trained_run: Path, tmp_path: Path):
+    out = tmp_path / "merged"
+    assert cli.main(["--quiet", "export", str(trained_run), str(out)]) == 0
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}  # noqa: SIM118
+    verify = json.loads((out / "export_report.json").read_text())["verify"]
+    assert 0 < verify["max_abs_diff"] < 0.1 and verify["kl_mean"] < 1e-3  # bf16 rounding of the weights only
+
+
+def test_checkpoint_dir_exports_that_checkpoint(trained_run: Path, qpissa_dir: Path, tmp_path: Path):
+    out = tmp_path / "merged"
+    checkpoint = trained_run / "checkpoint-3"
+    assert (
+        cli.main(["--quiet", "export", str(checkpoint), str(out), "--dtype", "float32", "--no-verify"]) == 0
+    )
+    assert json.loads((out / "export_report.json").read_text())["verify"] is None
+    module = "model.layers.1.mlp.down_proj"
+    adapter = read_adapter(checkpoint)
+    A, B = adapter.factors(module)
+    expected = Residual(qpissa_dir).weight(module) + adapter.scale * (B @ A)
+    torch.testing.assert_close(load_file(out / "model.safetensors")[f"{module}.weight"], expected)
+    A_final, _ = read_adapter(trained_run / "adapter").factors(module)
+    assert not torch.allclose(A, A_final)  # the checkpoint is not the final adapter
+
+
+def test_lora_export_differs_by_the_residual_nf4_error(
+    trained_run: Path, qpissa_dir: Path, tiny_chat_model: Path, tmp_path: Path
+):
+    out = tmp_path / "lora"
+    assert cli.main(["--quiet", "export", str(trained_run), str(out), "--to", "lora"]) == 0
+    initial, trained, exported = _adapters(qpissa_dir, trained_run, out)
+    assert exported.rank == 2 * initial.rank and exported.scale == pytest.approx(initial.scale)
+    assert exported.config["lora_alpha"] == pytest.approx(2 * initial.config["lora_alpha"])
+    assert exported.config["base_model_name_or_path"] == str(tiny_chat_model.resolve())
+
+    # On W the export is W_res + s·B'A', the trained model deq(Q) + s·B'A': they differ by W_res − deq(Q).
+    residual, original, s = Residual(qpissa_dir), CheckpointReader(tiny_chat_model), initial.scale
+    merged_4bit = {}
+    for module in trained.shapes:
+        W, deq = original.read(f"{module}.weight").float(), residual.weight(module)
+        (A0, B0), (A1, B1), (A2, B2) = (adapter.factors(module) for adapter in (initial, trained, exported))
+        gap = (W + s * B2 @ A2) - (deq + s * B1 @ A1)
+        torch.testing.assert_close(gap, W - s * B0 @ A0 - deq, atol=1e-5, rtol=0)
+        merged_4bit[module] = quantize_nf4(deq + s * B1 @ A1, 64, True).dequantize()  # QLoRA-style merge
+
+    trained_logits = _logits(load_model(resolve_source(trained_run), compute_dtype=torch.float32))
+    from peft import PeftModel
+
+    lora_logits = _logits(PeftModel.from_pretrained(_plain(tiny_chat_model), out))
+    requantized = _plain(tiny_chat_model)
+    for module, weight in merged_4bit.items():
+        requantized.get_submodule(module).weight.data = weight
+    lora_kl, requantized_kl = _kl(trained_logits, lora_logits), _kl(trained_logits, _logits(requantized))
+    assert 0 < lora_kl < requantized_kl
+    assert (lora_logits - trained_logits).abs().mean() < (_logits(requantized) - trained_logits).abs().mean()
+
+    report = json.loads((out / "export_report.json").read_text())
+    nf4 = report["details"]["residual_nf4_error"]["relative_fro"]
+    assert report["details"]["distance"]["relative_fro"] == pytest.approx(nf4, rel=1e-3)
+    readme = (out / "README.md").read_text()
+    assert f"r = {RANK} -> 2r = {2 * RANK}" in readme and f"{nf4:.3%}" in readme
+
+
+def test_lora_rank_truncation_is_the_best_rank_k(trained_run: Path, qpissa_dir: Path, tmp_path: Path):
+    out = tmp_path / "lora"
+    k = 5
+    argv = ["--quiet", "export", str(trained_run), str(out), "--to", "lora", "--rank", str(k), "--no-verify"]
+    assert cli.main(argv) == 0
+    initial, trained, exported = _adapters(qpissa_dir, trained_run, out)
+    assert exported.rank == k and exported.scale == pytest.approx(initial.scale)
+    s, dropped, total = initial.scale, 0.0, 0.0
+    for module in trained.shapes:
+        (A0, B0), (A1, B1), (A2, B2) = (adapter.factors(module) for adapter in (initial, trained, exported))
+        delta = s * (B1 @ A1 - B0 @ A0)  # exact ΔW, dense
+        tail = torch.linalg.svdvals(delta.double())[k:].square().sum().item()  # Eckart–Young optimum
+        error = (delta - s * B2 @ A2).double().square().sum().item()
+        assert error == pytest.approx(tail, rel=1e-3, abs=1e-10)
+        dropped, total = dropped + tail, total + delta.double().square().sum().item()
+    truncation = json.loads((out / "export_report.json").read_text())["details"]["truncation"]
+    assert truncation["abs_fro"] == pytest.approx(dropped**0.5, rel=1e-3)
+    assert 0 < truncation["relative_to_delta_fro"] == pytest.approx((dropped / total) ** 0.5, rel=1e-3)
+
+
+def test_untrained_export_reproduces_the_original(qpissa_dir: Path, tiny_chat_model: Path, tmp_path: Path):
+    out = tmp_path / "merged"
+    assert cli.main(["--quiet", "export", str(qpissa_dir), str(out), "--dtype", "float32"]) == 0
+    exported, original = load_file(out / "model.safetensors"), CheckpointReader(tiny_chat_model)
+    layers = json.loads((qpissa_dir / "qpissa_report.json").read_text())["layers"]
+    for layer in layers:  # the weight error is exactly the quantization error the conversion reported
+        name = f"{layer['name']}.weight"
+        error = (exported[name] - original.read(name).float()).norm()
+        assert error.item() == pytest.approx(layer["err_fro"], rel=1e-4) and error < layer["err_fro_base"]
+    assert set(exported) == set(original.names())
+    original_logits = _logits(_plain(tiny_chat_model))
+    plain_nf4 = _plain(tiny_chat_model)  # QLoRA: the original quantized as it is
+    for layer in layers:
+        weight = plain_nf4.get_submodule(layer["name"]).weight
+        weight.data = quantize_nf4(weight.data, 64, True).dequantize()
+    assert 0 < _kl(original_logits, _logits(_plain(out))) < _kl(original_logits, _logits(plain_nf4))
+
+
+def _wrong_shapes(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "bad_run"
+    shutil.copytree(run, copy)
+    path = copy / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    tensors[key] = torch.zeros(tensors[key].shape[0] + 8, tensors[key].shape[1])
+    save_file(tensors, path)
+    return copy
+
+
+def _report_names_missing_model(run: Path, qpissa_dir: Path, tmp_path: Path) -> Path:
+    moved = tmp_path / "qpissa_copy"
+    shutil.copytree(qpissa_dir, moved)
+    report = json.loads((moved / "qpissa_report.json").read_text())
+    report["fingerprint"]["model"] = str(tmp_path / "deleted_original")
+    (moved / "qpissa_report.json").write_text(json.dumps(report))
+    copy = tmp_path / "run_copy"
+    shutil.copytree(run, copy)
+    (copy / RUN_MARKER).write_text(json.dumps({"model": str(moved)}))
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("no_adapter", "has no adapter"),
+        ("wrong_shapes", "does not fit"),
+        ("missing_base", "is missing"),
+        ("report_names_missing_model", "deleted_original"),
+        ("existing_out", "already exists"),
+        ("rank_with_merged", "--rank applies to --to lora only"),
+        ("rank_above_2r", "above the exact rank"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_output(
+    case: str,
+    expected: str,
+    trained_run: Path,
+    qpissa_dir: Path,
+    tiny_chat_model: Path,
+    tmp_path: Path,
+    capsys,
+):
+    out = tmp_path / "out"
+    run, extra = trained_run, []
+    if case == "no_adapter":
+        run = tiny_chat_model
+    elif case == "wrong_shapes":
+        run = _wrong_shapes(trained_run, tmp_path)
+    elif case == "missing_base":
+        extra = ["--to", "lora", "--base", str(tmp_path / "nowhere")]
+    elif case == "report_names_missing_model":
+        run, extra = _report_names_missing_model(trained_run, qpissa_dir, tmp_path), ["--to", "lora"]
+    elif case == "existing_out":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif case == "rank_with_merged":
+        extra = ["--rank", "4"]
+    elif case == "rank_above_2r":
+        extra = ["--to", "lora", "--rank", str(2 * RANK + 1)]
+    capsys.readouterr()
+    assert cli.main(["--quiet", "export", str(run), str(out), *extra]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qpissa: error:")]
+    assert len(errors) == 1 and expected in errors[0]
+    assert not (tmp_path / "out.partial").exists()
+    if case == "existing_out":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    else:
+        assert not out.exists()
+
+
+def test_sharded_writer_splits_and_indexes(tmp_path: Path):
+    writer = _ShardedWriter(tmp_path, limit=1000)
+    tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(5)}  # 400 bytes each: two per shard
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    names = writer.close()
+    assert names == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {
+        "t0": names[0],
+        "t1": names[0],
+        "t2": names[1],
+        "t3": names[1],
+        "t4": names[2],
+    }
+    for name, tensor in tensors.items():
+        assert torch.equal(load_file(tmp_path / index["weight_map"][name])[name], tensor)
