@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
@@ -250,6 +251,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
             run_dir / EVAL_LOG_NAME,
             runtime.device,
             generate if eval_samples and config.data.eval_generate_samples else None,
+            every=config.logging_steps,
         )
     ]
     trainer = Trainer(
@@ -260,7 +262,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
         data_collator=partial(collate, pad_token_id=pad_id),
         callbacks=callbacks,
     )
-    _quiet_progress(trainer, config.logging_steps, QuietProgressCallback)
+    _quiet_progress(trainer, QuietProgressCallback)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     _save_adapter(model, run_dir)
     summary = {
@@ -288,8 +290,16 @@ def _log_initial_loss(
 
     truncate_log(run_dir / LOG_NAME, 0)
     loss = evaluate_loss(model, rows, pad_id, runtime.device)["loss"]
-    entry = {"elapsed": 0.0, "eta": None, "grad_norm": None, "learning_rate": 0.0, "loss": loss,
-             "peak_memory_mb": peak_memory_mb(runtime.device), "step": 0, "tokens_per_second": None}  # fmt: skip
+    entry = {
+        "elapsed": 0.0,
+        "eta": None,
+        "grad_norm": None,
+        "learning_rate": 0.0,
+        "loss": loss,
+        "peak_memory_mb": peak_memory_mb(runtime.device),
+        "step": 0,
+        "tokens_per_second": None,
+    }
     append_jsonl(run_dir / LOG_NAME, entry)
     log.info("step 0 loss %.4f (the initialized model; QPiSSA's matches the original model's)", loss)
 
@@ -379,7 +389,7 @@ def _training_arguments(config: TrainConfig, runtime: Runtime, run_dir: Path, sh
         eval_strategy="steps" if evaluate else "no",
         eval_steps=config.eval_steps,
         report_to="none",
-        disable_tqdm=not show_progress,
+        disable_tqdm=not (show_progress and sys.stderr.isatty()),
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
@@ -393,12 +403,14 @@ def _adapter_to_float32(model: torch.nn.Module) -> None:
             parameter.data = parameter.data.float()
 
 
-def _quiet_progress(trainer: Any, every: int, quiet_class: type) -> None:
-    from transformers.trainer_callback import ProgressCallback
+def _quiet_progress(trainer: Any, quiet_class: type) -> None:
+    """Keep transformers' bar (when shown) but not its printing of every step's log dict."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    if any(isinstance(cb, ProgressCallback) for cb in trainer.callback_handler.callbacks):
+    trainer.remove_callback(PrinterCallback)
+    if any(isinstance(callback, ProgressCallback) for callback in trainer.callback_handler.callbacks):
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(quiet_class(every))
+        trainer.add_callback(quiet_class())
 
 
 def _save_adapter(model: Any, run_dir: Path) -> None:

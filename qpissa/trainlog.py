@@ -32,8 +32,16 @@ OPTIMIZER_BYTES = {
 class JsonlLogCallback(TrainerCallback):
     """Append one JSON line per optimizer step (and per evaluation) with the metrics users watch."""
 
-    def __init__(self, path: Path, eval_path: Path, device: torch.device, generate: Callable | None) -> None:
-        self.path, self.eval_path, self.device, self.generate = path, eval_path, device, generate
+    def __init__(
+        self, path: Path, eval_path: Path, device: torch.device, generate: Callable | None, every: int = 10
+    ) -> None:
+        self.path, self.eval_path, self.device, self.generate, self.every = (
+            path,
+            eval_path,
+            device,
+            generate,
+            every,
+        )
         self.start = self.step_start = time.perf_counter()
         self.first_step = 0
         self.tokens_at_step_start = 0
@@ -67,6 +75,18 @@ class JsonlLogCallback(TrainerCallback):
             "tokens_per_second": round(tokens / max(now - self.step_start, 1e-9), 1),
         }
         append_jsonl(self.path, entry)
+        if state.global_step % self.every == 0:
+            log.info(
+                "step %d/%d loss %.4f lr %.3g grad_norm %.3f %.0f tokens/s peak %.0f MB eta %.0f s",
+                state.global_step,
+                state.max_steps,
+                entry["loss"],
+                entry["learning_rate"] or 0.0,
+                entry["grad_norm"] or 0.0,
+                entry["tokens_per_second"],
+                entry["peak_memory_mb"],
+                entry["eta"],
+            )
 
     def on_evaluate(
         self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any
@@ -79,15 +99,10 @@ class JsonlLogCallback(TrainerCallback):
 
 
 class QuietProgressCallback(ProgressCallback):
-    """transformers' tqdm bar, printing the log dict only every `every` steps (the JSONL has them all)."""
-
-    def __init__(self, every: int) -> None:
-        super().__init__()
-        self.every = every
+    """transformers' tqdm bar without its per-log dict printing (the logger and the JSONL have them)."""
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-        if "loss" not in (logs or {}) or state.global_step % self.every == 0:
-            super().on_log(args, state, control, logs=logs, **kwargs)
+        return
 
 
 def estimate_memory(model: torch.nn.Module, config: Any, runtime: Any) -> dict[str, Any]:

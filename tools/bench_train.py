@@ -1,0 +1,249 @@
+"""Benchmark `qpissa train` on the demo model: QLoRA vs LoftQ vs QPiSSA, plus plain PEFT + Trainer.
+
+Every method is converted at the same rank and trained with the same recipe and seed, each run in a
+fresh process (peak RSS is per process). The baseline loads the original checkpoint with transformers'
+BitsAndBytesConfig (NF4 quantized at load) and a PEFT LoRA, i.e. the QLoRA users run today, with the
+same data, Trainer arguments and step log. Results come from the runs' JSONL files only.
+
+Usage:
+    python tools/bench_train.py --model /work/cache/smollm2-135m --work /work/cache/bench \\
+        --steps 200 --rank 64 --out benchmarks/train.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("qlora", "loftq", "qpissa")
+REPORT_STEPS = (1, 25, 50, 100, 200)
+
+
+def main() -> None:
+    """Convert, train and tabulate; or (with --baseline-run) train the plain PEFT baseline in this process."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="original HF checkpoint (the demo model)")
+    parser.add_argument("--work", type=Path, required=True, help="where conversions, data and runs go")
+    parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"), help="training recipe")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
+    parser.add_argument("--rank", type=int, default=64, help="adapter rank for every method")
+    parser.add_argument("--iters", type=int, default=5, help="LoftQ / QPiSSA iterations T")
+    parser.add_argument("--generate", type=int, default=100, help="eval samples scored by exact match")
+    parser.add_argument("--overrides", nargs="*", default=[], help="extra key=value recipe overrides")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/train.md"), help="Markdown result")
+    parser.add_argument("--baseline-run", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    overrides = _overrides(args)
+    if args.baseline_run:
+        train_peft_baseline(args.model, args.config, overrides, args.rank, args.baseline_run)
+        return
+    runs = {}
+    for method in METHODS:
+        qpissa_dir = _convert(args.model, args.work, method, args.rank, args.iters)
+        runs[method] = _train(args, qpissa_dir, method, overrides)
+    runs["peft-baseline"] = _train_baseline(args, overrides)
+    table = tabulate(runs)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    command = " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    args.out.write_text(f"# `qpissa train` benchmark\n\nCommand: `python {command}`\n\n{table}\n")
+    print(table)
+
+
+def train_peft_baseline(
+    model_dir: Path, config_path: Path, overrides: list[str], rank: int, run_dir: Path
+) -> None:
+    """Plain QLoRA: NF4 at load (BitsAndBytesConfig) + PEFT LoRA + Trainer, same data and arguments."""
+    from functools import partial
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer
+    from transformers.trainer_callback import PrinterCallback
+
+    from qpissa.data import collate, load_split, pad_token_id
+    from qpissa.train import LOG_NAME, _training_arguments, load_config, resolve_runtime
+    from qpissa.trainlog import JsonlLogCallback
+
+    config = load_config(config_path, [*overrides, f"output_dir={run_dir}", "model=."])
+    runtime = resolve_runtime(config)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    _, data = load_split(config.data.path, config.data, tokenizer)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=runtime.dtype,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=quantization, dtype=runtime.dtype, device_map={"": str(runtime.device)}
+    )
+    lora = LoraConfig(
+        r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    model = get_peft_model(model, lora)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(
+        model=model,
+        args=_training_arguments(config, runtime, run_dir, show_progress=False),
+        train_dataset=data.rows,
+        data_collator=partial(collate, pad_token_id=pad_token_id(tokenizer)),
+        callbacks=[
+            JsonlLogCallback(run_dir / LOG_NAME, run_dir / "eval_log.jsonl", runtime.device, None, 10)
+        ],
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+
+
+def tabulate(runs: dict[str, Path]) -> str:
+    """Markdown table of losses at the report steps, final eval, peak memory and throughput.
+
+    Args:
+        runs: label -> run directory with trainer_log.jsonl (and eval_results.json for qpissa runs).
+    """
+    header = [
+        "run",
+        "step 0",
+        *[f"loss@{s}" for s in REPORT_STEPS],
+        "mean loss 191-200",
+        "eval loss",
+        "exact match",
+        "peak RSS MB",
+        "tokens/s (median)",
+        "wall s",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, run_dir in runs.items():
+        log = {
+            row["step"]: row
+            for row in map(json.loads, (run_dir / "trainer_log.jsonl").read_text().splitlines())
+        }
+        results = run_dir / "eval_results.json"
+        evaluation = json.loads(results.read_text()) if results.is_file() else {}
+        steps = [s for s in log if s > 0]
+        last = [log[s]["loss"] for s in steps[-10:]]
+        cells = [label, _fmt(log.get(0, {}).get("loss"))]
+        cells += [_fmt(log.get(s, {}).get("loss")) for s in REPORT_STEPS]
+        cells += [
+            _fmt(statistics.mean(last)),
+            _fmt(evaluation.get("loss")),
+            _percent(evaluation),
+            f"{max(log[s]['peak_memory_mb'] for s in steps):.0f}",
+            f"{statistics.median(log[s]['tokens_per_second'] for s in steps[1:]):.0f}",
+            f"{log[steps[-1]]['elapsed']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    data = args.work / "task"
+    return [
+        f"max_steps={args.steps}",
+        f"data.path={data / 'train.jsonl'}",
+        f"data.eval_path={data / 'eval.jsonl'}",
+        f"data.eval_generate_samples={args.generate}",
+        "eval_steps=null",
+        f"save_steps={args.steps}",
+        *args.overrides,
+    ]
+
+
+def _convert(model: Path, work: Path, method: str, rank: int, iters: int) -> Path:
+    out = work / f"{method}-r{rank}"
+    if not (out / "qpissa_report.json").is_file():
+        iters_flag = [] if method == "qlora" else ["--iters", str(iters)]
+        _run(
+            [
+                "convert",
+                str(model),
+                str(out),
+                "--method",
+                method,
+                "--rank",
+                str(rank),
+                *iters_flag,
+                "--overwrite",
+            ]
+        )
+    return out
+
+
+def _train(args: argparse.Namespace, qpissa_dir: Path, method: str, overrides: list[str]) -> Path:
+    _ensure_data(args.work)
+    run_dir = args.work / "runs" / method
+    if not (run_dir / "eval_results.json").is_file():
+        _run(
+            [
+                "train",
+                str(args.config),
+                *overrides,
+                f"model={qpissa_dir}",
+                f"output_dir={run_dir}",
+                "overwrite_output_dir=true",
+            ]
+        )
+    return run_dir
+
+
+def _train_baseline(args: argparse.Namespace, overrides: list[str]) -> Path:
+    run_dir = args.work / "runs" / "peft-baseline"
+    if not (run_dir / "trainer_log.jsonl").is_file():
+        command = [
+            sys.executable,
+            __file__,
+            "--model",
+            str(args.model),
+            "--work",
+            str(args.work),
+            "--config",
+            str(args.config),
+            "--rank",
+            str(args.rank),
+            "--baseline-run",
+            str(run_dir),
+            "--steps",
+            str(args.steps),
+            "--generate",
+            str(args.generate),
+            "--overrides",
+            *args.overrides,
+        ]
+        subprocess.run(command, check=True)
+    return run_dir
+
+
+def _ensure_data(work: Path) -> None:
+    if not (work / "task" / "train.jsonl").is_file():
+        subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("make_task_data.py")), str(work / "task")],
+            check=True,
+        )
+
+
+def _run(arguments: list[str]) -> None:
+    start = time.perf_counter()
+    cli = "import sys; from qpissa.cli import main; sys.exit(main(sys.argv[1:]))"
+    subprocess.run([sys.executable, "-c", cli, *arguments], check=True)
+    print(
+        f"{' '.join(arguments[:2])}: {time.perf_counter() - start:.0f} s",
+        file=sys.stderr,
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def _percent(evaluation: dict) -> str:
+    if "accuracy" not in evaluation:
+        return "–"
+    return f"{100 * evaluation['accuracy']:.1f} % ({evaluation['correct']}/{evaluation['total']})"
+
+
+if __name__ == "__main__":
+    main()
