@@ -140,38 +140,35 @@ def generate_reply(
     streamer = _streamer(tokenizer, write) if write is not None else None
     with torch.no_grad():
         output = chat_model.model.generate(**inputs, generation_config=config, streamer=streamer)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def answer(path: Path, settings: ChatSettings, write: Writer) -> str:
-    """One-shot: answer `settings.prompt`, streaming only the answer to `write`."""
+def answer(path: Path, settings: ChatSettings, write: Writer | None) -> str:
+    """One-shot: answer `settings.prompt`, streaming only the answer to `write`; return it."""
     chat_model = load_chat_model(path)
     torch.manual_seed(settings.seed)  # generate() samples from the global generator
-    reply = generate_reply(
-        chat_model, [*_start(settings), {"role": "user", "content": settings.prompt}], settings, write
-    )
-    return reply
+    messages = [*_start(settings), {"role": "user", "content": settings.prompt}]
+    return generate_reply(chat_model, messages, settings, write)
 
 
-def run_chat(path: Path, settings: ChatSettings, read: Reader, write: Writer) -> int:
+def run_chat(path: Path, settings: ChatSettings, read: Reader, write: Writer) -> list[dict]:
     """Interactive chat: read a message, stream the answer, keep the history. `/reset` forgets, `/exit` ends.
 
     Returns:
-        The number of answers given.
+        The conversation since the last `/reset`, as chat messages.
     """
     chat_model = load_chat_model(path)
     torch.manual_seed(settings.seed)
     messages = _start(settings)
     write(f"chatting with {path} (/reset forgets the conversation, /exit or Ctrl-D quits)\n")
-    turns = 0
     while True:
         try:
             text = read("you> ").strip()
         except (EOFError, KeyboardInterrupt):
             write("\n")
-            return turns
+            return messages
         if text in ("/exit", "/quit"):
-            return turns
+            return messages
         if text == "/reset":
             messages = _start(settings)
             continue
@@ -180,8 +177,8 @@ def run_chat(path: Path, settings: ChatSettings, read: Reader, write: Writer) ->
         messages.append({"role": "user", "content": text})
         _fit_context(chat_model, messages, settings)
         reply = generate_reply(chat_model, messages, settings, write)
+        write("\n")
         messages.append({"role": "assistant", "content": reply})
-        turns += 1
 
 
 def _start(settings: ChatSettings) -> list[dict]:

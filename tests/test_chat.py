@@ -1,0 +1,135 @@
+"""`qpissa chat`: one-shot and interactive chat through the chat template, on every kind of model dir."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from qpissa import cli
+from qpissa.chat import ChatSettings, answer, generate_reply, load_chat_model, run_chat, stop_token_ids
+from qpissa.loading import RUN_MARKER
+
+GREEDY = ["--greedy", "--max-new-tokens", "12"]
+SAMPLED = [
+    "--temperature",
+    "1.0",
+    "--seed",
+    "3",
+    "--max-new-tokens",
+    "16",
+]  # the random model's greedy text is blank
+
+
+def _convert(model: Path, out: Path, rank: int) -> Path:
+    assert cli.main(["--quiet", "convert", str(model), str(out), "--rank", str(rank), "--iters", "1"]) == 0
+    return out
+
+
+def _as_run(qpissa_dir: Path, run: Path) -> Path:
+    """A run directory around the QPiSSA directory's adapter, as `qpissa train` lays it out."""
+    shutil.copytree(qpissa_dir / "adapter", run / "adapter")
+    (run / RUN_MARKER).write_text(json.dumps({"model": str(qpissa_dir)}))
+    return run
+
+
+def _chat(capsys, model_dir: Path, prompt: str, options: list[str]) -> str:
+    capsys.readouterr()
+    assert cli.main(["--quiet", "chat", str(model_dir), "--prompt", prompt, *options]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def qpissa_dir(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _convert(tiny_chat_model, tmp_path_factory.mktemp("chat") / "qpissa", rank=4)
+
+
+def test_prompt_prints_only_the_answer_and_every_source_agrees(qpissa_dir: Path, tmp_path: Path, capsys):
+    printed = _chat(capsys, qpissa_dir, "hello", SAMPLED)
+    settings = ChatSettings(prompt="hello", temperature=1.0, seed=3, max_new_tokens=16)
+    reply = answer(qpissa_dir, settings, write=None)
+    assert reply.strip() and printed == reply + "\n"  # nothing but the answer and a newline
+    assert _chat(capsys, _as_run(qpissa_dir, tmp_path / "run"), "hello", SAMPLED) == printed
+    merged = tmp_path / "merged"
+    assert (
+        cli.main(["--quiet", "export", str(qpissa_dir), str(merged), "--dtype", "float32", "--no-verify"])
+        == 0
+    )
+    assert _chat(capsys, merged, "hello", SAMPLED) == printed
+    assert _chat(capsys, merged, "hello", GREEDY) == _chat(capsys, qpissa_dir, "hello", GREEDY)
+    assert _chat(capsys, qpissa_dir, "hello", [*SAMPLED, "--seed", "4"]) != printed
+
+
+def test_end_of_turn_token_is_found_from_the_template(qpissa_dir: Path):
+    chat_model = load_chat_model(qpissa_dir)
+    end_of_turn = chat_model.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn in chat_model.stop_ids
+    chat_model.tokenizer.eos_token = "<s>"  # a model whose EOS is not its end-of-turn token
+    chat_model.model.generation_config.eos_token_id = None
+    assert end_of_turn in stop_token_ids(chat_model.tokenizer, chat_model.model)
+
+
+def test_generation_stops_at_a_stop_token(qpissa_dir: Path):
+    chat_model = load_chat_model(qpissa_dir)
+    messages = [{"role": "user", "content": "hello"}]
+    settings = ChatSettings(temperature=1.0, max_new_tokens=16)
+    torch.manual_seed(3)
+    free = generate_reply(chat_model, messages, settings, write=None)
+    ids = chat_model.tokenizer(free, add_special_tokens=False)["input_ids"]
+    stop = next(j for j in range(2, len(ids)) if ids[j] not in ids[:j])  # a token not generated before
+    chat_model.stop_ids = [ids[stop]]  # pretend it is the end-of-turn token
+    torch.manual_seed(3)
+    stopped = generate_reply(chat_model, messages, settings, write=None)
+    # the same tokens up to the stop token (kept here: a real end-of-turn token is special and not decoded)
+    assert chat_model.tokenizer(stopped, add_special_tokens=False)["input_ids"] == ids[: stop + 1]
+
+
+def test_interactive_chat_streams_keeps_history_and_resets(qpissa_dir: Path):
+    lines = iter(["hello", "/reset", "", "hi", "more", "/exit", "never read"])
+    written: list[str] = []
+    messages = run_chat(
+        qpissa_dir, ChatSettings(max_new_tokens=8), lambda prompt: next(lines), written.append
+    )
+    assert next(lines) == "never read"
+    assert [(m["role"], m["content"]) for m in messages][::2] == [("user", "hi"), ("user", "more")]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    streamed = "".join(written)
+    assert all(m["content"] in streamed for m in messages[1::2])
+    assert len(written) > 6  # streamed in pieces, not printed at once
+
+
+def test_interactive_chat_ends_on_eof(qpissa_dir: Path):
+    def read(prompt: str) -> str:
+        raise EOFError
+
+    assert run_chat(qpissa_dir, ChatSettings(greedy=True, max_new_tokens=4), read, lambda text: None) == []
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [(["--temperature", "0"], "--temperature must be positive"), (["--top-p", "1.5"], "--top-p must be in")],
+)
+def test_bad_generation_options(qpissa_dir: Path, options: list[str], expected: str, capsys):
+    assert cli.main(["--quiet", "chat", str(qpissa_dir), "--prompt", "hi", *options]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_model_without_chat_template_is_refused(tiny_model: Path, tmp_path: Path, capsys):
+    assert cli.main(["--quiet", "chat", str(tiny_model), "--prompt", "hi"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qpissa: error:")]
+    assert len(errors) == 1 and "tokenizer" in errors[0]
+
+
+@pytest.mark.integration
+def test_demo_merged_export_answers_like_the_run(demo_model: Path, tmp_path: Path, capsys):
+    qpissa_dir = _convert(demo_model, tmp_path / "qpissa", rank=16)
+    run = _as_run(qpissa_dir, tmp_path / "run")
+    merged = tmp_path / "merged"
+    assert cli.main(["--quiet", "export", str(run), str(merged), "--dtype", "float32"]) == 0
+    options = ["--greedy", "--max-new-tokens", "48"]
+    from_run = _chat(capsys, run, "What is the capital of France?", options)
+    assert "Paris" in from_run
+    assert _chat(capsys, merged, "What is the capital of France?", options) == from_run
