@@ -31,8 +31,9 @@ import torch
 from qpissa import UserError
 from qpissa.checkpoint import write_json
 from qpissa.config import to_dict
-from qpissa.convert import REPORT_NAME, ConvertSettings, convert
+from qpissa.convert import ADAPTER_DIR, REPORT_NAME, ConvertSettings, convert
 from qpissa.fidelity import FIDELITY_NAME, FidelitySettings, heldout_ids, measure_fidelity
+from qpissa.loading import RUN_MARKER
 from qpissa.methods import Method
 from qpissa.report import ReportOptions
 
@@ -106,6 +107,8 @@ def compare(
     from qpissa.report import build_report
 
     CheckpointReader(model_dir)  # fails early, with a clear message, on a missing or broken model
+    if settings.train is not None:
+        _check_train_config(settings.train, out_dir)
     record = _prepare_output(out_dir, _fingerprint(model_dir, convert_settings))
     record["methods"] += [m.value for m in settings.method_list if m.value not in record["methods"]]
     steps: list[dict] = []
@@ -171,11 +174,51 @@ def _fidelity_steps(
 
 
 def _train_step(out_dir: Path, method: Method, config_path: Path, show_progress: bool) -> dict:
-    """Train one conversion with the shared config (not yet available: see the error)."""
-    raise UserError(
-        "--train is not available yet in this build (`qpissa train` is not wired into compare); "
-        "run compare without --train, then `qpissa train` on each conversions/<method> directory"
+    """Train one conversion with the shared config; reuse a finished run, resume an interrupted one."""
+    from qpissa.train import load_config, train
+
+    run_dir = (out_dir / RUNS_DIR / method.value).resolve()
+    overrides = [f"model={(out_dir / CONVERSIONS_DIR / method.value).resolve()}", f"output_dir={run_dir}"]
+    config = load_config(config_path, overrides)
+    recorded = (
+        json.loads((run_dir / RUN_MARKER).read_text())["config"] if (run_dir / RUN_MARKER).is_file() else None
     )
+    if recorded is not None and _run_identity(recorded) == _run_identity(to_dict(config)):
+        if (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
+            return _step(method, "train", run_dir, "reused", 0.0)
+        checkpoint = _latest_checkpoint(run_dir)
+        extra = [f"resume_from_checkpoint={checkpoint}"] if checkpoint else ["overwrite_output_dir=true"]
+        config = load_config(config_path, overrides + extra)
+    elif run_dir.exists():
+        config = load_config(
+            config_path, [*overrides, "overwrite_output_dir=true"]
+        )  # other config: start over
+    started = time.perf_counter()
+    log.info("training %s -> %s", method.value, run_dir)
+    _in_fresh_process(train, config, show_progress=show_progress)
+    return _step(method, "train", run_dir, "done", time.perf_counter() - started)
+
+
+def _check_train_config(config_path: Path, out_dir: Path) -> None:
+    """Validate the training config before any conversion starts (model and output_dir are compare's)."""
+    from qpissa.train import load_config
+
+    load_config(config_path, [f"model={out_dir / CONVERSIONS_DIR}", f"output_dir={out_dir / RUNS_DIR}"])
+
+
+def _run_identity(config: dict) -> dict:
+    """A run's settings without the keys that only say how to start it."""
+    return {k: v for k, v in config.items() if k not in ("resume_from_checkpoint", "overwrite_output_dir")}
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete `checkpoint-N` of a run (one with trainer_state.json), if any."""
+    found = [
+        p
+        for p in run_dir.glob("checkpoint-*")
+        if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()
+    ]
+    return max(found, key=lambda p: int(p.name[11:]), default=None)
 
 
 def _fingerprint(model_dir: Path, convert_settings: ConvertSettings) -> dict:

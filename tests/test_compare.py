@@ -100,3 +100,57 @@ def test_an_occupied_out_is_refused(tiny_model: Path, tmp_path: Path, capsys) ->
     assert cli.main(["compare", str(tiny_model), str(tmp_path / "out")]) == 2
     assert "is not a comparison directory" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
+
+
+def test_train_runs_each_method_with_one_config_and_reuses_runs(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    model = request.getfixturevalue("tiny_chat_model")  # training needs a tokenizer
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"{i}+1=", "completion": f"{i + 1}"}) + "\n" for i in range(16))
+    )
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        f"data:\n  path: {data}\n  format: prompt_completion\n  max_seq_len: 32\n"
+        "max_steps: 2\nlearning_rate: 1.0e-3\nper_device_train_batch_size: 4\n"
+        "logging_steps: 1\nsave_steps: 100\n"
+    )
+    out = tmp_path / "out"
+    args = [
+        "--quiet",
+        "compare",
+        str(model),
+        str(out),
+        "--methods",
+        "qlora,qpissa",
+        "--train",
+        str(config),
+        *FLAGS,
+    ]
+    assert cli.main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for method in ("qlora", "qpissa"):
+        run = json.loads((out / "runs" / method / "qpissa_run.json").read_text())
+        assert Path(run["model"]) == (out / "conversions" / method).resolve()
+        assert run["config"]["learning_rate"] == 1e-3 and run["config"]["max_steps"] == 2
+        log = [
+            json.loads(line)
+            for line in (out / "runs" / method / "trainer_log.jsonl").read_text().splitlines()
+        ]
+        assert summary["training"][method]["curve"] == [[e["step"], e["loss"]] for e in log]
+        assert log[-1]["step"] == 2
+    assert "loss_curves" in summary["plots"]
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
+    assert cli.main(args) == 0
+    steps = json.loads((out / COMPARE_NAME).read_text())["history"][-1]["steps"]
+    assert {s["status"] for s in steps} == {"reused"} and len(steps) == 6
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()} == stamps
+
+
+def test_a_bad_train_config_is_refused_before_converting(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    config = tmp_path / "train.yaml"
+    config.write_text("learning_rate: 1.0e-4\nno_such_key: 1\ndata:\n  path: x.jsonl\n")
+    assert cli.main(["compare", str(tiny_model), str(tmp_path / "out"), "--train", str(config)]) == 2
+    assert "no_such_key" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -31,8 +31,13 @@ def inputs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         settings = ConvertSettings(method=method, rank=4, iters=iters, metrics=MetricKind.NUC)
         found[method.value] = root / method.value
         convert(model, found[method.value], settings, show_progress=False)
-    if _train_available() and (model / "tokenizer.json").is_file():
+    if _available("qpissa.train") and (model / "tokenizer.json").is_file():
         found["run"] = _short_run(found["qpissa"], root)
+    if _available("qpissa.export"):
+        from qpissa.export import ExportSettings, export
+
+        found["export"] = root / "merged"
+        export(found["qpissa"], found["export"], ExportSettings(), show_progress=False)
     return found
 
 
@@ -69,6 +74,11 @@ def test_summary_numbers_equal_the_inputs(inputs: dict[str, Path], tmp_path: Pat
     memory = summary["memory"]["qpissa"]
     assert memory["params_4bit"] + memory["params_16bit"] == summary["original"]["params"]
     assert memory["adapter_params"] == sum(4 * sum(layer["shape"]) for layer in _layers(inputs["qpissa"]))
+    if "export" in inputs:
+        verify = json.loads((inputs["export"] / "export_report.json").read_text())["verify"]
+        (row,) = summary["exports"]
+        assert row["method"] == "qpissa" and row["kind"] == "merged"
+        assert row["max_abs_diff"] == verify["max_abs_diff"] and row["kl_mean"] == verify["kl_mean"]
     if "run" in inputs:
         log = [json.loads(line) for line in (inputs["run"] / "trainer_log.jsonl").read_text().splitlines()]
         training = summary["training"]["qpissa"]
@@ -163,8 +173,8 @@ def _tiny_model_with_tokenizer(request: pytest.FixtureRequest) -> Path:
         return request.getfixturevalue("tiny_model")
 
 
-def _train_available() -> bool:
-    return importlib.util.find_spec("qpissa.train") is not None
+def _available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def _short_run(conversion: Path, root: Path) -> Path:
