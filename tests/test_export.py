@@ -1,4 +1,4 @@
-"""`qpissa export`: merged and rank-2r LoRA exports of a (really) trained tiny QPiSSA model.
+"""`qpissa export`: merged and rank-2r LoRA exports of a tiny QPiSSA model trained with `qpissa train`.
 
 Tolerances: float32 exports are compared with the float32 trained model at 1e-4 absolute on logits of
 magnitude ~1 (only the summation order differs); weight identities hold to 1e-5 (float32 rounding).
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -24,20 +25,18 @@ from qpissa.nf4 import quantize_nf4
 RANK = 8
 
 
-def train_adapter(qpissa_dir: Path, run_dir: Path, steps: int = 6, checkpoint_at: int = 3) -> None:
-    """A few real AdamW steps on random tokens (QPiSSA model through PEFT), saved as a run directory."""
-    model = load_model(resolve_source(qpissa_dir), trainable=True, compute_dtype=torch.float32)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    generator = torch.Generator().manual_seed(0)
-    for step in range(1, steps + 1):
-        ids = torch.randint(model.config.vocab_size, (2, 16), generator=generator)
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if step == checkpoint_at:
-            model.save_pretrained(run_dir / f"checkpoint-{step}")
-    model.save_pretrained(run_dir / "adapter")
-    (run_dir / RUN_MARKER).write_text(json.dumps({"model": str(qpissa_dir)}))
+def _train_config(qpissa_dir: Path, tmp: Path) -> Path:
+    """A `qpissa train` recipe: 6 steps at a high rate (so B', A' move), a checkpoint at step 3."""
+    records = [{"completion": f" {i % 10}", "prompt": f"{i}%10="} for i in range(16)]
+    (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = {
+        "model": str(qpissa_dir), "output_dir": str(tmp / "run"),
+        "data": {"path": str(tmp / "train.jsonl"), "format": "prompt_completion", "max_seq_len": 32},
+        "learning_rate": 1e-2, "max_steps": 6, "per_device_train_batch_size": 4, "save_steps": 3,
+        "save_total_limit": 2, "logging_steps": 3, "seed": 3,
+    }  # fmt: skip
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config))
+    return tmp / "config.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +49,10 @@ def qpissa_dir(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="module")
 def trained_run(qpissa_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("export_run") / "run"
-    train_adapter(qpissa_dir, run)
-    return run
+    tmp = tmp_path_factory.mktemp("export_run")
+    assert cli.main(["--quiet", "train", str(_train_config(qpissa_dir, tmp))]) == 0
+    assert (tmp / "run" / "checkpoint-3").is_dir()
+    return tmp / "run"
 
 
 def _ids() -> torch.Tensor:
