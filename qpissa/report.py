@@ -120,6 +120,11 @@ def summarize(methods: list[MethodData], options: ReportOptions) -> dict:
         "exports": [_export(m.label, path, report) for m in methods for path, report in m.exports],
         "spectrum": _spectrum(methods, options.layer, original),
     }
+    for row in summary["memory"].values():
+        if original and row["residual_disk_mb"] is not None:
+            row["disk_vs_original_pct"] = (
+                100 * (row["residual_disk_mb"] + row["adapter_disk_mb"]) / original["disk_mb"]
+            )
     summary["verdict"] = verdict(summary)
     return summary
 
@@ -294,6 +299,7 @@ def _memory(entry: MethodData) -> dict:
     adapter = directory / "adapter" / "adapter_model.safetensors"
     row.update({
         "convert_peak_rss_mb": entry.conversion["summary"]["peak_rss_mb"],
+        "convert_peak_gpu_mb": entry.conversion["summary"].get("peak_gpu_mb"),
         "residual_disk_mb": _size_mb(directory.glob("model*.safetensors")),
         "adapter_disk_mb": _size_mb([adapter]),
         "params_4bit": params_4bit, "params_16bit": params_16bit,

@@ -184,45 +184,28 @@ def _by_type(summary: dict) -> Table | None:
 
 
 def _memory(summary: dict) -> Table:
-    headers = [
-        "model",
-        "residual on disk MB",
-        "adapter on disk MB",
-        "4-bit params",
-        "16-bit params",
-        "adapter params",
-        "conversion peak RSS MB",
-        "training peak MB",
-    ]
+    headers = ["model", "residual on disk MB", "adapter on disk MB", "total vs original %", "4-bit params",
+               "16-bit params", "adapter params", "conversion peak RSS MB", "conversion peak GPU MB",
+               "training peak MB"]  # fmt: skip
     rows = []
     original = summary["original"]
     if original:
+        params = f"{original['params']:,}"
         rows.append(
-            [
-                "original (16-bit)",
-                f"{original['disk_mb']:.1f}",
-                "–",
-                "–",
-                f"{original['params']:,}",
-                "–",
-                "–",
-                "–",
-            ]
+            ["original (16-bit)", f"{original['disk_mb']:.1f}", "–", "100.0", "–", params, *["–"] * 4]
         )
     for label, m in summary["memory"].items():
-        rows.append(
-            [
-                label,
-                _num(m.get("residual_disk_mb"), "{:.1f}"),
-                _num(m.get("adapter_disk_mb"), "{:.1f}"),
-                _num(m.get("params_4bit"), "{:,}"),
-                _num(m.get("params_16bit"), "{:,}"),
-                _num(m.get("adapter_params"), "{:,}"),
-                _num(m.get("convert_peak_rss_mb"), "{:.0f}"),
-                _num(m.get("train_peak_memory_mb"), "{:.0f}"),
-            ]
-        )
-    note = "Peak memory: process RSS on CPU, max allocated on CUDA. Each conversion ran in its own process."
+        rows.append([
+            label, _num(m.get("residual_disk_mb"), "{:.1f}"), _num(m.get("adapter_disk_mb"), "{:.1f}"),
+            _num(m.get("disk_vs_original_pct"), "{:.1f}"), _num(m.get("params_4bit"), "{:,}"),
+            _num(m.get("params_16bit"), "{:,}"), _num(m.get("adapter_params"), "{:,}"),
+            _num(m.get("convert_peak_rss_mb"), "{:.0f}"), _num(m.get("convert_peak_gpu_mb"), "{:.0f}"),
+            _num(m.get("train_peak_memory_mb"), "{:.0f}"),
+        ])  # fmt: skip
+    note = (
+        "Peak memory: process RSS on CPU (max allocated on CUDA for training). Each conversion and training "
+        "run ran in its own process. Original: the 16-bit checkpoint the conversions were made from."
+    )
     return Table("Memory", headers, rows, "memory_speed", note)
 
 

@@ -72,6 +72,8 @@ def test_summary_numbers_equal_the_inputs(inputs: dict[str, Path], tmp_path: Pat
         " ".join(summary["verdict"])
     )
     memory = summary["memory"]["qpissa"]
+    disk = sum(p.stat().st_size for p in inputs["qpissa"].glob("model*.safetensors")) / 2**20
+    assert memory["residual_disk_mb"] == disk and memory["disk_vs_original_pct"] < 100
     assert memory["params_4bit"] + memory["params_16bit"] == summary["original"]["params"]
     assert memory["adapter_params"] == sum(4 * sum(layer["shape"]) for layer in _layers(inputs["qpissa"]))
     if "export" in inputs:
@@ -85,6 +87,14 @@ def test_summary_numbers_equal_the_inputs(inputs: dict[str, Path], tmp_path: Pat
         assert training["curve"] == [[entry["step"], entry["loss"]] for entry in log]
         assert training["final_loss"] == log[-1]["loss"]
         assert training["peak_memory_mb"] == max(e["peak_memory_mb"] for e in log)
+
+
+def test_log_scale_steps(inputs: dict[str, Path], tmp_path: Path) -> None:
+    if "run" not in inputs:
+        pytest.skip("qpissa.train is not available: no training run to plot")
+    args = ["--quiet", "report", str(inputs["run"]), "--out", str(tmp_path), "--log-steps"]
+    assert cli.main(args) == 0
+    _check_png(tmp_path / "loss_curves.png")
 
 
 def test_html_is_self_contained(inputs: dict[str, Path], tmp_path: Path) -> None:
