@@ -38,3 +38,35 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cached = os.environ.get("QPISSA_DEMO_MODEL")
     target = Path(cached) if cached else tmp_path_factory.mktemp("demo") / "smollm2-135m"
     return fetch_demo_model("smollm2-135m", target)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Llama plus a real character-level tokenizer with a ChatML chat template (vocab 256)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    out_dir = make_tiny_model(tmp_path_factory.mktemp("tiny_chat") / "model")
+    specials = [
+        "<pad>",
+        "<s>",
+        "<|im_end|>",
+        "<|im_start|>",
+        "<unk>",
+    ]  # ids 0, 1, 2 match the model's pad/bos/eos
+    characters = ["\n"] + [chr(code) for code in range(32, 127)]
+    vocab = {token: index for index, token in enumerate(specials + characters)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>"], chat_template=template,
+    )  # fmt: skip
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

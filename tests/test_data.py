@@ -1,0 +1,161 @@
+"""Data formats, chat rendering, token-level loss masks, dropping of cut samples, packing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qpissa import UserError
+from qpissa.data import (
+    IGNORE_INDEX,
+    DataConfig,
+    DataFormat,
+    check_tokenizer,
+    collate,
+    load_split,
+    read_records,
+    render,
+    tokenize,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_chat_model: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_chat_model)
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _chars(tokenizer, text: str) -> list[int]:
+    return tokenizer.convert_tokens_to_ids(list(text))
+
+
+def test_prompt_completion_mask_token_by_token(tokenizer) -> None:
+    sample = render({"prompt": "Q: 1+1?\nA:", "completion": " 2"}, DataFormat.PROMPT_COMPLETION, tokenizer)
+    data = tokenize([sample], tokenizer, max_seq_len=64)
+    row = data.rows[0]
+    prompt = [tokenizer.bos_token_id, *_chars(tokenizer, "Q: 1+1?\nA:")]
+    response = [*_chars(tokenizer, " 2"), tokenizer.eos_token_id]
+    assert row["input_ids"] == prompt + response
+    assert row["labels"] == [IGNORE_INDEX] * len(prompt) + response  # loss on the response and EOS only
+
+
+def test_loss_on_all_tokens_when_asked(tokenizer) -> None:
+    sample = render(
+        {"prompt": "ab", "completion": "c"}, DataFormat.PROMPT_COMPLETION, tokenizer, response_only=False
+    )
+    row = tokenize([sample], tokenizer, max_seq_len=64).rows[0]
+    assert row["labels"] == row["input_ids"]
+
+
+def test_messages_train_on_every_assistant_turn(tokenizer) -> None:
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "2+2"},
+        {"role": "assistant", "content": "4"},
+    ]
+    sample = render({"messages": messages}, DataFormat.MESSAGES, tokenizer)
+    row = tokenize([sample], tokenizer, max_seq_len=256).rows[0]
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tokenizer.decode(row["input_ids"]) == "<s>" + full
+    trained = [
+        token for token, label in zip(row["input_ids"], row["labels"], strict=True) if label != IGNORE_INDEX
+    ]
+    assert tokenizer.decode(trained) == "yo<|im_end|>\n4<|im_end|>\n"
+    for token, label in zip(row["input_ids"], row["labels"], strict=True):
+        assert label in (IGNORE_INDEX, token)
+    assert sample.prompt.endswith("<|im_start|>assistant\n") and sample.response == "4"
+
+
+def test_alpaca_uses_chat_template_and_input(tokenizer) -> None:
+    record = {"instruction": "Add", "input": "1 and 2", "output": "3"}
+    sample = render(record, DataFormat.ALPACA, tokenizer)
+    assert "Add\n\n1 and 2" in sample.prompt and sample.segments[-1] == ("3<|im_end|>\n", True)
+
+
+def test_text_format_trains_everything_and_ends_with_eos(tokenizer) -> None:
+    row = tokenize([render({"text": "abc"}, DataFormat.TEXT, tokenizer)], tokenizer, 64).rows[0]
+    assert row["input_ids"][-1] == tokenizer.eos_token_id
+    assert row["labels"][1:] == row["input_ids"][1:]
+
+
+def test_cut_responses_are_dropped_and_counted(tokenizer) -> None:
+    short = render({"prompt": "ab", "completion": "c"}, DataFormat.PROMPT_COMPLETION, tokenizer)
+    long = render({"prompt": "x" * 40, "completion": "y"}, DataFormat.PROMPT_COMPLETION, tokenizer)
+    data = tokenize([short, long, short], tokenizer, max_seq_len=16)
+    assert (data.dropped, data.total, len(data.rows)) == (1, 3, 2)
+    with pytest.raises(UserError, match="max_seq_len"):
+        tokenize([long], tokenizer, max_seq_len=16)
+
+
+def test_packing_fills_blocks(tokenizer) -> None:
+    samples = [render({"prompt": "ab", "completion": "cd"}, DataFormat.PROMPT_COMPLETION, tokenizer)] * 5
+    plain = tokenize(samples, tokenizer, max_seq_len=16)
+    packed = tokenize(samples, tokenizer, max_seq_len=16, packing=True)
+    assert [len(r["input_ids"]) for r in packed.rows] == [16, 14]  # 5 samples x 6 tokens
+    assert sum(plain.rows[0]["input_ids"] == r["input_ids"][:6] for r in packed.rows) == 1
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json", "csv", "parquet", "disk"])
+def test_every_file_kind_loads(tmp_path: Path, tokenizer, suffix: str) -> None:
+    import datasets
+
+    records = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(3)]
+    dataset = datasets.Dataset.from_list(records)
+    path = tmp_path / f"data.{suffix}"
+    {"jsonl": lambda: dataset.to_json(str(path)), "json": lambda: path.write_text(json.dumps(records)),
+     "csv": lambda: dataset.to_csv(str(path), index=False), "parquet": lambda: dataset.to_parquet(str(path)),
+     "disk": lambda: dataset.save_to_disk(str(path))}[suffix]()  # fmt: skip
+    config = DataConfig(path=path, format=DataFormat.PROMPT_COMPLETION, max_seq_len=32)
+    samples, data = load_split(path, config, tokenizer)
+    assert [s.response for s in samples] == ["c0", "c1", "c2"] and len(data.rows) == 3
+
+
+def test_missing_field_names_record_and_field(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "c"}])
+    with pytest.raises(UserError, match=r"record 1: missing field `output`"):
+        read_records(path, DataFormat.ALPACA)
+
+
+def test_bad_messages_are_refused(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(UserError, match="record 0: the last message must have role assistant"):
+        read_records(path, DataFormat.MESSAGES)
+
+
+def test_malformed_and_missing_files(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "completion": \n')
+    with pytest.raises(UserError, match="cannot read dataset"):
+        read_records(broken, DataFormat.PROMPT_COMPLETION)
+    with pytest.raises(UserError, match="does not exist"):
+        read_records(tmp_path / "nope.jsonl", DataFormat.PROMPT_COMPLETION)
+    text_file = tmp_path / "x.txt"
+    text_file.write_text("hello")
+    with pytest.raises(UserError, match="unknown data file type"):
+        read_records(text_file, DataFormat.TEXT)
+
+
+def test_messages_need_a_chat_template(tokenizer) -> None:
+    from copy import deepcopy
+
+    plain = deepcopy(tokenizer)
+    plain.chat_template = None
+    with pytest.raises(UserError, match="no chat template"):
+        check_tokenizer(plain, DataFormat.MESSAGES)
+    check_tokenizer(plain, DataFormat.PROMPT_COMPLETION)
+
+
+def test_collate_pads_right_and_masks_padding() -> None:
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], 0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

@@ -1,0 +1,222 @@
+"""`qpissa train` on the tiny chat model: learning, logs, artifacts, exact resume, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qpissa import cli
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def qpissa_dir(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("train") / "qpissa"
+    assert (
+        cli.main(["--quiet", "convert", str(tiny_chat_model), str(out), "--rank", "4", "--iters", "1"]) == 0
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    for name, offset in (("train", 0), ("eval", 100)):
+        records = [{"completion": f" {(i + offset) % 10}", "prompt": f"{i + offset}%10="} for i in range(16)]
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return out
+
+
+def _config(tmp: Path, qpissa_dir: Path, data_dir: Path, **changes) -> Path:
+    config = {
+        "model": str(qpissa_dir), "output_dir": str(tmp / "run"),
+        "data": {"path": str(data_dir / "train.jsonl"), "eval_path": str(data_dir / "eval.jsonl"),
+                 "format": "prompt_completion", "max_seq_len": 32, "eval_generate_samples": 4},
+        "learning_rate": 1e-2, "lr_scheduler_type": "cosine", "warmup_ratio": 0.1, "max_steps": STEPS,
+        "per_device_train_batch_size": 4, "save_steps": 4, "save_total_limit": 1, "eval_steps": 4,
+        "logging_steps": 4, "seed": 3,
+    }  # fmt: skip
+    config["data"].update(changes.pop("data", {}))
+    config.update(changes)
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "trainer_log.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows}
+
+
+@pytest.fixture(scope="module")
+def run(qpissa_dir: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("run")
+    assert cli.main(["--quiet", "train", str(_config(tmp, qpissa_dir, data_dir))]) == 0
+    return tmp / "run"
+
+
+def test_loss_goes_down(run: Path) -> None:
+    losses = _losses(run)
+    assert sorted(losses) == list(range(STEPS + 1))
+    assert sum(losses[s] for s in (6, 7, 8)) / 3 < losses[0] - 0.5
+
+
+def test_log_has_every_field_every_step(run: Path) -> None:
+    rows = [json.loads(line) for line in (run / "trainer_log.jsonl").read_text().splitlines()]
+    fields = {
+        "step",
+        "loss",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_second",
+        "peak_memory_mb",
+        "elapsed",
+        "eta",
+    }
+    for row in rows:
+        assert set(row) == fields
+    assert all(row["tokens_per_second"] > 0 and row["grad_norm"] > 0 for row in rows[1:])
+    assert rows[-1]["eta"] == 0 and rows[1]["learning_rate"] < rows[2]["learning_rate"]  # warmup
+    evals = [json.loads(line) for line in (run / "eval_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [4, 8] and all("eval_loss" in e and "accuracy" in e for e in evals)
+
+
+def test_run_dir_and_adapter_load_with_plain_peft(run: Path, qpissa_dir: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    marker = json.loads((run / "qpissa_run.json").read_text())
+    assert marker["model"] == str(qpissa_dir.resolve()) and marker["config"]["max_steps"] == STEPS
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == [f"checkpoint-{STEPS}"]  # keeps the last 1
+    ids = torch.tensor([[1, 20, 30, 40]])
+    outputs = []
+    for adapter in (qpissa_dir / "adapter", run / "adapter"):
+        base = AutoModelForCausalLM.from_pretrained(qpissa_dir, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, adapter)
+        outputs.append(model(ids).logits)
+    assert not torch.allclose(outputs[0], outputs[1], atol=1e-3)  # the trained adapter changed the model
+
+
+def test_resume_reproduces_losses_exactly(
+    run: Path, qpissa_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    # an interrupted run: its first checkpoint and log, then a resume with the same config
+    tmp = tmp_path
+    first = tmp / "first"
+    assert cli.main(["--quiet", "train", str(_config(tmp, qpissa_dir, data_dir, save_total_limit=3)),
+                     f"output_dir={first}", "max_steps=8"]) == 0  # fmt: skip
+    shutil.rmtree(first / "adapter")
+    shutil.rmtree(first / f"checkpoint-{STEPS}")
+    config = _config(tmp, qpissa_dir, data_dir, save_total_limit=3)
+    overrides = [f"output_dir={first}", f"resume_from_checkpoint={first / 'checkpoint-4'}"]
+    assert cli.main(["--quiet", "train", str(config), *overrides]) == 0
+    assert _losses(first) == _losses(run)
+    assert len(_losses(first)) == STEPS + 1
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model": "TINY"}, "not a QPiSSA directory"),
+        ({"data": {"path": "nope.jsonl", "format": "prompt_completion"}}, "does not exist"),
+        ({"data": {"path": "BAD", "format": "prompt_completion"}}, "record 1: missing field `completion`"),
+        ({"data": {"path": "TRAIN", "format": "messages"}}, "missing field `messages`"),
+        ({"bf16": True}, "bf16=true needs a CUDA GPU"),
+        ({"optim": "paged_adamw_8bit"}, "needs CUDA"),
+        ({"device": "cuda"}, "no CUDA GPU"),
+        ({"learning_rat": 1e-4}, "unknown setting `learning_rat`"),
+        ({"max_steps": "ten"}, "`max_steps` must be int"),
+        ({"data": {"max_seq_len": "long"}}, "`data.max_seq_len` must be int"),
+        ({"eval_steps": 5, "data": {"eval_path": None}}, "eval_path"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(
+    change: dict,
+    message: str,
+    qpissa_dir: Path,
+    data_dir: Path,
+    tiny_chat_model: Path,
+    tmp_path: Path,
+    capsys,
+) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
+    names = {"TINY": str(tiny_chat_model), "BAD": str(bad), "TRAIN": str(data_dir / "train.jsonl")}
+    for key, value in change.items():
+        if isinstance(value, str):
+            change[key] = names.get(value, value)
+        elif isinstance(value, dict) and "path" in value:
+            value["path"] = names.get(value["path"], value["path"])
+    assert cli.main(["--quiet", "train", str(_config(tmp_path, qpissa_dir, data_dir, **change))]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # datasets may draw a progress bar before it
+    assert error.startswith("qpissa: error:") and message in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_chat_format_without_template_is_refused(
+    qpissa_dir: Path, data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    plain = tmp_path / "plain"
+    shutil.copytree(qpissa_dir, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer_config = json.loads((plain / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    messages = tmp_path / "m.jsonl"
+    messages.write_text(
+        json.dumps({"messages": [{"content": "a", "role": "user"}, {"content": "b", "role": "assistant"}]})
+    )
+    data = {"path": str(messages), "format": "messages"}
+    assert cli.main(["--quiet", "train", str(_config(tmp_path, plain, data_dir, data=data))]) == 2
+    assert "no chat template" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_output_dir_is_refused(
+    run: Path, qpissa_dir: Path, data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    config = _config(tmp_path, qpissa_dir, data_dir, output_dir=str(run))
+    assert cli.main(["--quiet", "train", str(config)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert (run / "adapter").is_dir()
+
+
+def test_high_learning_rate_warns(qpissa_dir: Path, data_dir: Path, tmp_path: Path, caplog) -> None:
+    from qpissa.train import load_config, train
+
+    config = load_config(_config(tmp_path, qpissa_dir, data_dir, max_steps=1, eval_steps=None), [])
+    with caplog.at_level("WARNING"):
+        train(config, show_progress=False)
+    assert any("tend to diverge" in record.message for record in caplog.records)
+
+
+@pytest.mark.integration
+def test_demo_recipe_runs_on_the_demo_model(demo_model: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    qpissa_dir = tmp_path / "qpissa-r8"
+    assert (
+        cli.main(["--quiet", "convert", str(demo_model), str(qpissa_dir), "--rank", "8", "--iters", "1"]) == 0
+    )
+    tool = Path(__file__).parents[1] / "tools" / "make_task_data.py"
+    subprocess.run(
+        [sys.executable, str(tool), str(tmp_path / "task"), "--train", "64", "--eval", "8"], check=True
+    )
+    config = Path(__file__).parents[1] / "configs" / "demo.yaml"
+    task = tmp_path / "task"
+    overrides = [f"model={qpissa_dir}", f"output_dir={tmp_path / 'run'}", f"data.path={task / 'train.jsonl'}",
+                 f"data.eval_path={task / 'eval.jsonl'}", "max_steps=3", "eval_steps=3", "save_steps=3",
+                 "data.eval_generate_samples=4"]  # fmt: skip
+    assert cli.main(["--quiet", "train", str(config), *overrides]) == 0
+    losses = _losses(tmp_path / "run")
+    assert sorted(losses) == [0, 1, 2, 3] and all(0 < loss < 10 for loss in losses.values())
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    assert results["total"] == 4 and results["loss"] > 0
