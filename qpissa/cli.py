@@ -55,6 +55,26 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from qpissa.train import load_config, train
+
+    config = load_config(args.config, args.overrides)
+    summary = train(config, show_progress=not args.quiet)
+    evaluation = summary.get("eval", {})
+    extra = "".join(f", eval {k} {evaluation[k]:.4f}" for k in ("loss", "accuracy") if k in evaluation)
+    print(f"trained {summary['steps']} steps, mean loss {summary['train_loss']:.4f}{extra} -> {summary['output_dir']}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from qpissa.config import from_namespace
+    from qpissa.evaluate import EvalSettings, evaluate
+
+    result = evaluate(args.model_or_run, args.data, from_namespace(EvalSettings, args))
+    print(json.dumps(result, indent=2, sort_keys=True))
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     from qpissa.config import from_namespace
     from qpissa.export import ExportSettings, export, export_summary
@@ -108,6 +128,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from qpissa.chat import ChatSettings
     from qpissa.config import add_arguments
     from qpissa.convert import ConvertSettings
+    from qpissa.evaluate import EvalSettings
     from qpissa.export import ExportSettings
     from qpissa.models import DEMO_MODELS
 
@@ -127,6 +148,17 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--resume", action="store_true", help="continue an interrupted conversion of OUT")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     convert.set_defaults(handler=_cmd_convert)
+
+    train = commands.add_parser("train", help="fine-tune the adapter of a QPiSSA directory from a YAML recipe")
+    train.add_argument("config", type=Path, help="YAML recipe (see configs/)")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, dotted for groups: data.max_seq_len=512")
+    train.set_defaults(handler=_cmd_train)
+
+    evaluate = commands.add_parser("eval", help="loss, perplexity and exact-match accuracy on a data file (JSON)")
+    evaluate.add_argument("model_or_run", type=Path, help="QPiSSA directory, training run, checkpoint or model")
+    evaluate.add_argument("--data", type=Path, required=True, help="data file or save_to_disk directory")
+    add_arguments(evaluate, EvalSettings)
+    evaluate.set_defaults(handler=_cmd_eval)
 
     export = commands.add_parser("export", help="trained adapter -> merged 16-bit model or rank-2r LoRA")
     export.add_argument("run", type=Path, help="training run, checkpoint-N directory or QPiSSA directory")
