@@ -125,7 +125,9 @@ class SafetensorsWriter:
 def read_config(model_dir: Path) -> dict:
     """`config.json` of a checkpoint directory, with user-facing errors for the usual mistakes."""
     if not model_dir.exists():
-        raise UserError(f"model directory {model_dir} does not exist; pass a Hugging Face checkpoint directory")
+        raise UserError(
+            f"model directory {model_dir} does not exist; pass a Hugging Face checkpoint directory"
+        )
     if not model_dir.is_dir():
         raise UserError(f"{model_dir} is a file, not a directory; pass the checkpoint's directory")
     config_path = model_dir / "config.json"
@@ -137,7 +139,9 @@ def read_config(model_dir: Path) -> dict:
     try:
         return json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
-        raise UserError(f"{config_path} is not valid JSON ({error}); restore it from the original model") from None
+        raise UserError(
+            f"{config_path} is not valid JSON ({error}); restore it from the original model"
+        ) from None
 
 
 def write_json(path: Path, data: object) -> None:
@@ -151,7 +155,11 @@ def copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
     """Copy tokenizer, chat template, generation config and other non-weight files; return their names."""
     copied = []
     for path in sorted(model_dir.iterdir()):
-        if path.is_file() and path.name not in ("config.json", INDEX_NAME) and not path.name.endswith(WEIGHT_SUFFIXES):
+        if (
+            path.is_file()
+            and path.name not in ("config.json", INDEX_NAME)
+            and not path.name.endswith(WEIGHT_SUFFIXES)
+        ):
             shutil.copy2(path, out_dir / path.name)
             copied.append(path.name)
     return copied
@@ -167,7 +175,9 @@ def _shard_files(model_dir: Path) -> list[Path]:
         shards = [model_dir / name for name in sorted(set(weight_map.values()))]
         missing = [s.name for s in shards if not s.is_file()]
         if missing:
-            raise UserError(f"{index} lists shards that are missing: {', '.join(missing)}; download them again")
+            raise UserError(
+                f"{index} lists shards that are missing: {', '.join(missing)}; download them again"
+            )
         return shards
     shards = sorted(model_dir.glob("*.safetensors"))
     if shards:

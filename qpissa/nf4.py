@@ -33,7 +33,7 @@ class NF4Weight:
         return bnbf.dequantize_4bit(self.packed, self.state).float()
 
     def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
-        """Tensors of a pre-quantized `Linear4bit` weight under `prefix` (e.g. `model.layers.0.mlp.up_proj.`)."""
+        """The pre-quantized `Linear4bit` weight under `prefix` (e.g. `model.layers.0.mlp.up_proj.`)."""
         tensors = {f"{prefix}weight": self.packed.cpu()}
         for key, value in self.state.as_dict(packed=True).items():
             tensors[f"{prefix}weight.{key}"] = value.cpu()
@@ -57,4 +57,3 @@ def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
         W.float().contiguous(), blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4"
     )
     return NF4Weight(packed=packed, state=state)
-

@@ -68,11 +68,8 @@ def _randomized_svd(
 ) -> TruncatedSvd:
     m, n = M.shape
     q = min(rank + oversample, m, n)
-    if start is None:
-        # drawn on the CPU generator, then moved: the sketch is the same on every device
-        omega = torch.randn(n, q, generator=generator, dtype=M.dtype).to(M.device)  # [n, q]
-    else:
-        omega = start
+    # drawn on the CPU generator, then moved: the sketch is the same on every device
+    omega = torch.randn(n, q, generator=generator, dtype=M.dtype).to(M.device) if start is None else start
     Y = torch.linalg.qr(M @ omega).Q  # [m, q], orthonormal range estimate
     for _ in range(power_iters):
         Z = torch.linalg.qr(M.T @ Y).Q  # [n, q]

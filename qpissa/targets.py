@@ -61,7 +61,8 @@ def resolve_targets(spec: str, reader: CheckpointReader, rank: int) -> list[str]
         smallest = min(min(candidates[name]) for name in targets)
         raise UserError(
             f"--rank {rank} is not below min(out, in) of {', '.join(too_small[:3])}"
-            f"{' …' if len(too_small) > 3 else ''}; use --rank {max(1, smallest // 4)} or exclude them with --targets"
+            f"{' …' if len(too_small) > 3 else ''}; "
+            f"use --rank {max(1, smallest // 4)} or exclude them with --targets"
         )
     return sorted(targets)
 

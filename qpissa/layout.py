@@ -1,0 +1,182 @@
+"""The QPiSSA directory on disk: where each file goes, built in `OUT.partial/` and moved into place.
+
+`convert` decides what goes in; this module decides where and how: shard names, the resume record,
+config.json's `quantization_config`, the PEFT adapter files and the shard index.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from qpissa import UserError
+from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, write_json
+from qpissa.targets import linear_modules, module_type
+
+REPORT_NAME = "qpissa_report.json"
+ADAPTER_DIR = "adapter"
+PROGRESS_NAME = "progress.json"  # in OUT.partial/: the finished shards and their metrics
+
+
+def partial_dir(out_dir: Path) -> Path:
+    """Where `out_dir` is built until it is complete."""
+    return out_dir.with_name(out_dir.name + ".partial")
+
+
+def plan_shards(
+    reader: CheckpointReader, targets: set[str], blocksize: int, double_quant: bool, shard_size_mb: float
+) -> list[tuple[str, list[str]]]:
+    """Split the tensors into output shards of at most `shard_size_mb`, from shapes alone (deterministic).
+
+    Returns:
+        `(file name, tensor names)` per shard, in the HF naming scheme (`model-00001-of-00003.safetensors`).
+    """
+    limit = shard_size_mb * 1_000_000
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in reader.names():
+        if name.endswith(".weight") and name.removesuffix(".weight") in targets:
+            numel = torch.Size(reader.shape(name)).numel()
+            nbytes = numel // 2 + numel // blocksize * (1 if double_quant else 4)  # codes + absmax
+        else:
+            nbytes = reader.nbytes(name)
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    if len(shards) == 1:
+        return [("model.safetensors", shards[0])]
+    return [(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", names) for i, names in enumerate(shards)]
+
+
+def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite: bool) -> dict | None:
+    """Check the output location and return the progress record to continue from.
+
+    Returns:
+        The progress record (empty for a fresh start), or None when `resume` finds `out_dir` already
+        finished with the same fingerprint.
+
+    Raises:
+        UserError: an occupied output, an interrupted one without `--resume`, other settings on resume.
+    """
+    partial = partial_dir(out_dir)
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other; choose one")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output {out_dir} is a file; choose a directory path")
+    if resume and (partial / PROGRESS_NAME).is_file():
+        progress = json.loads((partial / PROGRESS_NAME).read_text())
+        if progress["fingerprint"] != fingerprint:
+            raise UserError(
+                f"{partial} was started with other settings or another model; rerun with the same options, "
+                "or use --overwrite to start over"
+            )
+        return progress
+    if resume and (out_dir / REPORT_NAME).is_file():
+        if load_report(out_dir)["fingerprint"] == fingerprint:
+            return None
+        raise UserError(
+            f"{out_dir} holds a finished conversion with other settings; use --overwrite to replace it"
+        )
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(
+            f"output {out_dir} exists and is not empty; pass --overwrite to replace it, or another OUT"
+        )
+    if partial.exists() and not overwrite and not resume:
+        raise UserError(
+            f"{partial} holds an interrupted conversion; add --resume to continue it "
+            "or --overwrite to start over"
+        )
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    progress = {"fingerprint": fingerprint, "shards": [], "seconds": 0.0}
+    write_json(partial / PROGRESS_NAME, progress)
+    return progress
+
+
+def write_config(
+    reader: CheckpointReader, partial: Path, targets: set[str], double_quant: bool, compute_dtype: torch.dtype
+) -> None:
+    """The original config plus the `quantization_config` that makes transformers load the stored codes."""
+    from transformers import BitsAndBytesConfig
+
+    linears, _ = linear_modules(reader.model_dir)
+    skip = sorted(name for name in linears if name not in targets)  # stay 16-bit: lm_head, untargeted layers
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+        llm_int8_skip_modules=skip,
+    ).to_dict()
+    write_json(partial / "config.json", {**reader.config, "quantization_config": quantization})
+
+
+def adapter_part(partial: Path, shard_file: str) -> Path:
+    """The adapter factors of one output shard, kept apart until `write_adapter` joins them."""
+    return partial / f"adapter-{shard_file}"
+
+
+def write_adapter(
+    partial: Path, shard_files: list[str], targets: set[str], rank: int, alpha: float, out_dir: Path
+) -> None:
+    """Join the per-shard adapter parts into a PEFT LoRA adapter (`init_lora_weights: true`, §4)."""
+    from peft import LoraConfig
+    from safetensors import safe_open
+
+    adapter_dir = partial / ADAPTER_DIR
+    adapter_dir.mkdir(exist_ok=True)
+    writer = SafetensorsWriter(adapter_dir / "adapter_model.safetensors")
+    for shard_file in shard_files:
+        part = adapter_part(partial, shard_file)
+        with safe_open(str(part), framework="pt") as f:
+            for key in sorted(f.keys()):
+                writer.add(key, f.get_tensor(key))
+        part.unlink()
+    writer.close()
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=sorted({module_type(name) for name in targets}),
+        lora_dropout=0.0,
+        init_lora_weights=True,  # never "pissa": the residual is already decomposed
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=str(out_dir.resolve()),
+    ).to_dict()
+    # PEFT keeps target_modules as a set; a sorted list keeps the file byte-identical across runs
+    config["target_modules"] = sorted(config["target_modules"])
+    write_json(adapter_dir / "adapter_config.json", config)
+
+
+def write_index(partial: Path, shard_files: list[str]) -> None:
+    """`model.safetensors.index.json` for a multi-shard output."""
+    from safetensors import safe_open
+
+    weight_map, total = {}, 0
+    for shard_file in shard_files:
+        with safe_open(str(partial / shard_file), framework="pt") as f:
+            weight_map.update({key: shard_file for key in f.keys()})  # noqa: SIM118 - safe_open is no dict
+        total += (partial / shard_file).stat().st_size
+    write_json(
+        partial / "model.safetensors.index.json",
+        {"metadata": {"total_size": total}, "weight_map": weight_map},
+    )
+
+
+def move_into_place(partial: Path, out_dir: Path) -> None:
+    """Drop the resume record and make the finished directory appear under its final name."""
+    (partial / PROGRESS_NAME).unlink()
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.rename(out_dir)
+
+
+def load_report(out_dir: Path) -> dict:
+    """`qpissa_report.json` of a finished QPiSSA directory."""
+    return json.loads((out_dir / REPORT_NAME).read_text())

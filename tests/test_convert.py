@@ -1,0 +1,287 @@
+"""`qpissa convert` on tiny random models: the on-disk format, the invariants, determinism, resume."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from qpissa.cli import main
+from qpissa.convert import ConvertSettings, convert
+from qpissa.methods import Method
+from qpissa.svd import SvdKind
+
+RANK = 8
+
+
+def _convert(model: Path, out: Path, *extra: str) -> dict:
+    assert main(["--quiet", "convert", str(model), str(out), "--rank", str(RANK), *extra]) == 0
+    return json.loads((out / "qpissa_report.json").read_text())
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            tensors.update({key: f.get_tensor(key) for key in f.keys()})  # noqa: SIM118
+    return tensors
+
+
+def _reconstruct(out: Path, module: str) -> torch.Tensor:
+    """deq(Q) + s·B·A for one module, from the files alone (bitsandbytes' own decoder)."""
+    import bitsandbytes.functional as bnbf
+
+    residual = _tensors(out)
+    state = bnbf.QuantState.from_dict(
+        {
+            k.removeprefix(f"{module}.weight."): v
+            for k, v in residual.items()
+            if k.startswith(f"{module}.weight.")
+        },
+        device=torch.device("cpu"),
+    )
+    deq = bnbf.dequantize_4bit(residual[f"{module}.weight"], state).float()
+    adapter = _tensors(out / "adapter")
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    A = adapter[f"base_model.model.{module}.lora_A.weight"]
+    B = adapter[f"base_model.model.{module}.lora_B.weight"]
+    return deq + config["lora_alpha"] / config["r"] * (B @ A)
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("conv") / "qpissa"
+    _convert(tiny_model, out, "--iters", "2", "--alpha", "16", "--metrics", "nuc", "--shard-size-mb", "0.05")
+    return out
+
+
+def test_output_is_a_standard_prequantized_checkpoint(converted: Path) -> None:
+    config = json.loads((converted / "config.json").read_text())
+    quant = config["quantization_config"]
+    assert quant["quant_method"] == "bitsandbytes" and quant["load_in_4bit"]
+    assert quant["bnb_4bit_quant_type"] == "nf4" and quant["bnb_4bit_use_double_quant"]
+    assert "lm_head" in quant["llm_int8_skip_modules"]
+    assert len(list(converted.glob("model-*-of-*.safetensors"))) > 1, "small shards expected"
+    index = json.loads((converted / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(_tensors(converted))
+    adapter_config = json.loads((converted / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["init_lora_weights"] is True and adapter_config["lora_dropout"] == 0
+    assert adapter_config["r"] == RANK and adapter_config["lora_alpha"] == 16
+    assert not list(converted.parent.glob("*.partial"))
+
+
+def test_stored_codes_are_bitsandbytes_quantization_of_the_residual(
+    tiny_model: Path, converted: Path
+) -> None:
+    import bitsandbytes.functional as bnbf
+
+    original, residual, adapter = _tensors(tiny_model), _tensors(converted), _tensors(converted / "adapter")
+    module = "model.layers.1.mlp.down_proj"
+    W = original[f"{module}.weight"].float()
+    A = adapter[f"base_model.model.{module}.lora_A.weight"]
+    B = adapter[f"base_model.model.{module}.lora_B.weight"]
+    packed, _ = bnbf.quantize_4bit(
+        W - 2.0 * (B @ A), blocksize=64, compress_statistics=True, quant_type="nf4"
+    )
+    assert torch.equal(residual[f"{module}.weight"], packed)
+
+
+def test_reconstruction_error_is_exactly_the_reported_error(tiny_model: Path, converted: Path) -> None:
+    report = json.loads((converted / "qpissa_report.json").read_text())
+    original = _tensors(tiny_model)
+    assert len(report["layers"]) == 14
+    for layer in report["layers"]:
+        W = original[f"{layer['name']}.weight"].float()
+        error = torch.linalg.matrix_norm((W - _reconstruct(converted, layer["name"])).double()).item()
+        assert error == pytest.approx(layer["err_fro"], rel=1e-5)
+        assert 0 < layer["err_fro"] < layer["err_fro_base"], "QPiSSA must beat plain NF4 on every matrix"
+    summary = report["summary"]
+    assert set(summary["by_type"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    assert summary["avg"] == pytest.approx(sum(summary["by_type"].values()) / 7)
+
+
+def test_tied_embeddings_and_untargeted_tensors_are_copied_unchanged(
+    tiny_model: Path, converted: Path
+) -> None:
+    original, residual = _tensors(tiny_model), _tensors(converted)
+    copied = [name for name in original if not name.endswith("_proj.weight")]
+    assert "model.embed_tokens.weight" in copied
+    for name in copied:
+        assert torch.equal(original[name], residual[name]), name
+
+
+def test_transformers_and_peft_load_it_without_requantizing(tiny_model: Path, converted: Path) -> None:
+    import bitsandbytes as bnb
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(converted)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, bnb.nn.Linear4bit)
+    assert torch.equal(layer.weight.data, _tensors(converted)["model.layers.0.self_attn.q_proj.weight"])
+    peft_model = PeftModel.from_pretrained(model, converted / "adapter", is_trainable=True)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 28 and all("lora_" in n for n in trainable)
+
+
+def test_initialized_model_is_closer_to_the_original_than_qlora(
+    tiny_model: Path, converted: Path, tmp_path: Path
+) -> None:
+    """Logits error of the initialized model; the KL version runs on the real model (test_demo_model)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    qlora = tmp_path / "qlora"
+    _convert(tiny_model, qlora, "--method", "qlora")
+    tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)(tokens).logits
+
+        def logits_error(directory: Path) -> float:
+            base = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+            logits = PeftModel.from_pretrained(base, directory / "adapter")(tokens).logits
+            return (logits - reference).norm().item()
+
+        error_qpissa, error_qlora = logits_error(converted), logits_error(qlora)
+    assert 0 < error_qpissa < error_qlora
+
+
+@pytest.mark.parametrize("method", ["qpissa", "loftq"])
+def test_iterations_lower_the_error(tiny_model: Path, tmp_path: Path, method: str) -> None:
+    one = _convert(tiny_model, tmp_path / "t1", "--method", method, "--iters", "1", "--svd", "exact")
+    five = _convert(tiny_model, tmp_path / "t5", "--method", method, "--iters", "5", "--svd", "exact")
+    assert five["summary"]["avg_fro"] > one["summary"]["avg_fro"] > 0
+
+
+def test_randomized_svd_matches_exact_quality(tiny_model: Path, tmp_path: Path) -> None:
+    exact = _convert(tiny_model, tmp_path / "exact", "--svd", "exact", "--iters", "1")
+    randomized = _convert(tiny_model, tmp_path / "rand", "--svd", "randomized", "--iters", "1")
+    assert randomized["summary"]["avg_fro"] == pytest.approx(exact["summary"]["avg_fro"], abs=0.5)
+
+
+def test_qlora_residual_is_plain_nf4_of_the_weight(tiny_model: Path, tmp_path: Path) -> None:
+    report = _convert(tiny_model, tmp_path / "qlora", "--method", "qlora", "--no-double-quant")
+    adapter = _tensors(tmp_path / "qlora" / "adapter")
+    assert all(t.abs().sum() == 0 for k, t in adapter.items() if "lora_B" in k)
+    assert all(t.abs().sum() > 0 for k, t in adapter.items() if "lora_A" in k)
+    assert all(layer["reduction_fro"] == 0 for layer in report["layers"])
+
+
+def test_same_inputs_and_seed_give_identical_bytes(tiny_model: Path, tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    _convert(tiny_model, first, "--seed", "3")
+    _convert(tiny_model, second, "--seed", "3")
+    assert _file_bytes(first) == _file_bytes(second)
+    third = tmp_path / "c"
+    _convert(tiny_model, third, "--seed", "4")
+    assert (
+        _file_bytes(third)["adapter/adapter_model.safetensors"]
+        != _file_bytes(first)["adapter/adapter_model.safetensors"]
+    )
+
+
+def test_resume_after_an_exception_at_a_random_matrix_gives_identical_bytes(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import qpissa.convert as convert_module
+
+    settings = ConvertSettings(
+        method=Method.QPISSA, rank=RANK, iters=2, svd=SvdKind.RANDOMIZED, shard_size_mb=0.03
+    )
+    reference = tmp_path / "reference"
+    convert(tiny_model, reference, settings, show_progress=False)
+
+    fail_at = random.Random().randint(1, 13)
+    real = convert_module._decompose_one
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(convert_module, "_decompose_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_model, out, settings, show_progress=False)
+    assert not out.exists(), "an interrupted run must not look complete"
+    monkeypatch.setattr(convert_module, "_decompose_one", real)
+    convert(tiny_model, out, settings, resume=True, show_progress=False)
+    assert _file_bytes(out) == _file_bytes(reference), f"interrupted at matrix {fail_at}"
+
+
+def test_resume_after_sigkill_gives_identical_bytes(tiny_model: Path, tmp_path: Path) -> None:
+    args = [str(tiny_model), "--rank", str(RANK), "--iters", "3", "--shard-size-mb", "0.02", "--quiet"]
+    reference = tmp_path / "reference"
+    assert main(["convert", args[0], str(reference), *args[1:]]) == 0
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "qpissa.cli", "convert", args[0], str(out), *args[1:]]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / "out.partial"
+    deadline = time.monotonic() + 120
+    while not list(partial.glob("model-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(random.uniform(0, 0.3))
+    process.kill()
+    process.wait()
+    if not out.exists():  # killed in time: continue it
+        assert main(["convert", args[0], str(out), *args[1:], "--resume"]) == 0
+    assert _file_bytes(out) == _file_bytes(reference)
+
+
+def test_resume_of_a_finished_conversion_does_nothing(tiny_model: Path, converted: Path) -> None:
+    before = (converted / "qpissa_report.json").stat().st_mtime_ns
+    args = ["--iters", "2", "--alpha", "16", "--metrics", "nuc", "--shard-size-mb", "0.05", "--resume"]
+    _convert(tiny_model, converted, *args)
+    assert (converted / "qpissa_report.json").stat().st_mtime_ns == before
+
+
+def test_overwrite_replaces_an_existing_output(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    _convert(tiny_model, out, "--overwrite")
+    assert not (out / "stale.txt").exists() and (out / "qpissa_report.json").is_file()
+
+
+def _file_bytes(directory: Path) -> dict[str, bytes]:
+    """Every output file's bytes; the report's timings and the adapter's own path may differ."""
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name not in ("qpissa_report.json", "adapter_config.json"):
+            files[str(path.relative_to(directory))] = path.read_bytes()
+    adapter_config = json.loads((directory / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config.pop("base_model_name_or_path") == str(directory.resolve())
+    files["adapter_config"] = json.dumps(adapter_config, sort_keys=True).encode()
+    report = json.loads((directory / "qpissa_report.json").read_text())
+    for layer in report["layers"]:
+        layer.pop("seconds"), layer.pop("metrics_seconds")
+    files["layers"] = json.dumps(report["layers"], sort_keys=True).encode()
+    return files
+
+
+def test_copied_output_is_still_loadable(converted: Path, tmp_path: Path) -> None:
+    """The artifacts are self-contained: a moved QPiSSA dir loads with transformers alone."""
+    from transformers import AutoModelForCausalLM
+
+    moved = tmp_path / "moved"
+    shutil.copytree(converted, moved)
+    model = AutoModelForCausalLM.from_pretrained(moved)
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 256)

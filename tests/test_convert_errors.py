@@ -1,0 +1,130 @@
+"""Every user mistake in `qpissa convert`: one line on stderr, exit status 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from qpissa.cli import main
+
+
+def _fails(capsys: pytest.CaptureFixture, out: Path, model: str, *extra: str) -> str:
+    status = main(["--quiet", "convert", model, str(out), *extra])
+    error = capsys.readouterr().err.strip()
+    assert status == 2
+    assert error.startswith("qpissa: error: ") and "\n" not in error, error
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists(), "no partial output"
+    return error
+
+
+@pytest.fixture
+def model_copy(tiny_model: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model, copy)
+    return copy
+
+
+def test_missing_model_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert "does not exist" in _fails(capsys, tmp_path / "out", str(tmp_path / "nope"))
+
+
+def test_model_path_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    file = tmp_path / "weights.safetensors"
+    file.write_text("x")
+    assert "not a directory" in _fails(capsys, tmp_path / "out", str(file))
+
+
+def test_only_pytorch_bin_weights(model_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (model_copy / "model.safetensors").rename(model_copy / "pytorch_model.bin")
+    error = _fails(capsys, tmp_path / "out", str(model_copy))
+    assert "pytorch_model.bin" in error and "safetensors" in error
+
+
+def test_truncated_shard_names_the_file(
+    model_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    shard = model_copy / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    error = _fails(capsys, tmp_path / "out", str(model_copy))
+    assert "model.safetensors" in error and "truncated" in error
+
+
+def test_garbage_shard(model_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (model_copy / "model.safetensors").write_bytes(b"\xff" * 64)
+    assert "model.safetensors" in _fails(capsys, tmp_path / "out", str(model_copy))
+
+
+def test_already_quantized_checkpoint(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    converted = tmp_path / "converted"
+    assert main(["--quiet", "convert", str(tiny_model), str(converted), "--rank", "4"]) == 0
+    capsys.readouterr()
+    error = _fails(capsys, tmp_path / "out", str(converted))
+    assert "already quantized" in error and "full-precision" in error
+
+
+def test_quantized_weights_without_quantization_config(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    """A 4-bit checkpoint whose config lost its quantization_config is still recognized (peft#3742)."""
+    converted = tmp_path / "converted"
+    assert main(["--quiet", "convert", str(tiny_model), str(converted), "--rank", "4"]) == 0
+    config = json.loads((converted / "config.json").read_text())
+    del config["quantization_config"]
+    (converted / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert "already quantized" in _fails(capsys, tmp_path / "out", str(converted))
+
+
+def test_rank_too_large(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    error = _fails(capsys, tmp_path / "out", str(tiny_model), "--rank", "64")
+    assert "--rank 64" in error and "min(out, in)" in error
+
+
+def test_targets_matching_nothing_lists_what_exists(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    error = _fails(capsys, tmp_path / "out", str(tiny_model), "--targets", "qkv_proj", "--rank", "4")
+    assert "qkv_proj" in error and "q_proj" in error and "down_proj" in error
+
+
+def test_output_layer_is_refused_as_a_target(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    assert "lm_head" in _fails(
+        capsys, tmp_path / "out", str(tiny_model), "--targets", "q_proj,lm_head", "--rank", "4"
+    )
+
+
+def test_invalid_option_values(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    error = _fails(capsys, tmp_path / "out", str(tiny_model), "--rank", "0", "--blocksize", "48")
+    assert "--rank" in error and "--blocksize" in error, "all problems are reported at once"
+    assert "--iters" in _fails(capsys, tmp_path / "out", str(tiny_model), "--method", "qlora", "--iters", "3")
+
+
+def test_unknown_method_is_an_argparse_error(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", str(tiny_model), str(tmp_path / "out"), "--method", "pissa"])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_kept(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    status = main(["--quiet", "convert", str(tiny_model), str(out), "--rank", "4"])
+    assert status == 2 and "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_interrupted_output_needs_resume_or_overwrite(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "out.partial").mkdir()
+    status = main(["--quiet", "convert", str(tiny_model), str(tmp_path / "out"), "--rank", "4"])
+    assert status == 2 and "--resume" in capsys.readouterr().err
+
+
+def test_resume_with_other_settings_is_refused(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert main(["--quiet", "convert", str(tiny_model), str(out), "--rank", "4"]) == 0
+    status = main(["--quiet", "convert", str(tiny_model), str(out), "--rank", "8", "--resume"])
+    assert status == 2 and "other settings" in capsys.readouterr().err
