@@ -92,7 +92,9 @@ def evaluate(model_or_run: Path, data_path: Path, settings: EvalSettings) -> dic
         result.update(
             evaluate_loss(model, rows, pad_token_id(tokenizer), runtime.device, settings.batch_size)
         )
-    if settings.metric in (Metric.ALL, Metric.ACCURACY):
+    if settings.metric is Metric.ACCURACY and data.format is DataFormat.TEXT:
+        raise UserError("format text has no answers to match; use --metric loss or ppl")
+    if settings.metric in (Metric.ALL, Metric.ACCURACY) and data.format is not DataFormat.TEXT:
         result.update(
             exact_match(
                 model, tokenizer, samples, settings.batch_size, runtime.device, settings.max_new_tokens

@@ -1,0 +1,28 @@
+"""Every shipped recipe in configs/ loads into TrainConfig (unknown keys or wrong types would fail here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qpissa.data import DataFormat
+from qpissa.train import TrainConfig, load_config
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def test_configs_exist() -> None:
+    assert {p.name for p in CONFIGS} >= {"demo.yaml", "llama3-8b-24gb.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_loads(path: Path) -> None:
+    config = load_config(path, [])
+    assert isinstance(config, TrainConfig) and isinstance(config.data.format, DataFormat)
+    assert config.learning_rate <= 1e-4  # shipped recipes stay in the range PiSSA-style inits tolerate
+
+
+def test_overrides_reach_nested_groups() -> None:
+    config = load_config(CONFIGS[0], ["data.max_seq_len=128", "learning_rate=3e-5", "max_steps=7"])
+    assert (config.data.max_seq_len, config.learning_rate, config.max_steps) == (128, 3e-5, 7)

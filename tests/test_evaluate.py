@@ -1,0 +1,113 @@
+"""Loss / perplexity against transformers' own loss, exact match by generation, and `qpissa eval`."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from qpissa import cli
+from qpissa.data import DataFormat, Sample, render, tokenize
+from qpissa.evaluate import evaluate_loss, exact_match, final_answer
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_chat_model: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(tiny_chat_model)
+
+
+def test_final_answer() -> None:
+    assert final_answer(" 3 + 4 = 7. #### 7 ") == "7"
+    assert final_answer("a #### b #### 12") == "12"
+    assert final_answer("  Paris\n") == "Paris"
+
+
+def test_loss_matches_transformers_and_is_token_weighted(model_and_tokenizer) -> None:
+    model, tokenizer = model_and_tokenizer
+    records = [{"prompt": "12+3=", "completion": " 15"}, {"prompt": "7-2=", "completion": " 5 and more text"}]
+    rows = tokenize([render(r, DataFormat.PROMPT_COMPLETION, tokenizer) for r in records], tokenizer, 64).rows
+    reference = []
+    for row in rows:
+        output = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]]))
+        count = sum(label != -100 for label in row["labels"][1:])
+        reference.append((output.loss.item(), count))
+    expected = sum(loss * count for loss, count in reference) / sum(count for _, count in reference)
+    assert reference[0][0] != pytest.approx(reference[1][0], abs=1e-3)  # the weighting matters
+    for batch_size in (1, 2):
+        result = evaluate_loss(model, rows, tokenizer.pad_token_id, torch.device("cpu"), batch_size)
+        assert result["loss"] == pytest.approx(expected, abs=1e-5)
+        assert result["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
+        assert result["tokens"] == sum(count for _, count in reference)
+
+
+def test_exact_match_scores_greedy_answers(model_and_tokenizer) -> None:
+    model, tokenizer = model_and_tokenizer
+    prompts = ["1+1=", "long prompt 22+20="]  # different lengths exercise left padding
+    generated = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=2)
+        generated.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    right = [Sample([], prompt, f"work #### {text}") for prompt, text in zip(prompts, generated, strict=True)]
+    wrong = [Sample([], prompt, "#### nothing like it") for prompt in prompts]
+    cpu = torch.device("cpu")
+    assert exact_match(model, tokenizer, right, 2, cpu, max_new_tokens=6)["accuracy"] == 1.0
+    assert exact_match(model, tokenizer, right + wrong, 3, cpu, max_new_tokens=6) == {
+        "accuracy": 0.5, "correct": 2, "total": 4
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def qpissa_dir(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("eval") / "qpissa"
+    assert (
+        cli.main(["--quiet", "convert", str(tiny_chat_model), str(out), "--rank", "4", "--iters", "1"]) == 0
+    )
+    return out
+
+
+def _data(tmp_path: Path) -> Path:
+    path = tmp_path / "eval.jsonl"
+    records = [{"completion": f" {i % 10}", "prompt": f"{i}%10="} for i in range(5)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_cli_eval_prints_json(qpissa_dir: Path, tmp_path: Path, capsys) -> None:
+    data = _data(tmp_path)
+    assert cli.main(["--quiet", "eval", str(qpissa_dir), "--data", str(data), "--format", "prompt_completion",
+                     "--max-new-tokens", "4"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    assert result["samples"] == 5 and result["total"] == 5 and 0 < result["loss"] < 20
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-6)
+    assert result["adapter"] == str(qpissa_dir / "adapter")
+
+
+def test_cli_eval_of_a_run_uses_its_data_format(qpissa_dir: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(qpissa_dir / "adapter", run / "adapter")
+    marker = {
+        "config": {"data": {"format": "prompt_completion", "max_seq_len": 64}},
+        "model": str(qpissa_dir),
+    }
+    (run / "qpissa_run.json").write_text(json.dumps(marker))
+    assert cli.main(["--quiet", "eval", str(run), "--data", str(_data(tmp_path)), "--metric", "loss"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["adapter"] == str(run / "adapter") and "loss" in result and "accuracy" not in result
+
+
+def test_cli_eval_errors(qpissa_dir: Path, tmp_path: Path, capsys) -> None:
+    assert cli.main(["--quiet", "eval", str(qpissa_dir), "--data", str(_data(tmp_path))]) == 2
+    assert "pass --format" in capsys.readouterr().err
+    assert cli.main(["--quiet", "eval", str(tmp_path / "nope"), "--data", str(_data(tmp_path))]) == 2
+    missing = tmp_path / "missing.jsonl"
+    args = ["--quiet", "eval", str(qpissa_dir), "--data", str(missing), "--format", "text"]
+    assert cli.main(args) == 2
+    assert "does not exist" in capsys.readouterr().err
