@@ -126,6 +126,8 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         raise UserError(f"`{name}` must be true or false, got {value!r}")
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str) and _is_number(value):
+        return float(value)  # YAML 1.1 reads `2e-5` (no dot) as text
     if kind is Path and isinstance(value, (str, Path)):
         return Path(value)
     if kind is list and isinstance(value, list):
@@ -144,6 +146,14 @@ def _base_type(hint: Any) -> Any:
     if origin is not None:
         return origin
     return hint
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_optional(hint: Any) -> bool:
