@@ -104,9 +104,15 @@ def stop_token_ids(tokenizer, model: torch.nn.Module) -> list[int]:
     for eos in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
         ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     marker = "qpissa-end-of-turn-probe"
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
-    )
+    try:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+    except Exception as error:  # a template may refuse this conversation (jinja raise_exception)
+        log.warning(
+            "could not find the end-of-turn token from the chat template (%s); stopping at EOS", error
+        )
+        return sorted(ids)
     after = rendered[rendered.rfind(marker) + len(marker) :]
     tail = tokenizer(after, add_special_tokens=False)["input_ids"]
     special = set(tokenizer.all_special_ids) | {int(i) for i in tokenizer.added_tokens_decoder}
@@ -129,13 +135,18 @@ def generate_reply(
     tokenizer = chat_model.tokenizer
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(chat_model.device)
+    pad = (
+        tokenizer.pad_token_id
+        if tokenizer.pad_token_id is not None
+        else next(iter(chat_model.stop_ids), None)
+    )
     config = copy.deepcopy(chat_model.model.generation_config)
     config.update(
         max_new_tokens=settings.max_new_tokens, do_sample=not settings.greedy,
         temperature=None if settings.greedy else settings.temperature,
         top_p=None if settings.greedy else settings.top_p,
         top_k=None, eos_token_id=chat_model.stop_ids,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else chat_model.stop_ids[0],
+        pad_token_id=pad,
     )  # fmt: skip
     streamer = _streamer(tokenizer, write) if write is not None else None
     with torch.no_grad():
