@@ -62,7 +62,7 @@ def evaluate(model_or_run: Path, data_path: Path, settings: EvalSettings) -> dic
         UserError: bad path, unknown format, unreadable data.
     """
     from qpissa.loading import load_model, load_tokenizer, resolve_source
-    from qpissa.train import Device, TrainConfig, resolve_runtime
+    from qpissa.train import resolve_runtime
 
     source = resolve_source(model_or_run)
     run_data = _run_data_config(source.run_dir)
@@ -77,9 +77,7 @@ def evaluate(model_or_run: Path, data_path: Path, settings: EvalSettings) -> dic
         samples, rows = samples[: settings.max_samples], tokenized.rows[: settings.max_samples]
     else:
         rows = tokenized.rows
-    runtime = resolve_runtime(
-        TrainConfig(model=source.base_dir, output_dir=Path("."), data=data, device=Device.AUTO)
-    )
+    runtime = resolve_runtime()
     model = load_model(source, device=runtime.device, compute_dtype=runtime.dtype)
     result: dict[str, Any] = {
         "adapter": str(source.adapter_dir) if source.adapter_dir else None,

@@ -161,30 +161,30 @@ def load_config(path: Path, overrides: list[str]) -> TrainConfig:
     return from_dict(TrainConfig, apply_overrides(values, overrides))
 
 
-def resolve_runtime(config: TrainConfig) -> Runtime:
+def resolve_runtime(
+    device_choice: Device = Device.AUTO, bf16: bool | None = None, optim: Optimizer = Optimizer.AUTO
+) -> Runtime:
     """Pick device, compute dtype and optimizer; float32 on CPU, where bf16 matmuls are ~100x slower.
 
     Raises:
         UserError: CUDA asked for but absent, or a CUDA-only option (bf16, paged optimizer) on CPU.
     """
     cuda = torch.cuda.is_available()
-    if config.device is Device.CUDA and not cuda:
+    if device_choice is Device.CUDA and not cuda:
         raise UserError("device is cuda but no CUDA GPU is visible; set device=cpu or device=auto")
-    device = torch.device("cuda" if config.device is not Device.CPU and cuda else "cpu")
+    device = torch.device("cuda" if device_choice is not Device.CPU and cuda else "cpu")
     if device.type == "cpu":
-        if config.bf16:
+        if bf16:
             raise UserError(
                 "bf16=true needs a CUDA GPU (on CPU bf16 matmuls are ~100x slower); drop bf16 or set it false"
             )
-        if config.optim.value.startswith("paged_"):
-            raise UserError(
-                f"optim={config.optim.value} pages to a GPU and needs CUDA; use adamw_torch on CPU"
-            )
-        optim = Optimizer.ADAMW_TORCH if config.optim is Optimizer.AUTO else config.optim
-        return Runtime(device, torch.float32, False, optim.value)
-    bf16 = torch.cuda.is_bf16_supported() if config.bf16 is None else config.bf16
-    optim = Optimizer.PAGED_ADAMW_8BIT if config.optim is Optimizer.AUTO else config.optim
-    return Runtime(device, torch.bfloat16 if bf16 else torch.float16, bf16, optim.value)
+        if optim.value.startswith("paged_"):
+            raise UserError(f"optim={optim.value} pages to a GPU and needs CUDA; use adamw_torch on CPU")
+        chosen = Optimizer.ADAMW_TORCH if optim is Optimizer.AUTO else optim
+        return Runtime(device, torch.float32, False, chosen.value)
+    use_bf16 = torch.cuda.is_bf16_supported() if bf16 is None else bf16
+    chosen = Optimizer.PAGED_ADAMW_8BIT if optim is Optimizer.AUTO else optim
+    return Runtime(device, torch.bfloat16 if use_bf16 else torch.float16, use_bf16, chosen.value)
 
 
 def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
@@ -206,7 +206,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     from qpissa.trainlog import JsonlLogCallback, QuietProgressCallback, estimate_memory, truncate_log
 
     source, resume = _check_inputs(config)
-    runtime = resolve_runtime(config)
+    runtime = resolve_runtime(config.device, config.bf16, config.optim)
     tokenizer = load_tokenizer(source)
     check_tokenizer(tokenizer, config.data.format)
     _, train_data = load_split(config.data.path, config.data, tokenizer)

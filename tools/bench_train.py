@@ -69,7 +69,7 @@ def train_peft_baseline(
     from qpissa.trainlog import JsonlLogCallback
 
     config = load_config(config_path, [*overrides, f"output_dir={run_dir}", "model=."])
-    runtime = resolve_runtime(config)
+    runtime = resolve_runtime(config.device, config.bf16, config.optim)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     _, data = load_split(config.data.path, config.data, tokenizer)
     quantization = BitsAndBytesConfig(
