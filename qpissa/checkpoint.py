@@ -45,7 +45,6 @@ class CheckpointReader:
         self.shards = _shard_files(model_dir)
         self.headers = {shard: _read_header(shard) for shard in self.shards}
         self.location = {name: shard for shard, header in self.headers.items() for name in header}
-        self._handles: dict[Path, object] = {}
 
     def names(self) -> list[str]:
         """Tensor names in file order (shard by shard, sorted within a shard): deterministic."""
@@ -62,13 +61,15 @@ class CheckpointReader:
         return end - start
 
     def read(self, name: str) -> torch.Tensor:
-        """Load one tensor into memory (CPU), in its stored dtype."""
+        """Load one tensor into memory (CPU), in its stored dtype.
+
+        The shard is mapped for this one read only: a mapping kept open would leave every page read so
+        far resident, and the process would grow with the model instead of with its largest tensor.
+        """
         from safetensors import safe_open
 
-        shard = self.location[name]
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(shard), framework="pt")
-        return self._handles[shard].get_tensor(name)
+        with safe_open(str(self.location[name]), framework="pt") as f:
+            return f.get_tensor(name)
 
 
 class SafetensorsWriter:

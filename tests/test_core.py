@@ -1,0 +1,114 @@
+"""The pieces under `convert`: streaming safetensors writer, truncated SVD, methods, settings parsing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from qpissa import UserError
+from qpissa.checkpoint import SafetensorsWriter
+from qpissa.config import apply_overrides, from_dict
+from qpissa.methods import DecomposeSettings, Method, decompose
+from qpissa.svd import SvdKind, truncated_svd
+
+
+def test_streamed_safetensors_load_with_the_library(tmp_path: Path) -> None:
+    tensors = {
+        "odd_bytes": torch.arange(7, dtype=torch.uint8),
+        "bf16": torch.randn(3, 5).to(torch.bfloat16),
+        "f32": torch.randn(4, 2),
+        "i64": torch.arange(3),
+        "scalar": torch.tensor(1.5),
+    }
+    writer = SafetensorsWriter(tmp_path / "x.safetensors")
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    writer.close(metadata={"note": "test"})
+    loaded = load_file(tmp_path / "x.safetensors")
+    assert loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "test"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"], "spools and temp file removed"
+
+
+def test_randomized_svd_finds_the_top_subspace_and_is_seeded() -> None:
+    generator = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(200, 200, generator=generator))
+    V, _ = torch.linalg.qr(torch.randn(120, 120, generator=generator))
+    S = torch.logspace(1, -3, 120)
+    M = U[:, :120] @ torch.diag(S) @ V.T  # [200, 120] with a known spectrum
+
+    def run(seed: int):
+        return truncated_svd(M, 10, SvdKind.RANDOMIZED, generator=torch.Generator().manual_seed(seed))
+
+    first, again = run(1), run(1)
+    assert torch.equal(first.S, again.S) and torch.equal(first.Vh, again.Vh)
+    assert torch.allclose(first.S, S[:10], rtol=1e-4)
+    exact = truncated_svd(M, 10, SvdKind.EXACT)
+    approximation = first.U @ torch.diag(first.S) @ first.Vh
+    best = exact.U @ torch.diag(exact.S) @ exact.Vh
+    assert ((approximation - best).norm() / best.norm()).item() < 1e-3
+    assert first.basis.shape == (120, 26)
+
+
+def test_warm_start_from_a_nearby_matrix_needs_no_power_iterations() -> None:
+    generator = torch.Generator().manual_seed(0)
+    M = torch.randn(300, 100, generator=generator) @ torch.diag(torch.logspace(0, -2, 100))
+    previous = truncated_svd(M, 8, SvdKind.RANDOMIZED, power_iters=4, generator=generator)
+    nearby = M + 1e-4 * torch.randn(300, 100, generator=generator)
+    warm = truncated_svd(nearby, 8, SvdKind.RANDOMIZED, power_iters=0, start=previous.basis)
+    exact = truncated_svd(nearby, 8, SvdKind.EXACT)
+    assert torch.allclose(warm.S, exact.S, rtol=1e-3)
+
+
+@pytest.mark.parametrize("method", list(Method))
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_principal_part_plus_residual_is_the_weight(method: Method, scale: float) -> None:
+    """deq(Q) + s·B·A approximates W; QPiSSA's adapter carries the principal part at any scale s."""
+    W = torch.randn(96, 64, generator=torch.Generator().manual_seed(0)) * 0.02
+    settings = DecomposeSettings(
+        method=method, rank=8, scale=scale, iters=2, svd=SvdKind.EXACT, oversample=8, power_iters=2,
+        svd_dtype=torch.float32, blocksize=64, double_quant=False,
+    )  # fmt: skip
+    result = decompose(W, settings, torch.Generator().manual_seed(0))
+    assert result.A.shape == (8, 64) and result.B.shape == (96, 8)
+    approximation = result.q.dequantize() + scale * result.B @ result.A
+    relative_error = ((W - approximation).norm() / W.norm()).item()
+    assert relative_error < 0.12
+    if method is Method.QPISSA:
+        principal = truncated_svd(W, 8, SvdKind.EXACT)
+        top = principal.U @ torch.diag(principal.S) @ principal.Vh
+        assert ((scale * result.B @ result.A - top).norm() / top.norm()).item() < 0.2
+
+
+@dataclass
+class _Inner:
+    size: int = field(default=4, metadata={"help": "inner size"})
+
+
+@dataclass
+class _Outer:
+    name: str = field(default="a", metadata={"help": "name"})
+    ratio: float = field(default=0.5, metadata={"help": "ratio"})
+    method: Method = field(default=Method.QPISSA, metadata={"help": "method"})
+    inner: _Inner = field(default_factory=_Inner, metadata={"help": "group"})
+
+
+def test_settings_from_data_with_overrides() -> None:
+    values = apply_overrides({"name": "x", "inner": {"size": 2}}, ["inner.size=8", "ratio=1", "method=loftq"])
+    settings = from_dict(_Outer, values)
+    assert settings == _Outer(name="x", ratio=1.0, method=Method.LOFTQ, inner=_Inner(size=8))
+
+
+def test_settings_errors_name_every_bad_key() -> None:
+    with pytest.raises(UserError) as error:
+        from_dict(_Outer, {"nmae": "x", "ratio": "high", "method": "pissa", "inner": {"size": "big"}})
+    message = str(error.value)
+    for expected in ("`nmae`", "`ratio`", "`method`", "`inner.size`"):
+        assert expected in message
