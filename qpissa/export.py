@@ -76,7 +76,9 @@ class ExportSettings:
     verify: bool = field(
         default=True, metadata={"help": "compare the export's logits with the trained model's"}
     )
-    shard_size_mb: int = field(default=2048, metadata={"help": "merged only: largest output shard, in MB"})
+    shard_size_mb: int | None = field(
+        default=None, metadata={"help": "merged only: largest output shard, in MB (default 2048)"}
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -86,7 +88,9 @@ class ExportSettings:
             problems.append("--base applies to --to lora only (a merged model needs no base); drop --base")
         if self.rank is not None and self.rank < 1:
             problems.append(f"--rank must be at least 1, got {self.rank}")
-        if self.shard_size_mb < 1:
+        if self.to is ExportKind.LORA and self.shard_size_mb is not None:
+            problems.append("--shard-size-mb applies to --to merged only (an adapter is one file); drop it")
+        if self.shard_size_mb is not None and self.shard_size_mb < 1:
             problems.append(f"--shard-size-mb must be at least 1, got {self.shard_size_mb}")
         if problems:
             raise UserError("; ".join(problems))
@@ -201,7 +205,7 @@ def export(run: Path, out_dir: Path, settings: ExportSettings, *, show_progress:
                disable=None if show_progress else True)  # fmt: skip
     try:
         if settings.to is ExportKind.MERGED:
-            details = _write_merged(residual, trained, partial, dtype, settings.shard_size_mb, bar)
+            details = _write_merged(residual, trained, partial, dtype, settings.shard_size_mb or 2048, bar)
         else:
             from qpissa.export_lora import write_lora
 

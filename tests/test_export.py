@@ -242,6 +242,7 @@ def _report_names_missing_model(run: Path, qpissa_dir: Path, tmp_path: Path) -> 
         ("existing_out", "already exists"),
         ("rank_with_merged", "--rank applies to --to lora only"),
         ("rank_above_2r", "above the exact rank"),
+        ("shards_with_lora", "--shard-size-mb applies to --to merged only"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_output(
@@ -270,6 +271,8 @@ def test_bad_input_is_one_line_exit_2_and_no_output(
         extra = ["--rank", "4"]
     elif case == "rank_above_2r":
         extra = ["--to", "lora", "--rank", str(2 * RANK + 1)]
+    elif case == "shards_with_lora":
+        extra = ["--to", "lora", "--shard-size-mb", "100"]
     capsys.readouterr()
     assert cli.main(["--quiet", "export", str(run), str(out), *extra]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qpissa: error:")]
