@@ -111,16 +111,17 @@ def compare(
         _check_train_config(settings.train, out_dir)
     record = _prepare_output(out_dir, _fingerprint(model_dir, convert_settings))
     record["methods"] += [m.value for m in settings.method_list if m.value not in record["methods"]]
-    steps: list[dict] = []
+    run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None, "steps": []}
+    record["history"].append(run)
+    write_json(out_dir / COMPARE_NAME, record)  # from here on, an interrupted comparison can be continued
     for method in settings.method_list:
-        steps.append(_convert_step(model_dir, out_dir, method, convert_settings, show_progress))
-    steps += _fidelity_steps(model_dir, out_dir, settings.method_list, fidelity_settings)
-    if settings.train is not None:
-        for method in settings.method_list:
-            steps.append(_train_step(out_dir, method, settings.train, show_progress))
-    record["history"].append({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps": steps})
-    write_json(out_dir / COMPARE_NAME, record)
+        _record(out_dir, record, [_convert_step(model_dir, out_dir, method, convert_settings, show_progress)])
+    _record(out_dir, record, _fidelity_steps(model_dir, out_dir, settings.method_list, fidelity_settings))
+    for method in settings.method_list if settings.train is not None else []:
+        _record(out_dir, record, [_train_step(out_dir, method, settings.train, show_progress)])
     build_report([out_dir], out_dir, report_options or ReportOptions())
+    run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    write_json(out_dir / COMPARE_NAME, record)
     return record
 
 
@@ -245,6 +246,12 @@ def _prepare_output(out_dir: Path, fingerprint: dict) -> dict:
         raise UserError(f"{out_dir} exists and is not a comparison directory; choose a new or empty OUT")
     out_dir.mkdir(parents=True, exist_ok=True)
     return {"fingerprint": fingerprint, "history": [], "methods": []}
+
+
+def _record(out_dir: Path, record: dict, steps: list[dict]) -> None:
+    """Log finished steps in compare.json at once, so the record is true even if a later step fails."""
+    record["history"][-1]["steps"] += steps
+    write_json(out_dir / COMPARE_NAME, record)
 
 
 def _step(method: Method, step: str, path: Path, status: str, seconds: float) -> dict:
