@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 DEMO ?= demo
 
-.PHONY: setup demo test test-integration lint
+.PHONY: setup demo test test-unit lint
 
 $(BIN)/qpissa: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +20,14 @@ setup: $(BIN)/qpissa
 demo: setup
 	$(BIN)/python tools/demo.py --workdir $(DEMO)
 
+# The whole suite: unit tests and the integration tests on the real demo model (what CI runs).
 test: setup
 	sh tools/install_chromium.sh
-	$(BIN)/python -m pytest -q
-
-test-integration: setup
 	$(BIN)/python -m pytest -q --integration
+
+# Unit tests only (tiny random models; a few minutes).
+test-unit: setup
+	$(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check qpissa tools tests

@@ -71,6 +71,10 @@ class ConvertSettings:
     )
     oversample: int = field(default=16, metadata={"help": "randomized SVD: extra sketch columns beyond r"})
     power_iters: int = field(default=2, metadata={"help": "randomized SVD: power (subspace) iterations"})
+    warm_power_iters: int = field(
+        default=1,
+        metadata={"help": "randomized SVD: power iterations when warm-started from the last iteration"},
+    )
     svd_dtype: Precision = field(
         default=Precision.FLOAT32, metadata={"help": "precision of the SVD and residual"}
     )
@@ -108,8 +112,8 @@ class ConvertSettings:
             problems.append(
                 f"--blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {self.blocksize}"
             )
-        if self.oversample < 0 or self.power_iters < 0:
-            problems.append("--oversample and --power-iters must be 0 or more")
+        if min(self.oversample, self.power_iters, self.warm_power_iters) < 0:
+            problems.append("--oversample, --power-iters and --warm-power-iters must be 0 or more")
         if self.shard_size_mb <= 0:
             problems.append(f"--shard-size-mb must be positive, got {self.shard_size_mb}")
         if problems:
@@ -245,7 +249,8 @@ def _decompose_one(module: str, W: torch.Tensor, settings: ConvertSettings, devi
     decompose_settings = DecomposeSettings(
         method=settings.method, rank=settings.rank, scale=settings.resolved_alpha / settings.rank,
         iters=settings.resolved_iters, svd=settings.svd, oversample=settings.oversample,
-        power_iters=settings.power_iters, svd_dtype=getattr(torch, settings.svd_dtype.value),
+        power_iters=settings.power_iters, warm_power_iters=settings.warm_power_iters,
+        svd_dtype=getattr(torch, settings.svd_dtype.value),
         blocksize=settings.blocksize, double_quant=settings.double_quant,
     )  # fmt: skip
     W = W.to(device=device, dtype=decompose_settings.svd_dtype)

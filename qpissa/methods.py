@@ -33,6 +33,7 @@ class DecomposeSettings:
     svd: SvdKind
     oversample: int
     power_iters: int
+    warm_power_iters: int  # once the previous iteration's subspace is the starting point
     svd_dtype: torch.dtype
     blocksize: int
     double_quant: bool
@@ -87,7 +88,7 @@ def _qpissa(W: torch.Tensor, st: DecomposeSettings, generator: torch.Generator) 
             st.rank,
             st.svd,
             oversample=st.oversample,
-            power_iters=st.power_iters,
+            power_iters=st.power_iters if start is None else st.warm_power_iters,
             generator=generator,
             start=start,
         )
@@ -110,7 +111,7 @@ def _loftq(W: torch.Tensor, st: DecomposeSettings, generator: torch.Generator) -
             st.rank,
             st.svd,
             oversample=st.oversample,
-            power_iters=st.power_iters,
+            power_iters=st.power_iters if start is None else st.warm_power_iters,
             generator=generator,
             start=start,
         )
