@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 COMPARE_NAME = "compare.json"
 CONVERSIONS_DIR = "conversions"
 RUNS_DIR = "runs"
+OWN_DIRS = (CONVERSIONS_DIR, RUNS_DIR)
 
 
 @dataclass
@@ -242,7 +243,9 @@ def _prepare_output(out_dir: Path, fingerprint: dict) -> dict:
                 "rerun with the same options or choose a new OUT"
             )
         return record
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    # a directory holding only conversions/ and runs/ is a comparison begun elsewhere (or before compare.json
+    # was written): continue it; each conversion and run is still checked against the settings
+    if out_dir.exists() and (not out_dir.is_dir() or any(p.name not in OWN_DIRS for p in out_dir.iterdir())):
         raise UserError(f"{out_dir} exists and is not a comparison directory; choose a new or empty OUT")
     out_dir.mkdir(parents=True, exist_ok=True)
     return {"fingerprint": fingerprint, "history": [], "methods": []}
