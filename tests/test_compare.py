@@ -154,3 +154,21 @@ def test_a_bad_train_config_is_refused_before_converting(tiny_model: Path, tmp_p
     assert cli.main(["compare", str(tiny_model), str(tmp_path / "out"), "--train", str(config)]) == 2
     assert "no_such_key" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_matching_conversions_already_in_out_are_reused(tiny_model: Path, tmp_path: Path) -> None:
+    from qpissa.convert import ConvertSettings, convert
+    from qpissa.methods import Method
+
+    out = tmp_path / "out"
+    convert(
+        tiny_model,
+        out / "conversions" / "qlora",
+        ConvertSettings(method=Method.QLORA, rank=4),
+        show_progress=False,
+    )
+    stamp = (out / "conversions" / "qlora" / REPORT_NAME).stat().st_mtime_ns
+    assert cli.main(["--quiet", "compare", str(tiny_model), str(out), "--methods", "qlora", *FLAGS]) == 0
+    steps = json.loads((out / COMPARE_NAME).read_text())["history"][-1]["steps"]
+    assert [(s["step"], s["status"]) for s in steps] == [("convert", "reused"), ("fidelity", "done")]
+    assert (out / "conversions" / "qlora" / REPORT_NAME).stat().st_mtime_ns == stamp
