@@ -217,18 +217,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     model = load_model(source, trainable=True, device=runtime.device, compute_dtype=runtime.dtype)
     _adapter_to_float32(model)
     memory = estimate_memory(model, config, runtime)
-    log.info(
-        "parameters: %s trainable (adapter, fp32), %s frozen; estimated peak memory %.0f MB (%s)",
-        f"{memory['trainable_params']:,}",
-        f"{memory['frozen_params']:,}",
-        memory["total_mb"],
-        ", ".join(f"{k} {v:.0f}" for k, v in memory["parts_mb"].items()),
-    )
-    log.info(
-        "%d training samples (%d dropped: response beyond max_seq_len)",
-        len(train_data.rows),
-        train_data.dropped,
-    )
+    _log_setup(memory, train_data)
 
     pad_id = pad_token_id(tokenizer)
     if resume is None:
@@ -245,22 +234,20 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
         batch_size=config.per_device_eval_batch_size,
         device=runtime.device,
     )
-    callbacks = [
-        JsonlLogCallback(
-            run_dir / LOG_NAME,
-            run_dir / EVAL_LOG_NAME,
-            runtime.device,
-            generate if eval_samples and config.data.eval_generate_samples else None,
-            every=config.logging_steps,
-        )
-    ]
+    callback = JsonlLogCallback(
+        run_dir / LOG_NAME,
+        run_dir / EVAL_LOG_NAME,
+        runtime.device,
+        generate if eval_samples and config.data.eval_generate_samples else None,
+        every=config.logging_steps,
+    )
     trainer = Trainer(
         model=model,
         args=_training_arguments(config, runtime, run_dir, show_progress),
         train_dataset=train_data.rows,
         eval_dataset=eval_data.rows if eval_data else None,
         data_collator=partial(collate, pad_token_id=pad_id),
-        callbacks=callbacks,
+        callbacks=[callback],
     )
     _quiet_progress(trainer, QuietProgressCallback)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -279,6 +266,20 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
         summary["eval"] = {**final, **(generate(model) if config.data.eval_generate_samples else {})}
         write_json(run_dir / "eval_results.json", summary["eval"])
     return summary
+
+
+def _log_setup(memory: dict[str, Any], train_data: TokenizedData) -> None:
+    """Parameter counts and the memory estimate, before step 1."""
+    parts = ", ".join(f"{name} {mb:.0f}" for name, mb in memory["parts_mb"].items())
+    log.info(
+        "parameters: %s trainable (adapter, fp32), %s frozen; estimated peak memory %.0f MB (%s)",
+        f"{memory['trainable_params']:,}", f"{memory['frozen_params']:,}", memory["total_mb"], parts,
+    )  # fmt: skip
+    log.info(
+        "%d training samples (%d dropped: response beyond max_seq_len)",
+        len(train_data.rows),
+        train_data.dropped,
+    )
 
 
 def _log_initial_loss(
@@ -379,6 +380,7 @@ def _training_arguments(config: TrainConfig, runtime: Runtime, run_dir: Path, sh
         gradient_checkpointing=config.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         bf16=runtime.bf16,
+        fp16=runtime.device.type == "cuda" and not runtime.bf16,  # GPUs without bf16: fp16 + loss scaling
         use_cpu=runtime.device.type == "cpu",
         seed=config.seed,
         data_seed=config.seed,
