@@ -151,7 +151,7 @@ def _overview(summary: dict) -> Table:
                 _num(f and 100 * f["top1"], "{:.1f}"),
                 f"{f['ppl_original']:.2f} → {f['ppl_model']:.2f}" if f else "–",
                 _num(t and t["final_loss"], "{:.4f}"),
-                _num(e.get("accuracy") and 100 * e["accuracy"], "{:.1f}"),
+                _pct(e.get("accuracy")),
                 _num(q.get("convert_seconds"), "{:.1f}"),
             ]
         )
@@ -210,20 +210,20 @@ def _memory(summary: dict) -> Table:
 
 
 def _training(summary: dict) -> Table | None:
-    rows = [
-        [
-            label,
-            str(t["first_step"]),
-            f"{t['first_loss']:.4f}",
-            str(t["final_step"]),
-            f"{t['final_loss']:.4f}",
-            _num(t["tokens_per_second"], "{:.0f}"),
-            _num(t["peak_memory_mb"], "{:.0f}"),
-        ]
-        for label, t in summary["training"].items()
-    ]
-    headers = ["method", "first step", "first loss", "last step", "last loss", "tokens/s", "peak memory MB"]
-    return Table("Training", headers, rows, "loss_curves") if rows else None
+    rows = []
+    for label, t in summary["training"].items():
+        e = summary["eval"].get(label) or {}
+        rows.append([
+            label, str(t["first_step"]), f"{t['first_loss']:.4f}", str(t["final_step"]),
+            f"{t['final_loss']:.4f}", _num(e.get("loss"), "{:.4f}"), _pct(e.get("accuracy")),
+            _num(t["tokens_per_second"], "{:.0f}"), _num(t["peak_memory_mb"], "{:.0f}"),
+        ])  # fmt: skip
+    headers = ["method", "first step", "first loss", "last step", "last loss", "eval loss", "eval accuracy %",
+               "tokens/s", "peak memory MB"]  # fmt: skip
+    note = (
+        "Loss per step from trainer_log.jsonl (step 0: the initialized model); eval from eval_results.json."
+    )
+    return Table("Training", headers, rows, "loss_curves", note) if rows else None
 
 
 def _exports(summary: dict) -> Table | None:
@@ -309,6 +309,10 @@ _CSS = (
     ".verdict{font-size:15px;background:#f4f8fb;padding:0.8em 2em}"
     ".note{font-size:12px;color:#555;max-width:640px}"
 )
+
+
+def _pct(fraction: float | None) -> str:
+    return "–" if fraction is None else f"{100 * fraction:.1f}"
 
 
 def _num(value, fmt: str) -> str:
