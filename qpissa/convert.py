@@ -69,10 +69,10 @@ class ConvertSettings:
     svd: SvdKind = field(
         default=SvdKind.RANDOMIZED, metadata={"help": "exact, or randomized (seeded, oversampled)"}
     )
-    oversample: int = field(default=16, metadata={"help": "randomized SVD: extra sketch columns beyond r"})
-    power_iters: int = field(default=2, metadata={"help": "randomized SVD: power (subspace) iterations"})
+    oversample: int = field(default=32, metadata={"help": "randomized SVD: extra sketch columns beyond r"})
+    power_iters: int = field(default=4, metadata={"help": "randomized SVD: power (subspace) iterations"})
     warm_power_iters: int = field(
-        default=1,
+        default=2,
         metadata={"help": "randomized SVD: power iterations when warm-started from the last iteration"},
     )
     svd_dtype: Precision = field(
