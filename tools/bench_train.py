@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5, help="LoftQ / QPiSSA iterations T")
     parser.add_argument("--generate", type=int, default=100, help="eval samples scored by exact match")
     parser.add_argument("--overrides", nargs="*", default=[], help="extra key=value recipe overrides")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset to run now")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/train.md"), help="Markdown result")
     parser.add_argument("--baseline-run", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -43,10 +44,11 @@ def main() -> None:
         train_peft_baseline(args.model, args.config, overrides, args.rank, args.baseline_run)
         return
     runs = {}
-    for method in METHODS:
+    for method in args.methods.split(","):
         qpissa_dir = _convert(args.model, args.work, method, args.rank, args.iters)
         runs[method] = _train(args, qpissa_dir, method, overrides)
-    runs["peft-baseline"] = _train_baseline(args, overrides)
+    if args.methods == ",".join(METHODS):
+        runs["peft-baseline"] = _train_baseline(args, overrides)
     table = tabulate(runs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
