@@ -19,6 +19,7 @@ from qpissa import UserError
 from qpissa.checkpoint import write_json
 
 SUMMARY_NAME = "summary.json"
+TAIL_STEPS = 10  # the verdict quotes the mean loss of the last logged steps: one step's loss is noisy
 METHOD_ORDER = ("qlora", "loftq", "qpissa")
 
 
@@ -147,8 +148,8 @@ def verdict(summary: dict) -> list[str]:
         lines.append(f"Mean token KL to the original model before training: {kls}; top-1 agreement: {agree}.")
     train = summary["training"]
     if train:
-        losses = ", ".join(f"{k} {v['final_loss']:.4f} (step {v['final_step']})" for k, v in train.items())
-        lines.append(f"Last logged training loss: {losses}.")
+        losses = ", ".join(f"{k} {v['tail_loss']:.4f} (steps ≤ {v['final_step']})" for k, v in train.items())
+        lines.append(f"Mean training loss over the last {TAIL_STEPS} logged steps: {losses}.")
     acc = {k: v["accuracy"] for k, v in summary["eval"].items() if v.get("accuracy") is not None}
     if acc:
         lines.append("Eval accuracy: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in acc.items()) + ".")
@@ -267,6 +268,8 @@ def _training(steps: list[dict]) -> dict:
     return {
         "first_loss": steps[0]["loss"], "first_step": steps[0]["step"],
         "final_loss": steps[-1]["loss"], "final_step": steps[-1]["step"],
+        "tail_loss": sum(s["loss"] for s in steps[-TAIL_STEPS:]) / len(steps[-TAIL_STEPS:]),
+        "tail_steps": len(steps[-TAIL_STEPS:]),
         "tokens_per_second": sum(speeds) / len(speeds) if speeds else None,
         "peak_memory_mb": max(memory) if memory else None,
         "curve": [[s["step"], s["loss"]] for s in steps],

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from qpissa import plots
+from qpissa.report import TAIL_STEPS as TAIL
 
 
 @dataclass
@@ -215,10 +216,12 @@ def _training(summary: dict) -> Table | None:
         e = summary["eval"].get(label) or {}
         rows.append([
             label, str(t["first_step"]), f"{t['first_loss']:.4f}", str(t["final_step"]),
-            f"{t['final_loss']:.4f}", _num(e.get("loss"), "{:.4f}"), _pct(e.get("accuracy")),
+            f"{t['final_loss']:.4f}", f"{t['tail_loss']:.4f}", _num(e.get("loss"), "{:.4f}"),
+            _pct(e.get("accuracy")),
             _num(t["tokens_per_second"], "{:.0f}"), _num(t["peak_memory_mb"], "{:.0f}"),
         ])  # fmt: skip
-    headers = ["method", "first step", "first loss", "last step", "last loss", "eval loss", "eval accuracy %",
+    headers = ["method", "first step", "first loss", "last step", "last loss", f"mean loss, last {TAIL}",
+               "eval loss", "eval accuracy %",
                "tokens/s", "peak memory MB"]  # fmt: skip
     note = (
         "Loss per step from trainer_log.jsonl (step 0: the initialized model); eval from eval_results.json."

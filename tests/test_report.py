@@ -86,6 +86,7 @@ def test_summary_numbers_equal_the_inputs(inputs: dict[str, Path], tmp_path: Pat
         training = summary["training"]["qpissa"]
         assert training["curve"] == [[entry["step"], entry["loss"]] for entry in log]
         assert training["final_loss"] == log[-1]["loss"]
+        assert training["tail_loss"] == pytest.approx(sum(e["loss"] for e in log[-10:]) / len(log[-10:]))
         assert training["peak_memory_mb"] == max(e["peak_memory_mb"] for e in log)
 
 
