@@ -226,12 +226,13 @@ def _convert_shard(
     adapter = SafetensorsWriter(layout.adapter_part(shard_path.parent, shard_path.name))
     layers = []
     for name in names:
-        tensor = reader.read(name)
+        # no tensor outlives its iteration: holding the previous one while reading the next would
+        # double the peak on models whose largest tensors (embeddings, lm_head) sit side by side
         module = name.removesuffix(".weight")
         if module not in targets or not name.endswith(".weight"):
-            writer.add(name, tensor)  # everything that is not a target weight is copied unchanged
+            writer.add(name, reader.read(name))  # everything that is not a target weight is copied unchanged
             continue
-        result, layer = _decompose_one(module, tensor, settings, device)
+        result, layer = _decompose_one(module, reader.read(name), settings, device)
         for key, value in result.q.state_dict(f"{module}.").items():
             writer.add(key, value)
         adapter.add(f"base_model.model.{module}.lora_A.weight", result.A)
