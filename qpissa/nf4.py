@@ -7,6 +7,7 @@ and dequantizing to anything narrower would add a rounding the adapter was not f
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,10 @@ class NF4Weight:
 
 
 def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:
-    """Quantize a weight to NF4 with bitsandbytes.
+    """Quantize a weight to NF4, byte for byte as `bitsandbytes.functional.quantize_4bit` does.
+
+    On the CPU the codes come from `_nf4_codes_cpu` (same arithmetic, ~3x faster than bitsandbytes'
+    own CPU path, whose binary search dominates a conversion); elsewhere from bitsandbytes itself.
 
     Args:
         W: float `[out, in]` on any device bitsandbytes supports; quantized in float32.
@@ -53,7 +57,58 @@ def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     """
     import bitsandbytes.functional as bnbf
 
-    packed, state = bnbf.quantize_4bit(
-        W.float().contiguous(), blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4"
-    )
+    W = W.float().contiguous()
+    if W.device.type != "cpu" or W.numel() % (2 * blocksize):
+        packed, state = bnbf.quantize_4bit(
+            W, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4"
+        )
+        return NF4Weight(packed=packed, state=state)
+    packed, absmax = _nf4_codes_cpu(W, blocksize)
+    code = bnbf.get_4bit_type("nf4", device=W.device)
+    if not double_quant:
+        state = bnbf.QuantState(absmax=absmax, shape=W.shape, dtype=W.dtype, blocksize=blocksize, code=code,
+                                quant_type="nf4")  # fmt: skip
+        return NF4Weight(packed=packed, state=state)
+    offset = absmax.mean()  # double quant exactly as bitsandbytes: 8-bit blockwise absmax - mean
+    qabsmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
+    state = bnbf.QuantState(absmax=qabsmax, shape=W.shape, dtype=W.dtype, blocksize=blocksize, code=code,
+                            quant_type="nf4", offset=offset, state2=state2)  # fmt: skip
     return NF4Weight(packed=packed, state=state)
+
+
+def _nf4_codes_cpu(W: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' CPU NF4 kernel with its binary search replaced by a table lookup.
+
+    The code of a scaled value x is the number of level midpoints below x (`torch.bucketize`). A table
+    over 4096 cells of [-1, 1] gives the count below each cell and the one midpoint that may fall in
+    it (midpoints are ≥ 0.08 apart, cells 0.0005 wide), so one comparison settles the code exactly.
+    Returns packed uint8 `[n/2, 1]` and float32 absmax `[n/blocksize]`.
+    """
+    blocks = W.reshape(-1, blocksize)
+    absmax = blocks.abs().max(dim=-1)[0]
+    # the same float operations as bitsandbytes, so the scaled values are bit-identical
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    below, midpoint = _code_table()
+    cell = ((scaled + 1) * (_CELLS / 2)).to(torch.int32).clamp_(0, _CELLS - 1)
+    codes = (below[cell] + (scaled > midpoint[cell])).to(torch.uint8)
+    packed = ((codes[::2] << 4) | codes[1::2]).unsqueeze(1)
+    return packed, absmax
+
+
+_CELLS = 4096
+
+
+@functools.cache
+def _code_table() -> tuple[torch.Tensor, torch.Tensor]:
+    import bitsandbytes.functional as bnbf
+
+    levels = bnbf.get_4bit_type("nf4", device="cpu")
+    midpoints = ((levels[:-1] + levels[1:]) / 2).tolist()  # the boundaries bitsandbytes bucketizes on
+    slack = 1e-4  # cell index rounding error is far smaller; midpoints are far farther apart
+    below, midpoint = [], []
+    for i in range(_CELLS):
+        lo, hi = i * 2 / _CELLS - 1 - slack, (i + 1) * 2 / _CELLS - 1 + slack
+        below.append(sum(m < lo for m in midpoints))
+        inside = [m for m in midpoints if lo <= m <= hi]
+        midpoint.append(inside[0] if inside else float("inf"))
+    return torch.tensor(below, dtype=torch.uint8), torch.tensor(midpoint, dtype=torch.float32)

@@ -112,3 +112,32 @@ def test_settings_errors_name_every_bad_key() -> None:
     message = str(error.value)
     for expected in ("`nmae`", "`ratio`", "`method`", "`inner.size`"):
         assert expected in message
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_fast_nf4_codes_are_byte_identical_to_bitsandbytes(double_quant: bool, blocksize: int) -> None:
+    import bitsandbytes.functional as bnbf
+
+    from qpissa.nf4 import quantize_nf4
+
+    generator = torch.Generator().manual_seed(blocksize)
+    levels = bnbf.get_4bit_type("nf4", device="cpu")
+    midpoints = (levels[:-1] + levels[1:]) / 2
+    edge_block = torch.cat(
+        [midpoints, -midpoints, levels, torch.nextafter(midpoints, torch.ones(15)), levels[:3]]
+    )
+    W = torch.cat([
+        torch.randn(96, 256, generator=generator) * 0.02,
+        torch.randn(32, 256, generator=generator).pow(3),  # heavy tails
+        torch.zeros(2, 256),  # all-zero blocks
+        edge_block.repeat(8, 1).reshape(2, 256),  # values exactly on the decision boundaries
+    ])  # fmt: skip
+    ours = quantize_nf4(W, blocksize, double_quant)
+    packed, state = bnbf.quantize_4bit(
+        W, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4"
+    )
+    assert torch.equal(ours.packed, packed)
+    for key, value in state.as_dict(packed=True).items():
+        assert torch.equal(ours.state.as_dict(packed=True)[key], value), key
+    assert torch.equal(ours.dequantize(), bnbf.dequantize_4bit(packed, state))
