@@ -51,7 +51,8 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     print(summary_table(report))
     print(
         f"{settings.method.value}: {len(report['layers'])} matrices in {summary['total_seconds']:.1f} s "
-        f"(metrics {summary['metrics_seconds']:.1f} s), peak RSS {summary['peak_rss_mb']:.0f} MB -> {args.out}"
+        f"(metrics {summary['metrics_seconds']:.1f} s), peak RSS {summary['peak_rss_mb']:.0f} MB "
+        f"-> {args.out}"
     )
 
 
@@ -62,7 +63,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
     summary = train(config, show_progress=not args.quiet)
     evaluation = summary.get("eval", {})
     extra = "".join(f", eval {k} {evaluation[k]:.4f}" for k in ("loss", "accuracy") if k in evaluation)
-    print(f"trained {summary['steps']} steps, mean loss {summary['train_loss']:.4f}{extra} -> {summary['output_dir']}")
+    print(
+        f"trained {summary['steps']} steps, mean loss {summary['train_loss']:.4f}{extra} "
+        f"-> {summary['output_dir']}"
+    )
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -136,12 +140,16 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="only warnings and the result; no progress bars")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
-    fetch = commands.add_parser("fetch-model", help="write an embedded demo model as a standard HF checkpoint")
+    fetch = commands.add_parser(
+        "fetch-model", help="write an embedded demo model as a standard HF checkpoint"
+    )
     fetch.add_argument("name", choices=sorted(DEMO_MODELS), help="demo model")
     fetch.add_argument("out", type=Path, help="directory to write (a second call is instant)")
     fetch.set_defaults(handler=_cmd_fetch_model)
 
-    convert = commands.add_parser("convert", help="decompose a checkpoint: NF4 residual + adapter + error report")
+    convert = commands.add_parser(
+        "convert", help="decompose a checkpoint: NF4 residual + adapter + error report"
+    )
     convert.add_argument("model", type=Path, help="Hugging Face checkpoint directory (safetensors)")
     convert.add_argument("out", type=Path, help="output QPiSSA directory")
     add_arguments(convert, ConvertSettings)
@@ -149,13 +157,21 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     convert.set_defaults(handler=_cmd_convert)
 
-    train = commands.add_parser("train", help="fine-tune the adapter of a QPiSSA directory from a YAML recipe")
+    train = commands.add_parser(
+        "train", help="fine-tune the adapter of a QPiSSA directory from a YAML recipe"
+    )
     train.add_argument("config", type=Path, help="YAML recipe (see configs/)")
-    train.add_argument("overrides", nargs="*", help="key=value overrides, dotted for groups: data.max_seq_len=512")
+    train.add_argument(
+        "overrides", nargs="*", help="key=value overrides, dotted for groups: data.max_seq_len=512"
+    )
     train.set_defaults(handler=_cmd_train)
 
-    evaluate = commands.add_parser("eval", help="loss, perplexity and exact-match accuracy on a data file (JSON)")
-    evaluate.add_argument("model_or_run", type=Path, help="QPiSSA directory, training run, checkpoint or model")
+    evaluate = commands.add_parser(
+        "eval", help="loss, perplexity and exact-match accuracy on a data file (JSON)"
+    )
+    evaluate.add_argument(
+        "model_or_run", type=Path, help="QPiSSA directory, training run, checkpoint or model"
+    )
     evaluate.add_argument("--data", type=Path, required=True, help="data file or save_to_disk directory")
     add_arguments(evaluate, EvalSettings)
     evaluate.set_defaults(handler=_cmd_eval)
@@ -172,6 +188,10 @@ def _build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(handler=_cmd_chat)
 
     _add_compare_and_report(commands)
+    for command in commands.choices.values():  # --quiet is accepted after the command name too
+        command.add_argument(
+            "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
     return parser
 
 
@@ -196,3 +216,7 @@ def _add_compare_and_report(commands: argparse._SubParsersAction) -> None:
     report.add_argument("--out", type=Path, required=True, help="report directory")
     add_arguments(report, ReportOptions)
     report.set_defaults(handler=_cmd_report)
+
+
+if __name__ == "__main__":
+    main_entry()

@@ -21,7 +21,7 @@ T = TypeVar("T")
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = ()) -> None:
-    """Add one `--flag` per field of the flat dataclass `cls` (except `exclude`), with its help text and choices."""
+    """Add one `--flag` per field of the flat dataclass `cls` (but `exclude`), with help text and choices."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         if field.name in exclude:
@@ -31,9 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str
         help_text = field.metadata.get("help", "")
         default = field.default if field.default is not dataclasses.MISSING else None
         if kind is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
-            )
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif isinstance(kind, type) and issubclass(kind, Enum):
             parser.add_argument(
                 flag, choices=[m.value for m in kind], default=_plain(default), help=help_text
@@ -62,7 +60,9 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "") -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     problems = [
-        f"unknown setting `{where}{key}` (known: {', '.join(sorted(fields))})" for key in values if key not in fields
+        f"unknown setting `{where}{key}` (known: {', '.join(sorted(fields))})"
+        for key in values
+        if key not in fields
     ]
     kwargs = {}
     for key, value in values.items():

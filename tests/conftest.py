@@ -65,8 +65,8 @@ def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>"], chat_template=template,
+        tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>",
+        unk_token="<unk>", additional_special_tokens=["<|im_start|>"], chat_template=template,
     )  # fmt: skip
     tokenizer.save_pretrained(out_dir)
     return out_dir

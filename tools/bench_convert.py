@@ -33,7 +33,17 @@ TOLERANCE = 0.3
 
 def run_ours(model: Path, out: Path, *flags: str) -> dict:
     """One `qpissa convert` in a fresh process; returns its report (timings and peak RSS included)."""
-    command = [sys.executable, "-m", "qpissa.cli", "--quiet", "convert", str(model), str(out), "--overwrite", *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "qpissa.cli",
+        "--quiet",
+        "convert",
+        str(model),
+        str(out),
+        "--overwrite",
+        *flags,
+    ]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     report = json.loads((out / "qpissa_report.json").read_text())
     shutil.rmtree(out)
