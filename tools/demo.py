@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import warnings
 from pathlib import Path
 
 import torch
+import transformers
 
 from qpissa.convert import ConvertSettings, convert
 from qpissa.methods import Method
@@ -32,6 +34,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     model_dir = fetch_demo_model("smollm2-135m", args.workdir / "smollm2-135m")
+    # from here on the output is ours: no loading bars or library deprecation notices
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
     reports = {}
     for method in (Method.QLORA, Method.QPISSA):
         iters = None if method is Method.QLORA else args.iters
