@@ -83,18 +83,9 @@ def _qpissa(W: torch.Tensor, st: DecomposeSettings, generator: torch.Generator) 
     # sees W minus the dequantized residual, so the adapter also absorbs the quantization error.
     M, start = W, None
     for _ in range(st.iters):
-        svd = truncated_svd(
-            M,
-            st.rank,
-            st.svd,
-            oversample=st.oversample,
-            power_iters=st.power_iters if start is None else st.warm_power_iters,
-            generator=generator,
-            start=start,
-        )
-        B, A = principal_factors(svd.U, svd.S, svd.Vh, st.scale)
+        B, A, start = _fit_adapter(M, st, generator, start)
         q = _quantize_residual(W, A, B, st)
-        M, start = W - q.dequantize().to(W), svd.basis
+        M = W - q.dequantize().to(W)
     return Decomposition(q=q, A=A, B=B)
 
 
@@ -106,17 +97,7 @@ def _loftq(W: torch.Tensor, st: DecomposeSettings, generator: torch.Generator) -
     start = None
     for _ in range(st.iters):
         q = _quantize_residual(W, A, B, st)
-        svd = truncated_svd(
-            W - q.dequantize().to(W),
-            st.rank,
-            st.svd,
-            oversample=st.oversample,
-            power_iters=st.power_iters if start is None else st.warm_power_iters,
-            generator=generator,
-            start=start,
-        )
-        B, A = principal_factors(svd.U, svd.S, svd.Vh, st.scale)
-        start = svd.basis
+        B, A, start = _fit_adapter(W - q.dequantize().to(W), st, generator, start)
     return Decomposition(q=q, A=A, B=B)
 
 
@@ -128,6 +109,18 @@ def _qlora(W: torch.Tensor, st: DecomposeSettings, generator: torch.Generator) -
     B = torch.zeros(out_features, st.rank)
     q = quantize_nf4(W, st.blocksize, st.double_quant)
     return Decomposition(q=q, A=A.to(W.device), B=B.to(W.device))
+
+
+def _fit_adapter(
+    M: torch.Tensor, st: DecomposeSettings, generator: torch.Generator, start: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Rank-r principal factors `B [out, r]`, `A [r, in]` of `M`, and the subspace to warm-start from."""
+    svd = truncated_svd(
+        M, st.rank, st.svd, oversample=st.oversample, generator=generator, start=start,
+        power_iters=st.power_iters if start is None else st.warm_power_iters,
+    )  # fmt: skip
+    B, A = principal_factors(svd.U, svd.S, svd.Vh, st.scale)
+    return B, A, svd.basis
 
 
 def _quantize_residual(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, st: DecomposeSettings) -> NF4Weight:

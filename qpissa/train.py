@@ -21,7 +21,7 @@ import torch
 from qpissa import UserError
 from qpissa.checkpoint import write_json
 from qpissa.config import from_dict, to_dict
-from qpissa.convert import ADAPTER_DIR, REPORT_NAME
+from qpissa.convert import ADAPTER_DIR, REPORT_NAME, Device
 from qpissa.data import DataConfig, Sample, TokenizedData, check_tokenizer, collate, load_split, pad_token_id
 from qpissa.loading import RUN_MARKER, ModelSource, load_model, load_tokenizer
 
@@ -30,14 +30,6 @@ log = logging.getLogger(__name__)
 LOG_NAME = "trainer_log.jsonl"
 EVAL_LOG_NAME = "eval_log.jsonl"
 PISSA_MAX_LR = 1e-4  # the paper trains at 2e-5; users report PiSSA diverging at 2e-4 (REFERENCE.md §5)
-
-
-class Device(str, Enum):
-    """Where to train."""
-
-    AUTO = "auto"
-    CPU = "cpu"
-    CUDA = "cuda"
 
 
 class Optimizer(str, Enum):
