@@ -70,3 +70,13 @@ def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )  # fmt: skip
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def qpissa_dir(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_chat_model` converted with QPiSSA (r=4, T=1); tests only read it."""
+    from qpissa.cli import main
+
+    out = tmp_path_factory.mktemp("converted") / "qpissa"
+    assert main(["--quiet", "convert", str(tiny_chat_model), str(out), "--rank", "4", "--iters", "1"]) == 0
+    return out

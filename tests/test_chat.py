@@ -42,11 +42,6 @@ def _chat(capsys, model_dir: Path, prompt: str, options: list[str]) -> str:
     return capsys.readouterr().out
 
 
-@pytest.fixture(scope="module")
-def qpissa_dir(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _convert(tiny_chat_model, tmp_path_factory.mktemp("chat") / "qpissa", rank=4)
-
-
 def test_prompt_prints_only_the_answer_and_every_source_agrees(qpissa_dir: Path, tmp_path: Path, capsys):
     printed = _chat(capsys, qpissa_dir, "hello", SAMPLED)
     settings = ChatSettings(prompt="hello", temperature=1.0, seed=3, max_new_tokens=16)

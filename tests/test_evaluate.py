@@ -64,15 +64,6 @@ def test_exact_match_scores_greedy_answers(model_and_tokenizer) -> None:
     }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def qpissa_dir(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("eval") / "qpissa"
-    assert (
-        cli.main(["--quiet", "convert", str(tiny_chat_model), str(out), "--rank", "4", "--iters", "1"]) == 0
-    )
-    return out
-
-
 def _data(tmp_path: Path) -> Path:
     path = tmp_path / "eval.jsonl"
     records = [{"completion": f" {i % 10}", "prompt": f"{i}%10="} for i in range(5)]

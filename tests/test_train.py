@@ -15,15 +15,6 @@ STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def qpissa_dir(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("train") / "qpissa"
-    assert (
-        cli.main(["--quiet", "convert", str(tiny_chat_model), str(out), "--rank", "4", "--iters", "1"]) == 0
-    )
-    return out
-
-
-@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("data")
     for name, offset in (("train", 0), ("eval", 100)):
