@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from qpissa.convert import ConvertSettings, convert
+from qpissa.convert import ConvertSettings, convert, summary_table
 from qpissa.methods import Method
 from qpissa.models import fetch_demo_model
 
@@ -47,10 +47,9 @@ def main() -> None:
 
     print(f"\nQPiSSA model (4-bit residual + adapter) answering: {PROMPT!r}")
     print(chat_once(args.workdir / f"qpissa-r{args.rank}", PROMPT))
-    print(
-        f"\nQuantization error per module type (Frobenius, mean over {len(reports[Method.QPISSA]['layers']) // 7} layers)"
-    )
-    print(error_table(reports[Method.QLORA], reports[Method.QPISSA]))
+    # the QLoRA column is ‖W − deq(nf4(W))‖: the error of the QLoRA conversion above
+    print("\nQuantization error per module type (Frobenius, mean over layers), QLoRA vs QPiSSA")
+    print(summary_table(reports[Method.QPISSA]))
 
 
 def chat_once(qpissa_dir: Path, prompt: str) -> str:
@@ -68,26 +67,6 @@ def chat_once(qpissa_dir: Path, prompt: str) -> str:
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=60, do_sample=False)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-
-
-def error_table(qlora: dict, qpissa: dict) -> str:
-    """QLoRA's and QPiSSA's mean error per module type, with the reduction and the paper-style AVG."""
-
-    def by_type(report: dict) -> dict[str, float]:
-        errors: dict[str, list[float]] = {}
-        for layer in report["layers"]:
-            errors.setdefault(layer["module_type"], []).append(layer["err_fro"])
-        return {kind: sum(values) / len(values) for kind, values in errors.items()}
-
-    base, ours = by_type(qlora), by_type(qpissa)
-    lines = [f"{'module':<10} {'QLoRA':>8} {'QPiSSA':>8} {'reduction':>10}", "-" * 39]
-    for kind in base:
-        lines.append(
-            f"{kind:<10} {base[kind]:>8.3f} {ours[kind]:>8.3f} {qpissa['summary']['by_type_fro'][kind]:>9.1f}%"
-        )
-    lines.append("-" * 39)
-    lines.append(f"{'AVG':<10} {'':>8} {'':>8} {qpissa['summary']['avg_fro']:>9.1f}%")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
