@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import shutil
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -72,8 +73,11 @@ class ConvertSettings:
     oversample: int = field(default=32, metadata={"help": "randomized SVD: extra sketch columns beyond r"})
     power_iters: int = field(default=4, metadata={"help": "randomized SVD: power (subspace) iterations"})
     warm_power_iters: int = field(
-        default=2,
-        metadata={"help": "randomized SVD: power iterations when warm-started from the last iteration"},
+        default=0,
+        metadata={
+            "help": "randomized SVD: extra power iterations when warm-started from the last iteration "
+            "(each iteration is already one subspace step)"
+        },
     )
     svd_dtype: Precision = field(
         default=Precision.FLOAT32, metadata={"help": "precision of the SVD and residual"}
@@ -175,13 +179,18 @@ def convert(
         disable=None if show_progress else True,
     )
     bar.update(sum(len(entry["layers"]) for entry in progress["shards"]))
-    for shard_file, names in plan:
-        if shard_file in done:
-            continue
-        layers = _convert_shard(reader, names, targets, settings, device, partial / shard_file, bar)
-        progress["shards"].append({"file": shard_file, "layers": layers})
-        write_json(partial / layout.PROGRESS_NAME, progress)
-    bar.close()
+    try:
+        for shard_file, names in plan:
+            if shard_file in done:
+                continue
+            layers = _convert_shard(reader, names, targets, settings, device, partial / shard_file, bar)
+            progress["shards"].append({"file": shard_file, "layers": layers})
+            write_json(partial / layout.PROGRESS_NAME, progress)
+    except UserError:  # a damaged weight: nothing written so far is worth resuming
+        shutil.rmtree(partial)
+        raise
+    finally:
+        bar.close()
 
     progress["seconds"] += time.perf_counter() - started
     report = _finish(reader, partial, out_dir, targets, settings, device, progress, [f for f, _ in plan])
@@ -255,6 +264,11 @@ def _decompose_one(module: str, W: torch.Tensor, settings: ConvertSettings, devi
         blocksize=settings.blocksize, double_quant=settings.double_quant,
     )  # fmt: skip
     W = W.to(device=device, dtype=decompose_settings.svd_dtype)
+    if not torch.isfinite(W).all():
+        raise UserError(
+            f"{module}.weight contains NaN or infinite values; the checkpoint is damaged "
+            "(or was saved from a diverged run): convert a healthy checkpoint"
+        )
     result = decompose(W, decompose_settings, _generator(settings.seed, module))
     result.A, result.B = result.A.cpu(), result.B.cpu()
     _sync(device)

@@ -82,10 +82,11 @@ def _qpissa(W: torch.Tensor, st: DecomposeSettings, generator: torch.Generator) 
     # Iterative QPiSSA (paper Appendix E): SVD first, then quantize the residual; each later SVD
     # sees W minus the dequantized residual, so the adapter also absorbs the quantization error.
     M, start = W, None
-    for _ in range(st.iters):
+    for i in range(st.iters):
         B, A, start = _fit_adapter(M, st, generator, start)
         q = _quantize_residual(W, A, B, st)
-        M = W - q.dequantize().to(W)
+        if i + 1 < st.iters:  # the last residual is stored as is; nothing is fitted to it
+            M = W - q.dequantize().to(W)
     return Decomposition(q=q, A=A, B=B)
 
 
@@ -126,5 +127,5 @@ def _fit_adapter(
 def _quantize_residual(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, st: DecomposeSettings) -> NF4Weight:
     # The residual is W - s·B·A computed from the adapter as stored (float32), not from the tail
     # singular values, so deq(Q) + s·B·A reproduces W up to the quantization error alone.
-    residual = W - st.scale * (B.to(W) @ A.to(W))  # [out, in]
+    residual = torch.addmm(W, B.to(W), A.to(W), alpha=-st.scale)  # W - s·B·A, [out, in]
     return quantize_nf4(residual, st.blocksize, st.double_quant)

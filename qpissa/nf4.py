@@ -44,7 +44,7 @@ class NF4Weight:
 def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:
     """Quantize a weight to NF4, byte for byte as `bitsandbytes.functional.quantize_4bit` does.
 
-    On the CPU the codes come from `_nf4_codes_cpu` (same arithmetic, ~3x faster than bitsandbytes'
+    On the CPU the codes come from `_nf4_codes_cpu` (same arithmetic, several times faster than bitsandbytes'
     own CPU path, whose binary search dominates a conversion); elsewhere from bitsandbytes itself.
 
     Args:
@@ -85,17 +85,22 @@ def _nf4_codes_cpu(W: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch
     Returns packed uint8 `[n/2, 1]` and float32 absmax `[n/blocksize]`.
     """
     blocks = W.reshape(-1, blocksize)
-    absmax = blocks.abs().max(dim=-1)[0]
-    # the same float operations as bitsandbytes, so the scaled values are bit-identical
-    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    absmax = torch.maximum(blocks.amax(dim=-1), -blocks.amin(dim=-1))  # max |x|, without a copy of |W|
+    inverse = 1.0 / absmax.clamp(min=1e-38).view(-1, 1)
+    # the same float operations as bitsandbytes, so the values compared below are bit-identical to its
+    # scaled values; bitsandbytes' clamp to [-1, 1] changes no code, so it is left out
+    scaled = (blocks * inverse).view(-1)
+    # (scaled + 1) * _CELLS / 2 in one pass: the cell only has to be right within the table's slack
+    cell = torch.add(_HALF_CELLS, scaled, alpha=_CELLS / 2).to(torch.int32)
     below, midpoint = _code_table()
-    cell = ((scaled + 1) * (_CELLS / 2)).to(torch.int32).clamp_(0, _CELLS - 1)
-    codes = (below[cell] + (scaled > midpoint[cell])).to(torch.uint8)
+    codes = below.index_select(0, cell)  # index_select: several times faster than [] indexing here
+    codes += scaled > midpoint.index_select(0, cell)
     packed = ((codes[::2] << 4) | codes[1::2]).unsqueeze(1)
     return packed, absmax
 
 
 _CELLS = 4096
+_HALF_CELLS = torch.tensor(_CELLS / 2)
 
 
 @functools.cache
@@ -106,7 +111,7 @@ def _code_table() -> tuple[torch.Tensor, torch.Tensor]:
     midpoints = ((levels[:-1] + levels[1:]) / 2).tolist()  # the boundaries bitsandbytes bucketizes on
     slack = 1e-4  # cell index rounding error is far smaller; midpoints are far farther apart
     below, midpoint = [], []
-    for i in range(_CELLS):
+    for i in range(_CELLS + 1):  # the last row holds x = 1 exactly
         lo, hi = i * 2 / _CELLS - 1 - slack, (i + 1) * 2 / _CELLS - 1 + slack
         below.append(sum(m < lo for m in midpoints))
         inside = [m for m in midpoints if lo <= m <= hi]

@@ -70,10 +70,38 @@ def _randomized_svd(
     q = min(rank + oversample, m, n)
     # drawn on the CPU generator, then moved: the sketch is the same on every device
     omega = torch.randn(n, q, generator=generator, dtype=M.dtype).to(M.device) if start is None else start
-    Y = torch.linalg.qr(M @ omega).Q  # [m, q], orthonormal range estimate
+    Y = M @ omega  # [m, q]
     for _ in range(power_iters):
-        Z = torch.linalg.qr(M.T @ Y).Q  # [n, q]
-        Y = torch.linalg.qr(M @ Z).Q  # [m, q]
-    Ub, S, Vh = torch.linalg.svd(Y.T @ M, full_matrices=False)  # small [q, n] problem
+        Z = M.T @ _span_basis(Y)  # [n, q]
+        Y = M @ _span_basis(Z)  # [m, q]
+    Y = torch.linalg.qr(Y).Q  # Householder: the result is only as accurate as this basis is orthonormal
+    Ub, S, Vh = _wide_svd(Y.T @ M)  # small [q, n] problem
     U = Y @ Ub  # [m, q]
     return TruncatedSvd(U[:, :rank], S[:rank], Vh[:rank], basis=Vh.T.contiguous())
+
+
+def _span_basis(Y: torch.Tensor) -> torch.Tensor:
+    """A well-conditioned basis of `Y`'s columns for the next power step (Cholesky QR).
+
+    About twice as fast as Householder QR on tall-skinny blocks; it loses some orthogonality when `Y` is
+    ill-conditioned, which a power step tolerates. Falls back to Householder when `Y` is rank-deficient.
+    """
+    L, info = torch.linalg.cholesky_ex(Y.T @ Y)
+    if info.item() != 0:
+        return torch.linalg.qr(Y).Q
+    return torch.linalg.solve_triangular(L, Y.T, upper=False).T
+
+
+def _wide_svd(B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of a `[q, n]` block with q ≤ n from the eigenpairs of its `[q, q]` Gram matrix.
+
+    Several times faster than a LAPACK SVD of the block; the Gram matrix is formed in float64, so
+    squaring the singular values costs no accuracy in the float32 range we keep.
+    """
+    B64 = B.double()
+    eigenvalues, Ub = torch.linalg.eigh(B64 @ B64.T)  # ascending
+    Ub = Ub.flip(1)
+    S = eigenvalues.flip(0).clamp(min=0).sqrt()
+    # a zero singular value leaves its row of Vh at zero instead of dividing by zero
+    Vh = (Ub.T @ B64) / torch.where(S > 0, S, 1.0)[:, None]
+    return Ub.to(B.dtype), S.to(B.dtype), Vh.to(B.dtype)

@@ -57,6 +57,18 @@ def test_garbage_shard(model_copy: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert "model.safetensors" in _fails(capsys, tmp_path / "out", str(model_copy))
 
 
+def test_non_finite_weight_names_the_tensor(model_copy: Path, tmp_path: Path, capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    shard = model_copy / "model.safetensors"
+    tensors = load_file(shard)
+    name = next(key for key in sorted(tensors) if key.endswith("mlp.down_proj.weight"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    error = _fails(capsys, tmp_path / "out", str(model_copy), "--rank", "4")
+    assert name in error and "NaN" in error
+
+
 def test_already_quantized_checkpoint(
     tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

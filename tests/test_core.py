@@ -67,6 +67,17 @@ def test_warm_start_from_a_nearby_matrix_needs_no_power_iterations() -> None:
     assert torch.allclose(warm.S, exact.S, rtol=1e-3)
 
 
+@pytest.mark.parametrize("true_rank", [0, 3])
+def test_randomized_svd_of_a_rank_deficient_matrix_is_exact_and_finite(true_rank: int) -> None:
+    """Zero or low-rank weights (e.g. zero-initialized layers) must not produce NaN adapters."""
+    generator = torch.Generator().manual_seed(0)
+    M = torch.randn(64, true_rank, generator=generator) @ torch.randn(true_rank, 48, generator=generator)
+    svd = truncated_svd(M, 8, SvdKind.RANDOMIZED, generator=generator)
+    assert all(torch.isfinite(t).all() for t in (svd.U, svd.S, svd.Vh, svd.basis))
+    assert torch.allclose(svd.U @ torch.diag(svd.S) @ svd.Vh, M, atol=1e-4)
+    assert (svd.S[true_rank:] < 1e-4).all()
+
+
 @pytest.mark.parametrize("method", list(Method))
 @pytest.mark.parametrize("scale", [1.0, 0.25])
 def test_principal_part_plus_residual_is_the_weight(method: Method, scale: float) -> None:

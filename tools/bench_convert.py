@@ -6,10 +6,13 @@ Parts (all by default):
   quality  AVG nuclear-norm reduction of LoftQ and QPiSSA at r ∈ {16, 64}, T ∈ {1, 5} (randomized SVD,
            NF4 blocksize 64, no double quant: the paper's setting) against REFERENCE.md §6;
   speed    ours (randomized, r=64, T=5) vs PEFT's flow (load bf16, get_peft_model with
-           init_lora_weights="pissa_niter_4", save the residual) vs the exact-SVD iterative loop;
+           init_lora_weights="pissa_niter_4", save the residual) vs the straightforward exact-SVD
+           iterative loop of REFERENCE.md §6 (torch.linalg.svd + bitsandbytes NF4 each iteration);
   memory   peak RSS of ours vs the PEFT flow on the demo model, and ours on a synthetic
            Llama-3-8B-shaped checkpoint with 2 vs 8 layers.
-Each measurement runs in a fresh process, so peak RSS is that run's own.
+Each measurement runs in a fresh process, so peak RSS is that run's own. Timed sides import the same
+libraries (torch, transformers with the model's class, peft, bitsandbytes) before their clock starts,
+and each is run `--repeats` times, keeping the fastest: the machine's speed drifts between runs.
 """
 
 from __future__ import annotations
@@ -76,20 +79,32 @@ def quality(model: Path, work: Path) -> list[dict]:
     return rows
 
 
-def speed_and_memory(model: Path, work: Path) -> dict:
-    flags = ["--rank", "64", "--iters", "5", "--no-double-quant"]
-    ours = run_ours(model, work / "ours", *flags)
-    exact = run_ours(model, work / "exact", *flags, "--svd", "exact")
-    peft = run_peft(model, work / "peft", 64)
-    ours_s = ours["summary"]["total_seconds"] - ours["summary"]["metrics_seconds"]
-    exact_s = exact["summary"]["total_seconds"] - exact["summary"]["metrics_seconds"]
+def speed_and_memory(model: Path, work: Path, repeats: int) -> dict:
+    sides = {
+        name: min((_run_child(name, model, work / name) for _ in range(repeats)), key=lambda r: r["seconds"])
+        for name in ("ours", "peft", "reference")
+    }
+    ours, peft, reference = sides["ours"], sides["peft"], sides["reference"]
     return {
-        "ours_seconds": ours_s, "peft_seconds": peft["seconds"], "exact_loop_seconds": exact_s,
-        "ours_vs_peft": ours_s / peft["seconds"], "exact_vs_ours": exact_s / ours_s,
-        "ours_avg_fro": ours["summary"]["avg_fro"], "exact_avg_fro": exact["summary"]["avg_fro"],
-        "ours_rss_mb": ours["summary"]["peak_rss_mb"], "peft_rss_mb": peft["peak_rss_mb"],
-        "rss_ratio": ours["summary"]["peak_rss_mb"] / peft["peak_rss_mb"],
+        "ours_seconds": ours["seconds"], "peft_seconds": peft["seconds"], "exact_loop_seconds": reference["seconds"],
+        "ours_vs_peft": ours["seconds"] / peft["seconds"], "exact_vs_ours": reference["seconds"] / ours["seconds"],
+        "ours_avg_fro": ours["avg_fro"], "exact_avg_fro": reference["avg_fro"],
+        "ours_rss_mb": ours["peak_rss_mb"], "peft_rss_mb": peft["peak_rss_mb"],
+        "rss_ratio": ours["peak_rss_mb"] / peft["peak_rss_mb"], "repeats": repeats,
     }  # fmt: skip
+
+
+def _run_child(side: str, model: Path, out: Path) -> dict:
+    """One timed side in a fresh process (see `_child`); returns its JSON line."""
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, __file__, "--child", side, str(model), str(out)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    shutil.rmtree(out, ignore_errors=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(
+        f"speed {side}: {result['seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB", file=sys.stderr
+    )
+    return result
 
 
 def layer_scaling(work: Path) -> dict:
@@ -122,7 +137,7 @@ def to_markdown(results: dict) -> str:
     if "speed" in results:
         s = results["speed"]
         lines += [
-            "| measure | ours (randomized, r=64, T=5) | PEFT pissa_niter_4 (r=64, T=1) | exact-SVD loop (r=64, T=5) |",
+            "| measure | ours (randomized, r=64, T=5) | PEFT pissa_niter_4 (r=64, T=1) | reference exact-SVD loop (r=64, T=5) |",
             "|---|---|---|---|",
             f"| conversion seconds | {s['ours_seconds']:.1f} | {s['peft_seconds']:.1f} | {s['exact_loop_seconds']:.1f} |",
             f"| peak RSS MB | {s['ours_rss_mb']:.0f} | {s['peft_rss_mb']:.0f} | |",
@@ -141,36 +156,84 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _peft_child(model: Path, out: Path, rank: int) -> None:
-    """PEFT's documented PiSSA flow, timed from loading to the saved residual; prints JSON."""
+def _child(side: str, model: Path, out: Path) -> None:
+    """Import what every side needs, then time one side from loading to written output; prints JSON."""
+    import bitsandbytes  # noqa: F401  (imported before the clock by every side alike)
+    import peft  # noqa: F401
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model)
+    transformers.AutoModelForCausalLM._model_mapping[type(config)]  # imports the model's class
+    start = time.perf_counter()
+    avg_fro, excluded = {"ours": _ours, "peft": _peft, "reference": _reference}[side](model, out)
+    seconds = time.perf_counter() - start - excluded
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb, "avg_fro": avg_fro}))
+
+
+def _ours(model: Path, out: Path) -> tuple[float, float]:
+    """`qpissa convert` at r=64, T=5 (randomized defaults); its own metric time is excluded."""
+    from qpissa.convert import ConvertSettings, convert
+
+    settings = ConvertSettings(rank=64, iters=5, double_quant=False)
+    report = convert(model, out, settings, overwrite=True, show_progress=False)
+    return report["summary"]["avg_fro"], report["summary"]["metrics_seconds"]
+
+
+def _peft(model: Path, out: Path) -> tuple[None, float]:
+    """PEFT's documented PiSSA flow: load bf16, pissa_niter_4 init, save adapter and 16-bit residual."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    start = time.perf_counter()
     base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
     config = LoraConfig(
-        r=rank,
-        lora_alpha=rank,
-        lora_dropout=0.0,
-        target_modules="all-linear",
-        init_lora_weights="pissa_niter_4",
+        r=64, lora_alpha=64, lora_dropout=0.0, target_modules="all-linear", init_lora_weights="pissa_niter_4"
     )
     peft_model = get_peft_model(base, config)
     peft_model.peft_config["default"].init_lora_weights = True
     peft_model.save_pretrained(out / "pissa_init")
     peft_model.unload().save_pretrained(out / "residual")
-    seconds = time.perf_counter() - start
-    print(
-        json.dumps(
-            {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-        )
-    )
+    return None, 0.0
+
+
+def _reference(model: Path, out: Path) -> tuple[float, float]:
+    """REFERENCE.md §6's straightforward iterative QPiSSA (r=64, T=5): an exact float32 SVD and
+    bitsandbytes' own NF4 (blocksize 64, no double quant) every iteration; error metric excluded."""
+    import bitsandbytes.functional as bnbf
+    import torch
+    from safetensors.torch import save_file
+
+    from qpissa.checkpoint import CheckpointReader
+    from qpissa.targets import ALL_LINEAR, resolve_targets
+
+    rank, iters, reductions, excluded, outputs = 64, 5, {}, 0.0, {}
+    reader = CheckpointReader(model)
+    for module in resolve_targets(ALL_LINEAR, reader, rank):
+        W = reader.read(f"{module}.weight").float()
+        M = W
+        for _ in range(iters):
+            U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+            B, A = U[:, :rank] * S[:rank].sqrt(), S[:rank].sqrt()[:, None] * Vh[:rank]
+            packed, state = bnbf.quantize_4bit(W - B @ A, blocksize=64, quant_type="nf4")
+            M = W - bnbf.dequantize_4bit(packed, state)
+        outputs |= {f"{module}.weight": packed, f"{module}.lora_A": A, f"{module}.lora_B": B}
+        tick = time.perf_counter()
+        baseline = W - bnbf.dequantize_4bit(*bnbf.quantize_4bit(W, blocksize=64, quant_type="nf4"))
+        reduction = 1 - torch.linalg.norm(
+            W - B @ A - bnbf.dequantize_4bit(packed, state)
+        ) / torch.linalg.norm(baseline)
+        reductions.setdefault(module.rsplit(".", 1)[-1], []).append(100 * reduction.item())
+        excluded += time.perf_counter() - tick
+    out.mkdir(parents=True)
+    save_file(outputs, out / "reference.safetensors")
+    per_type = [sum(values) / len(values) for values in reductions.values()]
+    return sum(per_type) / len(per_type), excluded
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--peft-child":
-        _peft_child(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _child(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -179,12 +242,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/qpissa-bench"), help="scratch directory")
     parser.add_argument("--out", type=Path, default=Path("bench_convert.json"), help="results JSON")
     parser.add_argument("--parts", default="quality,speed,memory", help="comma-separated subset")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per side; the fastest counts")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     parts = set(args.parts.split(","))
     results: dict = {}
     if "speed" in parts:
-        results["speed"] = speed_and_memory(args.model, args.work)
+        results["speed"] = speed_and_memory(args.model, args.work, args.repeats)
     if "quality" in parts:
         results["quality"] = quality(args.model, args.work)
     if "memory" in parts:
