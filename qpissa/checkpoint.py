@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ _DTYPE_CODES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }  # fmt: skip
+_WIDTHS = {code: torch.empty(0, dtype=dtype).element_size() for dtype, code in _DTYPE_CODES.items()}
 
 
 class CheckpointReader:
@@ -43,7 +45,9 @@ class CheckpointReader:
         self.model_dir = model_dir
         self.config = read_config(model_dir)
         self.shards = _shard_files(model_dir)
-        self.headers = {shard: _read_header(shard) for shard in self.shards}
+        parsed = {shard: _read_header(shard) for shard in self.shards}
+        self.headers = {shard: header for shard, (header, _) in parsed.items()}
+        self.data_start = {shard: start for shard, (_, start) in parsed.items()}  # byte offset of the data
         self.location = {name: shard for shard, header in self.headers.items() for name in header}
 
     def names(self) -> list[str]:
@@ -71,6 +75,15 @@ class CheckpointReader:
         with safe_open(str(self.location[name]), framework="pt") as f:
             return f.get_tensor(name)
 
+    def read_bytes(self, name: str, chunk_bytes: int = 16 << 20) -> Iterator[bytes]:
+        """The stored bytes of one tensor, in chunks: a tensor copied unchanged never sits in memory."""
+        shard = self.location[name]
+        start, end = self.headers[shard][name]["data_offsets"]
+        with open(shard, "rb") as f:
+            f.seek(self.data_start[shard] + start)
+            for offset in range(start, end, chunk_bytes):
+                yield f.read(min(chunk_bytes, end - offset))
+
 
 class SafetensorsWriter:
     """Writes a `.safetensors` file tensor by tensor, holding none of them in memory.
@@ -86,15 +99,21 @@ class SafetensorsWriter:
         self.spools: dict[int, object] = {}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().cpu().contiguous()
+        data = tensor.reshape(-1).view(torch.uint8).numpy()
+        self.add_bytes(name, _DTYPE_CODES[tensor.dtype], list(tensor.shape), [memoryview(data)])
+
+    def add_bytes(
+        self, name: str, dtype: str, shape: list[int], chunks: Iterable[bytes | memoryview]
+    ) -> None:
+        """Append a tensor given as its raw little-endian bytes and safetensors dtype code (e.g. `BF16`)."""
         if name in self.entries:
             raise ValueError(f"tensor {name} written twice to {self.path.name}")
-        tensor = tensor.detach().cpu().contiguous()
-        width = tensor.element_size()
+        width = _WIDTHS[dtype]
         if width not in self.spools:
             self.spools[width] = open(self._spool_path(width), "wb")  # noqa: SIM115 - closed in close()
-        data = tensor.reshape(-1).view(torch.uint8).numpy()
-        self.spools[width].write(memoryview(data))
-        self.entries[name] = (_DTYPE_CODES[tensor.dtype], list(tensor.shape), data.nbytes, width)
+        size = sum(self.spools[width].write(chunk) for chunk in chunks)
+        self.entries[name] = (dtype, list(shape), size, width)
 
     def close(self, metadata: dict[str, str] | None = None) -> None:
         """Write header and data to `path` atomically and remove the spools."""
@@ -192,8 +211,12 @@ def _shard_files(model_dir: Path) -> list[Path]:
     raise UserError(f"{model_dir} has no weight files (*.safetensors); is it the right directory?")
 
 
-def _read_header(shard: Path) -> dict[str, dict]:
-    """Parse a shard's header and check that the file holds every byte it promises."""
+def _read_header(shard: Path) -> tuple[dict[str, dict], int]:
+    """Parse a shard's header and check that the file holds every byte it promises.
+
+    Returns:
+        The header's tensor entries and the byte offset at which their data starts.
+    """
     size = shard.stat().st_size
     try:
         with open(shard, "rb") as f:
@@ -210,4 +233,4 @@ def _read_header(shard: Path) -> dict[str, dict]:
             f"{shard} is truncated or corrupt: its header describes {8 + length + end} bytes, the file has "
             f"{size}; download it again"
         )
-    return header
+    return header, 8 + length

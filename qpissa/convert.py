@@ -72,11 +72,12 @@ class ConvertSettings:
     )
     oversample: int = field(default=32, metadata={"help": "randomized SVD: extra sketch columns beyond r"})
     power_iters: int = field(default=4, metadata={"help": "randomized SVD: power (subspace) iterations"})
-    warm_power_iters: int = field(
-        default=0,
+    warm_power_iters: int | None = field(
+        default=None,
         metadata={
-            "help": "randomized SVD: extra power iterations when warm-started from the last iteration "
-            "(each iteration is already one subspace step)"
+            "help": "randomized SVD: extra power iterations when warm-started from the last iteration, "
+            "beyond the subspace step each iteration is (default 0 for qpissa, whose matrix changes only by "
+            "a quantization error; 1 for loftq, which factors that error itself)"
         },
     )
     svd_dtype: Precision = field(
@@ -116,7 +117,7 @@ class ConvertSettings:
             problems.append(
                 f"--blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {self.blocksize}"
             )
-        if min(self.oversample, self.power_iters, self.warm_power_iters) < 0:
+        if min(self.oversample, self.power_iters, self.warm_power_iters or 0) < 0:
             problems.append("--oversample, --power-iters and --warm-power-iters must be 0 or more")
         if self.shard_size_mb <= 0:
             problems.append(f"--shard-size-mb must be positive, got {self.shard_size_mb}")
@@ -126,6 +127,12 @@ class ConvertSettings:
     @property
     def resolved_iters(self) -> int:
         return 1 if self.method is Method.QLORA else (self.iters or 5)
+
+    @property
+    def resolved_warm_power_iters(self) -> int:
+        if self.warm_power_iters is not None:
+            return self.warm_power_iters
+        return 1 if self.method is Method.LOFTQ else 0
 
     @property
     def resolved_alpha(self) -> float:
@@ -239,7 +246,8 @@ def _convert_shard(
         # double the peak on models whose largest tensors (embeddings, lm_head) sit side by side
         module = name.removesuffix(".weight")
         if module not in targets or not name.endswith(".weight"):
-            writer.add(name, reader.read(name))  # everything that is not a target weight is copied unchanged
+            # everything that is not a target weight is copied unchanged, byte for byte
+            writer.add_bytes(name, reader.dtype_code(name), list(reader.shape(name)), reader.read_bytes(name))
             continue
         result, layer = _decompose_one(module, reader.read(name), settings, device)
         for key, value in result.q.state_dict(f"{module}.").items():
@@ -259,7 +267,7 @@ def _decompose_one(module: str, W: torch.Tensor, settings: ConvertSettings, devi
     decompose_settings = DecomposeSettings(
         method=settings.method, rank=settings.rank, scale=settings.resolved_alpha / settings.rank,
         iters=settings.resolved_iters, svd=settings.svd, oversample=settings.oversample,
-        power_iters=settings.power_iters, warm_power_iters=settings.warm_power_iters,
+        power_iters=settings.power_iters, warm_power_iters=settings.resolved_warm_power_iters,
         svd_dtype=getattr(torch, settings.svd_dtype.value),
         blocksize=settings.blocksize, double_quant=settings.double_quant,
     )  # fmt: skip
@@ -325,6 +333,7 @@ def _report_settings(
     return {
         **to_dict(settings),
         "iters": settings.resolved_iters,
+        "warm_power_iters": settings.resolved_warm_power_iters,
         "alpha": settings.resolved_alpha,
         "device": str(device),
         "targets": targets,

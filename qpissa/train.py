@@ -205,7 +205,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     eval_samples, eval_data = _load_eval(config, tokenizer)
     _warn_learning_rate(config, source)
 
-    run_dir = _prepare_run_dir(config, source, resume)
+    run_dir = _prepare_run_dir(config, runtime, source, resume)
     model = load_model(source, trainable=True, device=runtime.device, compute_dtype=runtime.dtype)
     _adapter_to_float32(model)
     memory = estimate_memory(model, config, runtime)
@@ -341,13 +341,16 @@ def _warn_learning_rate(config: TrainConfig, source: ModelSource) -> None:
         )
 
 
-def _prepare_run_dir(config: TrainConfig, source: ModelSource, resume: Path | None) -> Path:
-    """Create output_dir and write the run marker that `resolve_source` reads."""
+def _prepare_run_dir(config: TrainConfig, runtime: Runtime, source: ModelSource, resume: Path | None) -> Path:
+    """Create output_dir and write the run marker that `resolve_source` reads (with what `auto` became)."""
     run_dir = config.output_dir
     if resume is None and run_dir.exists() and config.overwrite_output_dir:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / RUN_MARKER, {"config": to_dict(config), "model": str(source.base_dir)})
+    resolved = {"device": str(runtime.device), "dtype": str(runtime.dtype).removeprefix("torch."),
+                "optim": runtime.optim}  # fmt: skip
+    marker = {"config": to_dict(config), "model": str(source.base_dir), "runtime": resolved}
+    write_json(run_dir / RUN_MARKER, marker)
     return run_dir
 
 

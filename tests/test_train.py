@@ -84,6 +84,7 @@ def test_run_dir_and_adapter_load_with_plain_peft(run: Path, qpissa_dir: Path) -
 
     marker = json.loads((run / "qpissa_run.json").read_text())
     assert marker["model"] == str(qpissa_dir.resolve()) and marker["config"]["max_steps"] == STEPS
+    assert marker["runtime"] == {"device": "cpu", "dtype": "float32", "optim": "adamw_torch"}  # auto resolved
     assert sorted(p.name for p in run.glob("checkpoint-*")) == [f"checkpoint-{STEPS}"]  # keeps the last 1
     ids = torch.tensor([[1, 20, 30, 40]])
     outputs = []

@@ -53,15 +53,6 @@ def run_ours(model: Path, out: Path, *flags: str) -> dict:
     return report
 
 
-def run_peft(model: Path, out: Path, rank: int) -> dict:
-    """PEFT's PiSSA flow in a fresh process (see `_peft_child`)."""
-    shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, __file__, "--peft-child", str(model), str(out), str(rank)]
-    done = subprocess.run(command, check=True, capture_output=True, text=True)
-    shutil.rmtree(out)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def quality(model: Path, work: Path) -> list[dict]:
     rows = []
     for (method, rank, iters), reference in REFERENCE_AVG.items():
@@ -98,7 +89,9 @@ def _run_child(side: str, model: Path, out: Path) -> dict:
     """One timed side in a fresh process (see `_child`); returns its JSON line."""
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, __file__, "--child", side, str(model), str(out)]
-    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{side} failed:\n{done.stderr}")
     shutil.rmtree(out, ignore_errors=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     print(
@@ -217,7 +210,11 @@ def _reference(model: Path, out: Path) -> tuple[float, float]:
             B, A = U[:, :rank] * S[:rank].sqrt(), S[:rank].sqrt()[:, None] * Vh[:rank]
             packed, state = bnbf.quantize_4bit(W - B @ A, blocksize=64, quant_type="nf4")
             M = W - bnbf.dequantize_4bit(packed, state)
-        outputs |= {f"{module}.weight": packed, f"{module}.lora_A": A, f"{module}.lora_B": B}
+        outputs |= {
+            f"{module}.weight": packed,
+            f"{module}.lora_A": A.contiguous(),
+            f"{module}.lora_B": B.contiguous(),
+        }
         tick = time.perf_counter()
         baseline = W - bnbf.dequantize_4bit(*bnbf.quantize_4bit(W, blocksize=64, quant_type="nf4"))
         reduction = 1 - torch.linalg.norm(

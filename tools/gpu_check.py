@@ -1,0 +1,176 @@
+"""The GPU checks of `qpissa train` in one run: convert on CUDA, train 50 CUDA steps, and compare QLoRA
+with QPiSSA in peak GPU memory and tokens/s on a Llama-3-8B-shaped model at sequence length 1024.
+
+The demo model's wheel (93 MB) does not fit a device machine's 64 MiB transfer, so the small model
+here has the demo model's config and tokenizer (a few MB, they travel) with random weights; memory
+and speed depend on shapes only. The CUDA conversion is checked against the same conversion on the
+CPU: equal settings and seed must give the same error reduction.
+
+    python tools/gpu_check.py --like demo/smollm2-135m --work /tmp/gpu --out gpu_check.json
+
+A CPU dry run of the whole script (tiny sizes, minutes): add `--device cpu --layers 1 --steps 2
+--big-steps 2 --seq-len 64`.
+
+On a lent device machine, whose image lacks bitsandbytes and datasets and has other versions of
+transformers and peft, carry the wheels and the demo model's small files (about 62 MB in all):
+
+    echo /.whl/ >> .git/info/exclude; echo /.gpu/ >> .git/info/exclude
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl bitsandbytes==0.50.2 transformers==5.24.0 peft==0.21.2 datasets==5.2.0 dill==0.4.1 \
+        multiprocess==0.70.19
+    mkdir -p .gpu && cp demo/smollm2-135m/{config.json,tokenizer.json,tokenizer_config.json,chat_template.jinja} .gpu/
+    # run with carry [".whl", ".gpu"], timeout 560 s:
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+    PYTHONPATH=/tmp/site:$PWD python3 tools/gpu_check.py --like .gpu --work /tmp/gpu --out $OUT/gpu_check.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from make_synthetic_checkpoint import TOKENIZER_FILES, make_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--like", type=Path, required=True, help="the demo model's directory (config, tokenizer)"
+    )
+    parser.add_argument("--work", type=Path, default=Path("/tmp/qpissa-gpu"), help="scratch directory")
+    parser.add_argument("--out", type=Path, default=Path("gpu_check.json"), help="results JSON")
+    parser.add_argument("--device", default="cuda", help="cuda; cpu for a dry run of the script")
+    parser.add_argument("--steps", type=int, default=50, help="training steps on the small model")
+    parser.add_argument("--layers", type=int, default=32, help="layers of the Llama-3-8B-shaped model")
+    parser.add_argument("--big-steps", type=int, default=8, help="training steps per 8B-shaped run")
+    parser.add_argument(
+        "--seq-len", type=int, default=1024, help="packed sequence length of the 8B-shaped runs"
+    )
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = {"date": datetime.date.today().isoformat(), "device": _device_name(args.device)}
+    results["convert"] = small_model_conversion(args)
+    results["train"] = small_model_training(args)
+    results["llama3_8b_shaped"] = llama3_8b_shaped(args)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+def small_model_conversion(args: argparse.Namespace) -> dict:
+    """QPiSSA r=64 T=5 of the small model on the device and on the CPU: same error, and the times."""
+    small = make_checkpoint(args.work / "small", 0, like=args.like)
+    flags = ("--rank", "64", "--iters", "5")
+    device = _convert(small, args.work / "small-qpissa", "--device", args.device, *flags)
+    cpu = _convert(small, args.work / "small-qpissa-cpu", "--device", "cpu", *flags)
+    shutil.rmtree(args.work / "small-qpissa-cpu")
+    return {
+        "device_seconds": device["total_seconds"], "cpu_seconds": cpu["total_seconds"],
+        "device_avg_fro": device["avg_fro"], "cpu_avg_fro": cpu["avg_fro"],
+        "device_peak_gpu_mb": device["peak_gpu_mb"],
+    }  # fmt: skip
+
+
+def small_model_training(args: argparse.Namespace) -> dict:
+    """The demo recipe for `--steps` steps with the device's defaults (bf16, paged 8-bit AdamW on CUDA)."""
+    task = args.work / "task"
+    subprocess.run([sys.executable, str(ROOT / "tools/make_task_data.py"), str(task)], check=True)
+    run = args.work / "runs/small"
+    _train(ROOT / "configs/demo.yaml", [
+        f"model={args.work / 'small-qpissa'}", f"output_dir={run}", f"data.path={task / 'train.jsonl'}",
+        f"data.eval_path={task / 'eval.jsonl'}", f"max_steps={args.steps}", f"eval_steps={args.steps}",
+        "data.eval_generate_samples=16", f"save_steps={args.steps}", f"device={args.device}",
+    ])  # fmt: skip
+    log = _log(run)
+    evaluation = json.loads((run / "eval_results.json").read_text())
+    return {
+        "steps": log[-1]["step"], "loss_first": log[0]["loss"], "loss_last": log[-1]["loss"],
+        "eval": evaluation, "peak_memory_mb": max(e["peak_memory_mb"] for e in log),
+        "tokens_per_second": statistics.median(e["tokens_per_second"] for e in log[2:] or log),
+        "runtime": json.loads((run / "qpissa_run.json").read_text()).get("runtime"),
+    }  # fmt: skip
+
+
+def llama3_8b_shaped(args: argparse.Namespace) -> dict:
+    """Convert a random Llama-3-8B-shaped model with QLoRA and QPiSSA, then train each with the 24 GB
+    recipe (batch 4, packed sequences of `--seq-len`) and read peak GPU memory and tokens/s."""
+    big = make_checkpoint(args.work / "llama3-8b", args.layers)
+    for name in TOKENIZER_FILES:  # any tokenizer will do for shapes: the demo model's ids fit the vocab
+        if (args.like / name).is_file():
+            shutil.copy(args.like / name, big / name)
+    task = args.work / "task"
+    results = {"layers": args.layers, "seq_len": args.seq_len, "batch": 4}
+    for method in ("qlora", "qpissa"):
+        flags = ("--method", method, "--rank", "64") + (("--iters", "5") if method == "qpissa" else ())
+        report = _convert(big, args.work / f"llama3-8b-{method}", "--device", args.device, *flags)
+        results[f"{method}_convert_seconds"] = report["total_seconds"]
+    shutil.rmtree(big)
+    for method in ("qlora", "qpissa"):
+        run = args.work / f"runs/llama3-8b-{method}"
+        _train(ROOT / "configs/llama3-8b-24gb.yaml", [
+            f"model={args.work / f'llama3-8b-{method}'}", f"output_dir={run}",
+            f"data.path={task / 'train.jsonl'}", "data.eval_path=null", "data.packing=true",
+            f"data.max_seq_len={args.seq_len}", "gradient_accumulation_steps=1", f"max_steps={args.big_steps}",
+            "eval_steps=null", f"save_steps={10 * args.big_steps}", "logging_steps=1", f"device={args.device}",
+            *(("bf16=null", "optim=auto") if args.device == "cpu" else ()),  # the recipe's CUDA-only options
+        ])  # fmt: skip
+        log = _log(run)
+        results[f"{method}_peak_memory_mb"] = max(e["peak_memory_mb"] for e in log)
+        results[f"{method}_tokens_per_second"] = statistics.median(
+            e["tokens_per_second"] for e in log[2:] or log
+        )
+    results["memory_ratio"] = results["qpissa_peak_memory_mb"] / results["qlora_peak_memory_mb"]
+    results["throughput_ratio"] = results["qpissa_tokens_per_second"] / results["qlora_tokens_per_second"]
+    return results
+
+
+def _convert(model: Path, out: Path, *flags: str) -> dict:
+    command = [
+        sys.executable,
+        "-m",
+        "qpissa.cli",
+        "--quiet",
+        "convert",
+        str(model),
+        str(out),
+        "--overwrite",
+        *flags,
+    ]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    summary = json.loads((out / "qpissa_report.json").read_text())["summary"]
+    print(
+        f"convert {out.name}: {time.perf_counter() - start:.1f} s, AVG fro {summary['avg_fro']:.2f} %",
+        flush=True,
+    )
+    return summary
+
+
+def _train(config: Path, overrides: list[str]) -> None:
+    command = [sys.executable, "-m", "qpissa.cli", "--quiet", "train", str(config), *overrides]
+    subprocess.run(command, check=True)
+
+
+def _log(run: Path) -> list[dict]:
+    lines = (run / "trainer_log.jsonl").read_text().splitlines()
+    return [entry for entry in map(json.loads, lines) if "loss" in entry]
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+if __name__ == "__main__":
+    main()
