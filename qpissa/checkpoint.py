@@ -13,6 +13,7 @@ import shutil
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -75,14 +76,32 @@ class CheckpointReader:
         with safe_open(str(self.location[name]), framework="pt") as f:
             return f.get_tensor(name)
 
-    def read_bytes(self, name: str, chunk_bytes: int = 16 << 20) -> Iterator[bytes]:
+    def read_bytes(self, name: str) -> Iterator[bytes]:
         """The stored bytes of one tensor, in chunks: a tensor copied unchanged never sits in memory."""
         shard = self.location[name]
         start, end = self.headers[shard][name]["data_offsets"]
         with open(shard, "rb") as f:
             f.seek(self.data_start[shard] + start)
-            for offset in range(start, end, chunk_bytes):
-                yield f.read(min(chunk_bytes, end - offset))
+            yield from _chunks(f, end - start)
+
+
+def copy_tensors(source: Path, writer: SafetensorsWriter) -> None:
+    """Append every tensor of a safetensors file to `writer` in name order, byte for byte.
+
+    Unlike reading through a memory map, whose pages stay resident while it is open, this holds at most
+    one chunk in memory.
+    """
+    header, data_start = _read_header(source)
+    with open(source, "rb") as f:
+        for name in sorted(header):
+            start, end = header[name]["data_offsets"]
+            f.seek(data_start + start)
+            writer.add_bytes(name, header[name]["dtype"], header[name]["shape"], _chunks(f, end - start))
+
+
+def _chunks(f: BinaryIO, size: int, chunk_bytes: int = 16 << 20) -> Iterator[bytes]:
+    for offset in range(0, size, chunk_bytes):
+        yield f.read(min(chunk_bytes, size - offset))
 
 
 class SafetensorsWriter:

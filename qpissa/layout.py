@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from qpissa import UserError
-from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, write_json
+from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, copy_tensors, write_json
 from qpissa.targets import linear_modules, module_type
 
 REPORT_NAME = "qpissa_report.json"
@@ -127,16 +127,13 @@ def write_adapter(
 ) -> None:
     """Join the per-shard adapter parts into a PEFT LoRA adapter (`init_lora_weights: true`, §4)."""
     from peft import LoraConfig
-    from safetensors import safe_open
 
     adapter_dir = partial / ADAPTER_DIR
     adapter_dir.mkdir(exist_ok=True)
     writer = SafetensorsWriter(adapter_dir / "adapter_model.safetensors")
     for shard_file in shard_files:
         part = adapter_part(partial, shard_file)
-        with safe_open(str(part), framework="pt") as f:
-            for key in sorted(f.keys()):
-                writer.add(key, f.get_tensor(key))
+        copy_tensors(part, writer)
         part.unlink()
     writer.close()
     config = LoraConfig(

@@ -12,7 +12,8 @@ Parts (all by default):
            Llama-3-8B-shaped checkpoint with 2 vs 8 layers.
 Each measurement runs in a fresh process, so peak RSS is that run's own. Timed sides import the same
 libraries (torch, transformers with the model's class, peft, bitsandbytes) before their clock starts,
-and each is run `--repeats` times, keeping the fastest: the machine's speed drifts between runs.
+and each runs `--repeats` times: the fastest time counts (the machine's speed drifts between runs),
+and the median peak RSS (which varies by ~10 % from run to run).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -32,6 +34,7 @@ REFERENCE_AVG = {
     ("loftq", 64, 1): 29.69, ("qpissa", 64, 1): 28.07, ("loftq", 64, 5): 38.21, ("qpissa", 64, 5): 46.75,
 }  # fmt: skip
 TOLERANCE = 0.3
+SIDES = ("ours", "peft", "reference")
 
 
 def run_ours(model: Path, out: Path, *flags: str) -> dict:
@@ -71,21 +74,20 @@ def quality(model: Path, work: Path) -> list[dict]:
 
 
 def speed_and_memory(model: Path, work: Path, repeats: int) -> dict:
-    sides = {
-        name: min((_run_child(name, model, work / name) for _ in range(repeats)), key=lambda r: r["seconds"])
-        for name in ("ours", "peft", "reference")
-    }
-    ours, peft, reference = sides["ours"], sides["peft"], sides["reference"]
+    """Each side `repeats` times: the fastest time counts, and the median peak RSS."""
+    runs = {side: [run_side(side, model, work / side) for _ in range(repeats)] for side in SIDES}
+    seconds = {side: min(r["seconds"] for r in results) for side, results in runs.items()}
+    rss = {side: statistics.median(r["peak_rss_mb"] for r in results) for side, results in runs.items()}
     return {
-        "ours_seconds": ours["seconds"], "peft_seconds": peft["seconds"], "exact_loop_seconds": reference["seconds"],
-        "ours_vs_peft": ours["seconds"] / peft["seconds"], "exact_vs_ours": reference["seconds"] / ours["seconds"],
-        "ours_avg_fro": ours["avg_fro"], "exact_avg_fro": reference["avg_fro"],
-        "ours_rss_mb": ours["peak_rss_mb"], "peft_rss_mb": peft["peak_rss_mb"],
-        "rss_ratio": ours["peak_rss_mb"] / peft["peak_rss_mb"], "repeats": repeats,
+        "ours_seconds": seconds["ours"], "peft_seconds": seconds["peft"], "exact_loop_seconds": seconds["reference"],
+        "ours_vs_peft": seconds["ours"] / seconds["peft"], "exact_vs_ours": seconds["reference"] / seconds["ours"],
+        "ours_avg_fro": runs["ours"][0]["avg_fro"], "exact_avg_fro": runs["reference"][0]["avg_fro"],
+        "ours_rss_mb": rss["ours"], "peft_rss_mb": rss["peft"], "rss_ratio": rss["ours"] / rss["peft"],
+        "repeats": repeats,
     }  # fmt: skip
 
 
-def _run_child(side: str, model: Path, out: Path) -> dict:
+def run_side(side: str, model: Path, out: Path) -> dict:
     """One timed side in a fresh process (see `_child`); returns its JSON line."""
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, __file__, "--child", side, str(model), str(out)]
@@ -179,7 +181,8 @@ def _peft(model: Path, out: Path) -> tuple[None, float]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
+    device_map = "cuda" if torch.cuda.is_available() else None  # PEFT's SVD runs where the weight is
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, device_map=device_map)
     config = LoraConfig(
         r=64, lora_alpha=64, lora_dropout=0.0, target_modules="all-linear", init_lora_weights="pissa_niter_4"
     )

