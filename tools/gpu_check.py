@@ -24,6 +24,8 @@ transformers and peft, carry the wheels and the demo model's small files (about 
     # run with carry [".whl", ".gpu"], timeout 560 s:
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
     PYTHONPATH=/tmp/site:$PWD python3 tools/gpu_check.py --like .gpu --work /tmp/gpu --out $OUT/gpu_check.json
+
+If one call's 10 minutes do not hold both, run `--parts small` and `--parts 8b` in two calls.
 """
 
 from __future__ import annotations
@@ -59,12 +61,16 @@ def main() -> None:
     parser.add_argument(
         "--seq-len", type=int, default=1024, help="packed sequence length of the 8B-shaped runs"
     )
+    parser.add_argument("--parts", default="small,8b", help="small (convert + train), 8b, or both")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    parts = set(args.parts.split(","))
     results = {"date": datetime.date.today().isoformat(), "device": _device_name(args.device)}
-    results["convert"] = small_model_conversion(args)
-    results["train"] = small_model_training(args)
-    results["llama3_8b_shaped"] = llama3_8b_shaped(args)
+    if "small" in parts:
+        results["convert"] = small_model_conversion(args)
+        results["train"] = small_model_training(args)
+    if "8b" in parts:
+        results["llama3_8b_shaped"] = llama3_8b_shaped(args)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
@@ -88,8 +94,7 @@ def small_model_conversion(args: argparse.Namespace) -> dict:
 
 def small_model_training(args: argparse.Namespace) -> dict:
     """The demo recipe for `--steps` steps with the device's defaults (bf16, paged 8-bit AdamW on CUDA)."""
-    task = args.work / "task"
-    subprocess.run([sys.executable, str(ROOT / "tools/make_task_data.py"), str(task)], check=True)
+    task = _task_data(args.work)
     run = args.work / "runs/small"
     _train(ROOT / "configs/demo.yaml", [
         f"model={args.work / 'small-qpissa'}", f"output_dir={run}", f"data.path={task / 'train.jsonl'}",
@@ -113,7 +118,7 @@ def llama3_8b_shaped(args: argparse.Namespace) -> dict:
     for name in TOKENIZER_FILES:  # any tokenizer will do for shapes: the demo model's ids fit the vocab
         if (args.like / name).is_file():
             shutil.copy(args.like / name, big / name)
-    task = args.work / "task"
+    task = _task_data(args.work)
     results = {"layers": args.layers, "seq_len": args.seq_len, "batch": 4}
     for method in ("qlora", "qpissa"):
         flags = ("--method", method, "--rank", "64") + (("--iters", "5") if method == "qpissa" else ())
@@ -137,6 +142,13 @@ def llama3_8b_shaped(args: argparse.Namespace) -> dict:
     results["memory_ratio"] = results["qpissa_peak_memory_mb"] / results["qlora_peak_memory_mb"]
     results["throughput_ratio"] = results["qpissa_tokens_per_second"] / results["qlora_tokens_per_second"]
     return results
+
+
+def _task_data(work: Path) -> Path:
+    task = work / "task"
+    if not (task / "train.jsonl").is_file():
+        subprocess.run([sys.executable, str(ROOT / "tools/make_task_data.py"), str(task)], check=True)
+    return task
 
 
 def _convert(model: Path, out: Path, *flags: str) -> dict:
