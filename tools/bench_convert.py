@@ -37,8 +37,9 @@ TOLERANCE = 0.3
 SIDES = ("ours", "peft", "reference")
 
 
-def run_ours(model: Path, out: Path, *flags: str) -> dict:
-    """One `qpissa convert` in a fresh process; returns its report (timings and peak RSS included)."""
+def run_ours(model: Path, out: Path, *flags: str, keep: bool = False) -> dict:
+    """One `qpissa convert` in a fresh process; returns its report (timings and peak RSS included)
+    and removes the output unless `keep`."""
     command = [
         sys.executable,
         "-m",
@@ -52,7 +53,8 @@ def run_ours(model: Path, out: Path, *flags: str) -> dict:
     ]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     report = json.loads((out / "qpissa_report.json").read_text())
-    shutil.rmtree(out)
+    if not keep:
+        shutil.rmtree(out)
     return report
 
 

@@ -37,11 +37,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_convert import run_side
+from bench_convert import run_ours, run_side
 from make_synthetic_checkpoint import TOKENIZER_FILES, make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,9 +103,9 @@ def small_model_training(args: argparse.Namespace) -> dict:
     log = _log(run)
     evaluation = json.loads((run / "eval_results.json").read_text())
     return {
-        "steps": log[-1]["step"], "loss_first": log[0]["loss"], "loss_last": log[-1]["loss"],
+        "steps": log[-1]["step"], "loss_step0": log[0]["loss"], "loss_last": log[-1]["loss"],
         "eval": evaluation, "peak_memory_mb": max(e["peak_memory_mb"] for e in log),
-        "tokens_per_second": statistics.median(e["tokens_per_second"] for e in log[2:] or log),
+        "tokens_per_second": _tokens_per_second(log),
         "runtime": json.loads((run / "qpissa_run.json").read_text()).get("runtime"),
     }  # fmt: skip
 
@@ -136,9 +135,7 @@ def llama3_8b_shaped(args: argparse.Namespace) -> dict:
         ])  # fmt: skip
         log = _log(run)
         results[f"{method}_peak_memory_mb"] = max(e["peak_memory_mb"] for e in log)
-        results[f"{method}_tokens_per_second"] = statistics.median(
-            e["tokens_per_second"] for e in log[2:] or log
-        )
+        results[f"{method}_tokens_per_second"] = _tokens_per_second(log)
     results["memory_ratio"] = results["qpissa_peak_memory_mb"] / results["qlora_peak_memory_mb"]
     results["throughput_ratio"] = results["qpissa_tokens_per_second"] / results["qlora_tokens_per_second"]
     return results
@@ -152,22 +149,9 @@ def _task_data(work: Path) -> Path:
 
 
 def _convert(model: Path, out: Path, *flags: str) -> dict:
-    command = [
-        sys.executable,
-        "-m",
-        "qpissa.cli",
-        "--quiet",
-        "convert",
-        str(model),
-        str(out),
-        "--overwrite",
-        *flags,
-    ]
-    start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    summary = json.loads((out / "qpissa_report.json").read_text())["summary"]
+    summary = run_ours(model, out, *flags, keep=True)["summary"]
     print(
-        f"convert {out.name}: {time.perf_counter() - start:.1f} s, AVG fro {summary['avg_fro']:.2f} %",
+        f"convert {out.name}: {summary['total_seconds']:.1f} s, AVG fro {summary['avg_fro']:.2f} %",
         flush=True,
     )
     return summary
@@ -176,6 +160,12 @@ def _convert(model: Path, out: Path, *flags: str) -> dict:
 def _train(config: Path, overrides: list[str]) -> None:
     command = [sys.executable, "-m", "qpissa.cli", "--quiet", "train", str(config), *overrides]
     subprocess.run(command, check=True)
+
+
+def _tokens_per_second(log: list[dict]) -> float:
+    """Median over the steps after the first two, which pay for allocation and warm-up."""
+    rates = [entry["tokens_per_second"] for entry in log if entry["tokens_per_second"] is not None]
+    return statistics.median(rates[2:] or rates)
 
 
 def _log(run: Path) -> list[dict]:
