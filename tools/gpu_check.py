@@ -13,7 +13,8 @@ A CPU dry run of the whole script (tiny sizes, minutes): add `--device cpu --lay
 --big-steps 2 --seq-len 64`.
 
 On a lent device machine, whose image lacks bitsandbytes and datasets and has other versions of
-transformers and peft, carry the wheels and the demo model's small files (about 62 MB in all):
+transformers and peft, carry the wheels and the demo model's small files (about 60 MB in all;
+the download below was checked to resolve):
 
     echo /.whl/ >> .git/info/exclude; echo /.gpu/ >> .git/info/exclude
     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -25,7 +26,9 @@ transformers and peft, carry the wheels and the demo model's small files (about 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
     PYTHONPATH=/tmp/site:$PWD python3 tools/gpu_check.py --like .gpu --work /tmp/gpu --out $OUT/gpu_check.json
 
-If one call's 10 minutes do not hold both, run `--parts small` and `--parts 8b` in two calls.
+By estimate (not yet measured) the small part takes ~3 min and the 8b part ~7 min (writing and
+reading 16 GB of random weights dominates): if one call's 10 minutes do not hold both, run
+`--parts small` and `--parts 8b` in two calls while the machine is still warm.
 """
 
 from __future__ import annotations
@@ -120,7 +123,8 @@ def llama3_8b_shaped(args: argparse.Namespace) -> dict:
     task = _task_data(args.work)
     results = {"layers": args.layers, "seq_len": args.seq_len, "batch": 4}
     for method in ("qlora", "qpissa"):
-        flags = ("--method", method, "--rank", "64") + (("--iters", "5") if method == "qpissa" else ())
+        # T=1: training memory and speed depend on the shapes of Q, A and B, not on how they were fitted
+        flags = ("--method", method, "--rank", "64") + (("--iters", "1") if method == "qpissa" else ())
         report = _convert(big, args.work / f"llama3-8b-{method}", "--device", args.device, *flags)
         results[f"{method}_convert_seconds"] = report["total_seconds"]
     shutil.rmtree(big)
