@@ -262,6 +262,6 @@ def _step(method: Method, step: str, path: Path, status: str, seconds: float) ->
 
 
 def _in_fresh_process(function: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run `function` in a new interpreter so that its peak memory (ru_maxrss) is its own."""
+    """Run `function` in a new interpreter so that its peak memory (`peak_rss_mb`) is its own."""
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         return pool.submit(function, *args, **kwargs).result()

@@ -9,7 +9,6 @@ when everything is written.
 from __future__ import annotations
 
 import logging
-import resource
 import shutil
 import time
 import zlib
@@ -24,6 +23,7 @@ import qpissa
 from qpissa import UserError, layout
 from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, copy_side_files, write_json
 from qpissa.config import to_dict
+from qpissa.memory import peak_rss_mb
 from qpissa.methods import DecomposeSettings, Method, decompose
 from qpissa.nf4 import BLOCKSIZES, quantize_nf4
 from qpissa.quality import MetricKind, matrix_errors
@@ -363,7 +363,7 @@ def _summarize(layers: list[dict], total_seconds: float, device: torch.device) -
         "total_seconds": total_seconds,
         "decompose_seconds": sum(layer["seconds"] for layer in layers),
         "metrics_seconds": sum(layer["metrics_seconds"] for layer in layers),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
     }
 

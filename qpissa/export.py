@@ -32,6 +32,7 @@ from qpissa.checkpoint import (
 from qpissa.config import to_dict
 from qpissa.export_verify import verify_export
 from qpissa.loading import resolve_source
+from qpissa.memory import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ def export(run: Path, out_dir: Path, settings: ExportSettings, *, show_progress:
 
             details = write_lora(residual, trained, lora_inputs, partial, dtype, settings.rank, bar)
         bar.close()
-        write_seconds, peak_rss_mb = time.perf_counter() - started, _peak_rss_mb()
+        write_seconds, write_peak_mb = time.perf_counter() - started, peak_rss_mb()
         report = {
             "kind": settings.to.value,
             "source": {
@@ -225,7 +226,7 @@ def export(run: Path, out_dir: Path, settings: ExportSettings, *, show_progress:
             "details": details,
             "verify": verify_export(source, partial, details) if settings.verify else None,
             "write_seconds": write_seconds,
-            "peak_rss_mb_write": peak_rss_mb,  # before --verify loads models
+            "peak_rss_mb_write": write_peak_mb,  # before --verify loads models
             "seconds": time.perf_counter() - started,
             "versions": {"qpissa": qpissa.__version__, "torch": torch.__version__},
         }
@@ -390,12 +391,6 @@ class _ShardedWriter:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _quant_state_json(blob: torch.Tensor) -> dict:

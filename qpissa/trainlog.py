@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
+
+from qpissa.memory import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def peak_memory_mb(device: torch.device) -> float:
     """GPU max allocated on CUDA, else the process's peak RSS, in MB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
 
 
 def append_jsonl(path: Path, entry: dict[str, Any]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,3 +154,13 @@ def test_fast_nf4_codes_are_byte_identical_to_bitsandbytes(double_quant: bool, b
     for key, value in state.as_dict(packed=True).items():
         assert torch.equal(ours.state.as_dict(packed=True)[key], value), key
     assert torch.equal(ours.dequantize(), bnbf.dequantize_4bit(packed, state))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_peak_rss_is_the_process_own_not_its_parents() -> None:
+    """Reported memory must be the program's own: Linux's ru_maxrss starts a child at its parent's peak."""
+    ballast = bytearray(512 << 20)
+    ballast[:: 1 << 12] = b"\x01" * (len(ballast) >> 12)  # touch every page: this process is now > 512 MB
+    code = "from qpissa.memory import peak_rss_mb; print(peak_rss_mb())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(child.stdout) < 200

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import subprocess
@@ -105,12 +104,17 @@ def run_side(side: str, model: Path, out: Path) -> dict:
 
 
 def layer_scaling(work: Path) -> dict:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from make_synthetic_checkpoint import make_checkpoint
+    """Peak RSS of converting 2 and 8 Llama-3-8B-shaped layers.
 
+    The checkpoints are made in a separate process: on Linux a child's peak RSS starts from its
+    parent's at the time of the fork, so this process must stay small for the numbers to be the
+    conversion's own.
+    """
     rss = {}
     for layers in (2, 8):
-        checkpoint = make_checkpoint(work / f"llama3-8b-{layers}l", layers)
+        checkpoint = work / f"llama3-8b-{layers}l"
+        maker = Path(__file__).parent / "make_synthetic_checkpoint.py"
+        subprocess.run([sys.executable, str(maker), str(checkpoint), "--layers", str(layers)], check=True)
         report = run_ours(checkpoint, work / "synthetic-out", "--rank", "16", "--iters", "1")
         rss[layers] = report["summary"]["peak_rss_mb"]
         shutil.rmtree(checkpoint)
@@ -164,8 +168,9 @@ def _child(side: str, model: Path, out: Path) -> None:
     start = time.perf_counter()
     avg_fro, excluded = {"ours": _ours, "peft": _peft, "reference": _reference}[side](model, out)
     seconds = time.perf_counter() - start - excluded
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb, "avg_fro": avg_fro}))
+    from qpissa.memory import peak_rss_mb
+
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "avg_fro": avg_fro}))
 
 
 def _ours(model: Path, out: Path) -> tuple[float, float]:
