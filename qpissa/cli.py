@@ -8,19 +8,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 from pathlib import Path
 
-from qpissa import UserError
+from qpissa import UserError, hide_library_deprecation_notes
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit status (2 for a user mistake, as argparse does)."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    # transformers 5.2x renamed gradient checkpointing; the range we support (>= 5.0) still needs the
-    # old name, and PEFT reads the old attribute: notes for library authors, noise for users
-    warnings.filterwarnings("ignore", r".*gradient_checkpointing.* is deprecated", FutureWarning)
+    hide_library_deprecation_notes()
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from qpissa import UserError
+from qpissa import UserError, hide_library_deprecation_notes
 from qpissa.checkpoint import write_json
 from qpissa.config import to_dict
 from qpissa.convert import ADAPTER_DIR, REPORT_NAME, ConvertSettings, convert
@@ -263,5 +263,7 @@ def _step(method: Method, step: str, path: Path, status: str, seconds: float) ->
 
 def _in_fresh_process(function: Any, *args: Any, **kwargs: Any) -> Any:
     """Run `function` in a new interpreter so that its peak memory (`peak_rss_mb`) is its own."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(
+        max_workers=1, mp_context=get_context("spawn"), initializer=hide_library_deprecation_notes
+    ) as pool:
         return pool.submit(function, *args, **kwargs).result()
