@@ -127,12 +127,18 @@ def test_settings_errors_name_every_bad_key() -> None:
         assert expected in message
 
 
+@pytest.mark.parametrize("chunk_values", [1 << 22, 4096])  # one chunk, or many (as for large matrices)
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("blocksize", [64, 128])
-def test_fast_nf4_codes_are_byte_identical_to_bitsandbytes(double_quant: bool, blocksize: int) -> None:
+def test_fast_nf4_codes_are_byte_identical_to_bitsandbytes(
+    double_quant: bool, blocksize: int, chunk_values: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import bitsandbytes.functional as bnbf
 
+    from qpissa import nf4
     from qpissa.nf4 import quantize_nf4
+
+    monkeypatch.setattr(nf4, "_CHUNK_VALUES", chunk_values)
 
     generator = torch.Generator().manual_seed(blocksize)
     levels = bnbf.get_4bit_type("nf4", device="cpu")
