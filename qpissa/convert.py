@@ -242,8 +242,7 @@ def _convert_shard(
     adapter = SafetensorsWriter(layout.adapter_part(shard_path.parent, shard_path.name))
     layers = []
     for name in names:
-        # no tensor outlives its iteration: holding the previous one while reading the next would
-        # double the peak on models whose largest tensors (embeddings, lm_head) sit side by side
+        # only a target weight is ever loaded, and only for its own iteration: the rest streams through
         module = name.removesuffix(".weight")
         if module not in targets or not name.endswith(".weight"):
             # everything that is not a target weight is copied unchanged, byte for byte

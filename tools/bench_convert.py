@@ -163,13 +163,13 @@ def _child(side: str, model: Path, out: Path) -> None:
     import peft  # noqa: F401
     import transformers
 
+    from qpissa.memory import peak_rss_mb
+
     config = transformers.AutoConfig.from_pretrained(model)
     transformers.AutoModelForCausalLM._model_mapping[type(config)]  # imports the model's class
     start = time.perf_counter()
     avg_fro, excluded = {"ours": _ours, "peft": _peft, "reference": _reference}[side](model, out)
     seconds = time.perf_counter() - start - excluded
-    from qpissa.memory import peak_rss_mb
-
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "avg_fro": avg_fro}))
 
 
