@@ -100,6 +100,9 @@ def set_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.compute_dtype = dtype
+            # on CPUs with AVX512-BF16, bitsandbytes' inference kernel would compute in bf16 with bf16
+            # absmax: other numbers than training's forward, and than the quantization qpissa fitted
+            module.support_avx512bf16_for_cpu = False
     for param in model.parameters():  # tied weights are one Parameter: they stay tied
         if param.is_floating_point() and param.dtype != dtype and not isinstance(param, bnb.nn.Params4bit):
             param.data = param.data.to(dtype)

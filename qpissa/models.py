@@ -60,13 +60,15 @@ def make_tiny_model(
 
     Args:
         out_dir: directory to write.
-        layers: decoder layers; hidden: model width (intermediate is 2.5× wider, 4 heads, 2 KV heads).
+        layers: decoder layers; hidden: model width (intermediate is 2× wider, 4 heads, 2 KV heads;
+            with hidden a multiple of 64 every Linear's width is one, as in real models, which
+            bitsandbytes' CPU inference kernel requires).
         seed: weight init seed. tie: tie lm_head to the embeddings, as small models do.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=256, hidden_size=hidden, intermediate_size=hidden * 5 // 2, num_hidden_layers=layers,
+        vocab_size=256, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )  # fmt: skip
