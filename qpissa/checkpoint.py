@@ -99,7 +99,7 @@ def copy_tensors(source: Path, writer: SafetensorsWriter) -> None:
             writer.add_bytes(name, header[name]["dtype"], header[name]["shape"], _chunks(f, end - start))
 
 
-def _chunks(f: BinaryIO, size: int, chunk_bytes: int = 16 << 20) -> Iterator[bytes]:
+def _chunks(f: BinaryIO, size: int, chunk_bytes: int = 4 << 20) -> Iterator[bytes]:
     for offset in range(0, size, chunk_bytes):
         yield f.read(min(chunk_bytes, size - offset))
 

@@ -228,7 +228,7 @@ def _fingerprint(model_dir: Path, convert_settings: ConvertSettings) -> dict:
 
     Methods may be added later; fidelity and training steps check their own inputs.
     """
-    shared = {k: v for k, v in to_dict(convert_settings).items() if k != "method"}
+    shared = {k: v for k, v in convert_settings.output_settings().items() if k != "method"}
     return {"model": str(model_dir.resolve()), "convert": shared}
 
 

@@ -81,12 +81,11 @@ def principal_factors(svd_U: torch.Tensor, svd_S: torch.Tensor, svd_Vh: torch.Te
 def _qpissa(W: torch.Tensor, st: DecomposeSettings, generator: torch.Generator) -> Decomposition:
     # Iterative QPiSSA (paper Appendix E): SVD first, then quantize the residual; each later SVD
     # sees W minus the dequantized residual, so the adapter also absorbs the quantization error.
-    M, start = W, None
-    for i in range(st.iters):
-        B, A, start = _fit_adapter(M, st, generator, start)
+    q, start = None, None
+    for _ in range(st.iters):
+        # W - deq(Q) lives only for its SVD: besides W, one full-size matrix is alive at a time
+        B, A, start = _fit_adapter(W if q is None else q.subtracted_from(W), st, generator, start)
         q = _quantize_residual(W, A, B, st)
-        if i + 1 < st.iters:  # the last residual is stored as is; nothing is fitted to it
-            M = W - q.dequantize().to(W)
     return Decomposition(q=q, A=A, B=B)
 
 
@@ -98,7 +97,7 @@ def _loftq(W: torch.Tensor, st: DecomposeSettings, generator: torch.Generator) -
     start = None
     for _ in range(st.iters):
         q = _quantize_residual(W, A, B, st)
-        B, A, start = _fit_adapter(W - q.dequantize().to(W), st, generator, start)
+        B, A, start = _fit_adapter(q.subtracted_from(W), st, generator, start)
     return Decomposition(q=q, A=A, B=B)
 
 

@@ -33,6 +33,10 @@ class NF4Weight:
 
         return bnbf.dequantize_4bit(self.packed, self.state).float()
 
+    def subtracted_from(self, W: torch.Tensor) -> torch.Tensor:
+        """`W - deq(Q)` in `W`'s dtype, reusing the dequantized copy: one full-size allocation, not two."""
+        return self.dequantize().to(W).neg_().add_(W)
+
     def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
         """The pre-quantized `Linear4bit` weight under `prefix` (e.g. `model.layers.0.mlp.up_proj.`)."""
         tensors = {f"{prefix}weight": self.packed.cpu()}
@@ -102,12 +106,14 @@ def _nf4_codes_chunk(values: torch.Tensor, blocksize: int) -> tuple[torch.Tensor
     below, midpoint = _code_table()
     codes = below.index_select(0, cell)  # index_select: several times faster than [] indexing here
     codes += scaled > midpoint.index_select(0, cell)
-    packed = ((codes[::2] << 4) | codes[1::2]).unsqueeze(1)
-    return packed, absmax
+    # two codes per byte, first in the high nibble: each little-endian int16 holds a pair as lo | hi << 8
+    pairs = codes.view(torch.int16)
+    packed = ((pairs << 4) | (pairs >> 8)).to(torch.uint8)
+    return packed.unsqueeze(1), absmax
 
 
 _CELLS = 4096
-_CHUNK_VALUES = 1 << 22  # 16 MB of float32
+_CHUNK_VALUES = 1 << 17  # 512 KB of float32: its temporaries stay in the CPU's cache
 _HALF_CELLS = torch.tensor(_CELLS / 2)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from enum import Enum
 
 import torch
@@ -13,38 +14,36 @@ class MetricKind(str, Enum):
     NUC = "nuc"  # Frobenius and the paper's nuclear norm: two extra full SVDs per matrix
 
 
-def matrix_errors(
-    W: torch.Tensor, baseline: torch.Tensor, approximation: torch.Tensor, kind: MetricKind
-) -> dict[str, float | None]:
-    """Errors of `approximation` and of plain NF4 (`baseline`) with respect to `W`.
+@dataclass(frozen=True)
+class ErrorNorms:
+    """Norms of one error matrix; `nuc` is None unless `MetricKind.NUC` was asked for."""
 
-    `reduction = 1 − ‖W − approximation‖ / ‖W − baseline‖`, in percent, for each norm.
+    fro: float
+    nuc: float | None
+
+
+def error_norms(E: torch.Tensor, kind: MetricKind) -> ErrorNorms:
+    """Frobenius (and under `MetricKind.NUC` nuclear) norm of an error matrix `[out, in]`."""
+    return ErrorNorms(fro=_fro(E), nuc=_nuclear(E) if kind is MetricKind.NUC else None)
+
+
+def error_fields(base: ErrorNorms, method: ErrorNorms) -> dict[str, float | None]:
+    """The report's error fields: both norms and `reduction = 1 − ‖method‖ / ‖base‖` in percent.
 
     Args:
-        W: `[out, in]` original weight, float32 or float64.
-        baseline: `deq(nf4(W))`, same shape.
-        approximation: `deq(Q) + s·B·A`, same shape.
-        kind: which norms to compute; the nuclear ones are None under `MetricKind.FRO`.
-
-    Returns:
-        `err_fro_base, err_fro, reduction_fro, err_nuc_base, err_nuc, reduction_nuc`.
+        base: norms of `W − deq(nf4(W))`, the QLoRA baseline's error.
+        method: norms of `W − deq(Q) − s·B·A`.
     """
-    base_error = W - baseline.to(W)
-    method_error = W - approximation.to(W)
-    errors = {"err_fro_base": _fro(base_error), "err_fro": _fro(method_error)}
-    errors["reduction_fro"] = _reduction(errors["err_fro"], errors["err_fro_base"])
-    if kind is MetricKind.NUC:
-        errors["err_nuc_base"] = _nuclear(base_error)
-        errors["err_nuc"] = _nuclear(method_error)
-        errors["reduction_nuc"] = _reduction(errors["err_nuc"], errors["err_nuc_base"])
-    else:
-        errors.update(err_nuc_base=None, err_nuc=None, reduction_nuc=None)
-    return errors
+    return {
+        "err_fro_base": base.fro, "err_fro": method.fro, "reduction_fro": _reduction(method.fro, base.fro),
+        "err_nuc_base": base.nuc, "err_nuc": method.nuc,
+        "reduction_nuc": None if base.nuc is None or method.nuc is None else _reduction(method.nuc, base.nuc),
+    }  # fmt: skip
 
 
 def _fro(E: torch.Tensor) -> float:
     # summed in float64 a block of rows at a time: a float64 copy of a 14336x4096 error would be 470 MB
-    rows = max(1, (1 << 22) // E.shape[1])  # 32 MB of float64 per block
+    rows = max(1, (1 << 18) // E.shape[1])  # 2 MB of float64 per block
     return math.sqrt(sum(E[i : i + rows].double().square().sum().item() for i in range(0, E.shape[0], rows)))
 
 

@@ -183,10 +183,12 @@ def test_qlora_residual_is_plain_nf4_of_the_weight(tiny_model: Path, tmp_path: P
     assert all(layer["reduction_fro"] == 0 for layer in report["layers"])
 
 
-def test_same_inputs_and_seed_give_identical_bytes(tiny_model: Path, tmp_path: Path) -> None:
+def test_same_inputs_and_seed_give_identical_bytes_with_any_number_of_workers(
+    tiny_model: Path, tmp_path: Path
+) -> None:
     first, second = tmp_path / "a", tmp_path / "b"
-    _convert(tiny_model, first, "--seed", "3")
-    _convert(tiny_model, second, "--seed", "3")
+    _convert(tiny_model, first, "--seed", "3", "--workers", "1")
+    _convert(tiny_model, second, "--seed", "3", "--workers", "3")
     assert _file_bytes(first) == _file_bytes(second)
     third = tmp_path / "c"
     _convert(tiny_model, third, "--seed", "4")
