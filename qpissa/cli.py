@@ -53,7 +53,8 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     print(
         f"{settings.method.value}: {len(report['layers'])} matrices in {summary['total_seconds']:.1f} s "
         f"on {report['settings']['device']} with {report['settings']['workers']} worker(s) "
-        f"(metrics {summary['metrics_seconds']:.1f} s), peak RSS {summary['peak_rss_mb']:.0f} MB "
+        f"(errors measured in {summary['metrics_seconds']:.1f} s of worker time), "
+        f"peak RSS {summary['peak_rss_mb']:.0f} MB "
         f"-> {args.out}"
     )
 

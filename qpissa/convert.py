@@ -408,7 +408,7 @@ def _summarize(layers: list[dict], total_seconds: float, device: torch.device) -
         "avg": _mean(list(nuc.values())) if nuc else None,
         "by_type_fro": fro,
         "avg_fro": _mean(list(fro.values())) if fro else None,
-        "total_seconds": total_seconds,
+        "total_seconds": total_seconds,  # wall time; the two below are summed over matrices (worker time)
         "decompose_seconds": sum(layer["seconds"] for layer in layers),
         "metrics_seconds": sum(layer["metrics_seconds"] for layer in layers),
         "peak_rss_mb": peak_rss_mb(),
