@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from qpissa import hide_library_deprecation_notes
 from qpissa.convert import ConvertSettings, convert, summary_table
 from qpissa.methods import Method
 from qpissa.models import fetch_demo_model
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    hide_library_deprecation_notes()  # as the CLI does: notes users can do nothing about
 
     model_dir = fetch_demo_model("smollm2-135m", args.workdir / "smollm2-135m")
     # from here on the output is ours: no loading bars or library deprecation notices
