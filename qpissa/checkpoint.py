@@ -153,12 +153,28 @@ class SafetensorsWriter:
             for width in widths:
                 self.spools[width].close()
                 with open(self._spool_path(width), "rb") as spool:
-                    shutil.copyfileobj(spool, out, 16 << 20)
+                    _append_file(spool, out)
                 os.remove(self._spool_path(width))
         os.replace(partial, self.path)
 
     def _spool_path(self, width: int) -> Path:
         return self.path.with_name(f"{self.path.name}.spool{width}")
+
+
+def _append_file(source: BinaryIO, out: BinaryIO) -> None:
+    """Append `source` to `out`: inside the kernel where it can (Linux; about twice as fast), else
+    through a buffer, which also copies whatever the kernel left."""
+    out.flush()
+    remaining = os.fstat(source.fileno()).st_size
+    try:
+        while hasattr(os, "copy_file_range") and remaining > 0:
+            copied = os.copy_file_range(source.fileno(), out.fileno(), remaining)
+            if copied == 0:
+                break
+            remaining -= copied
+    except OSError:  # e.g. a file system that cannot: the buffered copy goes on from here
+        pass
+    shutil.copyfileobj(source, out, 16 << 20)
 
 
 def read_config(model_dir: Path) -> dict:

@@ -19,7 +19,16 @@ from qpissa.methods import DecomposeSettings, Method, decompose
 from qpissa.svd import SvdKind, truncated_svd
 
 
-def test_streamed_safetensors_load_with_the_library(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "buffered"])
+def test_streamed_safetensors_load_with_the_library(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_copy: bool
+) -> None:
+    if not kernel_copy:  # a kernel or file system without copy_file_range: the buffered copy does it all
+
+        def unsupported(*args: object) -> int:
+            raise OSError("copy_file_range not supported")
+
+        monkeypatch.setattr("os.copy_file_range", unsupported, raising=False)
     tensors = {
         "odd_bytes": torch.arange(7, dtype=torch.uint8),
         "bf16": torch.randn(3, 5).to(torch.bfloat16),
