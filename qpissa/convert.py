@@ -51,6 +51,13 @@ class Precision(str, Enum):
     FLOAT64 = "float64"
 
 
+class SketchDtype(str, Enum):
+    AUTO = "auto"  # bfloat16 where the hardware multiplies it natively and the SVD is float32
+    BFLOAT16 = "bfloat16"
+    FLOAT32 = "float32"
+    FLOAT64 = "float64"
+
+
 class ComputeDtype(str, Enum):
     AUTO = "auto"  # bfloat16 on a CUDA GPU that supports it, else float32
     FLOAT32 = "float32"
@@ -86,6 +93,14 @@ class ConvertSettings:
     )
     svd_dtype: Precision = field(
         default=Precision.FLOAT32, metadata={"help": "precision of the SVD and residual"}
+    )
+    sketch_dtype: SketchDtype = field(
+        default=SketchDtype.AUTO,
+        metadata={
+            "help": "randomized SVD: precision of the range finder's products (auto: bfloat16 on CPUs with "
+            "AMX or AVX512-BF16 and on bf16 GPUs when --svd-dtype is float32, else --svd-dtype); the factors "
+            "are always projected in --svd-dtype"
+        },
     )
     targets: str = field(
         default=ALL_LINEAR, metadata={"help": "all-linear, or Linear names/suffixes such as q_proj,v_proj"}
@@ -186,7 +201,11 @@ def convert(
     targets = set(resolve_targets(settings.targets, reader, settings.rank))
     device = _resolve_device(settings.device)
     workers = _resolve_workers(settings.workers, device, reader, targets)
-    fingerprint = {"model": str(model_dir.resolve()), "settings": settings.output_settings()}
+    # the resolved sketch dtype too: `auto` may resolve differently on the machine that resumes
+    sketch_dtype = _dtype_name(_sketch_dtype(settings.sketch_dtype, settings.svd_dtype, device))
+    fingerprint = {
+        "model": str(model_dir.resolve()), "settings": settings.output_settings(), "sketch": sketch_dtype
+    }  # fmt: skip
     progress = layout.prepare_output(out_dir, fingerprint, resume=resume, overwrite=overwrite)
     if progress is None:  # --resume on a finished conversion with the same settings
         return layout.load_report(out_dir)
@@ -290,7 +309,9 @@ def _convert_shard(
             pending.append(
                 (name, pool.submit(_decompose_one, reader, module, settings, device) if is_target else None)
             )
-            while pending and (pending[0][1] is None or sum(f is not None for _, f in pending) > workers):
+            # twice as many matrices queued as computed: a worker that finishes a small matrix starts the
+            # next instead of idling until the oldest is written; a finished result is ~1/8 of its W
+            while pending and (pending[0][1] is None or sum(f is not None for _, f in pending) > 2 * workers):
                 write_oldest()
         while pending:
             write_oldest()
@@ -307,6 +328,7 @@ def _decompose_one(reader: CheckpointReader, module: str, settings: ConvertSetti
         iters=settings.resolved_iters, svd=settings.svd, oversample=settings.oversample,
         power_iters=settings.power_iters, warm_power_iters=settings.resolved_warm_power_iters,
         svd_dtype=getattr(torch, settings.svd_dtype.value),
+        sketch_dtype=_sketch_dtype(settings.sketch_dtype, settings.svd_dtype, device),
         blocksize=settings.blocksize, double_quant=settings.double_quant,
     )  # fmt: skip
     W = reader.read(f"{module}.weight").to(device=device, dtype=decompose_settings.svd_dtype)
@@ -385,8 +407,10 @@ def _report_settings(
         "device": str(device),
         "workers": workers,
         "targets": targets,
-        "dtypes": {"source": source_dtypes, "svd": settings.svd_dtype.value, "adapter": "float32",
-                   "compute": str(_compute_dtype(settings.compute_dtype, device)).removeprefix("torch.")},
+        "dtypes": {"source": source_dtypes, "svd": settings.svd_dtype.value,
+                   "sketch": _dtype_name(_sketch_dtype(settings.sketch_dtype, settings.svd_dtype, device)),
+                   "adapter": "float32",
+                   "compute": _dtype_name(_compute_dtype(settings.compute_dtype, device))},
         "versions": {"qpissa": qpissa.__version__, "torch": torch.__version__,
                      "bitsandbytes": bitsandbytes.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__},
@@ -471,6 +495,27 @@ def _compute_dtype(choice: ComputeDtype, device: torch.device) -> torch.dtype:
         gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if gpu_bf16 else torch.float32
     return getattr(torch, choice.value)
+
+
+def _sketch_dtype(choice: SketchDtype, svd_dtype: Precision, device: torch.device) -> torch.dtype:
+    if choice is not SketchDtype.AUTO:
+        return getattr(torch, choice.value)
+    if svd_dtype is Precision.FLOAT32 and _multiplies_bf16_natively(device):
+        return torch.bfloat16
+    return getattr(torch, svd_dtype.value)
+
+
+def _multiplies_bf16_natively(device: torch.device) -> bool:
+    """Whether bf16 products are faster than float32 here: several times on AMX, ~100x slower without
+    AVX512-BF16 (REFERENCE.md, machine facts). A hardware fact, never a timing, so outputs stay fixed."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch's own CPU feature checks
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _sync(device: torch.device) -> None:

@@ -35,6 +35,7 @@ class DecomposeSettings:
     power_iters: int
     warm_power_iters: int  # once the previous iteration's subspace is the starting point
     svd_dtype: torch.dtype
+    sketch_dtype: torch.dtype  # of the randomized range finder's products
     blocksize: int
     double_quant: bool
 
@@ -117,7 +118,7 @@ def _fit_adapter(
     """Rank-r principal factors `B [out, r]`, `A [r, in]` of `M`, and the subspace to warm-start from."""
     svd = truncated_svd(
         M, st.rank, st.svd, oversample=st.oversample, generator=generator, start=start,
-        power_iters=st.power_iters if start is None else st.warm_power_iters,
+        power_iters=st.power_iters if start is None else st.warm_power_iters, sketch_dtype=st.sketch_dtype,
     )  # fmt: skip
     B, A = principal_factors(svd.U, svd.S, svd.Vh, st.scale)
     return B, A, svd.basis

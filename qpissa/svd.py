@@ -37,6 +37,7 @@ def truncated_svd(
     power_iters: int = 2,
     generator: torch.Generator | None = None,
     start: torch.Tensor | None = None,
+    sketch_dtype: torch.dtype | None = None,
 ) -> TruncatedSvd:
     """Top-`rank` SVD of `M` in `M`'s dtype (float32 or float64; never bf16, REFERENCE.md §1).
 
@@ -48,6 +49,8 @@ def truncated_svd(
         power_iters: subspace iterations of the randomized sketch.
         generator: CPU generator for the Gaussian sketch (randomized only).
         start: `[n, q]` subspace to start from instead of a Gaussian sketch (warm start).
+        sketch_dtype: dtype of the randomized range finder's products (default `M`'s). Their rounding
+            only tilts the subspace found; the factors are projected from `M` in `M`'s dtype.
 
     Returns:
         The truncated factors and, for randomized, the right subspace to warm-start the next call.
@@ -55,7 +58,7 @@ def truncated_svd(
     if kind is SvdKind.EXACT:
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
         return TruncatedSvd(U[:, :rank], S[:rank], Vh[:rank])
-    return _randomized_svd(M, rank, oversample, power_iters, generator, start)
+    return _randomized_svd(M, rank, oversample, power_iters, generator, start, sketch_dtype or M.dtype)
 
 
 def _randomized_svd(
@@ -65,19 +68,27 @@ def _randomized_svd(
     power_iters: int,
     generator: torch.Generator | None,
     start: torch.Tensor | None,
+    sketch_dtype: torch.dtype,
 ) -> TruncatedSvd:
     m, n = M.shape
     q = min(rank + oversample, m, n)
     # drawn on the CPU generator, then moved: the sketch is the same on every device
     omega = torch.randn(n, q, generator=generator, dtype=M.dtype).to(M.device) if start is None else start
-    Y = M @ omega  # [m, q]
+    M_sketch = M.to(sketch_dtype)  # the same tensor when the dtypes agree
+    Y = _sketch_product(M_sketch, omega)  # [m, q]
     for _ in range(power_iters):
-        Z = M.T @ _span_basis(Y)  # [n, q]
-        Y = M @ _span_basis(Z)  # [m, q]
+        Z = _sketch_product(M_sketch.T, _span_basis(Y))  # [n, q]
+        Y = _sketch_product(M_sketch, _span_basis(Z))  # [m, q]
+    del M_sketch  # a bf16 copy is half of M: freed before the projection
     Y = _orthonormal_basis(Y)  # the result is only as accurate as this basis is orthonormal
     Ub, S, Vh = _wide_svd(Y.T @ M)  # small [q, n] problem
     U = Y @ Ub  # [m, q]
     return TruncatedSvd(U[:, :rank], S[:rank], Vh[:rank], basis=Vh.T.contiguous())
+
+
+def _sketch_product(M_sketch: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """`M_sketch @ X` computed in the sketch's dtype (bf16: several times faster on AMX), returned in X's."""
+    return (M_sketch @ X.to(M_sketch.dtype)).to(X.dtype)
 
 
 def _span_basis(Y: torch.Tensor) -> torch.Tensor:

@@ -169,9 +169,13 @@ def test_iterations_lower_the_error(tiny_model: Path, tmp_path: Path, method: st
     assert five["summary"]["avg_fro"] > one["summary"]["avg_fro"] > 0
 
 
-def test_randomized_svd_matches_exact_quality(tiny_model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sketch_dtype", ["float32", "bfloat16"])
+def test_randomized_svd_matches_exact_quality(tiny_model: Path, tmp_path: Path, sketch_dtype: str) -> None:
     exact = _convert(tiny_model, tmp_path / "exact", "--svd", "exact", "--iters", "1")
-    randomized = _convert(tiny_model, tmp_path / "rand", "--svd", "randomized", "--iters", "1")
+    randomized = _convert(
+        tiny_model, tmp_path / "rand", "--svd", "randomized", "--iters", "1", "--sketch-dtype", sketch_dtype
+    )
+    assert randomized["settings"]["dtypes"]["sketch"] == sketch_dtype
     assert randomized["summary"]["avg_fro"] == pytest.approx(exact["summary"]["avg_fro"], abs=0.5)
 
 
