@@ -123,15 +123,15 @@ def _cholesky_qr(Y: torch.Tensor, gram_dtype: torch.dtype) -> torch.Tensor:
 
 
 def _wide_svd(B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SVD of a `[q, n]` block with q ≤ n from the eigenpairs of its `[q, q]` Gram matrix.
+    """SVD of a `[q, n]` block with q ≤ n from the eigenpairs of its `[q, q]` Gram matrix, in `B`'s dtype.
 
-    Several times faster than a LAPACK SVD of the block; the Gram matrix is formed in float64, so
-    squaring the singular values costs no accuracy in the float32 range we keep.
+    Several times faster than a LAPACK SVD of the block. Squaring costs σ² an absolute ~1e-7·σ₁² in
+    float32, far below the top singular values we keep; float64 (measured on the demo model) changed
+    no error to 4 decimals and cost ~7 % more time.
     """
-    B64 = B.double()
-    eigenvalues, Ub = torch.linalg.eigh(B64 @ B64.T)  # ascending
+    eigenvalues, Ub = torch.linalg.eigh(B @ B.T)  # ascending
     Ub = Ub.flip(1)
     S = eigenvalues.flip(0).clamp(min=0).sqrt()
     # a zero singular value leaves its row of Vh at zero instead of dividing by zero
-    Vh = (Ub.T @ B64) / torch.where(S > 0, S, 1.0)[:, None]
-    return Ub.to(B.dtype), S.to(B.dtype), Vh.to(B.dtype)
+    Vh = (Ub.T @ B) / torch.where(S > 0, S, 1.0)[:, None]
+    return Ub, S, Vh
