@@ -125,6 +125,9 @@ def test_demo_merged_export_answers_like_the_run(demo_model: Path, tmp_path: Pat
     merged = tmp_path / "merged"
     assert cli.main(["--quiet", "export", str(run), str(merged), "--dtype", "float32"]) == 0
     options = ["--greedy", "--max-new-tokens", "48"]
-    from_run = _chat(capsys, run, "What is the capital of France?", options)
+    # the open question is a coin toss for a 4-bit 135M model under greedy decoding: a change in the
+    # 4th decimal of the conversion's error flips its first token; the one-word question does not
+    prompt = "What is the capital of France? Answer in one word."
+    from_run = _chat(capsys, run, prompt, options)
     assert "Paris" in from_run
-    assert _chat(capsys, merged, "What is the capital of France?", options) == from_run
+    assert _chat(capsys, merged, prompt, options) == from_run
