@@ -508,8 +508,8 @@ def _sketch_dtype(choice: SketchDtype, svd_dtype: Precision, device: torch.devic
 def _multiplies_bf16_natively(device: torch.device) -> bool:
     """Whether bf16 products are faster than float32 here: several times on AMX, ~100x slower without
     AVX512-BF16 (REFERENCE.md, machine facts). A hardware fact, never a timing, so outputs stay fixed."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # emulated bf16 (before Ampere) is slower than float32
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch's own CPU feature checks
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
