@@ -201,10 +201,11 @@ def convert(
     targets = set(resolve_targets(settings.targets, reader, settings.rank))
     device = _resolve_device(settings.device)
     workers = _resolve_workers(settings.workers, device, reader, targets)
+    decompose_settings = _decompose_settings(settings, device)
     # the resolved sketch dtype too: `auto` may resolve differently on the machine that resumes
-    sketch_dtype = _dtype_name(_sketch_dtype(settings.sketch_dtype, settings.svd_dtype, device))
     fingerprint = {
-        "model": str(model_dir.resolve()), "settings": settings.output_settings(), "sketch": sketch_dtype
+        "model": str(model_dir.resolve()), "settings": settings.output_settings(),
+        "sketch": _dtype_name(decompose_settings.sketch_dtype),
     }  # fmt: skip
     progress = layout.prepare_output(out_dir, fingerprint, resume=resume, overwrite=overwrite)
     if progress is None:  # --resume on a finished conversion with the same settings
@@ -229,7 +230,15 @@ def convert(
                 if shard_file in done:
                     continue
                 layers = _convert_shard(
-                    reader, names, targets, settings, device, workers, partial / shard_file, bar
+                    reader,
+                    names,
+                    targets,
+                    settings,
+                    decompose_settings,
+                    device,
+                    workers,
+                    partial / shard_file,
+                    bar,
                 )
                 progress["shards"].append({"file": shard_file, "layers": layers})
                 write_json(partial / layout.PROGRESS_NAME, progress)
@@ -273,6 +282,7 @@ def _convert_shard(
     names: list[str],
     targets: set[str],
     settings: ConvertSettings,
+    decompose_settings: DecomposeSettings,
     device: torch.device,
     workers: int,
     shard_path: Path,
@@ -306,9 +316,12 @@ def _convert_shard(
         for name in names:
             module = name.removesuffix(".weight")
             is_target = module in targets and name.endswith(".weight")
-            pending.append(
-                (name, pool.submit(_decompose_one, reader, module, settings, device) if is_target else None)
+            decomposition = (
+                pool.submit(_decompose_one, reader, module, settings, decompose_settings, device)
+                if is_target
+                else None
             )
+            pending.append((name, decomposition))
             # twice as many matrices queued as computed: a worker that finishes a small matrix starts the
             # next instead of idling until the oldest is written; a finished result is ~1/8 of its W
             while pending and (pending[0][1] is None or sum(f is not None for _, f in pending) > 2 * workers):
@@ -320,10 +333,9 @@ def _convert_shard(
     return layers
 
 
-def _decompose_one(reader: CheckpointReader, module: str, settings: ConvertSettings, device: torch.device):
-    """Read, decompose and measure one matrix: the only place convert touches the math."""
-    t0 = time.perf_counter()
-    decompose_settings = DecomposeSettings(
+def _decompose_settings(settings: ConvertSettings, device: torch.device) -> DecomposeSettings:
+    """What `decompose` needs of the settings, resolved once for every matrix."""
+    return DecomposeSettings(
         method=settings.method, rank=settings.rank, scale=settings.resolved_alpha / settings.rank,
         iters=settings.resolved_iters, svd=settings.svd, oversample=settings.oversample,
         power_iters=settings.power_iters, warm_power_iters=settings.resolved_warm_power_iters,
@@ -331,6 +343,17 @@ def _decompose_one(reader: CheckpointReader, module: str, settings: ConvertSetti
         sketch_dtype=_sketch_dtype(settings.sketch_dtype, settings.svd_dtype, device),
         blocksize=settings.blocksize, double_quant=settings.double_quant,
     )  # fmt: skip
+
+
+def _decompose_one(
+    reader: CheckpointReader,
+    module: str,
+    settings: ConvertSettings,
+    decompose_settings: DecomposeSettings,
+    device: torch.device,
+):
+    """Read, decompose and measure one matrix: the only place convert touches the math."""
+    t0 = time.perf_counter()
     W = reader.read(f"{module}.weight").to(device=device, dtype=decompose_settings.svd_dtype)
     if not torch.isfinite(W).all():
         raise UserError(
@@ -378,7 +401,9 @@ def _finish(
     layers = [layer for entry in progress["shards"] for layer in entry["layers"]]
     report = {
         "fingerprint": progress["fingerprint"],
-        "settings": _report_settings(reader, settings, device, workers, sorted(targets)),
+        "settings": _report_settings(
+            reader, settings, device, workers, sorted(targets), progress["fingerprint"]["sketch"]
+        ),
         "layers": layers,
         "summary": _summarize(layers, progress["seconds"], device),
     }
@@ -393,6 +418,7 @@ def _report_settings(
     device: torch.device,
     workers: int,
     targets: list[str],
+    sketch_dtype: str,
 ) -> dict:
     import bitsandbytes
     import peft
@@ -408,7 +434,7 @@ def _report_settings(
         "workers": workers,
         "targets": targets,
         "dtypes": {"source": source_dtypes, "svd": settings.svd_dtype.value,
-                   "sketch": _dtype_name(_sketch_dtype(settings.sketch_dtype, settings.svd_dtype, device)),
+                   "sketch": sketch_dtype,
                    "adapter": "float32",
                    "compute": _dtype_name(_compute_dtype(settings.compute_dtype, device))},
         "versions": {"qpissa": qpissa.__version__, "torch": torch.__version__,
