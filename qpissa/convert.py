@@ -30,6 +30,7 @@ from qpissa.config import to_dict
 from qpissa.memory import available_memory_bytes, peak_rss_mb
 from qpissa.methods import DecomposeSettings, Method, decompose
 from qpissa.nf4 import BLOCKSIZES, quantize_nf4
+from qpissa.outputs import check_apart, check_replaceable
 from qpissa.quality import MetricKind, error_fields, error_norms
 from qpissa.svd import SvdKind
 from qpissa.targets import ALL_LINEAR, module_type, resolve_targets
@@ -198,6 +199,10 @@ def convert(
     """
     started = time.perf_counter()
     reader = CheckpointReader(model_dir)
+    for output in (out_dir, layout.partial_dir(out_dir)):
+        check_apart(output, "OUT", {"MODEL": model_dir})
+    if overwrite:
+        check_replaceable(out_dir, "OUT", (REPORT_NAME,), "a QPiSSA directory")
     targets = set(resolve_targets(settings.targets, reader, settings.rank))
     device = _resolve_device(settings.device)
     workers = _resolve_workers(settings.workers, device, reader, targets)

@@ -24,6 +24,7 @@ from qpissa.config import from_dict, to_dict
 from qpissa.convert import ADAPTER_DIR, REPORT_NAME, Device
 from qpissa.data import DataConfig, Sample, TokenizedData, check_tokenizer, collate, load_split, pad_token_id
 from qpissa.loading import RUN_MARKER, ModelSource, load_model, load_tokenizer
+from qpissa.outputs import check_apart, check_replaceable
 
 log = logging.getLogger(__name__)
 
@@ -306,12 +307,19 @@ def _check_inputs(config: TrainConfig) -> tuple[ModelSource, Path | None]:
     ):
         raise UserError(
             f"model {config.model} is not a QPiSSA directory (no {REPORT_NAME} and adapter/); "
-            f"make one with `qpissa convert MODEL {config.model}`"
+            f"make one with `qpissa convert {config.model} NEW_DIR` and set model=NEW_DIR"
         )
     for path in (config.data.path, config.data.eval_path):
         if path is not None and not path.exists():
             raise UserError(f"dataset {path} does not exist; check data.path / data.eval_path")
+    check_apart(
+        config.output_dir,
+        "output_dir",
+        {"model": config.model, "data.path": config.data.path, "data.eval_path": config.data.eval_path},
+    )
     resume = config.resume_from_checkpoint
+    if resume is None and config.overwrite_output_dir:
+        check_replaceable(config.output_dir, "output_dir", (RUN_MARKER, LOG_NAME), "a training run")
     if resume is not None:
         if not (resume / "trainer_state.json").is_file():
             raise UserError(f"resume_from_checkpoint {resume} is not a checkpoint-N directory of a run")

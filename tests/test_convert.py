@@ -261,7 +261,7 @@ def test_resume_of_a_finished_conversion_does_nothing(tiny_model: Path, converte
 
 def test_overwrite_replaces_an_existing_output(tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    out.mkdir()
+    _convert(tiny_model, out, "--rank", "2")
     (out / "stale.txt").write_text("old")
     _convert(tiny_model, out, "--overwrite")
     assert not (out / "stale.txt").exists() and (out / "qpissa_report.json").is_file()
