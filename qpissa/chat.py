@@ -10,51 +10,21 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from qpissa import UserError
+from qpissa.artifacts import resolve_source
+from qpissa.loading import load_model, load_tokenizer
+from qpissa.runtime import auto_device, inference_dtype
+from qpissa.settings import ChatSettings
 
 log = logging.getLogger(__name__)
 
 Reader = Callable[[str], str]  # like `input`: show a prompt, return a line; EOFError ends the chat
 Writer = Callable[[str], None]  # writes text as it is generated
-
-
-@dataclass
-class ChatSettings:
-    """How to generate. Every field is a `qpissa chat` flag."""
-
-    prompt: str | None = field(
-        default=None, metadata={"help": "answer this one message, print only the answer, exit"}
-    )
-    system: str | None = field(
-        default=None, metadata={"help": "system message (default: the template's own, if any)"}
-    )
-    max_new_tokens: int = field(default=512, metadata={"help": "longest answer, in tokens"})
-    greedy: bool = field(
-        default=False, metadata={"help": "always pick the most likely token (deterministic)"}
-    )
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (ignored with --greedy)"})
-    top_p: float = field(
-        default=0.9, metadata={"help": "nucleus sampling: smallest token set with this mass"}
-    )
-    seed: int = field(default=0, metadata={"help": "seed of the sampler"})
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.max_new_tokens < 1:
-            problems.append(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature <= 0:
-            problems.append(
-                f"--temperature must be positive, got {self.temperature}; for a fixed answer use --greedy"
-            )
-        if not 0 < self.top_p <= 1:
-            problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
-        if problems:
-            raise UserError("; ".join(problems))
 
 
 @dataclass
@@ -71,7 +41,7 @@ class ChatModel:
     model: torch.nn.Module
     tokenizer: object
     stop_ids: list[int]
-    device: str
+    device: torch.device
 
 
 def load_chat_model(path: Path) -> ChatModel:
@@ -80,8 +50,6 @@ def load_chat_model(path: Path) -> ChatModel:
     Raises:
         UserError: not a model, or its tokenizer has no chat template.
     """
-    from qpissa.loading import load_model, load_tokenizer, resolve_source
-
     source = resolve_source(path)
     tokenizer = load_tokenizer(source)
     if not tokenizer.chat_template:
@@ -89,10 +57,8 @@ def load_chat_model(path: Path) -> ChatModel:
             f"the tokenizer in {source.base_dir} has no chat template (chat_template.jinja or "
             "tokenizer_config.json); chat needs an instruction-tuned model's tokenizer files"
         )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    # bf16 matmuls are ~100x slower than fp32 on a CPU
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model = load_model(source, device=device, compute_dtype=dtype).eval()
+    device = auto_device()
+    model = load_model(source, device=device, compute_dtype=inference_dtype(device)).eval()
     return ChatModel(
         model=model, tokenizer=tokenizer, stop_ids=stop_token_ids(tokenizer, model), device=device
     )

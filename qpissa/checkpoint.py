@@ -1,8 +1,9 @@
 """Hugging Face checkpoints on disk: lazy, validated reading and streaming, atomic writing.
 
 Reading opens each safetensors shard memory-mapped and hands out one tensor at a time. Writing
-appends each tensor to disk as it arrives (`SafetensorsWriter`), so memory is bounded by one tensor,
-not by a shard or a model.
+appends each tensor to disk as it arrives (`SafetensorsWriter`, and `ShardedWriter` over several
+shards), so memory is bounded by one tensor, not by a shard or a model. Shard names and the index
+file follow the Hugging Face scheme (`shard_names`, `write_index`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import BinaryIO
 import torch
 
 from qpissa import UserError
+from qpissa.artifacts import CONFIG_NAME
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 INDEX_NAME = "model.safetensors.index.json"
@@ -46,7 +48,7 @@ class CheckpointReader:
         self.model_dir = model_dir
         self.config = read_config(model_dir)
         self.shards = _shard_files(model_dir)
-        parsed = {shard: _read_header(shard) for shard in self.shards}
+        parsed = {shard: read_header(shard) for shard in self.shards}
         self.headers = {shard: header for shard, (header, _) in parsed.items()}
         self.data_start = {shard: start for shard, (_, start) in parsed.items()}  # byte offset of the data
         self.location = {name: shard for shard, header in self.headers.items() for name in header}
@@ -83,25 +85,6 @@ class CheckpointReader:
         with open(shard, "rb") as f:
             f.seek(self.data_start[shard] + start)
             yield from _chunks(f, end - start)
-
-
-def copy_tensors(source: Path, writer: SafetensorsWriter) -> None:
-    """Append every tensor of a safetensors file to `writer` in name order, byte for byte.
-
-    Unlike reading through a memory map, whose pages stay resident while it is open, this holds at most
-    one chunk in memory.
-    """
-    header, data_start = _read_header(source)
-    with open(source, "rb") as f:
-        for name in sorted(header):
-            start, end = header[name]["data_offsets"]
-            f.seek(data_start + start)
-            writer.add_bytes(name, header[name]["dtype"], header[name]["shape"], _chunks(f, end - start))
-
-
-def _chunks(f: BinaryIO, size: int, chunk_bytes: int = 4 << 20) -> Iterator[bytes]:
-    for offset in range(0, size, chunk_bytes):
-        yield f.read(min(chunk_bytes, size - offset))
 
 
 class SafetensorsWriter:
@@ -161,20 +144,70 @@ class SafetensorsWriter:
         return self.path.with_name(f"{self.path.name}.spool{width}")
 
 
-def _append_file(source: BinaryIO, out: BinaryIO) -> None:
-    """Append `source` to `out`: inside the kernel where it can (Linux; about twice as fast), else
-    through a buffer, which also copies whatever the kernel left."""
-    out.flush()
-    remaining = os.fstat(source.fileno()).st_size
-    try:
-        while hasattr(os, "copy_file_range") and remaining > 0:
-            copied = os.copy_file_range(source.fileno(), out.fileno(), remaining)
-            if copied == 0:
-                break
-            remaining -= copied
-    except OSError:  # e.g. a file system that cannot: the buffered copy goes on from here
-        pass
-    shutil.copyfileobj(source, out, 16 << 20)
+class ShardedWriter:
+    """Shards of at most `limit` bytes, named `model-0000k-of-0000n.safetensors` once their count is known."""
+
+    def __init__(self, out_dir: Path, limit: int) -> None:
+        self.out_dir, self.limit = out_dir, limit
+        self.parts: list[Path] = []
+        self.writer: SafetensorsWriter | None = None
+        self.size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.writer is None or (self.size and self.size + nbytes > self.limit):
+            self._close_current()
+            path = self.out_dir / f"part-{len(self.parts) + 1:05d}.safetensors"
+            self.writer, self.size = SafetensorsWriter(path), 0
+            self.parts.append(path)
+        self.writer.add(name, tensor)
+        self.size += nbytes
+
+    def close(self) -> list[str]:
+        """Finish the last shard, give the shards their final names and write the index; return the names."""
+        self._close_current()
+        names = shard_names(len(self.parts))
+        for path, final in zip(self.parts, names, strict=True):
+            path.rename(self.out_dir / final)
+        if len(names) > 1:
+            write_index(self.out_dir, names)
+        return names
+
+    def _close_current(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def copy_tensors(source: Path, writer: SafetensorsWriter) -> None:
+    """Append every tensor of a safetensors file to `writer` in name order, byte for byte.
+
+    Unlike reading through a memory map, whose pages stay resident while it is open, this holds at most
+    one chunk in memory.
+    """
+    header, data_start = read_header(source)
+    with open(source, "rb") as f:
+        for name in sorted(header):
+            start, end = header[name]["data_offsets"]
+            f.seek(data_start + start)
+            writer.add_bytes(name, header[name]["dtype"], header[name]["shape"], _chunks(f, end - start))
+
+
+def shard_names(count: int) -> list[str]:
+    """File names of `count` shards: `model.safetensors` alone, else `model-0000k-of-0000n.safetensors`."""
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def write_index(directory: Path, shard_files: list[str]) -> None:
+    """`model.safetensors.index.json` of a multi-shard checkpoint: each tensor's shard, the total size."""
+    weight_map, total = {}, 0
+    for shard_file in shard_files:
+        header, _ = read_header(directory / shard_file)
+        weight_map.update(dict.fromkeys(header, shard_file))
+        total += (directory / shard_file).stat().st_size
+    write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def read_config(model_dir: Path) -> dict:
@@ -185,7 +218,7 @@ def read_config(model_dir: Path) -> dict:
         )
     if not model_dir.is_dir():
         raise UserError(f"{model_dir} is a file, not a directory; pass the checkpoint's directory")
-    config_path = model_dir / "config.json"
+    config_path = model_dir / CONFIG_NAME
     if not config_path.is_file():
         raise UserError(
             f"{model_dir} has no config.json, so it is not a Hugging Face checkpoint; "
@@ -212,12 +245,41 @@ def copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
     for path in sorted(model_dir.iterdir()):
         if (
             path.is_file()
-            and path.name not in ("config.json", INDEX_NAME)
+            and path.name not in (CONFIG_NAME, INDEX_NAME)
             and not path.name.endswith(WEIGHT_SUFFIXES)
         ):
             shutil.copy2(path, out_dir / path.name)
             copied.append(path.name)
     return copied
+
+
+def read_header(shard: Path) -> tuple[dict[str, dict], int]:
+    """Parse a safetensors file's header and check that the file holds every byte it promises.
+
+    Returns:
+        The header's tensor entries (dtype, shape, data_offsets) and the byte offset at which their
+        data starts.
+
+    Raises:
+        UserError: an unreadable header, or a file shorter or longer than its header says.
+    """
+    size = shard.stat().st_size
+    try:
+        with open(shard, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise UserError(f"{shard} is not a readable safetensors file ({error}); download it again") from None
+    if 8 + length + end != size:
+        raise UserError(
+            f"{shard} is truncated or corrupt: its header describes {8 + length + end} bytes, the file has "
+            f"{size}; download it again"
+        )
+    return header, 8 + length
 
 
 def _shard_files(model_dir: Path) -> list[Path]:
@@ -246,26 +308,22 @@ def _shard_files(model_dir: Path) -> list[Path]:
     raise UserError(f"{model_dir} has no weight files (*.safetensors); is it the right directory?")
 
 
-def _read_header(shard: Path) -> tuple[dict[str, dict], int]:
-    """Parse a shard's header and check that the file holds every byte it promises.
+def _chunks(f: BinaryIO, size: int, chunk_bytes: int = 4 << 20) -> Iterator[bytes]:
+    for offset in range(0, size, chunk_bytes):
+        yield f.read(min(chunk_bytes, size - offset))
 
-    Returns:
-        The header's tensor entries and the byte offset at which their data starts.
-    """
-    size = shard.stat().st_size
+
+def _append_file(source: BinaryIO, out: BinaryIO) -> None:
+    """Append `source` to `out`: inside the kernel where it can (Linux; about twice as fast), else
+    through a buffer, which also copies whatever the kernel left."""
+    out.flush()
+    remaining = os.fstat(source.fileno()).st_size
     try:
-        with open(shard, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(f.read(length))
-        header.pop("__metadata__", None)
-        end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
-        raise UserError(f"{shard} is not a readable safetensors file ({error}); download it again") from None
-    if 8 + length + end != size:
-        raise UserError(
-            f"{shard} is truncated or corrupt: its header describes {8 + length + end} bytes, the file has "
-            f"{size}; download it again"
-        )
-    return header, 8 + length
+        while hasattr(os, "copy_file_range") and remaining > 0:
+            copied = os.copy_file_range(source.fileno(), out.fileno(), remaining)
+            if copied == 0:
+                break
+            remaining -= copied
+    except OSError:  # e.g. a file system that cannot: the buffered copy goes on from here
+        pass
+    shutil.copyfileobj(source, out, 16 << 20)

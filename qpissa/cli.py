@@ -1,16 +1,31 @@
 """The `qpissa` command: argument parsing and one short handler per subcommand, nothing else.
 
-Heavy libraries are imported inside the handlers so that `qpissa --help` stays instant.
+The parser needs only the torch-free settings; each handler imports the modules that do the work, so
+that `qpissa --help` stays instant (tests/test_structure.py checks that it never imports torch).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import logging
 import sys
 from pathlib import Path
 
 from qpissa import UserError, hide_library_deprecation_notes
+from qpissa.artifacts import REPORT_HTML, REPORT_MARKDOWN, SUMMARY_NAME
+from qpissa.options import add_arguments, from_namespace
+from qpissa.settings import (
+    DEMO_MODELS,
+    ChatSettings,
+    CompareSettings,
+    ConvertSettings,
+    EvalSettings,
+    ExportSettings,
+    FidelitySettings,
+    ReportOptions,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,25 +57,18 @@ def _cmd_fetch_model(args: argparse.Namespace) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
-    from qpissa.config import from_namespace
-    from qpissa.convert import ConvertSettings, convert, summary_table
+    from qpissa.console import convert_summary
+    from qpissa.convert import convert
 
     settings = from_namespace(ConvertSettings, args)
     report = convert(args.model, args.out, settings, resume=args.resume, overwrite=args.overwrite,
                      show_progress=not args.quiet)  # fmt: skip
-    summary = report["summary"]
-    print(summary_table(report))
-    print(
-        f"{settings.method.value}: {len(report['layers'])} matrices in {summary['total_seconds']:.1f} s "
-        f"on {report['settings']['device']} with {report['settings']['workers']} worker(s) "
-        f"(errors measured in {summary['metrics_seconds']:.1f} s of worker time), "
-        f"peak RSS {summary['peak_rss_mb']:.0f} MB "
-        f"-> {args.out}"
-    )
+    print(convert_summary(report, args.out))
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from qpissa.train import load_config, train
+    from qpissa.recipe import load_config
+    from qpissa.train import train
 
     config = load_config(args.config, args.overrides)
     summary = train(config, show_progress=not args.quiet)
@@ -73,28 +81,22 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    import json
-
-    from qpissa.config import from_namespace
-    from qpissa.evaluate import EvalSettings, evaluate
+    from qpissa.task_eval import evaluate
 
     result = evaluate(args.model_or_run, args.data, from_namespace(EvalSettings, args))
     print(json.dumps(result, indent=2, sort_keys=True))
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from qpissa.config import from_namespace
-    from qpissa.export import ExportSettings, export, export_summary
+    from qpissa.console import export_summary
+    from qpissa.export import export
 
     report = export(args.run, args.out, from_namespace(ExportSettings, args), show_progress=not args.quiet)
     print(export_summary(report, args.out))
 
 
 def _cmd_chat(args: argparse.Namespace) -> None:
-    import functools
-
-    from qpissa.chat import ChatSettings, answer, run_chat
-    from qpissa.config import from_namespace
+    from qpissa.chat import answer, run_chat
 
     settings = from_namespace(ChatSettings, args)
     write = functools.partial(print, end="", flush=True)  # the answer, streamed as it is generated
@@ -106,11 +108,7 @@ def _cmd_chat(args: argparse.Namespace) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from qpissa.compare import CompareSettings, compare
-    from qpissa.config import from_namespace
-    from qpissa.convert import ConvertSettings
-    from qpissa.fidelity import FidelitySettings
-    from qpissa.report import ReportOptions
+    from qpissa.compare import compare
 
     settings = from_namespace(CompareSettings, args)
     convert_settings = from_namespace(ConvertSettings, args, exclude=("method",))
@@ -119,26 +117,19 @@ def _cmd_compare(args: argparse.Namespace) -> None:
                      show_progress=not args.quiet)  # fmt: skip
     steps = record["history"][-1]["steps"]
     done = sum(step["status"] == "done" for step in steps)
-    print(f"{done} steps run, {len(steps) - done} reused -> {args.out}/report.html, report.md, summary.json")
+    outputs = f"{REPORT_HTML}, {REPORT_MARKDOWN}, {SUMMARY_NAME}"
+    print(f"{done} steps run, {len(steps) - done} reused -> {args.out}/{outputs}")
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from qpissa.config import from_namespace
-    from qpissa.report import ReportOptions, build_report
+    from qpissa.report import build_report
 
     summary = build_report(args.inputs, args.out, from_namespace(ReportOptions, args))
     print("\n".join(summary["verdict"]))
-    print(f"{len(summary['methods'])} methods, {len(summary['plots'])} plots -> {args.out}/report.html")
+    print(f"{len(summary['methods'])} methods, {len(summary['plots'])} plots -> {args.out}/{REPORT_HTML}")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from qpissa.chat import ChatSettings
-    from qpissa.config import add_arguments
-    from qpissa.convert import ConvertSettings
-    from qpissa.evaluate import EvalSettings
-    from qpissa.export import ExportSettings
-    from qpissa.models import DEMO_MODELS
-
     parser = argparse.ArgumentParser(prog="qpissa", description="QPiSSA: 4-bit fine-tuning that loses less.")
     parser.add_argument("--quiet", action="store_true", help="only warnings and the result; no progress bars")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
@@ -199,12 +190,6 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_compare_and_report(commands: argparse._SubParsersAction) -> None:
-    from qpissa.compare import CompareSettings
-    from qpissa.config import add_arguments
-    from qpissa.convert import ConvertSettings
-    from qpissa.fidelity import FidelitySettings
-    from qpissa.report import ReportOptions
-
     compare = commands.add_parser("compare", help="convert with each method, measure fidelity, train; report")
     compare.add_argument("model", type=Path, help="Hugging Face checkpoint directory (full precision)")
     compare.add_argument("out", type=Path, help="comparison directory (a re-run reuses finished steps)")

@@ -20,61 +20,41 @@ import hashlib
 import json
 import logging
 import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from qpissa import UserError, hide_library_deprecation_notes
-from qpissa.checkpoint import write_json
-from qpissa.config import to_dict
-from qpissa.convert import ADAPTER_DIR, REPORT_NAME, ConvertSettings, convert
-from qpissa.fidelity import FIDELITY_NAME, FidelitySettings, heldout_ids, measure_fidelity
-from qpissa.loading import RUN_MARKER
-from qpissa.methods import Method
-from qpissa.report import ReportOptions
+from qpissa import UserError
+from qpissa.artifacts import (
+    ADAPTER_CONFIG,
+    ADAPTER_DIR,
+    COMPARE_NAME,
+    CONFIG_NAME,
+    CONVERSIONS_DIR,
+    FIDELITY_NAME,
+    REPORT_NAME,
+    RUN_MARKER,
+    RUNS_DIR,
+    ModelSource,
+    latest_checkpoint,
+    read_report,
+    read_run,
+    resolve_source,
+)
+from qpissa.checkpoint import CheckpointReader, write_json
+from qpissa.convert import convert
+from qpissa.loading import load_model
+from qpissa.options import to_dict
+from qpissa.original_kl import heldout_ids, measure_fidelity
+from qpissa.recipe import load_config
+from qpissa.report import build_report
+from qpissa.runtime import in_fresh_process
+from qpissa.settings import CompareSettings, ConvertSettings, FidelitySettings, Method, ReportOptions
+from qpissa.train import train
 
 log = logging.getLogger(__name__)
 
-COMPARE_NAME = "compare.json"
-CONVERSIONS_DIR = "conversions"
-RUNS_DIR = "runs"
 OWN_DIRS = (CONVERSIONS_DIR, RUNS_DIR)
-
-
-@dataclass
-class CompareSettings:
-    """What to compare. Every field is a `qpissa compare` flag."""
-
-    methods: str = field(
-        default="qlora,loftq,qpissa",
-        metadata={"help": "comma-separated methods to compare: qlora, loftq, qpissa"},
-    )
-    train: Path | None = field(
-        default=None, metadata={"help": "train every conversion with this YAML config (same config and seed)"}
-    )
-
-    def __post_init__(self) -> None:
-        known = {m.value for m in Method}
-        names = [name.strip() for name in self.methods.split(",") if name.strip()]
-        unknown = [name for name in names if name not in known]
-        if not names or unknown:
-            raise UserError(
-                f"--methods {self.methods!r}: use a comma-separated list of {', '.join(sorted(known))}"
-            )
-        if len(set(names)) != len(names):
-            raise UserError(f"--methods {self.methods!r} names a method twice; list each once")
-        if self.train is not None and not self.train.is_file():
-            raise UserError(
-                f"--train {self.train} is not a file; pass a training YAML such as configs/demo.yaml"
-            )
-
-    @property
-    def method_list(self) -> list[Method]:
-        return [Method(name.strip()) for name in self.methods.split(",") if name.strip()]
 
 
 def compare(
@@ -104,9 +84,6 @@ def compare(
     Raises:
         UserError: bad inputs, or `out_dir` holds something else or a comparison with other settings.
     """
-    from qpissa.checkpoint import CheckpointReader
-    from qpissa.report import build_report
-
     CheckpointReader(model_dir)  # fails early, with a clear message, on a missing or broken model
     if settings.train is not None:
         _check_train_config(settings.train, out_dir)
@@ -126,13 +103,6 @@ def compare(
     return record
 
 
-def method_dirs(out_dir: Path, kind: str) -> list[Path]:
-    """The conversion (`kind="conversions"`) or run (`"runs"`) directories of a comparison, by method."""
-    record = json.loads((out_dir / COMPARE_NAME).read_text())
-    paths = [out_dir / kind / name for name in record["methods"]]
-    return [path for path in paths if path.is_dir()]
-
-
 def _convert_step(
     model_dir: Path, out_dir: Path, method: Method, base: ConvertSettings, show_progress: bool
 ) -> dict:
@@ -144,7 +114,7 @@ def _convert_step(
         return _step(method, "convert", target, "reused", 0.0)
     started = time.perf_counter()
     log.info("converting with %s -> %s", method.value, target)
-    _in_fresh_process(convert, model_dir, target, settings, resume=True, show_progress=show_progress)
+    in_fresh_process(convert, model_dir, target, settings, resume=True, show_progress=show_progress)
     return _step(method, "convert", target, "done", time.perf_counter() - started)
 
 
@@ -152,15 +122,13 @@ def _fidelity_steps(
     model_dir: Path, out_dir: Path, methods: list[Method], settings: FidelitySettings
 ) -> list[dict]:
     """Measure each conversion against the original; load the original only if anything is left to measure."""
-    from qpissa.loading import ModelSource, load_model, resolve_source
-
-    vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    vocab_size = json.loads((model_dir / CONFIG_NAME).read_text())["vocab_size"]
     ids, source = heldout_ids(model_dir, settings, vocab_size)
     key = {"ids_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(), "settings": to_dict(settings)}
     steps, original = [], None
     for method in methods:
         target = out_dir / CONVERSIONS_DIR / method.value
-        key_here = {**key, "conversion": json.loads((target / REPORT_NAME).read_text())["fingerprint"]}
+        key_here = {**key, "conversion": read_report(target)["fingerprint"]}
         path = target / FIDELITY_NAME
         if path.is_file() and json.loads(path.read_text())["key"] == key_here:
             steps.append(_step(method, "fidelity", path, "reused", 0.0))
@@ -177,18 +145,14 @@ def _fidelity_steps(
 
 def _train_step(out_dir: Path, method: Method, config_path: Path, show_progress: bool) -> dict:
     """Train one conversion with the shared config; reuse a finished run, resume an interrupted one."""
-    from qpissa.train import load_config, train
-
     run_dir = (out_dir / RUNS_DIR / method.value).resolve()
     overrides = [f"model={(out_dir / CONVERSIONS_DIR / method.value).resolve()}", f"output_dir={run_dir}"]
     config = load_config(config_path, overrides)
-    recorded = (
-        json.loads((run_dir / RUN_MARKER).read_text())["config"] if (run_dir / RUN_MARKER).is_file() else None
-    )
+    recorded = read_run(run_dir)["config"] if (run_dir / RUN_MARKER).is_file() else None
     if recorded is not None and _run_identity(recorded) == _run_identity(to_dict(config)):
-        if (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
+        if (run_dir / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
             return _step(method, "train", run_dir, "reused", 0.0)
-        checkpoint = _latest_checkpoint(run_dir)
+        checkpoint = latest_checkpoint(run_dir)
         extra = [f"resume_from_checkpoint={checkpoint}"] if checkpoint else ["overwrite_output_dir=true"]
         config = load_config(config_path, overrides + extra)
     elif run_dir.exists():
@@ -197,30 +161,18 @@ def _train_step(out_dir: Path, method: Method, config_path: Path, show_progress:
         )  # other config: start over
     started = time.perf_counter()
     log.info("training %s -> %s", method.value, run_dir)
-    _in_fresh_process(train, config, show_progress=show_progress)
+    in_fresh_process(train, config, show_progress=show_progress)
     return _step(method, "train", run_dir, "done", time.perf_counter() - started)
 
 
 def _check_train_config(config_path: Path, out_dir: Path) -> None:
     """Validate the training config before any conversion starts (model and output_dir are compare's)."""
-    from qpissa.train import load_config
-
     load_config(config_path, [f"model={out_dir / CONVERSIONS_DIR}", f"output_dir={out_dir / RUNS_DIR}"])
 
 
 def _run_identity(config: dict) -> dict:
     """A run's settings without the keys that only say how to start it."""
     return {k: v for k, v in config.items() if k not in ("resume_from_checkpoint", "overwrite_output_dir")}
-
-
-def _latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete `checkpoint-N` of a run (one with trainer_state.json), if any."""
-    found = [
-        p
-        for p in run_dir.glob("checkpoint-*")
-        if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()
-    ]
-    return max(found, key=lambda p: int(p.name[11:]), default=None)
 
 
 def _fingerprint(model_dir: Path, convert_settings: ConvertSettings) -> dict:
@@ -259,11 +211,3 @@ def _record(out_dir: Path, record: dict, steps: list[dict]) -> None:
 
 def _step(method: Method, step: str, path: Path, status: str, seconds: float) -> dict:
     return {"method": method.value, "step": step, "path": str(path), "status": status, "seconds": seconds}
-
-
-def _in_fresh_process(function: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run `function` in a new interpreter so that its peak memory (`peak_rss_mb`) is its own."""
-    with ProcessPoolExecutor(
-        max_workers=1, mp_context=get_context("spawn"), initializer=hide_library_deprecation_notes
-    ) as pool:
-        return pool.submit(function, *args, **kwargs).result()

@@ -8,70 +8,26 @@ counted, never trained on with an empty mask (REFERENCE.md §5).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from qpissa import UserError
+from qpissa.recipe import DataConfig
+from qpissa.settings import DataFormat
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value the loss skips (transformers' convention)
 _LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-class DataFormat(str, Enum):
-    """How a record's fields become a prompt and a response."""
-
-    ALPACA = "alpaca"  # instruction, input (optional), output
-    MESSAGES = "messages"  # messages: [{role, content}, ...], rendered with the tokenizer's chat template
-    PROMPT_COMPLETION = "prompt_completion"  # prompt, completion: concatenated as plain text
-    TEXT = "text"  # text: plain language modelling, loss on every token
-
-
 REQUIRED_FIELDS = {
     DataFormat.ALPACA: ("instruction", "output"),
     DataFormat.MESSAGES: ("messages",),
     DataFormat.PROMPT_COMPLETION: ("prompt", "completion"),
     DataFormat.TEXT: ("text",),
 }
-
-
-@dataclass
-class DataConfig:
-    """Where the training data is and how to turn it into token sequences."""
-
-    path: Path | None = field(
-        default=None, metadata={"help": "training data: .jsonl/.json/.csv/.parquet or a save_to_disk dir"}
-    )
-    format: DataFormat = field(default=DataFormat.MESSAGES, metadata={"help": "record format"})
-    eval_path: Path | None = field(
-        default=None, metadata={"help": "held-out data in the same format (optional)"}
-    )
-    max_seq_len: int = field(default=1024, metadata={"help": "tokens per sample; longer samples are cut"})
-    response_only: bool = field(
-        default=True, metadata={"help": "loss on response tokens only (else on all tokens)"}
-    )
-    packing: bool = field(
-        default=False, metadata={"help": "concatenate samples into full max_seq_len blocks"}
-    )
-    eval_generate_samples: int = field(
-        default=64,
-        metadata={"help": "eval samples scored by greedy generation (exact match); 0 turns it off"},
-    )
-
-    def __post_init__(self) -> None:
-        if self.path is None:
-            raise UserError("the config needs `data.path`: a training data file or save_to_disk directory")
-        if self.max_seq_len < 8:
-            raise UserError(f"`data.max_seq_len` must be at least 8, got {self.max_seq_len}")
-        if self.eval_generate_samples < 0:
-            raise UserError(
-                f"`data.eval_generate_samples` must be 0 or more, got {self.eval_generate_samples}"
-            )
 
 
 @dataclass
@@ -89,7 +45,6 @@ class TokenizedData:
 
     rows: list[dict[str, list[int]]]  # input_ids, labels
     dropped: int  # samples whose response was cut entirely by max_seq_len
-    total: int  # samples read
 
 
 def read_records(path: Path, data_format: DataFormat) -> list[dict[str, Any]]:
@@ -177,7 +132,7 @@ def tokenize(samples: list[Sample], tokenizer: Any, max_seq_len: int, packing: b
         )
     if packing:
         rows = _pack(rows, max_seq_len)
-    return TokenizedData(rows, dropped, len(samples))
+    return TokenizedData(rows, dropped)
 
 
 def load_split(path: Path, config: DataConfig, tokenizer: Any) -> tuple[list[Sample], TokenizedData]:

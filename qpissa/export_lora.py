@@ -7,7 +7,6 @@ error `W_res − deq(Q)`, which this module measures, matrix by matrix, and writ
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +14,20 @@ import torch
 from tqdm.auto import tqdm
 
 from qpissa import UserError
-from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, read_config, write_json
-from qpissa.export import QPISSA_REPORT, Adapter, ExportSettings, Residual, read_adapter
-from qpissa.loading import ADAPTER_FILES, ModelSource
-
-INITIAL_ADAPTER = "adapter"  # the untrained B, A written by `qpissa convert`
+from qpissa.artifacts import (
+    ADAPTER_DIR,
+    ADAPTER_README,
+    ADAPTER_WEIGHTS,
+    CONFIG_NAME,
+    REPORT_NAME,
+    ModelSource,
+    has_adapter,
+    read_report,
+)
+from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, read_config
+from qpissa.console import lora_summary
+from qpissa.settings import ExportSettings
+from qpissa.stored import Adapter, Residual, adapter_key, read_adapter, write_lora_config
 
 
 @dataclass
@@ -43,10 +51,10 @@ def check_lora_inputs(
     Raises:
         UserError: no initial adapter, no original model, shapes that differ, or `--rank` above 2r.
     """
-    initial_dir = source.base_dir / INITIAL_ADAPTER
-    if not all((initial_dir / name).is_file() for name in ADAPTER_FILES):
+    initial_dir = source.base_dir / ADAPTER_DIR  # the untrained B, A written by `qpissa convert`
+    if not has_adapter(initial_dir):
         raise UserError(
-            f"{source.base_dir} has no {INITIAL_ADAPTER}/ with the initial adapter B, A, which --to lora "
+            f"{source.base_dir} has no {ADAPTER_DIR}/ with the initial adapter B, A, which --to lora "
             "subtracts; point RUN at a run of a QPiSSA directory made by `qpissa convert`, or use --to merged"
         )
     initial = read_adapter(initial_dir)
@@ -80,14 +88,14 @@ def original_model_dir(base_dir: Path, override: Path | None) -> Path:
     where = "--base"
     path = override
     if path is None:
-        report_path = base_dir / QPISSA_REPORT
+        report_path = base_dir / REPORT_NAME
         if not report_path.is_file():
             raise UserError(
-                f"{base_dir} has no {QPISSA_REPORT} naming the original model; pass it with --base DIR"
+                f"{base_dir} has no {REPORT_NAME} naming the original model; pass it with --base DIR"
             )
-        path = Path(json.loads(report_path.read_text())["fingerprint"]["model"])
+        path = Path(read_report(base_dir)["fingerprint"]["model"])
         where = str(report_path)
-    if not (path / "config.json").is_file():
+    if not (path / CONFIG_NAME).is_file():
         raise UserError(
             f"the original model {path} (named by {where}) is missing; --to lora needs it: "
             "pass it with --base DIR"
@@ -115,7 +123,7 @@ def write_lora(
     out_rank = rank or 2 * trained.rank
     sums = dict.fromkeys(("distance", "nf4", "weights", "delta", "dropped"), 0.0)
     worst = 0.0
-    writer = SafetensorsWriter(partial / "adapter_model.safetensors")
+    writer = SafetensorsWriter(partial / ADAPTER_WEIGHTS)
     for module in sorted(trained.shapes):
         A1, B1 = trained.factors(module)  # A' [r, in], B' [out, r]
         A0, B0 = inputs.initial.factors(module)  # A [r, in], B [out, r]
@@ -136,12 +144,16 @@ def write_lora(
         sums["nf4"] += _sq(W - inputs.initial.scale * (B0 @ A0) - deq)  # W_res − deq(Q)
         sums["weights"] += _sq(W)
         sums["delta"] += _sq(delta)
-        writer.add(f"base_model.model.{module}.lora_A.weight", A2)
-        writer.add(f"base_model.model.{module}.lora_B.weight", B2)
+        writer.add(adapter_key(module, "A"), A2)
+        writer.add(adapter_key(module, "B"), B2)
         bar.update(1)
     writer.close()
     base_model = inputs.original.model_dir.resolve()
-    _write_config(partial, trained, out_rank, s, base_model)
+    # same s = alpha / r as the trained adapter (2·alpha for 2r)
+    task_type = trained.config.get("task_type") or "CAUSAL_LM"
+    write_lora_config(
+        partial, out_rank, s * out_rank, trained.config["target_modules"], str(base_model), task_type
+    )
     norm = max(sums["weights"], 1e-30) ** 0.5
     truncation = None
     if rank is not None:
@@ -157,39 +169,6 @@ def write_lora(
     }  # fmt: skip
 
 
-def lora_summary(report: dict) -> str:
-    """Why the rank doubled and how far the adapter on the original is from the trained model, in words."""
-    d = report["details"]
-    r, r2 = d["trained_rank"], 2 * d["trained_rank"]
-    lines = [
-        f"Why the rank doubled (r = {r} -> 2r = {r2}): QPiSSA trained B', A' on top of the residual "
-        "W_res = W − s·B·A. On the original weights W the trained model is W + s·(B'A' − BA) = "
-        f"W + s·[B', −B]·[A'; A], a LoRA of rank 2r; r and lora_alpha are both doubled, so the scale "
-        f"s = {d['scale']:g} is unchanged.",
-        "How far it is from the trained model: the trained model used the NF4-quantized residual deq(Q), "
-        "this adapter on W uses W_res itself. Their difference, the residual's NF4 error W_res − deq(Q), "
-        f"measures {d['residual_nf4_error']['relative_fro']:.3%} of ‖W‖ (Frobenius, all adapted matrices); "
-        f"the exported weights differ from the trained ones by {d['distance']['relative_fro']:.3%} in all "
-        f"(worst matrix {d['distance']['max_matrix_relative_fro']:.3%}).",
-    ]
-    if d["truncation"] is not None:
-        t = d["truncation"]
-        lines.append(
-            f"Re-truncated from rank {r2} to {t['rank']} with an SVD (--rank): that drops "
-            f"{t['relative_to_delta_fro']:.3%} of ‖ΔW‖ (Frobenius {t['abs_fro']:.4g}), included in the "
-            "distance above."
-        )
-    if report["verify"] is not None:
-        v = report["verify"]
-        lines.append(
-            f"Measured on {v['prompts']} prompts ({v['tokens']} tokens), original model + this adapter vs "
-            f"the trained model: max |Δlogit| {v['max_abs_diff']:.4g}, mean {v['mean_abs_diff']:.4g}, "
-            f"KL {v['kl_mean']:.4g} nats/token, top-1 agreement {v['top1_agreement']:.1%}."
-        )
-    lines.append("For exactly the trained model, export it merged: `qpissa export RUN OUT --to merged`.")
-    return "\n\n".join(lines)
-
-
 def write_readme(partial: Path, report: dict) -> None:
     """The adapter's README.md: how to load it, why its rank doubled, how far it is from the trained model."""
     base = report["details"]["base_model"]
@@ -202,24 +181,7 @@ def write_readme(partial: Path, report: dict) -> None:
         'model = PeftModel.from_pretrained(base, "ADAPTER_DIR")\n```\n\n'
         f"{lora_summary(report)}\n"
     )
-    (partial / "README.md").write_text(text)
-
-
-def _write_config(partial: Path, trained: Adapter, rank: int, scale: float, base_model: Path) -> None:
-    from peft import LoraConfig
-
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=scale * rank,  # same s = alpha / r as the trained adapter (2·alpha for 2r)
-        target_modules=sorted(trained.config["target_modules"]),
-        lora_dropout=0.0,
-        init_lora_weights=True,
-        bias="none",
-        task_type=trained.config.get("task_type") or "CAUSAL_LM",
-        base_model_name_or_path=str(base_model),
-    ).to_dict()
-    config["target_modules"] = sorted(config["target_modules"])
-    write_json(partial / "adapter_config.json", config)
+    (partial / ADAPTER_README).write_text(text)
 
 
 def _truncate(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:

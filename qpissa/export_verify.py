@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from qpissa import UserError
-from qpissa.loading import ModelSource
+from qpissa.artifacts import ModelSource
+from qpissa.loading import load_model, load_tokenizer
+from qpissa.runtime import auto_device
 
 
 def verify_export(source: ModelSource, export_dir: Path, details: dict) -> dict:
@@ -21,18 +24,14 @@ def verify_export(source: ModelSource, export_dir: Path, details: dict) -> dict:
     Returns:
         max/mean absolute logit difference, mean/max KL(trained ‖ export) per token, top-1 agreement.
     """
-    from transformers import AutoModelForCausalLM
-
-    from qpissa.loading import load_model
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = auto_device()
     trained = load_model(source, device=device, compute_dtype=torch.float32).eval()
     inputs, kind = verify_inputs(source, trained.config.vocab_size)
     reference = [_logits(trained, ids.to(device)) for ids in inputs]
     del trained
     if "base_model" not in details:  # merged
         exported = AutoModelForCausalLM.from_pretrained(
-            export_dir, dtype=torch.float32, device_map={"": device}
+            export_dir, dtype=torch.float32, device_map={"": str(device)}
         )
     else:
         exported = load_model(
@@ -60,8 +59,6 @@ VERIFY_PROMPTS = (
 
 def verify_inputs(source: ModelSource, vocab_size: int) -> tuple[list[torch.Tensor], str]:
     """Token ids of the verification prompts (chat-formatted if possible), else seeded random ids."""
-    from qpissa.loading import load_tokenizer
-
     try:
         tokenizer = load_tokenizer(source)
     except UserError:

@@ -1,63 +1,14 @@
-"""Find and load what a command points at: a QPiSSA directory, a run, a checkpoint, a merged model.
+"""Load what a command points at (a `ModelSource`: QPiSSA directory, run, checkpoint, merged model).
 
 Loading uses plain transformers + PEFT, exactly as a user without qpissa would (REFERENCE.md §4).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 
 from qpissa import UserError
-
-RUN_MARKER = "qpissa_run.json"  # written by `qpissa train` into its output_dir: {"model": QPiSSA dir, ...}
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-@dataclass
-class ModelSource:
-    """Where the weights of a model come from.
-
-    Attributes:
-        base_dir: a QPiSSA directory (4-bit residual) or a plain HF checkpoint (e.g. a merged export).
-        adapter_dir: the PEFT adapter to apply on top, or None for a plain checkpoint.
-        run_dir: the training run it belongs to, if any.
-    """
-
-    base_dir: Path
-    adapter_dir: Path | None
-    run_dir: Path | None = None
-
-
-def resolve_source(path: Path) -> ModelSource:
-    """Interpret MODEL_OR_RUN: a QPiSSA dir, a run dir (final adapter, else latest checkpoint), a
-    `checkpoint-N` dir inside a run, or a plain HF checkpoint.
-
-    Raises:
-        UserError: the path does not exist or is none of these.
-    """
-    if not path.is_dir():
-        raise UserError(
-            f"{path} is not a directory; pass a QPiSSA directory, a training run or a model directory"
-        )
-    if (path / RUN_MARKER).is_file():
-        run = json.loads((path / RUN_MARKER).read_text())
-        adapter = path / "adapter" if _has_adapter(path / "adapter") else _latest_checkpoint(path)
-        if adapter is None:
-            raise UserError(
-                f"run {path} has no adapter yet (no adapter/ and no checkpoint-N/); train it first"
-            )
-        return ModelSource(Path(run["model"]), adapter, run_dir=path)
-    if _has_adapter(path) and (path.parent / RUN_MARKER).is_file():
-        run = json.loads((path.parent / RUN_MARKER).read_text())
-        return ModelSource(Path(run["model"]), path, run_dir=path.parent)
-    if (path / "config.json").is_file():
-        adapter = path / "adapter" if _has_adapter(path / "adapter") else None
-        return ModelSource(path, adapter)
-    raise UserError(f"{path} is not a QPiSSA directory, a training run or a model directory (no config.json)")
+from qpissa.artifacts import ModelSource
 
 
 def load_model(
@@ -70,7 +21,7 @@ def load_model(
     """Load the base model (4-bit residual or plain) and, if any, the adapter on top of it.
 
     Args:
-        source: from `resolve_source`.
+        source: from `artifacts.resolve_source`.
         trainable: load the adapter with `is_trainable=True`.
         device: where to put the model.
         compute_dtype: dtype of activations and of the 16-bit weights; None keeps the checkpoint's
@@ -119,14 +70,3 @@ def load_tokenizer(source: ModelSource):
             f"{source.base_dir} has no usable tokenizer ({error}); "
             "copy the original model's tokenizer files there"
         ) from None
-
-
-def _has_adapter(path: Path) -> bool:
-    return all((path / name).is_file() for name in ADAPTER_FILES)
-
-
-def _latest_checkpoint(run_dir: Path) -> Path | None:
-    checkpoints = [
-        p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and _has_adapter(p)
-    ]
-    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1]), default=None)

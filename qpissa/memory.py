@@ -1,10 +1,27 @@
-"""Memory facts: the peak resident memory every report and log states, and what the system can spare."""
+"""Memory facts: the peak resident memory every report and log states, what the system can spare, and
+the estimate of a training run's peak logged before its first step."""
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from qpissa.recipe import TrainConfig
+    from qpissa.runtime import Runtime
+
+# optimizer state bytes per trainable parameter (AdamW keeps two moments)
+OPTIMIZER_BYTES = {
+    "adamw_torch": 8.0,
+    "paged_adamw_32bit": 8.0,
+    "adamw_bnb_8bit": 2.0,
+    "paged_adamw_8bit": 2.0,
+}
 
 
 def peak_rss_mb() -> float:
@@ -41,3 +58,48 @@ def available_memory_bytes() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 64 << 30
+
+
+def estimate_memory(model: torch.nn.Module, config: TrainConfig, runtime: Runtime) -> dict[str, Any]:
+    """Estimate peak training memory from the model's shapes and the batch settings.
+
+    Parts: frozen weights as stored (NF4 codes count their packed bytes), adapter weights and gradients
+    in fp32, optimizer states, activations (layer inputs kept for checkpointing, one layer recomputed,
+    logits in fp32). An upper-bound style estimate; the per-step log has the measured peak.
+
+    Returns:
+        trainable_params, frozen_params, parts_mb (name -> MB), total_mb.
+    """
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    frozen_params = sum(_logical_numel(p) for p in frozen)
+    cfg = model.config
+    batch, seq = config.per_device_train_batch_size, config.data.max_seq_len
+    act_bytes = runtime.dtype.itemsize
+    hidden, layers, heads = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads
+    inter = getattr(cfg, "intermediate_size", 4 * hidden)
+    per_layer = batch * seq * (10 * hidden + 4 * inter + heads * seq) * act_bytes
+    kept = batch * seq * hidden * act_bytes * layers if config.gradient_checkpointing else per_layer * layers
+    parts = {
+        "frozen_weights": sum(p.numel() * p.element_size() for p in frozen),
+        "adapter": trainable * 4,
+        "gradients": trainable * 4,
+        "optimizer": trainable * OPTIMIZER_BYTES.get(runtime.optim, 8.0),
+        "activations": kept + (per_layer if config.gradient_checkpointing else 0),
+        "logits": batch * seq * cfg.vocab_size * 4 * 3,
+    }
+    parts_mb = {name: value / 2**20 for name, value in parts.items()}
+    return {
+        "frozen_params": frozen_params,
+        "parts_mb": parts_mb,
+        "total_mb": sum(parts_mb.values()),
+        "trainable_params": trainable,
+    }
+
+
+def _logical_numel(parameter: torch.nn.Parameter) -> int:
+    """Parameters a weight stands for: a packed NF4 tensor holds two per byte."""
+    quant_state = getattr(parameter, "quant_state", None)
+    if quant_state is not None:
+        return math.prod(quant_state.shape)
+    return parameter.numel()

@@ -8,18 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 
 from qpissa.nf4 import NF4Weight, quantize_nf4
-from qpissa.svd import SvdKind, truncated_svd
-
-
-class Method(str, Enum):
-    QPISSA = "qpissa"
-    LOFTQ = "loftq"
-    QLORA = "qlora"
+from qpissa.settings import Method, SvdKind
+from qpissa.svd import truncated_svd
 
 
 @dataclass(frozen=True)

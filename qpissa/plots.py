@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-COLOURS = {"qlora": "#7f7f7f", "loftq": "#1f77b4", "qpissa": "#d62728"}
+from qpissa.settings import Method
+
+COLOURS = {Method.QLORA.value: "#7f7f7f", Method.LOFTQ.value: "#1f77b4", Method.QPISSA.value: "#d62728"}
 FALLBACK_COLOURS = ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
 DPI = 110
 
@@ -78,7 +80,7 @@ def spectrum(spectra: dict, path: Path) -> None:
     left.semilogy(spectra["W"], color="black", label="W (original)")
     for i, (label, values) in enumerate(spectra["methods"].items()):
         style = {"color": colour(label, i), "label": label}
-        if label != "qlora":  # QLoRA's residual is W itself
+        if label != Method.QLORA.value:  # QLoRA's residual is W itself
             left.semilogy(values["residual"], linestyle="--", **style)
         right.semilogy(values["error"], **style)
     left.set_title("σ of W and of the residual W − s·B·A")

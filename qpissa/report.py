@@ -10,27 +10,34 @@ show (DESIGN.md principle 6). Rendering lives in `report_render.py`, plotting in
 from __future__ import annotations
 
 import json
+import math
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qpissa import UserError
-from qpissa.checkpoint import write_json
+from qpissa.artifacts import (
+    ADAPTER_DIR,
+    ADAPTER_WEIGHTS,
+    COMPARE_NAME,
+    CONVERSIONS_DIR,
+    EVAL_RESULTS_NAME,
+    EXPORT_REPORT,
+    FIDELITY_NAME,
+    LOG_NAME,
+    REPORT_NAME,
+    RUN_MARKER,
+    RUNS_DIR,
+    SUMMARY_NAME,
+    comparison_members,
+)
+from qpissa.checkpoint import read_header, write_json
+from qpissa.report_render import draw_plots, write_documents
+from qpissa.settings import Method, ReportOptions
+from qpissa.spectrum import layer_spectra
 
-SUMMARY_NAME = "summary.json"
 TAIL_STEPS = 10  # the verdict quotes the mean loss of the last logged steps: one step's loss is noisy
-METHOD_ORDER = ("qlora", "loftq", "qpissa")
-
-
-@dataclass
-class ReportOptions:
-    """How to draw the report. Every field is a `qpissa report` flag."""
-
-    layer: str | None = field(
-        default=None, metadata={"help": "matrix whose singular values to plot (default: the first q_proj)"}
-    )
-    log_steps: bool = field(default=False, metadata={"help": "log-scale step axis for the loss curves"})
+METHOD_ORDER = (Method.QLORA.value, Method.LOFTQ.value, Method.QPISSA.value)
 
 
 @dataclass
@@ -61,13 +68,11 @@ def build_report(inputs: list[Path], out_dir: Path, options: ReportOptions) -> d
     Raises:
         UserError: an input that does not exist or is none of the above; no usable input at all.
     """
-    from qpissa.report_render import draw_plots, write_documents
-
     methods = collect(inputs)
     summary = summarize(methods, options)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary["plots"] = draw_plots(summary, out_dir, options)
-    write_documents(summary, out_dir)
+    write_documents(summary, out_dir, TAIL_STEPS)
     write_json(out_dir / SUMMARY_NAME, summary)
     return summary
 
@@ -78,18 +83,16 @@ def collect(inputs: list[Path]) -> list[MethodData]:
     Raises:
         UserError: naming every input that is missing or of an unknown kind, at once.
     """
-    from qpissa.compare import COMPARE_NAME, method_dirs
-
     by_key: dict[str, MethodData] = {}
     problems = []
     for path in inputs:
         if (path / COMPARE_NAME).is_file():
-            for member in method_dirs(path, "conversions") + method_dirs(path, "runs"):
+            for member in comparison_members(path, CONVERSIONS_DIR) + comparison_members(path, RUNS_DIR):
                 _add(by_key, member)
         elif not _add(by_key, path):
             problems.append(
                 f"{path} is not a QPiSSA directory, training run, export or comparison "
-                "(no qpissa_report.json, qpissa_run.json, export_report.json or compare.json)"
+                f"(no {REPORT_NAME}, {RUN_MARKER}, {EXPORT_REPORT} or {COMPARE_NAME})"
             )
     if problems:
         raise UserError("; ".join(problems))
@@ -136,7 +139,7 @@ def verdict(summary: dict) -> list[str]:
     metric = summary["metric"]
     norm = "avg" if metric == "nuclear" else "avg_fro"
     for label, q in summary["quality"].items():
-        if q["method"] != "qlora":
+        if q["method"] != Method.QLORA.value:
             change = "cut" if q[norm] >= 0 else "raised"
             lines.append(f"{label} (r={q['rank']}, T={q['iters']}) {change} the QLoRA (plain NF4) "
                          f"quantization error by {abs(q[norm]):.1f} % on average over {len(q['by_type'])} "
@@ -165,10 +168,6 @@ def verdict(summary: dict) -> list[str]:
 
 def _add(by_key: dict[str, MethodData], path: Path) -> bool:
     """Add one input directory; False if it is none of the known kinds."""
-    from qpissa.convert import REPORT_NAME
-    from qpissa.fidelity import FIDELITY_NAME
-    from qpissa.loading import RUN_MARKER
-
     if (path / REPORT_NAME).is_file():
         entry = _entry(by_key, path)
         entry.conversion = _read(path / REPORT_NAME)
@@ -178,11 +177,11 @@ def _add(by_key: dict[str, MethodData], path: Path) -> bool:
         model = Path(_read(path / RUN_MARKER)["model"])
         entry = _add_linked(by_key, model, path)
         entry.run_dir = path
-        entry.steps = _read_jsonl(path / "trainer_log.jsonl")
-        entry.evals = _read(path / "eval_results.json") if (path / "eval_results.json").is_file() else None
+        entry.steps = _read_jsonl(path / LOG_NAME)
+        entry.evals = _read(path / EVAL_RESULTS_NAME) if (path / EVAL_RESULTS_NAME).is_file() else None
         return True
-    if (path / "export_report.json").is_file():
-        report = _read(path / "export_report.json")
+    if (path / EXPORT_REPORT).is_file():
+        report = _read(path / EXPORT_REPORT)
         base = report.get("source", {}).get("base_dir")
         entry = _add_linked(by_key, Path(base), path) if base else _entry(by_key, path)
         entry.exports.append((path, report))
@@ -192,8 +191,6 @@ def _add(by_key: dict[str, MethodData], path: Path) -> bool:
 
 def _add_linked(by_key: dict[str, MethodData], model: Path, path: Path) -> MethodData:
     """The entry of the conversion `model` (read it if it still exists), else one of `path` alone."""
-    from qpissa.convert import REPORT_NAME
-
     if (model / REPORT_NAME).is_file():
         if str(model.resolve()) not in by_key:
             _add(by_key, model)
@@ -299,7 +296,7 @@ def _memory(entry: MethodData) -> dict:
         name: info for shard in directory.glob("model*.safetensors") for name, info in _header(shard).items()
     }
     params_16bit = sum(_numel(info) for name, info in headers.items() if not _is_quantized(name, quantized))
-    adapter = directory / "adapter" / "adapter_model.safetensors"
+    adapter = directory / ADAPTER_DIR / ADAPTER_WEIGHTS
     row.update({
         "convert_peak_rss_mb": entry.conversion["summary"]["peak_rss_mb"],
         "convert_peak_gpu_mb": entry.conversion["summary"].get("peak_gpu_mb"),
@@ -324,13 +321,11 @@ def _original(methods: list[MethodData]) -> dict | None:
 
 def _spectrum(methods: list[MethodData], layer: str | None, original: dict | None) -> dict:
     """Singular values of one layer's W, residuals and errors; a note instead when they cannot be computed."""
-    from qpissa.report_render import layer_spectra
-
     conversions = [m for m in methods if m.conversion]
     if not conversions:
         return {"note": "no conversions among the inputs"}
     if original is None:
-        return {"note": "the original model named in qpissa_report.json (fingerprint.model) is not here"}
+        return {"note": f"the original model named in {REPORT_NAME} (fingerprint.model) is not here"}
     names = [entry["name"] for entry in conversions[0].conversion["layers"]]
     chosen = layer or next((n for n in names if n.endswith("q_proj")), names[0])
     if chosen not in names:
@@ -347,18 +342,11 @@ def _is_quantized(name: str, quantized: set[str]) -> bool:
 
 def _header(path: Path) -> dict[str, dict]:
     """The tensor entries of a safetensors header (dtype, shape), without reading any data."""
-    with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
-    return header
+    return read_header(path)[0]
 
 
 def _numel(info: dict) -> int:
-    count = 1
-    for size in info["shape"]:
-        count *= size
-    return count
+    return math.prod(info["shape"])
 
 
 def _size_mb(paths) -> float:

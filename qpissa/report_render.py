@@ -11,10 +11,9 @@ import html
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from qpissa import plots
-from qpissa.report import TAIL_STEPS as TAIL
+from qpissa.artifacts import EVAL_RESULTS_NAME, LOG_NAME, REPORT_HTML, REPORT_MARKDOWN
+from qpissa.settings import ReportOptions
 
 
 @dataclass
@@ -28,7 +27,7 @@ class Table:
     note: str = ""
 
 
-def draw_plots(summary: dict, out_dir: Path, options) -> dict[str, str]:
+def draw_plots(summary: dict, out_dir: Path, options: ReportOptions) -> dict[str, str]:
     """Draw every plot that has data; return name -> PNG file name (relative to `out_dir`)."""
     metric = summary["metric"]
     by_type, avg = ("by_type", "avg") if metric == "nuclear" else ("by_type_fro", "avg_fro")
@@ -61,65 +60,25 @@ def draw_plots(summary: dict, out_dir: Path, options) -> dict[str, str]:
     return drawn
 
 
-def tables(summary: dict) -> list[Table]:
-    """The report's tables, in order: overview, error per module type, memory, training, exports."""
-    found = [_overview(summary), _by_type(summary), _memory(summary), _training(summary), _exports(summary)]
+def tables(summary: dict, tail_steps: int) -> list[Table]:
+    """The report's tables, in order: overview, error per module type, memory, training, exports.
+
+    Args:
+        summary: from `report.summarize`.
+        tail_steps: how many last logged steps each run's mean loss spans.
+    """
+    found = [
+        _overview(summary), _by_type(summary), _memory(summary), _training(summary, tail_steps),
+        _exports(summary),
+    ]  # fmt: skip
     return [table for table in found if table is not None and table.rows]
 
 
-def write_documents(summary: dict, out_dir: Path) -> None:
+def write_documents(summary: dict, out_dir: Path, tail_steps: int) -> None:
     """Write report.md (PNG links) and report.html (PNGs embedded), each atomically."""
-    found = tables(summary)
-    _write(out_dir / "report.md", _markdown(summary, found))
-    _write(out_dir / "report.html", _html(summary, found, out_dir))
-
-
-def layer_spectra(model_dir: Path, layer: str, conversions: dict[str, tuple[Path, dict]]) -> dict:
-    """Singular values of `layer`'s W, each method's residual `W − s·B·A` and its error `W − deq(Q) − s·B·A`.
-
-    Args:
-        model_dir: the original checkpoint (W is read from it, in float32).
-        layer: module name, e.g. `model.layers.0.self_attn.q_proj`.
-        conversions: label -> (QPiSSA dir, its qpissa_report.json).
-
-    Returns:
-        {"layer", "W": [σ], "methods": {label: {"residual": [σ], "error": [σ]}}}, σ in descending order.
-    """
-    from qpissa.checkpoint import CheckpointReader
-
-    W = CheckpointReader(model_dir).read(f"{layer}.weight").float()  # [out, in]
-    methods = {}
-    for label, (directory, report) in conversions.items():
-        deq, A, B = _read_layer(directory, layer)
-        s = report["settings"]["alpha"] / report["settings"]["rank"]
-        residual = W - s * (B @ A)  # what was quantized (REFERENCE.md §1)
-        methods[label] = {"residual": _svdvals(residual), "error": _svdvals(residual - deq)}
-    return {"layer": layer, "W": _svdvals(W), "methods": methods}
-
-
-def _read_layer(directory: Path, layer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """deq(Q) `[out, in]`, A `[r, in]`, B `[out, r]` (float32) of one layer of a QPiSSA directory."""
-    import bitsandbytes.functional as bnbf
-    from safetensors import safe_open
-
-    prefix = f"{layer}.weight"
-    for shard in sorted(directory.glob("model*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            names = list(f.keys())
-            if prefix not in names:
-                continue
-            state = {k[len(prefix) + 1 :]: f.get_tensor(k) for k in names if k.startswith(prefix + ".")}
-            packed = f.get_tensor(prefix)
-        deq = bnbf.dequantize_4bit(packed, bnbf.QuantState.from_dict(state, torch.device("cpu"))).float()
-        with safe_open(str(directory / "adapter" / "adapter_model.safetensors"), framework="pt") as f:
-            A = f.get_tensor(f"base_model.model.{layer}.lora_A.weight").float()
-            B = f.get_tensor(f"base_model.model.{layer}.lora_B.weight").float()
-        return deq, A, B
-    raise FileNotFoundError(f"{prefix} is in the report of {directory} but in none of its shards")
-
-
-def _svdvals(M: torch.Tensor) -> list[float]:
-    return [float(v) for v in torch.linalg.svdvals(M.double())]
+    found = tables(summary, tail_steps)
+    _write(out_dir / REPORT_MARKDOWN, _markdown(summary, found))
+    _write(out_dir / REPORT_HTML, _html(summary, found, out_dir))
 
 
 def _overview(summary: dict) -> Table:
@@ -210,7 +169,7 @@ def _memory(summary: dict) -> Table:
     return Table("Memory", headers, rows, "memory_speed", note)
 
 
-def _training(summary: dict) -> Table | None:
+def _training(summary: dict, tail_steps: int) -> Table | None:
     rows = []
     for label, t in summary["training"].items():
         e = summary["eval"].get(label) or {}
@@ -220,12 +179,10 @@ def _training(summary: dict) -> Table | None:
             _pct(e.get("accuracy")),
             _num(t["tokens_per_second"], "{:.0f}"), _num(t["peak_memory_mb"], "{:.0f}"),
         ])  # fmt: skip
-    headers = ["method", "first step", "first loss", "last step", "last loss", f"mean loss, last {TAIL}",
-               "eval loss", "eval accuracy %",
+    headers = ["method", "first step", "first loss", "last step", "last loss",
+               f"mean loss, last {tail_steps}", "eval loss", "eval accuracy %",
                "tokens/s", "peak memory MB"]  # fmt: skip
-    note = (
-        "Loss per step from trainer_log.jsonl (step 0: the initialized model); eval from eval_results.json."
-    )
+    note = f"Loss per step from {LOG_NAME} (step 0: the initialized model); eval from {EVAL_RESULTS_NAME}."
     return Table("Training", headers, rows, "loss_curves", note) if rows else None
 
 

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 
-
-class SvdKind(str, Enum):
-    EXACT = "exact"
-    RANDOMIZED = "randomized"
+from qpissa.settings import SvdKind
 
 
 @dataclass

@@ -8,8 +8,7 @@ import torch
 
 from qpissa import UserError
 from qpissa.checkpoint import QUANTIZED_KEY_MARKERS, CheckpointReader
-
-ALL_LINEAR = "all-linear"
+from qpissa.settings import ALL_LINEAR
 
 
 def linear_modules(model_dir: Path) -> tuple[dict[str, tuple[int, int]], str | None]:

@@ -1,4 +1,4 @@
-"""Training metrics: the per-step JSONL log, a quieter progress bar, and the peak-memory estimate.
+"""Training metrics: the per-step JSONL log and a quieter progress bar.
 
 Metrics go to `RUN/trainer_log.jsonl` (one line per optimizer step) and `RUN/eval_log.jsonl` (one line
 per evaluation); events go to the logger; the bar goes to stderr (STYLE.md rule 11).
@@ -20,14 +20,6 @@ from transformers.trainer_callback import ProgressCallback
 from qpissa.memory import peak_rss_mb
 
 log = logging.getLogger(__name__)
-
-# optimizer state bytes per trainable parameter (AdamW keeps two moments)
-OPTIMIZER_BYTES = {
-    "adamw_torch": 8.0,
-    "paged_adamw_32bit": 8.0,
-    "adamw_bnb_8bit": 2.0,
-    "paged_adamw_8bit": 2.0,
-}
 
 
 class JsonlLogCallback(TrainerCallback):
@@ -106,43 +98,6 @@ class QuietProgressCallback(ProgressCallback):
         return
 
 
-def estimate_memory(model: torch.nn.Module, config: Any, runtime: Any) -> dict[str, Any]:
-    """Estimate peak training memory from the model's shapes and the batch settings.
-
-    Parts: frozen weights as stored (NF4 codes count their packed bytes), adapter weights and gradients
-    in fp32, optimizer states, activations (layer inputs kept for checkpointing, one layer recomputed,
-    logits in fp32). An upper-bound style estimate; the per-step log has the measured peak.
-
-    Returns:
-        trainable_params, frozen_params, parts_mb (name -> MB), total_mb.
-    """
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    frozen_params = sum(_logical_numel(p) for p in frozen)
-    cfg = model.config
-    batch, seq = config.per_device_train_batch_size, config.data.max_seq_len
-    act_bytes = torch.finfo(runtime.dtype).bits // 8
-    hidden, layers, heads = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads
-    inter = getattr(cfg, "intermediate_size", 4 * hidden)
-    per_layer = batch * seq * (10 * hidden + 4 * inter + heads * seq) * act_bytes
-    kept = batch * seq * hidden * act_bytes * layers if config.gradient_checkpointing else per_layer * layers
-    parts = {
-        "frozen_weights": sum(p.numel() * p.element_size() for p in frozen),
-        "adapter": trainable * 4,
-        "gradients": trainable * 4,
-        "optimizer": trainable * OPTIMIZER_BYTES.get(runtime.optim, 8.0),
-        "activations": kept + (per_layer if config.gradient_checkpointing else 0),
-        "logits": batch * seq * cfg.vocab_size * 4 * 3,
-    }
-    parts_mb = {name: value / 2**20 for name, value in parts.items()}
-    return {
-        "frozen_params": frozen_params,
-        "parts_mb": parts_mb,
-        "total_mb": sum(parts_mb.values()),
-        "trainable_params": trainable,
-    }
-
-
 def truncate_log(path: Path, last_step: int) -> None:
     """Drop log lines after `last_step` (a resumed run rewrites them); 0 empties the file."""
     if not path.exists():
@@ -166,14 +121,6 @@ def append_jsonl(path: Path, entry: dict[str, Any]) -> None:
     """Append one JSON line with sorted keys."""
     with path.open("a") as handle:
         handle.write(json.dumps(entry, sort_keys=True) + "\n")
-
-
-def _logical_numel(parameter: torch.nn.Parameter) -> int:
-    """Parameters a weight stands for: a packed NF4 tensor holds two per byte."""
-    quant_state = getattr(parameter, "quant_state", None)
-    if quant_state is not None:
-        return int(torch.Size(quant_state.shape).numel())
-    return parameter.numel()
 
 
 def _float(value: Any) -> float | None:

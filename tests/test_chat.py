@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from qpissa import cli
+from qpissa.artifacts import RUN_MARKER
 from qpissa.chat import ChatSettings, answer, generate_reply, load_chat_model, run_chat, stop_token_ids
-from qpissa.loading import RUN_MARKER
 
 GREEDY = ["--greedy", "--max-new-tokens", "12"]
 SAMPLED = [

@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 
 from qpissa import cli
-from qpissa.compare import COMPARE_NAME
-from qpissa.convert import REPORT_NAME
-from qpissa.fidelity import FIDELITY_NAME
+from qpissa.artifacts import COMPARE_NAME, FIDELITY_NAME, REPORT_NAME
 
 FLAGS = ["--rank", "4", "--iters", "2", "--max-tokens", "96", "--window", "48"]
 
@@ -157,8 +155,8 @@ def test_a_bad_train_config_is_refused_before_converting(tiny_model: Path, tmp_p
 
 
 def test_matching_conversions_already_in_out_are_reused(tiny_model: Path, tmp_path: Path) -> None:
-    from qpissa.convert import ConvertSettings, convert
-    from qpissa.methods import Method
+    from qpissa.convert import convert
+    from qpissa.settings import ConvertSettings, Method
 
     out = tmp_path / "out"
     convert(

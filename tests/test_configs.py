@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from qpissa.data import DataFormat
-from qpissa.train import TrainConfig, load_config
+from qpissa.recipe import TrainConfig, load_config
+from qpissa.settings import DataFormat
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 

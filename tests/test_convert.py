@@ -15,9 +15,8 @@ import torch
 from safetensors import safe_open
 
 from qpissa.cli import main
-from qpissa.convert import ConvertSettings, convert
-from qpissa.methods import Method
-from qpissa.svd import SvdKind
+from qpissa.convert import convert
+from qpissa.settings import ConvertSettings, Method, SvdKind
 
 RANK = 8
 

@@ -39,8 +39,9 @@ def test_plain_transformers_and_peft_load_it_and_it_beats_qlora_in_kl(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qpissa.fidelity import FidelitySettings, default_text, measure_fidelity, text_ids
     from qpissa.loading import set_compute_dtype
+    from qpissa.original_kl import default_text, measure_fidelity, text_ids
+    from qpissa.settings import FidelitySettings
 
     settings = FidelitySettings(max_tokens=1024)
     ids = text_ids(AutoTokenizer.from_pretrained(demo_model), default_text(), settings.max_tokens)

@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 
 from qpissa import UserError
 from qpissa.checkpoint import SafetensorsWriter
-from qpissa.config import apply_overrides, from_dict
-from qpissa.methods import DecomposeSettings, Method, decompose
-from qpissa.svd import SvdKind, truncated_svd
+from qpissa.methods import DecomposeSettings, decompose
+from qpissa.options import apply_overrides, from_dict
+from qpissa.settings import Method, SvdKind
+from qpissa.svd import truncated_svd
 
 
 @pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "buffered"])

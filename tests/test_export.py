@@ -17,10 +17,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qpissa import cli
-from qpissa.checkpoint import CheckpointReader
-from qpissa.export import Residual, _ShardedWriter, read_adapter
-from qpissa.loading import RUN_MARKER, load_model, resolve_source
+from qpissa.artifacts import RUN_MARKER, resolve_source
+from qpissa.checkpoint import CheckpointReader, ShardedWriter
+from qpissa.loading import load_model
 from qpissa.nf4 import quantize_nf4
+from qpissa.stored import Residual, read_adapter
 
 RANK = 8
 
@@ -285,7 +286,7 @@ def test_bad_input_is_one_line_exit_2_and_no_output(
 
 
 def test_sharded_writer_splits_and_indexes(tmp_path: Path):
-    writer = _ShardedWriter(tmp_path, limit=1000)
+    writer = ShardedWriter(tmp_path, limit=1000)
     tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(5)}  # 400 bytes each: two per shard
     for name, tensor in tensors.items():
         writer.add(name, tensor)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from qpissa import cli
-from qpissa.convert import REPORT_NAME, ConvertSettings, convert
-from qpissa.methods import Method
-from qpissa.quality import MetricKind
+from qpissa.artifacts import REPORT_NAME
+from qpissa.convert import convert
+from qpissa.settings import ConvertSettings, Method, MetricKind
 
 PLOTS_WITHOUT_TRAINING = ("reduction_by_type", "reduction_by_layer", "spectrum", "memory_speed")
 QPISSA_RED = (214, 39, 40)  # plots.COLOURS["qpissa"]
@@ -34,7 +34,8 @@ def inputs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     if _available("qpissa.train") and (model / "tokenizer.json").is_file():
         found["run"] = _short_run(found["qpissa"], root)
     if _available("qpissa.export"):
-        from qpissa.export import ExportSettings, export
+        from qpissa.export import export
+        from qpissa.settings import ExportSettings
 
         found["export"] = root / "merged"
         export(found["qpissa"], found["export"], ExportSettings(), show_progress=False)
@@ -190,8 +191,9 @@ def _available(module: str) -> bool:
 
 def _short_run(conversion: Path, root: Path) -> Path:
     """Three training steps on a tiny alpaca dataset, through the library function `qpissa train` uses."""
-    from qpissa.config import from_dict
-    from qpissa.train import TrainConfig, train
+    from qpissa.options import from_dict
+    from qpissa.recipe import TrainConfig
+    from qpissa.train import train
 
     data = root / "data.jsonl"
     records = [

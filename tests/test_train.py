@@ -180,7 +180,8 @@ def test_existing_output_dir_is_refused(
 
 
 def test_high_learning_rate_warns(qpissa_dir: Path, data_dir: Path, tmp_path: Path, caplog) -> None:
-    from qpissa.train import load_config, train
+    from qpissa.recipe import load_config
+    from qpissa.train import train
 
     config = load_config(_config(tmp_path, qpissa_dir, data_dir, max_steps=1, eval_steps=None), [])
     with caplog.at_level("WARNING"):

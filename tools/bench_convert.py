@@ -192,7 +192,8 @@ def _child(side: str, model: Path, out: Path) -> None:
 
 def _ours(model: Path, out: Path) -> tuple[float, float]:
     """`qpissa convert` at r=64, T=5 (randomized defaults); its own metric time is excluded."""
-    from qpissa.convert import ConvertSettings, convert
+    from qpissa.convert import convert
+    from qpissa.settings import ConvertSettings
 
     settings = ConvertSettings(rank=64, iters=5, double_quant=False)
     report = convert(model, out, settings, overwrite=True, show_progress=False)
@@ -231,7 +232,8 @@ def _reference(model: Path, out: Path) -> tuple[float, float]:
     from safetensors.torch import save_file
 
     from qpissa.checkpoint import CheckpointReader
-    from qpissa.targets import ALL_LINEAR, resolve_targets
+    from qpissa.settings import ALL_LINEAR
+    from qpissa.targets import resolve_targets
 
     rank, iters, reductions, excluded, outputs = 64, 5, {}, 0.0, {}
     reader = CheckpointReader(model)

@@ -66,8 +66,11 @@ def train_peft_baseline(
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer
     from transformers.trainer_callback import PrinterCallback
 
+    from qpissa.artifacts import LOG_NAME
     from qpissa.data import collate, load_split, pad_token_id
-    from qpissa.train import LOG_NAME, _training_arguments, load_config, resolve_runtime
+    from qpissa.recipe import load_config
+    from qpissa.runtime import resolve_runtime
+    from qpissa.train import _training_arguments
     from qpissa.trainlog import JsonlLogCallback
 
     config = load_config(config_path, [*overrides, f"output_dir={run_dir}", "model=."])

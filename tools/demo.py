@@ -19,9 +19,10 @@ import torch
 import transformers
 
 from qpissa import hide_library_deprecation_notes
-from qpissa.convert import ConvertSettings, convert, summary_table
-from qpissa.methods import Method
+from qpissa.console import summary_table
+from qpissa.convert import convert
 from qpissa.models import fetch_demo_model
+from qpissa.settings import ConvertSettings, Method
 
 PROMPT = "In one sentence: why does quantizing a neural network lose accuracy?"
 

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from qpissa import cli
-from qpissa.data import DataFormat, Sample, render, tokenize
-from qpissa.evaluate import evaluate_loss, exact_match, final_answer
+from qpissa.data import Sample, render, tokenize
+from qpissa.demo_task import final_answer
+from qpissa.settings import DataFormat
+from qpissa.task_eval import evaluate_loss, exact_match
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from qpissa import UserError
-from qpissa.convert import ConvertSettings, convert
-from qpissa.fidelity import (
-    FidelitySettings,
+from qpissa.artifacts import ModelSource, resolve_source
+from qpissa.convert import convert
+from qpissa.loading import load_model, load_tokenizer
+from qpissa.original_kl import (
     default_text,
     heldout_ids,
     measure_fidelity,
     synthetic_ids,
     text_ids,
 )
-from qpissa.loading import ModelSource, load_model, load_tokenizer, resolve_source
-from qpissa.methods import Method
+from qpissa.settings import ConvertSettings, FidelitySettings, Method
 
 
 @pytest.fixture(scope="module")

@@ -1,55 +1,25 @@
-"""Evaluation of a QPiSSA directory, training run or model: loss / perplexity and exact-match accuracy.
+"""`qpissa eval`: task loss / perplexity and exact-match accuracy of a QPiSSA directory, run or model.
 
-Exact match compares final answers: the text after the last `####` when the reference has one
-(GSM8K style, as `tools/make_task_data.py` writes), otherwise the whole stripped response.
+Exact match compares final answers (`demo_task.final_answer`): the text after the last `####` when
+the reference has one (GSM8K style, as the demo task writes), otherwise the whole stripped response.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from qpissa import UserError
-from qpissa.data import IGNORE_INDEX, DataConfig, DataFormat, Sample, collate, load_split, pad_token_id
-
-ANSWER_MARK = "####"
-
-
-class Metric(str, Enum):
-    """What `qpissa eval` computes."""
-
-    ALL = "all"  # loss, perplexity and accuracy
-    LOSS = "loss"
-    PPL = "ppl"
-    ACCURACY = "accuracy"
-
-
-@dataclass
-class EvalSettings:
-    """Options of `qpissa eval`."""
-
-    format: DataFormat | None = field(
-        default=None, metadata={"help": "record format; default: the run's data.format"}
-    )
-    metric: Metric = field(default=Metric.ALL, metadata={"help": "what to compute"})
-    max_seq_len: int | None = field(
-        default=None, metadata={"help": "tokens per sample; default: the run's, else 1024"}
-    )
-    max_samples: int | None = field(default=None, metadata={"help": "evaluate only the first N samples"})
-    batch_size: int = field(default=8, metadata={"help": "samples per batch"})
-    max_new_tokens: int = field(default=64, metadata={"help": "generation budget per answer (accuracy)"})
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise UserError("--batch-size and --max-new-tokens must be at least 1")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise UserError(f"--max-samples must be at least 1, got {self.max_samples}")
+from qpissa.artifacts import read_run, resolve_source
+from qpissa.data import IGNORE_INDEX, Sample, collate, load_split, pad_token_id
+from qpissa.demo_task import final_answer
+from qpissa.loading import load_model, load_tokenizer
+from qpissa.recipe import DataConfig
+from qpissa.runtime import resolve_runtime
+from qpissa.settings import DataFormat, EvalSettings, Metric
 
 
 def evaluate(model_or_run: Path, data_path: Path, settings: EvalSettings) -> dict[str, Any]:
@@ -61,9 +31,6 @@ def evaluate(model_or_run: Path, data_path: Path, settings: EvalSettings) -> dic
     Raises:
         UserError: bad path, unknown format, unreadable data.
     """
-    from qpissa.loading import load_model, load_tokenizer, resolve_source
-    from qpissa.train import resolve_runtime
-
     source = resolve_source(model_or_run)
     run_data = _run_data_config(source.run_dir)
     data_format = settings.format or (run_data["format"] if run_data else None)
@@ -171,19 +138,10 @@ def exact_match(
     return {"accuracy": correct / max(len(samples), 1), "correct": correct, "total": len(samples)}
 
 
-def final_answer(text: str) -> str:
-    """The answer part of a response: after the last `####` if present, else the whole text, stripped."""
-    return text.rsplit(ANSWER_MARK, 1)[-1].strip()
-
-
 def _prompt_ids(sample: Sample, tokenizer: Any) -> list[int]:
     add_special = not (tokenizer.bos_token and sample.prompt.startswith(tokenizer.bos_token))
     return tokenizer(sample.prompt, add_special_tokens=add_special)["input_ids"]
 
 
 def _run_data_config(run_dir: Path | None) -> dict[str, Any] | None:
-    from qpissa.loading import RUN_MARKER
-
-    if run_dir is None:
-        return None
-    return json.loads((run_dir / RUN_MARKER).read_text())["config"]["data"]
+    return None if run_dir is None else read_run(run_dir)["config"]["data"]

@@ -1,4 +1,4 @@
-"""Model-level fidelity: how closely an initialized (quantized) model reproduces the original (REFERENCE §2).
+"""Fidelity to the original model: KL, top-1 agreement and perplexity of a converted model (REFERENCE §2).
 
 Both models read the same token ids in windows; per token we compare the original's next-token
 distribution P with the model's Q: mean KL(P ‖ Q), top-1 agreement, and the perplexity of each on the
@@ -11,43 +11,18 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
 
 from qpissa import UserError
+from qpissa.artifacts import ModelSource
+from qpissa.loading import load_tokenizer
+from qpissa.settings import FidelitySettings
 
 DEFAULT_TEXT = "heldout.txt"  # package data: qpissa/texts/heldout.txt, English prose written for this project
-FIDELITY_NAME = "qpissa_fidelity.json"  # written by `qpissa compare` into each QPiSSA directory it measured
-
-
-@dataclass
-class FidelitySettings:
-    """How to measure fidelity. Every field is a `qpissa compare` flag."""
-
-    text: Path | None = field(
-        default=None, metadata={"help": "held-out text file (default: English prose shipped with qpissa)"}
-    )
-    window: int = field(default=256, metadata={"help": "tokens per window the models read at once"})
-    batch_size: int = field(
-        default=2, metadata={"help": "windows per forward pass (memory: batch × window × vocab)"}
-    )
-    max_tokens: int = field(default=4096, metadata={"help": "use at most this many tokens of the text"})
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.window < 2:
-            problems.append(f"--window must be at least 2 tokens, got {self.window}")
-        if self.batch_size < 1:
-            problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.max_tokens < 2:
-            problems.append(f"--max-tokens must be at least 2, got {self.max_tokens}")
-        if self.text is not None and not self.text.is_file():
-            problems.append(f"--text {self.text} is not a file; pass a plain-text file or leave it out")
-        if problems:
-            raise UserError("; ".join(problems))
 
 
 @dataclass
@@ -134,6 +109,33 @@ def measure_fidelity(original, model, ids: torch.Tensor, settings: FidelitySetti
     )
 
 
+def heldout_ids(model_dir: Path, settings: FidelitySettings, vocab_size: int) -> tuple[torch.Tensor, str]:
+    """The token ids to measure on, and where they came from.
+
+    With a tokenizer in `model_dir`: the `--text` file (or the shipped prose), tokenized. Without one
+    (tiny test models): `max_tokens` deterministic synthetic ids, unless a text file was given.
+
+    Returns:
+        int64 `[n]` ids and a one-line description of their source.
+
+    Raises:
+        UserError: `--text` was given but the model has no tokenizer.
+    """
+    try:
+        tokenizer = load_tokenizer(ModelSource(model_dir, None))
+    except UserError:
+        if settings.text is not None:
+            raise UserError(
+                f"--text needs a tokenizer, but {model_dir} has none; add its tokenizer files"
+            ) from None
+        return synthetic_ids(
+            vocab_size, settings.max_tokens
+        ), f"{settings.max_tokens} synthetic ids (no tokenizer)"
+    text = settings.text.read_text(encoding="utf-8") if settings.text else default_text()
+    ids = text_ids(tokenizer, text, settings.max_tokens)
+    return ids, f"{len(ids)} tokens of {settings.text or 'qpissa/texts/' + DEFAULT_TEXT}"
+
+
 def _accumulate(totals: dict, original, model, batch: torch.Tensor, length: int) -> None:
     """Add one batch `[b, length]` of windows: positions 0..length-2 predict tokens 1..length-1."""
     device = next(original.parameters()).device
@@ -161,32 +163,3 @@ def _group_by_length(windows: list[torch.Tensor]) -> list[tuple[int, torch.Tenso
     for window in windows:
         groups.setdefault(len(window), []).append(window)
     return [(length, torch.stack(group)) for length, group in groups.items()]
-
-
-def heldout_ids(model_dir: Path, settings: FidelitySettings, vocab_size: int) -> tuple[torch.Tensor, str]:
-    """The token ids to measure on, and where they came from.
-
-    With a tokenizer in `model_dir`: the `--text` file (or the shipped prose), tokenized. Without one
-    (tiny test models): `max_tokens` deterministic synthetic ids, unless a text file was given.
-
-    Returns:
-        int64 `[n]` ids and a one-line description of their source.
-
-    Raises:
-        UserError: `--text` was given but the model has no tokenizer.
-    """
-    from qpissa.loading import ModelSource, load_tokenizer
-
-    try:
-        tokenizer = load_tokenizer(ModelSource(model_dir, None))
-    except UserError:
-        if settings.text is not None:
-            raise UserError(
-                f"--text needs a tokenizer, but {model_dir} has none; add its tokenizer files"
-            ) from None
-        return synthetic_ids(
-            vocab_size, settings.max_tokens
-        ), f"{settings.max_tokens} synthetic ids (no tokenizer)"
-    text = settings.text.read_text(encoding="utf-8") if settings.text else default_text()
-    ids = text_ids(tokenizer, text, settings.max_tokens)
-    return ids, f"{len(ids)} tokens of {settings.text or 'qpissa/texts/' + DEFAULT_TEXT}"

@@ -1,17 +1,18 @@
-"""Quantization error of one decomposed matrix against the QLoRA baseline (REFERENCE.md §2)."""
+"""Weight-space quantization error, the paper's metric (REFERENCE.md §2): per matrix against the QLoRA
+baseline, then averaged per module type.
+
+`reduction = 1 − ‖W − (deq(Q) + s·B·A)‖ / ‖W − deq(nf4(W))‖`, in Frobenius and (under `MetricKind.NUC`)
+nuclear norm; AVG is the unweighted mean of the module types' means.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 
-
-class MetricKind(str, Enum):
-    FRO = "fro"  # Frobenius only: cheap
-    NUC = "nuc"  # Frobenius and the paper's nuclear norm: two extra full SVDs per matrix
+from qpissa.settings import MetricKind
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,36 @@ def error_fields(base: ErrorNorms, method: ErrorNorms) -> dict[str, float | None
         "err_nuc_base": base.nuc, "err_nuc": method.nuc,
         "reduction_nuc": None if base.nuc is None or method.nuc is None else _reduction(method.nuc, base.nuc),
     }  # fmt: skip
+
+
+def by_type(layers: list[dict]) -> dict:
+    """Per-type means of the reductions and their unweighted average (the paper's AVG), in both norms.
+
+    Args:
+        layers: the report's per-matrix entries (module_type, reduction_fro, reduction_nuc).
+
+    Returns:
+        by_type and avg (nuclear; None when not computed), by_type_fro and avg_fro, in percent.
+    """
+    by_type_fro: dict[str, list[float]] = {}
+    by_type_nuc: dict[str, list[float]] = {}
+    for layer in layers:
+        by_type_fro.setdefault(layer["module_type"], []).append(layer["reduction_fro"])
+        if layer["reduction_nuc"] is not None:
+            by_type_nuc.setdefault(layer["module_type"], []).append(layer["reduction_nuc"])
+    fro = {kind: mean(values) for kind, values in by_type_fro.items()}
+    nuc = {kind: mean(values) for kind, values in by_type_nuc.items()} or None
+    return {
+        "by_type": nuc,
+        "avg": mean(list(nuc.values())) if nuc else None,
+        "by_type_fro": fro,
+        "avg_fro": mean(list(fro.values())) if fro else None,
+    }
+
+
+def mean(values: list[float]) -> float:
+    """The arithmetic mean, summed in order (the report's numbers depend on that order)."""
+    return sum(values) / len(values)
 
 
 def _fro(E: torch.Tensor) -> float:

@@ -1,29 +1,31 @@
-"""The QPiSSA directory on disk: where each file goes, built in `OUT.partial/` and moved into place.
+"""The QPiSSA directory being written: built in `OUT.partial/`, recorded shard by shard, moved into place.
 
-`convert` decides what goes in; this module decides where and how: shard names, the resume record,
-config.json's `quantization_config`, the PEFT adapter files and the shard index.
+`convert` decides what goes in; this module decides where and how: the shard plan, the resume record,
+config.json's `quantization_config`, the adapter parts joined into one PEFT adapter, the shard index.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import torch
 
 from qpissa import UserError
-from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, copy_tensors, write_json
+from qpissa.artifacts import (
+    ADAPTER_DIR,
+    ADAPTER_WEIGHTS,
+    CONFIG_NAME,
+    PROGRESS_NAME,
+    REPORT_NAME,
+    partial_dir,
+    read_report,
+)
+from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, copy_tensors, shard_names, write_json
+from qpissa.stored import write_lora_config
 from qpissa.targets import linear_modules, module_type
-
-REPORT_NAME = "qpissa_report.json"
-ADAPTER_DIR = "adapter"
-PROGRESS_NAME = "progress.json"  # in OUT.partial/: the finished shards and their metrics
-
-
-def partial_dir(out_dir: Path) -> Path:
-    """Where `out_dir` is built until it is complete."""
-    return out_dir.with_name(out_dir.name + ".partial")
 
 
 def plan_shards(
@@ -39,7 +41,7 @@ def plan_shards(
     size = 0
     for name in reader.names():
         if name.endswith(".weight") and name.removesuffix(".weight") in targets:
-            numel = torch.Size(reader.shape(name)).numel()
+            numel = math.prod(reader.shape(name))
             nbytes = numel // 2 + numel // blocksize * (1 if double_quant else 4)  # codes + absmax
         else:
             nbytes = reader.nbytes(name)
@@ -48,9 +50,7 @@ def plan_shards(
             size = 0
         shards[-1].append(name)
         size += nbytes
-    if len(shards) == 1:
-        return [("model.safetensors", shards[0])]
-    return [(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", names) for i, names in enumerate(shards)]
+    return list(zip(shard_names(len(shards)), shards, strict=True))
 
 
 def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite: bool) -> dict | None:
@@ -77,7 +77,7 @@ def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite:
             )
         return progress
     if resume and (out_dir / REPORT_NAME).is_file():
-        if load_report(out_dir)["fingerprint"] == fingerprint:
+        if read_report(out_dir)["fingerprint"] == fingerprint:
             return None
         raise UserError(
             f"{out_dir} holds a finished conversion with other settings; use --overwrite to replace it"
@@ -98,6 +98,12 @@ def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite:
     return progress
 
 
+def record_shard(partial: Path, progress: dict, shard_file: str, layers: list[dict]) -> None:
+    """Record a finished shard and its matrices' metrics: a resume starts after it."""
+    progress["shards"].append({"file": shard_file, "layers": layers})
+    write_json(partial / PROGRESS_NAME, progress)
+
+
 def write_config(
     reader: CheckpointReader, partial: Path, targets: set[str], double_quant: bool, compute_dtype: torch.dtype
 ) -> None:
@@ -114,7 +120,7 @@ def write_config(
         bnb_4bit_quant_storage=torch.uint8,
         llm_int8_skip_modules=skip,
     ).to_dict()
-    write_json(partial / "config.json", {**reader.config, "quantization_config": quantization})
+    write_json(partial / CONFIG_NAME, {**reader.config, "quantization_config": quantization})
 
 
 def adapter_part(partial: Path, shard_file: str) -> Path:
@@ -126,44 +132,16 @@ def write_adapter(
     partial: Path, shard_files: list[str], targets: set[str], rank: int, alpha: float, out_dir: Path
 ) -> None:
     """Join the per-shard adapter parts into a PEFT LoRA adapter (`init_lora_weights: true`, §4)."""
-    from peft import LoraConfig
-
     adapter_dir = partial / ADAPTER_DIR
     adapter_dir.mkdir(exist_ok=True)
-    writer = SafetensorsWriter(adapter_dir / "adapter_model.safetensors")
+    writer = SafetensorsWriter(adapter_dir / ADAPTER_WEIGHTS)
     for shard_file in shard_files:
         part = adapter_part(partial, shard_file)
         copy_tensors(part, writer)
         part.unlink()
     writer.close()
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        target_modules=sorted({module_type(name) for name in targets}),
-        lora_dropout=0.0,
-        init_lora_weights=True,  # never "pissa": the residual is already decomposed
-        bias="none",
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=str(out_dir.resolve()),
-    ).to_dict()
-    # PEFT keeps target_modules as a set; a sorted list keeps the file byte-identical across runs
-    config["target_modules"] = sorted(config["target_modules"])
-    write_json(adapter_dir / "adapter_config.json", config)
-
-
-def write_index(partial: Path, shard_files: list[str]) -> None:
-    """`model.safetensors.index.json` for a multi-shard output."""
-    from safetensors import safe_open
-
-    weight_map, total = {}, 0
-    for shard_file in shard_files:
-        with safe_open(str(partial / shard_file), framework="pt") as f:
-            weight_map.update({key: shard_file for key in f.keys()})  # noqa: SIM118 - safe_open is no dict
-        total += (partial / shard_file).stat().st_size
-    write_json(
-        partial / "model.safetensors.index.json",
-        {"metadata": {"total_size": total}, "weight_map": weight_map},
-    )
+    target_types = sorted({module_type(name) for name in targets})
+    write_lora_config(adapter_dir, rank, alpha, target_types, str(out_dir.resolve()))
 
 
 def move_into_place(partial: Path, out_dir: Path) -> None:
@@ -172,8 +150,3 @@ def move_into_place(partial: Path, out_dir: Path) -> None:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     partial.rename(out_dir)
-
-
-def load_report(out_dir: Path) -> dict:
-    """`qpissa_report.json` of a finished QPiSSA directory."""
-    return json.loads((out_dir / REPORT_NAME).read_text())

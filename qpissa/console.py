@@ -1,0 +1,101 @@
+"""The text the CLI prints for a result: convert's error table and summary line, export's summary.
+
+Plain functions of the JSON reports, torch-free; the LoRA export's README quotes `lora_summary` too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qpissa.settings import ExportKind
+
+
+def summary_table(report: dict) -> str:
+    """A per-module-type table of the QLoRA baseline error, the method's error and the reduction."""
+    method = report["settings"]["method"]
+    rows = {}
+    for layer in report["layers"]:
+        row = rows.setdefault(layer["module_type"], {"base": [], "err": []})
+        row["base"].append(layer["err_fro_base"])
+        row["err"].append(layer["err_fro"])
+    summary = report["summary"]
+    has_nuc = summary["avg"] is not None
+    header = f"{'module':<12} {'QLoRA err':>10} {method + ' err':>12} {'reduction % (fro)':>18}"
+    header += f" {'reduction % (nuc)':>18}" if has_nuc else ""
+    lines = [header, "-" * len(header)]
+    for kind, row in rows.items():
+        line = f"{kind:<12} {_mean(row['base']):>10.4f} {_mean(row['err']):>12.4f}"
+        line += f" {summary['by_type_fro'][kind]:>18.2f}"
+        line += f" {summary['by_type'][kind]:>18.2f}" if has_nuc else ""
+        lines.append(line)
+    lines.append("-" * len(header))
+    last = f"{'AVG':<12} {'':>10} {'':>12} {summary['avg_fro']:>18.2f}"
+    lines.append(last + (f" {summary['avg']:>18.2f}" if has_nuc else ""))
+    return "\n".join(lines)
+
+
+def convert_summary(report: dict, out_dir: Path) -> str:
+    """The error table, then one line: matrices, time, device, workers, metric time, peak memory."""
+    settings, summary = report["settings"], report["summary"]
+    return (
+        summary_table(report)
+        + "\n"
+        + (
+            f"{settings['method']}: {len(report['layers'])} matrices in {summary['total_seconds']:.1f} s "
+            f"on {settings['device']} with {settings['workers']} worker(s) "
+            f"(errors measured in {summary['metrics_seconds']:.1f} s of worker time), "
+            f"peak RSS {summary['peak_rss_mb']:.0f} MB "
+            f"-> {out_dir}"
+        )
+    )
+
+
+def export_summary(report: dict, out_dir: Path) -> str:
+    """What was written and how close it is to the trained model, for the terminal."""
+    verify = report["verify"]
+    check = "not verified (--no-verify)"
+    if verify is not None:
+        check = (f"vs trained model on {verify['tokens']} tokens: max |Δlogit| {verify['max_abs_diff']:.3g}, "
+                 f"mean {verify['mean_abs_diff']:.3g}, KL {verify['kl_mean']:.3g}")  # fmt: skip
+    if report["kind"] == ExportKind.MERGED.value:
+        return f"merged {report['matrices']} matrices into a {report['dtype']} model -> {out_dir}; {check}"
+    details = report["details"]
+    head = f"rank-{details['rank']} LoRA for {details['base_model']} -> {out_dir}; {check}"
+    return f"{head}\n\n{lora_summary(report)}"
+
+
+def lora_summary(report: dict) -> str:
+    """Why the rank doubled and how far the adapter on the original is from the trained model, in words."""
+    d = report["details"]
+    r, r2 = d["trained_rank"], 2 * d["trained_rank"]
+    lines = [
+        f"Why the rank doubled (r = {r} -> 2r = {r2}): QPiSSA trained B', A' on top of the residual "
+        "W_res = W − s·B·A. On the original weights W the trained model is W + s·(B'A' − BA) = "
+        f"W + s·[B', −B]·[A'; A], a LoRA of rank 2r; r and lora_alpha are both doubled, so the scale "
+        f"s = {d['scale']:g} is unchanged.",
+        "How far it is from the trained model: the trained model used the NF4-quantized residual deq(Q), "
+        "this adapter on W uses W_res itself. Their difference, the residual's NF4 error W_res − deq(Q), "
+        f"measures {d['residual_nf4_error']['relative_fro']:.3%} of ‖W‖ (Frobenius, all adapted matrices); "
+        f"the exported weights differ from the trained ones by {d['distance']['relative_fro']:.3%} in all "
+        f"(worst matrix {d['distance']['max_matrix_relative_fro']:.3%}).",
+    ]
+    if d["truncation"] is not None:
+        t = d["truncation"]
+        lines.append(
+            f"Re-truncated from rank {r2} to {t['rank']} with an SVD (--rank): that drops "
+            f"{t['relative_to_delta_fro']:.3%} of ‖ΔW‖ (Frobenius {t['abs_fro']:.4g}), included in the "
+            "distance above."
+        )
+    if report["verify"] is not None:
+        v = report["verify"]
+        lines.append(
+            f"Measured on {v['prompts']} prompts ({v['tokens']} tokens), original model + this adapter vs "
+            f"the trained model: max |Δlogit| {v['max_abs_diff']:.4g}, mean {v['mean_abs_diff']:.4g}, "
+            f"KL {v['kl_mean']:.4g} nats/token, top-1 agreement {v['top1_agreement']:.1%}."
+        )
+    lines.append("For exactly the trained model, export it merged: `qpissa export RUN OUT --to merged`.")
+    return "\n\n".join(lines)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)

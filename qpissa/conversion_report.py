@@ -1,0 +1,90 @@
+"""`qpissa_report.json` of a conversion: the settings as resolved, the per-matrix errors, the summary.
+
+DESIGN.md ("The QPiSSA directory") lists its keys; `qpissa report`, `qpissa compare` and the benchmarks
+read it, so each number is written here once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import qpissa
+from qpissa.checkpoint import CheckpointReader
+from qpissa.memory import peak_rss_mb
+from qpissa.options import to_dict
+from qpissa.runtime import compute_dtype, dtype_name
+from qpissa.settings import ConvertSettings
+from qpissa.weight_error import by_type
+
+
+def conversion_report(
+    reader: CheckpointReader,
+    settings: ConvertSettings,
+    device: torch.device,
+    workers: int,
+    targets: list[str],
+    progress: dict,
+) -> dict:
+    """The report of a finished conversion.
+
+    Args:
+        reader: the converted checkpoint.
+        settings: the conversion's settings.
+        device: where it was decomposed. workers: matrices decomposed at once.
+        targets: the decomposed modules, sorted.
+        progress: the resume record: fingerprint, every shard's per-matrix metrics, seconds so far.
+
+    Returns:
+        fingerprint, settings (resolved: iters, alpha, device, dtypes, versions), layers, summary.
+    """
+    layers = [layer for entry in progress["shards"] for layer in entry["layers"]]
+    return {
+        "fingerprint": progress["fingerprint"],
+        "settings": _settings(reader, settings, device, workers, targets, progress["fingerprint"]["sketch"]),
+        "layers": layers,
+        "summary": _summary(layers, progress["seconds"], device),
+    }
+
+
+def _settings(
+    reader: CheckpointReader,
+    settings: ConvertSettings,
+    device: torch.device,
+    workers: int,
+    targets: list[str],
+    sketch_dtype: str,
+) -> dict:
+    """The settings as resolved on this machine, the dtypes of each stage and the library versions."""
+    import bitsandbytes
+    import peft
+    import transformers
+
+    source_dtypes = sorted({reader.dtype_code(f"{t}.weight") for t in targets})
+    return {
+        **to_dict(settings),
+        "iters": settings.resolved_iters,
+        "warm_power_iters": settings.resolved_warm_power_iters,
+        "alpha": settings.resolved_alpha,
+        "device": str(device),
+        "workers": workers,
+        "targets": targets,
+        "dtypes": {"source": source_dtypes, "svd": settings.svd_dtype.value,
+                   "sketch": sketch_dtype,
+                   "adapter": "float32",
+                   "compute": dtype_name(compute_dtype(settings.compute_dtype, device))},
+        "versions": {"qpissa": qpissa.__version__, "torch": torch.__version__,
+                     "bitsandbytes": bitsandbytes.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__},
+    }  # fmt: skip
+
+
+def _summary(layers: list[dict], total_seconds: float, device: torch.device) -> dict:
+    """The report's summary: errors by module type (the paper's AVG), timings, peak memory."""
+    return {
+        **by_type(layers),
+        "total_seconds": total_seconds,  # wall time; the two below are summed over matrices (worker time)
+        "decompose_seconds": sum(layer["seconds"] for layer in layers),
+        "metrics_seconds": sum(layer["metrics_seconds"] for layer in layers),
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+    }

@@ -1,0 +1,157 @@
+"""The training recipe: `TrainConfig` and its data group, read from YAML plus `key=value` overrides.
+
+Names follow transformers' TrainingArguments where one exists; `train.py` turns a recipe into a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from qpissa import UserError
+from qpissa.options import apply_overrides, from_dict
+from qpissa.settings import DataFormat, Device
+
+
+class Optimizer(str, Enum):
+    """Optimizers by their transformers `optim` names; `auto` is paged 8-bit AdamW on CUDA, AdamW on CPU."""
+
+    AUTO = "auto"
+    ADAMW_TORCH = "adamw_torch"
+    ADAMW_8BIT = "adamw_bnb_8bit"
+    PAGED_ADAMW_8BIT = "paged_adamw_8bit"
+    PAGED_ADAMW_32BIT = "paged_adamw_32bit"
+
+
+class Scheduler(str, Enum):
+    """Learning-rate schedules by their transformers names."""
+
+    COSINE = "cosine"
+    LINEAR = "linear"
+    CONSTANT = "constant"
+    CONSTANT_WITH_WARMUP = "constant_with_warmup"
+
+
+@dataclass
+class DataConfig:
+    """Where the training data is and how to turn it into token sequences."""
+
+    path: Path | None = field(
+        default=None, metadata={"help": "training data: .jsonl/.json/.csv/.parquet or a save_to_disk dir"}
+    )
+    format: DataFormat = field(default=DataFormat.MESSAGES, metadata={"help": "record format"})
+    eval_path: Path | None = field(
+        default=None, metadata={"help": "held-out data in the same format (optional)"}
+    )
+    max_seq_len: int = field(default=1024, metadata={"help": "tokens per sample; longer samples are cut"})
+    response_only: bool = field(
+        default=True, metadata={"help": "loss on response tokens only (else on all tokens)"}
+    )
+    packing: bool = field(
+        default=False, metadata={"help": "concatenate samples into full max_seq_len blocks"}
+    )
+    eval_generate_samples: int = field(
+        default=64,
+        metadata={"help": "eval samples scored by greedy generation (exact match); 0 turns it off"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.path is None:
+            raise UserError("the config needs `data.path`: a training data file or save_to_disk directory")
+        if self.max_seq_len < 8:
+            raise UserError(f"`data.max_seq_len` must be at least 8, got {self.max_seq_len}")
+        if self.eval_generate_samples < 0:
+            raise UserError(
+                f"`data.eval_generate_samples` must be 0 or more, got {self.eval_generate_samples}"
+            )
+
+
+@dataclass
+class TrainConfig:
+    """A training run; names follow transformers' TrainingArguments where one exists."""
+
+    model: Path | None = field(
+        default=None, metadata={"help": "QPiSSA directory written by `qpissa convert`"}
+    )
+    output_dir: Path | None = field(
+        default=None, metadata={"help": "run directory (checkpoints, logs, adapter/)"}
+    )
+    data: DataConfig | None = field(
+        default=None, metadata={"help": "training data (path, format, max_seq_len, ...)"}
+    )
+    learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate (PiSSA wants ≤ 1e-4)"})
+    lr_scheduler_type: Scheduler = field(
+        default=Scheduler.COSINE, metadata={"help": "learning-rate schedule"}
+    )
+    warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps with linear warmup"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "samples per micro-batch"})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "samples per evaluation batch"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1 uses num_train_epochs"})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "epochs when max_steps is -1"})
+    optim: Optimizer = field(default=Optimizer.AUTO, metadata={"help": "optimizer"})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward"})
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 compute; default: on CUDA when supported"}
+    )
+    device: Device = field(default=Device.AUTO, metadata={"help": "auto, cpu or cuda"})
+    seed: int = field(default=42, metadata={"help": "seed of data order and all other randomness"})
+    logging_steps: int = field(
+        default=10, metadata={"help": "print a log line every N steps (the JSONL gets every step)"}
+    )
+    save_steps: int = field(default=100, metadata={"help": "write output_dir/checkpoint-N every N steps"})
+    save_total_limit: int | None = field(default=2, metadata={"help": "keep the last K checkpoints"})
+    eval_steps: int | None = field(
+        default=None, metadata={"help": "evaluate every N steps (needs data.eval_path)"}
+    )
+    resume_from_checkpoint: Path | None = field(
+        default=None, metadata={"help": "checkpoint-N directory to resume"}
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "replace an existing output_dir"})
+
+    def __post_init__(self) -> None:
+        missing = [name for name in ("model", "output_dir", "data") if getattr(self, name) is None]
+        if missing:
+            raise UserError(f"the config needs {', '.join(f'`{m}`' for m in missing)}; see configs/demo.yaml")
+        positive = (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "save_steps",
+        )
+        problems = [f"`{name}` must be at least 1" for name in positive if getattr(self, name) < 1]
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio}")
+        if self.learning_rate <= 0:
+            problems.append(f"`learning_rate` must be positive, got {self.learning_rate}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            problems.append(f"`max_steps` must be -1 or positive, got {self.max_steps}")
+        if self.eval_steps is not None and self.data.eval_path is None:
+            problems.append(
+                "`eval_steps` is set but `data.eval_path` is not; add held-out data or drop eval_steps"
+            )
+        if problems:
+            raise UserError("; ".join(problems))
+
+
+def load_config(path: Path, overrides: list[str]) -> TrainConfig:
+    """Read a YAML recipe, apply `key=value` overrides and validate it.
+
+    Raises:
+        UserError: missing/unparseable file, unknown keys, wrong types, bad combinations.
+    """
+    import yaml
+
+    if not path.is_file():
+        raise UserError(f"config {path} does not exist; see configs/demo.yaml for an example")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"config {path} is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config {path} must be a mapping of settings, not {type(values).__name__}")
+    return from_dict(TrainConfig, apply_overrides(values, overrides))

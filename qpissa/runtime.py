@@ -1,0 +1,123 @@
+"""The runtime policy: which device computes, in which dtype, and what the hardware does natively.
+
+One rule runs through it: on a CPU everything computes in float32, because a bf16 matmul there is
+about 100x slower than float32 (REFERENCE.md, machine facts; PEFT casts for the same reason), unless
+the CPU multiplies bf16 natively (AMX, AVX512-BF16). Choices come from hardware facts, never from
+timings, so outputs stay fixed on a given machine.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from typing import Any
+
+import torch
+
+from qpissa import UserError, hide_library_deprecation_notes
+from qpissa.recipe import Optimizer
+from qpissa.settings import ComputeDtype, Device, Precision, SketchDtype
+
+
+@dataclass
+class Runtime:
+    """Training settings resolved against the hardware."""
+
+    device: torch.device
+    dtype: torch.dtype  # compute dtype of activations and 16-bit weights
+    bf16: bool
+    optim: str  # transformers optimizer name
+
+
+def resolve_device(choice: Device, cuda_missing: str) -> torch.device:
+    """The device `choice` names; `auto` is CUDA when a GPU is visible, else the CPU.
+
+    Args:
+        choice: auto, cpu or cuda.
+        cuda_missing: the error for `cuda` without a GPU, in the words of the caller's option.
+
+    Raises:
+        UserError: `cuda` was asked for and no CUDA GPU is visible.
+    """
+    cuda = torch.cuda.is_available()
+    if choice is Device.CUDA and not cuda:
+        raise UserError(cuda_missing)
+    return torch.device("cuda" if choice is not Device.CPU and cuda else "cpu")
+
+
+def auto_device() -> torch.device:
+    """CUDA when a GPU is visible, else the CPU."""
+    return resolve_device(Device.AUTO, "")
+
+
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a CUDA GPU that supports it, else float32 (a bf16 matmul on a CPU is ~100x slower)."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def compute_dtype(choice: ComputeDtype, device: torch.device) -> torch.dtype:
+    """`bnb_4bit_compute_dtype` of a conversion: the asked dtype, or `inference_dtype` for auto."""
+    return inference_dtype(device) if choice is ComputeDtype.AUTO else getattr(torch, choice.value)
+
+
+def sketch_dtype(choice: SketchDtype, svd_dtype: Precision, device: torch.device) -> torch.dtype:
+    """Dtype of the randomized range finder's products: bf16 where multiplied natively (auto)."""
+    if choice is not SketchDtype.AUTO:
+        return getattr(torch, choice.value)
+    if svd_dtype is Precision.FLOAT32 and _multiplies_bf16_natively(device):
+        return torch.bfloat16
+    return getattr(torch, svd_dtype.value)
+
+
+def resolve_runtime(
+    device_choice: Device = Device.AUTO, bf16: bool | None = None, optim: Optimizer = Optimizer.AUTO
+) -> Runtime:
+    """Pick device, compute dtype and optimizer for training; float32 and AdamW on a CPU.
+
+    On CUDA without bf16 the compute dtype is float16 (the Trainer adds loss scaling).
+
+    Raises:
+        UserError: CUDA asked for but absent, or a CUDA-only option (bf16, paged optimizer) on CPU.
+    """
+    device = resolve_device(
+        device_choice, "device is cuda but no CUDA GPU is visible; set device=cpu or device=auto"
+    )
+    if device.type == "cpu":
+        if bf16:
+            raise UserError(
+                "bf16=true needs a CUDA GPU (on CPU bf16 matmuls are ~100x slower); drop bf16 or set it false"
+            )
+        if optim.value.startswith("paged_"):
+            raise UserError(f"optim={optim.value} pages to a GPU and needs CUDA; use adamw_torch on CPU")
+        chosen = Optimizer.ADAMW_TORCH if optim is Optimizer.AUTO else optim
+        return Runtime(device, torch.float32, False, chosen.value)
+    use_bf16 = torch.cuda.is_bf16_supported() if bf16 is None else bf16
+    chosen = Optimizer.PAGED_ADAMW_8BIT if optim is Optimizer.AUTO else optim
+    return Runtime(device, torch.bfloat16 if use_bf16 else torch.float16, use_bf16, chosen.value)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.bfloat16` -> `bfloat16`, as reports and configs write it."""
+    return str(dtype).removeprefix("torch.")
+
+
+def in_fresh_process(function: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run `function` in a new interpreter so that its peak memory (`peak_rss_mb`) is its own.
+
+    Returns:
+        What `function` returns; an exception it raises is raised here.
+    """
+    with ProcessPoolExecutor(
+        max_workers=1, mp_context=get_context("spawn"), initializer=hide_library_deprecation_notes
+    ) as pool:
+        return pool.submit(function, *args, **kwargs).result()
+
+
+def _multiplies_bf16_natively(device: torch.device) -> bool:
+    """Whether bf16 products are faster than float32 here: several times on AMX, ~100x slower without
+    AVX512-BF16 (REFERENCE.md, machine facts). A hardware fact, never a timing, so outputs stay fixed."""
+    if device.type == "cuda":  # emulated bf16 (before Ampere) is slower than float32
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch's own CPU feature checks
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)

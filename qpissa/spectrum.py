@@ -1,0 +1,40 @@
+"""Singular value spectra of one layer: the original W, each method's residual and its quantization error.
+
+Read from the original checkpoint and the QPiSSA directories as stored, for `qpissa report`'s plot.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qpissa.artifacts import ADAPTER_DIR
+from qpissa.checkpoint import CheckpointReader
+from qpissa.stored import Residual, read_adapter
+
+
+def layer_spectra(model_dir: Path, layer: str, conversions: dict[str, tuple[Path, dict]]) -> dict:
+    """Singular values of `layer`'s W, each method's residual `W − s·B·A` and its error `W − deq(Q) − s·B·A`.
+
+    Args:
+        model_dir: the original checkpoint (W is read from it, in float32).
+        layer: module name, e.g. `model.layers.0.self_attn.q_proj`.
+        conversions: label -> (QPiSSA dir, its qpissa_report.json).
+
+    Returns:
+        {"layer", "W": [σ], "methods": {label: {"residual": [σ], "error": [σ]}}}, σ in descending order.
+    """
+    W = CheckpointReader(model_dir).read(f"{layer}.weight").float()  # [out, in]
+    methods = {}
+    for label, (directory, report) in conversions.items():
+        deq = Residual(directory).weight(layer)  # [out, in]
+        A, B = read_adapter(directory / ADAPTER_DIR).factors(layer)  # [r, in], [out, r]
+        s = report["settings"]["alpha"] / report["settings"]["rank"]
+        residual = W - s * (B @ A)  # what was quantized (REFERENCE.md §1)
+        methods[label] = {"residual": _svdvals(residual), "error": _svdvals(residual - deq)}
+    return {"layer": layer, "W": _svdvals(W), "methods": methods}
+
+
+def _svdvals(M: torch.Tensor) -> list[float]:
+    return [float(v) for v in torch.linalg.svdvals(M.double())]
