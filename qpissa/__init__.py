@@ -1,4 +1,47 @@
-"""qpissa: SVD-initialized adapters over an NF4 residual (QPiSSA), end to end."""
+"""qpissa: SVD-initialized adapters over an NF4 residual (QPiSSA), end to end.
+
+Module map: one concern per module, no import circles (tests/test_structure.py checks both, and that
+`qpissa --help` never imports torch). Modules marked * import no torch, transformers, peft,
+bitsandbytes or datasets at module level.
+
+    __init__*          UserError, __version__, hiding library notes users can do nothing about
+    cli*               the `qpissa` command: argparse and one short handler per subcommand
+    settings*          every command's settings dataclass and every closed choice (enums)
+    options*           settings dataclasses <-> argparse flags, YAML data and key=value overrides
+    recipe*            the training recipe: TrainConfig, DataConfig, optimizers, schedules, load_config
+    artifacts*         every file name qpissa writes or reads, and the finders (resolve_source, ...)
+    outputs*           outputs kept apart from inputs: what a command may create or replace
+    console*           the text the CLI prints for a result: error table, export summary
+    demo_task*         the demo task's word problems and their `#### answer` convention
+    memory*            peak RSS, available memory, the training memory estimate
+    runtime            device, compute dtype (float32 on a CPU), hardware probes, in_fresh_process
+    checkpoint         HF checkpoints: lazy reading, safetensors headers, streamed and sharded writing
+    stored             reading back what qpissa stored (adapter, NF4 residual); the LoRA adapter config
+    nf4                NF4 quantize / dequantize of one tensor, in bitsandbytes' own format
+    svd                exact and randomized rank-r SVD (seeded, oversampled, warm-startable)
+    methods            qpissa / loftq / qlora: one weight in, (Q, A, B) out
+    targets            which Linear layers of a checkpoint get decomposed
+    weight_error       per-matrix weight-space error against QLoRA and its per-type means (the paper's)
+    convert            `qpissa convert`: the streaming conversion and its worker pipeline
+    convert_output     the QPiSSA directory being written: shard plan, resume record, config, adapter
+    conversion_report  qpissa_report.json: settings as resolved, per-matrix errors, summary
+    models             the demo model, tiny random models, synthetic Llama-shaped checkpoints
+    loading            loading a QPiSSA directory, run or export with plain transformers + PEFT
+    data               dataset formats, chat templates, response-only loss masks, packing
+    trainlog           the per-step JSONL log and a quieter progress bar
+    train              `qpissa train`: transformers' Trainer over the frozen NF4 residual
+    task_eval          `qpissa eval`: task loss, perplexity, exact-match accuracy
+    original_kl        KL, top-1 agreement and perplexity against the original model
+    export             `qpissa export`: the merged 16-bit model, and the export's flow
+    export_lora        `qpissa export --to lora`: the rank-2r LoRA for the original model
+    export_verify      the export's logits against the trained model's
+    chat               `qpissa chat`: terminal chat and one-shot answers
+    compare            `qpissa compare`: convert, measure and train each method, then report
+    report             `qpissa report`: the JSON artifacts collected into summary.json and a verdict
+    report_render      report.md and a self-contained report.html from the summary
+    plots              the report's PNG plots
+    spectrum           singular value spectra of one layer, for the report
+"""
 
 import logging
 import warnings

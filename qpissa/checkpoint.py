@@ -23,6 +23,7 @@ from qpissa.artifacts import CONFIG_NAME
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 INDEX_NAME = "model.safetensors.index.json"
+SHARD_GLOB = "model*.safetensors"  # every shard `shard_names` names
 # Keys that only a quantized checkpoint has (bitsandbytes, GPTQ/AWQ, int8).
 QUANTIZED_KEY_MARKERS = (".absmax", ".quant_map", ".quant_state.", ".qweight", ".qzeros", ".scales", ".SCB")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from qpissa import UserError, hide_library_deprecation_notes
 from qpissa.artifacts import REPORT_HTML, REPORT_MARKDOWN, SUMMARY_NAME
+from qpissa.console import convert_summary, export_summary
 from qpissa.options import add_arguments, from_namespace
 from qpissa.settings import (
     DEMO_MODELS,
@@ -57,7 +58,6 @@ def _cmd_fetch_model(args: argparse.Namespace) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
-    from qpissa.console import convert_summary
     from qpissa.convert import convert
 
     settings = from_namespace(ConvertSettings, args)
@@ -88,7 +88,6 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from qpissa.console import export_summary
     from qpissa.export import export
 
     report = export(args.run, args.out, from_namespace(ExportSettings, args), show_progress=not args.quiet)

@@ -16,7 +16,7 @@ import torch
 
 from qpissa import UserError
 from qpissa.artifacts import CONFIG_NAME, FETCH_MARKER, partial_dir
-from qpissa.checkpoint import SafetensorsWriter
+from qpissa.checkpoint import SafetensorsWriter, shard_names
 from qpissa.settings import DEMO_MODELS
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def make_synthetic_checkpoint(out_dir: Path, layers: int, seed: int = 0, like: P
             if (like / name).is_file():
                 shutil.copy(like / name, out_dir / name)
     generator = torch.Generator().manual_seed(seed)
-    writer = SafetensorsWriter(out_dir / "model.safetensors")
+    writer = SafetensorsWriter(out_dir / shard_names(1)[0])
     for name, shape in _llama_shapes(config).items():
         if len(shape) == 1:
             writer.add(name, torch.ones(shape, dtype=torch.bfloat16))

@@ -31,7 +31,7 @@ from qpissa.artifacts import (
     SUMMARY_NAME,
     comparison_members,
 )
-from qpissa.checkpoint import read_header, write_json
+from qpissa.checkpoint import SHARD_GLOB, read_header, write_json
 from qpissa.report_render import draw_plots, write_documents
 from qpissa.settings import Method, ReportOptions
 from qpissa.spectrum import layer_spectra
@@ -292,15 +292,13 @@ def _memory(entry: MethodData) -> dict:
     directory = entry.conversion_dir
     quantized = {layer["name"] for layer in entry.conversion["layers"]}
     params_4bit = sum(layer["shape"][0] * layer["shape"][1] for layer in entry.conversion["layers"])
-    headers = {
-        name: info for shard in directory.glob("model*.safetensors") for name, info in _header(shard).items()
-    }
+    headers = {name: info for shard in directory.glob(SHARD_GLOB) for name, info in _header(shard).items()}
     params_16bit = sum(_numel(info) for name, info in headers.items() if not _is_quantized(name, quantized))
     adapter = directory / ADAPTER_DIR / ADAPTER_WEIGHTS
     row.update({
         "convert_peak_rss_mb": entry.conversion["summary"]["peak_rss_mb"],
         "convert_peak_gpu_mb": entry.conversion["summary"].get("peak_gpu_mb"),
-        "residual_disk_mb": _size_mb(directory.glob("model*.safetensors")),
+        "residual_disk_mb": _size_mb(directory.glob(SHARD_GLOB)),
         "adapter_disk_mb": _size_mb([adapter]),
         "params_4bit": params_4bit, "params_16bit": params_16bit,
         "adapter_params": sum(_numel(info) for info in _header(adapter).values()),
