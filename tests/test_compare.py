@@ -101,9 +101,9 @@ def test_an_occupied_out_is_refused(tiny_model: Path, tmp_path: Path, capsys) ->
 
 
 def test_train_runs_each_method_with_one_config_and_reuses_runs(
-    request: pytest.FixtureRequest, tmp_path: Path
+    tiny_chat_model: Path, tmp_path: Path
 ) -> None:
-    model = request.getfixturevalue("tiny_chat_model")  # training needs a tokenizer
+    model = tiny_chat_model  # training needs a tokenizer
     data = tmp_path / "data.jsonl"
     data.write_text(
         "".join(json.dumps({"prompt": f"{i}+1=", "completion": f"{i + 1}"}) + "\n" for i in range(16))

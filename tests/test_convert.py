@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -212,7 +212,7 @@ def test_resume_after_an_exception_at_a_random_matrix_gives_identical_bytes(
     reference = tmp_path / "reference"
     convert(tiny_model, reference, settings, show_progress=False)
 
-    fail_at = random.Random().randint(1, 13)
+    fail_at = random.Random(5).randint(1, 13)
     real = convert_module._decompose_one
     calls = {"n": 0}
 
@@ -232,22 +232,45 @@ def test_resume_after_an_exception_at_a_random_matrix_gives_identical_bytes(
     assert _file_bytes(out) == _file_bytes(reference), f"interrupted at matrix {fail_at}"
 
 
-def test_resume_after_sigkill_gives_identical_bytes(tiny_model: Path, tmp_path: Path) -> None:
+# Runs `qpissa ARGV...` and SIGKILLs itself right after the Nth safetensors file is closed: two per
+# shard (the shard, then its adapter part), so N = 3 dies with shard 2 written but its adapter part
+# not, and N = 4 with both written but not yet recorded in progress.json.
+_KILL_AFTER_NTH_CLOSE = """
+import os, signal, sys
+from qpissa import checkpoint
+from qpissa.cli import main
+
+close, closed = checkpoint.SafetensorsWriter.close, []
+
+def close_then_die(self, metadata=None):
+    close(self, metadata)
+    closed.append(self.path)
+    if len(closed) == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint.SafetensorsWriter.close = close_then_die
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("kill_after", [3, 4])
+def test_resume_after_sigkill_gives_identical_bytes(
+    tiny_model: Path, tmp_path: Path, kill_after: int
+) -> None:
     args = [str(tiny_model), "--rank", str(RANK), "--iters", "3", "--shard-size-mb", "0.02", "--quiet"]
     reference = tmp_path / "reference"
     assert main(["convert", args[0], str(reference), *args[1:]]) == 0
+    assert len(list(reference.glob("model-*.safetensors"))) >= 3, "the kill must come before the last shard"
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "qpissa.cli", "convert", args[0], str(out), *args[1:]]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    partial = tmp_path / "out.partial"
-    deadline = time.monotonic() + 120
-    while not list(partial.glob("model-*")) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(random.uniform(0, 0.3))
-    process.kill()
-    process.wait()
-    if not out.exists():  # killed in time: continue it
-        assert main(["convert", args[0], str(out), *args[1:], "--resume"]) == 0
+    script = tmp_path / "killed_convert.py"
+    script.write_text(_KILL_AFTER_NTH_CLOSE)
+    command = [sys.executable, str(script), str(kill_after), "convert", args[0], str(out), *args[1:]]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert not out.exists(), "a killed conversion must not look complete"
+    progress = json.loads((tmp_path / "out.partial" / "progress.json").read_text())
+    assert len(progress["shards"]) == 1  # shard 2 was being written: the resume redoes it
+    assert main(["convert", args[0], str(out), *args[1:], "--resume"]) == 0
     assert _file_bytes(out) == _file_bytes(reference)
 
 

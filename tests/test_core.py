@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from qpissa import UserError
-from qpissa.checkpoint import SafetensorsWriter
+from qpissa.checkpoint import SafetensorsWriter, ShardedWriter
 from qpissa.methods import DecomposeSettings, decompose
 from qpissa.options import apply_overrides, from_dict
 from qpissa.settings import Method, SvdKind
@@ -47,6 +48,25 @@ def test_streamed_safetensors_load_with_the_library(
     with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
         assert f.metadata() == {"format": "pt", "note": "test"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"], "spools and temp file removed"
+
+
+def test_sharded_writer_splits_and_indexes(tmp_path: Path) -> None:
+    writer = ShardedWriter(tmp_path, limit=1000)
+    tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(5)}  # 400 bytes each: two per shard
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    names = writer.close()
+    assert names == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {
+        "t0": names[0],
+        "t1": names[0],
+        "t2": names[1],
+        "t3": names[1],
+        "t4": names[2],
+    }
+    for name, tensor in tensors.items():
+        assert torch.equal(load_file(tmp_path / index["weight_map"][name])[name], tensor)
 
 
 @pytest.mark.parametrize("sketch_dtype", [torch.float32, torch.bfloat16])

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from qpissa import cli
 from qpissa.artifacts import RUN_MARKER, resolve_source
-from qpissa.checkpoint import CheckpointReader, ShardedWriter
+from qpissa.checkpoint import CheckpointReader
 from qpissa.loading import load_model
 from qpissa.nf4 import quantize_nf4
 from qpissa.stored import Residual, read_adapter
@@ -283,22 +283,3 @@ def test_bad_input_is_one_line_exit_2_and_no_output(
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
     else:
         assert not out.exists()
-
-
-def test_sharded_writer_splits_and_indexes(tmp_path: Path):
-    writer = ShardedWriter(tmp_path, limit=1000)
-    tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(5)}  # 400 bytes each: two per shard
-    for name, tensor in tensors.items():
-        writer.add(name, tensor)
-    names = writer.close()
-    assert names == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    assert index["weight_map"] == {
-        "t0": names[0],
-        "t1": names[0],
-        "t2": names[1],
-        "t3": names[1],
-        "t4": names[2],
-    }
-    for name, tensor in tensors.items():
-        assert torch.equal(load_file(tmp_path / index["weight_map"][name])[name], tensor)

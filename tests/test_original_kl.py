@@ -1,4 +1,4 @@
-"""Model-level fidelity: KL, top-1 agreement and perplexity of a converted tiny model against the original."""
+"""Fidelity to the original: KL, top-1 agreement and perplexity of a converted tiny model."""
 
 from __future__ import annotations
 
@@ -79,16 +79,12 @@ def test_ids_without_tokenizer_are_synthetic_and_deterministic(tiny_model: Path,
         heldout_ids(tiny_model, FidelitySettings(text=text), vocab_size=256)
 
 
-def test_default_text_is_tokenized_with_the_model_tokenizer(request: pytest.FixtureRequest) -> None:
-    try:
-        model_dir = request.getfixturevalue("tiny_chat_model")
-    except pytest.FixtureLookupError:
-        pytest.skip("no tiny_chat_model fixture (tiny model with a tokenizer) in conftest.py")
+def test_default_text_is_tokenized_with_the_model_tokenizer(tiny_chat_model: Path) -> None:
     text = default_text()
     assert len(text.split()) > 1500
-    ids, source = heldout_ids(model_dir, FidelitySettings(max_tokens=1000), vocab_size=256)
+    ids, source = heldout_ids(tiny_chat_model, FidelitySettings(max_tokens=1000), vocab_size=256)
     assert "heldout.txt" in source and ids.shape == (1000,)
-    tokenizer = load_tokenizer(ModelSource(model_dir, None))
+    tokenizer = load_tokenizer(ModelSource(tiny_chat_model, None))
     assert torch.equal(ids, text_ids(tokenizer, text, 1000))
 
 

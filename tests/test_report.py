@@ -1,8 +1,7 @@
-"""`qpissa report` from tiny-model conversions (and a short training run when `qpissa train` exists)."""
+"""`qpissa report` from tiny-model conversions, a short training run and a merged export."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -14,31 +13,29 @@ import pytest
 from qpissa import cli
 from qpissa.artifacts import REPORT_NAME
 from qpissa.convert import convert
-from qpissa.settings import ConvertSettings, Method, MetricKind
+from qpissa.export import export
+from qpissa.options import from_dict
+from qpissa.recipe import TrainConfig
+from qpissa.settings import ConvertSettings, ExportSettings, Method, MetricKind
+from qpissa.train import train
 
 PLOTS_WITHOUT_TRAINING = ("reduction_by_type", "reduction_by_layer", "spectrum", "memory_speed")
 QPISSA_RED = (214, 39, 40)  # plots.COLOURS["qpissa"]
 
 
 @pytest.fixture(scope="module")
-def inputs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """QLoRA and QPiSSA conversions of a tiny model and, if `qpissa train` is available, a 3-step run."""
-    model = _tiny_model_with_tokenizer(request)
+def inputs(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """QLoRA and QPiSSA conversions of a tiny model, a 3-step run of the QPiSSA one, a merged export."""
     root = tmp_path_factory.mktemp("report_inputs")
     found = {}
     for method in (Method.QLORA, Method.QPISSA):
         iters = None if method is Method.QLORA else 2
         settings = ConvertSettings(method=method, rank=4, iters=iters, metrics=MetricKind.NUC)
         found[method.value] = root / method.value
-        convert(model, found[method.value], settings, show_progress=False)
-    if _available("qpissa.train") and (model / "tokenizer.json").is_file():
-        found["run"] = _short_run(found["qpissa"], root)
-    if _available("qpissa.export"):
-        from qpissa.export import export
-        from qpissa.settings import ExportSettings
-
-        found["export"] = root / "merged"
-        export(found["qpissa"], found["export"], ExportSettings(), show_progress=False)
+        convert(tiny_chat_model, found[method.value], settings, show_progress=False)
+    found["run"] = _short_run(found["qpissa"], root)
+    found["export"] = root / "merged"
+    export(found["qpissa"], found["export"], ExportSettings(), show_progress=False)
     return found
 
 
@@ -46,7 +43,7 @@ def test_report_writes_every_file(inputs: dict[str, Path], tmp_path: Path) -> No
     out = tmp_path / "report"
     assert cli.main(["--quiet", "report", *map(str, inputs.values()), "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    expected = list(PLOTS_WITHOUT_TRAINING) + (["loss_curves"] if "run" in inputs else [])
+    expected = [*PLOTS_WITHOUT_TRAINING, "loss_curves"]
     assert set(summary["plots"]) == set(expected)
     for name in ("report.md", "report.html", "summary.json", *[f"{p}.png" for p in expected]):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -77,23 +74,20 @@ def test_summary_numbers_equal_the_inputs(inputs: dict[str, Path], tmp_path: Pat
     assert memory["residual_disk_mb"] == disk and memory["disk_vs_original_pct"] < 100
     assert memory["params_4bit"] + memory["params_16bit"] == summary["original"]["params"]
     assert memory["adapter_params"] == sum(4 * sum(layer["shape"]) for layer in _layers(inputs["qpissa"]))
-    if "export" in inputs:
-        verify = json.loads((inputs["export"] / "export_report.json").read_text())["verify"]
-        (row,) = summary["exports"]
-        assert row["method"] == "qpissa" and row["kind"] == "merged"
-        assert row["max_abs_diff"] == verify["max_abs_diff"] and row["kl_mean"] == verify["kl_mean"]
-    if "run" in inputs:
-        log = [json.loads(line) for line in (inputs["run"] / "trainer_log.jsonl").read_text().splitlines()]
-        training = summary["training"]["qpissa"]
-        assert training["curve"] == [[entry["step"], entry["loss"]] for entry in log]
-        assert training["final_loss"] == log[-1]["loss"]
-        assert training["tail_loss"] == pytest.approx(sum(e["loss"] for e in log[-10:]) / len(log[-10:]))
-        assert training["peak_memory_mb"] == max(e["peak_memory_mb"] for e in log)
+    verify = json.loads((inputs["export"] / "export_report.json").read_text())["verify"]
+    (row,) = summary["exports"]
+    assert row["method"] == "qpissa" and row["kind"] == "merged"
+    assert row["max_abs_diff"] == verify["max_abs_diff"] and row["kl_mean"] == verify["kl_mean"]
+    log = [json.loads(line) for line in (inputs["run"] / "trainer_log.jsonl").read_text().splitlines()]
+    training = summary["training"]["qpissa"]
+    assert len(log) == 4  # step 0 (the initialized model) and the 3 trained steps
+    assert training["curve"] == [[entry["step"], entry["loss"]] for entry in log]
+    assert training["final_loss"] == log[-1]["loss"]
+    assert training["tail_loss"] == pytest.approx(sum(e["loss"] for e in log[-10:]) / len(log[-10:]))
+    assert training["peak_memory_mb"] == max(e["peak_memory_mb"] for e in log)
 
 
 def test_log_scale_steps(inputs: dict[str, Path], tmp_path: Path) -> None:
-    if "run" not in inputs:
-        pytest.skip("qpissa.train is not available: no training run to plot")
     args = ["--quiet", "report", str(inputs["run"]), "--out", str(tmp_path), "--log-steps"]
     assert cli.main(args) == 0
     _check_png(tmp_path / "loss_curves.png")
@@ -178,23 +172,8 @@ def _check_png(path: Path) -> None:
         assert colours is not None and len(colours) > 10, f"{path.name} is blank"
 
 
-def _tiny_model_with_tokenizer(request: pytest.FixtureRequest) -> Path:
-    try:
-        return request.getfixturevalue("tiny_chat_model")
-    except pytest.FixtureLookupError:
-        return request.getfixturevalue("tiny_model")
-
-
-def _available(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
 def _short_run(conversion: Path, root: Path) -> Path:
     """Three training steps on a tiny alpaca dataset, through the library function `qpissa train` uses."""
-    from qpissa.options import from_dict
-    from qpissa.recipe import TrainConfig
-    from qpissa.train import train
-
     data = root / "data.jsonl"
     records = [
         {"instruction": f"add {i} and {i + 1}", "input": "", "output": f"{2 * i + 1}"} for i in range(12)

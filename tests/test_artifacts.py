@@ -1,0 +1,74 @@
+"""Artifact finders: the latest checkpoint of a run, and what a MODEL_OR_RUN argument points at."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qpissa import UserError
+from qpissa.artifacts import (
+    ADAPTER_FILES,
+    CONFIG_NAME,
+    RUN_MARKER,
+    TRAINER_STATE,
+    latest_checkpoint,
+    partial_dir,
+    resolve_source,
+)
+
+
+def _checkpoint(run: Path, step: int, *, complete: bool = True, adapter: bool = True) -> Path:
+    path = run / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    for name in ADAPTER_FILES if adapter else ():
+        (path / name).write_text("{}")
+    if complete:
+        (path / TRAINER_STATE).write_text(json.dumps({"global_step": step}))
+    return path
+
+
+def _run(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / RUN_MARKER).write_text(json.dumps({"model": str(tmp_path / "qpissa")}))
+    return run
+
+
+def test_latest_checkpoint_is_the_newest_complete_one(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    assert latest_checkpoint(run) is None
+    _checkpoint(run, 5)
+    newest = _checkpoint(run, 20)  # by number, not by name: checkpoint-5 sorts after checkpoint-20
+    _checkpoint(run, 30, complete=False)  # being written when the run stopped
+    (run / "checkpoint-final").mkdir()
+    assert latest_checkpoint(run) == newest
+
+
+def test_a_run_resolves_to_its_final_adapter_else_its_latest_checkpoint(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    with pytest.raises(UserError, match="has no adapter yet"):
+        resolve_source(run)
+    _checkpoint(run, 40, adapter=False)  # complete, yet without adapter files: not loadable
+    with pytest.raises(UserError, match="has no adapter yet"):
+        resolve_source(run)
+    checkpoint = _checkpoint(run, 50)
+    source = resolve_source(run)
+    assert (source.base_dir, source.adapter_dir, source.run_dir) == (tmp_path / "qpissa", checkpoint, run)
+    assert resolve_source(checkpoint).adapter_dir == checkpoint  # a checkpoint-N given directly
+    for name in ADAPTER_FILES:
+        (run / "adapter").mkdir(exist_ok=True)
+        (run / "adapter" / name).write_text("{}")
+    assert resolve_source(run).adapter_dir == run / "adapter"
+
+
+def test_a_plain_model_has_no_adapter_and_anything_else_is_refused(tmp_path: Path) -> None:
+    (tmp_path / CONFIG_NAME).write_text("{}")
+    assert resolve_source(tmp_path).adapter_dir is None
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(UserError, match="not a QPiSSA directory, a training run or a model directory"):
+        resolve_source(tmp_path / "notes")
+    with pytest.raises(UserError, match="is not a directory"):
+        resolve_source(tmp_path / "missing")
+    assert partial_dir(tmp_path / "out") == tmp_path / "out.partial"
