@@ -15,6 +15,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
 from qpissa import UserError
 
 T = TypeVar("T")
@@ -89,8 +91,6 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 
     Values are parsed as YAML scalars, so `lr=2e-5`, `packing=true` and `name=foo` all work.
     """
-    import yaml
-
     merged = dict(values)
     for item in overrides:
         key, sep, raw = item.partition("=")

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+import yaml
+
 from qpissa import UserError
 from qpissa.options import apply_overrides, from_dict
 from qpissa.settings import DataFormat, Device
@@ -144,8 +146,6 @@ def load_config(path: Path, overrides: list[str]) -> TrainConfig:
     Raises:
         UserError: missing/unparseable file, unknown keys, wrong types, bad combinations.
     """
-    import yaml
-
     if not path.is_file():
         raise UserError(f"config {path} does not exist; see configs/demo.yaml for an example")
     try:

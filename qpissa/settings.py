@@ -300,7 +300,7 @@ class CompareSettings:
     """What to compare. Every field is a `qpissa compare` flag."""
 
     methods: str = field(
-        default="qlora,loftq,qpissa",
+        default=",".join(m.value for m in (Method.QLORA, Method.LOFTQ, Method.QPISSA)),
         metadata={"help": "comma-separated methods to compare: qlora, loftq, qpissa"},
     )
     train: Path | None = field(
