@@ -1,7 +1,9 @@
-"""QPiSSA, LoftQ and QLoRA: one weight in, `(Q, A, B)` out (REFERENCE.md §1).
+"""QPiSSA, LoftQ and QLoRA: one weight in, `(Q, A, B)` out (REFERENCE.md §1), data-free or calibrated.
 
-The three methods share the quantizer and the SVD and differ only in the loop below, so a comparison
-between them differs only in the method.
+The three methods share the quantizer and the SVD and differ only in the loops below, so a comparison
+between them differs only in the method. Given calibration statistics H = X Xᵀ / n of the layer's inputs,
+the same loops minimise the output error tr((W − Ŵ) H (W − Ŵ)ᵀ) instead of the weight error
+(REFERENCE.md §7): the adapter is the closed-form H-weighted best fit, the codes are chosen under H.
 """
 
 from __future__ import annotations
@@ -12,8 +14,26 @@ from dataclasses import dataclass
 import torch
 
 from qpissa.nf4 import NF4Weight, quantize_nf4
+from qpissa.nf4_codes import block_absmax, block_scales, compensated_codes, round_to_nearest, searched_absmax
 from qpissa.settings import Method, SvdKind
 from qpissa.svd import truncated_svd
+
+
+@dataclass(frozen=True)
+class CalibratedFit:
+    """How calibration statistics H shape a decomposition; see `ConvertSettings` for the help texts.
+
+    Attributes:
+        adapter_damping: λ of the adapter's `damped(H, λ)`; λ → ∞ is the data-free fit.
+        scale_search: each NF4 block's scale searched for the least H-weighted rounding error.
+        compensate: a last rounding pass with error compensation (GPTQ) before the final adapter fit.
+        codes_damping: λ of the compensation's `damped(H, λ)`.
+    """
+
+    adapter_damping: float
+    scale_search: bool
+    compensate: bool
+    codes_damping: float
 
 
 @dataclass(frozen=True)
@@ -32,6 +52,7 @@ class DecomposeSettings:
     sketch_dtype: torch.dtype  # of the randomized range finder's products
     blocksize: int
     double_quant: bool
+    calibrated: CalibratedFit | None = None  # used for matrices that come with calibration statistics
 
 
 @dataclass
@@ -48,18 +69,27 @@ class Decomposition:
     B: torch.Tensor
 
 
-def decompose(W: torch.Tensor, settings: DecomposeSettings, generator: torch.Generator) -> Decomposition:
+def decompose(
+    W: torch.Tensor,
+    settings: DecomposeSettings,
+    generator: torch.Generator,
+    hessian: torch.Tensor | None = None,
+) -> Decomposition:
     """Split one weight into an NF4 residual and a rank-r adapter with the chosen method.
 
     Args:
         W: `[out, in]` in any float dtype, on the device to compute on.
         settings: method, rank, scale, iterations, SVD and quantizer settings.
         generator: CPU generator for this matrix (randomized SVD sketch, QLoRA's A).
+        hessian: `[in, in]` float64 mean of x xᵀ over calibration inputs (undamped); with
+            `settings.calibrated` it turns the decomposition into the calibrated one.
 
     Returns:
         The residual codes and the adapter factors; float32 on `W`'s device.
     """
     W = W.to(settings.svd_dtype)
+    if hessian is not None and settings.calibrated is not None:
+        return _calibrated(W, hessian, settings, generator)
     if settings.method is Method.QLORA:
         return _qlora(W, settings, generator)
     if settings.method is Method.QPISSA:
@@ -71,6 +101,87 @@ def principal_factors(svd_U: torch.Tensor, svd_S: torch.Tensor, svd_Vh: torch.Te
     """PiSSA's split of `U S Vh` into `B = U sqrt(S/s)`, `A = sqrt(S/s) Vh`, so that `s·B·A = U S Vh`."""
     root = torch.sqrt(svd_S / scale)  # [r]
     return (svd_U * root).float(), (root[:, None] * svd_Vh).float()  # B [out, r], A [r, in]
+
+
+def damped(H: torch.Tensor, damping: float) -> torch.Tensor:
+    """`H + λ·mean(diag H)·I`: a larger λ weighs every input direction more alike (λ → ∞: data-free)."""
+    return H + (damping * H.diagonal().mean().clamp(min=1e-12)) * torch.eye(H.shape[0], dtype=H.dtype)
+
+
+def output_error(E: torch.Tensor, H: torch.Tensor) -> float:
+    """`tr(E H Eᵀ)` of an error `E [out, in]`: the mean squared output error per calibration token."""
+    E = E.double()
+    return float(((E @ H.to(E)) * E).sum())
+
+
+def weighted_factors(
+    M: torch.Tensor,
+    L: torch.Tensor,
+    st: DecomposeSettings,
+    generator: torch.Generator,
+    start: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The rank-r `B [out, r]`, `A [r, in]` minimising `‖(M − s·B·A) L‖_F`, where `H = L Lᵀ`.
+
+    The minimiser is `[M L]_r L⁻¹` (QERA, EoRA, CLoQ): a truncated SVD in the whitened space, mapped
+    back. Each component `σ u wᵀ` (w = L⁻ᵀ v) is split so that its column of B and its row of A have
+    equal norms, as PiSSA's √σ split does when L = I.
+
+    Returns:
+        B, A (float32) and the whitened right subspace to warm-start the next fit.
+    """
+    svd = truncated_svd(
+        M, st.rank, st.svd, oversample=st.oversample, generator=generator, start=start, right=L,
+        power_iters=st.power_iters if start is None else st.warm_power_iters, sketch_dtype=st.sketch_dtype,
+    )  # fmt: skip
+    G = torch.linalg.solve_triangular(L.T, svd.Vh.T, upper=True).T  # [r, in] = Vh L⁻¹
+    norms = G.norm(dim=1).clamp(min=1e-30)  # [r]
+    B = svd.U * torch.sqrt(svd.S * norms / st.scale)  # [out, r]
+    A = G * torch.sqrt(svd.S / (norms * st.scale))[:, None]  # [r, in]
+    return B.float(), A.float(), svd.basis
+
+
+def _calibrated(W: torch.Tensor, H: torch.Tensor, st: DecomposeSettings, generator: torch.Generator):
+    """The method's loop under H: H-weighted adapter fits, codes chosen under H; then, if asked, one
+    error-compensated rounding, and always a last adapter fit to the final codes (REFERENCE.md §7).
+
+    Error compensation inside the loop made the held-out KL worse on the demo model (the adapter then
+    fits the compensated errors, which spread over every direction); once at the end it helps.
+    """
+    cal = st.calibrated
+    L = torch.linalg.cholesky(damped(H, cal.adapter_damping)).to(W)  # [in, in], damped H = L Lᵀ
+    by_column = W.shape[1] % st.blocksize == 0  # blocks are runs of one row's columns
+
+    def codes(T: torch.Tensor, compensate: bool = False) -> NF4Weight:
+        if not by_column:  # a block spans two rows: bitsandbytes' own rounding
+            return quantize_nf4(T, st.blocksize, st.double_quant)
+        absmax = searched_absmax(T, H.diagonal(), st.blocksize) if cal.scale_search else None
+        scales = block_scales(block_absmax(T, st.blocksize) if absmax is None else absmax, st.double_quant)
+        if compensate:
+            return compensated_codes(T, damped(H, cal.codes_damping), scales, st.blocksize)
+        return round_to_nearest(T, scales, st.blocksize)
+
+    def residual(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(W, B.to(W), A.to(W), alpha=-st.scale)  # W − s·B·A
+
+    if st.method is Method.QLORA:  # calibrated codes under PEFT's default LoRA init
+        A, B = _peft_default_init(W, st, generator)
+        return Decomposition(q=codes(W, cal.compensate), A=A, B=B)
+    q, start = None, None
+    A = torch.zeros(st.rank, W.shape[1], device=W.device)
+    B = torch.zeros(W.shape[0], st.rank, device=W.device)
+    for _ in range(st.iters):
+        if st.method is Method.QPISSA:  # the H-weighted principal part first (from Q = 0), then codes
+            B, A, start = weighted_factors(W if q is None else q.subtracted_from(W), L, st, generator, start)
+            q = codes(residual(A, B))
+        else:  # LoftQ: codes first (from A = B = 0), then the adapter
+            q = codes(residual(A, B))
+            B, A, start = weighted_factors(q.subtracted_from(W), L, st, generator, start)
+    if cal.compensate:
+        q = codes(residual(A, B), compensate=True)
+    if cal.compensate or st.method is Method.QPISSA:
+        B, A, _ = weighted_factors(q.subtracted_from(W), L, st, generator, start)
+    return Decomposition(q=q, A=A, B=B)
 
 
 def _qpissa(W: torch.Tensor, st: DecomposeSettings, generator: torch.Generator) -> Decomposition:
@@ -97,13 +208,19 @@ def _loftq(W: torch.Tensor, st: DecomposeSettings, generator: torch.Generator) -
 
 
 def _qlora(W: torch.Tensor, st: DecomposeSettings, generator: torch.Generator) -> Decomposition:
-    # QLoRA: Q = nf4(W); A as PEFT's default (Kaiming-uniform, a = sqrt(5)), B = 0.
+    # QLoRA: Q = nf4(W), and PEFT's default LoRA init
+    A, B = _peft_default_init(W, st, generator)
+    return Decomposition(q=quantize_nf4(W, st.blocksize, st.double_quant), A=A, B=B)
+
+
+def _peft_default_init(
+    W: torch.Tensor, st: DecomposeSettings, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's default LoRA init: A Kaiming-uniform (a = sqrt(5)) `[r, in]`, B = 0 `[out, r]`."""
     out_features, in_features = W.shape
     bound = 1 / math.sqrt(in_features)  # kaiming_uniform_ with a = sqrt(5) on fan_in = in
     A = (torch.rand(st.rank, in_features, generator=generator) * 2 - 1) * bound
-    B = torch.zeros(out_features, st.rank)
-    q = quantize_nf4(W, st.blocksize, st.double_quant)
-    return Decomposition(q=q, A=A.to(W.device), B=B.to(W.device))
+    return A.to(W.device), torch.zeros(out_features, st.rank, device=W.device)
 
 
 def _fit_adapter(

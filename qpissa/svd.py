@@ -34,8 +34,9 @@ def truncated_svd(
     generator: torch.Generator | None = None,
     start: torch.Tensor | None = None,
     sketch_dtype: torch.dtype | None = None,
+    right: torch.Tensor | None = None,
 ) -> TruncatedSvd:
-    """Top-`rank` SVD of `M` in `M`'s dtype (float32 or float64; never bf16, REFERENCE.md §1).
+    """Top-`rank` SVD of `M` (or of `M @ right`) in `M`'s dtype (float32 or float64; never bf16, §1).
 
     Args:
         M: `[m, n]` float32/float64.
@@ -47,14 +48,16 @@ def truncated_svd(
         start: `[n, q]` subspace to start from instead of a Gaussian sketch (warm start).
         sketch_dtype: dtype of the randomized range finder's products (default `M`'s). Their rounding
             only tilts the subspace found; the factors are projected from `M` in `M`'s dtype.
+        right: `[n, n]`, e.g. a whitening factor: the SVD is of `M @ right`, which the randomized
+            path never forms (its products go through `right` one sketch at a time).
 
     Returns:
         The truncated factors and, for randomized, the right subspace to warm-start the next call.
     """
     if kind is SvdKind.EXACT:
-        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        U, S, Vh = torch.linalg.svd(M if right is None else M @ right, full_matrices=False)
         return TruncatedSvd(U[:, :rank], S[:rank], Vh[:rank])
-    return _randomized_svd(M, rank, oversample, power_iters, generator, start, sketch_dtype or M.dtype)
+    return _randomized_svd(M, rank, oversample, power_iters, generator, start, sketch_dtype or M.dtype, right)
 
 
 def _randomized_svd(
@@ -65,19 +68,21 @@ def _randomized_svd(
     generator: torch.Generator | None,
     start: torch.Tensor | None,
     sketch_dtype: torch.dtype,
+    right: torch.Tensor | None = None,
 ) -> TruncatedSvd:
     m, n = M.shape
     q = min(rank + oversample, m, n)
     # drawn on the CPU generator, then moved: the sketch is the same on every device
     omega = torch.randn(n, q, generator=generator, dtype=M.dtype).to(M.device) if start is None else start
     M_sketch = M.to(sketch_dtype)  # the same tensor when the dtypes agree
-    Y = _sketch_product(M_sketch, omega)  # [m, q]
+    R_sketch = None if right is None else right.to(sketch_dtype)
+    Y = _sketch_product(M_sketch, _through(R_sketch, omega))  # [m, q]
     for _ in range(power_iters):
         Z = _sketch_product(M_sketch.T, _span_basis(Y))  # [n, q]
-        Y = _sketch_product(M_sketch, _span_basis(Z))  # [m, q]
-    del M_sketch  # a bf16 copy is half of M: freed before the projection
+        Y = _sketch_product(M_sketch, _through(R_sketch, _span_basis(_through(R_sketch, Z, True))))  # [m, q]
+    del M_sketch, R_sketch  # a bf16 copy is half of M: freed before the projection
     Y = _orthonormal_basis(Y)  # the result is only as accurate as this basis is orthonormal
-    Ub, S, Vh = _wide_svd(Y.T @ M)  # small [q, n] problem
+    Ub, S, Vh = _wide_svd(Y.T @ M if right is None else (Y.T @ M) @ right)  # small [q, n] problem
     U = Y @ Ub  # [m, q]
     return TruncatedSvd(U[:, :rank], S[:rank], Vh[:rank], basis=Vh.T.contiguous())
 
@@ -85,6 +90,13 @@ def _randomized_svd(
 def _sketch_product(M_sketch: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """`M_sketch @ X` computed in the sketch's dtype (bf16: several times faster on AMX), returned in X's."""
     return (M_sketch @ X.to(M_sketch.dtype)).to(X.dtype)
+
+
+def _through(R_sketch: torch.Tensor | None, X: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """`R X` (or `Rᵀ X`) in the sketch's dtype; `X` itself when there is no right factor."""
+    if R_sketch is None:
+        return X
+    return _sketch_product(R_sketch.T if transpose else R_sketch, X)
 
 
 def _span_basis(Y: torch.Tensor) -> torch.Tensor:
