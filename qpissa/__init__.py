@@ -10,12 +10,13 @@ bitsandbytes or datasets at module level.
     options*           settings dataclasses <-> argparse flags, YAML data and key=value overrides
     recipe*            the training recipe: TrainConfig, DataConfig, optimizers, schedules, load_config
     artifacts*         every file name qpissa writes or reads, and the finders (resolve_source, ...)
-    outputs*           outputs kept apart from inputs: what a command may create or replace
+    outputs*           outputs kept apart from inputs, one writer per output (lock), built in OUT.partial
     console*           the text the CLI prints for a result: error table, export summary
     demo_task*         the demo task's word problems and their `#### answer` convention
     memory*            peak RSS, available memory, the training memory estimate
     runtime            device, compute dtype (float32 on a CPU), hardware probes, in_fresh_process
-    checkpoint         HF checkpoints: lazy reading, safetensors headers, streamed and sharded writing
+    safetensors_file*  dtype widths; a safetensors header read and checked against its file
+    checkpoint         HF checkpoints: lazy reading, streamed and sharded writing, config.json
     stored             reading back what qpissa stored (adapter, NF4 residual); the LoRA adapter config
     nf4                NF4 quantize / dequantize of one tensor, in bitsandbytes' own format
     svd                exact and randomized rank-r SVD (seeded, oversampled, warm-startable)
@@ -44,6 +45,8 @@ bitsandbytes or datasets at module level.
 """
 
 import logging
+import os
+import sys
 import warnings
 
 __version__ = "0.1.0"
@@ -65,3 +68,14 @@ def hide_library_deprecation_notes() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: "gemm_4bit_forward" not in record.getMessage()
     )
+
+
+def hide_library_progress_bars() -> None:
+    """`--quiet`: hide the libraries' own bars too (transformers' "Loading weights", datasets' file
+    reading), in this process and in the fresh processes it starts (`runtime.in_fresh_process`)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by transformers at import
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read by datasets at import
+    if "transformers" in sys.modules:  # imported already: its switch is read at each bar
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()

@@ -7,10 +7,14 @@ are what tells them apart (`resolve_source` turns a MODEL_OR_RUN argument into w
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from qpissa import UserError
+
+log = logging.getLogger(__name__)
 
 # Hugging Face and PEFT names qpissa reads and writes
 CONFIG_NAME = "config.json"
@@ -24,6 +28,8 @@ CHECKPOINT_PREFIX = "checkpoint-"  # checkpoint-N: Trainer's checkpoint after st
 REPORT_NAME = "qpissa_report.json"
 ADAPTER_DIR = "adapter"  # also the final adapter of a run
 PROGRESS_NAME = "progress.json"  # in OUT.partial/: the finished shards and their metrics
+PARTIAL_MARKER = ".qpissa-partial"  # in OUT.partial/ of export, report, fetch-model: qpissa is building it
+LOCK_SUFFIX = ".lock"  # OUT.lock beside OUT: the pid of the process writing OUT (`outputs.lock_output`)
 FIDELITY_NAME = "qpissa_fidelity.json"  # written by `qpissa compare` into each QPiSSA directory it measured
 OWN_JSON = "qpissa_*.json"  # every qpissa record above: they describe the QPiSSA directory only
 
@@ -61,13 +67,20 @@ class ModelSource:
 
 
 def partial_dir(out_dir: Path) -> Path:
-    """Where `out_dir` is built until it is complete."""
+    """Where `out_dir` is built until it is complete (beside it; `.` and `..` are resolved first)."""
+    if out_dir.name in ("", ".", ".."):
+        out_dir = out_dir.resolve()
     return out_dir.with_name(out_dir.name + ".partial")
 
 
 def has_adapter(path: Path) -> bool:
     """Whether `path` holds a PEFT adapter (its config and weights)."""
     return all((path / name).is_file() for name in ADAPTER_FILES)
+
+
+def is_qpissa_dir(path: Path) -> bool:
+    """Whether `path` is a finished QPiSSA directory (written by `qpissa convert`)."""
+    return (path / REPORT_NAME).is_file() and (path / CONFIG_NAME).is_file()
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -80,20 +93,122 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(found, key=lambda path: int(path.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
 
 
+def read_text(path: Path, what: str, fix: str) -> str:
+    """A UTF-8 text file, or one line naming it and what to do.
+
+    Args:
+        path: the file. what: how the user knows it (`config`, `--text`). fix: what to do about it.
+
+    Raises:
+        UserError: missing, a directory, unreadable, or not UTF-8.
+    """
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory, not a file; {fix}")
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist; {fix}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"{what} {path} is not UTF-8 text (byte {error.start} cannot be decoded); save it as UTF-8"
+        ) from None
+    except OSError as error:
+        raise UserError(f"cannot read {what} {path}: {error.strerror}; {fix}") from None
+
+
+def read_json(path: Path, fix: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A JSON object from a file qpissa or Hugging Face wrote, or one line naming the file and the fix.
+
+    Args:
+        path: the file.
+        fix: what the user can do when it is damaged (`restore it from the original model`).
+        required: keys the object must have.
+
+    Raises:
+        UserError: missing, unreadable, not UTF-8, not JSON, not an object, or without a required key.
+    """
+    text = read_text(path, "file", fix)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(
+            f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); {fix}"
+        ) from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(f'`{key}`' for key in missing)}; {fix}")
+    return data
+
+
+def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The records of a JSONL log, one per line; none when the file does not exist.
+
+    A process killed while appending leaves a half-written last line: it is ignored with a warning.
+
+    Raises:
+        UserError: a line before the last that is not a JSON object with the `required` keys.
+    """
+    if not path.is_file():
+        return []
+    lines = read_text(path, "log", "delete it or restore it").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and all(key in row for key in required):
+            rows.append(row)
+        elif number == len(lines):
+            log.warning(
+                "%s: its last line is incomplete (the writer was stopped mid-line); ignoring it", path
+            )
+        else:
+            raise UserError(
+                f"{path} line {number} is not a complete log record; the log is damaged: "
+                "delete that line (or the file) and rerun"
+            )
+    return rows
+
+
 def read_report(qpissa_dir: Path) -> dict:
     """`qpissa_report.json` of a finished QPiSSA directory."""
-    return json.loads((qpissa_dir / REPORT_NAME).read_text())
+    return read_json(
+        qpissa_dir / REPORT_NAME,
+        "it is written by `qpissa convert`: convert again into a new directory",
+        required=("fingerprint", "settings", "layers", "summary"),
+    )
 
 
 def read_run(run_dir: Path) -> dict:
     """The run marker `qpissa_run.json`: the QPiSSA directory trained, the config, the resolved runtime."""
-    return json.loads((run_dir / RUN_MARKER).read_text())
+    return read_json(
+        run_dir / RUN_MARKER,
+        "it is written by `qpissa train`: train again into a new output_dir",
+        required=("model",),
+    )
+
+
+def run_model(run_dir: Path) -> Path:
+    """The QPiSSA directory a run trained, as its marker names it; a relative path is relative to the run."""
+    named = read_run(run_dir)["model"]
+    if not isinstance(named, str) or not named:
+        raise UserError(f"{run_dir / RUN_MARKER} has no model path; train again into a new output_dir")
+    return run_dir / named if not Path(named).is_absolute() else Path(named)
 
 
 def comparison_members(compare_dir: Path, kind: str) -> list[Path]:
     """The conversion (`kind=CONVERSIONS_DIR`) or run (`RUNS_DIR`) directories of a comparison, by method."""
-    record = json.loads((compare_dir / COMPARE_NAME).read_text())
-    paths = [compare_dir / kind / name for name in record["methods"]]
+    record = read_json(
+        compare_dir / COMPARE_NAME,
+        "it is written by `qpissa compare`: rerun the comparison",
+        required=("methods",),
+    )
+    paths = [compare_dir / kind / str(name) for name in record["methods"]]
     return [path for path in paths if path.is_dir()]
 
 
@@ -101,8 +216,11 @@ def resolve_source(path: Path) -> ModelSource:
     """Interpret MODEL_OR_RUN: a QPiSSA dir, a run dir (final adapter, else latest checkpoint), a
     `checkpoint-N` dir inside a run, or a plain HF checkpoint.
 
+    A run's model is the one its marker names (relative to the run when relative), and must be a QPiSSA
+    directory: a run file from elsewhere cannot point a command at an arbitrary directory.
+
     Raises:
-        UserError: the path does not exist or is none of these.
+        UserError: the path does not exist or is none of these, or a run names no QPiSSA directory.
     """
     if not path.is_dir():
         raise UserError(
@@ -114,10 +232,21 @@ def resolve_source(path: Path) -> ModelSource:
             raise UserError(
                 f"run {path} has no adapter yet (no adapter/ and no checkpoint-N/); train it first"
             )
-        return ModelSource(Path(read_run(path)["model"]), adapter, run_dir=path)
+        return ModelSource(_trained_model(path), adapter, run_dir=path)
     if has_adapter(path) and (path.parent / RUN_MARKER).is_file():
-        return ModelSource(Path(read_run(path.parent)["model"]), path, run_dir=path.parent)
+        return ModelSource(_trained_model(path.parent), path, run_dir=path.parent)
     if (path / CONFIG_NAME).is_file():
         adapter = path / ADAPTER_DIR if has_adapter(path / ADAPTER_DIR) else None
         return ModelSource(path, adapter)
     raise UserError(f"{path} is not a QPiSSA directory, a training run or a model directory (no config.json)")
+
+
+def _trained_model(run_dir: Path) -> Path:
+    model = run_model(run_dir)
+    if not is_qpissa_dir(model):
+        raise UserError(
+            f"{run_dir / RUN_MARKER} names model {read_run(run_dir)['model']}, which is not a QPiSSA "
+            f"directory (resolved to {model}); put the run's QPiSSA directory back there, or correct "
+            "`model` in that file"
+        )
+    return model

@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from qpissa import UserError
-from qpissa.artifacts import resolve_source
-from qpissa.loading import load_model, load_tokenizer
+from qpissa.loading import checked_source, load_model, load_tokenizer
 from qpissa.runtime import auto_device, inference_dtype
 from qpissa.settings import ChatSettings
 
@@ -44,13 +43,17 @@ class ChatModel:
     device: torch.device
 
 
-def load_chat_model(path: Path) -> ChatModel:
+def load_chat_model(path: Path, adapter: bool = True) -> ChatModel:
     """Load MODEL_OR_RUN (QPiSSA directory, run, checkpoint-N or merged export) with its chat tokenizer.
 
+    Args:
+        path: what to load. adapter: apply its adapter (False: `--no-adapter`, the base weights alone).
+
     Raises:
-        UserError: not a model, or its tokenizer has no chat template.
+        UserError: not a model, a QPiSSA directory without its adapter, or a tokenizer without a chat
+            template.
     """
-    source = resolve_source(path)
+    source = checked_source(path, adapter=adapter)
     tokenizer = load_tokenizer(source)
     if not tokenizer.chat_template:
         raise UserError(
@@ -122,7 +125,7 @@ def generate_reply(
 
 def answer(path: Path, settings: ChatSettings, write: Writer | None) -> str:
     """One-shot: answer `settings.prompt`, streaming only the answer to `write`; return it."""
-    chat_model = load_chat_model(path)
+    chat_model = load_chat_model(path, settings.adapter)
     torch.manual_seed(settings.seed)  # generate() samples from the global generator
     messages = [*_start(settings), {"role": "user", "content": settings.prompt}]
     return generate_reply(chat_model, messages, settings, write)
@@ -134,7 +137,7 @@ def run_chat(path: Path, settings: ChatSettings, read: Reader, write: Writer) ->
     Returns:
         The conversation since the last `/reset`, as chat messages.
     """
-    chat_model = load_chat_model(path)
+    chat_model = load_chat_model(path, settings.adapter)
     torch.manual_seed(settings.seed)
     messages = _start(settings)
     write(f"chatting with {path} (/reset forgets the conversation, /exit or Ctrl-D quits)\n")

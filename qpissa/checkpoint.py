@@ -19,7 +19,8 @@ from typing import BinaryIO
 import torch
 
 from qpissa import UserError
-from qpissa.artifacts import CONFIG_NAME
+from qpissa.artifacts import CONFIG_NAME, read_json
+from qpissa.safetensors_file import DTYPE_WIDTHS, read_header
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 INDEX_NAME = "model.safetensors.index.json"
@@ -32,7 +33,6 @@ _DTYPE_CODES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }  # fmt: skip
-_WIDTHS = {code: torch.empty(0, dtype=dtype).element_size() for dtype, code in _DTYPE_CODES.items()}
 
 
 class CheckpointReader:
@@ -112,7 +112,7 @@ class SafetensorsWriter:
         """Append a tensor given as its raw little-endian bytes and safetensors dtype code (e.g. `BF16`)."""
         if name in self.entries:
             raise ValueError(f"tensor {name} written twice to {self.path.name}")
-        width = _WIDTHS[dtype]
+        width = DTYPE_WIDTHS[dtype]
         if width not in self.spools:
             self.spools[width] = open(self._spool_path(width), "wb")  # noqa: SIM115 - closed in close()
         size = sum(self.spools[width].write(chunk) for chunk in chunks)
@@ -225,11 +225,29 @@ def read_config(model_dir: Path) -> dict:
             f"{model_dir} has no config.json, so it is not a Hugging Face checkpoint; "
             "for the demo model run `qpissa fetch-model smollm2-135m DIR`"
         )
+    return read_json(config_path, "restore it from the original model")
+
+
+def auto_config(model_dir: Path):
+    """transformers' config of a checkpoint directory, or one line saying why transformers cannot use it.
+
+    Raises:
+        UserError: config.json is not a JSON object, or describes a model transformers cannot build
+            (unknown `model_type`, missing or contradictory fields).
+    """
+    import transformers
+
+    config = read_config(model_dir)
     try:
-        return json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
+        return transformers.AutoConfig.from_pretrained(model_dir)
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as error:
+        reason = next(
+            (line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__
+        )
         raise UserError(
-            f"{config_path} is not valid JSON ({error}); restore it from the original model"
+            f"{model_dir / CONFIG_NAME} describes a model transformers {transformers.__version__} cannot "
+            f"build (model_type {config.get('model_type')!r}: {reason}); pass a checkpoint of an "
+            "architecture transformers supports, or restore config.json from the original model"
         ) from None
 
 
@@ -254,42 +272,13 @@ def copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
     return copied
 
 
-def read_header(shard: Path) -> tuple[dict[str, dict], int]:
-    """Parse a safetensors file's header and check that the file holds every byte it promises.
-
-    Returns:
-        The header's tensor entries (dtype, shape, data_offsets) and the byte offset at which their
-        data starts.
-
-    Raises:
-        UserError: an unreadable header, or a file shorter or longer than its header says.
-    """
-    size = shard.stat().st_size
-    try:
-        with open(shard, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(f.read(length))
-        header.pop("__metadata__", None)
-        end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
-        raise UserError(f"{shard} is not a readable safetensors file ({error}); download it again") from None
-    if 8 + length + end != size:
-        raise UserError(
-            f"{shard} is truncated or corrupt: its header describes {8 + length + end} bytes, the file has "
-            f"{size}; download it again"
-        )
-    return header, 8 + length
-
-
 def _shard_files(model_dir: Path) -> list[Path]:
     index = model_dir / INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as error:
-            raise UserError(f"{index} is corrupt ({error}); restore it from the original model") from None
+        record = read_json(index, "restore it from the original model", required=("weight_map",))
+        weight_map = record["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index}: `weight_map` is not a map of tensor names to files; restore it")
         shards = [model_dir / name for name in sorted(set(weight_map.values()))]
         missing = [s.name for s in shards if not s.is_file()]
         if missing:

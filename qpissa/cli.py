@@ -7,14 +7,24 @@ that `qpissa --help` stays instant (tests/test_structure.py checks that it never
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
-from qpissa import UserError, hide_library_deprecation_notes
-from qpissa.artifacts import REPORT_HTML, REPORT_MARKDOWN, SUMMARY_NAME
+from qpissa import UserError, __version__, hide_library_deprecation_notes, hide_library_progress_bars
+from qpissa.artifacts import (
+    COMPARE_NAME,
+    PROGRESS_NAME,
+    REPORT_HTML,
+    REPORT_MARKDOWN,
+    SUMMARY_NAME,
+    latest_checkpoint,
+    partial_dir,
+)
 from qpissa.console import convert_summary, export_summary
 from qpissa.options import add_arguments, from_namespace
 from qpissa.settings import (
@@ -28,26 +38,89 @@ from qpissa.settings import (
     ReportOptions,
 )
 
+EXIT_USER_ERROR = 2  # argparse's own status for a usage mistake
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+# errors of the file system and of its space, which the user fixes; any other OSError is a bug
+_FILE_ERRORS = {
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: check the path",
+    errno.EISDIR: "it is a directory where a file is expected: check the path",
+    errno.EEXIST: "it is in the way: move it or choose another path",
+    errno.ENOSPC: "free some space, then rerun (add --resume where the command has it)",
+    errno.EDQUOT: "free some space, then rerun (add --resume where the command has it)",
+    errno.EROFS: "the file system is read-only: choose another location",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.ELOOP: "the path has a loop of symbolic links: check it",
+}
+_SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT)  # named without a file: the message says what to do anyway
+
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; return the exit status (2 for a user mistake, as argparse does)."""
+    """Run the CLI; return the exit status: 0, 2 for a user mistake (as argparse), 130 when interrupted.
+
+    Every anticipated failure ends in one `qpissa: error:` line that names the file and the fix. An
+    unanticipated exception is a bug: it keeps its traceback, plus a line asking to report it.
+    """
     parser = _build_parser()
     args = parser.parse_args(argv)
     hide_library_deprecation_notes()
+    if args.quiet:
+        hide_library_progress_bars()
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
         args.handler(args)
     except UserError as error:
-        print(f"qpissa: error: {error}", file=sys.stderr)
-        return 2
+        return _fail(str(error))
+    except KeyboardInterrupt:
+        print(f"qpissa: interrupted{_continue_hint(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as error:  # the last resort: modules that know the file raise UserError themselves
+        fix = _FILE_ERRORS.get(error.errno)
+        if fix is None or (error.filename is None and error.errno not in _SPACE_ERRORS):
+            return _bug()
+        where = f"{error.filename}: " if error.filename is not None else ""
+        return _fail(f"{where}{error.strerror}; {fix}")
+    except Exception:
+        return _bug()
     return 0
 
 
 def main_entry() -> None:
     """Console-script entry point."""
     sys.exit(main())
+
+
+def _fail(message: str) -> int:
+    """Print a user mistake on one line (library messages may quote several)."""
+    line = "; ".join(part.strip() for part in message.splitlines() if part.strip())
+    print(f"qpissa: error: {line}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def _bug() -> int:
+    traceback.print_exc()
+    print(
+        f"qpissa: this is a bug in qpissa {__version__}; please report it with the traceback above",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _continue_hint(args: argparse.Namespace) -> str:
+    """How to continue an interrupted command, where it can be continued."""
+    if args.handler is _cmd_convert and (partial_dir(args.out) / PROGRESS_NAME).is_file():
+        return "; rerun the same command with --resume to continue"
+    if args.handler is _cmd_compare and (args.out / COMPARE_NAME).is_file():
+        return "; rerun the same command to continue (finished steps are reused)"
+    output_dir = getattr(args, "output_dir", None)  # set by _cmd_train once the config is read
+    checkpoint = latest_checkpoint(output_dir) if args.handler is _cmd_train and output_dir else None
+    if checkpoint is not None:
+        return f"; add resume_from_checkpoint={checkpoint} to the same command to continue"
+    return ""
 
 
 def _cmd_fetch_model(args: argparse.Namespace) -> None:
@@ -71,13 +144,16 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from qpissa.train import train
 
     config = load_config(args.config, args.overrides)
+    args.output_dir = config.output_dir  # where a Ctrl-C can be continued from
     summary = train(config, show_progress=not args.quiet)
     evaluation = summary.get("eval", {})
     extra = "".join(f", eval {k} {evaluation[k]:.4f}" for k in ("loss", "accuracy") if k in evaluation)
-    print(
-        f"trained {summary['steps']} steps, mean loss {summary['train_loss']:.4f}{extra} "
-        f"-> {summary['output_dir']}"
-    )
+    if summary["loss_steps"]:  # the whole run's logged steps, a resumed one's included
+        first, last = summary["loss_steps"]
+        loss = f"mean loss {summary['train_loss']:.4f} (steps {first}-{last})"
+    else:
+        loss = "no step logged"
+    print(f"trained {summary['steps']} steps, {loss}{extra} -> {summary['output_dir']}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -121,9 +197,9 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from qpissa.report import build_report
+    from qpissa.report import create_report
 
-    summary = build_report(args.inputs, args.out, from_namespace(ReportOptions, args))
+    summary = create_report(args.inputs, args.out, from_namespace(ReportOptions, args))
     print("\n".join(summary["verdict"]))
     print(f"{len(summary['methods'])} methods, {len(summary['plots'])} plots -> {args.out}/{REPORT_HTML}")
 

@@ -37,15 +37,18 @@ from qpissa.artifacts import (
     RUNS_DIR,
     ModelSource,
     latest_checkpoint,
+    read_json,
     read_report,
     read_run,
     resolve_source,
 )
 from qpissa.checkpoint import CheckpointReader, write_json
 from qpissa.convert import convert
+from qpissa.data import read_records
 from qpissa.loading import load_model
 from qpissa.options import to_dict
-from qpissa.original_kl import heldout_ids, measure_fidelity
+from qpissa.original_kl import check_heldout, heldout_ids, measure_fidelity
+from qpissa.outputs import check_apart, lock_output
 from qpissa.recipe import load_config
 from qpissa.report import build_report
 from qpissa.runtime import in_fresh_process
@@ -85,8 +88,27 @@ def compare(
         UserError: bad inputs, or `out_dir` holds something else or a comparison with other settings.
     """
     CheckpointReader(model_dir)  # fails early, with a clear message, on a missing or broken model
+    inputs = {"MODEL": model_dir, "--text": fidelity_settings.text, "--train": settings.train}
+    check_apart(out_dir, "OUT", inputs)
+    check_heldout(model_dir, fidelity_settings)  # a bad --text fails now, not after the conversions
     if settings.train is not None:
         _check_train_config(settings.train, out_dir)
+    with lock_output(out_dir, "OUT"):  # one writer per comparison
+        return _compare(
+            model_dir, out_dir, settings, convert_settings, fidelity_settings, report_options, show_progress
+        )
+
+
+def _compare(
+    model_dir: Path,
+    out_dir: Path,
+    settings: CompareSettings,
+    convert_settings: ConvertSettings,
+    fidelity_settings: FidelitySettings,
+    report_options: ReportOptions | None,
+    show_progress: bool,
+) -> dict:
+    """`compare` while this process holds OUT's lock."""
     record = _prepare_output(out_dir, _fingerprint(model_dir, convert_settings))
     record["methods"] += [m.value for m in settings.method_list if m.value not in record["methods"]]
     run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None, "steps": []}
@@ -166,8 +188,14 @@ def _train_step(out_dir: Path, method: Method, config_path: Path, show_progress:
 
 
 def _check_train_config(config_path: Path, out_dir: Path) -> None:
-    """Validate the training config before any conversion starts (model and output_dir are compare's)."""
-    load_config(config_path, [f"model={out_dir / CONVERSIONS_DIR}", f"output_dir={out_dir / RUNS_DIR}"])
+    """Validate the training config and its data before any conversion starts (model and output_dir are
+    compare's)."""
+    overrides = [f"model={out_dir / CONVERSIONS_DIR}", f"output_dir={out_dir / RUNS_DIR}"]
+    config = load_config(config_path, overrides)
+    check_apart(out_dir, "OUT", {"data.path": config.data.path, "data.eval_path": config.data.eval_path})
+    for path in (config.data.path, config.data.eval_path):
+        if path is not None:
+            read_records(path, config.data.format)
 
 
 def _run_identity(config: dict) -> dict:
@@ -188,7 +216,8 @@ def _prepare_output(out_dir: Path, fingerprint: dict) -> dict:
     """Load the record of an earlier comparison with the same settings, or start a new one."""
     record_path = out_dir / COMPARE_NAME
     if record_path.is_file():
-        record = json.loads(record_path.read_text())
+        fix = "it is written by `qpissa compare`: choose a new OUT"
+        record = read_json(record_path, fix, required=("fingerprint", "history", "methods"))
         if record["fingerprint"] != fingerprint:
             raise UserError(
                 f"{out_dir} holds a comparison with other settings or another model; "

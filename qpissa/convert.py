@@ -30,7 +30,7 @@ from qpissa.memory import available_memory_bytes
 from qpissa.methods import DecomposeSettings, Decomposition, decompose
 from qpissa.nf4 import quantize_nf4
 from qpissa.options import to_dict
-from qpissa.outputs import check_apart, check_replaceable
+from qpissa.outputs import check_apart, check_replaceable, lock_output
 from qpissa.runtime import compute_dtype, dtype_name, resolve_device, sketch_dtype
 from qpissa.settings import ConvertSettings
 from qpissa.stored import adapter_key
@@ -63,12 +63,26 @@ def convert(
         The report (also written to `out_dir/qpissa_report.json`).
 
     Raises:
-        UserError: bad input or settings, an existing output, a resume with different settings.
+        UserError: bad input or settings, an existing output, a resume with different settings, another
+            process writing OUT.
     """
-    started = time.perf_counter()
-    reader = CheckpointReader(model_dir)
     for output in (out_dir, partial_dir(out_dir)):
         check_apart(output, "OUT", {"MODEL": model_dir})
+    with lock_output(out_dir, "OUT"):  # held until OUT is complete: one writer per output
+        return _convert(model_dir, out_dir, settings, resume, overwrite, show_progress)
+
+
+def _convert(
+    model_dir: Path,
+    out_dir: Path,
+    settings: ConvertSettings,
+    resume: bool,
+    overwrite: bool,
+    show_progress: bool,
+) -> dict:
+    """`convert` while this process holds OUT's lock."""
+    started = time.perf_counter()
+    reader = CheckpointReader(model_dir)
     if overwrite:
         check_replaceable(out_dir, "OUT", (REPORT_NAME,), "a QPiSSA directory")
     targets = set(resolve_targets(settings.targets, reader, settings.rank))

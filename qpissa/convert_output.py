@@ -6,7 +6,6 @@ config.json's `quantization_config`, the adapter parts joined into one PEFT adap
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -21,6 +20,7 @@ from qpissa.artifacts import (
     PROGRESS_NAME,
     REPORT_NAME,
     partial_dir,
+    read_json,
     read_report,
 )
 from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, copy_tensors, shard_names, write_json
@@ -69,7 +69,8 @@ def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output {out_dir} is a file; choose a directory path")
     if resume and (partial / PROGRESS_NAME).is_file():
-        progress = json.loads((partial / PROGRESS_NAME).read_text())
+        fix = "it records an interrupted conversion: use --overwrite to start over"
+        progress = read_json(partial / PROGRESS_NAME, fix, required=("fingerprint", "shards", "seconds"))
         if progress["fingerprint"] != fingerprint:
             raise UserError(
                 f"{partial} was started with other settings or another model; rerun with the same options, "
@@ -85,6 +86,12 @@ def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite:
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise UserError(
             f"output {out_dir} exists and is not empty; pass --overwrite to replace it, or another OUT"
+        )
+    unknown = partial.is_dir() and not (partial / PROGRESS_NAME).is_file() and any(partial.iterdir())
+    if unknown or (partial.exists() and not partial.is_dir()):  # the user's, not an interrupted conversion
+        raise UserError(
+            f"{partial} exists and holds no interrupted conversion (no {PROGRESS_NAME}), so it is not "
+            "removed; move it away or choose another OUT"
         )
     if partial.exists() and not overwrite and not resume:
         raise UserError(

@@ -7,6 +7,7 @@ counted, never trained on with an empty mask (REFERENCE.md §5).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from qpissa import UserError
+from qpissa.artifacts import read_text
 from qpissa.recipe import DataConfig
 from qpissa.settings import DataFormat
 
@@ -53,10 +55,39 @@ def read_records(path: Path, data_format: DataFormat) -> list[dict[str, Any]]:
     Raises:
         UserError: missing or unreadable file, unknown extension, or a record without a required field.
     """
+    records = _load_dataset(path).to_list()
+    for index, record in enumerate(records):
+        _check_record(record, data_format, f"{path} record {index}")
+    if not records:
+        raise UserError(f"dataset {path} is empty")
+    return records
+
+
+def detect_format(path: Path) -> DataFormat:
+    """The record format of a dataset, from its first record's fields (the first format that fits).
+
+    Raises:
+        UserError: the dataset cannot be read, or its fields fit no format (listing what each needs).
+    """
+    dataset = _load_dataset(path)
+    fields = set(dataset.column_names)
+    for data_format, required in REQUIRED_FIELDS.items():
+        if fields.issuperset(required):
+            return data_format
+    known = "; ".join(f"{f.value}: {', '.join(names)}" for f, names in REQUIRED_FIELDS.items())
+    raise UserError(f"{path}: fields {', '.join(sorted(fields))} fit no record format ({known})")
+
+
+def _load_dataset(path: Path):
+    """A local data file or `save_to_disk` directory as a `datasets.Dataset` (its train split)."""
     import datasets
 
     if not path.exists():
-        raise UserError(f"dataset {path} does not exist; check `data.path` / `data.eval_path`")
+        raise UserError(f"dataset {path} does not exist; check the path")
+    if path.is_file() and path.suffix.lower() in (".jsonl", ".json"):
+        _check_json_file(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise UserError(f"dataset {path} is empty; it needs at least one record")
     try:
         if path.is_dir():
             dataset = datasets.load_from_disk(str(path))
@@ -75,13 +106,14 @@ def read_records(path: Path, data_format: DataFormat) -> list[dict[str, Any]]:
         raise
     except Exception as error:  # datasets wraps parse errors in several exception types
         cause = error.__cause__ or error
-        raise UserError(f"cannot read dataset {path}: {type(cause).__name__}: {cause}") from None
-    records = dataset.to_list()
-    for index, record in enumerate(records):
-        _check_record(record, data_format, f"{path} record {index}")
-    if not records:
-        raise UserError(f"dataset {path} is empty")
-    return records
+        reason = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
+        if "corresponds to no data" in reason:
+            raise UserError(f"dataset {path} has no records; it needs at least one") from None
+        raise UserError(
+            f"cannot read dataset {path} ({type(cause).__name__}: {reason}); check that it is a valid "
+            f"{path.suffix.lstrip('.') or 'save_to_disk'} file"
+        ) from None
+    return dataset
 
 
 def render(
@@ -105,8 +137,16 @@ def render(
     return _render_chat(messages, tokenizer, response_only)
 
 
-def tokenize(samples: list[Sample], tokenizer: Any, max_seq_len: int, packing: bool = False) -> TokenizedData:
+def tokenize(
+    samples: list[Sample],
+    tokenizer: Any,
+    max_seq_len: int,
+    packing: bool = False,
+    length_setting: str = "`data.max_seq_len`",
+) -> TokenizedData:
     """Tokenize rendered samples into input_ids and labels (IGNORE_INDEX where the loss is off).
+
+    `length_setting` is how the user sets `max_seq_len` (`--max-seq-len` for `qpissa eval`), for messages.
 
     Raises:
         UserError: nothing is left to train on after dropping cut samples.
@@ -127,19 +167,19 @@ def tokenize(samples: list[Sample], tokenizer: Any, max_seq_len: int, packing: b
             max_seq_len,
         )
     if not rows:
-        raise UserError(
-            f"no sample has a response within max_seq_len={max_seq_len}; raise `data.max_seq_len`"
-        )
+        raise UserError(f"no sample has a response within max_seq_len={max_seq_len}; raise {length_setting}")
     if packing:
         rows = _pack(rows, max_seq_len)
     return TokenizedData(rows, dropped)
 
 
-def load_split(path: Path, config: DataConfig, tokenizer: Any) -> tuple[list[Sample], TokenizedData]:
+def load_split(
+    path: Path, config: DataConfig, tokenizer: Any, length_setting: str = "`data.max_seq_len`"
+) -> tuple[list[Sample], TokenizedData]:
     """Read, render and tokenize one data file with the settings of `config`."""
     records = read_records(path, config.format)
     samples = [render(record, config.format, tokenizer, config.response_only) for record in records]
-    return samples, tokenize(samples, tokenizer, config.max_seq_len, config.packing)
+    return samples, tokenize(samples, tokenizer, config.max_seq_len, config.packing, length_setting)
 
 
 def check_tokenizer(tokenizer: Any, data_format: DataFormat) -> None:
@@ -180,6 +220,27 @@ def pad_token_id(tokenizer: Any) -> int:
     if tokenizer.eos_token_id is not None:
         return tokenizer.eos_token_id
     raise UserError("the tokenizer has neither a pad nor an EOS token; add one to tokenizer_config.json")
+
+
+def _check_json_file(path: Path) -> None:
+    """UTF-8, not empty, and (JSON Lines) every line a JSON object: datasets names neither line nor fix."""
+    text = read_text(path, "dataset", "check the path")
+    if not text.strip():
+        raise UserError(f"dataset {path} is empty; it needs at least one record")
+    if path.suffix.lower() != ".jsonl":
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(
+                f"dataset {path} line {number} is not valid JSON ({error.msg}, column {error.colno}); "
+                "fix or remove that line"
+            ) from None
+        if not isinstance(record, dict):
+            raise UserError(f"dataset {path} line {number} is not a JSON object (one record per line)")
 
 
 def _check_record(record: dict[str, Any], data_format: DataFormat, where: str) -> None:

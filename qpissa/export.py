@@ -17,12 +17,13 @@ from tqdm.auto import tqdm
 
 import qpissa
 from qpissa import UserError
-from qpissa.artifacts import CONFIG_NAME, EXPORT_REPORT, OWN_JSON, partial_dir, resolve_source
+from qpissa.artifacts import CONFIG_NAME, EXPORT_REPORT, OWN_JSON, ModelSource, resolve_source
 from qpissa.checkpoint import ShardedWriter, copy_side_files, write_json
-from qpissa.export_lora import check_lora_inputs, write_lora, write_readme
+from qpissa.export_lora import LoraInputs, check_lora_inputs, write_lora, write_readme
 from qpissa.export_verify import verify_export
 from qpissa.memory import peak_rss_mb
 from qpissa.options import to_dict
+from qpissa.outputs import check_apart, finish_partial, lock_output, start_partial
 from qpissa.runtime import dtype_name
 from qpissa.settings import ExportKind, ExportSettings, OutputDtype
 from qpissa.stored import Adapter, Residual, read_adapter
@@ -41,64 +42,88 @@ def export(run: Path, out_dir: Path, settings: ExportSettings, *, show_progress:
         The export report (also written to `out_dir/export_report.json`).
 
     Raises:
-        UserError: no adapter, an adapter that does not fit the residual, a missing original model, or an
-            existing `out_dir`; raised before anything is written.
+        UserError: no adapter, an adapter that does not fit the residual, a missing original model, an
+            `out_dir` that exists or lies inside (or around) an input, or another process writing it;
+            raised before anything is written.
     """
     started = time.perf_counter()
     source = resolve_source(run)
     if source.adapter_dir is None:
         raise UserError(
-            f"{run} has no adapter to export (no adapter/ directory); pass a training run, a checkpoint-N "
-            "directory or a QPiSSA directory made by `qpissa convert`"
+            f"{run} has no adapter to export (no complete adapter/ directory); pass a training run, a "
+            "checkpoint-N directory or a QPiSSA directory made by `qpissa convert`"
         )
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserError(f"output {out_dir} already exists; remove it or choose another OUT")
+    check_apart(
+        out_dir,
+        "OUT",
+        {
+            "RUN": run,
+            "RUN's QPiSSA directory": source.base_dir,
+            "RUN's adapter": source.adapter_dir,
+            "--base": settings.base,
+        },
+    )
     residual = Residual(source.base_dir)
     trained = read_adapter(source.adapter_dir)
     _check_fits(trained, residual)
-    if settings.to is ExportKind.LORA:
-        lora_inputs = check_lora_inputs(source, residual, trained, settings)
+    lora_inputs = (
+        check_lora_inputs(source, residual, trained, settings) if settings.to is ExportKind.LORA else None
+    )
     dtype = _resolve_dtype(settings, residual.reader.config)
+    with lock_output(out_dir, "OUT"):
+        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+            raise UserError(f"output {out_dir} already exists; remove it or choose another OUT")
+        partial = start_partial(out_dir, "OUT")
+        try:
+            report = _write(
+                run, source, residual, trained, lora_inputs, partial, dtype, settings, show_progress
+            )
+        except BaseException:  # this process made `partial`: nothing of it is worth keeping
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        report["seconds"] = time.perf_counter() - started
+        write_json(partial / EXPORT_REPORT, report)
+        finish_partial(partial, out_dir)
+    return report
 
-    partial = partial_dir(out_dir)
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+
+def _write(
+    run: Path,
+    source: ModelSource,
+    residual: Residual,
+    trained: Adapter,
+    lora_inputs: LoraInputs | None,
+    partial: Path,
+    dtype: torch.dtype,
+    settings: ExportSettings,
+    show_progress: bool,
+) -> dict:
+    """Write the export into `partial` and verify it; return its report (all but the total time)."""
+    started = time.perf_counter()
     bar = tqdm(total=len(trained.shapes), unit="matrix", desc=f"export {settings.to.value}",
                disable=None if show_progress else True)  # fmt: skip
     try:
-        if settings.to is ExportKind.MERGED:
+        if lora_inputs is None:
             details = _write_merged(residual, trained, partial, dtype, settings.shard_size_mb or 2048, bar)
         else:
             details = write_lora(residual, trained, lora_inputs, partial, dtype, settings.rank, bar)
+    finally:
         bar.close()
-        write_seconds, write_peak_mb = time.perf_counter() - started, peak_rss_mb()
-        report = {
-            "kind": settings.to.value,
-            "source": {
-                "run": str(run),
-                "base_dir": str(source.base_dir),
-                "adapter_dir": str(source.adapter_dir),
-            },
-            "settings": to_dict(settings),
-            "dtype": dtype_name(dtype),
-            "matrices": len(trained.shapes),
-            "details": details,
-            "verify": verify_export(source, partial, details) if settings.verify else None,
-            "write_seconds": write_seconds,
-            "peak_rss_mb_write": write_peak_mb,  # before --verify loads models
-            "seconds": time.perf_counter() - started,
-            "versions": {"qpissa": qpissa.__version__, "torch": torch.__version__},
-        }
-        if settings.to is ExportKind.LORA:
-            write_readme(partial, report)
-        write_json(partial / EXPORT_REPORT, report)
-    except BaseException:
-        bar.close()
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        out_dir.rmdir()
-    partial.rename(out_dir)
+    write_seconds, write_peak_mb = time.perf_counter() - started, peak_rss_mb()
+    report = {
+        "kind": settings.to.value,
+        "source": {"run": str(run), "base_dir": str(source.base_dir), "adapter_dir": str(source.adapter_dir)},
+        "settings": to_dict(settings),
+        "dtype": dtype_name(dtype),
+        "matrices": len(trained.shapes),
+        "details": details,
+        "verify": verify_export(source, partial, details) if settings.verify else None,
+        "write_seconds": write_seconds,
+        "peak_rss_mb_write": write_peak_mb,  # before --verify loads models
+        "versions": {"qpissa": qpissa.__version__, "torch": torch.__version__},
+    }
+    if lora_inputs is not None:
+        write_readme(partial, report)
     return report
 
 

@@ -5,10 +5,62 @@ Loading uses plain transformers + PEFT, exactly as a user without qpissa would (
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import torch
 
 from qpissa import UserError
-from qpissa.artifacts import ModelSource
+from qpissa.artifacts import ADAPTER_DIR, ModelSource, is_qpissa_dir, resolve_source
+from qpissa.checkpoint import CheckpointReader, auto_config
+from qpissa.stored import read_adapter
+
+
+def checked_source(path: Path, *, adapter: bool = True) -> ModelSource:
+    """What `eval` and `chat` load for MODEL_OR_RUN, checked before anything is loaded.
+
+    Args:
+        path: a QPiSSA directory, run, checkpoint-N or plain model.
+        adapter: apply the adapter; False (`--no-adapter`) loads the base weights alone, deliberately.
+
+    Raises:
+        UserError: a QPiSSA directory without its adapter (its residual alone is not the converted
+            model), or anything `check_source` refuses.
+    """
+    source = resolve_source(path)
+    if not adapter:
+        source = dataclasses.replace(source, adapter_dir=None)
+    elif source.adapter_dir is None and is_qpissa_dir(source.base_dir):
+        raise UserError(
+            f"{path} is a QPiSSA directory without its adapter ({ADAPTER_DIR}/ is missing or incomplete): "
+            "its NF4 residual alone lacks the principal part, so results would not be the converted model's; "
+            "convert again into a new directory, or pass --no-adapter to use the residual alone on purpose"
+        )
+    check_source(source)
+    return source
+
+
+def check_source(source: ModelSource) -> None:
+    """Check what `load_model` will read, file by file, so that damage is named before loading starts.
+
+    Raises:
+        UserError: config.json transformers cannot use, a damaged weight file or adapter, or an adapter
+            that does not fit the QPiSSA directory's own (another rank or other layers).
+    """
+    auto_config(source.base_dir)
+    CheckpointReader(source.base_dir)  # every shard's header against its size
+    if source.adapter_dir is None:
+        return
+    adapter = read_adapter(source.adapter_dir)
+    initial_dir = source.base_dir / ADAPTER_DIR
+    if is_qpissa_dir(source.base_dir) and initial_dir != source.adapter_dir and initial_dir.is_dir():
+        initial = read_adapter(initial_dir)
+        if (initial.rank, initial.shapes) != (adapter.rank, adapter.shapes):
+            raise UserError(
+                f"adapter {source.adapter_dir} (rank {adapter.rank}, {len(adapter.shapes)} layers) does not "
+                f"fit {source.base_dir}, whose adapter has rank {initial.rank} and {len(initial.shapes)} "
+                "layers; it was trained on another QPiSSA directory"
+            )
 
 
 def load_model(
@@ -33,6 +85,7 @@ def load_model(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    check_source(source)
     kwargs = {"dtype": compute_dtype} if compute_dtype is not None else {}
     model = AutoModelForCausalLM.from_pretrained(source.base_dir, device_map={"": str(device)}, **kwargs)
     if compute_dtype is not None:
@@ -63,10 +116,14 @@ def load_tokenizer(source: ModelSource):
     """The tokenizer saved beside the base model (QPiSSA dirs and exports carry it)."""
     from transformers import AutoTokenizer
 
+    auto_config(source.base_dir)  # a damaged config.json is named as such, not as a tokenizer problem
     try:
         return AutoTokenizer.from_pretrained(source.base_dir)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # tokenizers raises a plain Exception for a damaged tokenizer.json
+        reason = next(
+            (line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__
+        )
         raise UserError(
-            f"{source.base_dir} has no usable tokenizer ({error}); "
+            f"{source.base_dir} has no usable tokenizer ({reason}); "
             "copy the original model's tokenizer files there"
         ) from None

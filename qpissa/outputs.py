@@ -1,13 +1,27 @@
-"""Where commands write: outputs are kept apart from inputs, so no command can delete what it reads.
+"""Where commands write: outputs kept apart from inputs, one writer per output, finished or absent.
 
-Every command that creates or replaces a directory checks it here first, before anything is written.
+Every command that creates or replaces a directory checks it here first, before anything is written
+(`check_apart`, `check_replaceable`), holds its lock while it writes (`lock_output`), and builds it in
+`OUT.partial/`, which appears under its name only when complete (`start_partial`, `finish_partial`).
 """
 
 from __future__ import annotations
 
+import fcntl
+import fnmatch
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from qpissa import UserError
+from qpissa.artifacts import LOCK_SUFFIX, PARTIAL_MARKER, partial_dir
+
+log = logging.getLogger(__name__)
 
 
 def check_apart(output: Path, output_flag: str, inputs: dict[str, Path | None]) -> None:
@@ -59,3 +73,184 @@ def check_replaceable(output: Path, output_flag: str, markers: tuple[str, ...], 
             f"{output_flag} {output} exists and is not {what}, so it is not replaced; "
             f"choose another {output_flag}, or empty it yourself"
         )
+
+
+def check_holds_only(output: Path, output_flag: str, patterns: tuple[str, ...], what: str) -> None:
+    """Refuse to replace a directory that holds anything but files named like `patterns` (globs).
+
+    Args:
+        output: the directory that would be replaced.
+        output_flag: how the user names it.
+        patterns: the file names a directory of the expected kind holds (`report.md`, `*.png`).
+        what: the kind in words (`a report directory`).
+
+    Raises:
+        UserError: `output` is a file, or holds something else, which replacing it would destroy.
+    """
+    if output.exists() and not output.is_dir():
+        raise UserError(f"{output_flag} {output} is a file; choose a directory path")
+    if not output.is_dir():
+        return
+    other = sorted(
+        path.name
+        for path in output.iterdir()
+        if not (path.is_file() and any(fnmatch.fnmatchcase(path.name, pattern) for pattern in patterns))
+    )
+    if other:
+        listed = ", ".join(other[:3]) + (" …" if len(other) > 3 else "")
+        raise UserError(
+            f"{output_flag} {output} exists and is not {what} (it holds {listed}), so it is not replaced; "
+            f"choose a new or empty {output_flag}"
+        )
+
+
+@contextmanager
+def lock_output(output: Path, output_flag: str) -> Iterator[None]:
+    """Hold an OS advisory lock on `output` while the body runs: a second writer is refused.
+
+    The lock is the file `OUT.lock` beside OUT, holding the writer's pid. The kernel drops the lock when
+    its process ends, however it ends, so the file a killed process leaves behind locks nothing: the next
+    command takes it over (`--resume` works after a kill). Missing parent directories are created, and
+    removed again if they are still empty at the end: a refused command leaves nothing behind.
+
+    Args:
+        output: the directory the command writes.
+        output_flag: how the user names it (`OUT`, `output_dir`, `--out`), for messages.
+
+    Raises:
+        UserError: another live process holds the lock, or the location cannot be written.
+    """
+    path = lock_path(output)
+    created = _make_parents(path.parent, output, output_flag)
+    try:
+        descriptor = _acquire(path, output, output_flag)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # before the lock goes: a waiting opener sees the file is gone
+            os.close(descriptor)
+    finally:
+        for directory in reversed(created):
+            try:
+                directory.rmdir()
+            except OSError:  # not empty: the command's output is in it
+                break
+
+
+def lock_path(output: Path) -> Path:
+    """The lock file of `output`: `OUT.lock` beside it."""
+    resolved = output.expanduser().resolve()
+    if not resolved.name:
+        raise UserError(f"{output} is the file-system root; choose a directory to write")
+    return resolved.with_name(resolved.name + LOCK_SUFFIX)
+
+
+def start_partial(output: Path, output_flag: str) -> Path:
+    """Create `OUT.partial/` to build `output` in, replacing only an interrupted build of qpissa's own.
+
+    Call it while holding `lock_output(output)`: no live process is writing `OUT.partial/` then, so one
+    that holds qpissa's marker (or nothing) is an interrupted build and safe to remove. Anything else
+    there belongs to the user and is never removed.
+
+    Raises:
+        UserError: `OUT.partial` exists and is not a build of qpissa's.
+    """
+    partial = partial_dir(output)
+    if partial.exists() or partial.is_symlink():
+        ours = (
+            partial.is_dir()
+            and not partial.is_symlink()
+            and ((partial / PARTIAL_MARKER).is_file() or not any(partial.iterdir()))
+        )
+        if not ours:
+            raise UserError(
+                f"{partial} exists and was not made by qpissa, so it is not removed; move it away or "
+                f"choose another {output_flag}"
+            )
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    (partial / PARTIAL_MARKER).write_text(json.dumps({"pid": os.getpid()}) + "\n")
+    return partial
+
+
+def finish_partial(partial: Path, output: Path) -> None:
+    """Make the finished build appear as `output`, replacing an earlier one the caller checked."""
+    (partial / PARTIAL_MARKER).unlink()
+    replace_dir(partial, output)
+
+
+def replace_dir(source: Path, target: Path) -> None:
+    """Rename `source` to `target`; a non-empty `target` is moved aside first and removed after.
+
+    At every moment `target` is either the old directory or the new one, never half of each.
+    """
+    if target.is_dir() and any(target.iterdir()):
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.replaced-", dir=target.parent))
+        target.rename(aside / target.name)
+        source.rename(target)
+        shutil.rmtree(aside)
+    else:
+        source.rename(target)  # an empty directory is replaced by rename(2) itself
+
+
+def _make_parents(directory: Path, output: Path, output_flag: str) -> list[Path]:
+    """Create `directory` and its missing parents; return the ones created, outermost first."""
+    missing = [path for path in (directory, *directory.parents) if not path.exists()][::-1]
+    existing = missing[0].parent if missing else directory
+    if not existing.is_dir():
+        raise UserError(
+            f"{output_flag} {output} cannot be created: {existing} is a file, not a directory; "
+            f"choose another {output_flag}"
+        )
+    for made, path in enumerate(missing):
+        try:
+            path.mkdir()
+        except OSError as error:
+            for directory in reversed(missing[:made]):
+                directory.rmdir()
+            raise UserError(
+                f"{output_flag} {output} cannot be created ({path}: {error.strerror}); "
+                f"choose a location you can write to"
+            ) from None
+    return missing
+
+
+def _acquire(path: Path, output: Path, output_flag: str) -> int:
+    """Lock `path` without waiting; return its open descriptor."""
+    while True:
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise UserError(
+                f"{output_flag} {output} cannot be written ({path}: {error.strerror}); "
+                f"choose a location you can write to"
+            ) from None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(descriptor)
+            os.close(descriptor)
+            who = f"another process (pid {holder})" if holder else "another process"
+            raise UserError(
+                f"{who} is writing {output}; wait for it to finish, or choose another {output_flag}"
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(descriptor).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(descriptor)  # its holder removed the file as we opened it: lock the new one
+    previous = _read_pid(descriptor)
+    if previous:
+        log.info(
+            "%s was left by process %d, which ended without releasing it; taking it over", path, previous
+        )
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+    return descriptor
+
+
+def _read_pid(descriptor: int) -> int | None:
+    text = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None

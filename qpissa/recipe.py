@@ -5,6 +5,7 @@ Names follow transformers' TrainingArguments where one exists; `train.py` turns 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -12,8 +13,9 @@ from pathlib import Path
 import yaml
 
 from qpissa import UserError
-from qpissa.options import apply_overrides, from_dict
-from qpissa.settings import DataFormat, Device
+from qpissa.artifacts import read_text
+from qpissa.options import apply_overrides, from_dict, yaml_problem
+from qpissa.settings import MIN_SEQ_LEN, SEED_LIMIT, DataFormat, Device
 
 
 class Optimizer(str, Enum):
@@ -61,8 +63,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.path is None:
             raise UserError("the config needs `data.path`: a training data file or save_to_disk directory")
-        if self.max_seq_len < 8:
-            raise UserError(f"`data.max_seq_len` must be at least 8, got {self.max_seq_len}")
+        if self.max_seq_len < MIN_SEQ_LEN:
+            raise UserError(f"`data.max_seq_len` must be at least {MIN_SEQ_LEN}, got {self.max_seq_len}")
         if self.eval_generate_samples < 0:
             raise UserError(
                 f"`data.eval_generate_samples` must be 0 or more, got {self.eval_generate_samples}"
@@ -126,12 +128,25 @@ class TrainConfig:
             "save_steps",
         )
         problems = [f"`{name}` must be at least 1" for name in positive if getattr(self, name) < 1]
+        for name in ("save_total_limit", "eval_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(f"`{name}` must be at least 1 (or left out), got {getattr(self, name)}")
+        # written so that NaN fails them too (every comparison with NaN is false)
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio}")
-        if self.learning_rate <= 0:
+        if not 0 < self.learning_rate < math.inf:
             problems.append(f"`learning_rate` must be positive, got {self.learning_rate}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not 0 <= getattr(self, name) < math.inf:
+                problems.append(f"`{name}` must be 0 or a positive number, got {getattr(self, name)}")
         if self.max_steps == 0 or self.max_steps < -1:
             problems.append(f"`max_steps` must be -1 or positive, got {self.max_steps}")
+        if self.max_steps == -1 and not 0 < self.num_train_epochs < math.inf:
+            problems.append(
+                f"`num_train_epochs` must be a positive number, got {self.num_train_epochs}; or set max_steps"
+            )
+        if not 0 <= self.seed < SEED_LIMIT:
+            problems.append(f"`seed` must be in [0, 2**32), got {self.seed}")
         if self.eval_steps is not None and self.data.eval_path is None:
             problems.append(
                 "`eval_steps` is set but `data.eval_path` is not; add held-out data or drop eval_steps"
@@ -146,12 +161,11 @@ def load_config(path: Path, overrides: list[str]) -> TrainConfig:
     Raises:
         UserError: missing/unparseable file, unknown keys, wrong types, bad combinations.
     """
-    if not path.is_file():
-        raise UserError(f"config {path} does not exist; see configs/demo.yaml for an example")
+    text = read_text(path, "config", "pass a YAML recipe such as configs/demo.yaml")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
-        raise UserError(f"config {path} is not valid YAML: {error}") from None
+        raise UserError(f"config {path} is not valid YAML ({yaml_problem(error)}); fix that line") from None
     if not isinstance(values, dict):
         raise UserError(f"config {path} must be a mapping of settings, not {type(values).__name__}")
     return from_dict(TrainConfig, apply_overrides(values, overrides))

@@ -9,9 +9,9 @@ show (DESIGN.md principle 6). Rendering lives in `report_render.py`, plotting in
 
 from __future__ import annotations
 
-import json
 import math
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,18 +25,27 @@ from qpissa.artifacts import (
     EXPORT_REPORT,
     FIDELITY_NAME,
     LOG_NAME,
+    REPORT_HTML,
+    REPORT_MARKDOWN,
     REPORT_NAME,
     RUN_MARKER,
     RUNS_DIR,
     SUMMARY_NAME,
     comparison_members,
+    read_json,
+    read_jsonl,
+    read_report,
+    run_model,
 )
-from qpissa.checkpoint import SHARD_GLOB, read_header, write_json
+from qpissa.checkpoint import SHARD_GLOB, write_json
+from qpissa.outputs import check_apart, check_holds_only, finish_partial, lock_output, start_partial
 from qpissa.report_render import draw_plots, write_documents
+from qpissa.safetensors_file import read_header
 from qpissa.settings import Method, ReportOptions
 from qpissa.spectrum import layer_spectra
 
 TAIL_STEPS = 10  # the verdict quotes the mean loss of the last logged steps: one step's loss is noisy
+REPORT_FILES = (REPORT_MARKDOWN, REPORT_HTML, SUMMARY_NAME, "*.png")  # all a report directory holds
 METHOD_ORDER = (Method.QLORA.value, Method.LOFTQ.value, Method.QPISSA.value)
 
 
@@ -54,27 +63,57 @@ class MethodData:
     exports: list[tuple[Path, dict]] = field(default_factory=list)  # export_report.json
 
 
-def build_report(inputs: list[Path], out_dir: Path, options: ReportOptions) -> dict:
-    """Read INPUTS and write report.md, report.html, summary.json and the PNG plots into `out_dir`.
+def create_report(inputs: list[Path], out_dir: Path, options: ReportOptions) -> dict:
+    """`qpissa report`: read INPUTS, build the report in `OUT.partial/`, and move it into place as `out_dir`.
 
     Args:
         inputs: QPiSSA dirs, run dirs, export dirs and comparison dirs, in any mix.
-        out_dir: where the report goes (created; earlier report files are replaced).
+        out_dir: the report directory (created; an earlier report there is replaced whole).
         options: layer for the spectrum, log-scale steps.
 
     Returns:
         The summary (also `summary.json`).
 
     Raises:
-        UserError: an input that does not exist or is none of the above; no usable input at all.
+        UserError: an input that does not exist or is none of the above; no usable input at all; an
+            `out_dir` that is, contains or lies inside an input, or holds anything but a report; another
+            process writing `out_dir`.
     """
-    methods = collect(inputs)
-    summary = summarize(methods, options)
+    labels = ["INPUT" if len(inputs) == 1 else f"INPUT #{index}" for index in range(1, len(inputs) + 1)]
+    check_apart(out_dir, "--out", dict(zip(labels, inputs, strict=True)))
+    summary = summarize(collect(inputs), options)
+    with lock_output(out_dir, "--out"):
+        check_holds_only(out_dir, "--out", REPORT_FILES, "a report directory")
+        partial = start_partial(out_dir, "--out")
+        try:
+            _write(summary, partial, options)
+        except BaseException:  # this process made `partial`: nothing of it is worth keeping
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        finish_partial(partial, out_dir)
+    return summary
+
+
+def build_report(inputs: list[Path], out_dir: Path, options: ReportOptions) -> dict:
+    """Read INPUTS and write the report's files into `out_dir`, a directory the caller owns and has
+    locked (`qpissa compare` writes its report beside its conversions); each file is replaced whole.
+
+    Returns:
+        The summary (also `summary.json`).
+
+    Raises:
+        UserError: as `collect` does.
+    """
+    summary = summarize(collect(inputs), options)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _write(summary, out_dir, options)
+    return summary
+
+
+def _write(summary: dict, out_dir: Path, options: ReportOptions) -> None:
     summary["plots"] = draw_plots(summary, out_dir, options)
     write_documents(summary, out_dir, TAIL_STEPS)
     write_json(out_dir / SUMMARY_NAME, summary)
-    return summary
 
 
 def collect(inputs: list[Path]) -> list[MethodData]:
@@ -170,14 +209,13 @@ def _add(by_key: dict[str, MethodData], path: Path) -> bool:
     """Add one input directory; False if it is none of the known kinds."""
     if (path / REPORT_NAME).is_file():
         entry = _entry(by_key, path)
-        entry.conversion = _read(path / REPORT_NAME)
+        entry.conversion = read_report(path)
         entry.fidelity = _read(path / FIDELITY_NAME) if (path / FIDELITY_NAME).is_file() else None
         return True
     if (path / RUN_MARKER).is_file():
-        model = Path(_read(path / RUN_MARKER)["model"])
-        entry = _add_linked(by_key, model, path)
+        entry = _add_linked(by_key, run_model(path), path)
         entry.run_dir = path
-        entry.steps = _read_jsonl(path / LOG_NAME)
+        entry.steps = read_jsonl(path / LOG_NAME, required=("step", "loss"))
         entry.evals = _read(path / EVAL_RESULTS_NAME) if (path / EVAL_RESULTS_NAME).is_file() else None
         return True
     if (path / EXPORT_REPORT).is_file():
@@ -352,13 +390,4 @@ def _size_mb(paths) -> float:
 
 
 def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path} is not valid JSON ({error}); regenerate it") from None
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_json(path, "it was written by qpissa: regenerate it")

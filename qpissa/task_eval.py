@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from qpissa import UserError
-from qpissa.artifacts import read_run, resolve_source
+from qpissa.artifacts import RUN_MARKER, read_run
 from qpissa.data import IGNORE_INDEX, Sample, collate, load_split, pad_token_id
 from qpissa.demo_task import final_answer
-from qpissa.loading import load_model, load_tokenizer
+from qpissa.loading import checked_source, load_model, load_tokenizer
 from qpissa.recipe import DataConfig
 from qpissa.runtime import resolve_runtime
 from qpissa.settings import DataFormat, EvalSettings, Metric
@@ -29,17 +29,20 @@ def evaluate(model_or_run: Path, data_path: Path, settings: EvalSettings) -> dic
         JSON-ready: model, adapter, data, samples, dropped, and loss / perplexity / accuracy as asked.
 
     Raises:
-        UserError: bad path, unknown format, unreadable data.
+        UserError: bad path, unknown format, unreadable data, a QPiSSA directory without its adapter
+            (unless `settings.adapter` is False).
     """
-    source = resolve_source(model_or_run)
+    source = checked_source(model_or_run, adapter=settings.adapter)
     run_data = _run_data_config(source.run_dir)
-    data_format = settings.format or (run_data["format"] if run_data else None)
+    data_format = settings.format or (DataFormat(run_data["format"]) if run_data else None)
     if data_format is None:
         raise UserError(f"{model_or_run} is not a training run, so its data format is unknown; pass --format")
+    if settings.metric is Metric.ACCURACY and data_format is DataFormat.TEXT:
+        raise UserError("format text has no answers to match; use --metric loss or ppl")
     max_seq_len = settings.max_seq_len or (run_data["max_seq_len"] if run_data else 1024)
-    data = DataConfig(path=data_path, format=DataFormat(data_format), max_seq_len=max_seq_len)
+    data = DataConfig(path=data_path, format=data_format, max_seq_len=max_seq_len)
     tokenizer = load_tokenizer(source)
-    samples, tokenized = load_split(data_path, data, tokenizer)
+    samples, tokenized = load_split(data_path, data, tokenizer, "--max-seq-len")
     if settings.max_samples:
         samples, rows = samples[: settings.max_samples], tokenized.rows[: settings.max_samples]
     else:
@@ -57,8 +60,6 @@ def evaluate(model_or_run: Path, data_path: Path, settings: EvalSettings) -> dic
         result.update(
             evaluate_loss(model, rows, pad_token_id(tokenizer), runtime.device, settings.batch_size)
         )
-    if settings.metric is Metric.ACCURACY and data.format is DataFormat.TEXT:
-        raise UserError("format text has no answers to match; use --metric loss or ppl")
     if settings.metric in (Metric.ALL, Metric.ACCURACY) and data.format is not DataFormat.TEXT:
         result.update(
             exact_match(
@@ -144,4 +145,15 @@ def _prompt_ids(sample: Sample, tokenizer: Any) -> list[int]:
 
 
 def _run_data_config(run_dir: Path | None) -> dict[str, Any] | None:
-    return None if run_dir is None else read_run(run_dir)["config"]["data"]
+    """The run's `data` settings (format, max_seq_len), as its marker recorded them."""
+    if run_dir is None:
+        return None
+    config = read_run(run_dir).get("config")
+    data = config.get("data") if isinstance(config, dict) else None
+    if not isinstance(data, dict) or data.get("format") not in {f.value for f in DataFormat}:
+        raise UserError(
+            f"{run_dir / RUN_MARKER} records no valid data.format; pass --format and --max-seq-len"
+        )
+    if not isinstance(data.get("max_seq_len"), int):
+        raise UserError(f"{run_dir / RUN_MARKER} records no valid data.max_seq_len; pass --max-seq-len")
+    return data

@@ -6,10 +6,10 @@ the conversion (DESIGN.md principle 4). Every step is appended to `RUN/trainer_l
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import sys
+import zipfile
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,6 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from qpissa import UserError
 from qpissa.artifacts import (
-    ADAPTER_CONFIG,
     ADAPTER_DIR,
     EVAL_LOG_NAME,
     EVAL_RESULTS_NAME,
@@ -29,18 +28,23 @@ from qpissa.artifacts import (
     RUN_MARKER,
     TRAINER_STATE,
     ModelSource,
+    has_adapter,
+    is_qpissa_dir,
     partial_dir,
+    read_json,
+    read_jsonl,
     read_report,
 )
 from qpissa.checkpoint import write_json
 from qpissa.data import Sample, TokenizedData, check_tokenizer, collate, load_split, pad_token_id
-from qpissa.loading import load_model, load_tokenizer
+from qpissa.loading import check_source, load_model, load_tokenizer
 from qpissa.memory import estimate_memory
 from qpissa.options import to_dict
-from qpissa.outputs import check_apart, check_replaceable
+from qpissa.outputs import check_apart, check_replaceable, lock_output
 from qpissa.recipe import TrainConfig
 from qpissa.runtime import Runtime, dtype_name, resolve_runtime
 from qpissa.settings import Method
+from qpissa.stored import read_adapter
 from qpissa.task_eval import evaluate_loss, exact_match
 from qpissa.trainlog import (
     JsonlLogCallback,
@@ -53,6 +57,8 @@ from qpissa.trainlog import (
 log = logging.getLogger(__name__)
 
 PISSA_MAX_LR = 1e-4  # the paper trains at 2e-5; users report PiSSA diverging at 2e-4 (REFERENCE.md §5)
+RESUMED_FILES = ("optimizer.pt", "scheduler.pt")  # what Trainer restores, as torch zips, and the RNG:
+RNG_FILES = "rng_state*.pth"  # rng_state.pth, or rng_state_<rank>.pth per process of a multi-process run
 
 
 def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
@@ -63,12 +69,24 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
         show_progress: tqdm bar on stderr.
 
     Returns:
-        Summary: output_dir, steps, train_loss (mean), dropped samples, trainable_params, eval (if eval data).
+        Summary: output_dir, steps, train_loss (mean over the logged steps of the whole run, resumed or
+        not) and loss_steps (the first and last of them), dropped samples, trainable_params, eval (if
+        eval data).
 
     Raises:
-        UserError: any input problem, detected before anything is written.
+        UserError: any input problem, detected before anything is written; another process writing
+            output_dir.
     """
     source, resume = _check_inputs(config)
+    with lock_output(config.output_dir, "output_dir"):
+        _check_output_dir(config, resume)
+        return _train(config, source, resume, show_progress)
+
+
+def _train(
+    config: TrainConfig, source: ModelSource, resume: Path | None, show_progress: bool
+) -> dict[str, Any]:
+    """`train` while this process holds output_dir's lock."""
     runtime = resolve_runtime(config.device, config.bf16, config.optim)
     tokenizer = load_tokenizer(source)
     check_tokenizer(tokenizer, config.data.format)
@@ -87,8 +105,6 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
         _log_initial_loss(
             model, train_data.rows[: config.per_device_train_batch_size], pad_id, runtime, run_dir
         )
-    else:
-        truncate_log(run_dir / LOG_NAME, _checkpoint_step(resume))
 
     generate = partial(
         exact_match,
@@ -103,6 +119,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
         runtime.device,
         generate if eval_samples and config.data.eval_generate_samples else None,
         every=config.logging_steps,
+        resumed=resume is not None,
     )
     trainer = Trainer(
         model=model,
@@ -113,13 +130,16 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
         callbacks=[callback],
     )
     _quiet_progress(trainer)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     _save_adapter(model, run_dir)
+    losses = {row["step"]: row["loss"] for row in read_jsonl(run_dir / LOG_NAME, ("step", "loss"))}
+    trained = sorted(step for step, loss in losses.items() if step > 0 and loss is not None)
     summary = {
         "dropped": train_data.dropped,
+        "loss_steps": [trained[0], trained[-1]] if trained else None,
         "output_dir": str(run_dir),
         "steps": trainer.state.global_step,
-        "train_loss": result.training_loss,
+        "train_loss": sum(losses[step] for step in trained) / len(trained) if trained else None,
         "trainable_params": memory["trainable_params"],
     }
     if eval_data:
@@ -166,13 +186,15 @@ def _log_initial_loss(
 
 
 def _check_inputs(config: TrainConfig) -> tuple[ModelSource, Path | None]:
-    """Validate model, data paths, output_dir and checkpoint before anything is written."""
+    """Validate model, data paths, checkpoint and where output_dir lies, reading only."""
     model_dir = config.model.resolve()
-    if not (model_dir / REPORT_NAME).is_file() or not (model_dir / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
+    if not is_qpissa_dir(model_dir) or not has_adapter(model_dir / ADAPTER_DIR):
         raise UserError(
             f"model {config.model} is not a QPiSSA directory (no {REPORT_NAME} and adapter/); "
             f"make one with `qpissa convert {config.model} NEW_DIR` and set model=NEW_DIR"
         )
+    source = ModelSource(model_dir, model_dir / ADAPTER_DIR)
+    check_source(source)
     for path in (config.data.path, config.data.eval_path):
         if path is not None and not path.exists():
             raise UserError(f"dataset {path} does not exist; check data.path / data.eval_path")
@@ -182,18 +204,66 @@ def _check_inputs(config: TrainConfig) -> tuple[ModelSource, Path | None]:
         {"model": config.model, "data.path": config.data.path, "data.eval_path": config.data.eval_path},
     )
     resume = config.resume_from_checkpoint
-    if resume is None and config.overwrite_output_dir:
-        check_replaceable(config.output_dir, "output_dir", (RUN_MARKER, LOG_NAME), "a training run")
     if resume is not None:
         if not (resume / TRAINER_STATE).is_file():
             raise UserError(f"resume_from_checkpoint {resume} is not a checkpoint-N directory of a run")
-    elif config.output_dir.exists() and any(config.output_dir.iterdir()) and not config.overwrite_output_dir:
+        _check_checkpoint(resume, config.model, source)
+    return source, resume
+
+
+def _check_output_dir(config: TrainConfig, resume: Path | None) -> None:
+    """What is in output_dir may be replaced or continued (checked under its lock)."""
+    if resume is None and config.overwrite_output_dir:
+        check_replaceable(config.output_dir, "output_dir", (RUN_MARKER, LOG_NAME), "a training run")
+    if resume is None and config.output_dir.is_file():
+        raise UserError(f"output_dir {config.output_dir} is a file; choose a directory path")
+    if resume is None and _is_occupied(config.output_dir) and not config.overwrite_output_dir:
         raise UserError(
             f"output_dir {config.output_dir} exists; choose a new one, set overwrite_output_dir=true, "
             "or resume_from_checkpoint=<output_dir>/checkpoint-N"
         )
-    source = ModelSource(model_dir, model_dir / ADAPTER_DIR)
-    return source, resume
+
+
+def _check_checkpoint(checkpoint: Path, model: Path, source: ModelSource) -> None:
+    """Every file a resume restores is whole and fits the model, so that a resume either continues
+    exactly or is refused before the run directory (log, adapter, later checkpoints) is touched."""
+    fix = f"resume from an earlier checkpoint-N of the run, or remove {checkpoint.name} if it is the newest"
+    state = read_json(checkpoint / TRAINER_STATE, fix, required=("global_step",))
+    if not isinstance(state["global_step"], int) or state["global_step"] < 0:
+        raise UserError(
+            f"{checkpoint / TRAINER_STATE}: global_step {state['global_step']!r} is invalid; {fix}"
+        )
+    rng = sorted(checkpoint.glob(RNG_FILES)) or [checkpoint / "rng_state.pth"]
+    for path in [*(checkpoint / name for name in RESUMED_FILES), *rng]:
+        _check_torch_file(path, fix)
+    if not has_adapter(checkpoint):
+        raise UserError(
+            f"{checkpoint} has no adapter (adapter_config.json, adapter_model.safetensors); {fix}"
+        )
+    saved, initial = read_adapter(checkpoint), read_adapter(source.adapter_dir)
+    if (saved.rank, saved.shapes) != (initial.rank, initial.shapes):
+        raise UserError(
+            f"resume_from_checkpoint {checkpoint} holds a rank-{saved.rank} adapter of {len(saved.shapes)} "
+            f"layers, but model {model} has a rank-{initial.rank} adapter of {len(initial.shapes)} layers; "
+            "resume with the model the run was trained on (its qpissa_run.json names it)"
+        )
+
+
+def _check_torch_file(path: Path, fix: str) -> None:
+    """A file `torch.save` wrote (a zip archive) is there and whole: every part's checksum holds."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing, so the run cannot continue exactly; {fix}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, ValueError) as error:
+        raise UserError(f"{path} is truncated or corrupt ({error}); {fix}") from None
+    if damaged is not None:
+        raise UserError(f"{path} is corrupt (its part {damaged} fails its checksum); {fix}")
+
+
+def _is_occupied(directory: Path) -> bool:
+    return directory.is_dir() and any(directory.iterdir())
 
 
 def _load_eval(config: TrainConfig, tokenizer: Any) -> tuple[list[Sample], TokenizedData | None]:
@@ -285,7 +355,3 @@ def _save_adapter(model: Any, run_dir: Path) -> None:
     model.save_pretrained(building)
     shutil.rmtree(run_dir / ADAPTER_DIR, ignore_errors=True)
     building.rename(run_dir / ADAPTER_DIR)
-
-
-def _checkpoint_step(checkpoint: Path) -> int:
-    return json.loads((checkpoint / TRAINER_STATE).read_text())["global_step"]

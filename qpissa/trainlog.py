@@ -17,6 +17,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from qpissa.artifacts import read_jsonl
 from qpissa.memory import peak_rss_mb
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,13 @@ class JsonlLogCallback(TrainerCallback):
     """Append one JSON line per optimizer step (and per evaluation) with the metrics users watch."""
 
     def __init__(
-        self, path: Path, eval_path: Path, device: torch.device, generate: Callable | None, every: int = 10
+        self,
+        path: Path,
+        eval_path: Path,
+        device: torch.device,
+        generate: Callable | None,
+        every: int = 10,
+        resumed: bool = False,
     ) -> None:
         self.path, self.eval_path, self.device, self.generate, self.every = (
             path,
@@ -35,11 +42,15 @@ class JsonlLogCallback(TrainerCallback):
             generate,
             every,
         )
+        self.resumed = resumed
         self.start = self.step_start = time.perf_counter()
         self.first_step = 0
         self.tokens_at_step_start = 0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.resumed:  # the Trainer has loaded the checkpoint: only now are later records redone
+            truncate_log(self.path, state.global_step)
+            truncate_log(self.eval_path, state.global_step)
         self.start = time.perf_counter()
         self.first_step = state.global_step
         if torch.cuda.is_available() and self.device.type == "cuda":
@@ -99,15 +110,14 @@ class QuietProgressCallback(ProgressCallback):
 
 
 def truncate_log(path: Path, last_step: int) -> None:
-    """Drop log lines after `last_step` (a resumed run rewrites them); 0 empties the file."""
+    """Drop log records after `last_step` (a resumed run rewrites them), and a half-written last line;
+    0 empties the file. The file is replaced whole: a kill meanwhile leaves the old one or the new one."""
     if not path.exists():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line and last_step > 0 and json.loads(line)["step"] <= last_step
-    ]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [row for row in read_jsonl(path, required=("step",)) if last_step > 0 and row["step"] <= last_step]
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in kept))
+    partial.replace(path)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -11,6 +11,7 @@ from qpissa import UserError
 from qpissa.artifacts import (
     ADAPTER_FILES,
     CONFIG_NAME,
+    REPORT_NAME,
     RUN_MARKER,
     TRAINER_STATE,
     latest_checkpoint,
@@ -29,10 +30,15 @@ def _checkpoint(run: Path, step: int, *, complete: bool = True, adapter: bool = 
     return path
 
 
-def _run(tmp_path: Path) -> Path:
+def _run(tmp_path: Path, model: str | None = None) -> Path:
+    """A run of the QPiSSA directory `tmp_path/qpissa`, named in its marker by `model` (default absolute)."""
+    qpissa = tmp_path / "qpissa"
+    qpissa.mkdir(exist_ok=True)
+    (qpissa / CONFIG_NAME).write_text("{}")
+    (qpissa / REPORT_NAME).write_text("{}")
     run = tmp_path / "run"
     run.mkdir()
-    (run / RUN_MARKER).write_text(json.dumps({"model": str(tmp_path / "qpissa")}))
+    (run / RUN_MARKER).write_text(json.dumps({"config": {}, "model": model or str(qpissa)}))
     return run
 
 
@@ -72,3 +78,15 @@ def test_a_plain_model_has_no_adapter_and_anything_else_is_refused(tmp_path: Pat
     with pytest.raises(UserError, match="is not a directory"):
         resolve_source(tmp_path / "missing")
     assert partial_dir(tmp_path / "out") == tmp_path / "out.partial"
+
+
+def test_a_run_names_its_model_relative_to_itself_and_only_a_qpissa_directory(tmp_path: Path) -> None:
+    run = _run(tmp_path, model="../qpissa")  # a run shared together with its model
+    _checkpoint(run, 10)
+    assert resolve_source(run).base_dir.resolve() == (tmp_path / "qpissa").resolve()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / CONFIG_NAME).write_text("{}")  # a model directory, yet no QPiSSA directory
+    marker = json.loads((run / RUN_MARKER).read_text())
+    (run / RUN_MARKER).write_text(json.dumps({**marker, "model": "../notes"}))
+    with pytest.raises(UserError, match="not a QPiSSA directory"):
+        resolve_source(run)

@@ -134,7 +134,7 @@ def test_bad_messages_are_refused(tmp_path: Path) -> None:
 def test_malformed_and_missing_files(tmp_path: Path) -> None:
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "a", "completion": \n')
-    with pytest.raises(UserError, match="cannot read dataset"):
+    with pytest.raises(UserError, match="line 1 is not valid JSON"):
         read_records(broken, DataFormat.PROMPT_COMPLETION)
     with pytest.raises(UserError, match="does not exist"):
         read_records(tmp_path / "nope.jsonl", DataFormat.PROMPT_COMPLETION)

@@ -1,14 +1,27 @@
 """Hostile inputs across commands: one `qpissa: error:` line, exit 2, inputs unchanged, nothing stray.
 
-Each case hashes every file under the test's directory before and after, so a command that deletes or
-changes an input, or leaves a half-written output, fails here.
+Every case of `CASES` builds a user's workspace (a model, its QPiSSA directory, training data and a
+trained run), damages it, runs one command and checks the promise: exit status 2, a single line on
+stderr that matches the case's pattern, no traceback, and every file and directory under the workspace
+exactly as before (an input deleted or changed, or an output left behind, fails it). Each message is
+recorded as the test's `message` property (`pytest --junitxml` lists them all). The tests after the
+table kill real processes (SIGINT, SIGKILL) in the middle of `convert` and of `train`'s checkpoint
+save, and resume them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
+import signal
+import struct
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,89 +29,735 @@ import yaml
 
 from qpissa.cli import main
 
+RANK = 4  # of the session's `qpissa_dir`
+
 
 def _snapshot(root: Path) -> dict[str, str]:
+    """Every file's hash and every directory under `root`: equal snapshots mean nothing changed."""
     return {
-        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        str(path.relative_to(root)): "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(root.rglob("*"))
-        if path.is_file()
     }
 
 
 def _refused(capsys: pytest.CaptureFixture, root: Path, argv: list[str], pattern: str) -> str:
-    """Run the CLI; assert exit 2, one error line containing `pattern`, and no file changed under root."""
+    """Run the CLI; assert exit 2, one error line matching `pattern`, and nothing changed under root."""
     before = _snapshot(root)
+    capsys.readouterr()
     status = main(["--quiet", *argv])
     error = capsys.readouterr().err.strip()
     assert status == 2, error
     assert error.startswith("qpissa: error: ") and "\n" not in error, error
-    assert pattern in error, error
+    assert re.search(pattern, error), error
     assert _snapshot(root) == before, "an input changed or an output was left behind"
     return error
 
 
+# ---------------------------------------------------------------------------------------------- workspace
+
+
+@pytest.fixture(scope="module")
+def trained_run(qpissa_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-step run of `qpissa_dir` with checkpoints after steps 2 and 4."""
+    root = tmp_path_factory.mktemp("faults_run")
+    _write_data(root / "data")
+    config = _train_config(root, model=str(qpissa_dir), save_total_limit=None)
+    assert main(["--quiet", "train", str(config)]) == 0
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def rank8_dir(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("faults_rank8") / "qpissa8"
+    assert main(["--quiet", "convert", str(tiny_chat_model), str(out), "--rank", "8", "--iters", "1"]) == 0
+    return out
+
+
 @pytest.fixture
-def workspace(tmp_path: Path, qpissa_dir: Path, tiny_model: Path) -> Path:
-    """A directory holding a model, a QPiSSA directory and training data, as a user's project would."""
-    shutil.copytree(tiny_model, tmp_path / "model")
+def workspace(tmp_path: Path, qpissa_dir: Path, tiny_chat_model: Path, trained_run: Path) -> Path:
+    """A user's project: `model/`, its conversion `qpissa/`, `data/train.jsonl` and a trained `run/`."""
+    shutil.copytree(tiny_chat_model, tmp_path / "model")
     shutil.copytree(qpissa_dir, tmp_path / "qpissa")
-    records = [{"prompt": f"{i}+1=", "completion": f" {i + 1}"} for i in range(8)]
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    _write_data(tmp_path / "data")
+    shutil.copytree(trained_run, tmp_path / "run")
+    _edit_json(tmp_path / "run" / "qpissa_run.json", model=str(tmp_path / "qpissa"))
     return tmp_path
 
 
+def _write_data(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    records = [{"prompt": f"{i}+1=", "completion": f" {i + 1}"} for i in range(8)]
+    (directory / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return directory / "train.jsonl"
+
+
 def _train_config(root: Path, **changes: object) -> Path:
+    """A tiny recipe under `root` (model `root/qpissa`, data `root/data/train.jsonl`, output `root/run`)."""
     config = {
         "model": str(root / "qpissa"), "output_dir": str(root / "run"),
         "data": {"path": str(root / "data" / "train.jsonl"), "format": "prompt_completion",
                  "max_seq_len": 16},
-        "max_steps": 1, "per_device_train_batch_size": 2, "save_steps": 1,
+        "max_steps": 4, "per_device_train_batch_size": 2, "save_steps": 2, "logging_steps": 2,
+        "learning_rate": 1e-3, "seed": 1,
     }  # fmt: skip
+    config["data"].update(changes.pop("data", {}))
     config.update(changes)
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-@pytest.mark.parametrize("out", ["model", ".", "model/sub"])
-def test_convert_overwrite_never_deletes_the_model(workspace: Path, capsys, out: str) -> None:
-    target = workspace / out
-    _refused(
-        capsys,
-        workspace,
-        ["convert", str(workspace / "model"), str(target), "--overwrite"],
-        "the input MODEL",
+def _edit_json(path: Path, **changes: object) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _rewrite_header(shard: Path, change: Callable[[dict], object]) -> None:
+    """Rewrite a safetensors file's header with `change` applied, the tensor bytes kept as they are."""
+    raw = shard.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    header = change(header) or header
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    shard.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + length :])
+
+
+def _first_weight(header: dict) -> str:
+    return next(name for name in sorted(header) if name.endswith("proj.weight"))
+
+
+def _lie_about_shape(header: dict) -> None:
+    entry = header[_first_weight(header)]
+    entry["shape"] = [entry["shape"][0] * 2, entry["shape"][1]]
+
+
+def _unknown_dtype(header: dict) -> None:
+    header[_first_weight(header)]["dtype"] = "Q7"
+
+
+def _overlap(header: dict) -> None:
+    names = sorted(
+        (name for name in header if name != "__metadata__"), key=lambda n: header[n]["data_offsets"]
+    )
+    first, second = header[names[0]], header[names[1]]
+    size = second["data_offsets"][1] - second["data_offsets"][0]
+    second["data_offsets"] = [first["data_offsets"][0], first["data_offsets"][0] + size]
+
+
+@contextmanager
+def _locked_by_another_process(output: Path) -> Iterator[int]:
+    """Another live process holding `output`'s lock, as a second `qpissa` writing it would; yields its pid."""
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom qpissa.outputs import lock_output\n"
+        "with lock_output(Path(sys.argv[1]), 'OUT'):\n    print('locked', flush=True)\n    sys.stdin.read()\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, str(output)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder.pid
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+# ------------------------------------------------------------------------------------------- the table
+
+
+@dataclass
+class Case:
+    """One hostile situation: `damage` the workspace, then run `argv`; `pattern` must match the one line."""
+
+    command: str
+    fault: str
+    argv: Callable[[Path], list[str]]
+    pattern: str  # a regular expression
+    damage: Callable[[Path], object] = lambda ws: None
+    locked: str | None = None  # an output another live process is writing meanwhile
+
+
+def _convert(ws: Path, *extra: str, out: str = "out") -> list[str]:
+    return ["convert", str(ws / "model"), str(ws / out), "--rank", str(RANK), "--iters", "1", *extra]
+
+
+def _train(ws: Path, *overrides: str, **changes: object) -> list[str]:
+    changes.setdefault("output_dir", str(ws / "new_run"))
+    return ["train", str(_train_config(ws, **changes)), *overrides]
+
+
+def _resume(ws: Path, **changes: object) -> list[str]:
+    """Resume the workspace's run from its checkpoint-2."""
+    changes.setdefault("resume_from_checkpoint", str(ws / "run" / "checkpoint-2"))
+    return _train(ws, output_dir=str(ws / "run"), **changes)
+
+
+def _eval(ws: Path, *extra: str, target: str = "qpissa") -> list[str]:
+    return ["eval", str(ws / target), "--data", str(ws / "data" / "train.jsonl"), "--format",
+            "prompt_completion", "--metric", "loss", *extra]  # fmt: skip
+
+
+def _chat(ws: Path, *extra: str) -> list[str]:
+    return ["chat", str(ws / "qpissa"), "--prompt", "hi", "--max-new-tokens", "2", *extra]
+
+
+def _export(ws: Path, out: str = "merged", *extra: str) -> list[str]:
+    return ["export", str(ws / "run"), str(ws / out), "--no-verify", *extra]
+
+
+def _report(ws: Path, out: str = "report", *inputs: str) -> list[str]:
+    return ["report", *(str(ws / name) for name in inputs or ("qpissa", "run")), "--out", str(ws / out)]
+
+
+def _compare(ws: Path, *extra: str, out: str = "cmp") -> list[str]:
+    return ["compare", str(ws / "model"), str(ws / out), "--methods", "qlora", "--rank", "2", *extra]
+
+
+def _fetch(ws: Path, out: str) -> list[str]:
+    return ["fetch-model", "smollm2-135m", str(ws / out)]
+
+
+def _file(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return path
+
+
+def _break_first_log_line(ws: Path) -> None:
+    log = ws / "run" / "trainer_log.jsonl"
+    log.write_text(log.read_text().replace("}\n", "\n", 1))
+
+
+NOT_UTF8 = "café".encode("latin-1")
+LOCKED = r"another process \(pid \d+\) is writing"
+NAN_FLAG = "must be a finite number, got nan"
+BROKEN_SECOND_LINE = '{"prompt": "a", "completion": "b"}\n{"prompt": \n'
+LONG_SAMPLE = json.dumps({"prompt": "x" * 20, "completion": " y"}) + "\n"
+CONFIG, MODEL_SHARD = Path("model") / "config.json", Path("model") / "model.safetensors"
+
+CASES = [
+    # convert: outputs that would destroy inputs, numbers, locations, damaged checkpoints
+    Case("convert", "OUT is MODEL, --overwrite", lambda ws: _convert(ws, "--overwrite", out="model"),
+         "OUT .* is the input MODEL"),
+    Case("convert", "OUT is MODEL's parent, --overwrite", lambda ws: _convert(ws, "--overwrite", out="."),
+         "contains the input MODEL"),
+    Case("convert", "OUT inside MODEL, --overwrite", lambda ws: _convert(ws, "--overwrite", out="model/sub"),
+         "is inside the input MODEL"),
+    Case("convert", "--overwrite of a directory that is no conversion",
+         lambda ws: _convert(ws, "--overwrite", out="notes"), "is not a QPiSSA directory",
+         damage=lambda ws: _file(ws / "notes" / "thesis.txt", "years of work")),
+    Case("convert", "--alpha nan", lambda ws: _convert(ws, "--alpha", "nan"), f"--alpha {NAN_FLAG}"),
+    Case("convert", "--alpha inf",
+         lambda ws: _convert(ws, "--alpha", "inf"), "--alpha must be a finite number"),
+    Case("convert", "--alpha -1", lambda ws: _convert(ws, "--alpha", "-1"), "--alpha must be positive"),
+    Case("convert", "--shard-size-mb nan", lambda ws: _convert(ws, "--shard-size-mb", "nan"),
+         f"--shard-size-mb {NAN_FLAG}"),
+    Case("convert", "--seed -1",
+         lambda ws: _convert(ws, "--seed", "-1"), r"--seed must be in \[0, 2\*\*32\)"),
+    Case("convert", "OUT under a file", lambda ws: _convert(ws, out="data/train.jsonl/out"),
+         "train.jsonl is a file, not a directory"),
+    Case("convert", "OUT is a file", lambda ws: _convert(ws, out="data/train.jsonl"), "is a file"),
+    Case("convert", "OUT where nobody may write",
+         lambda ws: ["convert", str(ws / "model"), "/sys/qpissa-out"],
+         "OUT /sys/qpissa-out cannot be written"),
+    Case("convert", "another process writes OUT", _convert, LOCKED, locked="out"),
+    Case("convert", "an OUT.partial that is not a conversion, --overwrite",
+         lambda ws: _convert(ws, "--overwrite"), "holds no interrupted conversion",
+         damage=lambda ws: _file(ws / "out.partial" / "mine.txt", "mine")),
+    Case("convert", "an OUT.partial that is not a conversion, --resume",
+         lambda ws: _convert(ws, "--resume"), "holds no interrupted conversion",
+         damage=lambda ws: _file(ws / "out.partial" / "mine.txt", "mine")),
+    Case("convert", "progress.json damaged, --resume", lambda ws: _convert(ws, "--resume"),
+         "progress.json is not valid JSON",
+         damage=lambda ws: _file(ws / "out.partial" / "progress.json", "{")),
+    Case("convert", "progress.json without its fields, --resume", lambda ws: _convert(ws, "--resume"),
+         "progress.json lacks `fingerprint`",
+         damage=lambda ws: _file(ws / "out.partial" / "progress.json", "{}")),
+    Case("convert", "config.json is a list", _convert, "config.json holds a JSON list, not an object",
+         damage=lambda ws: _file(ws / CONFIG, "[1, 2]")),
+    Case("convert", "config.json is not JSON", _convert, "config.json is not valid JSON",
+         damage=lambda ws: _file(ws / CONFIG, "{")),
+    Case("convert", "config.json is not UTF-8", _convert, "config.json is not UTF-8 text",
+         damage=lambda ws: _file(ws / CONFIG, NOT_UTF8)),
+    Case("convert", "config.json names an unknown model_type", _convert,
+         "describes a model transformers .* cannot build \\(model_type 'nosuchmodel'",
+         damage=lambda ws: _edit_json(ws / CONFIG, model_type="nosuchmodel")),
+    Case("convert", "safetensors header lies about a shape", _convert,
+         "model.safetensors is corrupt: tensor .* needs \\d+ bytes but its data_offsets",
+         damage=lambda ws: _rewrite_header(ws / MODEL_SHARD, _lie_about_shape)),
+    Case("convert", "safetensors offsets overlap", _convert,
+         "model.safetensors is corrupt: tensor .* overlaps",
+         damage=lambda ws: _rewrite_header(ws / MODEL_SHARD, _overlap)),
+    Case("convert", "safetensors dtype unknown", _convert, "unknown dtype 'Q7'",
+         damage=lambda ws: _rewrite_header(ws / MODEL_SHARD, _unknown_dtype)),
+    Case("convert", "safetensors header is a list", _convert,
+         "not a readable safetensors file \\(the header is a JSON list",
+         damage=lambda ws: _rewrite_header(ws / MODEL_SHARD, lambda h: [1])),
+    Case("convert", "safetensors file truncated", _convert, "model.safetensors is truncated or corrupt",
+         damage=lambda ws: _truncate(ws / MODEL_SHARD, 0.9)),
+    Case("convert", "shard index is not JSON", _convert, "model.safetensors.index.json is not valid JSON",
+         damage=lambda ws: _file(ws / "model" / "model.safetensors.index.json", "{")),
+    # train: outputs over inputs, numbers, recipe files, data, a damaged resume
+    Case("train", "output_dir is the model, overwrite",
+         lambda ws: _train(ws, output_dir=str(ws / "qpissa"), overwrite_output_dir=True),
+         "is the input model"),
+    Case("train", "output_dir contains the model, overwrite",
+         lambda ws: _train(ws, output_dir=str(ws), overwrite_output_dir=True), "contains the input model"),
+    Case("train", "output_dir is the data's directory, overwrite",
+         lambda ws: _train(ws, output_dir=str(ws / "data"), overwrite_output_dir=True),
+         "contains the input data.path"),
+    Case("train", "overwrite of a directory that is no run",
+         lambda ws: _train(ws, output_dir=str(ws / "mine"), overwrite_output_dir=True),
+         "is not a training run",
+         damage=lambda ws: _file(ws / "mine" / "keep.txt", "mine")),
+    Case("train", "model is not converted", lambda ws: _train(ws, model=str(ws / "model")),
+         "is not a QPiSSA directory .* convert .*/model NEW_DIR"),
+    Case("train", "learning_rate=.nan", lambda ws: _train(ws, "learning_rate=.nan"),
+         "`learning_rate` must be a finite number, got nan"),
+    Case("train", "learning_rate=.inf", lambda ws: _train(ws, "learning_rate=.inf"),
+         "`learning_rate` must be a finite number, got inf"),
+    Case("train", "warmup_ratio: nan in the YAML", lambda ws: _train(ws, warmup_ratio="nan"),
+         "`warmup_ratio` must be a finite number"),
+    Case("train", "num_train_epochs=0", lambda ws: _train(ws, "max_steps=-1", "num_train_epochs=0"),
+         "`num_train_epochs` must be a positive number"),
+    Case("train", "weight_decay=-0.1", lambda ws: _train(ws, "weight_decay=-0.1"),
+         "`weight_decay` must be 0 or a positive number"),
+    Case("train", "max_grad_norm=-1", lambda ws: _train(ws, "max_grad_norm=-1"),
+         "`max_grad_norm` must be 0 or a positive number"),
+    Case("train", "seed=-1", lambda ws: _train(ws, "seed=-1"), r"`seed` must be in \[0, 2\*\*32\)"),
+    Case("train", "save_total_limit=0", lambda ws: _train(ws, "save_total_limit=0"),
+         "`save_total_limit` must be at least 1"),
+    Case("train", "an override that is no YAML value", lambda ws: _train(ws, "learning_rate=[1"),
+         "override `learning_rate=\\[1`: the value is not a YAML scalar"),
+    Case("train", "malformed YAML", lambda ws: ["train", str(ws / "bad.yaml")],
+         "is not valid YAML \\(line \\d+, column \\d+",
+         damage=lambda ws: _file(ws / "bad.yaml", "model: [\nx: 1\n")),
+    Case("train", "YAML not UTF-8", lambda ws: ["train", str(ws / "bad.yaml")], "config .* is not UTF-8 text",
+         damage=lambda ws: _file(ws / "bad.yaml", b"model: " + NOT_UTF8)),
+    Case("train", "config path is a directory", lambda ws: ["train", str(ws / "data")],
+         "config .*data is a directory, not a file"),
+    Case("train", "empty dataset", _train, "dataset .* is empty; it needs at least one record",
+         damage=lambda ws: _file(ws / "data" / "train.jsonl", "")),
+    Case("train", "dataset of blank lines", _train, "dataset .* is empty",
+         damage=lambda ws: _file(ws / "data" / "train.jsonl", "\n\n")),
+    Case("train", "dataset not UTF-8", _train, "dataset .* is not UTF-8 text",
+         damage=lambda ws: _file(ws / "data" / "train.jsonl", b'{"prompt": "' + NOT_UTF8 + b'"}\n')),
+    Case("train", "dataset with a broken line", _train, "line 2 is not valid JSON",
+         damage=lambda ws: _file(ws / "data" / "train.jsonl", BROKEN_SECOND_LINE)),
+    Case("train", "the model's adapter truncated", _train,
+         "adapter_model.safetensors is (truncated or corrupt|not a readable)",
+         damage=lambda ws: _truncate(ws / "qpissa" / "adapter" / "adapter_model.safetensors")),
+    Case("train", "the model's config.json damaged", _train, "config.json is not valid JSON",
+         damage=lambda ws: _file(ws / "qpissa" / "config.json", "{")),
+    Case("train", "output_dir under a file", lambda ws: _train(ws, output_dir=str(ws / "notes.txt" / "run")),
+         "notes.txt is a file, not a directory", damage=lambda ws: _file(ws / "notes.txt", "mine")),
+    Case("train", "another process writes output_dir", _train, LOCKED, locked="new_run"),
+    Case("train", "resume: optimizer.pt truncated", _resume, "optimizer.pt is truncated or corrupt",
+         damage=lambda ws: _truncate(ws / "run" / "checkpoint-2" / "optimizer.pt")),
+    Case("train", "resume: rng_state.pth truncated", _resume, "rng_state.pth is truncated or corrupt",
+         damage=lambda ws: _truncate(ws / "run" / "checkpoint-2" / "rng_state.pth")),
+    Case("train", "resume: scheduler.pt missing", _resume, "scheduler.pt is missing",
+         damage=lambda ws: (ws / "run" / "checkpoint-2" / "scheduler.pt").unlink()),
+    Case("train", "resume: checkpoint adapter truncated", _resume,
+         "checkpoint-2/adapter_model.safetensors is (truncated or corrupt|not a readable)",
+         damage=lambda ws: _truncate(ws / "run" / "checkpoint-2" / "adapter_model.safetensors")),
+    Case("train", "resume: trainer_state.json damaged", _resume, "trainer_state.json is not valid JSON",
+         damage=lambda ws: _file(ws / "run" / "checkpoint-2" / "trainer_state.json", "{")),
+    Case("train", "resume: a rank-4 checkpoint into a rank-8 model",
+         lambda ws: _resume(ws, model=str(ws / "qpissa8")), "holds a rank-4 adapter .* has a rank-8 adapter"),
+    # eval and chat: the silently wrong refused, numbers, damaged run files
+    Case("eval", "QPiSSA directory without its adapter", _eval, "without its adapter .* --no-adapter",
+         damage=lambda ws: shutil.rmtree(ws / "qpissa" / "adapter")),
+    Case("eval", "--max-seq-len 0",
+         lambda ws: _eval(ws, "--max-seq-len", "0"), "--max-seq-len must be at least 8"),
+    Case("eval", "every sample longer than --max-seq-len", lambda ws: _eval(ws, "--max-seq-len", "8"),
+         "no sample has a response within max_seq_len=8; raise --max-seq-len",
+         damage=lambda ws: _file(ws / "data" / "train.jsonl", LONG_SAMPLE)),
+    Case("eval", "run names a directory that is no QPiSSA directory", lambda ws: _eval(ws, target="run"),
+         "names model .* which is not a QPiSSA directory",
+         damage=lambda ws: _edit_json(ws / "run" / "qpissa_run.json", model=str(ws / "data"))),
+    Case("eval", "run names its model by a relative path elsewhere", lambda ws: _eval(ws, target="run"),
+         "names model ../model, which is not a QPiSSA directory",
+         damage=lambda ws: _edit_json(ws / "run" / "qpissa_run.json", model="../model")),
+    Case("eval", "run file damaged", lambda ws: _eval(ws, target="run"), "qpissa_run.json is not valid JSON",
+         damage=lambda ws: _file(ws / "run" / "qpissa_run.json", '{"model": ')),
+    Case("eval", "run's adapter truncated", lambda ws: _eval(ws, target="run"),
+         "adapter_model.safetensors is (truncated or corrupt|not a readable)",
+         damage=lambda ws: _truncate(ws / "run" / "adapter" / "adapter_model.safetensors")),
+    Case("eval", "run's adapter config damaged", lambda ws: _eval(ws, target="run"),
+         "adapter_config.json holds a JSON list",
+         damage=lambda ws: _file(ws / "run" / "adapter" / "adapter_config.json", "[]")),
+    Case("eval", "run trained on another QPiSSA directory", lambda ws: _eval(ws, target="run"),
+         "does not fit .*qpissa8",
+         damage=lambda ws: _edit_json(ws / "run" / "qpissa_run.json", model=str(ws / "qpissa8"))),
+    Case("eval", "config.json damaged (not a tokenizer problem)", _eval, "config.json is not valid JSON",
+         damage=lambda ws: _file(ws / "qpissa" / "config.json", "{")),
+    Case("eval", "tokenizer.json damaged", _eval, "has no usable tokenizer",
+         damage=lambda ws: _file(ws / "qpissa" / "tokenizer.json", "{")),
+    Case("eval", "--data not UTF-8", _eval, "is not UTF-8 text",
+         damage=lambda ws: _file(ws / "data" / "train.jsonl", NOT_UTF8)),
+    Case("chat", "empty --prompt",
+         lambda ws: ["chat", str(ws / "qpissa"), "--prompt", " "], "--prompt is empty"),
+    Case("chat", "--temperature nan",
+         lambda ws: _chat(ws, "--temperature", "nan"), f"--temperature {NAN_FLAG}"),
+    Case("chat", "--top-p nan", lambda ws: _chat(ws, "--top-p", "nan"), f"--top-p {NAN_FLAG}"),
+    Case("chat", "--seed -1", lambda ws: _chat(ws, "--seed", "-1"), r"--seed must be in \[0, 2\*\*32\)"),
+    Case("chat", "QPiSSA directory without its adapter", _chat, "without its adapter",
+         damage=lambda ws: shutil.rmtree(ws / "qpissa" / "adapter")),
+    # export: never an input, never someone else's OUT.partial
+    Case("export", "an OUT.partial that export did not make", _export,
+         "merged.partial exists and was not made by qpissa",
+         damage=lambda ws: _file(ws / "merged.partial" / "notes.txt", "mine")),
+    Case("export", "OUT inside RUN", lambda ws: _export(ws, "run/merged"), "is inside the input RUN"),
+    Case("export", "OUT is the QPiSSA directory", lambda ws: _export(ws, "qpissa"),
+         "is the input RUN's QPiSSA directory"),
+    Case("export", "OUT under a file",
+         lambda ws: _export(ws, "data/train.jsonl/m"), "is a file, not a directory"),
+    Case("export", "another process writes OUT", _export, LOCKED, locked="merged"),
+    Case("export", "a QPiSSA directory without its adapter",
+         lambda ws: ["export", str(ws / "qpissa"), str(ws / "m")],
+         "has no adapter to export", damage=lambda ws: shutil.rmtree(ws / "qpissa" / "adapter")),
+    # report: never into an input or a directory of another kind
+    Case("report", "--out is an input run", lambda ws: _report(ws, "run"), "--out .* is the input INPUT #2"),
+    Case("report", "--out contains the inputs", lambda ws: _report(ws, "."), "contains the input"),
+    Case("report", "--out is a directory of another kind", lambda ws: _report(ws, "other_run"),
+         "is not a report directory \\(it holds",
+         damage=lambda ws: shutil.copytree(ws / "run", ws / "other_run")),
+    Case("report", "--out is a file", lambda ws: _report(ws, "data/train.jsonl", "qpissa"), "is a file"),
+    Case("report", "another process writes --out", _report, LOCKED, locked="report"),
+    Case("report", "a log line broken before the last", _report,
+         "trainer_log.jsonl line 1 is not a complete log record", damage=_break_first_log_line),
+    Case("report", "qpissa_report.json damaged", _report, "qpissa_report.json is not valid JSON",
+         damage=lambda ws: _file(ws / "qpissa" / "qpissa_report.json", "{")),
+    # compare: every input checked before converting
+    Case("compare", "--text not UTF-8", lambda ws: _compare(ws, "--text", str(ws / "t.txt")),
+         "--text .* is not UTF-8 text", damage=lambda ws: _file(ws / "t.txt", NOT_UTF8)),
+    Case("compare", "--text too short", lambda ws: _compare(ws, "--text", str(ws / "t.txt")),
+         "held-out text .*t.txt has fewer than 2 tokens", damage=lambda ws: _file(ws / "t.txt", "a")),
+    Case("compare", "--train data missing",
+         lambda ws: _compare(ws, "--train", str(_train_config(ws, data={"path": str(ws / "nope.jsonl")}))),
+         "dataset .*nope.jsonl does not exist"),
+    Case("compare", "--train data empty", lambda ws: _compare(ws, "--train", str(_train_config(ws))),
+         "is empty", damage=lambda ws: _file(ws / "data" / "train.jsonl", "")),
+    Case("compare", "--train config with a NaN",
+         lambda ws: _compare(ws, "--train", str(_train_config(ws, learning_rate=float("nan")))),
+         "`learning_rate` must be a finite number"),
+    Case("compare", "OUT is MODEL", lambda ws: _compare(ws, out="model"), "is the input MODEL"),
+    Case("compare", "--alpha nan", lambda ws: _compare(ws, "--alpha", "nan"), f"--alpha {NAN_FLAG}"),
+    Case("compare", "another process writes OUT", _compare, LOCKED, locked="cmp"),
+    # fetch-model: refused before any download
+    Case("fetch-model", "OUT holds something else",
+         lambda ws: _fetch(ws, "data"), "is not a fetched demo model"),
+    Case("fetch-model", "another process writes OUT", lambda ws: _fetch(ws, "demo"), LOCKED, locked="demo"),
+    Case("fetch-model", "OUT under a file", lambda ws: _fetch(ws, "data/train.jsonl/demo"),
+         "is a file, not a directory"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{case.command}: {case.fault}" for case in CASES])
+def test_every_fault_is_one_line_and_changes_nothing(
+    case: Case, workspace: Path, rank8_dir: Path, capsys, record_property
+) -> None:
+    shutil.copytree(rank8_dir, workspace / "qpissa8")
+    case.damage(workspace)
+    argv = case.argv(workspace)
+    if case.locked is None:
+        error = _refused(capsys, workspace, argv, case.pattern)
+    else:
+        with _locked_by_another_process(workspace / case.locked) as pid:
+            error = _refused(capsys, workspace, argv, case.pattern)
+        assert f"(pid {pid})" in error
+    record_property("message", error)
+
+
+def test_the_table_is_large() -> None:
+    assert len(CASES) >= 60
+
+
+# --------------------------------------------------------------------------------- after the fact: logs
+
+
+def _losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "trainer_log.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows}
+
+
+def _no_stray(root: Path) -> list[str]:
+    """Locks, builds and temporary files a finished command must not leave anywhere under `root`."""
+    patterns = ("*.lock", "*.partial", "*.tmp", "*.spool*", ".*.replaced-*")
+    return sorted(str(path.relative_to(root)) for pattern in patterns for path in root.rglob(pattern))
+
+
+def test_a_half_written_last_log_line_is_ignored_by_report_and_by_resume(
+    workspace: Path, capsys, caplog
+) -> None:
+    run = workspace / "run"
+    finished = _losses(run)
+    with (run / "trainer_log.jsonl").open("a") as log:
+        log.write('{"elapsed": 1.5, "loss": 0.4')  # a process killed in the middle of appending
+    report = workspace / "report"
+    assert main(["--quiet", *_report(workspace)]) == 0, capsys.readouterr().err
+    assert any("last line is incomplete" in record.getMessage() for record in caplog.records)
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["training"]["qpissa"]["final_step"] == max(finished)
+    checkpoint = run / "checkpoint-2"
+    assert (
+        main(["--quiet", *_train(workspace, output_dir=str(run), resume_from_checkpoint=str(checkpoint))])
+        == 0
+    )
+    assert _losses(run) == finished  # the broken line is gone and steps 3-4 are redone exactly
+    assert "(steps 1-4)" in capsys.readouterr().out  # the printed mean covers the whole run
+    assert _no_stray(workspace) == []
+
+
+def test_a_failed_resume_leaves_the_log_and_later_checkpoints_alone(workspace: Path, capsys) -> None:
+    run = workspace / "run"
+    before = _snapshot(run)
+    _truncate(run / "checkpoint-2" / "optimizer.pt")
+    argv = _train(workspace, output_dir=str(run), resume_from_checkpoint=str(run / "checkpoint-2"))
+    assert main(["--quiet", *argv]) == 2
+    assert "optimizer.pt is truncated" in capsys.readouterr().err
+    after = _snapshot(run)
+    changed = sorted(name for name in before if before[name] != after.get(name))
+    assert changed == ["checkpoint-2/optimizer.pt"]  # the damage itself: the log still holds steps 0-4
+    assert sorted(_losses(run)) == [0, 1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------- the one error path itself
+
+
+def test_an_unanticipated_exception_keeps_its_traceback_and_asks_for_a_report(
+    workspace: Path, monkeypatch, capsys
+) -> None:
+    import qpissa.task_eval
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("an unforeseen state")
+
+    monkeypatch.setattr(qpissa.task_eval, "evaluate", broken)
+    assert main(["--quiet", *_eval(workspace)]) == 1
+    error = capsys.readouterr().err
+    assert "Traceback" in error and "RuntimeError: an unforeseen state" in error
+    assert error.strip().splitlines()[-1].startswith("qpissa: this is a bug in qpissa")
+
+
+def test_an_os_error_nobody_named_still_ends_in_one_line_naming_its_file(
+    workspace: Path, monkeypatch, capsys
+) -> None:
+    import errno
+
+    import qpissa.task_eval
+
+    def denied(*args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", "/data/private.jsonl")
+
+    monkeypatch.setattr(qpissa.task_eval, "evaluate", denied)
+    assert main(["--quiet", *_eval(workspace)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "qpissa: error: /data/private.jsonl: Permission denied; check its permissions or choose another path"
     )
 
 
-def test_convert_overwrite_refuses_a_directory_that_is_no_conversion(workspace: Path, capsys) -> None:
-    other = workspace / "notes"
-    other.mkdir()
-    (other / "thesis.txt").write_text("years of work")
-    argv = ["convert", str(workspace / "model"), str(other), "--overwrite"]
-    _refused(capsys, workspace, argv, "is not a QPiSSA directory")
+def test_no_adapter_scores_the_residual_alone_only_when_asked(workspace: Path, capsys) -> None:
+    shutil.rmtree(workspace / "qpissa" / "adapter")
+    capsys.readouterr()
+    assert main(["--quiet", *_eval(workspace), "--no-adapter"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["adapter"] is None and result["loss"] > 0
 
 
-@pytest.mark.parametrize(
-    ("output", "pattern"),
-    [("qpissa", "the input model"), (".", "the input model"), ("data", "the input data.path")],
-)
-def test_train_overwrite_never_deletes_model_or_data(
-    workspace: Path, capsys, output: str, pattern: str
+def test_quiet_hides_the_loading_weights_bar(workspace: Path, capsys) -> None:
+    import transformers
+
+    transformers.utils.logging.enable_progress_bar()  # as in a fresh process (earlier --quiet runs hid it)
+    capsys.readouterr()
+    assert main(_eval(workspace)) == 0
+    assert "Loading weights" in capsys.readouterr().err  # the check below is not vacuous
+    assert main(["--quiet", *_eval(workspace)]) == 0
+    assert "Loading weights" not in capsys.readouterr().err
+
+
+def test_export_replaces_only_its_own_interrupted_build(workspace: Path) -> None:
+    interrupted = workspace / "merged.partial"
+    _file(interrupted / ".qpissa-partial", '{"pid": 1}')  # what a killed export leaves
+    _file(interrupted / "model.safetensors", "half")
+    assert main(["--quiet", *_export(workspace)]) == 0
+    assert (workspace / "merged" / "config.json").is_file() and not (
+        workspace / "merged" / ".qpissa-partial"
+    ).exists()
+    assert _no_stray(workspace) == []
+
+
+def test_report_replaces_an_earlier_report_whole(workspace: Path) -> None:
+    report = workspace / "report"
+    assert main(["--quiet", *_report(workspace)]) == 0
+    _file(report / "from_an_older_version.png", b"old")
+    assert main(["--quiet", *_report(workspace)]) == 0
+    assert (report / "summary.json").is_file() and not (report / "from_an_older_version.png").exists()
+    assert _no_stray(workspace) == []
+
+
+# -------------------------------------------------------------------- real processes, real signals
+
+
+# Runs `qpissa ARGV...`; right after the 3rd safetensors file is closed (a shard and its adapter part,
+# then the next shard: mid-conversion) it sends itself the signal named by argv[1], or with PAUSE writes
+# `paused` beside OUT and waits there until `go` appears.
+_CONVERT_INTERRUPTED = """
+import os, signal, sys, time
+from pathlib import Path
+from qpissa import checkpoint
+from qpissa.cli import main
+
+close, closed = checkpoint.SafetensorsWriter.close, []
+
+def close_then_stop(self, metadata=None):
+    close(self, metadata)
+    closed.append(self.path)
+    if len(closed) == 3 and sys.argv[1] == "PAUSE":
+        here = self.path.parent.parent
+        (here / "paused").write_text(str(os.getpid()))
+        while not (here / "go").exists():
+            time.sleep(0.05)
+    elif len(closed) == 3:
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+
+checkpoint.SafetensorsWriter.close = close_then_stop
+sys.exit(main(sys.argv[2:]))
+"""
+
+# Runs `qpissa train ...` and sends itself the signal named by argv[1] while checkpoint-4 is being saved:
+# its adapter, optimizer and RNG state are written, its trainer_state.json is not.
+_TRAIN_INTERRUPTED = """
+import os, signal, sys
+from transformers import Trainer
+from qpissa.cli import main
+
+save = Trainer._save_rng_state
+
+def save_then_signal(self, output_dir):
+    save(self, output_dir)
+    if output_dir.endswith("checkpoint-4"):
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+
+Trainer._save_rng_state = save_then_signal
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _start(script: str, how: str, argv: list[str]) -> subprocess.Popen:
+    """`qpissa --quiet ARGV...` in a new process that stops itself `how` (a signal name, or PAUSE)."""
+    command = [sys.executable, "-c", script, how, "--quiet", *argv]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _weights(directory: Path) -> dict[str, bytes]:
+    files = [*directory.glob("model*.safetensors"), directory / "adapter" / "adapter_model.safetensors"]
+    return {str(path.relative_to(directory)): path.read_bytes() for path in files}
+
+
+def _convert_args(model: Path) -> list[str]:
+    return [str(model), "--rank", str(RANK), "--iters", "1", "--shard-size-mb", "0.02"]
+
+
+@pytest.fixture(scope="module")
+def reference_conversion(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    args = _convert_args(tiny_chat_model)
+    out = tmp_path_factory.mktemp("faults_reference") / "reference"
+    assert main(["--quiet", "convert", args[0], str(out), *args[1:]]) == 0
+    assert len(list(out.glob("model-*.safetensors"))) >= 3, "the signal must come before the last shard"
+    return out
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+def test_convert_interrupted_mid_write_resumes_to_the_same_bytes(
+    how: str, tiny_chat_model: Path, reference_conversion: Path, tmp_path: Path
 ) -> None:
-    config = _train_config(workspace, output_dir=str(workspace / output), overwrite_output_dir=True)
-    _refused(capsys, workspace, ["train", str(config)], pattern)
+    args, out = _convert_args(tiny_chat_model), tmp_path / "out"
+    model_before = _snapshot(tiny_chat_model)
+    process = _start(_CONVERT_INTERRUPTED, how, ["convert", args[0], str(out), *args[1:]])
+    _, stderr = process.communicate(timeout=600)
+    if how == "SIGINT":
+        assert process.returncode == 130, stderr
+        assert stderr.strip() == "qpissa: interrupted; rerun the same command with --resume to continue"
+        assert not (tmp_path / "out.lock").exists()  # released on the way out
+    else:
+        assert process.returncode == -signal.SIGKILL, stderr
+        assert (tmp_path / "out.lock").read_text().strip() == str(process.pid)  # left behind, stale
+    assert not out.exists() and (tmp_path / "out.partial" / "progress.json").is_file()
+    assert main(["--quiet", "convert", args[0], str(out), *args[1:], "--resume"]) == 0
+    assert _weights(out) == _weights(reference_conversion)
+    assert _snapshot(tiny_chat_model) == model_before
+    assert _no_stray(tmp_path) == []
 
 
-def test_train_overwrite_refuses_a_directory_that_is_no_run(workspace: Path, capsys) -> None:
-    (workspace / "run").mkdir()
-    (workspace / "run" / "keep.txt").write_text("mine")
-    config = _train_config(workspace, overwrite_output_dir=True)
-    _refused(capsys, workspace, ["train", str(config)], "is not a training run")
+def test_a_second_convert_on_the_same_out_is_refused_while_the_first_finishes(
+    tiny_chat_model: Path, reference_conversion: Path, tmp_path: Path, capsys
+) -> None:
+    args, out = _convert_args(tiny_chat_model), tmp_path / "out"
+    first = _start(_CONVERT_INTERRUPTED, "PAUSE", ["convert", args[0], str(out), *args[1:]])
+    try:
+        while not (tmp_path / "paused").exists():
+            assert first.poll() is None, first.communicate()[1]
+            subprocess.run(["sleep", "0.1"], check=True)
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            error = _refused(
+                capsys, tmp_path, ["convert", args[0], str(out), *args[1:], *extra], "another process"
+            )
+            assert error == (
+                f"qpissa: error: another process (pid {first.pid}) is writing {out}; wait for it to finish, "
+                "or choose another OUT"
+            )
+    finally:
+        (tmp_path / "go").write_text("")
+        _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr
+    assert _weights(out) == _weights(reference_conversion)  # no stray spool or temp file of a second writer
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["go", "out", "paused"]
+    assert _no_stray(out) == []
 
 
-def test_unconverted_model_error_suggests_a_new_directory(workspace: Path, capsys) -> None:
-    config = _train_config(workspace, model=str(workspace / "model"))
-    error = _refused(capsys, workspace, ["train", str(config)], "is not a QPiSSA directory")
-    assert f"convert {workspace / 'model'} NEW_DIR" in error
+SIX_STEPS = {"max_steps": 6, "save_total_limit": None}  # checkpoints after steps 2, 4 and 6
+
+
+@pytest.fixture(scope="module")
+def reference_run(qpissa_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 6-step run of `qpissa_dir` on the workspace's data."""
+    root = tmp_path_factory.mktemp("faults_reference_run")
+    _write_data(root / "data")
+    assert main(["--quiet", "train", str(_train_config(root, model=str(qpissa_dir), **SIX_STEPS))]) == 0
+    return root / "run"
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+def test_train_interrupted_while_saving_a_checkpoint_resumes_exactly(
+    how: str, workspace: Path, reference_run: Path, capsys
+) -> None:
+    run = workspace / "interrupted"
+    config = _train_config(workspace, output_dir=str(run), **SIX_STEPS)
+    process = _start(_TRAIN_INTERRUPTED, how, ["train", str(config)])
+    _, stderr = process.communicate(timeout=600)
+    checkpoint = run / "checkpoint-2"
+    if how == "SIGINT":
+        assert process.returncode == 130, stderr
+        assert stderr.strip().splitlines()[-1] == (
+            f"qpissa: interrupted; add resume_from_checkpoint={checkpoint} to the same command to continue"
+        )
+        assert "Traceback" not in stderr
+    else:
+        assert process.returncode == -signal.SIGKILL, stderr
+    assert (run / "checkpoint-4" / "optimizer.pt").is_file()  # stopped mid-save: not yet complete
+    assert not (run / "checkpoint-4" / "trainer_state.json").exists()
+    capsys.readouterr()
+    assert main(["--quiet", "train", str(config), f"resume_from_checkpoint={checkpoint}"]) == 0
+    assert "(steps 1-6)" in capsys.readouterr().out  # the printed mean covers the whole run
+    assert _losses(run) == _losses(reference_run)
+    assert _no_stray(workspace) == []
