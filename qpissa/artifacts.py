@@ -28,6 +28,7 @@ CHECKPOINT_PREFIX = "checkpoint-"  # checkpoint-N: Trainer's checkpoint after st
 REPORT_NAME = "qpissa_report.json"
 ADAPTER_DIR = "adapter"  # also the final adapter of a run
 PROGRESS_NAME = "progress.json"  # in OUT.partial/: the finished shards and their metrics
+CALIBRATION_DIR = "calibration"  # in OUT.partial/ of a calibrated conversion: layer results, hidden states
 PARTIAL_MARKER = ".qpissa-partial"  # in OUT.partial/ of export, report, fetch-model: qpissa is building it
 LOCK_SUFFIX = ".lock"  # OUT.lock beside OUT: the pid of the process writing OUT (`outputs.lock_output`)
 FIDELITY_NAME = "qpissa_fidelity.json"  # written by `qpissa compare` into each QPiSSA directory it measured

@@ -26,12 +26,11 @@ from qpissa.artifacts import (
     partial_dir,
 )
 from qpissa.console import convert_summary, export_summary
+from qpissa.convert_settings import CompareSettings, ConvertSettings
 from qpissa.options import add_arguments, from_namespace
 from qpissa.settings import (
     DEMO_MODELS,
     ChatSettings,
-    CompareSettings,
-    ConvertSettings,
     EvalSettings,
     ExportSettings,
     FidelitySettings,

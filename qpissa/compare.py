@@ -44,6 +44,7 @@ from qpissa.artifacts import (
 )
 from qpissa.checkpoint import CheckpointReader, write_json
 from qpissa.convert import convert
+from qpissa.convert_settings import CompareSettings, ConvertSettings, Method
 from qpissa.data import read_records
 from qpissa.loading import load_model
 from qpissa.options import to_dict
@@ -52,7 +53,7 @@ from qpissa.outputs import check_apart, lock_output
 from qpissa.recipe import load_config
 from qpissa.report import build_report
 from qpissa.runtime import in_fresh_process
-from qpissa.settings import CompareSettings, ConvertSettings, FidelitySettings, Method, ReportOptions
+from qpissa.settings import FidelitySettings, ReportOptions
 from qpissa.train import train
 
 log = logging.getLogger(__name__)

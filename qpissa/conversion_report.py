@@ -10,10 +10,9 @@ import torch
 
 import qpissa
 from qpissa.checkpoint import CheckpointReader
+from qpissa.convert_settings import ConvertSettings
 from qpissa.memory import peak_rss_mb
-from qpissa.options import to_dict
 from qpissa.runtime import compute_dtype, dtype_name
-from qpissa.settings import ConvertSettings
 from qpissa.weight_error import by_type
 
 
@@ -24,6 +23,7 @@ def conversion_report(
     workers: int,
     targets: list[str],
     progress: dict,
+    calibration: dict | None = None,
 ) -> dict:
     """The report of a finished conversion.
 
@@ -33,14 +33,20 @@ def conversion_report(
         device: where it was decomposed. workers: matrices decomposed at once.
         targets: the decomposed modules, sorted.
         progress: the resume record: fingerprint, every shard's per-matrix metrics, seconds so far.
+        calibration: what `--calib` drew (source, format, samples, tokens, sha256...), or None.
 
     Returns:
         fingerprint, settings (resolved: iters, alpha, device, dtypes, versions), layers, summary.
     """
     layers = [layer for entry in progress["shards"] for layer in entry["layers"]]
+    report_settings = _settings(reader, settings, device, workers, targets, progress["fingerprint"]["sketch"])
+    if calibration is not None:  # the settings resolved, what was drawn, and how the forward passes ran
+        forward = progress["fingerprint"]["calibration"]["dtype"]
+        chosen = {key: getattr(value, "value", value) for key, value in settings.calibration.items()}
+        report_settings["calibration"] = {**chosen, **calibration, "dtype": forward, "seed": settings.seed}
     return {
         "fingerprint": progress["fingerprint"],
-        "settings": _settings(reader, settings, device, workers, targets, progress["fingerprint"]["sketch"]),
+        "settings": report_settings,
         "layers": layers,
         "summary": _summary(layers, progress["seconds"], device),
     }
@@ -61,7 +67,7 @@ def _settings(
 
     source_dtypes = sorted({reader.dtype_code(f"{t}.weight") for t in targets})
     return {
-        **to_dict(settings),
+        **settings.as_dict(),
         "iters": settings.resolved_iters,
         "warm_power_iters": settings.resolved_warm_power_iters,
         "alpha": settings.resolved_alpha,

@@ -3,39 +3,40 @@
 Data flows one way: read a tensor, decompose it (targets only), write the NF4 residual and the adapter
 factors, record the errors on the side. Output is built in `OUT.partial/` shard by shard, each shard
 recorded in `progress.json` once complete, so `--resume` redoes at most one shard; `OUT` appears only
-when everything is written.
+when everything is written. With `--calib` the decompositions come first, layer by layer under the
+calibration statistics (`convert_calibrated.py`), and the shards are then written from their spools.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import shutil
 import time
-import zlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from qpissa import UserError, convert_output
-from qpissa.artifacts import REPORT_NAME, partial_dir, read_report
+from qpissa.artifacts import CALIBRATION_DIR, REPORT_NAME, partial_dir, read_report
+from qpissa.calibration import CalibrationTokens, calibration_tokens
 from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, copy_side_files, write_index, write_json
 from qpissa.conversion_report import conversion_report
+from qpissa.convert_calibrated import CalibrationRun, calibrate_layers, spooled
+from qpissa.convert_matrix import DecomposedMatrix, decompose_matrix, one_thread_per_matrix
+from qpissa.convert_settings import ConvertSettings
 from qpissa.memory import available_memory_bytes
-from qpissa.methods import DecomposeSettings, Decomposition, decompose
-from qpissa.nf4 import quantize_nf4
+from qpissa.methods import CalibratedFit, DecomposeSettings
 from qpissa.options import to_dict
 from qpissa.outputs import check_apart, check_replaceable, lock_output
-from qpissa.runtime import compute_dtype, dtype_name, resolve_device, sketch_dtype
-from qpissa.settings import ConvertSettings
+from qpissa.runtime import calibration_dtype, compute_dtype, dtype_name, resolve_device, sketch_dtype
 from qpissa.stored import adapter_key
-from qpissa.targets import module_type, resolve_targets
-from qpissa.weight_error import error_fields, error_norms
+from qpissa.targets import resolve_targets
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +92,14 @@ def _convert(
     )
     workers = _resolve_workers(settings.workers, device, reader, targets)
     decompose_settings = _decompose_settings(settings, device)
+    tokens = _calibration_tokens(reader, settings)
     # the resolved sketch dtype too: `auto` may resolve differently on the machine that resumes
     fingerprint = {
         "model": str(model_dir.resolve()), "settings": settings.output_settings(),
         "sketch": dtype_name(decompose_settings.sketch_dtype),
     }  # fmt: skip
+    if tokens is not None:  # what was drawn, and the forward dtype `auto` chose here
+        fingerprint["calibration"] = {"sha256": tokens.sha256, "dtype": dtype_name(calibration_dtype(device))}
     progress = convert_output.prepare_output(out_dir, fingerprint, resume=resume, overwrite=overwrite)
     if progress is None:  # --resume on a finished conversion with the same settings
         return read_report(out_dir)
@@ -106,48 +110,43 @@ def _convert(
         reader, targets, settings.blocksize, settings.double_quant, settings.shard_size_mb
     )
     done = {entry["file"] for entry in progress["shards"]}
-    bar = tqdm(
-        total=len(targets),
-        unit="matrix",
-        desc=f"{settings.method.value} r={settings.rank}",
-        disable=None if show_progress else True,
-    )
-    bar.update(sum(len(entry["layers"]) for entry in progress["shards"]))
+    description = f"{settings.method.value} r={settings.rank}"
+    decompose_one = functools.partial(_read_and_decompose, reader, decompose_settings, settings, device)
     try:
-        with _one_thread_per_matrix(device):
+        if tokens is not None:
+            calibration = progress.get("calibration", {})
+            if "layer_of" not in calibration:
+                run = _calibration_run(tokens, settings, decompose_settings, device, workers)
+                with _bar(len(targets), f"{description} calibrated", show_progress) as bar:
+                    bar.update(len(calibration.get("metrics", {})))
+                    calibrate_layers(reader, targets, run, partial, progress, bar)
+            decompose_one = functools.partial(_spooled_or_decomposed, partial, progress, decompose_one)
+            description = "writing"
+        with _bar(len(targets), description, show_progress) as bar, one_thread_per_matrix(device):
+            bar.update(sum(len(entry["layers"]) for entry in progress["shards"]))
             for shard_file, names in plan:
                 if shard_file in done:
                     continue
                 layers = _convert_shard(
-                    reader,
-                    names,
-                    targets,
-                    settings,
-                    decompose_settings,
-                    device,
-                    workers,
-                    partial / shard_file,
-                    bar,
+                    reader, names, targets, decompose_one, workers, partial / shard_file, bar
                 )
                 convert_output.record_shard(partial, progress, shard_file, layers)
     except UserError:  # a damaged weight: nothing written so far is worth resuming
         shutil.rmtree(partial)
         raise
-    finally:
-        bar.close()
 
     progress["seconds"] += time.perf_counter() - started
     shard_files = [f for f, _ in plan]
-    return _finish(reader, partial, out_dir, targets, settings, device, workers, progress, shard_files)
+    return _finish(
+        reader, partial, out_dir, targets, settings, device, workers, progress, shard_files, tokens
+    )
 
 
 def _convert_shard(
     reader: CheckpointReader,
     names: list[str],
     targets: set[str],
-    settings: ConvertSettings,
-    decompose_settings: DecomposeSettings,
-    device: torch.device,
+    decompose_one: Callable[[str], DecomposedMatrix],
     workers: int,
     shard_path: Path,
     bar: tqdm,
@@ -167,25 +166,20 @@ def _convert_shard(
         if decomposition is None:  # not a target weight: copied byte for byte, never loaded
             writer.add_bytes(name, reader.dtype_code(name), list(reader.shape(name)), reader.read_bytes(name))
             return
-        result, layer = decomposition.result()
-        module = layer["name"]
-        for key, value in result.q.state_dict(f"{module}.").items():
+        result = decomposition.result()
+        module = result.metrics["name"]
+        for key, value in result.tensors.items():
             writer.add(key, value)
         adapter.add(adapter_key(module, "A"), result.A)
         adapter.add(adapter_key(module, "B"), result.B)
-        layers.append(layer)
+        layers.append(result.metrics)
         bar.update(1)
 
     with ThreadPoolExecutor(workers) as pool:
         for name in names:
             module = name.removesuffix(".weight")
             is_target = module in targets and name.endswith(".weight")
-            decomposition = (
-                pool.submit(_decompose_one, reader, module, settings, decompose_settings, device)
-                if is_target
-                else None
-            )
-            pending.append((name, decomposition))
+            pending.append((name, pool.submit(decompose_one, module) if is_target else None))
             # twice as many matrices queued as computed: a worker that finishes a small matrix starts the
             # next instead of idling until the oldest is written; a finished result is ~1/8 of its W
             while pending and (pending[0][1] is None or sum(f is not None for _, f in pending) > 2 * workers):
@@ -199,48 +193,71 @@ def _convert_shard(
 
 def _decompose_settings(settings: ConvertSettings, device: torch.device) -> DecomposeSettings:
     """What `decompose` needs of the settings, resolved once for every matrix."""
+    calibration = settings.calibration
+    fit = None if calibration is None else CalibratedFit(
+        adapter_damping=calibration["damping"], scale_search=calibration["scale_search"],
+        compensate=calibration["compensate"], codes_damping=calibration["codes_damping"],
+    )  # fmt: skip
     return DecomposeSettings(
         method=settings.method, rank=settings.rank, scale=settings.resolved_alpha / settings.rank,
         iters=settings.resolved_iters, svd=settings.svd, oversample=settings.oversample,
         power_iters=settings.power_iters, warm_power_iters=settings.resolved_warm_power_iters,
         svd_dtype=getattr(torch, settings.svd_dtype.value),
         sketch_dtype=sketch_dtype(settings.sketch_dtype, settings.svd_dtype, device),
-        blocksize=settings.blocksize, double_quant=settings.double_quant,
+        blocksize=settings.blocksize, double_quant=settings.double_quant, calibrated=fit,
     )  # fmt: skip
 
 
-def _decompose_one(
-    reader: CheckpointReader,
-    module: str,
+def _calibration_tokens(reader: CheckpointReader, settings: ConvertSettings) -> CalibrationTokens | None:
+    """The calibration windows of `--calib`, read and checked before anything is written."""
+    if settings.calibration is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(reader.model_dir)
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"--calib needs the model's tokenizer, and {reader.model_dir} has none that loads ({error}); "
+            "copy the original model's tokenizer files there"
+        ) from None
+    calibration = settings.calibration
+    return calibration_tokens(
+        settings.calib, tokenizer, calibration["samples"], calibration["seq_len"], settings.seed
+    )
+
+
+def _calibration_run(
+    tokens: CalibrationTokens,
     settings: ConvertSettings,
     decompose_settings: DecomposeSettings,
     device: torch.device,
-) -> tuple[Decomposition, dict]:
-    """Read, decompose and measure one matrix: the only place convert touches the math."""
-    t0 = time.perf_counter()
-    W = reader.read(f"{module}.weight").to(device=device, dtype=decompose_settings.svd_dtype)
-    if not torch.isfinite(W).all():
-        raise UserError(
-            f"{module}.weight contains NaN or infinite values; the checkpoint is damaged "
-            "(or was saved from a diverged run): convert a healthy checkpoint"
-        )
-    result = decompose(W, decompose_settings, _generator(settings.seed, module))
-    result.A, result.B = result.A.cpu(), result.B.cpu()
-    _sync(device)
-    t1 = time.perf_counter()
-    # one error matrix at a time, each formed in place: at 8B scale a float32 copy is 235 MB
-    baseline = quantize_nf4(W, settings.blocksize, settings.double_quant)
-    base = error_norms(baseline.subtracted_from(W), settings.metrics)
-    method_error = result.q.subtracted_from(W).addmm_(  # W - deq(Q) - s·B·A
-        result.B.to(W), result.A.to(W), alpha=-decompose_settings.scale
-    )
-    errors = error_fields(base, error_norms(method_error, settings.metrics))
-    _sync(device)
-    layer = {
-        "name": module, "module_type": module_type(module), "shape": list(W.shape), "rank": settings.rank,
-        "seconds": t1 - t0, "metrics_seconds": time.perf_counter() - t1, **errors,
-    }  # fmt: skip
-    return result, layer
+    workers: int,
+) -> CalibrationRun:
+    return CalibrationRun(
+        windows=tokens.windows, dtype=calibration_dtype(device), propagate=settings.calibration["propagate"],
+        decompose=decompose_settings, metrics=settings.metrics, seed=settings.seed, device=device,
+        workers=workers,
+    )  # fmt: skip
+
+
+def _read_and_decompose(
+    reader: CheckpointReader,
+    decompose_settings: DecomposeSettings,
+    settings: ConvertSettings,
+    device: torch.device,
+    module: str,
+) -> DecomposedMatrix:
+    """A target decomposed data-free, read from the checkpoint as the writer reaches it."""
+    W = reader.read(f"{module}.weight")
+    return decompose_matrix(module, W, decompose_settings, settings.metrics, settings.seed, device)
+
+
+def _spooled_or_decomposed(
+    partial: Path, progress: dict, decompose_one: Callable[[str], DecomposedMatrix], module: str
+) -> DecomposedMatrix:
+    """A calibrated target from its spool; a target outside the decoder layers, decomposed data-free."""
+    return spooled(partial, progress, module) or decompose_one(module)
 
 
 def _finish(
@@ -253,6 +270,7 @@ def _finish(
     workers: int,
     progress: dict,
     shard_files: list[str],
+    tokens: CalibrationTokens | None,
 ) -> dict:
     """Write config, side files, adapter and report into `partial`, then move it to `out_dir`."""
     convert_output.write_config(
@@ -264,15 +282,16 @@ def _finish(
     )
     if len(shard_files) > 1:
         write_index(partial, shard_files)
-    report = conversion_report(reader, settings, device, workers, sorted(targets), progress)
+    calibration = None if tokens is None else tokens.describe()
+    report = conversion_report(reader, settings, device, workers, sorted(targets), progress, calibration)
     write_json(partial / REPORT_NAME, report)
+    shutil.rmtree(partial / CALIBRATION_DIR, ignore_errors=True)
     convert_output.move_into_place(partial, out_dir)
     return report
 
 
-def _generator(seed: int, module: str) -> torch.Generator:
-    """One generator per matrix, from the seed and its name: results depend on neither order nor resume."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(module.encode()))
+def _bar(total: int, description: str, show: bool) -> tqdm:
+    return tqdm(total=total, unit="matrix", desc=description, disable=None if show else True)
 
 
 def _resolve_workers(
@@ -290,27 +309,3 @@ def _resolve_workers(
 
 
 _FLOAT32_COPIES_PER_MATRIX = 7
-
-
-@contextmanager
-def _one_thread_per_matrix(device: torch.device) -> Iterator[None]:
-    """On the CPU every matrix is computed on one thread, several matrices at a time (`workers`).
-
-    Most of a decomposition is quantizer passes and small factorizations that leave extra threads idle;
-    whole matrices side by side keep every core busy (~1.5x faster on 2 cores), and each matrix's
-    result no longer depends on the machine's thread count.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()

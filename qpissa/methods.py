@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from qpissa.convert_settings import Method, SvdKind
 from qpissa.nf4 import NF4Weight, quantize_nf4
 from qpissa.nf4_codes import block_absmax, block_scales, compensated_codes, round_to_nearest, searched_absmax
-from qpissa.settings import Method, SvdKind
 from qpissa.svd import truncated_svd
 
 
@@ -105,7 +105,9 @@ def principal_factors(svd_U: torch.Tensor, svd_S: torch.Tensor, svd_Vh: torch.Te
 
 def damped(H: torch.Tensor, damping: float) -> torch.Tensor:
     """`H + λ·mean(diag H)·I`: a larger λ weighs every input direction more alike (λ → ∞: data-free)."""
-    return H + (damping * H.diagonal().mean().clamp(min=1e-12)) * torch.eye(H.shape[0], dtype=H.dtype)
+    damped_H = H.clone()
+    damped_H.diagonal().add_(damping * H.diagonal().mean().clamp(min=1e-12))
+    return damped_H
 
 
 def output_error(E: torch.Tensor, H: torch.Tensor) -> float:
@@ -149,7 +151,8 @@ def _calibrated(W: torch.Tensor, H: torch.Tensor, st: DecomposeSettings, generat
     fits the compensated errors, which spread over every direction); once at the end it helps.
     """
     cal = st.calibrated
-    L = torch.linalg.cholesky(damped(H, cal.adapter_damping)).to(W)  # [in, in], damped H = L Lᵀ
+    # [in, in], damped H = L Lᵀ; float32 is enough: the damping bounds its condition number by ~in / λ
+    L = torch.linalg.cholesky(damped(H, cal.adapter_damping).to(W))
     by_column = W.shape[1] % st.blocksize == 0  # blocks are runs of one row's columns
 
     def codes(T: torch.Tensor, compensate: bool = False) -> NF4Weight:

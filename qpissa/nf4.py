@@ -106,18 +106,28 @@ def _nf4_codes_cpu(W: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch
     return torch.cat([packed for packed, _ in parts]), torch.cat([absmax for _, absmax in parts])
 
 
+def nearest_codes(scaled: torch.Tensor) -> torch.Tensor:
+    """The nearest NF4 level's code of each value of a flat float32 tensor in [-1, 1] (uint8, same shape).
+
+    The code is the number of level midpoints below the value, bitsandbytes' rounding, found with a
+    table over 4096 cells of [-1, 1] that gives the count below each cell and the one midpoint that may
+    fall in it (midpoints are ≥ 0.08 apart, cells 0.0005 wide): one comparison settles the code exactly.
+    """
+    # (scaled + 1) * _CELLS / 2 in one pass: the cell only has to be right within the table's slack
+    cell = torch.add(_HALF_CELLS, scaled, alpha=_CELLS / 2).to(torch.int32)
+    below, midpoint = (table.to(scaled.device) for table in _code_table())
+    codes = below.index_select(0, cell)  # index_select: several times faster than [] indexing here
+    codes += scaled > midpoint.index_select(0, cell)
+    return codes
+
+
 def _nf4_codes_chunk(values: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = values.view(-1, blocksize)
     absmax = torch.maximum(blocks.amax(dim=-1), -blocks.amin(dim=-1))  # max |x|, without a copy of |W|
     inverse = 1.0 / absmax.clamp(min=1e-38).view(-1, 1)
     # the same float operations as bitsandbytes, so the values compared below are bit-identical to its
     # scaled values; bitsandbytes' clamp to [-1, 1] changes no code, so it is left out
-    scaled = (blocks * inverse).view(-1)
-    # (scaled + 1) * _CELLS / 2 in one pass: the cell only has to be right within the table's slack
-    cell = torch.add(_HALF_CELLS, scaled, alpha=_CELLS / 2).to(torch.int32)
-    below, midpoint = _code_table()
-    codes = below.index_select(0, cell)  # index_select: several times faster than [] indexing here
-    codes += scaled > midpoint.index_select(0, cell)
+    codes = nearest_codes((blocks * inverse).view(-1))
     # two codes per byte, first in the high nibble: each little-endian int16 holds a pair as lo | hi << 8
     pairs = codes.view(torch.int16)
     packed = ((pairs << 4) | (pairs >> 8)).to(torch.uint8)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qpissa import nf4
 from qpissa.nf4 import NF4Weight
 
 LAZY_COLUMNS = 128  # columns rounded between two full updates of the rest (GPTQ's lazy batch)
@@ -119,8 +120,8 @@ def compensated_codes(
         raise ValueError(f"error-compensated rounding needs in ({in_features}) divisible by {blocksize}")
     levels = _levels(T.device)
     # U: upper Cholesky factor of H⁻¹; row j says how column j's error spreads to later columns
-    H = hessian.double()
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).to(T.dtype)
+    H = hessian.float()  # float32, as GPTQ does: the damping keeps H well conditioned
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     # column-major: one input column is one contiguous row here; updated in place as errors move on
     work = T.float().T.contiguous()  # [in, out]
     scale = scales.used.view(out_features, in_features // blocksize).T.contiguous()  # [in / blocksize, out]
@@ -143,7 +144,8 @@ def compensated_codes(
 
 def nearest_codes(scaled: torch.Tensor) -> torch.Tensor:
     """Index of the nearest NF4 level of each value of `scaled` (values beyond ±1 take the end levels)."""
-    return torch.bucketize(scaled.float(), _midpoints(scaled.device)).to(torch.uint8)
+    flat = scaled.float().reshape(-1).clamp(-1.0, 1.0)
+    return nf4.nearest_codes(flat).view(scaled.shape)
 
 
 def nf4_weight(codes: torch.Tensor, scales: BlockScales, shape: torch.Size, blocksize: int) -> NF4Weight:
@@ -174,8 +176,3 @@ def _levels_cpu() -> torch.Tensor:
 
 def _levels(device: torch.device) -> torch.Tensor:
     return _levels_cpu().to(device)
-
-
-def _midpoints(device: torch.device) -> torch.Tensor:
-    levels = _levels_cpu()
-    return ((levels[:-1] + levels[1:]) / 2).to(device)  # the boundaries bitsandbytes rounds at

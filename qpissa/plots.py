@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qpissa.settings import Method
+from qpissa.convert_settings import Method
 
 COLOURS = {Method.QLORA.value: "#7f7f7f", Method.LOFTQ.value: "#1f77b4", Method.QPISSA.value: "#d62728"}
 FALLBACK_COLOURS = ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")

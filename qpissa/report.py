@@ -38,10 +38,11 @@ from qpissa.artifacts import (
     run_model,
 )
 from qpissa.checkpoint import SHARD_GLOB, write_json
+from qpissa.convert_settings import Method
 from qpissa.outputs import check_apart, check_holds_only, finish_partial, lock_output, start_partial
 from qpissa.report_render import draw_plots, write_documents
 from qpissa.safetensors_file import read_header
-from qpissa.settings import Method, ReportOptions
+from qpissa.settings import ReportOptions
 from qpissa.spectrum import layer_spectra
 
 TAIL_STEPS = 10  # the verdict quotes the mean loss of the last logged steps: one step's loss is noisy

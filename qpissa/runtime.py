@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from qpissa import UserError, hide_library_deprecation_notes
+from qpissa.convert_settings import ComputeDtype, Precision, SketchDtype
 from qpissa.recipe import Optimizer
-from qpissa.settings import ComputeDtype, Device, Precision, SketchDtype
+from qpissa.settings import Device
 
 
 @dataclass
@@ -68,6 +69,14 @@ def sketch_dtype(choice: SketchDtype, svd_dtype: Precision, device: torch.device
     if svd_dtype is Precision.FLOAT32 and _multiplies_bf16_natively(device):
         return torch.bfloat16
     return getattr(torch, svd_dtype.value)
+
+
+def calibration_dtype(device: torch.device) -> torch.dtype:
+    """Dtype of a calibrated conversion's forward passes: bf16 where multiplied natively, else float32.
+
+    The statistics H are products of these activations, formed in float32 and summed in float64.
+    """
+    return torch.bfloat16 if _multiplies_bf16_natively(device) else torch.float32
 
 
 def resolve_runtime(

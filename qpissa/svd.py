@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qpissa.settings import SvdKind
+from qpissa.convert_settings import SvdKind
 
 
 @dataclass

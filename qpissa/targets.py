@@ -8,7 +8,7 @@ import torch
 
 from qpissa import UserError
 from qpissa.checkpoint import QUANTIZED_KEY_MARKERS, CheckpointReader, auto_config
-from qpissa.settings import ALL_LINEAR
+from qpissa.convert_settings import ALL_LINEAR
 
 
 def linear_modules(model_dir: Path) -> tuple[dict[str, tuple[int, int]], str | None]:

@@ -36,6 +36,7 @@ from qpissa.artifacts import (
     read_report,
 )
 from qpissa.checkpoint import write_json
+from qpissa.convert_settings import Method
 from qpissa.data import Sample, TokenizedData, check_tokenizer, collate, load_split, pad_token_id
 from qpissa.loading import check_source, load_model, load_tokenizer
 from qpissa.memory import estimate_memory
@@ -43,7 +44,6 @@ from qpissa.options import to_dict
 from qpissa.outputs import check_apart, check_replaceable, lock_output
 from qpissa.recipe import TrainConfig
 from qpissa.runtime import Runtime, dtype_name, resolve_runtime
-from qpissa.settings import Method
 from qpissa.stored import read_adapter
 from qpissa.task_eval import evaluate_loss, exact_match
 from qpissa.trainlog import (

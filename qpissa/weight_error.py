@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qpissa.settings import MetricKind
+from qpissa.convert_settings import MetricKind
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,18 @@ def error_fields(base: ErrorNorms, method: ErrorNorms) -> dict[str, float | None
     }  # fmt: skip
 
 
+def output_fields(base: float, method: float) -> dict[str, float]:
+    """The output-space error fields of a calibrated matrix, from `tr(E H Eᵀ)` of each error.
+
+    `err_out*` are root-mean-square output errors per calibration token (plain NF4's and the method's);
+    `reduction_out` is in percent, like the weight-space reductions. Weight-space error may rise while
+    this falls: the output is what the model feels.
+    """
+    base_rms, method_rms = math.sqrt(base), math.sqrt(method)
+    reduction = _reduction(method_rms, base_rms)
+    return {"err_out_base": base_rms, "err_out": method_rms, "reduction_out": reduction}
+
+
 def by_type(layers: list[dict]) -> dict:
     """Per-type means of the reductions and their unweighted average (the paper's AVG), in both norms.
 
@@ -59,12 +71,20 @@ def by_type(layers: list[dict]) -> dict:
             by_type_nuc.setdefault(layer["module_type"], []).append(layer["reduction_nuc"])
     fro = {kind: mean(values) for kind, values in by_type_fro.items()}
     nuc = {kind: mean(values) for kind, values in by_type_nuc.items()} or None
-    return {
+    summary = {
         "by_type": nuc,
         "avg": mean(list(nuc.values())) if nuc else None,
         "by_type_fro": fro,
         "avg_fro": mean(list(fro.values())) if fro else None,
     }
+    by_type_out: dict[str, list[float]] = {}
+    for layer in layers:
+        if layer.get("reduction_out") is not None:
+            by_type_out.setdefault(layer["module_type"], []).append(layer["reduction_out"])
+    if by_type_out:  # calibrated conversions only
+        out = {kind: mean(values) for kind, values in by_type_out.items()}
+        summary |= {"by_type_out": out, "avg_out": mean(list(out.values()))}
+    return summary
 
 
 def mean(values: list[float]) -> float:

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
+from qpissa.convert_settings import Method, SvdKind
 from qpissa.methods import CalibratedFit, DecomposeSettings, damped, decompose, output_error, weighted_factors
 from qpissa.nf4 import quantize_nf4
 from qpissa.nf4_codes import block_absmax, block_scales, compensated_codes, round_to_nearest, searched_absmax
-from qpissa.settings import Method, SvdKind
 
 
 def _settings(method: Method = Method.QPISSA, rank: int = 4, svd: SvdKind = SvdKind.EXACT, iters: int = 3):

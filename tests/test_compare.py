@@ -156,7 +156,7 @@ def test_a_bad_train_config_is_refused_before_converting(tiny_model: Path, tmp_p
 
 def test_matching_conversions_already_in_out_are_reused(tiny_model: Path, tmp_path: Path) -> None:
     from qpissa.convert import convert
-    from qpissa.settings import ConvertSettings, Method
+    from qpissa.convert_settings import ConvertSettings, Method
 
     out = tmp_path / "out"
     convert(

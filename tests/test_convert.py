@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from qpissa.cli import main
 from qpissa.convert import convert
-from qpissa.settings import ConvertSettings, Method, SvdKind
+from qpissa.convert_settings import ConvertSettings, Method, SvdKind
 
 RANK = 8
 
@@ -213,7 +213,7 @@ def test_resume_after_an_exception_at_a_random_matrix_gives_identical_bytes(
     convert(tiny_model, reference, settings, show_progress=False)
 
     fail_at = random.Random(5).randint(1, 13)
-    real = convert_module._decompose_one
+    real = convert_module._read_and_decompose
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -223,11 +223,11 @@ def test_resume_after_an_exception_at_a_random_matrix_gives_identical_bytes(
         return real(*args, **kwargs)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(convert_module, "_decompose_one", interrupted)
+    monkeypatch.setattr(convert_module, "_read_and_decompose", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert(tiny_model, out, settings, show_progress=False)
     assert not out.exists(), "an interrupted run must not look complete"
-    monkeypatch.setattr(convert_module, "_decompose_one", real)
+    monkeypatch.setattr(convert_module, "_read_and_decompose", real)
     convert(tiny_model, out, settings, resume=True, show_progress=False)
     assert _file_bytes(out) == _file_bytes(reference), f"interrupted at matrix {fail_at}"
 

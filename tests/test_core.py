@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 
 from qpissa import UserError
 from qpissa.checkpoint import SafetensorsWriter, ShardedWriter
+from qpissa.convert_settings import Method, SvdKind
 from qpissa.methods import DecomposeSettings, decompose
 from qpissa.options import apply_overrides, from_dict
-from qpissa.settings import Method, SvdKind
 from qpissa.svd import truncated_svd
 
 

@@ -11,6 +11,7 @@ import torch
 from qpissa import UserError
 from qpissa.artifacts import ModelSource, resolve_source
 from qpissa.convert import convert
+from qpissa.convert_settings import ConvertSettings, Method
 from qpissa.loading import load_model, load_tokenizer
 from qpissa.original_kl import (
     default_text,
@@ -19,7 +20,7 @@ from qpissa.original_kl import (
     synthetic_ids,
     text_ids,
 )
-from qpissa.settings import ConvertSettings, FidelitySettings, Method
+from qpissa.settings import FidelitySettings
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,11 @@ import pytest
 from qpissa import cli
 from qpissa.artifacts import REPORT_NAME
 from qpissa.convert import convert
+from qpissa.convert_settings import ConvertSettings, Method, MetricKind
 from qpissa.export import export
 from qpissa.options import from_dict
 from qpissa.recipe import TrainConfig
-from qpissa.settings import ConvertSettings, ExportSettings, Method, MetricKind
+from qpissa.settings import ExportSettings
 from qpissa.train import train
 
 PLOTS_WITHOUT_TRAINING = ("reduction_by_type", "reduction_by_layer", "spectrum", "memory_speed")

@@ -31,10 +31,10 @@ from pathlib import Path
 
 from qpissa.checkpoint import CheckpointReader
 from qpissa.convert import convert
+from qpissa.convert_settings import ALL_LINEAR, ConvertSettings, Method, MetricKind
 from qpissa.memory import peak_rss_mb
 from qpissa.models import make_synthetic_checkpoint
 from qpissa.runtime import in_fresh_process
-from qpissa.settings import ALL_LINEAR, ConvertSettings, Method, MetricKind
 from qpissa.targets import resolve_targets
 
 # REFERENCE.md §6: AVG nuclear-norm reduction (%) of the straightforward exact-SVD implementations

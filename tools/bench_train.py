@@ -22,9 +22,9 @@ from pathlib import Path
 
 from qpissa.artifacts import EVAL_LOG_NAME, EVAL_RESULTS_NAME, LOG_NAME, REPORT_NAME
 from qpissa.cli import main as qpissa_main
+from qpissa.convert_settings import Method
 from qpissa.demo_task import write_task
 from qpissa.runtime import in_fresh_process
-from qpissa.settings import Method
 
 METHODS = tuple(method.value for method in (Method.QLORA, Method.LOFTQ, Method.QPISSA))
 REPORT_STEPS = (1, 25, 50, 100, 200)

@@ -21,8 +21,8 @@ import transformers
 from qpissa import hide_library_deprecation_notes
 from qpissa.console import summary_table
 from qpissa.convert import convert
+from qpissa.convert_settings import ConvertSettings, Method
 from qpissa.models import fetch_demo_model
-from qpissa.settings import ConvertSettings, Method
 
 PROMPT = "In one sentence: why does quantizing a neural network lose accuracy?"
 

@@ -46,10 +46,11 @@ from pathlib import Path
 from qpissa.artifacts import EVAL_RESULTS_NAME, LOG_NAME, RUN_MARKER
 from qpissa.cli import main as qpissa_main
 from qpissa.convert import convert
+from qpissa.convert_settings import ConvertSettings, Method
 from qpissa.demo_task import write_task
 from qpissa.models import TOKENIZER_FILES, make_synthetic_checkpoint
 from qpissa.runtime import in_fresh_process
-from qpissa.settings import ConvertSettings, Device, Method
+from qpissa.settings import Device
 
 ROOT = Path(__file__).resolve().parent.parent
 

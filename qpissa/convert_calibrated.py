@@ -1,0 +1,153 @@
+"""The first phase of a calibrated conversion: decoder layer by layer, statistics H, then decompositions.
+
+For layer i: load it alone from the checkpoint, run the calibration hidden states through it while
+collecting H = Σ xxᵀ / n of every target Linear's input, decompose those targets under H (several at a
+time), spool the results to `OUT.partial/calibration/layer-i.safetensors`, and keep the layer's outputs
+(from the original or the converted layer) as layer i+1's inputs. Memory holds one decoder layer and the
+hidden states. After each layer the hidden states and the resume record are saved, so `--resume`
+continues after the last finished layer; the second phase (`convert.py`) writes the output shards
+from the spools in checkpoint order (DESIGN.md, "Calibrated conversion").
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from qpissa.artifacts import CALIBRATION_DIR, PROGRESS_NAME
+from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, write_json
+from qpissa.convert_matrix import DecomposedMatrix, decompose_matrix, one_thread_per_matrix
+from qpissa.convert_settings import MetricKind, Propagation
+from qpissa.layer_stream import InputStatistics, first_layer_inputs, loaded_layer, open_stack, run_layer
+from qpissa.methods import DecomposeSettings
+from qpissa.nf4 import dequantize_stored
+from qpissa.stored import adapter_key
+
+HIDDEN_NAME = "hidden.pt"  # in OUT.partial/calibration/: the inputs of the next layer to calibrate
+BATCH_TOKENS = 2048  # calibration tokens per forward pass: activations stay small, products stay large
+
+
+@dataclass
+class CalibrationRun:
+    """What the calibrated phase needs besides the checkpoint.
+
+    Attributes:
+        windows: int64 `[samples, seq_len]` calibration token ids.
+        dtype: dtype of the forward passes (bf16 where the hardware multiplies it natively).
+        propagate: where layer i+1's inputs come from.
+        decompose: resolved decomposition settings (with `calibrated` set).
+        metrics: weight-space norms to measure. seed: the conversion's seed.
+        device: where matrices are decomposed. workers: matrices decomposed at once.
+    """
+
+    windows: torch.Tensor
+    dtype: torch.dtype
+    propagate: Propagation
+    decompose: DecomposeSettings
+    metrics: MetricKind
+    seed: int
+    device: torch.device
+    workers: int
+
+
+def calibrate_layers(
+    reader: CheckpointReader,
+    targets: set[str],
+    run: CalibrationRun,
+    partial: Path,
+    progress: dict,
+    bar: tqdm,
+) -> None:
+    """Decompose every target inside the decoder layers under its calibration statistics, into spools.
+
+    `progress["calibration"]` records the layers done and the spooled modules' metrics; it is saved with
+    the hidden states after each layer. Targets outside the decoder layers are left to the data-free pass.
+    """
+    state = progress.setdefault("calibration", {"layers_done": 0, "metrics": {}})
+    folder = partial / CALIBRATION_DIR
+    folder.mkdir(exist_ok=True)
+    stack = open_stack(reader, targets, run.dtype)
+    batch = max(1, BATCH_TOKENS // run.windows.shape[1])
+    inputs = first_layer_inputs(stack, list(torch.split(run.windows, batch)))
+    if state["layers_done"]:  # resumed: the saved inputs of the next layer replace the embeddings
+        inputs.hidden = torch.load(folder / HIDDEN_NAME, weights_only=True)
+    for index in range(state["layers_done"], len(stack.layers)):
+        layer_targets = sorted(t for t in targets if t.startswith(f"{stack.prefix}.{index}."))
+        with loaded_layer(stack, index, reader, run.dtype) as layer:
+            local = f"{stack.prefix}.{index}."
+            linears = {name: layer.get_submodule(name.removeprefix(local)) for name in layer_targets}
+            with InputStatistics(layer, linears) as stats:
+                outputs = run_layer(layer, inputs, index, run.dtype)
+            results = _decompose_layer(reader, layer_targets, stats, run)
+            _spool(folder / spool_name(index), results)
+            if run.propagate is Propagation.CONVERTED:
+                for name, result in results.items():
+                    linears[name].weight.data = converted_weight(result, run.decompose).to(run.dtype)
+                outputs = run_layer(layer, inputs, index, run.dtype)
+        inputs.hidden = outputs
+        bar.update(len(results))
+        torch.save(inputs.hidden, folder / (HIDDEN_NAME + ".tmp"))
+        (folder / (HIDDEN_NAME + ".tmp")).replace(folder / HIDDEN_NAME)
+        state["metrics"] |= {name: result.metrics for name, result in results.items()}
+        state["layers_done"] = index + 1
+        write_json(partial / PROGRESS_NAME, progress)
+    state["layer_of"] = {name: _layer_index(name, stack.prefix) for name in state["metrics"]}
+    write_json(partial / PROGRESS_NAME, progress)
+
+
+def spooled(partial: Path, progress: dict, module: str) -> DecomposedMatrix | None:
+    """A target's result from the calibrated phase's spool, or None if it was not calibrated."""
+    state = progress.get("calibration")
+    if state is None or module not in state.get("layer_of", {}):
+        return None
+    path = partial / CALIBRATION_DIR / spool_name(state["layer_of"][module])
+    prefix = f"{module}."
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys() if key.startswith(prefix)}  # noqa: SIM118
+        A, B = f.get_tensor(adapter_key(module, "A")), f.get_tensor(adapter_key(module, "B"))
+    return DecomposedMatrix(tensors, A, B, state["metrics"][module])
+
+
+def spool_name(index: int) -> str:
+    return f"layer-{index:05d}.safetensors"
+
+
+def converted_weight(result: DecomposedMatrix, settings: DecomposeSettings) -> torch.Tensor:
+    """`deq(Q) + s·B·A` of a result, float32 `[out, in]`: the converted layer's weight."""
+    weight = next(key for key in result.tensors if key.endswith(".weight"))
+    state = {key.removeprefix(weight + "."): value for key, value in result.tensors.items() if key != weight}
+    deq = dequantize_stored(result.tensors[weight], state)
+    return deq.addmm_(result.B, result.A, alpha=settings.scale)
+
+
+def _decompose_layer(
+    reader: CheckpointReader, names: list[str], stats: InputStatistics, run: CalibrationRun
+) -> dict[str, DecomposedMatrix]:
+    """The layer's targets, decomposed under their H side by side (one thread each on a CPU)."""
+
+    def one(name: str) -> DecomposedMatrix:
+        W = reader.read(f"{name}.weight")
+        H = stats.hessian(name)
+        return decompose_matrix(name, W, run.decompose, run.metrics, run.seed, run.device, H)
+
+    with one_thread_per_matrix(run.device), ThreadPoolExecutor(run.workers) as pool:
+        return dict(zip(names, pool.map(one, names), strict=True))
+
+
+def _spool(path: Path, results: dict[str, DecomposedMatrix]) -> None:
+    writer = SafetensorsWriter(path)
+    for name, result in results.items():
+        for key, value in result.tensors.items():
+            writer.add(key, value)
+        writer.add(adapter_key(name, "A"), result.A)
+        writer.add(adapter_key(name, "B"), result.B)
+    writer.close()
+
+
+def _layer_index(name: str, prefix: str) -> int:
+    return int(name.removeprefix(prefix + ".").split(".", 1)[0])
