@@ -46,6 +46,7 @@ ADAPTER_README = "README.md"  # of a LoRA export
 COMPARE_NAME = "compare.json"
 CONVERSIONS_DIR = "conversions"  # conversions/<method>/ of a comparison
 RUNS_DIR = "runs"  # runs/<method>/ of a comparison
+CALIBRATED_DIR_SUFFIX = "-calib"  # conversions/<method>-calib/ and runs/<method>-calib/: with --calib
 SUMMARY_NAME = "summary.json"
 REPORT_MARKDOWN = "report.md"
 REPORT_HTML = "report.html"

@@ -3,8 +3,9 @@
 Every method goes through the same converter, quantizer, seed, fidelity measurement and training
 config, so the comparison differs only in the method (DESIGN.md principle 4). OUT holds
 
-    conversions/<method>/      QPiSSA directories (+ qpissa_fidelity.json)
-    runs/<method>/             training runs (with --train)
+    conversions/<method>/      QPiSSA directories (+ qpissa_fidelity.json); with --calib also
+                               conversions/<method>-calib/, each method calibrated
+    runs/<method>/             training runs (with --train), likewise
     compare.json               settings and a log of every step: done now, or reused
     report.md, report.html, summary.json, *.png
 
@@ -28,6 +29,7 @@ from qpissa import UserError
 from qpissa.artifacts import (
     ADAPTER_CONFIG,
     ADAPTER_DIR,
+    CALIBRATED_DIR_SUFFIX,
     COMPARE_NAME,
     CONFIG_NAME,
     CONVERSIONS_DIR,
@@ -42,11 +44,12 @@ from qpissa.artifacts import (
     read_run,
     resolve_source,
 )
+from qpissa.calibration import OVERLAP_NGRAM, calibration_tokens, overlap_tokens
 from qpissa.checkpoint import CheckpointReader, write_json
 from qpissa.convert import convert
 from qpissa.convert_settings import CompareSettings, ConvertSettings, Method
 from qpissa.data import read_records
-from qpissa.loading import load_model
+from qpissa.loading import load_model, load_tokenizer
 from qpissa.options import to_dict
 from qpissa.original_kl import check_heldout, heldout_ids, measure_fidelity
 from qpissa.outputs import check_apart, lock_output
@@ -89,9 +92,11 @@ def compare(
         UserError: bad inputs, or `out_dir` holds something else or a comparison with other settings.
     """
     CheckpointReader(model_dir)  # fails early, with a clear message, on a missing or broken model
-    inputs = {"MODEL": model_dir, "--text": fidelity_settings.text, "--train": settings.train}
+    inputs = {"MODEL": model_dir, "--text": fidelity_settings.text, "--train": settings.train,
+              "--calib": convert_settings.calib}  # fmt: skip
     check_apart(out_dir, "OUT", inputs)
     check_heldout(model_dir, fidelity_settings)  # a bad --text fails now, not after the conversions
+    _check_calibration(model_dir, convert_settings, fidelity_settings)  # and bad --calib data too
     if settings.train is not None:
         _check_train_config(settings.train, out_dir)
     with lock_output(out_dir, "OUT"):  # one writer per comparison
@@ -111,50 +116,65 @@ def _compare(
 ) -> dict:
     """`compare` while this process holds OUT's lock."""
     record = _prepare_output(out_dir, _fingerprint(model_dir, convert_settings))
-    record["methods"] += [m.value for m in settings.method_list if m.value not in record["methods"]]
+    variants = _variants(settings.method_list, convert_settings)
+    record["methods"] += [name for name in variants if name not in record["methods"]]
     run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None, "steps": []}
     record["history"].append(run)
     write_json(out_dir / COMPARE_NAME, record)  # from here on, an interrupted comparison can be continued
-    for method in settings.method_list:
-        _record(out_dir, record, [_convert_step(model_dir, out_dir, method, convert_settings, show_progress)])
-    _record(out_dir, record, _fidelity_steps(model_dir, out_dir, settings.method_list, fidelity_settings))
-    for method in settings.method_list if settings.train is not None else []:
-        _record(out_dir, record, [_train_step(out_dir, method, settings.train, show_progress)])
+    for name, variant in variants.items():
+        _record(out_dir, record, [_convert_step(model_dir, out_dir, name, variant, show_progress)])
+    _record(out_dir, record, _fidelity_steps(model_dir, out_dir, list(variants), fidelity_settings))
+    for name in variants if settings.train is not None else []:
+        _record(out_dir, record, [_train_step(out_dir, name, settings.train, show_progress)])
     build_report([out_dir], out_dir, report_options or ReportOptions())
     run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json(out_dir / COMPARE_NAME, record)
     return record
 
 
+def _variants(methods: list[Method], base: ConvertSettings) -> dict[str, ConvertSettings]:
+    """The conversions to compare, by directory name: each method data-free, and with `--calib` also
+    calibrated (`<method>-calib`); everything else shared."""
+    data_free = {f.name: None for f in dataclasses.fields(base) if f.name.startswith("calib")}
+    variants = {}
+    for method in methods:
+        settings = dataclasses.replace(
+            base, method=method, iters=None if method is Method.QLORA else base.iters
+        )
+        variants[method.value] = dataclasses.replace(settings, **data_free)
+        if base.calib is not None:
+            variants[method.value + CALIBRATED_DIR_SUFFIX] = settings
+    return variants
+
+
 def _convert_step(
-    model_dir: Path, out_dir: Path, method: Method, base: ConvertSettings, show_progress: bool
+    model_dir: Path, out_dir: Path, name: str, settings: ConvertSettings, show_progress: bool
 ) -> dict:
-    """Convert with one method, unless a finished conversion with identical settings is already there."""
-    target = out_dir / CONVERSIONS_DIR / method.value
-    settings = dataclasses.replace(base, method=method, iters=None if method is Method.QLORA else base.iters)
+    """Convert one variant, unless a finished conversion with identical settings is already there."""
+    target = out_dir / CONVERSIONS_DIR / name
     if (target / REPORT_NAME).is_file():
         convert(model_dir, target, settings, resume=True)  # checks the fingerprint; returns at once
-        return _step(method, "convert", target, "reused", 0.0)
+        return _step(name, "convert", target, "reused", 0.0)
     started = time.perf_counter()
-    log.info("converting with %s -> %s", method.value, target)
+    log.info("converting %s -> %s", name, target)
     in_fresh_process(convert, model_dir, target, settings, resume=True, show_progress=show_progress)
-    return _step(method, "convert", target, "done", time.perf_counter() - started)
+    return _step(name, "convert", target, "done", time.perf_counter() - started)
 
 
 def _fidelity_steps(
-    model_dir: Path, out_dir: Path, methods: list[Method], settings: FidelitySettings
+    model_dir: Path, out_dir: Path, names: list[str], settings: FidelitySettings
 ) -> list[dict]:
     """Measure each conversion against the original; load the original only if anything is left to measure."""
     vocab_size = json.loads((model_dir / CONFIG_NAME).read_text())["vocab_size"]
     ids, source = heldout_ids(model_dir, settings, vocab_size)
     key = {"ids_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(), "settings": to_dict(settings)}
     steps, original = [], None
-    for method in methods:
-        target = out_dir / CONVERSIONS_DIR / method.value
+    for name in names:
+        target = out_dir / CONVERSIONS_DIR / name
         key_here = {**key, "conversion": read_report(target)["fingerprint"]}
         path = target / FIDELITY_NAME
         if path.is_file() and json.loads(path.read_text())["key"] == key_here:
-            steps.append(_step(method, "fidelity", path, "reused", 0.0))
+            steps.append(_step(name, "fidelity", path, "reused", 0.0))
             continue
         if original is None:
             original = load_model(ModelSource(model_dir, None), compute_dtype=torch.float32)
@@ -162,19 +182,19 @@ def _fidelity_steps(
         result = measure_fidelity(original, model, ids, settings)
         del model
         write_json(path, {"key": key_here, "data": source, **dataclasses.asdict(result)})
-        steps.append(_step(method, "fidelity", path, "done", result.seconds))
+        steps.append(_step(name, "fidelity", path, "done", result.seconds))
     return steps
 
 
-def _train_step(out_dir: Path, method: Method, config_path: Path, show_progress: bool) -> dict:
+def _train_step(out_dir: Path, name: str, config_path: Path, show_progress: bool) -> dict:
     """Train one conversion with the shared config; reuse a finished run, resume an interrupted one."""
-    run_dir = (out_dir / RUNS_DIR / method.value).resolve()
-    overrides = [f"model={(out_dir / CONVERSIONS_DIR / method.value).resolve()}", f"output_dir={run_dir}"]
+    run_dir = (out_dir / RUNS_DIR / name).resolve()
+    overrides = [f"model={(out_dir / CONVERSIONS_DIR / name).resolve()}", f"output_dir={run_dir}"]
     config = load_config(config_path, overrides)
     recorded = read_run(run_dir)["config"] if (run_dir / RUN_MARKER).is_file() else None
     if recorded is not None and _run_identity(recorded) == _run_identity(to_dict(config)):
         if (run_dir / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
-            return _step(method, "train", run_dir, "reused", 0.0)
+            return _step(name, "train", run_dir, "reused", 0.0)
         checkpoint = latest_checkpoint(run_dir)
         extra = [f"resume_from_checkpoint={checkpoint}"] if checkpoint else ["overwrite_output_dir=true"]
         config = load_config(config_path, overrides + extra)
@@ -183,9 +203,29 @@ def _train_step(out_dir: Path, method: Method, config_path: Path, show_progress:
             config_path, [*overrides, "overwrite_output_dir=true"]
         )  # other config: start over
     started = time.perf_counter()
-    log.info("training %s -> %s", method.value, run_dir)
+    log.info("training %s -> %s", name, run_dir)
     in_fresh_process(train, config, show_progress=show_progress)
-    return _step(method, "train", run_dir, "done", time.perf_counter() - started)
+    return _step(name, "train", run_dir, "done", time.perf_counter() - started)
+
+
+def _check_calibration(model_dir: Path, settings: ConvertSettings, fidelity: FidelitySettings) -> None:
+    """Read `--calib` now (a bad file fails before any conversion) and warn if it overlaps the held-out
+    text: fidelity must be measured on text the calibration did not see."""
+    if settings.calibration is None:
+        return
+    tokenizer = load_tokenizer(ModelSource(model_dir, None))
+    calibration = settings.calibration
+    tokens = calibration_tokens(
+        settings.calib, tokenizer, calibration["samples"], calibration["seq_len"], settings.seed
+    )
+    ids, source = heldout_ids(model_dir, fidelity, tokenizer.vocab_size)
+    shared = overlap_tokens(tokens.windows, ids)
+    if shared:
+        log.warning(
+            "%d of the %d held-out tokens (%s) lie in runs of %d tokens that also occur in --calib %s: "
+            "fidelity measured on them overstates what calibration does for unseen text; pass another --text",
+            shared, len(ids), source, OVERLAP_NGRAM, settings.calib,
+        )  # fmt: skip
 
 
 def _check_train_config(config_path: Path, out_dir: Path) -> None:
@@ -239,5 +279,5 @@ def _record(out_dir: Path, record: dict, steps: list[dict]) -> None:
     write_json(out_dir / COMPARE_NAME, record)
 
 
-def _step(method: Method, step: str, path: Path, status: str, seconds: float) -> dict:
-    return {"method": method.value, "step": step, "path": str(path), "status": status, "seconds": seconds}
+def _step(name: str, step: str, path: Path, status: str, seconds: float) -> dict:
+    return {"method": name, "step": step, "path": str(path), "status": status, "seconds": seconds}

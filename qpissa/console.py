@@ -11,7 +11,11 @@ from qpissa.settings import ExportKind
 
 
 def summary_table(report: dict) -> str:
-    """A per-module-type table of the QLoRA baseline error, the method's error and the reduction."""
+    """A per-module-type table of the QLoRA baseline error, the method's error and the reduction.
+
+    A calibrated conversion gets a column more, the reduction of the layers' output error on the
+    calibration data, and a line saying which is which.
+    """
     method = report["settings"]["method"]
     rows = {}
     for layer in report["layers"]:
@@ -19,18 +23,26 @@ def summary_table(report: dict) -> str:
         row["base"].append(layer["err_fro_base"])
         row["err"].append(layer["err_fro"])
     summary = report["summary"]
-    has_nuc = summary["avg"] is not None
-    header = f"{'module':<12} {'QLoRA err':>10} {method + ' err':>12} {'reduction % (fro)':>18}"
-    header += f" {'reduction % (nuc)':>18}" if has_nuc else ""
+    columns = [("reduction % (fro)", "by_type_fro", "avg_fro")]
+    columns += [("reduction % (nuc)", "by_type", "avg")] if summary["avg"] is not None else []
+    columns += (
+        [("output err reduction %", "by_type_out", "avg_out")] if summary.get("avg_out") is not None else []
+    )
+    header = f"{'module':<12} {'QLoRA err':>10} {method + ' err':>12}"
+    header += "".join(f" {title:>{max(18, len(title))}}" for title, _, _ in columns)
     lines = [header, "-" * len(header)]
     for kind, row in rows.items():
         line = f"{kind:<12} {_mean(row['base']):>10.4f} {_mean(row['err']):>12.4f}"
-        line += f" {summary['by_type_fro'][kind]:>18.2f}"
-        line += f" {summary['by_type'][kind]:>18.2f}" if has_nuc else ""
+        line += "".join(f" {summary[key][kind]:>{max(18, len(title))}.2f}" for title, key, _ in columns)
         lines.append(line)
     lines.append("-" * len(header))
-    last = f"{'AVG':<12} {'':>10} {'':>12} {summary['avg_fro']:>18.2f}"
-    lines.append(last + (f" {summary['avg']:>18.2f}" if has_nuc else ""))
+    last = f"{'AVG':<12} {'':>10} {'':>12}"
+    lines.append(last + "".join(f" {summary[key]:>{max(18, len(title))}.2f}" for title, _, key in columns))
+    if summary.get("avg_out") is not None:
+        lines.append(
+            "weight errors: ‖W − Ŵ‖ against plain NF4's; output errors: ‖(W − Ŵ)X‖ on the calibration "
+            "inputs X, what the model feels (calibration trades weight error for output error)"
+        )
     return "\n".join(lines)
 
 

@@ -23,13 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from qpissa import UserError, convert_output
-from qpissa.artifacts import CALIBRATION_DIR, REPORT_NAME, partial_dir, read_report
+from qpissa.artifacts import CALIBRATION_DIR, REPORT_NAME, ModelSource, partial_dir, read_report
 from qpissa.calibration import CalibrationTokens, calibration_tokens
 from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, copy_side_files, write_index, write_json
 from qpissa.conversion_report import conversion_report
 from qpissa.convert_calibrated import CalibrationRun, calibrate_layers, spooled
 from qpissa.convert_matrix import DecomposedMatrix, decompose_matrix, one_thread_per_matrix
 from qpissa.convert_settings import ConvertSettings
+from qpissa.loading import load_tokenizer
 from qpissa.memory import available_memory_bytes
 from qpissa.methods import CalibratedFit, DecomposeSettings
 from qpissa.options import to_dict
@@ -90,7 +91,7 @@ def _convert(
     device = resolve_device(
         settings.device, "--device cuda was given but no CUDA GPU is visible; use --device cpu or auto"
     )
-    workers = _resolve_workers(settings.workers, device, reader, targets)
+    workers = _resolve_workers(settings.workers, device, reader, targets, settings.calib is not None)
     decompose_settings = _decompose_settings(settings, device)
     tokens = _calibration_tokens(reader, settings)
     # the resolved sketch dtype too: `auto` may resolve differently on the machine that resumes
@@ -212,15 +213,7 @@ def _calibration_tokens(reader: CheckpointReader, settings: ConvertSettings) -> 
     """The calibration windows of `--calib`, read and checked before anything is written."""
     if settings.calibration is None:
         return None
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(reader.model_dir)
-    except (OSError, ValueError) as error:
-        raise UserError(
-            f"--calib needs the model's tokenizer, and {reader.model_dir} has none that loads ({error}); "
-            "copy the original model's tokenizer files there"
-        ) from None
+    tokenizer = load_tokenizer(ModelSource(reader.model_dir, None))
     calibration = settings.calibration
     return calibration_tokens(
         settings.calib, tokenizer, calibration["samples"], calibration["seq_len"], settings.seed
@@ -295,16 +288,18 @@ def _bar(total: int, description: str, show: bool) -> tqdm:
 
 
 def _resolve_workers(
-    requested: int | None, device: torch.device, reader: CheckpointReader, targets: set[str]
+    requested: int | None, device: torch.device, reader: CheckpointReader, targets: set[str], calibrated: bool
 ) -> int:
     """Matrices decomposed at once: one on a GPU; on the CPU one per thread, within half the free memory."""
     if device.type != "cpu":
         return 1
     if requested is not None:
         return requested
-    largest = max(math.prod(reader.shape(f"{module}.weight")) for module in targets)
+    shapes = [reader.shape(f"{module}.weight") for module in targets]
     # float32 copies alive while one matrix is decomposed and measured (W, residual, dequantized, errors)
-    per_matrix = _FLOAT32_COPIES_PER_MATRIX * 4 * largest
+    per_matrix = _FLOAT32_COPIES_PER_MATRIX * 4 * max(math.prod(shape) for shape in shapes)
+    if calibrated:  # and [in, in] ones: the damped H, its Cholesky factor, the compensation's factor
+        per_matrix += 3 * 4 * max(shape[1] for shape in shapes) ** 2
     return max(1, min(torch.get_num_threads(), available_memory_bytes() // 2 // per_matrix))
 
 

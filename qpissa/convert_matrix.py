@@ -55,7 +55,7 @@ def decompose_matrix(
         settings: the resolved decomposition settings.
         metrics: which weight-space norms to compute. seed: the conversion's seed.
         device: where to compute.
-        hessian: `[in, in]` float64 calibration statistics of the layer's inputs: decompose and measure
+        hessian: `[in, in]` float32 calibration statistics of the layer's inputs: decompose and measure
             the output-space error under them.
 
     Raises:

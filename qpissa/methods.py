@@ -81,7 +81,7 @@ def decompose(
         W: `[out, in]` in any float dtype, on the device to compute on.
         settings: method, rank, scale, iterations, SVD and quantizer settings.
         generator: CPU generator for this matrix (randomized SVD sketch, QLoRA's A).
-        hessian: `[in, in]` float64 mean of x xᵀ over calibration inputs (undamped); with
+        hessian: `[in, in]` float32 mean of x xᵀ over calibration inputs (undamped); with
             `settings.calibrated` it turns the decomposition into the calibrated one.
 
     Returns:
@@ -112,8 +112,7 @@ def damped(H: torch.Tensor, damping: float) -> torch.Tensor:
 
 def output_error(E: torch.Tensor, H: torch.Tensor) -> float:
     """`tr(E H Eᵀ)` of an error `E [out, in]`: the mean squared output error per calibration token."""
-    E = E.double()
-    return float(((E @ H.to(E)) * E).sum())
+    return float(((E @ H.to(E)) * E).sum(dtype=torch.float64))
 
 
 def weighted_factors(

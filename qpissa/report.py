@@ -40,11 +40,12 @@ from qpissa.artifacts import (
 from qpissa.checkpoint import SHARD_GLOB, write_json
 from qpissa.convert_settings import Method
 from qpissa.outputs import check_apart, check_holds_only, finish_partial, lock_output, start_partial
-from qpissa.report_render import draw_plots, write_documents
+from qpissa.report_render import draw_plots, verdict, write_documents
 from qpissa.safetensors_file import read_header
 from qpissa.settings import ReportOptions
 from qpissa.spectrum import layer_spectra
 
+CALIBRATED_SUFFIX = "+calib"
 TAIL_STEPS = 10  # the verdict quotes the mean loss of the last logged steps: one step's loss is noisy
 REPORT_FILES = (REPORT_MARKDOWN, REPORT_HTML, SUMMARY_NAME, "*.png")  # all a report directory holds
 METHOD_ORDER = (Method.QLORA.value, Method.LOFTQ.value, Method.QPISSA.value)
@@ -169,41 +170,8 @@ def summarize(methods: list[MethodData], options: ReportOptions) -> dict:
             row["disk_vs_original_pct"] = (
                 100 * (row["residual_disk_mb"] + row["adapter_disk_mb"]) / original["disk_mb"]
             )
-    summary["verdict"] = verdict(summary)
+    summary["verdict"] = verdict(summary, TAIL_STEPS)
     return summary
-
-
-def verdict(summary: dict) -> list[str]:
-    """Plain sentences that state what the numbers show, and nothing else."""
-    lines = []
-    metric = summary["metric"]
-    norm = "avg" if metric == "nuclear" else "avg_fro"
-    for label, q in summary["quality"].items():
-        if q["method"] != Method.QLORA.value:
-            change = "cut" if q[norm] >= 0 else "raised"
-            lines.append(f"{label} (r={q['rank']}, T={q['iters']}) {change} the QLoRA (plain NF4) "
-                         f"quantization error by {abs(q[norm]):.1f} % on average over {len(q['by_type'])} "
-                         f"module types ({metric} norm).")  # fmt: skip
-    fid = summary["fidelity"]
-    if fid:
-        kls = ", ".join(f"{k} {v['kl']:.3g}" for k, v in fid.items())
-        agree = ", ".join(f"{k} {100 * v['top1']:.1f} %" for k, v in fid.items())
-        lines.append(f"Mean token KL to the original model before training: {kls}; top-1 agreement: {agree}.")
-    train = summary["training"]
-    if train:
-        losses = ", ".join(f"{k} {v['tail_loss']:.4f} (steps ≤ {v['final_step']})" for k, v in train.items())
-        lines.append(f"Mean training loss over the last {TAIL_STEPS} logged steps: {losses}.")
-    acc = {k: v["accuracy"] for k, v in summary["eval"].items() if v.get("accuracy") is not None}
-    if acc:
-        lines.append("Eval accuracy: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in acc.items()) + ".")
-    sizes = {k: v["residual_disk_mb"] + v["adapter_disk_mb"] for k, v in summary["memory"].items()
-             if v.get("residual_disk_mb") is not None}  # fmt: skip
-    if sizes:
-        text = ", ".join(f"{k} {v:.1f} MB" for k, v in sizes.items())
-        original = summary["original"]
-        against = f" against {original['disk_mb']:.1f} MB for the original model" if original else ""
-        lines.append(f"Residual + adapter on disk: {text}{against}.")
-    return lines
 
 
 def _add(by_key: dict[str, MethodData], path: Path) -> bool:
@@ -242,11 +210,16 @@ def _entry(by_key: dict[str, MethodData], path: Path) -> MethodData:
     return by_key.setdefault(key, MethodData(label=path.name, conversion_dir=path))
 
 
+def method_label(settings: dict) -> str:
+    """A conversion's method as reports name it: `qpissa`, or `qpissa+calib` when calibrated."""
+    return settings["method"] + (CALIBRATED_SUFFIX if "calibration" in settings else "")
+
+
 def _assign_labels(entries: list[MethodData]) -> None:
     """Label by method; add rank and iterations, then the directory name, only where labels collide."""
     for entry in entries:
         if entry.conversion:
-            entry.label = entry.conversion["settings"]["method"]
+            entry.label = method_label(entry.conversion["settings"])
     for make in (_label_with_settings, _label_with_dir):
         if len({e.label for e in entries}) == len(entries):
             return
@@ -258,7 +231,7 @@ def _label_with_settings(entry: MethodData) -> str:
     if not entry.conversion:
         return entry.label
     s = entry.conversion["settings"]
-    return f"{s['method']} r{s['rank']} T{s['iters']}"
+    return f"{method_label(s)} r{s['rank']} T{s['iters']}"
 
 
 def _label_with_dir(entry: MethodData) -> str:
@@ -278,6 +251,8 @@ def _quality(report: dict) -> dict:
         "by_type": summary["by_type"] if summary["by_type"] is not None else summary["by_type_fro"],
         "avg": summary["avg"], "avg_fro": summary["avg_fro"], "by_type_fro": summary["by_type_fro"],
         "convert_seconds": summary["total_seconds"], "convert_peak_rss_mb": summary["peak_rss_mb"],
+        "avg_out": summary.get("avg_out"), "by_type_out": summary.get("by_type_out"),
+        "calibration": s.get("calibration"),
     }  # fmt: skip
 
 

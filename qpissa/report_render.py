@@ -13,6 +13,7 @@ from pathlib import Path
 
 from qpissa import plots
 from qpissa.artifacts import EVAL_RESULTS_NAME, LOG_NAME, REPORT_HTML, REPORT_MARKDOWN
+from qpissa.convert_settings import Method
 from qpissa.settings import ReportOptions
 
 
@@ -25,6 +26,46 @@ class Table:
     rows: list[list[str]]
     plot: str | None = None
     note: str = ""
+
+
+def verdict(summary: dict, tail_steps: int) -> list[str]:
+    """Plain sentences that state what the numbers show, and nothing else."""
+    lines = []
+    metric = summary["metric"]
+    norm = "avg" if metric == "nuclear" else "avg_fro"
+    for label, q in summary["quality"].items():
+        if q["method"] != Method.QLORA.value or q["avg_out"] is not None:
+            change = "cut" if q[norm] >= 0 else "raised"
+            lines.append(f"{label} (r={q['rank']}, T={q['iters']}) {change} the QLoRA (plain NF4) "
+                         f"quantization error by {abs(q[norm]):.1f} % on average over {len(q['by_type'])} "
+                         f"module types ({metric} norm of the weights).")  # fmt: skip
+        if q["avg_out"] is not None:
+            c = q["calibration"]
+            lines.append(
+                f"{label} was calibrated on {c['tokens']} tokens of {c['source']}: it cut the layers' output "
+                f"error on them by {q['avg_out']:.1f} % against plain NF4 (the output error is what the "
+                "model feels; the weight error may rise as it falls)."
+            )
+    fid = summary["fidelity"]
+    if fid:
+        kls = ", ".join(f"{k} {v['kl']:.3g}" for k, v in fid.items())
+        agree = ", ".join(f"{k} {100 * v['top1']:.1f} %" for k, v in fid.items())
+        lines.append(f"Mean token KL to the original model before training: {kls}; top-1 agreement: {agree}.")
+    train = summary["training"]
+    if train:
+        losses = ", ".join(f"{k} {v['tail_loss']:.4f} (steps ≤ {v['final_step']})" for k, v in train.items())
+        lines.append(f"Mean training loss over the last {tail_steps} logged steps: {losses}.")
+    acc = {k: v["accuracy"] for k, v in summary["eval"].items() if v.get("accuracy") is not None}
+    if acc:
+        lines.append("Eval accuracy: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in acc.items()) + ".")
+    sizes = {k: v["residual_disk_mb"] + v["adapter_disk_mb"] for k, v in summary["memory"].items()
+             if v.get("residual_disk_mb") is not None}  # fmt: skip
+    if sizes:
+        text = ", ".join(f"{k} {v:.1f} MB" for k, v in sizes.items())
+        original = summary["original"]
+        against = f" against {original['disk_mb']:.1f} MB for the original model" if original else ""
+        lines.append(f"Residual + adapter on disk: {text}{against}.")
+    return lines
 
 
 def draw_plots(summary: dict, out_dir: Path, options: ReportOptions) -> dict[str, str]:
@@ -87,7 +128,8 @@ def _overview(summary: dict) -> Table:
         "method",
         "rank",
         "T",
-        f"AVG error reduction % ({metric})",
+        f"AVG weight error reduction % ({metric})",
+        "AVG output error reduction % (calibration data)",
         "KL to original",
         "top-1 agreement %",
         "perplexity (original → model)",
@@ -107,6 +149,7 @@ def _overview(summary: dict) -> Table:
                 _num(q.get("rank"), "{}"),
                 _num(q.get("iters"), "{}"),
                 _num(q.get("avg") if metric == "nuclear" else q.get("avg_fro"), "{:.2f}"),
+                _num(q.get("avg_out"), "{:.2f}"),
                 _num(f and f["kl"], "{:.4g}"),
                 _num(f and 100 * f["top1"], "{:.1f}"),
                 f"{f['ppl_original']:.2f} → {f['ppl_model']:.2f}" if f else "–",
@@ -134,6 +177,16 @@ def _by_type(summary: dict) -> Table | None:
     ]
     rows.append(["**AVG**"] + [_num(quality[k]["avg" if nuclear else "avg_fro"], "{:.2f}") for k in labels])
     note = "Reduction of ‖W − (deq(Q) + s·B·A)‖ against ‖W − deq(nf4(W))‖ (QLoRA), mean over layers per type."
+    calibrated = [k for k in labels if quality[k]["by_type_out"]]
+    for kind in kinds if calibrated else []:
+        rows.append(
+            [f"{kind} (output)"]
+            + [_num((quality[k]["by_type_out"] or {}).get(kind), "{:.2f}") for k in labels]
+        )
+    if calibrated:
+        rows.append(["**AVG (output)**"] + [_num(quality[k]["avg_out"], "{:.2f}") for k in labels])
+        note += (" Rows marked (output): calibrated conversions' reduction of the layers' output error "
+                 "‖(W − Ŵ)X‖ on their calibration inputs X, against plain NF4's.")  # fmt: skip
     return Table(
         f"Quantization error reduction per module type, % ({summary['metric']} norm)",
         ["module type", *labels],

@@ -1,0 +1,254 @@
+"""`qpissa convert --calib` on the tiny chat model: standard artifacts, exact codes, lower output error,
+deterministic bytes, resume after a kill, and one clear line for every bad calibration input."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qpissa.checkpoint import CheckpointReader
+from qpissa.cli import main
+from qpissa.layer_stream import InputStatistics, first_layer_inputs, loaded_layer, open_stack, run_layer
+from qpissa.methods import output_error
+from qpissa.nf4 import dequantize_stored
+from qpissa.stored import read_adapter
+from qpissa.targets import resolve_targets
+
+CALIB = ["--calib-samples", "6", "--calib-seq-len", "32"]
+PROSE = (
+    "The river rose through the night and by morning the lower road was under water. Farmers moved their "
+    "animals to the ridge, children watched from the school steps, and the ferry did not run. By noon the "
+    "rain had stopped; by evening the water had begun, slowly, to fall again, leaving a line of mud on every "
+    "wall it had touched. Nobody was hurt, and the next week the town voted to raise the bank by a metre. "
+)
+
+
+@pytest.fixture(scope="module")
+def calib_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "prose.txt"
+    path.write_text(PROSE * 2)
+    return path
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_chat_model: Path, calib_text: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("calibrated") / "out"
+    argv = ["--quiet", "convert", str(tiny_chat_model), str(out), "--rank", "4", "--iters", "2", "--calib"]
+    assert main([*argv, str(calib_text), *CALIB]) == 0
+    return out
+
+
+def test_calibrated_output_loads_with_plain_transformers_and_peft(calibrated: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(calibrated, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, calibrated / "adapter")
+    logits = model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
+    assert logits.shape == (1, 4, 256) and torch.isfinite(logits).all()
+
+
+def test_report_records_the_calibration_and_both_errors(calibrated: Path, calib_text: Path) -> None:
+    report = json.loads((calibrated / "qpissa_report.json").read_text())
+    record = report["settings"]["calibration"]
+    assert record["source"] == str(calib_text) and record["format"] == "text file"
+    assert record["samples"] == 6 and record["seq_len"] == 32 and record["tokens"] == 192
+    assert len(record["sha256"]) == 64 and record["damping"] > 0 and record["seed"] == 0
+    assert all(layer["reduction_out"] is not None for layer in report["layers"])
+    assert report["summary"]["avg_out"] > 0, (
+        "calibrated codes and adapter must beat plain NF4 in output error"
+    )
+    assert not (calibrated / "calibration").exists(), "the layer spools are removed from the output"
+
+
+def test_stored_codes_are_what_the_adapter_was_fitted_against(
+    calibrated: Path, tiny_chat_model: Path
+) -> None:
+    report = json.loads((calibrated / "qpissa_report.json").read_text())
+    original, stored = CheckpointReader(tiny_chat_model), CheckpointReader(calibrated)
+    adapter = read_adapter(calibrated / "adapter")
+    for layer in report["layers"]:
+        name = layer["name"]
+        state = {
+            k.removeprefix(f"{name}.weight."): stored.read(k)
+            for k in stored.names()
+            if k.startswith(f"{name}.weight.")
+        }
+        deq = dequantize_stored(stored.read(f"{name}.weight"), state)  # bitsandbytes' own dequantize
+        A, B = adapter.factors(name)
+        error = original.read(f"{name}.weight").float() - deq - adapter.scale * (B @ A)
+        assert error.norm().item() == pytest.approx(layer["err_fro"], rel=1e-5)
+
+
+def test_calibration_lowers_the_output_error_of_every_matrix(
+    calibrated: Path, tiny_chat_model: Path, calib_text: Path, tmp_path: Path
+) -> None:
+    data_free = tmp_path / "data_free"
+    assert (
+        main(["--quiet", "convert", str(tiny_chat_model), str(data_free), "--rank", "4", "--iters", "2"]) == 0
+    )
+    windows = _windows(tiny_chat_model, calib_text)
+    reader = CheckpointReader(tiny_chat_model)
+    targets = set(resolve_targets("all-linear", reader, 4))
+    stack = open_stack(reader, targets, torch.float32)
+    inputs = first_layer_inputs(stack, [windows])
+    with loaded_layer(stack, 0, reader, torch.float32) as layer:
+        names = sorted(t for t in targets if t.startswith(f"{stack.prefix}.0."))
+        linears = {n: layer.get_submodule(n.removeprefix(f"{stack.prefix}.0.")) for n in names}
+        with InputStatistics(layer, linears) as stats:
+            run_layer(layer, inputs, 0, torch.float32)
+    for name in names:
+        W = reader.read(f"{name}.weight").float()
+        H = stats.hessian(name)
+        errors = {label: output_error(W - _converted(path, name), H) for label, path in
+                  (("calibrated", calibrated), ("data-free", data_free))}  # fmt: skip
+        assert errors["calibrated"] < errors["data-free"], name
+
+
+def test_same_inputs_give_the_same_bytes_with_any_number_of_workers(
+    calibrated: Path, tiny_chat_model: Path, calib_text: Path, tmp_path: Path
+) -> None:
+    again = tmp_path / "again"
+    argv = [
+        "--quiet",
+        "convert",
+        str(tiny_chat_model),
+        str(again),
+        "--rank",
+        "4",
+        "--iters",
+        "2",
+        "--workers",
+        "1",
+    ]
+    assert main([*argv, "--calib", str(calib_text), *CALIB]) == 0
+    assert _file_bytes(again) == _file_bytes(calibrated)
+
+
+_KILL_AFTER_FIRST_SPOOL = """
+import os, signal, sys
+from qpissa import checkpoint
+from qpissa.cli import main
+
+close = checkpoint.SafetensorsWriter.close
+
+def close_then_die(self, metadata=None):
+    close(self, metadata)
+    if self.path.name.startswith("layer-00001"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint.SafetensorsWriter.close = close_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_resume_after_a_kill_between_layers_gives_identical_bytes(
+    calibrated: Path, tiny_chat_model: Path, calib_text: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    script = tmp_path / "killed.py"
+    script.write_text(_KILL_AFTER_FIRST_SPOOL)
+    args = [
+        "convert",
+        str(tiny_chat_model),
+        str(out),
+        "--rank",
+        "4",
+        "--iters",
+        "2",
+        "--calib",
+        str(calib_text),
+        *CALIB,
+    ]
+    done = subprocess.run(
+        [sys.executable, str(script), "--quiet", *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    progress = json.loads((tmp_path / "out.partial" / "progress.json").read_text())
+    assert progress["calibration"]["layers_done"] == 1, "killed after layer 1's spool, before its record"
+    assert main(["--quiet", *args, "--resume"]) == 0
+    assert _file_bytes(out) == _file_bytes(calibrated)
+
+
+def test_data_free_conversion_records_no_calibration(tiny_chat_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["--quiet", "convert", str(tiny_chat_model), str(out), "--rank", "4", "--iters", "1"]) == 0
+    report = json.loads((out / "qpissa_report.json").read_text())
+    assert not [key for key in report["settings"] if key.startswith("calib")]
+    assert "calibration" not in report["fingerprint"] and "avg_out" not in report["summary"]
+
+
+@pytest.mark.parametrize(
+    ("make", "extra", "pattern"),
+    [
+        (None, [], "does not exist"),
+        (lambda p: p.write_text("   \n"), [], "is empty"),
+        (lambda p: p.write_bytes(b"caf\xe9 au lait " * 40), [], "is not UTF-8"),
+        (lambda p: p.write_text("too short"), [], "fewer than one window"),
+        (
+            lambda p: p.with_suffix(".jsonl").write_text('{"question": "a", "answer": "b"}\n'),
+            [],
+            "fit no record format",
+        ),
+        (lambda p: p.write_text(PROSE), ["--calib-samples", "0"], "--calib-samples must be at least 1"),
+        (lambda p: p.write_text(PROSE), ["--calib-damping", "nan"], "--calib-damping must be"),
+    ],
+)
+def test_bad_calibration_input_is_one_line_and_writes_nothing(
+    tiny_chat_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture, make, extra: list[str], pattern: str
+) -> None:
+    data = tmp_path / "calib.txt"
+    if make is not None:
+        make(data)
+    if data.with_suffix(".jsonl").exists():
+        data = data.with_suffix(".jsonl")
+    out = tmp_path / "out"
+    status = main(
+        ["--quiet", "convert", str(tiny_chat_model), str(out), "--rank", "4", "--calib", str(data), *extra]
+    )
+    error = capsys.readouterr().err.strip()
+    assert status == 2 and error.startswith("qpissa: error: ") and "\n" not in error, error
+    assert pattern in error, error
+    assert not out.exists() and not out.with_name("out.partial").exists()
+
+
+def test_calibration_flags_need_calib(
+    tiny_chat_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    status = main(["--quiet", "convert", str(tiny_chat_model), str(tmp_path / "out"), "--calib-samples", "8"])
+    assert status == 2 and "only apply with --calib" in capsys.readouterr().err
+
+
+def _windows(model: Path, text: Path) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    from qpissa.calibration import calibration_tokens
+
+    return calibration_tokens(text, AutoTokenizer.from_pretrained(model), 6, 32, 0).windows
+
+
+def _converted(directory: Path, name: str) -> torch.Tensor:
+    """`deq(Q) + s·B·A` of one matrix of a QPiSSA directory, float32."""
+    stored = CheckpointReader(directory)
+    state = {
+        k.removeprefix(f"{name}.weight."): stored.read(k)
+        for k in stored.names()
+        if k.startswith(f"{name}.weight.")
+    }
+    adapter = read_adapter(directory / "adapter")
+    A, B = adapter.factors(name)
+    return dequantize_stored(stored.read(f"{name}.weight"), state) + adapter.scale * (B @ A)
+
+
+def _file_bytes(directory: Path) -> dict[str, bytes]:
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name not in ("qpissa_report.json", "adapter_config.json"):
+            files[str(path.relative_to(directory))] = path.read_bytes()
+    return files
