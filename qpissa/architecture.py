@@ -102,8 +102,9 @@ class Architecture:
         """`{model module name: checkpoint module name}`: where an adapter's module is stored."""
         return {layer.module: name for name, layer in self.linears.items()}
 
-    def stored_layout(self, module: str, W: torch.Tensor) -> torch.Tensor:
-        """`W [out, in]` of checkpoint module `module` as the checkpoint stores it (Conv1D: `[in, out]`)."""
+    def swap_layout(self, module: str, W: torch.Tensor) -> torch.Tensor:
+        """A weight of checkpoint module `module` between `[out, in]` and the stored layout: a `Conv1D`'s
+        is `[in, out]`, so it is transposed (either way); any other is returned as is."""
         layer = self.linears.get(module)
         return W.T.contiguous() if layer is not None and layer.transposed else W
 

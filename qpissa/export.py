@@ -189,7 +189,7 @@ def _write_merged(
                 A, B = adapter.factors(adapted[module])  # [r, in], [out, r]
                 W = W + adapter.scale * (B @ A)  # merge in float32, round once
                 bar.update(1)
-            shards.add(name, architecture.stored_layout(module, W).to(dtype))
+            shards.add(name, architecture.swap_layout(module, W).to(dtype))
         else:
             # embeddings (tied lm_head included), norms: unchanged but for the dtype
             tensor = reader.read(name)

@@ -46,7 +46,7 @@ class LoraInputs:
     def original_weight(self, architecture: Architecture, module: str) -> torch.Tensor:
         """The original weight of adapted module `module` (a model name), float32 `[out, in]`."""
         stored = architecture.stored_names().get(module, module)
-        return architecture.stored_layout(stored, self.original.read(f"{stored}.weight").float())
+        return architecture.swap_layout(stored, self.original.read(f"{stored}.weight").float())
 
 
 def check_lora_inputs(
