@@ -150,12 +150,17 @@ def test_trains_and_the_merged_export_reproduces_it(
     converted: tuple[str, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     family, _, qpissa_dir = converted
-    if family in NOT_CAUSAL:  # qpissa train is for causal LMs: refused in one line; export the converted
-        assert cli.main(["--quiet", "train", str(_train_config(qpissa_dir, tmp_path))]) == 2
-        error = capsys.readouterr().err.strip()
-        assert error.count("\n") == 0 and "not a causal language model" in error and "AutoModel" in error
-        assert not (tmp_path / "run").exists()
-        run = qpissa_dir
+    if family in NOT_CAUSAL:  # train, chat, compare are for causal LMs: refused in one line
+        for argv in (
+            ["train", str(_train_config(qpissa_dir, tmp_path))],
+            ["chat", str(qpissa_dir), "--prompt", "hi"],
+            ["compare", str(converted[1]), str(tmp_path / "compare"), "--methods", "qlora"],
+        ):
+            assert cli.main(["--quiet", *argv]) == 2
+            error = capsys.readouterr().err.strip()
+            assert error.count("\n") == 0 and "not a causal language model" in error and "AutoModel" in error
+        assert not (tmp_path / "run").exists() and not (tmp_path / "compare").exists()
+        run = qpissa_dir  # its converted adapter is exported
     else:
         assert cli.main(["--quiet", "train", str(_train_config(qpissa_dir, tmp_path))]) == 0
         run = tmp_path / "run"
