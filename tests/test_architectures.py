@@ -295,3 +295,22 @@ def test_report_refuses_conversions_of_different_base_models(
     inputs = [str(tmp_path / "gpt2-qpissa"), str(tmp_path / "llama-qpissa")]
     status = cli.main(["--quiet", "report", *inputs, "--out", str(tmp_path / "mixed")])
     assert "2 different models" in _fails(capsys, tmp_path / "mixed", status)
+
+
+def test_tensors_renamed_at_load_keep_their_adapter(tmp_path: Path, char_tokenizer: Path) -> None:
+    """A bare BERT stored with its base-model prefix (`bert.encoder...`, as a model with a head saves it):
+    the adapter is keyed by the model's names, the export by the checkpoint's."""
+    from safetensors.torch import load_file, save_file
+
+    model = make_family_model("bert", tmp_path / "model", char_tokenizer)
+    weights = model / "model.safetensors"
+    save_file({f"bert.{name}": t for name, t in load_file(weights).items()}, weights, {"format": "pt"})
+    assert _convert(model, tmp_path / "qpissa") == 0
+    loaded = _plain("bert", tmp_path / "qpissa", tmp_path / "qpissa" / "adapter")
+    assert sum(hasattr(module, "lora_A") for module in loaded.modules()) == 13  # 2 × 6 + the pooler
+    argv = ["--quiet", "export", str(tmp_path / "qpissa"), str(tmp_path / "merged"), "--dtype", "float32"]
+    assert cli.main([*argv, "--no-verify"]) == 0
+    assert all(name.startswith("bert.") for name in load_file(tmp_path / "merged" / "model.safetensors"))
+    with torch.no_grad():
+        expected = _outputs(loaded.eval())
+        assert (_outputs(_plain("bert", tmp_path / "merged").eval()) - expected).abs().max() < 1e-4
