@@ -151,15 +151,13 @@ def test_trains_and_the_merged_export_reproduces_it(
 ) -> None:
     family, _, qpissa_dir = converted
     if family in NOT_CAUSAL:  # train, chat, compare are for causal LMs: refused in one line
-        for argv in (
-            ["train", str(_train_config(qpissa_dir, tmp_path))],
-            ["chat", str(qpissa_dir), "--prompt", "hi"],
-            ["compare", str(converted[1]), str(tmp_path / "compare"), "--methods", "qlora"],
+        for out, argv in (
+            ("run", ["train", str(_train_config(qpissa_dir, tmp_path))]),
+            ("run", ["chat", str(qpissa_dir), "--prompt", "hi"]),
+            ("compare", ["compare", str(converted[1]), str(tmp_path / "compare"), "--methods", "qlora"]),
         ):
-            assert cli.main(["--quiet", *argv]) == 2
-            error = capsys.readouterr().err.strip()
-            assert error.count("\n") == 0 and "not a causal language model" in error and "AutoModel" in error
-        assert not (tmp_path / "run").exists() and not (tmp_path / "compare").exists()
+            error = _error(capsys, tmp_path / out, *argv)
+            assert "not a causal language model" in error and "AutoModel" in error
         run = qpissa_dir  # its converted adapter is exported
     else:
         assert cli.main(["--quiet", "train", str(_train_config(qpissa_dir, tmp_path))]) == 0
@@ -180,11 +178,19 @@ def _convert(model: Path, out: Path, *extra: str) -> int:
     return cli.main(["--quiet", "convert", str(model), str(out), "--rank", "4", "--iters", "2", *extra])
 
 
-def _fails(capsys: pytest.CaptureFixture, out: Path, status: int) -> str:
+def _error(capsys: pytest.CaptureFixture, out: Path, *argv: str) -> str:
+    """Run `qpissa ARGV`, expecting one error line, exit status 2 and nothing written to `out`."""
+    capsys.readouterr()
+    status = cli.main(["--quiet", *argv])
     error = capsys.readouterr().err.strip()
     assert status == 2 and error.startswith("qpissa: error: ") and "\n" not in error, error
     assert not out.exists() and not out.with_name(out.name + ".partial").exists(), "no partial output"
     return error
+
+
+def _fails(capsys: pytest.CaptureFixture, out: Path, model: Path, *extra: str) -> str:
+    """`_error` of converting `model` into `out`."""
+    return _error(capsys, out, "convert", str(model), str(out), "--rank", "4", "--iters", "2", *extra)
 
 
 def test_conv1d_lora_export_applies_to_the_original_gpt2(tmp_path: Path, char_tokenizer: Path) -> None:
@@ -229,7 +235,7 @@ def test_moe_experts_stay_16bit_and_are_said_so(
     assert all(".experts." in name for name in experts["tensors"])
     routers = next(entry for entry in kept if "router" in entry["reason"])
     assert routers["tensors"] == [f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(2)]
-    error = _fails(capsys, tmp_path / "out", _convert(model, tmp_path / "out", "--targets", "q_proj,w1"))
+    error = _fails(capsys, tmp_path / "out", model, "--targets", "q_proj,w1")
     assert "w1" in error and "stay 16-bit" in error and "MoE expert" in error
 
 
@@ -241,7 +247,7 @@ def test_bare_encoder_targets_resolve_against_its_own_names(
     config = json.loads((tmp_path / "qpissa" / "adapter" / "adapter_config.json").read_text())
     assert config["target_modules"] == ["dense", "key", "query", "value"]
     assert config["task_type"] == "FEATURE_EXTRACTION"
-    error = _fails(capsys, tmp_path / "out", _convert(model, tmp_path / "out", "--targets", "q_proj"))
+    error = _fails(capsys, tmp_path / "out", model, "--targets", "q_proj")
     assert "matches no Linear layer of this BertModel; its Linear layers are dense,key,query,value" in error
 
 
@@ -251,8 +257,8 @@ def test_calibration_of_what_it_cannot_run_is_refused(
 ) -> None:
     model = make_family_model(family, tmp_path / "model", char_tokenizer)
     (tmp_path / "calib.txt").write_text("some calibration text. " * 50)
-    status = _convert(model, tmp_path / "out", "--calib", str(tmp_path / "calib.txt"))
-    assert "--calib cannot convert this model" in _fails(capsys, tmp_path / "out", status)
+    error = _fails(capsys, tmp_path / "out", model, "--calib", str(tmp_path / "calib.txt"))
+    assert "--calib cannot convert this model" in error
 
 
 def test_nothing_to_convert_is_one_line(
@@ -267,7 +273,7 @@ def test_nothing_to_convert_is_one_line(
 
     monkeypatch.setattr(targets, "read_architecture", without_linears)
     model = make_family_model("llama", tmp_path / "model", char_tokenizer)
-    error = _fails(capsys, tmp_path / "out", _convert(model, tmp_path / "out"))
+    error = _fails(capsys, tmp_path / "out", model)
     assert "nothing to convert" in error and "LlamaForCausalLM" in error
 
 
@@ -293,8 +299,8 @@ def test_report_refuses_conversions_of_different_base_models(
     spectrum = json.loads((out / "summary.json").read_text())["spectrum"]
     assert spectrum["layer"].endswith("c_attn") and len(spectrum["W"]) == 64  # a Conv1D, read [out, in]
     inputs = [str(tmp_path / "gpt2-qpissa"), str(tmp_path / "llama-qpissa")]
-    status = cli.main(["--quiet", "report", *inputs, "--out", str(tmp_path / "mixed")])
-    assert "2 different models" in _fails(capsys, tmp_path / "mixed", status)
+    error = _error(capsys, tmp_path / "mixed", "report", *inputs, "--out", str(tmp_path / "mixed"))
+    assert "2 different models" in error
 
 
 def test_tensors_renamed_at_load_keep_their_adapter(tmp_path: Path, char_tokenizer: Path) -> None:
@@ -314,3 +320,14 @@ def test_tensors_renamed_at_load_keep_their_adapter(tmp_path: Path, char_tokeniz
     with torch.no_grad():
         expected = _outputs(loaded.eval())
         assert (_outputs(_plain("bert", tmp_path / "merged").eval()) - expected).abs().max() < 1e-4
+
+
+def test_architecture_transformers_does_not_ship_is_refused(
+    tmp_path: Path, char_tokenizer: Path, capsys: pytest.CaptureFixture
+) -> None:
+    model = make_family_model("llama", tmp_path / "model", char_tokenizer)
+    config = json.loads((model / "config.json").read_text())
+    config.update(architectures=["MyLlamaForCausalLM"], auto_map={"AutoModelForCausalLM": "my.MyLlama"})
+    (model / "config.json").write_text(json.dumps(config))
+    error = _fails(capsys, tmp_path / "out", model)
+    assert "no model class MyLlamaForCausalLM" in error and "custom code in auto_map" in error
