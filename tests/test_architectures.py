@@ -154,6 +154,7 @@ def test_trains_and_the_merged_export_reproduces_it(
         for out, argv in (
             ("run", ["train", str(_train_config(qpissa_dir, tmp_path))]),
             ("run", ["chat", str(qpissa_dir), "--prompt", "hi"]),
+            ("run", ["eval", str(qpissa_dir), "--data", str(tmp_path / "train.jsonl")]),
             ("compare", ["compare", str(converted[1]), str(tmp_path / "compare"), "--methods", "qlora"]),
         ):
             error = _error(capsys, tmp_path / out, *argv)
@@ -251,7 +252,7 @@ def test_bare_encoder_targets_resolve_against_its_own_names(
     assert "matches no Linear layer of this BertModel; its Linear layers are dense,key,query,value" in error
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bert"])
+@pytest.mark.parametrize("family", ["gpt2", "bert", "mixtral"])  # Conv1D, an encoder, renamed tensors
 def test_calibration_of_what_it_cannot_run_is_refused(
     family: str, tmp_path: Path, char_tokenizer: Path, capsys: pytest.CaptureFixture
 ) -> None:
