@@ -23,7 +23,8 @@ bitsandbytes or datasets at module level.
     nf4_codes          NF4 codes on chosen block scales: scale search, error-compensated rounding (GPTQ)
     svd                exact and randomized rank-r SVD (seeded, oversampled, warm-startable)
     methods            qpissa / loftq / qlora: one weight in, (Q, A, B) out, data-free or under H
-    targets            which Linear layers of a checkpoint get decomposed
+    architecture       the model transformers builds for a checkpoint; where its matrices land in it
+    targets            which Linear layers of a checkpoint get decomposed; what stays 16-bit, and why
     weight_error       per-matrix weight-space error against QLoRA and its per-type means (the paper's)
     convert            `qpissa convert`: the streaming conversion and its worker pipeline
     convert_matrix     one target decomposed and measured (weight- and output-space errors)

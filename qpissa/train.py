@@ -38,7 +38,7 @@ from qpissa.artifacts import (
 from qpissa.checkpoint import write_json
 from qpissa.convert_settings import Method
 from qpissa.data import Sample, TokenizedData, check_tokenizer, collate, load_split, pad_token_id
-from qpissa.loading import check_source, load_model, load_tokenizer
+from qpissa.loading import check_causal_lm, check_source, load_model, load_tokenizer
 from qpissa.memory import estimate_memory
 from qpissa.options import to_dict
 from qpissa.outputs import check_apart, check_replaceable, lock_output
@@ -195,6 +195,7 @@ def _check_inputs(config: TrainConfig) -> tuple[ModelSource, Path | None]:
         )
     source = ModelSource(model_dir, model_dir / ADAPTER_DIR)
     check_source(source)
+    check_causal_lm(model_dir)
     for path in (config.data.path, config.data.eval_path):
         if path is not None and not path.exists():
             raise UserError(f"dataset {path} does not exist; check data.path / data.eval_path")
