@@ -30,7 +30,7 @@ from qpissa.nf4 import dequantize_stored
 from qpissa.stored import adapter_key
 
 HIDDEN_NAME = "hidden.pt"  # in OUT.partial/calibration/: the inputs of the next layer to calibrate
-BATCH_TOKENS = 2048  # calibration tokens per forward pass: activations stay small, products stay large
+BATCH_TOKENS = 1024  # calibration tokens per forward pass: activations stay small, products stay large
 
 
 @dataclass
