@@ -63,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     unanticipated exception is a bug: it keeps its traceback, plus a line asking to report it.
     """
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "handler", None) is not _cmd_train:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # `--max_steps 2`: transformers' and LLaMA-Factory's flag style, as overrides
+        args.overrides = [*args.overrides, *extra]
     hide_library_deprecation_notes()
     if args.quiet:
         hide_library_progress_bars()
@@ -230,7 +234,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", type=Path, help="YAML recipe (see configs/)")
     train.add_argument(
-        "overrides", nargs="*", help="key=value overrides, dotted for groups: data.max_seq_len=512"
+        "overrides",
+        nargs="*",
+        help="overrides of any recipe key or TrainingArguments option: key=value or --key value, "
+        "dotted for groups: data.max_seq_len=512 --report_to tensorboard",
     )
     train.set_defaults(handler=_cmd_train)
 

@@ -48,6 +48,9 @@ class DataFormat(str, Enum):
     MESSAGES = "messages"  # messages: [{role, content}, ...], rendered with the tokenizer's chat template
     PROMPT_COMPLETION = "prompt_completion"  # prompt, completion: concatenated as plain text
     TEXT = "text"  # text: plain language modelling, loss on every token
+    SHAREGPT = "sharegpt"  # conversations: [{from, value}, ...] with human/gpt/system (and variants)
+    # TRL's conversational prompt-completion: prompt and completion are lists of {role, content}
+    CHAT_PROMPT_COMPLETION = "chat_prompt_completion"
 
 
 class Metric(str, Enum):

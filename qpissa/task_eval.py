@@ -14,7 +14,8 @@ import torch
 
 from qpissa import UserError
 from qpissa.artifacts import RUN_MARKER, read_run
-from qpissa.data import IGNORE_INDEX, Sample, collate, load_split, pad_token_id
+from qpissa.data import IGNORE_INDEX, collate, load_split, pad_token_id
+from qpissa.data_formats import Sample
 from qpissa.demo_task import final_answer
 from qpissa.loading import checked_source, load_model, load_tokenizer
 from qpissa.recipe import DataConfig
