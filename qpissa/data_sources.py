@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from qpissa import UserError
 from qpissa.artifacts import read_text
 from qpissa.data_formats import check_record, detect_format
+from qpissa.hub import is_hub_name
 from qpissa.settings import DataFormat
 
 if TYPE_CHECKING:
@@ -75,12 +76,6 @@ def load_records(path: Path, subset: str | None = None, split: str = "train") ->
         raise
     except Exception as error:  # datasets wraps parse and connection errors in many exception types
         raise UserError(_read_problem(path, local, error)) from None
-
-
-def is_hub_name(path: Path) -> bool:
-    """`name` or `owner/name` as written: not absolute, no `./`, no file extension."""
-    parts = path.as_posix().split("/")
-    return not path.is_absolute() and len(parts) <= 2 and "." not in parts[0][:1] and not path.suffix
 
 
 def _check_file(path: Path) -> None:

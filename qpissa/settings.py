@@ -110,7 +110,7 @@ class EvalSettings:
     """Options of `qpissa eval`."""
 
     format: DataFormat | None = field(
-        default=None, metadata={"help": "record format; default: the run's data.format"}
+        default=None, metadata={"help": "record format; default: the run's data.format, else detected"}
     )
     metric: Metric = field(default=Metric.ALL, metadata={"help": "what to compute"})
     max_seq_len: int | None = field(

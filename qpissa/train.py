@@ -39,7 +39,7 @@ from qpissa.checkpoint import write_json
 from qpissa.convert_settings import Method
 from qpissa.data import TokenizedData, collate, load_split, load_train, packing_collator, pad_token_id
 from qpissa.data_formats import Sample
-from qpissa.data_sources import is_hub_name
+from qpissa.hub import is_hub_name, resolve_model
 from qpissa.loading import check_source, load_model, load_tokenizer
 from qpissa.memory import estimate_memory
 from qpissa.options import to_dict
@@ -200,7 +200,7 @@ def _log_initial_loss(
 
 def _check_inputs(config: TrainConfig) -> tuple[ModelSource, Path | None]:
     """Validate model, data paths, checkpoint and where output_dir lies, reading only."""
-    model_dir = config.model.resolve()
+    model_dir = resolve_model(config.model, "model").resolve()
     if not is_qpissa_dir(model_dir) or not has_adapter(model_dir / ADAPTER_DIR):
         raise UserError(
             f"model {config.model} is not a QPiSSA directory (no {REPORT_NAME} and adapter/); "
