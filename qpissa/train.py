@@ -111,13 +111,12 @@ def _train(
     model = load_model(source, trainable=True, device=runtime.device, compute_dtype=runtime.dtype)
     _adapter_to_float32(model)
     model.config.use_cache = False  # no KV cache in training; with one, attention ignores packed positions
-    memory = estimate_memory(model, config, runtime)
-    _log_setup(memory, train_data)
-
     pad_id = pad_token_id(tokenizer)
     if resume is None:
         batch = min(len(train_data.rows), config.per_device_train_batch_size)
         _log_initial_loss(model, [train_data.rows[i] for i in range(batch)], pad_id, runtime, run_dir)
+    memory = estimate_memory(model, config, runtime)  # after a first forward: its kernels and buffers count
+    _log_setup(memory, train_data)
 
     generate = partial(
         exact_match,

@@ -18,6 +18,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 from transformers.integrations import integration_utils
+from transformers.utils import is_liger_kernel_available
 
 from qpissa import UserError
 from qpissa.recipe import TrainConfig
@@ -85,6 +86,8 @@ def training_arguments(
     if values.get("eval_strategy", "no") != "no" and config.data.eval_path is None:
         raise UserError("eval_strategy is set but data.eval_path is not; add held-out data or drop it")
     _check_reporters(values["report_to"])
+    if values.get("use_liger_kernel") and not is_liger_kernel_available():  # else the Trainer fails later
+        raise UserError("use_liger_kernel needs liger-kernel (pip install liger-kernel) and a CUDA GPU")
     try:
         return TrainingArguments(**values)
     except (ValueError, TypeError, ImportError) as error:

@@ -38,6 +38,7 @@ def test_any_trainer_option_and_flag_overrides_reach_the_trainer(
         (["use_cpu=true"], "`use_cpu` is set by qpissa; use device: cpu"),
         (["--learning_rat", "1e-4"], "unknown setting `learning_rat`"),
         (["--report_to", "wandb"], "wandb package is not installed"),
+        (["--use_liger_kernel"], "use_liger_kernel needs liger-kernel"),
     ],
 )
 def test_bad_trainer_options_are_one_line_errors(
@@ -105,3 +106,32 @@ def test_chat_sources_mixed_detected_and_template_saved(
     run = tmp_path / "run"
     for where in (run, run / "adapter"):
         assert (where / "chat_template.jinja").read_text() == template
+
+
+@pytest.mark.integration
+def test_memory_estimate_within_15_percent_on_the_demo_recipe(demo_model: Path, tmp_path: Path) -> None:
+    """In a fresh process (a test process's high-water mark holds earlier tests' memory)."""
+    import re
+    import subprocess
+    import sys
+
+    qpissa_dir = tmp_path / "qpissa-r64"
+    assert (
+        cli.main(["--quiet", "convert", str(demo_model), str(qpissa_dir), "--rank", "64", "--iters", "1"])
+        == 0
+    )
+    tool = Path(__file__).parents[1] / "tools" / "make_task_data.py"
+    subprocess.run(
+        [sys.executable, str(tool), str(tmp_path / "task"), "--train", "64", "--eval", "8"], check=True
+    )
+    recipe = Path(__file__).parents[1] / "configs" / "demo.yaml"
+    train_file = tmp_path / "task" / "train.jsonl"
+    overrides = [f"model={qpissa_dir}", f"output_dir={tmp_path / 'run'}", f"data.path={train_file}",
+                 "data.eval_path=null", "eval_steps=null", "--max_steps", "6",
+                 "--save_strategy", "no"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "qpissa.cli", "train", str(recipe), *overrides],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    estimate = float(re.search(r"estimated peak memory (\d+) MB", done.stderr).group(1))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "trainer_log.jsonl").read_text().splitlines()]
+    peak = max(row["peak_memory_mb"] for row in rows)
+    assert abs(estimate / peak - 1) <= 0.15, (estimate, peak)
