@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 import qpissa
 from qpissa import UserError
 from qpissa.artifacts import CONFIG_NAME, EXPORT_REPORT, OWN_JSON, ModelSource, resolve_source
+from qpissa.chat_template import save_chat_template, saved_chat_template
 from qpissa.checkpoint import ShardedWriter, copy_side_files, write_json
 from qpissa.export_lora import LoraInputs, check_lora_inputs, write_lora, write_readme
 from qpissa.export_verify import verify_export
@@ -109,6 +110,9 @@ def _write(
             details = write_lora(residual, trained, lora_inputs, partial, dtype, settings.rank, bar)
     finally:
         bar.close()
+    template = saved_chat_template(source.adapter_dir, source.run_dir)  # the run's own, if it set one
+    if template is not None:
+        save_chat_template(template, partial)
     write_seconds, write_peak_mb = time.perf_counter() - started, peak_rss_mb()
     report = {
         "kind": settings.to.value,

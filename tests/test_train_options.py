@@ -9,6 +9,8 @@ import pytest
 from test_train import _config, _losses
 
 from qpissa import cli
+from qpissa.artifacts import resolve_source
+from qpissa.loading import load_tokenizer
 
 
 def test_any_trainer_option_and_flag_overrides_reach_the_trainer(
@@ -73,12 +75,14 @@ def test_packing_trains_exactly_as_padding_does(
     assert losses[True][2] == pytest.approx(losses[False][2], abs=1e-4)
 
 
-def test_chat_sources_mixed_detected_and_template_saved(
+def test_chat_sources_mixed_detected_and_template_kept_by_chat_eval_export(
     qpissa_dir: Path,
     data_dir: Path,
     tmp_path: Path,
     caplog,
 ) -> None:
+    from transformers import AutoTokenizer
+
     sharegpt = tmp_path / "sharegpt.jsonl"
     turns = [{"from": "human", "value": "1+1"}, {"from": "gpt", "value": "2"}]
     sharegpt.write_text("".join(json.dumps({"conversations": turns}) + "\n" for _ in range(6)))
@@ -106,6 +110,9 @@ def test_chat_sources_mixed_detected_and_template_saved(
     run = tmp_path / "run"
     for where in (run, run / "adapter"):
         assert (where / "chat_template.jinja").read_text() == template
+    assert load_tokenizer(resolve_source(run)).chat_template == template  # what chat and eval load
+    assert cli.main(["--quiet", "export", str(run), str(tmp_path / "merged"), "--no-verify"]) == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == template
 
 
 @pytest.mark.integration
