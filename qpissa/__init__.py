@@ -8,7 +8,7 @@ bitsandbytes or datasets at module level.
     cli*               the `qpissa` command: argparse and one short handler per subcommand
     settings*          every command's settings dataclass and every closed choice (enums)
     options*           settings dataclasses <-> argparse flags, YAML data and key=value overrides
-    recipe*            the training recipe: TrainConfig, DataConfig, optimizers, schedules, load_config
+    recipe*            the training recipe: TrainConfig, DataConfig, DataSource, load_config
     artifacts*         every file name qpissa writes or reads, and the finders (resolve_source, ...)
     outputs*           outputs kept apart from inputs, one writer per output (lock), built in OUT.partial
     console*           the text the CLI prints for a result: error table, export summary
