@@ -135,12 +135,15 @@ def test_hub_dataset_offline_from_the_datasets_cache(tmp_path: Path, monkeypatch
 
 
 def test_sources_mix_with_counts_and_fractions_seeded(tmp_path: Path, tokenizer) -> None:
+    import datasets
+
     first = _write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "completion": "x"} for i in range(10)])
     second = _write_jsonl(tmp_path / "b.jsonl", [{"text": f"b{i}"} for i in range(8)])
     sources = [DataSource(first, samples=3), DataSource(second, samples=0.5)]
     config = DataConfig(sources=sources, max_seq_len=32)
     mixed = load_train(config, tokenizer, seed=1)
     assert len(mixed.rows) == 7 and mixed.dropped == 0
+    assert isinstance(mixed.rows, datasets.Dataset)  # Arrow arrays from datasets.map, not Python lists
     again, other = load_train(config, tokenizer, seed=1), load_train(config, tokenizer, seed=2)
     assert again.rows["input_ids"] == mixed.rows["input_ids"] != other.rows["input_ids"]
     with pytest.raises(UserError, match="has 10 records; samples=11 asks for 11"):
