@@ -28,10 +28,10 @@ bitsandbytes or datasets at module level.
     conversion_report  qpissa_report.json: settings as resolved, per-matrix errors, summary
     models             the demo model, tiny random models, synthetic Llama-shaped checkpoints
     loading            loading a QPiSSA directory, run or export with plain transformers + PEFT
-    hub                Hub names told from local paths; a Hub model id resolved to its local snapshot
-    chat_template      a run's own chat template: from a file or inline, saved with the run and adapter
-    data_formats       record formats, their detection, rendering records into (text, trained) segments
-    data_sources       training records from files, folders, save_to_disk dirs, the Hub; mixtures
+    hub*               Hub names told from local paths; a Hub model id resolved to its local snapshot
+    chat_template*     a run's own chat template: from a file or inline, saved with the run and adapter
+    data_formats*      record formats, their detection, rendering records into (text, trained) segments
+    data_sources*      training records from files, folders, save_to_disk dirs, the Hub; mixtures
     data               tokenization with datasets.map and exact loss masks, mixing, the collators (packing)
     trainer_options    every TrainingArguments option in a recipe, checked, and the Trainer's arguments
     trainlog           the per-step JSONL log and a quieter progress bar

@@ -135,8 +135,9 @@ def _read_problem(path: Path, local: bool, error: Exception) -> str:
         return f"dataset {path} has no records; it needs at least one"
     if not local:
         return (
-            f"cannot load Hub dataset {path} ({type(error).__name__}: {reason}); check the name, your "
-            "connection, or that a previous download is in the datasets cache when HF_HUB_OFFLINE=1"
+            f"dataset {path} is no local file or directory, and as a Hub dataset it cannot be loaded "
+            f"({type(error).__name__}: {reason}); check the path or name, your connection, or (with "
+            "HF_HUB_OFFLINE=1) that a previous download is in the datasets cache"
         )
     kind = path.suffix.lstrip(".") or "save_to_disk or data-file folder"
     return f"cannot read dataset {path} ({type(cause).__name__}: {reason}); check that it is a valid {kind}"

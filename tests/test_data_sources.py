@@ -130,7 +130,7 @@ def test_hub_dataset_offline_from_the_datasets_cache(tmp_path: Path, monkeypatch
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     dataset, data_format = load_source(DataSource(Path("tatsu-lab/alpaca")))
     assert data_format is DataFormat.ALPACA and dataset["output"] == [f"a{i}" for i in range(5)]
-    with pytest.raises(UserError, match="cannot load Hub dataset nobody/nothing"):
+    with pytest.raises(UserError, match="nobody/nothing is no local file or directory, and as a Hub dataset"):
         load_source(DataSource(Path("nobody/nothing")))
 
 
