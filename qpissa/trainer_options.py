@@ -10,6 +10,7 @@ values (choices, combinations) before anything is written.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from enum import Enum
@@ -104,10 +105,12 @@ def _checked(options: dict[str, Any]) -> dict[str, Any]:
         if key in SET_BY_QPISSA:
             problems.append(f"`{key}` is set by qpissa; use {SET_BY_QPISSA[key]}")
         elif key not in known:
-            own = ", ".join(f.name for f in dataclasses.fields(TrainConfig) if f.name != "trainer")
+            own = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "trainer"]
+            close = difflib.get_close_matches(key, [*own, *known], n=1)
+            hint = f"did you mean `{close[0]}`?" if close else "check the spelling"
             problems.append(
-                f"unknown setting `{key}`: neither a recipe key ({own}) nor a transformers "
-                "TrainingArguments option; check the spelling"
+                f"unknown setting `{key}`: neither a recipe key ({', '.join(own)}) nor a transformers "
+                f"TrainingArguments option; {hint}"
             )
         else:
             try:

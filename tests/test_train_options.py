@@ -39,6 +39,7 @@ def test_any_trainer_option_and_flag_overrides_reach_the_trainer(
         (["--optim", "sgdd"], "a Trainer option is invalid"),
         (["use_cpu=true"], "`use_cpu` is set by qpissa; use device: cpu"),
         (["--learning_rat", "1e-4"], "unknown setting `learning_rat`"),
+        (["--max_stepz", "2"], "did you mean `max_steps`?"),
         (["--report_to", "wandb"], "wandb package is not installed"),
         (["--use_liger_kernel"], "use_liger_kernel needs liger-kernel"),
     ],
