@@ -55,9 +55,10 @@ from qpissa.original_kl import check_heldout, heldout_ids, measure_fidelity
 from qpissa.outputs import check_apart, lock_output
 from qpissa.recipe import DataSource, load_config
 from qpissa.report import build_report
-from qpissa.runtime import in_fresh_process
+from qpissa.runtime import in_fresh_process, resolve_runtime
 from qpissa.settings import FidelitySettings, ReportOptions
 from qpissa.train import train
+from qpissa.trainer_options import training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +235,8 @@ def _check_train_config(config_path: Path, out_dir: Path) -> None:
     overrides = [f"model={out_dir / CONVERSIONS_DIR}", f"output_dir={out_dir / RUNS_DIR}"]
     config = load_config(config_path, overrides)
     check_apart(out_dir, "OUT", {"data.path": config.data.path, "data.eval_path": config.data.eval_path})
+    runtime = resolve_runtime(config.device, config.bf16, config.optim)
+    training_arguments(config, runtime, out_dir / RUNS_DIR, show_progress=False)  # every Trainer option
     for source in config.data.train_sources():
         load_source(source)
     if config.data.eval_path is not None:
