@@ -143,3 +143,19 @@ def test_memory_estimate_within_15_percent_on_the_demo_recipe(demo_model: Path, 
     rows = [json.loads(line) for line in (tmp_path / "run" / "trainer_log.jsonl").read_text().splitlines()]
     peak = max(row["peak_memory_mb"] for row in rows)
     assert abs(estimate / peak - 1) <= 0.15, (estimate, peak)
+
+
+def test_training_bar_is_tqdm_auto_and_shown_in_notebooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """disable=None: tqdm hides it on a redirected stderr, tqdm.notebook (picked by tqdm.auto) shows it."""
+    import types
+
+    import tqdm.auto
+
+    from qpissa import trainlog
+
+    assert trainlog.tqdm is tqdm.auto.tqdm
+    made = {}
+    monkeypatch.setattr(trainlog, "tqdm", lambda **options: made.update(options))
+    state = types.SimpleNamespace(is_world_process_zero=True, max_steps=5)
+    trainlog.QuietProgressCallback().on_train_begin(None, state, None)
+    assert made["disable"] is None and made["total"] == 5
