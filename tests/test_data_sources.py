@@ -157,3 +157,14 @@ def test_data_config_needs_exactly_one_of_path_and_sources(tmp_path: Path) -> No
         DataConfig(path=tmp_path, sources=[DataSource(tmp_path)])
     with pytest.raises(UserError, match="a whole count or a fraction"):
         DataSource(tmp_path, samples=2.5)
+
+
+def test_tokenizing_in_several_processes_gives_the_same_rows(tmp_path: Path, tokenizer) -> None:
+    records = [
+        {"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"}]}
+        for i in range(8)
+    ]
+    path = _write_jsonl(tmp_path / "d.jsonl", records)
+    one = load_train(DataConfig(path=path, max_seq_len=64), tokenizer, seed=0)
+    two = load_train(DataConfig(path=path, max_seq_len=64, num_proc=2), tokenizer, seed=0)
+    assert two.rows["labels"] == one.rows["labels"] and len(one.rows) == 8
