@@ -25,19 +25,14 @@ from qpissa import UserError
 from qpissa.recipe import TrainConfig
 from qpissa.runtime import Runtime
 
-# TrainingArguments fields qpissa sets itself, and the recipe key that sets them instead
+# TrainingArguments fields qpissa sets itself, and why (or what to set instead)
 SET_BY_QPISSA = {
-    "use_cpu": "device: cpu",
-    "fp16": "bf16 (fp16 is used on GPUs without bf16)",
-    "remove_unused_columns": "nothing (qpissa's collator needs the labels column)",
-    "disable_tqdm": "--quiet",
-    "include_num_input_tokens_seen": "nothing (tokens/s in trainer_log.jsonl needs it)",
+    "use_cpu": "set device: cpu instead",
+    "fp16": "set bf16 (fp16 is used on GPUs without bf16)",
+    "remove_unused_columns": "qpissa's collator needs the labels column",
+    "disable_tqdm": "use --quiet",
+    "include_num_input_tokens_seen": "tokens/s in trainer_log.jsonl needs it",
 }
-
-
-def trainer_fields() -> set[str]:
-    """Names of the TrainingArguments fields a recipe may set."""
-    return {field.name for field in dataclasses.fields(TrainingArguments) if field.init}
 
 
 def training_arguments(
@@ -96,14 +91,19 @@ def training_arguments(
         raise UserError(f"a Trainer option is invalid: {reason}; fix it in the recipe or overrides") from None
 
 
+def _trainer_fields() -> set[str]:
+    """Names of the TrainingArguments fields a recipe may set."""
+    return {field.name for field in dataclasses.fields(TrainingArguments) if field.init}
+
+
 def _checked(options: dict[str, Any]) -> dict[str, Any]:
     """The recipe's TrainingArguments options with their types checked (every problem at once)."""
-    known = trainer_fields()
+    known = _trainer_fields()
     hints = typing.get_type_hints(TrainingArguments)
     problems, values = [], {}
     for key, value in options.items():
         if key in SET_BY_QPISSA:
-            problems.append(f"`{key}` is set by qpissa; use {SET_BY_QPISSA[key]}")
+            problems.append(f"`{key}` is set by qpissa: {SET_BY_QPISSA[key]}")
         elif key not in known:
             own = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "trainer"]
             close = difflib.get_close_matches(key, [*own, *known], n=1)

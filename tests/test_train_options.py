@@ -37,7 +37,7 @@ def test_any_trainer_option_and_flag_overrides_reach_the_trainer(
         (["--adam_beta2", "high"], "`adam_beta2` must be float"),
         (["--lr_scheduler_type", "sideways"], "a Trainer option is invalid"),
         (["--optim", "sgdd"], "a Trainer option is invalid"),
-        (["use_cpu=true"], "`use_cpu` is set by qpissa; use device: cpu"),
+        (["use_cpu=true"], "`use_cpu` is set by qpissa: set device: cpu instead"),
         (["--learning_rat", "1e-4"], "unknown setting `learning_rat`"),
         (["--max_stepz", "2"], "did you mean `max_steps`?"),
         (["--report_to", "wandb"], "wandb package is not installed"),
