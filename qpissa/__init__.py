@@ -4,12 +4,12 @@ Module map: one concern per module, no import circles (tests/test_structure.py c
 `qpissa --help` never imports torch). Modules marked * import no torch, transformers, peft,
 bitsandbytes or datasets at module level.
 
-    __init__*          UserError, __version__, hiding library notes users can do nothing about
+    __init__*          UserError, __version__, the Python API (loaded on first use), hiding library notes
     cli*               the `qpissa` command: argparse and one short handler per subcommand
     settings*          the settings dataclasses of train's helpers, eval, export, chat, report
     convert_settings*  convert's and compare's settings and their closed choices (method, SVD, ...)
     options*           settings dataclasses <-> argparse flags, YAML data and key=value overrides
-    recipe*            the training recipe: TrainConfig, DataConfig, optimizers, schedules, load_config
+    recipe*            the training recipe: TrainConfig, DataConfig, DataSource, load_config
     artifacts*         every file name qpissa writes or reads, and the finders (resolve_source, ...)
     outputs*           outputs kept apart from inputs, one writer per output (lock), built in OUT.partial
     console*           the text the CLI prints for a result: error table, export summary
@@ -35,7 +35,12 @@ bitsandbytes or datasets at module level.
     conversion_report  qpissa_report.json: settings as resolved, per-matrix errors, summary
     models             the demo model, tiny random models, synthetic Llama-shaped checkpoints
     loading            loading a QPiSSA directory, run or export with plain transformers + PEFT
-    data               dataset formats, chat templates, response-only loss masks, packing
+    hub*               Hub names told from local paths; a Hub model id resolved to its local snapshot
+    chat_template*     a run's own chat template: from a file or inline, saved with the run and adapter
+    data_formats*      record formats, their detection, rendering records into (text, trained) segments
+    data_sources*      training records from files, folders, save_to_disk dirs, the Hub; mixtures
+    data               tokenization with datasets.map and exact loss masks, mixing, the collators (packing)
+    trainer_options    every TrainingArguments option in a recipe, checked, and the Trainer's arguments
     trainlog           the per-step JSONL log and a quieter progress bar
     train              `qpissa train`: transformers' Trainer over the frozen NF4 residual
     task_eval          `qpissa eval`: task loss, perplexity, exact-match accuracy
@@ -51,12 +56,49 @@ bitsandbytes or datasets at module level.
     spectrum           singular value spectra of one layer, for the report
 """
 
+import importlib
 import logging
 import os
 import sys
+import types
 import warnings
+from typing import Any
 
 __version__ = "0.1.0"
+
+# the Python API: name -> module that defines it; `from qpissa import convert, train, export, evaluate`
+API = {
+    "convert": "qpissa.convert",
+    "ConvertSettings": "qpissa.convert_settings",
+    "train": "qpissa.train",
+    "TrainConfig": "qpissa.recipe",
+    "DataConfig": "qpissa.recipe",
+    "DataSource": "qpissa.recipe",
+    "load_config": "qpissa.recipe",
+    "export": "qpissa.export",
+    "ExportSettings": "qpissa.settings",
+    "evaluate": "qpissa.task_eval",
+    "EvalSettings": "qpissa.settings",
+}
+__all__ = ["UserError", "__version__", *API]
+
+
+def __getattr__(name: str) -> Any:
+    """Load an API name on first use, so that `import qpissa` (and `qpissa --help`) stays torch-free."""
+    if name not in API:
+        raise AttributeError(f"module 'qpissa' has no attribute {name!r}")
+    return getattr(importlib.import_module(API[name]), name)
+
+
+class _Package(types.ModuleType):
+    """`qpissa.convert`, `qpissa.train` and `qpissa.export` name the API functions although submodules of
+    those names exist: the import system sets a package attribute for every submodule it loads, which
+    would hide the function; the submodules stay in `sys.modules` (`from qpissa.convert import ...`)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in API and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
 
 
 class UserError(Exception):
@@ -86,3 +128,6 @@ def hide_library_progress_bars() -> None:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
     if "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()
+
+
+sys.modules[__name__].__class__ = _Package

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from qpissa import UserError
-from qpissa.data import detect_format, read_records, render
+from qpissa.data_formats import render
+from qpissa.data_sources import load_source
+from qpissa.recipe import DataSource
 
 TEXT_SUFFIXES = (".txt", ".md")  # read whole as plain text
 OVERLAP_NGRAM = 32  # tokens: a shared run this long between calibration and held-out text is an overlap
@@ -108,8 +110,7 @@ def _read_texts(path: Path, tokenizer: Any) -> tuple[list[str], str]:
         if not text.strip():
             raise UserError(f"--calib {path} is empty; pass a file with text in it")
         return [text], "text file"
-    data_format = detect_format(path)
-    records = read_records(path, data_format)
+    records, data_format = load_source(DataSource(path))
     texts = [
         "".join(text for text, _ in render(record, data_format, tokenizer).segments) for record in records
     ]

@@ -63,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     unanticipated exception is a bug: it keeps its traceback, plus a line asking to report it.
     """
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "handler", None) is not _cmd_train:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # `--max_steps 2`: transformers' and LLaMA-Factory's flag style, as overrides
+        args.overrides = [*args.overrides, *extra]
     hide_library_deprecation_notes()
     if args.quiet:
         hide_library_progress_bars()
@@ -131,9 +135,11 @@ def _cmd_fetch_model(args: argparse.Namespace) -> None:
 
 def _cmd_convert(args: argparse.Namespace) -> None:
     from qpissa.convert import convert
+    from qpissa.hub import resolve_model
 
     settings = from_namespace(ConvertSettings, args)
-    report = convert(args.model, args.out, settings, resume=args.resume, overwrite=args.overwrite,
+    model = resolve_model(args.model, "MODEL")  # a Hub model id becomes its local snapshot
+    report = convert(model, args.out, settings, resume=args.resume, overwrite=args.overwrite,
                      show_progress=not args.quiet)  # fmt: skip
     print(convert_summary(report, args.out))
 
@@ -183,11 +189,13 @@ def _cmd_chat(args: argparse.Namespace) -> None:
 
 def _cmd_compare(args: argparse.Namespace) -> None:
     from qpissa.compare import compare
+    from qpissa.hub import resolve_model
 
     settings = from_namespace(CompareSettings, args)
     convert_settings = from_namespace(ConvertSettings, args, exclude=("method",))
     fidelity, options = from_namespace(FidelitySettings, args), from_namespace(ReportOptions, args)
-    record = compare(args.model, args.out, settings, convert_settings, fidelity, report_options=options,
+    model = resolve_model(args.model, "MODEL")
+    record = compare(model, args.out, settings, convert_settings, fidelity, report_options=options,
                      show_progress=not args.quiet)  # fmt: skip
     steps = record["history"][-1]["steps"]
     done = sum(step["status"] == "done" for step in steps)
@@ -218,7 +226,9 @@ def _build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser(
         "convert", help="decompose a checkpoint: NF4 residual + adapter + error report"
     )
-    convert.add_argument("model", type=Path, help="Hugging Face checkpoint directory (safetensors)")
+    convert.add_argument(
+        "model", type=Path, help="Hugging Face checkpoint directory (safetensors) or Hub model id"
+    )
     convert.add_argument("out", type=Path, help="output QPiSSA directory")
     add_arguments(convert, ConvertSettings)
     convert.add_argument("--resume", action="store_true", help="continue an interrupted conversion of OUT")
@@ -230,7 +240,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", type=Path, help="YAML recipe (see configs/)")
     train.add_argument(
-        "overrides", nargs="*", help="key=value overrides, dotted for groups: data.max_seq_len=512"
+        "overrides",
+        nargs="*",
+        help="overrides of any recipe key or TrainingArguments option: key=value or --key value, "
+        "dotted for groups: data.max_seq_len=512 --report_to tensorboard",
     )
     train.set_defaults(handler=_cmd_train)
 
@@ -265,7 +278,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _add_compare_and_report(commands: argparse._SubParsersAction) -> None:
     compare = commands.add_parser("compare", help="convert with each method, measure fidelity, train; report")
-    compare.add_argument("model", type=Path, help="Hugging Face checkpoint directory (full precision)")
+    compare.add_argument(
+        "model", type=Path, help="Hugging Face checkpoint directory (full precision) or Hub model id"
+    )
     compare.add_argument("out", type=Path, help="comparison directory (a re-run reuses finished steps)")
     add_arguments(compare, CompareSettings)
     add_arguments(compare, ConvertSettings, exclude=("method",))

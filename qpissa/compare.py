@@ -48,16 +48,17 @@ from qpissa.calibration import OVERLAP_NGRAM, calibration_tokens, overlap_tokens
 from qpissa.checkpoint import CheckpointReader, write_json
 from qpissa.convert import convert
 from qpissa.convert_settings import CompareSettings, ConvertSettings, Method
-from qpissa.data import read_records
+from qpissa.data_sources import load_source
 from qpissa.loading import check_causal_lm, load_model, load_tokenizer
 from qpissa.options import to_dict
 from qpissa.original_kl import check_heldout, heldout_ids, measure_fidelity
 from qpissa.outputs import check_apart, lock_output
-from qpissa.recipe import load_config
+from qpissa.recipe import DataSource, load_config
 from qpissa.report import build_report
-from qpissa.runtime import in_fresh_process
+from qpissa.runtime import in_fresh_process, resolve_runtime
 from qpissa.settings import FidelitySettings, ReportOptions
 from qpissa.train import train
+from qpissa.trainer_options import training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -235,9 +236,12 @@ def _check_train_config(config_path: Path, out_dir: Path) -> None:
     overrides = [f"model={out_dir / CONVERSIONS_DIR}", f"output_dir={out_dir / RUNS_DIR}"]
     config = load_config(config_path, overrides)
     check_apart(out_dir, "OUT", {"data.path": config.data.path, "data.eval_path": config.data.eval_path})
-    for path in (config.data.path, config.data.eval_path):
-        if path is not None:
-            read_records(path, config.data.format)
+    runtime = resolve_runtime(config.device, config.bf16, config.optim)
+    training_arguments(config, runtime, out_dir / RUNS_DIR, show_progress=False)  # every Trainer option
+    for source in config.data.train_sources():
+        load_source(source)
+    if config.data.eval_path is not None:
+        load_source(DataSource(config.data.eval_path, config.data.format, split=config.data.eval_split))
 
 
 def _run_identity(config: dict) -> dict:

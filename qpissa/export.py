@@ -19,6 +19,7 @@ import qpissa
 from qpissa import UserError
 from qpissa.architecture import Architecture, read_architecture
 from qpissa.artifacts import CONFIG_NAME, EXPORT_REPORT, OWN_JSON, ModelSource, resolve_source
+from qpissa.chat_template import save_chat_template, saved_chat_template
 from qpissa.checkpoint import ShardedWriter, copy_side_files, write_json
 from qpissa.export_lora import LoraInputs, check_lora_inputs, write_lora, write_readme
 from qpissa.export_verify import verify_export
@@ -118,6 +119,9 @@ def _write(
             )
     finally:
         bar.close()
+    template = saved_chat_template(source.adapter_dir, source.run_dir)  # the run's own, if it set one
+    if template is not None:
+        save_chat_template(template, partial)
     write_seconds, write_peak_mb = time.perf_counter() - started, peak_rss_mb()
     report = {
         "kind": settings.to.value,

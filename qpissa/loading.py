@@ -13,6 +13,7 @@ import torch
 from qpissa import UserError
 from qpissa.architecture import CAUSAL_LM, model_class
 from qpissa.artifacts import ADAPTER_DIR, ModelSource, is_qpissa_dir, resolve_source
+from qpissa.chat_template import saved_chat_template
 from qpissa.checkpoint import CheckpointReader, auto_config
 from qpissa.stored import read_adapter
 
@@ -138,12 +139,13 @@ def set_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def load_tokenizer(source: ModelSource):
-    """The tokenizer saved beside the base model (QPiSSA dirs and exports carry it)."""
+    """The tokenizer saved beside the base model (QPiSSA dirs and exports carry it), with the chat
+    template a training run saved, if it set one."""
     from transformers import AutoTokenizer
 
     auto_config(source.base_dir)  # a damaged config.json is named as such, not as a tokenizer problem
     try:
-        return AutoTokenizer.from_pretrained(source.base_dir)
+        tokenizer = AutoTokenizer.from_pretrained(source.base_dir)
     except Exception as error:  # tokenizers raises a plain Exception for a damaged tokenizer.json
         reason = next(
             (line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__
@@ -152,3 +154,7 @@ def load_tokenizer(source: ModelSource):
             f"{source.base_dir} has no usable tokenizer ({reason}); "
             "copy the original model's tokenizer files there"
         ) from None
+    template = saved_chat_template(source.adapter_dir, source.run_dir)  # the run's own, if it set one
+    if template is not None:
+        tokenizer.chat_template = template
+    return tokenizer

@@ -61,40 +61,50 @@ def available_memory_bytes() -> int:
 
 
 def estimate_memory(model: torch.nn.Module, config: TrainConfig, runtime: Runtime) -> dict[str, Any]:
-    """Estimate peak training memory from the model's shapes and the batch settings.
+    """Estimate the peak memory of training, as the step log measures it, once the model is loaded (and,
+    in a fresh run, has made one forward pass: the step-0 loss).
 
-    Parts: frozen weights as stored (NF4 codes count their packed bytes), adapter weights and gradients
-    in fp32, optimizer states, activations (layer inputs kept for checkpointing, one layer recomputed,
-    logits in fp32). An upper-bound style estimate; the per-step log has the measured peak.
+    Parts: `loaded`, the peak measured so far (on a CPU the process's high-water mark: Python, the
+    libraries, the model as loaded, the tokenized data and the working memory of a forward pass, which
+    the allocator keeps; on CUDA the most memory allocated on the GPU), then what training adds on top:
+    adapter gradients (fp32), optimizer states, activations (with gradient checkpointing each layer's
+    input, plus one layer recomputed in backward with its attention scores) and the logits at
+    max_seq_len (fp32 logits, their log-softmax and gradient).
 
     Returns:
         trainable_params, frozen_params, parts_mb (name -> MB), total_mb.
     """
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    frozen_params = sum(_logical_numel(p) for p in frozen)
+    frozen_params = sum(_logical_numel(p) for p in model.parameters() if not p.requires_grad)
     cfg = model.config
     batch, seq = config.per_device_train_batch_size, config.data.max_seq_len
     act_bytes = runtime.dtype.itemsize
     hidden, layers, heads = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads
     inter = getattr(cfg, "intermediate_size", 4 * hidden)
-    per_layer = batch * seq * (10 * hidden + 4 * inter + heads * seq) * act_bytes
+    per_layer = batch * seq * (10 * hidden + 4 * inter + 2 * heads * seq) * act_bytes
     kept = batch * seq * hidden * act_bytes * layers if config.gradient_checkpointing else per_layer * layers
     parts = {
-        "frozen_weights": sum(p.numel() * p.element_size() for p in frozen),
-        "adapter": trainable * 4,
         "gradients": trainable * 4,
         "optimizer": trainable * OPTIMIZER_BYTES.get(runtime.optim, 8.0),
         "activations": kept + (per_layer if config.gradient_checkpointing else 0),
         "logits": batch * seq * cfg.vocab_size * 4 * 3,
     }
-    parts_mb = {name: value / 2**20 for name, value in parts.items()}
+    parts_mb = {"loaded": _loaded_mb(runtime), **{name: value / 2**20 for name, value in parts.items()}}
     return {
         "frozen_params": frozen_params,
         "parts_mb": parts_mb,
         "total_mb": sum(parts_mb.values()),
         "trainable_params": trainable,
     }
+
+
+def _loaded_mb(runtime: Runtime) -> float:
+    """The peak so far, measured as the step log measures it."""
+    if runtime.device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(runtime.device) / 2**20
+    return peak_rss_mb()
 
 
 def _logical_numel(parameter: torch.nn.Parameter) -> int:

@@ -94,12 +94,14 @@ def to_dict(settings: Any) -> dict[str, Any]:
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key=value` command-line overrides (dotted keys for nested settings) to plain data.
+    """Apply command-line overrides (dotted keys for nested settings) to plain data.
 
-    Values are parsed as YAML scalars, so `lr=2e-5`, `packing=true` and `name=foo` all work.
+    Both `key=value` and `--key value` (or `--key=value`; a lone `--flag` is true) are accepted, as
+    LLaMA-Factory's and transformers' own parsers do. Values are parsed as YAML scalars, so
+    `lr=2e-5`, `packing=true` and `name=foo` all work.
     """
     merged = dict(values)
-    for item in overrides:
+    for item in _as_key_value(overrides):
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"override `{item}` is not key=value; write e.g. learning_rate=2e-5")
@@ -116,6 +118,25 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
                 f"override `{item}`: the value is not a YAML scalar ({yaml_problem(error)}); quote it"
             ) from None
     return merged
+
+
+def _as_key_value(overrides: list[str]) -> list[str]:
+    """`--key value`, `--key=value` and a lone `--flag` as `key=value` (dashes in keys as underscores)."""
+    items, index = [], 0
+    while index < len(overrides):
+        item = overrides[index]
+        index += 1
+        if not item.startswith("--"):
+            items.append(item)
+            continue
+        key, sep, raw = item[2:].partition("=")
+        key = key.replace("-", "_")
+        if not sep:
+            has_value = index < len(overrides) and not overrides[index].startswith("--")
+            raw = overrides[index] if has_value else "true"
+            index += has_value
+        items.append(f"{key}={raw}")
+    return items
 
 
 def yaml_problem(error: yaml.YAMLError) -> str:
@@ -156,6 +177,9 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     if kind is Path and isinstance(value, (str, Path)):
         return Path(value)
     if kind is list and isinstance(value, list):
+        item = _list_item(hint)
+        if dataclasses.is_dataclass(item):  # a list of groups: `data.sources: [{path: ...}, ...]`
+            return [_coerce(item, entry, f"{name}[{index}]") for index, entry in enumerate(value)]
         return value
     if isinstance(kind, type) and isinstance(value, kind) and not isinstance(value, bool):
         return value
@@ -171,6 +195,13 @@ def _base_type(hint: Any) -> Any:
     if origin is not None:
         return origin
     return hint
+
+
+def _list_item(hint: Any) -> Any:
+    """`list[X] | None` -> X (None for a bare list)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if _is_optional(hint) else [hint]
+    items = typing.get_args(args[0])
+    return items[0] if items else None
 
 
 def _is_number(text: str) -> bool:

@@ -5,10 +5,11 @@ Names follow transformers' TrainingArguments where one exists; `train.py` turns 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -17,24 +18,31 @@ from qpissa.artifacts import read_text
 from qpissa.options import apply_overrides, from_dict, yaml_problem
 from qpissa.settings import MIN_SEQ_LEN, SEED_LIMIT, DataFormat, Device
 
-
-class Optimizer(str, Enum):
-    """Optimizers by their transformers `optim` names; `auto` is paged 8-bit AdamW on CUDA, AdamW on CPU."""
-
-    AUTO = "auto"
-    ADAMW_TORCH = "adamw_torch"
-    ADAMW_8BIT = "adamw_bnb_8bit"
-    PAGED_ADAMW_8BIT = "paged_adamw_8bit"
-    PAGED_ADAMW_32BIT = "paged_adamw_32bit"
+AUTO_OPTIM = "auto"  # paged 8-bit AdamW on CUDA, AdamW on CPU; any other name is transformers' own
 
 
-class Scheduler(str, Enum):
-    """Learning-rate schedules by their transformers names."""
+@dataclass
+class DataSource:
+    """One source of training records, for mixing several in one run (`data.sources`)."""
 
-    COSINE = "cosine"
-    LINEAR = "linear"
-    CONSTANT = "constant"
-    CONSTANT_WITH_WARMUP = "constant_with_warmup"
+    path: Path | None = field(
+        default=None, metadata={"help": "a data file, a folder of them, a save_to_disk dir or a Hub name"}
+    )
+    format: DataFormat | None = field(default=None, metadata={"help": "record format; default: detected"})
+    subset: str | None = field(default=None, metadata={"help": "Hub dataset configuration (subset)"})
+    split: str = field(default="train", metadata={"help": "split to read"})
+    samples: float | None = field(
+        default=None,
+        metadata={"help": "records to draw (seeded): a count >= 1 or a fraction in (0, 1); default: all"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.path is None:
+            raise UserError("each of `data.sources` needs a `path`: a data file, directory or Hub name")
+        if self.samples is not None and not (0 < self.samples < 1 or float(self.samples).is_integer()):
+            raise UserError(
+                f"`samples` of {self.path} must be a whole count or a fraction in (0, 1), got {self.samples}"
+            )
 
 
 @dataclass
@@ -42,33 +50,61 @@ class DataConfig:
     """Where the training data is and how to turn it into token sequences."""
 
     path: Path | None = field(
-        default=None, metadata={"help": "training data: .jsonl/.json/.csv/.parquet or a save_to_disk dir"}
+        default=None,
+        metadata={"help": "training data: a .jsonl/.json/.csv/.parquet/.arrow file, a folder of them, a "
+                  "save_to_disk dir or a Hub dataset name"},
+    )  # fmt: skip
+    format: DataFormat | None = field(default=None, metadata={"help": "record format; default: detected"})
+    subset: str | None = field(default=None, metadata={"help": "Hub dataset configuration (subset)"})
+    split: str = field(default="train", metadata={"help": "split of `path` to train on"})
+    samples: float | None = field(
+        default=None, metadata={"help": "records of `path` to draw (seeded): a count or a fraction"}
     )
-    format: DataFormat = field(default=DataFormat.MESSAGES, metadata={"help": "record format"})
+    sources: list[DataSource] | None = field(
+        default=None, metadata={"help": "several sources mixed (instead of path): [{path, format, samples}]"}
+    )
     eval_path: Path | None = field(
-        default=None, metadata={"help": "held-out data in the same format (optional)"}
+        default=None, metadata={"help": "held-out data: a file, directory or Hub name (optional)"}
     )
+    eval_split: str = field(default="train", metadata={"help": "split of `eval_path` to evaluate on"})
     max_seq_len: int = field(default=1024, metadata={"help": "tokens per sample; longer samples are cut"})
     response_only: bool = field(
         default=True, metadata={"help": "loss on response tokens only (else on all tokens)"}
     )
     packing: bool = field(
-        default=False, metadata={"help": "concatenate samples into full max_seq_len blocks"}
+        default=False,
+        metadata={"help": "padding-free batches: samples end to end, attention kept within each sample"},
     )
+    num_proc: int | None = field(default=None, metadata={"help": "processes that tokenize (datasets.map)"})
     eval_generate_samples: int = field(
         default=64,
         metadata={"help": "eval samples scored by greedy generation (exact match); 0 turns it off"},
     )
 
     def __post_init__(self) -> None:
-        if self.path is None:
-            raise UserError("the config needs `data.path`: a training data file or save_to_disk directory")
+        if (self.path is None) == (self.sources is None):
+            raise UserError(
+                "the config needs one of `data.path` (a data file, directory or Hub dataset name) "
+                "or `data.sources` (a list of them to mix)"
+            )
+        if self.sources is not None and not self.sources:
+            raise UserError("`data.sources` is empty; list at least one {path: ...}")
+        if self.path is not None:  # the shortcut for one source, checked as one
+            DataSource(self.path, self.format, self.subset, self.split, self.samples)
         if self.max_seq_len < MIN_SEQ_LEN:
             raise UserError(f"`data.max_seq_len` must be at least {MIN_SEQ_LEN}, got {self.max_seq_len}")
         if self.eval_generate_samples < 0:
             raise UserError(
                 f"`data.eval_generate_samples` must be 0 or more, got {self.eval_generate_samples}"
             )
+        if self.num_proc is not None and self.num_proc < 1:
+            raise UserError(f"`data.num_proc` must be at least 1 (or left out), got {self.num_proc}")
+
+    def train_sources(self) -> list[DataSource]:
+        """The sources to train on: `sources`, or `path` with its own options as the only one."""
+        if self.sources is not None:
+            return self.sources
+        return [DataSource(self.path, self.format, self.subset, self.split, self.samples)]
 
 
 @dataclass
@@ -85,8 +121,8 @@ class TrainConfig:
         default=None, metadata={"help": "training data (path, format, max_seq_len, ...)"}
     )
     learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate (PiSSA wants ≤ 1e-4)"})
-    lr_scheduler_type: Scheduler = field(
-        default=Scheduler.COSINE, metadata={"help": "learning-rate schedule"}
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "learning-rate schedule (any transformers SchedulerType)"}
     )
     warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps with linear warmup"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -96,7 +132,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1 uses num_train_epochs"})
     num_train_epochs: float = field(default=1.0, metadata={"help": "epochs when max_steps is -1"})
-    optim: Optimizer = field(default=Optimizer.AUTO, metadata={"help": "optimizer"})
+    optim: str = field(
+        default=AUTO_OPTIM, metadata={"help": "optimizer: auto or any transformers OptimizerNames value"}
+    )
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward"})
     bf16: bool | None = field(
         default=None, metadata={"help": "bf16 compute; default: on CUDA when supported"}
@@ -115,6 +153,14 @@ class TrainConfig:
         default=None, metadata={"help": "checkpoint-N directory to resume"}
     )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "replace an existing output_dir"})
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "a .jinja file or the template itself; saved with the run (default: the model's)"},
+    )
+    trainer: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "every other TrainingArguments option, written flat in the YAML (report_to: ...)"},
+    )
 
     def __post_init__(self) -> None:
         missing = [name for name in ("model", "output_dir", "data") if getattr(self, name) is None]
@@ -156,7 +202,10 @@ class TrainConfig:
 
 
 def load_config(path: Path, overrides: list[str]) -> TrainConfig:
-    """Read a YAML recipe, apply `key=value` overrides and validate it.
+    """Read a YAML recipe, apply `key=value` / `--key value` overrides and validate it.
+
+    Keys that are no recipe key go to `trainer` (TrainingArguments options), which `train` checks
+    against transformers' own dataclass.
 
     Raises:
         UserError: missing/unparseable file, unknown keys, wrong types, bad combinations.
@@ -168,4 +217,9 @@ def load_config(path: Path, overrides: list[str]) -> TrainConfig:
         raise UserError(f"config {path} is not valid YAML ({yaml_problem(error)}); fix that line") from None
     if not isinstance(values, dict):
         raise UserError(f"config {path} must be a mapping of settings, not {type(values).__name__}")
-    return from_dict(TrainConfig, apply_overrides(values, overrides))
+    values = apply_overrides(values, overrides)
+    own = {f.name for f in dataclasses.fields(TrainConfig)}
+    trainer = {key: values.pop(key) for key in list(values) if key not in own}  # checked by train
+    if isinstance(values.get("trainer"), dict):
+        trainer = {**values["trainer"], **trainer}
+    return from_dict(TrainConfig, {**values, "trainer": trainer})

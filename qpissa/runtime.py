@@ -17,7 +17,7 @@ import torch
 
 from qpissa import UserError, hide_library_deprecation_notes
 from qpissa.convert_settings import ComputeDtype, Precision, SketchDtype
-from qpissa.recipe import Optimizer
+from qpissa.recipe import AUTO_OPTIM
 from qpissa.settings import Device
 
 
@@ -80,7 +80,7 @@ def calibration_dtype(device: torch.device) -> torch.dtype:
 
 
 def resolve_runtime(
-    device_choice: Device = Device.AUTO, bf16: bool | None = None, optim: Optimizer = Optimizer.AUTO
+    device_choice: Device = Device.AUTO, bf16: bool | None = None, optim: str = AUTO_OPTIM
 ) -> Runtime:
     """Pick device, compute dtype and optimizer for training; float32 and AdamW on a CPU.
 
@@ -97,13 +97,13 @@ def resolve_runtime(
             raise UserError(
                 "bf16=true needs a CUDA GPU (on CPU bf16 matmuls are ~100x slower); drop bf16 or set it false"
             )
-        if optim.value.startswith("paged_"):
-            raise UserError(f"optim={optim.value} pages to a GPU and needs CUDA; use adamw_torch on CPU")
-        chosen = Optimizer.ADAMW_TORCH if optim is Optimizer.AUTO else optim
-        return Runtime(device, torch.float32, False, chosen.value)
+        if optim.startswith("paged_"):
+            raise UserError(f"optim={optim} pages to a GPU and needs CUDA; use adamw_torch on CPU")
+        chosen = "adamw_torch" if optim == AUTO_OPTIM else optim
+        return Runtime(device, torch.float32, False, chosen)
     use_bf16 = torch.cuda.is_bf16_supported() if bf16 is None else bf16
-    chosen = Optimizer.PAGED_ADAMW_8BIT if optim is Optimizer.AUTO else optim
-    return Runtime(device, torch.bfloat16 if use_bf16 else torch.float16, use_bf16, chosen.value)
+    chosen = "paged_adamw_8bit" if optim == AUTO_OPTIM else optim
+    return Runtime(device, torch.bfloat16 if use_bf16 else torch.float16, use_bf16, chosen)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -81,6 +81,9 @@ class DataFormat(str, Enum):
     MESSAGES = "messages"  # messages: [{role, content}, ...], rendered with the tokenizer's chat template
     PROMPT_COMPLETION = "prompt_completion"  # prompt, completion: concatenated as plain text
     TEXT = "text"  # text: plain language modelling, loss on every token
+    SHAREGPT = "sharegpt"  # conversations: [{from, value}, ...] with human/gpt/system (and variants)
+    # TRL's conversational prompt-completion: prompt and completion are lists of {role, content}
+    CHAT_PROMPT_COMPLETION = "chat_prompt_completion"
 
 
 class Metric(str, Enum):
@@ -140,7 +143,7 @@ class EvalSettings:
     """Options of `qpissa eval`."""
 
     format: DataFormat | None = field(
-        default=None, metadata={"help": "record format; default: the run's data.format"}
+        default=None, metadata={"help": "record format; default: the run's data.format, else detected"}
     )
     metric: Metric = field(default=Metric.ALL, metadata={"help": "what to compute"})
     max_seq_len: int | None = field(

@@ -14,10 +14,12 @@ import torch
 
 from qpissa import UserError
 from qpissa.artifacts import RUN_MARKER, read_run
-from qpissa.data import IGNORE_INDEX, Sample, collate, load_split, pad_token_id
+from qpissa.data import IGNORE_INDEX, collate, load_split, pad_token_id
+from qpissa.data_formats import Sample
+from qpissa.data_sources import load_source
 from qpissa.demo_task import final_answer
 from qpissa.loading import checked_source, load_model, load_tokenizer
-from qpissa.recipe import DataConfig
+from qpissa.recipe import DataConfig, DataSource
 from qpissa.runtime import resolve_runtime
 from qpissa.settings import DataFormat, EvalSettings, Metric
 
@@ -34,9 +36,10 @@ def evaluate(model_or_run: Path, data_path: Path, settings: EvalSettings) -> dic
     """
     source = checked_source(model_or_run, adapter=settings.adapter)
     run_data = _run_data_config(source.run_dir)
-    data_format = settings.format or (DataFormat(run_data["format"]) if run_data else None)
-    if data_format is None:
-        raise UserError(f"{model_or_run} is not a training run, so its data format is unknown; pass --format")
+    recorded = run_data["format"] if run_data else None
+    data_format = settings.format or (DataFormat(recorded) if recorded else None)
+    if data_format is None:  # detected from the data, as training does
+        data_format = load_source(DataSource(data_path))[1]
     if settings.metric is Metric.ACCURACY and data_format is DataFormat.TEXT:
         raise UserError("format text has no answers to match; use --metric loss or ppl")
     max_seq_len = settings.max_seq_len or (run_data["max_seq_len"] if run_data else 1024)
@@ -150,7 +153,8 @@ def _run_data_config(run_dir: Path | None) -> dict[str, Any] | None:
         return None
     config = read_run(run_dir).get("config")
     data = config.get("data") if isinstance(config, dict) else None
-    if not isinstance(data, dict) or data.get("format") not in {f.value for f in DataFormat}:
+    formats = {None, *(f.value for f in DataFormat)}  # None: the run detected it
+    if not isinstance(data, dict) or data.get("format") not in formats:
         raise UserError(
             f"{run_dir / RUN_MARKER} records no valid data.format; pass --format and --max-seq-len"
         )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 import zipfile
 from functools import partial
 from pathlib import Path
@@ -35,9 +34,12 @@ from qpissa.artifacts import (
     read_jsonl,
     read_report,
 )
+from qpissa.chat_template import resolve_chat_template, save_chat_template
 from qpissa.checkpoint import write_json
 from qpissa.convert_settings import Method
-from qpissa.data import Sample, TokenizedData, check_tokenizer, collate, load_split, pad_token_id
+from qpissa.data import TokenizedData, collate, load_split, load_train, packing_collator, pad_token_id
+from qpissa.data_formats import Sample
+from qpissa.hub import is_hub_name, resolve_model
 from qpissa.loading import check_causal_lm, check_source, load_model, load_tokenizer
 from qpissa.memory import estimate_memory
 from qpissa.options import to_dict
@@ -46,6 +48,7 @@ from qpissa.recipe import TrainConfig
 from qpissa.runtime import Runtime, dtype_name, resolve_runtime
 from qpissa.stored import read_adapter
 from qpissa.task_eval import evaluate_loss, exact_match
+from qpissa.trainer_options import training_arguments
 from qpissa.trainlog import (
     JsonlLogCallback,
     QuietProgressCallback,
@@ -66,7 +69,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
 
     Args:
         config: the validated recipe.
-        show_progress: tqdm bar on stderr.
+        show_progress: the training bar (tqdm.auto: a terminal's stderr or a notebook).
 
     Returns:
         Summary: output_dir, steps, train_loss (mean over the logged steps of the whole run, resumed or
@@ -78,33 +81,42 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
             output_dir.
     """
     source, resume = _check_inputs(config)
+    runtime = resolve_runtime(config.device, config.bf16, config.optim)
+    arguments = training_arguments(config, runtime, config.output_dir, show_progress)  # checks options
+    template = resolve_chat_template(config.chat_template) if config.chat_template else None
     with lock_output(config.output_dir, "output_dir"):
         _check_output_dir(config, resume)
-        return _train(config, source, resume, show_progress)
+        return _train(config, source, resume, runtime, arguments, template)
 
 
 def _train(
-    config: TrainConfig, source: ModelSource, resume: Path | None, show_progress: bool
+    config: TrainConfig,
+    source: ModelSource,
+    resume: Path | None,
+    runtime: Runtime,
+    arguments: TrainingArguments,
+    template: str | None,
 ) -> dict[str, Any]:
     """`train` while this process holds output_dir's lock."""
-    runtime = resolve_runtime(config.device, config.bf16, config.optim)
     tokenizer = load_tokenizer(source)
-    check_tokenizer(tokenizer, config.data.format)
-    _, train_data = load_split(config.data.path, config.data, tokenizer)
+    if template is not None:
+        tokenizer.chat_template = template
+    train_data = load_train(config.data, tokenizer, config.seed)
     eval_samples, eval_data = _load_eval(config, tokenizer)
     _warn_learning_rate(config, source)
 
     run_dir = _prepare_run_dir(config, runtime, source, resume)
+    if template is not None:
+        save_chat_template(template, run_dir)
     model = load_model(source, trainable=True, device=runtime.device, compute_dtype=runtime.dtype)
     _adapter_to_float32(model)
-    memory = estimate_memory(model, config, runtime)
-    _log_setup(memory, train_data)
-
+    model.config.use_cache = False  # no KV cache in training; with one, attention ignores packed positions
     pad_id = pad_token_id(tokenizer)
     if resume is None:
-        _log_initial_loss(
-            model, train_data.rows[: config.per_device_train_batch_size], pad_id, runtime, run_dir
-        )
+        batch = min(len(train_data.rows), config.per_device_train_batch_size)
+        _log_initial_loss(model, [train_data.rows[i] for i in range(batch)], pad_id, runtime, run_dir)
+    memory = estimate_memory(model, config, runtime)  # after a first forward: its kernels and buffers count
+    _log_setup(memory, train_data)
 
     generate = partial(
         exact_match,
@@ -123,15 +135,15 @@ def _train(
     )
     trainer = Trainer(
         model=model,
-        args=_training_arguments(config, runtime, run_dir, show_progress),
+        args=arguments,
         train_dataset=train_data.rows,
         eval_dataset=eval_data.rows if eval_data else None,
-        data_collator=partial(collate, pad_token_id=pad_id),
+        data_collator=packing_collator() if config.data.packing else partial(collate, pad_token_id=pad_id),
         callbacks=[callback],
     )
     _quiet_progress(trainer)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    _save_adapter(model, run_dir)
+    _save_adapter(model, run_dir, template)
     losses = {row["step"]: row["loss"] for row in read_jsonl(run_dir / LOG_NAME, ("step", "loss"))}
     trained = sorted(step for step, loss in losses.items() if step > 0 and loss is not None)
     summary = {
@@ -187,7 +199,7 @@ def _log_initial_loss(
 
 def _check_inputs(config: TrainConfig) -> tuple[ModelSource, Path | None]:
     """Validate model, data paths, checkpoint and where output_dir lies, reading only."""
-    model_dir = config.model.resolve()
+    model_dir = resolve_model(config.model, "model").resolve()
     if not is_qpissa_dir(model_dir) or not has_adapter(model_dir / ADAPTER_DIR):
         raise UserError(
             f"model {config.model} is not a QPiSSA directory (no {REPORT_NAME} and adapter/); "
@@ -196,8 +208,9 @@ def _check_inputs(config: TrainConfig) -> tuple[ModelSource, Path | None]:
     source = ModelSource(model_dir, model_dir / ADAPTER_DIR)
     check_source(source)
     check_causal_lm(model_dir)
-    for path in (config.data.path, config.data.eval_path):
-        if path is not None and not path.exists():
+    paths = [source.path for source in config.data.train_sources()] + [config.data.eval_path]
+    for path in paths:
+        if path is not None and not path.exists() and not is_hub_name(path):
             raise UserError(f"dataset {path} does not exist; check data.path / data.eval_path")
     check_apart(
         config.output_dir,
@@ -270,7 +283,7 @@ def _is_occupied(directory: Path) -> bool:
 def _load_eval(config: TrainConfig, tokenizer: Any) -> tuple[list[Sample], TokenizedData | None]:
     if config.data.eval_path is None:
         return [], None
-    return load_split(config.data.eval_path, config.data, tokenizer)
+    return load_split(config.data.eval_path, config.data, tokenizer, split=config.data.eval_split)
 
 
 def _warn_learning_rate(config: TrainConfig, source: ModelSource) -> None:
@@ -296,45 +309,6 @@ def _prepare_run_dir(config: TrainConfig, runtime: Runtime, source: ModelSource,
     return run_dir
 
 
-def _training_arguments(
-    config: TrainConfig, runtime: Runtime, run_dir: Path, show_progress: bool
-) -> TrainingArguments:
-    evaluate = config.eval_steps is not None
-    # transformers 5 reads a float warmup_steps < 1 as a ratio of the total steps
-    return TrainingArguments(
-        output_dir=str(run_dir),
-        learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler_type.value,
-        warmup_steps=config.warmup_ratio,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        per_device_eval_batch_size=config.per_device_eval_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        max_steps=config.max_steps,
-        num_train_epochs=config.num_train_epochs,
-        optim=runtime.optim,
-        gradient_checkpointing=config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        bf16=runtime.bf16,
-        fp16=runtime.device.type == "cuda" and not runtime.bf16,  # GPUs without bf16: fp16 + loss scaling
-        use_cpu=runtime.device.type == "cpu",
-        seed=config.seed,
-        data_seed=config.seed,
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        eval_strategy="steps" if evaluate else "no",
-        eval_steps=config.eval_steps,
-        report_to="none",
-        disable_tqdm=not (show_progress and sys.stderr.isatty()),
-        remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0,
-    )
-
-
 def _adapter_to_float32(model: torch.nn.Module) -> None:
     """Keep fp32 master weights for the adapter whatever the compute dtype (autocast handles the rest)."""
     for parameter in model.parameters():
@@ -350,9 +324,11 @@ def _quiet_progress(trainer: Trainer) -> None:
         trainer.add_callback(QuietProgressCallback())
 
 
-def _save_adapter(model: Any, run_dir: Path) -> None:
+def _save_adapter(model: Any, run_dir: Path, template: str | None) -> None:
     building = partial_dir(run_dir / ADAPTER_DIR)
     shutil.rmtree(building, ignore_errors=True)
     model.save_pretrained(building)
+    if template is not None:  # the adapter carries the template it was trained with
+        save_chat_template(template, building)
     shutil.rmtree(run_dir / ADAPTER_DIR, ignore_errors=True)
     building.rename(run_dir / ADAPTER_DIR)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
@@ -103,7 +104,13 @@ class JsonlLogCallback(TrainerCallback):
 
 
 class QuietProgressCallback(ProgressCallback):
-    """transformers' tqdm bar without its per-log dict printing (the logger and the JSONL have them)."""
+    """transformers' tqdm.auto bar without its per-log dict printing (the logger and the JSONL have them),
+    shown in a terminal and in a notebook (tqdm.notebook), not in a plain redirected stderr."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:  # disable=None: off where stderr is no terminal, but for notebooks
+            self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, disable=None)
+        self.current_step = 0
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -92,4 +93,14 @@ def qpissa_dir(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) 
 
     out = tmp_path_factory.mktemp("converted") / "qpissa"
     assert main(["--quiet", "convert", str(tiny_chat_model), str(out), "--rank", "4", "--iters", "1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train.jsonl and eval.jsonl of a tiny prompt_completion task (16 records each)."""
+    out = tmp_path_factory.mktemp("data")
+    for name, offset in (("train", 0), ("eval", 100)):
+        records = [{"completion": f" {(i + offset) % 10}", "prompt": f"{i + offset}%10="} for i in range(16)]
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return out

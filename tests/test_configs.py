@@ -13,14 +13,20 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 
 def test_configs_exist() -> None:
-    assert {p.name for p in CONFIGS} >= {"demo.yaml", "llama3-8b-24gb.yaml"}
+    assert {p.name for p in CONFIGS} >= {"demo.yaml", "llama3-8b-24gb.yaml", "mix-chat.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_config_loads(path: Path) -> None:
+def test_config_loads(path: Path, tmp_path: Path) -> None:
+    from qpissa.runtime import resolve_runtime
+    from qpissa.trainer_options import training_arguments
+
     config = load_config(path, [])
-    assert isinstance(config, TrainConfig) and isinstance(config.data.format, DataFormat)
+    assert isinstance(config, TrainConfig) and config.data.train_sources()
+    formats = [config.data.format, *(source.format for source in config.data.train_sources())]
+    assert all(f is None or isinstance(f, DataFormat) for f in formats)  # None: detected from the data
     assert config.learning_rate <= 1e-4  # shipped recipes stay in the range PiSSA-style inits tolerate
+    training_arguments(config, resolve_runtime(), tmp_path, show_progress=False)  # every Trainer option
 
 
 def test_overrides_reach_nested_groups() -> None:

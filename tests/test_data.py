@@ -1,4 +1,4 @@
-"""Data formats, chat rendering, token-level loss masks, dropping of cut samples, packing."""
+"""Data formats, chat rendering, token-level loss masks, dropping of cut samples, collators."""
 
 from __future__ import annotations
 
@@ -8,16 +8,10 @@ from pathlib import Path
 import pytest
 
 from qpissa import UserError
-from qpissa.data import (
-    IGNORE_INDEX,
-    check_tokenizer,
-    collate,
-    load_split,
-    read_records,
-    render,
-    tokenize,
-)
-from qpissa.recipe import DataConfig
+from qpissa.data import IGNORE_INDEX, collate, load_split, packing_collator, tokenize
+from qpissa.data_formats import check_tokenizer, render
+from qpissa.data_sources import load_source
+from qpissa.recipe import DataConfig, DataSource
 from qpissa.settings import DataFormat
 
 
@@ -96,15 +90,15 @@ def test_cut_responses_are_dropped_and_counted(tokenizer) -> None:
         tokenize([long], tokenizer, max_seq_len=16)
 
 
-def test_packing_fills_blocks(tokenizer) -> None:
-    samples = [render({"prompt": "ab", "completion": "cd"}, DataFormat.PROMPT_COMPLETION, tokenizer)] * 5
-    plain = tokenize(samples, tokenizer, max_seq_len=16)
-    packed = tokenize(samples, tokenizer, max_seq_len=16, packing=True)
-    assert [len(r["input_ids"]) for r in packed.rows] == [16, 14]  # 5 samples x 6 tokens
-    assert sum(plain.rows[0]["input_ids"] == r["input_ids"][:6] for r in packed.rows) == 1
+def test_packing_lays_samples_end_to_end_with_restarting_positions() -> None:
+    rows = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}]
+    batch = packing_collator()(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]] and "attention_mask" not in batch
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]  # no target across samples
 
 
-@pytest.mark.parametrize("suffix", ["jsonl", "json", "csv", "parquet", "disk"])
+@pytest.mark.parametrize("suffix", ["jsonl", "json", "csv", "parquet", "arrow", "disk"])
 def test_every_file_kind_loads(tmp_path: Path, tokenizer, suffix: str) -> None:
     import datasets
 
@@ -113,10 +107,22 @@ def test_every_file_kind_loads(tmp_path: Path, tokenizer, suffix: str) -> None:
     path = tmp_path / f"data.{suffix}"
     {"jsonl": lambda: dataset.to_json(str(path)), "json": lambda: path.write_text(json.dumps(records)),
      "csv": lambda: dataset.to_csv(str(path), index=False), "parquet": lambda: dataset.to_parquet(str(path)),
+     "arrow": lambda: _write_arrow(dataset, path),
      "disk": lambda: dataset.save_to_disk(str(path))}[suffix]()  # fmt: skip
     config = DataConfig(path=path, format=DataFormat.PROMPT_COMPLETION, max_seq_len=32)
     samples, data = load_split(path, config, tokenizer)
     assert [s.response for s in samples] == ["c0", "c1", "c2"] and len(data.rows) == 3
+
+
+def _write_arrow(dataset, path: Path) -> None:
+    import pyarrow as pa
+
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, dataset.data.schema) as writer:
+        writer.write_table(dataset.data.table)
+
+
+def read_records(path: Path, data_format: DataFormat):
+    return load_source(DataSource(path, data_format))[0]
 
 
 def test_missing_field_names_record_and_field(tmp_path: Path) -> None:
@@ -127,7 +133,7 @@ def test_missing_field_names_record_and_field(tmp_path: Path) -> None:
 
 def test_bad_messages_are_refused(tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
-    with pytest.raises(UserError, match="record 0: the last message must have role assistant"):
+    with pytest.raises(UserError, match="record 0: the last turn must be the assistant's"):
         read_records(path, DataFormat.MESSAGES)
 
 

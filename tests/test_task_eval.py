@@ -97,8 +97,9 @@ def test_cli_eval_of_a_run_uses_its_data_format(qpissa_dir: Path, tmp_path: Path
 
 
 def test_cli_eval_errors(qpissa_dir: Path, tmp_path: Path, capsys) -> None:
-    assert cli.main(["--quiet", "eval", str(qpissa_dir), "--data", str(_data(tmp_path))]) == 2
-    assert "pass --format" in capsys.readouterr().err
+    # no run and no --format: the format is detected from the data, as training does
+    assert cli.main(["--quiet", "eval", str(qpissa_dir), "--data", str(_data(tmp_path))]) == 0
+    capsys.readouterr()
     assert cli.main(["--quiet", "eval", str(tmp_path / "nope"), "--data", str(_data(tmp_path))]) == 2
     missing = tmp_path / "missing.jsonl"
     args = ["--quiet", "eval", str(qpissa_dir), "--data", str(missing), "--format", "text"]

@@ -14,15 +14,6 @@ from qpissa import cli
 STEPS = 8
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("data")
-    for name, offset in (("train", 0), ("eval", 100)):
-        records = [{"completion": f" {(i + offset) % 10}", "prompt": f"{i + offset}%10="} for i in range(16)]
-        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return out
-
-
 def _config(tmp: Path, qpissa_dir: Path, data_dir: Path, **changes) -> Path:
     config = {
         "model": str(qpissa_dir), "output_dir": str(tmp / "run"),

@@ -89,16 +89,16 @@ def train_peft_baseline(
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer
     from transformers.trainer_callback import PrinterCallback
 
-    from qpissa.data import collate, load_split, pad_token_id
+    from qpissa.data import collate, load_train, pad_token_id
     from qpissa.recipe import load_config
     from qpissa.runtime import resolve_runtime
-    from qpissa.train import _training_arguments
+    from qpissa.trainer_options import training_arguments
     from qpissa.trainlog import JsonlLogCallback
 
     config = load_config(config_path, [*overrides, f"output_dir={run_dir}", "model=."])
     runtime = resolve_runtime(config.device, config.bf16, config.optim)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    _, data = load_split(config.data.path, config.data, tokenizer)
+    data = load_train(config.data, tokenizer, config.seed)
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -115,7 +115,7 @@ def train_peft_baseline(
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(
         model=model,
-        args=_training_arguments(config, runtime, run_dir, show_progress=False),
+        args=training_arguments(config, runtime, run_dir, show_progress=False),
         train_dataset=data.rows,
         data_collator=partial(collate, pad_token_id=pad_token_id(tokenizer)),
         callbacks=[JsonlLogCallback(run_dir / LOG_NAME, run_dir / EVAL_LOG_NAME, runtime.device, None, 10)],

@@ -1,0 +1,47 @@
+"""A run's own chat template: read from a file or given inline, saved with the run and its adapters so
+that `chat`, `eval` and `export` render prompts exactly as training did."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qpissa import UserError
+from qpissa.artifacts import read_text
+
+TEMPLATE_NAME = "chat_template.jinja"  # transformers' own file name for a tokenizer's chat template
+_JINJA_MARKS = ("{%", "{{")
+
+
+def resolve_chat_template(value: str) -> str:
+    """The template text of `chat_template`: the file it names, or the value itself when it is Jinja.
+
+    Raises:
+        UserError: neither an existing file nor a Jinja template.
+    """
+    if any(mark in value for mark in _JINJA_MARKS):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise UserError(
+            f"chat_template {value!r} is neither a file nor a Jinja template; give a .jinja file path "
+            "or the template itself ({% for message in messages %}...)"
+        )
+    text = read_text(path, "chat_template", "give a readable .jinja file")
+    if not any(mark in text for mark in _JINJA_MARKS):
+        raise UserError(f"chat_template file {path} holds no Jinja template; check the file")
+    return text
+
+
+def save_chat_template(template: str, *directories: Path) -> None:
+    """Write the template into each directory under transformers' file name (loaded with the tokenizer)."""
+    for directory in directories:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / TEMPLATE_NAME).write_text(template)
+
+
+def saved_chat_template(*directories: Path | None) -> str | None:
+    """The first chat template saved in these directories (a run's adapter, the run), if any."""
+    for directory in directories:
+        if directory is not None and (directory / TEMPLATE_NAME).is_file():
+            return read_text(directory / TEMPLATE_NAME, "chat template", "remove or fix the file")
+    return None

@@ -1,0 +1,143 @@
+"""Where training records come from: local files and folders, `save_to_disk` datasets, Hub datasets, and
+several of them mixed, each read with `datasets` so that nothing is held as Python lists.
+
+A path that exists is read locally; any other `name` or `owner/name` goes to `datasets.load_dataset`,
+which works online and, offline (`HF_HUB_OFFLINE=1`), from what a previous download left in the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qpissa import UserError
+from qpissa.artifacts import read_text
+from qpissa.data_formats import check_record, detect_format
+from qpissa.hub import is_hub_name
+from qpissa.settings import DataFormat
+
+if TYPE_CHECKING:
+    import datasets
+
+    from qpissa.recipe import DataSource
+
+log = logging.getLogger(__name__)
+
+LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+_SAVED_MARKERS = ("state.json", "dataset_dict.json")  # what `save_to_disk` writes at a dataset's top
+
+
+def load_source(source: DataSource, seed: int = 0) -> tuple[datasets.Dataset, DataFormat]:
+    """Read one source, pick its format (detected when not given, and said) and check every record.
+
+    Returns:
+        The records (one split, `source.samples` of them when set) and their format.
+
+    Raises:
+        UserError: missing or unreadable data, unknown extension, no such split, or a bad record.
+    """
+    dataset = load_records(source.path, source.subset, source.split)
+    if len(dataset) == 0:
+        raise UserError(f"dataset {source.path} has no records; it needs at least one")
+    data_format = source.format
+    if data_format is None:
+        data_format = detect_format(dataset[0], f"{source.path} record 0")
+        log.info("data %s: format %s (detected; set format to choose)", source.path, data_format.value)
+    for index, record in enumerate(dataset):
+        check_record(record, data_format, f"{source.path} record {index}")
+    return _subsample(dataset, source, seed), data_format
+
+
+def load_records(path: Path, subset: str | None = None, split: str = "train") -> datasets.Dataset:
+    """A local data file, a folder of data files, a `save_to_disk` directory or a Hub dataset, as one split.
+
+    Raises:
+        UserError: naming the path (or Hub name) and the fix.
+    """
+    import datasets
+
+    local = path.exists()
+    if not local and not is_hub_name(path):
+        raise UserError(f"dataset {path} does not exist; check the path (or give a Hub name: owner/name)")
+    if path.is_file():
+        _check_file(path)
+    try:
+        if path.is_dir() and any((path / marker).is_file() for marker in _SAVED_MARKERS):
+            dataset = datasets.load_from_disk(str(path))
+            if isinstance(dataset, datasets.DatasetDict):
+                dataset = _split(dataset, split, path)
+            return dataset
+        if path.is_file():
+            return datasets.load_dataset(LOADERS[path.suffix.lower()], data_files=str(path), split="train")
+        return _split(datasets.load_dataset(str(path), subset), split, path)
+    except UserError:
+        raise
+    except Exception as error:  # datasets wraps parse and connection errors in many exception types
+        raise UserError(_read_problem(path, local, error)) from None
+
+
+def _check_file(path: Path) -> None:
+    """A data file's type is known and it holds something; JSON Lines: every line a JSON object
+    (datasets names neither the line nor the fix)."""
+    if path.suffix.lower() not in LOADERS:
+        known = ", ".join(LOADERS)
+        raise UserError(f"{path}: unknown data file type {path.suffix!r}; use {known} or a directory")
+    if path.stat().st_size == 0:
+        raise UserError(f"dataset {path} is empty; it needs at least one record")
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        return
+    text = read_text(path, "dataset", "check the path")
+    if not text.strip():
+        raise UserError(f"dataset {path} is empty; it needs at least one record")
+    if path.suffix.lower() != ".jsonl":
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(
+                f"dataset {path} line {number} is not valid JSON ({error.msg}, column {error.colno}); "
+                "fix or remove that line"
+            ) from None
+        if not isinstance(record, dict):
+            raise UserError(f"dataset {path} line {number} is not a JSON object (one record per line)")
+
+
+def _split(dataset: Any, split: str, path: Path) -> datasets.Dataset:
+    if split not in dataset:
+        raise UserError(f"dataset {path} has splits {', '.join(dataset)}, not {split!r}; set split")
+    return dataset[split]
+
+
+def _subsample(dataset: datasets.Dataset, source: DataSource, seed: int) -> datasets.Dataset:
+    """`samples` records drawn without replacement (seeded), or all of them; more than there are is an
+    error rather than a silent repeat."""
+    if source.samples is None:
+        return dataset
+    count = source.samples if source.samples >= 1 else round(source.samples * len(dataset))
+    count = int(count)
+    if count > len(dataset) or count < 1:
+        raise UserError(
+            f"data source {source.path} has {len(dataset)} records; samples={source.samples} asks for "
+            f"{count}; use at most {len(dataset)} (or a fraction in (0, 1))"
+        )
+    return dataset.shuffle(seed=seed).select(range(count))
+
+
+def _read_problem(path: Path, local: bool, error: Exception) -> str:
+    cause = error.__cause__ or error
+    reason = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    if "corresponds to no data" in reason or "EmptyDatasetError" in type(error).__name__:
+        return f"dataset {path} has no records; it needs at least one"
+    if not local:
+        return (
+            f"dataset {path} is no local file or directory, and as a Hub dataset it cannot be loaded "
+            f"({type(error).__name__}: {reason}); check the path or name, your connection, or (with "
+            "HF_HUB_OFFLINE=1) that a previous download is in the datasets cache"
+        )
+    kind = path.suffix.lstrip(".") or "save_to_disk or data-file folder"
+    return f"cannot read dataset {path} ({type(cause).__name__}: {reason}); check that it is a valid {kind}"

@@ -1,0 +1,181 @@
+"""Every transformers `TrainingArguments` option in a recipe, checked by the dataclass itself, and the
+arguments qpissa hands the Trainer.
+
+A recipe's own keys (`model`, `data`, ...) and the options whose qpissa defaults differ live in
+`TrainConfig`; any other top-level key must be a TrainingArguments field (`TrainConfig.trainer`). Its
+type is checked against the field's annotation, then TrainingArguments' own `__post_init__` checks the
+values (choices, combinations) before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainingArguments
+from transformers.integrations import integration_utils
+from transformers.utils import is_liger_kernel_available
+
+from qpissa import UserError
+from qpissa.recipe import TrainConfig
+from qpissa.runtime import Runtime
+
+# TrainingArguments fields qpissa sets itself, and why (or what to set instead)
+SET_BY_QPISSA = {
+    "use_cpu": "set device: cpu instead",
+    "fp16": "set bf16 (fp16 is used on GPUs without bf16)",
+    "remove_unused_columns": "qpissa's collator needs the labels column",
+    "disable_tqdm": "use --quiet",
+    "include_num_input_tokens_seen": "tokens/s in trainer_log.jsonl needs it",
+}
+
+
+def training_arguments(
+    config: TrainConfig, runtime: Runtime, run_dir: Path, show_progress: bool
+) -> TrainingArguments:
+    """The Trainer's arguments: qpissa's choices, then every option the recipe sets.
+
+    Raises:
+        UserError: a key that is neither a recipe key nor a TrainingArguments field, one qpissa sets
+            itself, a value of the wrong type, or one TrainingArguments rejects (naming it and the fix).
+    """
+    extra = _checked(config.trainer)
+    evaluate = config.eval_steps is not None
+    values = {
+        "output_dir": str(run_dir),
+        "learning_rate": config.learning_rate,
+        "lr_scheduler_type": config.lr_scheduler_type,
+        "warmup_steps": config.warmup_ratio,  # transformers 5 reads a float < 1 as a ratio of all steps
+        "weight_decay": config.weight_decay,
+        "max_grad_norm": config.max_grad_norm,
+        "per_device_train_batch_size": config.per_device_train_batch_size,
+        "per_device_eval_batch_size": config.per_device_eval_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "max_steps": config.max_steps,
+        "num_train_epochs": config.num_train_epochs,
+        "optim": runtime.optim,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        "bf16": runtime.bf16,
+        "fp16": runtime.device.type == "cuda" and not runtime.bf16,  # GPUs without bf16: loss scaling
+        "use_cpu": runtime.device.type == "cpu",
+        "seed": config.seed,
+        "data_seed": config.seed,
+        "logging_steps": 1,  # every step to trainer_log.jsonl; config.logging_steps paces the printing
+        "save_strategy": "steps",
+        "save_steps": config.save_steps,
+        "save_total_limit": config.save_total_limit,
+        "eval_strategy": "steps" if evaluate else "no",
+        "eval_steps": config.eval_steps,
+        "report_to": "none",
+        "disable_tqdm": not show_progress,
+        "remove_unused_columns": False,
+        "include_num_input_tokens_seen": "non_padding",
+        "dataloader_num_workers": 0,
+    }
+    values.update(extra)
+    if values.get("eval_strategy", "no") != "no" and config.data.eval_path is None:
+        raise UserError("eval_strategy is set but data.eval_path is not; add held-out data or drop it")
+    _check_reporters(values["report_to"])
+    if values.get("use_liger_kernel") and not is_liger_kernel_available():  # else the Trainer fails later
+        raise UserError("use_liger_kernel needs liger-kernel (pip install liger-kernel) and a CUDA GPU")
+    try:
+        return TrainingArguments(**values)
+    except (ValueError, TypeError, ImportError) as error:
+        reason = " ".join(str(error).split())
+        raise UserError(f"a Trainer option is invalid: {reason}; fix it in the recipe or overrides") from None
+
+
+def _trainer_fields() -> set[str]:
+    """Names of the TrainingArguments fields a recipe may set."""
+    return {field.name for field in dataclasses.fields(TrainingArguments) if field.init}
+
+
+def _checked(options: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's TrainingArguments options with their types checked (every problem at once)."""
+    known = _trainer_fields()
+    hints = typing.get_type_hints(TrainingArguments)
+    problems, values = [], {}
+    for key, value in options.items():
+        if key in SET_BY_QPISSA:
+            problems.append(f"`{key}` is set by qpissa: {SET_BY_QPISSA[key]}")
+        elif key not in known:
+            own = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "trainer"]
+            close = difflib.get_close_matches(key, [*own, *known], n=1)
+            hint = f"did you mean `{close[0]}`?" if close else "check the spelling"
+            problems.append(
+                f"unknown setting `{key}`: neither a recipe key ({', '.join(own)}) nor a transformers "
+                f"TrainingArguments option; {hint}"
+            )
+        else:
+            try:
+                values[key] = _coerce(hints[key], value, key)
+            except UserError as error:
+                problems.append(str(error))
+    if problems:
+        raise UserError("; ".join(problems))
+    return values
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """`value` as a value of the field's annotation (`float | None`, `str | IntervalStrategy`, ...)."""
+    allowed = _types(hint)
+    if value is None and type(None) in allowed:
+        return None
+    textual = str in allowed or any(_is_enum(kind) for kind in allowed)
+    if isinstance(value, bool):
+        if bool in allowed:
+            return value
+        if value is False and textual:
+            return "no"  # YAML 1.1 reads `save_strategy: no` as false
+    elif isinstance(value, int) and int in allowed:
+        return value
+    elif isinstance(value, (int, float)) and float in allowed:
+        return float(value)
+    elif isinstance(value, str) and float in allowed and _is_number(value):
+        return float(value)  # YAML 1.1 reads `2e-5` (no dot) as text
+    elif isinstance(value, str) and textual:
+        return value  # TrainingArguments turns choices into its enums and rejects unknown ones
+    elif isinstance(value, (list, dict)) and type(value) in allowed:
+        return value
+    elif any(isinstance(kind, type) and isinstance(value, kind) for kind in allowed):
+        return value  # an object given through the Python API (a ParallelismConfig, ...)
+    names = " or ".join(sorted({getattr(kind, "__name__", str(kind)) for kind in allowed}))
+    raise UserError(f"`{key}` must be {names}, got {value!r}")
+
+
+def _types(hint: Any) -> set[Any]:
+    """The plain types an annotation admits: `dict[str, Any] | str | None` -> {dict, str, NoneType}."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return set().union(*(_types(arg) for arg in typing.get_args(hint)))
+    if typing.get_origin(hint) is typing.Literal:
+        return {type(arg) for arg in typing.get_args(hint)}
+    return {typing.get_origin(hint) or hint}
+
+
+def _is_enum(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, Enum)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_reporters(report_to: Any) -> None:
+    """Each integration named in `report_to` is installed (the Trainer would fail only after setup)."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        available = getattr(integration_utils, f"is_{name}_available", None)
+        if available is not None and not available():
+            raise UserError(f"report_to {name}: the {name} package is not installed; pip install {name}")

@@ -1,0 +1,170 @@
+"""Chat formats (ShareGPT, TRL's conversational prompt-completion) and their exact masks, format detection,
+and every data source: files, folders of data files, save_to_disk splits, the Hub offline, mixtures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from qpissa import UserError
+from qpissa.data import IGNORE_INDEX, load_train, tokenize
+from qpissa.data_formats import detect_format, render
+from qpissa.data_sources import load_records, load_source
+from qpissa.recipe import DataConfig, DataSource
+from qpissa.settings import DataFormat
+
+TURNS = [("system", "be brief"), ("user", "hi"), ("assistant", "yo"), ("user", "2+2"), ("assistant", "4")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_chat_model: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_chat_model)
+
+
+def _trained_text(tokenizer, record: dict, data_format: DataFormat) -> str:
+    row = tokenize([render(record, data_format, tokenizer)], tokenizer, 512).rows[0]
+    return tokenizer.decode(
+        [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != IGNORE_INDEX]
+    )
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_sharegpt_masks_exactly_as_messages(tokenizer) -> None:
+    speakers = {"system": "system", "user": "human", "assistant": "gpt"}
+    sharegpt = {"conversations": [{"from": speakers[role], "value": text} for role, text in TURNS]}
+    messages = {"messages": [{"role": role, "content": text} for role, text in TURNS]}
+    assert _trained_text(tokenizer, sharegpt, DataFormat.SHAREGPT) == "yo<|im_end|>\n4<|im_end|>\n"
+    ours = tokenize([render(sharegpt, DataFormat.SHAREGPT, tokenizer)], tokenizer, 512).rows[0]
+    reference = tokenize([render(messages, DataFormat.MESSAGES, tokenizer)], tokenizer, 512).rows[0]
+    assert ours == reference
+
+
+def test_chat_prompt_completion_trains_the_completion_only(tokenizer) -> None:
+    prompt = [{"role": role, "content": text} for role, text in TURNS[:4]]  # an assistant turn in the prompt
+    record = {"prompt": prompt, "completion": [{"role": "assistant", "content": "4"}]}
+    assert _trained_text(tokenizer, record, DataFormat.CHAT_PROMPT_COMPLETION) == "4<|im_end|>\n"
+    sample = render(record, DataFormat.CHAT_PROMPT_COMPLETION, tokenizer)
+    assert sample.prompt.endswith("<|im_start|>assistant\n") and sample.response == "4"
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        ({"messages": [{"role": "user", "content": "a"}]}, DataFormat.MESSAGES),
+        ({"conversations": [{"from": "human", "value": "a"}]}, DataFormat.SHAREGPT),
+        ({"prompt": [{"role": "user", "content": "a"}], "completion": []}, DataFormat.CHAT_PROMPT_COMPLETION),
+        ({"prompt": "a", "completion": "b"}, DataFormat.PROMPT_COMPLETION),
+        ({"instruction": "a", "input": "", "output": "b"}, DataFormat.ALPACA),
+        ({"text": "a"}, DataFormat.TEXT),
+    ],
+)
+def test_format_detection(record: dict, expected: DataFormat) -> None:
+    assert detect_format(record, "here") is expected
+
+
+def test_undetectable_and_bad_chat_records_are_named(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="fields question fit no record format"):
+        detect_format({"question": "a"}, "here")
+    bad = _write_jsonl(tmp_path / "d.jsonl", [{"conversations": [{"from": "robot", "value": "a"}]}])
+    with pytest.raises(UserError, match=r"record 0: conversations\[0\] is from 'robot'; known speakers"):
+        load_source(DataSource(bad))
+    no_answer = {
+        "prompt": [{"role": "user", "content": "a"}],
+        "completion": [{"role": "user", "content": "b"}],
+    }
+    with pytest.raises(UserError, match="`completion` needs an assistant turn"):
+        load_source(DataSource(_write_jsonl(tmp_path / "c.jsonl", [no_answer])))
+
+
+def test_folder_of_data_files_like_a_hub_snapshot(tmp_path: Path) -> None:
+    import datasets
+
+    snapshot = tmp_path / "snapshot"
+    (snapshot / "data").mkdir(parents=True)
+    records = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(6)]
+    datasets.Dataset.from_list(records[:4]).to_parquet(
+        str(snapshot / "data" / "train-00000-of-00001.parquet")
+    )
+    datasets.Dataset.from_list(records[4:]).to_parquet(str(snapshot / "data" / "test-00000-of-00001.parquet"))
+    assert load_records(snapshot)["instruction"] == ["q0", "q1", "q2", "q3"]
+    assert load_records(snapshot, split="test")["instruction"] == ["q4", "q5"]
+    with pytest.raises(UserError, match="has splits train, test, not 'dev'; set split"):
+        load_records(snapshot, split="dev")
+
+
+def test_saved_dataset_dict_split(tmp_path: Path) -> None:
+    import datasets
+
+    splits = {name: datasets.Dataset.from_list([{"text": name}]) for name in ("train", "validation")}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "saved"))
+    assert load_records(tmp_path / "saved", split="validation")["text"] == ["validation"]
+
+
+def test_hub_dataset_offline_from_the_datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`owner/name` with HF_HUB_OFFLINE=1 reads what a previous `load_dataset` download left in the cache."""
+    import datasets
+    from datasets.packaged_modules.json.json import Json
+
+    source = _write_jsonl(
+        tmp_path / "train.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(5)]
+    )
+    builder = Json(
+        cache_dir=str(tmp_path / "build"), dataset_name="alpaca", hash="c0ffee", data_files=str(source)
+    )
+    builder.download_and_prepare()
+    # the layout a download from the Hub leaves: <cache>/<owner>___<name>/<config>/<version>/<commit>/
+    cache = tmp_path / "cache"
+    shutil.copytree(builder.cache_dir, cache / "tatsu-lab___alpaca" / "default" / "0.0.0" / "c0ffee")
+    info_path = cache / "tatsu-lab___alpaca" / "default" / "0.0.0" / "c0ffee" / "dataset_info.json"
+    info_path.write_text(json.dumps({**json.loads(info_path.read_text()), "config_name": "default"}))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    dataset, data_format = load_source(DataSource(Path("tatsu-lab/alpaca")))
+    assert data_format is DataFormat.ALPACA and dataset["output"] == [f"a{i}" for i in range(5)]
+    with pytest.raises(UserError, match="nobody/nothing is no local file or directory, and as a Hub dataset"):
+        load_source(DataSource(Path("nobody/nothing")))
+
+
+def test_sources_mix_with_counts_and_fractions_seeded(tmp_path: Path, tokenizer) -> None:
+    import datasets
+
+    first = _write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "completion": "x"} for i in range(10)])
+    second = _write_jsonl(tmp_path / "b.jsonl", [{"text": f"b{i}"} for i in range(8)])
+    sources = [DataSource(first, samples=3), DataSource(second, samples=0.5)]
+    config = DataConfig(sources=sources, max_seq_len=32)
+    mixed = load_train(config, tokenizer, seed=1)
+    assert len(mixed.rows) == 7 and mixed.dropped == 0
+    assert isinstance(mixed.rows, datasets.Dataset)  # Arrow arrays from datasets.map, not Python lists
+    again, other = load_train(config, tokenizer, seed=1), load_train(config, tokenizer, seed=2)
+    assert again.rows["input_ids"] == mixed.rows["input_ids"] != other.rows["input_ids"]
+    with pytest.raises(UserError, match="has 10 records; samples=11 asks for 11"):
+        load_train(DataConfig(sources=[DataSource(first, samples=11)]), tokenizer, seed=1)
+
+
+def test_data_config_needs_exactly_one_of_path_and_sources(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"one of `data\.path`"):
+        DataConfig()
+    with pytest.raises(UserError, match=r"one of `data\.path`"):
+        DataConfig(path=tmp_path, sources=[DataSource(tmp_path)])
+    with pytest.raises(UserError, match="a whole count or a fraction"):
+        DataSource(tmp_path, samples=2.5)
+
+
+def test_tokenizing_in_several_processes_gives_the_same_rows(tmp_path: Path, tokenizer) -> None:
+    records = [
+        {"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"}]}
+        for i in range(8)
+    ]
+    path = _write_jsonl(tmp_path / "d.jsonl", records)
+    one = load_train(DataConfig(path=path, max_seq_len=64), tokenizer, seed=0)
+    two = load_train(DataConfig(path=path, max_seq_len=64, num_proc=2), tokenizer, seed=0)
+    assert two.rows["labels"] == one.rows["labels"] and len(one.rows) == 8

@@ -1,0 +1,161 @@
+"""`qpissa train` with any TrainingArguments option, `--key value` overrides, packing, chat data mixed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_train import _config, _losses
+
+from qpissa import cli
+from qpissa.artifacts import resolve_source
+from qpissa.loading import load_tokenizer
+
+
+def test_any_trainer_option_and_flag_overrides_reach_the_trainer(
+    qpissa_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    config = _config(tmp_path, qpissa_dir, data_dir, eval_steps=None, adam_beta2=0.99)
+    flags = ["--max_steps", "2", "--report_to", "tensorboard", "--lr-scheduler-type=cosine_with_restarts",
+             "--save_strategy", "no", "data.eval_generate_samples=0"]  # fmt: skip
+    assert cli.main(["--quiet", "train", str(config), *flags]) == 0
+    run = tmp_path / "run"
+    assert sorted(_losses(run)) == [0, 1, 2]
+    assert list(run.glob("**/events.out.tfevents.*")), "report_to tensorboard wrote no event file"
+    assert not list(run.glob("checkpoint-*"))  # save_strategy: no
+    args = json.loads((run / "qpissa_run.json").read_text())["config"]
+    assert args["trainer"]["adam_beta2"] == 0.99 and args["trainer"]["report_to"] == "tensorboard"
+    assert args["lr_scheduler_type"] == "cosine_with_restarts"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--adam_beta2", "high"], "`adam_beta2` must be float"),
+        (["--lr_scheduler_type", "sideways"], "a Trainer option is invalid"),
+        (["--optim", "sgdd"], "a Trainer option is invalid"),
+        (["use_cpu=true"], "`use_cpu` is set by qpissa: set device: cpu instead"),
+        (["--learning_rat", "1e-4"], "unknown setting `learning_rat`"),
+        (["--max_stepz", "2"], "did you mean `max_steps`?"),
+        (["--report_to", "wandb"], "wandb package is not installed"),
+        (["--use_liger_kernel"], "use_liger_kernel needs liger-kernel"),
+    ],
+)
+def test_bad_trainer_options_are_one_line_errors(
+    overrides: list[str],
+    message: str,
+    qpissa_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+    capsys,
+) -> None:
+    pytest.importorskip("tensorboard")
+    assert cli.main(["--quiet", "train", str(_config(tmp_path, qpissa_dir, data_dir)), *overrides]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("qpissa: error:") and message in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_packing_trains_exactly_as_padding_does(
+    qpissa_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Same samples per step, same targets: the packed run's first losses equal the padded run's."""
+    losses = {}
+    for packing in (False, True):
+        out = tmp_path / f"packing-{packing}"
+        config = _config(out.parent, qpissa_dir, data_dir, eval_steps=None, output_dir=str(out))
+        overrides = ["max_steps=2", f"data.packing={str(packing).lower()}", "data.eval_generate_samples=0"]
+        assert cli.main(["--quiet", "train", str(config), *overrides]) == 0
+        losses[packing] = _losses(out)
+    assert losses[True][1] == pytest.approx(losses[False][1], abs=1e-5)
+    assert losses[True][2] == pytest.approx(losses[False][2], abs=1e-4)
+
+
+def test_chat_sources_mixed_detected_and_template_kept_by_chat_eval_export(
+    qpissa_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+    caplog,
+) -> None:
+    from transformers import AutoTokenizer
+
+    sharegpt = tmp_path / "sharegpt.jsonl"
+    turns = [{"from": "human", "value": "1+1"}, {"from": "gpt", "value": "2"}]
+    sharegpt.write_text("".join(json.dumps({"conversations": turns}) + "\n" for _ in range(6)))
+    trl = tmp_path / "trl.jsonl"
+    record = {
+        "prompt": [{"role": "user", "content": "2+2"}],
+        "completion": [{"role": "assistant", "content": "4"}],
+    }
+    trl.write_text("".join(json.dumps(record) + "\n" for _ in range(6)))
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}:{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant:{% endif %}"
+    )
+    data = {"path": None, "format": None, "eval_path": None,
+            "sources": [{"path": str(sharegpt)}, {"path": str(trl), "samples": 0.5}]}  # fmt: skip
+    config = _config(
+        tmp_path, qpissa_dir, data_dir, data=data, eval_steps=None, max_steps=1, chat_template=template
+    )
+    with caplog.at_level("INFO"):
+        assert cli.main(["--quiet", "train", str(config)]) == 0
+    detected = [r.getMessage() for r in caplog.records if "detected" in r.getMessage()]
+    assert any("format sharegpt" in m for m in detected) and any(
+        "chat_prompt_completion" in m for m in detected
+    )
+    run = tmp_path / "run"
+    for where in (run, run / "adapter"):
+        assert (where / "chat_template.jinja").read_text() == template
+    assert load_tokenizer(resolve_source(run)).chat_template == template  # what chat and eval load
+    assert cli.main(["--quiet", "export", str(run), str(tmp_path / "merged"), "--no-verify"]) == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == template
+
+
+@pytest.mark.integration
+def test_memory_estimate_within_15_percent_on_the_demo_recipe(demo_model: Path, tmp_path: Path) -> None:
+    """In a fresh process (a test process's high-water mark holds earlier tests' memory)."""
+    import re
+    import subprocess
+    import sys
+
+    qpissa_dir = tmp_path / "qpissa-r64"
+    assert (
+        cli.main(["--quiet", "convert", str(demo_model), str(qpissa_dir), "--rank", "64", "--iters", "1"])
+        == 0
+    )
+    tool = Path(__file__).parents[1] / "tools" / "make_task_data.py"
+    subprocess.run(
+        [sys.executable, str(tool), str(tmp_path / "task"), "--train", "64", "--eval", "8"], check=True
+    )
+    recipe = Path(__file__).parents[1] / "configs" / "demo.yaml"
+    train_file = tmp_path / "task" / "train.jsonl"
+    overrides = [f"model={qpissa_dir}", f"output_dir={tmp_path / 'run'}", f"data.path={train_file}",
+                 "data.eval_path=null", "eval_steps=null", "--max_steps", "6",
+                 "--save_strategy", "no"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "qpissa.cli", "train", str(recipe), *overrides],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    estimate = float(re.search(r"estimated peak memory (\d+) MB", done.stderr).group(1))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "trainer_log.jsonl").read_text().splitlines()]
+    peak = max(row["peak_memory_mb"] for row in rows)
+    assert abs(estimate / peak - 1) <= 0.15, (estimate, peak)
+
+
+def test_training_bar_is_tqdm_auto_and_shown_in_notebooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """disable=None: tqdm hides it on a redirected stderr, tqdm.notebook (picked by tqdm.auto) shows it."""
+    import types
+
+    import tqdm.auto
+
+    from qpissa import trainlog
+
+    assert trainlog.tqdm is tqdm.auto.tqdm
+    made = {}
+    monkeypatch.setattr(trainlog, "tqdm", lambda **options: made.update(options))
+    state = types.SimpleNamespace(is_world_process_zero=True, max_steps=5)
+    trainlog.QuietProgressCallback().on_train_begin(None, state, None)
+    assert made["disable"] is None and made["total"] == 5
