@@ -6,7 +6,8 @@ bitsandbytes or datasets at module level.
 
     __init__*          UserError, __version__, the Python API (loaded on first use), hiding library notes
     cli*               the `qpissa` command: argparse and one short handler per subcommand
-    settings*          every command's settings dataclass and every closed choice (enums)
+    settings*          the settings dataclasses of train's helpers, eval, export, chat, report
+    convert_settings*  convert's and compare's settings and their closed choices (method, SVD, ...)
     options*           settings dataclasses <-> argparse flags, YAML data and key=value overrides
     recipe*            the training recipe: TrainConfig, DataConfig, DataSource, load_config
     artifacts*         every file name qpissa writes or reads, and the finders (resolve_source, ...)
@@ -19,11 +20,17 @@ bitsandbytes or datasets at module level.
     checkpoint         HF checkpoints: lazy reading, streamed and sharded writing, config.json
     stored             reading back what qpissa stored (adapter, NF4 residual); the LoRA adapter config
     nf4                NF4 quantize / dequantize of one tensor, in bitsandbytes' own format
+    nf4_codes          NF4 codes on chosen block scales: scale search, error-compensated rounding (GPTQ)
     svd                exact and randomized rank-r SVD (seeded, oversampled, warm-startable)
-    methods            qpissa / loftq / qlora: one weight in, (Q, A, B) out
-    targets            which Linear layers of a checkpoint get decomposed
+    methods            qpissa / loftq / qlora: one weight in, (Q, A, B) out, data-free or under H
+    architecture       the model transformers builds for a checkpoint; where its matrices land in it
+    targets            which Linear layers of a checkpoint get decomposed; what stays 16-bit, and why
     weight_error       per-matrix weight-space error against QLoRA and its per-type means (the paper's)
     convert            `qpissa convert`: the streaming conversion and its worker pipeline
+    convert_matrix     one target decomposed and measured (weight- and output-space errors)
+    convert_calibrated `convert --calib`'s first phase: layer by layer, H, decompositions, spools
+    calibration        `--calib` data drawn into seeded token windows; overlap with held-out text
+    layer_stream       a checkpoint run one decoder layer at a time; input statistics H per Linear
     convert_output     the QPiSSA directory being written: shard plan, resume record, config, adapter
     conversion_report  qpissa_report.json: settings as resolved, per-matrix errors, summary
     models             the demo model, tiny random models, synthetic Llama-shaped checkpoints

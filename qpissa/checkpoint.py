@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -180,8 +180,9 @@ class ShardedWriter:
             self.writer = None
 
 
-def copy_tensors(source: Path, writer: SafetensorsWriter) -> None:
-    """Append every tensor of a safetensors file to `writer` in name order, byte for byte.
+def copy_tensors(source: Path, writer: SafetensorsWriter, rename: Callable[[str], str] | None = None) -> None:
+    """Append every tensor of a safetensors file to `writer` in name order, byte for byte (under
+    `rename(name)` if given).
 
     Unlike reading through a memory map, whose pages stay resident while it is open, this holds at most
     one chunk in memory.
@@ -191,7 +192,10 @@ def copy_tensors(source: Path, writer: SafetensorsWriter) -> None:
         for name in sorted(header):
             start, end = header[name]["data_offsets"]
             f.seek(data_start + start)
-            writer.add_bytes(name, header[name]["dtype"], header[name]["shape"], _chunks(f, end - start))
+            chunks = _chunks(f, end - start)
+            writer.add_bytes(
+                rename(name) if rename else name, header[name]["dtype"], header[name]["shape"], chunks
+            )
 
 
 def shard_names(count: int) -> list[str]:

@@ -47,10 +47,16 @@ def summary_table(report: dict) -> str:
 
 
 def convert_summary(report: dict, out_dir: Path) -> str:
-    """The error table, then one line: matrices, time, device, workers, metric time, peak memory."""
+    """The error table, a line per reason matrices stayed 16-bit, then one line: matrices, time, device,
+    workers, metric time, peak memory."""
     settings, summary = report["settings"], report["summary"]
+    kept = [
+        f"kept 16-bit, not adapted: {len(entry['tensors'])} tensors ({entry['params']:,} parameters, e.g. "
+        f"{entry['tensors'][0]}): {entry['reason']}"
+        for entry in report.get("kept_16bit", [])
+    ]
     return (
-        summary_table(report)
+        "\n".join([summary_table(report), *kept])
         + "\n"
         + (
             f"{settings['method']}: {len(report['layers'])} matrices in {summary['total_seconds']:.1f} s "
@@ -67,8 +73,10 @@ def export_summary(report: dict, out_dir: Path) -> str:
     verify = report["verify"]
     check = "not verified (--no-verify)"
     if verify is not None:
-        check = (f"vs trained model on {verify['tokens']} tokens: max |Δlogit| {verify['max_abs_diff']:.3g}, "
-                 f"mean {verify['mean_abs_diff']:.3g}, KL {verify['kl_mean']:.3g}")  # fmt: skip
+        what = "Δlogit" if verify["kl_mean"] is not None else "Δhidden state"
+        check = (f"vs trained model on {verify['tokens']} tokens: max |{what}| {verify['max_abs_diff']:.3g}, "
+                 f"mean {verify['mean_abs_diff']:.3g}")  # fmt: skip
+        check += f", KL {verify['kl_mean']:.3g}" if verify["kl_mean"] is not None else ""
     if report["kind"] == ExportKind.MERGED.value:
         return f"merged {report['matrices']} matrices into a {report['dtype']} model -> {out_dir}; {check}"
     details = report["details"]
@@ -100,11 +108,14 @@ def lora_summary(report: dict) -> str:
         )
     if report["verify"] is not None:
         v = report["verify"]
-        lines.append(
+        what = "Δlogit" if v["kl_mean"] is not None else "Δhidden state"
+        line = (
             f"Measured on {v['prompts']} prompts ({v['tokens']} tokens), original model + this adapter vs "
-            f"the trained model: max |Δlogit| {v['max_abs_diff']:.4g}, mean {v['mean_abs_diff']:.4g}, "
-            f"KL {v['kl_mean']:.4g} nats/token, top-1 agreement {v['top1_agreement']:.1%}."
+            f"the trained model: max |{what}| {v['max_abs_diff']:.4g}, mean {v['mean_abs_diff']:.4g}"
         )
+        if v["kl_mean"] is not None:
+            line += f", KL {v['kl_mean']:.4g} nats/token, top-1 agreement {v['top1_agreement']:.1%}"
+        lines.append(line + ".")
     lines.append("For exactly the trained model, export it merged: `qpissa export RUN OUT --to merged`.")
     return "\n\n".join(lines)
 

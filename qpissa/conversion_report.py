@@ -9,10 +9,12 @@ from __future__ import annotations
 import torch
 
 import qpissa
+from qpissa.architecture import Architecture
 from qpissa.checkpoint import CheckpointReader
 from qpissa.convert_settings import ConvertSettings
 from qpissa.memory import peak_rss_mb
 from qpissa.runtime import compute_dtype, dtype_name
+from qpissa.targets import kept_matrices
 from qpissa.weight_error import by_type
 
 
@@ -24,6 +26,7 @@ def conversion_report(
     targets: list[str],
     progress: dict,
     calibration: dict | None = None,
+    architecture: Architecture | None = None,
 ) -> dict:
     """The report of a finished conversion.
 
@@ -34,9 +37,11 @@ def conversion_report(
         targets: the decomposed modules, sorted.
         progress: the resume record: fingerprint, every shard's per-matrix metrics, seconds so far.
         calibration: what `--calib` drew (source, format, samples, tokens, sha256...), or None.
+        architecture: the checkpoint's model, if built already.
 
     Returns:
-        fingerprint, settings (resolved: iters, alpha, device, dtypes, versions), layers, summary.
+        fingerprint, settings (resolved: iters, alpha, device, dtypes, versions), layers, kept_16bit,
+        summary.
     """
     layers = [layer for entry in progress["shards"] for layer in entry["layers"]]
     report_settings = _settings(reader, settings, device, workers, targets, progress["fingerprint"]["sketch"])
@@ -48,6 +53,7 @@ def conversion_report(
         "fingerprint": progress["fingerprint"],
         "settings": report_settings,
         "layers": layers,
+        "kept_16bit": kept_matrices(reader, architecture),  # what stays 16-bit whatever the targets, and why
         "summary": _summary(layers, progress["seconds"], device),
     }
 

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qpissa import UserError, convert_output
+from qpissa.architecture import Architecture
 from qpissa.artifacts import CALIBRATION_DIR, REPORT_NAME, ModelSource, partial_dir, read_report
 from qpissa.calibration import CalibrationTokens, calibration_tokens
 from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, copy_side_files, write_index, write_json
@@ -37,7 +38,7 @@ from qpissa.options import to_dict
 from qpissa.outputs import check_apart, check_replaceable, lock_output
 from qpissa.runtime import calibration_dtype, compute_dtype, dtype_name, resolve_device, sketch_dtype
 from qpissa.stored import adapter_key
-from qpissa.targets import resolve_targets
+from qpissa.targets import plan_targets, warn_cpu_kernel
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,9 @@ def _convert(
     reader = CheckpointReader(model_dir)
     if overwrite:
         check_replaceable(out_dir, "OUT", (REPORT_NAME,), "a QPiSSA directory")
-    targets = set(resolve_targets(settings.targets, reader, settings.rank))
+    target_plan = plan_targets(settings.targets, reader, settings.rank, calibrated=settings.calib is not None)
+    warn_cpu_kernel(target_plan, settings.blocksize)
+    targets = set(target_plan.names)
     device = resolve_device(
         settings.device, "--device cuda was given but no CUDA GPU is visible; use --device cpu or auto"
     )
@@ -112,7 +115,9 @@ def _convert(
     )
     done = {entry["file"] for entry in progress["shards"]}
     description = f"{settings.method.value} r={settings.rank}"
-    decompose_one = functools.partial(_read_and_decompose, reader, decompose_settings, settings, device)
+    decompose_one = functools.partial(
+        _read_and_decompose, reader, decompose_settings, settings, device, target_plan.transposed
+    )
     try:
         if tokens is not None:
             calibration = progress.get("calibration", {})
@@ -139,8 +144,9 @@ def _convert(
     progress["seconds"] += time.perf_counter() - started
     shard_files = [f for f, _ in plan]
     return _finish(
-        reader, partial, out_dir, targets, settings, device, workers, progress, shard_files, tokens
-    )
+        reader, target_plan.architecture, partial, out_dir, targets, settings, device, workers, progress,
+        shard_files, tokens,
+    )  # fmt: skip
 
 
 def _convert_shard(
@@ -239,10 +245,13 @@ def _read_and_decompose(
     decompose_settings: DecomposeSettings,
     settings: ConvertSettings,
     device: torch.device,
+    transposed: set[str],
     module: str,
 ) -> DecomposedMatrix:
     """A target decomposed data-free, read from the checkpoint as the writer reaches it."""
     W = reader.read(f"{module}.weight")
+    if module in transposed:  # GPT-2's Conv1D stores [in, out]; its Linear4bit holds [out, in]
+        W = W.T.contiguous()
     return decompose_matrix(module, W, decompose_settings, settings.metrics, settings.seed, device)
 
 
@@ -255,6 +264,7 @@ def _spooled_or_decomposed(
 
 def _finish(
     reader: CheckpointReader,
+    architecture: Architecture,
     partial: Path,
     out_dir: Path,
     targets: set[str],
@@ -267,16 +277,19 @@ def _finish(
 ) -> dict:
     """Write config, side files, adapter and report into `partial`, then move it to `out_dir`."""
     convert_output.write_config(
-        reader, partial, targets, settings.double_quant, compute_dtype(settings.compute_dtype, device)
-    )
+        reader, architecture, partial, targets, settings.double_quant,
+        compute_dtype(settings.compute_dtype, device),
+    )  # fmt: skip
     copy_side_files(reader.model_dir, partial)
     convert_output.write_adapter(
-        partial, shard_files, targets, settings.rank, settings.resolved_alpha, out_dir
+        architecture, partial, shard_files, targets, settings.rank, settings.resolved_alpha, out_dir
     )
     if len(shard_files) > 1:
         write_index(partial, shard_files)
     calibration = None if tokens is None else tokens.describe()
-    report = conversion_report(reader, settings, device, workers, sorted(targets), progress, calibration)
+    report = conversion_report(
+        reader, settings, device, workers, sorted(targets), progress, calibration, architecture
+    )
     write_json(partial / REPORT_NAME, report)
     shutil.rmtree(partial / CALIBRATION_DIR, ignore_errors=True)
     convert_output.move_into_place(partial, out_dir)

@@ -11,7 +11,7 @@ from the spools in checkpoint order (DESIGN.md, "Calibrated conversion").
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, write_json
 from qpissa.convert_matrix import DecomposedMatrix, decompose_matrix, one_thread_per_matrix
 from qpissa.convert_settings import MetricKind, Propagation
 from qpissa.layer_stream import InputStatistics, first_layer_inputs, loaded_layer, open_stack, run_layer
+from qpissa.memory import return_freed_memory
 from qpissa.methods import DecomposeSettings
 from qpissa.nf4 import dequantize_stored
 from qpissa.stored import adapter_key
@@ -76,26 +77,30 @@ def calibrate_layers(
     inputs = first_layer_inputs(stack, list(torch.split(run.windows, batch)))
     if state["layers_done"]:  # resumed: the saved inputs of the next layer replace the embeddings
         inputs.hidden = torch.load(folder / HIDDEN_NAME, weights_only=True)
-    for index in range(state["layers_done"], len(stack.layers)):
-        layer_targets = sorted(t for t in targets if t.startswith(f"{stack.prefix}.{index}."))
-        with loaded_layer(stack, index, reader, run.dtype) as layer:
-            local = f"{stack.prefix}.{index}."
-            linears = {name: layer.get_submodule(name.removeprefix(local)) for name in layer_targets}
-            with InputStatistics(layer, linears) as stats:
-                outputs = run_layer(layer, inputs, index, run.dtype)
-            results = _decompose_layer(reader, layer_targets, stats, run)
-            _spool(folder / spool_name(index), results)
-            if run.propagate is Propagation.CONVERTED:
-                for name, result in results.items():
-                    linears[name].weight.data = converted_weight(result, run.decompose).to(run.dtype)
-                outputs = run_layer(layer, inputs, index, run.dtype)
-        inputs.hidden = outputs
-        bar.update(len(results))
-        torch.save(inputs.hidden, folder / (HIDDEN_NAME + ".tmp"))
-        (folder / (HIDDEN_NAME + ".tmp")).replace(folder / HIDDEN_NAME)
-        state["metrics"] |= {name: result.metrics for name, result in results.items()}
-        state["layers_done"] = index + 1
-        write_json(partial / PROGRESS_NAME, progress)
+    # one pool for every layer, not one per layer: new threads would each take a fresh malloc arena
+    with ThreadPoolExecutor(run.workers) as pool:
+        for index in range(state["layers_done"], len(stack.layers)):
+            layer_targets = sorted(t for t in targets if t.startswith(f"{stack.prefix}.{index}."))
+            with loaded_layer(stack, index, reader, run.dtype) as layer:
+                local = f"{stack.prefix}.{index}."
+                linears = {name: layer.get_submodule(name.removeprefix(local)) for name in layer_targets}
+                with InputStatistics(layer, linears) as stats:
+                    outputs = run_layer(layer, inputs, index, run.dtype)
+                return_freed_memory()  # the forward's temporaries, before the decompositions allocate
+                results = _decompose_layer(reader, layer_targets, stats, run, pool)
+                _spool(folder / spool_name(index), results)
+                if run.propagate is Propagation.CONVERTED:
+                    for name, result in results.items():
+                        linears[name].weight.data = converted_weight(result, run.decompose).to(run.dtype)
+                    outputs = run_layer(layer, inputs, index, run.dtype)
+            inputs.hidden = outputs
+            bar.update(len(results))
+            torch.save(inputs.hidden, folder / (HIDDEN_NAME + ".tmp"))
+            (folder / (HIDDEN_NAME + ".tmp")).replace(folder / HIDDEN_NAME)
+            state["metrics"] |= {name: result.metrics for name, result in results.items()}
+            state["layers_done"] = index + 1
+            write_json(partial / PROGRESS_NAME, progress)
+            return_freed_memory()
     state["layer_of"] = {name: _layer_index(name, stack.prefix) for name in state["metrics"]}
     write_json(partial / PROGRESS_NAME, progress)
 
@@ -126,7 +131,7 @@ def converted_weight(result: DecomposedMatrix, settings: DecomposeSettings) -> t
 
 
 def _decompose_layer(
-    reader: CheckpointReader, names: list[str], stats: InputStatistics, run: CalibrationRun
+    reader: CheckpointReader, names: list[str], stats: InputStatistics, run: CalibrationRun, pool: Executor
 ) -> dict[str, DecomposedMatrix]:
     """The layer's targets, decomposed under their H side by side (one thread each on a CPU)."""
 
@@ -135,7 +140,7 @@ def _decompose_layer(
         H = stats.hessian(name)
         return decompose_matrix(name, W, run.decompose, run.metrics, run.seed, run.device, H)
 
-    with one_thread_per_matrix(run.device), ThreadPoolExecutor(run.workers) as pool:
+    with one_thread_per_matrix(run.device):
         return dict(zip(names, pool.map(one, names), strict=True))
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from qpissa import UserError
+from qpissa.architecture import Architecture
 from qpissa.artifacts import (
     ADAPTER_DIR,
     ADAPTER_WEIGHTS,
@@ -24,8 +25,8 @@ from qpissa.artifacts import (
     read_report,
 )
 from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, copy_tensors, shard_names, write_json
-from qpissa.stored import write_lora_config
-from qpissa.targets import linear_modules, module_type
+from qpissa.stored import ADAPTER_KEY, adapter_key, write_lora_config
+from qpissa.targets import module_type
 
 
 def plan_shards(
@@ -112,13 +113,22 @@ def record_shard(partial: Path, progress: dict, shard_file: str, layers: list[di
 
 
 def write_config(
-    reader: CheckpointReader, partial: Path, targets: set[str], double_quant: bool, compute_dtype: torch.dtype
+    reader: CheckpointReader,
+    architecture: Architecture,
+    partial: Path,
+    targets: set[str],
+    double_quant: bool,
+    compute_dtype: torch.dtype,
 ) -> None:
-    """The original config plus the `quantization_config` that makes transformers load the stored codes."""
+    """The original config plus the `quantization_config` that makes transformers load the stored codes.
+
+    Every layer transformers would turn into `Linear4bit` but the targets is listed in
+    `llm_int8_skip_modules` under the model's name for it: lm_head (stored or tied), untargeted layers.
+    """
     from transformers import BitsAndBytesConfig
 
-    linears, _ = linear_modules(reader.model_dir)
-    skip = sorted(name for name in linears if name not in targets)  # stay 16-bit: lm_head, untargeted layers
+    targeted = {architecture.linears[name].module for name in targets}
+    skip = sorted(name for name in architecture.quantizable if name not in targeted)
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -136,19 +146,47 @@ def adapter_part(partial: Path, shard_file: str) -> Path:
 
 
 def write_adapter(
-    partial: Path, shard_files: list[str], targets: set[str], rank: int, alpha: float, out_dir: Path
+    architecture: Architecture,
+    partial: Path,
+    shard_files: list[str],
+    targets: set[str],
+    rank: int,
+    alpha: float,
+    out_dir: Path,
 ) -> None:
-    """Join the per-shard adapter parts into a PEFT LoRA adapter (`init_lora_weights: true`, §4)."""
+    """Join the per-shard adapter parts into a PEFT LoRA adapter (`init_lora_weights: true`, §4).
+
+    The parts name each factor after the checkpoint's tensor; PEFT names it after the model's module,
+    which differs where transformers renames tensors at load (a base-model prefix, for instance).
+    """
+    model_names = architecture.model_names()
+
+    def model_key(key: str) -> str:
+        module, factor = ADAPTER_KEY.match(key).groups()
+        return adapter_key(model_names[module], factor)
+
     adapter_dir = partial / ADAPTER_DIR
     adapter_dir.mkdir(exist_ok=True)
     writer = SafetensorsWriter(adapter_dir / ADAPTER_WEIGHTS)
     for shard_file in shard_files:
         part = adapter_part(partial, shard_file)
-        copy_tensors(part, writer)
+        copy_tensors(part, writer, model_key)
         part.unlink()
     writer.close()
-    target_types = sorted({module_type(name) for name in targets})
-    write_lora_config(adapter_dir, rank, alpha, target_types, str(out_dir.resolve()))
+    target_modules = peft_target_modules(sorted(model_names[name] for name in targets), architecture)
+    write_lora_config(
+        adapter_dir, rank, alpha, target_modules, str(out_dir.resolve()), architecture.task_type,
+        any(architecture.linears[name].transposed for name in targets),  # PEFT's fan_in_fan_out
+    )  # fmt: skip
+
+
+def peft_target_modules(modules: list[str], architecture: Architecture) -> list[str]:
+    """PEFT's `target_modules` for exactly `modules` (model names): their types (`q_proj`) where every
+    layer of those types is among them, as after all-linear; else the modules' own names, so that PEFT
+    adapts no layer the conversion did not decompose."""
+    types = {module_type(name) for name in modules}
+    same_type = [name for name in architecture.modules if module_type(name) in types]
+    return sorted(types) if sorted(same_type) == sorted(modules) else modules
 
 
 def move_into_place(partial: Path, out_dir: Path) -> None:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 import qpissa
 from qpissa import UserError
+from qpissa.architecture import Architecture, read_architecture
 from qpissa.artifacts import CONFIG_NAME, EXPORT_REPORT, OWN_JSON, ModelSource, resolve_source
 from qpissa.chat_template import save_chat_template, saved_chat_template
 from qpissa.checkpoint import ShardedWriter, copy_side_files, write_json
@@ -66,9 +67,12 @@ def export(run: Path, out_dir: Path, settings: ExportSettings, *, show_progress:
     )
     residual = Residual(source.base_dir)
     trained = read_adapter(source.adapter_dir)
-    _check_fits(trained, residual)
+    architecture = read_architecture(residual.reader)
+    _check_fits(trained, residual, architecture)
     lora_inputs = (
-        check_lora_inputs(source, residual, trained, settings) if settings.to is ExportKind.LORA else None
+        check_lora_inputs(source, residual, trained, settings, architecture)
+        if settings.to is ExportKind.LORA
+        else None
     )
     dtype = _resolve_dtype(settings, residual.reader.config)
     with lock_output(out_dir, "OUT"):
@@ -77,8 +81,9 @@ def export(run: Path, out_dir: Path, settings: ExportSettings, *, show_progress:
         partial = start_partial(out_dir, "OUT")
         try:
             report = _write(
-                run, source, residual, trained, lora_inputs, partial, dtype, settings, show_progress
-            )
+                run, source, residual, architecture, trained, lora_inputs, partial, dtype, settings,
+                show_progress,
+            )  # fmt: skip
         except BaseException:  # this process made `partial`: nothing of it is worth keeping
             shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -92,6 +97,7 @@ def _write(
     run: Path,
     source: ModelSource,
     residual: Residual,
+    architecture: Architecture,
     trained: Adapter,
     lora_inputs: LoraInputs | None,
     partial: Path,
@@ -105,9 +111,12 @@ def _write(
                disable=None if show_progress else True)  # fmt: skip
     try:
         if lora_inputs is None:
-            details = _write_merged(residual, trained, partial, dtype, settings.shard_size_mb or 2048, bar)
+            shard_bytes = (settings.shard_size_mb or 2048) * 1_000_000
+            details = _write_merged(residual, architecture, trained, partial, dtype, shard_bytes, bar)
         else:
-            details = write_lora(residual, trained, lora_inputs, partial, dtype, settings.rank, bar)
+            details = write_lora(
+                residual, architecture, trained, lora_inputs, partial, dtype, settings.rank, bar
+            )
     finally:
         bar.close()
     template = saved_chat_template(source.adapter_dir, source.run_dir)  # the run's own, if it set one
@@ -131,11 +140,13 @@ def _write(
     return report
 
 
-def _check_fits(adapter: Adapter, residual: Residual) -> None:
-    """Every adapted module exists in the residual with the adapter's `(out, in)`."""
+def _check_fits(adapter: Adapter, residual: Residual, architecture: Architecture) -> None:
+    """Every adapted module (a model name) exists in the residual (under its stored name) with the
+    adapter's `(out, in)`."""
+    stored = architecture.stored_names()
     wrong = []
     for module, shape in adapter.shapes.items():
-        found = residual.shape(module)
+        found = residual.shape(stored.get(module, module))
         if found != shape:
             wrong.append(f"{module} (adapter {list(shape)}, residual {list(found) if found else 'missing'})")
     if wrong:
@@ -156,22 +167,33 @@ def _resolve_dtype(settings: ExportSettings, config: dict) -> torch.dtype:
 
 
 def _write_merged(
-    residual: Residual, adapter: Adapter, partial: Path, dtype: torch.dtype, shard_size_mb: int, bar: tqdm
+    residual: Residual,
+    architecture: Architecture,
+    adapter: Adapter,
+    partial: Path,
+    dtype: torch.dtype,
+    shard_bytes: int,
+    bar: tqdm,
 ) -> dict:
-    """Write `deq(Q) + s·B'·A'` for adapted layers, every other tensor cast to `dtype`, config, side files."""
+    """Write `deq(Q) + s·B'·A'` for adapted layers, every other tensor cast to `dtype`, config, side files.
+
+    Tensors keep the QPiSSA directory's (the original checkpoint's) names and layout: a `Conv1D`'s
+    merged weight is stored `[in, out]` again.
+    """
     reader = residual.reader
-    shards = ShardedWriter(partial, shard_size_mb * 1_000_000)
+    adapted = {architecture.stored_names().get(module, module): module for module in adapter.shapes}
+    shards = ShardedWriter(partial, shard_bytes)
     for name in reader.names():
         if residual.is_quant_aux(name):
             continue
         module = name.removesuffix(".weight")
-        if name.endswith(".weight") and (module in adapter.shapes or module in residual.quantized):
+        if name.endswith(".weight") and (module in adapted or module in residual.quantized):
             W = residual.weight(module)  # [out, in] float32
-            if module in adapter.shapes:
-                A, B = adapter.factors(module)  # [r, in], [out, r]
+            if module in adapted:
+                A, B = adapter.factors(adapted[module])  # [r, in], [out, r]
                 W = W + adapter.scale * (B @ A)  # merge in float32, round once
                 bar.update(1)
-            shards.add(name, W.to(dtype))
+            shards.add(name, architecture.swap_layout(module, W).to(dtype))
         else:
             # embeddings (tied lm_head included), norms: unchanged but for the dtype
             tensor = reader.read(name)

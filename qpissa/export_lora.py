@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qpissa import UserError
+from qpissa.architecture import Architecture
 from qpissa.artifacts import (
     ADAPTER_DIR,
     ADAPTER_README,
@@ -42,9 +43,18 @@ class LoraInputs:
     initial: Adapter
     original: CheckpointReader
 
+    def original_weight(self, architecture: Architecture, module: str) -> torch.Tensor:
+        """The original weight of adapted module `module` (a model name), float32 `[out, in]`."""
+        stored = architecture.stored_names().get(module, module)
+        return architecture.swap_layout(stored, self.original.read(f"{stored}.weight").float())
+
 
 def check_lora_inputs(
-    source: ModelSource, residual: Residual, trained: Adapter, settings: ExportSettings
+    source: ModelSource,
+    residual: Residual,
+    trained: Adapter,
+    settings: ExportSettings,
+    architecture: Architecture,
 ) -> LoraInputs:
     """Find the initial adapter and the original model and check that they fit the trained adapter.
 
@@ -64,9 +74,10 @@ def check_lora_inputs(
             f"{initial_dir} (rank {initial.rank}); the run was trained from another QPiSSA directory"
         )
     original = CheckpointReader(original_model_dir(source.base_dir, settings.base))
+    stored = architecture.stored_names()
     wrong = [
         module for module, shape in trained.shapes.items()
-        if f"{module}.weight" not in original.location or original.shape(f"{module}.weight") != shape
+        if _stored_shape(original, architecture, stored.get(module, module)) != shape
     ]  # fmt: skip
     if wrong:
         raise UserError(
@@ -106,6 +117,7 @@ def original_model_dir(base_dir: Path, override: Path | None) -> Path:
 
 def write_lora(
     residual: Residual,
+    architecture: Architecture,
     trained: Adapter,
     inputs: LoraInputs,
     partial: Path,
@@ -134,8 +146,8 @@ def write_lora(
             A2, B2, dropped = _truncate(A2, B2, rank)
             sums["dropped"] += s * s * dropped
         A2, B2 = A2.to(dtype), B2.to(dtype)
-        W = inputs.original.read(f"{module}.weight").float()  # [out, in]
-        deq = residual.weight(module)
+        W = inputs.original_weight(architecture, module)  # [out, in]
+        deq = residual.weight(architecture.stored_names().get(module, module))
         trained_W = deq + s * (B1 @ A1)
         exported_W = W + s * (B2.float() @ A2.float())  # what PEFT computes from the stored factors
         distance = _sq(exported_W - trained_W)
@@ -150,10 +162,10 @@ def write_lora(
     writer.close()
     base_model = inputs.original.model_dir.resolve()
     # same s = alpha / r as the trained adapter (2·alpha for 2r)
-    task_type = trained.config.get("task_type") or "CAUSAL_LM"
     write_lora_config(
-        partial, out_rank, s * out_rank, trained.config["target_modules"], str(base_model), task_type
-    )
+        partial, out_rank, s * out_rank, trained.config["target_modules"], str(base_model),
+        trained.config.get("task_type"), bool(trained.config.get("fan_in_fan_out")),
+    )  # fmt: skip
     norm = max(sums["weights"], 1e-30) ** 0.5
     truncation = None
     if rank is not None:
@@ -207,3 +219,15 @@ def _truncate(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor
 
 def _sq(E: torch.Tensor) -> float:
     return E.double().square().sum().item()
+
+
+def _stored_shape(
+    reader: CheckpointReader, architecture: Architecture, module: str
+) -> tuple[int, ...] | None:
+    """`(out, in)` of a stored module's weight (a `Conv1D`'s `[in, out]` turned around), or None."""
+    name = f"{module}.weight"
+    if name not in reader.location:
+        return None
+    shape = reader.shape(name)
+    layer = architecture.linears.get(module)
+    return tuple(shape[::-1]) if layer is not None and layer.transposed else shape

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from qpissa import UserError
 from qpissa.artifacts import ModelSource
-from qpissa.loading import load_model, load_tokenizer
+from qpissa.loading import auto_model_class, load_model, load_tokenizer
 from qpissa.runtime import auto_device
 
 
@@ -22,7 +21,8 @@ def verify_export(source: ModelSource, export_dir: Path, details: dict) -> dict:
         details: the export's details.
 
     Returns:
-        max/mean absolute logit difference, mean/max KL(trained ‖ export) per token, top-1 agreement.
+        max/mean absolute logit difference, mean/max KL(trained ‖ export) per token, top-1 agreement;
+        for a model without a head, the differences of its last hidden states (KL and top-1 None).
     """
     device = auto_device()
     trained = load_model(source, device=device, compute_dtype=torch.float32).eval()
@@ -30,7 +30,7 @@ def verify_export(source: ModelSource, export_dir: Path, details: dict) -> dict:
     reference = [_logits(trained, ids.to(device)) for ids in inputs]
     del trained
     if "base_model" not in details:  # merged
-        exported = AutoModelForCausalLM.from_pretrained(
+        exported = auto_model_class(export_dir).from_pretrained(
             export_dir, dtype=torch.float32, device_map={"": str(device)}
         )
     else:
@@ -40,14 +40,22 @@ def verify_export(source: ModelSource, export_dir: Path, details: dict) -> dict:
     outputs = [_logits(exported.eval(), ids.to(device)) for ids in inputs]
     ref, out = torch.cat(reference), torch.cat(outputs)  # [tokens, vocab] float32
     diff = (ref - out).abs()
-    log_p, log_q = ref.double().log_softmax(-1), out.double().log_softmax(-1)  # float64: no negative KL
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # KL(trained ‖ export) per token
-    return {
+    result = {
         "inputs": kind, "prompts": len(inputs), "tokens": ref.shape[0],
         "max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
-        "kl_mean": kl.mean().item(), "kl_max": kl.max().item(),
-        "top1_agreement": (ref.argmax(-1) == out.argmax(-1)).float().mean().item(),
+        "kl_mean": None, "kl_max": None, "top1_agreement": None,
     }  # fmt: skip
+    if has_logits(exported):
+        log_p, log_q = ref.double().log_softmax(-1), out.double().log_softmax(-1)  # float64: no negative KL
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # KL(trained ‖ export) per token
+        result.update(kl_mean=kl.mean().item(), kl_max=kl.max().item())
+        result["top1_agreement"] = (ref.argmax(-1) == out.argmax(-1)).float().mean().item()
+    return result
+
+
+def has_logits(model: torch.nn.Module) -> bool:
+    """The model ends in an output layer (logits over a vocabulary), not in hidden states."""
+    return model.get_output_embeddings() is not None
 
 
 VERIFY_PROMPTS = (
@@ -79,4 +87,6 @@ def verify_inputs(source: ModelSource, vocab_size: int) -> tuple[list[torch.Tens
 
 @torch.no_grad()
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids).logits[0].float().cpu()  # [tokens, vocab]
+    """Logits `[tokens, vocab]`, or the last hidden states `[tokens, hidden]` of a model without a head."""
+    output = model(input_ids=ids)
+    return (output.logits if has_logits(model) else output.last_hidden_state)[0].float().cpu()

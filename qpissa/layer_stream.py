@@ -83,7 +83,8 @@ def first_layer_inputs(stack: DecoderStack, batches: list[torch.Tensor]) -> Laye
     """Run the model up to its first decoder layer on each batch of token ids `[batch, seq]`.
 
     Every layer is swapped for a recorder that returns its input unchanged, so one pass records the
-    arguments of all layers without any layer weights.
+    arguments of all layers without any layer weights. The weights before the first layer (embeddings)
+    are needed for this pass only: they go back to the meta device after it.
     """
     originals = list(stack.layers)
     calls: list[list[dict]] = [[] for _ in originals]
@@ -96,7 +97,18 @@ def first_layer_inputs(stack: DecoderStack, batches: list[torch.Tensor]) -> Laye
     finally:
         for index, layer in enumerate(originals):
             stack.layers[index] = layer
+    _unload_outside_layers(stack)
     return LayerInputs(hidden=hidden, kwargs=calls)
+
+
+def _unload_outside_layers(stack: DecoderStack) -> None:
+    """Give the parameters outside the decoder layers (embeddings, final norm) back to the meta device."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    layer_params = {id(p) for p in stack.layers.parameters()}
+    for name, param in list(stack.base.named_parameters()):
+        if id(param) not in layer_params:
+            set_module_tensor_to_device(stack.base, name, "meta")
 
 
 @contextmanager
@@ -128,10 +140,11 @@ def run_layer(
 
 
 class InputStatistics:
-    """`H = Σ xᵀx / n` over the calibration tokens of each given Linear's input, in float32.
+    """`H = Σ xᵀx / n` over the calibration tokens of each given Linear's input: each batch's product in
+    float32, the sum over batches in float64 (no drift however many tokens).
 
     Linears fed the same tensor (q/k/v, gate/up) share one sum, computed once per batch: at Llama-3-8B
-    shapes a down_proj's H alone is 822 MB. Use as a context manager around `run_layer`: the hooks are
+    shapes a down_proj's H alone is 1.6 GB. Use as a context manager around `run_layer`: the hooks are
     removed on exit.
 
     Args:
@@ -161,8 +174,8 @@ class InputStatistics:
         self._batch.clear()
 
     def hessian(self, name: str) -> torch.Tensor:
-        """`[in, in]` float32 mean of x xᵀ over the tokens seen (undamped; shared: do not modify)."""
-        return self._sums[self._group[name]] / max(self.tokens, 1)
+        """`[in, in]` float32 mean of x xᵀ over the tokens seen (undamped)."""
+        return (self._sums[self._group[name]] / max(self.tokens, 1)).float()
 
     def _new_batch(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self._batch.clear()
@@ -176,11 +189,12 @@ class InputStatistics:
                 self._group.setdefault(name, self._batch[id(x)][1])
                 return
             flat = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
+            product = (flat.T @ flat).double()
             if name in self._group:
-                self._sums[self._group[name]].addmm_(flat.T, flat)
+                self._sums[self._group[name]] += product
             else:
                 self._group[name] = len(self._sums)
-                self._sums.append(flat.T @ flat)
+                self._sums.append(product)
             self._batch[id(x)] = (x, self._group[name])
 
         return hook

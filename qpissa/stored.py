@@ -22,7 +22,7 @@ from qpissa.nf4 import dequantize_stored
 from qpissa.safetensors_file import read_header
 
 QUANT_STATE_SUFFIX = ".weight.quant_state.bitsandbytes__nf4"
-_ADAPTER_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
+ADAPTER_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
 
 
 @dataclass
@@ -119,7 +119,7 @@ def read_adapter(adapter_dir: Path) -> Adapter:
     other = []
     header, _ = read_header(adapter_dir / ADAPTER_WEIGHTS, fix)  # every tensor's bytes are there
     for key, entry in sorted(header.items()):
-        match = _ADAPTER_KEY.match(key)
+        match = ADAPTER_KEY.match(key)
         if match is None:
             other.append(key)
             continue
@@ -149,7 +149,8 @@ def write_lora_config(
     alpha: float,
     target_modules: list[str],
     base_model: str,
-    task_type: str = "CAUSAL_LM",
+    task_type: str | None = "CAUSAL_LM",
+    fan_in_fan_out: bool = False,
 ) -> None:
     """Write `adapter_config.json` of a plain LoRA adapter (`init_lora_weights: true`, no dropout, no bias).
 
@@ -158,7 +159,8 @@ def write_lora_config(
         rank: r. alpha: lora_alpha (scale s = alpha / r).
         target_modules: module names or suffixes the adapter applies to.
         base_model: written as `base_model_name_or_path`.
-        task_type: PEFT's task type.
+        task_type: PEFT's task type (None: a plain `PeftModel`).
+        fan_in_fan_out: the base layers are GPT-2 `Conv1D`s, whose weights are stored `[in, out]`.
     """
     from peft import LoraConfig
 
@@ -169,6 +171,7 @@ def write_lora_config(
         lora_dropout=0.0,
         init_lora_weights=True,  # never "pissa": the residual is already decomposed
         bias="none",
+        fan_in_fan_out=fan_in_fan_out,
         task_type=task_type,
         base_model_name_or_path=base_model,
     ).to_dict()

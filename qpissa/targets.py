@@ -1,69 +1,110 @@
-"""Which Linear layers of a checkpoint get decomposed, found from the model's own definition."""
+"""Which matrices of a checkpoint get decomposed: `--targets` resolved against the checkpoint's own
+tensor names and the model transformers builds for its config (`architecture.py`), checked before
+anything is written; and which matrices stay 16-bit whatever the targets, said rather than skipped."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
+import logging
+import math
+from dataclasses import dataclass
 
 from qpissa import UserError
-from qpissa.checkpoint import QUANTIZED_KEY_MARKERS, CheckpointReader, auto_config
+from qpissa.architecture import Architecture, read_architecture
+from qpissa.checkpoint import QUANTIZED_KEY_MARKERS, CheckpointReader
 from qpissa.convert_settings import ALL_LINEAR
 
+log = logging.getLogger(__name__)
 
-def linear_modules(model_dir: Path) -> tuple[dict[str, tuple[int, int]], str | None]:
-    """Every `nn.Linear` of the architecture, built on the meta device (no weights are read).
+CPU_KERNEL_BLOCK_N = 32  # bitsandbytes' packed CPU kernel takes out_features in blocks of 32 rows
 
-    Returns:
-        `{module name: (out_features, in_features)}` and the output layer's name (e.g. `lm_head`),
-        which is never a target: it is often tied to the embeddings (peft#2018).
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """`--targets` resolved against a checkpoint.
+
+    Attributes:
+        names: checkpoint module names to decompose (their weights are `<name>.weight`), sorted.
+        architecture: the checkpoint's model: names there, `Conv1D` layers, its Auto class.
     """
-    import transformers
 
-    config = auto_config(model_dir)
-    with torch.device("meta"):
-        try:
-            model = transformers.AutoModelForCausalLM.from_config(config)
-        except ValueError:
-            model = transformers.AutoModel.from_config(config)
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linears, output_name = {}, None
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            linears[name] = (module.out_features, module.in_features)
-            if module is output:
-                output_name = name
-    return linears, output_name
+    names: list[str]
+    architecture: Architecture
+
+    @property
+    def transposed(self) -> set[str]:
+        """Targets stored `[in, out]` (GPT-2's `Conv1D`): decomposed as their transpose `[out, in]`."""
+        return {name for name in self.names if self.architecture.linears[name].transposed}
 
 
-def resolve_targets(spec: str, reader: CheckpointReader, rank: int) -> list[str]:
-    """Module names to decompose for `--targets`, checked against the checkpoint.
+def plan_targets(spec: str, reader: CheckpointReader, rank: int, *, calibrated: bool = False) -> TargetPlan:
+    """Resolve `--targets` against the checkpoint; refuse what cannot be converted, before any write.
 
     Args:
-        spec: `all-linear`, or comma-separated module names or name suffixes (`q_proj,v_proj`).
+        spec: `all-linear` (every Linear layer but the output layer), or comma-separated module names or
+            name suffixes (`q_proj,v_proj`), matched against the checkpoint's and the model's names.
         reader: the checkpoint; its weights must exist, be full precision and be larger than `rank`.
         rank: adapter rank; every target needs `rank < min(out, in)`.
+        calibrated: `--calib` is set: the model's decoder layers must run from the checkpoint's tensors.
 
     Raises:
-        UserError: a target that matches nothing (listing what exists), the output layer, a quantized
-            weight, or a matrix too small for the rank.
+        UserError: no target at all, a target that matches nothing (listing what exists), the output
+            layer, a quantized weight, a matrix too small for the rank, or a calibration the
+            architecture cannot run.
     """
-    linears, output_name = linear_modules(reader.model_dir)
-    candidates = {name: shape for name, shape in linears.items() if f"{name}.weight" in reader.location}
+    architecture = read_architecture(reader)
+    candidates = {name: layer.shape for name, layer in architecture.linears.items()}
     if spec == ALL_LINEAR:
-        targets = [name for name in candidates if name != output_name]
+        targets = [name for name in candidates if name != architecture.output]
     else:
-        targets = _match(spec, candidates, output_name)
+        targets = _match(spec, architecture)
+    if not targets:
+        raise UserError(_nothing_to_convert(reader, architecture))
     _check_full_precision(targets, reader)
     too_small = [f"{name} {candidates[name]}" for name in targets if rank >= min(candidates[name])]
     if too_small:
-        smallest = min(min(candidates[name]) for name in targets)
-        raise UserError(
-            f"--rank {rank} is not below min(out, in) of {', '.join(too_small[:3])}"
-            f"{' …' if len(too_small) > 3 else ''}; "
-            f"use --rank {max(1, smallest // 4)} or exclude them with --targets"
-        )
-    return sorted(targets)
+        raise UserError(_too_small(spec, rank, too_small, targets, candidates))
+    if calibrated:
+        _check_calibration(architecture, targets)
+    return TargetPlan(sorted(targets), architecture)
+
+
+def resolve_targets(spec: str, reader: CheckpointReader, rank: int) -> list[str]:
+    """Module names to decompose for `--targets` (`plan_targets(...).names`)."""
+    return plan_targets(spec, reader, rank).names
+
+
+def kept_matrices(reader: CheckpointReader, architecture: Architecture | None = None) -> list[dict]:
+    """Matrices that stay 16-bit whatever the targets, one entry per reason (qpissa_report.json's
+    `kept_16bit`): `{"reason", "tensors": [checkpoint names], "params": total elements}`."""
+    kept = (architecture or read_architecture(reader)).kept
+    return [
+        {"reason": reason, "tensors": names, "params": sum(math.prod(reader.shape(n)) for n in names)}
+        for reason, names in kept.items()
+    ]
+
+
+def warn_cpu_kernel(plan: TargetPlan, blocksize: int) -> None:
+    """One warning naming the targets bitsandbytes' packed CPU inference kernel rejects, and the fix.
+
+    On CPUs with AVX512-BF16, `Linear4bit` repacks its weight for a faster kernel under `torch.no_grad()`
+    in eval mode; that kernel needs out_features in blocks of 32 rows and in_features in whole NF4 blocks.
+    """
+    shapes = {name: plan.architecture.linears[name].shape for name in plan.names}
+    rejected = [
+        f"{name} {list(shape)}"
+        for name, shape in shapes.items()
+        if shape[0] % CPU_KERNEL_BLOCK_N or shape[1] % blocksize
+    ]
+    if rejected:
+        log.warning(
+            "%d target(s) will not run under bitsandbytes' packed CPU inference kernel (CPUs with "
+            "AVX512-BF16, eval mode under torch.no_grad(): out_features must be a multiple of %d and "
+            "in_features of --blocksize %d): %s%s; qpissa's own commands avoid that kernel; with plain "
+            "transformers set `support_avx512bf16_for_cpu = False` on every Linear4bit (README, Known "
+            "limitations), or leave these layers out with --targets",
+            len(rejected), CPU_KERNEL_BLOCK_N, blocksize, ", ".join(rejected[:3]),
+            " …" if len(rejected) > 3 else "",
+        )  # fmt: skip
 
 
 def module_type(name: str) -> str:
@@ -71,24 +112,84 @@ def module_type(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def _match(spec: str, candidates: dict[str, tuple[int, int]], output_name: str | None) -> list[str]:
+def _match(spec: str, architecture: Architecture) -> list[str]:
+    """Checkpoint module names matching `--targets` by their stored or their model name."""
     wanted = [part.strip() for part in spec.split(",") if part.strip()]
     if not wanted:
         raise UserError("--targets is empty; use all-linear or names such as q_proj,v_proj")
-    if output_name is not None and any(_matches(output_name, w) for w in wanted):
+    names = {name: (name, layer.module) for name, layer in architecture.linears.items()}
+    output = architecture.output
+    if output is not None and any(_matches(alias, w) for alias in names[output] for w in wanted):
         raise UserError(
-            f"--targets includes the output layer {output_name}; it is often tied to the embeddings and "
+            f"--targets includes the output layer {output}; it is often tied to the embeddings and "
             "is kept in 16-bit: leave it out"
         )
-    targets = [name for name in candidates if any(_matches(name, w) for w in wanted)]
-    unmatched = [w for w in wanted if not any(_matches(name, w) for name in candidates)]
+    targets = [
+        name for name, aliases in names.items() if any(_matches(a, w) for a in aliases for w in wanted)
+    ]
+    unmatched = [w for w in wanted if not any(_matches(a, w) for aliases in names.values() for a in aliases)]
     if unmatched:
-        types = sorted({module_type(name) for name in candidates if name != output_name})
-        raise UserError(
-            f"--targets {','.join(unmatched)} matches no Linear layer of this model; "
-            f"its Linear layers are {','.join(types)} (or use all-linear)"
-        )
+        raise UserError(_unmatched(unmatched, architecture))
     return targets
+
+
+def _unmatched(unmatched: list[str], architecture: Architecture) -> str:
+    for reason, tensors in architecture.kept.items():
+        kept = [w for w in unmatched if any(_matches(t.removesuffix(".weight"), w) for t in tensors)]
+        if kept:
+            return (
+                f"--targets {','.join(kept)} names matrices that stay 16-bit in this {architecture.name} "
+                f"({reason}); leave them out of --targets"
+            )
+    types = sorted({module_type(name) for name in architecture.linears if name != architecture.output})
+    return (
+        f"--targets {','.join(unmatched)} matches no Linear layer of this {architecture.name}; its Linear "
+        f"layers are {','.join(types) or 'none'} (or use all-linear)"
+    )
+
+
+def _nothing_to_convert(reader: CheckpointReader, architecture: Architecture) -> str:
+    kept = "; ".join(
+        f"{len(t)} tensors kept as {reason.split(':')[0]}" for reason, t in architecture.kept.items()
+    )
+    return (
+        f"{reader.model_dir} ({architecture.name}) has no Linear layer that bitsandbytes can hold in 4 bits "
+        f"besides its output layer{f' ({kept})' if kept else ''}, so there is nothing to convert; "
+        "QPiSSA needs a model built from nn.Linear (or GPT-2 Conv1D) layers"
+    )
+
+
+def _too_small(
+    spec: str, rank: int, too_small: list[str], targets: list[str], candidates: dict[str, tuple[int, int]]
+) -> str:
+    smallest = min(min(candidates[name]) for name in targets)
+    fine = sorted({module_type(t) for t in targets if rank < min(candidates[t])})
+    fix = f"use --rank {max(1, smallest // 4)}"
+    if fine and len(fine) < len({module_type(t) for t in targets}):
+        fix += f", or leave them out with --targets {','.join(fine)}"
+    shown = ", ".join(too_small[:3]) + (" …" if len(too_small) > 3 else "")
+    return f"--rank {rank} is not below min(out, in) of {shown} (--targets {spec}); {fix}"
+
+
+def _check_calibration(architecture: Architecture, targets: list[str]) -> None:
+    """`--calib` runs decoder layers built from the checkpoint's own tensors, hooking `nn.Linear` inputs."""
+    problem = None
+    if not architecture.causal_lm:
+        problem = (
+            f"it runs causal language models, and this is a {architecture.name} ({architecture.auto_class})"
+        )
+    elif any(architecture.linears[name].transposed for name in targets):
+        problem = (
+            "it collects the inputs of nn.Linear layers, and this model's targets are GPT-2 Conv1D layers"
+        )
+    elif architecture.renamed:
+        stored, model = next(iter(architecture.renamed.items()))
+        problem = (
+            "it loads each decoder layer under the model's own tensor names, and transformers renames or "
+            f"merges {len(architecture.renamed)} of this checkpoint's tensors at load ({stored} -> {model})"
+        )
+    if problem is not None:
+        raise UserError(f"--calib cannot convert this model: {problem}; convert it without --calib")
 
 
 def _matches(name: str, wanted: str) -> bool:

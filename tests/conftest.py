@@ -23,31 +23,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer, 64-wide random Llama checkpoint (bf16 safetensors, tied embeddings)."""
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="session")
-def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2-135M-Instruct as a HF checkpoint, fetched once per session (or from QPISSA_DEMO_MODEL)."""
-    import os
-
-    from qpissa.models import fetch_demo_model
-
-    cached = os.environ.get("QPISSA_DEMO_MODEL")
-    target = Path(cached) if cached else tmp_path_factory.mktemp("demo") / "smollm2-135m"
-    return fetch_demo_model("smollm2-135m", target)
-
-
-@pytest.fixture(scope="session")
-def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny random Llama plus a real character-level tokenizer with a ChatML chat template (vocab 256)."""
+def save_char_tokenizer(out_dir: Path) -> None:
+    """A real character-level tokenizer with a ChatML chat template (vocab 256: pad 0, bos 1, eos 2)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    out_dir = make_tiny_model(tmp_path_factory.mktemp("tiny_chat") / "model")
     specials = [
         "<pad>",
         "<s>",
@@ -70,6 +50,39 @@ def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         unk_token="<unk>", additional_special_tokens=["<|im_start|>"], chat_template=template,
     )  # fmt: skip
     tokenizer.save_pretrained(out_dir)
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding only `save_char_tokenizer`'s files, to copy beside any tiny model."""
+    out_dir = tmp_path_factory.mktemp("char_tokenizer")
+    save_char_tokenizer(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 64-wide random Llama checkpoint (bf16 safetensors, tied embeddings)."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct as a HF checkpoint, fetched once per session (or from QPISSA_DEMO_MODEL)."""
+    import os
+
+    from qpissa.models import fetch_demo_model
+
+    cached = os.environ.get("QPISSA_DEMO_MODEL")
+    target = Path(cached) if cached else tmp_path_factory.mktemp("demo") / "smollm2-135m"
+    return fetch_demo_model("smollm2-135m", target)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Llama plus a real character-level tokenizer with a ChatML chat template (vocab 256)."""
+    out_dir = make_tiny_model(tmp_path_factory.mktemp("tiny_chat") / "model")
+    save_char_tokenizer(out_dir)
     return out_dir
 
 

@@ -13,6 +13,9 @@ Parts (quality, speed and memory by default):
             process, the sides interleaved, `--repeats` times: fastest time and median peak RSS.
   memory    calibrated conversions of synthetic Llama-3-8B-shaped checkpoints with 2 and 8 layers (the
             demo model's tokenizer, a small calibration set): peak RSS must not grow with depth.
+  defaults  data-free QPiSSA r=64 T=5 with today's fast defaults (randomized SVD, bf16 sketch where native,
+            double quant) against a float32 sketch, no double quant and the exact SVD, one change each:
+            what each default costs in held-out KL, and what it saves in time.
   variants  extra calibrated settings on the prose r=64 scenario, as `name=value` flags of `convert`
             (`--variants "damping=1.0;propagate=converted"`): how each default was chosen.
 """
@@ -53,6 +56,21 @@ def quality(model: Path, work: Path) -> dict:
         calib = PROSE if data == "prose" else _task_data(work)
         results[scenario] = _compare(model, work / scenario.replace(" ", "-"), calib, rank, methods, {})
     return results
+
+
+DEFAULT_CHANGES = {  # label -> convert settings changed from the defaults
+    "defaults": {}, "float32 sketch": {"sketch_dtype": "float32"}, "no double quant": {"double_quant": False},
+    "exact SVD": {"svd": "exact"},
+}  # fmt: skip
+
+
+def defaults(model: Path, work: Path) -> dict:
+    """Data-free QPiSSA r=64 T=5 under each of `DEFAULT_CHANGES`: {"data-free": {label: numbers}}."""
+    rows = {}
+    for label, changes in DEFAULT_CHANGES.items():
+        out = work / ("defaults-" + label.replace(" ", "-"))
+        rows[label] = _compare(model, out, None, 64, "qpissa", changes)["qpissa"]
+    return {"data-free r64": rows}
 
 
 def variants(model: Path, work: Path, specs: list[str]) -> dict:
@@ -120,6 +138,7 @@ def to_markdown(results: dict) -> str:
     for title, scenarios in (
         ("quality", results.get("quality", {})),
         ("variants", results.get("variants", {})),
+        ("defaults", results.get("defaults", {})),
     ):
         if not scenarios:
             continue
@@ -161,9 +180,11 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _compare(model: Path, out: Path, calib: Path, rank: int, methods: str, changes: dict) -> dict:
-    """One `qpissa compare` with calibrated variants; {label: KL, top-1, perplexities, errors, time, RSS}."""
-    settings = from_dict(ConvertSettings, {"rank": rank, "iters": 5, "calib": str(calib), **changes})
+def _compare(model: Path, out: Path, calib: Path | None, rank: int, methods: str, changes: dict) -> dict:
+    """One `qpissa compare` (with calibrated variants if `calib`); {label: KL, top-1, perplexities, errors,
+    time, RSS}."""
+    calibration = {} if calib is None else {"calib": str(calib)}
+    settings = from_dict(ConvertSettings, {"rank": rank, "iters": 5, **calibration, **changes})
     compare(model, out, CompareSettings(methods=methods), settings, FidelitySettings(), show_progress=False)
     summary = json.loads((out / SUMMARY_NAME).read_text())
     rows = {}
@@ -207,6 +228,8 @@ def main() -> None:
     results: dict = {}
     if "quality" in parts:
         results["quality"] = quality(args.model, args.work)
+    if "defaults" in parts:
+        results["defaults"] = defaults(args.model, args.work)
     if "variants" in parts:
         results["variants"] = variants(args.model, args.work, [v for v in args.variants.split(";") if v])
     if "speed" in parts:

@@ -1,19 +1,23 @@
-"""Benchmark `qpissa train` on the demo model: QLoRA vs LoftQ vs QPiSSA, plus plain PEFT + Trainer.
+"""Benchmark `qpissa train` on the demo model: QLoRA vs LoftQ vs QPiSSA (data-free and calibrated), seeds.
 
-Every method is converted at the same rank and trained with the same recipe and seed, each run in a
-fresh process (`qpissa.runtime.in_fresh_process`: peak RSS is per process). The baseline loads the
-original checkpoint with transformers' BitsAndBytesConfig (NF4 quantized at load) and a PEFT LoRA,
-i.e. the QLoRA users run today, with the same data, Trainer arguments and step log. Results come from
-the runs' JSONL files only.
+Every method is converted once at the same rank and trained with the same recipe under each training
+seed, each run in a fresh process (`qpissa.runtime.in_fresh_process`: peak RSS is per process). Runs
+alternate the method order from seed to seed (forward, then reversed), so a drift of the machine's
+speed does not favour one method's step time. `qpissa-calib` is QPiSSA calibrated on the task's own
+training data (`convert --calib`). With `--baseline`, plain PEFT + Trainer also trains once: the
+original checkpoint with transformers' BitsAndBytesConfig (NF4 quantized at load) and a PEFT LoRA, i.e.
+the QLoRA users run today, with the same data, Trainer arguments and step log. Results come from the
+runs' JSONL files only: per method the mean ± std over seeds of the held-out loss and exact match.
 
 Usage:
     python tools/bench_train.py --model /work/cache/smollm2-135m --work /work/cache/bench \\
-        --steps 200 --rank 64 --out benchmarks/train.md
+        --steps 60 --seeds 0,1,2 --out benchmarks/train.md
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -26,8 +30,9 @@ from qpissa.convert_settings import Method
 from qpissa.demo_task import write_task
 from qpissa.runtime import in_fresh_process
 
-METHODS = tuple(method.value for method in (Method.QLORA, Method.LOFTQ, Method.QPISSA))
-REPORT_STEPS = (1, 25, 50, 100, 200)
+CALIBRATED = "qpissa-calib"  # QPiSSA calibrated on the task's training data
+METHODS = (*(method.value for method in (Method.QLORA, Method.LOFTQ, Method.QPISSA)), CALIBRATED)
+BASELINE = "peft-baseline"
 
 
 def main() -> None:
@@ -36,12 +41,16 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="original HF checkpoint (the demo model)")
     parser.add_argument("--work", type=Path, required=True, help="where conversions, data and runs go")
     parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"), help="training recipe")
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
+    parser.add_argument(
+        "--seeds", default="0,1,2", help="comma-separated training seeds; every method runs each"
+    )
     parser.add_argument("--rank", type=int, default=64, help="adapter rank for every method")
     parser.add_argument("--iters", type=int, default=5, help="LoftQ / QPiSSA iterations T")
     parser.add_argument("--generate", type=int, default=100, help="eval samples scored by exact match")
     parser.add_argument("--overrides", nargs="*", default=[], help="extra key=value recipe overrides")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset to run now")
+    parser.add_argument("--baseline", action="store_true", help="also train plain PEFT + Trainer (seed 0)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/train.md"), help="Markdown result")
     parser.add_argument(
         "--baseline-run",
@@ -53,13 +62,16 @@ def main() -> None:
     if args.baseline_run:
         train_peft_baseline(args.model, args.config, overrides, args.rank, args.baseline_run)
         return
-    runs = {}
-    for method in args.methods.split(","):
-        qpissa_dir = _convert(args.model, args.work, method, args.rank, args.iters)
-        runs[method] = _train(args, qpissa_dir, method, overrides)
-    if args.methods == ",".join(METHODS):
-        runs["peft-baseline"] = _train_baseline(args, overrides)
-    table = tabulate(runs)
+    _ensure_data(args.work)
+    methods = args.methods.split(",")
+    converted = {method: _convert(args.model, args.work, method, args.rank, args.iters) for method in methods}
+    runs: dict[tuple[str, int], Path] = {}
+    for index, seed in enumerate(int(seed) for seed in args.seeds.split(",")):
+        for method in methods if index % 2 == 0 else reversed(methods):
+            runs[method, seed] = _train(args, converted[method], method, seed, overrides)
+    if args.baseline:
+        runs[BASELINE, 0] = _train_baseline(args, overrides)
+    table = summarize(runs) + "\n\n" + tabulate(runs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     args.out.write_text(f"# `qpissa train` benchmark\n\nCommand: `python {command}`\n\n{table}\n")
@@ -112,42 +124,77 @@ def train_peft_baseline(
     trainer.train()
 
 
-def tabulate(runs: dict[str, Path]) -> str:
-    """Markdown table of losses at the report steps, final eval, peak memory and throughput.
-
-    Args:
-        runs: label -> run directory with trainer_log.jsonl (and eval_results.json for qpissa runs).
-    """
+def summarize(runs: dict[tuple[str, int], Path]) -> str:
+    """Markdown table per method over its seeds: mean ± std of held-out loss and exact match, step time."""
     header = [
-        "run",
-        "step 0",
-        *[f"loss@{s}" for s in REPORT_STEPS],
-        "mean loss 191-200",
-        "eval loss",
-        "exact match",
+        "method",
+        "seeds",
+        "step-0 loss",
+        "held-out loss",
+        "exact match %",
+        "s/step (median)",
         "peak RSS MB",
-        "tokens/s (median)",
-        "wall s",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, run_dir in runs.items():
-        log = {row["step"]: row for row in map(json.loads, (run_dir / LOG_NAME).read_text().splitlines())}
-        results = run_dir / EVAL_RESULTS_NAME
-        evaluation = json.loads(results.read_text()) if results.is_file() else {}
-        steps = [s for s in log if s > 0]
-        last = [log[s]["loss"] for s in steps[-10:]]
-        cells = [label, _fmt(log.get(0, {}).get("loss"))]
-        cells += [_fmt(log.get(s, {}).get("loss")) for s in REPORT_STEPS]
-        cells += [
-            _fmt(statistics.mean(last)),
-            _fmt(evaluation.get("loss")),
-            _percent(evaluation),
-            f"{max(log[s]['peak_memory_mb'] for s in steps):.0f}",
-            f"{statistics.median(log[s]['tokens_per_second'] for s in steps[1:]):.0f}",
-            f"{log[steps[-1]]['elapsed']:.0f}",
-        ]
+    for method in dict.fromkeys(label for label, _ in runs):
+        results = [_run_numbers(run_dir) for (label, _), run_dir in runs.items() if label == method]
+        cells = [method, str(len(results))]
+        for key, scale in (("step0", 1), ("eval_loss", 1), ("accuracy", 100)):
+            cells.append(_mean_std([r[key] * scale for r in results if r[key] is not None]))
+        cells.append(_mean_std([r["step_seconds"] for r in results]))
+        cells.append(f"{max(r['peak_mb'] for r in results):.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def tabulate(runs: dict[tuple[str, int], Path]) -> str:
+    """Markdown table of every run, in the order they ran: losses, final eval, memory, speed."""
+    header = ["run", "seed", "step 0", "loss@1", "mean loss of last 10", "eval loss", "exact match",
+              "peak RSS MB", "s/step (median)", "tokens/s (median)", "wall s"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (label, seed), run_dir in runs.items():
+        r = _run_numbers(run_dir)
+        cells = [
+            label,
+            str(seed),
+            _fmt(r["step0"]),
+            _fmt(r["loss1"]),
+            _fmt(r["last10"]),
+            _fmt(r["eval_loss"]),
+        ]
+        cells += [_percent(r["evaluation"]), f"{r['peak_mb']:.0f}", f"{r['step_seconds']:.2f}"]
+        cells += [f"{r['tokens_per_second']:.0f}", f"{r['wall']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _run_numbers(run_dir: Path) -> dict:
+    """What the tables show of one run, from its trainer_log.jsonl and eval_results.json."""
+    log = {row["step"]: row for row in map(json.loads, (run_dir / LOG_NAME).read_text().splitlines())}
+    results = run_dir / EVAL_RESULTS_NAME
+    evaluation = json.loads(results.read_text()) if results.is_file() else {}
+    steps = [s for s in log if s > 0]
+    # time per step between consecutive logged steps (from the second on: the first includes warm-up)
+    gaps = [(log[b]["elapsed"] - log[a]["elapsed"]) / (b - a) for a, b in itertools.pairwise(steps[1:])]
+    return {
+        "step0": log.get(0, {}).get("loss"),
+        "loss1": log.get(1, {}).get("loss"),
+        "last10": statistics.mean(log[s]["loss"] for s in steps[-10:]),
+        "eval_loss": evaluation.get("loss"),
+        "accuracy": evaluation.get("accuracy"),
+        "evaluation": evaluation,
+        "peak_mb": max(log[s]["peak_memory_mb"] for s in steps),
+        "step_seconds": statistics.median(gaps) if gaps else log[steps[-1]]["elapsed"] / steps[-1],
+        "tokens_per_second": statistics.median(log[s]["tokens_per_second"] for s in steps[1:] or steps),
+        "wall": log[steps[-1]]["elapsed"],
+    }
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4g} ± {spread:.2g}"
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -166,42 +213,41 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 def _convert(model: Path, work: Path, method: str, rank: int, iters: int) -> Path:
     out = work / f"{method}-r{rank}"
     if not (out / REPORT_NAME).is_file():
-        iters_flag = [] if method == Method.QLORA.value else ["--iters", str(iters)]
+        base_method = Method.QPISSA.value if method == CALIBRATED else method
+        flags = [] if method == Method.QLORA.value else ["--iters", str(iters)]
+        if method == CALIBRATED:
+            flags += ["--calib", str(work / "task" / "train.jsonl")]
         _run(
             [
                 "convert",
                 str(model),
                 str(out),
                 "--method",
-                method,
+                base_method,
                 "--rank",
                 str(rank),
-                *iters_flag,
+                *flags,
                 "--overwrite",
             ]
         )
     return out
 
 
-def _train(args: argparse.Namespace, qpissa_dir: Path, method: str, overrides: list[str]) -> Path:
-    _ensure_data(args.work)
-    run_dir = args.work / "runs" / method
+def _train(args: argparse.Namespace, qpissa_dir: Path, method: str, seed: int, overrides: list[str]) -> Path:
+    run_dir = args.work / "runs" / f"{method}-seed{seed}"
     if not (run_dir / EVAL_RESULTS_NAME).is_file():
-        _run(
-            [
-                "train",
-                str(args.config),
-                *overrides,
-                f"model={qpissa_dir}",
-                f"output_dir={run_dir}",
-                "overwrite_output_dir=true",
-            ]
-        )
+        settings = [
+            f"model={qpissa_dir}",
+            f"output_dir={run_dir}",
+            f"seed={seed}",
+            "overwrite_output_dir=true",
+        ]
+        _run(["train", str(args.config), *overrides, *settings])
     return run_dir
 
 
 def _train_baseline(args: argparse.Namespace, overrides: list[str]) -> Path:
-    run_dir = args.work / "runs" / "peft-baseline"
+    run_dir = args.work / "runs" / BASELINE
     if not (run_dir / LOG_NAME).is_file():
         in_fresh_process(train_peft_baseline, args.model, args.config, overrides, args.rank, run_dir)
     return run_dir
