@@ -1,0 +1,5 @@
+"""`python -m qpissa`: the `qpissa` command, for launchers that start a module (`accelerate launch -m`)."""
+
+from qpissa.cli import main_entry
+
+main_entry()
