@@ -167,3 +167,34 @@ def test_export_and_eval_take_a_multi_process_run(
     assert cli.main(["--quiet", "eval", str(run), "--data", str(data_dir / "eval.jsonl")]) == 0
     assert cli.main(["--quiet", "export", str(run), str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_quant_storage_bfloat16_loads_with_plain_transformers(
+    tiny_chat_model: Path, qpissa_dir: Path, tmp_path: Path
+) -> None:
+    """FSDP-QLoRA's storage: the same NF4 bytes as bfloat16, read by transformers as the uint8 ones."""
+    import torch
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "bf16"
+    args = ["--quiet", "convert", str(tiny_chat_model), str(out), "--rank", "4", "--iters", "1"]
+    assert cli.main([*args, "--quant-storage", "bfloat16"]) == 0
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["bnb_4bit_quant_storage"] == "bfloat16"
+    with (
+        safe_open(str(out / "model.safetensors"), "pt") as stored,
+        safe_open(str(qpissa_dir / "model.safetensors"), "pt") as default,
+    ):
+        key = "model.layers.0.mlp.down_proj.weight"
+        assert stored.get_tensor(key).dtype == torch.bfloat16 and default.get_tensor(key).dtype == torch.uint8
+        same = stored.get_tensor(key).view(torch.uint8).flatten(), default.get_tensor(key).flatten()
+        assert torch.equal(*same)
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    logits = []
+    for directory in (qpissa_dir, out):
+        base = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        logits.append(PeftModel.from_pretrained(base, directory / "adapter")(ids).logits)
+    assert torch.equal(logits[0], logits[1])
+    assert cli.main(["--quiet", "export", str(out), str(tmp_path / "merged")]) == 0  # reads the codes back
