@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from qpissa import UserError
+from qpissa.artifacts import CONFIG_NAME, read_json
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -119,4 +121,33 @@ def check_process_count(checkpoint_processes: int, checkpoint: str, ranks: Proce
             f"{ranks.count} are running; resume with the same count (torchrun --nproc_per_node "
             f"{checkpoint_processes}, accelerate launch --num_processes {checkpoint_processes}, or no "
             "launcher for 1), as its data order and random states are per process"
+        )
+
+
+def uses_fsdp(arguments: TrainingArguments) -> bool:
+    """FSDP asked for by `accelerate launch` (its config file) or by the recipe's `fsdp` option."""
+    launched = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1")
+    return launched or bool(arguments.fsdp)
+
+
+def check_fsdp(device_type: str, compute_dtype: str, model_dir: Path) -> None:
+    """FSDP-QLoRA runs on GPUs and shards the NF4 residual only if it is stored in the compute dtype
+    (bitsandbytes' `quant_storage`): FSDP flattens and shards float tensors of one dtype.
+
+    Raises:
+        UserError: FSDP on a CPU, or a QPiSSA directory whose codes are stored as another dtype.
+    """
+    if device_type != "cuda":
+        raise UserError(
+            "FSDP needs CUDA GPUs (accelerate's FSDP plugin has no CPU mode); on a CPU launch with "
+            "configs/accelerate/ddp.yaml instead"
+        )
+    quantization = read_json(model_dir / CONFIG_NAME, "convert the model again").get(
+        "quantization_config", {}
+    )
+    storage = quantization.get("bnb_4bit_quant_storage", "uint8")
+    if storage != compute_dtype:
+        raise UserError(
+            f"FSDP shards the NF4 residual only when it is stored as the compute dtype ({compute_dtype}), "
+            f"but {model_dir} stores it as {storage}; convert again with --quant-storage {compute_dtype}"
         )

@@ -42,11 +42,13 @@ from qpissa.convert_settings import Method
 from qpissa.data import TokenizedData, collate, load_split, load_train, packing_collator, pad_token_id
 from qpissa.data_formats import Sample
 from qpissa.distributed import (
+    check_fsdp,
     check_process_count,
     gather,
     on_main,
     process_record,
     processes,
+    uses_fsdp,
     wait_for_everyone,
 )
 from qpissa.hub import is_hub_name, resolve_model
@@ -96,6 +98,8 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     arguments = training_arguments(config, runtime, config.output_dir, show_progress)
     runtime = dataclasses.replace(runtime, device=arguments.device)  # this rank's own GPU (local rank)
     ranks = processes()
+    if uses_fsdp(arguments):
+        check_fsdp(runtime.device.type, dtype_name(runtime.dtype), source.base_dir)
     if resume is not None:
         check_process_count(len(list(resume.glob(RNG_FILES))), str(resume), ranks)
     template = resolve_chat_template(config.chat_template) if config.chat_template else None
@@ -127,11 +131,13 @@ def _train(
 
     run_dir = config.output_dir
     on_main(partial(_prepare_run_dir, config, runtime, source, resume, arguments, template))
-    model = load_model(source, trainable=True, device=runtime.device, compute_dtype=runtime.dtype)
+    fsdp = uses_fsdp(arguments)  # FSDP moves each rank's shards to its GPU; the whole model stays off it
+    device = torch.device("cpu") if fsdp else runtime.device
+    model = load_model(source, trainable=True, device=device, compute_dtype=runtime.dtype)
     _adapter_to_float32(model)
     model.config.use_cache = False  # no KV cache in training; with one, attention ignores packed positions
     pad_id = pad_token_id(tokenizer)
-    if resume is None:
+    if resume is None and not fsdp:  # under FSDP no device holds the whole model before training
         _log_initial_loss(model, train_data, arguments, pad_id, runtime, run_dir)
     memory = estimate_memory(model, config, runtime)  # after a first forward: its kernels and buffers count
     _log_setup(memory, train_data)
@@ -147,7 +153,7 @@ def _train(
         run_dir / LOG_NAME,
         run_dir / EVAL_LOG_NAME,
         runtime.device,
-        generate if eval_samples and config.data.eval_generate_samples else None,
+        generate if eval_samples and config.data.eval_generate_samples and not fsdp else None,
         every=config.logging_steps,
         resumed=resume is not None,
     )
@@ -162,7 +168,7 @@ def _train(
     _quiet_progress(trainer)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     _save_adapter(trainer, run_dir, template)
-    if eval_data and processes().is_main:
+    if eval_data and processes().is_main and not fsdp:
         final = evaluate_loss(
             model, eval_data.rows, pad_id, runtime.device, config.per_device_eval_batch_size
         )
@@ -179,7 +185,7 @@ def _train(
         "train_loss": sum(losses[step] for step in trained) / len(trained) if trained else None,
         "trainable_params": memory["trainable_params"],
     }
-    if eval_data:
+    if eval_data and not fsdp:
         summary["eval"] = read_json(run_dir / EVAL_RESULTS_NAME, "train again")
     return summary
 

@@ -198,3 +198,44 @@ def test_quant_storage_bfloat16_loads_with_plain_transformers(
         logits.append(PeftModel.from_pretrained(base, directory / "adapter")(ids).logits)
     assert torch.equal(logits[0], logits[1])
     assert cli.main(["--quiet", "export", str(out), str(tmp_path / "merged")]) == 0  # reads the codes back
+
+
+def test_fsdp_is_refused_on_a_cpu_and_on_uint8_storage(
+    qpissa_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """accelerate's FSDP plugin has no CPU mode, and FSDP shards only float storage: one line each, early."""
+    from qpissa import UserError
+    from qpissa.distributed import check_fsdp
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with fsdp_qlora.yaml sets
+    assert cli.main(["--quiet", "train", str(_config(tmp_path, qpissa_dir, data_dir))]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "FSDP needs CUDA GPUs" in error[0]
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(UserError, match="convert again with --quant-storage bfloat16"):
+        check_fsdp("cuda", "bfloat16", qpissa_dir)  # its codes are stored as uint8
+
+
+@pytest.mark.gpu
+def test_fsdp_qlora_trains_on_gpus(tiny_chat_model: Path, data_dir: Path, tmp_path: Path) -> None:
+    """configs/accelerate/fsdp_qlora.yaml over a --quant-storage bfloat16 conversion (one process per GPU)."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_bf16_supported():
+        pytest.skip("needs a CUDA GPU with bf16")
+    model = tmp_path / "bf16"
+    args = ["--quiet", "convert", str(tiny_chat_model), str(model), "--rank", "4", "--iters", "1"]
+    assert cli.main([*args, "--quant-storage", "bfloat16", "--compute-dtype", "bfloat16"]) == 0
+    config = _config(tmp_path, model, data_dir, bf16=True, gradient_checkpointing=True, optim="adamw_torch")
+    count = str(min(torch.cuda.device_count(), 2))
+    launcher = [*_accelerate()[:-2], "--config_file", str(ROOT / "configs/accelerate/fsdp_qlora.yaml")]
+    done = _launch([*launcher, "--num_processes", count], tmp_path, "train", str(config))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [row["step"] for row in _rows(tmp_path / "run")] == list(
+        range(1, STEPS + 1)
+    )  # no step 0 under FSDP
+    assert cli.main(["--quiet", "eval", str(tmp_path / "run"), "--data", str(data_dir / "eval.jsonl")]) == 0
