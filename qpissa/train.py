@@ -134,7 +134,7 @@ def _train(
     fsdp = uses_fsdp(arguments)  # FSDP moves each rank's shards to its GPU; the whole model stays off it
     device = torch.device("cpu") if fsdp else runtime.device
     model = load_model(source, trainable=True, device=device, compute_dtype=runtime.dtype)
-    _adapter_to_float32(model)
+    _adapter_to(model, runtime.dtype if fsdp else torch.float32)
     model.config.use_cache = False  # no KV cache in training; with one, attention ignores packed positions
     pad_id = pad_token_id(tokenizer)
     if resume is None and not fsdp:  # under FSDP no device holds the whole model before training
@@ -363,11 +363,12 @@ def _prepare_run_dir(
         save_chat_template(template, run_dir)
 
 
-def _adapter_to_float32(model: torch.nn.Module) -> None:
-    """Keep fp32 master weights for the adapter whatever the compute dtype (autocast handles the rest)."""
+def _adapter_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """fp32 master weights for the adapter whatever the compute dtype (autocast handles the rest); under
+    FSDP the compute dtype, as FSDP flattens each layer's weights into one tensor of one dtype."""
     for parameter in model.parameters():
         if parameter.requires_grad:
-            parameter.data = parameter.data.float()
+            parameter.data = parameter.data.to(dtype)
 
 
 def _quiet_progress(trainer: Trainer) -> None:
