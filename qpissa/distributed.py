@@ -151,3 +151,23 @@ def check_fsdp(device_type: str, compute_dtype: str, model_dir: Path) -> None:
             f"FSDP shards the NF4 residual only when it is stored as the compute dtype ({compute_dtype}), "
             f"but {model_dir} stores it as {storage}; convert again with --quant-storage {compute_dtype}"
         )
+
+
+def check_gpu_count(device_type: str) -> None:
+    """Each process on a machine trains on its own GPU, so there are no more processes than GPUs.
+
+    Raises:
+        UserError: more processes on this machine (`LOCAL_WORLD_SIZE`) than visible CUDA GPUs.
+    """
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device_type != "cuda" or local == 1:
+        return
+    import torch
+
+    visible = torch.cuda.device_count()
+    if local > visible:
+        raise UserError(
+            f"{local} processes were launched on this machine but {visible} CUDA GPU(s) are visible; "
+            f"launch at most {visible} (torchrun --nproc_per_node {visible}, accelerate launch "
+            f"--num_processes {visible}), one per GPU"
+        )

@@ -43,6 +43,7 @@ from qpissa.data import TokenizedData, collate, load_split, load_train, packing_
 from qpissa.data_formats import Sample
 from qpissa.distributed import (
     check_fsdp,
+    check_gpu_count,
     check_process_count,
     gather,
     on_main,
@@ -94,6 +95,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     """
     source, resume = _check_inputs(config)
     runtime = resolve_runtime(config.device, config.bf16, config.optim)
+    check_gpu_count(runtime.device.type)
     # checks the options and, under a launcher, joins the process group
     arguments = training_arguments(config, runtime, config.output_dir, show_progress)
     runtime = dataclasses.replace(runtime, device=arguments.device)  # this rank's own GPU (local rank)

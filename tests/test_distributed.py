@@ -239,3 +239,16 @@ def test_fsdp_qlora_trains_on_gpus(tiny_chat_model: Path, data_dir: Path, tmp_pa
         range(1, STEPS + 1)
     )  # no step 0 under FSDP
     assert cli.main(["--quiet", "eval", str(tmp_path / "run"), "--data", str(data_dir / "eval.jsonl")]) == 0
+
+
+def test_more_processes_than_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from qpissa import UserError
+    from qpissa.distributed import check_gpu_count
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UserError, match="4 processes were launched on this machine but 2 CUDA GPU"):
+        check_gpu_count("cuda")
+    check_gpu_count("cpu")  # CPU processes share the cores
