@@ -159,14 +159,15 @@ def test_resume_with_another_process_count_is_refused(
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # nothing written
 
 
-def test_export_and_eval_take_a_multi_process_run(
+def test_export_eval_and_chat_take_a_multi_process_run(
     two: tuple[Path, str], data_dir: Path, tmp_path: Path
 ) -> None:
-    """The adapter of a 2-process run is a plain PEFT adapter: eval and export read it as any run's."""
+    """The adapter of a 2-process run is a plain PEFT adapter: eval, export and chat read it as any run's."""
     run = two[0]
     assert cli.main(["--quiet", "eval", str(run), "--data", str(data_dir / "eval.jsonl")]) == 0
     assert cli.main(["--quiet", "export", str(run), str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "config.json").is_file()
+    assert cli.main(["--quiet", "chat", str(run), "--prompt", "3%10="]) == 0
 
 
 def test_quant_storage_bfloat16_loads_with_plain_transformers(
@@ -252,3 +253,14 @@ def test_more_processes_than_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(UserError, match="4 processes were launched on this machine but 2 CUDA GPU"):
         check_gpu_count("cuda")
     check_gpu_count("cpu")  # CPU processes share the cores
+
+
+def test_accelerate_configs_load_with_accelerate() -> None:
+    """Every file in configs/accelerate/ loads with accelerate's own reader, as `accelerate launch` does."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    kinds = {
+        path.stem: ClusterConfig.from_yaml_file(str(path)).distributed_type.value
+        for path in sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+    }
+    assert kinds == {"ddp": "MULTI_GPU", "fsdp_qlora": "FSDP", "single_gpu": "NO"}
