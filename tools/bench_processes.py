@@ -8,7 +8,7 @@ machine's cores (OMP_NUM_THREADS = cores / processes), so more processes do not 
 
 Usage:
     python tools/bench_processes.py --model /tmp/demo/smollm2-135m --work /tmp/bench-processes \\
-        --processes 1,2 --steps 6 --batch 8
+        --processes 1,2 --steps 3 --batch 4
 """
 
 from __future__ import annotations
