@@ -196,7 +196,7 @@ def _log_setup(memory: dict[str, Any], train_data: TokenizedData) -> None:
     """Parameter counts and the memory estimate, before step 1."""
     parts = ", ".join(f"{name} {mb:.0f}" for name, mb in memory["parts_mb"].items())
     log.info(
-        "parameters: %s trainable (adapter, fp32), %s frozen; estimated peak memory %.0f MB per device (%s)",
+        "parameters: %s trainable (adapter), %s frozen; estimated peak memory %.0f MB per device (%s)",
         f"{memory['trainable_params']:,}", f"{memory['frozen_params']:,}", memory["total_mb"], parts,
     )  # fmt: skip
     log.info(
