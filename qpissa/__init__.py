@@ -6,6 +6,7 @@ bitsandbytes or datasets at module level.
 
     __init__*          UserError, __version__, the Python API (loaded on first use), hiding library notes
     cli*               the `qpissa` command: argparse and one short handler per subcommand
+    __main__*          `python -m qpissa` (and `accelerate launch -m qpissa`): the same command
     settings*          the settings dataclasses of train's helpers, eval, export, chat, report
     convert_settings*  convert's and compare's settings and their closed choices (method, SVD, ...)
     options*           settings dataclasses <-> argparse flags, YAML data and key=value overrides
@@ -41,6 +42,7 @@ bitsandbytes or datasets at module level.
     data_sources*      training records from files, folders, save_to_disk dirs, the Hub; mixtures
     data               tokenization with datasets.map and exact loss masks, mixing, the collators (packing)
     trainer_options    every TrainingArguments option in a recipe, checked, and the Trainer's arguments
+    distributed*       several processes (torchrun, accelerate launch): ranks, main-only work, barriers
     trainlog           the per-step JSONL log and a quieter progress bar
     train              `qpissa train`: transformers' Trainer over the frozen NF4 residual
     task_eval          `qpissa eval`: task loss, perplexity, exact-match accuracy

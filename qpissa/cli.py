@@ -27,6 +27,7 @@ from qpissa.artifacts import (
 )
 from qpissa.console import convert_summary, export_summary
 from qpissa.convert_settings import CompareSettings, ConvertSettings
+from qpissa.distributed import is_main_process
 from qpissa.options import add_arguments, from_namespace
 from qpissa.settings import (
     DEMO_MODELS,
@@ -69,11 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     if extra:  # `--max_steps 2`: transformers' and LLaMA-Factory's flag style, as overrides
         args.overrides = [*args.overrides, *extra]
     hide_library_deprecation_notes()
-    if args.quiet:
+    if args.quiet or not is_main_process():  # one bar per launch: the main process's
         hide_library_progress_bars()
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    level = logging.WARNING if args.quiet else logging.INFO
+    if not is_main_process():  # another process of a launcher: its notes and warnings are the main one's
+        level = logging.ERROR
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.handler(args)
     except UserError as error:
@@ -98,7 +100,10 @@ def main_entry() -> None:
 
 
 def _fail(message: str) -> int:
-    """Print a user mistake on one line (library messages may quote several)."""
+    """Print a user mistake on one line (library messages may quote several); under a launcher only the
+    main process prints it, as every process meets the same mistake (`distributed.on_main`)."""
+    if not is_main_process():
+        return EXIT_USER_ERROR
     line = "; ".join(part.strip() for part in message.splitlines() if part.strip())
     print(f"qpissa: error: {line}", file=sys.stderr)
     return EXIT_USER_ERROR
@@ -158,7 +163,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
         loss = f"mean loss {summary['train_loss']:.4f} (steps {first}-{last})"
     else:
         loss = "no step logged"
-    print(f"trained {summary['steps']} steps, {loss}{extra} -> {summary['output_dir']}")
+    if is_main_process():
+        print(f"trained {summary['steps']} steps, {loss}{extra} -> {summary['output_dir']}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:

@@ -34,6 +34,7 @@ from qpissa.convert_settings import ConvertSettings
 from qpissa.loading import load_tokenizer
 from qpissa.memory import available_memory_bytes
 from qpissa.methods import CalibratedFit, DecomposeSettings
+from qpissa.nf4 import as_storage
 from qpissa.options import to_dict
 from qpissa.outputs import check_apart, check_replaceable, lock_output
 from qpissa.runtime import calibration_dtype, compute_dtype, dtype_name, resolve_device, sketch_dtype
@@ -134,8 +135,9 @@ def _convert(
                 if shard_file in done:
                     continue
                 layers = _convert_shard(
-                    reader, names, targets, decompose_one, workers, partial / shard_file, bar
-                )
+                    reader, names, targets, decompose_one, workers, partial / shard_file, bar,
+                    getattr(torch, settings.quant_storage.value),
+                )  # fmt: skip
                 convert_output.record_shard(partial, progress, shard_file, layers)
     except UserError:  # a damaged weight: nothing written so far is worth resuming
         shutil.rmtree(partial)
@@ -157,6 +159,7 @@ def _convert_shard(
     workers: int,
     shard_path: Path,
     bar: tqdm,
+    storage: torch.dtype,
 ) -> list[dict]:
     """Write one output shard and its adapter part; return the metrics of its decomposed matrices.
 
@@ -176,7 +179,7 @@ def _convert_shard(
         result = decomposition.result()
         module = result.metrics["name"]
         for key, value in result.tensors.items():
-            writer.add(key, value)
+            writer.add(key, as_storage(value, storage) if key == f"{module}.weight" else value)
         adapter.add(adapter_key(module, "A"), result.A)
         adapter.add(adapter_key(module, "B"), result.B)
         layers.append(result.metrics)
@@ -278,7 +281,7 @@ def _finish(
     """Write config, side files, adapter and report into `partial`, then move it to `out_dir`."""
     convert_output.write_config(
         reader, architecture, partial, targets, settings.double_quant,
-        compute_dtype(settings.compute_dtype, device),
+        compute_dtype(settings.compute_dtype, device), getattr(torch, settings.quant_storage.value),
     )  # fmt: skip
     copy_side_files(reader.model_dir, partial)
     convert_output.write_adapter(

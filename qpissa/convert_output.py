@@ -119,6 +119,7 @@ def write_config(
     targets: set[str],
     double_quant: bool,
     compute_dtype: torch.dtype,
+    quant_storage: torch.dtype,
 ) -> None:
     """The original config plus the `quantization_config` that makes transformers load the stored codes.
 
@@ -134,7 +135,7 @@ def write_config(
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=quant_storage,
         llm_int8_skip_modules=skip,
     ).to_dict()
     write_json(partial / CONFIG_NAME, {**reader.config, "quantization_config": quantization})

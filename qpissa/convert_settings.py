@@ -73,6 +73,13 @@ class ComputeDtype(str, Enum):
     FLOAT16 = "float16"
 
 
+class QuantStorage(str, Enum):
+    UINT8 = "uint8"  # bitsandbytes' default
+    BFLOAT16 = "bfloat16"  # FSDP-QLoRA with bf16 compute: FSDP shards float tensors only
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+
 @dataclass
 class ConvertSettings:
     """How to decompose and quantize a checkpoint. Every field is a `qpissa convert` flag."""
@@ -119,6 +126,13 @@ class ConvertSettings:
     )
     compute_dtype: ComputeDtype = field(
         default=ComputeDtype.AUTO, metadata={"help": "bnb_4bit_compute_dtype written to config.json"}
+    )
+    quant_storage: QuantStorage = field(
+        default=QuantStorage.UINT8,
+        metadata={
+            "help": "dtype the NF4 codes are stored as (bnb_4bit_quant_storage; same bytes): bfloat16 for "
+            "FSDP-QLoRA (README, More than one GPU)"
+        },
     )
     device: Device = field(
         default=Device.AUTO, metadata={"help": "where to decompose: auto (CUDA if present), cpu, cuda"}

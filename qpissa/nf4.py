@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qpissa import UserError
+
 
 @dataclass
 class NF4Weight:
@@ -43,17 +45,35 @@ class NF4Weight:
         return tensors
 
 
+def as_storage(packed: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
+    """The packed codes as bitsandbytes stores them under `quant_storage`: the same bytes, another dtype
+    (`[n/2, 1]` uint8 becomes `[n/4, 1]` bfloat16), as `quantize_4bit(..., quant_storage=)` returns them.
+
+    Raises:
+        UserError: the byte count is not a multiple of the storage dtype's width.
+    """
+    if packed.dtype == storage:
+        return packed
+    if packed.numel() % storage.itemsize:
+        raise UserError(
+            f"a weight of {2 * packed.numel()} values cannot be stored as {storage} (its codes are "
+            f"{packed.numel()} bytes); convert with --quant-storage uint8"
+        )
+    return packed.reshape(-1).view(storage).reshape(-1, 1)
+
+
 def dequantize_stored(packed: torch.Tensor, stored_state: dict[str, torch.Tensor]) -> torch.Tensor:
     """`deq(Q)` of a weight read back from a checkpoint, float32 `[out, in]`.
 
     Args:
-        packed: the stored codes (`<module>.weight`), uint8.
+        packed: the stored codes (`<module>.weight`), uint8 or any `quant_storage` dtype.
         stored_state: the stored quant state tensors under their names after `<module>.weight.`
             (`absmax`, `quant_map`, `quant_state.bitsandbytes__nf4`, ...).
     """
     import bitsandbytes.functional as bnbf
 
     state = bnbf.QuantState.from_dict(stored_state, device=torch.device("cpu"))
+    packed = as_storage(packed, torch.uint8)
     return NF4Weight(packed=packed, state=state).dequantize()
 
 

@@ -6,9 +6,11 @@ the conversion (DESIGN.md principle 4). Every step is appended to `RUN/trainer_l
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import zipfile
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,17 @@ from qpissa.checkpoint import write_json
 from qpissa.convert_settings import Method
 from qpissa.data import TokenizedData, collate, load_split, load_train, packing_collator, pad_token_id
 from qpissa.data_formats import Sample
+from qpissa.distributed import (
+    check_fsdp,
+    check_gpu_count,
+    check_process_count,
+    gather,
+    on_main,
+    process_record,
+    processes,
+    uses_fsdp,
+    wait_for_everyone,
+)
 from qpissa.hub import is_hub_name, resolve_model
 from qpissa.loading import check_causal_lm, check_source, load_model, load_tokenizer
 from qpissa.memory import estimate_memory
@@ -82,10 +95,23 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     """
     source, resume = _check_inputs(config)
     runtime = resolve_runtime(config.device, config.bf16, config.optim)
-    arguments = training_arguments(config, runtime, config.output_dir, show_progress)  # checks options
+    check_gpu_count(runtime.device.type)
+    # checks the options and, under a launcher, joins the process group
+    arguments = training_arguments(config, runtime, config.output_dir, show_progress)
+    runtime = dataclasses.replace(runtime, device=arguments.device)  # this rank's own GPU (local rank)
+    ranks = processes()
+    if uses_fsdp(arguments):
+        check_fsdp(runtime.device.type, dtype_name(runtime.dtype), source.base_dir)
+    if resume is not None:
+        check_process_count(len(list(resume.glob(RNG_FILES))), str(resume), ranks)
     template = resolve_chat_template(config.chat_template) if config.chat_template else None
-    with lock_output(config.output_dir, "output_dir"):
-        _check_output_dir(config, resume)
+    with ExitStack() as held:  # the main process holds output_dir's lock; the others write nothing
+
+        def claim() -> None:
+            held.enter_context(lock_output(config.output_dir, "output_dir"))
+            _check_output_dir(config, resume)
+
+        on_main(claim)
         return _train(config, source, resume, runtime, arguments, template)
 
 
@@ -97,7 +123,7 @@ def _train(
     arguments: TrainingArguments,
     template: str | None,
 ) -> dict[str, Any]:
-    """`train` while this process holds output_dir's lock."""
+    """`train` once the main process holds output_dir's lock; every process trains, the main one writes."""
     tokenizer = load_tokenizer(source)
     if template is not None:
         tokenizer.chat_template = template
@@ -105,16 +131,16 @@ def _train(
     eval_samples, eval_data = _load_eval(config, tokenizer)
     _warn_learning_rate(config, source)
 
-    run_dir = _prepare_run_dir(config, runtime, source, resume)
-    if template is not None:
-        save_chat_template(template, run_dir)
-    model = load_model(source, trainable=True, device=runtime.device, compute_dtype=runtime.dtype)
-    _adapter_to_float32(model)
+    run_dir = config.output_dir
+    on_main(partial(_prepare_run_dir, config, runtime, source, resume, arguments, template))
+    fsdp = uses_fsdp(arguments)  # FSDP moves each rank's shards to its GPU; the whole model stays off it
+    device = torch.device("cpu") if fsdp else runtime.device
+    model = load_model(source, trainable=True, device=device, compute_dtype=runtime.dtype)
+    _adapter_to(model, runtime.dtype if fsdp else torch.float32)
     model.config.use_cache = False  # no KV cache in training; with one, attention ignores packed positions
     pad_id = pad_token_id(tokenizer)
-    if resume is None:
-        batch = min(len(train_data.rows), config.per_device_train_batch_size)
-        _log_initial_loss(model, [train_data.rows[i] for i in range(batch)], pad_id, runtime, run_dir)
+    if resume is None and not fsdp:  # under FSDP no device holds the whole model before training
+        _log_initial_loss(model, train_data, arguments, pad_id, runtime, run_dir)
     memory = estimate_memory(model, config, runtime)  # after a first forward: its kernels and buffers count
     _log_setup(memory, train_data)
 
@@ -129,7 +155,7 @@ def _train(
         run_dir / LOG_NAME,
         run_dir / EVAL_LOG_NAME,
         runtime.device,
-        generate if eval_samples and config.data.eval_generate_samples else None,
+        generate if eval_samples and config.data.eval_generate_samples and not fsdp else None,
         every=config.logging_steps,
         resumed=resume is not None,
     )
@@ -143,7 +169,14 @@ def _train(
     )
     _quiet_progress(trainer)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    _save_adapter(model, run_dir, template)
+    _save_adapter(trainer, run_dir, template)
+    if eval_data and processes().is_main and not fsdp:
+        final = evaluate_loss(
+            model, eval_data.rows, pad_id, runtime.device, config.per_device_eval_batch_size
+        )
+        evaluation = {**final, **(generate(model) if config.data.eval_generate_samples else {})}
+        write_json(run_dir / EVAL_RESULTS_NAME, evaluation)
+    wait_for_everyone()  # the run directory is complete for every process
     losses = {row["step"]: row["loss"] for row in read_jsonl(run_dir / LOG_NAME, ("step", "loss"))}
     trained = sorted(step for step, loss in losses.items() if step > 0 and loss is not None)
     summary = {
@@ -154,12 +187,8 @@ def _train(
         "train_loss": sum(losses[step] for step in trained) / len(trained) if trained else None,
         "trainable_params": memory["trainable_params"],
     }
-    if eval_data:
-        final = evaluate_loss(
-            model, eval_data.rows, pad_id, runtime.device, config.per_device_eval_batch_size
-        )
-        summary["eval"] = {**final, **(generate(model) if config.data.eval_generate_samples else {})}
-        write_json(run_dir / EVAL_RESULTS_NAME, summary["eval"])
+    if eval_data and not fsdp:
+        summary["eval"] = read_json(run_dir / EVAL_RESULTS_NAME, "train again")
     return summary
 
 
@@ -167,7 +196,7 @@ def _log_setup(memory: dict[str, Any], train_data: TokenizedData) -> None:
     """Parameter counts and the memory estimate, before step 1."""
     parts = ", ".join(f"{name} {mb:.0f}" for name, mb in memory["parts_mb"].items())
     log.info(
-        "parameters: %s trainable (adapter, fp32), %s frozen; estimated peak memory %.0f MB (%s)",
+        "parameters: %s trainable (adapter), %s frozen; estimated peak memory %.0f MB per device (%s)",
         f"{memory['trainable_params']:,}", f"{memory['frozen_params']:,}", memory["total_mb"], parts,
     )  # fmt: skip
     log.info(
@@ -178,11 +207,24 @@ def _log_setup(memory: dict[str, Any], train_data: TokenizedData) -> None:
 
 
 def _log_initial_loss(
-    model: torch.nn.Module, rows: list[dict[str, list[int]]], pad_id: int, runtime: Runtime, run_dir: Path
+    model: torch.nn.Module,
+    data: TokenizedData,
+    arguments: TrainingArguments,
+    pad_id: int,
+    runtime: Runtime,
+    run_dir: Path,
 ) -> None:
-    """Log the loss of the initialized model on the first training batch as step 0 (a fresh log)."""
+    """Log the loss of the initialized model on the first global batch (its first rows) as step 0, in a
+    fresh log: each process measures its per-device share, weighted by tokens as training weighs them."""
+    size = arguments.per_device_train_batch_size
+    start = arguments.process_index * size
+    rows = [data.rows[i] for i in range(start, min(start + size, len(data.rows)))]
+    own = evaluate_loss(model, rows, pad_id, runtime.device, size) if rows else {"loss": 0.0, "tokens": 0}
+    shares = gather((own["loss"] * own["tokens"], own["tokens"]))
+    if not arguments.should_save:  # only the main process writes
+        return
     truncate_log(run_dir / LOG_NAME, 0)
-    loss = evaluate_loss(model, rows, pad_id, runtime.device)["loss"]
+    loss = sum(total for total, _ in shares) / max(sum(tokens for _, tokens in shares), 1)
     entry = {
         "elapsed": 0.0,
         "eta": None,
@@ -297,23 +339,38 @@ def _warn_learning_rate(config: TrainConfig, source: ModelSource) -> None:
         )
 
 
-def _prepare_run_dir(config: TrainConfig, runtime: Runtime, source: ModelSource, resume: Path | None) -> Path:
-    """Create output_dir and write the run marker that `resolve_source` reads (with what `auto` became)."""
+def _prepare_run_dir(
+    config: TrainConfig,
+    runtime: Runtime,
+    source: ModelSource,
+    resume: Path | None,
+    arguments: TrainingArguments,
+    template: str | None,
+) -> None:
+    """Create output_dir and write the run marker that `resolve_source` reads (with what `auto` became
+    and how many processes train), and the run's chat template."""
     run_dir = config.output_dir
     if resume is None and run_dir.exists() and config.overwrite_output_dir:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {"device": str(runtime.device), "dtype": dtype_name(runtime.dtype), "optim": runtime.optim}
-    marker = {"config": to_dict(config), "model": str(source.base_dir), "runtime": resolved}
+    resolved = {"device": runtime.device.type, "dtype": dtype_name(runtime.dtype), "optim": runtime.optim}
+    marker = {
+        "config": to_dict(config),
+        "model": str(source.base_dir),
+        "processes": process_record(arguments, processes()),
+        "runtime": resolved,
+    }
     write_json(run_dir / RUN_MARKER, marker)
-    return run_dir
+    if template is not None:
+        save_chat_template(template, run_dir)
 
 
-def _adapter_to_float32(model: torch.nn.Module) -> None:
-    """Keep fp32 master weights for the adapter whatever the compute dtype (autocast handles the rest)."""
+def _adapter_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """fp32 master weights for the adapter whatever the compute dtype (autocast handles the rest); under
+    FSDP the compute dtype, as FSDP flattens each layer's weights into one tensor of one dtype."""
     for parameter in model.parameters():
         if parameter.requires_grad:
-            parameter.data = parameter.data.float()
+            parameter.data = parameter.data.to(dtype)
 
 
 def _quiet_progress(trainer: Trainer) -> None:
@@ -324,10 +381,14 @@ def _quiet_progress(trainer: Trainer) -> None:
         trainer.add_callback(QuietProgressCallback())
 
 
-def _save_adapter(model: Any, run_dir: Path, template: str | None) -> None:
+def _save_adapter(trainer: Trainer, run_dir: Path, template: str | None) -> None:
+    """The main process writes the final adapter; under FSDP every process first helps gather it."""
+    state = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+    if not trainer.args.should_save:
+        return
     building = partial_dir(run_dir / ADAPTER_DIR)
     shutil.rmtree(building, ignore_errors=True)
-    model.save_pretrained(building)
+    trainer.accelerator.unwrap_model(trainer.model).save_pretrained(building, state_dict=state)
     if template is not None:  # the adapter carries the template it was trained with
         save_chat_template(template, building)
     shutil.rmtree(run_dir / ADAPTER_DIR, ignore_errors=True)

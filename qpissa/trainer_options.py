@@ -77,6 +77,7 @@ def training_arguments(
         "remove_unused_columns": False,
         "include_num_input_tokens_seen": "non_padding",
         "dataloader_num_workers": 0,
+        "ddp_find_unused_parameters": False,  # every adapter matrix takes part in each forward pass
     }
     values.update(extra)
     if values.get("eval_strategy", "no") != "no" and config.data.eval_path is None:

@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 
 class JsonlLogCallback(TrainerCallback):
-    """Append one JSON line per optimizer step (and per evaluation) with the metrics users watch."""
+    """Append one JSON line per optimizer step (and per evaluation) with the metrics users watch; with
+    several processes the main one writes, and tokens/s counts every process's tokens (the Trainer
+    gathers them), while peak memory is the main process's own device."""
 
     def __init__(
         self,
@@ -49,7 +51,9 @@ class JsonlLogCallback(TrainerCallback):
         self.tokens_at_step_start = 0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.resumed:  # the Trainer has loaded the checkpoint: only now are later records redone
+        if (
+            self.resumed and state.is_world_process_zero
+        ):  # checkpoint loaded: only now are later records redone
             truncate_log(self.path, state.global_step)
             truncate_log(self.eval_path, state.global_step)
         self.start = time.perf_counter()
@@ -63,7 +67,7 @@ class JsonlLogCallback(TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         logs = logs or {}
-        if "loss" not in logs:
+        if "loss" not in logs or not state.is_world_process_zero:
             return
         now = time.perf_counter()
         done = max(state.global_step - self.first_step, 1)
