@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from qpissa import UserError
+from qpissa.artifacts import read_text
 from qpissa.data_formats import render
 from qpissa.data_sources import load_source
 from qpissa.recipe import DataSource
@@ -99,14 +100,7 @@ def _read_texts(path: Path, tokenizer: Any) -> tuple[list[str], str]:
     if not path.exists():
         raise UserError(f"--calib {path} does not exist; pass a text file or a training data file")
     if path.is_file() and path.suffix.lower() in TEXT_SUFFIXES:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as error:
-            raise UserError(
-                f"--calib {path} is not UTF-8 text ({error.reason} at byte {error.start})"
-            ) from None
-        except OSError as error:
-            raise UserError(f"--calib {path} cannot be read ({error.strerror})") from None
+        text = read_text(path, "--calib", "pass a text file or a training data file")
         if not text.strip():
             raise UserError(f"--calib {path} is empty; pass a file with text in it")
         return [text], "text file"

@@ -169,7 +169,7 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         raise UserError(f"{label} must be true or false, got {value!r}")
     if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         # YAML 1.1 reads `2e-5` (no dot) as text; `.nan`, `.inf` and the flag `nan` pass a `<= 0` check
-        number = float(value) if not isinstance(value, str) or _is_number(value) else None
+        number = float(value) if not isinstance(value, str) or is_number(value) else None
         if number is not None and not math.isfinite(number):
             raise UserError(f"{label} must be a finite number, got {value!r}")
         if number is not None:
@@ -204,7 +204,8 @@ def _list_item(hint: Any) -> Any:
     return items[0] if items else None
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
+    """`text` parses as a float (`nan` and `inf` included: the range checks name those)."""
     try:
         float(text)
     except ValueError:

@@ -22,6 +22,7 @@ from transformers.integrations import integration_utils
 from transformers.utils import is_liger_kernel_available
 
 from qpissa import UserError
+from qpissa.options import is_number
 from qpissa.recipe import TrainConfig
 from qpissa.runtime import Runtime
 
@@ -138,7 +139,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return value
     elif isinstance(value, (int, float)) and float in allowed:
         return float(value)
-    elif isinstance(value, str) and float in allowed and _is_number(value):
+    elif isinstance(value, str) and float in allowed and is_number(value):
         return float(value)  # YAML 1.1 reads `2e-5` (no dot) as text
     elif isinstance(value, str) and textual:
         return value  # TrainingArguments turns choices into its enums and rejects unknown ones
@@ -161,14 +162,6 @@ def _types(hint: Any) -> set[Any]:
 
 def _is_enum(kind: Any) -> bool:
     return isinstance(kind, type) and issubclass(kind, Enum)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _check_reporters(report_to: Any) -> None:
