@@ -71,7 +71,7 @@ def convert(
             process writing OUT.
     """
     for output in (out_dir, partial_dir(out_dir)):
-        check_apart(output, "OUT", {"MODEL": model_dir})
+        check_apart(output, "OUT", {"MODEL": model_dir, "--calib": settings.calib})
     with lock_output(out_dir, "OUT"):  # held until OUT is complete: one writer per output
         return _convert(model_dir, out_dir, settings, resume, overwrite, show_progress)
 
