@@ -172,7 +172,11 @@ class ConvertSettings:
         },
     )
     calib_scale_search: bool | None = field(
-        default=None, metadata={"help": "--calib: search each NF4 block's scale under H (default: on)"}
+        default=None,
+        metadata={
+            "help": "--calib: search each NF4 block's scale (0.75–1× its absmax) under H "
+            "for the codes written (default: on)"
+        },
     )
     calib_compensate: bool | None = field(
         default=None,

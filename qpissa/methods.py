@@ -154,10 +154,12 @@ def _calibrated(W: torch.Tensor, H: torch.Tensor, st: DecomposeSettings, generat
     L = torch.linalg.cholesky(damped(H, cal.adapter_damping).to(W))
     by_column = W.shape[1] % st.blocksize == 0  # blocks are runs of one row's columns
 
-    def codes(T: torch.Tensor, compensate: bool = False) -> NF4Weight:
+    def codes(T: torch.Tensor, final: bool, compensate: bool = False) -> NF4Weight:
         if not by_column:  # a block spans two rows: bitsandbytes' own rounding
             return quantize_nf4(T, st.blocksize, st.double_quant)
-        absmax = searched_absmax(T, H.diagonal(), st.blocksize) if cal.scale_search else None
+        # scales searched for the written codes only: searching in every iteration cost half of the fit's
+        # time for 3 % lower held-out KL on the demo model (0.0288 vs 0.0297)
+        absmax = searched_absmax(T, H.diagonal(), st.blocksize) if cal.scale_search and final else None
         scales = block_scales(block_absmax(T, st.blocksize) if absmax is None else absmax, st.double_quant)
         if compensate:
             return compensated_codes(T, damped(H, cal.codes_damping), scales, st.blocksize)
@@ -168,19 +170,20 @@ def _calibrated(W: torch.Tensor, H: torch.Tensor, st: DecomposeSettings, generat
 
     if st.method is Method.QLORA:  # calibrated codes under PEFT's default LoRA init
         A, B = _peft_default_init(W, st, generator)
-        return Decomposition(q=codes(W, cal.compensate), A=A, B=B)
+        return Decomposition(q=codes(W, final=True, compensate=cal.compensate), A=A, B=B)
     q, start = None, None
     A = torch.zeros(st.rank, W.shape[1], device=W.device)
     B = torch.zeros(W.shape[0], st.rank, device=W.device)
-    for _ in range(st.iters):
+    for iteration in range(st.iters):
+        final = iteration == st.iters - 1 and not cal.compensate
         if st.method is Method.QPISSA:  # the H-weighted principal part first (from Q = 0), then codes
             B, A, start = weighted_factors(W if q is None else q.subtracted_from(W), L, st, generator, start)
-            q = codes(residual(A, B))
+            q = codes(residual(A, B), final)
         else:  # LoftQ: codes first (from A = B = 0), then the adapter
-            q = codes(residual(A, B))
+            q = codes(residual(A, B), final)
             B, A, start = weighted_factors(q.subtracted_from(W), L, st, generator, start)
     if cal.compensate:
-        q = codes(residual(A, B), compensate=True)
+        q = codes(residual(A, B), final=True, compensate=True)
     if cal.compensate or st.method is Method.QPISSA:
         B, A, _ = weighted_factors(q.subtracted_from(W), L, st, generator, start)
     return Decomposition(q=q, A=A, B=B)

@@ -22,6 +22,8 @@ from qpissa import nf4
 from qpissa.nf4 import NF4Weight
 
 LAZY_COLUMNS = 128  # columns rounded between two full updates of the rest (GPTQ's lazy batch)
+SCALE_SHRINK = tuple(1 - i / 40 for i in range(11))  # 1, 0.975, ..., 0.75: the scales a search tries
+CHUNK_VALUES = 1 << 16  # values rounded at a time: the temporaries stay in the CPU's cache
 
 
 @dataclass
@@ -67,38 +69,48 @@ def searched_absmax(
     T: torch.Tensor,
     weights: torch.Tensor,
     blocksize: int,
-    shrink: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8),
+    shrink: tuple[float, ...] = SCALE_SHRINK,
 ) -> torch.Tensor:
     """Per block, the scale `c·absmax` (c from `shrink`) whose nearest-level rounding has the least error
     weighted by `weights [in]` (the diagonal of H): a smaller scale clips the largest value but rounds the
-    rest more finely.
+    rest more finely. Blocks must be runs of one row's columns (`in` a multiple of `blocksize`).
 
     Returns:
         float32 `[T.numel() // blocksize]` scales for `block_scales`.
     """
-    absmax = block_absmax(T, blocksize)
-    blocks = T.float().reshape(-1, blocksize)
-    column_weight = weights.float().repeat(T.shape[0]).reshape(-1, blocksize)  # h_j of each value's column
+    in_features = T.shape[1]
+    column_weight = weights.float().view(1, in_features // blocksize, blocksize)  # h_j of each column
     levels = _levels(T.device)
-    best, best_error = absmax, None
-    for c in shrink:
-        scale = (absmax * c).clamp(min=1e-38)[:, None]
-        rounded = levels[nearest_codes(blocks * (1.0 / scale)).long()] * scale
-        error = ((blocks - rounded).square() * column_weight).sum(dim=1)
-        if best_error is None:
-            best_error = error
-            continue
-        better = error < best_error
-        best = torch.where(better, absmax * c, best)
-        best_error = torch.where(better, error, best_error)
-    return best
+    # a few rows at a time: the temporaries of the 5 trial roundings stay in the CPU's cache
+    rows = max(1, CHUNK_VALUES // in_features)
+    best = []
+    for chunk in T.float().split(rows):
+        blocks = chunk.view(len(chunk), -1, blocksize)  # [rows, in / blocksize, blocksize]
+        absmax = torch.maximum(blocks.amax(dim=-1), -blocks.amin(dim=-1))
+        chosen, chosen_error = absmax, None
+        for c in shrink:
+            scale = (absmax * c).clamp(min=1e-38).unsqueeze(-1)
+            rounded = levels.index_select(0, nearest_codes(blocks * (1.0 / scale)).view(-1).int())
+            error = ((blocks - rounded.view(blocks.shape) * scale).square_() * column_weight).sum(dim=-1)
+            if chosen_error is None:
+                chosen_error = error
+                continue
+            better = error < chosen_error
+            chosen = torch.where(better, absmax * c, chosen)
+            chosen_error = torch.where(better, error, chosen_error)
+        best.append(chosen.reshape(-1))
+    return torch.cat(best)
 
 
 def round_to_nearest(T: torch.Tensor, scales: BlockScales, blocksize: int) -> NF4Weight:
     """NF4 codes of `T` by nearest level on fixed scales (bitsandbytes' rounding on absmax scales)."""
     # times the inverse, as bitsandbytes scales: the same floats, so the same codes where scales are absmax
-    scaled = T.float().reshape(-1, blocksize) * (1.0 / scales.used.clamp(min=1e-38))[:, None]
-    return nf4_weight(nearest_codes(scaled.reshape(T.shape)), scales, T.shape, blocksize)
+    inverse = (1.0 / scales.used.clamp(min=1e-38)).split(CHUNK_VALUES // blocksize)
+    blocks = T.float().reshape(-1, blocksize).split(CHUNK_VALUES // blocksize)
+    codes = torch.cat(
+        [nearest_codes(b * i[:, None]).reshape(-1) for b, i in zip(blocks, inverse, strict=True)]
+    )
+    return nf4_weight(codes, scales, T.shape, blocksize)
 
 
 def compensated_codes(
