@@ -44,6 +44,7 @@ bitsandbytes or datasets at module level.
     trainer_options    every TrainingArguments option in a recipe, checked, and the Trainer's arguments
     distributed*       several processes (torchrun, accelerate launch): ranks, main-only work, barriers
     trainlog           the per-step JSONL log and a quieter progress bar
+    resume_checks      a checkpoint-N is whole and fits the model before train resumes from it
     train              `qpissa train`: transformers' Trainer over the frozen NF4 residual
     task_eval          `qpissa eval`: task loss, perplexity, exact-match accuracy
     original_kl        KL, top-1 agreement and perplexity against the original model

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-import zipfile
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -27,7 +26,6 @@ from qpissa.artifacts import (
     LOG_NAME,
     REPORT_NAME,
     RUN_MARKER,
-    TRAINER_STATE,
     ModelSource,
     has_adapter,
     is_qpissa_dir,
@@ -58,8 +56,8 @@ from qpissa.memory import estimate_memory
 from qpissa.options import to_dict
 from qpissa.outputs import check_apart, check_replaceable, lock_output
 from qpissa.recipe import TrainConfig
+from qpissa.resume_checks import RNG_FILES, check_checkpoint
 from qpissa.runtime import Runtime, dtype_name, resolve_runtime
-from qpissa.stored import read_adapter
 from qpissa.task_eval import evaluate_loss, exact_match
 from qpissa.trainer_options import training_arguments
 from qpissa.trainlog import (
@@ -73,8 +71,6 @@ from qpissa.trainlog import (
 log = logging.getLogger(__name__)
 
 PISSA_MAX_LR = 1e-4  # the paper trains at 2e-5; users report PiSSA diverging at 2e-4 (REFERENCE.md §5)
-RESUMED_FILES = ("optimizer.pt", "scheduler.pt")  # what Trainer restores, as torch zips, and the RNG:
-RNG_FILES = "rng_state*.pth"  # rng_state.pth, or rng_state_<rank>.pth per process of a multi-process run
 
 
 def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
@@ -261,9 +257,7 @@ def _check_inputs(config: TrainConfig) -> tuple[ModelSource, Path | None]:
     )
     resume = config.resume_from_checkpoint
     if resume is not None:
-        if not (resume / TRAINER_STATE).is_file():
-            raise UserError(f"resume_from_checkpoint {resume} is not a checkpoint-N directory of a run")
-        _check_checkpoint(resume, config.model, source)
+        check_checkpoint(resume, config.model, source)
     return source, resume
 
 
@@ -278,44 +272,6 @@ def _check_output_dir(config: TrainConfig, resume: Path | None) -> None:
             f"output_dir {config.output_dir} exists; choose a new one, set overwrite_output_dir=true, "
             "or resume_from_checkpoint=<output_dir>/checkpoint-N"
         )
-
-
-def _check_checkpoint(checkpoint: Path, model: Path, source: ModelSource) -> None:
-    """Every file a resume restores is whole and fits the model, so that a resume either continues
-    exactly or is refused before the run directory (log, adapter, later checkpoints) is touched."""
-    fix = f"resume from an earlier checkpoint-N of the run, or remove {checkpoint.name} if it is the newest"
-    state = read_json(checkpoint / TRAINER_STATE, fix, required=("global_step",))
-    if not isinstance(state["global_step"], int) or state["global_step"] < 0:
-        raise UserError(
-            f"{checkpoint / TRAINER_STATE}: global_step {state['global_step']!r} is invalid; {fix}"
-        )
-    rng = sorted(checkpoint.glob(RNG_FILES)) or [checkpoint / "rng_state.pth"]
-    for path in [*(checkpoint / name for name in RESUMED_FILES), *rng]:
-        _check_torch_file(path, fix)
-    if not has_adapter(checkpoint):
-        raise UserError(
-            f"{checkpoint} has no adapter (adapter_config.json, adapter_model.safetensors); {fix}"
-        )
-    saved, initial = read_adapter(checkpoint), read_adapter(source.adapter_dir)
-    if (saved.rank, saved.shapes) != (initial.rank, initial.shapes):
-        raise UserError(
-            f"resume_from_checkpoint {checkpoint} holds a rank-{saved.rank} adapter of {len(saved.shapes)} "
-            f"layers, but model {model} has a rank-{initial.rank} adapter of {len(initial.shapes)} layers; "
-            "resume with the model the run was trained on (its qpissa_run.json names it)"
-        )
-
-
-def _check_torch_file(path: Path, fix: str) -> None:
-    """A file `torch.save` wrote (a zip archive) is there and whole: every part's checksum holds."""
-    if not path.is_file():
-        raise UserError(f"{path} is missing, so the run cannot continue exactly; {fix}")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-    except (zipfile.BadZipFile, EOFError, ValueError) as error:
-        raise UserError(f"{path} is truncated or corrupt ({error}); {fix}") from None
-    if damaged is not None:
-        raise UserError(f"{path} is corrupt (its part {damaged} fails its checksum); {fix}")
 
 
 def _is_occupied(directory: Path) -> bool:
