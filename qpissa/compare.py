@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -31,7 +30,6 @@ from qpissa.artifacts import (
     ADAPTER_DIR,
     CALIBRATED_DIR_SUFFIX,
     COMPARE_NAME,
-    CONFIG_NAME,
     CONVERSIONS_DIR,
     FIDELITY_NAME,
     REPORT_NAME,
@@ -45,7 +43,7 @@ from qpissa.artifacts import (
     resolve_source,
 )
 from qpissa.calibration import OVERLAP_NGRAM, calibration_tokens, overlap_tokens
-from qpissa.checkpoint import CheckpointReader, write_json
+from qpissa.checkpoint import CheckpointReader, auto_config, write_json
 from qpissa.convert import convert
 from qpissa.convert_settings import CompareSettings, ConvertSettings, Method
 from qpissa.data_sources import load_source
@@ -167,7 +165,7 @@ def _fidelity_steps(
     model_dir: Path, out_dir: Path, names: list[str], settings: FidelitySettings
 ) -> list[dict]:
     """Measure each conversion against the original; load the original only if anything is left to measure."""
-    vocab_size = json.loads((model_dir / CONFIG_NAME).read_text())["vocab_size"]
+    vocab_size = auto_config(model_dir).get_text_config().vocab_size
     ids, source = heldout_ids(model_dir, settings, vocab_size)
     key = {"ids_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(), "settings": to_dict(settings)}
     steps, original = [], None
@@ -175,7 +173,7 @@ def _fidelity_steps(
         target = out_dir / CONVERSIONS_DIR / name
         key_here = {**key, "conversion": read_report(target)["fingerprint"]}
         path = target / FIDELITY_NAME
-        if path.is_file() and json.loads(path.read_text())["key"] == key_here:
+        if _measured_key(path) == key_here:
             steps.append(_step(name, "fidelity", path, "reused", 0.0))
             continue
         if original is None:
@@ -186,6 +184,15 @@ def _fidelity_steps(
         write_json(path, {"key": key_here, "data": source, **dataclasses.asdict(result)})
         steps.append(_step(name, "fidelity", path, "done", result.seconds))
     return steps
+
+
+def _measured_key(path: Path) -> dict | None:
+    """The key a saved fidelity measurement was made under; None when there is none or it is damaged
+    (it is then measured again)."""
+    try:
+        return read_json(path, "it is measured again").get("key") if path.is_file() else None
+    except UserError:
+        return None
 
 
 def _train_step(out_dir: Path, name: str, config_path: Path, show_progress: bool) -> dict:

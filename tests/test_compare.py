@@ -170,3 +170,16 @@ def test_matching_conversions_already_in_out_are_reused(tiny_model: Path, tmp_pa
     steps = json.loads((out / COMPARE_NAME).read_text())["history"][-1]["steps"]
     assert [(s["step"], s["status"]) for s in steps] == [("convert", "reused"), ("fidelity", "done")]
     assert (out / "conversions" / "qlora" / REPORT_NAME).stat().st_mtime_ns == stamp
+
+
+def test_a_damaged_fidelity_measurement_is_measured_again(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["--quiet", "compare", str(tiny_model), str(out), "--methods", "qlora", *FLAGS]
+    assert cli.main(args) == 0
+    saved = out / "conversions" / "qlora" / FIDELITY_NAME
+    measured = json.loads(saved.read_text())["kl"]
+    saved.write_text('{"key": ')  # a write cut short
+    assert cli.main(args) == 0
+    steps = json.loads((out / COMPARE_NAME).read_text())["history"][-1]["steps"]
+    assert [(s["step"], s["status"]) for s in steps] == [("convert", "reused"), ("fidelity", "done")]
+    assert json.loads(saved.read_text())["kl"] == measured
