@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -180,17 +181,34 @@ def finish_partial(partial: Path, output: Path) -> None:
 
 
 def replace_dir(source: Path, target: Path) -> None:
-    """Rename `source` to `target`; a non-empty `target` is moved aside first and removed after.
+    """Rename `source` to `target`; a non-empty `target` is swapped out first and removed after.
 
-    At every moment `target` is either the old directory or the new one, never half of each.
+    `target` is never half of each. On Linux the two are exchanged in one atomic step, so `target` always
+    exists; elsewhere the old one is moved aside first, which leaves a moment with no `target`.
     """
-    if target.is_dir() and any(target.iterdir()):
+    if not (target.is_dir() and any(target.iterdir())):
+        source.rename(target)  # an empty directory is replaced by rename(2) itself
+    elif _exchange(source, target):
+        shutil.rmtree(source)  # now the old directory
+    else:
         aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.replaced-", dir=target.parent))
         target.rename(aside / target.name)
         source.rename(target)
         shutil.rmtree(aside)
-    else:
-        source.rename(target)  # an empty directory is replaced by rename(2) itself
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL("libc.so.6").renameat2
+    except (OSError, AttributeError):  # musl, or a glibc older than 2.28
+        return False
+    at_cwd, rename_exchange = -100, 2
+    return renameat2(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), rename_exchange) == 0
 
 
 def _make_parents(directory: Path, output: Path, output_flag: str) -> list[Path]:

@@ -90,3 +90,23 @@ def test_a_run_names_its_model_relative_to_itself_and_only_a_qpissa_directory(tm
     (run / RUN_MARKER).write_text(json.dumps({**marker, "model": "../notes"}))
     with pytest.raises(UserError, match="not a QPiSSA directory"):
         resolve_source(run)
+
+
+def test_a_replaced_output_is_always_there_and_nothing_is_left_beside_it(tmp_path: Path, monkeypatch) -> None:
+    import os
+    import shutil
+
+    from qpissa import outputs
+
+    new, out = tmp_path / "out.partial", tmp_path / "out"
+    for directory, name in ((new, "new.txt"), (out, "old.txt")):
+        directory.mkdir()
+        (directory / name).write_text(name)
+    seen = []  # what `out` holds while the old directory is being removed
+    real_rmtree = shutil.rmtree
+    monkeypatch.setattr(
+        outputs.shutil, "rmtree", lambda path: seen.append(os.listdir(out)) or real_rmtree(path)
+    )
+    outputs.replace_dir(new, out)
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == ["new.txt"]
+    assert seen == [["new.txt"]]
