@@ -621,6 +621,7 @@ from pathlib import Path
 from qpissa import checkpoint
 from qpissa.cli import main
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a runner started in the background ignores it
 close, closed = checkpoint.SafetensorsWriter.close, []
 
 def close_then_stop(self, metadata=None):
@@ -645,6 +646,7 @@ import os, signal, sys
 from transformers import Trainer
 from qpissa.cli import main
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a runner started in the background ignores it
 save = Trainer._save_rng_state
 
 def save_then_signal(self, output_dir):
