@@ -47,7 +47,7 @@ class Precision(str, Enum):
 
 
 class SketchDtype(str, Enum):
-    AUTO = "auto"  # bfloat16 where the hardware multiplies it natively and the SVD is float32
+    AUTO = "auto"  # the SVD's dtype
     BFLOAT16 = "bfloat16"
     FLOAT32 = "float32"
     FLOAT64 = "float64"
@@ -112,9 +112,9 @@ class ConvertSettings:
     sketch_dtype: SketchDtype = field(
         default=SketchDtype.AUTO,
         metadata={
-            "help": "randomized SVD: precision of the range finder's products (auto: bfloat16 on CPUs with "
-            "AMX or AVX512-BF16 and on bf16 GPUs when --svd-dtype is float32, else --svd-dtype); the factors "
-            "are always projected in --svd-dtype"
+            "help": "randomized SVD: precision of the range finder's products (auto: --svd-dtype); the "
+            "factors are always projected in --svd-dtype. bfloat16 is faster on CPUs with AMX and on bf16 "
+            "GPUs (at most 12 %% less time measured) but cost 6 %% of the held-out KL on the demo model"
         },
     )
     targets: str = field(
