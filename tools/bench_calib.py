@@ -123,13 +123,13 @@ def memory(model: Path, work: Path) -> dict:
         settings = ConvertSettings(rank=16, iters=1, calib=PROSE, calib_samples=4, calib_seq_len=128)
         out = work / f"synthetic-{layers}-out"
         report = in_fresh_process(convert, checkpoint, out, settings, overwrite=True, show_progress=False)
-        peaks[layers] = {
+        peaks[f"{layers} layers"] = {
             "peak_rss_mb": report["summary"]["peak_rss_mb"],
             "seconds": report["summary"]["total_seconds"],
         }
         shutil.rmtree(out)
         shutil.rmtree(checkpoint)
-    peaks["growth"] = peaks[8]["peak_rss_mb"] / peaks[2]["peak_rss_mb"] - 1
+    peaks["growth"] = peaks["8 layers"]["peak_rss_mb"] / peaks["2 layers"]["peak_rss_mb"] - 1
     return peaks
 
 
@@ -175,8 +175,8 @@ def to_markdown(results: dict) -> str:
     if "memory" in results:
         m = results["memory"]
         lines += ["### memory (Llama-3-8B-shaped, calibrated, r=16, T=1)", "",
-                  f"2 layers {m[2]['peak_rss_mb']:.0f} MB ({m[2]['seconds']:.0f} s), 8 layers {m[8]['peak_rss_mb']:.0f} MB "
-                  f"({m[8]['seconds']:.0f} s): {100 * m['growth']:+.1f} %", ""]  # fmt: skip
+                  *(f"{n}: {m[n]['peak_rss_mb']:.0f} MB ({m[n]['seconds']:.0f} s)" for n in ("2 layers", "8 layers")),
+                  f"growth: {100 * m['growth']:+.1f} %", ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -236,9 +236,9 @@ def main() -> None:
         results["speed"] = speed(args.model, args.work, args.repeats)
     if "memory" in parts:
         results["memory"] = memory(args.model, args.work)
+    print(to_markdown(results))  # first: a long run's numbers are on screen whatever happens to the file
     if args.out:
         args.out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    print(to_markdown(results))
 
 
 if __name__ == "__main__":
