@@ -81,12 +81,12 @@ def searched_absmax(
     in_features = T.shape[1]
     column_weight = weights.float().view(1, in_features // blocksize, blocksize)  # h_j of each column
     levels = _levels(T.device)
-    # a few rows at a time: the temporaries of the 5 trial roundings stay in the CPU's cache
+    # a few rows at a time: the temporaries of the trial roundings stay in the CPU's cache
     rows = max(1, CHUNK_VALUES // in_features)
     best = []
     for chunk in T.float().split(rows):
         blocks = chunk.view(len(chunk), -1, blocksize)  # [rows, in / blocksize, blocksize]
-        absmax = torch.maximum(blocks.amax(dim=-1), -blocks.amin(dim=-1))
+        absmax = block_absmax(chunk, blocksize).view(blocks.shape[:2])
         chosen, chosen_error = absmax, None
         for c in shrink:
             scale = (absmax * c).clamp(min=1e-38).unsqueeze(-1)
