@@ -211,7 +211,7 @@ def _decompose_settings(settings: ConvertSettings, device: torch.device) -> Deco
     return DecomposeSettings(
         method=settings.method, rank=settings.rank, scale=settings.resolved_alpha / settings.rank,
         iters=settings.resolved_iters, svd=settings.svd, oversample=settings.oversample,
-        power_iters=settings.power_iters, warm_power_iters=settings.resolved_warm_power_iters,
+        power_iters=settings.resolved_power_iters, warm_power_iters=settings.resolved_warm_power_iters,
         svd_dtype=getattr(torch, settings.svd_dtype.value),
         sketch_dtype=sketch_dtype(settings.sketch_dtype, settings.svd_dtype),
         blocksize=settings.blocksize, double_quant=settings.double_quant, calibrated=fit,

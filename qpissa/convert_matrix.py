@@ -18,6 +18,7 @@ from qpissa import UserError
 from qpissa.convert_settings import MetricKind
 from qpissa.methods import DecomposeSettings, decompose, output_error
 from qpissa.nf4 import quantize_nf4
+from qpissa.runtime import calibration_dtype
 from qpissa.targets import module_type
 from qpissa.weight_error import error_fields, error_norms, output_fields
 
@@ -75,14 +76,15 @@ def decompose_matrix(
     # one error matrix at a time, each formed in place: at 8B scale a float32 copy is 235 MB
     base_error = quantize_nf4(W, settings.blocksize, settings.double_quant).subtracted_from(W)
     base = error_norms(base_error, metrics)
-    out_base = None if hessian is None else output_error(base_error, hessian)
+    product_dtype = calibration_dtype(device)  # bf16 where multiplied natively
+    out_base = None if hessian is None else output_error(base_error, hessian, product_dtype)
     del base_error
     method_error = result.q.subtracted_from(W).addmm_(  # W - deq(Q) - s·B·A
         result.B.to(W), result.A.to(W), alpha=-settings.scale
     )
     errors = error_fields(base, error_norms(method_error, metrics))
     if hessian is not None:
-        errors |= output_fields(out_base, output_error(method_error, hessian))
+        errors |= output_fields(out_base, output_error(method_error, hessian, product_dtype))
     _sync(device)
     entry = {
         "name": module, "module_type": module_type(module), "shape": list(W.shape), "rank": settings.rank,

@@ -97,7 +97,13 @@ class ConvertSettings:
         default=SvdKind.RANDOMIZED, metadata={"help": "exact, or randomized (seeded, oversampled)"}
     )
     oversample: int = field(default=32, metadata={"help": "randomized SVD: extra sketch columns beyond r"})
-    power_iters: int = field(default=4, metadata={"help": "randomized SVD: power (subspace) iterations"})
+    power_iters: int | None = field(
+        default=None,
+        metadata={
+            "help": "randomized SVD: power (subspace) iterations of the first fit (default 4; 2 with "
+            "--calib, where each also passes through the whitening factor: 2 and 4 gave the same held-out KL)"
+        },
+    )
     warm_power_iters: int | None = field(
         default=None,
         metadata={
@@ -210,7 +216,7 @@ class ConvertSettings:
             problems.append(
                 f"--blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {self.blocksize}"
             )
-        if min(self.oversample, self.power_iters, self.warm_power_iters or 0) < 0:
+        if min(self.oversample, self.power_iters or 0, self.warm_power_iters or 0) < 0:
             problems.append("--oversample, --power-iters and --warm-power-iters must be 0 or more")
         if not 0 < self.shard_size_mb < math.inf:
             problems.append(f"--shard-size-mb must be positive, got {self.shard_size_mb}")
@@ -225,6 +231,12 @@ class ConvertSettings:
     @property
     def resolved_iters(self) -> int:
         return 1 if self.method is Method.QLORA else (self.iters or 5)
+
+    @property
+    def resolved_power_iters(self) -> int:
+        if self.power_iters is not None:
+            return self.power_iters
+        return 4 if self.calib is None else 2
 
     @property
     def resolved_warm_power_iters(self) -> int:
@@ -247,7 +259,7 @@ class ConvertSettings:
 
     def as_dict(self) -> dict:
         """Plain data of the settings; a data-free conversion's has no calibration keys (as before them)."""
-        values = to_dict(self)
+        values = to_dict(self) | {"power_iters": self.resolved_power_iters}  # as before it had two defaults
         return {k: v for k, v in values.items() if self.calib is not None or not k.startswith("calib")}
 
     def output_settings(self) -> dict:

@@ -22,7 +22,9 @@ from qpissa import nf4
 from qpissa.nf4 import NF4Weight
 
 LAZY_COLUMNS = 128  # columns rounded between two full updates of the rest (GPTQ's lazy batch)
-SCALE_SHRINK = tuple(1 - i / 40 for i in range(11))  # 1, 0.975, ..., 0.75: the scales a search tries
+# the scales a search tries: 1, 0.92, 0.83, 0.75 of the block maximum; on the demo model 4, 6 and 11 steps
+# gave the same held-out KL (within 3 %), and each step costs a trial rounding of the whole matrix
+SCALE_SHRINK = tuple(1 - i / 12 for i in range(4))
 CHUNK_VALUES = 1 << 16  # values rounded at a time: the temporaries stay in the CPU's cache
 
 

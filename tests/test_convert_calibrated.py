@@ -60,6 +60,7 @@ def test_report_records_the_calibration_and_both_errors(calibrated: Path, calib_
     assert record["source"] == str(calib_text) and record["format"] == "text file"
     assert record["samples"] == 6 and record["seq_len"] == 32 and record["tokens"] == 192
     assert len(record["sha256"]) == 64 and record["damping"] > 0 and record["seed"] == 0
+    assert report["settings"]["power_iters"] == 2, "the report says which power iterations ran"
     assert all(layer["reduction_out"] is not None for layer in report["layers"])
     assert report["summary"]["avg_out"] > 0, (
         "calibrated codes and adapter must beat plain NF4 in output error"
@@ -181,6 +182,7 @@ def test_data_free_conversion_records_no_calibration(tiny_chat_model: Path, tmp_
     assert main(["--quiet", "convert", str(tiny_chat_model), str(out), "--rank", "4", "--iters", "1"]) == 0
     report = json.loads((out / "qpissa_report.json").read_text())
     assert not [key for key in report["settings"] if key.startswith("calib")]
+    assert report["settings"]["power_iters"] == 4, "data-free settings are as before calibration existed"
     assert "calibration" not in report["fingerprint"] and "avg_out" not in report["summary"]
 
 
