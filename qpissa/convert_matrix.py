@@ -76,7 +76,7 @@ def decompose_matrix(
     # one error matrix at a time, each formed in place: at 8B scale a float32 copy is 235 MB
     base_error = quantize_nf4(W, settings.blocksize, settings.double_quant).subtracted_from(W)
     base = error_norms(base_error, metrics)
-    product_dtype = calibration_dtype(device)  # bf16 where multiplied natively
+    product_dtype = None if hessian is None else calibration_dtype(device)  # bf16 where multiplied natively
     out_base = None if hessian is None else output_error(base_error, hessian, product_dtype)
     del base_error
     method_error = result.q.subtracted_from(W).addmm_(  # W - deq(Q) - s·B·A

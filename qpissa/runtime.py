@@ -72,7 +72,8 @@ def sketch_dtype(choice: SketchDtype, svd_dtype: Precision) -> torch.dtype:
 
 
 def calibration_dtype(device: torch.device) -> torch.dtype:
-    """Dtype of a calibrated conversion's forward passes: bf16 where multiplied natively, else float32.
+    """Dtype of a calibrated conversion's forward passes and of its output-error metric's `E·H`: bf16
+    where multiplied natively, else float32.
 
     The statistics H are products of these activations, formed in float32 and summed in float64.
     """
