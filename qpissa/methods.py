@@ -16,7 +16,7 @@ import torch
 from qpissa.convert_settings import Method, SvdKind
 from qpissa.nf4 import NF4Weight, quantize_nf4
 from qpissa.nf4_codes import block_absmax, block_scales, compensated_codes, round_to_nearest, searched_absmax
-from qpissa.svd import truncated_svd
+from qpissa.svd import truncated_svd, weighted_svd
 
 
 @dataclass(frozen=True)
@@ -122,28 +122,27 @@ def output_error(E: torch.Tensor, H: torch.Tensor, product_dtype: torch.dtype | 
 
 def weighted_factors(
     M: torch.Tensor,
-    L: torch.Tensor,
+    H: torch.Tensor,
     st: DecomposeSettings,
     generator: torch.Generator,
     start: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The rank-r `B [out, r]`, `A [r, in]` minimising `‖(M − s·B·A) L‖_F`, where `H = L Lᵀ`.
+    """The rank-r `B [out, r]`, `A [r, in]` minimising `tr((M − s·B·A) H (M − s·B·A)ᵀ)`, H damped.
 
-    The minimiser is `[M L]_r L⁻¹` (QERA, EoRA, CLoQ): a truncated SVD in the whitened space, mapped
-    back. Each component `σ u wᵀ` (w = L⁻ᵀ v) is split so that its column of B and its row of A have
-    equal norms, as PiSSA's √σ split does when L = I.
+    The minimiser is the truncated SVD of M in the H-weighted norm (QERA, EoRA, CLoQ): `U S G` with
+    H-orthonormal rows of G (`weighted_svd`). Each component `σ u g` is split so that its column of B
+    and its row of A have equal norms, as PiSSA's √σ split does when H = I.
 
     Returns:
-        B, A (float32) and the whitened right subspace to warm-start the next fit.
+        B, A (float32) and the subspace to warm-start the next fit.
     """
-    svd = truncated_svd(
-        M, st.rank, st.svd, oversample=st.oversample, generator=generator, start=start, right=L,
+    svd = weighted_svd(
+        M, H, st.rank, st.svd, oversample=st.oversample, generator=generator, start=start,
         power_iters=st.power_iters if start is None else st.warm_power_iters, sketch_dtype=st.sketch_dtype,
     )  # fmt: skip
-    G = torch.linalg.solve_triangular(L.T, svd.Vh.T, upper=True).T  # [r, in] = Vh L⁻¹
-    norms = G.norm(dim=1).clamp(min=1e-30)  # [r]
+    norms = svd.Vh.norm(dim=1).clamp(min=1e-30)  # [r]
     B = svd.U * torch.sqrt(svd.S * norms / st.scale)  # [out, r]
-    A = G * torch.sqrt(svd.S / (norms * st.scale))[:, None]  # [r, in]
+    A = svd.Vh * torch.sqrt(svd.S / (norms * st.scale))[:, None]  # [r, in]
     return B.float(), A.float(), svd.basis
 
 
@@ -155,8 +154,8 @@ def _calibrated(W: torch.Tensor, H: torch.Tensor, st: DecomposeSettings, generat
     fits the compensated errors, which spread over every direction); once at the end it helps.
     """
     cal = st.calibrated
-    # [in, in], damped H = L Lᵀ; float32 is enough: the damping bounds its condition number by ~in / λ
-    L = torch.linalg.cholesky(damped(H, cal.adapter_damping).to(W))
+    # float32 is enough: the damping bounds the condition number by ~in / λ
+    H_adapter = damped(H, cal.adapter_damping).to(W)
     by_column = W.shape[1] % st.blocksize == 0  # blocks are runs of one row's columns
 
     def codes(T: torch.Tensor, final: bool, compensate: bool = False) -> NF4Weight:
@@ -182,15 +181,17 @@ def _calibrated(W: torch.Tensor, H: torch.Tensor, st: DecomposeSettings, generat
     for iteration in range(st.iters):
         final = iteration == st.iters - 1 and not cal.compensate
         if st.method is Method.QPISSA:  # the H-weighted principal part first (from Q = 0), then codes
-            B, A, start = weighted_factors(W if q is None else q.subtracted_from(W), L, st, generator, start)
+            B, A, start = weighted_factors(
+                W if q is None else q.subtracted_from(W), H_adapter, st, generator, start
+            )
             q = codes(residual(A, B), final)
         else:  # LoftQ: codes first (from A = B = 0), then the adapter
             q = codes(residual(A, B), final)
-            B, A, start = weighted_factors(q.subtracted_from(W), L, st, generator, start)
+            B, A, start = weighted_factors(q.subtracted_from(W), H_adapter, st, generator, start)
     if cal.compensate:
         q = codes(residual(A, B), final=True, compensate=True)
     if cal.compensate or st.method is Method.QPISSA:
-        B, A, _ = weighted_factors(q.subtracted_from(W), L, st, generator, start)
+        B, A, _ = weighted_factors(q.subtracted_from(W), H_adapter, st, generator, start)
     return Decomposition(q=q, A=A, B=B)
 
 

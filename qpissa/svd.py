@@ -34,9 +34,8 @@ def truncated_svd(
     generator: torch.Generator | None = None,
     start: torch.Tensor | None = None,
     sketch_dtype: torch.dtype | None = None,
-    right: torch.Tensor | None = None,
 ) -> TruncatedSvd:
-    """Top-`rank` SVD of `M` (or of `M @ right`) in `M`'s dtype (float32 or float64; never bf16, §1).
+    """Top-`rank` SVD of `M` in `M`'s dtype (float32 or float64; never bf16, REFERENCE.md §1).
 
     Args:
         M: `[m, n]` float32/float64.
@@ -48,55 +47,94 @@ def truncated_svd(
         start: `[n, q]` subspace to start from instead of a Gaussian sketch (warm start).
         sketch_dtype: dtype of the randomized range finder's products (default `M`'s). Their rounding
             only tilts the subspace found; the factors are projected from `M` in `M`'s dtype.
-        right: `[n, n]`, e.g. a whitening factor: the SVD is of `M @ right`, which the randomized
-            path never forms (its products go through `right` one sketch at a time).
 
     Returns:
         The truncated factors and, for randomized, the right subspace to warm-start the next call.
     """
     if kind is SvdKind.EXACT:
-        U, S, Vh = torch.linalg.svd(M if right is None else M @ right, full_matrices=False)
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
         return TruncatedSvd(U[:, :rank], S[:rank], Vh[:rank])
-    return _randomized_svd(M, rank, oversample, power_iters, generator, start, sketch_dtype or M.dtype, right)
-
-
-def _randomized_svd(
-    M: torch.Tensor,
-    rank: int,
-    oversample: int,
-    power_iters: int,
-    generator: torch.Generator | None,
-    start: torch.Tensor | None,
-    sketch_dtype: torch.dtype,
-    right: torch.Tensor | None = None,
-) -> TruncatedSvd:
     m, n = M.shape
     q = min(rank + oversample, m, n)
-    # drawn on the CPU generator, then moved: the sketch is the same on every device
-    omega = torch.randn(n, q, generator=generator, dtype=M.dtype).to(M.device) if start is None else start
-    M_sketch = M.to(sketch_dtype)  # the same tensor when the dtypes agree
-    R_sketch = None if right is None else right.to(sketch_dtype)
-    Y = _sketch_product(M_sketch, _through(R_sketch, omega))  # [m, q]
+    M_sketch = M.to(sketch_dtype or M.dtype)  # the same tensor when the dtypes agree
+    Y = _sketch_product(M_sketch, _first_sketch(n, q, generator, start, M))  # [m, q]
     for _ in range(power_iters):
-        Z = _sketch_product(M_sketch.T, _span_basis(Y))  # [n, q]
-        Y = _sketch_product(M_sketch, _through(R_sketch, _span_basis(_through(R_sketch, Z, True))))  # [m, q]
-    del M_sketch, R_sketch  # a bf16 copy is half of M: freed before the projection
+        Y = _sketch_product(M_sketch, _span_basis(_sketch_product(M_sketch.T, _span_basis(Y))))  # [m, q]
+    del M_sketch  # a bf16 copy is half of M: freed before the projection
     Y = _orthonormal_basis(Y)  # the result is only as accurate as this basis is orthonormal
-    Ub, S, Vh = _wide_svd(Y.T @ M if right is None else (Y.T @ M) @ right)  # small [q, n] problem
+    Ub, S, Vh = _wide_svd(Y.T @ M)  # small [q, n] problem
     U = Y @ Ub  # [m, q]
     return TruncatedSvd(U[:, :rank], S[:rank], Vh[:rank], basis=Vh.T.contiguous())
+
+
+def weighted_svd(
+    M: torch.Tensor,
+    H: torch.Tensor,
+    rank: int,
+    kind: SvdKind,
+    *,
+    oversample: int = 16,
+    power_iters: int = 2,
+    generator: torch.Generator | None = None,
+    start: torch.Tensor | None = None,
+    sketch_dtype: torch.dtype | None = None,
+) -> TruncatedSvd:
+    """Top-`rank` SVD of `M` in the norm `‖X‖²_H = tr(X H Xᵀ)`, H symmetric positive definite.
+
+    With `H = L Lᵀ`, the SVD `M L = U S V` gives `M ≈ U S G` with `G = V L⁻¹`, whose rows are
+    H-orthonormal (`G H Gᵀ = I`); `U S G` truncated to `rank` is the best rank-`rank` fit of `M` under H.
+    Everything is computed from `M H Mᵀ` and `G = S⁻¹ Uᵀ M`, so no factor of H is ever formed: one
+    `[n, n]` product per power step instead of two through a Cholesky factor, and no triangular solves.
+
+    Args:
+        M: `[m, n]` float32/float64. H: `[n, n]`, damped (positive definite), `M`'s dtype.
+        Others as `truncated_svd`; `start` is a previous call's `basis`.
+
+    Returns:
+        U `[m, r]`, S `[r]`, and G in `Vh` `[r, n]`; for randomized, `basis` is G's first q rows, transposed.
+    """
+    if kind is SvdKind.EXACT:  # the reference: projected on the whole space, in float64
+        identity = torch.eye(M.shape[0], dtype=torch.float64, device=M.device)
+        svd = _weighted_projection(identity, M.double(), H.double(), rank)
+        return TruncatedSvd(svd.U.to(M), svd.S.to(M), svd.Vh.to(M))
+    m, n = M.shape
+    q = min(rank + oversample, m, n)
+    M_sketch, H_sketch = M.to(sketch_dtype or M.dtype), H.to(sketch_dtype or M.dtype)
+    # a Gaussian start through H is a Gaussian start with covariance H; a warm start G is mapped to
+    # M H Gᵀ = (M L) V, as the whitened problem would start from V
+    Y = _sketch_product(M_sketch, _sketch_product(H_sketch, _first_sketch(n, q, generator, start, M)))
+    for _ in range(power_iters):  # Y ← (M H Mᵀ) Y
+        Z = _sketch_product(H_sketch, _sketch_product(M_sketch.T, _span_basis(Y)))  # [n, q]
+        Y = _sketch_product(M_sketch, _span_basis(Z))  # [m, q]
+    del M_sketch, H_sketch
+    return _weighted_projection(_orthonormal_basis(Y), M, H, rank)
+
+
+def _weighted_projection(Y: torch.Tensor, M: torch.Tensor, H: torch.Tensor, rank: int) -> TruncatedSvd:
+    """The H-weighted SVD of `M` projected on the orthonormal columns of `Y` `[m, q]`: from the
+    eigenpairs of `(YᵀM) H (YᵀM)ᵀ` `[q, q]`, in `M`'s dtype (squaring, as `_wide_svd`)."""
+    C = Y.T @ M  # [q, n]
+    eigenvalues, Ub = torch.linalg.eigh((C @ H) @ C.T)  # ascending
+    Ub, S = Ub.flip(1), eigenvalues.flip(0).clamp(min=0).sqrt()
+    # a zero singular value leaves its row of G at zero instead of dividing by zero
+    G = (Ub.T @ C) / torch.where(S > 0, S, 1.0)[:, None]  # [q, n], H-orthonormal rows
+    U = Y @ Ub  # [m, q]
+    return TruncatedSvd(U[:, :rank], S[:rank], G[:rank], basis=G.T.contiguous())
+
+
+def _first_sketch(
+    n: int, q: int, generator: torch.Generator | None, start: torch.Tensor | None, like: torch.Tensor
+) -> torch.Tensor:
+    """`[n, q]` Gaussian sketch (drawn on the CPU generator, then moved: the same on every device), or
+    the warm start."""
+    if start is not None:
+        return start
+    return torch.randn(n, q, generator=generator, dtype=like.dtype).to(like.device)
 
 
 def _sketch_product(M_sketch: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """`M_sketch @ X` computed in the sketch's dtype (bf16: several times faster on AMX), returned in X's."""
     return (M_sketch @ X.to(M_sketch.dtype)).to(X.dtype)
-
-
-def _through(R_sketch: torch.Tensor | None, X: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """`R X` (or `Rᵀ X`) in the sketch's dtype; `X` itself when there is no right factor."""
-    if R_sketch is None:
-        return X
-    return _sketch_product(R_sketch.T if transpose else R_sketch, X)
 
 
 def _span_basis(Y: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,7 @@ def test_weighted_adapter_is_the_optimum_found_by_alternating_least_squares() ->
     X = _activations(200, 16, 1).double()
     H = X.T @ X / 200
     st = _settings(rank=3)
-    L = torch.linalg.cholesky(H)
-    B, A, _ = weighted_factors(R.float(), L.float(), st, g, None)
+    B, A, _ = weighted_factors(R.float(), H.float(), st, g, None)
     ours = output_error(R - st.scale * (B.double() @ A.double()), H)
     # brute force: alternate exact least-squares steps in B and A from many random starts
     best = float("inf")
@@ -56,8 +55,8 @@ def test_weighted_adapter_halves_are_balanced() -> None:
     g = torch.Generator().manual_seed(2)
     R = torch.randn(32, 64, generator=g)
     X = _activations(300, 64, 3)
-    L = torch.linalg.cholesky(X.T.double() @ X.double() / 300).float()
-    B, A, _ = weighted_factors(R, L, _settings(rank=4), g, None)
+    H = (X.T.double() @ X.double() / 300).float()
+    B, A, _ = weighted_factors(R, H, _settings(rank=4), g, None)
     torch.testing.assert_close(B.norm(dim=0), A.norm(dim=1), rtol=1e-4, atol=1e-6)
 
 
@@ -121,16 +120,16 @@ def test_calibrated_decomposition_beats_data_free_on_the_output_error(
     assert error(calibrated, H) < 0.8 * error(data_free, None)
 
 
-def test_weighted_fit_through_the_right_factor_matches_the_explicit_product() -> None:
+def test_randomized_weighted_fit_matches_the_exact_one() -> None:
     g = torch.Generator().manual_seed(9)
-    # a clear rank-6 part plus noise: the randomized SVD must find it through the whitening factor
+    # a clear rank-6 part plus noise: the randomized SVD must find it through M H Mᵀ
     M = torch.randn(96, 6, generator=g) @ torch.randn(6, 128, generator=g) + 0.01 * torch.randn(
         96, 128, generator=g
     )
     X = _activations(400, 128, 10)
-    L = torch.linalg.cholesky(damped(X.T.double() @ X.double() / 400, 0.01)).float()
-    exact = weighted_factors(M, L, _settings(rank=6), g, None)
-    randomized = weighted_factors(M, L, _settings(rank=6, svd=SvdKind.RANDOMIZED), g, None)
+    H = damped(X.T.double() @ X.double() / 400, 0.01).float()
+    exact = weighted_factors(M, H, _settings(rank=6), g, None)
+    randomized = weighted_factors(M, H, _settings(rank=6, svd=SvdKind.RANDOMIZED), g, None)
     product = [st.scale * (B @ A) for st, (B, A, _) in ((_settings(), exact), (_settings(), randomized))]
     torch.testing.assert_close(product[0], product[1], rtol=0, atol=2e-3 * product[0].abs().max().item())
 

@@ -112,6 +112,38 @@ def test_calibration_lowers_the_output_error_of_every_matrix(
         assert errors["calibrated"] < errors["data-free"], name
 
 
+class _TwoBranches(torch.nn.Module):
+    """A layer whose `up` and `gate` read the same tensor and whose `down` reads another, 200 wide (not
+    a multiple of the statistics' block rows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.gate, self.down = (
+            torch.nn.Linear(70, 200),
+            torch.nn.Linear(70, 200),
+            torch.nn.Linear(200, 70),
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.gate(hidden_states)) * self.up(hidden_states))
+
+
+def test_input_statistics_are_the_mean_outer_product_of_each_input() -> None:
+    torch.manual_seed(0)
+    layer = _TwoBranches()
+    batches = [torch.randn(2, 16, 70) * torch.linspace(0.1, 30, 70) for _ in range(3)]
+    with InputStatistics(layer, {"up": layer.up, "gate": layer.gate, "down": layer.down}) as stats:
+        for batch in batches:
+            layer(batch)
+    x = torch.cat(batches).reshape(-1, 70).double()
+    inner = torch.cat([torch.relu(layer.gate(b)) * layer.up(b) for b in batches]).reshape(-1, 200).double()
+    for name, inputs in (("up", x), ("gate", x), ("down", inner)):
+        H = stats.hessian(name)
+        expected = inputs.T @ inputs / len(inputs)
+        torch.testing.assert_close(H.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+        assert torch.equal(H, H.T), name
+
+
 def test_same_inputs_give_the_same_bytes_with_any_number_of_workers(
     calibrated: Path, tiny_chat_model: Path, calib_text: Path, tmp_path: Path
 ) -> None:
