@@ -1,6 +1,7 @@
 """The first phase of a calibrated conversion: decoder layer by layer, statistics H, then decompositions.
 
-For layer i: load it alone from the checkpoint, run the calibration hidden states through it while
+For layer i: load it alone from the checkpoint onto the conversion's device (a GPU runs the forwards
+and the products of H, not only the fits), run the calibration hidden states through it while
 collecting H = Σ xxᵀ / n of every target Linear's input, decompose those targets under H (several at a
 time), spool the results to `OUT.partial/calibration/layer-i.safetensors`, and keep the layer's outputs
 (from the original or the converted layer) as layer i+1's inputs. Memory holds one decoder layer and the
@@ -43,7 +44,8 @@ class CalibrationRun:
         propagate: where layer i+1's inputs come from.
         decompose: resolved decomposition settings (with `calibrated` set).
         metrics: weight-space norms to measure. seed: the conversion's seed.
-        device: where matrices are decomposed. workers: matrices decomposed at once.
+        device: where the calibration pass runs and matrices are decomposed. workers: matrices
+            decomposed at once.
     """
 
     windows: torch.Tensor
@@ -72,11 +74,11 @@ def calibrate_layers(
     state = progress.setdefault("calibration", {"layers_done": 0, "metrics": {}})
     folder = partial / CALIBRATION_DIR
     folder.mkdir(exist_ok=True)
-    stack = open_stack(reader, targets, run.dtype)
+    stack = open_stack(reader, targets, run.dtype, run.device)
     batch = max(1, BATCH_TOKENS // run.windows.shape[1])
     inputs = first_layer_inputs(stack, list(torch.split(run.windows, batch)))
     if state["layers_done"]:  # resumed: the saved inputs of the next layer replace the embeddings
-        inputs.hidden = torch.load(folder / HIDDEN_NAME, weights_only=True)
+        inputs.hidden = torch.load(folder / HIDDEN_NAME, weights_only=True, map_location=run.device)
     # one pool for every layer, not one per layer: new threads would each take a fresh malloc arena
     with ThreadPoolExecutor(run.workers) as pool:
         for index in range(state["layers_done"], len(stack.layers)):
@@ -91,7 +93,8 @@ def calibrate_layers(
                 _spool(folder / spool_name(index), results)
                 if run.propagate is Propagation.CONVERTED:
                     for name, result in results.items():
-                        linears[name].weight.data = converted_weight(result, run.decompose).to(run.dtype)
+                        weight = converted_weight(result, run.decompose)
+                        linears[name].weight.data = weight.to(device=run.device, dtype=run.dtype)
                     outputs = run_layer(layer, inputs, index, run.dtype)
             inputs.hidden = outputs
             bar.update(len(results))

@@ -27,11 +27,13 @@ class DecoderStack:
         base: the module whose forward runs the embeddings and then the layers (e.g. `LlamaModel`).
         layers: its decoder layers, parameters on the meta device until `loaded_layer`.
         prefix: checkpoint name prefix of the layers (`model.layers`): layer i's tensors are `prefix.i.*`.
+        device: where the weights are loaded and the calibration pass runs (the conversion's device).
     """
 
     base: torch.nn.Module
     layers: torch.nn.ModuleList
     prefix: str
+    device: torch.device
 
 
 @dataclass
@@ -47,19 +49,23 @@ class LayerInputs:
     kwargs: list[list[dict]]
 
 
-def open_stack(reader: CheckpointReader, targets: set[str], dtype: torch.dtype) -> DecoderStack:
+def open_stack(
+    reader: CheckpointReader, targets: set[str], dtype: torch.dtype, device: torch.device
+) -> DecoderStack:
     """Build the model skeleton and give real weights to the modules before the first decoder layer.
 
     Args:
         reader: the checkpoint.
         targets: target module names; the decoder layers are the module list that holds them.
         dtype: dtype of the embeddings' weights (the compute dtype of the calibration pass).
+        device: where the calibration pass runs; the skeleton's buffers (rotary frequencies) move there.
 
     Raises:
         UserError: the architecture has no list of decoder layers holding the targets.
     """
     import transformers
     from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
 
     config = transformers.AutoConfig.from_pretrained(reader.model_dir)
     with init_empty_weights():  # parameters on meta; buffers (rotary frequencies) real
@@ -70,12 +76,14 @@ def open_stack(reader: CheckpointReader, targets: set[str], dtype: torch.dtype) 
     prefix, layers = _decoder_layers(model, targets)
     base_name = prefix.rsplit(".", 1)[0] if "." in prefix else ""
     base = model.get_submodule(base_name)
+    for name, buffer in list(base.named_buffers()):
+        set_module_tensor_to_device(base, name, device, value=buffer)
     for name, _ in base.named_parameters():
         full = f"{base_name}.{name}" if base_name else name
         if not full.startswith(prefix + "."):
-            _load_tensor(base, name, reader, full, dtype)
+            _load_tensor(base, name, reader, full, dtype, device)
     base.eval()
-    return DecoderStack(base=base, layers=layers, prefix=prefix)
+    return DecoderStack(base=base, layers=layers, prefix=prefix, device=device)
 
 
 @torch.no_grad()
@@ -93,7 +101,7 @@ def first_layer_inputs(stack: DecoderStack, batches: list[torch.Tensor]) -> Laye
         stack.layers[index] = _Recorder(calls[index], hidden if index == 0 else None)
     try:
         for ids in batches:
-            stack.base(input_ids=ids, use_cache=False)
+            stack.base(input_ids=ids.to(stack.device), use_cache=False)
     finally:
         for index, layer in enumerate(originals):
             stack.layers[index] = layer
@@ -115,10 +123,11 @@ def _unload_outside_layers(stack: DecoderStack) -> None:
 def loaded_layer(
     stack: DecoderStack, index: int, reader: CheckpointReader, dtype: torch.dtype
 ) -> Iterator[torch.nn.Module]:
-    """Decoder layer `index` with its checkpoint weights in `dtype`, unloaded (back to meta) on exit."""
+    """Decoder layer `index` with its checkpoint weights in `dtype` on the stack's device, unloaded (back
+    to meta) on exit."""
     layer = stack.layers[index]
     for name, _ in layer.named_parameters():
-        _load_tensor(layer, name, reader, f"{stack.prefix}.{index}.{name}", dtype)
+        _load_tensor(layer, name, reader, f"{stack.prefix}.{index}.{name}", dtype, stack.device)
     layer.eval()
     try:
         yield layer
@@ -200,7 +209,9 @@ class InputStatistics:
             flat = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
             if name not in self._group:
                 self._group[name] = len(self._sums)
-                self._sums.append(torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64))
+                self._sums.append(
+                    torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64, device=x.device)
+                )
             _add_upper_blocks(self._sums[self._group[name]], flat)
             self._batch[id(x)] = (x, self._group[name])
 
@@ -265,7 +276,12 @@ def _decoder_layers(model: torch.nn.Module, targets: set[str]) -> tuple[str, tor
 
 
 def _load_tensor(
-    module: torch.nn.Module, name: str, reader: CheckpointReader, full_name: str, dtype: torch.dtype
+    module: torch.nn.Module,
+    name: str,
+    reader: CheckpointReader,
+    full_name: str,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> None:
     from accelerate.utils import set_module_tensor_to_device
 
@@ -275,6 +291,6 @@ def _load_tensor(
         )
     value = reader.read(full_name)
     if value.is_floating_point():  # accelerate would cast to the skeleton's dtype, not ours
-        set_module_tensor_to_device(module, name, "cpu", value=value, dtype=dtype)
+        set_module_tensor_to_device(module, name, device, value=value, dtype=dtype)
     else:
-        set_module_tensor_to_device(module, name, "cpu", value=value)
+        set_module_tensor_to_device(module, name, device, value=value)

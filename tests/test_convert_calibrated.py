@@ -97,7 +97,7 @@ def test_calibration_lowers_the_output_error_of_every_matrix(
     windows = _windows(tiny_chat_model, calib_text)
     reader = CheckpointReader(tiny_chat_model)
     targets = set(resolve_targets("all-linear", reader, 4))
-    stack = open_stack(reader, targets, torch.float32)
+    stack = open_stack(reader, targets, torch.float32, torch.device("cpu"))
     inputs = first_layer_inputs(stack, [windows])
     with loaded_layer(stack, 0, reader, torch.float32) as layer:
         names = sorted(t for t in targets if t.startswith(f"{stack.prefix}.0."))
