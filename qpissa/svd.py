@@ -91,11 +91,12 @@ def weighted_svd(
         Others as `truncated_svd`; `start` is a previous call's `basis`.
 
     Returns:
-        U `[m, r]`, S `[r]`, and G in `Vh` `[r, n]`; for randomized, `basis` is G's first q rows, transposed.
+        U `[m, r]`, S `[r]`, and G in `Vh` `[r, n]`; for randomized, `basis` is all q rows of G, transposed.
     """
-    if kind is SvdKind.EXACT:  # the reference: projected on the whole space, in float64
-        identity = torch.eye(M.shape[0], dtype=torch.float64, device=M.device)
-        svd = _weighted_projection(identity, M.double(), H.double(), rank)
+    if kind is SvdKind.EXACT:  # the reference: projected on all of M's column space, in float64
+        M64 = M.double()
+        space = torch.linalg.qr(M64).Q if M.shape[0] > M.shape[1] else torch.eye(M.shape[0]).to(M64)
+        svd = _weighted_projection(space, M64, H.double(), rank)
         return TruncatedSvd(svd.U.to(M), svd.S.to(M), svd.Vh.to(M))
     m, n = M.shape
     q = min(rank + oversample, m, n)
