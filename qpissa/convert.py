@@ -314,7 +314,7 @@ def _resolve_workers(
     shapes = [reader.shape(f"{module}.weight") for module in targets]
     # float32 copies alive while one matrix is decomposed and measured (W, residual, dequantized, errors)
     per_matrix = _FLOAT32_COPIES_PER_MATRIX * 4 * max(math.prod(shape) for shape in shapes)
-    if calibrated:  # and [in, in] ones: the damped H, its Cholesky factor, the compensation's factor
+    if calibrated:  # and [in, in] ones: H, the adapter's damped H, the compensation's or the metric's copy
         per_matrix += 3 * 4 * max(shape[1] for shape in shapes) ** 2
     return max(1, min(torch.get_num_threads(), available_memory_bytes() // 2 // per_matrix))
 
