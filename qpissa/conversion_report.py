@@ -73,10 +73,7 @@ def _settings(
 
     source_dtypes = sorted({reader.dtype_code(f"{t}.weight") for t in targets})
     return {
-        **settings.as_dict(),
-        "iters": settings.resolved_iters,
-        "warm_power_iters": settings.resolved_warm_power_iters,
-        "alpha": settings.resolved_alpha,
+        **settings.resolved_dict(),
         "device": str(device),
         "workers": workers,
         "targets": targets,

@@ -35,7 +35,6 @@ from qpissa.loading import load_tokenizer
 from qpissa.memory import available_memory_bytes
 from qpissa.methods import CalibratedFit, DecomposeSettings
 from qpissa.nf4 import as_storage
-from qpissa.options import to_dict
 from qpissa.outputs import check_apart, check_replaceable, lock_output
 from qpissa.runtime import calibration_dtype, compute_dtype, dtype_name, resolve_device, sketch_dtype
 from qpissa.stored import adapter_key
@@ -109,7 +108,7 @@ def _convert(
     if progress is None:  # --resume on a finished conversion with the same settings
         return read_report(out_dir)
     partial = partial_dir(out_dir)
-    log.info("converting %s -> %s with %s", model_dir, out_dir, to_dict(settings))
+    log.info("converting %s -> %s with %s", model_dir, out_dir, settings.resolved_dict())
 
     plan = convert_output.plan_shards(
         reader, targets, settings.blocksize, settings.double_quant, settings.shard_size_mb

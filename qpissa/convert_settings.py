@@ -262,6 +262,16 @@ class ConvertSettings:
         values = to_dict(self) | {"power_iters": self.resolved_power_iters}  # as before it had two defaults
         return {k: v for k, v in values.items() if self.calib is not None or not k.startswith("calib")}
 
+    def resolved_dict(self) -> dict:
+        """`as_dict` with every default resolved: what this conversion runs with (log, report)."""
+        values = self.as_dict() | {
+            "iters": self.resolved_iters, "warm_power_iters": self.resolved_warm_power_iters,
+            "alpha": self.resolved_alpha,
+        }  # fmt: skip
+        if self.calibration is not None:
+            values |= {f"calib_{k}": getattr(v, "value", v) for k, v in self.calibration.items()}
+        return values
+
     def output_settings(self) -> dict:
         """The settings the output depends on: all but `workers`, which only sets the speed."""
         return {key: value for key, value in self.as_dict().items() if key != "workers"}
