@@ -188,12 +188,12 @@ class InputStatistics:
         for hook in self._hooks:
             hook.remove()
         self._batch.clear()
+        for total in self._sums:
+            _mirror_upper_blocks(total)
 
     def hessian(self, name: str) -> torch.Tensor:
-        """`[in, in]` float32 mean of x xᵀ over the tokens seen (undamped)."""
-        total = self._sums[self._group[name]]
-        _mirror_upper_blocks(total)
-        return (total / max(self.tokens, 1)).float()
+        """`[in, in]` float32 mean of x xᵀ over the tokens seen (undamped), once the context has exited."""
+        return (self._sums[self._group[name]] / max(self.tokens, 1)).float()
 
     def _new_batch(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self._batch.clear()
