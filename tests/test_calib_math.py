@@ -134,6 +134,27 @@ def test_randomized_weighted_fit_matches_the_exact_one() -> None:
     torch.testing.assert_close(product[0], product[1], rtol=0, atol=2e-3 * product[0].abs().max().item())
 
 
+def test_weighted_fit_warm_started_from_a_nearby_matrix_needs_no_power_iterations() -> None:
+    """Each alternation starts from the last fit's subspace (stored already multiplied by H)."""
+    g = torch.Generator().manual_seed(11)
+    M = torch.randn(96, 128, generator=g) @ torch.diag(torch.logspace(0, -3, 128))
+    X = _activations(400, 128, 12)
+    H = damped(X.T @ X / 400, 0.1)
+    no_power = dataclasses.replace(
+        _settings(rank=6, svd=SvdKind.RANDOMIZED), power_iters=0, warm_power_iters=0
+    )
+    _, _, basis = weighted_factors(M, H, dataclasses.replace(no_power, power_iters=6), g, None)
+    nearby = M + 1e-4 * torch.randn(96, 128, generator=g)
+
+    def error(start: torch.Tensor | None, settings: DecomposeSettings) -> float:
+        B, A, _ = weighted_factors(nearby, H, settings, g, start)
+        return output_error(nearby - settings.scale * B @ A, H)
+
+    best = error(None, _settings(rank=6))
+    assert error(basis, no_power) <= best * 1.001
+    assert error(None, no_power) > best * 1.01  # a cold start without power steps is not enough
+
+
 def test_scale_search_never_rounds_worse_than_the_block_maxima() -> None:
     T = torch.randn(32, 128, generator=torch.Generator().manual_seed(11))
     weights = torch.rand(128, generator=torch.Generator().manual_seed(12)) + 0.1
