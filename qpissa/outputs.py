@@ -7,12 +7,14 @@ Every command that creates or replaces a directory checks it here first, before 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import fnmatch
 import json
 import logging
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -237,8 +239,11 @@ def _acquire(path: Path, output: Path, output_flag: str) -> int:
     """Lock `path` without waiting; return its open descriptor."""
     while True:
         try:
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            # never through a link: the file is truncated and removed, and must be nobody else's
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise UserError(_not_a_lock(path, output_flag, "a symbolic link")) from None
             raise UserError(
                 f"{output_flag} {output} cannot be written ({path}: {error.strerror}); "
                 f"choose a location you can write to"
@@ -259,6 +264,11 @@ def _acquire(path: Path, output: Path, output_flag: str) -> int:
         if same:
             break
         os.close(descriptor)  # its holder removed the file as we opened it: lock the new one
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode) or (
+        os.pread(descriptor, 1, 0) and not _read_pid(descriptor)
+    ):
+        os.close(descriptor)
+        raise UserError(_not_a_lock(path, output_flag, "not one qpissa wrote"))
     previous = _read_pid(descriptor)
     if previous:
         log.info(
@@ -267,6 +277,13 @@ def _acquire(path: Path, output: Path, output_flag: str) -> int:
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
     return descriptor
+
+
+def _not_a_lock(path: Path, output_flag: str, why: str) -> str:
+    return (
+        f"{path} is where {output_flag}'s lock file goes, but it is {why}, so it is left alone; "
+        f"move it away, or choose another {output_flag}"
+    )
 
 
 def _read_pid(descriptor: int) -> int | None:

@@ -273,6 +273,12 @@ CASES = [
          lambda ws: ["convert", str(ws / "model"), "/sys/qpissa-out"],
          "OUT /sys/qpissa-out cannot be written"),
     Case("convert", "another process writes OUT", _convert, LOCKED, locked="out"),
+    Case("convert", "OUT.lock is the user's own file", _convert, "out.lock is where OUT's lock file goes, but it "
+         "is not one qpissa wrote", damage=lambda ws: _file(ws / "out.lock", "meeting notes")),
+    Case("convert", "OUT.lock is the --calib data", lambda ws: _convert(ws, "--calib", str(ws / "out.lock")),
+         "is not one qpissa wrote", damage=lambda ws: _file(ws / "out.lock", "my prose " * 400)),
+    Case("convert", "OUT.lock links to the user's file", _convert, "is a symbolic link",
+         damage=lambda ws: (ws / "out.lock").symlink_to(_file(ws / "notes.txt", "notes"))),
     Case("convert", "an OUT.partial that is not a conversion, --overwrite",
          lambda ws: _convert(ws, "--overwrite"), "holds no interrupted conversion",
          damage=lambda ws: _file(ws / "out.partial" / "mine.txt", "mine")),
