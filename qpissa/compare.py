@@ -242,7 +242,7 @@ def _check_train_config(config_path: Path, out_dir: Path) -> None:
     compare's)."""
     overrides = [f"model={out_dir / CONVERSIONS_DIR}", f"output_dir={out_dir / RUNS_DIR}"]
     config = load_config(config_path, overrides)
-    check_apart(out_dir, "OUT", {"data.path": config.data.path, "data.eval_path": config.data.eval_path})
+    check_apart(out_dir, "OUT", config.data_inputs())
     runtime = resolve_runtime(config.device, config.bf16, config.optim)
     training_arguments(config, runtime, out_dir / RUNS_DIR, show_progress=False)  # every Trainer option
     for source in config.data.train_sources():

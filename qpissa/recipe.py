@@ -200,6 +200,18 @@ class TrainConfig:
         if problems:
             raise UserError("; ".join(problems))
 
+    def data_inputs(self) -> dict[str, Path | None]:
+        """Every file the run reads besides its model, by the name the config gives it: output_dir must
+        stay apart from each (`overwrite_output_dir` replaces output_dir whole)."""
+        inputs = {"data.eval_path": self.data.eval_path}
+        if self.data.sources is None:
+            inputs["data.path"] = self.data.path
+        for index, source in enumerate(self.data.sources or []):
+            inputs[f"data.sources[{index}].path"] = source.path
+        template = Path(self.chat_template).expanduser() if self.chat_template else None
+        inputs["chat_template"] = template if template is not None and template.is_file() else None
+        return inputs
+
 
 def load_config(path: Path, overrides: list[str]) -> TrainConfig:
     """Read a YAML recipe, apply `key=value` / `--key value` overrides and validate it.

@@ -250,11 +250,7 @@ def _check_inputs(config: TrainConfig) -> tuple[ModelSource, Path | None]:
     for path in paths:
         if path is not None and not path.exists() and not is_hub_name(path):
             raise UserError(f"dataset {path} does not exist; check data.path / data.eval_path")
-    check_apart(
-        config.output_dir,
-        "output_dir",
-        {"model": config.model, "data.path": config.data.path, "data.eval_path": config.data.eval_path},
-    )
+    check_apart(config.output_dir, "output_dir", {"model": config.model, **config.data_inputs()})
     resume = config.resume_from_checkpoint
     if resume is not None:
         check_checkpoint(resume, config.model, source)
