@@ -264,6 +264,11 @@ def _check_output_dir(config: TrainConfig, resume: Path | None) -> None:
     if resume is None and config.output_dir.is_file():
         raise UserError(f"output_dir {config.output_dir} is a file; choose a directory path")
     if resume is None and _is_occupied(config.output_dir) and not config.overwrite_output_dir:
+        if (config.output_dir / RUN_MARKER).is_file() and not any(config.output_dir.glob("checkpoint-*")):
+            raise UserError(
+                f"output_dir {config.output_dir} holds a run that stopped before its first checkpoint; "
+                "set overwrite_output_dir=true to start it again, or choose a new output_dir"
+            )
         raise UserError(
             f"output_dir {config.output_dir} exists; choose a new one, set overwrite_output_dir=true, "
             "or resume_from_checkpoint=<output_dir>/checkpoint-N"

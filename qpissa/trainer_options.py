@@ -36,6 +36,9 @@ SET_BY_QPISSA = {
 }
 
 
+OPTIMIZERS_NEEDING_THE_MODEL = ("galore", "apollo", "lomo")
+
+
 def training_arguments(
     config: TrainConfig, runtime: Runtime, run_dir: Path, show_progress: bool
 ) -> TrainingArguments:
@@ -87,10 +90,32 @@ def training_arguments(
     if values.get("use_liger_kernel") and not is_liger_kernel_available():  # else the Trainer fails later
         raise UserError("use_liger_kernel needs liger-kernel (pip install liger-kernel) and a CUDA GPU")
     try:
-        return TrainingArguments(**values)
+        arguments = TrainingArguments(**values)
+        _build_optimizer_and_schedule(arguments)
     except (ValueError, TypeError, ImportError) as error:
         reason = " ".join(str(error).split())
         raise UserError(f"a Trainer option is invalid: {reason}; fix it in the recipe or overrides") from None
+    return arguments
+
+
+def _build_optimizer_and_schedule(arguments: TrainingArguments) -> None:
+    """Build the optimizer and the schedule the Trainer will build, on a stand-in parameter: their own
+    checks (betas, epsilon, `optim_args`, `lr_scheduler_kwargs`) then fail before anything is written,
+    not after the model is loaded. Optimizers that need the model itself (GaLore, APOLLO, LOMO) are left
+    to the Trainer."""
+    import torch
+    from transformers import Trainer, get_scheduler
+
+    parameters = [torch.nn.Parameter(torch.zeros(1))]
+    if any(name in arguments.optim.value for name in OPTIMIZERS_NEEDING_THE_MODEL):
+        optimizer = torch.optim.SGD(parameters, lr=arguments.learning_rate)
+    else:
+        optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(arguments)
+        optimizer = optimizer_class(parameters, **optimizer_kwargs)
+    get_scheduler(
+        arguments.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=2,
+        scheduler_specific_kwargs=arguments.lr_scheduler_kwargs,
+    )  # fmt: skip
 
 
 def _trainer_fields() -> set[str]:
