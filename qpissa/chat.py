@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from qpissa import UserError
+from qpissa.chat_template import render_chat
 from qpissa.loading import checked_source, load_model, load_tokenizer
 from qpissa.runtime import auto_device, inference_dtype
 from qpissa.settings import ChatSettings
@@ -102,7 +103,7 @@ def generate_reply(
         write: receives the answer piece by piece as it is generated (None: silent).
     """
     tokenizer = chat_model.tokenizer
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = render_chat(tokenizer, messages, add_generation_prompt=True)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(chat_model.device)
     pad = (
         tokenizer.pad_token_id
@@ -172,7 +173,7 @@ def _fit_context(chat_model: ChatModel, messages: list[dict], settings: ChatSett
         return
     first = 1 if messages and messages[0]["role"] == "system" else 0
     while len(messages) - first > 1:
-        ids = chat_model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = render_chat(chat_model.tokenizer, messages, add_generation_prompt=True)
         if (
             len(chat_model.tokenizer(ids, add_special_tokens=False)["input_ids"]) + settings.max_new_tokens
             <= limit

@@ -4,6 +4,7 @@ that `chat`, `eval` and `export` render prompts exactly as training did."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from qpissa import UserError
 from qpissa.artifacts import read_text
@@ -45,3 +46,24 @@ def saved_chat_template(*directories: Path | None) -> str | None:
         if directory is not None and (directory / TEMPLATE_NAME).is_file():
             return read_text(directory / TEMPLATE_NAME, "chat template", "remove or fix the file")
     return None
+
+
+def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """`messages` rendered as text by the tokenizer's chat template.
+
+    Raises:
+        UserError: the template fails on them (a syntax error, an undefined variable, its own
+            `raise_exception`), naming the error.
+    """
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except jinja2.TemplateError as error:
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        raise UserError(
+            f"the chat template fails on a conversation of {len(messages)} message(s) ({reason}); fix the "
+            f"template (the run's chat_template, or {TEMPLATE_NAME} in the model directory)"
+        ) from None

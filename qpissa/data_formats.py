@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qpissa import UserError
+from qpissa.chat_template import render_chat
 from qpissa.settings import DataFormat
 
 # fields each format needs; detection tries them in this order and takes the first that fits
@@ -198,8 +199,8 @@ def _render_chat(
     for index, message in enumerate(messages):
         if message["role"] != "assistant" or index < first_trained:
             continue
-        before = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
-        after = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        before = render_chat(tokenizer, messages[:index], add_generation_prompt=True)
+        after = render_chat(tokenizer, messages[: index + 1])
         if not before.startswith(done) or not after.startswith(before):
             raise UserError(
                 "the tokenizer's chat template does not render conversations incrementally; "

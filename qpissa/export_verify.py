@@ -8,6 +8,7 @@ import torch
 
 from qpissa import UserError
 from qpissa.artifacts import ModelSource
+from qpissa.chat_template import render_chat
 from qpissa.loading import auto_model_class, load_model, load_tokenizer
 from qpissa.runtime import auto_device
 
@@ -77,9 +78,7 @@ def verify_inputs(source: ModelSource, vocab_size: int) -> tuple[list[torch.Tens
     texts = list(VERIFY_PROMPTS)
     if tokenizer.chat_template:
         messages = [[{"role": "user", "content": text}] for text in texts]
-        texts = [
-            tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages
-        ]
+        texts = [render_chat(tokenizer, m, add_generation_prompt=True) for m in messages]
     return [
         tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"] for t in texts
     ], "prompts"

@@ -231,6 +231,15 @@ def _file(path: Path, content: str | bytes) -> Path:
     return path
 
 
+def _chat_data(ws: Path) -> dict:
+    """A messages-format data file in the workspace (written if missing), as a recipe's `data`."""
+    path = ws / "chat.jsonl"
+    if not path.exists():
+        turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+        _file(path, 4 * (json.dumps({"messages": turns}) + "\n"))
+    return {"path": str(path), "format": "messages"}
+
+
 def _break_first_log_line(ws: Path) -> None:
     log = ws / "run" / "trainer_log.jsonl"
     log.write_text(log.read_text().replace("}\n", "\n", 1))
@@ -241,6 +250,7 @@ LOCKED = r"another process \(pid \d+\) is writing"
 NAN_FLAG = "must be a finite number, got nan"
 BROKEN_SECOND_LINE = '{"prompt": "a", "completion": "b"}\n{"prompt": \n'
 LONG_SAMPLE = json.dumps({"prompt": "x" * 20, "completion": " y"}) + "\n"
+BROKEN_TEMPLATE = "{% for m in messages %}{{ m.content "
 CONFIG, MODEL_SHARD = Path("model") / "config.json", Path("model") / "model.safetensors"
 
 CASES = [
@@ -273,8 +283,9 @@ CASES = [
          lambda ws: ["convert", str(ws / "model"), "/sys/qpissa-out"],
          "OUT /sys/qpissa-out cannot be written"),
     Case("convert", "another process writes OUT", _convert, LOCKED, locked="out"),
-    Case("convert", "OUT.lock is the user's own file", _convert, "out.lock is where OUT's lock file goes, but it "
-         "is not one qpissa wrote", damage=lambda ws: _file(ws / "out.lock", "meeting notes")),
+    Case("convert", "OUT.lock is the user's own file", _convert,
+         "out.lock is where OUT's lock file goes, but it is not one qpissa wrote",
+         damage=lambda ws: _file(ws / "out.lock", "meeting notes")),
     Case("convert", "OUT.lock is the --calib data", lambda ws: _convert(ws, "--calib", str(ws / "out.lock")),
          "is not one qpissa wrote", damage=lambda ws: _file(ws / "out.lock", "my prose " * 400)),
     Case("convert", "OUT.lock links to the user's file", _convert, "is a symbolic link",
@@ -333,7 +344,7 @@ CASES = [
          lambda ws: _train(ws, output_dir=str(ws / "run"), overwrite_output_dir=True,
                            chat_template=str(ws / "run" / "mine.jinja")),
          "contains the input chat_template",
-         damage=lambda ws: _file(ws / "run" / "mine.jinja", "{% for m in messages %}{{ m.content }}{% endfor %}")),
+         damage=lambda ws: _file(ws / "run" / "mine.jinja", "{{ messages[0].content }}")),
     Case("train", "overwrite of a directory that is no run",
          lambda ws: _train(ws, output_dir=str(ws / "mine"), overwrite_output_dir=True),
          "is not a training run",
@@ -347,7 +358,8 @@ CASES = [
     Case("train", "lr_scheduler_kwargs the schedule does not take",
          lambda ws: _train(ws, "lr_scheduler_kwargs={bogus: 1}"), "a Trainer option is invalid: .*bogus"),
     Case("train", "cosine_with_min_lr without its minimum",
-         lambda ws: _train(ws, "lr_scheduler_type=cosine_with_min_lr"), "a Trainer option is invalid: .*min_lr"),
+         lambda ws: _train(ws, "lr_scheduler_type=cosine_with_min_lr"),
+         "a Trainer option is invalid: .*min_lr"),
     Case("train", "learning_rate=.nan", lambda ws: _train(ws, "learning_rate=.nan"),
          "`learning_rate` must be a finite number, got nan"),
     Case("train", "learning_rate=.inf", lambda ws: _train(ws, "learning_rate=.inf"),
@@ -388,6 +400,13 @@ CASES = [
     Case("train", "output_dir under a file", lambda ws: _train(ws, output_dir=str(ws / "notes.txt" / "run")),
          "notes.txt is a file, not a directory", damage=lambda ws: _file(ws / "notes.txt", "mine")),
     Case("train", "another process writes output_dir", _train, LOCKED, locked="new_run"),
+    Case("train", "chat_template that does not parse",
+         lambda ws: _train(ws, chat_template=str(ws / "broken.jinja"), data=_chat_data(ws)),
+         "the chat template fails .*TemplateSyntaxError",
+         damage=lambda ws: (_file(ws / "broken.jinja", BROKEN_TEMPLATE), _chat_data(ws))),
+    Case("train", "chat_template that refuses the conversation",
+         lambda ws: _train(ws, chat_template="{{ raise_exception('no system turn') }}", data=_chat_data(ws)),
+         "the chat template fails .*no system turn", damage=_chat_data),
     Case("train", "output_dir holds a run", lambda ws: _train(ws, output_dir=str(ws / "run")),
          "exists; choose a new one, set overwrite_output_dir=true, or resume_from_checkpoint"),
     Case("train", "output_dir holds a run that stopped before its first checkpoint", _train,
@@ -443,6 +462,9 @@ CASES = [
          lambda ws: _chat(ws, "--temperature", "nan"), f"--temperature {NAN_FLAG}"),
     Case("chat", "--top-p nan", lambda ws: _chat(ws, "--top-p", "nan"), f"--top-p {NAN_FLAG}"),
     Case("chat", "--seed -1", lambda ws: _chat(ws, "--seed", "-1"), r"--seed must be in \[0, 2\*\*32\)"),
+    Case("chat", "the model's chat template does not parse", _chat,
+         "the chat template fails .*TemplateSyntaxError",
+         damage=lambda ws: _file(ws / "qpissa" / "chat_template.jinja", BROKEN_TEMPLATE)),
     Case("chat", "QPiSSA directory without its adapter", _chat, "without its adapter",
          damage=lambda ws: shutil.rmtree(ws / "qpissa" / "adapter")),
     # export: never an input, never someone else's OUT.partial
