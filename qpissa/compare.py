@@ -44,7 +44,7 @@ from qpissa.artifacts import (
 )
 from qpissa.calibration import OVERLAP_NGRAM, calibration_tokens, overlap_tokens
 from qpissa.checkpoint import CheckpointReader, auto_config, write_json
-from qpissa.convert import convert
+from qpissa.convert import check_conversion, convert
 from qpissa.convert_settings import CompareSettings, ConvertSettings, Method
 from qpissa.data_sources import load_source
 from qpissa.loading import check_causal_lm, load_model, load_tokenizer
@@ -97,6 +97,8 @@ def compare(
     check_apart(out_dir, "OUT", inputs)
     check_heldout(model_dir, fidelity_settings)  # a bad --text fails now, not after the conversions
     _check_calibration(model_dir, convert_settings, fidelity_settings)  # and bad --calib data too
+    for variant in _variants(settings.method_list, convert_settings).values():
+        check_conversion(model_dir, variant)  # and targets, rank and device, before OUT is written
     if settings.train is not None:
         _check_train_config(settings.train, out_dir)
     with lock_output(out_dir, "OUT"):  # one writer per comparison

@@ -38,7 +38,7 @@ from qpissa.nf4 import as_storage
 from qpissa.outputs import check_apart, check_replaceable, lock_output
 from qpissa.runtime import calibration_dtype, compute_dtype, dtype_name, resolve_device, sketch_dtype
 from qpissa.stored import adapter_key
-from qpissa.targets import plan_targets, warn_cpu_kernel
+from qpissa.targets import TargetPlan, plan_targets, warn_cpu_kernel
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,24 @@ def convert(
         return _convert(model_dir, out_dir, settings, resume, overwrite, show_progress)
 
 
+def check_conversion(
+    model_dir: Path, settings: ConvertSettings
+) -> tuple[CheckpointReader, TargetPlan, torch.device]:
+    """The checkpoint, its targets and the device, checked as `convert` checks them before it writes
+    anything (`compare` runs it for every method before it starts).
+
+    Raises:
+        UserError: a missing, damaged or already quantized checkpoint, targets that match nothing or are
+            too small for the rank, an unavailable device.
+    """
+    reader = CheckpointReader(model_dir)
+    target_plan = plan_targets(settings.targets, reader, settings.rank, calibrated=settings.calib is not None)
+    device = resolve_device(
+        settings.device, "--device cuda was given but no CUDA GPU is visible; use --device cpu or auto"
+    )
+    return reader, target_plan, device
+
+
 def _convert(
     model_dir: Path,
     out_dir: Path,
@@ -85,15 +103,11 @@ def _convert(
 ) -> dict:
     """`convert` while this process holds OUT's lock."""
     started = time.perf_counter()
-    reader = CheckpointReader(model_dir)
     if overwrite:
         check_replaceable(out_dir, "OUT", (REPORT_NAME,), "a QPiSSA directory")
-    target_plan = plan_targets(settings.targets, reader, settings.rank, calibrated=settings.calib is not None)
+    reader, target_plan, device = check_conversion(model_dir, settings)
     warn_cpu_kernel(target_plan, settings.blocksize)
     targets = set(target_plan.names)
-    device = resolve_device(
-        settings.device, "--device cuda was given but no CUDA GPU is visible; use --device cpu or auto"
-    )
     workers = _resolve_workers(settings.workers, device, reader, targets, settings.calib is not None)
     decompose_settings = _decompose_settings(settings, device)
     tokens = _calibration_tokens(reader, settings)

@@ -506,6 +506,13 @@ CASES = [
          lambda ws: _compare(ws, "--train", str(_train_config(ws, learning_rate=float("nan")))),
          "`learning_rate` must be a finite number"),
     Case("compare", "OUT is MODEL", lambda ws: _compare(ws, out="model"), "is the input MODEL"),
+    Case("compare", "--targets that match nothing", lambda ws: _compare(ws, "--targets", "nothing"),
+         "--targets nothing matches no Linear layer"),
+    Case("compare", "--rank too large for the targets", lambda ws: _compare(ws, "--rank", "100000"),
+         "--rank 100000 is not below"),
+    Case("compare", "MODEL is a QPiSSA directory (already quantized)",
+         lambda ws: ["compare", str(ws / "qpissa"), str(ws / "cmp"), "--methods", "qlora"],
+         "is already quantized"),
     Case("compare", "--alpha nan", lambda ws: _compare(ws, "--alpha", "nan"), f"--alpha {NAN_FLAG}"),
     Case("compare", "another process writes OUT", _compare, LOCKED, locked="cmp"),
     # fetch-model: refused before any download
