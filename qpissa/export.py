@@ -74,6 +74,8 @@ def export(run: Path, out_dir: Path, settings: ExportSettings, *, show_progress:
         if settings.to is ExportKind.LORA
         else None
     )
+    if lora_inputs is not None:  # the original model found from the conversion's report, not only --base
+        check_apart(out_dir, "OUT", {"original model": lora_inputs.original.model_dir})
     dtype = _resolve_dtype(settings, residual.reader.config)
     with lock_output(out_dir, "OUT"):
         if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):

@@ -240,6 +240,14 @@ def _chat_data(ws: Path) -> dict:
     return {"path": str(path), "format": "messages"}
 
 
+def _report_names_workspace_model(ws: Path) -> None:
+    """Point the workspace conversion's report at the workspace's own copy of the original model."""
+    path = ws / "qpissa" / "qpissa_report.json"
+    report = json.loads(path.read_text())
+    report["fingerprint"]["model"] = str(ws / "model")
+    path.write_text(json.dumps(report))
+
+
 def _break_first_log_line(ws: Path) -> None:
     log = ws / "run" / "trainer_log.jsonl"
     log.write_text(log.read_text().replace("}\n", "\n", 1))
@@ -472,6 +480,9 @@ CASES = [
          "merged.partial exists and was not made by qpissa",
          damage=lambda ws: _file(ws / "merged.partial" / "notes.txt", "mine")),
     Case("export", "OUT inside RUN", lambda ws: _export(ws, "run/merged"), "is inside the input RUN"),
+    Case("export", "--to lora into the original model its report names",
+         lambda ws: ["export", str(ws / "qpissa"), str(ws / "model" / "lora"), "--to", "lora", "--no-verify"],
+         "is inside the input original model", damage=_report_names_workspace_model),
     Case("export", "OUT is the QPiSSA directory", lambda ws: _export(ws, "qpissa"),
          "is the input RUN's QPiSSA directory"),
     Case("export", "OUT under a file",
