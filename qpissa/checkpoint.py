@@ -263,13 +263,18 @@ def write_json(path: Path, data: object) -> None:
 
 
 def copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
-    """Copy tokenizer, chat template, generation config and other non-weight files; return their names."""
+    """Copy tokenizer, chat template, generation config and other non-weight files; return their names.
+
+    qpissa's own records (`qpissa_*.json`: a fetched demo model's marker, a report) describe the input,
+    not the output, and stay behind.
+    """
     copied = []
     for path in sorted(model_dir.iterdir()):
         if (
             path.is_file()
             and path.name not in (CONFIG_NAME, INDEX_NAME)
             and not path.name.endswith(WEIGHT_SUFFIXES)
+            and not (path.name.startswith("qpissa_") and path.suffix == ".json")
         ):
             shutil.copy2(path, out_dir / path.name)
             copied.append(path.name)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from qpissa import UserError
-from qpissa.artifacts import CONFIG_NAME, FETCH_MARKER
+from qpissa.artifacts import CONFIG_NAME, FETCH_MARKER, read_json
 from qpissa.checkpoint import SafetensorsWriter, shard_names
 from qpissa.outputs import finish_partial, lock_output, start_partial
 from qpissa.settings import DEMO_MODELS
@@ -63,6 +63,9 @@ def fetch_demo_model(name: str, out_dir: Path) -> Path:
     if name not in DEMO_MODELS:
         raise UserError(f"unknown demo model {name!r}; available: {', '.join(DEMO_MODELS)}")
     if (out_dir / FETCH_MARKER).is_file():
+        fetched = read_json(out_dir / FETCH_MARKER, "choose a new OUT", required=("name",))["name"]
+        if fetched != name:
+            raise UserError(f"{out_dir} holds the demo model {fetched}, not {name}; choose a new OUT")
         return out_dir
     with lock_output(out_dir, "OUT"):
         if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):

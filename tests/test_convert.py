@@ -126,6 +126,17 @@ def test_tied_embeddings_and_untargeted_tensors_are_copied_unchanged(
         assert torch.equal(original[name], residual[name]), name
 
 
+def test_side_files_are_copied_but_not_the_inputs_qpissa_records(tiny_model: Path, tmp_path: Path) -> None:
+    """A fetched demo model's marker describes the original: a copy would make the output pass for it."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "qpissa_fetch.json").write_text('{"name": "smollm2-135m"}')
+    (model / "special_tokens_map.json").write_text("{}")
+    _convert(model, tmp_path / "out", "--iters", "1")
+    assert (tmp_path / "out" / "special_tokens_map.json").is_file()
+    assert not (tmp_path / "out" / "qpissa_fetch.json").exists()
+
+
 def test_transformers_and_peft_load_it_without_requantizing(tiny_model: Path, converted: Path) -> None:
     import bitsandbytes as bnb
     from peft import PeftModel

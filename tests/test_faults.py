@@ -529,6 +529,9 @@ CASES = [
     # fetch-model: refused before any download
     Case("fetch-model", "OUT holds something else",
          lambda ws: _fetch(ws, "data"), "is not a fetched demo model"),
+    Case("fetch-model", "OUT holds another demo model", lambda ws: _fetch(ws, "demo"),
+         "holds the demo model gemma3-270m, not smollm2-135m",
+         damage=lambda ws: _file(ws / "demo" / "qpissa_fetch.json", '{"name": "gemma3-270m"}')),
     Case("fetch-model", "another process writes OUT", lambda ws: _fetch(ws, "demo"), LOCKED, locked="demo"),
     Case("fetch-model", "OUT under a file", lambda ws: _fetch(ws, "data/train.jsonl/demo"),
          "is a file, not a directory"),
