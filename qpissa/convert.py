@@ -235,8 +235,15 @@ def _calibration_tokens(reader: CheckpointReader, settings: ConvertSettings) -> 
     """The calibration windows of `--calib`, read and checked before anything is written."""
     if settings.calibration is None:
         return None
-    tokenizer = load_tokenizer(ModelSource(reader.model_dir, None))
     calibration = settings.calibration
+    text_config = reader.config.get("text_config") or reader.config  # multimodal configs nest it
+    context = text_config.get("max_position_embeddings")
+    if context is not None and calibration["seq_len"] > context:
+        raise UserError(
+            f"--calib-seq-len {calibration['seq_len']} is longer than the model's context ({context} tokens, "
+            f"max_position_embeddings); use at most {context}"
+        )
+    tokenizer = load_tokenizer(ModelSource(reader.model_dir, None))
     return calibration_tokens(
         settings.calib, tokenizer, calibration["samples"], calibration["seq_len"], settings.seed
     )

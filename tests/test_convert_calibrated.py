@@ -232,6 +232,7 @@ def test_data_free_conversion_records_no_calibration(tiny_chat_model: Path, tmp_
         ),
         (lambda p: p.write_text(PROSE), ["--calib-samples", "0"], "--calib-samples must be at least 1"),
         (lambda p: p.write_text(PROSE), ["--calib-damping", "nan"], "--calib-damping must be"),
+        (lambda p: p.write_text(PROSE), ["--calib-seq-len", "257"], "longer than the model's context (256"),
     ],
 )
 def test_bad_calibration_input_is_one_line_and_writes_nothing(
