@@ -19,7 +19,7 @@ from qpissa import UserError
 from qpissa.chat_template import render_chat
 from qpissa.loading import checked_source, load_model, load_tokenizer
 from qpissa.runtime import auto_device, inference_dtype
-from qpissa.settings import ChatSettings
+from qpissa.settings import ChatSettings, is_utf8
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,9 @@ def run_chat(path: Path, settings: ChatSettings, read: Reader, write: Writer) ->
             messages = _start(settings)
             continue
         if not text:
+            continue
+        if not is_utf8(text):
+            write("(that line is not UTF-8 text and was not sent; type it again in UTF-8)\n")
             continue
         messages.append({"role": "user", "content": text})
         _fit_context(chat_model, messages, settings)

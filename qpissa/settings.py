@@ -191,6 +191,9 @@ class ChatSettings:
         problems = []
         if self.prompt is not None and not self.prompt.strip():
             problems.append("--prompt is empty; pass the message to answer, or leave --prompt out to chat")
+        for flag, text in (("--prompt", self.prompt), ("--system", self.system)):
+            if text is not None and not is_utf8(text):
+                problems.append(f"{flag} is not UTF-8 text; pass UTF-8 (or set a UTF-8 locale)")
         if self.max_new_tokens < 1:
             problems.append(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if not 0 < self.temperature < math.inf:
@@ -240,3 +243,12 @@ class ReportOptions:
         default=None, metadata={"help": "matrix whose singular values to plot (default: the first q_proj)"}
     )
     log_steps: bool = field(default=False, metadata={"help": "log-scale step axis for the loss curves"})
+
+
+def is_utf8(text: str) -> bool:
+    """False for a command-line or terminal string holding bytes that were not UTF-8 (as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -96,6 +96,16 @@ def test_interactive_chat_streams_keeps_history_and_resets(qpissa_dir: Path):
     assert len(written) > 6  # streamed in pieces, not printed at once
 
 
+def test_interactive_chat_skips_a_line_that_is_not_utf8(qpissa_dir: Path):
+    lines = iter(["caf\udce9", "hi", "/exit"])  # a terminal's Latin-1 byte, as Python's input() returns it
+    written: list[str] = []
+    messages = run_chat(
+        qpissa_dir, ChatSettings(max_new_tokens=4), lambda prompt: next(lines), written.append
+    )
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["hi"]
+    assert "not UTF-8" in "".join(written)
+
+
 def test_interactive_chat_ends_on_eof(qpissa_dir: Path):
     def read(prompt: str) -> str:
         raise EOFError

@@ -469,6 +469,8 @@ CASES = [
     Case("chat", "--temperature nan",
          lambda ws: _chat(ws, "--temperature", "nan"), f"--temperature {NAN_FLAG}"),
     Case("chat", "--top-p nan", lambda ws: _chat(ws, "--top-p", "nan"), f"--top-p {NAN_FLAG}"),
+    Case("chat", "--prompt not UTF-8", lambda ws: _chat(ws, "--prompt", "caf\udce9"),
+         "--prompt is not UTF-8 text"),
     Case("chat", "--seed -1", lambda ws: _chat(ws, "--seed", "-1"), r"--seed must be in \[0, 2\*\*32\)"),
     Case("chat", "the model's chat template does not parse", _chat,
          "the chat template fails .*TemplateSyntaxError",
