@@ -97,10 +97,10 @@ def compare(
     check_apart(out_dir, "OUT", inputs)
     check_heldout(model_dir, fidelity_settings)  # a bad --text fails now, not after the conversions
     _check_calibration(model_dir, convert_settings, fidelity_settings)  # and bad --calib data too
-    for variant in _variants(settings.method_list, convert_settings).values():
-        check_conversion(model_dir, variant)  # and targets, rank and device, before OUT is written
     if settings.train is not None:
         _check_train_config(settings.train, out_dir)
+    for variant in _variants(settings.method_list, convert_settings).values():
+        check_conversion(model_dir, variant)  # and targets, rank and device, before OUT is written
     with lock_output(out_dir, "OUT"):  # one writer per comparison
         return _compare(
             model_dir, out_dir, settings, convert_settings, fidelity_settings, report_options, show_progress

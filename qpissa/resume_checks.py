@@ -10,19 +10,28 @@ import zipfile
 from pathlib import Path
 
 from qpissa import UserError
-from qpissa.artifacts import TRAINER_STATE, ModelSource, has_adapter, read_json
+from qpissa.artifacts import RUN_MARKER, TRAINER_STATE, ModelSource, has_adapter, read_json, read_report
+from qpissa.options import to_dict
+from qpissa.recipe import TrainConfig
 from qpissa.stored import read_adapter
 
 RESUMED_FILES = ("optimizer.pt", "scheduler.pt")  # what Trainer restores, as torch zips, and the RNG:
 RNG_FILES = "rng_state*.pth"  # rng_state.pth, or rng_state_<rank>.pth per process of a multi-process run
+# what fixes the batches a resumed run replays up to its step: changed, the run would not continue exactly
+CONTINUED_SETTINGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "seed")
+# (the data's path is not among them: a moved or copied file is the same data)
+CONTINUED_DATA = ("format", "subset", "split", "samples", "max_seq_len", "packing", "response_only")
 
 
-def check_checkpoint(checkpoint: Path, model: Path, source: ModelSource) -> None:
-    """`checkpoint` is a whole checkpoint-N of a run on `source` (the model directory `model` names).
+def check_checkpoint(checkpoint: Path, config: TrainConfig, source: ModelSource) -> None:
+    """`checkpoint` is a whole checkpoint-N of a run on `source` (the model directory `config.model`
+    names), resumed with the settings that fix its data order and steps.
 
     Raises:
-        UserError: not a checkpoint, a missing or corrupt file, or an adapter of another shape.
+        UserError: not a checkpoint, a missing or corrupt file, an adapter of another shape, or a run on
+            another model or with other batches, data or seed.
     """
+    model = config.model
     if not (checkpoint / TRAINER_STATE).is_file():
         raise UserError(f"resume_from_checkpoint {checkpoint} is not a checkpoint-N directory of a run")
     fix = f"resume from an earlier checkpoint-N of the run, or remove {checkpoint.name} if it is the newest"
@@ -44,6 +53,41 @@ def check_checkpoint(checkpoint: Path, model: Path, source: ModelSource) -> None
             f"resume_from_checkpoint {checkpoint} holds a rank-{saved.rank} adapter of {len(saved.shapes)} "
             f"layers, but model {model} has a rank-{initial.rank} adapter of {len(initial.shapes)} layers; "
             "resume with the model the run was trained on (its qpissa_run.json names it)"
+        )
+    _check_same_run(checkpoint, config, source)
+
+
+def _check_same_run(checkpoint: Path, config: TrainConfig, source: ModelSource) -> None:
+    """The run the checkpoint belongs to (its qpissa_run.json, when it is still beside it) trained the
+    same conversion (a copy of it is the same) with the same batches, data and seed: anything else would
+    not continue it exactly."""
+    marker_path = checkpoint.parent / RUN_MARKER
+    if not marker_path.is_file():
+        return
+    marker = read_json(marker_path, "resume from a checkpoint of an intact run", required=("model", "config"))
+    recorded = marker.get("conversion")  # runs recorded before it was kept: their model's path
+    if (
+        recorded != read_report(source.base_dir)["fingerprint"]
+        if recorded is not None
+        else Path(marker["model"]).resolve() != source.base_dir.resolve()
+    ):
+        raise UserError(
+            f"resume_from_checkpoint {checkpoint} belongs to a run on {marker['model']}, not on model "
+            f"{config.model}; resume with model={marker['model']}"
+        )
+    before, now = marker["config"], to_dict(config)
+    changed = [key for key in CONTINUED_SETTINGS if before.get(key) != now[key]]
+    changed += [
+        f"data.{key}" for key in CONTINUED_DATA if before.get("data", {}).get(key) != now["data"][key]
+    ]
+    if changed:
+        was = {key: before.get(key) for key in CONTINUED_SETTINGS} | {
+            f"data.{key}": before.get("data", {}).get(key) for key in CONTINUED_DATA
+        }
+        listed = ", ".join(f"{key}={was[key]!r}" for key in changed)
+        raise UserError(
+            f"resume_from_checkpoint {checkpoint} continues a run with {listed}, which this config changes; "
+            "resume with the run's settings (its qpissa_run.json), or start a new run"
         )
 
 

@@ -253,7 +253,7 @@ def _check_inputs(config: TrainConfig) -> tuple[ModelSource, Path | None]:
     check_apart(config.output_dir, "output_dir", {"model": config.model, **config.data_inputs()})
     resume = config.resume_from_checkpoint
     if resume is not None:
-        check_checkpoint(resume, config.model, source)
+        check_checkpoint(resume, config, source)
     return source, resume
 
 
@@ -314,6 +314,7 @@ def _prepare_run_dir(
     marker = {
         "config": to_dict(config),
         "model": str(source.base_dir),
+        "conversion": read_report(source.base_dir)["fingerprint"],  # what a resume must train on again
         "processes": process_record(arguments, processes()),
         "runtime": resolved,
     }

@@ -95,7 +95,7 @@ def test_bad_flags_are_user_errors(
 def test_an_occupied_out_is_refused(tiny_model: Path, tmp_path: Path, capsys) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
-    assert cli.main(["compare", str(tiny_model), str(tmp_path / "out")]) == 2
+    assert cli.main(["compare", str(tiny_model), str(tmp_path / "out"), "--rank", "4"]) == 2
     assert "is not a comparison directory" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
 
