@@ -251,4 +251,10 @@ def _trained_model(run_dir: Path) -> Path:
             f"directory (resolved to {model}); put the run's QPiSSA directory back there, or correct "
             "`model` in that file"
         )
+    recorded = read_run(run_dir).get("conversion")  # absent from runs trained before it was recorded
+    if recorded is not None and recorded != read_report(model)["fingerprint"]:
+        raise UserError(
+            f"run {run_dir} was trained on a conversion that {model} no longer holds (converted again, with "
+            "other settings or from another model); put the run's conversion back there, or train again"
+        )
     return model

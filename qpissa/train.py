@@ -238,6 +238,10 @@ def _log_initial_loss(
 def _check_inputs(config: TrainConfig) -> tuple[ModelSource, Path | None]:
     """Validate model, data paths, checkpoint and where output_dir lies, reading only."""
     model_dir = resolve_model(config.model, "model").resolve()
+    if not model_dir.exists():
+        raise UserError(
+            f"model {config.model} does not exist; set model= to a QPiSSA directory made by `qpissa convert`"
+        )
     if not is_qpissa_dir(model_dir) or not has_adapter(model_dir / ADAPTER_DIR):
         raise UserError(
             f"model {config.model} is not a QPiSSA directory (no {REPORT_NAME} and adapter/); "
