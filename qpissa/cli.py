@@ -48,8 +48,8 @@ _FILE_ERRORS = {
     errno.ENOTDIR: "a part of the path is a file, not a directory: check the path",
     errno.EISDIR: "it is a directory where a file is expected: check the path",
     errno.EEXIST: "it is in the way: move it or choose another path",
-    errno.ENOSPC: "free some space, then rerun (add --resume where the command has it)",
-    errno.EDQUOT: "free some space, then rerun (add --resume where the command has it)",
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space",
     errno.EROFS: "the file system is read-only: choose another location",
     errno.ENAMETOOLONG: "choose a shorter path",
     errno.ELOOP: "the path has a loop of symbolic links: check it",
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         if fix is None or (error.filename is None and error.errno not in _SPACE_ERRORS):
             return _bug()
         where = f"{error.filename}: " if error.filename is not None else ""
+        if error.errno in _SPACE_ERRORS:  # then continue where this command can, else start it again
+            fix += _continue_hint(args) or "; then rerun the same command"
         return _fail(f"{where}{error.strerror}; {fix}")
     except Exception:
         return _bug()

@@ -1,9 +1,14 @@
-"""The CLI surface: every subcommand of DESIGN.md is listed and has help."""
+"""The CLI surface: every subcommand of DESIGN.md is listed and has help; a full disk is one line."""
 
 from __future__ import annotations
 
+import errno
+import importlib
+from pathlib import Path
+
 import pytest
 
+from qpissa.artifacts import PROGRESS_NAME
 from qpissa.cli import main
 
 COMMANDS = ["fetch-model", "convert", "train", "eval", "export", "chat", "compare", "report"]
@@ -23,3 +28,26 @@ def test_each_subcommand_has_help(command: str, capsys: pytest.CaptureFixture) -
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: qpissa " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("command", "module", "continue_with"),
+    [("export", "qpissa.export", "; then rerun the same command"),
+     ("convert", "qpissa.convert", "; rerun the same command with --resume to continue")],
+)  # fmt: skip
+def test_a_full_disk_is_one_line_that_says_how_to_go_on(
+    command: str, module: str, continue_with: str, tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture
+) -> None:
+    written = tmp_path / "out.partial" / "model.safetensors"
+    written.parent.mkdir()
+    (written.parent / PROGRESS_NAME).write_text(
+        "{}"
+    )  # a conversion records what it has done; export does not
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(written))
+
+    monkeypatch.setattr(importlib.import_module(module), command, disk_full)
+    assert main(["--quiet", command, str(tmp_path / "model"), str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"qpissa: error: {written}: No space left on device; free some space{continue_with}"
