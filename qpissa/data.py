@@ -157,19 +157,24 @@ def _encode(segments: list[tuple[str, bool]], tokenizer: Any, max_seq_len: int) 
 
 
 def _has_target(labels: list[int]) -> bool:
-    return any(label != IGNORE_INDEX for label in labels)
+    """A label the loss sees: the first token is never one (nothing before it predicts it)."""
+    return any(label != IGNORE_INDEX for label in labels[1:])
 
 
 def _check_kept(kept: int, dropped: int, max_seq_len: int, length_setting: str) -> None:
     if dropped:
         log.warning(
-            "dropped %d of %d samples whose response lies beyond max_seq_len=%d",
+            "dropped %d of %d samples with no response token to train on within max_seq_len=%d "
+            "(empty, or cut off)",
             dropped,
             kept + dropped,
             max_seq_len,
         )
     if not kept:
-        raise UserError(f"no sample has a response within max_seq_len={max_seq_len}; raise {length_setting}")
+        raise UserError(
+            f"no sample has a response token to train on within max_seq_len={max_seq_len}; raise "
+            f"{length_setting}, or check the data for empty records"
+        )
 
 
 def _starts_with_bos(text: str, tokenizer: Any) -> bool:

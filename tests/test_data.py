@@ -9,7 +9,7 @@ import pytest
 
 from qpissa import UserError
 from qpissa.data import IGNORE_INDEX, collate, load_split, packing_collator, tokenize
-from qpissa.data_formats import check_tokenizer, render
+from qpissa.data_formats import Sample, check_tokenizer, render
 from qpissa.data_sources import load_source
 from qpissa.recipe import DataConfig, DataSource
 from qpissa.settings import DataFormat
@@ -88,6 +88,18 @@ def test_cut_responses_are_dropped_and_counted(tokenizer) -> None:
     assert (data.dropped, len(data.rows)) == (1, 2)
     with pytest.raises(UserError, match="max_seq_len"):
         tokenize([long], tokenizer, max_seq_len=16)
+
+
+def test_a_sample_whose_only_label_is_its_first_token_is_dropped(tokenizer) -> None:
+    """Nothing predicts the first token: such a sample (an empty text record) would train on no token."""
+    lone = Sample([(tokenizer.bos_token, True)], prompt="", response="")
+    short = render({"prompt": "ab", "completion": "c"}, DataFormat.PROMPT_COMPLETION, tokenizer)
+    data = tokenize([lone, short], tokenizer, max_seq_len=16)
+    assert (data.dropped, len(data.rows)) == (1, 1)
+    with pytest.raises(
+        UserError, match=r"no sample has a response token to train on.*check the data for empty records"
+    ):
+        tokenize([lone], tokenizer, max_seq_len=16)
 
 
 def test_packing_lays_samples_end_to_end_with_restarting_positions() -> None:
