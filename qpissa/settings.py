@@ -150,6 +150,12 @@ class EvalSettings:
         default=None, metadata={"help": "tokens per sample; default: the run's, else 1024"}
     )
     max_samples: int | None = field(default=None, metadata={"help": "evaluate only the first N samples"})
+    split: str = field(
+        default="train",
+        metadata={
+            "help": "split of a data folder, save_to_disk or Hub dataset (a folder's eval.jsonl is test)"
+        },
+    )
     batch_size: int = field(default=8, metadata={"help": "samples per batch"})
     max_new_tokens: int = field(default=64, metadata={"help": "generation budget per answer (accuracy)"})
     adapter: bool = field(default=True, metadata={"help": ADAPTER_HELP})

@@ -39,13 +39,13 @@ def evaluate(model_or_run: Path, data_path: Path, settings: EvalSettings) -> dic
     recorded = run_data["format"] if run_data else None
     data_format = settings.format or (DataFormat(recorded) if recorded else None)
     if data_format is None:  # detected from the data, as training does
-        data_format = load_source(DataSource(data_path))[1]
+        data_format = load_source(DataSource(data_path, split=settings.split))[1]
     if settings.metric is Metric.ACCURACY and data_format is DataFormat.TEXT:
         raise UserError("format text has no answers to match; use --metric loss or ppl")
     max_seq_len = settings.max_seq_len or (run_data["max_seq_len"] if run_data else 1024)
     data = DataConfig(path=data_path, format=data_format, max_seq_len=max_seq_len)
     tokenizer = load_tokenizer(source)
-    samples, tokenized = load_split(data_path, data, tokenizer, "--max-seq-len")
+    samples, tokenized = load_split(data_path, data, tokenizer, "--max-seq-len", settings.split)
     if settings.max_samples:
         samples, rows = samples[: settings.max_samples], tokenized.rows[: settings.max_samples]
     else:
@@ -55,6 +55,7 @@ def evaluate(model_or_run: Path, data_path: Path, settings: EvalSettings) -> dic
     result: dict[str, Any] = {
         "adapter": str(source.adapter_dir) if source.adapter_dir else None,
         "data": str(data_path),
+        "split": settings.split,
         "dropped": tokenized.dropped,
         "model": str(source.base_dir),
         "samples": len(samples),

@@ -83,6 +83,29 @@ def test_cli_eval_prints_json(qpissa_dir: Path, tmp_path: Path, capsys) -> None:
     assert result["adapter"] == str(qpissa_dir / "adapter")
 
 
+def test_cli_eval_scores_the_split_asked_for(qpissa_dir: Path, tmp_path: Path, capsys) -> None:
+    """A folder with train.jsonl and eval.jsonl holds two splits: --split test scores the held-out one."""
+    folder = tmp_path / "task"
+    folder.mkdir()
+    _data(tmp_path).rename(folder / "train.jsonl")
+    (folder / "eval.jsonl").write_text(json.dumps({"prompt": "9+9=", "completion": " 18"}) + "\n")
+    for split, samples in (("train", 5), ("test", 1)):
+        argv = [
+            "--quiet",
+            "eval",
+            str(qpissa_dir),
+            "--data",
+            str(folder),
+            "--split",
+            split,
+            "--metric",
+            "loss",
+        ]
+        assert cli.main(argv) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert (result["split"], result["samples"]) == (split, samples)
+
+
 def test_cli_eval_of_a_run_uses_its_data_format(qpissa_dir: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     shutil.copytree(qpissa_dir / "adapter", run / "adapter")
