@@ -47,8 +47,12 @@ class Sample:
     response: str  # the last response, without EOS
 
 
-def detect_format(record: dict[str, Any], where: str) -> DataFormat:
+def detect_format(
+    record: dict[str, Any], where: str, format_setting: str | None = "data.format"
+) -> DataFormat:
     """The record format that fits a record's fields (the first one in REQUIRED_FIELDS' order).
+
+    `format_setting` names the option that chooses a format, for the message (None: there is none).
 
     Raises:
         UserError: the fields fit no format (listing what each needs).
@@ -61,7 +65,8 @@ def detect_format(record: dict[str, Any], where: str) -> DataFormat:
             return data_format
     known = "; ".join(f"{f.value}: {', '.join(names)}" for f, names in REQUIRED_FIELDS.items())
     fields = ", ".join(sorted(record)) or "none"
-    raise UserError(f"{where}: fields {fields} fit no record format ({known}); set data.format")
+    fix = f"set {format_setting}" if format_setting else "write the records in one of these formats"
+    raise UserError(f"{where}: fields {fields} fit no record format ({known}); {fix}")
 
 
 def check_record(record: dict[str, Any], data_format: DataFormat, where: str) -> None:

@@ -29,8 +29,13 @@ LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parque
 _SAVED_MARKERS = ("state.json", "dataset_dict.json")  # what `save_to_disk` writes at a dataset's top
 
 
-def load_source(source: DataSource, seed: int = 0) -> tuple[datasets.Dataset, DataFormat]:
+def load_source(
+    source: DataSource, seed: int = 0, format_setting: str | None = "data.format"
+) -> tuple[datasets.Dataset, DataFormat]:
     """Read one source, pick its format (detected when not given, and said) and check every record.
+
+    `format_setting` is how the user chooses the format where a command lets them (None: it does not),
+    for the message when no format fits.
 
     Returns:
         The records (one split, `source.samples` of them when set) and their format.
@@ -43,7 +48,7 @@ def load_source(source: DataSource, seed: int = 0) -> tuple[datasets.Dataset, Da
         raise UserError(f"dataset {source.path} has no records; it needs at least one")
     data_format = source.format
     if data_format is None:
-        data_format = detect_format(dataset[0], f"{source.path} record 0")
+        data_format = detect_format(dataset[0], f"{source.path} record 0", format_setting)
         log.info("data %s: format %s (detected; set format to choose)", source.path, data_format.value)
     for index, record in enumerate(dataset):
         check_record(record, data_format, f"{source.path} record {index}")

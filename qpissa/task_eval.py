@@ -39,7 +39,7 @@ def evaluate(model_or_run: Path, data_path: Path, settings: EvalSettings) -> dic
     recorded = run_data["format"] if run_data else None
     data_format = settings.format or (DataFormat(recorded) if recorded else None)
     if data_format is None:  # detected from the data, as training does
-        data_format = load_source(DataSource(data_path, split=settings.split))[1]
+        data_format = load_source(DataSource(data_path, split=settings.split), format_setting="--format")[1]
     if settings.metric is Metric.ACCURACY and data_format is DataFormat.TEXT:
         raise UserError("format text has no answers to match; use --metric loss or ppl")
     max_seq_len = settings.max_seq_len or (run_data["max_seq_len"] if run_data else 1024)

@@ -228,7 +228,7 @@ def test_data_free_conversion_records_no_calibration(tiny_chat_model: Path, tmp_
         (
             lambda p: p.with_suffix(".jsonl").write_text('{"question": "a", "answer": "b"}\n'),
             [],
-            "fit no record format",
+            "; write the records in one of these formats",
         ),
         (lambda p: p.write_text(PROSE), ["--calib-samples", "0"], "--calib-samples must be at least 1"),
         (lambda p: p.write_text(PROSE), ["--calib-damping", "nan"], "--calib-damping must be"),

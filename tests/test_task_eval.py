@@ -128,3 +128,9 @@ def test_cli_eval_errors(qpissa_dir: Path, tmp_path: Path, capsys) -> None:
     args = ["--quiet", "eval", str(qpissa_dir), "--data", str(missing), "--format", "text"]
     assert cli.main(args) == 2
     assert "does not exist" in capsys.readouterr().err
+    unknown = tmp_path / "unknown.jsonl"
+    unknown.write_text(json.dumps({"question": "2+2?", "answer": "4"}) + "\n")
+    assert cli.main(["--quiet", "eval", str(qpissa_dir), "--data", str(unknown)]) == 2
+    assert "fit no record format" in (error := capsys.readouterr().err) and error.strip().endswith(
+        "set --format"
+    )
