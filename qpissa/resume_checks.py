@@ -65,30 +65,31 @@ def _check_same_run(checkpoint: Path, config: TrainConfig, source: ModelSource) 
     if not marker_path.is_file():
         return
     marker = read_json(marker_path, "resume from a checkpoint of an intact run", required=("model", "config"))
-    recorded = marker.get("conversion")  # runs recorded before it was kept: their model's path
-    if (
-        recorded != read_report(source.base_dir)["fingerprint"]
-        if recorded is not None
-        else Path(marker["model"]).resolve() != source.base_dir.resolve()
-    ):
+    recorded = marker.get("conversion")
+    if recorded is not None:  # the conversion's fingerprint: a copy of the directory is the same
+        same = recorded == read_report(source.base_dir)["fingerprint"]
+    else:  # a run recorded before the fingerprint was kept: its model's path
+        same = Path(marker["model"]).resolve() == source.base_dir.resolve()
+    if not same:
         raise UserError(
             f"resume_from_checkpoint {checkpoint} belongs to a run on {marker['model']}, not on model "
             f"{config.model}; resume with model={marker['model']}"
         )
-    before, now = marker["config"], to_dict(config)
-    changed = [key for key in CONTINUED_SETTINGS if before.get(key) != now[key]]
-    changed += [
-        f"data.{key}" for key in CONTINUED_DATA if before.get("data", {}).get(key) != now["data"][key]
-    ]
+    before, now = _continued(marker["config"]), _continued(to_dict(config))
+    changed = [f"{key}={value!r}" for key, value in before.items() if now[key] != value]
     if changed:
-        was = {key: before.get(key) for key in CONTINUED_SETTINGS} | {
-            f"data.{key}": before.get("data", {}).get(key) for key in CONTINUED_DATA
-        }
-        listed = ", ".join(f"{key}={was[key]!r}" for key in changed)
         raise UserError(
-            f"resume_from_checkpoint {checkpoint} continues a run with {listed}, which this config changes; "
-            "resume with the run's settings (its qpissa_run.json), or start a new run"
+            f"resume_from_checkpoint {checkpoint} continues a run with {', '.join(changed)}, which this "
+            "config changes; resume with the run's settings (its qpissa_run.json), or start a new run"
         )
+
+
+def _continued(config: dict) -> dict:
+    """A run's settings that fix the batches it replays, flat (`data.max_seq_len`)."""
+    data = config.get("data", {})
+    return {key: config.get(key) for key in CONTINUED_SETTINGS} | {
+        f"data.{key}": data.get(key) for key in CONTINUED_DATA
+    }
 
 
 def _check_torch_file(path: Path, fix: str) -> None:

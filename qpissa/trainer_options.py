@@ -36,7 +36,7 @@ SET_BY_QPISSA = {
 }
 
 
-OPTIMIZERS_NEEDING_THE_MODEL = ("galore", "apollo", "lomo")
+OPTIMIZERS_NEEDING_THE_MODEL = ("galore", "apollo", "lomo")  # built from the model's own modules
 
 
 def training_arguments(
