@@ -263,12 +263,15 @@ def _check_inputs(config: TrainConfig) -> tuple[ModelSource, Path | None]:
 
 def _check_output_dir(config: TrainConfig, resume: Path | None) -> None:
     """What is in output_dir may be replaced or continued (checked under its lock)."""
+    # a marker whose write was cut short (a full disk) still marks a run of qpissa's
+    markers = (RUN_MARKER, f"{RUN_MARKER}.tmp", LOG_NAME)
     if resume is None and config.overwrite_output_dir:
-        check_replaceable(config.output_dir, "output_dir", (RUN_MARKER, LOG_NAME), "a training run")
+        check_replaceable(config.output_dir, "output_dir", markers, "a training run")
     if resume is None and config.output_dir.is_file():
         raise UserError(f"output_dir {config.output_dir} is a file; choose a directory path")
     if resume is None and _is_occupied(config.output_dir) and not config.overwrite_output_dir:
-        if (config.output_dir / RUN_MARKER).is_file() and not any(config.output_dir.glob("checkpoint-*")):
+        started = any((config.output_dir / marker).is_file() for marker in markers[:2])
+        if started and not any(config.output_dir.glob("checkpoint-*")):
             raise UserError(
                 f"output_dir {config.output_dir} holds a run that stopped before its first checkpoint; "
                 "set overwrite_output_dir=true to start it again, or choose a new output_dir"

@@ -170,6 +170,17 @@ def test_existing_output_dir_is_refused(
     assert (run / "adapter").is_dir()
 
 
+def test_a_run_cut_short_by_a_full_disk_can_be_overwritten(
+    qpissa_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """All that a run killed by a full disk may leave is its marker's temporary file: it is still a run."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "qpissa_run.json.tmp").write_text('{"conf')
+    config = _config(tmp_path, qpissa_dir, data_dir, max_steps=1, eval_steps=None, overwrite_output_dir=True)
+    assert cli.main(["--quiet", "train", str(config)]) == 0
+    assert not (tmp_path / "run" / "qpissa_run.json.tmp").exists() and (tmp_path / "run" / "adapter").is_dir()
+
+
 def test_high_learning_rate_warns(qpissa_dir: Path, data_dir: Path, tmp_path: Path, caplog) -> None:
     from qpissa.recipe import load_config
     from qpissa.train import train
