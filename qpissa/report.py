@@ -131,6 +131,8 @@ def collect(inputs: list[Path]) -> list[MethodData]:
         if (path / COMPARE_NAME).is_file():
             for member in comparison_members(path, CONVERSIONS_DIR) + comparison_members(path, RUNS_DIR):
                 _add(by_key, member)
+        elif not path.exists():
+            problems.append(f"{path} does not exist (check the path)")
         elif not _add(by_key, path):
             problems.append(
                 f"{path} is not a QPiSSA directory, training run, export or comparison "

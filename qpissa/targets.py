@@ -117,6 +117,8 @@ def _match(spec: str, architecture: Architecture) -> list[str]:
     wanted = [part.strip() for part in spec.split(",") if part.strip()]
     if not wanted:
         raise UserError("--targets is empty; use all-linear or names such as q_proj,v_proj")
+    if ALL_LINEAR in wanted:
+        raise UserError(f"--targets {spec}: {ALL_LINEAR} stands alone; use it by itself, or list names only")
     names = {name: (name, layer.module) for name, layer in architecture.linears.items()}
     output = architecture.output
     if output is not None and any(_matches(alias, w) for alias in names[output] for w in wanted):

@@ -276,6 +276,8 @@ CASES = [
          lambda ws: _convert(ws, "--overwrite", "--calib", str(ws / "qpissa" / "calib.txt"), out="qpissa"),
          "contains the input --calib",
          damage=lambda ws: _file(ws / "qpissa" / "calib.txt", "my prose " * 400)),
+    Case("convert", "--targets all-linear with names",
+         lambda ws: _convert(ws, "--targets", "all-linear,q_proj"), "all-linear stands alone"),
     Case("convert", "--alpha nan", lambda ws: _convert(ws, "--alpha", "nan"), f"--alpha {NAN_FLAG}"),
     Case("convert", "--alpha inf",
          lambda ws: _convert(ws, "--alpha", "inf"), "--alpha must be a finite number"),
@@ -509,6 +511,8 @@ CASES = [
          lambda ws: ["export", str(ws / "qpissa"), str(ws / "m")],
          "has no adapter to export", damage=lambda ws: shutil.rmtree(ws / "qpissa" / "adapter")),
     # report: never into an input or a directory of another kind
+    Case("report", "an input that does not exist", lambda ws: _report(ws, "report", "qpissa", "nowhere"),
+         r"nowhere does not exist \(check the path\)"),
     Case("report", "--out is an input run", lambda ws: _report(ws, "run"), "--out .* is the input INPUT #2"),
     Case("report", "--out contains the inputs", lambda ws: _report(ws, "."), "contains the input"),
     Case("report", "--out is a directory of another kind", lambda ws: _report(ws, "other_run"),

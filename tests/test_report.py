@@ -147,6 +147,9 @@ def test_bad_inputs_are_user_errors(
     inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     assert cli.main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "missing does not exist" in capsys.readouterr().err
+    (tmp_path / "notes").mkdir()
+    assert cli.main(["report", str(tmp_path / "notes"), "--out", str(tmp_path / "o")]) == 2
     assert "is not a QPiSSA directory, training run, export or comparison" in capsys.readouterr().err
     layer = ["--layer", "model.layers.0.nonexistent"]
     assert cli.main(["report", str(inputs["qpissa"]), "--out", str(tmp_path / "o"), *layer]) == 2
