@@ -330,7 +330,7 @@ def _resolve_workers(
     if device.type != "cpu":
         return 1
     if requested is not None:
-        return requested
+        return min(requested, len(targets))  # more would wait for matrices that are not there
     shapes = [reader.shape(f"{module}.weight") for module in targets]
     # float32 copies alive while one matrix is decomposed and measured (W, residual, dequantized, errors)
     per_matrix = _FLOAT32_COPIES_PER_MATRIX * 4 * max(math.prod(shape) for shape in shapes)

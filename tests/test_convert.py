@@ -203,8 +203,10 @@ def test_same_inputs_and_seed_give_identical_bytes_with_any_number_of_workers(
 ) -> None:
     first, second = tmp_path / "a", tmp_path / "b"
     _convert(tiny_model, first, "--seed", "3", "--workers", "1")
-    _convert(tiny_model, second, "--seed", "3", "--workers", "3")
+    _convert(tiny_model, second, "--seed", "3", "--workers", "100")
     assert _file_bytes(first) == _file_bytes(second)
+    report = json.loads((second / "qpissa_report.json").read_text())
+    assert report["settings"]["workers"] == len(report["layers"]) == 14  # no more than there are matrices
     third = tmp_path / "c"
     _convert(tiny_model, third, "--seed", "4")
     assert (
