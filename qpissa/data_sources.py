@@ -68,6 +68,12 @@ def load_records(path: Path, subset: str | None = None, split: str = "train") ->
         raise UserError(f"dataset {path} does not exist; check the path (or give a Hub name: owner/name)")
     if path.is_file():
         _check_file(path)
+        if subset is not None or split != "train":  # they would be ignored, silently
+            asked = f"subset {subset!r}" if subset is not None else f"split {split!r}"
+            raise UserError(
+                f"dataset {path} is a single file, which has no subsets or splits (asked for {asked}); "
+                "leave them unset, or point at a folder, a save_to_disk directory or a Hub dataset"
+            )
     try:
         if path.is_dir() and any((path / marker).is_file() for marker in _SAVED_MARKERS):
             dataset = datasets.load_from_disk(str(path))

@@ -359,6 +359,8 @@ CASES = [
          lambda ws: _train(ws, output_dir=str(ws / "mine"), overwrite_output_dir=True),
          "is not a training run",
          damage=lambda ws: _file(ws / "mine" / "keep.txt", "mine")),
+    Case("train", "data.split of a single file", lambda ws: _train(ws, "data.split=validation"),
+         r"is a single file, which has no subsets or splits \(asked for split 'validation'\)"),
     Case("train", "model does not exist", lambda ws: _train(ws, model=str(ws / "nowhere")),
          "model .*nowhere does not exist; set model= to a QPiSSA directory"),
     Case("train", "model is not converted", lambda ws: _train(ws, model=str(ws / "model")),
