@@ -14,6 +14,7 @@ import logging
 import sys
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 from qpissa import UserError, __version__, hide_library_deprecation_notes, hide_library_progress_bars
 from qpissa.artifacts import (
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and getattr(args, "handler", None) is not _cmd_train:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return _fail(f"unrecognized arguments: {' '.join(extra)}; see `qpissa {args.command} --help`")
     if extra:  # `--max_steps 2`: transformers' and LLaMA-Factory's flag style, as overrides
         args.overrides = [*args.overrides, *extra]
     hide_library_deprecation_notes()
@@ -219,10 +220,19 @@ def _cmd_report(args: argparse.Namespace) -> None:
     print(f"{len(summary['methods'])} methods, {len(summary['plots'])} plots -> {args.out}/{REPORT_HTML}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error every other user mistake gets (not the whole usage), status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"qpissa: error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qpissa", description="QPiSSA: 4-bit fine-tuning that loses less.")
+    parser = _Parser(prog="qpissa", description="QPiSSA: 4-bit fine-tuning that loses less.")
     parser.add_argument("--quiet", action="store_true", help="only warnings and the result; no progress bars")
-    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    # subcommands' parsers are _Parser too (argparse makes them of the parent's class)
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND", dest="command")
 
     fetch = commands.add_parser(
         "fetch-model", help="write an embedded demo model as a standard HF checkpoint"

@@ -51,3 +51,17 @@ def test_a_full_disk_is_one_line_that_says_how_to_go_on(
     assert main(["--quiet", command, str(tmp_path / "model"), str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err.strip()
     assert error == f"qpissa: error: {written}: No space left on device; free some space{continue_with}"
+
+
+def test_usage_mistakes_are_one_line_that_points_at_help(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "model"])  # OUT missing
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "qpissa: error: the following arguments are required: out; see `qpissa convert --help`\n"
+    )
+    assert main(["convert", "model", "out", "--rnak", "3"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "qpissa: error: unrecognized arguments: --rnak 3; see `qpissa convert --help`\n"
+    )
