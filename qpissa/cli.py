@@ -231,6 +231,7 @@ class _Parser(argparse.ArgumentParser):
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qpissa", description="QPiSSA: 4-bit fine-tuning that loses less.")
     parser.add_argument("--quiet", action="store_true", help="only warnings and the result; no progress bars")
+    parser.add_argument("--version", action="version", version=f"qpissa {__version__}")
     # subcommands' parsers are _Parser too (argparse makes them of the parent's class)
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND", dest="command")
 

@@ -65,3 +65,10 @@ def test_usage_mistakes_are_one_line_that_points_at_help(capsys: pytest.CaptureF
         capsys.readouterr().err
         == "qpissa: error: unrecognized arguments: --rnak 3; see `qpissa convert --help`\n"
     )
+
+
+def test_version(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("qpissa ")
