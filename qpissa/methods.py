@@ -136,10 +136,7 @@ def weighted_factors(
     Returns:
         B, A (float32) and the subspace to warm-start the next fit.
     """
-    svd = weighted_svd(
-        M, H, st.rank, st.svd, oversample=st.oversample, generator=generator, start=start,
-        power_iters=st.power_iters if start is None else st.warm_power_iters, sketch_dtype=st.sketch_dtype,
-    )  # fmt: skip
+    svd = weighted_svd(M, H, st.rank, st.svd, **_sketch_options(st, generator, start))
     norms = svd.Vh.norm(dim=1).clamp(min=1e-30)  # [r]
     B = svd.U * torch.sqrt(svd.S * norms / st.scale)  # [out, r]
     A = svd.Vh * torch.sqrt(svd.S / (norms * st.scale))[:, None]  # [r, in]
@@ -238,10 +235,7 @@ def _fit_adapter(
     M: torch.Tensor, st: DecomposeSettings, generator: torch.Generator, start: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Rank-r principal factors `B [out, r]`, `A [r, in]` of `M`, and the subspace to warm-start from."""
-    svd = truncated_svd(
-        M, st.rank, st.svd, oversample=st.oversample, generator=generator, start=start,
-        power_iters=st.power_iters if start is None else st.warm_power_iters, sketch_dtype=st.sketch_dtype,
-    )  # fmt: skip
+    svd = truncated_svd(M, st.rank, st.svd, **_sketch_options(st, generator, start))
     B, A = principal_factors(svd.U, svd.S, svd.Vh, st.scale)
     return B, A, svd.basis
 
@@ -251,3 +245,12 @@ def _quantize_residual(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, st: De
     # singular values, so deq(Q) + s·B·A reproduces W up to the quantization error alone.
     residual = torch.addmm(W, B.to(W), A.to(W), alpha=-st.scale)  # W - s·B·A, [out, in]
     return quantize_nf4(residual, st.blocksize, st.double_quant)
+
+
+def _sketch_options(st: DecomposeSettings, generator: torch.Generator, start: torch.Tensor | None) -> dict:
+    """The randomized SVD's options for one fit, plain or H-weighted: a warm start (the last fit's
+    subspace) takes `warm_power_iters` power steps, a cold one `power_iters`."""
+    return {
+        "oversample": st.oversample, "generator": generator, "start": start, "sketch_dtype": st.sketch_dtype,
+        "power_iters": st.power_iters if start is None else st.warm_power_iters,
+    }  # fmt: skip

@@ -58,7 +58,7 @@ def truncated_svd(
     m, n = M.shape
     q = min(rank + oversample, m, n)
     M_sketch = M.to(sketch_dtype or M.dtype)  # the same tensor when the dtypes agree
-    Y = _sketch_product(M_sketch, _first_sketch(n, q, generator, start, M))  # [m, q]
+    Y = _sketch_product(M_sketch, _gaussian_sketch(n, q, generator, M) if start is None else start)  # [m, q]
     for _ in range(power_iters):
         Y = _sketch_product(M_sketch, _span_basis(_sketch_product(M_sketch.T, _span_basis(Y))))  # [m, q]
     del M_sketch  # a bf16 copy is half of M: freed before the projection
@@ -103,7 +103,7 @@ def weighted_svd(
     # M H Gᵀ = (M L) V, as the whitened problem would start from V: `basis` is H Gᵀ already, taken from
     # the last projection's products, which saves an [n, n] product per warm start
     if start is None:
-        start = _sketch_product(H_sketch, _first_sketch(n, q, generator, None, M))
+        start = _sketch_product(H_sketch, _gaussian_sketch(n, q, generator, M))
     Y = _sketch_product(M_sketch, start)
     for _ in range(power_iters):  # Y ← (M H Mᵀ) Y
         Z = _sketch_product(H_sketch, _sketch_product(M_sketch.T, _span_basis(Y)))  # [n, q]
@@ -120,13 +120,9 @@ def _projection(Y: torch.Tensor, M: torch.Tensor, rank: int, H: torch.Tensor | N
     return TruncatedSvd(U[:, :rank], S[:rank], Vh[:rank], basis=(Vh if H is None else VhH).T.contiguous())
 
 
-def _first_sketch(
-    n: int, q: int, generator: torch.Generator | None, start: torch.Tensor | None, like: torch.Tensor
-) -> torch.Tensor:
-    """`[n, q]` Gaussian sketch (drawn on the CPU generator, then moved: the same on every device), or
-    the warm start."""
-    if start is not None:
-        return start
+def _gaussian_sketch(n: int, q: int, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """`[n, q]` Gaussian sketch in `like`'s dtype, drawn on the CPU generator, then moved to `like`'s
+    device: the same on every device."""
     return torch.randn(n, q, generator=generator, dtype=like.dtype).to(like.device)
 
 
