@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +28,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+# the file types datasets reads from a folder; it reads one type per folder and ignores the others
+FOLDER_TYPES = LOADERS | {".tsv": "csv", ".ndjson": "json", ".txt": "text"}
 _SAVED_MARKERS = ("state.json", "dataset_dict.json")  # what `save_to_disk` writes at a dataset's top
+# local data below this size is read in a few seconds (~100 MB/s measured), so datasets' "Generating
+# train split" bars are hidden: they would only stand above the data's own error line
+QUIET_READ_BYTES = 256 << 20
 
 
 def load_source(
@@ -74,15 +81,19 @@ def load_records(path: Path, subset: str | None = None, split: str = "train") ->
                 f"dataset {path} is a single file, which has no subsets or splits (asked for {asked}); "
                 "leave them unset, or point at a folder, a save_to_disk directory or a Hub dataset"
             )
+    saved = path.is_dir() and any((path / marker).is_file() for marker in _SAVED_MARKERS)
+    if path.is_dir() and not saved:
+        _check_folder(path)
     try:
-        if path.is_dir() and any((path / marker).is_file() for marker in _SAVED_MARKERS):
-            dataset = datasets.load_from_disk(str(path))
-            if isinstance(dataset, datasets.DatasetDict):
-                dataset = _split(dataset, split, path)
-            return dataset
-        if path.is_file():
-            return datasets.load_dataset(LOADERS[path.suffix.lower()], data_files=str(path), split="train")
-        return _split(datasets.load_dataset(str(path), subset), split, path)
+        with _bars_hidden_below(QUIET_READ_BYTES, _local_bytes(path) if local else None):
+            if saved:
+                dataset = datasets.load_from_disk(str(path))
+                return _split(dataset, split, path) if isinstance(dataset, datasets.DatasetDict) else dataset
+            if path.is_file():
+                return datasets.load_dataset(
+                    LOADERS[path.suffix.lower()], data_files=str(path), split="train"
+                )
+            return _split(datasets.load_dataset(str(path), subset), split, path)
     except UserError:
         raise
     except Exception as error:  # datasets wraps parse and connection errors in many exception types
@@ -118,6 +129,70 @@ def _check_file(path: Path) -> None:
             raise UserError(f"dataset {path} line {number} is not a JSON object (one record per line)")
 
 
+def _check_folder(path: Path) -> None:
+    """Every data file of a folder is read. datasets reads only the files named after a split once some
+    are, and of those only the most common file type; it ignores the others, silently."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        patterns = get_data_patterns(str(path))
+        read = {
+            Path(f).resolve()
+            for files in DataFilesDict.from_patterns(patterns, str(path)).values()
+            for f in files
+        }
+    except Exception:  # no data file at all: load_dataset says so, with the message of its own
+        return
+    data_files = [
+        file for file in sorted(path.rglob("*"))
+        if file.suffix.lower() in FOLDER_TYPES and file.is_file()
+        and not any(part.startswith((".", "__")) for part in file.relative_to(path).parts)
+    ]  # fmt: skip
+    ignored = [str(file.relative_to(path)) for file in data_files if file.resolve() not in read]
+    if ignored:
+        raise UserError(
+            f"dataset {path}: {_some(ignored)} would not be read (once some files are named after a split, "
+            "only those are); name every file after its split (train, validation, test), or give it as a "
+            "data source of its own"
+        )
+    kinds: dict[str, list[str]] = {}
+    for file in data_files:
+        kinds.setdefault(FOLDER_TYPES[file.suffix.lower()], []).append(str(file.relative_to(path)))
+    if len(kinds) > 1:
+        found = "; ".join(f"{kind}: {_some(names)}" for kind, names in kinds.items())
+        raise UserError(
+            f"dataset {path} mixes data file types ({found}), and only one type would be read; "
+            "keep one type in the folder, or give each file as a data source of its own"
+        )
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2 else "")
+
+
+def _local_bytes(path: Path) -> int:
+    return (
+        path.stat().st_size
+        if path.is_file()
+        else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    )
+
+
+@contextmanager
+def _bars_hidden_below(threshold: int, size: int | None) -> Iterator[None]:
+    """datasets' progress bars hidden while reading local data of fewer than `threshold` bytes."""
+    import datasets
+
+    if size is None or size >= threshold or datasets.are_progress_bars_disabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
+
+
 def _split(dataset: Any, split: str, path: Path) -> datasets.Dataset:
     if split not in dataset:
         raise UserError(f"dataset {path} has splits {', '.join(dataset)}, not {split!r}; set split")
@@ -144,6 +219,11 @@ def _read_problem(path: Path, local: bool, error: Exception) -> str:
     reason = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
     if "corresponds to no data" in reason or "EmptyDatasetError" in type(error).__name__:
         return f"dataset {path} has no records; it needs at least one"
+    if "column names don't match" in str(cause):  # files (or lines) of one folder with other fields
+        return (
+            f"dataset {path} holds records with different fields; make every record's fields the same, "
+            "or give each file as a data source of its own"
+        )
     if not local:
         return (
             f"dataset {path} is no local file or directory, and as a Hub dataset it cannot be loaded "

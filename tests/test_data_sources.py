@@ -101,6 +101,26 @@ def test_folder_of_data_files_like_a_hub_snapshot(tmp_path: Path) -> None:
         load_records(snapshot, split="dev")
 
 
+def test_small_local_data_is_read_without_the_libraries_bars(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """datasets' "Generating train split" bars would stand above a data error's one line."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.enable_progress_bars()
+    try:
+        load_records(_write_jsonl(tmp_path / "small.jsonl", [{"text": "first"}]))
+        assert "Generating" not in capsys.readouterr().err
+        assert not datasets.are_progress_bars_disabled()  # switched back on for the rest of the process
+        monkeypatch.setattr("qpissa.data_sources.QUIET_READ_BYTES", 0)  # large data keeps its bars
+        load_records(_write_jsonl(tmp_path / "large.jsonl", [{"text": "second"}]))
+        assert "Generating train split" in capsys.readouterr().err
+    finally:
+        if was_disabled:
+            datasets.disable_progress_bars()
+
+
 def test_saved_dataset_dict_split(tmp_path: Path) -> None:
     import datasets
 

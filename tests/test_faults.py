@@ -197,9 +197,9 @@ def _resume(ws: Path, **changes: object) -> list[str]:
     return _train(ws, output_dir=str(ws / "run"), **changes)
 
 
-def _eval(ws: Path, *extra: str, target: str = "qpissa") -> list[str]:
-    return ["eval", str(ws / target), "--data", str(ws / "data" / "train.jsonl"), "--format",
-            "prompt_completion", "--metric", "loss", *extra]  # fmt: skip
+def _eval(ws: Path, *extra: str, target: str = "qpissa", data: str = "data/train.jsonl") -> list[str]:
+    return ["eval", str(ws / target), "--data", str(ws / data), "--format", "prompt_completion",
+            "--metric", "loss", *extra]  # fmt: skip
 
 
 def _chat(ws: Path, *extra: str) -> list[str]:
@@ -483,6 +483,15 @@ CASES = [
          damage=lambda ws: _file(ws / "qpissa" / "tokenizer.json", "{")),
     Case("eval", "--data not UTF-8", _eval, "is not UTF-8 text",
          damage=lambda ws: _file(ws / "data" / "train.jsonl", NOT_UTF8)),
+    Case("eval", "--data folder of .jsonl and .csv files", lambda ws: _eval(ws, data="data"),
+         r"mixes data file types \(csv: train-2.csv; json: train.jsonl\)",
+         damage=lambda ws: _file(ws / "data" / "train-2.csv", "prompt,completion\n2+2=, 4\n")),
+    Case("eval", "--data folder of files with other fields", lambda ws: _eval(ws, data="data"),
+         "holds records with different fields",
+         damage=lambda ws: _file(ws / "data" / "train-2.jsonl", '{"question": "2+2=", "answer": " 4"}\n')),
+    Case("eval", "--data folder with a file named after no split", lambda ws: _eval(ws, data="data"),
+         r"data: more.jsonl would not be read \(once some files are named after a split",
+         damage=lambda ws: _file(ws / "data" / "more.jsonl", '{"prompt": "2+2=", "completion": " 4"}\n')),
     Case("chat", "empty --prompt",
          lambda ws: ["chat", str(ws / "qpissa"), "--prompt", " "], "--prompt is empty"),
     Case("chat", "--temperature nan",
