@@ -35,6 +35,9 @@ SHAREGPT_ROLES = {
     "bard": "assistant",
     "bing": "assistant",
 }
+# the roles today's chat templates know; any other is rendered as given and never trained on, so it is
+# named in a warning (not refused: a template may define roles of its own)
+KNOWN_ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "ipython", "function"})
 CHAT_FORMATS = (DataFormat.MESSAGES, DataFormat.SHAREGPT, DataFormat.CHAT_PROMPT_COMPLETION)
 
 
@@ -69,8 +72,11 @@ def detect_format(
     raise UserError(f"{where}: fields {fields} fit no record format ({known}); {fix}")
 
 
-def check_record(record: dict[str, Any], data_format: DataFormat, where: str) -> None:
+def check_record(record: dict[str, Any], data_format: DataFormat, where: str) -> set[str]:
     """A record has every field its format needs, with the right types.
+
+    Returns:
+        The chat roles its turns use (none for the formats without turns).
 
     Raises:
         UserError: naming the record, the field and what the format needs.
@@ -85,10 +91,11 @@ def check_record(record: dict[str, Any], data_format: DataFormat, where: str) ->
         messages = to_messages(record, data_format, where)
         if messages[-1]["role"] != "assistant":
             raise UserError(f"{where}: the last turn must be the assistant's (it is what the model learns)")
-        return
+        return {message["role"] for message in messages}
     for name in REQUIRED_FIELDS[data_format]:
         if not isinstance(record[name], str):
             raise UserError(f"{where}: field `{name}` must be text, got {type(record[name]).__name__}")
+    return set()
 
 
 def to_messages(record: dict[str, Any], data_format: DataFormat, where: str) -> list[dict[str, str]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from qpissa import UserError
 from qpissa.artifacts import read_text
-from qpissa.data_formats import check_record, detect_format
+from qpissa.data_formats import KNOWN_ROLES, check_record, detect_format
 from qpissa.hub import is_hub_name
 from qpissa.settings import DataFormat
 
@@ -51,15 +52,37 @@ def load_source(
         UserError: missing or unreadable data, unknown extension, no such split, or a bad record.
     """
     dataset = load_records(source.path, source.subset, source.split)
+    data_format = source.format or _detected_format(dataset, source.path, format_setting)
     if len(dataset) == 0:
         raise UserError(f"dataset {source.path} has no records; it needs at least one")
-    data_format = source.format
-    if data_format is None:
-        data_format = detect_format(dataset[0], f"{source.path} record 0", format_setting)
-        log.info("data %s: format %s (detected; set format to choose)", source.path, data_format.value)
+    unknown_roles: Counter[str] = Counter()
     for index, record in enumerate(dataset):
-        check_record(record, data_format, f"{source.path} record {index}")
+        unknown_roles.update(check_record(record, data_format, f"{source.path} record {index}") - KNOWN_ROLES)
+    if unknown_roles:
+        found = ", ".join(f"{role!r} in {count} record(s)" for role, count in unknown_roles.most_common())
+        log.warning(
+            "data %s: turns with the role %s are rendered by the chat template as given and never trained "
+            "on; check the spelling (known: %s)", source.path, found, ", ".join(sorted(KNOWN_ROLES)),
+        )  # fmt: skip
     return _subsample(dataset, source, seed), data_format
+
+
+def source_format(source: DataSource, format_setting: str | None) -> DataFormat:
+    """The format of a source: as given, or detected from its first record as `load_source` does (and
+    said), without checking every record."""
+    if source.format is not None:
+        return source.format
+    return _detected_format(
+        load_records(source.path, source.subset, source.split), source.path, format_setting
+    )
+
+
+def _detected_format(dataset: datasets.Dataset, path: Path, format_setting: str | None) -> DataFormat:
+    if len(dataset) == 0:
+        raise UserError(f"dataset {path} has no records; it needs at least one")
+    data_format = detect_format(dataset[0], f"{path} record 0", format_setting)
+    log.info("data %s: format %s (detected; set format to choose)", path, data_format.value)
+    return data_format
 
 
 def load_records(path: Path, subset: str | None = None, split: str = "train") -> datasets.Dataset:

@@ -16,7 +16,7 @@ from qpissa import UserError
 from qpissa.artifacts import RUN_MARKER, read_run
 from qpissa.data import IGNORE_INDEX, collate, load_split, pad_token_id
 from qpissa.data_formats import Sample
-from qpissa.data_sources import load_source
+from qpissa.data_sources import source_format
 from qpissa.demo_task import final_answer
 from qpissa.loading import checked_source, load_model, load_tokenizer
 from qpissa.recipe import DataConfig, DataSource
@@ -39,7 +39,7 @@ def evaluate(model_or_run: Path, data_path: Path, settings: EvalSettings) -> dic
     recorded = run_data["format"] if run_data else None
     data_format = settings.format or (DataFormat(recorded) if recorded else None)
     if data_format is None:  # detected from the data, as training does
-        data_format = load_source(DataSource(data_path, split=settings.split), format_setting="--format")[1]
+        data_format = source_format(DataSource(data_path, split=settings.split), format_setting="--format")
     if settings.metric is Metric.ACCURACY and data_format is DataFormat.TEXT:
         raise UserError("format text has no answers to match; use --metric loss or ppl")
     max_seq_len = settings.max_seq_len or (run_data["max_seq_len"] if run_data else 1024)

@@ -85,6 +85,20 @@ def test_undetectable_and_bad_chat_records_are_named(tmp_path: Path) -> None:
         load_source(DataSource(_write_jsonl(tmp_path / "c.jsonl", [no_answer])))
 
 
+def test_a_misspelt_role_is_named_once_and_known_roles_pass(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A turn whose role no template knows is never trained on: the user hears of it, once per source."""
+    turns = [{"role": "user", "content": "hi"}, {"role": "tool", "content": "{}"}]
+    records = [{"messages": [*turns, {"role": role, "content": "4"}, {"role": "assistant", "content": "ok"}]}
+               for role in ("assitant", "assitant", "assistant")]  # fmt: skip
+    with caplog.at_level("WARNING", logger="qpissa.data_sources"):
+        load_source(DataSource(_write_jsonl(tmp_path / "chat.jsonl", records)))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "role 'assitant' in 2 record(s)" in warnings[0], warnings
+    assert "'tool'" not in warnings[0]
+
+
 def test_folder_of_data_files_like_a_hub_snapshot(tmp_path: Path) -> None:
     import datasets
 
