@@ -53,8 +53,6 @@ def load_source(
     """
     dataset = load_records(source.path, source.subset, source.split)
     data_format = source.format or _detected_format(dataset, source.path, format_setting)
-    if len(dataset) == 0:
-        raise UserError(f"dataset {source.path} has no records; it needs at least one")
     unknown_roles: Counter[str] = Counter()
     for index, record in enumerate(dataset):
         unknown_roles.update(check_record(record, data_format, f"{source.path} record {index}") - KNOWN_ROLES)
@@ -78,8 +76,6 @@ def source_format(source: DataSource, format_setting: str | None) -> DataFormat:
 
 
 def _detected_format(dataset: datasets.Dataset, path: Path, format_setting: str | None) -> DataFormat:
-    if len(dataset) == 0:
-        raise UserError(f"dataset {path} has no records; it needs at least one")
     data_format = detect_format(dataset[0], f"{path} record 0", format_setting)
     log.info("data %s: format %s (detected; set format to choose)", path, data_format.value)
     return data_format
@@ -89,7 +85,7 @@ def load_records(path: Path, subset: str | None = None, split: str = "train") ->
     """A local data file, a folder of data files, a `save_to_disk` directory or a Hub dataset, as one split.
 
     Raises:
-        UserError: naming the path (or Hub name) and the fix.
+        UserError: naming the path (or Hub name) and the fix; a split without records is one.
     """
     import datasets
 
@@ -111,16 +107,21 @@ def load_records(path: Path, subset: str | None = None, split: str = "train") ->
         with _bars_hidden_below(QUIET_READ_BYTES, _local_bytes(path) if local else None):
             if saved:
                 dataset = datasets.load_from_disk(str(path))
-                return _split(dataset, split, path) if isinstance(dataset, datasets.DatasetDict) else dataset
-            if path.is_file():
-                return datasets.load_dataset(
+                if isinstance(dataset, datasets.DatasetDict):
+                    dataset = _split(dataset, split, path)
+            elif path.is_file():
+                dataset = datasets.load_dataset(
                     LOADERS[path.suffix.lower()], data_files=str(path), split="train"
                 )
-            return _split(datasets.load_dataset(str(path), subset), split, path)
+            else:
+                dataset = _split(datasets.load_dataset(str(path), subset), split, path)
     except UserError:
         raise
     except Exception as error:  # datasets wraps parse and connection errors in many exception types
         raise UserError(_read_problem(path, local, error)) from None
+    if len(dataset) == 0:
+        raise UserError(f"dataset {path} has no records; it needs at least one")
+    return dataset
 
 
 def _check_file(path: Path) -> None:
@@ -194,11 +195,9 @@ def _some(names: list[str]) -> str:
 
 
 def _local_bytes(path: Path) -> int:
-    return (
-        path.stat().st_size
-        if path.is_file()
-        else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    )
+    if path.is_file():
+        return path.stat().st_size
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
 
 
 @contextmanager
