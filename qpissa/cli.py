@@ -173,7 +173,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_eval(args: argparse.Namespace) -> None:
     from qpissa.task_eval import evaluate
 
-    result = evaluate(args.model_or_run, args.data, from_namespace(EvalSettings, args))
+    result = evaluate(args.model_or_run, args.data, from_namespace(EvalSettings, args), not args.quiet)
     print(json.dumps(result, indent=2, sort_keys=True))
 
 

@@ -7,10 +7,12 @@ the reference has one (GSM8K style, as the demo task writes), otherwise the whol
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from qpissa import UserError
 from qpissa.artifacts import RUN_MARKER, read_run
@@ -24,8 +26,10 @@ from qpissa.runtime import resolve_runtime
 from qpissa.settings import DataFormat, EvalSettings, Metric
 
 
-def evaluate(model_or_run: Path, data_path: Path, settings: EvalSettings) -> dict[str, Any]:
-    """Load MODEL_OR_RUN and score it on `data_path`.
+def evaluate(
+    model_or_run: Path, data_path: Path, settings: EvalSettings, show_progress: bool = True
+) -> dict[str, Any]:
+    """Load MODEL_OR_RUN and score it on `data_path`; `show_progress`: bars on a terminal.
 
     Returns:
         JSON-ready: model, adapter, data, samples, dropped, and loss / perplexity / accuracy as asked.
@@ -62,12 +66,20 @@ def evaluate(model_or_run: Path, data_path: Path, settings: EvalSettings) -> dic
     }
     if settings.metric is not Metric.ACCURACY:
         result.update(
-            evaluate_loss(model, rows, pad_token_id(tokenizer), runtime.device, settings.batch_size)
+            evaluate_loss(
+                model, rows, pad_token_id(tokenizer), runtime.device, settings.batch_size, show_progress
+            )
         )
     if settings.metric in (Metric.ALL, Metric.ACCURACY) and data.format is not DataFormat.TEXT:
         result.update(
             exact_match(
-                model, tokenizer, samples, settings.batch_size, runtime.device, settings.max_new_tokens
+                model,
+                tokenizer,
+                samples,
+                settings.batch_size,
+                runtime.device,
+                settings.max_new_tokens,
+                show_progress,
             )
         )
     return result
@@ -80,6 +92,7 @@ def evaluate_loss(
     pad_id: int,
     device: torch.device,
     batch_size: int = 8,
+    show_progress: bool = False,
 ) -> dict[str, float]:
     """Token-weighted mean cross-entropy over the trained (label) tokens.
 
@@ -89,7 +102,7 @@ def evaluate_loss(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
+    for start in _batches(len(rows), batch_size, "eval loss", show_progress):
         batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size], pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         targets = batch["labels"][:, 1:]  # position t predicts token t+1
@@ -111,6 +124,7 @@ def exact_match(
     batch_size: int,
     device: torch.device,
     max_new_tokens: int = 64,
+    show_progress: bool = False,
 ) -> dict[str, float]:
     """Greedy-generate each sample's response and compare final answers.
 
@@ -121,7 +135,7 @@ def exact_match(
     model.eval()
     pad_id = pad_token_id(tokenizer)
     correct = 0
-    for start in range(0, len(samples), batch_size):
+    for start in _batches(len(samples), batch_size, "exact match", show_progress):
         chunk = samples[start : start + batch_size]
         prompts = [_prompt_ids(sample, tokenizer) for sample in chunk]
         longest = max(len(ids) for ids in prompts)
@@ -141,6 +155,16 @@ def exact_match(
             correct += final_answer(text) == final_answer(sample.response)
     model.train(was_training)
     return {"accuracy": correct / max(len(samples), 1), "correct": correct, "total": len(samples)}
+
+
+def _batches(total: int, batch_size: int, description: str, show_progress: bool) -> Iterator[int]:
+    """Each batch's first index, with a bar over the samples (on a terminal) that goes when done."""
+    with tqdm(
+        total=total, unit="sample", desc=description, leave=False, disable=None if show_progress else True
+    ) as bar:
+        for start in range(0, total, batch_size):
+            yield start
+            bar.update(min(batch_size, total - start))
 
 
 def _prompt_ids(sample: Sample, tokenizer: Any) -> list[int]:

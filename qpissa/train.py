@@ -62,6 +62,7 @@ from qpissa.task_eval import evaluate_loss, exact_match
 from qpissa.trainer_options import training_arguments
 from qpissa.trainlog import (
     JsonlLogCallback,
+    NoEvaluationAtTheEnd,
     QuietProgressCallback,
     append_jsonl,
     peak_memory_mb,
@@ -155,23 +156,30 @@ def _train(
         every=config.logging_steps,
         resumed=resume is not None,
     )
+    final_evaluation = eval_data is not None and not fsdp  # after training, on the main process
     trainer = Trainer(
         model=model,
         args=arguments,
         train_dataset=train_data.rows,
         eval_dataset=eval_data.rows if eval_data else None,
         data_collator=packing_collator() if config.data.packing else partial(collate, pad_token_id=pad_id),
-        callbacks=[callback],
+        callbacks=[callback, *([NoEvaluationAtTheEnd()] if final_evaluation else [])],
     )
     _quiet_progress(trainer)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     _save_adapter(trainer, run_dir, template)
-    if eval_data and processes().is_main and not fsdp:
+    if final_evaluation and processes().is_main:
+        bars = not arguments.disable_tqdm
         final = evaluate_loss(
-            model, eval_data.rows, pad_id, runtime.device, config.per_device_eval_batch_size
+            model, eval_data.rows, pad_id, runtime.device, config.per_device_eval_batch_size, bars
         )
-        evaluation = {**final, **(generate(model) if config.data.eval_generate_samples else {})}
-        write_json(run_dir / EVAL_RESULTS_NAME, evaluation)
+        generation = generate(model, show_progress=bars) if config.data.eval_generate_samples else {}
+        write_json(run_dir / EVAL_RESULTS_NAME, {**final, **generation})
+        # the last step's line of the eval log, which the Trainer's own pass would have written
+        append_jsonl(
+            run_dir / EVAL_LOG_NAME,
+            {"step": trainer.state.global_step, "eval_loss": final["loss"], **generation},
+        )
     wait_for_everyone()  # the run directory is complete for every process
     losses = {row["step"]: row["loss"] for row in read_jsonl(run_dir / LOG_NAME, ("step", "loss"))}
     trained = sorted(step for step, loss in losses.items() if step > 0 and loss is not None)
@@ -183,7 +191,7 @@ def _train(
         "train_loss": sum(losses[step] for step in trained) / len(trained) if trained else None,
         "trainable_params": memory["trainable_params"],
     }
-    if eval_data and not fsdp:
+    if final_evaluation:
         summary["eval"] = read_json(run_dir / EVAL_RESULTS_NAME, "train again")
     return summary
 

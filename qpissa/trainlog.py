@@ -107,6 +107,15 @@ class JsonlLogCallback(TrainerCallback):
         log.info("eval at step %d: %s", state.global_step, json.dumps(entry, sort_keys=True))
 
 
+class NoEvaluationAtTheEnd(TrainerCallback):
+    """The Trainer evaluates at the last step (transformers 5.2x: always); `train` evaluates the final
+    adapter right after, with generation, into eval_results.json. One pass is enough."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = False
+
+
 class QuietProgressCallback(ProgressCallback):
     """transformers' tqdm.auto bar without its per-log dict printing (the logger and the JSONL have them),
     shown in a terminal and in a notebook (tqdm.notebook), not in a plain redirected stderr."""
