@@ -179,7 +179,21 @@ def start_partial(output: Path, output_flag: str) -> Path:
 def finish_partial(partial: Path, output: Path) -> None:
     """Make the finished build appear as `output`, replacing an earlier one the caller checked."""
     (partial / PARTIAL_MARKER).unlink()
+    readable_as_umask_allows(partial)
     replace_dir(partial, output)
+
+
+def readable_as_umask_allows(directory: Path) -> None:
+    """Give the .safetensors files below `directory` the mode any new file gets (0644 under umask 022).
+
+    safetensors writes through a temporary file created 0600 whatever the umask (safetensors issue
+    782), so a model or adapter saved by transformers or PEFT was unreadable to the user's group.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.rglob("*.safetensors"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
 
 
 def replace_dir(source: Path, target: Path) -> None:

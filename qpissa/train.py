@@ -54,7 +54,7 @@ from qpissa.hub import is_hub_name, resolve_model
 from qpissa.loading import check_causal_lm, check_source, load_model, load_tokenizer
 from qpissa.memory import estimate_memory
 from qpissa.options import to_dict
-from qpissa.outputs import check_apart, check_replaceable, lock_output
+from qpissa.outputs import check_apart, check_replaceable, lock_output, readable_as_umask_allows
 from qpissa.recipe import TrainConfig
 from qpissa.resume_checks import RNG_FILES, check_checkpoint
 from qpissa.runtime import Runtime, dtype_name, resolve_runtime
@@ -180,6 +180,8 @@ def _train(
             run_dir / EVAL_LOG_NAME,
             {"step": trainer.state.global_step, "eval_loss": final["loss"], **generation},
         )
+    if processes().is_main:
+        readable_as_umask_allows(run_dir)  # the adapter and checkpoints PEFT and the Trainer wrote
     wait_for_everyone()  # the run directory is complete for every process
     losses = {row["step"]: row["loss"] for row in read_jsonl(run_dir / LOG_NAME, ("step", "loss"))}
     trained = sorted(step for step, loss in losses.items() if step > 0 and loss is not None)

@@ -72,6 +72,14 @@ def test_log_has_every_field_every_step(run: Path) -> None:
     assert evals[-1]["eval_loss"] == final["loss"] and evals[-1]["accuracy"] == final["accuracy"]
 
 
+def test_run_files_are_readable_as_the_umask_allows(run: Path) -> None:
+    """The adapter and checkpoints (written by PEFT through safetensors) get the mode of the run's other
+    files, not 0600: a run shared with the user's group must load."""
+    expected = (run / "qpissa_run.json").stat().st_mode & 0o777
+    weights = list(run.rglob("*.safetensors"))
+    assert weights and {path.stat().st_mode & 0o777 for path in weights} == {expected}
+
+
 def test_run_dir_and_adapter_load_with_plain_peft(run: Path, qpissa_dir: Path) -> None:
     import torch
     from peft import PeftModel
