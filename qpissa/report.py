@@ -296,14 +296,15 @@ def _fidelity(record: dict) -> dict:
 
 
 def _training(steps: list[dict]) -> dict:
-    """First/last loss, mean throughput and peak memory of a run, plus its loss curve."""
+    """First/last loss, mean throughput and peak memory of a run, plus its loss curve; the tail's mean
+    loss is over trained steps (step 0 is the initialized model), as `train` prints it."""
     speeds = [s["tokens_per_second"] for s in steps if s.get("tokens_per_second")]
     memory = [s["peak_memory_mb"] for s in steps if s.get("peak_memory_mb") is not None]
+    tail = [s for s in steps if s["step"] > 0][-TAIL_STEPS:] or steps[:1]
     return {
         "first_loss": steps[0]["loss"], "first_step": steps[0]["step"],
         "final_loss": steps[-1]["loss"], "final_step": steps[-1]["step"],
-        "tail_loss": sum(s["loss"] for s in steps[-TAIL_STEPS:]) / len(steps[-TAIL_STEPS:]),
-        "tail_steps": len(steps[-TAIL_STEPS:]),
+        "tail_loss": sum(s["loss"] for s in tail) / len(tail), "tail_steps": len(tail),
         "tokens_per_second": sum(speeds) / len(speeds) if speeds else None,
         "peak_memory_mb": max(memory) if memory else None,
         "curve": [[s["step"], s["loss"]] for s in steps],

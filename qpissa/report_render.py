@@ -53,8 +53,11 @@ def verdict(summary: dict, tail_steps: int) -> list[str]:
         lines.append(f"Mean token KL to the original model before training: {kls}; top-1 agreement: {agree}.")
     train = summary["training"]
     if train:
-        losses = ", ".join(f"{k} {v['tail_loss']:.4f} (steps ≤ {v['final_step']})" for k, v in train.items())
-        lines.append(f"Mean training loss over the last {tail_steps} logged steps: {losses}.")
+        losses = ", ".join(
+            f"{k} {v['tail_loss']:.4f} ({v['tail_steps']} steps up to {v['final_step']})"
+            for k, v in train.items()
+        )
+        lines.append(f"Mean training loss over the last trained steps (at most {tail_steps}): {losses}.")
     acc = {k: v["accuracy"] for k, v in summary["eval"].items() if v.get("accuracy") is not None}
     if acc:
         lines.append("Eval accuracy: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in acc.items()) + ".")

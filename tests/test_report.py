@@ -84,7 +84,8 @@ def test_summary_numbers_equal_the_inputs(inputs: dict[str, Path], tmp_path: Pat
     assert len(log) == 4  # step 0 (the initialized model) and the 3 trained steps
     assert training["curve"] == [[entry["step"], entry["loss"]] for entry in log]
     assert training["final_loss"] == log[-1]["loss"]
-    assert training["tail_loss"] == pytest.approx(sum(e["loss"] for e in log[-10:]) / len(log[-10:]))
+    trained = [e["loss"] for e in log[1:]]  # the mean `train` prints: trained steps only
+    assert training["tail_loss"] == pytest.approx(sum(trained) / 3) and training["tail_steps"] == 3
     assert training["peak_memory_mb"] == max(e["peak_memory_mb"] for e in log)
 
 
