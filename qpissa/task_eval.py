@@ -59,7 +59,7 @@ def evaluate(
     result: dict[str, Any] = {
         "adapter": str(source.adapter_dir) if source.adapter_dir else None,
         "data": str(data_path),
-        "split": settings.split,
+        "split": None if data_path.is_file() else settings.split,  # a single file has no splits
         "dropped": tokenized.dropped,
         "model": str(source.base_dir),
         "samples": len(samples),

@@ -104,6 +104,13 @@ def test_cli_eval_scores_the_split_asked_for(qpissa_dir: Path, tmp_path: Path, c
         assert cli.main(argv) == 0
         result = json.loads(capsys.readouterr().out)
         assert (result["split"], result["samples"]) == (split, samples)
+    assert (
+        cli.main(
+            ["--quiet", "eval", str(qpissa_dir), "--data", str(folder / "eval.jsonl"), "--metric", "loss"]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["split"] is None  # a file has no split to name
 
 
 def test_cli_eval_of_a_run_uses_its_data_format(qpissa_dir: Path, tmp_path: Path, capsys) -> None:
