@@ -6,6 +6,7 @@ tokenizer); with `HF_HUB_OFFLINE=1` it answers from the cache a previous downloa
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 from qpissa import UserError
@@ -35,11 +36,18 @@ def resolve_model(path: Path, what: str) -> Path:
     try:
         return Path(snapshot_download(path.as_posix(), allow_patterns=MODEL_FILES))
     except (LocalEntryNotFoundError, HfHubHTTPError, ConnectionError, ValueError) as error:
+        if path.parent.is_dir():  # most likely a typo in a local path, not a Hub id
+            close = difflib.get_close_matches(path.name, [entry.name for entry in path.parent.iterdir()], n=1)
+            hint = f" (did you mean {path.parent / close[0]}?)" if close else ""
+            raise UserError(
+                f"{what} {path} does not exist{hint}; check the path "
+                "(as a Hub model id it cannot be fetched either)"
+            ) from None
         reason = next(
             (line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__
         )
         raise UserError(
-            f"{what} {path} is no local directory and cannot be fetched from the Hugging Face Hub "
+            f"{what} {path} is not a local directory and cannot be fetched from the Hugging Face Hub "
             f"({reason}); check the path or the model id, your connection, or (HF_HUB_OFFLINE=1) that a "
             "previous download is in the cache"
         ) from None

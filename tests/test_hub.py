@@ -40,8 +40,20 @@ def test_convert_takes_a_hub_model_id_offline(offline_cache: Path, tmp_path: Pat
     assert cli.main(["--quiet", "convert", "someone/missing", str(tmp_path / "x")]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert (
-        error.startswith("qpissa: error: MODEL someone/missing is no local directory")
+        error.startswith("qpissa: error: MODEL someone/missing is not a local directory")
         and "HF_HUB_OFFLINE" in error
     )
     with pytest.raises(UserError, match="model someone/missing"):
         resolve_model(Path("someone/missing"), "model")
+
+
+def test_a_typo_in_a_local_path_is_told_as_one(
+    offline_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`demo/smolm2-135m` reads as a Hub id too; when `demo/` is a local folder, the path is the mistake."""
+    (tmp_path / "demo" / "smollm2-135m").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        UserError, match=r"MODEL demo/smolm2-135m does not exist \(did you mean demo/smollm2-135m"
+    ):
+        resolve_model(Path("demo/smolm2-135m"), "MODEL")
