@@ -37,6 +37,7 @@ def main() -> None:
     hide_library_deprecation_notes()  # as the CLI does: notes users can do nothing about
 
     model_dir = fetch_demo_model("smollm2-135m", args.workdir / "smollm2-135m")
+    print(f"original model: {model_dir}")
     # from here on the output is ours: no loading bars or library deprecation notices
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -53,6 +54,11 @@ def main() -> None:
     # the QLoRA column is ‖W − deq(nf4(W))‖: the error of the QLoRA conversion above
     print("\nQuantization error per module type (Frobenius, mean over layers), QLoRA vs QPiSSA")
     print(summary_table(reports[Method.QPISSA]))
+    print(
+        "\nNext, fine-tune it (README, Commands), after `. .venv/bin/activate`:\n"
+        "    python tools/make_task_data.py demo/task\n"
+        f"    qpissa train configs/demo.yaml model={args.workdir / f'qpissa-r{args.rank}'}"
+    )
 
 
 def chat_once(qpissa_dir: Path, prompt: str) -> str:
