@@ -25,6 +25,7 @@ from qpissa.artifacts import (
     SUMMARY_NAME,
     latest_checkpoint,
     partial_dir,
+    read_json,
 )
 from qpissa.console import convert_summary, export_summary
 from qpissa.convert_settings import CompareSettings, ConvertSettings
@@ -209,6 +210,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     steps = record["history"][-1]["steps"]
     done = sum(step["status"] == "done" for step in steps)
     outputs = f"{REPORT_HTML}, {REPORT_MARKDOWN}, {SUMMARY_NAME}"
+    print("\n".join(read_json(args.out / SUMMARY_NAME, "run the comparison again")["verdict"]))
     print(f"{done} steps run, {len(steps) - done} reused -> {args.out}/{outputs}")
 
 
@@ -217,7 +219,8 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
     summary = create_report(args.inputs, args.out, from_namespace(ReportOptions, args))
     print("\n".join(summary["verdict"]))
-    print(f"{len(summary['methods'])} methods, {len(summary['plots'])} plots -> {args.out}/{REPORT_HTML}")
+    compared = f"{len(summary['methods'])} compared ({', '.join(summary['methods'])})"
+    print(f"{compared}, {len(summary['plots'])} plots -> {args.out}/{REPORT_HTML}")
 
 
 class _Parser(argparse.ArgumentParser):

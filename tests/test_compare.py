@@ -51,7 +51,7 @@ def test_compare_writes_conversions_fidelity_and_report(comparison: Path) -> Non
     assert all(settings[0][key] == settings[1][key] for key in same)
 
 
-def test_rerun_reuses_finished_steps_and_adds_a_method(comparison: Path, tiny_model: Path) -> None:
+def test_rerun_reuses_finished_steps_and_adds_a_method(comparison: Path, tiny_model: Path, capsys) -> None:
     watched = [
         p for m in ("qlora", "qpissa") for p in (comparison / "conversions" / m).rglob("*") if p.is_file()
     ]
@@ -64,6 +64,8 @@ def test_rerun_reuses_finished_steps_and_adds_a_method(comparison: Path, tiny_mo
     reused = {(s["method"], s["step"]) for s in record["history"][1]["steps"] if s["status"] == "reused"}
     assert done == {("loftq", "convert"), ("loftq", "fidelity")}
     assert reused == {(m, s) for m in ("qlora", "qpissa") for s in ("convert", "fidelity")}
+    printed = capsys.readouterr().out  # the report's verdict, numbers included, then where it went
+    assert "Mean token KL to the original model" in printed and "2 steps run, 4 reused" in printed
     assert {p: p.stat().st_mtime_ns for p in watched} == stamps  # nothing of the first run was rewritten
     summary = json.loads((comparison / "summary.json").read_text())
     assert summary["methods"] == ["qlora", "loftq", "qpissa"]
