@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:  # `--max_steps 2`: transformers' and LLaMA-Factory's flag style, as overrides
         args.overrides = [*args.overrides, *extra]
     hide_library_deprecation_notes()
-    if args.quiet or not is_main_process():  # one bar per launch: the main process's
+    # one bar per launch (the main process's), and none in a log: qpissa's own bars are terminal-only too
+    if args.quiet or not is_main_process() or not sys.stderr.isatty():
         hide_library_progress_bars()
     level = logging.WARNING if args.quiet else logging.INFO
     if not is_main_process():  # another process of a launcher: its notes and warnings are the main one's
