@@ -144,10 +144,10 @@ def _cmd_fetch_model(args: argparse.Namespace) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
+    settings = from_namespace(ConvertSettings, args)  # a mistyped setting is told before torch loads
     from qpissa.convert import convert
     from qpissa.hub import resolve_model
 
-    settings = from_namespace(ConvertSettings, args)
     model = resolve_model(args.model, "MODEL")  # a Hub model id becomes its local snapshot
     report = convert(model, args.out, settings, resume=args.resume, overwrite=args.overwrite,
                      show_progress=not args.quiet)  # fmt: skip
@@ -156,9 +156,10 @@ def _cmd_convert(args: argparse.Namespace) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from qpissa.recipe import load_config
+
+    config = load_config(args.config, args.overrides)  # a missing recipe is told before torch loads
     from qpissa.train import train
 
-    config = load_config(args.config, args.overrides)
     args.output_dir = config.output_dir  # where a Ctrl-C can be continued from
     summary = train(config, show_progress=not args.quiet)
     evaluation = summary.get("eval", {})
@@ -199,12 +200,12 @@ def _cmd_chat(args: argparse.Namespace) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
+    settings = from_namespace(CompareSettings, args)  # a mistyped setting is told before torch loads
+    convert_settings = from_namespace(ConvertSettings, args, exclude=("method",))
+    fidelity, options = from_namespace(FidelitySettings, args), from_namespace(ReportOptions, args)
     from qpissa.compare import compare
     from qpissa.hub import resolve_model
 
-    settings = from_namespace(CompareSettings, args)
-    convert_settings = from_namespace(ConvertSettings, args, exclude=("method",))
-    fidelity, options = from_namespace(FidelitySettings, args), from_namespace(ReportOptions, args)
     model = resolve_model(args.model, "MODEL")
     record = compare(model, args.out, settings, convert_settings, fidelity, report_options=options,
                      show_progress=not args.quiet)  # fmt: skip
