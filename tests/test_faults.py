@@ -682,15 +682,22 @@ def test_no_adapter_scores_the_residual_alone_only_when_asked(workspace: Path, c
     assert result["adapter"] is None and result["loss"] > 0
 
 
-def test_quiet_hides_the_loading_weights_bar(workspace: Path, capsys) -> None:
+def test_library_bars_only_on_a_terminal_without_quiet(
+    workspace: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers' "Loading weights" bar: on a terminal, not with --quiet, not in a redirected log."""
     import transformers
 
-    transformers.utils.logging.enable_progress_bar()  # as in a fresh process (earlier --quiet runs hid it)
-    capsys.readouterr()
-    assert main(_eval(workspace)) == 0
-    assert "Loading weights" in capsys.readouterr().err  # the check below is not vacuous
-    assert main(["--quiet", *_eval(workspace)]) == 0
-    assert "Loading weights" not in capsys.readouterr().err
+    def loading_bar_shown(argv: list[str], terminal: bool) -> bool:
+        transformers.utils.logging.enable_progress_bar()  # as in a fresh process (earlier runs hid it)
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+        capsys.readouterr()
+        assert main(argv) == 0
+        return "Loading weights" in capsys.readouterr().err
+
+    assert loading_bar_shown(_eval(workspace), terminal=True)  # the checks below are not vacuous
+    assert not loading_bar_shown(["--quiet", *_eval(workspace)], terminal=True)
+    assert not loading_bar_shown(_eval(workspace), terminal=False)
 
 
 def test_export_replaces_only_its_own_interrupted_build(workspace: Path) -> None:
