@@ -22,6 +22,7 @@ from qpissa.artifacts import (
     PROGRESS_NAME,
     REPORT_HTML,
     REPORT_MARKDOWN,
+    RUN_MARKER,
     SUMMARY_NAME,
     latest_checkpoint,
     partial_dir,
@@ -133,6 +134,10 @@ def _continue_hint(args: argparse.Namespace) -> str:
     checkpoint = latest_checkpoint(output_dir) if args.handler is _cmd_train and output_dir else None
     if checkpoint is not None:
         return f"; add resume_from_checkpoint={checkpoint} to the same command to continue"
+    if args.handler is _cmd_train and output_dir and (output_dir / RUN_MARKER).is_file():
+        return (
+            "; no checkpoint was complete: add overwrite_output_dir=true to the same command to start again"
+        )
     return ""
 
 

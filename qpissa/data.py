@@ -77,7 +77,7 @@ def load_split(
     split: str = "train",
 ) -> tuple[list[Sample], TokenizedData]:
     """Read, render and tokenize held-out data, keeping the rendered samples for exact-match scoring."""
-    dataset, data_format = load_source(DataSource(path, config.format, split=split))
+    dataset, data_format = load_source(DataSource(path, config.eval_format(), split=split))
     check_tokenizer(tokenizer, data_format)
     samples = [render(record, data_format, tokenizer, config.response_only) for record in dataset]
     return samples, tokenize(samples, tokenizer, config.max_seq_len, length_setting)

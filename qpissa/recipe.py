@@ -106,6 +106,14 @@ class DataConfig:
             return self.sources
         return [DataSource(self.path, self.format, self.subset, self.split, self.samples)]
 
+    def eval_format(self) -> DataFormat | None:
+        """`format`, or the one format every source names: eval data is read as the training data is
+        (detected, it could take another format the records also fit, and score a rendering never trained)."""
+        if self.format is not None or self.sources is None:
+            return self.format
+        named = {source.format for source in self.sources}
+        return named.pop() if len(named) == 1 else None
+
 
 @dataclass
 class TrainConfig:

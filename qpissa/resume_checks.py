@@ -10,7 +10,16 @@ import zipfile
 from pathlib import Path
 
 from qpissa import UserError
-from qpissa.artifacts import RUN_MARKER, TRAINER_STATE, ModelSource, has_adapter, read_json, read_report
+from qpissa.artifacts import (
+    CHECKPOINT_PREFIX,
+    RUN_MARKER,
+    TRAINER_STATE,
+    ModelSource,
+    has_adapter,
+    latest_checkpoint,
+    read_json,
+    read_report,
+)
 from qpissa.options import to_dict
 from qpissa.recipe import TrainConfig
 from qpissa.stored import read_adapter
@@ -33,7 +42,22 @@ def check_checkpoint(checkpoint: Path, config: TrainConfig, source: ModelSource)
     """
     model = config.model
     if not (checkpoint / TRAINER_STATE).is_file():
-        raise UserError(f"resume_from_checkpoint {checkpoint} is not a checkpoint-N directory of a run")
+        if (
+            not checkpoint.name.startswith(CHECKPOINT_PREFIX)
+            or not checkpoint.is_dir()
+            or not (checkpoint.parent / RUN_MARKER).is_file()
+        ):
+            raise UserError(f"resume_from_checkpoint {checkpoint} is not a checkpoint-N directory of a run")
+        complete = latest_checkpoint(checkpoint.parent)
+        earlier = (
+            f"resume_from_checkpoint={complete}"
+            if complete
+            else "overwrite_output_dir=true (no resume) to start again"
+        )
+        raise UserError(
+            f"resume_from_checkpoint {checkpoint} is incomplete (its write was cut short: no "
+            f"{TRAINER_STATE}); use {earlier}"
+        )
     fix = f"resume from an earlier checkpoint-N of the run, or remove {checkpoint.name} if it is the newest"
     state = read_json(checkpoint / TRAINER_STATE, fix, required=("global_step",))
     if not isinstance(state["global_step"], int) or state["global_step"] < 0:

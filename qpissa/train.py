@@ -29,6 +29,7 @@ from qpissa.artifacts import (
     ModelSource,
     has_adapter,
     is_qpissa_dir,
+    latest_checkpoint,
     partial_dir,
     read_json,
     read_jsonl,
@@ -169,6 +170,9 @@ def _train(
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     _save_adapter(trainer, run_dir, template)
     if final_evaluation and processes().is_main:
+        generated = min(len(eval_samples), config.data.eval_generate_samples or 0)
+        log.info("evaluating the final adapter: loss on %d samples, answers generated for %d",
+                 len(eval_data.rows), generated)  # fmt: skip
         bars = not arguments.disable_tqdm
         final = evaluate_loss(
             model, eval_data.rows, pad_id, runtime.device, config.per_device_eval_batch_size, bars
@@ -281,14 +285,18 @@ def _check_output_dir(config: TrainConfig, resume: Path | None) -> None:
         raise UserError(f"output_dir {config.output_dir} is a file; choose a directory path")
     if resume is None and _is_occupied(config.output_dir) and not config.overwrite_output_dir:
         started = any((config.output_dir / marker).is_file() for marker in markers[:2])
-        if started and not any(config.output_dir.glob("checkpoint-*")):
+        checkpoint = latest_checkpoint(config.output_dir)  # complete ones only: a cut write is no checkpoint
+        if started and checkpoint is None:
             raise UserError(
-                f"output_dir {config.output_dir} holds a run that stopped before its first checkpoint; "
-                "set overwrite_output_dir=true to start it again, or choose a new output_dir"
+                f"output_dir {config.output_dir} holds a run that stopped before its first complete "
+                "checkpoint; set overwrite_output_dir=true to start it again, or choose a new output_dir"
             )
+        resume_hint = (
+            f"resume_from_checkpoint={checkpoint}" if checkpoint else "resume_from_checkpoint=<checkpoint-N>"
+        )
         raise UserError(
             f"output_dir {config.output_dir} exists; choose a new one, set overwrite_output_dir=true, "
-            "or resume_from_checkpoint=<output_dir>/checkpoint-N"
+            f"or {resume_hint}"
         )
 
 

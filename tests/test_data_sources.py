@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from qpissa import UserError
-from qpissa.data import IGNORE_INDEX, load_train, tokenize
+from qpissa.data import IGNORE_INDEX, load_split, load_train, tokenize
 from qpissa.data_formats import detect_format, render
 from qpissa.data_sources import load_records, load_source
 from qpissa.recipe import DataConfig, DataSource
@@ -182,6 +182,20 @@ def test_sources_mix_with_counts_and_fractions_seeded(tmp_path: Path, tokenizer)
     assert again.rows["input_ids"] == mixed.rows["input_ids"] != other.rows["input_ids"]
     with pytest.raises(UserError, match="has 10 records; samples=11 asks for 11"):
         load_train(DataConfig(sources=[DataSource(first, samples=11)]), tokenizer, seed=1)
+
+
+def test_eval_data_is_read_in_the_format_every_source_names(tmp_path: Path, tokenizer) -> None:
+    """Records that fit two formats (as the demo task's do) are scored as they were trained, not in the
+    format detection would pick (messages, rendered with the chat template)."""
+    both = [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+             "prompt": "2+2=", "completion": " 4"}]  # fmt: skip
+    data = _write_jsonl(tmp_path / "both.jsonl", both)
+    named = DataSource(data, DataFormat.PROMPT_COMPLETION)
+    config = DataConfig(sources=[named, named], eval_path=data)
+    samples, _ = load_split(data, config, tokenizer)
+    assert config.eval_format() is DataFormat.PROMPT_COMPLETION and samples[0].prompt == "2+2="
+    mixed = DataConfig(sources=[named, DataSource(data, DataFormat.MESSAGES)], eval_path=data)
+    assert mixed.eval_format() is None  # no one format to follow: detected, and said
 
 
 def test_data_config_needs_exactly_one_of_path_and_sources(tmp_path: Path) -> None:
