@@ -152,6 +152,7 @@ def run_chat(path: Path, settings: ChatSettings, read: Reader, write: Writer) ->
             return messages
         if text == "/reset":
             messages = _start(settings)
+            write("(conversation forgotten)\n")
             continue
         if not text:
             continue
