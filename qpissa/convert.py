@@ -120,6 +120,7 @@ def _convert(
         fingerprint["calibration"] = {"sha256": tokens.sha256, "dtype": dtype_name(calibration_dtype(device))}
     progress = convert_output.prepare_output(out_dir, fingerprint, resume=resume, overwrite=overwrite)
     if progress is None:  # --resume on a finished conversion with the same settings
+        log.info("%s is complete already, with the same settings: nothing to resume; its report:", out_dir)
         return read_report(out_dir)
     partial = partial_dir(out_dir)
     log.info("converting %s -> %s with %s", model_dir, out_dir, settings.resolved_dict())
