@@ -79,7 +79,8 @@ def training_arguments(
         "report_to": "none",
         "disable_tqdm": not show_progress,
         "remove_unused_columns": False,
-        "include_num_input_tokens_seen": "non_padding",
+        # packed rows hold no padding (and no attention mask to count it by): every token counts
+        "include_num_input_tokens_seen": "all" if config.data.packing else "non_padding",
         "dataloader_num_workers": 0,
         "ddp_find_unused_parameters": False,  # every adapter matrix takes part in each forward pass
     }
