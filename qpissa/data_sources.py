@@ -230,7 +230,7 @@ def _subsample(dataset: datasets.Dataset, source: DataSource, seed: int) -> data
     count = int(count)
     if count > len(dataset) or count < 1:
         raise UserError(
-            f"data source {source.path} has {len(dataset)} records; samples={source.samples} asks for "
+            f"data source {source.path} has {len(dataset)} records; samples={source.samples:g} asks for "
             f"{count}; use at most {len(dataset)} (or a fraction in (0, 1))"
         )
     return dataset.shuffle(seed=seed).select(range(count))
