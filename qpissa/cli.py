@@ -201,7 +201,15 @@ def _cmd_chat(args: argparse.Namespace) -> None:
         answer(args.model_or_run, settings, write)
         print()
     else:
-        run_chat(args.model_or_run, settings, input, write)
+        run_chat(args.model_or_run, settings, input if sys.stdin.isatty() else _echoed_input, write)
+
+
+def _echoed_input(prompt: str) -> str:
+    """`input` that echoes the line, as a terminal does: piped, the transcript reads `you> hi` and the
+    answer on the next line, not the answer right after `you> `."""
+    line = input(prompt)
+    print(line, flush=True)
+    return line
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:

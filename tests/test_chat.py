@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -94,6 +95,15 @@ def test_interactive_chat_streams_keeps_history_and_resets(qpissa_dir: Path):
     streamed = "".join(written)
     assert all(m["content"] in streamed for m in messages[1::2])
     assert len(written) > 6  # streamed in pieces, not printed at once
+
+
+def test_piped_chat_echoes_each_line_as_a_terminal_would(
+    qpissa_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n/exit\n"))
+    assert cli.main(["--quiet", "chat", str(qpissa_dir), "--max-new-tokens", "2", "--greedy"]) == 0
+    transcript = capsys.readouterr().out
+    assert "you> hi\n" in transcript and transcript.rstrip().endswith("you> /exit")
 
 
 def test_interactive_chat_skips_a_line_that_is_not_utf8(qpissa_dir: Path):
