@@ -135,10 +135,10 @@ def _checked(options: dict[str, Any]) -> dict[str, Any]:
         elif key not in known:
             own = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "trainer"]
             close = difflib.get_close_matches(key, [*own, *known], n=1)
-            hint = f"did you mean `{close[0]}`?" if close else "check the spelling"
+            hint = f"did you mean `{close[0]}`?" if close else "check the spelling (README: Trainer options)"
             problems.append(
-                f"unknown setting `{key}`: neither a recipe key ({', '.join(own)}) nor a transformers "
-                f"TrainingArguments option; {hint}"
+                f"unknown setting `{key}`: neither a recipe key nor an option of this transformers "
+                f"version's TrainingArguments; {hint}"
             )
         else:
             try:
