@@ -243,6 +243,13 @@ def resolve_source(path: Path) -> ModelSource:
     raise UserError(f"{path} is not a QPiSSA directory, a training run or a model directory (no config.json)")
 
 
+def trained_on(marker: dict, qpissa_dir: Path) -> bool | None:
+    """Whether a run (its qpissa_run.json `marker`) trained the conversion `qpissa_dir` holds now, by the
+    conversion's fingerprint (a copy of the directory is the same); None for a run that predates it."""
+    recorded = marker.get("conversion")
+    return None if recorded is None else recorded == read_report(qpissa_dir)["fingerprint"]
+
+
 def _trained_model(run_dir: Path) -> Path:
     model = run_model(run_dir)
     if not is_qpissa_dir(model):
@@ -251,8 +258,7 @@ def _trained_model(run_dir: Path) -> Path:
             f"directory (resolved to {model}); put the run's QPiSSA directory back there, or correct "
             "`model` in that file"
         )
-    recorded = read_run(run_dir).get("conversion")  # absent from runs trained before it was recorded
-    if recorded is not None and recorded != read_report(model)["fingerprint"]:
+    if trained_on(read_run(run_dir), model) is False:
         raise UserError(
             f"run {run_dir} was trained on a conversion that {model} no longer holds (converted again, with "
             "other settings or from another model); put the run's conversion back there, or train again"

@@ -131,10 +131,12 @@ def _continue_hint(args: argparse.Namespace) -> str:
     if args.handler is _cmd_compare and (args.out / COMPARE_NAME).is_file():
         return "; rerun the same command to continue (finished steps are reused)"
     output_dir = getattr(args, "output_dir", None)  # set by _cmd_train once the config is read
-    checkpoint = latest_checkpoint(output_dir) if args.handler is _cmd_train and output_dir else None
+    if args.handler is not _cmd_train or output_dir is None:
+        return ""
+    checkpoint = latest_checkpoint(output_dir)
     if checkpoint is not None:
         return f"; add resume_from_checkpoint={checkpoint} to the same command to continue"
-    if args.handler is _cmd_train and output_dir and (output_dir / RUN_MARKER).is_file():
+    if (output_dir / RUN_MARKER).is_file():
         return (
             "; no checkpoint was complete: add overwrite_output_dir=true to the same command to start again"
         )

@@ -18,7 +18,7 @@ from qpissa.artifacts import (
     has_adapter,
     latest_checkpoint,
     read_json,
-    read_report,
+    trained_on,
 )
 from qpissa.options import to_dict
 from qpissa.recipe import TrainConfig
@@ -89,10 +89,8 @@ def _check_same_run(checkpoint: Path, config: TrainConfig, source: ModelSource) 
     if not marker_path.is_file():
         return
     marker = read_json(marker_path, "resume from a checkpoint of an intact run", required=("model", "config"))
-    recorded = marker.get("conversion")
-    if recorded is not None:  # the conversion's fingerprint: a copy of the directory is the same
-        same = recorded == read_report(source.base_dir)["fingerprint"]
-    else:  # a run recorded before the fingerprint was kept: its model's path
+    same = trained_on(marker, source.base_dir)
+    if same is None:  # a run recorded before the fingerprint was kept: its model's path
         same = Path(marker["model"]).resolve() == source.base_dir.resolve()
     if not same:
         raise UserError(
