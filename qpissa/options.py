@@ -105,19 +105,39 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"override `{item}` is not key=value; write e.g. learning_rate=2e-5")
-        node = merged
+        node: dict | list = merged
         *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node.setdefault(parent, {})
-            if not isinstance(node, dict):
+        for depth, parent in enumerate(parents):
+            if isinstance(node, list):
+                node = node[_list_index(node, parent, key, parents[:depth])]
+            else:
+                node = node.setdefault(parent, {})
+            if not isinstance(node, dict | list):
                 raise UserError(f"override `{key}`: `{parent}` is not a group of settings")
         try:
-            node[leaf] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError as error:
             raise UserError(
                 f"override `{item}`: the value is not a YAML scalar ({yaml_problem(error)}); quote it"
             ) from None
+        if isinstance(node, list):
+            node[_list_index(node, leaf, key, parents)] = value
+        else:
+            node[leaf] = value
     return merged
+
+
+def _list_index(items: list, part: str, key: str, path: list[str]) -> int:
+    """`part` of an override's key as an index into the recipe's list at `path` (`data.sources.1.samples`)."""
+    name = ".".join(path)
+    if not items:
+        raise UserError(f"override `{key}`: `{name}` is an empty list; add its entries in the recipe")
+    if not part.isdigit() or int(part) >= len(items):
+        raise UserError(
+            f"override `{key}`: `{name}` is a list of {len(items)}; "
+            f"name an entry by its index, 0 to {len(items) - 1} (e.g. {name}.0.{key.split('.')[-1]}=...)"
+        )
+    return int(part)
 
 
 def _as_key_value(overrides: list[str]) -> list[str]:

@@ -18,6 +18,8 @@ from qpissa.checkpoint import SafetensorsWriter, ShardedWriter
 from qpissa.convert_settings import Method, SvdKind
 from qpissa.methods import DecomposeSettings, decompose
 from qpissa.options import apply_overrides, from_dict
+from qpissa.recipe import load_config
+from qpissa.settings import DataFormat
 from qpissa.svd import truncated_svd
 
 
@@ -154,6 +156,23 @@ def test_settings_from_data_with_overrides() -> None:
     values = apply_overrides({"name": "x", "inner": {"size": 2}}, ["inner.size=8", "ratio=1", "method=loftq"])
     settings = from_dict(_Outer, values)
     assert settings == _Outer(name="x", ratio=1.0, method=Method.LOFTQ, inner=_Inner(size=8))
+
+
+def test_overrides_reach_an_entry_of_a_recipe_list(tmp_path: Path) -> None:
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(
+        "model: m\noutput_dir: run\ndata:\n  sources:\n    - {path: a.jsonl}\n    - {path: b.jsonl, samples: 10}\n"
+    )
+    config = load_config(recipe, ["data.sources.1.samples=500", "--data.sources.0.format", "alpaca"])
+    assert [(s.path, s.format, s.samples) for s in config.data.sources] == [
+        (Path("a.jsonl"), DataFormat.ALPACA, None),
+        (Path("b.jsonl"), None, 500),
+    ]
+    for wrong in ("data.sources.2.samples=1", "data.sources.last.samples=1"):
+        with pytest.raises(
+            UserError, match=r"`data.sources` is a list of 2; name an entry by its index, 0 to 1"
+        ):
+            load_config(recipe, [wrong])
 
 
 def test_settings_errors_name_every_bad_key() -> None:
