@@ -161,7 +161,8 @@ def test_settings_from_data_with_overrides() -> None:
 def test_overrides_reach_an_entry_of_a_recipe_list(tmp_path: Path) -> None:
     recipe = tmp_path / "mix.yaml"
     recipe.write_text(
-        "model: m\noutput_dir: run\ndata:\n  sources:\n    - {path: a.jsonl}\n    - {path: b.jsonl, samples: 10}\n"
+        "model: m\noutput_dir: run\n"
+        "data:\n  sources:\n    - {path: a.jsonl}\n    - {path: b.jsonl, samples: 10}\n"
     )
     config = load_config(recipe, ["data.sources.1.samples=500", "--data.sources.0.format", "alpaca"])
     assert [(s.path, s.format, s.samples) for s in config.data.sources] == [
