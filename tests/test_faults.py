@@ -762,8 +762,9 @@ checkpoint.SafetensorsWriter.close = close_then_stop
 sys.exit(main(sys.argv[2:]))
 """
 
-# Runs `qpissa train ...` and sends itself the signal named by argv[1] while checkpoint-4 is being saved:
-# its adapter, optimizer and RNG state are written, its trainer_state.json is not.
+# Runs `qpissa train ...` and sends itself the signal named by argv[1] (SIGNAL or SIGNAL:checkpoint-N)
+# while checkpoint-4 (or checkpoint-N) is being saved: its adapter, optimizer and RNG state are
+# written, its trainer_state.json is not.
 _TRAIN_INTERRUPTED = """
 import os, signal, sys
 from transformers import Trainer
@@ -774,8 +775,9 @@ save = Trainer._save_rng_state
 
 def save_then_signal(self, output_dir):
     save(self, output_dir)
-    if output_dir.endswith("checkpoint-4"):
-        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    name, _, at = sys.argv[1].partition(":")
+    if output_dir.endswith(at or "checkpoint-4"):
+        os.kill(os.getpid(), getattr(signal, name))
 
 Trainer._save_rng_state = save_then_signal
 sys.exit(main(sys.argv[2:]))
@@ -890,3 +892,20 @@ def test_train_interrupted_while_saving_a_checkpoint_resumes_exactly(
     assert "(steps 1-6)" in capsys.readouterr().out  # the printed mean covers the whole run
     assert _losses(run) == _losses(reference_run)
     assert _no_stray(workspace) == []
+
+
+def test_train_interrupted_before_its_first_checkpoint_says_how_to_start_again(
+    workspace: Path, reference_run: Path
+) -> None:
+    run = workspace / "interrupted"
+    config = _train_config(workspace, output_dir=str(run), **SIX_STEPS)
+    process = _start(_TRAIN_INTERRUPTED, "SIGINT:checkpoint-2", ["train", str(config)])
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 130, stderr
+    hint = stderr.strip().splitlines()[-1]
+    assert hint == (
+        "qpissa: interrupted; no checkpoint was complete: add overwrite_output_dir=true to the same command "
+        "to start again"
+    )
+    assert main(["--quiet", "train", str(config), "overwrite_output_dir=true"]) == 0  # the hint, followed
+    assert _losses(run) == _losses(reference_run)
