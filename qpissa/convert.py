@@ -245,9 +245,18 @@ def _calibration_tokens(reader: CheckpointReader, settings: ConvertSettings) -> 
             f"max_position_embeddings); use at most {context}"
         )
     tokenizer = load_tokenizer(ModelSource(reader.model_dir, None))
-    return calibration_tokens(
+    tokens = calibration_tokens(
         settings.calib, tokenizer, calibration["samples"], calibration["seq_len"], settings.seed
     )
+    drawn, seq_len = tokens.windows.shape
+    if drawn < calibration["samples"]:
+        log.warning(
+            "--calib %s holds %d windows of %d tokens, fewer than --calib-samples %d: calibrating on all %d",
+            settings.calib, drawn, seq_len, calibration["samples"], drawn,
+        )  # fmt: skip
+    else:
+        log.info("calibrating on %d windows of %d tokens from %s", drawn, seq_len, settings.calib)
+    return tokens
 
 
 def _calibration_run(

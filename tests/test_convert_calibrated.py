@@ -253,6 +253,22 @@ def test_bad_calibration_input_is_one_line_and_writes_nothing(
     assert not out.exists() and not out.with_name("out.partial").exists()
 
 
+def test_asking_for_more_windows_than_the_data_holds_says_how_many_were_used(
+    tiny_chat_model: Path, calib_text: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    argv = ["--quiet", "convert", str(tiny_chat_model), str(out), "--rank", "4", "--iters", "1"]
+    with caplog.at_level("WARNING", logger="qpissa.convert"):
+        status = main([*argv, "--calib", str(calib_text), "--calib-samples", "1000", "--calib-seq-len", "32"])
+    assert status == 0
+    drawn = json.loads((out / "qpissa_report.json").read_text())["settings"]["calibration"]["samples"]
+    assert 1 < drawn < 1000
+    assert [r.getMessage() for r in caplog.records if r.name == "qpissa.convert"] == [
+        f"--calib {calib_text} holds {drawn} windows of 32 tokens, fewer than --calib-samples 1000: "
+        f"calibrating on all {drawn}"
+    ]
+
+
 def test_calibration_flags_need_calib(
     tiny_chat_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
