@@ -173,11 +173,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
     extra = "".join(f", eval {k} {evaluation[k]:.4f}" for k in ("loss", "accuracy") if k in evaluation)
     if summary["loss_steps"]:  # the whole run's logged steps, a resumed one's included
         first, last = summary["loss_steps"]
-        loss = f"mean loss {summary['train_loss']:.4f} (steps {first}-{last})"
+        steps = f"step {first}" if first == last else f"steps {first}-{last}"
+        loss = f"mean loss {summary['train_loss']:.4f} ({steps})"
     else:
         loss = "no step logged"
     if is_main_process():
-        print(f"trained {summary['steps']} steps, {loss}{extra} -> {summary['output_dir']}")
+        count = f"{summary['steps']} step{'s' * (summary['steps'] != 1)}"
+        print(f"trained {count}, {loss}{extra} -> {summary['output_dir']}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
