@@ -104,7 +104,8 @@ def _read_texts(path: Path, tokenizer: Any) -> tuple[list[str], str]:
         if not text.strip():
             raise UserError(f"--calib {path} is empty; pass a file with text in it")
         return [text], "text file"
-    records, data_format = load_source(DataSource(path), format_setting=None)  # convert has no format flag
+    # convert has no format or split flag: a folder's train split is read
+    records, data_format = load_source(DataSource(path), format_setting=None, split_setting=None)
     texts = [
         "".join(text for text, _ in render(record, data_format, tokenizer).segments) for record in records
     ]

@@ -38,12 +38,15 @@ QUIET_READ_BYTES = 256 << 20
 
 
 def load_source(
-    source: DataSource, seed: int = 0, format_setting: str | None = "data.format"
+    source: DataSource,
+    seed: int = 0,
+    format_setting: str | None = "data.format",
+    split_setting: str | None = "split",
 ) -> tuple[datasets.Dataset, DataFormat]:
     """Read one source, pick its format (detected when not given, and said) and check every record.
 
-    `format_setting` is how the user chooses the format where a command lets them (None: it does not),
-    for the message when no format fits.
+    `format_setting` and `split_setting` are how the user chooses the format and the split where a
+    command lets them (None: it does not), for the message when no format fits or no such split exists.
 
     Returns:
         The records (one split, `source.samples` of them when set) and their format.
@@ -51,7 +54,7 @@ def load_source(
     Raises:
         UserError: missing or unreadable data, unknown extension, no such split, or a bad record.
     """
-    dataset = load_records(source.path, source.subset, source.split)
+    dataset = load_records(source.path, source.subset, source.split, split_setting)
     data_format = source.format or _detected_format(dataset, source.path, format_setting)
     unknown_roles: Counter[str] = Counter()
     for index, record in enumerate(dataset):
@@ -81,7 +84,9 @@ def _detected_format(dataset: datasets.Dataset, path: Path, format_setting: str 
     return data_format
 
 
-def load_records(path: Path, subset: str | None = None, split: str = "train") -> datasets.Dataset:
+def load_records(
+    path: Path, subset: str | None = None, split: str = "train", split_setting: str | None = "split"
+) -> datasets.Dataset:
     """A local data file, a folder of data files, a `save_to_disk` directory or a Hub dataset, as one split.
 
     Raises:
@@ -108,13 +113,13 @@ def load_records(path: Path, subset: str | None = None, split: str = "train") ->
             if saved:
                 dataset = datasets.load_from_disk(str(path))
                 if isinstance(dataset, datasets.DatasetDict):
-                    dataset = _split(dataset, split, path)
+                    dataset = _split(dataset, split, path, split_setting)
             elif path.is_file():
                 dataset = datasets.load_dataset(
                     LOADERS[path.suffix.lower()], data_files=str(path), split="train"
                 )
             else:
-                dataset = _split(datasets.load_dataset(str(path), subset), split, path)
+                dataset = _split(datasets.load_dataset(str(path), subset), split, path, split_setting)
     except UserError:
         raise
     except Exception as error:  # datasets wraps parse and connection errors in many exception types
@@ -215,9 +220,10 @@ def _bars_hidden_below(threshold: int, size: int | None) -> Iterator[None]:
         datasets.enable_progress_bars()
 
 
-def _split(dataset: Any, split: str, path: Path) -> datasets.Dataset:
+def _split(dataset: Any, split: str, path: Path, split_setting: str | None) -> datasets.Dataset:
     if split not in dataset:
-        raise UserError(f"dataset {path} has splits {', '.join(dataset)}, not {split!r}; set split")
+        fix = f"set {split_setting}" if split_setting else "give one of its files instead"
+        raise UserError(f"dataset {path} has splits {', '.join(dataset)}, not {split!r}; {fix}")
     return dataset[split]
 
 

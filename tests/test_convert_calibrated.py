@@ -218,6 +218,12 @@ def test_data_free_conversion_records_no_calibration(tiny_chat_model: Path, tmp_
     assert "calibration" not in report["fingerprint"] and "avg_out" not in report["summary"]
 
 
+def _test_split_only(path: Path) -> None:
+    """A folder whose one data file datasets reads as the test split (convert has no --split)."""
+    path.with_suffix("").mkdir()
+    (path.with_suffix("") / "test.jsonl").write_text(json.dumps({"text": PROSE}) + "\n")
+
+
 @pytest.mark.parametrize(
     ("make", "extra", "pattern"),
     [
@@ -230,6 +236,7 @@ def test_data_free_conversion_records_no_calibration(tiny_chat_model: Path, tmp_
             [],
             "; write the records in one of these formats",
         ),
+        (_test_split_only, [], "has splits test, not 'train'; give one of its files instead"),
         (lambda p: p.write_text(PROSE), ["--calib-samples", "0"], "--calib-samples must be at least 1"),
         (lambda p: p.write_text(PROSE), ["--calib-damping", "nan"], "--calib-damping must be"),
         (lambda p: p.write_text(PROSE), ["--calib-seq-len", "257"], "longer than the model's context (256"),
@@ -241,8 +248,9 @@ def test_bad_calibration_input_is_one_line_and_writes_nothing(
     data = tmp_path / "calib.txt"
     if make is not None:
         make(data)
-    if data.with_suffix(".jsonl").exists():
-        data = data.with_suffix(".jsonl")
+    for made in (data.with_suffix(".jsonl"), data.with_suffix("")):
+        if made.exists():
+            data = made
     out = tmp_path / "out"
     status = main(
         ["--quiet", "convert", str(tiny_chat_model), str(out), "--rank", "4", "--calib", str(data), *extra]
