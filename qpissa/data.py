@@ -46,8 +46,9 @@ def load_train(config: DataConfig, tokenizer: Any, seed: int) -> TokenizedData:
         UserError: unreadable data, bad records, a chat format without a chat template, or nothing left.
     """
     parts = []
-    for source in config.train_sources():
-        dataset, data_format = load_source(source, seed)
+    for index, source in enumerate(config.train_sources()):
+        split_setting = "data.split" if config.sources is None else f"data.sources[{index}].split"
+        dataset, data_format = load_source(source, seed, split_setting=split_setting)
         check_tokenizer(tokenizer, data_format)
         parts.append(
             dataset.map(
@@ -75,9 +76,11 @@ def load_split(
     tokenizer: Any,
     length_setting: str = "`data.max_seq_len`",
     split: str = "train",
+    split_setting: str = "data.eval_split",
 ) -> tuple[list[Sample], TokenizedData]:
     """Read, render and tokenize held-out data, keeping the rendered samples for exact-match scoring."""
-    dataset, data_format = load_source(DataSource(path, config.eval_format(), split=split))
+    source = DataSource(path, config.eval_format(), split=split)
+    dataset, data_format = load_source(source, split_setting=split_setting)
     check_tokenizer(tokenizer, data_format)
     samples = [render(record, data_format, tokenizer, config.response_only) for record in dataset]
     return samples, tokenize(samples, tokenizer, config.max_seq_len, length_setting)

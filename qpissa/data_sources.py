@@ -41,7 +41,7 @@ def load_source(
     source: DataSource,
     seed: int = 0,
     format_setting: str | None = "data.format",
-    split_setting: str | None = "split",
+    split_setting: str | None = "data.split",
 ) -> tuple[datasets.Dataset, DataFormat]:
     """Read one source, pick its format (detected when not given, and said) and check every record.
 
@@ -68,13 +68,56 @@ def load_source(
     return _subsample(dataset, source, seed), data_format
 
 
-def source_format(source: DataSource, format_setting: str | None) -> DataFormat:
+def heldout_split(path: Path, split_setting: str) -> str:
+    """The split to evaluate on when none is named: validation, else test, else train (a file: train).
+
+    Training reads the train split by default; evaluating it too would measure fit, not held-out
+    loss, so a folder, `save_to_disk` directory or Hub dataset with a held-out split is evaluated on it.
+    """
+    names = _split_names(path)
+    chosen = next((name for name in ("validation", "test", "train") if name in names), None)
+    if chosen is None and len(names) == 1:
+        chosen = names[0]
+    if chosen is None:
+        raise UserError(f"dataset {path} has splits {', '.join(names)}; set {split_setting} to one of them")
+    if len(names) > 1:
+        log.info("data %s: split %s (the held-out one; set %s to choose)", path, chosen, split_setting)
+    return chosen
+
+
+def _split_names(path: Path) -> list[str]:
+    """A dataset's split names without reading its records (one, `train`, for a file or a saved Dataset;
+    a Hub dataset not at hand reads as `train`, and reading it later says why it is not)."""
+    import datasets
+    from datasets.data_files import get_data_patterns
+
+    if path.is_file():
+        return ["train"]
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file():
+            try:
+                return list(json.loads((path / "dataset_dict.json").read_text())["splits"])
+            except (OSError, ValueError, KeyError, TypeError):  # reading it says what is wrong
+                return ["train"]
+        if (path / "state.json").is_file():
+            return ["train"]
+        try:
+            return list(get_data_patterns(str(path)))
+        except Exception:  # no data file at all: reading it says so, with datasets' own message
+            return ["train"]
+    try:
+        return datasets.get_dataset_split_names(str(path))
+    except Exception:
+        return ["train"]
+
+
+def source_format(source: DataSource, format_setting: str | None, split_setting: str | None) -> DataFormat:
     """The format of a source: as given, or detected from its first record as `load_source` does (and
     said), without checking every record."""
     if source.format is not None:
         return source.format
     return _detected_format(
-        load_records(source.path, source.subset, source.split), source.path, format_setting
+        load_records(source.path, source.subset, source.split, split_setting), source.path, format_setting
     )
 
 

@@ -66,7 +66,10 @@ class DataConfig:
     eval_path: Path | None = field(
         default=None, metadata={"help": "held-out data: a file, directory or Hub name (optional)"}
     )
-    eval_split: str = field(default="train", metadata={"help": "split of `eval_path` to evaluate on"})
+    eval_split: str | None = field(
+        default=None,
+        metadata={"help": "split of `eval_path` to evaluate on; default: validation, else test, else train"},
+    )
     max_seq_len: int = field(default=1024, metadata={"help": "tokens per sample; longer samples are cut"})
     response_only: bool = field(
         default=True, metadata={"help": "loss on response tokens only (else on all tokens)"}

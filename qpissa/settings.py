@@ -150,10 +150,11 @@ class EvalSettings:
         default=None, metadata={"help": "tokens per sample; default: the run's, else 1024"}
     )
     max_samples: int | None = field(default=None, metadata={"help": "evaluate only the first N samples"})
-    split: str = field(
-        default="train",
+    split: str | None = field(
+        default=None,
         metadata={
-            "help": "split of a data folder, save_to_disk or Hub dataset (a folder's eval.jsonl is test)"
+            "help": "split of a data folder, save_to_disk or Hub dataset (a folder's eval.jsonl is test); "
+            "default: validation, else test, else train"
         },
     )
     batch_size: int = field(default=8, metadata={"help": "samples per batch"})

@@ -18,7 +18,7 @@ from qpissa import UserError
 from qpissa.artifacts import RUN_MARKER, read_run
 from qpissa.data import IGNORE_INDEX, collate, load_split, pad_token_id
 from qpissa.data_formats import Sample
-from qpissa.data_sources import source_format
+from qpissa.data_sources import heldout_split, source_format
 from qpissa.demo_task import final_answer
 from qpissa.loading import checked_source, load_model, load_tokenizer
 from qpissa.recipe import DataConfig, DataSource
@@ -42,14 +42,15 @@ def evaluate(
     run_data = _run_data_config(source.run_dir)
     recorded = run_data["format"] if run_data else None
     data_format = settings.format or (DataFormat(recorded) if recorded else None)
+    split = settings.split or heldout_split(data_path, "--split")
     if data_format is None:  # detected from the data, as training does
-        data_format = source_format(DataSource(data_path, split=settings.split), format_setting="--format")
+        data_format = source_format(DataSource(data_path, split=split), "--format", split_setting="--split")
     if settings.metric is Metric.ACCURACY and data_format is DataFormat.TEXT:
         raise UserError("format text has no answers to match; use --metric loss or ppl")
     max_seq_len = settings.max_seq_len or (run_data["max_seq_len"] if run_data else 1024)
     data = DataConfig(path=data_path, format=data_format, max_seq_len=max_seq_len)
     tokenizer = load_tokenizer(source)
-    samples, tokenized = load_split(data_path, data, tokenizer, "--max-seq-len", settings.split)
+    samples, tokenized = load_split(data_path, data, tokenizer, "--max-seq-len", split, "--split")
     if settings.max_samples:
         samples, rows = samples[: settings.max_samples], tokenized.rows[: settings.max_samples]
     else:
@@ -59,7 +60,7 @@ def evaluate(
     result: dict[str, Any] = {
         "adapter": str(source.adapter_dir) if source.adapter_dir else None,
         "data": str(data_path),
-        "split": None if data_path.is_file() else settings.split,  # a single file has no splits
+        "split": None if data_path.is_file() else split,  # a single file has no splits
         "dropped": tokenized.dropped,
         "model": str(source.base_dir),
         "samples": len(samples),

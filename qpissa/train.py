@@ -40,6 +40,7 @@ from qpissa.checkpoint import write_json
 from qpissa.convert_settings import Method
 from qpissa.data import TokenizedData, collate, load_split, load_train, packing_collator, pad_token_id
 from qpissa.data_formats import Sample
+from qpissa.data_sources import heldout_split
 from qpissa.distributed import (
     check_fsdp,
     check_gpu_count,
@@ -307,7 +308,14 @@ def _is_occupied(directory: Path) -> bool:
 def _load_eval(config: TrainConfig, tokenizer: Any) -> tuple[list[Sample], TokenizedData | None]:
     if config.data.eval_path is None:
         return [], None
-    return load_split(config.data.eval_path, config.data, tokenizer, split=config.data.eval_split)
+    split = config.data.eval_split or heldout_split(config.data.eval_path, "data.eval_split")
+    trained = {(source.path.resolve(), source.split) for source in config.data.train_sources()}
+    if (config.data.eval_path.resolve(), split) in trained:
+        log.warning(
+            "eval_path %s (split %s) is training data: its loss measures fit, not held-out loss; "
+            "evaluate on data the run does not train on", config.data.eval_path, split,
+        )  # fmt: skip
+    return load_split(config.data.eval_path, config.data, tokenizer, split=split)
 
 
 def _warn_learning_rate(config: TrainConfig, source: ModelSource) -> None:

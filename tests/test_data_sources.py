@@ -12,7 +12,7 @@ import pytest
 from qpissa import UserError
 from qpissa.data import IGNORE_INDEX, load_split, load_train, tokenize
 from qpissa.data_formats import detect_format, render
-from qpissa.data_sources import load_records, load_source
+from qpissa.data_sources import heldout_split, load_records, load_source
 from qpissa.recipe import DataConfig, DataSource
 from qpissa.settings import DataFormat
 
@@ -141,6 +141,28 @@ def test_saved_dataset_dict_split(tmp_path: Path) -> None:
     splits = {name: datasets.Dataset.from_list([{"text": name}]) for name in ("train", "validation")}
     datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "saved"))
     assert load_records(tmp_path / "saved", split="validation")["text"] == ["validation"]
+
+
+def test_evaluation_without_a_split_named_reads_the_held_out_one(tmp_path: Path) -> None:
+    import datasets
+
+    def saved(name: str, splits: tuple[str, ...]) -> Path:
+        parts = {split: datasets.Dataset.from_list([{"text": split}]) for split in splits}
+        datasets.DatasetDict(parts).save_to_disk(str(tmp_path / name))
+        return tmp_path / name
+
+    assert heldout_split(saved("tvt", ("train", "validation", "test")), "--split") == "validation"
+    assert heldout_split(saved("tt", ("train", "test")), "--split") == "test"
+    assert heldout_split(saved("t", ("train",)), "--split") == "train"
+    assert heldout_split(saved("other", ("dev_matched",)), "--split") == "dev_matched"
+    with pytest.raises(UserError, match="has splits a, b; set --split to one of them"):
+        heldout_split(saved("ab", ("a", "b")), "--split")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    _write_jsonl(folder / "train.jsonl", [{"text": "x"}])
+    _write_jsonl(folder / "eval.jsonl", [{"text": "y"}])  # datasets names it the test split
+    assert heldout_split(folder, "--split") == "test"
+    assert heldout_split(folder / "train.jsonl", "--split") == "train"  # a file is its one split
 
 
 def test_hub_dataset_offline_from_the_datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

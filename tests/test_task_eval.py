@@ -84,24 +84,15 @@ def test_cli_eval_prints_json(qpissa_dir: Path, tmp_path: Path, capsys) -> None:
 
 
 def test_cli_eval_scores_the_split_asked_for(qpissa_dir: Path, tmp_path: Path, capsys) -> None:
-    """A folder with train.jsonl and eval.jsonl holds two splits: --split test scores the held-out one."""
+    """A folder with train.jsonl and eval.jsonl holds two splits: --split test scores the held-out one,
+    as does no --split at all (scoring the training split by default would measure fit, silently)."""
     folder = tmp_path / "task"
     folder.mkdir()
     _data(tmp_path).rename(folder / "train.jsonl")
     (folder / "eval.jsonl").write_text(json.dumps({"prompt": "9+9=", "completion": " 18"}) + "\n")
-    for split, samples in (("train", 5), ("test", 1)):
-        argv = [
-            "--quiet",
-            "eval",
-            str(qpissa_dir),
-            "--data",
-            str(folder),
-            "--split",
-            split,
-            "--metric",
-            "loss",
-        ]
-        assert cli.main(argv) == 0
+    for asked, split, samples in (("train", "train", 5), ("test", "test", 1), (None, "test", 1)):
+        argv = ["--quiet", "eval", str(qpissa_dir), "--data", str(folder), "--metric", "loss"]
+        assert cli.main([*argv, *(["--split", asked] if asked else [])]) == 0
         result = json.loads(capsys.readouterr().out)
         assert (result["split"], result["samples"]) == (split, samples)
     assert (

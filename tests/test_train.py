@@ -203,6 +203,34 @@ def test_high_learning_rate_warns(qpissa_dir: Path, data_dir: Path, tmp_path: Pa
     assert any("tend to diverge" in record.message for record in caplog.records)
 
 
+def test_eval_path_folder_is_evaluated_on_its_held_out_split(
+    qpissa_dir: Path, data_dir: Path, tmp_path: Path, caplog
+) -> None:
+    """A folder given as both data and eval_path trains on train.jsonl and evaluates eval.jsonl (its test
+    split); asking for its train split is evaluating training data, and is said."""
+    from qpissa.recipe import load_config
+    from qpissa.train import train
+
+    folder = tmp_path / "task"
+    folder.mkdir()
+    shutil.copy(data_dir / "train.jsonl", folder / "train.jsonl")
+    (folder / "eval.jsonl").write_text("".join((data_dir / "eval.jsonl").read_text().splitlines(True)[:2]))
+    tokens = {}
+    for split in (None, "train"):
+        run = tmp_path / f"run-{split}"
+        data = {"path": str(folder), "eval_path": str(folder), "eval_split": split}
+        config = load_config(
+            _config(tmp_path, qpissa_dir, data_dir, max_steps=1, output_dir=str(run), data=data), []
+        )
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="qpissa.train"):
+            train(config, show_progress=False)
+        warned = [r.getMessage() for r in caplog.records if "is training data" in r.getMessage()]
+        assert len(warned) == (split == "train"), warned
+        tokens[split] = json.loads((run / "eval_results.json").read_text())["tokens"]
+    assert tokens[None] * 4 < tokens["train"]  # 2 held-out records, not the 16 trained on
+
+
 @pytest.mark.integration
 def test_demo_recipe_runs_on_the_demo_model(demo_model: Path, tmp_path: Path) -> None:
     import subprocess
