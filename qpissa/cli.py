@@ -28,7 +28,7 @@ from qpissa.artifacts import (
     partial_dir,
     read_json,
 )
-from qpissa.console import convert_summary, export_summary
+from qpissa.console import convert_summary, counted, export_summary
 from qpissa.convert_settings import CompareSettings, ConvertSettings
 from qpissa.distributed import is_main_process
 from qpissa.options import add_arguments, from_namespace
@@ -178,8 +178,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     else:
         loss = "no step logged"
     if is_main_process():
-        count = f"{summary['steps']} step{'s' * (summary['steps'] != 1)}"
-        print(f"trained {count}, {loss}{extra} -> {summary['output_dir']}")
+        print(f"trained {counted(summary['steps'], 'step')}, {loss}{extra} -> {summary['output_dir']}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:

@@ -10,6 +10,11 @@ from pathlib import Path
 from qpissa.settings import ExportKind
 
 
+def counted(count: int, noun: str) -> str:
+    """`1 step`, `2 steps`: a count with its noun in the number it takes."""
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
 def summary_table(report: dict) -> str:
     """A per-module-type table of the QLoRA baseline error, the method's error and the reduction.
 

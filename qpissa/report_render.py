@@ -13,6 +13,7 @@ from pathlib import Path
 
 from qpissa import plots
 from qpissa.artifacts import EVAL_RESULTS_NAME, LOG_NAME, REPORT_HTML, REPORT_MARKDOWN
+from qpissa.console import counted
 from qpissa.convert_settings import Method
 from qpissa.settings import ReportOptions
 
@@ -54,7 +55,7 @@ def verdict(summary: dict, tail_steps: int) -> list[str]:
     train = summary["training"]
     if train:
         losses = ", ".join(
-            f"{k} {v['tail_loss']:.4f} ({v['tail_steps']} steps up to {v['final_step']})"
+            f"{k} {v['tail_loss']:.4f} ({counted(v['tail_steps'], 'step')} up to {v['final_step']})"
             for k, v in train.items()
         )
         lines.append(f"Mean training loss over the last trained steps (at most {tail_steps}): {losses}.")
