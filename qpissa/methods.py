@@ -117,7 +117,8 @@ def output_error(E: torch.Tensor, H: torch.Tensor, product_dtype: torch.dtype | 
     report metric, and within 1e-4 of it (each term's rounding is random and the trace sums millions).
     """
     dtype = product_dtype or E.dtype
-    return float(((E.to(dtype) @ H.to(dtype)).to(E.dtype) * E).sum(dtype=torch.float64))
+    trace = float(((E.to(dtype) @ H.to(dtype)).to(E.dtype) * E).sum(dtype=torch.float64))
+    return max(trace, 0.0)  # a PSD form: below 0 only by rounding, where E lies in H's null space
 
 
 def weighted_factors(

@@ -171,3 +171,15 @@ def test_scale_search_never_rounds_worse_than_the_block_maxima() -> None:
 def _best_unweighted(R: torch.Tensor, rank: int) -> torch.Tensor:
     U, S, Vh = torch.linalg.svd(R, full_matrices=False)
     return U[:, :rank] * S[:rank] @ Vh[:rank]
+
+
+def test_output_error_of_an_error_in_the_null_space_of_repetitive_inputs_is_zero() -> None:
+    """Calibration text that repeats one token gives a rank-1 H; an error with E·x = 0 has no output
+    error, and the bf16 product must not make its square negative (its root was a traceback)."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x = torch.randn(64, 1, generator=generator)
+        E = torch.randn(32, 64, generator=generator)
+        E -= (E @ x) @ x.T / (x.T @ x)
+        largest = float(E.square().sum() * x.square().sum())  # the form's value for E along x
+        assert 0.0 <= output_error(E, x @ x.T, torch.bfloat16) < 1e-2 * largest
