@@ -27,6 +27,7 @@ from qpissa.architecture import Architecture
 from qpissa.artifacts import CALIBRATION_DIR, REPORT_NAME, ModelSource, partial_dir, read_report
 from qpissa.calibration import CalibrationTokens, calibration_tokens
 from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, copy_side_files, write_index, write_json
+from qpissa.console import counted
 from qpissa.conversion_report import conversion_report
 from qpissa.convert_calibrated import CalibrationRun, calibrate_layers, spooled
 from qpissa.convert_matrix import DecomposedMatrix, decompose_matrix, one_thread_per_matrix
@@ -251,8 +252,8 @@ def _calibration_tokens(reader: CheckpointReader, settings: ConvertSettings) -> 
     drawn, seq_len = tokens.windows.shape
     if drawn < calibration["samples"]:
         log.warning(
-            "--calib %s holds %d windows of %d tokens, fewer than --calib-samples %d: calibrating on all %d",
-            settings.calib, drawn, seq_len, calibration["samples"], drawn,
+            "--calib %s holds %s of %d tokens, fewer than --calib-samples %d: calibrating on all of them",
+            settings.calib, counted(drawn, "window"), seq_len, calibration["samples"],
         )  # fmt: skip
     else:
         log.info("calibrating on %d windows of %d tokens from %s", drawn, seq_len, settings.calib)
