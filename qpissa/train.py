@@ -159,17 +159,23 @@ def _train(
         resumed=resume is not None,
     )
     final_evaluation = eval_data is not None and not fsdp  # after training, on the main process
+    # the best checkpoint is chosen among the Trainer's evaluations: the last step's is one of them
+    best_at_end = arguments.load_best_model_at_end
     trainer = Trainer(
         model=model,
         args=arguments,
         train_dataset=train_data.rows,
         eval_dataset=eval_data.rows if eval_data else None,
         data_collator=packing_collator() if config.data.packing else partial(collate, pad_token_id=pad_id),
-        callbacks=[callback, *([NoEvaluationAtTheEnd()] if final_evaluation else [])],
+        callbacks=[callback, *([NoEvaluationAtTheEnd()] if final_evaluation and not best_at_end else [])],
     )
     _quiet_progress(trainer)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     _save_adapter(trainer, run_dir, template)
+    if best_at_end and trainer.state.best_model_checkpoint:
+        log.info("load_best_model_at_end: the adapter is the best checkpoint's, %s (%s %.4f)",
+                 trainer.state.best_model_checkpoint, arguments.metric_for_best_model,
+                 trainer.state.best_metric)  # fmt: skip
     if final_evaluation and processes().is_main:
         generated = min(len(eval_samples), config.data.eval_generate_samples or 0)
         log.info("evaluating the final adapter: loss on %d samples, answers generated for %d",
@@ -180,11 +186,13 @@ def _train(
         )
         generation = generate(model, show_progress=bars) if config.data.eval_generate_samples else {}
         write_json(run_dir / EVAL_RESULTS_NAME, {**final, **generation})
-        # the last step's line of the eval log, which the Trainer's own pass would have written
-        append_jsonl(
-            run_dir / EVAL_LOG_NAME,
-            {"step": trainer.state.global_step, "eval_loss": final["loss"], **generation},
-        )
+        if (
+            not best_at_end
+        ):  # the last step's line of the eval log, which the Trainer's pass would have written
+            append_jsonl(
+                run_dir / EVAL_LOG_NAME,
+                {"step": trainer.state.global_step, "eval_loss": final["loss"], **generation},
+            )
     if processes().is_main:
         readable_as_umask_allows(run_dir)  # the adapter and checkpoints PEFT and the Trainer wrote
     wait_for_everyone()  # the run directory is complete for every process

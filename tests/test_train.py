@@ -231,6 +231,25 @@ def test_eval_path_folder_is_evaluated_on_its_held_out_split(
     assert tokens[None] * 4 < tokens["train"]  # 2 held-out records, not the 16 trained on
 
 
+def test_load_best_model_at_end_chooses_among_every_step_the_trainer_evaluated(
+    qpissa_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    changes = {"max_steps": 2, "eval_steps": 1, "save_steps": 1, "save_total_limit": None,
+               "load_best_model_at_end": True, "metric_for_best_model": "eval_loss"}  # fmt: skip
+    assert cli.main(["--quiet", "train", str(_config(tmp_path, qpissa_dir, data_dir, **changes))]) == 0
+    run = tmp_path / "run"
+    evals = [json.loads(line) for line in (run / "eval_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [1, 2]  # the last step too, so it can be the best
+    state = json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())
+    best = min(evals, key=lambda e: e["eval_loss"])["step"]
+    assert state["best_model_checkpoint"] == str(run / f"checkpoint-{best}")
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    chosen = load_file(run / f"checkpoint-{best}" / "adapter_model.safetensors")
+    assert adapter.keys() == chosen.keys() and all(adapter[k].equal(chosen[k]) for k in adapter)
+
+
 @pytest.mark.integration
 def test_demo_recipe_runs_on_the_demo_model(demo_model: Path, tmp_path: Path) -> None:
     import subprocess
