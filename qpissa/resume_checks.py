@@ -30,6 +30,12 @@ RNG_FILES = "rng_state*.pth"  # rng_state.pth, or rng_state_<rank>.pth per proce
 CONTINUED_SETTINGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "seed")
 # (the data's path is not among them: a moved or copied file is the same data)
 CONTINUED_DATA = ("format", "subset", "split", "samples", "max_seq_len", "packing", "response_only")
+# what fixes the learning rate of every step: the Trainer restores the optimizer's and the scheduler's
+# state, so a changed value would be ignored (the learning rate) or break the schedule (its length)
+SCHEDULE_SETTINGS = ("learning_rate", "lr_scheduler_type", "warmup_ratio")
+SCHEDULE_TRAINER_OPTIONS = ("warmup_steps", "lr_scheduler_kwargs")
+RUN_LENGTH = ("max_steps", "num_train_epochs")  # free to change on a constant schedule only
+CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
 
 
 def check_checkpoint(checkpoint: Path, config: TrainConfig, source: ModelSource) -> None:
@@ -104,6 +110,14 @@ def _check_same_run(checkpoint: Path, config: TrainConfig, source: ModelSource) 
             f"resume_from_checkpoint {checkpoint} continues a run with {', '.join(changed)}, which this "
             "config changes; resume with the run's settings (its qpissa_run.json), or start a new run"
         )
+    before, now = _schedule(marker["config"]), _schedule(to_dict(config))
+    changed = [f"{key}={value!r}" for key, value in before.items() if now.get(key) != value]
+    if changed:
+        raise UserError(
+            f"resume_from_checkpoint {checkpoint} continues a run with {', '.join(changed)}, which this "
+            "config changes, but the checkpoint's optimizer and learning-rate schedule go on as they were "
+            "saved; resume with the run's values, or start a new run"
+        )
 
 
 def _continued(config: dict) -> dict:
@@ -112,6 +126,16 @@ def _continued(config: dict) -> dict:
     return {key: config.get(key) for key in CONTINUED_SETTINGS} | {
         f"data.{key}": data.get(key) for key in CONTINUED_DATA
     }
+
+
+def _schedule(config: dict) -> dict:
+    """A run's settings that fix its learning rate at every step (its length too, on a decaying one)."""
+    trainer = config.get("trainer") or {}
+    settings = {key: config.get(key) for key in SCHEDULE_SETTINGS}
+    settings |= {key: trainer.get(key) for key in SCHEDULE_TRAINER_OPTIONS}
+    if config.get("lr_scheduler_type") not in CONSTANT_SCHEDULES:
+        settings |= {key: config.get(key) for key in RUN_LENGTH}
+    return settings
 
 
 def _check_torch_file(path: Path, fix: str) -> None:

@@ -115,6 +115,20 @@ def test_resume_reproduces_losses_exactly(
     assert len(_losses(first)) == STEPS + 1
 
 
+def test_a_run_on_a_constant_schedule_resumes_longer_at_its_learning_rate(
+    qpissa_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """On a constant schedule more steps change no step's learning rate, so resuming longer is allowed
+    (on a decaying one it is refused: the saved schedule would go on as it was)."""
+    constant = {"lr_scheduler_type": "constant", "warmup_ratio": 0.0, "save_steps": 2, "eval_steps": None}
+    config = _config(tmp_path, qpissa_dir, data_dir, max_steps=2, **constant)
+    assert cli.main(["--quiet", "train", str(config)]) == 0
+    resume = f"resume_from_checkpoint={tmp_path / 'run' / 'checkpoint-2'}"
+    assert cli.main(["--quiet", "train", str(config), "max_steps=4", resume]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "trainer_log.jsonl").read_text().splitlines()]
+    assert [row["learning_rate"] for row in rows if row["step"] > 0] == [1e-2] * 4
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
