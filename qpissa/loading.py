@@ -58,6 +58,26 @@ def check_causal_lm(model_dir: Path) -> None:
         )
 
 
+def model_context(model_dir: Path) -> int | None:
+    """The positions the model was built for (`max_position_embeddings`; GPT-2's `n_positions`)."""
+    return getattr(auto_config(model_dir).get_text_config(), "max_position_embeddings", None)
+
+
+def check_context(model_dir: Path, max_seq_len: int, setting: str) -> None:
+    """Samples longer than the model's positions fail in a learned position table (an index error) and
+    run unchecked past a rotary model's training length: refuse them in one line.
+
+    Raises:
+        UserError: `max_seq_len` (the user's `setting`) exceeds the model's context.
+    """
+    context = model_context(model_dir)
+    if context is not None and max_seq_len > context:
+        raise UserError(
+            f"{setting} {max_seq_len} is longer than the model's context ({context} tokens, "
+            f"max_position_embeddings); use at most {context}"
+        )
+
+
 def auto_model_class(model_dir: Path):
     """transformers' Auto class that builds the model in `model_dir` (`AutoModel` for a bare encoder)."""
     import transformers

@@ -147,7 +147,10 @@ class EvalSettings:
     )
     metric: Metric = field(default=Metric.ALL, metadata={"help": "what to compute"})
     max_seq_len: int | None = field(
-        default=None, metadata={"help": "tokens per sample; default: the run's, else 1024"}
+        default=None,
+        metadata={
+            "help": "tokens per sample; default: the run's, else 1024 (the model's context if shorter)"
+        },
     )
     max_samples: int | None = field(default=None, metadata={"help": "evaluate only the first N samples"})
     split: str | None = field(

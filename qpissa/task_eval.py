@@ -20,10 +20,14 @@ from qpissa.data import IGNORE_INDEX, collate, load_split, pad_token_id
 from qpissa.data_formats import Sample
 from qpissa.data_sources import heldout_split, source_format
 from qpissa.demo_task import final_answer
-from qpissa.loading import checked_source, load_model, load_tokenizer
+from qpissa.loading import check_context, checked_source, load_model, load_tokenizer, model_context
 from qpissa.recipe import DataConfig, DataSource
 from qpissa.runtime import resolve_runtime
 from qpissa.settings import DataFormat, EvalSettings, Metric
+
+DEFAULT_EVAL_LENGTH = (
+    1024  # tokens per sample without a run's max_seq_len (or the model's context, if shorter)
+)
 
 
 def evaluate(
@@ -47,7 +51,12 @@ def evaluate(
         data_format = source_format(DataSource(data_path, split=split), "--format", split_setting="--split")
     if settings.metric is Metric.ACCURACY and data_format is DataFormat.TEXT:
         raise UserError("format text has no answers to match; use --metric loss or ppl")
-    max_seq_len = settings.max_seq_len or (run_data["max_seq_len"] if run_data else 1024)
+    if settings.max_seq_len is not None:
+        check_context(source.base_dir, settings.max_seq_len, "--max-seq-len")
+    context = model_context(source.base_dir) or DEFAULT_EVAL_LENGTH
+    max_seq_len = settings.max_seq_len or (
+        run_data["max_seq_len"] if run_data else min(DEFAULT_EVAL_LENGTH, context)
+    )
     data = DataConfig(path=data_path, format=data_format, max_seq_len=max_seq_len)
     tokenizer = load_tokenizer(source)
     samples, tokenized = load_split(data_path, data, tokenizer, "--max-seq-len", split, "--split")

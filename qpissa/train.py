@@ -53,7 +53,7 @@ from qpissa.distributed import (
     wait_for_everyone,
 )
 from qpissa.hub import is_hub_name, resolve_model
-from qpissa.loading import check_causal_lm, check_source, load_model, load_tokenizer
+from qpissa.loading import check_causal_lm, check_context, check_source, load_model, load_tokenizer
 from qpissa.memory import estimate_memory
 from qpissa.options import to_dict
 from qpissa.outputs import check_apart, check_replaceable, lock_output, readable_as_umask_allows
@@ -273,6 +273,7 @@ def _check_inputs(config: TrainConfig) -> tuple[ModelSource, Path | None]:
     source = ModelSource(model_dir, model_dir / ADAPTER_DIR)
     check_source(source)
     check_causal_lm(model_dir)
+    check_context(model_dir, config.data.max_seq_len, "`data.max_seq_len`")
     paths = [source.path for source in config.data.train_sources()] + [config.data.eval_path]
     for path in paths:
         if path is not None and not path.exists() and not is_hub_name(path):
