@@ -7,6 +7,7 @@ which works online and, offline (`HF_HUB_OFFLINE=1`), from what a previous downl
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from collections import Counter
@@ -158,11 +159,16 @@ def load_records(
                 if isinstance(dataset, datasets.DatasetDict):
                     dataset = _split(dataset, split, path, split_setting)
             elif path.is_file():
+                loader = LOADERS[path.suffix.lower()]
+                features = _csv_as_text(path) if loader == "csv" else None
                 dataset = datasets.load_dataset(
-                    LOADERS[path.suffix.lower()], data_files=str(path), split="train"
+                    loader, data_files=str(path), split="train", features=features
                 )
             else:
-                dataset = _split(datasets.load_dataset(str(path), subset), split, path, split_setting)
+                csv_files = sorted(f for f in path.rglob("*") if FOLDER_TYPES.get(f.suffix.lower()) == "csv")
+                features = _csv_as_text(csv_files[0]) if csv_files else None  # a folder holds one type
+                dataset = datasets.load_dataset(str(path), subset, features=features)
+                dataset = _split(dataset, split, path, split_setting)
     except UserError:
         raise
     except Exception as error:  # datasets wraps parse and connection errors in many exception types
@@ -261,6 +267,22 @@ def _bars_hidden_below(threshold: int, size: int | None) -> Iterator[None]:
         yield
     finally:
         datasets.enable_progress_bars()
+
+
+def _csv_as_text(path: Path) -> datasets.Features | None:
+    """Every column of a CSV file as text: pandas would read an answer ` 37` as the integer 37, which no
+    record format accepts and no quoting in the file can prevent. None if the header is unreadable (the
+    read then says why)."""
+    import datasets
+
+    try:
+        with path.open(newline="", encoding="utf-8") as file:
+            header = next(csv.reader(file, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+    except (OSError, UnicodeDecodeError, StopIteration, csv.Error):
+        return None
+    if len(set(header)) != len(header) or not all(header):
+        return None  # unnamed or repeated columns: datasets names them, and the record check says so
+    return datasets.Features({name: datasets.Value("string") for name in header})
 
 
 def _split(dataset: Any, split: str, path: Path, split_setting: str | None) -> datasets.Dataset:

@@ -238,3 +238,15 @@ def test_tokenizing_in_several_processes_gives_the_same_rows(tmp_path: Path, tok
     one = load_train(DataConfig(path=path, max_seq_len=64), tokenizer, seed=0)
     two = load_train(DataConfig(path=path, max_seq_len=64, num_proc=2), tokenizer, seed=0)
     assert two.rows["labels"] == one.rows["labels"] and len(one.rows) == 8
+
+
+def test_csv_columns_are_read_as_written(tmp_path: Path) -> None:
+    """pandas would read the answer ` 37` as the integer 37, which no record format accepts."""
+    rows = 'prompt,completion\n"What is 30 plus 7?\nAnswer:", 37\n"And 1 plus 1?",2\n'
+    (tmp_path / "qa.csv").write_text(rows)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "train.csv").write_text(rows)
+    for path in (tmp_path / "qa.csv", tmp_path / "folder"):
+        records, data_format = load_source(DataSource(path))
+        assert data_format is DataFormat.PROMPT_COMPLETION
+        assert records["completion"] == [" 37", "2"] and records[0]["prompt"] == "What is 30 plus 7?\nAnswer:"
