@@ -35,6 +35,7 @@ class TokenizedData:
 
     rows: datasets.Dataset | list[dict[str, list[int]]]  # input_ids, labels per sample
     dropped: int  # samples whose response was cut entirely by max_seq_len
+    cut: int = 0  # samples kept but cut at max_seq_len: their responses trained in part, without the end
 
 
 def load_train(config: DataConfig, tokenizer: Any, seed: int) -> TokenizedData:
@@ -67,7 +68,15 @@ def load_train(config: DataConfig, tokenizer: Any, seed: int) -> TokenizedData:
     tokenized = datasets.concatenate_datasets(parts).shuffle(seed=seed) if len(parts) > 1 else parts[0]
     kept = tokenized.filter(_has_target, input_columns="labels", desc="dropping cut samples")
     _check_kept(len(kept), len(tokenized) - len(kept), config.max_seq_len, "`data.max_seq_len`")
-    return TokenizedData(kept, len(tokenized) - len(kept))
+    cut = sum(kept["cut"])
+    if cut:
+        log.warning(
+            "%d of %d training samples are longer than data.max_seq_len=%d and were cut there: their "
+            "responses are trained in part, without the end of turn; raise data.max_seq_len to keep them "
+            "whole",
+            cut, len(kept), config.max_seq_len,
+        )  # fmt: skip
+    return TokenizedData(kept.remove_columns("cut"), len(tokenized) - len(kept), cut)
 
 
 def load_split(
@@ -99,7 +108,8 @@ def tokenize(
     encoded = [_encode(sample.segments, tokenizer, max_seq_len) for sample in samples]
     rows = [row for row in encoded if _has_target(row["labels"])]
     _check_kept(len(rows), len(encoded) - len(rows), max_seq_len, length_setting)
-    return TokenizedData(rows, len(encoded) - len(rows))
+    cut = sum(row.pop("cut") for row in rows)
+    return TokenizedData(rows, len(encoded) - len(rows), cut)
 
 
 def collate(rows: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -141,12 +151,12 @@ def pad_token_id(tokenizer: Any) -> int:
 
 def _encode_record(
     record: dict[str, Any], data_format: DataFormat, tokenizer: Any, response_only: bool, max_seq_len: int
-) -> dict[str, list[int]]:
+) -> dict[str, Any]:
     """One record to input_ids and labels (`datasets.map`'s function)."""
     return _encode(render(record, data_format, tokenizer, response_only).segments, tokenizer, max_seq_len)
 
 
-def _encode(segments: list[tuple[str, bool]], tokenizer: Any, max_seq_len: int) -> dict[str, list[int]]:
+def _encode(segments: list[tuple[str, bool]], tokenizer: Any, max_seq_len: int) -> dict[str, Any]:
     ids: list[int] = []
     labels: list[int] = []
     for index, (text, trained) in enumerate(segments):
@@ -156,7 +166,7 @@ def _encode(segments: list[tuple[str, bool]], tokenizer: Any, max_seq_len: int) 
         ]
         ids += piece
         labels += piece if trained else [IGNORE_INDEX] * len(piece)
-    return {"input_ids": ids[:max_seq_len], "labels": labels[:max_seq_len]}
+    return {"input_ids": ids[:max_seq_len], "labels": labels[:max_seq_len], "cut": len(ids) > max_seq_len}
 
 
 def _has_target(labels: list[int]) -> bool:

@@ -219,10 +219,9 @@ def _log_setup(memory: dict[str, Any], train_data: TokenizedData) -> None:
         f"{memory['trainable_params']:,}", f"{memory['frozen_params']:,}", memory["total_mb"], parts,
     )  # fmt: skip
     log.info(
-        "%d training samples (%d dropped: response beyond max_seq_len)",
-        len(train_data.rows),
-        train_data.dropped,
-    )
+        "%d training samples (%d dropped: no response token within max_seq_len; %d cut at max_seq_len)",
+        len(train_data.rows), train_data.dropped, train_data.cut,
+    )  # fmt: skip
 
 
 def _log_initial_loss(

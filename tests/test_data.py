@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from qpissa import UserError
-from qpissa.data import IGNORE_INDEX, collate, load_split, packing_collator, tokenize
+from qpissa.data import IGNORE_INDEX, collate, load_split, load_train, packing_collator, tokenize
 from qpissa.data_formats import Sample, check_tokenizer, render
 from qpissa.data_sources import load_source
 from qpissa.recipe import DataConfig, DataSource
@@ -88,6 +88,24 @@ def test_cut_responses_are_dropped_and_counted(tokenizer) -> None:
     assert (data.dropped, len(data.rows)) == (1, 2)
     with pytest.raises(UserError, match="max_seq_len"):
         tokenize([long], tokenizer, max_seq_len=16)
+
+
+def test_training_samples_cut_inside_their_response_are_kept_and_counted(
+    tokenizer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    records = [{"prompt": "ab", "completion": "c"}, {"prompt": "ab", "completion": "y" * 40}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = DataConfig(path=tmp_path / "train.jsonl", max_seq_len=16)
+    with caplog.at_level("WARNING", logger="qpissa.data"):
+        data = load_train(config, tokenizer, seed=0)
+    assert (len(data.rows), data.dropped, data.cut) == (2, 0, 1)
+    assert data.rows.column_names == ["input_ids", "labels"]
+    long_row = max(data.rows, key=lambda row: len(row["input_ids"]))
+    assert len(long_row["input_ids"]) == 16 and long_row["labels"][-1] != tokenizer.eos_token_id
+    assert [r.getMessage() for r in caplog.records if r.name == "qpissa.data"] == [
+        "1 of 2 training samples are longer than data.max_seq_len=16 and were cut there: their responses "
+        "are trained in part, without the end of turn; raise data.max_seq_len to keep them whole"
+    ]
 
 
 def test_a_sample_whose_only_label_is_its_first_token_is_dropped(tokenizer) -> None:
