@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from qpissa import UserError
-from qpissa.artifacts import read_text
+from qpissa.artifacts import latest_checkpoint, read_text
 from qpissa.options import apply_overrides, from_dict, yaml_problem
 from qpissa.settings import MIN_SEQ_LEN, SEED_LIMIT, DataFormat, Device
 
@@ -161,7 +161,7 @@ class TrainConfig:
         default=None, metadata={"help": "evaluate every N steps (needs data.eval_path)"}
     )
     resume_from_checkpoint: Path | None = field(
-        default=None, metadata={"help": "checkpoint-N directory to resume"}
+        default=None, metadata={"help": "checkpoint-N directory to resume, or true for output_dir's newest"}
     )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "replace an existing output_dir"})
     chat_template: str | None = field(
@@ -241,8 +241,24 @@ def load_config(path: Path, overrides: list[str]) -> TrainConfig:
     if not isinstance(values, dict):
         raise UserError(f"config {path} must be a mapping of settings, not {type(values).__name__}")
     values = apply_overrides(values, overrides)
+    if isinstance(values.get("resume_from_checkpoint"), bool):  # the Trainer's idiom for the newest one
+        values["resume_from_checkpoint"] = (
+            _newest_checkpoint(values) if values["resume_from_checkpoint"] else None
+        )
     own = {f.name for f in dataclasses.fields(TrainConfig)}
     trainer = {key: values.pop(key) for key in list(values) if key not in own}  # checked by train
     if isinstance(values.get("trainer"), dict):
         trainer = {**values["trainer"], **trainer}
     return from_dict(TrainConfig, {**values, "trainer": trainer})
+
+
+def _newest_checkpoint(values: dict) -> str:
+    """`resume_from_checkpoint: true`: the newest complete checkpoint-N in output_dir."""
+    output_dir = values.get("output_dir")
+    checkpoint = latest_checkpoint(Path(output_dir)) if output_dir else None
+    if checkpoint is None:
+        raise UserError(
+            f"resume_from_checkpoint=true, but output_dir {output_dir} holds no complete checkpoint-N; "
+            "name one, or leave resume_from_checkpoint out to start the run"
+        )
+    return str(checkpoint)

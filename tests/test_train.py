@@ -98,8 +98,9 @@ def test_run_dir_and_adapter_load_with_plain_peft(run: Path, qpissa_dir: Path) -
     assert not torch.allclose(outputs[0], outputs[1], atol=1e-3)  # the trained adapter changed the model
 
 
+@pytest.mark.parametrize("named", [True, False], ids=["checkpoint-4", "true (the newest)"])
 def test_resume_reproduces_losses_exactly(
-    run: Path, qpissa_dir: Path, data_dir: Path, tmp_path: Path
+    named: bool, run: Path, qpissa_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:
     # an interrupted run: its first checkpoint and log, then a resume with the same config
     tmp = tmp_path
@@ -109,7 +110,8 @@ def test_resume_reproduces_losses_exactly(
     shutil.rmtree(first / "adapter")
     shutil.rmtree(first / f"checkpoint-{STEPS}")
     config = _config(tmp, qpissa_dir, data_dir, save_total_limit=3)
-    overrides = [f"output_dir={first}", f"resume_from_checkpoint={first / 'checkpoint-4'}"]
+    resume = first / "checkpoint-4" if named else "true"
+    overrides = [f"output_dir={first}", f"resume_from_checkpoint={resume}"]
     assert cli.main(["--quiet", "train", str(config), *overrides]) == 0
     assert _losses(first) == _losses(run)
     assert len(_losses(first)) == STEPS + 1
