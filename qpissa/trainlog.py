@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import has_length
 
 from qpissa.artifacts import read_jsonl
 from qpissa.memory import peak_rss_mb
@@ -124,6 +125,17 @@ class QuietProgressCallback(ProgressCallback):
         if state.is_world_process_zero:  # disable=None: off where stderr is no terminal, but for notebooks
             self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, disable=None)
         self.current_step = 0
+
+    def on_prediction_step(
+        self, args: Any, state: Any, control: Any, eval_dataloader: Any = None, **kwargs: Any
+    ) -> None:
+        """The evaluation's bar, hidden where the training bar is (transformers shows it everywhere)."""
+        if state.is_world_process_zero and self.prediction_bar is None and has_length(eval_dataloader):
+            total = len(eval_dataloader)
+            self.prediction_bar = tqdm(
+                total=total, leave=self.training_bar is None, dynamic_ncols=True, disable=None
+            )
+        super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         return

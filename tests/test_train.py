@@ -247,6 +247,14 @@ def test_eval_path_folder_is_evaluated_on_its_held_out_split(
     assert tokens[None] * 4 < tokens["train"]  # 2 held-out records, not the 16 trained on
 
 
+def test_a_log_gets_no_progress_bars(qpissa_dir: Path, data_dir: Path, tmp_path: Path, capsys) -> None:
+    """stderr redirected to a file (here: captured) gets neither the training bar nor the evaluations'."""
+    config = _config(tmp_path, qpissa_dir, data_dir, max_steps=2, eval_steps=1)
+    assert cli.main(["train", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert "it/s]" not in err and "s/it]" not in err and "%|" not in err, err
+
+
 def test_load_best_model_at_end_chooses_among_every_step_the_trainer_evaluated(
     qpissa_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:
