@@ -36,6 +36,7 @@ class TokenizedData:
     rows: datasets.Dataset | list[dict[str, list[int]]]  # input_ids, labels per sample
     dropped: int  # samples whose response was cut entirely by max_seq_len
     cut: int = 0  # samples kept but cut at max_seq_len: their responses trained in part, without the end
+    kept: list[int] | None = None  # of a list of samples (`tokenize`): the index of each row's sample
 
 
 def load_train(config: DataConfig, tokenizer: Any, seed: int) -> TokenizedData:
@@ -87,12 +88,14 @@ def load_split(
     split: str = "train",
     split_setting: str = "data.eval_split",
 ) -> tuple[list[Sample], TokenizedData]:
-    """Read, render and tokenize held-out data, keeping the rendered samples for exact-match scoring."""
+    """Read, render and tokenize held-out data, keeping the rendered samples for exact-match scoring:
+    those of the rows, in their order (a sample dropped from the loss is not scored either)."""
     source = DataSource(path, config.eval_format(), split=split)
     dataset, data_format = load_source(source, split_setting=split_setting)
     check_tokenizer(tokenizer, data_format)
     samples = [render(record, data_format, tokenizer, config.response_only) for record in dataset]
-    return samples, tokenize(samples, tokenizer, config.max_seq_len, length_setting)
+    tokenized = tokenize(samples, tokenizer, config.max_seq_len, length_setting)
+    return [samples[index] for index in tokenized.kept], tokenized
 
 
 def tokenize(
@@ -106,10 +109,11 @@ def tokenize(
         UserError: nothing is left to train on after dropping cut samples.
     """
     encoded = [_encode(sample.segments, tokenizer, max_seq_len) for sample in samples]
-    rows = [row for row in encoded if _has_target(row["labels"])]
+    kept = [index for index, row in enumerate(encoded) if _has_target(row["labels"])]
+    rows = [encoded[index] for index in kept]
     _check_kept(len(rows), len(encoded) - len(rows), max_seq_len, length_setting)
     cut = sum(row.pop("cut") for row in rows)
-    return TokenizedData(rows, len(encoded) - len(rows), cut)
+    return TokenizedData(rows, len(encoded) - len(rows), cut, kept)
 
 
 def collate(rows: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:

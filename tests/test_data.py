@@ -195,3 +195,18 @@ def test_collate_pads_right_and_masks_padding() -> None:
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_held_out_samples_are_those_of_the_rows(tokenizer, tmp_path: Path) -> None:
+    """A sample dropped from the loss (no response token within max_seq_len) is not scored by exact
+    match either, and the rows and samples stay aligned for --max-samples."""
+    records = [{"prompt": "ab", "completion": "c"}, {"prompt": "x" * 40, "completion": "y"},
+               {"prompt": "de", "completion": "f"}]  # fmt: skip
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = DataConfig(path=tmp_path / "eval.jsonl", max_seq_len=16)
+    samples, data = load_split(tmp_path / "eval.jsonl", config, tokenizer)
+    assert data.dropped == 1 and len(samples) == len(data.rows) == 2
+    assert [sample.segments[-1][0] for sample in samples] == [
+        "c" + tokenizer.eos_token,
+        "f" + tokenizer.eos_token,
+    ]
