@@ -225,9 +225,14 @@ def resolve_source(path: Path) -> ModelSource:
         UserError: the path does not exist or is none of these, or a run names no QPiSSA directory.
     """
     if not path.is_dir():
-        raise UserError(
-            f"{path} is not a directory; pass a QPiSSA directory, a training run or a model directory"
-        )
+        problem = "is not a directory" if path.exists() else "does not exist"
+        if not path.exists() and (path.parent / RUN_MARKER).is_file():  # save_total_limit removed it
+            numbers = [
+                p.name.removeprefix(CHECKPOINT_PREFIX) for p in path.parent.glob(CHECKPOINT_PREFIX + "*")
+            ]
+            kept = [f"{CHECKPOINT_PREFIX}{n}" for n in sorted(int(n) for n in numbers if n.isdigit())]
+            problem += f" (the run keeps {', '.join(kept) or 'no checkpoint'})"
+        raise UserError(f"{path} {problem}; pass a QPiSSA directory, a training run or a model directory")
     if (path / RUN_MARKER).is_file():
         adapter = path / ADAPTER_DIR if has_adapter(path / ADAPTER_DIR) else latest_checkpoint(path)
         if adapter is None or not has_adapter(adapter):

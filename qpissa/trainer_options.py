@@ -29,7 +29,7 @@ from qpissa.runtime import Runtime
 # TrainingArguments fields qpissa sets itself, and why (or what to set instead)
 SET_BY_QPISSA = {
     "use_cpu": "set device: cpu instead",
-    "fp16": "set bf16 (fp16 is used on GPUs without bf16)",
+    "fp16": "leave it out: qpissa trains in bf16 on GPUs with it, fp16 on those without, float32 on a CPU",
     "remove_unused_columns": "qpissa's collator needs the labels column",
     "disable_tqdm": "use --quiet",
     "include_num_input_tokens_seen": "tokens/s in trainer_log.jsonl needs it",
