@@ -42,6 +42,7 @@ from qpissa.stored import adapter_key
 from qpissa.targets import TargetPlan, plan_targets, warn_cpu_kernel
 
 log = logging.getLogger(__name__)
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def convert(
@@ -108,6 +109,12 @@ def _convert(
         check_replaceable(out_dir, "OUT", (REPORT_NAME,), "a QPiSSA directory")
     reader, target_plan, device = check_conversion(model_dir, settings)
     warn_cpu_kernel(target_plan, settings.blocksize)
+    if not any((model_dir / name).is_file() for name in TOKENIZER_MARKERS):
+        log.warning(
+            "%s holds no tokenizer (no %s), so %s will hold none either; train, eval and chat need one: "
+            "copy the original model's tokenizer files into it",
+            model_dir, " or ".join(TOKENIZER_MARKERS), out_dir,
+        )  # fmt: skip
     targets = set(target_plan.names)
     workers = _resolve_workers(settings.workers, device, reader, targets, settings.calib is not None)
     decompose_settings = _decompose_settings(settings, device)

@@ -137,6 +137,18 @@ def test_side_files_are_copied_but_not_the_inputs_qpissa_records(tiny_model: Pat
     assert not (tmp_path / "out" / "qpissa_fetch.json").exists()
 
 
+def test_a_model_without_a_tokenizer_is_said_before_the_conversion(
+    tiny_model: Path, tiny_chat_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """train, eval and chat need the tokenizer the output copies from the model: say so at once."""
+    for model, warned in ((tiny_model, True), (tiny_chat_model, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="qpissa.convert"):
+            _convert(model, tmp_path / model.parent.name, "--iters", "1")
+        messages = [r.getMessage() for r in caplog.records if "holds no tokenizer" in r.getMessage()]
+        assert len(messages) == warned, messages
+
+
 def test_transformers_and_peft_load_it_without_requantizing(tiny_model: Path, converted: Path) -> None:
     import bitsandbytes as bnb
     from peft import PeftModel
