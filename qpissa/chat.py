@@ -59,7 +59,8 @@ def load_chat_model(path: Path, adapter: bool = True) -> ChatModel:
     if not tokenizer.chat_template:
         raise UserError(
             f"the tokenizer in {source.base_dir} has no chat template (chat_template.jinja or "
-            "tokenizer_config.json); chat needs an instruction-tuned model's tokenizer files"
+            "tokenizer_config.json), and chat needs one: train with `chat_template: FILE.jinja` in the "
+            "recipe (it is saved with the run), or chat with an instruction-tuned model's conversion"
         )
     device = auto_device()
     model = load_model(source, device=device, compute_dtype=inference_dtype(device)).eval()

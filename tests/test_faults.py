@@ -527,6 +527,9 @@ CASES = [
     Case("chat", "the model's chat template does not parse", _chat,
          "the chat template fails .*TemplateSyntaxError",
          damage=lambda ws: _file(ws / "qpissa" / "chat_template.jinja", BROKEN_TEMPLATE)),
+    Case("chat", "a model without a chat template", _chat,
+         "has no chat template .* train with `chat_template: FILE.jinja` in the recipe",
+         damage=lambda ws: (ws / "qpissa" / "chat_template.jinja").unlink()),
     Case("chat", "QPiSSA directory without its adapter", _chat, "without its adapter",
          damage=lambda ws: shutil.rmtree(ws / "qpissa" / "adapter")),
     # export: never an input, never someone else's OUT.partial
