@@ -90,7 +90,10 @@ def check_record(record: dict[str, Any], data_format: DataFormat, where: str) ->
     if data_format in CHAT_FORMATS:
         messages = to_messages(record, data_format, where)
         if messages[-1]["role"] != "assistant":
-            raise UserError(f"{where}: the last turn must be the assistant's (it is what the model learns)")
+            raise UserError(
+                f"{where}: the last turn must be the assistant's (it is what the model learns), not "
+                f"{messages[-1]['role']!r}'s; end each conversation with the assistant's answer"
+            )
         return {message["role"] for message in messages}
     for name in REQUIRED_FIELDS[data_format]:
         if not isinstance(record[name], str):

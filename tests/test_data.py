@@ -163,7 +163,13 @@ def test_missing_field_names_record_and_field(tmp_path: Path) -> None:
 
 def test_bad_messages_are_refused(tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
-    with pytest.raises(UserError, match="record 0: the last turn must be the assistant's"):
+    with pytest.raises(UserError, match=r"record 0: the last turn must be the assistant's .*, not 'user''s"):
+        read_records(path, DataFormat.MESSAGES)
+    typo = [{"role": "user", "content": "hi"}, {"role": "assitant", "content": "yo"}]
+    path = _write_jsonl(tmp_path / "typo.jsonl", [{"messages": typo}])
+    with pytest.raises(
+        UserError, match="not 'assitant''s; end each conversation with the assistant's answer"
+    ):
         read_records(path, DataFormat.MESSAGES)
 
 
