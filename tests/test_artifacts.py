@@ -78,7 +78,7 @@ def test_a_plain_model_has_no_adapter_and_anything_else_is_refused(tmp_path: Pat
     with pytest.raises(UserError, match="missing does not exist; pass a QPiSSA directory"):
         resolve_source(tmp_path / "missing")
     (tmp_path / "file.txt").write_text("")
-    with pytest.raises(UserError, match="file.txt is not a directory; pass a QPiSSA directory"):
+    with pytest.raises(UserError, match=r"file\.txt is not a directory; pass a QPiSSA directory"):
         resolve_source(tmp_path / "file.txt")
     assert partial_dir(tmp_path / "out") == tmp_path / "out.partial"
 
