@@ -101,6 +101,19 @@ def check_record(record: dict[str, Any], data_format: DataFormat, where: str) ->
     return set()
 
 
+RESPONSE_FIELDS = {DataFormat.PROMPT_COMPLETION: "completion", DataFormat.ALPACA: "output"}
+
+
+def has_empty_response(record: dict[str, Any], data_format: DataFormat) -> bool:
+    """A checked record with an empty answer (an assistant turn, `completion` or `output`): trained, it
+    teaches the model to answer nothing, as only the end of turn is left to learn."""
+    if data_format in CHAT_FORMATS:
+        turns = to_messages(record, data_format, "")
+        return any(turn["role"] == "assistant" and not str(turn["content"]).strip() for turn in turns)
+    field = RESPONSE_FIELDS.get(data_format)
+    return field is not None and not record[field].strip()
+
+
 def to_messages(record: dict[str, Any], data_format: DataFormat, where: str) -> list[dict[str, str]]:
     """A chat record's turns as [{role, content}, ...] (ShareGPT's from/value mapped to roles).
 

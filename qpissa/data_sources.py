@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from qpissa import UserError
 from qpissa.artifacts import read_text
-from qpissa.data_formats import KNOWN_ROLES, check_record, detect_format
+from qpissa.data_formats import KNOWN_ROLES, check_record, detect_format, has_empty_response
 from qpissa.hub import is_hub_name
 from qpissa.settings import DataFormat
 
@@ -58,8 +58,16 @@ def load_source(
     dataset = load_records(source.path, source.subset, source.split, split_setting)
     data_format = source.format or _detected_format(dataset, source.path, format_setting)
     unknown_roles: Counter[str] = Counter()
+    empty = 0
     for index, record in enumerate(dataset):
         unknown_roles.update(check_record(record, data_format, f"{source.path} record {index}") - KNOWN_ROLES)
+        empty += has_empty_response(record, data_format)
+    if empty:
+        log.warning(
+            "data %s: %d of %d records have an empty answer; trained, they teach the model to answer "
+            "nothing (only the end of turn is left to learn): fill or remove them", source.path, empty,
+            len(dataset),
+        )  # fmt: skip
     if unknown_roles:
         found = ", ".join(f"{role!r} in {count} record(s)" for role, count in unknown_roles.most_common())
         log.warning(

@@ -250,3 +250,22 @@ def test_csv_columns_are_read_as_written(tmp_path: Path) -> None:
         records, data_format = load_source(DataSource(path))
         assert data_format is DataFormat.PROMPT_COMPLETION
         assert records["completion"] == [" 37", "2"] and records[0]["prompt"] == "What is 30 plus 7?\nAnswer:"
+
+
+def test_records_with_an_empty_answer_are_counted_in_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]
+    sources = {
+        "pc.jsonl": [{"prompt": "a", "completion": ""}, {"prompt": "b", "completion": "c"}],
+        "chat.jsonl": [{"messages": chat}, {"messages": [*chat[:1], {"role": "assistant", "content": "yo"}]}],
+    }
+    for name, records in sources.items():
+        path = _write_jsonl(tmp_path / name, records)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="qpissa.data_sources"):
+            load_source(DataSource(path))
+        assert [r.getMessage() for r in caplog.records] == [
+            f"data {path}: 1 of 2 records have an empty answer; trained, they teach the model to answer "
+            "nothing (only the end of turn is left to learn): fill or remove them"
+        ]
