@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 # the file types datasets reads from a folder; it reads one type per folder and ignores the others
 FOLDER_TYPES = LOADERS | {".tsv": "csv", ".ndjson": "json", ".txt": "text"}
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")  # told apart from unknown types: decompress first
 _SAVED_MARKERS = ("state.json", "dataset_dict.json")  # what `save_to_disk` writes at a dataset's top
 # local data below this size is read in a few seconds (~100 MB/s measured), so datasets' "Generating
 # train split" bars are hidden: they would only stand above the data's own error line
@@ -191,7 +192,9 @@ def _check_file(path: Path) -> None:
     (datasets names neither the line nor the fix)."""
     if path.suffix.lower() not in LOADERS:
         known = ", ".join(LOADERS)
-        raise UserError(f"{path}: unknown data file type {path.suffix!r}; use {known} or a directory")
+        packed = path.suffix.lower() in COMPRESSED and Path(path.stem).suffix.lower() in LOADERS
+        fix = f"decompress it first ({Path(path.stem).name})" if packed else f"use {known} or a directory"
+        raise UserError(f"{path}: unknown data file type {path.suffix!r}; {fix}")
     if path.stat().st_size == 0:
         raise UserError(f"dataset {path} is empty; it needs at least one record")
     if path.suffix.lower() not in (".jsonl", ".json"):

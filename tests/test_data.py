@@ -182,8 +182,14 @@ def test_malformed_and_missing_files(tmp_path: Path) -> None:
         read_records(tmp_path / "nope.jsonl", DataFormat.PROMPT_COMPLETION)
     text_file = tmp_path / "x.txt"
     text_file.write_text("hello")
-    with pytest.raises(UserError, match="unknown data file type"):
+    with pytest.raises(UserError, match=r"unknown data file type '\.txt'; use \.jsonl"):
         read_records(text_file, DataFormat.TEXT)
+    packed = tmp_path / "train.jsonl.gz"
+    packed.write_bytes(b"\x1f\x8b")
+    with pytest.raises(
+        UserError, match=r"unknown data file type '\.gz'; decompress it first \(train\.jsonl\)"
+    ):
+        read_records(packed, DataFormat.TEXT)
 
 
 def test_messages_need_a_chat_template(tokenizer) -> None:
