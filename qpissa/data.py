@@ -68,7 +68,7 @@ def load_train(config: DataConfig, tokenizer: Any, seed: int) -> TokenizedData:
         )
     tokenized = datasets.concatenate_datasets(parts).shuffle(seed=seed) if len(parts) > 1 else parts[0]
     kept = tokenized.filter(_has_target, input_columns="labels", desc="dropping cut samples")
-    _check_kept(len(kept), len(tokenized) - len(kept), config.max_seq_len, "`data.max_seq_len`")
+    _check_kept(len(kept), len(tokenized) - len(kept), config.max_seq_len, "`data.max_seq_len`", "train on")
     cut = sum(kept["cut"])
     if cut:
         log.warning(
@@ -111,7 +111,7 @@ def tokenize(
     encoded = [_encode(sample.segments, tokenizer, max_seq_len) for sample in samples]
     kept = [index for index, row in enumerate(encoded) if _has_target(row["labels"])]
     rows = [encoded[index] for index in kept]
-    _check_kept(len(rows), len(encoded) - len(rows), max_seq_len, length_setting)
+    _check_kept(len(rows), len(encoded) - len(rows), max_seq_len, length_setting, "score")
     cut = sum(row.pop("cut") for row in rows)
     return TokenizedData(rows, len(encoded) - len(rows), cut, kept)
 
@@ -178,18 +178,16 @@ def _has_target(labels: list[int]) -> bool:
     return any(label != IGNORE_INDEX for label in labels[1:])
 
 
-def _check_kept(kept: int, dropped: int, max_seq_len: int, length_setting: str) -> None:
+def _check_kept(kept: int, dropped: int, max_seq_len: int, length_setting: str, use: str) -> None:
+    """Say what was dropped, and refuse data with nothing left to `use` (train on, or score)."""
     if dropped:
         log.warning(
-            "dropped %d of %d samples with no response token to train on within max_seq_len=%d "
-            "(empty, or cut off)",
-            dropped,
-            kept + dropped,
-            max_seq_len,
-        )
+            "dropped %d of %d samples with no response token to %s within max_seq_len=%d (empty, or cut off)",
+            dropped, kept + dropped, use, max_seq_len,
+        )  # fmt: skip
     if not kept:
         raise UserError(
-            f"no sample has a response token to train on within max_seq_len={max_seq_len}; raise "
+            f"no sample has a response token to {use} within max_seq_len={max_seq_len}; raise "
             f"{length_setting}, or check the data for empty records"
         )
 

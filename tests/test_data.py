@@ -115,7 +115,7 @@ def test_a_sample_whose_only_label_is_its_first_token_is_dropped(tokenizer) -> N
     data = tokenize([lone, short], tokenizer, max_seq_len=16)
     assert (data.dropped, len(data.rows)) == (1, 1)
     with pytest.raises(
-        UserError, match=r"no sample has a response token to train on.*check the data for empty records"
+        UserError, match=r"no sample has a response token to score.*check the data for empty records"
     ):
         tokenize([lone], tokenizer, max_seq_len=16)
 

@@ -482,7 +482,7 @@ CASES = [
     Case("eval", "--max-seq-len 0",
          lambda ws: _eval(ws, "--max-seq-len", "0"), "--max-seq-len must be at least 8"),
     Case("eval", "every sample longer than --max-seq-len", lambda ws: _eval(ws, "--max-seq-len", "8"),
-         "no sample has a response token to train on within max_seq_len=8; raise --max-seq-len",
+         "no sample has a response token to score within max_seq_len=8; raise --max-seq-len",
          damage=lambda ws: _file(ws / "data" / "train.jsonl", LONG_SAMPLE)),
     Case("eval", "run names a directory that is no QPiSSA directory", lambda ws: _eval(ws, target="run"),
          "names model .* which is not a QPiSSA directory",
