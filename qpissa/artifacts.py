@@ -216,7 +216,7 @@ def comparison_members(compare_dir: Path, kind: str) -> list[Path]:
 
 def resolve_source(path: Path) -> ModelSource:
     """Interpret MODEL_OR_RUN: a QPiSSA dir, a run dir (final adapter, else latest checkpoint), a
-    `checkpoint-N` dir inside a run, or a plain HF checkpoint.
+    `checkpoint-N` dir inside a run, a LoRA export (on the model it names), or a plain HF checkpoint.
 
     A run's model is the one its marker names (relative to the run when relative), and must be a QPiSSA
     directory: a run file from elsewhere cannot point a command at an arbitrary directory.
@@ -242,10 +242,25 @@ def resolve_source(path: Path) -> ModelSource:
         return ModelSource(_trained_model(path), adapter, run_dir=path)
     if has_adapter(path) and (path.parent / RUN_MARKER).is_file():
         return ModelSource(_trained_model(path.parent), path, run_dir=path.parent)
+    if has_adapter(path) and not (path / CONFIG_NAME).is_file():  # a LoRA export: an adapter alone
+        return ModelSource(_adapter_base(path), path)
     if (path / CONFIG_NAME).is_file():
         adapter = path / ADAPTER_DIR if has_adapter(path / ADAPTER_DIR) else None
         return ModelSource(path, adapter)
     raise UserError(f"{path} is not a QPiSSA directory, a training run or a model directory (no config.json)")
+
+
+def _adapter_base(adapter_dir: Path) -> Path:
+    """The local model a PEFT adapter directory names (`base_model_name_or_path`), as a LoRA export
+    names the original model."""
+    config = read_json(adapter_dir / "adapter_config.json", "export the adapter again")
+    base = config.get("base_model_name_or_path")
+    if not isinstance(base, str) or not (Path(base) / CONFIG_NAME).is_file():
+        raise UserError(
+            f"adapter {adapter_dir} names base model {base!r}, which is no local model directory; put the "
+            "original model there, or correct base_model_name_or_path in its adapter_config.json"
+        )
+    return Path(base)
 
 
 def trained_on(marker: dict, qpissa_dir: Path) -> bool | None:

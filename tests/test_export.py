@@ -158,6 +158,10 @@ def test_lora_export_differs_by_the_residual_nf4_error(
     from peft import PeftModel
 
     lora_logits = _logits(PeftModel.from_pretrained(_plain(tiny_chat_model), out))
+    # eval and chat take the export as MODEL_OR_RUN: the original model it names, with the adapter
+    source = resolve_source(out)
+    assert (source.base_dir, source.adapter_dir) == (tiny_chat_model.resolve(), out)
+    torch.testing.assert_close(_logits(load_model(source, compute_dtype=torch.float32)), lora_logits)
     requantized = _plain(tiny_chat_model)
     for module, weight in merged_4bit.items():
         requantized.get_submodule(module).weight.data = weight

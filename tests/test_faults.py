@@ -477,6 +477,10 @@ CASES = [
          damage=lambda ws: _edit_json(ws / "run" / "qpissa_run.json", conversion={"model": "another"})),
     Case("eval", "QPiSSA directory without its adapter", _eval, "without its adapter .* --no-adapter",
          damage=lambda ws: shutil.rmtree(ws / "qpissa" / "adapter")),
+    Case("eval", "a LoRA export whose original model is gone", lambda ws: _eval(ws, target="lora"),
+         "adapter .*lora names base model '/nowhere', which is no local model directory",
+         damage=lambda ws: (shutil.copytree(ws / "qpissa" / "adapter", ws / "lora"), _edit_json(
+             ws / "lora" / "adapter_config.json", base_model_name_or_path="/nowhere"))),
     Case("eval", "--max-seq-len beyond the model's context", lambda ws: _eval(ws, "--max-seq-len", "512"),
          r"--max-seq-len 512 is longer than the model's context \(256 tokens"),
     Case("eval", "--max-seq-len 0",
