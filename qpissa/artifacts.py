@@ -85,14 +85,20 @@ def is_qpissa_dir(path: Path) -> bool:
     return (path / REPORT_NAME).is_file() and (path / CONFIG_NAME).is_file()
 
 
+def checkpoints(run_dir: Path) -> list[Path]:
+    """A run's `checkpoint-N` directories, complete or not, oldest first."""
+    found = [path for path in run_dir.glob(CHECKPOINT_PREFIX + "*") if _step(path).isdigit()]
+    return sorted(found, key=lambda path: int(_step(path)))
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete `checkpoint-N` of a run (one with trainer_state.json), if any."""
-    found = [
-        path
-        for path in run_dir.glob(CHECKPOINT_PREFIX + "*")
-        if path.name.removeprefix(CHECKPOINT_PREFIX).isdigit() and (path / TRAINER_STATE).is_file()
-    ]
-    return max(found, key=lambda path: int(path.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
+    complete = [path for path in checkpoints(run_dir) if (path / TRAINER_STATE).is_file()]
+    return complete[-1] if complete else None
+
+
+def _step(checkpoint: Path) -> str:
+    return checkpoint.name.removeprefix(CHECKPOINT_PREFIX)
 
 
 def read_text(path: Path, what: str, fix: str) -> str:
@@ -227,11 +233,8 @@ def resolve_source(path: Path) -> ModelSource:
     if not path.is_dir():
         problem = "is not a directory" if path.exists() else "does not exist"
         if not path.exists() and (path.parent / RUN_MARKER).is_file():  # save_total_limit removed it
-            numbers = [
-                p.name.removeprefix(CHECKPOINT_PREFIX) for p in path.parent.glob(CHECKPOINT_PREFIX + "*")
-            ]
-            kept = [f"{CHECKPOINT_PREFIX}{n}" for n in sorted(int(n) for n in numbers if n.isdigit())]
-            problem += f" (the run keeps {', '.join(kept) or 'no checkpoint'})"
+            kept = ", ".join(checkpoint.name for checkpoint in checkpoints(path.parent))
+            problem += f" (the run keeps {kept or 'no checkpoint'})"
         raise UserError(f"{path} {problem}; pass a QPiSSA directory, a training run or a model directory")
     if (path / RUN_MARKER).is_file():
         adapter = path / ADAPTER_DIR if has_adapter(path / ADAPTER_DIR) else latest_checkpoint(path)

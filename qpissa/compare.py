@@ -46,7 +46,7 @@ from qpissa.calibration import OVERLAP_NGRAM, calibration_tokens, overlap_tokens
 from qpissa.checkpoint import CheckpointReader, auto_config, write_json
 from qpissa.convert import check_conversion, convert
 from qpissa.convert_settings import CompareSettings, ConvertSettings, Method
-from qpissa.data_sources import heldout_split, load_source
+from qpissa.data_sources import eval_split, load_source
 from qpissa.loading import check_causal_lm, load_model, load_tokenizer
 from qpissa.options import to_dict
 from qpissa.original_kl import check_heldout, heldout_ids, measure_fidelity
@@ -250,9 +250,8 @@ def _check_train_config(config_path: Path, out_dir: Path) -> None:
     for source in config.data.train_sources():
         load_source(source)
     if config.data.eval_path is not None:
-        split = config.data.eval_split or heldout_split(config.data.eval_path, "data.eval_split")
         load_source(
-            DataSource(config.data.eval_path, config.data.format, split=split),
+            DataSource(config.data.eval_path, config.data.format, split=eval_split(config.data)),
             split_setting="data.eval_split",
         )
 

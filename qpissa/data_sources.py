@@ -25,7 +25,7 @@ from qpissa.settings import DataFormat
 if TYPE_CHECKING:
     import datasets
 
-    from qpissa.recipe import DataSource
+    from qpissa.recipe import DataConfig, DataSource
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,11 @@ def heldout_split(path: Path, split_setting: str) -> str:
     if len(names) > 1:
         log.info("data %s: split %s (the held-out one; set %s to choose)", path, chosen, split_setting)
     return chosen
+
+
+def eval_split(data: DataConfig) -> str:
+    """The split of a recipe's `eval_path` to evaluate: `eval_split`, else its held-out one."""
+    return data.eval_split or heldout_split(data.eval_path, "data.eval_split")
 
 
 def _split_names(path: Path) -> list[str]:

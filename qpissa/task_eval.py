@@ -25,9 +25,8 @@ from qpissa.recipe import DataConfig, DataSource
 from qpissa.runtime import resolve_runtime
 from qpissa.settings import DataFormat, EvalSettings, Metric
 
-DEFAULT_EVAL_LENGTH = (
-    1024  # tokens per sample without a run's max_seq_len (or the model's context, if shorter)
-)
+# tokens per sample without a run's max_seq_len (or the model's context, if shorter)
+DEFAULT_EVAL_LENGTH = 1024
 
 
 def evaluate(

@@ -40,7 +40,7 @@ from qpissa.checkpoint import write_json
 from qpissa.convert_settings import Method
 from qpissa.data import TokenizedData, collate, load_split, load_train, packing_collator, pad_token_id
 from qpissa.data_formats import Sample
-from qpissa.data_sources import heldout_split
+from qpissa.data_sources import eval_split
 from qpissa.distributed import (
     check_fsdp,
     check_gpu_count,
@@ -186,9 +186,8 @@ def _train(
         )
         generation = generate(model, show_progress=bars) if config.data.eval_generate_samples else {}
         write_json(run_dir / EVAL_RESULTS_NAME, {**final, **generation})
-        if (
-            not best_at_end
-        ):  # the last step's line of the eval log, which the Trainer's pass would have written
+        # the last step's line of the eval log, which the Trainer's pass would have written
+        if not best_at_end:
             append_jsonl(
                 run_dir / EVAL_LOG_NAME,
                 {"step": trainer.state.global_step, "eval_loss": final["loss"], **generation},
@@ -316,7 +315,7 @@ def _is_occupied(directory: Path) -> bool:
 def _load_eval(config: TrainConfig, tokenizer: Any) -> tuple[list[Sample], TokenizedData | None]:
     if config.data.eval_path is None:
         return [], None
-    split = config.data.eval_split or heldout_split(config.data.eval_path, "data.eval_split")
+    split = eval_split(config.data)
     trained = {(source.path.resolve(), source.split) for source in config.data.train_sources()}
     if (config.data.eval_path.resolve(), split) in trained:
         log.warning(
