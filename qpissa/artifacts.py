@@ -6,8 +6,12 @@ are what tells them apart (`resolve_source` turns a MODEL_OR_RUN argument into w
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
 import logging
+import lzma
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,8 +105,28 @@ def _step(checkpoint: Path) -> str:
     return checkpoint.name.removeprefix(CHECKPOINT_PREFIX)
 
 
+# compressed files are read as what they hold, as datasets reads them: train.jsonl.gz is JSON Lines
+DECOMPRESSORS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def content_suffix(path: Path) -> str:
+    """A file's type suffix, lowercased, through a compression ending (`.jsonl` for train.jsonl.gz)."""
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if len(suffixes) > 1 and suffixes[-1] in DECOMPRESSORS:
+        return suffixes[-2]
+    return path.suffix.lower()
+
+
+def open_text(path: Path, newline: str | None = None) -> Any:
+    """A UTF-8 text stream of a file, decompressed if it ends in .gz, .bz2 or .xz (`newline`: as `open`)."""
+    opener = DECOMPRESSORS.get(path.suffix.lower())
+    if opener is None:
+        return path.open(encoding="utf-8", newline=newline)
+    return opener(path, "rt", encoding="utf-8", newline=newline)
+
+
 def read_text(path: Path, what: str, fix: str) -> str:
-    """A UTF-8 text file, or one line naming it and what to do.
+    """A UTF-8 text file (decompressed if it is .gz, .bz2 or .xz), or one line naming it and what to do.
 
     Args:
         path: the file. what: how the user knows it (`config`, `--text`). fix: what to do about it.
@@ -115,13 +139,17 @@ def read_text(path: Path, what: str, fix: str) -> str:
     if not path.exists():
         raise UserError(f"{what} {path} does not exist; {fix}")
     try:
-        return path.read_text(encoding="utf-8")
+        with open_text(path) as file:
+            return file.read()
     except UnicodeDecodeError as error:
         raise UserError(
             f"{what} {path} is not UTF-8 text (byte {error.start} cannot be decoded); save it as UTF-8"
         ) from None
+    except (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile) as error:
+        raise UserError(f"{what} {path} is not a readable {path.suffix} file ({error}); {fix}") from None
     except OSError as error:
-        raise UserError(f"cannot read {what} {path}: {error.strerror}; {fix}") from None
+        reason = error.strerror or str(error)  # bz2 says "Invalid data stream" without a strerror
+        raise UserError(f"cannot read {what} {path}: {reason}; {fix}") from None
 
 
 def read_json(path: Path, fix: str, required: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 
 from qpissa import UserError
-from qpissa.artifacts import read_text
+from qpissa.artifacts import content_suffix, read_text
 from qpissa.data_formats import render
 from qpissa.data_sources import load_source
 from qpissa.recipe import DataSource
 
-TEXT_SUFFIXES = (".txt", ".md")  # read whole as plain text
+TEXT_SUFFIXES = (".txt", ".md")  # read whole as plain text (also .gz, .bz2 or .xz compressed)
 OVERLAP_NGRAM = 32  # tokens: a shared run this long between calibration and held-out text is an overlap
 
 
@@ -99,7 +99,7 @@ def overlap_tokens(calibration: torch.Tensor, heldout: torch.Tensor, n: int = OV
 def _read_texts(path: Path, tokenizer: Any) -> tuple[list[str], str]:
     if not path.exists():
         raise UserError(f"--calib {path} does not exist; pass a text file or a training data file")
-    if path.is_file() and path.suffix.lower() in TEXT_SUFFIXES:
+    if path.is_file() and content_suffix(path) in TEXT_SUFFIXES:
         text = read_text(path, "--calib", "pass a text file or a training data file")
         if not text.strip():
             raise UserError(f"--calib {path} is empty; pass a file with text in it")

@@ -17,8 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qpissa import UserError
-from qpissa.artifacts import read_text
-from qpissa.data_formats import KNOWN_ROLES, check_record, detect_format, has_empty_response
+from qpissa.artifacts import content_suffix, open_text, read_text
+from qpissa.data_formats import (
+    KNOWN_ROLES,
+    REQUIRED_FIELDS,
+    check_record,
+    detect_format,
+    has_empty_response,
+)
 from qpissa.hub import is_hub_name
 from qpissa.settings import DataFormat
 
@@ -29,9 +35,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+LOADERS = {
+    ".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
+    ".arrow": "arrow",
+}  # fmt: skip
+TEXT_TYPES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv")  # also read compressed (.gz, .bz2, .xz)
 # the file types datasets reads from a folder; it reads one type per folder and ignores the others
-FOLDER_TYPES = LOADERS | {".tsv": "csv", ".ndjson": "json", ".txt": "text"}
+FOLDER_TYPES = LOADERS | {".txt": "text"}
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")  # told apart from unknown types: decompress first
 _SAVED_MARKERS = ("state.json", "dataset_dict.json")  # what `save_to_disk` writes at a dataset's top
 # local data below this size is read in a few seconds (~100 MB/s measured), so datasets' "Generating
@@ -155,8 +165,9 @@ def load_records(
     local = path.exists()
     if not local and not is_hub_name(path):
         raise UserError(f"dataset {path} does not exist; check the path (or give a Hub name: owner/name)")
+    options: dict[str, str] = {}
     if path.is_file():
-        _check_file(path)
+        options = _check_file(path)
         if subset is not None or split != "train":  # they would be ignored, silently
             asked = f"subset {subset!r}" if subset is not None else f"split {split!r}"
             raise UserError(
@@ -173,13 +184,13 @@ def load_records(
                 if isinstance(dataset, datasets.DatasetDict):
                     dataset = _split(dataset, split, path, split_setting)
             elif path.is_file():
-                loader = LOADERS[path.suffix.lower()]
+                loader = LOADERS[content_suffix(path)]
                 features = _csv_as_text(path) if loader == "csv" else None
                 dataset = datasets.load_dataset(
-                    loader, data_files=str(path), split="train", features=features
+                    loader, data_files=str(path), split="train", features=features, **options
                 )
             else:
-                csv_files = sorted(f for f in path.rglob("*") if FOLDER_TYPES.get(f.suffix.lower()) == "csv")
+                csv_files = sorted(f for f in path.rglob("*") if FOLDER_TYPES.get(content_suffix(f)) == "csv")
                 features = _csv_as_text(csv_files[0]) if csv_files else None  # a folder holds one type
                 dataset = datasets.load_dataset(str(path), subset, features=features)
                 dataset = _split(dataset, split, path, split_setting)
@@ -192,23 +203,34 @@ def load_records(
     return dataset
 
 
-def _check_file(path: Path) -> None:
+def _check_file(path: Path) -> dict[str, str]:
     """A data file's type is known and it holds something; JSON Lines: every line a JSON object
-    (datasets names neither the line nor the fix)."""
-    if path.suffix.lower() not in LOADERS:
+    (datasets names neither the line nor the fix).
+
+    Returns:
+        What `load_dataset` needs besides the file: a tab separator, or the field of a JSON object that
+        holds the records.
+    """
+    suffix = content_suffix(path)
+    if suffix not in LOADERS or (suffix != path.suffix.lower() and suffix not in TEXT_TYPES):
         known = ", ".join(LOADERS)
         packed = path.suffix.lower() in COMPRESSED and Path(path.stem).suffix.lower() in LOADERS
-        fix = f"decompress it first ({Path(path.stem).name})" if packed else f"use {known} or a directory"
+        fix = (
+            f"decompress it first ({Path(path.stem).name})" if packed
+            else f"use {known} (the text types also as .gz, .bz2 or .xz) or a directory"
+        )  # fmt: skip
         raise UserError(f"{path}: unknown data file type {path.suffix!r}; {fix}")
     if path.stat().st_size == 0:
         raise UserError(f"dataset {path} is empty; it needs at least one record")
-    if path.suffix.lower() not in (".jsonl", ".json"):
-        return
+    if suffix == ".tsv":
+        return {"sep": "\t"}
+    if LOADERS[suffix] != "json":
+        return {}
     text = read_text(path, "dataset", "check the path")
     if not text.strip():
         raise UserError(f"dataset {path} is empty; it needs at least one record")
-    if path.suffix.lower() != ".jsonl":
-        return
+    if suffix == ".json":
+        return _records_field(path, text)
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -221,6 +243,32 @@ def _check_file(path: Path) -> None:
             ) from None
         if not isinstance(record, dict):
             raise UserError(f"dataset {path} line {number} is not a JSON object (one record per line)")
+    return {}
+
+
+def _records_field(path: Path, text: str) -> dict[str, str]:
+    """A JSON file that wraps its records in an object (`{"data": [{...}, ...]}`) is read from that field;
+    datasets would read the object as one record that fits no format."""
+    if not text.lstrip().startswith("{"):
+        return {}  # a list of records (or JSON Lines under .json): read as it is, nothing parsed twice
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return {}  # JSON Lines named .json, or broken JSON: datasets reads the one and names the other
+    record_fields = {field for fields in REQUIRED_FIELDS.values() for field in fields}
+    lists = [
+        key for key, value in data.items()
+        if key not in record_fields and isinstance(value, list) and value and isinstance(value[0], dict)
+    ]  # fmt: skip
+    if len(lists) > 1:
+        raise UserError(
+            f"dataset {path} holds lists of records in several fields ({', '.join(lists)}); keep one list "
+            "per file (or write JSON Lines, one record per line)"
+        )
+    if not lists:
+        return {}  # one record as an object
+    log.debug("data %s: records read from its %r field", path, lists[0])
+    return {"field": lists[0]}
 
 
 def _check_folder(path: Path) -> None:
@@ -239,7 +287,7 @@ def _check_folder(path: Path) -> None:
         return
     data_files = [
         file for file in sorted(path.rglob("*"))
-        if file.suffix.lower() in FOLDER_TYPES and file.is_file()
+        if content_suffix(file) in FOLDER_TYPES and file.is_file()
         and not any(part.startswith((".", "__")) for part in file.relative_to(path).parts)
     ]  # fmt: skip
     ignored = [str(file.relative_to(path)) for file in data_files if file.resolve() not in read]
@@ -251,7 +299,7 @@ def _check_folder(path: Path) -> None:
         )
     kinds: dict[str, list[str]] = {}
     for file in data_files:
-        kinds.setdefault(FOLDER_TYPES[file.suffix.lower()], []).append(str(file.relative_to(path)))
+        kinds.setdefault(FOLDER_TYPES[content_suffix(file)], []).append(str(file.relative_to(path)))
     if len(kinds) > 1:
         found = "; ".join(f"{kind}: {_some(names)}" for kind, names in kinds.items())
         raise UserError(
@@ -292,9 +340,9 @@ def _csv_as_text(path: Path) -> datasets.Features | None:
     import datasets
 
     try:
-        with path.open(newline="", encoding="utf-8") as file:
-            header = next(csv.reader(file, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
-    except (OSError, UnicodeDecodeError, StopIteration, csv.Error):
+        with open_text(path, newline="") as file:
+            header = next(csv.reader(file, delimiter="\t" if content_suffix(path) == ".tsv" else ","))
+    except Exception:  # unreadable, empty, not UTF-8 or a damaged archive: the read says which
         return None
     if len(set(header)) != len(header) or not all(header):
         return None  # unnamed or repeated columns: datasets names them, and the record check says so

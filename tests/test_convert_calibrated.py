@@ -311,3 +311,13 @@ def _file_bytes(directory: Path) -> dict[str, bytes]:
         if path.is_file() and path.name not in ("qpissa_report.json", "adapter_config.json"):
             files[str(path.relative_to(directory))] = path.read_bytes()
     return files
+
+
+def test_a_compressed_calibration_text_draws_the_same_windows(
+    tiny_chat_model: Path, calib_text: Path, tmp_path: Path
+) -> None:
+    import gzip
+
+    packed = tmp_path / "calibration.txt.gz"
+    packed.write_bytes(gzip.compress(calib_text.read_bytes()))
+    assert torch.equal(_windows(tiny_chat_model, packed), _windows(tiny_chat_model, calib_text))

@@ -184,12 +184,16 @@ def test_malformed_and_missing_files(tmp_path: Path) -> None:
     text_file.write_text("hello")
     with pytest.raises(UserError, match=r"unknown data file type '\.txt'; use \.jsonl"):
         read_records(text_file, DataFormat.TEXT)
-    packed = tmp_path / "train.jsonl.gz"
-    packed.write_bytes(b"\x1f\x8b")
+    packed = tmp_path / "train.jsonl.zst"
+    packed.write_bytes(b"\x28\xb5\x2f\xfd")
     with pytest.raises(
-        UserError, match=r"unknown data file type '\.gz'; decompress it first \(train\.jsonl\)"
+        UserError, match=r"unknown data file type '\.zst'; decompress it first \(train\.jsonl\)"
     ):
         read_records(packed, DataFormat.TEXT)
+    damaged = tmp_path / "train.jsonl.gz"
+    damaged.write_bytes(b"\x1f\x8b")
+    with pytest.raises(UserError, match=r"train\.jsonl\.gz is not a readable \.gz file"):
+        read_records(damaged, DataFormat.TEXT)
 
 
 def test_messages_need_a_chat_template(tokenizer) -> None:

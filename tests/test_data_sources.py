@@ -3,7 +3,10 @@ and every data source: files, folders of data files, save_to_disk splits, the Hu
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
+import lzma
 import shutil
 from pathlib import Path
 
@@ -250,6 +253,44 @@ def test_csv_columns_are_read_as_written(tmp_path: Path) -> None:
         records, data_format = load_source(DataSource(path))
         assert data_format is DataFormat.PROMPT_COMPLETION
         assert records["completion"] == [" 37", "2"] and records[0]["prompt"] == "What is 30 plus 7?\nAnswer:"
+
+
+def test_compressed_tab_separated_and_wrapped_files_read_as_their_plain_form(tmp_path: Path) -> None:
+    """datasets reads .gz, .bz2 and .xz files, .tsv and JSON wrapped as {"data": [...]}; so does every
+    command, with the same checks as the plain files."""
+    records = [
+        {"prompt": "What is 30 plus 7?", "completion": " 37"},
+        {"prompt": "And 1 plus 1?", "completion": "2"},
+    ]
+    jsonl = "".join(json.dumps(record) + "\n" for record in records)
+    table = "prompt\tcompletion\nWhat is 30 plus 7?\t 37\nAnd 1 plus 1?\t2\n"
+    for opener, suffix in ((gzip.open, "gz"), (bz2.open, "bz2"), (lzma.open, "xz")):
+        with opener(tmp_path / f"train.jsonl.{suffix}", "wt") as file:
+            file.write(jsonl)
+    with gzip.open(tmp_path / "train.tsv.gz", "wt") as file:
+        file.write(table)
+    (tmp_path / "train.tsv").write_text(table)
+    (tmp_path / "wrapped.json").write_text(json.dumps({"version": 2, "data": records}))
+    (tmp_path / "folder").mkdir()
+    shutil.copy(tmp_path / "train.tsv.gz", tmp_path / "folder" / "train.tsv.gz")
+    for name in ("train.jsonl.gz", "train.jsonl.bz2", "train.jsonl.xz", "train.tsv.gz", "train.tsv", "wrapped.json",
+                 "folder"):  # fmt: skip
+        read, data_format = load_source(DataSource(tmp_path / name))
+        assert data_format is DataFormat.PROMPT_COMPLETION, name
+        assert read.to_list() == records, name
+    with gzip.open(tmp_path / "bad.jsonl.gz", "wt") as file:
+        file.write('{"prompt": "a", "completion": "b"}\n[1, 2]\n')
+    with pytest.raises(UserError, match=r"bad\.jsonl\.gz line 2 is not a JSON object"):
+        load_source(DataSource(tmp_path / "bad.jsonl.gz"))
+    (tmp_path / "two.json").write_text(json.dumps({"train": records, "test": records}))
+    with pytest.raises(
+        UserError, match=r"two\.json holds lists of records in several fields \(train, test\)"
+    ):
+        load_source(DataSource(tmp_path / "two.json"))
+    one = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    (tmp_path / "one.json").write_text(json.dumps({"messages": one}))  # one record, not a wrapper
+    read, data_format = load_source(DataSource(tmp_path / "one.json"))
+    assert data_format is DataFormat.MESSAGES and read["messages"] == [one]
 
 
 def test_records_with_an_empty_answer_are_counted_in_a_warning(
