@@ -273,8 +273,15 @@ def test_compressed_tab_separated_and_wrapped_files_read_as_their_plain_form(tmp
     (tmp_path / "wrapped.json").write_text(json.dumps({"version": 2, "data": records}))
     (tmp_path / "folder").mkdir()
     shutil.copy(tmp_path / "train.tsv.gz", tmp_path / "folder" / "train.tsv.gz")
-    for name in ("train.jsonl.gz", "train.jsonl.bz2", "train.jsonl.xz", "train.tsv.gz", "train.tsv", "wrapped.json",
-                 "folder"):  # fmt: skip
+    names = (
+        "train.jsonl.gz",
+        "train.jsonl.bz2",
+        "train.jsonl.xz",
+        "train.tsv.gz",
+        "train.tsv",
+        "wrapped.json",
+    )
+    for name in (*names, "folder"):
         read, data_format = load_source(DataSource(tmp_path / name))
         assert data_format is DataFormat.PROMPT_COMPLETION, name
         assert read.to_list() == records, name
