@@ -6,6 +6,7 @@ the reference has one (GSM8K style, as the demo task writes), otherwise the whol
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,8 @@ from qpissa.loading import check_context, checked_source, load_model, load_token
 from qpissa.recipe import DataConfig, DataSource
 from qpissa.runtime import resolve_runtime
 from qpissa.settings import DataFormat, EvalSettings, Metric
+
+log = logging.getLogger(__name__)
 
 # tokens per sample without a run's max_seq_len (or the model's context, if shorter)
 DEFAULT_EVAL_LENGTH = 1024
@@ -52,9 +55,9 @@ def evaluate(
         raise UserError("format text has no answers to match; use --metric loss or ppl")
     if settings.max_seq_len is not None:
         check_context(source.base_dir, settings.max_seq_len, "--max-seq-len")
-    context = model_context(source.base_dir) or DEFAULT_EVAL_LENGTH
+    context = model_context(source.base_dir)
     max_seq_len = settings.max_seq_len or (
-        run_data["max_seq_len"] if run_data else min(DEFAULT_EVAL_LENGTH, context)
+        run_data["max_seq_len"] if run_data else min(DEFAULT_EVAL_LENGTH, context or DEFAULT_EVAL_LENGTH)
     )
     data = DataConfig(path=data_path, format=data_format, max_seq_len=max_seq_len)
     tokenizer = load_tokenizer(source)
@@ -89,6 +92,7 @@ def evaluate(
                 runtime.device,
                 settings.max_new_tokens,
                 show_progress,
+                context,
             )
         )
     return result
@@ -134,8 +138,10 @@ def exact_match(
     device: torch.device,
     max_new_tokens: int = 64,
     show_progress: bool = False,
+    context: int | None = None,
 ) -> dict[str, float]:
-    """Greedy-generate each sample's response and compare final answers.
+    """Greedy-generate each sample's response and compare final answers; never past the model's
+    `context` (positions beyond it were never trained, and GPT-2's fail outright).
 
     Returns:
         accuracy (0..1), correct, total.
@@ -143,7 +149,7 @@ def exact_match(
     was_training = model.training
     model.eval()
     pad_id = pad_token_id(tokenizer)
-    correct = 0
+    correct = shortened = 0
     for start in _batches(len(samples), batch_size, "exact match", show_progress):
         chunk = samples[start : start + batch_size]
         prompts = [_prompt_ids(sample, tokenizer) for sample in chunk]
@@ -151,10 +157,12 @@ def exact_match(
         # left padding so every prompt ends where generation starts
         ids = torch.tensor([[pad_id] * (longest - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
+        budget = max_new_tokens if context is None else min(max_new_tokens, context - longest)
+        shortened += len(chunk) if budget < max_new_tokens else 0
         output = model.generate(
             input_ids=ids,
             attention_mask=mask,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=budget,
             do_sample=False,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=pad_id,
@@ -163,6 +171,12 @@ def exact_match(
             text = tokenizer.decode(generated, skip_special_tokens=True)
             correct += final_answer(text) == final_answer(sample.response)
     model.train(was_training)
+    if shortened:
+        log.warning(
+            "exact match: %d of %d answers were generated with fewer than %d new tokens: their prompts, "
+            "padded to the longest of their batch, leave less room in the model's context of %d tokens",
+            shortened, len(samples), max_new_tokens, context,
+        )  # fmt: skip
     return {"accuracy": correct / max(len(samples), 1), "correct": correct, "total": len(samples)}
 
 

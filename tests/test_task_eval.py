@@ -66,6 +66,30 @@ def test_exact_match_scores_greedy_answers(model_and_tokenizer) -> None:
     }  # fmt: skip
 
 
+def test_exact_match_never_generates_past_the_context(
+    model_and_tokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, tokenizer = model_and_tokenizer
+    prompt = "long prompt 22+20="
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    answers = {}
+    for budget in (2, 6):
+        out = model.generate(ids, max_new_tokens=budget, do_sample=False, pad_token_id=0, eos_token_id=2)
+        answers[budget] = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert answers[2] != answers[6]  # the context decides which one is generated
+    samples = [Sample([], prompt, f"#### {answers[2]}")]
+    cpu = torch.device("cpu")
+    with caplog.at_level("WARNING", logger="qpissa.task_eval"):
+        assert exact_match(model, tokenizer, samples, 1, cpu, max_new_tokens=6, context=ids.shape[1] + 2) == {
+            "accuracy": 1.0, "correct": 1, "total": 1
+        }  # fmt: skip
+    assert "1 of 1 answers were generated with fewer than 6 new tokens" in caplog.text
+    assert (
+        exact_match(model, tokenizer, samples, 1, cpu, max_new_tokens=6, context=ids.shape[1] + 6)["correct"]
+        == 0
+    )
+
+
 def _data(tmp_path: Path) -> Path:
     path = tmp_path / "eval.jsonl"
     records = [{"completion": f" {i % 10}", "prompt": f"{i}%10="} for i in range(5)]
