@@ -251,7 +251,7 @@ def _check_train_config(config_path: Path, out_dir: Path) -> None:
         load_source(source)
     if config.data.eval_path is not None:
         load_source(
-            DataSource(config.data.eval_path, config.data.format, split=eval_split(config.data)),
+            DataSource(config.data.eval_path, config.data.eval_format(), split=eval_split(config.data)),
             split_setting="data.eval_split",
         )
 
