@@ -108,6 +108,9 @@ class UserError(Exception):
     """A mistake the user can fix: the CLI prints the message on one line and exits with status 2."""
 
 
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # the CLI's, and its fresh processes' (runtime)
+
+
 def hide_library_deprecation_notes() -> None:
     """Silence library notes users can do nothing about, for the CLI's processes.
 

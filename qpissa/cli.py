@@ -16,7 +16,13 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
-from qpissa import UserError, __version__, hide_library_deprecation_notes, hide_library_progress_bars
+from qpissa import (
+    LOG_FORMAT,
+    UserError,
+    __version__,
+    hide_library_deprecation_notes,
+    hide_library_progress_bars,
+)
 from qpissa.artifacts import (
     COMPARE_NAME,
     PROGRESS_NAME,
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING if args.quiet else logging.INFO
     if not is_main_process():  # another process of a launcher: its notes and warnings are the main one's
         level = logging.ERROR
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format=LOG_FORMAT)
     try:
         args.handler(args)
     except UserError as error:

@@ -8,6 +8,7 @@ timings, so outputs stay fixed on a given machine.
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from qpissa import UserError, hide_library_deprecation_notes
+from qpissa import LOG_FORMAT, UserError, hide_library_deprecation_notes
 from qpissa.convert_settings import ComputeDtype, Precision, SketchDtype
 from qpissa.recipe import AUTO_OPTIM
 from qpissa.settings import Device
@@ -119,9 +120,17 @@ def in_fresh_process(function: Any, *args: Any, **kwargs: Any) -> Any:
         What `function` returns; an exception it raises is raised here.
     """
     with ProcessPoolExecutor(
-        max_workers=1, mp_context=get_context("spawn"), initializer=hide_library_deprecation_notes
-    ) as pool:
+        max_workers=1, mp_context=get_context("spawn"), initializer=_set_up_like_this_process,
+        initargs=(logging.getLogger().level,),
+    ) as pool:  # fmt: skip
         return pool.submit(function, *args, **kwargs).result()
+
+
+def _set_up_like_this_process(log_level: int) -> None:
+    """A fresh process logs as the CLI's own does (level and `LOG_FORMAT`): unconfigured, it would drop
+    notes and print warnings without saying whose they are."""
+    hide_library_deprecation_notes()
+    logging.basicConfig(level=log_level, format=LOG_FORMAT)
 
 
 def _multiplies_bf16_natively(device: torch.device) -> bool:

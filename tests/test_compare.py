@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,19 @@ def test_a_damaged_fidelity_measurement_is_measured_again(tiny_model: Path, tmp_
     steps = json.loads((out / COMPARE_NAME).read_text())["history"][-1]["steps"]
     assert [(s["step"], s["status"]) for s in steps] == [("convert", "reused"), ("fidelity", "done")]
     assert json.loads(saved.read_text())["kl"] == measured
+
+
+def test_the_conversions_warnings_are_logged_as_the_cli_logs_its_own(
+    tiny_chat_model: Path, tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    """compare converts in fresh processes; a warning there names its logger, as every other one does."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("a short calibration text. " * 40)
+    argv = ["compare", str(tiny_chat_model), str(tmp_path / "out"), "--methods", "qlora", "--rank", "4",
+            "--iters", "1", "--calib", str(calib), "--calib-samples", "1000",
+            "--calib-seq-len", "32"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert re.search(
+        r"^WARNING qpissa\.convert: --calib \S+ holds \d+ windows of 32 tokens, fewer than --calib-samples",
+        capfd.readouterr().err, re.MULTILINE,
+    )  # fmt: skip
