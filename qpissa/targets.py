@@ -166,7 +166,10 @@ def _too_small(
 ) -> str:
     smallest = min(min(candidates[name]) for name in targets)
     fine = sorted({module_type(t) for t in targets if rank < min(candidates[t])})
-    fix = f"use --rank {max(1, smallest // 4)}"
+    fix = (
+        f"use --rank {smallest - 1} at most (the smallest side of the targets is {smallest}; a quarter "
+        "of it is usual)"
+    )
     if fine and len(fine) < len({module_type(t) for t in targets}):
         fix += f", or leave them out with --targets {','.join(fine)}"
     shown = ", ".join(too_small[:3]) + (" …" if len(too_small) > 3 else "")
