@@ -72,11 +72,22 @@ def detect_format(
     raise UserError(f"{where}: fields {fields} fit no record format ({known}); {fix}")
 
 
-def check_record(record: dict[str, Any], data_format: DataFormat, where: str) -> set[str]:
-    """A record has every field its format needs, with the right types.
+@dataclass(frozen=True)
+class CheckedRecord:
+    """What reading a record learnt besides its validity.
 
-    Returns:
-        The chat roles its turns use (none for the formats without turns).
+    Attributes:
+        roles: the chat roles its turns use (none for the formats without turns).
+        empty_answer: an assistant turn, `completion` or `output` is blank; trained, such a record teaches
+            the model to answer nothing, as only the end of turn is left to learn.
+    """
+
+    roles: frozenset[str]
+    empty_answer: bool
+
+
+def check_record(record: dict[str, Any], data_format: DataFormat, where: str) -> CheckedRecord:
+    """A record has every field its format needs, with the right types.
 
     Raises:
         UserError: naming the record, the field and what the format needs.
@@ -94,24 +105,16 @@ def check_record(record: dict[str, Any], data_format: DataFormat, where: str) ->
                 f"{where}: the last turn must be the assistant's (it is what the model learns), not "
                 f"{messages[-1]['role']!r}'s; end each conversation with the assistant's answer"
             )
-        return {message["role"] for message in messages}
+        empty = any(turn["role"] == "assistant" and not turn["content"].strip() for turn in messages)
+        return CheckedRecord(frozenset(message["role"] for message in messages), empty)
     for name in REQUIRED_FIELDS[data_format]:
         if not isinstance(record[name], str):
             raise UserError(f"{where}: field `{name}` must be text, got {type(record[name]).__name__}")
-    return set()
+    field = RESPONSE_FIELDS.get(data_format)
+    return CheckedRecord(frozenset(), field is not None and not record[field].strip())
 
 
 RESPONSE_FIELDS = {DataFormat.PROMPT_COMPLETION: "completion", DataFormat.ALPACA: "output"}
-
-
-def has_empty_response(record: dict[str, Any], data_format: DataFormat) -> bool:
-    """A checked record with an empty answer (an assistant turn, `completion` or `output`): trained, it
-    teaches the model to answer nothing, as only the end of turn is left to learn."""
-    if data_format in CHAT_FORMATS:
-        turns = to_messages(record, data_format, "")
-        return any(turn["role"] == "assistant" and not str(turn["content"]).strip() for turn in turns)
-    field = RESPONSE_FIELDS.get(data_format)
-    return field is not None and not record[field].strip()
 
 
 def to_messages(record: dict[str, Any], data_format: DataFormat, where: str) -> list[dict[str, str]]:

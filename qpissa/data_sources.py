@@ -23,7 +23,6 @@ from qpissa.data_formats import (
     REQUIRED_FIELDS,
     check_record,
     detect_format,
-    has_empty_response,
 )
 from qpissa.hub import is_hub_name
 from qpissa.settings import DataFormat
@@ -71,8 +70,9 @@ def load_source(
     unknown_roles: Counter[str] = Counter()
     empty = 0
     for index, record in enumerate(dataset):
-        unknown_roles.update(check_record(record, data_format, f"{source.path} record {index}") - KNOWN_ROLES)
-        empty += has_empty_response(record, data_format)
+        checked = check_record(record, data_format, f"{source.path} record {index}")
+        unknown_roles.update(checked.roles - KNOWN_ROLES)
+        empty += checked.empty_answer
     if empty:
         log.warning(
             "data %s: %d of %d records have an empty answer; trained, they teach the model to answer "
