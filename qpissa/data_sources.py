@@ -175,8 +175,7 @@ def load_records(
                 "leave them unset, or point at a folder, a save_to_disk directory or a Hub dataset"
             )
     saved = path.is_dir() and any((path / marker).is_file() for marker in _SAVED_MARKERS)
-    if path.is_dir() and not saved:
-        _check_folder(path)
+    data_files = _check_folder(path) if path.is_dir() and not saved else []
     try:
         with _bars_hidden_below(QUIET_READ_BYTES, _local_bytes(path) if local else None):
             if saved:
@@ -190,7 +189,7 @@ def load_records(
                     loader, data_files=str(path), split="train", features=features, **options
                 )
             else:
-                csv_files = sorted(f for f in path.rglob("*") if FOLDER_TYPES.get(content_suffix(f)) == "csv")
+                csv_files = [f for f in data_files if FOLDER_TYPES[content_suffix(f)] == "csv"]
                 features = _csv_as_text(csv_files[0]) if csv_files else None  # a folder holds one type
                 dataset = datasets.load_dataset(str(path), subset, features=features)
                 dataset = _split(dataset, split, path, split_setting)
@@ -271,9 +270,13 @@ def _records_field(path: Path, text: str) -> dict[str, str]:
     return {"field": lists[0]}
 
 
-def _check_folder(path: Path) -> None:
+def _check_folder(path: Path) -> list[Path]:
     """Every data file of a folder is read. datasets reads only the files named after a split once some
-    are, and of those only the most common file type; it ignores the others, silently."""
+    are, and of those only the most common file type; it ignores the others, silently.
+
+    Returns:
+        The folder's data files (none when datasets finds none: reading it then says so).
+    """
     from datasets.data_files import DataFilesDict, get_data_patterns
 
     try:
@@ -284,7 +287,7 @@ def _check_folder(path: Path) -> None:
             for f in files
         }
     except Exception:  # no data file at all: load_dataset says so, with the message of its own
-        return
+        return []
     data_files = [
         file for file in sorted(path.rglob("*"))
         if content_suffix(file) in FOLDER_TYPES and file.is_file()
@@ -306,6 +309,7 @@ def _check_folder(path: Path) -> None:
             f"dataset {path} mixes data file types ({found}), and only one type would be read; "
             "keep one type in the folder, or give each file as a data source of its own"
         )
+    return data_files
 
 
 def _some(names: list[str]) -> str:
