@@ -254,18 +254,18 @@ def _records_field(path: Path, text: str) -> dict[str, str]:
         data = json.loads(text)
     except json.JSONDecodeError:
         return {}  # JSON Lines named .json, or broken JSON: datasets reads the one and names the other
-    record_fields = {field for fields in REQUIRED_FIELDS.values() for field in fields}
+    if any(all(name in data for name in names) for names in REQUIRED_FIELDS.values()):
+        return {}  # one record as an object
     lists = [
-        key for key, value in data.items()
-        if key not in record_fields and isinstance(value, list) and value and isinstance(value[0], dict)
-    ]  # fmt: skip
+        key for key, value in data.items() if isinstance(value, list) and value and isinstance(value[0], dict)
+    ]
     if len(lists) > 1:
         raise UserError(
             f"dataset {path} holds lists of records in several fields ({', '.join(lists)}); keep one list "
             "per file (or write JSON Lines, one record per line)"
         )
     if not lists:
-        return {}  # one record as an object
+        return {}  # no list of records: reading it says which fields it has
     log.debug("data %s: records read from its %r field", path, lists[0])
     return {"field": lists[0]}
 

@@ -298,6 +298,10 @@ def test_compressed_tab_separated_and_wrapped_files_read_as_their_plain_form(tmp
     (tmp_path / "one.json").write_text(json.dumps({"messages": one}))  # one record, not a wrapper
     read, data_format = load_source(DataSource(tmp_path / "one.json"))
     assert data_format is DataFormat.MESSAGES and read["messages"] == [one]
+    record = {"instruction": "Add", "output": "4", "tools": [{"name": "calculator"}]}
+    (tmp_path / "record.json").write_text(json.dumps(record))  # a record with a list of objects in it
+    read, data_format = load_source(DataSource(tmp_path / "record.json"))
+    assert data_format is DataFormat.ALPACA and read.to_list() == [record]
 
 
 def test_records_with_an_empty_answer_are_counted_in_a_warning(
