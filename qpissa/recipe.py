@@ -249,10 +249,11 @@ def load_config(path: Path, overrides: list[str]) -> TrainConfig:
     trainer = {key: values.pop(key) for key in list(values) if key not in own}  # checked by train
     if isinstance(values.get("trainer"), dict):
         trainer = {**values["trainer"], **trainer}
-    if "warmup_ratio" in values and "warmup_steps" in trainer:  # else warmup_steps would win, silently
+    if values.get("warmup_ratio") and "warmup_steps" in trainer:  # else warmup_steps would win, silently
         raise UserError(
             f"warmup_ratio={values['warmup_ratio']} and warmup_steps={trainer['warmup_steps']} both set the "
-            "warmup; keep one (warmup_steps counts steps, or is a fraction of them below 1)"
+            "warmup; keep one (warmup_steps counts steps, or is a fraction of them below 1; an override "
+            "warmup_ratio=0 turns the recipe's ratio off)"
         )
     return from_dict(TrainConfig, {**values, "trainer": trainer})
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from qpissa import UserError
 from qpissa.recipe import TrainConfig, load_config
 from qpissa.settings import DataFormat
 
@@ -32,3 +33,16 @@ def test_config_loads(path: Path, tmp_path: Path) -> None:
 def test_overrides_reach_nested_groups() -> None:
     config = load_config(CONFIGS[0], ["data.max_seq_len=128", "learning_rate=3e-5", "max_steps=7"])
     assert (config.data.max_seq_len, config.learning_rate, config.max_steps) == (128, 3e-5, 7)
+
+
+def test_warmup_steps_replace_the_recipes_ratio_only_when_it_is_turned_off(tmp_path: Path) -> None:
+    """Both set would leave warmup_steps winning silently; `warmup_ratio=0` says which one is meant."""
+    from qpissa.runtime import resolve_runtime
+    from qpissa.trainer_options import training_arguments
+
+    demo = next(path for path in CONFIGS if path.name == "demo.yaml")
+    with pytest.raises(UserError, match=r"warmup_ratio=0\.03 and warmup_steps=10 both set the warmup"):
+        load_config(demo, ["warmup_steps=10"])
+    config = load_config(demo, ["warmup_ratio=0", "warmup_steps=10"])
+    arguments = training_arguments(config, resolve_runtime(), tmp_path, show_progress=False)
+    assert arguments.warmup_steps == 10 and arguments.get_warmup_steps(100) == 10
