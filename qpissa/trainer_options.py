@@ -87,7 +87,8 @@ def training_arguments(
     values.update(extra)
     if values.get("eval_strategy", "no") != "no" and config.data.eval_path is None:
         raise UserError("eval_strategy is set but data.eval_path is not; add held-out data or drop it")
-    _check_reporters(values["report_to"])
+    _check_best_metric(values.get("metric_for_best_model"))
+    values["report_to"] = _checked_reporters(values["report_to"])
     if values.get("use_liger_kernel") and not is_liger_kernel_available():  # else the Trainer fails later
         raise UserError("use_liger_kernel needs liger-kernel (pip install liger-kernel) and a CUDA GPU")
     try:
@@ -190,12 +191,29 @@ def _is_enum(kind: Any) -> bool:
     return isinstance(kind, type) and issubclass(kind, Enum)
 
 
-def _check_reporters(report_to: Any) -> None:
-    """Each integration named in `report_to` is installed (the Trainer would fail only after setup)."""
+def _check_best_metric(metric: Any) -> None:
+    """The Trainer's evaluations measure the held-out loss only: any other metric fails after training."""
+    if metric is not None and str(metric).removeprefix("eval_") != "loss":
+        raise UserError(
+            f"metric_for_best_model={metric}: the Trainer's evaluations measure only the held-out loss "
+            "(eval_loss; the exact match logged beside it scores a few generated answers and cannot choose "
+            "checkpoints); set metric_for_best_model=loss or leave it out"
+        )
+
+
+def _checked_reporters(report_to: Any) -> Any:
+    """`report_to` as the Trainer takes it (`a,b` as a list, as users type it), each integration known
+    and installed: the Trainer would fail only after setup, with a traceback."""
+    if isinstance(report_to, str) and "," in report_to:
+        report_to = [name.strip() for name in report_to.split(",") if name.strip()]
     names = [report_to] if isinstance(report_to, str) else list(report_to or [])
     for name in names:
         if name in ("none", "all"):
             continue
+        if name not in integration_utils.INTEGRATION_TO_CALLBACK:
+            known = ", ".join(sorted(integration_utils.INTEGRATION_TO_CALLBACK))
+            raise UserError(f"report_to {name}: not an integration transformers knows; use one of {known}")
         available = getattr(integration_utils, f"is_{name}_available", None)
         if available is not None and not available():
             raise UserError(f"report_to {name}: the {name} package is not installed; pip install {name}")
+    return report_to

@@ -42,6 +42,12 @@ def test_any_trainer_option_and_flag_overrides_reach_the_trainer(
         (["--learning_rat", "1e-4"], "unknown setting `learning_rat`"),
         (["--max_stepz", "2"], "did you mean `max_steps`?"),
         (["--report_to", "wandb"], "wandb package is not installed"),
+        (["--report_to", "tensorboard,wandb"], "wandb package is not installed"),
+        (["--report_to", "tensorboardx"], "report_to tensorboardx: not an integration transformers knows"),
+        (
+            ["metric_for_best_model=accuracy", "load_best_model_at_end=true"],
+            "metric_for_best_model=accuracy: the Trainer's evaluations measure only the held-out loss",
+        ),
         (["--use_liger_kernel"], "use_liger_kernel needs liger-kernel"),
     ],
 )
