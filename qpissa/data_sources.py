@@ -130,6 +130,8 @@ def _split_names(path: Path) -> list[str]:
             return list(get_data_patterns(str(path)))
         except Exception:  # no data file at all: reading it says so, with datasets' own message
             return ["train"]
+    if not is_hub_name(path):
+        return ["train"]  # a missing file: reading it says so, without asking the Hub
     try:
         return datasets.get_dataset_split_names(str(path))
     except Exception:

@@ -168,6 +168,18 @@ def test_evaluation_without_a_split_named_reads_the_held_out_one(tmp_path: Path)
     assert heldout_split(folder / "train.jsonl", "--split") == "train"  # a file is its one split
 
 
+def test_a_missing_data_file_is_not_looked_up_on_the_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`eval --data nope.jsonl` (relative, missing) says it does not exist, without a Hub request first."""
+    import datasets
+
+    asked: list[str] = []
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda name, *_, **__: asked.append(name) or [])
+    assert heldout_split(Path("nope.jsonl"), "--split") == "train"
+    with pytest.raises(UserError, match=r"dataset nope\.jsonl does not exist"):
+        load_records(Path("nope.jsonl"))
+    assert asked == []
+
+
 def test_hub_dataset_offline_from_the_datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`owner/name` with HF_HUB_OFFLINE=1 reads what a previous `load_dataset` download left in the cache."""
     import datasets
