@@ -260,16 +260,21 @@ def _exports(summary: dict) -> Table | None:
     return Table("Exports", headers, rows) if rows else None
 
 
+def _markdown_row(cells: list[str]) -> str:
+    """One table row; a `|` inside a cell (`max |Δlogit|`) is escaped, or it would split the cell."""
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+
 def _markdown(summary: dict, found: list[Table]) -> str:
     lines = ["# qpissa comparison report", "", *[f"- {line}" for line in summary["verdict"]], ""]
     for table in found:
         lines += [
             f"## {table.title}",
             "",
-            "| " + " | ".join(table.headers) + " |",
+            _markdown_row(table.headers),
             "|" + "---|" * len(table.headers),
         ]
-        lines += ["| " + " | ".join(row) + " |" for row in table.rows]
+        lines += [_markdown_row(row) for row in table.rows]
         lines += ["", table.note] if table.note else []
         if table.plot in summary["plots"]:
             lines += ["", f"![{table.plot}]({summary['plots'][table.plot]})"]

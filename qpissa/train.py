@@ -253,7 +253,7 @@ def _log_initial_loss(
         "tokens_per_second": None,
     }
     append_jsonl(run_dir / LOG_NAME, entry)
-    log.info("step 0 loss %.4f (the initialized model; QPiSSA's matches the original model's)", loss)
+    log.info("step 0 loss %.4f (the converted model, before any training)", loss)
 
 
 def _check_inputs(config: TrainConfig) -> tuple[ModelSource, Path | None]:

@@ -52,6 +52,11 @@ def test_report_writes_every_file(inputs: dict[str, Path], tmp_path: Path) -> No
         _check_png(out / f"{name}.png")
     markdown = (out / "report.md").read_text()
     assert "| qpissa |" in markdown and "![reduction_by_type](reduction_by_type.png)" in markdown
+    assert "## Exports" in markdown
+    for table in markdown.split("\n## ")[1:]:  # every row as many cells as the delimiter row (GFM)
+        rows = [line for line in table.splitlines() if line.startswith("|")]
+        cells = [len(re.split(r"(?<!\\)\|", row)) for row in rows]
+        assert len(set(cells)) <= 1, table
     assert not list(out.glob("*.tmp"))
 
 
