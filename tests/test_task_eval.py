@@ -105,6 +105,7 @@ def test_cli_eval_prints_json(qpissa_dir: Path, tmp_path: Path, capsys) -> None:
     assert result["samples"] == 5 and result["total"] == 5 and 0 < result["loss"] < 20
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-6)
     assert result["adapter"] == str(qpissa_dir / "adapter")
+    assert (result["format"], result["max_seq_len"]) == ("prompt_completion", 256)  # the model's context
 
 
 def test_cli_eval_scores_the_split_asked_for(qpissa_dir: Path, tmp_path: Path, capsys) -> None:
