@@ -203,7 +203,15 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         return value
     if isinstance(kind, type) and isinstance(value, kind) and not isinstance(value, bool):
         return value
-    raise UserError(f"{label} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    raise UserError(f"{label} must be {getattr(kind, '__name__', kind)}, {got(value)}")
+
+
+def got(value: Any) -> str:
+    """`got VALUE` for a type error; `true` where no boolean fits is most often a flag left without its
+    value (`--max_steps` alone reads as `max_steps=true`), so the fix is said."""
+    if value is True:
+        return "got true (a flag without its value? write --key VALUE or key=VALUE)"
+    return f"got {value!r}"
 
 
 def _base_type(hint: Any) -> Any:

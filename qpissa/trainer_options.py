@@ -22,7 +22,7 @@ from transformers.integrations import integration_utils
 from transformers.utils import is_liger_kernel_available
 
 from qpissa import UserError
-from qpissa.options import is_number
+from qpissa.options import got, is_number
 from qpissa.recipe import TrainConfig
 from qpissa.runtime import Runtime
 
@@ -174,8 +174,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return value
     elif any(isinstance(kind, type) and isinstance(value, kind) for kind in allowed):
         return value  # an object given through the Python API (a ParallelismConfig, ...)
-    names = " or ".join(sorted({getattr(kind, "__name__", str(kind)) for kind in allowed}))
-    raise UserError(f"`{key}` must be {names}, got {value!r}")
+    names = " or ".join(sorted({getattr(kind, "__name__", str(kind)) for kind in allowed} - {"NoneType"}))
+    raise UserError(f"`{key}` must be {names}, {got(value)}")
 
 
 def _types(hint: Any) -> set[Any]:

@@ -43,6 +43,8 @@ def test_any_trainer_option_and_flag_overrides_reach_the_trainer(
         (["--max_stepz", "2"], "did you mean `max_steps`?"),
         (["--report_to", "wandb"], "wandb package is not installed"),
         (["--report_to", "tensorboard,wandb"], "wandb package is not installed"),
+        (["--max_steps"], "`max_steps` must be int, got true (a flag without its value?"),
+        (["--report_to"], "`report_to` must be list or str, got true (a flag without its value?"),
         (["--report_to", "tensorboardx"], "report_to tensorboardx: not an integration transformers knows"),
         (
             ["metric_for_best_model=accuracy", "load_best_model_at_end=true"],
