@@ -45,6 +45,7 @@ bitsandbytes or datasets at module level.
     distributed*       several processes (torchrun, accelerate launch): ranks, main-only work, barriers
     trainlog           the per-step JSONL log and a quieter progress bar
     resume_checks      a checkpoint-N is whole and fits the model before train resumes from it
+    trainer_resume     the Trainer resumed from a checkpoint-N (the last step's only finishes the run)
     train              `qpissa train`: transformers' Trainer over the frozen NF4 residual
     task_eval          `qpissa eval`: task loss, perplexity, exact-match accuracy
     original_kl        KL, top-1 agreement and perplexity against the original model

@@ -62,6 +62,7 @@ from qpissa.resume_checks import RNG_FILES, check_checkpoint
 from qpissa.runtime import Runtime, dtype_name, resolve_runtime
 from qpissa.task_eval import evaluate_loss, exact_match
 from qpissa.trainer_options import training_arguments
+from qpissa.trainer_resume import resume_or_finish
 from qpissa.trainlog import (
     JsonlLogCallback,
     NoEvaluationAtTheEnd,
@@ -170,7 +171,7 @@ def _train(
         callbacks=[callback, *([NoEvaluationAtTheEnd()] if final_evaluation and not best_at_end else [])],
     )
     _quiet_progress(trainer)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    resume_or_finish(trainer, resume)
     _save_adapter(trainer, run_dir, template)
     if best_at_end and trainer.state.best_model_checkpoint:
         log.info("load_best_model_at_end: the adapter is the best checkpoint's, %s (%s %.4f)",

@@ -298,3 +298,22 @@ def test_demo_recipe_runs_on_the_demo_model(demo_model: Path, tmp_path: Path) ->
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
     assert results["total"] == 4 and results["loss"] > 0
+
+
+def test_a_resume_from_the_last_steps_checkpoint_finishes_without_training(
+    qpissa_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C during the final evaluation points at the last checkpoint: resuming there trains no step more
+    (transformers would train one past max_steps), and the run ends as the uninterrupted one did."""
+    constant = {"lr_scheduler_type": "constant", "warmup_ratio": 0.0, "save_steps": 2, "eval_steps": None}
+    config = _config(tmp_path, qpissa_dir, data_dir, max_steps=2, **constant)
+    run = tmp_path / "run"
+    assert cli.main(["--quiet", "train", str(config)]) == 0
+    finished = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    evaluated = json.loads((run / "eval_results.json").read_text())
+    shutil.rmtree(run / "adapter")
+    (run / "eval_results.json").unlink()
+    assert cli.main(["--quiet", "train", str(config), f"resume_from_checkpoint={run / 'checkpoint-2'}"]) == 0
+    assert sorted(_losses(run)) == [0, 1, 2] and not (run / "checkpoint-3").exists()
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == finished
+    assert json.loads((run / "eval_results.json").read_text()) == evaluated
