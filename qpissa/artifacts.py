@@ -270,6 +270,9 @@ def resolve_source(path: Path) -> ModelSource:
             raise UserError(
                 f"run {path} has no adapter yet (no adapter/ and no checkpoint-N/); train it first"
             )
+        if adapter.name != ADAPTER_DIR:
+            log.warning("run %s did not finish (no adapter/): using its newest checkpoint, %s; resume the "
+                        "run to finish it, or name a checkpoint-N to choose", path, adapter.name)  # fmt: skip
         return ModelSource(_trained_model(path), adapter, run_dir=path)
     if has_adapter(path) and (path.parent / RUN_MARKER).is_file():
         return ModelSource(_trained_model(path.parent), path, run_dir=path.parent)

@@ -52,7 +52,9 @@ def test_latest_checkpoint_is_the_newest_complete_one(tmp_path: Path) -> None:
     assert latest_checkpoint(run) == newest
 
 
-def test_a_run_resolves_to_its_final_adapter_else_its_latest_checkpoint(tmp_path: Path) -> None:
+def test_a_run_resolves_to_its_final_adapter_else_its_latest_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     run = _run(tmp_path)
     with pytest.raises(UserError, match="has no adapter yet"):
         resolve_source(run)
@@ -60,8 +62,12 @@ def test_a_run_resolves_to_its_final_adapter_else_its_latest_checkpoint(tmp_path
     with pytest.raises(UserError, match="has no adapter yet"):
         resolve_source(run)
     checkpoint = _checkpoint(run, 50)
-    source = resolve_source(run)
+    with caplog.at_level("WARNING", logger="qpissa.artifacts"):
+        source = resolve_source(run)
     assert (source.base_dir, source.adapter_dir, source.run_dir) == (tmp_path / "qpissa", checkpoint, run)
+    assert (
+        f"run {run} did not finish (no adapter/): using its newest checkpoint, checkpoint-50" in caplog.text
+    )
     assert resolve_source(checkpoint).adapter_dir == checkpoint  # a checkpoint-N given directly
     for name in ADAPTER_FILES:
         (run / "adapter").mkdir(exist_ok=True)
