@@ -21,7 +21,7 @@ from qpissa.architecture import Architecture, read_architecture
 from qpissa.artifacts import CONFIG_NAME, EXPORT_REPORT, OWN_JSON, ModelSource, resolve_source
 from qpissa.chat_template import save_chat_template, saved_chat_template
 from qpissa.checkpoint import ShardedWriter, copy_side_files, write_json
-from qpissa.export_lora import LoraInputs, check_lora_inputs, write_lora, write_readme
+from qpissa.export_lora import LoraInputs, check_lora_inputs, check_trained, write_lora, write_readme
 from qpissa.export_verify import verify_export
 from qpissa.memory import peak_rss_mb
 from qpissa.options import to_dict
@@ -76,6 +76,7 @@ def export(run: Path, out_dir: Path, settings: ExportSettings, *, show_progress:
     )
     if lora_inputs is not None:  # the original model found from the conversion's report, not only --base
         check_apart(out_dir, "OUT", {"original model": lora_inputs.original.model_dir})
+        check_trained(source, trained)
     dtype = _resolve_dtype(settings, residual.reader.config)
     with lock_output(out_dir, "OUT"):
         if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):

@@ -90,6 +90,15 @@ def check_lora_inputs(
     return LoraInputs(initial=initial, original=original)
 
 
+def check_trained(source: ModelSource, trained: Adapter) -> None:
+    """`--to lora` exports what training changed: of a QPiSSA directory's own adapter, nothing."""
+    if trained.path.resolve() == (source.base_dir / ADAPTER_DIR).resolve():
+        raise UserError(
+            f"{source.base_dir} is a QPiSSA directory, not a training run: its adapter is the initial one, "
+            "so its LoRA for the original model would be zero; export a run trained from it (or --to merged)"
+        )
+
+
 def original_model_dir(base_dir: Path, override: Path | None) -> Path:
     """The full-precision model a QPiSSA directory was converted from: `--base`, else its report.
 
