@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from qpissa import UserError
@@ -206,6 +206,11 @@ def _add(by_key: dict[str, MethodData], path: Path) -> bool:
         return True
     if (path / RUN_MARKER).is_file():
         entry = _add_linked(by_key, run_model(path), path)
+        if entry.run_dir is not None and entry.run_dir.resolve() != path.resolve():
+            # another run of the same conversion: a row of its own, labelled by its directory if need be
+            entry = by_key.setdefault(
+                str(path.resolve()), replace(entry, label=path.name, steps=[], evals=None, exports=[])
+            )
         entry.run_dir = path
         entry.steps = read_jsonl(path / LOG_NAME, required=("step", "loss"))
         entry.evals = _read(path / EVAL_RESULTS_NAME) if (path / EVAL_RESULTS_NAME).is_file() else None
@@ -258,7 +263,8 @@ def _label_with_settings(entry: MethodData) -> str:
 
 
 def _label_with_dir(entry: MethodData) -> str:
-    return f"{entry.label} ({entry.conversion_dir.name})" if entry.conversion_dir else entry.label
+    directory = entry.run_dir or entry.conversion_dir  # runs of one conversion differ by their own
+    return f"{entry.label} ({directory.name})" if directory else entry.label
 
 
 def _method_order(entry: MethodData) -> tuple[int, str]:

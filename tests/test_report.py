@@ -196,3 +196,15 @@ def _short_run(conversion: Path, root: Path) -> Path:
     })  # fmt: skip
     train(config, show_progress=False)
     return root / "run"
+
+
+def test_every_run_of_one_conversion_gets_its_own_row(inputs: dict[str, Path], tmp_path: Path) -> None:
+    """Runs of one conversion (other learning rates, seeds) are what a report compares; none is dropped."""
+    import shutil
+
+    other = tmp_path / "other-run"
+    shutil.copytree(inputs["run"], other)
+    out = tmp_path / "report"
+    assert cli.main(["--quiet", "report", str(inputs["run"]), str(other), "--out", str(out)]) == 0
+    training = json.loads((out / "summary.json").read_text())["training"]
+    assert sorted(training) == ["qpissa r4 T2 (other-run)", "qpissa r4 T2 (run)"]
