@@ -18,6 +18,7 @@ from qpissa.artifacts import (
     has_adapter,
     latest_checkpoint,
     read_json,
+    run_model,
     trained_on,
 )
 from qpissa.options import to_dict
@@ -98,6 +99,12 @@ def _check_same_run(checkpoint: Path, config: TrainConfig, source: ModelSource) 
     same = trained_on(marker, source.base_dir)
     if same is None:  # a run recorded before the fingerprint was kept: its model's path
         same = Path(marker["model"]).resolve() == source.base_dir.resolve()
+    if not same and run_model(checkpoint.parent).resolve() == source.base_dir.resolve():
+        raise UserError(
+            f"resume_from_checkpoint {checkpoint} belongs to a run on a conversion that {config.model} no "
+            "longer holds (converted again, with other settings or from another model); put the run's "
+            "conversion back there, or start a new run"
+        )
     if not same:
         raise UserError(
             f"resume_from_checkpoint {checkpoint} belongs to a run on {marker['model']}, not on model "
