@@ -270,6 +270,18 @@ def _fingerprint(model_dir: Path, convert_settings: ConvertSettings) -> dict:
     return {"model": str(model_dir.resolve()), "convert": shared}
 
 
+def _differences(before: dict, now: dict) -> str:
+    """What an earlier comparison was made with, where this one differs (`--rank 8 (not 16)`)."""
+    if before.get("model") != now["model"]:
+        return f"another model ({before.get('model')})"
+    settings, asked = before.get("convert", {}), now["convert"]
+    changed = [
+        f"--{key.replace('_', '-')} {settings.get(key)} (not {'the default' if value is None else value})"
+        for key, value in asked.items() if settings.get(key) != value
+    ]  # fmt: skip
+    return ", ".join(changed) if changed else "other settings"
+
+
 def _prepare_output(out_dir: Path, fingerprint: dict) -> dict:
     """Load the record of an earlier comparison with the same settings, or start a new one."""
     record_path = out_dir / COMPARE_NAME
@@ -278,7 +290,7 @@ def _prepare_output(out_dir: Path, fingerprint: dict) -> dict:
         record = read_json(record_path, fix, required=("fingerprint", "history", "methods"))
         if record["fingerprint"] != fingerprint:
             raise UserError(
-                f"{out_dir} holds a comparison with other settings or another model; "
+                f"{out_dir} holds a comparison with {_differences(record['fingerprint'], fingerprint)}; "
                 "rerun with the same options or choose a new OUT"
             )
         return record

@@ -75,7 +75,8 @@ def test_rerun_reuses_finished_steps_and_adds_a_method(comparison: Path, tiny_mo
 def test_other_settings_in_the_same_out_are_refused(comparison: Path, tiny_model: Path, capsys) -> None:
     args = ["compare", str(tiny_model), str(comparison), "--methods", "qlora", "--rank", "8"]
     assert cli.main(args) == 2
-    assert "holds a comparison with other settings" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "holds a comparison with --rank 4 (not 8), --iters 2 (not the default); rerun" in error
 
 
 @pytest.mark.parametrize(
