@@ -28,7 +28,7 @@ def resume_or_finish(trainer: Trainer, checkpoint: Path | None) -> None:
     from safetensors.torch import load_file
 
     best = state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
-    adapter = Path(best) if best else checkpoint
+    adapter = checkpoint.parent / Path(best).name if best else checkpoint  # the run's own, wherever it is now
     set_peft_model_state_dict(trainer.model, load_file(adapter / ADAPTER_WEIGHTS))
     trainer.state = state
     log.info("%s is the run's last step (%d): nothing is left to train; finishing the run with %s",
