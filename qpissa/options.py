@@ -110,6 +110,11 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         for depth, parent in enumerate(parents):
             if isinstance(node, list):
                 node = node[_list_index(node, parent, key, parents[:depth])]
+            elif parent not in node and ([*parents, leaf][depth + 1]).isdigit():
+                name = ".".join(parents[: depth + 1])
+                raise UserError(
+                    f"override `{key}`: the recipe has no list `{name}`; add its entries in the recipe"
+                )
             else:
                 node = node.setdefault(parent, {})
             if not isinstance(node, dict | list):

@@ -174,6 +174,10 @@ def test_overrides_reach_an_entry_of_a_recipe_list(tmp_path: Path) -> None:
             UserError, match=r"`data.sources` is a list of 2; name an entry by its index, 0 to 1"
         ):
             load_config(recipe, [wrong])
+    single = tmp_path / "single.yaml"
+    single.write_text("model: m\noutput_dir: run\ndata:\n  path: a.jsonl\n")
+    with pytest.raises(UserError, match=r"the recipe has no list `data\.sources`; add its entries"):
+        load_config(single, ["data.sources.1.samples=5"])
 
 
 def test_settings_errors_name_every_bad_key() -> None:
