@@ -305,7 +305,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="trained adapter -> merged 16-bit model or rank-2r LoRA")
     export.add_argument("run", type=Path, help="training run, checkpoint-N directory or QPiSSA directory")
-    export.add_argument("out", type=Path, help="output directory (must not exist)")
+    export.add_argument("out", type=Path, help="output directory (new, or empty)")
     add_arguments(export, ExportSettings)
     export.set_defaults(handler=_cmd_export)
 
