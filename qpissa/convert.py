@@ -32,7 +32,7 @@ from qpissa.conversion_report import conversion_report
 from qpissa.convert_calibrated import CalibrationRun, calibrate_layers, spooled
 from qpissa.convert_matrix import DecomposedMatrix, decompose_matrix, one_thread_per_matrix
 from qpissa.convert_settings import ConvertSettings
-from qpissa.loading import load_tokenizer
+from qpissa.loading import check_context, load_tokenizer
 from qpissa.memory import available_memory_bytes
 from qpissa.methods import CalibratedFit, DecomposeSettings
 from qpissa.nf4 import as_storage
@@ -245,13 +245,7 @@ def _calibration_tokens(reader: CheckpointReader, settings: ConvertSettings) -> 
     if settings.calibration is None:
         return None
     calibration = settings.calibration
-    text_config = reader.config.get("text_config") or reader.config  # multimodal configs nest it
-    context = text_config.get("max_position_embeddings")
-    if context is not None and calibration["seq_len"] > context:
-        raise UserError(
-            f"--calib-seq-len {calibration['seq_len']} is longer than the model's context ({context} tokens, "
-            f"max_position_embeddings); use at most {context}"
-        )
+    check_context(reader.model_dir, calibration["seq_len"], "--calib-seq-len")
     tokenizer = load_tokenizer(ModelSource(reader.model_dir, None))
     tokens = calibration_tokens(
         settings.calib, tokenizer, calibration["samples"], calibration["seq_len"], settings.seed
