@@ -106,11 +106,12 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         if not sep or not key:
             raise UserError(f"override `{item}` is not key=value; write e.g. learning_rate=2e-5")
         node: dict | list = merged
-        *parents, leaf = key.split(".")
+        parts = key.split(".")
+        *parents, leaf = parts
         for depth, parent in enumerate(parents):
             if isinstance(node, list):
                 node = node[_list_index(node, parent, key, parents[:depth])]
-            elif parent not in node and ([*parents, leaf][depth + 1]).isdigit():
+            elif parent not in node and parts[depth + 1].isdigit():  # an index into a list not there
                 name = ".".join(parents[: depth + 1])
                 raise UserError(
                     f"override `{key}`: the recipe has no list `{name}`; add its entries in the recipe"
