@@ -23,6 +23,8 @@ REQUIRED_FIELDS = {
     DataFormat.ALPACA: ("instruction", "output"),
     DataFormat.TEXT: ("text",),
 }
+# the answer of the formats without turns, for the empty-answer count
+RESPONSE_FIELDS = {DataFormat.PROMPT_COMPLETION: "completion", DataFormat.ALPACA: "output"}
 # ShareGPT speaker names (`from`) as chat roles: the original's and the variants seen in the wild
 SHAREGPT_ROLES = {
     "system": "system",
@@ -112,9 +114,6 @@ def check_record(record: dict[str, Any], data_format: DataFormat, where: str) ->
             raise UserError(f"{where}: field `{name}` must be text, got {type(record[name]).__name__}")
     field = RESPONSE_FIELDS.get(data_format)
     return CheckedRecord(frozenset(), field is not None and not record[field].strip())
-
-
-RESPONSE_FIELDS = {DataFormat.PROMPT_COMPLETION: "completion", DataFormat.ALPACA: "output"}
 
 
 def to_messages(record: dict[str, Any], data_format: DataFormat, where: str) -> list[dict[str, str]]:

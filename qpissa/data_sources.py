@@ -39,6 +39,7 @@ LOADERS = {
     ".arrow": "arrow",
 }  # fmt: skip
 TEXT_TYPES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv")  # also read compressed (.gz, .bz2, .xz)
+CSV_SEPARATORS = {".csv": ",", ".tsv": "\t"}
 # the file types datasets reads from a folder; it reads one type per folder and ignores the others
 FOLDER_TYPES = LOADERS | {".txt": "text"}
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")  # told apart from unknown types: decompress first
@@ -209,8 +210,8 @@ def _check_file(path: Path) -> dict[str, str]:
     (datasets names neither the line nor the fix).
 
     Returns:
-        What `load_dataset` needs besides the file: a tab separator, or the field of a JSON object that
-        holds the records.
+        What `load_dataset` needs besides the file: a CSV file's separator, or the field of a JSON object
+        that holds the records.
     """
     suffix = content_suffix(path)
     if suffix not in LOADERS or (suffix != path.suffix.lower() and suffix not in TEXT_TYPES):
@@ -223,8 +224,8 @@ def _check_file(path: Path) -> dict[str, str]:
         raise UserError(f"{path}: unknown data file type {path.suffix!r}; {fix}")
     if path.stat().st_size == 0:
         raise UserError(f"dataset {path} is empty; it needs at least one record")
-    if suffix == ".tsv":
-        return {"sep": "\t"}
+    if suffix in CSV_SEPARATORS:
+        return {"sep": CSV_SEPARATORS[suffix]}
     if LOADERS[suffix] != "json":
         return {}
     text = read_text(path, "dataset", "check the path")
@@ -347,7 +348,7 @@ def _csv_as_text(path: Path) -> datasets.Features | None:
 
     try:
         with open_text(path, newline="") as file:
-            header = next(csv.reader(file, delimiter="\t" if content_suffix(path) == ".tsv" else ","))
+            header = next(csv.reader(file, delimiter=CSV_SEPARATORS[content_suffix(path)]))
     except Exception:  # unreadable, empty, not UTF-8 or a damaged archive: the read says which
         return None
     if len(set(header)) != len(header) or not all(header):
