@@ -42,6 +42,7 @@ bitsandbytes or datasets at module level.
     data_sources*      training records from files, folders, save_to_disk dirs, the Hub; mixtures
     data               tokenization with datasets.map and exact loss masks, mixing, the collators (packing)
     trainer_options    every TrainingArguments option in a recipe, checked, and the Trainer's arguments
+    trainer_eval       the Trainer whose evaluation loss weighs every token alike, as training does
     distributed*       several processes (torchrun, accelerate launch): ranks, main-only work, barriers
     trainlog           the per-step JSONL log and a quieter progress bar
     resume_checks      a checkpoint-N is whole and fits the model before train resumes from it

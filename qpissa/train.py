@@ -61,6 +61,7 @@ from qpissa.recipe import TrainConfig
 from qpissa.resume_checks import RNG_FILES, check_checkpoint
 from qpissa.runtime import Runtime, dtype_name, resolve_runtime
 from qpissa.task_eval import evaluate_loss, exact_match
+from qpissa.trainer_eval import TokenWeightedTrainer
 from qpissa.trainer_options import training_arguments
 from qpissa.trainer_resume import resume_or_finish
 from qpissa.trainlog import (
@@ -162,7 +163,7 @@ def _train(
     final_evaluation = eval_data is not None and not fsdp  # after training, on the main process
     # the best checkpoint is chosen among the Trainer's evaluations: the last step's is one of them
     best_at_end = arguments.load_best_model_at_end
-    trainer = Trainer(
+    trainer = TokenWeightedTrainer(
         model=model,
         args=arguments,
         train_dataset=train_data.rows,

@@ -101,6 +101,8 @@ class JsonlLogCallback(TrainerCallback):
     def on_evaluate(
         self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any
     ) -> None:
+        if not state.is_world_process_zero:  # every process evaluates its shard; the metrics are gathered
+            return
         entry = {"step": state.global_step, **{k: _float(v) for k, v in (metrics or {}).items()}}
         if self.generate is not None and kwargs.get("model") is not None:
             entry.update(self.generate(kwargs["model"]))

@@ -170,6 +170,26 @@ def test_export_eval_and_chat_take_a_multi_process_run(
     assert cli.main(["--quiet", "chat", str(run), "--prompt", "3%10="]) == 0
 
 
+def test_two_processes_evaluate_every_token_once(qpissa_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    """The Trainer's evaluation, each process on its shard, sums to the main process's final evaluation of
+    the same adapter (load_best_model_at_end chooses by the first): answers of 1 to 6 digits, in batches
+    of 3 per process, the first global batch's shorter than the second's."""
+    records = [{"prompt": f"{i}%10=", "completion": f" {i % 10}" * (1 + i // 2)} for i in range(12)]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    data = {"path": str(data_dir / "train.jsonl"), "eval_path": str(tmp_path / "eval.jsonl"),
+            "format": "prompt_completion", "max_seq_len": 32, "eval_generate_samples": 0}  # fmt: skip
+    config = _config(tmp_path, qpissa_dir, data_dir, data=data, eval_steps=2, per_device_eval_batch_size=3,
+                     load_best_model_at_end=True, metric_for_best_model="eval_loss")  # fmt: skip
+    done = _launch(_torchrun(), tmp_path, "train", str(config))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "REPLICA WROTE" not in done.stderr, done.stderr[-3000:]
+    run = tmp_path / "run"
+    evals = [json.loads(line) for line in (run / "eval_log.jsonl").read_text().splitlines()]
+    final = json.loads((run / "eval_results.json").read_text())
+    assert [e["step"] for e in evals] == [2, 4]  # save_steps 2: the best is chosen among both
+    assert evals[-1]["eval_loss"] == pytest.approx(final["loss"], rel=1e-5)
+
+
 def test_quant_storage_bfloat16_loads_with_plain_transformers(
     tiny_chat_model: Path, qpissa_dir: Path, tmp_path: Path
 ) -> None:
