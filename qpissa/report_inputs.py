@@ -1,0 +1,177 @@
+"""The inputs of a report: conversions, runs, exports and comparisons found, grouped by conversion, labelled.
+
+A run or an export joins the conversion it was made from; labels name the method (`qpissa+calib`), then
+rank and iterations, then the directory, only where they would collide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from qpissa import UserError
+from qpissa.artifacts import (
+    COMPARE_NAME,
+    CONVERSIONS_DIR,
+    EVAL_RESULTS_NAME,
+    EXPORT_REPORT,
+    FIDELITY_NAME,
+    LOG_NAME,
+    REPORT_NAME,
+    RUN_MARKER,
+    RUNS_DIR,
+    comparison_members,
+    read_json,
+    read_jsonl,
+    read_report,
+    run_model,
+)
+from qpissa.convert_settings import Method
+
+CALIBRATED_SUFFIX = "+calib"
+METHOD_ORDER = (Method.QLORA.value, Method.LOFTQ.value, Method.QPISSA.value)
+
+
+@dataclass
+class MethodData:
+    """Everything found about one method's conversion and what followed from it."""
+
+    label: str
+    conversion_dir: Path | None = None
+    conversion: dict | None = None  # qpissa_report.json
+    fidelity: dict | None = None  # qpissa_fidelity.json
+    run_dir: Path | None = None
+    steps: list[dict] = field(default_factory=list)  # trainer_log.jsonl
+    evals: dict | None = None  # eval_results.json
+    exports: list[tuple[Path, dict]] = field(default_factory=list)  # export_report.json
+
+
+def collect(inputs: list[Path]) -> list[MethodData]:
+    """Group the inputs by conversion (a run or export joins the conversion it was made from).
+
+    Raises:
+        UserError: naming every input that is missing or of an unknown kind, at once; or inputs
+            converted from different base models.
+    """
+    by_key: dict[str, MethodData] = {}
+    problems = []
+    for path in inputs:
+        if (path / COMPARE_NAME).is_file():
+            for member in comparison_members(path, CONVERSIONS_DIR) + comparison_members(path, RUNS_DIR):
+                _add(by_key, member)
+        elif not path.exists():
+            problems.append(f"{path} does not exist (check the path)")
+        elif not _add(by_key, path):
+            problems.append(
+                f"{path} is not a QPiSSA directory, training run, export or comparison "
+                f"(no {REPORT_NAME}, {RUN_MARKER}, {EXPORT_REPORT} or {COMPARE_NAME})"
+            )
+    if problems:
+        raise UserError("; ".join(problems))
+    if not by_key:
+        raise UserError(
+            "no inputs; pass QPiSSA directories, training runs, exports or comparison directories"
+        )
+    entries = sorted(by_key.values(), key=_method_order)
+    _check_one_base_model(entries)
+    _assign_labels(entries)
+    return entries
+
+
+def _check_one_base_model(entries: list[MethodData]) -> None:
+    """A report compares methods on one base model: its per-layer tables and plots pair layers by name.
+
+    Raises:
+        UserError: conversions of different original models among the inputs, listed by model.
+    """
+    by_model: dict[str, list[str]] = {}
+    for entry in entries:
+        if entry.conversion:
+            model = entry.conversion["fingerprint"]["model"]
+            by_model.setdefault(model, []).append(str(entry.conversion_dir))
+    if len(by_model) > 1:
+        groups = "; ".join(f"{model}: {', '.join(dirs)}" for model, dirs in by_model.items())
+        raise UserError(
+            f"the inputs were converted from {len(by_model)} different models ({groups}); a report compares "
+            "methods on one base model: run `qpissa report` once per model, with its own --out"
+        )
+
+
+def _add(by_key: dict[str, MethodData], path: Path) -> bool:
+    """Add one input directory; False if it is none of the known kinds."""
+    if (path / REPORT_NAME).is_file():
+        entry = _entry(by_key, path)
+        entry.conversion = read_report(path)
+        entry.fidelity = _read(path / FIDELITY_NAME) if (path / FIDELITY_NAME).is_file() else None
+        return True
+    if (path / RUN_MARKER).is_file():
+        entry = _add_linked(by_key, run_model(path), path)
+        if entry.run_dir is not None and entry.run_dir.resolve() != path.resolve():
+            # another run of the same conversion: a row of its own, labelled by its directory if need be
+            entry = by_key.setdefault(
+                str(path.resolve()), replace(entry, label=path.name, steps=[], evals=None, exports=[])
+            )
+        entry.run_dir = path
+        entry.steps = read_jsonl(path / LOG_NAME, required=("step", "loss"))
+        entry.evals = _read(path / EVAL_RESULTS_NAME) if (path / EVAL_RESULTS_NAME).is_file() else None
+        return True
+    if (path / EXPORT_REPORT).is_file():
+        report = _read(path / EXPORT_REPORT)
+        base = report.get("source", {}).get("base_dir")
+        entry = _add_linked(by_key, Path(base), path) if base else _entry(by_key, path)
+        entry.exports.append((path, report))
+        return True
+    return False
+
+
+def _add_linked(by_key: dict[str, MethodData], model: Path, path: Path) -> MethodData:
+    """The entry of the conversion `model` (read it if it still exists), else one of `path` alone."""
+    if (model / REPORT_NAME).is_file():
+        if str(model.resolve()) not in by_key:
+            _add(by_key, model)
+        return by_key[str(model.resolve())]
+    return _entry(by_key, path)
+
+
+def _entry(by_key: dict[str, MethodData], path: Path) -> MethodData:
+    key = str(path.resolve())
+    return by_key.setdefault(key, MethodData(label=path.name, conversion_dir=path))
+
+
+def method_label(settings: dict) -> str:
+    """A conversion's method as reports name it: `qpissa`, or `qpissa+calib` when calibrated."""
+    return settings["method"] + (CALIBRATED_SUFFIX if "calibration" in settings else "")
+
+
+def _assign_labels(entries: list[MethodData]) -> None:
+    """Label by method; add rank and iterations, then the directory name, only where labels collide."""
+    for entry in entries:
+        if entry.conversion:
+            entry.label = method_label(entry.conversion["settings"])
+    for make in (_label_with_settings, _label_with_dir):
+        if len({e.label for e in entries}) == len(entries):
+            return
+        for entry in entries:
+            entry.label = make(entry)
+
+
+def _label_with_settings(entry: MethodData) -> str:
+    if not entry.conversion:
+        return entry.label
+    s = entry.conversion["settings"]
+    return f"{method_label(s)} r{s['rank']} T{s['iters']}"
+
+
+def _label_with_dir(entry: MethodData) -> str:
+    directory = entry.run_dir or entry.conversion_dir  # runs of one conversion differ by their own
+    return f"{entry.label} ({directory.name})" if directory else entry.label
+
+
+def _method_order(entry: MethodData) -> tuple[int, str]:
+    method = entry.conversion["settings"]["method"] if entry.conversion else ""
+    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    return rank, str(entry.conversion_dir)
+
+
+def _read(path: Path) -> dict:
+    return read_json(path, "it was written by qpissa: regenerate it")
