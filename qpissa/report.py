@@ -106,6 +106,10 @@ def summarize(methods: list[MethodData], options: ReportOptions) -> dict:
         "eval": {m.label: m.evals for m in methods if m.evals},
         "exports": [_export(m.label, path, report) for m in methods for path, report in m.exports],
         "spectrum": _spectrum(methods, options.layer, original),
+        "setup": {
+            "model": next((m.conversion["fingerprint"]["model"] for m in methods if m.conversion), None),
+            "runs": {m.label: _recipe(m.run) for m in methods if m.run},
+        },
     }
     for row in summary["memory"].values():
         if original and row["residual_disk_mb"] is not None:
@@ -157,6 +161,18 @@ def _training(steps: list[dict]) -> dict:
         "tokens_per_second": sum(speeds) / len(speeds) if speeds else None,
         "peak_memory_mb": max(memory) if memory else None,
         "curve": [[s["step"], s["loss"]] for s in steps],
+    }  # fmt: skip
+
+
+def _recipe(run: dict) -> dict:
+    """What a run trained on and how long, from its run marker: what a reader of the report asks first."""
+    config, data = run["config"], run["config"]["data"]
+    return {
+        "data": data["path"] or [source["path"] for source in data["sources"]],
+        "eval_path": data["eval_path"], "max_seq_len": data["max_seq_len"],
+        "max_steps": config["max_steps"], "num_train_epochs": config["num_train_epochs"],
+        "learning_rate": config["learning_rate"], "seed": config["seed"],
+        "global_batch_size": run["processes"]["global_batch_size"],
     }  # fmt: skip
 
 

@@ -43,6 +43,7 @@ class MethodData:
     run_dir: Path | None = None
     steps: list[dict] = field(default_factory=list)  # trainer_log.jsonl
     evals: dict | None = None  # eval_results.json
+    run: dict | None = None  # qpissa_run.json: the run's recipe and processes
     exports: list[tuple[Path, dict]] = field(default_factory=list)  # export_report.json
 
 
@@ -109,9 +110,11 @@ def _add(by_key: dict[str, MethodData], path: Path) -> bool:
         if entry.run_dir is not None and entry.run_dir.resolve() != path.resolve():
             # another run of the same conversion: a row of its own, labelled by its directory if need be
             entry = by_key.setdefault(
-                str(path.resolve()), replace(entry, label=path.name, steps=[], evals=None, exports=[])
+                str(path.resolve()),
+                replace(entry, label=path.name, steps=[], evals=None, run=None, exports=[]),
             )
         entry.run_dir = path
+        entry.run = _read(path / RUN_MARKER)
         entry.steps = read_jsonl(path / LOG_NAME, required=("step", "loss"))
         entry.evals = _read(path / EVAL_RESULTS_NAME) if (path / EVAL_RESULTS_NAME).is_file() else None
         return True

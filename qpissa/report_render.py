@@ -72,6 +72,32 @@ def verdict(summary: dict, tail_steps: int) -> list[str]:
     return lines
 
 
+def setup_lines(summary: dict) -> list[str]:
+    """What was compared: the base model, and what the runs trained on (once if every run shares it)."""
+    setup = summary["setup"]
+    lines = [f"Base model: {setup['model']}."] if setup["model"] else []
+    recipes = {label: _recipe_text(recipe) for label, recipe in setup["runs"].items()}
+    if len(set(recipes.values())) == 1 and len(recipes) > 1:
+        lines.append(f"Every run trained on {next(iter(recipes.values()))}.")
+    else:
+        lines += [f"Run {label} trained on {text}." for label, text in recipes.items()]
+    return lines
+
+
+def _recipe_text(recipe: dict) -> str:
+    data = recipe["data"] if isinstance(recipe["data"], str) else " + ".join(recipe["data"])
+    length = (
+        f"{recipe['max_steps']} steps"
+        if recipe["max_steps"] > 0
+        else f"{recipe['num_train_epochs']:g} epochs"
+    )
+    evaluated = f", evaluated on {recipe['eval_path']}" if recipe["eval_path"] else ""
+    return (
+        f"{data} ({length} of {recipe['global_batch_size']} samples, learning rate "
+        f"{recipe['learning_rate']:g}, max_seq_len {recipe['max_seq_len']}, seed {recipe['seed']}){evaluated}"
+    )
+
+
 def draw_plots(summary: dict, out_dir: Path, options: ReportOptions) -> dict[str, str]:
     """Draw every plot that has data; return name -> PNG file name (relative to `out_dir`)."""
     metric = summary["metric"]
@@ -266,7 +292,9 @@ def _markdown_row(cells: list[str]) -> str:
 
 
 def _markdown(summary: dict, found: list[Table]) -> str:
-    lines = ["# qpissa comparison report", "", *[f"- {line}" for line in summary["verdict"]], ""]
+    lines = ["# qpissa comparison report", ""]
+    lines += [part for line in setup_lines(summary) for part in (line, "")]  # a paragraph each
+    lines += [*[f"- {line}" for line in summary["verdict"]], ""]
     for table in found:
         lines += [
             f"## {table.title}",
@@ -296,7 +324,11 @@ def _html(summary: dict, found: list[Table], out_dir: Path) -> str:
         data = base64.b64encode((out_dir / summary["plots"][name]).read_bytes()).decode("ascii")
         return f'<img alt="{name}" src="data:image/png;base64,{data}">'
 
-    parts = ["<h1>qpissa comparison report</h1>", "<ul class='verdict'>"]
+    parts = [
+        "<h1>qpissa comparison report</h1>",
+        *[f"<p>{html.escape(line)}</p>" for line in setup_lines(summary)],
+    ]
+    parts.append("<ul class='verdict'>")
     parts += [f"<li>{html.escape(line)}</li>" for line in summary["verdict"]] + ["</ul>"]
     for table in found:
         cells = "".join(f"<th>{html.escape(h)}</th>" for h in table.headers)

@@ -208,3 +208,25 @@ def test_every_run_of_one_conversion_gets_its_own_row(inputs: dict[str, Path], t
     assert cli.main(["--quiet", "report", str(inputs["run"]), str(other), "--out", str(out)]) == 0
     training = json.loads((out / "summary.json").read_text())["training"]
     assert sorted(training) == ["qpissa r4 T2 (other-run)", "qpissa r4 T2 (run)"]
+
+
+def test_the_report_names_the_base_model_and_what_each_run_trained_on(
+    inputs: dict[str, Path], tiny_chat_model: Path, tmp_path: Path
+) -> None:
+    """Said once when every run shares the recipe (as in `qpissa compare`), once per run when they differ."""
+    other = tmp_path / "other-run"
+    shutil.copytree(inputs["run"], other)
+    runs = [str(inputs["run"]), str(other)]
+    assert cli.main(["--quiet", "report", *runs, "--out", str(tmp_path / "same")]) == 0
+    markdown = (tmp_path / "same" / "report.md").read_text()
+    assert f"Base model: {tiny_chat_model}." in markdown
+    data = json.loads((inputs["run"] / "qpissa_run.json").read_text())["config"]["data"]["path"]
+    shared = f"Every run trained on {data} (3 steps of 4 samples, learning rate 0.001, max_seq_len 64, seed"
+    assert markdown.count(shared) == 1
+    marker = json.loads((other / "qpissa_run.json").read_text())
+    marker["config"]["learning_rate"] = 5e-5
+    (other / "qpissa_run.json").write_text(json.dumps(marker))
+    assert cli.main(["--quiet", "report", *runs, "--out", str(tmp_path / "apart")]) == 0
+    html = (tmp_path / "apart" / "report.html").read_text()
+    assert "Every run" not in html and "learning rate 5e-05" in html and "learning rate 0.001" in html
+    assert html.count("<p>Run qpissa r4 T2 (") == 2
