@@ -12,7 +12,7 @@ from enum import Enum
 from pathlib import Path
 
 from qpissa import UserError
-from qpissa.options import to_dict
+from qpissa.options import coerce_fields, to_dict
 from qpissa.settings import SEED_LIMIT, Device
 
 ALL_LINEAR = "all-linear"
@@ -203,6 +203,7 @@ class ConvertSettings:
     )
 
     def __post_init__(self) -> None:
+        coerce_fields(self)
         problems = []
         if self.rank < 1:
             problems.append(f"--rank must be at least 1, got {self.rank}; try --rank 16")
@@ -310,6 +311,7 @@ class CompareSettings:
     )
 
     def __post_init__(self) -> None:
+        coerce_fields(self)
         known = {m.value for m in Method}
         names = [name.strip() for name in self.methods.split(",") if name.strip()]
         unknown = [name for name in names if name not in known]

@@ -88,6 +88,27 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "", *, as_flags
     return cls(**kwargs)
 
 
+def coerce_fields(settings: Any) -> None:
+    """Check and convert the fields of a settings dataclass built in Python (`ConvertSettings(rank=8,
+    method="loftq")`) as `from_dict` does those from YAML and flags: a text choice becomes its enum, text a
+    Path, an int a float; without this a wrong type passed every check and failed far away, or not at all.
+
+    Raises:
+        UserError: naming every field of the wrong type at once, by its keyword.
+    """
+    hints = typing.get_type_hints(type(settings))
+    problems = []
+    for field in dataclasses.fields(settings):
+        try:
+            value = _coerce(hints[field.name], getattr(settings, field.name), field.name)
+        except UserError as error:
+            problems.append(str(error))
+            continue
+        object.__setattr__(settings, field.name, value)
+    if problems:
+        raise UserError("; ".join(problems))
+
+
 def to_dict(settings: Any) -> dict[str, Any]:
     """Plain, JSON-ready data of a settings dataclass (enums as their values, paths as strings)."""
     return {key: _plain(value) for key, value in dataclasses.asdict(settings).items()}
@@ -180,6 +201,8 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
             return None
         raise UserError(f"{label} may not be empty")
     if dataclasses.is_dataclass(kind):
+        if isinstance(value, kind):  # built in Python: its own __post_init__ checked it
+            return value
         if not isinstance(value, dict):
             raise UserError(f"{label} must be a group of settings, got {value!r}")
         return from_dict(kind, value, where=f"{name}.")

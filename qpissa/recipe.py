@@ -15,7 +15,7 @@ import yaml
 
 from qpissa import UserError
 from qpissa.artifacts import latest_checkpoint, read_text
-from qpissa.options import apply_overrides, from_dict, yaml_problem
+from qpissa.options import apply_overrides, coerce_fields, from_dict, yaml_problem
 from qpissa.settings import MIN_SEQ_LEN, SEED_LIMIT, DataFormat, Device
 
 AUTO_OPTIM = "auto"  # paged 8-bit AdamW on CUDA, AdamW on CPU; any other name is transformers' own
@@ -39,6 +39,7 @@ class DataSource:
     def __post_init__(self) -> None:
         if self.path is None:
             raise UserError("each of `data.sources` needs a `path`: a data file, directory or Hub name")
+        coerce_fields(self)
         if self.samples is not None and not (0 < self.samples < 1 or float(self.samples).is_integer()):
             raise UserError(
                 f"`samples` of {self.path} must be a whole count or a fraction in (0, 1), got {self.samples}"
@@ -85,6 +86,7 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
+        coerce_fields(self)
         if (self.path is None) == (self.sources is None):
             raise UserError(
                 "the config needs one of `data.path` (a data file, directory or Hub dataset name) "
@@ -177,6 +179,7 @@ class TrainConfig:
         missing = [name for name in ("model", "output_dir", "data") if getattr(self, name) is None]
         if missing:
             raise UserError(f"the config needs {', '.join(f'`{m}`' for m in missing)}; see configs/demo.yaml")
+        coerce_fields(self)
         positive = (
             "per_device_train_batch_size",
             "per_device_eval_batch_size",

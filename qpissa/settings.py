@@ -12,6 +12,7 @@ from enum import Enum
 from pathlib import Path
 
 from qpissa import UserError
+from qpissa.options import coerce_fields
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class ExportSettings:
     )
 
     def __post_init__(self) -> None:
+        coerce_fields(self)
         problems = []
         if self.to is ExportKind.MERGED and self.rank is not None:
             problems.append("--rank applies to --to lora only (a merged model has no rank); drop --rank")
@@ -165,6 +167,7 @@ class EvalSettings:
     adapter: bool = field(default=True, metadata={"help": ADAPTER_HELP})
 
     def __post_init__(self) -> None:
+        coerce_fields(self)
         problems = []
         if self.batch_size < 1 or self.max_new_tokens < 1:
             problems.append("--batch-size and --max-new-tokens must be at least 1")
@@ -198,6 +201,7 @@ class ChatSettings:
     adapter: bool = field(default=True, metadata={"help": ADAPTER_HELP})
 
     def __post_init__(self) -> None:
+        coerce_fields(self)
         problems = []
         if self.prompt is not None and not self.prompt.strip():
             problems.append("--prompt is empty; pass the message to answer, or leave --prompt out to chat")
@@ -232,6 +236,7 @@ class FidelitySettings:
     max_tokens: int = field(default=4096, metadata={"help": "use at most this many tokens of the text"})
 
     def __post_init__(self) -> None:
+        coerce_fields(self)
         problems = []
         if self.window < 2:
             problems.append(f"--window must be at least 2 tokens, got {self.window}")
@@ -253,6 +258,9 @@ class ReportOptions:
         default=None, metadata={"help": "matrix whose singular values to plot (default: the first q_proj)"}
     )
     log_steps: bool = field(default=False, metadata={"help": "log-scale step axis for the loss curves"})
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
 
 
 def is_utf8(text: str) -> bool:

@@ -45,3 +45,27 @@ def test_import_stays_light_and_submodules_stay_reachable() -> None:
         "assert convert is function and sys.modules['qpissa.convert'].convert is function\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_settings_built_in_python_are_checked_and_converted_as_flags_are() -> None:
+    """Text for a choice or a path works as in a recipe; a wrong type is one UserError naming the keyword,
+    not a TypeError from a comparison, nor a text method that every `is Method.QLORA` check misses."""
+    import pytest
+
+    from qpissa import ConvertSettings, DataConfig, TrainConfig, UserError
+    from qpissa.convert_settings import Method
+
+    settings = ConvertSettings(method="qlora", calib="notes.txt")
+    assert (
+        settings.method is Method.QLORA
+        and settings.resolved_iters == 1
+        and settings.calib == Path("notes.txt")
+    )
+    config = TrainConfig(model="q", output_dir="run", data={"path": "train.jsonl"}, learning_rate=1)
+    assert config.model == Path("q") and isinstance(config.data, DataConfig) and config.learning_rate == 1.0
+    with pytest.raises(
+        UserError, match=r"^`method` must be one of .*, got 'pissa'; `rank` must be int, got '8'$"
+    ):
+        ConvertSettings(rank="8", method="pissa")
+    with pytest.raises(UserError, match=r"^`max_seq_len` must be int, got '512'$"):
+        DataConfig(path="train.jsonl", max_seq_len="512")
