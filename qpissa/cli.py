@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import NoReturn
@@ -64,6 +65,9 @@ _FILE_ERRORS = {
     errno.ELOOP: "the path has a loop of symbolic links: check it",
 }
 _SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT)  # named without a file: the message says what to do anyway
+# torchrun and accelerate launch stop every process once one has ended with an error: a process other
+# than the main one waits this long before it leaves, so that the main one prints what went wrong first
+NON_MAIN_GRACE_S = 10.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         args.handler(args)
     except UserError as error:
         return _fail(str(error))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # under a launcher every process is interrupted; the main one says so
+        if not is_main_process():
+            return _after_the_main_process(EXIT_INTERRUPTED)
         print(f"qpissa: interrupted{_continue_hint(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as error:  # the last resort: modules that know the file raise UserError themselves
@@ -115,10 +121,16 @@ def _fail(message: str) -> int:
     """Print a user mistake on one line (library messages may quote several); under a launcher only the
     main process prints it, as every process meets the same mistake (`distributed.on_main`)."""
     if not is_main_process():
-        return EXIT_USER_ERROR
+        return _after_the_main_process(EXIT_USER_ERROR)
     line = "; ".join(part.strip() for part in message.splitlines() if part.strip())
     print(f"qpissa: error: {line}", file=sys.stderr)
     return EXIT_USER_ERROR
+
+
+def _after_the_main_process(status: int) -> int:
+    """`status`, returned once the main process has had the time to print the same mistake's line."""
+    time.sleep(NON_MAIN_GRACE_S)
+    return status
 
 
 def _bug() -> int:
@@ -251,6 +263,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse with the one-line error every other user mistake gets (not the whole usage), status 2."""
 
     def error(self, message: str) -> NoReturn:
+        if not is_main_process():  # under a launcher every process parses the same command line
+            sys.exit(_after_the_main_process(EXIT_USER_ERROR))
         print(f"qpissa: error: {message}; see `{self.prog} --help`", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
 

@@ -6,6 +6,7 @@ process with the doubled batch, and an exact resume (or a one-line refusal with 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -188,6 +189,35 @@ def test_two_processes_evaluate_every_token_once(qpissa_dir: Path, data_dir: Pat
     final = json.loads((run / "eval_results.json").read_text())
     assert [e["step"] for e in evals] == [2, 4]  # save_steps 2: the best is chosen among both
     assert evals[-1]["eval_loss"] == pytest.approx(final["loss"], rel=1e-5)
+
+
+def test_a_mistyped_command_is_one_line_under_a_launcher(tmp_path: Path) -> None:
+    """argparse's error, met by every process, is printed by the main one only."""
+    done = _launch(_torchrun(), tmp_path, "trian", "recipe.yaml")
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith("qpissa:")]
+    assert len(lines) == 1 and "invalid choice: 'trian'" in lines[0], done.stderr[-3000:]
+
+
+def test_ctrl_c_is_reported_by_the_main_process_only(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Ctrl-C reaches every process of a launcher; one line tells how to continue, not one per process."""
+    convert_module = importlib.import_module("qpissa.convert")  # `qpissa.convert` is the API function
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_module, "_read_and_decompose", interrupted)
+    monkeypatch.setattr(cli, "NON_MAIN_GRACE_S", 0.0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        args = ["--quiet", "convert", str(tiny_model), str(tmp_path / f"out{rank}"), "--rank", "4"]
+        assert cli.main(args) == 130
+        said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qpissa:")]
+        hint = "interrupted; rerun the same command with --resume"
+        assert len(said) == lines and all(hint in line for line in said), said
 
 
 def test_quant_storage_bfloat16_loads_with_plain_transformers(
