@@ -69,8 +69,8 @@ from qpissa.trainlog import (
     NoEvaluationAtTheEnd,
     QuietProgressCallback,
     append_jsonl,
+    drop_records_from,
     peak_memory_mb,
-    truncate_log,
 )
 
 log = logging.getLogger(__name__)
@@ -188,8 +188,10 @@ def _train(
         )
         generation = generate(model, show_progress=bars) if config.data.eval_generate_samples else {}
         write_json(run_dir / EVAL_RESULTS_NAME, {**final, **generation})
-        # the last step's line of the eval log, which the Trainer's pass would have written
+        # the last step's line of the eval log, which the Trainer's pass would have written (a run finished
+        # again from its last checkpoint evaluates that step again)
         if not best_at_end:
+            drop_records_from(run_dir / EVAL_LOG_NAME, trainer.state.global_step)
             append_jsonl(
                 run_dir / EVAL_LOG_NAME,
                 {"step": trainer.state.global_step, "eval_loss": final["loss"], **generation},
@@ -242,7 +244,7 @@ def _log_initial_loss(
     shares = gather((own["loss"] * own["tokens"], own["tokens"]))
     if not arguments.should_save:  # only the main process writes
         return
-    truncate_log(run_dir / LOG_NAME, 0)
+    drop_records_from(run_dir / LOG_NAME, 0)
     loss = sum(total for total, _ in shares) / max(sum(tokens for _, tokens in shares), 1)
     entry = {
         "elapsed": 0.0,

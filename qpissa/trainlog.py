@@ -52,11 +52,10 @@ class JsonlLogCallback(TrainerCallback):
         self.tokens_at_step_start = 0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if (
-            self.resumed and state.is_world_process_zero
-        ):  # checkpoint loaded: only now are later records redone
-            truncate_log(self.path, state.global_step)
-            truncate_log(self.eval_path, state.global_step)
+        # the checkpoint is loaded: only now are later records redone (eval_on_start redoes its step's too)
+        if self.resumed and state.is_world_process_zero:
+            drop_records_from(self.path, state.global_step + 1)
+            drop_records_from(self.eval_path, state.global_step + (0 if args.eval_on_start else 1))
         self.start = time.perf_counter()
         self.first_step = state.global_step
         if torch.cuda.is_available() and self.device.type == "cuda":
@@ -118,6 +117,9 @@ class NoEvaluationAtTheEnd(TrainerCallback):
         if state.global_step >= state.max_steps:
             control.should_evaluate = False
 
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.on_step_end(args, state, control)  # eval_strategy=epoch asks here, after the last step
+
 
 class QuietProgressCallback(ProgressCallback):
     """transformers' tqdm.auto bar without its per-log dict printing (the logger and the JSONL have them),
@@ -143,12 +145,12 @@ class QuietProgressCallback(ProgressCallback):
         return
 
 
-def truncate_log(path: Path, last_step: int) -> None:
-    """Drop log records after `last_step` (a resumed run rewrites them), and a half-written last line;
-    0 empties the file. The file is replaced whole: a kill meanwhile leaves the old one or the new one."""
+def drop_records_from(path: Path, step: int) -> None:
+    """Drop the log's records of `step` and later (a resumed run writes them again), and a half-written
+    last line. The file is replaced whole: a kill meanwhile leaves the old one or the new one."""
     if not path.exists():
         return
-    kept = [row for row in read_jsonl(path, required=("step",)) if last_step > 0 and row["step"] <= last_step]
+    kept = [row for row in read_jsonl(path, required=("step",)) if row["step"] < step]
     partial = path.with_name(path.name + ".tmp")
     partial.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in kept))
     partial.replace(path)

@@ -30,6 +30,10 @@ def _config(tmp: Path, qpissa_dir: Path, data_dir: Path, **changes) -> Path:
     return path
 
 
+def _evals(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "eval_log.jsonl").read_text().splitlines()]
+
+
 def _losses(run: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run / "trainer_log.jsonl").read_text().splitlines()]
     return {row["step"]: row["loss"] for row in rows}
@@ -293,6 +297,31 @@ def test_the_trainers_eval_loss_is_weighted_by_tokens_as_the_final_evaluation(
     assert evals[0]["eval_loss"] == pytest.approx(final["loss"], rel=1e-5)
 
 
+def test_every_evaluated_step_has_one_line_in_the_eval_log(
+    qpissa_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """Evaluations per epoch end with the final evaluation's line only; eval_on_start, resumed, evaluates
+    the checkpoint's step again in place of its line."""
+    changes = {"max_steps": -1, "num_train_epochs": 2, "eval_steps": None, "eval_strategy": "epoch",
+               "save_strategy": "epoch", "data": {"eval_generate_samples": 0}}  # fmt: skip
+    assert cli.main(["--quiet", "train", str(_config(tmp_path, qpissa_dir, data_dir, **changes))]) == 0
+    assert [row["step"] for row in _evals(tmp_path / "run")] == [4, 8]
+    changes = {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "save_total_limit": None,
+               "eval_on_start": True, "data": {"eval_generate_samples": 0}}  # fmt: skip
+    config = _config(tmp_path, qpissa_dir, data_dir, output_dir=str(tmp_path / "start"), **changes)
+    assert cli.main(["--quiet", "train", str(config)]) == 0
+    run = tmp_path / "start"
+    whole = _evals(run)
+    assert [row["step"] for row in whole] == [0, 2, 4]
+    shutil.rmtree(run / "checkpoint-4")
+    assert cli.main(["--quiet", "train", str(config), f"resume_from_checkpoint={run / 'checkpoint-2'}"]) == 0
+    resumed = _evals(run)
+    assert [row["step"] for row in resumed] == [0, 2, 4]
+    assert [row["eval_loss"] for row in resumed] == pytest.approx(
+        [row["eval_loss"] for row in whole], rel=1e-5
+    )
+
+
 @pytest.mark.integration
 def test_demo_recipe_runs_on_the_demo_model(demo_model: Path, tmp_path: Path) -> None:
     import subprocess
@@ -336,3 +365,4 @@ def test_a_resume_from_the_last_steps_checkpoint_finishes_without_training(
     assert sorted(_losses(run)) == [0, 1, 2] and not (run / "checkpoint-3").exists()
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == finished
     assert json.loads((run / "eval_results.json").read_text()) == evaluated
+    assert [row["step"] for row in _evals(run)] == [2]  # the final evaluation's line, once
