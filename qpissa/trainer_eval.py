@@ -2,7 +2,9 @@
 
 transformers (5.2x) averages each evaluation batch's mean loss, so its `eval_loss` moves with how tokens
 fall into batches (per_device_eval_batch_size, sample lengths), and `load_best_model_at_end` chose the
-adapter by that number. Here each batch's loss is a mean over its own tokens, weighed by their count.
+adapter by that number. Here each sample's summed loss and token count are gathered from every process,
+without the samples the sampler repeats to even out the processes' last batches, and `eval_loss` is
+their ratio.
 """
 
 from __future__ import annotations
@@ -30,9 +32,7 @@ class TokenWeightedTrainer(Trainer):
         output = super().evaluation_loop(
             dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
         )
-        # each process holds its shard's sums (a sample the sampler repeats to even out the shards counts
-        # twice here, where the Trainer's own mean drops it: at most one per process)
-        total, tokens = self.accelerator.reduce(self._eval_sums, reduction="sum").tolist()
+        total, tokens = self._eval_sums.tolist()
         if tokens:
             output.metrics[f"{metric_key_prefix}_loss"] = total / tokens
         return output
@@ -46,8 +46,31 @@ class TokenWeightedTrainer(Trainer):
     ) -> Any:
         if model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        # without num_items_in_batch the model's loss is this batch's mean over its own target tokens
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
-        tokens = (inputs["labels"][..., 1:] != IGNORE_INDEX).sum()  # position t predicts token t+1
-        self._eval_sums += torch.stack([loss.detach().double() * tokens, tokens.double()])
+        outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
+        sums = sample_sums(outputs.logits, inputs["labels"], inputs.get("position_ids"))
+        # every process adds the same gathered sums; gather_for_metrics drops the repeated samples
+        self._eval_sums += self.accelerator.gather_for_metrics(sums).sum(0)
+        loss = sums[:, 0].sum() / sums[:, 1].sum().clamp(min=1)  # this batch's own mean
         return (loss, outputs) if return_outputs else loss
+
+
+def sample_sums(
+    logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None
+) -> torch.Tensor:
+    """Each sample's summed loss over its target tokens and their count, [samples, 2] float64, in batch
+    order; a packed row (padding-free collator) holds several samples, split where positions restart."""
+    found = []
+    for row in range(labels.shape[0]):  # one row's float32 logits at a time: a batch's may not fit
+        targets = labels[row, 1:]  # position t predicts token t+1
+        losses = torch.nn.functional.cross_entropy(
+            logits[row, :-1].float(), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        pairs = torch.stack([losses, (targets != IGNORE_INDEX).float()], 1).double()
+        if position_ids is None:  # a padded row is one sample
+            found.append(pairs.sum(0, keepdim=True))
+            continue
+        starts = position_ids[row] == 0
+        sample = (starts.cumsum(0) - 1)[1:]  # the sample of each target token
+        sums = torch.zeros(int(starts.sum()), 2, dtype=torch.float64, device=pairs.device)
+        found.append(sums.index_add_(0, sample, pairs))
+    return torch.cat(found)

@@ -174,8 +174,9 @@ def test_export_eval_and_chat_take_a_multi_process_run(
 def test_two_processes_evaluate_every_token_once(qpissa_dir: Path, data_dir: Path, tmp_path: Path) -> None:
     """The Trainer's evaluation, each process on its shard, sums to the main process's final evaluation of
     the same adapter (load_best_model_at_end chooses by the first): answers of 1 to 6 digits, in batches
-    of 3 per process, the first global batch's shorter than the second's."""
-    records = [{"prompt": f"{i}%10=", "completion": f" {i % 10}" * (1 + i // 2)} for i in range(12)]
+    of 3 per process, the first global batch's shorter than the second's, which lacks a sample (the
+    sampler repeats the first one there, to even out the processes' batches)."""
+    records = [{"prompt": f"{i}%10=", "completion": f" {i % 10}" * (1 + i // 2)} for i in range(11)]
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     data = {"path": str(data_dir / "train.jsonl"), "eval_path": str(tmp_path / "eval.jsonl"),
             "format": "prompt_completion", "max_seq_len": 32, "eval_generate_samples": 0}  # fmt: skip

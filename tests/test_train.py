@@ -278,17 +278,18 @@ def test_load_best_model_at_end_chooses_among_every_step_the_trainer_evaluated(
     assert adapter.keys() == chosen.keys() and all(adapter[k].equal(chosen[k]) for k in adapter)
 
 
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 def test_the_trainers_eval_loss_is_weighted_by_tokens_as_the_final_evaluation(
-    qpissa_dir: Path, data_dir: Path, tmp_path: Path
+    packing: bool, qpissa_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:
     """The Trainer's evaluations (which load_best_model_at_end chooses by) and train's final evaluation of
     one adapter agree: answers of 1 to 7 digits in batches of 3 hold different token counts, which a mean
-    of batch means weighs alike."""
+    of batch means weighs alike; packed, each batch is one row of 3 samples."""
     records = [{"prompt": f"{i}%10=", "completion": f" {i % 10}" * (1 + i % 7)} for i in range(11)]
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     changes = {"max_steps": 4, "eval_steps": 4, "save_steps": 4, "per_device_eval_batch_size": 3,
                "load_best_model_at_end": True, "metric_for_best_model": "eval_loss",
-               "data": {"eval_path": str(tmp_path / "eval.jsonl")}}  # fmt: skip
+               "data": {"eval_path": str(tmp_path / "eval.jsonl"), "packing": packing}}  # fmt: skip
     assert cli.main(["--quiet", "train", str(_config(tmp_path, qpissa_dir, data_dir, **changes))]) == 0
     run = tmp_path / "run"
     evals = [json.loads(line) for line in (run / "eval_log.jsonl").read_text().splitlines()]
