@@ -181,8 +181,8 @@ def load_records(
     data_files = _check_folder(path) if path.is_dir() and not saved else []
     try:
         with _bars_hidden_below(QUIET_READ_BYTES, _local_bytes(path) if local else None):
-            if saved:
-                dataset = datasets.load_from_disk(str(path))
+            if saved:  # in memory: a transform of a memory-mapped one writes its cache into the user's files
+                dataset = datasets.load_from_disk(str(path), keep_in_memory=True)
                 if isinstance(dataset, datasets.DatasetDict):
                     dataset = _split(dataset, split, path, split_setting)
             elif path.is_file():

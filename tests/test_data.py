@@ -144,6 +144,21 @@ def test_every_file_kind_loads(tmp_path: Path, tokenizer, suffix: str) -> None:
     assert [s.response for s in samples] == ["c0", "c1", "c2"] and len(data.rows) == 3
 
 
+def test_a_saved_dataset_is_read_without_writing_into_its_directory(tmp_path: Path, tokenizer) -> None:
+    """datasets writes a transform's cache files beside the dataset's own; for a save_to_disk directory
+    those are the user's files, which no command changes: seeded sampling, tokenization and the dropping
+    of cut samples leave them as they were."""
+    import datasets
+
+    records = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(8)]
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(records)}).save_to_disk(str(saved))
+    before = {path: path.read_bytes() for path in saved.rglob("*") if path.is_file()}
+    config = DataConfig(path=saved, format=DataFormat.PROMPT_COMPLETION, max_seq_len=32, samples=6)
+    assert len(load_train(config, tokenizer, seed=1).rows) == 6
+    assert {path: path.read_bytes() for path in saved.rglob("*") if path.is_file()} == before
+
+
 def _write_arrow(dataset, path: Path) -> None:
     import pyarrow as pa
 
