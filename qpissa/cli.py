@@ -7,6 +7,7 @@ that `qpissa --help` stays instant (tests/test_structure.py checks that it never
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import functools
 import json
@@ -16,6 +17,8 @@ import time
 import traceback
 from pathlib import Path
 from typing import NoReturn
+
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from qpissa import (
     LOG_FORMAT,
@@ -84,14 +87,17 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     hide_library_deprecation_notes()
     # one bar per launch (the main process's), and none in a log: qpissa's own bars are terminal-only too
-    if args.quiet or not is_main_process() or not sys.stderr.isatty():
+    bars = not args.quiet and is_main_process() and sys.stderr.isatty()
+    if not bars:
         hide_library_progress_bars()
     level = logging.WARNING if args.quiet else logging.INFO
     if not is_main_process():  # another process of a launcher: its notes and warnings are the main one's
         level = logging.ERROR
     logging.basicConfig(level=level, format=LOG_FORMAT)
     try:
-        args.handler(args)
+        # a log line printed above the progress bars, not appended to one's line
+        with logging_redirect_tqdm() if bars else contextlib.nullcontext():
+            args.handler(args)
     except UserError as error:
         return _fail(str(error))
     except KeyboardInterrupt:  # under a launcher every process is interrupted; the main one says so
