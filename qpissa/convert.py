@@ -39,7 +39,7 @@ from qpissa.nf4 import as_storage
 from qpissa.outputs import check_apart, check_replaceable, lock_output
 from qpissa.runtime import calibration_dtype, compute_dtype, dtype_name, resolve_device, sketch_dtype
 from qpissa.stored import adapter_key
-from qpissa.targets import TargetPlan, plan_targets, warn_cpu_kernel
+from qpissa.targets import TargetPlan, check_cpu_decoding, plan_targets, warn_cpu_kernel
 
 log = logging.getLogger(__name__)
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -108,6 +108,7 @@ def _convert(
     if overwrite:
         check_replaceable(out_dir, "OUT", (REPORT_NAME,), "a QPiSSA directory")
     reader, target_plan, device = check_conversion(model_dir, settings)
+    check_cpu_decoding(target_plan, settings.blocksize, device.type)
     warn_cpu_kernel(target_plan, settings.blocksize)
     if not any((model_dir / name).is_file() for name in TOKENIZER_MARKERS):
         log.warning(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from qpissa import UserError
 from qpissa.architecture import Architecture, read_architecture
 from qpissa.checkpoint import QUANTIZED_KEY_MARKERS, CheckpointReader
-from qpissa.convert_settings import ALL_LINEAR
+from qpissa.convert_settings import ALL_LINEAR, BLOCKSIZES
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,34 @@ def warn_cpu_kernel(plan: TargetPlan, blocksize: int) -> None:
             len(rejected), CPU_KERNEL_BLOCK_N, blocksize, ", ".join(rejected[:3]),
             " …" if len(rejected) > 3 else "",
         )  # fmt: skip
+
+
+def check_cpu_decoding(plan: TargetPlan, blocksize: int, device_type: str) -> None:
+    """Targets whose NF4 codes bitsandbytes' CPU kernel decodes with the wrong scales (see
+    `nf4.cpu_decodes_by_rows`): refused on a CPU, where the fit and every later command would use that
+    decoding; on a GPU the codes decode as written, and a warning says the directory must not run on a CPU.
+
+    Raises:
+        UserError: on a CPU, naming the widths and a --blocksize that fits every target.
+    """
+    from qpissa.nf4 import cpu_decodes_by_rows
+
+    shapes = {name: plan.architecture.linears[name].shape for name in plan.names}
+    widths = sorted({shape[1] for shape in shapes.values() if shape[1] % blocksize})
+    wrong = [width for width in widths if cpu_decodes_by_rows(width, blocksize)]
+    if not wrong:
+        return
+    fitting = [size for size in BLOCKSIZES if all(shape[1] % size == 0 for shape in shapes.values())]
+    fix = f"--blocksize {fitting[-1]}" if fitting else "another --blocksize"
+    problem = (
+        f"bitsandbytes' CPU kernel decodes NF4 weights {', '.join(map(str, wrong))} wide (not a multiple of "
+        f"--blocksize {blocksize}) with the wrong block scales"
+    )
+    if device_type == "cpu":
+        raise UserError(f"{problem}; convert with {fix}, or leave those layers out with --targets")
+    log.warning(
+        "%s: this directory is right on a GPU but must not run on a CPU (or convert with %s)", problem, fix
+    )
 
 
 def module_type(name: str) -> str:

@@ -141,3 +141,16 @@ def test_resume_with_other_settings_is_refused(tiny_model: Path, tmp_path: Path,
     assert main(["--quiet", "convert", str(tiny_model), str(out), "--rank", "4"]) == 0
     status = main(["--quiet", "convert", str(tiny_model), str(out), "--rank", "8", "--resume"])
     assert status == 2 and "other settings" in capsys.readouterr().err
+
+
+def test_widths_the_cpu_kernel_decodes_wrongly_are_refused_on_a_cpu(
+    tiny_model: Path, tmp_path: Path, capsys
+) -> None:
+    """bitsandbytes 0.50's CPU kernel decodes 64-wide weights in blocks of 128 by rows, not as its
+    quantizer wrote them: a fit against that decoding would be wrong wherever the codes decode right."""
+    from qpissa.nf4 import cpu_decodes_by_rows
+
+    assert cpu_decodes_by_rows(64, 128) and not cpu_decodes_by_rows(128, 64)  # the probe sees it here
+    error = _fails(capsys, tmp_path / "out", str(tiny_model), "--rank", "4", "--blocksize", "128")
+    assert "decodes NF4 weights 64 wide" in error and "convert with --blocksize 64" in error
+    assert not (tmp_path / "out").exists()
