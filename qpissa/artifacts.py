@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 # Hugging Face and PEFT names qpissa reads and writes
 CONFIG_NAME = "config.json"
+# a model directory holds a tokenizer when it holds one of these (without, transformers 5 builds a
+# placeholder from config.json that reads every text as unknown tokens)
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)

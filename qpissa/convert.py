@@ -24,7 +24,14 @@ from tqdm.auto import tqdm
 
 from qpissa import UserError, convert_output
 from qpissa.architecture import Architecture
-from qpissa.artifacts import CALIBRATION_DIR, REPORT_NAME, ModelSource, partial_dir, read_report
+from qpissa.artifacts import (
+    CALIBRATION_DIR,
+    REPORT_NAME,
+    TOKENIZER_MARKERS,
+    ModelSource,
+    partial_dir,
+    read_report,
+)
 from qpissa.calibration import CalibrationTokens, calibration_tokens
 from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, copy_side_files, write_index, write_json
 from qpissa.console import counted
@@ -42,7 +49,6 @@ from qpissa.stored import adapter_key
 from qpissa.targets import TargetPlan, check_cpu_decoding, plan_targets, warn_cpu_kernel
 
 log = logging.getLogger(__name__)
-TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def convert(

@@ -12,7 +12,7 @@ import torch
 
 from qpissa import UserError
 from qpissa.architecture import CAUSAL_LM, model_class
-from qpissa.artifacts import ADAPTER_DIR, ModelSource, is_qpissa_dir, resolve_source
+from qpissa.artifacts import ADAPTER_DIR, TOKENIZER_MARKERS, ModelSource, is_qpissa_dir, resolve_source
 from qpissa.chat_template import saved_chat_template
 from qpissa.checkpoint import CheckpointReader, auto_config
 from qpissa.stored import read_adapter
@@ -164,6 +164,11 @@ def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
     auto_config(source.base_dir)  # a damaged config.json is named as such, not as a tokenizer problem
+    if not any((source.base_dir / name).is_file() for name in TOKENIZER_MARKERS):
+        raise UserError(
+            f"{source.base_dir} holds no tokenizer (no {', '.join(TOKENIZER_MARKERS)}); copy the original "
+            "model's tokenizer files there"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.base_dir)
     except Exception as error:  # tokenizers raises a plain Exception for a damaged tokenizer.json

@@ -151,3 +151,19 @@ def test_demo_merged_export_answers_like_the_run(demo_model: Path, tmp_path: Pat
     from_run = _chat(capsys, run, prompt, options)
     assert "Paris" in from_run
     assert _chat(capsys, merged, prompt, options) == from_run
+
+
+def test_a_directory_without_a_tokenizer_is_refused(qpissa_dir: Path, tmp_path: Path, capsys) -> None:
+    """transformers 5 builds a placeholder tokenizer from config.json alone, which reads every text as
+    unknown tokens: chat, eval and train would run on nothing without a word."""
+    from qpissa.artifacts import TOKENIZER_MARKERS
+
+    bare = tmp_path / "bare"
+    shutil.copytree(qpissa_dir, bare)
+    removed = [path for path in bare.iterdir() if path.name in TOKENIZER_MARKERS]
+    for path in removed:
+        path.unlink()
+    assert removed
+    assert cli.main(["--quiet", "chat", str(bare), "--prompt", "3%10="]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("qpissa: error:") and "\n" not in error and "holds no tokenizer" in error
