@@ -111,9 +111,18 @@ def generate_reply(
         if tokenizer.pad_token_id is not None
         else next(iter(chat_model.stop_ids), None)
     )
+    prompt_length = inputs["input_ids"].shape[1]
+    limit = getattr(chat_model.model.config, "max_position_embeddings", None)
+    if limit is not None and prompt_length >= limit:
+        raise UserError(
+            f"the prompt is {prompt_length} tokens, as long as the model's whole context of {limit}; "
+            "shorten it"
+        )
+    # models with a table of learned positions (GPT-2, OPT) fail past its end: the answer stops there
+    budget = settings.max_new_tokens if limit is None else min(settings.max_new_tokens, limit - prompt_length)
     config = copy.deepcopy(chat_model.model.generation_config)
     config.update(
-        max_new_tokens=settings.max_new_tokens, do_sample=not settings.greedy,
+        max_new_tokens=budget, do_sample=not settings.greedy,
         temperature=None if settings.greedy else settings.temperature,
         top_p=None if settings.greedy else settings.top_p,
         top_k=None, eos_token_id=chat_model.stop_ids,

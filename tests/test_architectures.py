@@ -332,3 +332,18 @@ def test_architecture_transformers_does_not_ship_is_refused(
     (model / "config.json").write_text(json.dumps(config))
     error = _fails(capsys, tmp_path / "out", model)
     assert "no model class MyLlamaForCausalLM" in error and "custom code in auto_map" in error
+
+
+def test_chat_answers_within_a_table_of_learned_positions(
+    tmp_path: Path, char_tokenizer: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """GPT-2's 128 learned positions: the default answer budget of 512 tokens stops at the table's end
+    (generating past it was an IndexError), and a prompt as long as the table is one line."""
+    model = make_family_model("gpt2", tmp_path / "gpt2", char_tokenizer)
+    assert _convert(model, tmp_path / "qpissa") == 0
+    assert cli.main(["--quiet", "chat", str(tmp_path / "qpissa"), "--prompt", "hi", "--greedy"]) == 0
+    capsys.readouterr()
+    long = ["--quiet", "chat", str(tmp_path / "qpissa"), "--prompt", "x" * 200, "--greedy"]
+    assert cli.main(long) == 2
+    error = capsys.readouterr().err.strip()
+    assert "as long as the model's whole context of 128; shorten it" in error and "\n" not in error
