@@ -47,7 +47,7 @@ from qpissa.checkpoint import CheckpointReader, auto_config, write_json
 from qpissa.convert import check_conversion, convert
 from qpissa.convert_settings import CompareSettings, ConvertSettings, Method
 from qpissa.data_sources import eval_split, load_source
-from qpissa.loading import check_causal_lm, load_model, load_tokenizer
+from qpissa.loading import check_causal_lm, check_context, load_model, load_tokenizer
 from qpissa.options import to_dict
 from qpissa.original_kl import check_heldout, heldout_ids, measure_fidelity
 from qpissa.outputs import check_apart, lock_output
@@ -92,6 +92,7 @@ def compare(
     """
     CheckpointReader(model_dir)  # fails early, with a clear message, on a missing or broken model
     check_causal_lm(model_dir)  # its fidelity is measured on next-token distributions
+    check_context(model_dir, fidelity_settings.window, "--window")
     inputs = {"MODEL": model_dir, "--text": fidelity_settings.text, "--train": settings.train,
               "--calib": convert_settings.calib}  # fmt: skip
     check_apart(out_dir, "OUT", inputs)

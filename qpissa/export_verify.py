@@ -27,7 +27,7 @@ def verify_export(source: ModelSource, export_dir: Path, details: dict) -> dict:
     """
     device = auto_device()
     trained = load_model(source, device=device, compute_dtype=torch.float32).eval()
-    inputs, kind = verify_inputs(source, trained.config.vocab_size)
+    inputs, kind = verify_inputs(source, trained.config.get_text_config().vocab_size)
     reference = [_logits(trained, ids.to(device)) for ids in inputs]
     del trained
     if "base_model" not in details:  # merged

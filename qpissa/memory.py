@@ -76,7 +76,7 @@ def estimate_memory(model: torch.nn.Module, config: TrainConfig, runtime: Runtim
     """
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen_params = sum(_logical_numel(p) for p in model.parameters() if not p.requires_grad)
-    cfg = model.config
+    cfg = model.config.get_text_config()  # a multimodal model's language model: what trains at max_seq_len
     batch, seq = config.per_device_train_batch_size, config.data.max_seq_len
     act_bytes = runtime.dtype.itemsize
     hidden, layers, heads = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads

@@ -334,11 +334,12 @@ def test_architecture_transformers_does_not_ship_is_refused(
     assert "no model class MyLlamaForCausalLM" in error and "custom code in auto_map" in error
 
 
-def test_chat_answers_within_a_table_of_learned_positions(
+def test_chat_and_compare_stay_within_a_table_of_learned_positions(
     tmp_path: Path, char_tokenizer: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """GPT-2's 128 learned positions: the default answer budget of 512 tokens stops at the table's end
-    (generating past it was an IndexError), and a prompt as long as the table is one line."""
+    (generating past it was an IndexError), and a prompt as long as the table, or compare's windows
+    longer than it, are one line."""
     model = make_family_model("gpt2", tmp_path / "gpt2", char_tokenizer)
     assert _convert(model, tmp_path / "qpissa") == 0
     assert cli.main(["--quiet", "chat", str(tmp_path / "qpissa"), "--prompt", "hi", "--greedy"]) == 0
@@ -347,3 +348,38 @@ def test_chat_answers_within_a_table_of_learned_positions(
     assert cli.main(long) == 2
     error = capsys.readouterr().err.strip()
     assert "as long as the model's whole context of 128; shorten it" in error and "\n" not in error
+    out = tmp_path / "compare"
+    error = _error(capsys, out, "compare", str(model), str(out))  # its default --window is 256 tokens
+    assert "--window 256 is longer than the model's context (128 tokens" in error
+
+
+def test_a_multimodal_gemma3_trains_and_exports(tmp_path: Path, char_tokenizer: Path) -> None:
+    """Gemma3ForConditionalGeneration keeps its sizes in a text config (no top-level hidden_size or
+    vocab_size): the memory estimate and the export's check read the language model's."""
+    import transformers
+
+    text = {
+        "vocab_size": 300,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 128,
+    }
+    vision = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "image_size": 28, "patch_size": 14}  # fmt: skip
+    config = transformers.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
+        boi_token_index=297, eoi_token_index=298,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = tmp_path / "gemma3"
+    transformers.Gemma3ForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(model)
+    for path in char_tokenizer.iterdir():
+        shutil.copy(path, model / path.name)
+    assert _convert(model, tmp_path / "qpissa") == 0
+    assert cli.main(["--quiet", "train", str(_train_config(tmp_path / "qpissa", tmp_path))]) == 0
+    assert cli.main(["--quiet", "export", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
+    assert json.loads((tmp_path / "merged" / "export_report.json").read_text())["verify"]["kl_mean"] < 1e-3
