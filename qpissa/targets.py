@@ -12,6 +12,7 @@ from qpissa import UserError
 from qpissa.architecture import Architecture, read_architecture
 from qpissa.checkpoint import QUANTIZED_KEY_MARKERS, CheckpointReader
 from qpissa.convert_settings import ALL_LINEAR, BLOCKSIZES
+from qpissa.nf4 import cpu_decodes_by_rows
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,6 @@ def check_cpu_decoding(plan: TargetPlan, blocksize: int, device_type: str) -> No
     Raises:
         UserError: on a CPU, naming the widths and a --blocksize that fits every target.
     """
-    from qpissa.nf4 import cpu_decodes_by_rows
-
     shapes = {name: plan.architecture.linears[name].shape for name in plan.names}
     widths = sorted({shape[1] for shape in shapes.values() if shape[1] % blocksize})
     wrong = [width for width in widths if cpu_decodes_by_rows(width, blocksize)]
