@@ -17,7 +17,7 @@ import torch
 
 from qpissa import UserError
 from qpissa.chat_template import render_chat
-from qpissa.loading import checked_source, load_model, load_tokenizer
+from qpissa.loading import checked_source, load_model, load_tokenizer, model_context
 from qpissa.runtime import auto_device, inference_dtype
 from qpissa.settings import ChatSettings, is_utf8
 
@@ -36,12 +36,14 @@ class ChatModel:
         tokenizer: its tokenizer, with a chat template.
         stop_ids: token ids that end an answer (end-of-turn and EOS).
         device: where the model runs.
+        context: the positions the model was built for (None: not said), which prompt and answer share.
     """
 
     model: torch.nn.Module
     tokenizer: object
     stop_ids: list[int]
     device: torch.device
+    context: int | None
 
 
 def load_chat_model(path: Path, adapter: bool = True) -> ChatModel:
@@ -65,8 +67,9 @@ def load_chat_model(path: Path, adapter: bool = True) -> ChatModel:
     device = auto_device()
     model = load_model(source, device=device, compute_dtype=inference_dtype(device)).eval()
     return ChatModel(
-        model=model, tokenizer=tokenizer, stop_ids=stop_token_ids(tokenizer, model), device=device
-    )
+        model=model, tokenizer=tokenizer, stop_ids=stop_token_ids(tokenizer, model), device=device,
+        context=model_context(source.base_dir),
+    )  # fmt: skip
 
 
 def stop_token_ids(tokenizer, model: torch.nn.Module) -> list[int]:
@@ -111,15 +114,16 @@ def generate_reply(
         if tokenizer.pad_token_id is not None
         else next(iter(chat_model.stop_ids), None)
     )
-    prompt_length = inputs["input_ids"].shape[1]
-    limit = getattr(chat_model.model.config, "max_position_embeddings", None)
-    if limit is not None and prompt_length >= limit:
+    prompt_length, context = inputs["input_ids"].shape[1], chat_model.context
+    if context is not None and prompt_length >= context:
         raise UserError(
-            f"the prompt is {prompt_length} tokens, as long as the model's whole context of {limit}; "
+            f"the prompt is {prompt_length} tokens, as long as the model's whole context of {context}; "
             "shorten it"
         )
     # models with a table of learned positions (GPT-2, OPT) fail past its end: the answer stops there
-    budget = settings.max_new_tokens if limit is None else min(settings.max_new_tokens, limit - prompt_length)
+    budget = (
+        settings.max_new_tokens if context is None else min(settings.max_new_tokens, context - prompt_length)
+    )
     config = copy.deepcopy(chat_model.model.generation_config)
     config.update(
         max_new_tokens=budget, do_sample=not settings.greedy,
@@ -182,7 +186,7 @@ def _start(settings: ChatSettings) -> list[dict]:
 
 def _fit_context(chat_model: ChatModel, messages: list[dict], settings: ChatSettings) -> None:
     """Forget the oldest exchanges until the prompt plus the answer fit the model's context."""
-    limit = getattr(chat_model.model.config, "max_position_embeddings", None)
+    limit = chat_model.context
     if limit is None:
         return
     first = 1 if messages and messages[0]["role"] == "system" else 0
