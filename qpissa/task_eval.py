@@ -119,16 +119,34 @@ def evaluate_loss(
     total, count = 0.0, 0
     for start in _batches(len(rows), batch_size, "eval loss", show_progress):
         batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        targets = batch["labels"][:, 1:]  # position t predicts token t+1
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        total += losses.item()
-        count += int((targets != IGNORE_INDEX).sum())
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        batch_total, batch_count = sample_sums(logits, batch["labels"], None).sum(0).tolist()
+        total, count = total + batch_total, count + int(batch_count)
     model.train(was_training)
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+def sample_sums(
+    logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None
+) -> torch.Tensor:
+    """Each sample's summed loss over its target tokens and their count, [samples, 2] float64, in batch
+    order; a packed row (padding-free collator) holds several samples, split where positions restart."""
+    found = []
+    for row in range(labels.shape[0]):  # one row's float32 logits at a time: a batch's may not fit
+        targets = labels[row, 1:]  # position t predicts token t+1
+        losses = torch.nn.functional.cross_entropy(
+            logits[row, :-1].float(), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        pairs = torch.stack([losses, (targets != IGNORE_INDEX).float()], 1).double()
+        if position_ids is None:  # a padded row is one sample
+            found.append(pairs.sum(0, keepdim=True))
+            continue
+        starts = position_ids[row] == 0
+        sample = (starts.cumsum(0) - 1)[1:]  # the sample of each target token
+        sums = torch.zeros(int(starts.sum()), 2, dtype=torch.float64, device=pairs.device)
+        found.append(sums.index_add_(0, sample, pairs))
+    return torch.cat(found)
 
 
 @torch.no_grad()

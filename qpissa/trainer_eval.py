@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from qpissa.data import IGNORE_INDEX
+from qpissa.task_eval import sample_sums
 
 
 class TokenWeightedTrainer(Trainer):
@@ -52,25 +52,3 @@ class TokenWeightedTrainer(Trainer):
         self._eval_sums += self.accelerator.gather_for_metrics(sums).sum(0)
         loss = sums[:, 0].sum() / sums[:, 1].sum().clamp(min=1)  # this batch's own mean
         return (loss, outputs) if return_outputs else loss
-
-
-def sample_sums(
-    logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None
-) -> torch.Tensor:
-    """Each sample's summed loss over its target tokens and their count, [samples, 2] float64, in batch
-    order; a packed row (padding-free collator) holds several samples, split where positions restart."""
-    found = []
-    for row in range(labels.shape[0]):  # one row's float32 logits at a time: a batch's may not fit
-        targets = labels[row, 1:]  # position t predicts token t+1
-        losses = torch.nn.functional.cross_entropy(
-            logits[row, :-1].float(), targets, ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        pairs = torch.stack([losses, (targets != IGNORE_INDEX).float()], 1).double()
-        if position_ids is None:  # a padded row is one sample
-            found.append(pairs.sum(0, keepdim=True))
-            continue
-        starts = position_ids[row] == 0
-        sample = (starts.cumsum(0) - 1)[1:]  # the sample of each target token
-        sums = torch.zeros(int(starts.sum()), 2, dtype=torch.float64, device=pairs.device)
-        found.append(sums.index_add_(0, sample, pairs))
-    return torch.cat(found)
