@@ -214,6 +214,46 @@ def test_untrained_export_reproduces_the_original(qpissa_dir: Path, tiny_chat_mo
     assert 0 < _kl(original_logits, _logits(_plain(out))) < _kl(original_logits, _logits(plain_nf4))
 
 
+def _tiny_t5(out_dir: Path, tokenizer_dir: Path) -> Path:
+    """A 2+2-layer, 64-wide random T5 (bf16) with the character tokenizer beside it."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, pad_token_id=0,
+        eos_token_id=2, decoder_start_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(out_dir)
+    for path in tokenizer_dir.iterdir():
+        shutil.copy(path, out_dir / path.name)
+    return out_dir
+
+
+def test_encoder_decoder_exports_are_verified(tmp_path: Path, char_tokenizer: Path):
+    """A T5's decoder needs inputs of its own: verification feeds it the prompt, shifted right, in both
+    exports. qpissa trains causal LMs only, so the run is the converted adapter with B moved by hand."""
+    model, qpissa_dir = _tiny_t5(tmp_path / "t5", char_tokenizer), tmp_path / "qpissa"
+    assert cli.main(["--quiet", "convert", str(model), str(qpissa_dir), "--rank", "4", "--iters", "1"]) == 0
+    run = tmp_path / "run"
+    shutil.copytree(qpissa_dir / "adapter", run / "adapter")
+    (run / RUN_MARKER).write_text(json.dumps({"model": str(qpissa_dir)}))
+    weights = run / "adapter" / "adapter_model.safetensors"
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        name: t + 0.05 * torch.randn(t.shape, generator=generator) if "lora_B" in name else t
+        for name, t in load_file(weights).items()
+    }
+    save_file(tensors, weights)
+    reports = {}
+    for kind in ("merged", "lora"):
+        argv = ["--quiet", "export", str(run), str(tmp_path / kind), "--to", kind, "--dtype", "float32"]
+        assert cli.main(argv) == 0
+        reports[kind] = json.loads((tmp_path / kind / "export_report.json").read_text())["verify"]
+        assert reports[kind]["inputs"] == "prompts" and reports[kind]["tokens"] > 3 * 20
+    assert reports["merged"]["max_abs_diff"] < 1e-4 and reports["merged"]["top1_agreement"] == 1.0
+    assert reports["lora"]["kl_mean"] > 100 * reports["merged"]["kl_mean"]  # W_res's NF4 error shows
+
+
 def _wrong_shapes(run: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "bad_run"
     shutil.copytree(run, copy)
