@@ -15,7 +15,7 @@ from qpissa.architecture import CAUSAL_LM, model_class
 from qpissa.artifacts import ADAPTER_DIR, TOKENIZER_MARKERS, ModelSource, is_qpissa_dir, resolve_source
 from qpissa.chat_template import saved_chat_template
 from qpissa.checkpoint import CheckpointReader, auto_config
-from qpissa.stored import read_adapter
+from qpissa.stored import Residual, read_adapter
 
 
 def checked_source(path: Path, *, adapter: bool = True) -> ModelSource:
@@ -131,6 +131,8 @@ def load_model(
     from peft import PeftModel
 
     check_source(source)
+    if torch.device(device).type == "cpu":
+        check_cpu_decoding(source.base_dir, "run it on a GPU")
     kwargs = {"dtype": compute_dtype} if compute_dtype is not None else {}
     auto_class = auto_model_class(source.base_dir)
     model = auto_class.from_pretrained(source.base_dir, device_map={"": str(device)}, **kwargs)
@@ -139,6 +141,25 @@ def load_model(
     if source.adapter_dir is None:
         return model
     return PeftModel.from_pretrained(model, source.adapter_dir, is_trainable=trainable)
+
+
+def check_cpu_decoding(model_dir: Path, fix: str) -> None:
+    """NF4 weights that bitsandbytes' CPU kernel decodes with the wrong block scales make every result on
+    a CPU wrong (a loss, an answer, a merged weight), without an error: refuse them in one line.
+
+    Raises:
+        UserError: `model_dir` holds such weights (converted on a GPU, or by an earlier qpissa); `fix` is
+            what the command can do instead, besides converting again.
+    """
+    wrong = Residual(model_dir).cpu_misdecoded()
+    if not wrong:
+        return
+    widths = ", ".join(f"{width} wide in blocks of {size}" for width, size in wrong)
+    raise UserError(
+        f"bitsandbytes' CPU kernel decodes the NF4 weights of {model_dir} ({widths}) with the wrong block "
+        f"scales, so every result on this CPU would be wrong; {fix}, or convert again with a --blocksize "
+        "that divides every layer's width"
+    )
 
 
 def set_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -7,6 +7,7 @@ and dequantizing to anything narrower would add a rounding the adapter was not f
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from dataclasses import dataclass
@@ -29,10 +30,16 @@ class NF4Weight:
     state: object
 
     def dequantize(self) -> torch.Tensor:
-        """Return `deq(Q)` as float32 `[out, in]`, exactly what `Linear4bit` computes with."""
+        """Return `deq(Q)` as float32 `[out, in]`, the values its quantizer wrote (what `Linear4bit`
+        computes with on a GPU). On a CPU the codes are decoded as one flat row, then reshaped: for some
+        widths bitsandbytes' CPU kernel decodes `[out, in]` by rows (`cpu_decodes_by_rows`)."""
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(self.packed, self.state).float()
+        if self.packed.device.type != "cpu":
+            return bnbf.dequantize_4bit(self.packed, self.state).float()
+        flat = copy.copy(self.state)
+        flat.shape = torch.Size([1, self.state.shape.numel()])
+        return bnbf.dequantize_4bit(self.packed, flat).reshape(self.state.shape).float()
 
     def subtracted_from(self, W: torch.Tensor) -> torch.Tensor:
         """`W - deq(Q)` in `W`'s dtype, reusing the dequantized copy: one full-size allocation, not two."""
@@ -46,6 +53,7 @@ class NF4Weight:
         return tensors
 
 
+@functools.cache
 def cpu_decodes_by_rows(in_features: int, blocksize: int) -> bool:
     """Whether bitsandbytes' CPU kernel decodes weights `in_features` wide with other scales than its
     quantizer wrote. The quantizer runs its blocks through the flattened weight, as CUDA decodes them;
@@ -57,8 +65,7 @@ def cpu_decodes_by_rows(in_features: int, blocksize: int) -> bool:
     W = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(0))
     packed, state = bnbf.quantize_4bit(W, blocksize=blocksize, quant_type="nf4")
     by_shape = bnbf.dequantize_4bit(packed, state)
-    state.shape = torch.Size([1, W.numel()])
-    return not torch.equal(by_shape, bnbf.dequantize_4bit(packed, state).reshape(W.shape))
+    return not torch.equal(by_shape, NF4Weight(packed, state).dequantize())
 
 
 def as_storage(packed: torch.Tensor, storage: torch.dtype) -> torch.Tensor:

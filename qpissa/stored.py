@@ -18,7 +18,7 @@ import torch
 from qpissa import UserError
 from qpissa.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_json
 from qpissa.checkpoint import CheckpointReader, write_json
-from qpissa.nf4 import dequantize_stored
+from qpissa.nf4 import cpu_decodes_by_rows, dequantize_stored
 from qpissa.safetensors_file import read_header
 
 QUANT_STATE_SUFFIX = ".weight.quant_state.bitsandbytes__nf4"
@@ -66,10 +66,25 @@ class Residual:
     def shape(self, module: str) -> tuple[int, ...] | None:
         """`(out, in)` of a module's weight, or None if the checkpoint has no such weight."""
         if module in self.quantized:
-            blob = self.reader.read(self.quantized[module])  # the quant state as JSON bytes
-            return tuple(json.loads(bytes(blob.numpy()).decode())["shape"])
+            return tuple(self._quant_state(module)["shape"])
         name = f"{module}.weight"
         return self.reader.shape(name) if name in self.reader.location else None
+
+    def cpu_misdecoded(self) -> list[tuple[int, int]]:
+        """`(in_features, blocksize)` of the NF4 weights that bitsandbytes' CPU kernel decodes with other
+        block scales than were written (`nf4.cpu_decodes_by_rows`): a directory converted on a GPU, or
+        before convert refused such widths on a CPU. Empty for everything else."""
+        layouts = set()
+        for module in self.quantized:
+            state = self._quant_state(module)
+            layouts.add((state["shape"][-1], state["blocksize"]))
+        return sorted(
+            (width, size) for width, size in layouts if width % size and cpu_decodes_by_rows(width, size)
+        )
+
+    def _quant_state(self, module: str) -> dict:
+        blob = self.reader.read(self.quantized[module])  # bitsandbytes' quant state as JSON bytes
+        return json.loads(bytes(blob.numpy()).decode())
 
     def is_quant_aux(self, name: str) -> bool:
         """A tensor that belongs to a quantized weight's state (absmax, quant_map, ...), not a weight."""
