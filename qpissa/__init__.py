@@ -27,6 +27,7 @@ bitsandbytes or datasets at module level.
     architecture       the model transformers builds for a checkpoint; where its matrices land in it
     targets            which Linear layers of a checkpoint get decomposed; what stays 16-bit, and why
     weight_error       per-matrix weight-space error against QLoRA and its per-type means (the paper's)
+    roles*             the report row of each target: one role each (GPT-2's attn.c_proj, mlp.c_proj)
     convert            `qpissa convert`: the streaming conversion and its worker pipeline
     convert_matrix     one target decomposed and measured (weight- and output-space errors)
     convert_calibrated `convert --calib`'s first phase: layer by layer, H, decompositions, spools

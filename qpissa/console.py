@@ -33,15 +33,16 @@ def summary_table(report: dict) -> str:
     columns += (
         [("output err reduction %", "by_type_out", "avg_out")] if summary.get("avg_out") is not None else []
     )
-    header = f"{'module':<12} {'QLoRA err':>10} {method + ' err':>12}"
+    width = max([12, *map(len, rows)])  # GPT-2's `attn.c_proj`, T5's `decoder.SelfAttention.q`
+    header = f"{'module':<{width}} {'QLoRA err':>10} {method + ' err':>12}"
     header += "".join(f" {title:>{max(18, len(title))}}" for title, _, _ in columns)
     lines = [header, "-" * len(header)]
     for kind, row in rows.items():
-        line = f"{kind:<12} {_mean(row['base']):>10.4f} {_mean(row['err']):>12.4f}"
+        line = f"{kind:<{width}} {_mean(row['base']):>10.4f} {_mean(row['err']):>12.4f}"
         line += "".join(f" {summary[key][kind]:>{max(18, len(title))}.2f}" for title, key, _ in columns)
         lines.append(line)
     lines.append("-" * len(header))
-    last = f"{'AVG':<12} {'':>10} {'':>12}"
+    last = f"{'AVG':<{width}} {'':>10} {'':>12}"
     lines.append(last + "".join(f" {summary[key]:>{max(18, len(title))}.2f}" for title, _, key in columns))
     if summary.get("avg_out") is not None:
         lines.append(

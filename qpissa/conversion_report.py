@@ -13,6 +13,7 @@ from qpissa.architecture import Architecture
 from qpissa.checkpoint import CheckpointReader
 from qpissa.convert_settings import ConvertSettings
 from qpissa.memory import peak_rss_mb
+from qpissa.roles import role_labels
 from qpissa.runtime import compute_dtype, dtype_name
 from qpissa.targets import kept_matrices
 from qpissa.weight_error import by_type
@@ -44,6 +45,8 @@ def conversion_report(
         summary.
     """
     layers = [layer for entry in progress["shards"] for layer in entry["layers"]]
+    labels = role_labels(layer["name"] for layer in layers)  # a row per role, among all the targets
+    layers = [{**layer, "module_type": labels[layer["name"]]} for layer in layers]
     report_settings = _settings(reader, settings, device, workers, targets, progress["fingerprint"]["sketch"])
     if calibration is not None:  # the settings resolved, what was drawn, and how the forward passes ran
         forward = progress["fingerprint"]["calibration"]["dtype"]
@@ -88,7 +91,7 @@ def _settings(
 
 
 def _summary(layers: list[dict], total_seconds: float, device: torch.device) -> dict:
-    """The report's summary: errors by module type (the paper's AVG), timings, peak memory."""
+    """The report's summary: errors by module type, one role each (the paper's AVG), timings, peak memory."""
     return {
         **by_type(layers),
         "total_seconds": total_seconds,  # wall time; the two below are summed over matrices (worker time)

@@ -19,7 +19,6 @@ from qpissa.convert_settings import MetricKind
 from qpissa.methods import DecomposeSettings, decompose, output_error
 from qpissa.nf4 import quantize_nf4
 from qpissa.runtime import calibration_dtype
-from qpissa.targets import module_type
 from qpissa.weight_error import error_fields, error_norms, output_fields
 
 
@@ -30,7 +29,8 @@ class DecomposedMatrix:
     Attributes:
         tensors: the pre-quantized `Linear4bit` weight under the module's prefix (codes and quant state).
         A: `[r, in]` float32 (CPU). B: `[out, r]` float32 (CPU).
-        metrics: the report's per-matrix entry (name, module_type, shape, rank, errors, seconds).
+        metrics: the report's per-matrix entry (name, shape, rank, errors, seconds); the report adds
+            `module_type`, its row, which depends on every target.
     """
 
     tensors: dict[str, torch.Tensor]
@@ -87,7 +87,7 @@ def decompose_matrix(
         errors |= output_fields(out_base, output_error(method_error, hessian, product_dtype))
     _sync(device)
     entry = {
-        "name": module, "module_type": module_type(module), "shape": list(W.shape), "rank": settings.rank,
+        "name": module, "shape": list(W.shape), "rank": settings.rank,
         "seconds": t1 - t0, "metrics_seconds": time.perf_counter() - t1, **errors,
     }  # fmt: skip
     return DecomposedMatrix(result.q.state_dict(f"{module}."), result.A, result.B, entry)

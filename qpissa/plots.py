@@ -30,7 +30,7 @@ def reduction_by_type(quality: dict[str, dict], metric: str, path: Path) -> None
     """
     plt = _pyplot()
     labels = list(quality)
-    kinds = list(next(iter(quality.values()))["by_type"])
+    kinds = list(dict.fromkeys(kind for q in quality.values() for kind in q["by_type"]))  # every method's
     positions = [*range(len(kinds)), len(kinds) + 0.6]  # AVG sits apart from the module types
     width = 0.8 / len(labels)
     fig, ax = plt.subplots(figsize=(9, 4.2))
@@ -42,7 +42,8 @@ def reduction_by_type(quality: dict[str, dict], metric: str, path: Path) -> None
         bars[-1].set_edgecolor("black")
         ax.annotate(f"{values[-1]:.1f}", (xs[-1], values[-1]), ha="center", va="bottom", fontsize=8)
     ax.axvline(len(kinds) + 0.05, color="black", linewidth=0.6, linestyle=":")
-    ax.set_xticks(positions, [*kinds, "AVG"])
+    long = max(map(len, kinds), default=0) > 10  # roles such as T5's `decoder.SelfAttention.q`
+    ax.set_xticks(positions, [*kinds, "AVG"], rotation=30 if long else 0, ha="right" if long else "center")
     ax.set_ylabel(f"error reduction vs QLoRA, % ({metric} norm)")
     ax.set_title("Quantization error reduction per module type")
     ax.axhline(0, color="black", linewidth=0.6)

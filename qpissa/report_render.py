@@ -198,13 +198,11 @@ def _by_type(summary: dict) -> Table | None:
     if not quality:
         return None
     nuclear = summary["metric"] == "nuclear"
+    by_type = "by_type" if nuclear else "by_type_fro"
     labels = list(quality)
-    kinds = list(next(iter(quality.values()))["by_type" if nuclear else "by_type_fro"])
-    rows = [
-        [kind]
-        + [_num(quality[k]["by_type" if nuclear else "by_type_fro"].get(kind), "{:.2f}") for k in labels]
-        for kind in kinds
-    ]
+    # every method's rows: a report written before rows were split by role (GPT-2's `c_proj`) has its own
+    kinds = list(dict.fromkeys(kind for q in quality.values() for kind in q[by_type]))
+    rows = [[kind] + [_num(quality[k][by_type].get(kind), "{:.2f}") for k in labels] for kind in kinds]
     rows.append(["**AVG**"] + [_num(quality[k]["avg" if nuclear else "avg_fro"], "{:.2f}") for k in labels])
     note = "Reduction of ‖W − (deq(Q) + s·B·A)‖ against ‖W − deq(nf4(W))‖ (QLoRA), mean over layers per type."
     calibrated = [k for k in labels if quality[k]["by_type_out"]]

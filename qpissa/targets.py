@@ -135,7 +135,10 @@ def check_cpu_decoding(plan: TargetPlan, blocksize: int, device_type: str) -> No
 
 
 def module_type(name: str) -> str:
-    """The module type a matrix is reported under: the last part of its name (`q_proj`, `down_proj`)."""
+    """PEFT's module type of a matrix, which `target_modules` matches: the last part of its name (`q_proj`).
+
+    The report's rows tell roles apart further (`roles.role_labels`: GPT-2's `attn.c_proj`, `mlp.c_proj`).
+    """
     return name.rsplit(".", 1)[-1]
 
 
