@@ -7,7 +7,8 @@ that bitsandbytes replaces by `Linear4bit` (plain `nn.Linear`, and GPT-2's `Conv
 stored transposed as `[in, out]`); under which name each is stored and under which the model holds it
 (transformers renames and merges tensors at load: a base-model prefix, Mixtral's `block_sparse_moe`);
 and which matrices stay 16-bit whatever the targets (MoE experts merged into 3-D parameters at load,
-routers, layers the model keeps in float32). The model is built on the meta device: no weight is read.
+routers, layers the model keeps in float32, tensors the model does not load). The model is built on the
+meta device: no weight is read.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ KEPT_EXPERTS = (
 )
 KEPT_NOT_LINEAR = (
     "matrices the model holds outside a Linear layer (e.g. a router), which bitsandbytes keeps 16-bit"
+)
+KEPT_UNUSED = (
+    "tensors the model does not load (neither a parameter nor a saved buffer of it): copied to the output "
+    "unchanged, and left out by transformers when it loads the model"
 )
 KEPT_FLOAT32 = "layers the model keeps in float32 (_keep_in_fp32_modules), never quantized"
 KEPT_SUBCLASS = (
@@ -121,7 +126,8 @@ def read_architecture(reader: CheckpointReader) -> Architecture:
     auto_class, name = model_class(config, reader.model_dir)
     with torch.device("meta"):
         model = getattr(transformers, name)._from_config(config)
-    rename = _renamer(model)
+    held = model.state_dict()  # every parameter and persistent buffer, under the model's names
+    rename = _renamer(model, held)
     modules = dict(model.named_modules())
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
@@ -133,9 +139,12 @@ def read_architecture(reader: CheckpointReader) -> Architecture:
         key, merged = rename(tensor)
         if key != tensor:
             renamed[tensor] = key
+        if len(reader.shape(tensor)) < 2:
+            continue
         module_path, _, leaf = key.rpartition(".")
         module = modules.get(module_path)
-        if module is None or len(reader.shape(tensor)) < 2:
+        if key not in held and not merged:  # an extra tensor, or an unsaved buffer (BERT's position_ids)
+            kept.setdefault(KEPT_UNUSED, []).append(tensor)
             continue
         reason = _kept_reason(module, leaf, merged, keep_fp32, module_path)
         if reason is not None:
@@ -211,10 +220,10 @@ def _matches_any(name: str, patterns: list[str]) -> bool:
     return any(re.match(rf"(?:{p}){boundary}", name) or name.endswith(p) for p in patterns)
 
 
-def _renamer(model: torch.nn.Module) -> Callable[[str], tuple[str, bool]]:
+def _renamer(model: torch.nn.Module, meta: dict) -> Callable[[str], tuple[str, bool]]:
     """checkpoint tensor name -> (the model's name for it, whether transformers merges it with others at
-    load), as `from_pretrained` renames keys: transformers' conversion mapping, then the base-model prefix."""
-    meta = model.state_dict()
+    load), as `from_pretrained` renames keys (`meta`: the model's state dict): transformers' conversion
+    mapping, then the base-model prefix."""
     prefix = getattr(model, "base_model_prefix", "") or ""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
