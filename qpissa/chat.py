@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from qpissa.chat_template import render_chat
 from qpissa.loading import checked_source, load_model, load_tokenizer, model_context
 from qpissa.runtime import auto_device, inference_dtype
 from qpissa.settings import ChatSettings, is_utf8
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +130,7 @@ def generate_reply(
     )
     config = copy.deepcopy(chat_model.model.generation_config)
     config.update(
-        max_new_tokens=budget, do_sample=not settings.greedy,
+        **_answer_length(config, prompt_length, budget), do_sample=not settings.greedy,
         temperature=None if settings.greedy else settings.temperature,
         top_p=None if settings.greedy else settings.top_p,
         top_k=None, eos_token_id=chat_model.stop_ids,
@@ -199,6 +203,15 @@ def _fit_context(chat_model: ChatModel, messages: list[dict], settings: ChatSett
             return
         del messages[first : first + 2]
         log.info("conversation too long for the context of %d tokens: forgot the oldest exchange", limit)
+
+
+def _answer_length(config: GenerationConfig, prompt_length: int, budget: int) -> dict[str, int]:
+    """The answer's length in the terms the model's generation config uses: one whose `max_length` is
+    set (Llama 2's and 3's chat checkpoints) takes the whole sequence's length, since transformers
+    reminds on every answer that both were set when it also gets `max_new_tokens`."""
+    if config.max_length is not None and config.max_new_tokens is None:
+        return {"max_length": prompt_length + budget}
+    return {"max_new_tokens": budget}
 
 
 def _streamer(tokenizer, write: Writer):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -167,3 +169,26 @@ def test_a_directory_without_a_tokenizer_is_refused(qpissa_dir: Path, tmp_path: 
     assert cli.main(["--quiet", "chat", str(bare), "--prompt", "3%10="]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("qpissa: error:") and "\n" not in error and "holds no tokenizer" in error
+
+
+def test_a_model_whose_generation_config_sets_max_length_chats_quietly_within_its_context(
+    qpissa_dir: Path, tmp_path: Path
+):
+    """Llama 2's and 3's chat checkpoints set `max_length` in generation_config.json: the answer's cap
+    reaches transformers as that total length, so it prints no reminder that two lengths were set, and
+    an answer run to the end of the context (256 positions) is the one the cap in new tokens gives."""
+    model = tmp_path / "qpissa"
+    shutil.copytree(qpissa_dir, model)
+    generation = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**generation, "max_length": 4096}))
+    command = [sys.executable, "-m", "qpissa", "chat", str(model), "--prompt", "hello", *SAMPLED]
+    printed = subprocess.run(command, capture_output=True, text=True, timeout=300)  # as a user sees it
+    assert printed.returncode == 0 and printed.stdout.strip() and printed.stderr == "", printed.stderr
+    replies = []
+    for source in (qpissa_dir, model):  # without and with `max_length`: the same cap, the same answer
+        chat_model = load_chat_model(source)
+        chat_model.stop_ids = []  # no stop token: the answer runs to the end of the context
+        torch.manual_seed(3)
+        messages = [{"role": "user", "content": "x" * 200}]  # 219 tokens in the template: 37 left
+        replies.append(generate_reply(chat_model, messages, ChatSettings(temperature=1.0), write=None))
+    assert replies[0] and replies[1] == replies[0]
