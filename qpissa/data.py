@@ -87,23 +87,32 @@ def load_split(
     length_setting: str = "`data.max_seq_len`",
     split: str = "train",
     split_setting: str = "data.eval_split",
+    context: int | None = None,
 ) -> tuple[list[Sample], TokenizedData]:
     """Read, render and tokenize held-out data, keeping the rendered samples for exact-match scoring:
-    those of the rows, in their order (a sample dropped from the loss is not scored either)."""
+    those of the rows, in their order (a sample dropped from the loss is not scored either).
+
+    `context` is the model's (None: not known), which caps how far `max_seq_len` can be raised.
+    """
     source = DataSource(path, config.eval_format(), split=split)
     dataset, data_format = load_source(source, split_setting=split_setting)
     check_tokenizer(tokenizer, data_format)
     samples = [render(record, data_format, tokenizer, config.response_only) for record in dataset]
-    tokenized = tokenize(samples, tokenizer, config.max_seq_len, length_setting)
+    tokenized = tokenize(samples, tokenizer, config.max_seq_len, length_setting, context)
     return [samples[index] for index in tokenized.kept], tokenized
 
 
 def tokenize(
-    samples: list[Sample], tokenizer: Any, max_seq_len: int, length_setting: str = "`data.max_seq_len`"
+    samples: list[Sample],
+    tokenizer: Any,
+    max_seq_len: int,
+    length_setting: str = "`data.max_seq_len`",
+    context: int | None = None,
 ) -> TokenizedData:
     """Tokenize rendered samples into input_ids and labels (IGNORE_INDEX where the loss is off).
 
-    `length_setting` is how the user sets `max_seq_len` (`--max-seq-len` for `qpissa eval`), for messages.
+    `length_setting` is how the user sets `max_seq_len` (`--max-seq-len` for `qpissa eval`), and
+    `context` the model's positions, past which it cannot be raised (None: not known); for messages.
 
     Raises:
         UserError: nothing is left to train on after dropping cut samples.
@@ -111,7 +120,7 @@ def tokenize(
     encoded = [_encode(sample.segments, tokenizer, max_seq_len) for sample in samples]
     kept = [index for index, row in enumerate(encoded) if _has_target(row["labels"])]
     rows = [encoded[index] for index in kept]
-    _check_kept(len(rows), len(encoded) - len(rows), max_seq_len, length_setting, "score")
+    _check_kept(len(rows), len(encoded) - len(rows), max_seq_len, length_setting, "score", context)
     cut = sum(row.pop("cut") for row in rows)
     return TokenizedData(rows, len(encoded) - len(rows), cut, kept)
 
@@ -178,18 +187,32 @@ def _has_target(labels: list[int]) -> bool:
     return any(label != IGNORE_INDEX for label in labels[1:])
 
 
-def _check_kept(kept: int, dropped: int, max_seq_len: int, length_setting: str, use: str) -> None:
-    """Say what was dropped, and refuse data with nothing left to `use` (train on, or score)."""
+def _check_kept(
+    kept: int, dropped: int, max_seq_len: int, length_setting: str, use: str, context: int | None = None
+) -> None:
+    """Refuse data with nothing left to `use` (train on, or score) in one line, else say what was dropped.
+
+    Raising `max_seq_len` is advised only as far as the model's `context` allows (None: not known).
+    """
+    if not kept:
+        if context is not None and max_seq_len >= context:
+            remedy = (
+                f" tokens, the model's whole context (max_position_embeddings): this model cannot {use} "
+                "these samples; shorten their prompts"
+            )
+        else:
+            remedy = f"; raise {length_setting}" + (
+                f" (up to {context}, the model's context)" if context else ""
+            )
+        raise UserError(
+            f"no sample has a response token to {use} within max_seq_len={max_seq_len}{remedy}, or check "
+            "the data for empty records"
+        )
     if dropped:
         log.warning(
             "dropped %d of %d samples with no response token to %s within max_seq_len=%d (empty, or cut off)",
             dropped, kept + dropped, use, max_seq_len,
         )  # fmt: skip
-    if not kept:
-        raise UserError(
-            f"no sample has a response token to {use} within max_seq_len={max_seq_len}; raise "
-            f"{length_setting}, or check the data for empty records"
-        )
 
 
 def _starts_with_bos(text: str, tokenizer: Any) -> bool:

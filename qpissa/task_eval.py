@@ -61,7 +61,7 @@ def evaluate(
     )
     data = DataConfig(path=data_path, format=data_format, max_seq_len=max_seq_len)
     tokenizer = load_tokenizer(source)
-    samples, tokenized = load_split(data_path, data, tokenizer, "--max-seq-len", split, "--split")
+    samples, tokenized = load_split(data_path, data, tokenizer, "--max-seq-len", split, "--split", context)
     if settings.max_samples:
         samples, rows = samples[: settings.max_samples], tokenized.rows[: settings.max_samples]
     else:

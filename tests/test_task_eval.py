@@ -157,3 +157,35 @@ def test_cli_eval_errors(qpissa_dir: Path, tmp_path: Path, capsys) -> None:
     assert "fit no record format" in (error := capsys.readouterr().err) and error.strip().endswith(
         "set --format"
     )
+
+
+def test_samples_longer_than_the_models_context_are_advised_only_what_it_allows(
+    tmp_path: Path, char_tokenizer: Path, capsys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model of 32 positions and prompts of 40 characters: eval's default length is the whole context,
+    which --max-seq-len cannot pass, so raising it is not advised; below the context it is, as far as
+    the context. The error is the one line said (no warning about the dropped samples before it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    model = tmp_path / "model"
+    LlamaForCausalLM(config).save_pretrained(model)
+    for path in char_tokenizer.iterdir():
+        shutil.copy(path, model / path.name)
+    data = tmp_path / "long.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": "q" * 40 + f"{i}=", "completion": f" {i}"}) + "\n" for i in range(4))
+    )
+    errors = []
+    for extra in ([], ["--max-seq-len", "16"]):
+        capsys.readouterr()
+        with caplog.at_level("WARNING", logger="qpissa.data"):
+            assert cli.main(["--quiet", "eval", str(model), "--data", str(data), *extra]) == 2
+        errors.append(capsys.readouterr().err.strip())
+        assert errors[-1].startswith("qpissa: error: ") and "\n" not in errors[-1]
+    assert "max_seq_len=32 tokens, the model's whole context" in errors[0] and "raise" not in errors[0]
+    assert "max_seq_len=16; raise --max-seq-len (up to 32, the model's context)" in errors[1]
+    assert "dropped" not in caplog.text
