@@ -122,6 +122,16 @@ def tokenize(
     rows = [encoded[index] for index in kept]
     _check_kept(len(rows), len(encoded) - len(rows), max_seq_len, length_setting, "score", context)
     cut = sum(row.pop("cut") for row in rows)
+    if cut:
+        longer = (
+            ""
+            if context is not None and max_seq_len >= context
+            else f"; raise {length_setting} to score them whole"
+        )
+        log.warning(
+            "%d of %d samples are longer than max_seq_len=%d: their loss is measured on the first %d "
+            "tokens only%s", cut, len(rows), max_seq_len, max_seq_len, longer,
+        )  # fmt: skip
     return TokenizedData(rows, len(encoded) - len(rows), cut, kept)
 
 

@@ -73,6 +73,7 @@ def evaluate(
         "data": str(data_path),
         "split": None if data_path.is_file() else split,  # a single file has no splits
         "dropped": tokenized.dropped,
+        "cut": tokenized.cut,  # scored on their first max_seq_len tokens only
         "format": data_format.value,  # with max_seq_len, what makes two losses on one file comparable
         "max_seq_len": max_seq_len,
         "model": str(source.base_dir),

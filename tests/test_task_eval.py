@@ -189,3 +189,19 @@ def test_samples_longer_than_the_models_context_are_advised_only_what_it_allows(
     assert "max_seq_len=32 tokens, the model's whole context" in errors[0] and "raise" not in errors[0]
     assert "max_seq_len=16; raise --max-seq-len (up to 32, the model's context)" in errors[1]
     assert "dropped" not in caplog.text
+
+
+def test_samples_cut_at_max_seq_len_are_counted_and_said(
+    qpissa_dir: Path, tmp_path: Path, capsys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A response that runs past --max-seq-len is scored on its first part only: the JSON counts such
+    samples and a warning says so, since their loss is not the whole answer's."""
+    data = tmp_path / "long.jsonl"
+    records = [{"prompt": "1+1=", "completion": " 2"}, {"prompt": "9=", "completion": " nine" * 10}]
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    with caplog.at_level("WARNING", logger="qpissa.data"):
+        options = ["--data", str(data), "--metric", "loss", "--max-seq-len", "24"]
+        assert cli.main(["--quiet", "eval", str(qpissa_dir), *options]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["samples"], result["dropped"], result["cut"]) == (2, 0, 1)
+    assert "1 of 2 samples are longer than max_seq_len=24" in caplog.text and "--max-seq-len" in caplog.text
