@@ -48,6 +48,7 @@ bitsandbytes or datasets at module level.
     trainlog           the per-step JSONL log and a quieter progress bar
     resume_checks      a checkpoint-N is whole and fits the model before train resumes from it
     trainer_resume     the Trainer resumed from a checkpoint-N (the last step's only finishes the run)
+    train_checks       train's refusals before anything is loaded or written (model, data, resume, output_dir)
     train              `qpissa train`: transformers' Trainer over the frozen NF4 residual
     task_eval          `qpissa eval`: task loss, perplexity, exact-match accuracy
     original_kl        KL, top-1 agreement and perplexity against the original model

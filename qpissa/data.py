@@ -39,10 +39,11 @@ class TokenizedData:
     kept: list[int] | None = None  # of a list of samples (`tokenize`): the index of each row's sample
 
 
-def load_train(config: DataConfig, tokenizer: Any, seed: int) -> TokenizedData:
+def load_train(config: DataConfig, tokenizer: Any, seed: int, context: int | None = None) -> TokenizedData:
     """Read, check, render and tokenize every training source with `datasets.map`, then mix them.
 
     Several sources are concatenated and shuffled with `seed` (each drew its `samples` with it too).
+    `context` is the model's (None: not known), which caps how far `max_seq_len` can be raised.
 
     Raises:
         UserError: unreadable data, bad records, a chat format without a chat template, or nothing left.
@@ -68,14 +69,15 @@ def load_train(config: DataConfig, tokenizer: Any, seed: int) -> TokenizedData:
         )
     tokenized = datasets.concatenate_datasets(parts).shuffle(seed=seed) if len(parts) > 1 else parts[0]
     kept = tokenized.filter(_has_target, input_columns="labels", desc="dropping cut samples")
-    _check_kept(len(kept), len(tokenized) - len(kept), config.max_seq_len, "`data.max_seq_len`", "train on")
+    length = "`data.max_seq_len`"
+    _check_kept(len(kept), len(tokenized) - len(kept), config.max_seq_len, length, "train on", context)
     cut = sum(kept["cut"])
     if cut:
+        raising = _raising("data.max_seq_len", config.max_seq_len, context)
         log.warning(
             "%d of %d training samples are longer than data.max_seq_len=%d and were cut there: their "
-            "responses are trained in part, without the end of turn; raise data.max_seq_len to keep them "
-            "whole",
-            cut, len(kept), config.max_seq_len,
+            "responses are trained in part, without the end of turn%s",
+            cut, len(kept), config.max_seq_len, f"; {raising} to keep them whole" if raising else "",
         )  # fmt: skip
     return TokenizedData(kept.remove_columns("cut"), len(tokenized) - len(kept), cut)
 
@@ -123,14 +125,10 @@ def tokenize(
     _check_kept(len(rows), len(encoded) - len(rows), max_seq_len, length_setting, "score", context)
     cut = sum(row.pop("cut") for row in rows)
     if cut:
-        longer = (
-            ""
-            if context is not None and max_seq_len >= context
-            else f"; raise {length_setting} to score them whole"
-        )
+        raising = _raising(length_setting, max_seq_len, context)
         log.warning(
             "%d of %d samples are longer than max_seq_len=%d: their loss is measured on the first %d "
-            "tokens only%s", cut, len(rows), max_seq_len, max_seq_len, longer,
+            "tokens only%s", cut, len(rows), max_seq_len, max_seq_len, f"; {raising}" if raising else "",
         )  # fmt: skip
     return TokenizedData(rows, len(encoded) - len(rows), cut, kept)
 
@@ -205,15 +203,15 @@ def _check_kept(
     Raising `max_seq_len` is advised only as far as the model's `context` allows (None: not known).
     """
     if not kept:
-        if context is not None and max_seq_len >= context:
-            remedy = (
+        raising = _raising(length_setting, max_seq_len, context)
+        remedy = (
+            f"; {raising}"
+            if raising
+            else (
                 f" tokens, the model's whole context (max_position_embeddings): this model cannot {use} "
                 "these samples; shorten their prompts"
             )
-        else:
-            remedy = f"; raise {length_setting}" + (
-                f" (up to {context}, the model's context)" if context else ""
-            )
+        )
         raise UserError(
             f"no sample has a response token to {use} within max_seq_len={max_seq_len}{remedy}, or check "
             "the data for empty records"
@@ -223,6 +221,13 @@ def _check_kept(
             "dropped %d of %d samples with no response token to %s within max_seq_len=%d (empty, or cut off)",
             dropped, kept + dropped, use, max_seq_len,
         )  # fmt: skip
+
+
+def _raising(length_setting: str, max_seq_len: int, context: int | None) -> str | None:
+    """The advice to raise `max_seq_len`, as far as the model's `context` allows; None at the context."""
+    if context is not None and max_seq_len >= context:
+        return None
+    return f"raise {length_setting}" + (f" (up to {context}, the model's context)" if context else "")
 
 
 def _starts_with_bos(text: str, tokenizer: Any) -> bool:

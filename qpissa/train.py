@@ -18,18 +18,13 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from qpissa import UserError
 from qpissa.artifacts import (
     ADAPTER_DIR,
     EVAL_LOG_NAME,
     EVAL_RESULTS_NAME,
     LOG_NAME,
-    REPORT_NAME,
     RUN_MARKER,
     ModelSource,
-    has_adapter,
-    is_qpissa_dir,
-    latest_checkpoint,
     partial_dir,
     read_json,
     read_jsonl,
@@ -52,15 +47,15 @@ from qpissa.distributed import (
     uses_fsdp,
     wait_for_everyone,
 )
-from qpissa.hub import is_hub_name, resolve_model
-from qpissa.loading import check_causal_lm, check_context, check_source, load_model, load_tokenizer
+from qpissa.loading import load_model, load_tokenizer, model_context
 from qpissa.memory import estimate_memory
 from qpissa.options import to_dict
-from qpissa.outputs import check_apart, check_replaceable, lock_output, readable_as_umask_allows
+from qpissa.outputs import lock_output, readable_as_umask_allows
 from qpissa.recipe import TrainConfig
-from qpissa.resume_checks import RNG_FILES, check_checkpoint
+from qpissa.resume_checks import RNG_FILES
 from qpissa.runtime import Runtime, dtype_name, resolve_runtime
 from qpissa.task_eval import evaluate_loss, exact_match
+from qpissa.train_checks import check_inputs, check_output_dir
 from qpissa.trainer_eval import TokenWeightedTrainer
 from qpissa.trainer_options import training_arguments
 from qpissa.trainer_resume import resume_or_finish
@@ -94,7 +89,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
         UserError: any input problem, detected before anything is written; another process writing
             output_dir.
     """
-    source, resume = _check_inputs(config)
+    source, resume = check_inputs(config)
     runtime = resolve_runtime(config.device, config.bf16, config.optim)
     check_gpu_count(runtime.device.type)
     # checks the options and, under a launcher, joins the process group
@@ -110,7 +105,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
 
         def claim() -> None:
             held.enter_context(lock_output(config.output_dir, "output_dir"))
-            _check_output_dir(config, resume)
+            check_output_dir(config, resume)
 
         on_main(claim)
         return _train(config, source, resume, runtime, arguments, template)
@@ -128,8 +123,9 @@ def _train(
     tokenizer = load_tokenizer(source)
     if template is not None:
         tokenizer.chat_template = template
-    train_data = load_train(config.data, tokenizer, config.seed)
-    eval_samples, eval_data = _load_eval(config, tokenizer)
+    context = model_context(source.base_dir)  # how far max_seq_len could be raised, for the advice
+    train_data = load_train(config.data, tokenizer, config.seed, context)
+    eval_samples, eval_data = _load_eval(config, tokenizer, context)
     _warn_learning_rate(config, source)
 
     run_dir = config.output_dir
@@ -260,63 +256,9 @@ def _log_initial_loss(
     log.info("step 0 loss %.4f (the converted model, before any training)", loss)
 
 
-def _check_inputs(config: TrainConfig) -> tuple[ModelSource, Path | None]:
-    """Validate model, data paths, checkpoint and where output_dir lies, reading only."""
-    model_dir = resolve_model(config.model, "model").resolve()
-    if not model_dir.exists():
-        raise UserError(
-            f"model {config.model} does not exist; set model= to a QPiSSA directory made by `qpissa convert`"
-        )
-    if not is_qpissa_dir(model_dir) or not has_adapter(model_dir / ADAPTER_DIR):
-        raise UserError(
-            f"model {config.model} is not a QPiSSA directory (no {REPORT_NAME} and adapter/); "
-            f"make one with `qpissa convert {config.model} NEW_DIR` and set model=NEW_DIR"
-        )
-    source = ModelSource(model_dir, model_dir / ADAPTER_DIR)
-    check_source(source)
-    check_causal_lm(model_dir)
-    check_context(model_dir, config.data.max_seq_len, "`data.max_seq_len`")
-    paths = [source.path for source in config.data.train_sources()] + [config.data.eval_path]
-    for path in paths:
-        if path is not None and not path.exists() and not is_hub_name(path):
-            raise UserError(f"dataset {path} does not exist; check data.path / data.eval_path")
-    check_apart(config.output_dir, "output_dir", {"model": config.model, **config.data_inputs()})
-    resume = config.resume_from_checkpoint
-    if resume is not None:
-        check_checkpoint(resume, config, source)
-    return source, resume
-
-
-def _check_output_dir(config: TrainConfig, resume: Path | None) -> None:
-    """What is in output_dir may be replaced or continued (checked under its lock)."""
-    # a marker whose write was cut short (a full disk) still marks a run of qpissa's
-    markers = (RUN_MARKER, f"{RUN_MARKER}.tmp", LOG_NAME)
-    if resume is None and config.overwrite_output_dir:
-        check_replaceable(config.output_dir, "output_dir", markers, "a training run")
-    if resume is None and config.output_dir.is_file():
-        raise UserError(f"output_dir {config.output_dir} is a file; choose a directory path")
-    if resume is None and _is_occupied(config.output_dir) and not config.overwrite_output_dir:
-        started = any((config.output_dir / marker).is_file() for marker in markers[:2])
-        checkpoint = latest_checkpoint(config.output_dir)  # complete ones only: a cut write is no checkpoint
-        if started and checkpoint is None:
-            raise UserError(
-                f"output_dir {config.output_dir} holds a run that stopped before its first complete "
-                "checkpoint; set overwrite_output_dir=true to start it again, or choose a new output_dir"
-            )
-        resume_hint = (
-            f"resume_from_checkpoint={checkpoint}" if checkpoint else "resume_from_checkpoint=<checkpoint-N>"
-        )
-        raise UserError(
-            f"output_dir {config.output_dir} exists; choose a new one, set overwrite_output_dir=true, "
-            f"or {resume_hint}"
-        )
-
-
-def _is_occupied(directory: Path) -> bool:
-    return directory.is_dir() and any(directory.iterdir())
-
-
-def _load_eval(config: TrainConfig, tokenizer: Any) -> tuple[list[Sample], TokenizedData | None]:
+def _load_eval(
+    config: TrainConfig, tokenizer: Any, context: int | None
+) -> tuple[list[Sample], TokenizedData | None]:
     if config.data.eval_path is None:
         return [], None
     split = eval_split(config.data)
@@ -326,7 +268,7 @@ def _load_eval(config: TrainConfig, tokenizer: Any) -> tuple[list[Sample], Token
             "eval_path %s (split %s) is training data: its loss measures fit, not held-out loss; "
             "evaluate on data the run does not train on", config.data.eval_path, split,
         )  # fmt: skip
-    return load_split(config.data.eval_path, config.data, tokenizer, split=split)
+    return load_split(config.data.eval_path, config.data, tokenizer, split=split, context=context)
 
 
 def _warn_learning_rate(config: TrainConfig, source: ModelSource) -> None:

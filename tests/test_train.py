@@ -367,3 +367,18 @@ def test_a_resume_from_the_last_steps_checkpoint_finishes_without_training(
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == finished
     assert json.loads((run / "eval_results.json").read_text()) == evaluated
     assert [row["step"] for row in _evals(run)] == [2]  # the final evaluation's line, once
+
+
+def test_samples_beyond_the_models_context_are_not_advised_a_longer_max_seq_len(
+    qpissa_dir: Path, data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """At max_seq_len = the model's context (256 positions) raising it is refused, so it is not advised."""
+    long = tmp_path / "long.jsonl"
+    long.write_text(
+        "".join(json.dumps({"prompt": "q" * 300, "completion": f" {i}"}) + "\n" for i in range(4))
+    )
+    config = _config(tmp_path, qpissa_dir, data_dir, data={"path": str(long), "max_seq_len": 256})
+    assert cli.main(["--quiet", "train", str(config)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "max_seq_len=256 tokens, the model's whole context" in error and "raise" not in error
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,79 @@
+"""`qpissa train`'s refusals before anything is loaded or written: the model, the data paths, the
+checkpoint to resume, and what output_dir holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qpissa import UserError
+from qpissa.artifacts import (
+    ADAPTER_DIR,
+    LOG_NAME,
+    REPORT_NAME,
+    RUN_MARKER,
+    ModelSource,
+    has_adapter,
+    is_qpissa_dir,
+    latest_checkpoint,
+)
+from qpissa.hub import is_hub_name, resolve_model
+from qpissa.loading import check_causal_lm, check_context, check_source
+from qpissa.outputs import check_apart, check_replaceable
+from qpissa.recipe import TrainConfig
+from qpissa.resume_checks import check_checkpoint
+
+
+def check_inputs(config: TrainConfig) -> tuple[ModelSource, Path | None]:
+    """Validate model, data paths, checkpoint and where output_dir lies, reading only."""
+    model_dir = resolve_model(config.model, "model").resolve()
+    if not model_dir.exists():
+        raise UserError(
+            f"model {config.model} does not exist; set model= to a QPiSSA directory made by `qpissa convert`"
+        )
+    if not is_qpissa_dir(model_dir) or not has_adapter(model_dir / ADAPTER_DIR):
+        raise UserError(
+            f"model {config.model} is not a QPiSSA directory (no {REPORT_NAME} and adapter/); "
+            f"make one with `qpissa convert {config.model} NEW_DIR` and set model=NEW_DIR"
+        )
+    source = ModelSource(model_dir, model_dir / ADAPTER_DIR)
+    check_source(source)
+    check_causal_lm(model_dir)
+    check_context(model_dir, config.data.max_seq_len, "`data.max_seq_len`")
+    paths = [source.path for source in config.data.train_sources()] + [config.data.eval_path]
+    for path in paths:
+        if path is not None and not path.exists() and not is_hub_name(path):
+            raise UserError(f"dataset {path} does not exist; check data.path / data.eval_path")
+    check_apart(config.output_dir, "output_dir", {"model": config.model, **config.data_inputs()})
+    resume = config.resume_from_checkpoint
+    if resume is not None:
+        check_checkpoint(resume, config, source)
+    return source, resume
+
+
+def check_output_dir(config: TrainConfig, resume: Path | None) -> None:
+    """What is in output_dir may be replaced or continued (checked under its lock)."""
+    # a marker whose write was cut short (a full disk) still marks a run of qpissa's
+    markers = (RUN_MARKER, f"{RUN_MARKER}.tmp", LOG_NAME)
+    if resume is None and config.overwrite_output_dir:
+        check_replaceable(config.output_dir, "output_dir", markers, "a training run")
+    if resume is None and config.output_dir.is_file():
+        raise UserError(f"output_dir {config.output_dir} is a file; choose a directory path")
+    if resume is None and _is_occupied(config.output_dir) and not config.overwrite_output_dir:
+        started = any((config.output_dir / marker).is_file() for marker in markers[:2])
+        checkpoint = latest_checkpoint(config.output_dir)  # complete ones only: a cut write is no checkpoint
+        if started and checkpoint is None:
+            raise UserError(
+                f"output_dir {config.output_dir} holds a run that stopped before its first complete "
+                "checkpoint; set overwrite_output_dir=true to start it again, or choose a new output_dir"
+            )
+        resume_hint = (
+            f"resume_from_checkpoint={checkpoint}" if checkpoint else "resume_from_checkpoint=<checkpoint-N>"
+        )
+        raise UserError(
+            f"output_dir {config.output_dir} exists; choose a new one, set overwrite_output_dir=true, "
+            f"or {resume_hint}"
+        )
+
+
+def _is_occupied(directory: Path) -> bool:
+    return directory.is_dir() and any(directory.iterdir())
