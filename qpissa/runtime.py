@@ -76,7 +76,8 @@ def calibration_dtype(device: torch.device) -> torch.dtype:
     """Dtype of a calibrated conversion's forward passes and of its output-error metric's `E·H`: bf16
     where multiplied natively, else float32.
 
-    The statistics H are products of these activations, formed in float32 and summed in float64.
+    The statistics H are products of these activations, in this dtype too (float32 for error-compensated
+    codes), summed in float64.
     """
     return torch.bfloat16 if _multiplies_bf16_natively(device) else torch.float32
 
