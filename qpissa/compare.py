@@ -55,6 +55,7 @@ from qpissa.recipe import DataSource, load_config
 from qpissa.report import build_report
 from qpissa.runtime import in_fresh_process, resolve_runtime
 from qpissa.settings import FidelitySettings, ReportOptions
+from qpissa.targets import check_cpu_decoding
 from qpissa.train import train
 from qpissa.trainer_options import training_arguments
 
@@ -101,7 +102,10 @@ def compare(
     if settings.train is not None:
         _check_train_config(settings.train, out_dir)
     for variant in _variants(settings.method_list, convert_settings).values():
-        check_conversion(model_dir, variant)  # and targets, rank and device, before OUT is written
+        _, plan, _ = check_conversion(
+            model_dir, variant
+        )  # and targets, rank and device, before OUT is written
+        check_cpu_decoding(plan, variant.blocksize, "cpu")  # fidelity loads every conversion on the CPU
     with lock_output(out_dir, "OUT"):  # one writer per comparison
         return _compare(
             model_dir, out_dir, settings, convert_settings, fidelity_settings, report_options, show_progress

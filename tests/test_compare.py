@@ -86,6 +86,7 @@ def test_other_settings_in_the_same_out_are_refused(comparison: Path, tiny_model
         (["--methods", "qlora,qlora"], "names a method twice"),
         (["--train", "/nonexistent.yaml"], "--train"),
         (["--window", "1"], "--window"),
+        (["--rank", "4", "--blocksize", "128"], "decodes NF4 weights 64 wide"),  # fidelity runs on a CPU
     ],
 )
 def test_bad_flags_are_user_errors(
