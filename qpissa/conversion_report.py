@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 import qpissa
-from qpissa.architecture import Architecture
+from qpissa.architecture import Architecture, read_architecture
 from qpissa.checkpoint import CheckpointReader
 from qpissa.convert_settings import ConvertSettings
 from qpissa.memory import peak_rss_mb
@@ -45,13 +45,20 @@ def conversion_report(
         summary.
     """
     layers = [layer for entry in progress["shards"] for layer in entry["layers"]]
-    labels = role_labels(layer["name"] for layer in layers)  # a row per role, among all the targets
+    architecture = architecture or read_architecture(reader)
+    # a row per role among all the model's Linear layers: the same row whichever --targets chose
+    labels = role_labels(
+        {*architecture.linears, *(layer["name"] for layer in layers)} - {architecture.output}
+    )
     layers = [{**layer, "module_type": labels[layer["name"]]} for layer in layers]
     report_settings = _settings(reader, settings, device, workers, targets, progress["fingerprint"]["sketch"])
     if calibration is not None:  # the settings resolved, what was drawn, and how the forward passes ran
-        forward = progress["fingerprint"]["calibration"]["dtype"]
+        dtypes = progress["fingerprint"]["calibration"]
         chosen = {key: getattr(value, "value", value) for key, value in settings.calibration.items()}
-        report_settings["calibration"] = {**chosen, **calibration, "dtype": forward, "seed": settings.seed}
+        report_settings["calibration"] = {
+            **chosen, **calibration, "dtype": dtypes["dtype"], "products_dtype": dtypes["products"],
+            "seed": settings.seed,
+        }  # fmt: skip
     return {
         "fingerprint": progress["fingerprint"],
         "settings": report_settings,

@@ -44,7 +44,14 @@ from qpissa.memory import available_memory_bytes
 from qpissa.methods import CalibratedFit, DecomposeSettings
 from qpissa.nf4 import as_storage
 from qpissa.outputs import check_apart, check_replaceable, lock_output
-from qpissa.runtime import calibration_dtype, compute_dtype, dtype_name, resolve_device, sketch_dtype
+from qpissa.runtime import (
+    calibration_dtype,
+    compute_dtype,
+    dtype_name,
+    resolve_device,
+    sketch_dtype,
+    statistics_dtype,
+)
 from qpissa.stored import adapter_key
 from qpissa.targets import TargetPlan, check_cpu_decoding, plan_targets, warn_cpu_kernel
 
@@ -131,8 +138,11 @@ def _convert(
         "model": str(model_dir.resolve()), "settings": settings.output_settings(),
         "sketch": dtype_name(decompose_settings.sketch_dtype),
     }  # fmt: skip
-    if tokens is not None:  # what was drawn, and the forward dtype `auto` chose here
-        fingerprint["calibration"] = {"sha256": tokens.sha256, "dtype": dtype_name(calibration_dtype(device))}
+    if tokens is not None:  # what was drawn, and the dtypes of the forwards and of H's products chosen here
+        fingerprint["calibration"] = {
+            "sha256": tokens.sha256, "dtype": dtype_name(calibration_dtype(device)),
+            "products": dtype_name(statistics_dtype(device, settings.calibration["compensate"])),
+        }  # fmt: skip
     progress = convert_output.prepare_output(out_dir, fingerprint, resume=resume, overwrite=overwrite)
     if progress is None:  # --resume on a finished conversion with the same settings
         log.info("%s is complete already, with the same settings: nothing to resume; its report:", out_dir)
@@ -276,7 +286,9 @@ def _calibration_run(
     workers: int,
 ) -> CalibrationRun:
     return CalibrationRun(
-        windows=tokens.windows, dtype=calibration_dtype(device), propagate=settings.calibration["propagate"],
+        windows=tokens.windows, dtype=calibration_dtype(device),
+        statistics_dtype=statistics_dtype(device, settings.calibration["compensate"]),
+        propagate=settings.calibration["propagate"],
         decompose=decompose_settings, metrics=settings.metrics, seed=settings.seed, device=device,
         workers=workers,
     )  # fmt: skip

@@ -41,6 +41,7 @@ class CalibrationRun:
     Attributes:
         windows: int64 `[samples, seq_len]` calibration token ids.
         dtype: dtype of the forward passes (bf16 where the hardware multiplies it natively).
+        statistics_dtype: dtype of the products that sum to H (`runtime.statistics_dtype`).
         propagate: where layer i+1's inputs come from.
         decompose: resolved decomposition settings (with `calibrated` set).
         metrics: weight-space norms to measure. seed: the conversion's seed.
@@ -50,6 +51,7 @@ class CalibrationRun:
 
     windows: torch.Tensor
     dtype: torch.dtype
+    statistics_dtype: torch.dtype
     propagate: Propagation
     decompose: DecomposeSettings
     metrics: MetricKind
@@ -86,7 +88,7 @@ def calibrate_layers(
             with loaded_layer(stack, index, reader, run.dtype) as layer:
                 local = f"{stack.prefix}.{index}."
                 linears = {name: layer.get_submodule(name.removeprefix(local)) for name in layer_targets}
-                with InputStatistics(layer, linears, product_dtype(run)) as stats:
+                with InputStatistics(layer, linears, run.statistics_dtype) as stats:
                     outputs = run_layer(layer, inputs, index, run.dtype)
                 return_freed_memory()  # the forward's temporaries, before the decompositions allocate
                 results = _decompose_layer(reader, layer_targets, stats, run, pool)
@@ -106,12 +108,6 @@ def calibrate_layers(
             return_freed_memory()
     state["layer_of"] = {name: _layer_index(name, stack.prefix) for name in state["metrics"]}
     write_json(partial / PROGRESS_NAME, progress)
-
-
-def product_dtype(run: CalibrationRun) -> torch.dtype:
-    """The dtype of H's products: the forward passes' (bf16 where multiplied natively), but float32 for
-    error-compensated codes, whose Cholesky factor of H bf16-rounded products break (`InputStatistics`)."""
-    return torch.float32 if run.decompose.calibrated.compensate else run.dtype
 
 
 def spooled(partial: Path, progress: dict, module: str) -> DecomposedMatrix | None:

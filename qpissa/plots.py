@@ -6,6 +6,7 @@ figure; the report decides which plots have data. Methods keep one colour across
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from qpissa.convert_settings import Method
@@ -35,7 +36,8 @@ def reduction_by_type(quality: dict[str, dict], metric: str, path: Path) -> None
     width = 0.8 / len(labels)
     fig, ax = plt.subplots(figsize=(9, 4.2))
     for i, label in enumerate(labels):
-        values = [quality[label]["by_type"].get(kind, 0.0) for kind in kinds] + [quality[label]["avg"]]
+        # a type this method did not convert gets no bar (NaN), not a 0 % one
+        values = [quality[label]["by_type"].get(kind, math.nan) for kind in kinds] + [quality[label]["avg"]]
         xs = [x - 0.4 + width * (i + 0.5) for x in positions]
         bars = ax.bar(xs, values, width, label=label, color=colour(label, i))
         bars[-1].set_hatch("//")

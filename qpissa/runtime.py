@@ -82,6 +82,12 @@ def calibration_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if _multiplies_bf16_natively(device) else torch.float32
 
 
+def statistics_dtype(device: torch.device, compensate: bool) -> torch.dtype:
+    """Dtype of the products `xᵀx` that sum to H: the forward passes', but float32 for error-compensated
+    codes, whose Cholesky factor of H bf16-rounded products break (`layer_stream.InputStatistics`)."""
+    return torch.float32 if compensate else calibration_dtype(device)
+
+
 def resolve_runtime(
     device_choice: Device = Device.AUTO, bf16: bool | None = None, optim: str = AUTO_OPTIM
 ) -> Runtime:

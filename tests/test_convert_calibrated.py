@@ -61,6 +61,7 @@ def test_report_records_the_calibration_and_both_errors(calibrated: Path, calib_
     assert record["samples"] == 6 and record["seq_len"] == 32 and record["tokens"] == 192
     assert len(record["sha256"]) == 64 and record["damping"] > 0 and record["seed"] == 0
     assert report["settings"]["power_iters"] == 2, "the report says which power iterations ran"
+    assert record["products_dtype"] == record["dtype"], "H's products in the forward passes' dtype"
     assert all(layer["reduction_out"] is not None for layer in report["layers"])
     assert report["summary"]["avg_out"] > 0, (
         "calibrated codes and adapter must beat plain NF4 in output error"
@@ -147,6 +148,8 @@ def test_input_statistics_are_the_mean_outer_product_of_each_input(
         scale = expected.abs().max().item()
         torch.testing.assert_close(H.double(), expected, rtol=tolerance, atol=tolerance * scale / 10)
         assert torch.equal(H, H.T), name
+        if dtype != torch.float32:  # the products were formed in bf16, not in float32
+            assert (H.double() - expected).abs().max() > 1e-5 * scale, name
 
 
 def test_same_inputs_give_the_same_bytes_with_any_number_of_workers(
@@ -326,3 +329,14 @@ def test_a_compressed_calibration_text_draws_the_same_windows(
     packed = tmp_path / "calibration.txt.gz"
     packed.write_bytes(gzip.compress(calib_text.read_bytes()))
     assert torch.equal(_windows(tiny_chat_model, packed), _windows(tiny_chat_model, calib_text))
+
+
+def test_error_compensated_codes_sum_h_from_float32_products(
+    tiny_chat_model: Path, calib_text: Path, tmp_path: Path
+) -> None:
+    """GPTQ rounding (qlora's default with --calib) factors H, which bf16-rounded products can break."""
+    out = tmp_path / "qlora"
+    argv = ["--quiet", "convert", str(tiny_chat_model), str(out), "--method", "qlora", "--rank", "4"]
+    assert main([*argv, "--calib", str(calib_text), *CALIB]) == 0
+    record = json.loads((out / "qpissa_report.json").read_text())["settings"]["calibration"]
+    assert record["compensate"] is True and record["products_dtype"] == "float32"

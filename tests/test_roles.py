@@ -115,3 +115,10 @@ def test_a_gpt2_conversion_reports_attention_and_mlp_c_proj_apart(
     markdown = (tmp_path / "report" / "report.md").read_text()
     for row in ("c_proj", "attn.c_proj", "mlp.c_proj"):  # each report's rows, with a number
         assert re.search(rf"^\| {re.escape(row)} \|.*\d", markdown, re.M), row
+
+    some = tmp_path / "attention-only"  # a role keeps its row whichever --targets chose
+    assert (
+        cli.main(["--quiet", "convert", str(model), str(some), "--rank", "4", "--targets", "attn.c_proj"])
+        == 0
+    )
+    assert set(json.loads((some / REPORT_NAME).read_text())["summary"]["by_type_fro"]) == {"attn.c_proj"}
