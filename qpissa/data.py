@@ -73,7 +73,7 @@ def load_train(config: DataConfig, tokenizer: Any, seed: int, context: int | Non
     _check_kept(len(kept), len(tokenized) - len(kept), config.max_seq_len, length, "train on", context)
     cut = sum(kept["cut"])
     if cut:
-        raising = _raising("data.max_seq_len", config.max_seq_len, context)
+        raising = _raising(length, config.max_seq_len, context)
         log.warning(
             "%d of %d training samples are longer than data.max_seq_len=%d and were cut there: their "
             "responses are trained in part, without the end of turn%s",
@@ -128,7 +128,8 @@ def tokenize(
         raising = _raising(length_setting, max_seq_len, context)
         log.warning(
             "%d of %d samples are longer than max_seq_len=%d: their loss is measured on the first %d "
-            "tokens only%s", cut, len(rows), max_seq_len, max_seq_len, f"; {raising}" if raising else "",
+            "tokens only%s", cut, len(rows), max_seq_len, max_seq_len,
+            f"; {raising} to score them whole" if raising else "",
         )  # fmt: skip
     return TokenizedData(rows, len(encoded) - len(rows), cut, kept)
 

@@ -23,7 +23,7 @@ from qpissa.chat_template import save_chat_template, saved_chat_template
 from qpissa.checkpoint import ShardedWriter, copy_side_files, write_json
 from qpissa.export_lora import LoraInputs, check_lora_inputs, check_trained, write_lora, write_readme
 from qpissa.export_verify import verify_export
-from qpissa.loading import check_cpu_decoding
+from qpissa.loading import refuse_cpu_misdecoded
 from qpissa.memory import peak_rss_mb
 from qpissa.options import to_dict
 from qpissa.outputs import check_apart, finish_partial, lock_output, start_partial
@@ -71,7 +71,9 @@ def export(run: Path, out_dir: Path, settings: ExportSettings, *, show_progress:
     architecture = read_architecture(residual.reader)
     _check_fits(trained, residual, architecture)
     if settings.verify and auto_device().type == "cpu":  # the check's model would decode them wrongly
-        check_cpu_decoding(source.base_dir, "export with --no-verify (the export itself decodes them right)")
+        refuse_cpu_misdecoded(
+            source.base_dir, "export with --no-verify (the export itself decodes them right)"
+        )
     lora_inputs = (
         check_lora_inputs(source, residual, trained, settings, architecture)
         if settings.to is ExportKind.LORA

@@ -157,7 +157,7 @@ class InputStatistics:
     (no drift however many tokens).
 
     bf16 products (2.3x faster than float32 on AVX512-BF16) are rounded to bf16 before the sum: H stays
-    close (the demo model's held-out KL moved by 0.7 %), but not positive definite to 1e-2 of its mean
+    close (the demo model's held-out KL moved by 1 % or less), but not positive definite to 1e-2 of its mean
     diagonal, which error-compensated codes need (their Cholesky of H + 0.01·mean(diag H)·I failed).
 
     Linears fed the same tensor (q/k/v, gate/up) share one sum, computed once per batch: at Llama-3-8B

@@ -132,7 +132,7 @@ def load_model(
 
     check_source(source)
     if torch.device(device).type == "cpu":
-        check_cpu_decoding(source.base_dir, "run it on a GPU")
+        refuse_cpu_misdecoded(source.base_dir, "run it on a GPU")
     kwargs = {"dtype": compute_dtype} if compute_dtype is not None else {}
     auto_class = auto_model_class(source.base_dir)
     model = auto_class.from_pretrained(source.base_dir, device_map={"": str(device)}, **kwargs)
@@ -143,7 +143,7 @@ def load_model(
     return PeftModel.from_pretrained(model, source.adapter_dir, is_trainable=trainable)
 
 
-def check_cpu_decoding(model_dir: Path, fix: str) -> None:
+def refuse_cpu_misdecoded(model_dir: Path, fix: str) -> None:
     """NF4 weights that bitsandbytes' CPU kernel decodes with the wrong block scales make every result on
     a CPU wrong (a loss, an answer, a merged weight), without an error: refuse them in one line.
 

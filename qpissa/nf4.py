@@ -61,6 +61,8 @@ def cpu_decodes_by_rows(in_features: int, blocksize: int) -> bool:
     rows (errors of 25 % of ‖W‖ instead of 9 %). Probed: the same codes decoded as one flat row."""
     import bitsandbytes.functional as bnbf
 
+    if in_features % blocksize == 0:  # blocks within rows: decoded the same either way
+        return False
     rows = 4 * blocksize // math.gcd(in_features, blocksize)  # whole blocks, several (one decodes right)
     W = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(0))
     packed, state = bnbf.quantize_4bit(W, blocksize=blocksize, quant_type="nf4")
@@ -112,7 +114,8 @@ def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
         double_quant: also quantize the absmax values (8-bit, blocks of 256), as QLoRA does.
 
     Returns:
-        The packed codes and quant state; `dequantize()` gives the values a `Linear4bit` would use.
+        The packed codes and quant state; `dequantize()` gives the values as written, which a `Linear4bit`
+        computes with on a GPU (on a CPU too, but for the widths `cpu_decodes_by_rows` finds).
     """
     import bitsandbytes.functional as bnbf
 

@@ -78,9 +78,7 @@ class Residual:
         for module in self.quantized:
             state = self._quant_state(module)
             layouts.add((state["shape"][-1], state["blocksize"]))
-        return sorted(
-            (width, size) for width, size in layouts if width % size and cpu_decodes_by_rows(width, size)
-        )
+        return sorted((width, size) for width, size in layouts if cpu_decodes_by_rows(width, size))
 
     def _quant_state(self, module: str) -> dict:
         blob = self.reader.read(self.quantized[module])  # bitsandbytes' quant state as JSON bytes
@@ -92,7 +90,8 @@ class Residual:
         return bool(rest) and module in self.quantized
 
     def weight(self, module: str) -> torch.Tensor:
-        """The weight as float32 `[out, in]`: for NF4 layers `deq(Q)`, exactly what `Linear4bit` uses."""
+        """The weight as float32 `[out, in]`: for NF4 layers `deq(Q)` as written, what `Linear4bit` computes
+        with on a GPU (and on a CPU, but for the widths `cpu_misdecoded` lists)."""
         name = f"{module}.weight"
         if module not in self.quantized:
             return self.reader.read(name).float()

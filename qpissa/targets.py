@@ -117,7 +117,7 @@ def check_cpu_decoding(plan: TargetPlan, blocksize: int, device_type: str) -> No
         UserError: on a CPU, naming the widths and a --blocksize that fits every target.
     """
     shapes = {name: plan.architecture.linears[name].shape for name in plan.names}
-    widths = sorted({shape[1] for shape in shapes.values() if shape[1] % blocksize})
+    widths = sorted({shape[1] for shape in shapes.values()})
     wrong = [width for width in widths if cpu_decodes_by_rows(width, blocksize)]
     if not wrong:
         return

@@ -104,7 +104,7 @@ def test_training_samples_cut_inside_their_response_are_kept_and_counted(
     assert len(long_row["input_ids"]) == 16 and long_row["labels"][-1] != tokenizer.eos_token_id
     assert [r.getMessage() for r in caplog.records if r.name == "qpissa.data"] == [
         "1 of 2 training samples are longer than data.max_seq_len=16 and were cut there: their responses "
-        "are trained in part, without the end of turn; raise data.max_seq_len to keep them whole"
+        "are trained in part, without the end of turn; raise `data.max_seq_len` to keep them whole"
     ]
 
 
@@ -241,3 +241,22 @@ def test_held_out_samples_are_those_of_the_rows(tokenizer, tmp_path: Path) -> No
         "c" + tokenizer.eos_token,
         "f" + tokenizer.eos_token,
     ]
+
+
+def test_cut_training_samples_are_not_advised_past_the_models_context(
+    tokenizer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    records = [{"prompt": "ab", "completion": "c"}, {"prompt": "ab", "completion": "y" * 40}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = DataConfig(path=tmp_path / "train.jsonl", max_seq_len=16)
+    for context, advice in (
+        (16, ""),
+        (32, "; raise `data.max_seq_len` (up to 32, the model's context) to keep"),
+    ):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="qpissa.data"):
+            load_train(config, tokenizer, seed=0, context=context)
+        (message,) = [r.getMessage() for r in caplog.records if r.name == "qpissa.data"]
+        assert message.endswith("without the end of turn" + (advice + " them whole" if advice else "")), (
+            message
+        )
