@@ -90,12 +90,17 @@ def test_cut_responses_are_dropped_and_counted(tokenizer) -> None:
         tokenize([long], tokenizer, max_seq_len=16)
 
 
+def _one_sample_cut_at_16(tmp_path: Path) -> DataConfig:
+    """Two samples, max_seq_len 16: the second's 40-token response is cut inside."""
+    records = [{"prompt": "ab", "completion": "c"}, {"prompt": "ab", "completion": "y" * 40}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return DataConfig(path=tmp_path / "train.jsonl", max_seq_len=16)
+
+
 def test_training_samples_cut_inside_their_response_are_kept_and_counted(
     tokenizer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    records = [{"prompt": "ab", "completion": "c"}, {"prompt": "ab", "completion": "y" * 40}]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    config = DataConfig(path=tmp_path / "train.jsonl", max_seq_len=16)
+    config = _one_sample_cut_at_16(tmp_path)
     with caplog.at_level("WARNING", logger="qpissa.data"):
         data = load_train(config, tokenizer, seed=0)
     assert (len(data.rows), data.dropped, data.cut) == (2, 0, 1)
@@ -246,9 +251,7 @@ def test_held_out_samples_are_those_of_the_rows(tokenizer, tmp_path: Path) -> No
 def test_cut_training_samples_are_not_advised_past_the_models_context(
     tokenizer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    records = [{"prompt": "ab", "completion": "c"}, {"prompt": "ab", "completion": "y" * 40}]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    config = DataConfig(path=tmp_path / "train.jsonl", max_seq_len=16)
+    config = _one_sample_cut_at_16(tmp_path)
     for context, advice in (
         (16, ""),
         (32, "; raise `data.max_seq_len` (up to 32, the model's context) to keep"),
