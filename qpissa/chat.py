@@ -189,17 +189,19 @@ def _start(settings: ChatSettings) -> list[dict]:
 
 
 def _fit_context(chat_model: ChatModel, messages: list[dict], settings: ChatSettings) -> None:
-    """Forget the oldest exchanges until the prompt plus the answer fit the model's context."""
+    """Forget the oldest exchanges until the prompt plus room for the answer fit the model's context.
+
+    The room is `max_new_tokens`, but at most half the context: the answer stops at the context anyway,
+    and a small model (256 positions against the default 512) would otherwise forget every exchange.
+    """
     limit = chat_model.context
     if limit is None:
         return
+    room = min(settings.max_new_tokens, limit // 2)
     first = 1 if messages and messages[0]["role"] == "system" else 0
     while len(messages) - first > 1:
         ids = render_chat(chat_model.tokenizer, messages, add_generation_prompt=True)
-        if (
-            len(chat_model.tokenizer(ids, add_special_tokens=False)["input_ids"]) + settings.max_new_tokens
-            <= limit
-        ):
+        if len(chat_model.tokenizer(ids, add_special_tokens=False)["input_ids"]) + room <= limit:
             return
         del messages[first : first + 2]
         log.info("conversation too long for the context of %d tokens: forgot the oldest exchange", limit)

@@ -14,7 +14,15 @@ import torch
 
 from qpissa import cli
 from qpissa.artifacts import RUN_MARKER
-from qpissa.chat import ChatSettings, answer, generate_reply, load_chat_model, run_chat, stop_token_ids
+from qpissa.chat import (
+    ChatSettings,
+    _fit_context,
+    answer,
+    generate_reply,
+    load_chat_model,
+    run_chat,
+    stop_token_ids,
+)
 
 GREEDY = ["--greedy", "--max-new-tokens", "12"]
 SAMPLED = [
@@ -192,3 +200,18 @@ def test_a_model_whose_generation_config_sets_max_length_chats_quietly_within_it
         messages = [{"role": "user", "content": "x" * 200}]  # 219 tokens in the template: 37 left
         replies.append(generate_reply(chat_model, messages, ChatSettings(temperature=1.0), write=None))
     assert replies[0] and replies[1] == replies[0]
+
+
+def test_a_short_conversation_is_kept_on_a_model_with_a_small_context(qpissa_dir: Path, caplog):
+    """256 positions against the default 512 new tokens: the answer's room is capped at half the context,
+    so a short conversation is not forgotten before every answer."""
+    chat_model = load_chat_model(qpissa_dir, adapter=True)
+    assert chat_model.context == 256
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    messages.append({"role": "user", "content": "and now?"})
+    with caplog.at_level("INFO", logger="qpissa.chat"):
+        _fit_context(chat_model, messages, ChatSettings())
+    assert len(messages) == 3 and "forgot" not in caplog.text
+    long = [{"role": "user", "content": "x" * 150}, {"role": "assistant", "content": "y"}, messages[-1]]
+    _fit_context(chat_model, long, ChatSettings())
+    assert long == [messages[-1]], "an exchange that leaves no room for the answer is still forgotten"
