@@ -133,7 +133,7 @@ def generate_reply(
         **_answer_length(config, prompt_length, budget), do_sample=not settings.greedy,
         temperature=None if settings.greedy else settings.temperature,
         top_p=None if settings.greedy else settings.top_p,
-        top_k=None, eos_token_id=chat_model.stop_ids,
+        top_k=None if settings.greedy else 0, eos_token_id=chat_model.stop_ids,
         pad_token_id=pad,
     )  # fmt: skip
     streamer = _streamer(tokenizer, write) if write is not None else None

@@ -215,3 +215,14 @@ def test_a_short_conversation_is_kept_on_a_model_with_a_small_context(qpissa_dir
     long = [{"role": "user", "content": "x" * 150}, {"role": "assistant", "content": "y"}, messages[-1]]
     _fit_context(chat_model, long, ChatSettings())
     assert long == [messages[-1]], "an exchange that leaves no room for the answer is still forgotten"
+
+
+def test_sampling_is_nucleus_sampling_over_the_whole_vocabulary(qpissa_dir: Path):
+    """--top-p 1 at a high temperature samples from every token: transformers' default top-k of 50 would
+    keep at most 50 of them (chat documents nucleus sampling, nothing else)."""
+    chat_model = load_chat_model(qpissa_dir, adapter=True)
+    settings = ChatSettings(max_new_tokens=1, temperature=50.0, top_p=1.0)
+    torch.manual_seed(0)
+    messages = [{"role": "user", "content": "hi"}]
+    answers = {generate_reply(chat_model, messages, settings, None) for _ in range(250)}
+    assert len(answers) > 50
