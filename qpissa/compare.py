@@ -101,10 +101,8 @@ def compare(
     _check_calibration(model_dir, convert_settings, fidelity_settings)  # and bad --calib data too
     if settings.train is not None:
         _check_train_config(settings.train, out_dir)
-    for variant in _variants(settings.method_list, convert_settings).values():
-        _, plan, _ = check_conversion(
-            model_dir, variant
-        )  # and targets, rank and device, before OUT is written
+    for variant in _variants(settings.method_list, convert_settings).values():  # before OUT is written:
+        _, plan, _ = check_conversion(model_dir, variant)  # the targets, rank and device
         check_cpu_decoding(plan, variant.blocksize, "cpu")  # fidelity loads every conversion on the CPU
     with lock_output(out_dir, "OUT"):  # one writer per comparison
         return _compare(

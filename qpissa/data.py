@@ -205,14 +205,13 @@ def _check_kept(
     """
     if not kept:
         raising = _raising(length_setting, max_seq_len, context)
-        remedy = (
-            f"; {raising}"
-            if raising
-            else (
+        if raising:
+            remedy = f"; {raising}"
+        else:
+            remedy = (
                 f" tokens, the model's whole context (max_position_embeddings): this model cannot {use} "
                 "these samples; shorten their prompts"
             )
-        )
         raise UserError(
             f"no sample has a response token to {use} within max_seq_len={max_seq_len}{remedy}, or check "
             "the data for empty records"

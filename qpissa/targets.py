@@ -110,8 +110,9 @@ def warn_cpu_kernel(plan: TargetPlan, blocksize: int) -> None:
 
 def check_cpu_decoding(plan: TargetPlan, blocksize: int, device_type: str) -> None:
     """Targets whose NF4 codes bitsandbytes' CPU kernel decodes with the wrong scales (see
-    `nf4.cpu_decodes_by_rows`): refused on a CPU, where the fit and every later command would use that
-    decoding; on a GPU the codes decode as written, and a warning says the directory must not run on a CPU.
+    `nf4.cpu_decodes_by_rows`): refused on a CPU, where every later command would run on that decoding
+    (qpissa's own refuse such a directory there: `loading.refuse_cpu_misdecoded`); on a GPU the codes
+    decode as written, and a warning says the directory must not run on a CPU.
 
     Raises:
         UserError: on a CPU, naming the widths and a --blocksize that fits every target.
