@@ -84,26 +84,26 @@ def verify_inputs(source: ModelSource, vocab_size: int) -> tuple[list[torch.Tens
     ], "prompts"
 
 
-@torch.no_grad()
-def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Logits `[tokens, vocab]`, or the last hidden states `[tokens, hidden]` of a model without a head;
-    an encoder-decoder's come from its decoder, fed by `_decoder_inputs`."""
-    output = model(input_ids=ids, **_decoder_inputs(model, ids))
-    return (output.logits if has_logits(model) else output.last_hidden_state)[0].float().cpu()
-
-
-def _decoder_inputs(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+def decoder_inputs(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """An encoder-decoder's decoder reads the prompt `ids [1, tokens]` shifted right behind its start
     token, as training with `labels=ids` feeds it: every position is compared, each seeing the encoder's
     whole prompt. Nothing for a decoder-only or encoder-only model.
 
-    A bare encoder-decoder's config may lack a start token; T5's convention (the pad token) stands in,
-    since the trained model and the export read the same ids.
+    A config may lack a start token (transformers 5 then has no such attribute); T5's convention (the pad
+    token) stands in, since the trained model and the export read the same ids.
     """
     config = model.config
     if not config.is_encoder_decoder:
         return {}
-    start = config.decoder_start_token_id
+    start = getattr(config, "decoder_start_token_id", None)
     if start is None:
-        start = config.pad_token_id or 0
+        start = getattr(config, "pad_token_id", None) or 0
     return {"decoder_input_ids": torch.cat([torch.full_like(ids[:, :1], start), ids[:, :-1]], dim=1)}
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits `[tokens, vocab]`, or the last hidden states `[tokens, hidden]` of a model without a head;
+    an encoder-decoder's come from its decoder, fed by `decoder_inputs`."""
+    output = model(input_ids=ids, **decoder_inputs(model, ids))
+    return (output.logits if has_logits(model) else output.last_hidden_state)[0].float().cpu()

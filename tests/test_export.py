@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from qpissa import cli
 from qpissa.artifacts import RUN_MARKER, resolve_source
 from qpissa.checkpoint import CheckpointReader
+from qpissa.export_verify import decoder_inputs
 from qpissa.loading import load_model
 from qpissa.nf4 import quantize_nf4
 from qpissa.stored import Residual, read_adapter
@@ -214,13 +215,14 @@ def test_untrained_export_reproduces_the_original(qpissa_dir: Path, tiny_chat_mo
     assert 0 < _kl(original_logits, _logits(_plain(out))) < _kl(original_logits, _logits(plain_nf4))
 
 
-def _tiny_t5(out_dir: Path, tokenizer_dir: Path) -> Path:
-    """A 2+2-layer, 64-wide random T5 (bf16) with the character tokenizer beside it."""
+def _tiny_t5(out_dir: Path, tokenizer_dir: Path, **tokens: int) -> Path:
+    """A 2+2-layer, 64-wide random T5 (bf16) with the character tokenizer beside it; `tokens` replace its
+    special token ids (pad 0, eos 2, decoder start 0)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     config = T5Config(
-        vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, pad_token_id=0,
-        eos_token_id=2, decoder_start_token_id=0,
+        vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+        **{"pad_token_id": 0, "eos_token_id": 2, "decoder_start_token_id": 0, **tokens},
     )  # fmt: skip
     torch.manual_seed(0)
     T5ForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(out_dir)
@@ -252,6 +254,28 @@ def test_encoder_decoder_exports_are_verified(tmp_path: Path, char_tokenizer: Pa
         assert reports[kind]["inputs"] == "prompts" and reports[kind]["tokens"] > 3 * 20
     assert reports["merged"]["max_abs_diff"] < 1e-4 and reports["merged"]["top1_agreement"] == 1.0
     assert reports["lora"]["kl_mean"] > 100 * reports["merged"]["kl_mean"]  # W_res's NF4 error shows
+
+
+def test_encoder_decoder_without_a_start_token_is_verified_from_its_pad_token(
+    tmp_path: Path, char_tokenizer: Path
+):
+    """A T5 config may lack `decoder_start_token_id` (T5's convention: the decoder starts at the pad
+    token); the export is still verified, its decoder fed the prompt behind the pad token."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    model, qpissa_dir = _tiny_t5(tmp_path / "t5", char_tokenizer, pad_token_id=1), tmp_path / "qpissa"
+    config = json.loads((model / "config.json").read_text())
+    config.pop("decoder_start_token_id", None)
+    (model / "config.json").write_text(json.dumps(config))
+    assert cli.main(["--quiet", "convert", str(model), str(qpissa_dir), "--rank", "4", "--iters", "1"]) == 0
+    out = tmp_path / "merged"
+    assert cli.main(["--quiet", "export", str(qpissa_dir), str(out), "--dtype", "float32"]) == 0
+    verify = json.loads((out / "export_report.json").read_text())["verify"]
+    assert verify["inputs"] == "prompts" and verify["tokens"] > 3 * 20
+    assert verify["max_abs_diff"] < 1e-4 and verify["top1_agreement"] == 1.0
+    ids = torch.tensor([[5, 6, 7]])
+    decoder = decoder_inputs(AutoModelForSeq2SeqLM.from_pretrained(out), ids)["decoder_input_ids"]
+    assert decoder.tolist() == [[1, 5, 6]]
 
 
 def _wrong_shapes(run: Path, tmp_path: Path) -> Path:
