@@ -47,7 +47,8 @@ class JsonlLogCallback(TrainerCallback):
             every,
         )
         self.resumed = resumed
-        self.start = self.step_start = time.perf_counter()
+        self.start = self.step_start = self.training_since = time.perf_counter()
+        self.evaluating = 0.0  # seconds spent in evaluations, which the ETA's training rate leaves out
         self.first_step = 0
         self.tokens_at_step_start = 0
 
@@ -56,7 +57,8 @@ class JsonlLogCallback(TrainerCallback):
         if self.resumed and state.is_world_process_zero:
             drop_records_from(self.path, state.global_step + 1)
             drop_records_from(self.eval_path, state.global_step + (0 if args.eval_on_start else 1))
-        self.start = time.perf_counter()
+        self.start = self.training_since = time.perf_counter()
+        self.evaluating = 0.0
         self.first_step = state.global_step
         if torch.cuda.is_available() and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -65,6 +67,9 @@ class JsonlLogCallback(TrainerCallback):
         self.step_start = time.perf_counter()
         self.tokens_at_step_start = state.num_input_tokens_seen
 
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.training_since = time.perf_counter()  # an evaluation, if any, starts now
+
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         logs = logs or {}
         if "loss" not in logs or not state.is_world_process_zero:
@@ -72,10 +77,11 @@ class JsonlLogCallback(TrainerCallback):
         now = time.perf_counter()
         done = max(state.global_step - self.first_step, 1)
         elapsed = now - self.start
+        per_step = (elapsed - self.evaluating) / done
         tokens = state.num_input_tokens_seen - self.tokens_at_step_start
         entry = {
             "elapsed": round(elapsed, 3),
-            "eta": round(elapsed / done * max(state.max_steps - state.global_step, 0), 1),
+            "eta": round(per_step * max(state.max_steps - state.global_step, 0), 1),
             "grad_norm": _float(logs.get("grad_norm")),
             "learning_rate": _float(logs.get("learning_rate")),
             "loss": _float(logs["loss"]),
@@ -100,13 +106,18 @@ class JsonlLogCallback(TrainerCallback):
     def on_evaluate(
         self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any
     ) -> None:
-        if not state.is_world_process_zero:  # every process evaluates its shard; the metrics are gathered
-            return
-        entry = {"step": state.global_step, **{k: _float(v) for k, v in (metrics or {}).items()}}
-        if self.generate is not None and kwargs.get("model") is not None:
-            entry.update(self.generate(kwargs["model"]))
+        if state.is_world_process_zero:  # every process evaluates its shard; the metrics are gathered
+            self._log_evaluation(state.global_step, metrics or {}, kwargs.get("model"))
+        now = time.perf_counter()  # the evaluation, generation included, is over
+        self.evaluating += now - self.training_since
+        self.training_since = now
+
+    def _log_evaluation(self, step: int, metrics: dict, model: torch.nn.Module | None) -> None:
+        entry = {"step": step, **{k: _float(v) for k, v in metrics.items()}}
+        if self.generate is not None and model is not None:
+            entry.update(self.generate(model))
         append_jsonl(self.eval_path, entry)
-        log.info("eval at step %d: %s", state.global_step, json.dumps(entry, sort_keys=True))
+        log.info("eval at step %d: %s", step, json.dumps(entry, sort_keys=True))
 
 
 class NoEvaluationAtTheEnd(TrainerCallback):
@@ -123,7 +134,8 @@ class NoEvaluationAtTheEnd(TrainerCallback):
 
 class QuietProgressCallback(ProgressCallback):
     """transformers' tqdm.auto bar without its per-log dict printing (the logger and the JSONL have them),
-    shown in a terminal and in a notebook (tqdm.notebook), not in a plain redirected stderr."""
+    shown in a terminal and in a notebook (tqdm.notebook), not in a plain redirected stderr. The bar is
+    paused while the Trainer evaluates, so its rate and ETA are the training steps' own."""
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:  # disable=None: off where stderr is no terminal, but for notebooks
@@ -140,6 +152,12 @@ class QuietProgressCallback(ProgressCallback):
                 total=total, leave=self.training_bar is None, dynamic_ncols=True, disable=None
             )
         super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """tqdm's unpause: the evaluation's time counts neither in the next step's rate nor as elapsed."""
+        super().on_evaluate(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.unpause()
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         return

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import types
 from pathlib import Path
 
 import pytest
+import torch
 from test_train import _config, _losses
 
 from qpissa import cli
@@ -165,8 +167,6 @@ def test_memory_estimate_within_15_percent_on_the_demo_recipe(demo_model: Path, 
 
 def test_training_bar_is_tqdm_auto_and_shown_in_notebooks(monkeypatch: pytest.MonkeyPatch) -> None:
     """disable=None: tqdm hides it on a redirected stderr, tqdm.notebook (picked by tqdm.auto) shows it."""
-    import types
-
     import tqdm.auto
 
     from qpissa import trainlog
@@ -177,3 +177,73 @@ def test_training_bar_is_tqdm_auto_and_shown_in_notebooks(monkeypatch: pytest.Mo
     state = types.SimpleNamespace(is_world_process_zero=True, max_steps=5)
     trainlog.QuietProgressCallback().on_train_begin(None, state, None)
     assert made["disable"] is None and made["total"] == 5
+
+
+class _Clock:
+    """A clock the test moves: a step takes 1 s, an evaluation 20 s (and its generation 10 s more)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _train_with_one_evaluation(callback: object, state: object, clock: _Clock) -> None:
+    """Five 1 s steps, a 30 s evaluation after step 5, then step 6 (the Trainer's callback order)."""
+    args = types.SimpleNamespace(eval_on_start=False)
+    callback.on_train_begin(args, state, None)
+    for step in range(1, 7):
+        clock.now += 1
+        state.global_step, state.num_input_tokens_seen = step, 100 * step
+        callback.on_step_end(args, state, None)
+        callback.on_log(args, state, None, logs={"loss": 1.0})
+        if step == 5:
+            clock.now += 20
+            callback.on_evaluate(args, state, None, metrics={"eval_loss": 1.0}, model=torch.nn.Linear(1, 1))
+
+
+def test_training_bar_eta_leaves_out_the_evaluations_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """14 steps left at 1 s/step after a 20 s evaluation: the bar says about 14 s, not several times it."""
+    import io
+
+    import tqdm.std
+
+    from qpissa import trainlog
+
+    clock = _Clock()
+    monkeypatch.setattr(tqdm.std, "time", clock)
+    bars = []
+
+    def shown(**options: object) -> tqdm.std.tqdm:  # shown, as in a terminal
+        bars.append(tqdm.std.tqdm(**{**options, "disable": False, "file": io.StringIO()}))
+        return bars[-1]
+
+    monkeypatch.setattr(trainlog, "tqdm", shown)
+    state = types.SimpleNamespace(is_world_process_zero=True, max_steps=20, global_step=0)
+    _train_with_one_evaluation(trainlog.QuietProgressCallback(), state, clock)
+    shown_bar = bars[0].format_dict
+    eta = (shown_bar["total"] - shown_bar["n"]) / shown_bar["rate"]
+    assert shown_bar["n"] == 6 and eta == pytest.approx(14, rel=0.05), eta
+
+
+def test_logged_eta_leaves_out_the_evaluations_time(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """trainer_log.jsonl's eta after the evaluation is 14 steps at the training rate of 1 s/step."""
+    from qpissa import trainlog
+
+    clock = _Clock()
+    monkeypatch.setattr(trainlog, "time", types.SimpleNamespace(perf_counter=clock))
+    log_file = tmp_path / "trainer_log.jsonl"
+
+    def generate(model: torch.nn.Module) -> dict[str, float]:
+        clock.now += 10
+        return {"exact_match": 0.5}
+
+    callback = trainlog.JsonlLogCallback(log_file, tmp_path / "eval_log.jsonl", torch.device("cpu"), generate)
+    state = types.SimpleNamespace(
+        is_world_process_zero=True, max_steps=20, global_step=0, num_input_tokens_seen=0
+    )
+    _train_with_one_evaluation(callback, state, clock)
+    rows = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert rows[-1]["step"] == 6 and rows[-1]["eta"] == pytest.approx(14), rows[-1]
+    assert rows[-1]["elapsed"] == pytest.approx(36)  # elapsed stays the wall time
