@@ -7,8 +7,8 @@ that bitsandbytes replaces by `Linear4bit` (plain `nn.Linear`, and GPT-2's `Conv
 stored transposed as `[in, out]`); under which name each is stored and under which the model holds it
 (transformers renames and merges tensors at load: a base-model prefix, Mixtral's `block_sparse_moe`);
 and which matrices stay 16-bit whatever the targets (MoE experts merged into 3-D parameters at load,
-routers, layers the model keeps in float32, tensors the model does not load). The model is built on the
-meta device: no weight is read.
+routers, layers the model keeps in float32), and which tensors of any shape the model does not load. The
+model is built on the meta device: no weight is read.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ class Architecture:
         task_type: PEFT's task type for an adapter on it, or None.
         linears: checkpoint module name (its weight is `<name>.weight`) -> the layer.
         output: checkpoint module name of the output layer (`lm_head`), never a target, or None.
-        kept: reason -> checkpoint tensor names of matrices that stay 16-bit whatever the targets.
+        kept: reason -> checkpoint tensor names of matrices that stay 16-bit whatever the targets, and
+            of tensors of any shape the model does not load.
         renamed: `{checkpoint name: model name}` of every stored tensor that transformers renames or
             merges at load.
         modules: every module path of the model.
@@ -139,13 +140,13 @@ def read_architecture(reader: CheckpointReader) -> Architecture:
         key, merged = rename(tensor)
         if key != tensor:
             renamed[tensor] = key
-        if len(reader.shape(tensor)) < 2:
+        if key not in held and not merged:  # an extra tensor, or an unsaved buffer (BERT's position_ids)
+            kept.setdefault(KEPT_UNUSED, []).append(tensor)  # of any shape: old `rotary_emb.inv_freq`s
+            continue
+        if len(reader.shape(tensor)) < 2:  # norms and biases the model loads: 16-bit in every quantizer
             continue
         module_path, _, leaf = key.rpartition(".")
         module = modules.get(module_path)
-        if key not in held and not merged:  # an extra tensor, or an unsaved buffer (BERT's position_ids)
-            kept.setdefault(KEPT_UNUSED, []).append(tensor)
-            continue
         reason = _kept_reason(module, leaf, merged, keep_fp32, module_path)
         if reason is not None:
             kept.setdefault(reason, []).append(tensor)

@@ -75,8 +75,9 @@ def resolve_targets(spec: str, reader: CheckpointReader, rank: int) -> list[str]
 
 
 def kept_matrices(reader: CheckpointReader, architecture: Architecture | None = None) -> list[dict]:
-    """Matrices that stay 16-bit whatever the targets, one entry per reason (qpissa_report.json's
-    `kept_16bit`): `{"reason", "tensors": [checkpoint names], "params": total elements}`."""
+    """Matrices that stay 16-bit whatever the targets, and tensors of any shape the model does not load
+    (copied unchanged), one entry per reason (qpissa_report.json's `kept_16bit`): `{"reason", "tensors":
+    [checkpoint names], "params": total elements}`. Norms and biases the model loads are not listed."""
     kept = (architecture or read_architecture(reader)).kept
     return [
         {"reason": reason, "tensors": names, "params": sum(math.prod(reader.shape(n)) for n in names)}

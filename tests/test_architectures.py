@@ -243,9 +243,9 @@ def test_moe_experts_stay_16bit_and_are_said_so(
 def test_tensors_no_module_holds_are_said_unused_and_copied(
     tmp_path: Path, char_tokenizer: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """Extra tensors in a checkpoint (one under a module that lacks it, one under no module at all) are
-    neither matrices held outside a Linear layer nor dropped: the report says the model does not load
-    them, and they reach the output unchanged."""
+    """Extra tensors in a checkpoint (one under a module that lacks it, one under no module at all, an old
+    1-D `rotary_emb.inv_freq` buffer) are neither matrices held outside a Linear layer nor dropped: the
+    report says the model does not load them, and they reach the output unchanged."""
     from safetensors.torch import load_file, save_file
 
     model = make_family_model("llama", tmp_path / "model", char_tokenizer)
@@ -255,11 +255,12 @@ def test_tensors_no_module_holds_are_said_unused_and_copied(
     extra = {
         "model.layers.0.mlp.extra_matrix": torch.randn(64, 64, generator=generator).to(torch.bfloat16),
         "model.mtp.0.proj.weight": torch.randn(64, 128, generator=generator).to(torch.bfloat16),
+        "model.layers.0.self_attn.rotary_emb.inv_freq": torch.rand(8, generator=generator),
     }
     save_file({**tensors, **extra}, weights, {"format": "pt"})
     assert cli.main(["convert", str(model), str(tmp_path / "qpissa"), "--rank", "4", "--iters", "1"]) == 0
     summary = capsys.readouterr().out
-    assert "kept 16-bit, not adapted: 2 tensors (12,288 parameters" in summary
+    assert "kept 16-bit, not adapted: 3 tensors (12,296 parameters" in summary
     assert "the model does not load" in summary and "router" not in summary
     kept = json.loads((tmp_path / "qpissa" / "qpissa_report.json").read_text())["kept_16bit"]
     assert [entry["tensors"] for entry in kept] == [sorted(extra)]
