@@ -98,6 +98,18 @@ def load_split(
     """
     source = DataSource(path, config.eval_format(), split=split)
     dataset, data_format = load_source(source, split_setting=split_setting)
+    return tokenize_split(dataset, data_format, config, tokenizer, length_setting, context)
+
+
+def tokenize_split(
+    dataset: datasets.Dataset,
+    data_format: DataFormat,
+    config: DataConfig,
+    tokenizer: Any,
+    length_setting: str = "`data.max_seq_len`",
+    context: int | None = None,
+) -> tuple[list[Sample], TokenizedData]:
+    """`load_split` on records read and checked already (`data_sources.check_records`)."""
     check_tokenizer(tokenizer, data_format)
     samples = [render(record, data_format, tokenizer, config.response_only) for record in dataset]
     tokenized = tokenize(samples, tokenizer, config.max_seq_len, length_setting, context)

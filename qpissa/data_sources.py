@@ -7,7 +7,6 @@ which works online and, offline (`HF_HUB_OFFLINE=1`), from what a previous downl
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from collections import Counter
@@ -17,13 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qpissa import UserError
-from qpissa.artifacts import content_suffix, open_text, read_text
-from qpissa.data_formats import (
-    KNOWN_ROLES,
-    REQUIRED_FIELDS,
-    check_record,
-    detect_format,
-)
+from qpissa.artifacts import content_suffix
+from qpissa.data_files import FOLDER_TYPES, LOADERS, check_file, check_folder, csv_as_text
+from qpissa.data_formats import KNOWN_ROLES, check_record, detect_format
 from qpissa.hub import is_hub_name
 from qpissa.settings import DataFormat
 
@@ -34,15 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LOADERS = {
-    ".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
-    ".arrow": "arrow",
-}  # fmt: skip
-TEXT_TYPES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv")  # also read compressed (.gz, .bz2, .xz)
-CSV_SEPARATORS = {".csv": ",", ".tsv": "\t"}
-# the file types datasets reads from a folder; it reads one type per folder and ignores the others
-FOLDER_TYPES = LOADERS | {".txt": "text"}
-COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")  # told apart from unknown types: decompress first
 _SAVED_MARKERS = ("state.json", "dataset_dict.json")  # what `save_to_disk` writes at a dataset's top
 # local data below this size is read in a few seconds (~100 MB/s measured), so datasets' "Generating
 # train split" bars are hidden: they would only stand above the data's own error line
@@ -67,6 +53,13 @@ def load_source(
         UserError: missing or unreadable data, unknown extension, no such split, or a bad record.
     """
     dataset = load_records(source.path, source.subset, source.split, split_setting)
+    return check_records(dataset, source, seed, format_setting)
+
+
+def check_records(
+    dataset: datasets.Dataset, source: DataSource, seed: int = 0, format_setting: str | None = "data.format"
+) -> tuple[datasets.Dataset, DataFormat]:
+    """`load_source` on records read already: the format picked, every record checked, `samples` drawn."""
     data_format = source.format or _detected_format(dataset, source.path, format_setting)
     unknown_roles: Counter[str] = Counter()
     empty = 0
@@ -89,13 +82,53 @@ def load_source(
     return _subsample(dataset, source, seed), data_format
 
 
+def load_records(
+    path: Path, subset: str | None = None, split: str = "train", split_setting: str | None = "split"
+) -> datasets.Dataset:
+    """A local data file, a folder of data files, a `save_to_disk` directory or a Hub dataset, as one split.
+
+    Raises:
+        UserError: naming the path (or Hub name) and the fix; a split without records is one.
+    """
+    if path.is_file() and (subset is not None or split != "train"):  # they would be ignored, silently
+        asked = f"subset {subset!r}" if subset is not None else f"split {split!r}"
+        raise UserError(
+            f"dataset {path} is a single file, which has no subsets or splits (asked for {asked}); "
+            "leave them unset, or point at a folder, a save_to_disk directory or a Hub dataset"
+        )
+    read = _read(path, subset)
+    return _nonempty(_split(read, split, path, split_setting) if isinstance(read, dict) else read, path)
+
+
 def heldout_split(path: Path, split_setting: str) -> str:
     """The split to evaluate on when none is named: validation, else test, else train (a file: train).
 
     Training reads the train split by default; evaluating it too would measure fit, not held-out
     loss, so a folder, `save_to_disk` directory or Hub dataset with a held-out split is evaluated on it.
     """
-    names = _split_names(path)
+    return _heldout(_split_names(path), path, split_setting)
+
+
+def eval_split(data: DataConfig) -> str:
+    """The split of a recipe's `eval_path` to evaluate: `eval_split`, else its held-out one."""
+    return data.eval_split or heldout_split(data.eval_path, "data.eval_split")
+
+
+def load_eval_records(path: Path, split: str | None, split_setting: str) -> tuple[datasets.Dataset, str]:
+    """The records of `split`, or (None) of the held-out split as `heldout_split` picks it, and its name.
+
+    The held-out split is chosen among the splits read, so the data is read once and a Hub dataset is
+    asked once (`heldout_split` before reading asks it for its split names first).
+    """
+    if split is not None:
+        return load_records(path, split=split, split_setting=split_setting), split
+    read = _read(path, None)
+    names = list(read) if isinstance(read, dict) else ["train"]  # a DatasetDict, or one split
+    chosen = _heldout(names, path, split_setting)
+    return _nonempty(read[chosen] if isinstance(read, dict) else read, path), chosen
+
+
+def _heldout(names: list[str], path: Path, split_setting: str) -> str:
     chosen = next((name for name in ("validation", "test", "train") if name in names), None)
     if chosen is None and len(names) == 1:
         chosen = names[0]
@@ -104,11 +137,6 @@ def heldout_split(path: Path, split_setting: str) -> str:
     if len(names) > 1:
         log.info("data %s: split %s (the held-out one; set %s to choose)", path, chosen, split_setting)
     return chosen
-
-
-def eval_split(data: DataConfig) -> str:
-    """The split of a recipe's `eval_path` to evaluate: `eval_split`, else its held-out one."""
-    return data.eval_split or heldout_split(data.eval_path, "data.eval_split")
 
 
 def _split_names(path: Path) -> list[str]:
@@ -139,221 +167,43 @@ def _split_names(path: Path) -> list[str]:
         return ["train"]
 
 
-def source_format(source: DataSource, format_setting: str | None, split_setting: str | None) -> DataFormat:
-    """The format of a source: as given, or detected from its first record as `load_source` does (and
-    said), without checking every record."""
-    if source.format is not None:
-        return source.format
-    return _detected_format(
-        load_records(source.path, source.subset, source.split, split_setting), source.path, format_setting
-    )
-
-
 def _detected_format(dataset: datasets.Dataset, path: Path, format_setting: str | None) -> DataFormat:
     data_format = detect_format(dataset[0], f"{path} record 0", format_setting)
     log.info("data %s: format %s (detected; set format to choose)", path, data_format.value)
     return data_format
 
 
-def load_records(
-    path: Path, subset: str | None = None, split: str = "train", split_setting: str | None = "split"
-) -> datasets.Dataset:
-    """A local data file, a folder of data files, a `save_to_disk` directory or a Hub dataset, as one split.
-
-    Raises:
-        UserError: naming the path (or Hub name) and the fix; a split without records is one.
-    """
+def _read(path: Path, subset: str | None) -> datasets.Dataset | datasets.DatasetDict:
+    """Every split of a dataset (one Dataset for a file, or a `save_to_disk`'d Dataset)."""
     import datasets
 
     local = path.exists()
     if not local and not is_hub_name(path):
         raise UserError(f"dataset {path} does not exist; check the path (or give a Hub name: owner/name)")
-    options: dict[str, str] = {}
-    if path.is_file():
-        options = _check_file(path)
-        if subset is not None or split != "train":  # they would be ignored, silently
-            asked = f"subset {subset!r}" if subset is not None else f"split {split!r}"
-            raise UserError(
-                f"dataset {path} is a single file, which has no subsets or splits (asked for {asked}); "
-                "leave them unset, or point at a folder, a save_to_disk directory or a Hub dataset"
-            )
+    options = check_file(path) if path.is_file() else {}
     saved = path.is_dir() and any((path / marker).is_file() for marker in _SAVED_MARKERS)
-    data_files = _check_folder(path) if path.is_dir() and not saved else []
+    data_files = check_folder(path) if path.is_dir() and not saved else []
     try:
         with _bars_hidden_below(QUIET_READ_BYTES, _local_bytes(path) if local else None):
             if saved:  # in memory: a transform of a memory-mapped one writes its cache into the user's files
-                dataset = datasets.load_from_disk(str(path), keep_in_memory=True)
-                if isinstance(dataset, datasets.DatasetDict):
-                    dataset = _split(dataset, split, path, split_setting)
-            elif path.is_file():
+                return datasets.load_from_disk(str(path), keep_in_memory=True)
+            if path.is_file():
                 loader = LOADERS[content_suffix(path)]
-                features = _csv_as_text(path) if loader == "csv" else None
-                dataset = datasets.load_dataset(
+                features = csv_as_text(path) if loader == "csv" else None
+                return datasets.load_dataset(
                     loader, data_files=str(path), split="train", features=features, **options
                 )
-            else:
-                csv_files = [f for f in data_files if FOLDER_TYPES[content_suffix(f)] == "csv"]
-                features = _csv_as_text(csv_files[0]) if csv_files else None  # a folder holds one type
-                dataset = datasets.load_dataset(str(path), subset, features=features)
-                dataset = _split(dataset, split, path, split_setting)
-    except UserError:
-        raise
+            csv_files = [f for f in data_files if FOLDER_TYPES[content_suffix(f)] == "csv"]
+            features = csv_as_text(csv_files[0]) if csv_files else None  # a folder holds one type
+            return datasets.load_dataset(str(path), subset, features=features)
     except Exception as error:  # datasets wraps parse and connection errors in many exception types
         raise UserError(_read_problem(path, local, error)) from None
+
+
+def _nonempty(dataset: datasets.Dataset, path: Path) -> datasets.Dataset:
     if len(dataset) == 0:
         raise UserError(f"dataset {path} has no records; it needs at least one")
     return dataset
-
-
-def _check_file(path: Path) -> dict[str, str]:
-    """A data file's type is known and it holds something; JSON Lines: every line a JSON object
-    (datasets names neither the line nor the fix).
-
-    Returns:
-        What `load_dataset` needs besides the file: a CSV file's separator, or the field of a JSON object
-        that holds the records.
-    """
-    suffix = content_suffix(path)
-    if suffix not in LOADERS or (suffix != path.suffix.lower() and suffix not in TEXT_TYPES):
-        known = ", ".join(LOADERS)
-        packed = path.suffix.lower() in COMPRESSED and Path(path.stem).suffix.lower() in LOADERS
-        fix = (
-            f"decompress it first ({Path(path.stem).name})" if packed
-            else f"use {known} (the text types also as .gz, .bz2 or .xz) or a directory"
-        )  # fmt: skip
-        raise UserError(f"{path}: unknown data file type {path.suffix!r}; {fix}")
-    if path.stat().st_size == 0:
-        raise UserError(f"dataset {path} is empty; it needs at least one record")
-    if suffix in CSV_SEPARATORS:
-        return {"sep": CSV_SEPARATORS[suffix]}
-    if LOADERS[suffix] != "json":
-        return {}
-    text = read_text(path, "dataset", "check the path")
-    if not text.strip():
-        raise UserError(f"dataset {path} is empty; it needs at least one record")
-    if suffix == ".json":
-        return _records_field(path, text)
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(
-                f"dataset {path} line {number} is not valid JSON ({error.msg}, column {error.colno}); "
-                "fix or remove that line"
-            ) from None
-        if not isinstance(record, dict):
-            raise UserError(f"dataset {path} line {number} is not a JSON object (one record per line)")
-    return {}
-
-
-def _records_field(path: Path, text: str) -> dict[str, str]:
-    """A JSON file that wraps its records in an object (`{"data": [{...}, ...]}`) is read from that field;
-    datasets would read the object as one record that fits no format."""
-    if not text.lstrip().startswith("{"):
-        return {}  # a list of records (or JSON Lines under .json): read as it is, nothing parsed twice
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        return {}  # JSON Lines named .json, or broken JSON: datasets reads the one and names the other
-    if any(all(name in data for name in names) for names in REQUIRED_FIELDS.values()):
-        return {}  # one record as an object
-    lists = [
-        key for key, value in data.items() if isinstance(value, list) and value and isinstance(value[0], dict)
-    ]
-    if len(lists) > 1:
-        raise UserError(
-            f"dataset {path} holds lists of records in several fields ({', '.join(lists)}); keep one list "
-            "per file (or write JSON Lines, one record per line)"
-        )
-    if not lists:
-        return {}  # no list of records: reading it says which fields it has
-    log.debug("data %s: records read from its %r field", path, lists[0])
-    return {"field": lists[0]}
-
-
-def _check_folder(path: Path) -> list[Path]:
-    """Every data file of a folder is read. datasets reads only the files named after a split once some
-    are, and of those only the most common file type; it ignores the others, silently.
-
-    Returns:
-        The folder's data files (none when datasets finds none: reading it then says so).
-    """
-    from datasets.data_files import DataFilesDict, get_data_patterns
-
-    try:
-        patterns = get_data_patterns(str(path))
-        read = {
-            Path(f).resolve()
-            for files in DataFilesDict.from_patterns(patterns, str(path)).values()
-            for f in files
-        }
-    except Exception:  # no data file at all: load_dataset says so, with the message of its own
-        return []
-    data_files = [
-        file for file in sorted(path.rglob("*"))
-        if content_suffix(file) in FOLDER_TYPES and file.is_file()
-        and not any(part.startswith((".", "__")) for part in file.relative_to(path).parts)
-    ]  # fmt: skip
-    ignored = [str(file.relative_to(path)) for file in data_files if file.resolve() not in read]
-    if ignored:
-        raise UserError(
-            f"dataset {path}: {_some(ignored)} would not be read (once some files are named after a split, "
-            "only those are); name every file after its split (train, validation, test), or give it as a "
-            "data source of its own"
-        )
-    kinds: dict[str, list[str]] = {}
-    for file in data_files:
-        kinds.setdefault(FOLDER_TYPES[content_suffix(file)], []).append(str(file.relative_to(path)))
-    if len(kinds) > 1:
-        found = "; ".join(f"{kind}: {_some(names)}" for kind, names in kinds.items())
-        raise UserError(
-            f"dataset {path} mixes data file types ({found}), and only one type would be read; "
-            "keep one type in the folder, or give each file as a data source of its own"
-        )
-    return data_files
-
-
-def _some(names: list[str]) -> str:
-    return ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2 else "")
-
-
-def _local_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
-
-
-@contextmanager
-def _bars_hidden_below(threshold: int, size: int | None) -> Iterator[None]:
-    """datasets' progress bars hidden while reading local data of fewer than `threshold` bytes."""
-    import datasets
-
-    if size is None or size >= threshold or datasets.are_progress_bars_disabled():
-        yield
-        return
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        datasets.enable_progress_bars()
-
-
-def _csv_as_text(path: Path) -> datasets.Features | None:
-    """Every column of a CSV file as text: pandas would read an answer ` 37` as the integer 37, which no
-    record format accepts and no quoting in the file can prevent. None if the header is unreadable (the
-    read then says why)."""
-    import datasets
-
-    try:
-        with open_text(path, newline="") as file:
-            header = next(csv.reader(file, delimiter=CSV_SEPARATORS[content_suffix(path)]))
-    except Exception:  # unreadable, empty, not UTF-8 or a damaged archive: the read says which
-        return None
-    if len(set(header)) != len(header) or not all(header):
-        return None  # unnamed or repeated columns: datasets names them, and the record check says so
-    return datasets.Features({name: datasets.Value("string") for name in header})
 
 
 def _split(dataset: Any, split: str, path: Path, split_setting: str | None) -> datasets.Dataset:
@@ -376,6 +226,27 @@ def _subsample(dataset: datasets.Dataset, source: DataSource, seed: int) -> data
             f"{count}; use at most {len(dataset)} (or a fraction in (0, 1))"
         )
     return dataset.shuffle(seed=seed).select(range(count))
+
+
+def _local_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+
+
+@contextmanager
+def _bars_hidden_below(threshold: int, size: int | None) -> Iterator[None]:
+    """datasets' progress bars hidden while reading local data of fewer than `threshold` bytes."""
+    import datasets
+
+    if size is None or size >= threshold or datasets.are_progress_bars_disabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
 
 
 def _read_problem(path: Path, local: bool, error: Exception) -> str:

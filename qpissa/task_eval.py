@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 
 from qpissa import UserError
 from qpissa.artifacts import RUN_MARKER, read_run
-from qpissa.data import IGNORE_INDEX, collate, load_split, pad_token_id
+from qpissa.data import IGNORE_INDEX, collate, pad_token_id, tokenize_split
 from qpissa.data_formats import Sample
-from qpissa.data_sources import heldout_split, source_format
+from qpissa.data_sources import check_records, load_eval_records
 from qpissa.demo_task import final_answer
 from qpissa.loading import check_context, checked_source, load_model, load_tokenizer, model_context
 from qpissa.recipe import DataConfig, DataSource
@@ -48,9 +48,9 @@ def evaluate(
     run_data = _run_data_config(source.run_dir)
     recorded = run_data["format"] if run_data else None
     data_format = settings.format or (DataFormat(recorded) if recorded else None)
-    split = settings.split or heldout_split(data_path, "--split")
-    if data_format is None:  # detected from the data, as training does
-        data_format = source_format(DataSource(data_path, split=split), "--format", split_setting="--split")
+    records, split = load_eval_records(data_path, settings.split, "--split")
+    data_source = DataSource(data_path, data_format, split=split)  # no format: detected, as training does
+    records, data_format = check_records(records, data_source, format_setting="--format")
     if settings.metric is Metric.ACCURACY and data_format is DataFormat.TEXT:
         raise UserError("format text has no answers to match; use --metric loss or ppl")
     if settings.max_seq_len is not None:
@@ -61,7 +61,7 @@ def evaluate(
     )
     data = DataConfig(path=data_path, format=data_format, max_seq_len=max_seq_len)
     tokenizer = load_tokenizer(source)
-    samples, tokenized = load_split(data_path, data, tokenizer, "--max-seq-len", split, "--split", context)
+    samples, tokenized = tokenize_split(records, data_format, data, tokenizer, "--max-seq-len", context)
     if settings.max_samples:
         samples, rows = samples[: settings.max_samples], tokenized.rows[: settings.max_samples]
     else:

@@ -129,6 +129,40 @@ def test_cli_eval_scores_the_split_asked_for(qpissa_dir: Path, tmp_path: Path, c
     assert json.loads(capsys.readouterr().out)["split"] is None  # a file has no split to name
 
 
+def test_cli_eval_reads_its_data_once_and_asks_the_hub_once(
+    qpissa_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Without --format and --split, eval detects the format and picks the held-out split from one read:
+    a Hub dataset (here `datasets.load_dataset` stood in for it, offline) is not asked for its split
+    names first, and a local file is not read twice."""
+    import datasets
+
+    read, real_load = [], datasets.load_dataset
+    records = [{"prompt": f"{i}%10=", "completion": f" {i % 10}"} for i in range(5)]
+
+    def load_dataset(name: str, *args, **kwargs):
+        read.append(kwargs.get("data_files", name))
+        if name != "owner/task":
+            return real_load(name, *args, **kwargs)
+        splits = {"train": records, "validation": records[:2]}
+        return datasets.DatasetDict({split: datasets.Dataset.from_list(r) for split, r in splits.items()})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+
+    def split_names(name: str, *args, **kwargs) -> list[str]:
+        read.append(name)
+        return ["train", "validation"]
+
+    monkeypatch.setattr(datasets, "get_dataset_split_names", split_names)
+    data = _data(tmp_path)
+    for path, split, samples in (("owner/task", "validation", 2), (str(data), None, 5)):
+        read.clear()
+        assert cli.main(["--quiet", "eval", str(qpissa_dir), "--data", path, "--metric", "loss"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert (result["split"], result["samples"], result["format"]) == (split, samples, "prompt_completion")
+        assert read == [path]
+
+
 def test_cli_eval_of_a_run_uses_its_data_format(qpissa_dir: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     shutil.copytree(qpissa_dir / "adapter", run / "adapter")
