@@ -225,6 +225,7 @@ def _cmd_chat(args: argparse.Namespace) -> None:
     settings = from_namespace(ChatSettings, args)
     write = functools.partial(print, end="", flush=True)  # the answer, streamed as it is generated
     if settings.prompt is not None:
+        hide_library_progress_bars()  # one answer and nothing else, not transformers' "Loading weights"
         answer(args.model_or_run, settings, write)
         print()
     else:

@@ -69,6 +69,19 @@ def test_prompt_prints_only_the_answer_and_every_source_agrees(qpissa_dir: Path,
     assert _chat(capsys, qpissa_dir, "hello", [*SAMPLED, "--seed", "4"]) != printed
 
 
+def test_prompt_on_a_terminal_hides_the_libraries_bars(
+    qpissa_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """`--prompt` prints one answer and nothing else, on a terminal too (where bars are otherwise shown)."""
+    terminal = io.StringIO()
+    terminal.isatty = lambda: True
+    monkeypatch.setattr(sys, "stderr", terminal)
+    hidden = []
+    monkeypatch.setattr(cli, "hide_library_progress_bars", lambda: hidden.append(True))
+    assert cli.main(["chat", str(qpissa_dir), "--prompt", "hi", *GREEDY]) == 0
+    assert hidden and terminal.getvalue() == ""
+
+
 def test_end_of_turn_token_is_found_from_the_template(qpissa_dir: Path):
     chat_model = load_chat_model(qpissa_dir)
     end_of_turn = chat_model.tokenizer.convert_tokens_to_ids("<|im_end|>")
