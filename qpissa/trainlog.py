@@ -139,7 +139,9 @@ class QuietProgressCallback(ProgressCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:  # disable=None: off where stderr is no terminal, but for notebooks
-            self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, disable=None)
+            self.training_bar = tqdm(
+                total=state.max_steps, desc="train", unit="step", dynamic_ncols=True, disable=None
+            )
         self.current_step = 0
 
     def on_prediction_step(
@@ -149,8 +151,9 @@ class QuietProgressCallback(ProgressCallback):
         if state.is_world_process_zero and self.prediction_bar is None and has_length(eval_dataloader):
             total = len(eval_dataloader)
             self.prediction_bar = tqdm(
-                total=total, leave=self.training_bar is None, dynamic_ncols=True, disable=None
-            )
+                total=total, desc="eval", unit="batch", leave=self.training_bar is None, dynamic_ncols=True,
+                disable=None,
+            )  # fmt: skip
         super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -177,6 +177,7 @@ def test_training_bar_is_tqdm_auto_and_shown_in_notebooks(monkeypatch: pytest.Mo
     state = types.SimpleNamespace(is_world_process_zero=True, max_steps=5)
     trainlog.QuietProgressCallback().on_train_begin(None, state, None)
     assert made["disable"] is None and made["total"] == 5
+    assert made["desc"] == "train" and made["unit"] == "step"  # "train: 40%| 2/5 [.., 3.1s/step]"
 
 
 class _Clock:
