@@ -320,7 +320,10 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "model_or_run", type=Path, help="QPiSSA directory, training run, checkpoint or model"
     )
-    evaluate.add_argument("--data", type=Path, required=True, help="data file or save_to_disk directory")
+    evaluate.add_argument(
+        "--data", type=Path, required=True,
+        help="data file, folder of data files, save_to_disk directory or Hub dataset (owner/name)",
+    )  # fmt: skip
     add_arguments(evaluate, EvalSettings)
     evaluate.set_defaults(handler=_cmd_eval)
 
