@@ -242,11 +242,14 @@ def _convert_shard(
 
 def _decompose_settings(settings: ConvertSettings, device: torch.device) -> DecomposeSettings:
     """What `decompose` needs of the settings, resolved once for every matrix."""
-    calibration = settings.calibration
-    fit = None if calibration is None else CalibratedFit(
-        adapter_damping=calibration["damping"], scale_search=calibration["scale_search"],
-        compensate=calibration["compensate"], codes_damping=calibration["codes_damping"],
-    )  # fmt: skip
+    calibration, fit = settings.calibration, None
+    if calibration is not None:  # the fits multiply by H in bf16 where H's own products are bf16
+        statistics = statistics_dtype(device, calibration["compensate"])
+        fit = CalibratedFit(
+            adapter_damping=calibration["damping"], scale_search=calibration["scale_search"],
+            compensate=calibration["compensate"], codes_damping=calibration["codes_damping"],
+            products_dtype=statistics if statistics == torch.bfloat16 else None,
+        )  # fmt: skip
     return DecomposeSettings(
         method=settings.method, rank=settings.rank, scale=settings.resolved_alpha / settings.rank,
         iters=settings.resolved_iters, svd=settings.svd, oversample=settings.oversample,

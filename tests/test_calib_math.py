@@ -134,6 +134,32 @@ def test_randomized_weighted_fit_matches_the_exact_one() -> None:
     torch.testing.assert_close(product[0], product[1], rtol=0, atol=2e-3 * product[0].abs().max().item())
 
 
+def test_weighted_fit_with_bf16_products_captures_what_the_exact_fit_captures() -> None:
+    """Products with H in bf16 (where the statistics are bf16) only tilt the subspace the factors are
+    projected on: cold and warm-started, the fit misses under 1e-4 of the output error the exact fit
+    removes."""
+    g = torch.Generator().manual_seed(13)
+    M = torch.randn(96, 192, generator=g) @ torch.diag(torch.logspace(0, -2, 192))
+    nearby = M + 1e-3 * torch.randn(96, 192, generator=g)
+    X = _activations(600, 192, 14)
+    H = damped(X.T @ X / 600, 0.1)
+    st = _settings(rank=8, svd=SvdKind.RANDOMIZED)
+
+    def missed(target: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> float:
+        B_exact, A_exact, _ = weighted_factors(target, H, _settings(rank=8), g, None)
+        best = output_error(target - st.scale * B_exact @ A_exact, H)
+        return (output_error(target - st.scale * B @ A, H) - best) / (output_error(target, H) - best)
+
+    H_bf16 = H.to(torch.bfloat16)
+    B, A, basis = weighted_factors(M, H_bf16, st, torch.Generator().manual_seed(0), None)
+    warm = dataclasses.replace(st, power_iters=0)
+    B_warm, A_warm, _ = weighted_factors(nearby, H_bf16, warm, torch.Generator().manual_seed(0), basis)
+    assert missed(M, B, A) < 1e-4
+    assert missed(nearby, B_warm, A_warm) < 1e-4
+    B32, A32, _ = weighted_factors(M, H, st, torch.Generator().manual_seed(0), None)
+    assert not torch.equal(B @ A, B32 @ A32), "the products must have run in bf16"
+
+
 def test_weighted_fit_warm_started_from_a_nearby_matrix_needs_no_power_iterations() -> None:
     """Each alternation starts from the last fit's subspace (stored already multiplied by H)."""
     g = torch.Generator().manual_seed(11)
