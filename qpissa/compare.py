@@ -46,12 +46,12 @@ from qpissa.calibration import OVERLAP_NGRAM, calibration_tokens, overlap_tokens
 from qpissa.checkpoint import CheckpointReader, auto_config, write_json
 from qpissa.convert import check_conversion, convert
 from qpissa.convert_settings import CompareSettings, ConvertSettings, Method
-from qpissa.data_sources import eval_split, load_source
+from qpissa.data_sources import load_heldout, load_source
 from qpissa.loading import check_causal_lm, check_context, load_model, load_tokenizer
 from qpissa.options import to_dict
 from qpissa.original_kl import check_heldout, heldout_ids, measure_fidelity
 from qpissa.outputs import check_apart, lock_output
-from qpissa.recipe import DataSource, load_config
+from qpissa.recipe import load_config
 from qpissa.report import build_report
 from qpissa.runtime import in_fresh_process, resolve_runtime
 from qpissa.settings import FidelitySettings, ReportOptions
@@ -252,11 +252,9 @@ def _check_train_config(config_path: Path, out_dir: Path) -> None:
     training_arguments(config, runtime, out_dir / RUNS_DIR, show_progress=False)  # every Trainer option
     for source in config.data.train_sources():
         load_source(source)
-    if config.data.eval_path is not None:
-        load_source(
-            DataSource(config.data.eval_path, config.data.eval_format(), split=eval_split(config.data)),
-            split_setting="data.eval_split",
-        )
+    data = config.data
+    if data.eval_path is not None:
+        load_heldout(data.eval_path, data.eval_split, data.eval_format(), "data.eval_split")
 
 
 def _run_identity(config: dict) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -21,7 +20,7 @@ from transformers import DataCollatorWithFlattening
 from qpissa import UserError
 from qpissa.data_formats import Sample, check_tokenizer, render
 from qpissa.data_sources import load_source
-from qpissa.recipe import DataConfig, DataSource
+from qpissa.recipe import DataConfig
 from qpissa.settings import DataFormat
 
 log = logging.getLogger(__name__)
@@ -82,25 +81,6 @@ def load_train(config: DataConfig, tokenizer: Any, seed: int, context: int | Non
     return TokenizedData(kept.remove_columns("cut"), len(tokenized) - len(kept), cut)
 
 
-def load_split(
-    path: Path,
-    config: DataConfig,
-    tokenizer: Any,
-    length_setting: str = "`data.max_seq_len`",
-    split: str = "train",
-    split_setting: str = "data.eval_split",
-    context: int | None = None,
-) -> tuple[list[Sample], TokenizedData]:
-    """Read, render and tokenize held-out data, keeping the rendered samples for exact-match scoring:
-    those of the rows, in their order (a sample dropped from the loss is not scored either).
-
-    `context` is the model's (None: not known), which caps how far `max_seq_len` can be raised.
-    """
-    source = DataSource(path, config.eval_format(), split=split)
-    dataset, data_format = load_source(source, split_setting=split_setting)
-    return tokenize_split(dataset, data_format, config, tokenizer, length_setting, context)
-
-
 def tokenize_split(
     dataset: datasets.Dataset,
     data_format: DataFormat,
@@ -109,7 +89,11 @@ def tokenize_split(
     length_setting: str = "`data.max_seq_len`",
     context: int | None = None,
 ) -> tuple[list[Sample], TokenizedData]:
-    """`load_split` on records read and checked already (`data_sources.check_records`)."""
+    """Render and tokenize held-out records (`data_sources.load_heldout`), keeping the rendered samples for
+    exact-match scoring: those of the rows, in their order (a sample dropped from the loss is not scored).
+
+    `context` is the model's (None: not known), which caps how far `max_seq_len` can be raised.
+    """
     check_tokenizer(tokenizer, data_format)
     samples = [render(record, data_format, tokenizer, config.response_only) for record in dataset]
     tokenized = tokenize(samples, tokenizer, config.max_seq_len, length_setting, context)

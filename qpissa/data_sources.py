@@ -7,7 +7,6 @@ which works online and, offline (`HF_HUB_OFFLINE=1`), from what a previous downl
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
@@ -20,12 +19,11 @@ from qpissa.artifacts import content_suffix
 from qpissa.data_files import FOLDER_TYPES, LOADERS, check_file, check_folder, csv_as_text
 from qpissa.data_formats import KNOWN_ROLES, check_record, detect_format
 from qpissa.hub import is_hub_name
+from qpissa.recipe import DataSource
 from qpissa.settings import DataFormat
 
 if TYPE_CHECKING:
     import datasets
-
-    from qpissa.recipe import DataConfig, DataSource
 
 log = logging.getLogger(__name__)
 
@@ -100,32 +98,29 @@ def load_records(
     return _nonempty(_split(read, split, path, split_setting) if isinstance(read, dict) else read, path)
 
 
-def heldout_split(path: Path, split_setting: str) -> str:
-    """The split to evaluate on when none is named: validation, else test, else train (a file: train).
+def load_heldout(
+    path: Path,
+    split: str | None,
+    data_format: DataFormat | None,
+    split_setting: str,
+    format_setting: str | None = "data.format",
+) -> tuple[datasets.Dataset, DataFormat, str]:
+    """Held-out records checked as `load_source` checks them, their format, and the split they came from.
 
-    Training reads the train split by default; evaluating it too would measure fit, not held-out
-    loss, so a folder, `save_to_disk` directory or Hub dataset with a held-out split is evaluated on it.
+    Without `split`, the held-out one among the splits read: validation, else test, else train (a file is
+    its one split). Training reads the train split by default; evaluating it too would measure fit, not
+    held-out loss. Choosing among the splits read reads the data once and asks a Hub dataset once.
     """
-    return _heldout(_split_names(path), path, split_setting)
-
-
-def eval_split(data: DataConfig) -> str:
-    """The split of a recipe's `eval_path` to evaluate: `eval_split`, else its held-out one."""
-    return data.eval_split or heldout_split(data.eval_path, "data.eval_split")
-
-
-def load_eval_records(path: Path, split: str | None, split_setting: str) -> tuple[datasets.Dataset, str]:
-    """The records of `split`, or (None) of the held-out split as `heldout_split` picks it, and its name.
-
-    The held-out split is chosen among the splits read, so the data is read once and a Hub dataset is
-    asked once (`heldout_split` before reading asks it for its split names first).
-    """
-    if split is not None:
-        return load_records(path, split=split, split_setting=split_setting), split
-    read = _read(path, None)
-    names = list(read) if isinstance(read, dict) else ["train"]  # a DatasetDict, or one split
-    chosen = _heldout(names, path, split_setting)
-    return _nonempty(read[chosen] if isinstance(read, dict) else read, path), chosen
+    if split is None:
+        read = _read(path, None)
+        names = list(read) if isinstance(read, dict) else ["train"]  # a DatasetDict, or one split
+        split = _heldout(names, path, split_setting)
+        records = _nonempty(read[split] if isinstance(read, dict) else read, path)
+    else:
+        records = load_records(path, split=split, split_setting=split_setting)
+    source = DataSource(path, data_format, split=split)
+    records, data_format = check_records(records, source, format_setting=format_setting)
+    return records, data_format, split
 
 
 def _heldout(names: list[str], path: Path, split_setting: str) -> str:
@@ -137,34 +132,6 @@ def _heldout(names: list[str], path: Path, split_setting: str) -> str:
     if len(names) > 1:
         log.info("data %s: split %s (the held-out one; set %s to choose)", path, chosen, split_setting)
     return chosen
-
-
-def _split_names(path: Path) -> list[str]:
-    """A dataset's split names without reading its records (one, `train`, for a file or a saved Dataset;
-    a Hub dataset not at hand reads as `train`, and reading it later says why it is not)."""
-    import datasets
-    from datasets.data_files import get_data_patterns
-
-    if path.is_file():
-        return ["train"]
-    if path.is_dir():
-        if (path / "dataset_dict.json").is_file():
-            try:
-                return list(json.loads((path / "dataset_dict.json").read_text())["splits"])
-            except (OSError, ValueError, KeyError, TypeError):  # reading it says what is wrong
-                return ["train"]
-        if (path / "state.json").is_file():
-            return ["train"]
-        try:
-            return list(get_data_patterns(str(path)))
-        except Exception:  # no data file at all: reading it says so, with datasets' own message
-            return ["train"]
-    if not is_hub_name(path):
-        return ["train"]  # a missing file: reading it says so, without asking the Hub
-    try:
-        return datasets.get_dataset_split_names(str(path))
-    except Exception:
-        return ["train"]
 
 
 def _detected_format(dataset: datasets.Dataset, path: Path, format_setting: str | None) -> DataFormat:

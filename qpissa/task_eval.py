@@ -19,10 +19,10 @@ from qpissa import UserError
 from qpissa.artifacts import RUN_MARKER, read_run
 from qpissa.data import IGNORE_INDEX, collate, pad_token_id, tokenize_split
 from qpissa.data_formats import Sample
-from qpissa.data_sources import check_records, load_eval_records
+from qpissa.data_sources import load_heldout
 from qpissa.demo_task import final_answer
 from qpissa.loading import check_context, checked_source, load_model, load_tokenizer, model_context
-from qpissa.recipe import DataConfig, DataSource
+from qpissa.recipe import DataConfig
 from qpissa.runtime import resolve_runtime
 from qpissa.settings import DataFormat, EvalSettings, Metric
 
@@ -48,9 +48,8 @@ def evaluate(
     run_data = _run_data_config(source.run_dir)
     recorded = run_data["format"] if run_data else None
     data_format = settings.format or (DataFormat(recorded) if recorded else None)
-    records, split = load_eval_records(data_path, settings.split, "--split")
-    data_source = DataSource(data_path, data_format, split=split)  # no format: detected, as training does
-    records, data_format = check_records(records, data_source, format_setting="--format")
+    # no format given or recorded: detected, as training does
+    records, data_format, split = load_heldout(data_path, settings.split, data_format, "--split", "--format")
     if settings.metric is Metric.ACCURACY and data_format is DataFormat.TEXT:
         raise UserError("format text has no answers to match; use --metric loss or ppl")
     if settings.max_seq_len is not None:

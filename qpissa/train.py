@@ -33,9 +33,9 @@ from qpissa.artifacts import (
 from qpissa.chat_template import resolve_chat_template, save_chat_template
 from qpissa.checkpoint import write_json
 from qpissa.convert_settings import Method
-from qpissa.data import TokenizedData, collate, load_split, load_train, packing_collator, pad_token_id
+from qpissa.data import TokenizedData, collate, load_train, packing_collator, pad_token_id, tokenize_split
 from qpissa.data_formats import Sample
-from qpissa.data_sources import eval_split
+from qpissa.data_sources import load_heldout
 from qpissa.distributed import (
     check_fsdp,
     check_gpu_count,
@@ -261,14 +261,17 @@ def _load_eval(
 ) -> tuple[list[Sample], TokenizedData | None]:
     if config.data.eval_path is None:
         return [], None
-    split = eval_split(config.data)
-    trained = {(source.path.resolve(), source.split) for source in config.data.train_sources()}
-    if (config.data.eval_path.resolve(), split) in trained:
+    data = config.data
+    records, data_format, split = load_heldout(
+        data.eval_path, data.eval_split, data.eval_format(), "data.eval_split"
+    )
+    trained = {(source.path.resolve(), source.split) for source in data.train_sources()}
+    if (data.eval_path.resolve(), split) in trained:
         log.warning(
             "eval_path %s (split %s) is training data: its loss measures fit, not held-out loss; "
-            "evaluate on data the run does not train on", config.data.eval_path, split,
+            "evaluate on data the run does not train on", data.eval_path, split,
         )  # fmt: skip
-    return load_split(config.data.eval_path, config.data, tokenizer, split=split, context=context)
+    return tokenize_split(records, data_format, data, tokenizer, context=context)
 
 
 def _warn_learning_rate(config: TrainConfig, source: ModelSource) -> None:

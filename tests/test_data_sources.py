@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from qpissa import UserError
-from qpissa.data import IGNORE_INDEX, load_split, load_train, tokenize
+from qpissa.data import IGNORE_INDEX, load_train, tokenize, tokenize_split
 from qpissa.data_formats import detect_format, render
-from qpissa.data_sources import heldout_split, load_records, load_source
+from qpissa.data_sources import load_heldout, load_records, load_source
 from qpissa.recipe import DataConfig, DataSource
 from qpissa.settings import DataFormat
 
@@ -154,18 +154,23 @@ def test_evaluation_without_a_split_named_reads_the_held_out_one(tmp_path: Path)
         datasets.DatasetDict(parts).save_to_disk(str(tmp_path / name))
         return tmp_path / name
 
-    assert heldout_split(saved("tvt", ("train", "validation", "test")), "--split") == "validation"
-    assert heldout_split(saved("tt", ("train", "test")), "--split") == "test"
-    assert heldout_split(saved("t", ("train",)), "--split") == "train"
-    assert heldout_split(saved("other", ("dev_matched",)), "--split") == "dev_matched"
+    def heldout(path: Path) -> tuple[str, list]:
+        records, _, split = load_heldout(path, None, None, "--split")
+        return split, records["text"]
+
+    assert heldout(saved("tvt", ("train", "validation", "test"))) == ("validation", ["validation"])
+    assert heldout(saved("tt", ("train", "test"))) == ("test", ["test"])
+    assert heldout(saved("t", ("train",))) == ("train", ["train"])
+    assert heldout(saved("other", ("dev_matched",))) == ("dev_matched", ["dev_matched"])
     with pytest.raises(UserError, match="has splits a, b; set --split to one of them"):
-        heldout_split(saved("ab", ("a", "b")), "--split")
+        heldout(saved("ab", ("a", "b")))
     folder = tmp_path / "folder"
     folder.mkdir()
     _write_jsonl(folder / "train.jsonl", [{"text": "x"}])
     _write_jsonl(folder / "eval.jsonl", [{"text": "y"}])  # datasets names it the test split
-    assert heldout_split(folder, "--split") == "test"
-    assert heldout_split(folder / "train.jsonl", "--split") == "train"  # a file is its one split
+    assert heldout(folder) == ("test", ["y"])
+    assert heldout(folder / "train.jsonl") == ("train", ["x"])  # a file is its one split
+    assert load_heldout(folder, "train", None, "--split")[0]["text"] == ["x"]  # a split named is read
 
 
 def test_a_missing_data_file_is_not_looked_up_on_the_hub(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -173,8 +178,10 @@ def test_a_missing_data_file_is_not_looked_up_on_the_hub(monkeypatch: pytest.Mon
     import datasets
 
     asked: list[str] = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, *_, **__: asked.append(name))
     monkeypatch.setattr(datasets, "get_dataset_split_names", lambda name, *_, **__: asked.append(name) or [])
-    assert heldout_split(Path("nope.jsonl"), "--split") == "train"
+    with pytest.raises(UserError, match=r"dataset nope\.jsonl does not exist"):
+        load_heldout(Path("nope.jsonl"), None, None, "--split")
     with pytest.raises(UserError, match=r"dataset nope\.jsonl does not exist"):
         load_records(Path("nope.jsonl"))
     assert asked == []
@@ -229,7 +236,7 @@ def test_eval_data_is_read_in_the_format_every_source_names(tmp_path: Path, toke
     data = _write_jsonl(tmp_path / "both.jsonl", both)
     named = DataSource(data, DataFormat.PROMPT_COMPLETION)
     config = DataConfig(sources=[named, named], eval_path=data)
-    samples, _ = load_split(data, config, tokenizer)
+    samples, _ = _load_heldout(data, config, tokenizer)
     assert config.eval_format() is DataFormat.PROMPT_COMPLETION and samples[0].prompt == "2+2="
     mixed = DataConfig(sources=[named, DataSource(data, DataFormat.MESSAGES)], eval_path=data)
     assert mixed.eval_format() is None  # no one format to follow: detected, and said
@@ -333,3 +340,9 @@ def test_records_with_an_empty_answer_are_counted_in_a_warning(
             f"data {path}: 1 of 2 records have an empty answer; trained, they teach the model to answer "
             "nothing (only the end of turn is left to learn): fill or remove them"
         ]
+
+
+def _load_heldout(path: Path, config: DataConfig, tokenizer) -> tuple:
+    """What train does with its eval_path: the held-out records, rendered and tokenized."""
+    records, data_format, _ = load_heldout(path, None, config.eval_format(), "data.eval_split")
+    return tokenize_split(records, data_format, config, tokenizer)
