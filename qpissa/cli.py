@@ -215,7 +215,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from qpissa.export import export
 
-    report = export(args.run, args.out, from_namespace(ExportSettings, args), show_progress=not args.quiet)
+    settings = from_namespace(ExportSettings, args)
+    report = export(args.run, args.out, settings, overwrite=args.overwrite, show_progress=not args.quiet)
     print(export_summary(report, args.out))
 
 
@@ -330,6 +331,7 @@ def _build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="trained adapter -> merged 16-bit model or rank-2r LoRA")
     export.add_argument("run", type=Path, help="training run, checkpoint-N directory or QPiSSA directory")
     export.add_argument("out", type=Path, help="output directory (new, or empty)")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
     add_arguments(export, ExportSettings)
     export.set_defaults(handler=_cmd_export)
 

@@ -26,19 +26,22 @@ from qpissa.export_verify import verify_export
 from qpissa.loading import refuse_cpu_misdecoded
 from qpissa.memory import peak_rss_mb
 from qpissa.options import to_dict
-from qpissa.outputs import check_apart, finish_partial, lock_output, start_partial
+from qpissa.outputs import check_apart, check_replaceable, finish_partial, lock_output, start_partial
 from qpissa.runtime import auto_device, dtype_name
 from qpissa.settings import ExportKind, ExportSettings, OutputDtype
 from qpissa.stored import Adapter, Residual, read_adapter
 
 
-def export(run: Path, out_dir: Path, settings: ExportSettings, *, show_progress: bool = True) -> dict:
+def export(
+    run: Path, out_dir: Path, settings: ExportSettings, *, overwrite: bool = False, show_progress: bool = True
+) -> dict:
     """Export a trained (or freshly converted) QPiSSA model as a merged checkpoint or a LoRA for the original.
 
     Args:
         run: a training run, a `checkpoint-N` inside one, or a QPiSSA directory (its untrained adapter).
         out_dir: the directory to create; must not exist (or be empty).
         settings: kind of export, dtype, optional re-truncation rank, original model, verification.
+        overwrite: replace an earlier export in `out_dir` (and nothing else), once the new one is whole.
         show_progress: show a progress bar (only on a terminal).
 
     Returns:
@@ -84,8 +87,14 @@ def export(run: Path, out_dir: Path, settings: ExportSettings, *, show_progress:
         check_trained(source, trained)
     dtype = _resolve_dtype(settings, residual.reader.config)
     with lock_output(out_dir, "OUT"):
-        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-            raise UserError(f"output {out_dir} already exists; remove it or choose another OUT")
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UserError(f"OUT {out_dir} is a file; choose a directory path")
+        if out_dir.exists() and any(out_dir.iterdir()):
+            if not overwrite:
+                raise UserError(
+                    f"output {out_dir} already exists; pass --overwrite to replace it, or another OUT"
+                )
+            check_replaceable(out_dir, "OUT", (EXPORT_REPORT,), "an export made by qpissa export")
         partial = start_partial(out_dir, "OUT")
         try:
             report = _write(

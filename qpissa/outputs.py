@@ -33,7 +33,8 @@ def check_apart(output: Path, output_flag: str, inputs: dict[str, Path | None]) 
     Args:
         output: the directory the command will create, fill or replace.
         output_flag: how the user names it (`OUT`, `output_dir`), for the message.
-        inputs: how the user names each input (`MODEL`, `data.path`) -> its path (None: not given).
+        inputs: how the user names each input (`MODEL`, `data.path`; "" where it has no name of its own)
+            -> its path (None: not given).
 
     Raises:
         UserError: naming the first clash and what to do.
@@ -51,8 +52,9 @@ def check_apart(output: Path, output_flag: str, inputs: dict[str, Path | None]) 
             relation = "is inside"
         else:
             continue
+        named = f"{flag} {path}" if flag else str(path)
         raise UserError(
-            f"{output_flag} {output} {relation} the input {flag} {path}; writing there could delete or "
+            f"{output_flag} {output} {relation} the input {named}; writing there could delete or "
             f"change it: choose an {output_flag} outside every input"
         )
 

@@ -51,7 +51,7 @@ def create_report(inputs: list[Path], out_dir: Path, options: ReportOptions) -> 
             `out_dir` that is, contains or lies inside an input, or holds anything but a report; another
             process writing `out_dir`.
     """
-    labels = ["INPUT" if len(inputs) == 1 else f"INPUT #{index}" for index in range(1, len(inputs) + 1)]
+    labels = ["" if len(inputs) == 1 else f"#{index}" for index in range(1, len(inputs) + 1)]
     check_apart(out_dir, "--out", dict(zip(labels, inputs, strict=True)))
     summary = summarize(collect(inputs), options)
     with lock_output(out_dir, "--out"):

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qpissa import cli
-from qpissa.artifacts import RUN_MARKER, resolve_source
+from qpissa.artifacts import EXPORT_REPORT, RUN_MARKER, resolve_source
 from qpissa.checkpoint import CheckpointReader
 from qpissa.export_verify import decoder_inputs
 from qpissa.loading import load_model
@@ -308,7 +308,8 @@ def _report_names_missing_model(run: Path, qpissa_dir: Path, tmp_path: Path) -> 
         ("wrong_shapes", "does not fit"),
         ("missing_base", "is missing"),
         ("report_names_missing_model", "deleted_original"),
-        ("existing_out", "already exists"),
+        ("existing_out", "already exists; pass --overwrite to replace it"),
+        ("overwrite_other", "exists and is not an export made by qpissa export"),
         ("rank_with_merged", "--rank applies to --to lora only"),
         ("rank_above_2r", "above the exact rank"),
         ("shards_with_lora", "--shard-size-mb applies to --to merged only"),
@@ -333,9 +334,10 @@ def test_bad_input_is_one_line_exit_2_and_no_output(
         extra = ["--to", "lora", "--base", str(tmp_path / "nowhere")]
     elif case == "report_names_missing_model":
         run, extra = _report_names_missing_model(trained_run, qpissa_dir, tmp_path), ["--to", "lora"]
-    elif case == "existing_out":
+    elif case in ("existing_out", "overwrite_other"):
         out.mkdir()
         (out / "keep.txt").write_text("mine")
+        extra = ["--overwrite"] if case == "overwrite_other" else []
     elif case == "rank_with_merged":
         extra = ["--rank", "4"]
     elif case == "rank_above_2r":
@@ -347,7 +349,20 @@ def test_bad_input_is_one_line_exit_2_and_no_output(
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qpissa: error:")]
     assert len(errors) == 1 and expected in errors[0]
     assert not (tmp_path / "out.partial").exists()
-    if case == "existing_out":
+    if case in ("existing_out", "overwrite_other"):
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
     else:
         assert not out.exists()
+
+
+def test_overwrite_replaces_an_earlier_export_once_the_new_one_is_whole(trained_run: Path, tmp_path: Path):
+    out = tmp_path / "merged"
+    assert cli.main(["--quiet", "export", str(trained_run), str(out), "--dtype", "float32"]) == 0
+    first = json.loads((out / EXPORT_REPORT).read_text())
+    (out / "stale.txt").write_text("from the first export")
+    assert (
+        cli.main(["--quiet", "export", str(trained_run), str(out), "--dtype", "bfloat16", "--overwrite"]) == 0
+    )
+    second = json.loads((out / EXPORT_REPORT).read_text())
+    assert (first["dtype"], second["dtype"]) == ("float32", "bfloat16")
+    assert not (out / "stale.txt").exists() and not (tmp_path / "merged.partial").exists()

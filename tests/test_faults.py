@@ -564,7 +564,10 @@ CASES = [
     # report: never into an input or a directory of another kind
     Case("report", "an input that does not exist", lambda ws: _report(ws, "report", "qpissa", "nowhere"),
          r"nowhere does not exist \(check the path\)"),
-    Case("report", "--out is an input run", lambda ws: _report(ws, "run"), "--out .* is the input INPUT #2"),
+    Case("report", "--out is an input run", lambda ws: _report(ws, "run"),
+         "--out .* is the input #2 /.*/run;"),
+    Case("report", "--out is the one input", lambda ws: _report(ws, "run", "run"),
+         "--out .* is the input /.*/run;"),
     Case("report", "--out contains the inputs", lambda ws: _report(ws, "."), "contains the input"),
     Case("report", "--out is a directory of another kind", lambda ws: _report(ws, "other_run"),
          "is not a report directory \\(it holds",
