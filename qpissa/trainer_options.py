@@ -19,6 +19,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 from transformers.integrations import integration_utils
+from transformers.training_args import OptimizerNames
 from transformers.utils import is_liger_kernel_available
 
 from qpissa import UserError
@@ -85,6 +86,7 @@ def training_arguments(
         "ddp_find_unused_parameters": False,  # every adapter matrix takes part in each forward pass
     }
     values.update(extra)
+    _check_optimizer(values["optim"])
     if values.get("eval_strategy", "no") != "no" and config.data.eval_path is None:
         raise UserError("eval_strategy is set but data.eval_path is not; add held-out data or drop it")
     _check_best_metric(values.get("metric_for_best_model"))
@@ -98,6 +100,21 @@ def training_arguments(
         reason = " ".join(str(error).split())
         raise UserError(f"a Trainer option is invalid: {reason}; fix it in the recipe or overrides") from None
     return arguments
+
+
+def _check_optimizer(name: str) -> None:
+    """An optimizer transformers knows; else the closest names and `auto` (TrainingArguments' own error
+    lists all 40 names, and not `auto`, which is qpissa's)."""
+    known = [option.value for option in OptimizerNames]
+    if name in known:
+        return
+    close = [option for option in known if option.startswith(name)][:3]
+    close = close or difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}? or " if close else ""
+    raise UserError(
+        f"optim={name} is not an optimizer transformers knows; {hint}use auto (adamw_torch on a CPU, "
+        "paged_adamw_8bit on a GPU) or another name of transformers' OptimizerNames"
+    )
 
 
 def _build_optimizer_and_schedule(arguments: TrainingArguments) -> None:

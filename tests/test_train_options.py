@@ -39,7 +39,11 @@ def test_any_trainer_option_and_flag_overrides_reach_the_trainer(
     [
         (["--adam_beta2", "high"], "`adam_beta2` must be float"),
         (["--lr_scheduler_type", "sideways"], "a Trainer option is invalid"),
-        (["--optim", "sgdd"], "a Trainer option is invalid"),
+        (
+            ["--optim", "sgdd"],
+            "optim=sgdd is not an optimizer transformers knows; did you mean sgd? or use auto",
+        ),
+        (["optim=adamw"], "did you mean adamw_torch"),
         (["use_cpu=true"], "`use_cpu` is set by qpissa: set device: cpu instead"),
         (["--learning_rat", "1e-4"], "unknown setting `learning_rat`"),
         (["--max_stepz", "2"], "did you mean `max_steps`?"),
