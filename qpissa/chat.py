@@ -20,7 +20,7 @@ from qpissa import UserError
 from qpissa.chat_template import render_chat
 from qpissa.loading import checked_source, load_model, load_tokenizer, model_context
 from qpissa.runtime import auto_device, inference_dtype
-from qpissa.settings import ChatSettings, is_utf8
+from qpissa.settings import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ChatSettings, is_utf8
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -131,8 +131,8 @@ def generate_reply(
     config = copy.deepcopy(chat_model.model.generation_config)
     config.update(
         **_answer_length(config, prompt_length, budget), do_sample=not settings.greedy,
-        temperature=None if settings.greedy else settings.temperature,
-        top_p=None if settings.greedy else settings.top_p,
+        temperature=None if settings.greedy else settings.temperature or DEFAULT_TEMPERATURE,
+        top_p=None if settings.greedy else settings.top_p or DEFAULT_TOP_P,
         top_k=None if settings.greedy else 0, eos_token_id=chat_model.stop_ids,
         pad_token_id=pad,
     )  # fmt: skip

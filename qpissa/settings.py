@@ -50,6 +50,7 @@ DEMO_MODELS = {
     ),
 }
 SEED_LIMIT = 2**32  # seeds feed numpy's and torch's generators: 0 <= seed < 2**32
+DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.7, 0.9  # chat's sampling unless --temperature / --top-p say otherwise
 MIN_SEQ_LEN = 8  # tokens per sample, at least: a prompt and a response
 ADAPTER_HELP = (
     "apply the adapter; --no-adapter uses the base weights alone (of a QPiSSA directory: the NF4 "
@@ -193,9 +194,12 @@ class ChatSettings:
     greedy: bool = field(
         default=False, metadata={"help": "always pick the most likely token (deterministic)"}
     )
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (ignored with --greedy)"})
-    top_p: float = field(
-        default=0.9, metadata={"help": "nucleus sampling: smallest token set with this mass"}
+    temperature: float | None = field(
+        default=None, metadata={"help": f"sampling temperature (default: {DEFAULT_TEMPERATURE})"}
+    )
+    top_p: float | None = field(
+        default=None,
+        metadata={"help": f"nucleus sampling: smallest token set with this mass (default: {DEFAULT_TOP_P})"},
     )
     seed: int = field(default=0, metadata={"help": "seed of the sampler"})
     adapter: bool = field(default=True, metadata={"help": ADAPTER_HELP})
@@ -210,11 +214,14 @@ class ChatSettings:
                 problems.append(f"{flag} is not UTF-8 text; pass UTF-8 (or set a UTF-8 locale)")
         if self.max_new_tokens < 1:
             problems.append(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if not 0 < self.temperature < math.inf:
+        if self.greedy and (self.temperature is not None or self.top_p is not None):
+            problems.append("--greedy picks the most likely token, so --temperature and --top-p would be "
+                            "ignored; drop them, or --greedy to sample")  # fmt: skip
+        if self.temperature is not None and not 0 < self.temperature < math.inf:
             problems.append(
                 f"--temperature must be positive, got {self.temperature}; for a fixed answer use --greedy"
             )
-        if not 0 < self.top_p <= 1:
+        if self.top_p is not None and not 0 < self.top_p <= 1:
             problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.seed < SEED_LIMIT:
             problems.append(f"--seed must be in [0, 2**32), got {self.seed}")

@@ -148,7 +148,15 @@ def test_interactive_chat_ends_on_eof(qpissa_dir: Path):
 
 @pytest.mark.parametrize(
     ("options", "expected"),
-    [(["--temperature", "0"], "--temperature must be positive"), (["--top-p", "1.5"], "--top-p must be in")],
+    [
+        (["--temperature", "0"], "--temperature must be positive"),
+        (["--top-p", "1.5"], "--top-p must be in"),
+        (["--greedy", "--temperature", "1.2"], "--greedy picks the most likely token, so --temperature"),
+        (
+            ["--greedy", "--top-p", "0.5"],
+            "--greedy picks the most likely token, so --temperature and --top-p",
+        ),
+    ],
 )
 def test_bad_generation_options(qpissa_dir: Path, options: list[str], expected: str, capsys):
     assert cli.main(["--quiet", "chat", str(qpissa_dir), "--prompt", "hi", *options]) == 2
