@@ -57,6 +57,7 @@ def conversion_report(
         chosen = {key: getattr(value, "value", value) for key, value in settings.calibration.items()}
         report_settings["calibration"] = {
             **chosen, **calibration, "dtype": dtypes["dtype"], "products_dtype": dtypes["products"],
+            "fit_products_dtype": dtypes["fit_products"],
             "seed": settings.seed,
         }  # fmt: skip
     return {

@@ -38,7 +38,7 @@ from qpissa.console import counted
 from qpissa.conversion_report import conversion_report
 from qpissa.convert_calibrated import CalibrationRun, calibrate_layers, spooled
 from qpissa.convert_matrix import DecomposedMatrix, decompose_matrix, one_thread_per_matrix
-from qpissa.convert_settings import ConvertSettings
+from qpissa.convert_settings import ConvertSettings, Precision, SvdKind
 from qpissa.loading import check_context, load_tokenizer
 from qpissa.memory import available_memory_bytes
 from qpissa.methods import CalibratedFit, DecomposeSettings
@@ -139,9 +139,11 @@ def _convert(
         "sketch": dtype_name(decompose_settings.sketch_dtype),
     }  # fmt: skip
     if tokens is not None:  # what was drawn, and the dtypes of the forwards and of H's products chosen here
+        fit = decompose_settings.calibrated
         fingerprint["calibration"] = {
             "sha256": tokens.sha256, "dtype": dtype_name(calibration_dtype(device)),
             "products": dtype_name(statistics_dtype(device, settings.calibration["compensate"])),
+            "fit_products": dtype_name(fit.fit_products_dtype or decompose_settings.svd_dtype),
         }  # fmt: skip
     progress = convert_output.prepare_output(out_dir, fingerprint, resume=resume, overwrite=overwrite)
     if progress is None:  # --resume on a finished conversion with the same settings
@@ -242,14 +244,12 @@ def _convert_shard(
 
 def _decompose_settings(settings: ConvertSettings, device: torch.device) -> DecomposeSettings:
     """What `decompose` needs of the settings, resolved once for every matrix."""
-    calibration, fit = settings.calibration, None
-    if calibration is not None:  # the fits multiply by H in bf16 where H's own products are bf16
-        statistics = statistics_dtype(device, calibration["compensate"])
-        fit = CalibratedFit(
-            adapter_damping=calibration["damping"], scale_search=calibration["scale_search"],
-            compensate=calibration["compensate"], codes_damping=calibration["codes_damping"],
-            products_dtype=statistics if statistics == torch.bfloat16 else None,
-        )  # fmt: skip
+    calibration = settings.calibration
+    fit = None if calibration is None else CalibratedFit(
+        adapter_damping=calibration["damping"], scale_search=calibration["scale_search"],
+        compensate=calibration["compensate"], codes_damping=calibration["codes_damping"],
+        fit_products_dtype=_fit_products_dtype(settings, device),
+    )  # fmt: skip
     return DecomposeSettings(
         method=settings.method, rank=settings.rank, scale=settings.resolved_alpha / settings.rank,
         iters=settings.resolved_iters, svd=settings.svd, oversample=settings.oversample,
@@ -258,6 +258,18 @@ def _decompose_settings(settings: ConvertSettings, device: torch.device) -> Deco
         sketch_dtype=sketch_dtype(settings.sketch_dtype, settings.svd_dtype),
         blocksize=settings.blocksize, double_quant=settings.double_quant, calibrated=fit,
     )  # fmt: skip
+
+
+def _fit_products_dtype(settings: ConvertSettings, device: torch.device) -> torch.dtype | None:
+    """bf16 for the H-weighted fits' products with H where H's own products or the sketch are bf16; else
+    None (the weight's dtype), and always for an exact or float64 fit, which are asked for accuracy."""
+    if settings.svd is SvdKind.EXACT or settings.svd_dtype is not Precision.FLOAT32:
+        return None
+    chosen = (
+        statistics_dtype(device, settings.calibration["compensate"]),
+        sketch_dtype(settings.sketch_dtype, settings.svd_dtype),
+    )
+    return torch.bfloat16 if torch.bfloat16 in chosen else None
 
 
 def _calibration_tokens(reader: CheckpointReader, settings: ConvertSettings) -> CalibrationTokens | None:

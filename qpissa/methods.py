@@ -28,15 +28,15 @@ class CalibratedFit:
         scale_search: each NF4 block's scale searched for the least H-weighted rounding error.
         compensate: a last rounding pass with error compensation (GPTQ) before the final adapter fit.
         codes_damping: λ of the compensation's `damped(H, λ)`.
-        products_dtype: dtype of the adapter fits' products with H; None: the weight's. bf16 where the
-            statistics are (`runtime.statistics_dtype`) halved their time for the same held-out KL.
+        fit_products_dtype: dtype of the adapter fits' products with H; None: the weight's. bf16 (where
+            H's own products are bf16) halved their time for the same held-out KL.
     """
 
     adapter_damping: float
     scale_search: bool
     compensate: bool
     codes_damping: float
-    products_dtype: torch.dtype | None = None
+    fit_products_dtype: torch.dtype | None = None
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ def _calibrated(W: torch.Tensor, H: torch.Tensor, st: DecomposeSettings, generat
     cal = st.calibrated
     # float32 is enough: the damping bounds the condition number by ~in / λ; bf16 products only tilt the
     # subspace the factors are projected on (weighted_svd), so H is rounded once here where they are bf16
-    H_adapter = damped(H, cal.adapter_damping).to(cal.products_dtype or W.dtype)
+    H_adapter = damped(H, cal.adapter_damping).to(cal.fit_products_dtype or W.dtype)
     by_column = W.shape[1] % st.blocksize == 0  # blocks are runs of one row's columns
 
     def codes(T: torch.Tensor, final: bool, compensate: bool = False) -> NF4Weight:

@@ -14,9 +14,12 @@ import torch
 
 from qpissa.checkpoint import CheckpointReader
 from qpissa.cli import main
+from qpissa.convert import _decompose_settings
+from qpissa.convert_settings import ConvertSettings
 from qpissa.layer_stream import InputStatistics, first_layer_inputs, loaded_layer, open_stack, run_layer
 from qpissa.methods import output_error
 from qpissa.nf4 import dequantize_stored
+from qpissa.options import from_dict
 from qpissa.stored import read_adapter
 from qpissa.targets import resolve_targets
 
@@ -62,6 +65,7 @@ def test_report_records_the_calibration_and_both_errors(calibrated: Path, calib_
     assert len(record["sha256"]) == 64 and record["damping"] > 0 and record["seed"] == 0
     assert report["settings"]["power_iters"] == 2, "the report says which power iterations ran"
     assert record["products_dtype"] == record["dtype"], "H's products in the forward passes' dtype"
+    assert record["fit_products_dtype"] == record["products_dtype"], "the fits multiply by H likewise"
     assert all(layer["reduction_out"] is not None for layer in report["layers"])
     assert report["summary"]["avg_out"] > 0, (
         "calibrated codes and adapter must beat plain NF4 in output error"
@@ -340,3 +344,20 @@ def test_error_compensated_codes_sum_h_from_float32_products(
     assert main([*argv, "--calib", str(calib_text), *CALIB]) == 0
     record = json.loads((out / "qpissa_report.json").read_text())["settings"]["calibration"]
     assert record["compensate"] is True and record["products_dtype"] == "float32"
+    assert record["fit_products_dtype"] == "float32"
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"svd": "exact"}, None),
+        ({"svd_dtype": "float64"}, None),
+        ({"calib_compensate": True, "sketch_dtype": "bfloat16"}, torch.bfloat16),
+        ({"calib_compensate": True}, None),
+    ],
+)
+def test_fits_multiply_by_h_in_bf16_only_where_speed_was_asked_for(changes: dict, expected) -> None:
+    """An exact or float64 fit is asked for accuracy: its products with H stay in the weight's dtype."""
+    settings = from_dict(ConvertSettings, {"calib": "data.txt", **changes})
+    fit = _decompose_settings(settings, torch.device("cpu")).calibrated
+    assert fit.fit_products_dtype == expected
