@@ -1,17 +1,19 @@
 # Two entry points: `make demo` and `make test`. Both set up .venv first.
-# On a machine without an NVIDIA GPU, torch is pinned to the CPU build (no multi-GB CUDA download);
-# with a GPU, pip installs the normal CUDA build.
+# On a machine without an NVIDIA GPU, torch is pinned to 2.13.0, which pip takes as the CPU build where its
+# indexes offer one; PyPI's Linux x86-64 torch is the CUDA build (several GB), so on such a machine run
+# `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu`. With a GPU, pip installs the CUDA build.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
+TORCH_INDEX ?=
 DEMO ?= demo
 
 .PHONY: setup demo test test-unit lint
 
 $(BIN)/qpissa: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
