@@ -66,15 +66,20 @@ def _config(tmp: Path, qpissa_dir: Path, data_dir: Path, **changes) -> Path:
 
 def _launch(launcher: list[str], tmp: Path, *args: str) -> subprocess.CompletedProcess:
     """`qpissa --quiet ARGS` as 2 processes of `launcher`, watched for writes by the second one. Their
-    temporary files (the launcher's torchelastic_* logs) go to `tmp`/tmp, not to be left in /tmp."""
+    temporary files (the launcher's torchelastic_* logs) go to `_temporary(tmp)`, not to be left in /tmp,
+    and not under `tmp`, where a replica's temporary file would read as a write."""
     watcher = tmp / "watched_qpissa.py"
     watcher.write_text(WATCHER)
-    temporary = tmp / "tmp"
+    temporary = _temporary(tmp)
     temporary.mkdir(exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WATCHED": str(tmp), "OMP_NUM_THREADS": "1",
            "TMPDIR": str(temporary)}  # fmt: skip
     command = [*launcher, str(watcher), "--quiet", *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
+
+
+def _temporary(tmp: Path) -> Path:
+    return tmp.parent / f"{tmp.name}-tmp"
 
 
 def _torchrun() -> list[str]:
@@ -202,7 +207,7 @@ def test_a_mistyped_command_is_one_line_under_a_launcher(tmp_path: Path) -> None
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.startswith("qpissa:")]
     assert len(lines) == 1 and "invalid choice: 'trian'" in lines[0], done.stderr[-3000:]
-    assert list((tmp_path / "tmp").glob("torchelastic_*"))  # the launcher's logs: in the test's TMPDIR
+    assert list(_temporary(tmp_path).glob("torchelastic_*"))  # the launcher's logs: in the test's TMPDIR
 
 
 def test_ctrl_c_is_reported_by_the_main_process_only(
