@@ -214,9 +214,12 @@ class ChatSettings:
                 problems.append(f"{flag} is not UTF-8 text; pass UTF-8 (or set a UTF-8 locale)")
         if self.max_new_tokens < 1:
             problems.append(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.greedy and (self.temperature is not None or self.top_p is not None):
-            problems.append("--greedy picks the most likely token, so --temperature and --top-p would be "
-                            "ignored; drop them, or --greedy to sample")  # fmt: skip
+        sampling = [flag for flag, value in (("--temperature", self.temperature), ("--top-p", self.top_p))
+                    if value is not None]  # fmt: skip
+        if self.greedy and sampling:
+            them = "them" if len(sampling) > 1 else "it"
+            problems.append(f"--greedy picks the most likely token, so {' and '.join(sampling)} would be "
+                            f"ignored; drop {them}, or --greedy to sample")  # fmt: skip
         if self.temperature is not None and not 0 < self.temperature < math.inf:
             problems.append(
                 f"--temperature must be positive, got {self.temperature}; for a fixed answer use --greedy"
