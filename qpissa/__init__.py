@@ -40,7 +40,7 @@ bitsandbytes or datasets at module level.
     hub*               Hub names told from local paths; a Hub model id resolved to its local snapshot
     chat_template*     a run's own chat template: from a file or inline, saved with the run and adapter
     data_formats*      record formats, their detection, rendering records into (text, trained) segments
-    data_sources*      training records from files, folders, save_to_disk dirs, the Hub; mixtures
+    data_sources*      training and held-out records from files, folders, save_to_disk dirs, the Hub; mixtures
     data_files*        local data files checked before datasets reads them (types, JSON Lines, folders)
     data               tokenization with datasets.map and exact loss masks, mixing, the collators (packing)
     trainer_options    every TrainingArguments option in a recipe, checked, and the Trainer's arguments

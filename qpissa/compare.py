@@ -250,9 +250,9 @@ def _check_train_config(config_path: Path, out_dir: Path) -> None:
     check_apart(out_dir, "OUT", config.data_inputs())
     runtime = resolve_runtime(config.device, config.bf16, config.optim)
     training_arguments(config, runtime, out_dir / RUNS_DIR, show_progress=False)  # every Trainer option
-    for source in config.data.train_sources():
-        load_source(source)
     data = config.data
+    for source in data.train_sources():
+        load_source(source)
     if data.eval_path is not None:
         load_heldout(data.eval_path, data.eval_split, data.eval_format(), "data.eval_split")
 

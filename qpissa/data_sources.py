@@ -1,5 +1,5 @@
-"""Where training records come from: local files and folders, `save_to_disk` datasets, Hub datasets, and
-several of them mixed, each read with `datasets` so that nothing is held as Python lists.
+"""Where training and held-out records come from: local files and folders, `save_to_disk` datasets, Hub
+datasets, and several of them mixed, each read with `datasets` so that nothing is held as Python lists.
 
 A path that exists is read locally; any other `name` or `owner/name` goes to `datasets.load_dataset`,
 which works online and, offline (`HF_HUB_OFFLINE=1`), from what a previous download left in the cache.
@@ -51,10 +51,10 @@ def load_source(
         UserError: missing or unreadable data, unknown extension, no such split, or a bad record.
     """
     dataset = load_records(source.path, source.subset, source.split, split_setting)
-    return check_records(dataset, source, seed, format_setting)
+    return _check_records(dataset, source, seed, format_setting)
 
 
-def check_records(
+def _check_records(
     dataset: datasets.Dataset, source: DataSource, seed: int = 0, format_setting: str | None = "data.format"
 ) -> tuple[datasets.Dataset, DataFormat]:
     """`load_source` on records read already: the format picked, every record checked, `samples` drawn."""
@@ -110,6 +110,15 @@ def load_heldout(
     Without `split`, the held-out one among the splits read: validation, else test, else train (a file is
     its one split). Training reads the train split by default; evaluating it too would measure fit, not
     held-out loss. Choosing among the splits read reads the data once and asks a Hub dataset once.
+
+    Args:
+        path: a data file, folder, `save_to_disk` directory or Hub dataset name.
+        split: the split to read; None: the held-out one.
+        data_format: the records' format; None: detected from the first record (and said).
+        split_setting, format_setting: how the user sets each (`--split`, `data.eval_split`), for errors.
+
+    Raises:
+        UserError: as `load_records`, or a dataset with several splits and none of them held out.
     """
     if split is None:
         read = _read(path, None)
@@ -119,7 +128,7 @@ def load_heldout(
     else:
         records = load_records(path, split=split, split_setting=split_setting)
     source = DataSource(path, data_format, split=split)
-    records, data_format = check_records(records, source, format_setting=format_setting)
+    records, data_format = _check_records(records, source, format_setting=format_setting)
     return records, data_format, split
 
 

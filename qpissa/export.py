@@ -39,7 +39,7 @@ def export(
 
     Args:
         run: a training run, a `checkpoint-N` inside one, or a QPiSSA directory (its untrained adapter).
-        out_dir: the directory to create; must not exist (or be empty).
+        out_dir: the directory to create; must not exist (or be empty), unless `overwrite`.
         settings: kind of export, dtype, optional re-truncation rank, original model, verification.
         overwrite: replace an earlier export in `out_dir` (and nothing else), once the new one is whole.
         show_progress: show a progress bar (only on a terminal).
@@ -49,7 +49,8 @@ def export(
 
     Raises:
         UserError: no adapter, an adapter that does not fit the residual, a missing original model, an
-            `out_dir` that exists or lies inside (or around) an input, or another process writing it;
+            `out_dir` that exists (without `overwrite`, or is not an earlier export) or lies inside (or
+            around) an input, or another process writing it;
             raised before anything is written.
     """
     started = time.perf_counter()
@@ -92,7 +93,7 @@ def export(
         if out_dir.exists() and any(out_dir.iterdir()):
             if not overwrite:
                 raise UserError(
-                    f"output {out_dir} already exists; pass --overwrite to replace it, or another OUT"
+                    f"output {out_dir} already exists; pass --overwrite to replace it, or choose another OUT"
                 )
             check_replaceable(out_dir, "OUT", (EXPORT_REPORT,), "an export made by qpissa export")
         partial = start_partial(out_dir, "OUT")

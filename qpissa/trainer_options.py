@@ -110,7 +110,7 @@ def _check_optimizer(name: str) -> None:
         return
     close = [option for option in known if option.startswith(name)][:3]
     close = close or difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-    hint = f"did you mean {', '.join(close)}? or " if close else ""
+    hint = f"did you mean {', '.join(close)}? Otherwise " if close else ""
     raise UserError(
         f"optim={name} is not an optimizer transformers knows; {hint}use auto (adamw_torch on a CPU, "
         "paged_adamw_8bit on a GPU) or another name of transformers' OptimizerNames"

@@ -41,7 +41,7 @@ def test_any_trainer_option_and_flag_overrides_reach_the_trainer(
         (["--lr_scheduler_type", "sideways"], "a Trainer option is invalid"),
         (
             ["--optim", "sgdd"],
-            "optim=sgdd is not an optimizer transformers knows; did you mean sgd? or use auto",
+            "optim=sgdd is not an optimizer transformers knows; did you mean sgd? Otherwise use auto",
         ),
         (["optim=adamw"], "did you mean adamw_torch"),
         (["use_cpu=true"], "`use_cpu` is set by qpissa: set device: cpu instead"),
