@@ -67,7 +67,9 @@ def load_train(config: DataConfig, tokenizer: Any, seed: int, context: int | Non
             )
         )
     tokenized = datasets.concatenate_datasets(parts).shuffle(seed=seed) if len(parts) > 1 else parts[0]
-    kept = tokenized.filter(_has_target, input_columns="labels", desc="dropping cut samples")
+    kept = tokenized.filter(
+        _has_target, input_columns="labels", desc="finding samples without a response token"
+    )
     length = "`data.max_seq_len`"
     _check_kept(len(kept), len(tokenized) - len(kept), config.max_seq_len, length, "train on", context)
     cut = sum(kept["cut"])
@@ -113,7 +115,7 @@ def tokenize(
     `context` the model's positions, past which it cannot be raised (None: not known); for messages.
 
     Raises:
-        UserError: nothing is left to train on after dropping cut samples.
+        UserError: nothing is left after dropping the samples with no response token within `max_seq_len`.
     """
     encoded = [_encode(sample.segments, tokenizer, max_seq_len) for sample in samples]
     kept = [index for index, row in enumerate(encoded) if _has_target(row["labels"])]
