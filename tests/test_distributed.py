@@ -79,7 +79,7 @@ def _launch(launcher: list[str], tmp: Path, *args: str) -> subprocess.CompletedP
 
 
 def _temporary(tmp: Path) -> Path:
-    return tmp.parent / f"{tmp.name}-tmp"
+    return tmp.parent / f"tmp-{tmp.name}"  # not `tmp` + a suffix: the watcher compares path prefixes
 
 
 def _torchrun() -> list[str]:
