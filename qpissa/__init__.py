@@ -25,7 +25,7 @@ bitsandbytes or datasets at module level.
     svd                exact and randomized rank-r SVD (seeded, oversampled, warm-startable)
     methods            qpissa / loftq / qlora: one weight in, (Q, A, B) out, data-free or under H
     architecture       the model transformers builds for a checkpoint; where its matrices land in it
-    targets            which Linear layers of a checkpoint get decomposed; what stays 16-bit, and why
+    targets            which Linear layers of a checkpoint get decomposed; what stays unquantized, and why
     weight_error       per-matrix weight-space error against QLoRA and its per-type means (the paper's)
     roles*             the report row of each target: one role each (GPT-2's attn.c_proj, mlp.c_proj)
     convert            `qpissa convert`: the streaming conversion and its worker pipeline

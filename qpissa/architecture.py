@@ -6,7 +6,7 @@ which class transformers builds for its config (the one in `architectures`, so a
 that bitsandbytes replaces by `Linear4bit` (plain `nn.Linear`, and GPT-2's `Conv1D`, whose weight is
 stored transposed as `[in, out]`); under which name each is stored and under which the model holds it
 (transformers renames and merges tensors at load: a base-model prefix, Mixtral's `block_sparse_moe`);
-and which matrices stay 16-bit whatever the targets (MoE experts merged into 3-D parameters at load,
+and which matrices stay unquantized whatever the targets (MoE experts merged into 3-D parameters at load,
 routers, layers the model keeps in float32), and which tensors of any shape the model does not load. The
 model is built on the meta device: no weight is read.
 """
@@ -34,13 +34,14 @@ _AUTO_CLASSES = {
     "AutoModelForTokenClassification": ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "TOKEN_CLS"),
     "AutoModelForQuestionAnswering": ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "QUESTION_ANS"),
 }
-# why a matrix stays 16-bit whatever --targets says (qpissa_report.json's `kept_16bit`, convert's summary)
+# why a matrix stays unquantized whatever --targets says (qpissa_report.json's `kept_unquantized`, convert's
+# summary)
 KEPT_EXPERTS = (
     "MoE expert weights: transformers merges them into 3-D parameters at load, which bitsandbytes cannot "
     "hold in 4 bits"
 )
 KEPT_NOT_LINEAR = (
-    "matrices the model holds outside a Linear layer (e.g. a router), which bitsandbytes keeps 16-bit"
+    "matrices the model holds outside a Linear layer (e.g. a router), which bitsandbytes does not quantize"
 )
 KEPT_UNUSED = (
     "tensors the model does not load (neither a parameter nor a saved buffer of it): copied to the output "
@@ -77,7 +78,7 @@ class Architecture:
         task_type: PEFT's task type for an adapter on it, or None.
         linears: checkpoint module name (its weight is `<name>.weight`) -> the layer.
         output: checkpoint module name of the output layer (`lm_head`), never a target, or None.
-        kept: reason -> checkpoint tensor names of matrices that stay 16-bit whatever the targets, and
+        kept: reason -> checkpoint tensor names of matrices that stay unquantized whatever the targets, and
             of tensors of any shape the model does not load.
         renamed: `{checkpoint name: model name}` of every stored tensor that transformers renames or
             merges at load.
@@ -203,7 +204,7 @@ def _is_linear(module: torch.nn.Module) -> bool:
 def _kept_reason(
     module: torch.nn.Module, leaf: str, merged: bool, keep_fp32: list[str], module_path: str
 ) -> str | None:
-    """Why a stored matrix of `module` stays 16-bit whatever the targets; None for a Linear layer's
+    """Why a stored matrix of `module` stays unquantized whatever the targets; None for a Linear layer's
     weight (a candidate target) and for embeddings (16-bit by design, like every quantizer keeps them)."""
     if merged or "experts" in type(module).__name__.lower():
         return KEPT_EXPERTS

@@ -53,13 +53,13 @@ def summary_table(report: dict) -> str:
 
 
 def convert_summary(report: dict, out_dir: Path) -> str:
-    """The error table, a line per reason matrices stayed 16-bit, then one line: matrices, time, device,
+    """The error table, a line per reason matrices stayed unquantized, then one line: matrices, time, device,
     workers, metric time, peak memory."""
     settings, summary = report["settings"], report["summary"]
     kept = [
-        f"kept 16-bit, not adapted: {len(entry['tensors'])} tensors ({entry['params']:,} parameters, e.g. "
-        f"{entry['tensors'][0]}): {entry['reason']}"
-        for entry in report.get("kept_16bit", [])
+        f"kept unquantized, not adapted: {len(entry['tensors'])} tensors ({entry['params']:,} parameters, "
+        f"e.g. {entry['tensors'][0]}): {entry['reason']}"
+        for entry in report.get("kept_unquantized", [])
     ]
     return (
         "\n".join([summary_table(report), *kept])

@@ -41,7 +41,7 @@ def conversion_report(
         architecture: the checkpoint's model, if built already.
 
     Returns:
-        fingerprint, settings (resolved: iters, alpha, device, dtypes, versions), layers, kept_16bit,
+        fingerprint, settings (resolved: iters, alpha, device, dtypes, versions), layers, kept_unquantized,
         summary.
     """
     layers = [layer for entry in progress["shards"] for layer in entry["layers"]]
@@ -64,7 +64,7 @@ def conversion_report(
         "fingerprint": progress["fingerprint"],
         "settings": report_settings,
         "layers": layers,
-        "kept_16bit": kept_matrices(reader, architecture),  # what stays 16-bit whatever the targets, and why
+        "kept_unquantized": kept_matrices(reader, architecture),  # what stays unquantized, and why
         "summary": _summary(layers, progress["seconds"], device),
     }
 

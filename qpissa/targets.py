@@ -1,6 +1,6 @@
 """Which matrices of a checkpoint get decomposed: `--targets` resolved against the checkpoint's own
 tensor names and the model transformers builds for its config (`architecture.py`), checked before
-anything is written; and which matrices stay 16-bit whatever the targets, said rather than skipped."""
+anything is written; and which matrices stay unquantized whatever the targets, said rather than skipped."""
 
 from __future__ import annotations
 
@@ -75,8 +75,8 @@ def resolve_targets(spec: str, reader: CheckpointReader, rank: int) -> list[str]
 
 
 def kept_matrices(reader: CheckpointReader, architecture: Architecture | None = None) -> list[dict]:
-    """Matrices that stay 16-bit whatever the targets, and tensors of any shape the model does not load
-    (copied unchanged), one entry per reason (qpissa_report.json's `kept_16bit`): `{"reason", "tensors":
+    """Matrices that stay unquantized whatever the targets, and tensors of any shape the model does not load
+    (copied unchanged), one entry per reason (qpissa_report.json's `kept_unquantized`): `{"reason", "tensors":
     [checkpoint names], "params": total elements}`. Norms and biases the model loads are not listed."""
     kept = (architecture or read_architecture(reader)).kept
     return [
@@ -156,7 +156,7 @@ def _match(spec: str, architecture: Architecture) -> list[str]:
     if output is not None and any(_matches(alias, w) for alias in names[output] for w in wanted):
         raise UserError(
             f"--targets includes the output layer {output}; it is often tied to the embeddings and "
-            "is kept in 16-bit: leave it out"
+            "is not quantized: leave it out"
         )
     targets = [
         name for name, aliases in names.items() if any(_matches(a, w) for a in aliases for w in wanted)
@@ -172,8 +172,8 @@ def _unmatched(unmatched: list[str], architecture: Architecture) -> str:
         kept = [w for w in unmatched if any(_matches(t.removesuffix(".weight"), w) for t in tensors)]
         if kept:
             return (
-                f"--targets {','.join(kept)} names matrices that stay 16-bit in this {architecture.name} "
-                f"({reason}); leave them out of --targets"
+                f"--targets {','.join(kept)} names matrices that stay unquantized in this "
+                f"{architecture.name} ({reason}); leave them out of --targets"
             )
     types = sorted({module_type(name) for name in architecture.linears if name != architecture.output})
     return (

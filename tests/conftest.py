@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from qpissa.data import tokenize_split
+from qpissa.data_sources import load_heldout
 from qpissa.models import make_tiny_model
 
 
@@ -104,3 +106,15 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         records = [{"completion": f" {(i + offset) % 10}", "prompt": f"{i + offset}%10="} for i in range(16)]
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return out
+
+
+@pytest.fixture
+def load_eval():
+    """What train does with its eval_path: `load_eval(path, data_config, tokenizer)` -> the held-out
+    records' rendered samples and their tokenized rows."""
+
+    def load(path: Path, config, tokenizer) -> tuple:
+        records, data_format, _ = load_heldout(path, None, config.eval_format(), "data.eval_split")
+        return tokenize_split(records, data_format, config, tokenizer)
+
+    return load

@@ -229,15 +229,16 @@ def test_moe_experts_stay_16bit_and_are_said_so(
     model = make_family_model("mixtral", tmp_path / "model", char_tokenizer)
     assert cli.main(["convert", str(model), str(tmp_path / "qpissa"), "--rank", "4", "--iters", "1"]) == 0
     summary = capsys.readouterr().out
-    assert "kept 16-bit, not adapted: 24 tensors (196,608 parameters" in summary and "MoE expert" in summary
-    kept = json.loads((tmp_path / "qpissa" / "qpissa_report.json").read_text())["kept_16bit"]
+    assert "kept unquantized, not adapted: 24 tensors (196,608 parameters" in summary
+    assert "MoE expert" in summary
+    kept = json.loads((tmp_path / "qpissa" / "qpissa_report.json").read_text())["kept_unquantized"]
     experts = next(entry for entry in kept if entry["reason"].startswith("MoE expert"))
     assert len(experts["tensors"]) == 2 * 4 * 3 and experts["params"] == 2 * 4 * 3 * 64 * 128
     assert all(".experts." in name for name in experts["tensors"])
     routers = next(entry for entry in kept if "router" in entry["reason"])
     assert routers["tensors"] == [f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(2)]
     error = _fails(capsys, tmp_path / "out", model, "--targets", "q_proj,w1")
-    assert "w1" in error and "stay 16-bit" in error and "MoE expert" in error
+    assert "w1" in error and "stay unquantized" in error and "MoE expert" in error
 
 
 def test_tensors_no_module_holds_are_said_unused_and_copied(
@@ -260,9 +261,9 @@ def test_tensors_no_module_holds_are_said_unused_and_copied(
     save_file({**tensors, **extra}, weights, {"format": "pt"})
     assert cli.main(["convert", str(model), str(tmp_path / "qpissa"), "--rank", "4", "--iters", "1"]) == 0
     summary = capsys.readouterr().out
-    assert "kept 16-bit, not adapted: 3 tensors (12,296 parameters" in summary
+    assert "kept unquantized, not adapted: 3 tensors (12,296 parameters" in summary
     assert "the model does not load" in summary and "router" not in summary
-    kept = json.loads((tmp_path / "qpissa" / "qpissa_report.json").read_text())["kept_16bit"]
+    kept = json.loads((tmp_path / "qpissa" / "qpissa_report.json").read_text())["kept_unquantized"]
     assert [entry["tensors"] for entry in kept] == [sorted(extra)]
     assert "copied to the output unchanged" in kept[0]["reason"]
     output = {}

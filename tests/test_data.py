@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from qpissa import UserError
-from qpissa.data import IGNORE_INDEX, collate, load_train, packing_collator, tokenize, tokenize_split
+from qpissa.data import IGNORE_INDEX, collate, load_train, packing_collator, tokenize
 from qpissa.data_formats import Sample, check_tokenizer, render
-from qpissa.data_sources import load_heldout, load_source
+from qpissa.data_sources import load_source
 from qpissa.recipe import DataConfig, DataSource
 from qpissa.settings import DataFormat
 
@@ -134,7 +134,7 @@ def test_packing_lays_samples_end_to_end_with_restarting_positions() -> None:
 
 
 @pytest.mark.parametrize("suffix", ["jsonl", "json", "csv", "parquet", "arrow", "disk"])
-def test_every_file_kind_loads(tmp_path: Path, tokenizer, suffix: str) -> None:
+def test_every_file_kind_loads(tmp_path: Path, tokenizer, suffix: str, load_eval) -> None:
     import datasets
 
     records = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(3)]
@@ -145,7 +145,7 @@ def test_every_file_kind_loads(tmp_path: Path, tokenizer, suffix: str) -> None:
      "arrow": lambda: _write_arrow(dataset, path),
      "disk": lambda: dataset.save_to_disk(str(path))}[suffix]()  # fmt: skip
     config = DataConfig(path=path, format=DataFormat.PROMPT_COMPLETION, max_seq_len=32)
-    samples, data = _load_heldout(path, config, tokenizer)
+    samples, data = load_eval(path, config, tokenizer)
     assert [s.response for s in samples] == ["c0", "c1", "c2"] and len(data.rows) == 3
 
 
@@ -233,14 +233,14 @@ def test_collate_pads_right_and_masks_padding() -> None:
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
-def test_held_out_samples_are_those_of_the_rows(tokenizer, tmp_path: Path) -> None:
+def test_held_out_samples_are_those_of_the_rows(tokenizer, tmp_path: Path, load_eval) -> None:
     """A sample dropped from the loss (no response token within max_seq_len) is not scored by exact
     match either, and the rows and samples stay aligned for --max-samples."""
     records = [{"prompt": "ab", "completion": "c"}, {"prompt": "x" * 40, "completion": "y"},
                {"prompt": "de", "completion": "f"}]  # fmt: skip
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     config = DataConfig(path=tmp_path / "eval.jsonl", max_seq_len=16)
-    samples, data = _load_heldout(tmp_path / "eval.jsonl", config, tokenizer)
+    samples, data = load_eval(tmp_path / "eval.jsonl", config, tokenizer)
     assert data.dropped == 1 and len(samples) == len(data.rows) == 2
     assert [sample.segments[-1][0] for sample in samples] == [
         "c" + tokenizer.eos_token,
@@ -263,9 +263,3 @@ def test_cut_training_samples_are_not_advised_past_the_models_context(
         assert message.endswith("without the end of turn" + (advice + " them whole" if advice else "")), (
             message
         )
-
-
-def _load_heldout(path: Path, config: DataConfig, tokenizer) -> tuple:
-    """What train does with its eval_path: the held-out records, rendered and tokenized."""
-    records, data_format, _ = load_heldout(path, None, config.eval_format(), "data.eval_split")
-    return tokenize_split(records, data_format, config, tokenizer)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from qpissa import UserError
-from qpissa.data import IGNORE_INDEX, load_train, tokenize, tokenize_split
+from qpissa.data import IGNORE_INDEX, load_train, tokenize
 from qpissa.data_formats import detect_format, render
 from qpissa.data_sources import load_heldout, load_records, load_source
 from qpissa.recipe import DataConfig, DataSource
@@ -228,7 +228,7 @@ def test_sources_mix_with_counts_and_fractions_seeded(tmp_path: Path, tokenizer)
         load_train(DataConfig(sources=[DataSource(first, samples=11)]), tokenizer, seed=1)
 
 
-def test_eval_data_is_read_in_the_format_every_source_names(tmp_path: Path, tokenizer) -> None:
+def test_eval_data_is_read_in_the_format_every_source_names(tmp_path: Path, tokenizer, load_eval) -> None:
     """Records that fit two formats (as the demo task's do) are scored as they were trained, not in the
     format detection would pick (messages, rendered with the chat template)."""
     both = [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
@@ -236,7 +236,7 @@ def test_eval_data_is_read_in_the_format_every_source_names(tmp_path: Path, toke
     data = _write_jsonl(tmp_path / "both.jsonl", both)
     named = DataSource(data, DataFormat.PROMPT_COMPLETION)
     config = DataConfig(sources=[named, named], eval_path=data)
-    samples, _ = _load_heldout(data, config, tokenizer)
+    samples, _ = load_eval(data, config, tokenizer)
     assert config.eval_format() is DataFormat.PROMPT_COMPLETION and samples[0].prompt == "2+2="
     mixed = DataConfig(sources=[named, DataSource(data, DataFormat.MESSAGES)], eval_path=data)
     assert mixed.eval_format() is None  # no one format to follow: detected, and said
@@ -340,9 +340,3 @@ def test_records_with_an_empty_answer_are_counted_in_a_warning(
             f"data {path}: 1 of 2 records have an empty answer; trained, they teach the model to answer "
             "nothing (only the end of turn is left to learn): fill or remove them"
         ]
-
-
-def _load_heldout(path: Path, config: DataConfig, tokenizer) -> tuple:
-    """What train does with its eval_path: the held-out records, rendered and tokenized."""
-    records, data_format, _ = load_heldout(path, None, config.eval_format(), "data.eval_split")
-    return tokenize_split(records, data_format, config, tokenizer)
