@@ -145,6 +145,9 @@ def hide_library_progress_bars() -> None:
     """`--quiet`: hide the libraries' own bars too (transformers' "Loading weights", datasets' file
     reading), in this process and in the fresh processes it starts (`runtime.in_fresh_process`)."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by transformers at import
+    # tqdm's own default, read when tqdm is imported (hence not before this): also hides the bars of a
+    # library that has no switch of its own (transformers' GGUF reader in fetch-model)
+    os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read by datasets at import
     if "transformers" in sys.modules:  # imported already: its switch is read at each bar
         sys.modules["transformers"].utils.logging.disable_progress_bar()

@@ -18,8 +18,6 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
-from tqdm.contrib.logging import logging_redirect_tqdm
-
 from qpissa import (
     LOG_FORMAT,
     UserError,
@@ -94,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     if not is_main_process():  # another process of a launcher: its notes and warnings are the main one's
         level = logging.ERROR
     logging.basicConfig(level=level, format=LOG_FORMAT)
+    from tqdm.contrib.logging import logging_redirect_tqdm  # after hide_library_progress_bars: see there
+
     try:
         # a log line printed above the progress bars, not appended to one's line
         with logging_redirect_tqdm() if bars else contextlib.nullcontext():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,27 @@ def test_version(capsys: pytest.CaptureFixture) -> None:
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("qpissa ")
+
+
+def test_a_log_gets_no_bar_from_a_library_without_a_switch(tmp_path: Path) -> None:
+    """transformers' GGUF reader (what fetch-model runs) draws a plain tqdm bar that no switch of
+    transformers hides; with stderr redirected (a fresh process's, as a user's shell) no bar lands in it."""
+    program = """
+import sys, types
+from qpissa import cli
+assert "tqdm" not in sys.modules, "tqdm was imported before the CLI chose whether to show bars"
+
+def fetch_demo_model(name, out):  # what the GGUF reader does: a bar of tqdm, imported as the command runs
+    from tqdm.auto import tqdm
+    for _ in tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+        pass
+    return out
+
+sys.modules["qpissa.models"] = types.SimpleNamespace(fetch_demo_model=fetch_demo_model)
+sys.exit(cli.main(["fetch-model", "smollm2-135m", sys.argv[1]]))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", program, str(tmp_path / "model")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "GGUF" not in done.stderr and "%|" not in done.stderr, done.stderr
