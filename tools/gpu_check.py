@@ -21,7 +21,7 @@ the download below was checked to resolve):
     echo /.whl/ >> .git/info/exclude; echo /.gpu/ >> .git/info/exclude
     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl bitsandbytes==0.50.2 transformers==5.24.0 peft==0.21.2 datasets==5.2.0 dill==0.4.1 \
+        -d .whl bitsandbytes==0.50.2 transformers==5.25.0 peft==0.21.2 datasets==5.2.0 dill==0.4.1 \
         multiprocess==0.70.19
     mkdir -p .gpu && cp demo/smollm2-135m/{config.json,tokenizer.json,tokenizer_config.json,chat_template.jinja} .gpu/
     # run with carry [".whl", ".gpu"], timeout 560 s:
