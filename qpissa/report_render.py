@@ -49,7 +49,7 @@ def verdict(summary: dict, tail_steps: int) -> list[str]:
             )
     fid = summary["fidelity"]
     if fid:
-        kls = ", ".join(f"{k} {v['kl']:.3g}" for k, v in fid.items())
+        kls = ", ".join(f"{k} {v['kl']:#.3g}" for k, v in fid.items())
         agree = ", ".join(f"{k} {100 * v['top1']:.1f} %" for k, v in fid.items())
         lines.append(f"Mean token KL to the original model before training: {kls}; top-1 agreement: {agree}.")
     train = summary["training"]
@@ -180,7 +180,7 @@ def _overview(summary: dict) -> Table:
                 _num(q.get("iters"), "{}"),
                 _num(q.get("avg") if metric == "nuclear" else q.get("avg_fro"), "{:.2f}"),
                 _num(q.get("avg_out"), "{:.2f}"),
-                _num(f and f["kl"], "{:.4g}"),
+                _num(f and f["kl"], "{:#.4g}"),
                 _num(f and 100 * f["top1"], "{:.1f}"),
                 f"{f['ppl_original']:.2f} → {f['ppl_model']:.2f}" if f else "–",
                 _num(t and t["final_loss"], "{:.4f}"),
