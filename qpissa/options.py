@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str
         flag = "--" + field.name.replace("_", "-")
         help_text = field.metadata.get("help", "")
         default = field.default if field.default is not dataclasses.MISSING else None
-        if default is not None and kind is not bool:  # BooleanOptionalAction shows its own default
+        if default is not None:  # Python >= 3.11's BooleanOptionalAction no longer adds its own
             help_text += " (default: %(default)s)"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)

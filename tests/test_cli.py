@@ -32,6 +32,14 @@ def test_each_subcommand_has_help(command: str, capsys: pytest.CaptureFixture) -
     assert "usage: qpissa " + command in capsys.readouterr().out
 
 
+def test_help_says_the_default_of_on_off_flags(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "quantize the absmax values too (QLoRA default) (default: True)" in text
+    assert "--calib-compensate, --no-calib-compensate error-compensated" in text  # None: chosen per method
+
+
 @pytest.mark.parametrize(
     ("command", "module", "continue_with"),
     [("export", "qpissa.export", "; then rerun the same command"),
