@@ -7,7 +7,7 @@ bitsandbytes or datasets at module level.
     __init__*          UserError, __version__, the Python API (loaded on first use), hiding library notes
     cli*               the `qpissa` command: argparse and one short handler per subcommand
     __main__*          `python -m qpissa` (and `accelerate launch -m qpissa`): the same command
-    settings*          the settings dataclasses of train's helpers, eval, export, chat, report
+    settings*          eval, export, chat, report and fidelity settings; shared choices; the demo models
     convert_settings*  convert's and compare's settings and their closed choices (method, SVD, ...)
     options*           settings dataclasses <-> argparse flags, YAML data and key=value overrides
     recipe*            the training recipe: TrainConfig, DataConfig, DataSource, load_config

@@ -119,9 +119,8 @@ class ConvertSettings:
         default=SketchDtype.AUTO,
         metadata={
             "help": "randomized SVD: precision of the range finder's products (auto: --svd-dtype); the "
-            "factors are projected from the matrix in --svd-dtype. bfloat16 is faster on CPUs with AMX "
-            "and on bf16 GPUs (at most 12 %% less time measured) but cost 6 %% of the held-out KL on the "
-            "demo model"
+            "factors are projected from the matrix in --svd-dtype. bfloat16 can be faster on CPUs with AMX "
+            "and on bf16 GPUs, but on the demo model it saved no time and cost 6 %% of the held-out KL"
         },
     )
     targets: str = field(

@@ -67,7 +67,8 @@ def sketch_dtype(choice: SketchDtype, svd_dtype: Precision) -> torch.dtype:
     """Dtype of the randomized range finder's products: the SVD's unless asked otherwise (auto).
 
     Not bf16 by default even where the hardware multiplies it natively: on the demo model a bf16 sketch
-    saved at most 12 % of the conversion time and raised the held-out KL by 6 % (BENCHMARKS.md).
+    saved no measurable time (at most 12 % in a one-thread measurement) and raised the held-out KL by 6 %
+    (BENCHMARKS.md).
     """
     return getattr(torch, (svd_dtype if choice is SketchDtype.AUTO else choice).value)
 

@@ -1,4 +1,5 @@
-"""Every command's settings and every closed choice, torch-free so that `qpissa --help` stays instant.
+"""The settings and closed choices of every command but convert and compare's conversions
+(`convert_settings.py`), and the demo models; torch-free so that `qpissa --help` stays instant.
 
 Each field is a flag of its command (`options.add_arguments`); `__post_init__` checks the values and
 combinations and names the flag to change. The training recipe is apart, in `recipe.py`.
