@@ -103,6 +103,9 @@ def check_folder(path: Path) -> list[Path]:
             "only those are); name every file after its split (train, validation, test), or give it as a "
             "data source of its own"
         )
+    for file in data_files:
+        if content_suffix(file) == ".json" and file.suffix.lower() == ".json" and _opening(file) not in "[{":
+            _refuse_json_value(file, read_text(file, "dataset", "check the path"))
     kinds: dict[str, list[str]] = {}
     for file in data_files:
         kinds.setdefault(FOLDER_TYPES[content_suffix(file)], []).append(str(file.relative_to(path)))
@@ -134,8 +137,12 @@ def csv_as_text(path: Path) -> datasets.Features | None:
 def _records_field(path: Path, text: str) -> dict[str, str]:
     """A JSON file that wraps its records in an object (`{"data": [{...}, ...]}`) is read from that field;
     datasets would read the object as one record that fits no format."""
-    if not text.lstrip().startswith("{"):
-        return {}  # a list of records (or JSON Lines under .json): read as it is, nothing parsed twice
+    start = text.lstrip()[:1]
+    if start == "[":
+        return {}  # a list of records: read as it is, nothing parsed twice
+    if start != "{":  # a lone JSON value (datasets' reader crashes the process on `null`)
+        _refuse_json_value(path, text)
+        return {}  # not JSON at all: datasets names the problem
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -154,6 +161,25 @@ def _records_field(path: Path, text: str) -> dict[str, str]:
         return {}  # no list of records: reading it says which fields it has
     log.debug("data %s: records read from its %r field", path, lists[0])
     return {"field": lists[0]}
+
+
+def _opening(path: Path) -> str:
+    """The first character of a text file that is not white space ("" when there is none)."""
+    with path.open("rb") as f:
+        head = f.read(4096).decode("utf-8", errors="replace").lstrip()
+    return head[:1]
+
+
+def _refuse_json_value(path: Path, text: str) -> None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    kind = {type(None): "null", bool: "boolean", str: "string"}.get(type(value), "number")
+    raise UserError(
+        f"dataset {path} holds a JSON {kind}, not records; write a list of records ([{{...}}, ...]) or "
+        "JSON Lines (one record per line)"
+    )
 
 
 def _some(names: list[str]) -> str:

@@ -107,6 +107,11 @@ def check_record(record: dict[str, Any], data_format: DataFormat, where: str) ->
                 f"{where}: the last turn must be the assistant's (it is what the model learns), not "
                 f"{messages[-1]['role']!r}'s; end each conversation with the assistant's answer"
             )
+        if messages[0]["role"] == "assistant":  # a chat template renders no prompt before it
+            raise UserError(
+                f"{where}: the conversation opens with the assistant's turn; add the user's turn (or a "
+                "system prompt) it answers before it"
+            )
         empty = any(turn["role"] == "assistant" and not turn["content"].strip() for turn in messages)
         return CheckedRecord(frozenset(message["role"] for message in messages), empty)
     for name in REQUIRED_FIELDS[data_format]:

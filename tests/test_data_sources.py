@@ -86,6 +86,21 @@ def test_undetectable_and_bad_chat_records_are_named(tmp_path: Path) -> None:
     }
     with pytest.raises(UserError, match="`completion` needs an assistant turn"):
         load_source(DataSource(_write_jsonl(tmp_path / "c.jsonl", [no_answer])))
+    for opening in [{"messages": [{"role": "assistant", "content": "x"}]},
+                    {"conversations": [{"from": "gpt", "value": "x"}]}]:  # fmt: skip
+        with pytest.raises(UserError, match="record 0: the conversation opens with the assistant's turn"):
+            load_source(DataSource(_write_jsonl(tmp_path / "a.jsonl", [opening])))
+
+
+@pytest.mark.parametrize("value", ["null", "true", "5", '"text"'])
+def test_a_json_file_holding_one_value_is_refused_in_one_line(tmp_path: Path, value: str) -> None:
+    """datasets' JSON reader ended the whole process on `null` (a segfault, nothing said)."""
+    (tmp_path / "data.json").write_text(value)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "train.json").write_text(value)
+    for path in (tmp_path / "data.json", tmp_path / "folder"):
+        with pytest.raises(UserError, match=r"holds a JSON (null|boolean|number|string), not records"):
+            load_source(DataSource(path))
 
 
 def test_a_misspelt_role_is_named_once_and_known_roles_pass(
