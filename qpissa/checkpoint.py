@@ -9,6 +9,7 @@ file follow the Hugging Face scheme (`shard_names`, `write_index`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import struct
@@ -26,6 +27,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_GLOB = "model*.safetensors"  # every shard `shard_names` names
 # Keys that only a quantized checkpoint has (bitsandbytes, GPTQ/AWQ, int8).
+log = logging.getLogger(__name__)
+
 QUANTIZED_KEY_MARKERS = (".absmax", ".quant_map", ".quant_state.", ".qweight", ".qzeros", ".scales", ".SCB")
 
 _DTYPE_CODES = {
@@ -295,9 +298,21 @@ def _shard_files(model_dir: Path) -> list[Path]:
                 f"{index} lists shards that are missing: {', '.join(missing)}; download them again"
             )
         return shards
-    shards = sorted(model_dir.glob("*.safetensors"))
-    if shards:
-        return shards
+    single = model_dir / shard_names(1)[0]
+    unindexed = sorted(p.name for p in model_dir.glob("*.safetensors") if p != single)
+    if single.is_file():  # what transformers loads without an index; it ignores any other file
+        if unindexed:
+            log.warning(
+                "%s: %s ignored, as transformers ignores them: without %s it loads %s alone",
+                model_dir, ", ".join(unindexed), INDEX_NAME, single.name,
+            )  # fmt: skip
+        return [single]
+    if unindexed:
+        raise UserError(
+            f"{model_dir} has {', '.join(unindexed)} but neither {single.name} nor {INDEX_NAME}, so "
+            f"transformers would load no weights from it; rename a single weights file to {single.name}, "
+            "or add the index of its shards"
+        )
     others = sorted(p.name for p in model_dir.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
     if others:
         raise UserError(

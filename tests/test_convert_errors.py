@@ -154,3 +154,23 @@ def test_widths_the_cpu_kernel_decodes_wrongly_are_refused_on_a_cpu(
     error = _fails(capsys, tmp_path / "out", str(tiny_model), "--rank", "4", "--blocksize", "128")
     assert "decodes NF4 weights 64 wide" in error and "convert with --blocksize 64" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_beside_model_safetensors_are_ignored_as_transformers_ignores_them(
+    model_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A backup copy beside model.safetensors (no index) once made convert write every tensor twice
+    (a traceback, and a half-written OUT.partial); transformers loads model.safetensors alone."""
+    shutil.copy(model_copy / "model.safetensors", model_copy / "model-copy.safetensors")
+    (model_copy / "optimizer.safetensors").write_bytes(b"not read")
+    with caplog.at_level("WARNING", logger="qpissa.checkpoint"):
+        assert main(["convert", str(model_copy), str(tmp_path / "out"), "--rank", "4", "--iters", "1"]) == 0
+    assert "model-copy.safetensors, optimizer.safetensors ignored" in caplog.text
+
+
+def test_weights_under_another_name_without_an_index(
+    model_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (model_copy / "model.safetensors").rename(model_copy / "weights.safetensors")
+    error = _fails(capsys, tmp_path / "out", str(model_copy))
+    assert "weights.safetensors but neither model.safetensors nor model.safetensors.index.json" in error
