@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -137,6 +138,8 @@ def read_architecture(reader: CheckpointReader) -> Architecture:
     kept: dict[str, list[str]] = {}
     renamed: dict[str, str] = {}
     output_name = None
+    loaded: set[str] = set()
+    quantized = reader.stores_quantized()  # packed 4-bit codes have shapes of their own
     for tensor in reader.names():
         key, merged = rename(tensor)
         if key != tensor:
@@ -144,6 +147,10 @@ def read_architecture(reader: CheckpointReader) -> Architecture:
         if key not in held and not merged:  # an extra tensor, or an unsaved buffer (BERT's position_ids)
             kept.setdefault(KEPT_UNUSED, []).append(tensor)  # of any shape: old `rotary_emb.inv_freq`s
             continue
+        if not merged:
+            if not quantized:
+                _check_shape(reader, tensor, tuple(held[key].shape), name)
+            loaded.add(key)
         if len(reader.shape(tensor)) < 2:  # norms and biases the model loads: 16-bit in every quantizer
             continue
         module_path, _, leaf = key.rpartition(".")
@@ -160,11 +167,40 @@ def read_architecture(reader: CheckpointReader) -> Architecture:
         transposed = not isinstance(module, torch.nn.Linear)  # Conv1D: weight [in, out]
         shape = tuple(module.weight.shape[::-1] if transposed else module.weight.shape)
         linears[checkpoint_module] = LinearLayer(module=module_path, shape=shape, transposed=transposed)
+    _check_complete(reader, modules, output, loaded, name)
     _, task_type = _AUTO_CLASSES[auto_class]
     quantizable = tuple(path for path, module in modules.items() if _is_linear(module))
     return Architecture(
         name, auto_class, task_type, linears, output_name, kept, renamed, tuple(modules), quantizable
     )
+
+
+def _check_shape(reader: CheckpointReader, tensor: str, expected: tuple[int, ...], model: str) -> None:
+    """transformers would refuse the mismatch only at load, after a whole conversion was written."""
+    shape = reader.shape(tensor)
+    if shape != expected:
+        raise UserError(
+            f"{reader.model_dir}: {tensor} has shape {list(shape)}, but config.json's {model} expects "
+            f"{list(expected)}; the checkpoint and its config.json disagree: restore the original files"
+        )
+
+
+def _check_complete(
+    reader: CheckpointReader, modules: dict[str, torch.nn.Module], output: Any, loaded: set[str], model: str
+) -> None:
+    """Every Linear layer the config builds has its weight stored (the output layer may be tied): a
+    missing one would be randomly initialized at load, with no more than a warning from transformers."""
+    missing = [
+        f"{path}.weight" for path, module in modules.items()
+        if _is_linear(module) and module is not output and f"{path}.weight" not in loaded
+    ]  # fmt: skip
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(
+            f"{reader.model_dir} lacks {missing[0]}{more}, which config.json's {model} builds; the "
+            "checkpoint and its config.json disagree (num_hidden_layers? a missing shard?): restore the "
+            "original files"
+        )
 
 
 def model_class(config, model_dir: Path) -> tuple[str, str]:

@@ -57,6 +57,12 @@ class CheckpointReader:
         self.data_start = {shard: start for shard, (_, start) in parsed.items()}  # byte offset of the data
         self.location = {name: shard for shard, header in self.headers.items() for name in header}
 
+    def stores_quantized(self) -> bool:
+        """Whether the checkpoint holds quantized weights: a quantization_config, or quant-state tensors."""
+        return "quantization_config" in self.config or any(
+            marker in name for name in self.location for marker in QUANTIZED_KEY_MARKERS
+        )
+
     def names(self) -> list[str]:
         """Tensor names in file order (shard by shard, sorted within a shard): deterministic."""
         return [name for shard in self.shards for name in sorted(self.headers[shard])]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from qpissa import UserError
 from qpissa.architecture import Architecture, read_architecture
-from qpissa.checkpoint import QUANTIZED_KEY_MARKERS, CheckpointReader
+from qpissa.checkpoint import CheckpointReader
 from qpissa.convert_settings import ALL_LINEAR, BLOCKSIZES
 from qpissa.nf4 import cpu_decodes_by_rows
 
@@ -234,11 +234,9 @@ def _matches(name: str, wanted: str) -> bool:
 
 
 def _check_full_precision(targets: list[str], reader: CheckpointReader) -> None:
-    config_quant = reader.config.get("quantization_config")
-    quantized_keys = [name for name in reader.location if any(m in name for m in QUANTIZED_KEY_MARKERS)]
     int_weights = [t for t in targets if not reader.dtype_code(f"{t}.weight").startswith(("F", "BF"))]
-    if config_quant or quantized_keys or int_weights:
-        method = (config_quant or {}).get("quant_method", "quantized")
+    if reader.stores_quantized() or int_weights:
+        method = (reader.config.get("quantization_config") or {}).get("quant_method", "quantized")
         raise UserError(
             f"{reader.model_dir} is already quantized ({method}); QPiSSA must decompose the full-precision "
             "weights: convert the original 16/32-bit checkpoint instead (the model it was quantized from)"

@@ -174,3 +174,31 @@ def test_weights_under_another_name_without_an_index(
     (model_copy / "model.safetensors").rename(model_copy / "weights.safetensors")
     error = _fails(capsys, tmp_path / "out", str(model_copy))
     assert "weights.safetensors but neither model.safetensors nor model.safetensors.index.json" in error
+
+
+@pytest.mark.parametrize("damage", ["tensor removed", "more layers in config", "wider in config"])
+def test_a_checkpoint_that_disagrees_with_its_config_is_refused(
+    model_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture, damage: str
+) -> None:
+    """transformers would initialize a missing layer at random (with only a warning) or refuse a shape
+    only at load: either way after a whole conversion was written."""
+    from safetensors.torch import load_file, save_file
+
+    config_path = model_copy / "config.json"
+    config = json.loads(config_path.read_text())
+    if damage == "tensor removed":
+        weights = load_file(model_copy / "model.safetensors")
+        del weights["model.layers.1.self_attn.q_proj.weight"]
+        save_file(weights, model_copy / "model.safetensors", metadata={"format": "pt"})
+        expected = "lacks model.layers.1.self_attn.q_proj.weight, which config.json's LlamaForCausalLM builds"
+    elif damage == "more layers in config":
+        config["num_hidden_layers"] += 1
+        expected = (
+            f"lacks model.layers.{config['num_hidden_layers'] - 1}.self_attn.q_proj.weight (and 6 more)"
+        )
+    else:
+        config["hidden_size"] *= 2
+        expected = "has shape [256, 64], but config.json's LlamaForCausalLM expects [256, 128]"
+    config_path.write_text(json.dumps(config))
+    error = _fails(capsys, tmp_path / "out", str(model_copy), "--rank", "4")
+    assert expected in error and "restore the original files" in error, error
