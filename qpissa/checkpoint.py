@@ -249,14 +249,15 @@ def auto_config(model_dir: Path):
             (unknown `model_type`, missing or contradictory fields).
     """
     import transformers
+    from huggingface_hub.errors import StrictDataclassError  # a field of the wrong type ("64" for 64)
 
     config = read_config(model_dir)
     try:
         return transformers.AutoConfig.from_pretrained(model_dir)
-    except (ValueError, KeyError, TypeError, AttributeError, OSError) as error:
-        reason = next(
-            (line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__
-        )
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, StrictDataclassError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        # a field's validation error names the field first and says what is wrong last
+        reason = lines[-1] if isinstance(error, StrictDataclassError) else lines[0]
         raise UserError(
             f"{model_dir / CONFIG_NAME} describes a model transformers {transformers.__version__} cannot "
             f"build (model_type {config.get('model_type')!r}: {reason}); pass a checkpoint of an "

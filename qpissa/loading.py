@@ -93,8 +93,14 @@ def check_source(source: ModelSource) -> None:
         UserError: config.json transformers cannot use, a damaged weight file or adapter, or an adapter
             that does not fit the QPiSSA directory's own (another rank or other layers).
     """
-    auto_config(source.base_dir)
-    CheckpointReader(source.base_dir)  # every shard's header against its size
+    config = auto_config(source.base_dir)
+    reader = CheckpointReader(source.base_dir)  # every shard's header against its size
+    if reader.stores_quantized() and getattr(config, "quantization_config", None) is None:
+        raise UserError(
+            f"{source.base_dir} holds 4-bit weights, but its config.json has no quantization_config, so "
+            "transformers would read the codes as 16-bit weights; restore config.json from the conversion "
+            "(or convert again)"
+        )
     if source.adapter_dir is None:
         return
     adapter = read_adapter(source.adapter_dir)

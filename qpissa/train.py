@@ -128,11 +128,11 @@ def _train(
     eval_samples, eval_data = _load_eval(config, tokenizer, context)
     _warn_learning_rate(config, source)
 
-    run_dir = config.output_dir
-    on_main(partial(_prepare_run_dir, config, runtime, source, resume, arguments, template))
     fsdp = uses_fsdp(arguments)  # FSDP moves each rank's shards to its GPU; the whole model stays off it
     device = torch.device("cpu") if fsdp else runtime.device
     model = load_model(source, trainable=True, device=device, compute_dtype=runtime.dtype)
+    run_dir = config.output_dir  # written only once the model loads: a refused model leaves nothing
+    on_main(partial(_prepare_run_dir, config, runtime, source, resume, arguments, template))
     _adapter_to(model, runtime.dtype if fsdp else torch.float32)
     model.config.use_cache = False  # no KV cache in training; with one, attention ignores packed positions
     pad_id = pad_token_id(tokenizer)

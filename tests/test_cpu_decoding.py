@@ -8,6 +8,7 @@ other block scales than its quantizer wrote (`nf4.cpu_decodes_by_rows`).
 from __future__ import annotations
 
 import importlib
+import shutil
 from pathlib import Path
 
 import bitsandbytes.functional as bnbf
@@ -42,6 +43,25 @@ def test_loading_on_a_cpu_is_refused(gpu_converted: Path) -> None:
     """train, eval and chat load through `load_model`: their losses and answers would be wrong."""
     with pytest.raises(UserError, match=r"64 wide in blocks of 128\) with the wrong block scales"):
         load_model(resolve_source(gpu_converted))
+
+
+def test_training_is_refused_before_the_run_is_written(
+    gpu_converted: Path, char_tokenizer: Path, data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """The run directory was written before the model loaded: the refusal left qpissa_run.json behind,
+    and the next run into the same output_dir was refused as an unfinished run."""
+    model = tmp_path / "qpissa"
+    shutil.copytree(gpu_converted, model)
+    shutil.copytree(char_tokenizer, model, dirs_exist_ok=True)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"model: {model}\noutput_dir: {tmp_path / 'run'}\nmax_steps: 1\n"
+        f"data: {{path: {data_dir / 'train.jsonl'}, format: prompt_completion, max_seq_len: 32}}\n"
+    )
+    assert cli.main(["--quiet", "train", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert "with the wrong block scales" in error and error.count("\n") == 1, error
+    assert not (tmp_path / "run").exists()
 
 
 def test_export_is_right_and_its_check_is_refused(
