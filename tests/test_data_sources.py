@@ -355,3 +355,12 @@ def test_records_with_an_empty_answer_are_counted_in_a_warning(
             f"data {path}: 1 of 2 records have an empty answer; trained, they teach the model to answer "
             "nothing (only the end of turn is left to learn): fill or remove them"
         ]
+
+
+def test_a_read_error_is_said_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """datasets logged the error twice (its handler's line and an ERROR record) above qpissa's one line."""
+    bad = tmp_path / "x.parquet"
+    bad.write_bytes(b"PAR1garbage")
+    with caplog.at_level("DEBUG"), pytest.raises(UserError, match="Parquet magic bytes not found"):
+        load_source(DataSource(bad))
+    assert not [record for record in caplog.records if record.name.startswith("datasets")]
