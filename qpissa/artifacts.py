@@ -187,7 +187,8 @@ def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict[str, Any
     A process killed while appending leaves a half-written last line: it is ignored with a warning.
 
     Raises:
-        UserError: a line before the last that is not a JSON object with the `required` keys.
+        UserError: a line before the last that is not a JSON object with the `required` keys, each a
+            number (a log's step and loss).
     """
     if not path.is_file():
         return []
@@ -200,7 +201,7 @@ def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict[str, Any
             row = json.loads(line)
         except json.JSONDecodeError:
             row = None
-        if isinstance(row, dict) and all(key in row for key in required):
+        if isinstance(row, dict) and all(_is_number(row.get(key)) for key in required):
             rows.append(row)
         elif number == len(lines):
             log.warning(
@@ -212,6 +213,10 @@ def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict[str, Any
                 "delete that line (or the file) and rerun"
             )
     return rows
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def read_report(qpissa_dir: Path) -> dict:

@@ -585,6 +585,10 @@ CASES = [
     Case("report", "another process writes --out", _report, LOCKED, locked="report"),
     Case("report", "a log line broken before the last", _report,
          "trainer_log.jsonl line 1 is not a complete log record", damage=_break_first_log_line),
+    Case("report", "a log line whose step is text", _report,
+         "trainer_log.jsonl line 1 is not a complete log record",
+         damage=lambda ws: _file(ws / "run" / "trainer_log.jsonl", '{"step": "a", "loss": "x"}\n' + (
+             ws / "run" / "trainer_log.jsonl").read_text())),
     Case("report", "qpissa_report.json damaged", _report, "qpissa_report.json is not valid JSON",
          damage=lambda ws: _file(ws / "qpissa" / "qpissa_report.json", "{")),
     # compare: every input checked before converting
