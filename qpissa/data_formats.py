@@ -68,6 +68,13 @@ def detect_format(
             if data_format is DataFormat.CHAT_PROMPT_COMPLETION and not chat:
                 continue
             return data_format
+    # the fields of a format, one of them null (datasets also fills a field a record lacks with null)
+    for required in REQUIRED_FIELDS.values():
+        nulls = [name for name in required if name in record and record[name] is None]
+        if nulls and all(name in record for name in required):
+            raise UserError(
+                f"{where}: field `{nulls[0]}` is missing or null; fill it in, or remove the record"
+            )
     known = "; ".join(f"{f.value}: {', '.join(names)}" for f, names in REQUIRED_FIELDS.items())
     fields = ", ".join(sorted(record)) or "none"
     fix = f"set {format_setting}" if format_setting else "write the records in one of these formats"
@@ -95,9 +102,9 @@ def check_record(record: dict[str, Any], data_format: DataFormat, where: str) ->
         UserError: naming the record, the field and what the format needs.
     """
     for name in REQUIRED_FIELDS[data_format]:
-        if record.get(name) is None:
+        if record.get(name) is None:  # lacking, or null: datasets fills a field others have with null
             raise UserError(
-                f"{where}: missing field `{name}` "
+                f"{where}: missing or null field `{name}` "
                 f"(format {data_format.value} needs {', '.join(REQUIRED_FIELDS[data_format])})"
             )
     if data_format in CHAT_FORMATS:
@@ -131,8 +138,11 @@ def to_messages(record: dict[str, Any], data_format: DataFormat, where: str) -> 
     if data_format is DataFormat.SHAREGPT:
         turns = _list(record["conversations"], "conversations", where)
         messages = [_sharegpt_turn(turn, index, where) for index, turn in enumerate(turns)]
-        if isinstance(record.get("system"), str) and record["system"]:  # LLaMA-Factory's system column
-            messages.insert(0, {"content": record["system"], "role": "system"})
+        system = record.get("system")  # LLaMA-Factory's system column
+        if system is not None and not isinstance(system, str):
+            raise UserError(f"{where}: field `system` must be text, got {type(system).__name__}")
+        if system:
+            messages.insert(0, {"content": system, "role": "system"})
         return messages
     if data_format is DataFormat.CHAT_PROMPT_COMPLETION:
         prompt = _list(record["prompt"], "prompt", where)

@@ -224,6 +224,8 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         if number is not None:
             return number
     if kind is Path and isinstance(value, (str, Path)):
+        if isinstance(value, str) and not value.strip():  # Path("") would quietly mean "."
+            raise UserError(f"{label} is empty; give a path")
         return Path(value)
     if kind is list and isinstance(value, list):
         item = _list_item(hint)
@@ -232,7 +234,8 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         return value
     if isinstance(kind, type) and isinstance(value, kind) and not isinstance(value, bool):
         return value
-    raise UserError(f"{label} must be {getattr(kind, '__name__', kind)}, {got(value)}")
+    wanted = "a path" if kind is Path else getattr(kind, "__name__", kind)
+    raise UserError(f"{label} must be {wanted}, {got(value)}")
 
 
 def got(value: Any) -> str:

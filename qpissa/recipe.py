@@ -40,9 +40,12 @@ class DataSource:
         if self.path is None:
             raise UserError("each of `data.sources` needs a `path`: a data file, directory or Hub name")
         coerce_fields(self)
-        if self.samples is not None and not (0 < self.samples < 1 or float(self.samples).is_integer()):
+        if self.samples is not None and not (
+            0 < self.samples < 1 or (self.samples >= 1 and float(self.samples).is_integer())
+        ):
             raise UserError(
-                f"`samples` of {self.path} must be a whole count or a fraction in (0, 1), got {self.samples}"
+                f"`samples` of {self.path} must be a whole count of at least 1 or a fraction in (0, 1), "
+                f"got {self.samples:g}"
             )
 
 
@@ -87,7 +90,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         coerce_fields(self)
-        if (self.path is None) == (self.sources is None):
+        if self.path is not None and self.sources is not None:
+            raise UserError("the config sets both `data.path` and `data.sources`; keep one of them")
+        if self.path is None and self.sources is None:
             raise UserError(
                 "the config needs one of `data.path` (a data file, directory or Hub dataset name) "
                 "or `data.sources` (a list of them to mix)"

@@ -220,7 +220,7 @@ class ChatSettings:
         if self.greedy and sampling:
             them = "them" if len(sampling) > 1 else "it"
             problems.append(f"--greedy picks the most likely token, so {' and '.join(sampling)} would be "
-                            f"ignored; drop {them}, or --greedy to sample")  # fmt: skip
+                            f"ignored; drop {them}, or drop --greedy to sample")  # fmt: skip
         if self.temperature is not None and not 0 < self.temperature < math.inf:
             problems.append(
                 f"--temperature must be positive, got {self.temperature}; for a fixed answer use --greedy"

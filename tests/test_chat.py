@@ -158,7 +158,10 @@ def test_interactive_chat_ends_on_eof(qpissa_dir: Path):
     [
         (["--temperature", "0"], "--temperature must be positive"),
         (["--top-p", "1.5"], "--top-p must be in"),
-        (["--greedy", "--temperature", "1.2"], "so --temperature would be ignored; drop it, or --greedy"),
+        (
+            ["--greedy", "--temperature", "1.2"],
+            "so --temperature would be ignored; drop it, or drop --greedy",
+        ),
         (["--greedy", "--top-p", "0.5"], "--greedy picks the most likely token, so --top-p would be ignored"),
     ],
 )

@@ -177,7 +177,7 @@ def read_records(path: Path, data_format: DataFormat):
 
 def test_missing_field_names_record_and_field(tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "c"}])
-    with pytest.raises(UserError, match=r"record 1: missing field `output`"):
+    with pytest.raises(UserError, match=r"record 1: missing or null field `output`"):
         read_records(path, DataFormat.ALPACA)
 
 

@@ -90,6 +90,11 @@ def test_undetectable_and_bad_chat_records_are_named(tmp_path: Path) -> None:
                     {"conversations": [{"from": "gpt", "value": "x"}]}]:  # fmt: skip
         with pytest.raises(UserError, match="record 0: the conversation opens with the assistant's turn"):
             load_source(DataSource(_write_jsonl(tmp_path / "a.jsonl", [opening])))
+    system = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}], "system": 5}
+    with pytest.raises(UserError, match="record 0: field `system` must be text, got int"):
+        load_source(DataSource(_write_jsonl(tmp_path / "s.jsonl", [system])))
+    with pytest.raises(UserError, match="record 0: field `prompt` is missing or null; fill it in"):
+        detect_format({"prompt": None, "completion": "x"}, "record 0")
 
 
 @pytest.mark.parametrize("value", ["null", "true", "5", '"text"'])
@@ -260,10 +265,13 @@ def test_eval_data_is_read_in_the_format_every_source_names(tmp_path: Path, toke
 def test_data_config_needs_exactly_one_of_path_and_sources(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"one of `data\.path`"):
         DataConfig()
-    with pytest.raises(UserError, match=r"one of `data\.path`"):
+    with pytest.raises(UserError, match=r"sets both `data\.path` and `data\.sources`; keep one of them"):
         DataConfig(path=tmp_path, sources=[DataSource(tmp_path)])
-    with pytest.raises(UserError, match="a whole count or a fraction"):
-        DataSource(tmp_path, samples=2.5)
+    for samples in (2.5, 0, -1):
+        with pytest.raises(UserError, match="a whole count of at least 1 or a fraction in \\(0, 1\\)"):
+            DataSource(tmp_path, samples=samples)
+    with pytest.raises(UserError, match="`path` is empty; give a path"):
+        DataConfig(path="")
 
 
 def test_tokenizing_in_several_processes_gives_the_same_rows(tmp_path: Path, tokenizer) -> None:

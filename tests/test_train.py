@@ -140,8 +140,11 @@ def test_a_run_on_a_constant_schedule_resumes_longer_at_its_learning_rate(
     [
         ({"model": "TINY"}, "not a QPiSSA directory"),
         ({"data": {"path": "nope.jsonl", "format": "prompt_completion"}}, "does not exist"),
-        ({"data": {"path": "BAD", "format": "prompt_completion"}}, "record 1: missing field `completion`"),
-        ({"data": {"path": "TRAIN", "format": "messages"}}, "missing field `messages`"),
+        (
+            {"data": {"path": "BAD", "format": "prompt_completion"}},
+            "record 1: missing or null field `completion`",
+        ),
+        ({"data": {"path": "TRAIN", "format": "messages"}}, "missing or null field `messages`"),
         ({"bf16": True}, "bf16=true needs a CUDA GPU"),
         ({"optim": "paged_adamw_8bit"}, "needs CUDA"),
         ({"device": "cuda"}, "no CUDA GPU"),
