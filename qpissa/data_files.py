@@ -23,6 +23,7 @@ LOADERS = {
     ".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
     ".arrow": "arrow",
 }  # fmt: skip
+BOM = "\ufeff"  # the byte-order mark some editors write at the start of a UTF-8 file
 TEXT_TYPES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv")  # also read compressed (.gz, .bz2, .xz)
 CSV_SEPARATORS = {".csv": ",", ".tsv": "\t"}
 # the file types datasets reads from a folder; it reads one type per folder and ignores the others
@@ -58,7 +59,7 @@ def check_file(path: Path) -> dict[str, str]:
         raise UserError(f"dataset {path} is empty; it needs at least one record")
     if suffix == ".json":
         return _records_field(path, text)
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.removeprefix(BOM).splitlines(), 1):  # datasets reads past a BOM
         if not line.strip():
             continue
         try:
@@ -131,6 +132,7 @@ def csv_as_text(path: Path) -> datasets.Features | None:
         return None
     if len(set(header)) != len(header) or not all(header):
         return None  # unnamed or repeated columns: datasets names them, and the record check says so
+    header[0] = header[0].removeprefix(BOM)  # datasets reads past a byte-order mark; so must its columns
     return datasets.Features({name: datasets.Value("string") for name in header})
 
 

@@ -372,3 +372,14 @@ def test_a_read_error_is_said_once(tmp_path: Path, caplog: pytest.LogCaptureFixt
     with caplog.at_level("DEBUG"), pytest.raises(UserError, match="Parquet magic bytes not found"):
         load_source(DataSource(bad))
     assert not [record for record in caplog.records if record.name.startswith("datasets")]
+
+
+def test_a_byte_order_mark_is_read_past(tmp_path: Path) -> None:
+    """Some editors start UTF-8 files with a BOM; datasets reads past it, and so must qpissa's checks."""
+    bom = "\ufeff"
+    (tmp_path / "a.jsonl").write_text(bom + '{"prompt": "a", "completion": " b"}\n', encoding="utf-8")
+    (tmp_path / "a.json").write_text(bom + '[{"prompt": "a", "completion": " b"}]', encoding="utf-8")
+    (tmp_path / "a.csv").write_text(bom + "prompt,completion\na, b\n", encoding="utf-8")
+    for name in ("a.jsonl", "a.json", "a.csv"):
+        records, data_format = load_source(DataSource(tmp_path / name))
+        assert data_format is DataFormat.PROMPT_COMPLETION and records[0]["prompt"] == "a", name
