@@ -25,6 +25,7 @@ from qpissa.artifacts import (
     read_report,
 )
 from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, copy_tensors, shard_names, write_json
+from qpissa.outputs import check_replaceable
 from qpissa.stored import ADAPTER_KEY, adapter_key, write_lora_config
 from qpissa.targets import module_type
 
@@ -85,6 +86,7 @@ def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite:
             f"{out_dir} holds a finished conversion with other settings; use --overwrite to replace it"
         )
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        check_replaceable(out_dir, "OUT", (REPORT_NAME,), "a QPiSSA directory")  # else --overwrite is refused
         raise UserError(
             f"output {out_dir} exists and is not empty; pass --overwrite to replace it, or another OUT"
         )

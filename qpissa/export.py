@@ -90,12 +90,12 @@ def export(
     with lock_output(out_dir, "OUT"):
         if out_dir.exists() and not out_dir.is_dir():
             raise UserError(f"OUT {out_dir} is a file; choose a directory path")
-        if out_dir.exists() and any(out_dir.iterdir()):
+        if out_dir.exists() and any(out_dir.iterdir()):  # --overwrite is advised only where it would do
+            check_replaceable(out_dir, "OUT", (EXPORT_REPORT,), "an export made by qpissa export")
             if not overwrite:
                 raise UserError(
                     f"output {out_dir} already exists; pass --overwrite to replace it, or choose another OUT"
                 )
-            check_replaceable(out_dir, "OUT", (EXPORT_REPORT,), "an export made by qpissa export")
         partial = start_partial(out_dir, "OUT")
         try:
             report = _write(

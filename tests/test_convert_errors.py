@@ -126,7 +126,12 @@ def test_existing_output_is_kept(tiny_model: Path, tmp_path: Path, capsys: pytes
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     status = main(["--quiet", "convert", str(tiny_model), str(out), "--rank", "4"])
-    assert status == 2 and "--overwrite" in capsys.readouterr().err
+    error = capsys.readouterr().err  # --overwrite would be refused too: it is not advised
+    assert status == 2 and "is not a QPiSSA directory, so it is not replaced" in error, error
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "qpissa_report.json").write_text("{}")  # an earlier conversion: --overwrite would replace it
+    status = main(["--quiet", "convert", str(tiny_model), str(out), "--rank", "4"])
+    assert status == 2 and "pass --overwrite to replace it" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
 
 

@@ -309,6 +309,7 @@ def _report_names_missing_model(run: Path, qpissa_dir: Path, tmp_path: Path) -> 
         ("missing_base", "is missing"),
         ("report_names_missing_model", "deleted_original"),
         ("existing_out", "already exists; pass --overwrite to replace it"),
+        ("other_out", "exists and is not an export made by qpissa export"),  # --overwrite would not do
         ("overwrite_other", "exists and is not an export made by qpissa export"),
         ("rank_with_merged", "--rank applies to --to lora only"),
         ("rank_above_2r", "above the exact rank"),
@@ -334,9 +335,9 @@ def test_bad_input_is_one_line_exit_2_and_no_output(
         extra = ["--to", "lora", "--base", str(tmp_path / "nowhere")]
     elif case == "report_names_missing_model":
         run, extra = _report_names_missing_model(trained_run, qpissa_dir, tmp_path), ["--to", "lora"]
-    elif case in ("existing_out", "overwrite_other"):
+    elif case in ("existing_out", "other_out", "overwrite_other"):
         out.mkdir()
-        (out / "keep.txt").write_text("mine")
+        (out / ("keep.txt" if case != "existing_out" else EXPORT_REPORT)).write_text("mine")
         extra = ["--overwrite"] if case == "overwrite_other" else []
     elif case == "rank_with_merged":
         extra = ["--rank", "4"]
@@ -349,8 +350,8 @@ def test_bad_input_is_one_line_exit_2_and_no_output(
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qpissa: error:")]
     assert len(errors) == 1 and expected in errors[0]
     assert not (tmp_path / "out.partial").exists()
-    if case in ("existing_out", "overwrite_other"):
-        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    if case in ("existing_out", "other_out", "overwrite_other"):
+        assert len(list(out.iterdir())) == 1
     else:
         assert not out.exists()
 
