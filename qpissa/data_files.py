@@ -28,6 +28,7 @@ TEXT_TYPES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv")  # also read compres
 CSV_SEPARATORS = {".csv": ",", ".tsv": "\t"}
 # the file types datasets reads from a folder; it reads one type per folder and ignores the others
 FOLDER_TYPES = LOADERS | {".txt": "text"}
+METADATA_FILES = ("dataset_info.json", "dataset_infos.json")  # a Hub dataset's description, not records
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")  # told apart from unknown types: decompress first
 
 
@@ -94,7 +95,7 @@ def check_folder(path: Path) -> list[Path]:
         return []
     data_files = [
         file for file in sorted(path.rglob("*"))
-        if content_suffix(file) in FOLDER_TYPES and file.is_file()
+        if content_suffix(file) in FOLDER_TYPES and file.is_file() and file.name not in METADATA_FILES
         and not any(part.startswith((".", "__")) for part in file.relative_to(path).parts)
     ]  # fmt: skip
     ignored = [str(file.relative_to(path)) for file in data_files if file.resolve() not in read]

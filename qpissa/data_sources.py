@@ -185,7 +185,12 @@ def _nonempty(dataset: datasets.Dataset, path: Path) -> datasets.Dataset:
 def _split(dataset: Any, split: str, path: Path, split_setting: str | None) -> datasets.Dataset:
     if split not in dataset:
         fix = f"set {split_setting}" if split_setting else "give one of its files instead"
-        raise UserError(f"dataset {path} has splits {', '.join(dataset)}, not {split!r}; {fix}")
+        named = (
+            " (a folder's files are split by name: train*, validation*, test* or eval*)"
+            if path.is_dir()
+            else ""
+        )
+        raise UserError(f"dataset {path} has splits {', '.join(dataset)}, not {split!r}{named}; {fix}")
     return dataset[split]
 
 

@@ -171,8 +171,9 @@ class EvalSettings:
     def __post_init__(self) -> None:
         coerce_fields(self)
         problems = []
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            problems.append("--batch-size and --max-new-tokens must be at least 1")
+        for flag, value in (("--batch-size", self.batch_size), ("--max-new-tokens", self.max_new_tokens)):
+            if value < 1:
+                problems.append(f"{flag} must be at least 1, got {value}")
         if self.max_samples is not None and self.max_samples < 1:
             problems.append(f"--max-samples must be at least 1, got {self.max_samples}")
         if self.max_seq_len is not None and self.max_seq_len < MIN_SEQ_LEN:

@@ -132,9 +132,12 @@ def test_folder_of_data_files_like_a_hub_snapshot(tmp_path: Path) -> None:
         str(snapshot / "data" / "train-00000-of-00001.parquet")
     )
     datasets.Dataset.from_list(records[4:]).to_parquet(str(snapshot / "data" / "test-00000-of-00001.parquet"))
+    (snapshot / "dataset_info.json").write_text('{"description": ""}')  # metadata, not records
     assert load_records(snapshot)["instruction"] == ["q0", "q1", "q2", "q3"]
     assert load_records(snapshot, split="test")["instruction"] == ["q4", "q5"]
-    with pytest.raises(UserError, match="has splits train, test, not 'dev'; set split"):
+    with pytest.raises(
+        UserError, match=r"has splits train, test, not 'dev' \(a folder's files are split by name"
+    ):
         load_records(snapshot, split="dev")
 
 
