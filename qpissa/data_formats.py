@@ -191,8 +191,9 @@ def check_tokenizer(tokenizer: Any, data_format: DataFormat) -> None:
     """
     if data_format in CHAT_FORMATS and not tokenizer.chat_template:
         raise UserError(
-            f"data.format is {data_format.value} but the model's tokenizer has no chat template; "
-            "set chat_template (a .jinja file or the template itself) or use format prompt_completion"
+            f"the data is in the chat format {data_format.value}, but the model's tokenizer has no chat "
+            "template; give it one (train: the recipe's chat_template, a .jinja file or the template itself; "
+            "eval: a chat_template.jinja in the model's directory), or write the records as prompt_completion"
         )
 
 
