@@ -232,6 +232,22 @@ class TrainConfig:
         return inputs
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error: PyYAML keeps the last, so a
+    recipe edited by appending `learning_rate: ...` would train with whichever came last, silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key `{key}` is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: Path, overrides: list[str]) -> TrainConfig:
     """Read a YAML recipe, apply `key=value` / `--key value` overrides and validate it.
 
@@ -243,7 +259,7 @@ def load_config(path: Path, overrides: list[str]) -> TrainConfig:
     """
     text = read_text(path, "config", "pass a YAML recipe such as configs/demo.yaml")
     try:
-        values = yaml.safe_load(text) or {}
+        values = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
         raise UserError(f"config {path} is not valid YAML ({yaml_problem(error)}); fix that line") from None
     if not isinstance(values, dict):
