@@ -409,7 +409,7 @@ CASES = [
          damage=lambda ws: _file(ws / "bad.yaml", "model: [\nx: 1\n")),
     Case("train", "a key given twice", lambda ws: ["train", str(ws / "bad.yaml")],
          "line 3, column 1: key `learning_rate` is given twice in one mapping",
-         damage=lambda ws: _file(ws / "bad.yaml", "learning_rate: 1e-4\nmax_steps: 2\nlearning_rate: 2e-4\n")),
+         damage=lambda ws: _file(ws / "bad.yaml", "learning_rate: 1e-4\nseed: 2\nlearning_rate: 2e-4\n")),
     Case("train", "YAML not UTF-8", lambda ws: ["train", str(ws / "bad.yaml")], "config .* is not UTF-8 text",
          damage=lambda ws: _file(ws / "bad.yaml", b"model: " + NOT_UTF8)),
     Case("train", "config path is a directory", lambda ws: ["train", str(ws / "data")],
