@@ -27,9 +27,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_GLOB = "model*.safetensors"  # every shard `shard_names` names
 # Keys that only a quantized checkpoint has (bitsandbytes, GPTQ/AWQ, int8).
-log = logging.getLogger(__name__)
-
 QUANTIZED_KEY_MARKERS = (".absmax", ".quant_map", ".quant_state.", ".qweight", ".qzeros", ".scales", ".SCB")
+
+log = logging.getLogger(__name__)
 
 _DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
