@@ -105,8 +105,8 @@ def check_folder(path: Path) -> list[Path]:
             "only those are); name every file after its split (train, validation, test), or give it as a "
             "data source of its own"
         )
-    for file in data_files:
-        if content_suffix(file) == ".json" and file.suffix.lower() == ".json" and _opening(file) not in "[{":
+    for file in data_files:  # a lone JSON value crashes datasets' reader (a compressed file is left to it)
+        if file.suffix.lower() == ".json" and _opening(file) not in ("", "[", "{"):
             _refuse_json_value(file, read_text(file, "dataset", "check the path"))
     kinds: dict[str, list[str]] = {}
     for file in data_files:
