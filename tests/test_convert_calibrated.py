@@ -248,7 +248,7 @@ def _test_split_only(path: Path) -> None:
             [],
             "; write the records in one of these formats",
         ),
-        (_test_split_only, [], "has splits test, not 'train'; give one of its files instead"),
+        (_test_split_only, [], "has splits test, not 'train' (a folder's files are split by name"),
         (lambda p: p.write_text(PROSE), ["--calib-samples", "0"], "--calib-samples must be at least 1"),
         (lambda p: p.write_text(PROSE), ["--calib-damping", "nan"], "--calib-damping must be"),
         (lambda p: p.write_text(PROSE), ["--calib-seq-len", "257"], "longer than the model's context (256"),
