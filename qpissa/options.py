@@ -128,6 +128,8 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             raise UserError(f"override `{item}` is not key=value; write e.g. learning_rate=2e-5")
         node: dict | list = merged
         parts = key.split(".")
+        if not all(parts):
+            raise UserError(f"override `{item}`: its key has an empty part; write e.g. data.max_seq_len=256")
         *parents, leaf = parts
         for depth, parent in enumerate(parents):
             if isinstance(node, list):

@@ -402,6 +402,8 @@ CASES = [
     Case("train", "seed=-1", lambda ws: _train(ws, "seed=-1"), r"`seed` must be in \[0, 2\*\*32\)"),
     Case("train", "save_total_limit=0", lambda ws: _train(ws, "save_total_limit=0"),
          "`save_total_limit` must be at least 1"),
+    Case("train", "an override key with an empty part", lambda ws: _train(ws, "data..max_seq_len=8"),
+         "override `data..max_seq_len=8`: its key has an empty part"),
     Case("train", "an override that is no YAML value", lambda ws: _train(ws, "learning_rate=[1"),
          "override `learning_rate=\\[1`: the value is not a YAML scalar"),
     Case("train", "malformed YAML", lambda ws: ["train", str(ws / "bad.yaml")],
