@@ -123,7 +123,8 @@ def hide_library_deprecation_notes() -> None:
     - transformers' notes that gradient checkpointing was renamed (5.2x): the range we support (>= 5.0)
       still needs the old name and PEFT reads the old attribute;
     - bitsandbytes' note, on CPUs with AVX512-BF16, that its bf16 CPU kernel could not be fetched from
-      the Hugging Face hub: qpissa computes in float32 on the CPU and never uses that kernel;
+      the Hugging Face hub (and the `kernels` package's, offline, that it skipped that kernel's trust
+      check): qpissa computes in float32 on the CPU and never uses that kernel;
     - transformers' note that `loss_type=None` "was set in the config" of models whose class name
       names no loss (GPT-2): nobody set it, and the causal LM loss it falls back to is the right one;
     - transformers' note that "mtime may not be reliable" when checkpoints are saved within a second:
@@ -132,6 +133,9 @@ def hide_library_deprecation_notes() -> None:
     warnings.filterwarnings("ignore", r".*gradient_checkpointing.* is deprecated", FutureWarning)
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: "gemm_4bit_forward" not in record.getMessage()
+    )
+    logging.getLogger("kernels._internals.hf_hub").addFilter(
+        lambda record: "kernels-community/quantization-bitsandbytes" not in record.getMessage()
     )
     logging.getLogger("transformers.modeling_utils").addFilter(
         lambda record: not record.getMessage().startswith("`loss_type=None`")

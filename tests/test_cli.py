@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,21 @@ sys.exit(cli.main(["fetch-model", "smollm2-135m", sys.argv[1]]))
     )
     assert done.returncode == 0, done.stderr
     assert "GGUF" not in done.stderr and "%|" not in done.stderr, done.stderr
+
+
+def test_bitsandbytes_kernel_notes_are_hidden(tmp_path: Path) -> None:
+    """On import, bitsandbytes tries to fetch a bf16 CPU kernel from the Hub that qpissa never uses; its
+    failure (and offline, the `kernels` package's skipped trust check) is noise a user cannot act on."""
+    program = (
+        "import logging\n"
+        "from qpissa import LOG_FORMAT, hide_library_deprecation_notes\n"
+        "logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)\n"
+        "hide_library_deprecation_notes()\n"
+        "import bitsandbytes\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "kernels-community" not in done.stderr, done.stderr
