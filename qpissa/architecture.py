@@ -17,7 +17,6 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -186,7 +185,11 @@ def _check_shape(reader: CheckpointReader, tensor: str, expected: tuple[int, ...
 
 
 def _check_complete(
-    reader: CheckpointReader, modules: dict[str, torch.nn.Module], output: Any, loaded: set[str], model: str
+    reader: CheckpointReader,
+    modules: dict[str, torch.nn.Module],
+    output: torch.nn.Module | None,
+    loaded: set[str],
+    model: str,
 ) -> None:
     """Every Linear layer the config builds has its weight stored (the output layer may be tied): a
     missing one would be randomly initialized at load, with no more than a warning from transformers."""

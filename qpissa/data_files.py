@@ -55,12 +55,12 @@ def check_file(path: Path) -> dict[str, str]:
         return {"sep": CSV_SEPARATORS[suffix]}
     if LOADERS[suffix] != "json":
         return {}
-    text = read_text(path, "dataset", "check the path")
+    text = read_text(path, "dataset", "check the path").removeprefix(BOM)  # datasets reads past a BOM
     if not text.strip():
         raise UserError(f"dataset {path} is empty; it needs at least one record")
     if suffix == ".json":
         return _records_field(path, text)
-    for number, line in enumerate(text.removeprefix(BOM).splitlines(), 1):  # datasets reads past a BOM
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -107,7 +107,7 @@ def check_folder(path: Path) -> list[Path]:
         )
     for file in data_files:  # a lone JSON value crashes datasets' reader (a compressed file is left to it)
         if file.suffix.lower() == ".json" and _opening(file) not in ("", "[", "{"):
-            _refuse_json_value(file, read_text(file, "dataset", "check the path"))
+            _refuse_json_value(file, read_text(file, "dataset", "check the path").removeprefix(BOM))
     kinds: dict[str, list[str]] = {}
     for file in data_files:
         kinds.setdefault(FOLDER_TYPES[content_suffix(file)], []).append(str(file.relative_to(path)))
@@ -169,11 +169,12 @@ def _records_field(path: Path, text: str) -> dict[str, str]:
 def _opening(path: Path) -> str:
     """The first character of a text file that is not white space ("" when there is none)."""
     with path.open("rb") as f:
-        head = f.read(4096).decode("utf-8", errors="replace").lstrip()
+        head = f.read(4096).decode("utf-8", errors="replace").removeprefix(BOM).lstrip()
     return head[:1]
 
 
 def _refuse_json_value(path: Path, text: str) -> None:
+    """Refuse a file whose JSON is one value, not records; text that is no JSON is left to datasets."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError:

@@ -160,7 +160,7 @@ def _read(path: Path, subset: str | None) -> datasets.Dataset | datasets.Dataset
     saved = path.is_dir() and any((path / marker).is_file() for marker in _SAVED_MARKERS)
     data_files = check_folder(path) if path.is_dir() and not saved else []
     try:
-        with _bars_hidden_below(QUIET_READ_BYTES, _local_bytes(path) if local else None), _library_quiet():
+        with _bars_hidden_below(QUIET_READ_BYTES, _local_bytes(path) if local else None), _datasets_quiet():
             if saved:  # in memory: a transform of a memory-mapped one writes its cache into the user's files
                 return datasets.load_from_disk(str(path), keep_in_memory=True)
             if path.is_file():
@@ -231,7 +231,7 @@ def _bars_hidden_below(threshold: int, size: int | None) -> Iterator[None]:
 
 
 @contextmanager
-def _library_quiet() -> Iterator[None]:
+def _datasets_quiet() -> Iterator[None]:
     """datasets logs a read error twice (its own handler and the root's) before raising it, and notes such
     as a dataset card without metadata: the error it raises is said once, as one line, by the caller."""
     logger = logging.getLogger("datasets")
