@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from qpissa.data import tokenize_split
-from qpissa.data_sources import load_heldout
 from qpissa.models import make_tiny_model
 
 
@@ -112,6 +110,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def load_eval():
     """What train does with its eval_path: `load_eval(path, data_config, tokenizer)` -> the held-out
     records' rendered samples and their tokenized rows."""
+    from qpissa.data import tokenize_split  # transformers and datasets: only for the tests that use it
+    from qpissa.data_sources import load_heldout
 
     def load(path: Path, config, tokenizer) -> tuple:
         records, data_format, _ = load_heldout(path, None, config.eval_format(), "data.eval_split")

@@ -109,7 +109,7 @@ sys.exit(cli.main(["fetch-model", "smollm2-135m", sys.argv[1]]))
     assert "GGUF" not in done.stderr and "%|" not in done.stderr, done.stderr
 
 
-def test_bitsandbytes_kernel_notes_are_hidden(tmp_path: Path) -> None:
+def test_bitsandbytes_kernel_notes_are_hidden() -> None:
     """On import, bitsandbytes tries to fetch a bf16 CPU kernel from the Hub that qpissa never uses; its
     failure (and offline, the `kernels` package's skipped trust check) is noise a user cannot act on."""
     program = (
