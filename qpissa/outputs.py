@@ -260,6 +260,8 @@ def _acquire(path: Path, output: Path, output_flag: str) -> int:
         except OSError as error:
             if error.errno == errno.ELOOP:
                 raise UserError(_not_a_lock(path, output_flag, "a symbolic link")) from None
+            if error.errno == errno.EISDIR:
+                raise UserError(_not_a_lock(path, output_flag, "a directory")) from None
             raise UserError(
                 f"{output_flag} {output} cannot be written ({path}: {error.strerror}); "
                 f"choose a location you can write to"
