@@ -6,16 +6,24 @@ Loading uses plain transformers + PEFT, exactly as a user without qpissa would (
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
 
 from qpissa import UserError
 from qpissa.architecture import CAUSAL_LM, model_class
-from qpissa.artifacts import ADAPTER_DIR, TOKENIZER_MARKERS, ModelSource, is_qpissa_dir, resolve_source
+from qpissa.artifacts import (
+    ADAPTER_DIR,
+    TOKENIZER_MARKERS,
+    ModelSource,
+    is_qpissa_dir,
+    read_report,
+    resolve_source,
+)
 from qpissa.chat_template import saved_chat_template
 from qpissa.checkpoint import CheckpointReader, auto_config
-from qpissa.stored import Residual, read_adapter
+from qpissa.stored import Adapter, Residual, read_adapter
 
 
 def checked_source(path: Path, *, adapter: bool = True) -> ModelSource:
@@ -105,14 +113,37 @@ def check_source(source: ModelSource) -> None:
         return
     adapter = read_adapter(source.adapter_dir)
     initial_dir = source.base_dir / ADAPTER_DIR
-    if is_qpissa_dir(source.base_dir) and initial_dir != source.adapter_dir and initial_dir.is_dir():
-        initial = read_adapter(initial_dir)
+    if is_qpissa_dir(source.base_dir) and initial_dir.is_dir():
+        initial = adapter if initial_dir == source.adapter_dir else read_adapter(initial_dir)
+        _check_conversion_adapter(source.base_dir, initial)
         if (initial.rank, initial.shapes) != (adapter.rank, adapter.shapes):
             raise UserError(
                 f"adapter {source.adapter_dir} (rank {adapter.rank}, {len(adapter.shapes)} layers) does not "
                 f"fit {source.base_dir}, whose adapter has rank {initial.rank} and {len(initial.shapes)} "
                 "layers; it was trained on another QPiSSA directory"
             )
+        if not math.isclose(adapter.scale, initial.scale):  # training never changes lora_alpha
+            raise UserError(
+                f"adapter {source.adapter_dir} scales by {adapter.scale:g} (lora_alpha / r), "
+                f"{source.base_dir}'s by {initial.scale:g}: training keeps the conversion's lora_alpha, so "
+                f"set it back to {initial.config['lora_alpha']:g} in its adapter_config.json"
+            )
+
+
+def _check_conversion_adapter(qpissa_dir: Path, adapter: Adapter) -> None:
+    """The QPiSSA directory's adapter/ is the one its conversion wrote: the rank, alpha and number of
+    layers its qpissa_report.json records. Another conversion's adapter loads without complaint in PEFT
+    and gives a model far from the original."""
+    settings = read_report(qpissa_dir)["settings"]
+    recorded = (settings["rank"], settings["alpha"] / settings["rank"], len(settings["targets"]))
+    found = (adapter.rank, adapter.scale, len(adapter.shapes))  # layer names differ from the checkpoint's
+    if found[0] != recorded[0] or not math.isclose(found[1], recorded[1]) or found[2] != recorded[2]:
+        raise UserError(
+            f"{adapter.path} (rank {found[0]}, lora_alpha {adapter.config['lora_alpha']:g}, "
+            f"{found[2]} layers) is not the adapter {qpissa_dir} was converted with (rank {recorded[0]}, "
+            f"lora_alpha {settings['alpha']:g}, {recorded[2]} layers): its residual needs that adapter; "
+            "restore adapter/ from the conversion, or convert again"
+        )
 
 
 def load_model(
