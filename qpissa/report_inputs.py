@@ -25,6 +25,7 @@ from qpissa.artifacts import (
     read_jsonl,
     read_report,
     run_model,
+    trained_on,
 )
 from qpissa.convert_settings import Method
 
@@ -106,7 +107,14 @@ def _add(by_key: dict[str, MethodData], path: Path) -> bool:
         entry.fidelity = _read(path / FIDELITY_NAME) if (path / FIDELITY_NAME).is_file() else None
         return True
     if (path / RUN_MARKER).is_file():
-        entry = _add_linked(by_key, run_model(path), path)
+        model = run_model(path)
+        if (model / REPORT_NAME).is_file() and trained_on(_read(path / RUN_MARKER), model) is False:
+            raise UserError(
+                f"run {path} was trained on a conversion that {model} no longer holds (converted again "
+                "since), so its results would be credited to another conversion; put the run's conversion "
+                "back there, or leave the run out"
+            )
+        entry = _add_linked(by_key, model, path)
         if entry.run_dir is not None and entry.run_dir.resolve() != path.resolve():
             # another run of the same conversion: a row of its own, labelled by its directory if need be
             entry = by_key.setdefault(

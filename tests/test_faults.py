@@ -588,6 +588,9 @@ CASES = [
          lambda ws: ["export", str(ws / "qpissa"), str(ws / "m")],
          "has no adapter to export", damage=lambda ws: shutil.rmtree(ws / "qpissa" / "adapter")),
     # report: never into an input or a directory of another kind
+    Case("report", "a run whose conversion was redone", lambda ws: _report(ws, "report", "run"),
+         "run .*run was trained on a conversion that .*qpissa8 no longer holds .* leave the run out",
+         damage=lambda ws: _edit_json(ws / "run" / "qpissa_run.json", model=str(ws / "qpissa8"))),
     Case("report", "an input that does not exist", lambda ws: _report(ws, "report", "qpissa", "nowhere"),
          r"nowhere does not exist \(check the path\)"),
     Case("report", "--out is an input run", lambda ws: _report(ws, "run"),
