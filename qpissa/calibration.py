@@ -18,7 +18,7 @@ import torch
 
 from qpissa import UserError
 from qpissa.artifacts import content_suffix, read_text
-from qpissa.data_formats import render
+from qpissa.data_formats import check_tokenizer, render
 from qpissa.data_sources import load_source
 from qpissa.recipe import DataSource
 
@@ -106,6 +106,7 @@ def _read_texts(path: Path, tokenizer: Any) -> tuple[list[str], str]:
         return [text], "text file"
     # convert has no format or split flag: a folder's train split is read
     records, data_format = load_source(DataSource(path), format_setting=None, split_setting=None)
+    check_tokenizer(tokenizer, data_format)
     texts = [
         "".join(text for text, _ in render(record, data_format, tokenizer).segments) for record in records
     ]

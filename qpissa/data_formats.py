@@ -193,7 +193,8 @@ def check_tokenizer(tokenizer: Any, data_format: DataFormat) -> None:
         raise UserError(
             f"the data is in the chat format {data_format.value}, but the model's tokenizer has no chat "
             "template; give it one (train: the recipe's chat_template, a .jinja file or the template itself; "
-            "eval: a chat_template.jinja in the model's directory), or write the records as prompt_completion"
+            "eval, convert --calib: a chat_template.jinja in the model's directory), or write the records as "
+            "prompt_completion"
         )
 
 
