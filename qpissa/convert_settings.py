@@ -23,6 +23,8 @@ CALIB_SAMPLES = 32
 CALIB_SEQ_LEN = 256
 CALIB_DAMPING = 0.1  # measured on the demo model: 0.01-1.0 within 10 % of each other on held-out KL
 CALIB_CODES_DAMPING = 0.01
+MAX_DAMPING = 1e6  # λ·mean(diag H) must stay finite in float32; λ = 1e6 already weighs inputs alike
+MAX_SCALE = 1e3  # s = alpha/r: factors shrink by √s; LoRA recipes use s ≤ 16, and a huge s overflows float32
 
 
 class Method(str, Enum):
@@ -211,8 +213,11 @@ class ConvertSettings:
             problems.append(f"--iters must be at least 1, got {self.iters}")
         if self.iters is not None and self.iters != 1 and self.method is Method.QLORA:
             problems.append("--iters has no meaning for --method qlora (it quantizes W once); drop --iters")
-        if self.alpha is not None and not 0 < self.alpha < math.inf:
-            problems.append(f"--alpha must be positive, got {self.alpha}")
+        if self.alpha is not None and not 0 < self.alpha <= MAX_SCALE * self.rank:
+            problems.append(
+                f"--alpha must be positive and at most {MAX_SCALE:g}·r (the scale s = alpha/r; PiSSA uses "
+                f"1), got {self.alpha}"
+            )
         if self.blocksize not in BLOCKSIZES:
             problems.append(
                 f"--blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {self.blocksize}"
@@ -293,8 +298,11 @@ class ConvertSettings:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         for name in ("calib_damping", "calib_codes_damping"):
             value = getattr(self, name)
-            if value is not None and not 0 < value < math.inf:
-                problems.append(f"--{name.replace('_', '-')} must be positive and finite, got {value}")
+            if value is not None and not 0 < value <= MAX_DAMPING:
+                problems.append(
+                    f"--{name.replace('_', '-')} must be positive and at most {MAX_DAMPING:g} (beyond it the "
+                    f"fit is the data-free one in float32), got {value}"
+                )
         return problems
 
 

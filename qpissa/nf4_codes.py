@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qpissa import nf4
+from qpissa import UserError, nf4
+from qpissa.convert_settings import CALIB_CODES_DAMPING
 from qpissa.nf4 import NF4Weight
 
 LAZY_COLUMNS = 128  # columns rounded between two full updates of the rest (GPTQ's lazy batch)
@@ -135,7 +136,15 @@ def compensated_codes(
     levels = _levels(T.device)
     # U: upper Cholesky factor of H⁻¹; row j says how column j's error spreads to later columns
     H = hessian.float()  # float32, as GPTQ does: the damping keeps H well conditioned
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    L, info = torch.linalg.cholesky_ex(H)
+    if info.item() == 0:
+        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    if info.item() != 0:
+        raise UserError(
+            f"the calibration statistics of a [{out_features}, {in_features}] matrix, damped by "
+            "--calib-codes-damping, are not positive definite in float32; raise --calib-codes-damping "
+            f"(default {CALIB_CODES_DAMPING}) or calibrate on more tokens"
+        )
     # column-major: one input column is one contiguous row here; updated in place as errors move on
     work = T.float().T.contiguous()  # [in, out]
     scale = scales.used.view(out_features, in_features // blocksize).T.contiguous()  # [in / blocksize, out]

@@ -251,6 +251,16 @@ def _test_split_only(path: Path) -> None:
         (_test_split_only, [], "has splits test, not 'train' (a folder's files are split by name"),
         (lambda p: p.write_text(PROSE), ["--calib-samples", "0"], "--calib-samples must be at least 1"),
         (lambda p: p.write_text(PROSE), ["--calib-damping", "nan"], "--calib-damping must be"),
+        (
+            lambda p: p.write_text(PROSE),
+            ["--calib-damping", "1e38"],
+            "--calib-damping must be positive and at most 1e+06",
+        ),
+        (
+            lambda p: p.write_text(PROSE),
+            ["--calib-compensate", "--calib-codes-damping", "1e-30", "--calib-samples", "2"],
+            "are not positive definite in float32; raise --calib-codes-damping",
+        ),
         (lambda p: p.write_text(PROSE), ["--calib-seq-len", "257"], "longer than the model's context (256"),
     ],
 )

@@ -282,6 +282,8 @@ CASES = [
     Case("convert", "--alpha inf",
          lambda ws: _convert(ws, "--alpha", "inf"), "--alpha must be a finite number"),
     Case("convert", "--alpha -1", lambda ws: _convert(ws, "--alpha", "-1"), "--alpha must be positive"),
+    Case("convert", "--alpha 1e308", lambda ws: _convert(ws, "--alpha", "1e308"),
+         r"--alpha must be positive and at most 1000·r"),
     Case("convert", "--shard-size-mb nan", lambda ws: _convert(ws, "--shard-size-mb", "nan"),
          f"--shard-size-mb {NAN_FLAG}"),
     Case("convert", "--seed -1",
