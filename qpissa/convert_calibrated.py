@@ -12,6 +12,7 @@ from the spools in checkpoint order (DESIGN.md, "Calibrated conversion").
 
 from __future__ import annotations
 
+import pickle
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from qpissa import UserError
 from qpissa.artifacts import CALIBRATION_DIR, PROGRESS_NAME
 from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, write_json
 from qpissa.convert_matrix import DecomposedMatrix, decompose_matrix, one_thread_per_matrix
@@ -28,6 +30,7 @@ from qpissa.layer_stream import InputStatistics, first_layer_inputs, loaded_laye
 from qpissa.memory import return_freed_memory
 from qpissa.methods import DecomposeSettings
 from qpissa.nf4 import dequantize_stored
+from qpissa.safetensors_file import read_header
 from qpissa.stored import adapter_key
 
 HIDDEN_NAME = "hidden.pt"  # in OUT.partial/calibration/: the inputs of the next layer to calibrate
@@ -80,7 +83,7 @@ def calibrate_layers(
     batch = max(1, BATCH_TOKENS // run.windows.shape[1])
     inputs = first_layer_inputs(stack, list(torch.split(run.windows, batch)))
     if state["layers_done"]:  # resumed: the saved inputs of the next layer replace the embeddings
-        inputs.hidden = torch.load(folder / HIDDEN_NAME, weights_only=True, map_location=run.device)
+        inputs.hidden = _resumed_hidden(folder, state["layers_done"], run.device)
     # one pool for every layer, not one per layer: new threads would each take a fresh malloc arena
     with ThreadPoolExecutor(run.workers) as pool:
         for index in range(state["layers_done"], len(stack.layers)):
@@ -108,6 +111,22 @@ def calibrate_layers(
             return_freed_memory()
     state["layer_of"] = {name: _layer_index(name, stack.prefix) for name in state["metrics"]}
     write_json(partial / PROGRESS_NAME, progress)
+
+
+def _resumed_hidden(folder: Path, layers_done: int, device: torch.device) -> list[torch.Tensor]:
+    """The saved inputs of the next layer, once the spools of the layers done are checked whole.
+
+    Raises:
+        UserError: a spool or the hidden states damaged (a disk full, a file edited): named, with the fix.
+    """
+    fix = "use --overwrite to start the conversion over"
+    for index in range(layers_done):
+        read_header(folder / spool_name(index), fix)  # its length against the file's
+    try:
+        return torch.load(folder / HIDDEN_NAME, weights_only=True, map_location=device)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        reason = " ".join(str(error).split())
+        raise UserError(f"{folder / HIDDEN_NAME} is truncated or corrupt ({reason}); {fix}") from None
 
 
 def spooled(partial: Path, progress: dict, module: str) -> DecomposedMatrix | None:

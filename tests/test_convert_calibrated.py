@@ -193,32 +193,40 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_resume_after_a_kill_between_layers_gives_identical_bytes(
-    calibrated: Path, tiny_chat_model: Path, calib_text: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "out"
+def _killed_after_the_first_layer(model: Path, calib_text: Path, tmp_path: Path) -> list[str]:
+    """Run a calibrated conversion into `tmp_path/out` killed once layer 0 is recorded; its arguments."""
     script = tmp_path / "killed.py"
     script.write_text(_KILL_AFTER_FIRST_SPOOL)
-    args = [
-        "convert",
-        str(tiny_chat_model),
-        str(out),
-        "--rank",
-        "4",
-        "--iters",
-        "2",
-        "--calib",
-        str(calib_text),
-        *CALIB,
-    ]
+    args = ["convert", str(model), str(tmp_path / "out"), "--rank", "4", "--iters", "2",
+            "--calib", str(calib_text), *CALIB]  # fmt: skip
     done = subprocess.run(
         [sys.executable, str(script), "--quiet", *args], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == -signal.SIGKILL, done.stderr
     progress = json.loads((tmp_path / "out.partial" / "progress.json").read_text())
     assert progress["calibration"]["layers_done"] == 1, "killed after layer 1's spool, before its record"
+    return args
+
+
+def test_resume_after_a_kill_between_layers_gives_identical_bytes(
+    calibrated: Path, tiny_chat_model: Path, calib_text: Path, tmp_path: Path
+) -> None:
+    args = _killed_after_the_first_layer(tiny_chat_model, calib_text, tmp_path)
     assert main(["--quiet", *args, "--resume"]) == 0
-    assert _file_bytes(out) == _file_bytes(calibrated)
+    assert _file_bytes(tmp_path / "out") == _file_bytes(calibrated)
+
+
+@pytest.mark.parametrize("damaged", ["hidden.pt", "layer-00000.safetensors"])
+def test_resume_names_a_damaged_calibration_file(
+    tiny_chat_model: Path, calib_text: Path, tmp_path: Path, capsys: pytest.CaptureFixture, damaged: str
+) -> None:
+    args = _killed_after_the_first_layer(tiny_chat_model, calib_text, tmp_path)
+    path = tmp_path / "out.partial" / "calibration" / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert main(["--quiet", *args, "--resume"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("qpissa: error: ") and "\n" not in error, error
+    assert f"{damaged} is truncated or corrupt" in error and "use --overwrite" in error, error
 
 
 def test_data_free_conversion_records_no_calibration(tiny_chat_model: Path, tmp_path: Path) -> None:
