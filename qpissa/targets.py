@@ -196,15 +196,18 @@ def _nothing_to_convert(reader: CheckpointReader, architecture: Architecture) ->
 def _too_small(
     spec: str, rank: int, too_small: list[str], targets: list[str], candidates: dict[str, tuple[int, int]]
 ) -> str:
-    smallest = min(min(candidates[name]) for name in targets)
+    narrowest = min(targets, key=lambda name: min(candidates[name]))
+    smallest = min(candidates[narrowest])
     fine = sorted({module_type(t) for t in targets if rank < min(candidates[t])})
     fix = (
-        f"use --rank {smallest - 1} at most (the smallest side of the targets is {smallest}; a quarter "
-        "of it is usual)"
+        f"use --rank {smallest - 1} at most (the smallest side of the targets is {smallest}, "
+        f"{module_type(narrowest)}'s {candidates[narrowest]}; a quarter of it is usual)"
     )
     if fine and len(fine) < len({module_type(t) for t in targets}):
         fix += f", or leave them out with --targets {','.join(fine)}"
     shown = ", ".join(too_small[:3]) + (" …" if len(too_small) > 3 else "")
+    if len(too_small) > 1:
+        shown = f"{len(too_small)} of the {len(targets)} targets ({shown})"
     return f"--rank {rank} is not below min(out, in) of {shown} (--targets {spec}); {fix}"
 
 
