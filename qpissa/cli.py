@@ -310,6 +310,7 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "overrides",
         nargs="*",
+        default=[],  # else Python 3.11's argparse lists it as required when CONFIG is missing
         help="overrides of any recipe key or TrainingArguments option: key=value or --key value, "
         "dotted for groups: data.max_seq_len=512 --report_to tensorboard",
     )

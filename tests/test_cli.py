@@ -71,6 +71,11 @@ def test_usage_mistakes_are_one_line_that_points_at_help(capsys: pytest.CaptureF
     assert capsys.readouterr().err == (
         "qpissa: error: the following arguments are required: out; see `qpissa convert --help`\n"
     )
+    with pytest.raises(SystemExit):
+        main(["train"])  # the overrides after CONFIG are optional
+    assert capsys.readouterr().err == (
+        "qpissa: error: the following arguments are required: config; see `qpissa train --help`\n"
+    )
     assert main(["convert", "model", "out", "--rnak", "3"]) == 2
     assert (
         capsys.readouterr().err
