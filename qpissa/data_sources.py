@@ -95,6 +95,12 @@ def load_records(
             "leave them unset, or point at a folder, a save_to_disk directory or a Hub dataset"
         )
     read = _read(path, subset)
+    if not isinstance(read, dict) and (subset is not None or split != "train"):  # a save_to_disk'd Dataset
+        asked = f"subset {subset!r}" if subset is not None else f"split {split!r}"
+        raise UserError(
+            f"dataset {path} is one saved Dataset, which has no subsets or splits (asked for {asked}); leave "
+            "them unset, or save a DatasetDict with its splits"
+        )
     return _nonempty(_split(read, split, path, split_setting) if isinstance(read, dict) else read, path)
 
 
@@ -145,7 +151,8 @@ def _heldout(names: list[str], path: Path, split_setting: str) -> str:
 
 def _detected_format(dataset: datasets.Dataset, path: Path, format_setting: str | None) -> DataFormat:
     data_format = detect_format(dataset[0], f"{path} record 0", format_setting)
-    log.info("data %s: format %s (detected; set format to choose)", path, data_format.value)
+    choose = f"; set {format_setting} to choose" if format_setting else ""  # convert --calib has none
+    log.info("data %s: format %s (detected%s)", path, data_format.value, choose)
     return data_format
 
 

@@ -169,6 +169,21 @@ def test_saved_dataset_dict_split(tmp_path: Path) -> None:
     assert load_records(tmp_path / "saved", split="validation")["text"] == ["validation"]
 
 
+def test_a_saved_dataset_has_no_split_or_subset_to_choose(tmp_path: Path) -> None:
+    """One saved Dataset (not a DatasetDict) is all its records: a split or subset asked of it would be
+    ignored, so it is refused, as for a single file."""
+    import datasets
+
+    datasets.Dataset.from_list([{"text": "all"}]).save_to_disk(str(tmp_path / "saved"))
+    assert load_records(tmp_path / "saved")["text"] == ["all"]
+    with pytest.raises(
+        UserError, match=r"is one saved Dataset, which has no subsets or splits \(asked for split"
+    ):
+        load_records(tmp_path / "saved", split="validation")
+    with pytest.raises(UserError, match=r"\(asked for subset 'main'\)"):
+        load_records(tmp_path / "saved", subset="main")
+
+
 def test_evaluation_without_a_split_named_reads_the_held_out_one(tmp_path: Path) -> None:
     import datasets
 
@@ -386,3 +401,18 @@ def test_a_byte_order_mark_is_read_past(tmp_path: Path) -> None:
     for name in ("a.jsonl", "a.json", "a.csv"):
         records, data_format = load_source(DataSource(tmp_path / name))
         assert data_format is DataFormat.PROMPT_COMPLETION and records[0]["prompt"] == "a", name
+
+
+def test_the_detected_format_line_names_the_setting_that_chooses_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Training and eval say which setting chooses the format; `convert --calib`, which has none, does not."""
+    path = _write_jsonl(tmp_path / "data.jsonl", [{"text": "a record"}])
+    with caplog.at_level("INFO", logger="qpissa.data_sources"):
+        load_source(DataSource(path))
+        load_source(DataSource(path), format_setting=None)
+    lines = [record.getMessage() for record in caplog.records if "detected" in record.getMessage()]
+    assert lines == [
+        f"data {path}: format text (detected; set data.format to choose)",
+        f"data {path}: format text (detected)",
+    ]
