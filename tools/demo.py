@@ -12,17 +12,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import warnings
 from pathlib import Path
 
-import torch
-import transformers
-
-from qpissa import hide_library_deprecation_notes
-from qpissa.console import summary_table
-from qpissa.convert import convert
-from qpissa.convert_settings import ConvertSettings, Method
-from qpissa.models import fetch_demo_model
+from qpissa import hide_library_deprecation_notes, hide_library_progress_bars
 
 PROMPT = "In one sentence: why does quantizing a neural network lose accuracy?"
 
@@ -35,6 +29,14 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     hide_library_deprecation_notes()  # as the CLI does: notes users can do nothing about
+    if not sys.stderr.isatty():  # as the CLI does: a log gets no bars; tqdm reads this at its import
+        hide_library_progress_bars()
+    import transformers
+
+    from qpissa.console import summary_table
+    from qpissa.convert import convert
+    from qpissa.convert_settings import ConvertSettings, Method
+    from qpissa.models import fetch_demo_model
 
     model_dir = fetch_demo_model("smollm2-135m", args.workdir / "smollm2-135m")
     print(f"original model: {model_dir}")
@@ -63,6 +65,7 @@ def main() -> None:
 
 def chat_once(qpissa_dir: Path, prompt: str) -> str:
     """Greedy answer from the converted model, loaded the way any transformers + PEFT user would."""
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
