@@ -6,6 +6,7 @@ config.json's `quantization_config`, the adapter parts joined into one PEFT adap
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -28,6 +29,8 @@ from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, copy_tensors,
 from qpissa.outputs import check_replaceable
 from qpissa.stored import ADAPTER_KEY, adapter_key, write_lora_config
 from qpissa.targets import module_type
+
+log = logging.getLogger(__name__)
 
 
 def plan_shards(
@@ -74,17 +77,23 @@ def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite:
         fix = "it records an interrupted conversion: use --overwrite to start over"
         progress = read_json(partial / PROGRESS_NAME, fix, required=("fingerprint", "shards", "seconds"))
         if progress["fingerprint"] != fingerprint:
+            differences = _differences(progress["fingerprint"], fingerprint)
             raise UserError(
-                f"{partial} was started with other settings or another model; rerun with the same options, "
+                f"{partial} was started with other settings ({differences}); rerun with the same options, "
                 "or use --overwrite to start over"
             )
         return progress
     if resume and (out_dir / REPORT_NAME).is_file():
-        if read_report(out_dir)["fingerprint"] == fingerprint:
+        recorded = read_report(out_dir)["fingerprint"]
+        if recorded == fingerprint:
             return None
+        differences = _differences(recorded, fingerprint)
         raise UserError(
-            f"{out_dir} holds a finished conversion with other settings; use --overwrite to replace it"
+            f"{out_dir} holds a finished conversion with other settings ({differences}); use --overwrite to "
+            "replace it"
         )
+    if resume and not partial.exists():
+        log.info("%s holds no interrupted conversion: --resume starts it from the beginning", partial)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         check_replaceable(out_dir, "OUT", (REPORT_NAME,), "a QPiSSA directory")  # else --overwrite is refused
         raise UserError(
@@ -106,6 +115,27 @@ def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite:
     progress = {"fingerprint": fingerprint, "shards": [], "seconds": 0.0}
     write_json(partial / PROGRESS_NAME, progress)
     return progress
+
+
+def _differences(recorded: dict, current: dict) -> str:
+    """What differs between two conversions' fingerprints, as the user sets it (`--rank, --calib data`)."""
+    names = []
+    for key in sorted(set(recorded) | set(current)):
+        before, now = recorded.get(key), current.get(key)
+        if before == now:
+            continue
+        if key in ("settings", "calibration") and isinstance(before, dict) and isinstance(now, dict):
+            changed = sorted(name for name in set(before) | set(now) if before.get(name) != now.get(name))
+            if key == "settings":
+                names += [f"--{name.replace('_', '-')}" for name in changed]
+            else:  # the tokens drawn, or dtypes chosen for this device
+                names += [_CALIBRATION_PARTS.get(name, f"calibration {name} dtype") for name in changed]
+        else:
+            names.append({"model": "MODEL", "sketch": "--sketch-dtype auto as resolved here"}.get(key, key))
+    return ", ".join(names)
+
+
+_CALIBRATION_PARTS = {"sha256": "the --calib data's contents"}
 
 
 def record_shard(partial: Path, progress: dict, shard_file: str, layers: list[dict]) -> None:

@@ -145,8 +145,32 @@ def test_interrupted_output_needs_resume_or_overwrite(tiny_model: Path, tmp_path
 def test_resume_with_other_settings_is_refused(tiny_model: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     assert main(["--quiet", "convert", str(tiny_model), str(out), "--rank", "4"]) == 0
-    status = main(["--quiet", "convert", str(tiny_model), str(out), "--rank", "8", "--resume"])
-    assert status == 2 and "other settings" in capsys.readouterr().err
+    status = main(["--quiet", "convert", str(tiny_model), str(out), "--rank", "8", "--seed", "3", "--resume"])
+    assert (
+        status == 2
+        and "holds a finished conversion with other settings (--rank, --seed)" in capsys.readouterr().err
+    )
+
+
+def test_resume_names_calibration_data_that_changed(tiny_chat_model: Path, tmp_path: Path, capsys) -> None:
+    """The same --calib path with other contents draws other tokens: the refusal says it is the data."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The first version of the calibration text, long enough for a window. " * 40)
+    args = ["--quiet", "convert", str(tiny_chat_model), str(tmp_path / "out"), "--rank", "4", "--iters", "1",
+            "--calib", str(calib), "--calib-samples", "2", "--calib-seq-len", "16"]  # fmt: skip
+    assert main(args) == 0
+    calib.write_text("A second, edited version of that text, also long enough for two windows. " * 40)
+    assert main([*args, "--resume"]) == 2
+    assert "other settings (the --calib data's contents); use --overwrite" in capsys.readouterr().err
+
+
+def test_resume_with_nothing_to_resume_says_it_starts_over(tiny_model: Path, tmp_path: Path, caplog) -> None:
+    with caplog.at_level("INFO", logger="qpissa.convert_output"):
+        assert (
+            main(["--quiet", "convert", str(tiny_model), str(tmp_path / "out"), "--rank", "4", "--resume"])
+            == 0
+        )
+    assert "out.partial holds no interrupted conversion: --resume starts it from the beginning" in caplog.text
 
 
 def test_widths_the_cpu_kernel_decodes_wrongly_are_refused_on_a_cpu(
