@@ -23,8 +23,12 @@ REQUIRED_FIELDS = {
     DataFormat.ALPACA: ("instruction", "output"),
     DataFormat.TEXT: ("text",),
 }
-# the answer of the formats without turns, for the empty-answer count
-RESPONSE_FIELDS = {DataFormat.PROMPT_COMPLETION: "completion", DataFormat.ALPACA: "output"}
+# the trained text of the formats without turns, for the empty-answer count
+RESPONSE_FIELDS = {
+    DataFormat.PROMPT_COMPLETION: "completion",
+    DataFormat.ALPACA: "output",
+    DataFormat.TEXT: "text",
+}
 # ShareGPT speaker names (`from`) as chat roles: the original's and the variants seen in the wild
 SHAREGPT_ROLES = {
     "system": "system",
@@ -255,6 +259,12 @@ def _render_chat(
             )
         segments.append((before[len(done) :], not response_only))
         response = after[len(before) :]
+        if message["content"].strip() and not response.replace(tokenizer.eos_token or "", "").strip():
+            raise UserError(
+                f"the chat template renders the assistant's turn without its text (it rendered {response!r} "
+                f"for {message['content'][:40]!r}), so training would learn only the end of turn; fix the "
+                "template, or write the records as prompt_completion"
+            )
         if tokenizer.eos_token and tokenizer.eos_token not in response:
             response += tokenizer.eos_token
         segments.append((response, True))

@@ -67,8 +67,8 @@ def _check_records(
         empty += checked.empty_answer
     if empty:
         log.warning(
-            "data %s: %d of %d records have an empty answer; trained, they teach the model to answer "
-            "nothing (only the end of turn is left to learn): fill or remove them", source.path, empty,
+            "data %s: %d of %d records have an empty answer (or text); trained, they teach the model to "
+            "answer nothing (only the end of turn is left to learn): fill or remove them", source.path, empty,
             len(dataset),
         )  # fmt: skip
     if unknown_roles:

@@ -226,6 +226,20 @@ def test_messages_need_a_chat_template(tokenizer) -> None:
     check_tokenizer(plain, DataFormat.PROMPT_COMPLETION)
 
 
+def test_a_chat_template_that_drops_the_answer_is_refused(tokenizer) -> None:
+    """A template rendering only the first turn would train every record on the end-of-turn token alone."""
+    from copy import deepcopy
+
+    dropping = deepcopy(tokenizer)
+    dropping.chat_template = "{{ messages[0].content }}"
+    record = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    with pytest.raises(UserError, match=r"renders the assistant's turn without its text .* for '4'\)"):
+        render(record, DataFormat.MESSAGES, dropping)
+    assert "4" in "".join(
+        text for text, trained in render(record, DataFormat.MESSAGES, tokenizer).segments if trained
+    )
+
+
 def test_collate_pads_right_and_masks_padding() -> None:
     batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], 0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]

@@ -371,6 +371,7 @@ def test_records_with_an_empty_answer_are_counted_in_a_warning(
     sources = {
         "pc.jsonl": [{"prompt": "a", "completion": ""}, {"prompt": "b", "completion": "c"}],
         "chat.jsonl": [{"messages": chat}, {"messages": [*chat[:1], {"role": "assistant", "content": "yo"}]}],
+        "text.jsonl": [{"text": ""}, {"text": "some prose"}],
     }
     for name, records in sources.items():
         path = _write_jsonl(tmp_path / name, records)
@@ -378,8 +379,8 @@ def test_records_with_an_empty_answer_are_counted_in_a_warning(
         with caplog.at_level("WARNING", logger="qpissa.data_sources"):
             load_source(DataSource(path))
         assert [r.getMessage() for r in caplog.records] == [
-            f"data {path}: 1 of 2 records have an empty answer; trained, they teach the model to answer "
-            "nothing (only the end of turn is left to learn): fill or remove them"
+            f"data {path}: 1 of 2 records have an empty answer (or text); trained, they teach the model to "
+            "answer nothing (only the end of turn is left to learn): fill or remove them"
         ]
 
 
