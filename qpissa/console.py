@@ -91,14 +91,20 @@ def export_summary(report: dict, out_dir: Path) -> str:
 
 
 def lora_summary(report: dict) -> str:
-    """Why the rank doubled and how far the adapter on the original is from the trained model, in words."""
+    """Why the adapter has the rank written (2r, or --rank's) and how far the adapter on the original is
+    from the trained model, in words."""
     d = report["details"]
     r, r2 = d["trained_rank"], 2 * d["trained_rank"]
+    if d["truncation"] is None:
+        why, rank = f"Why the rank doubled (r = {r} -> 2r = {r2})", "r and lora_alpha are both doubled"
+    else:  # what was written is --rank's, not 2r
+        k = d["rank"]
+        why = f"Why rank {k} (r = {r} -> 2r = {r2}, re-truncated to {k} by --rank)"
+        rank = f"it is re-truncated to rank {k} below, with lora_alpha = s·{k}"
     lines = [
-        f"Why the rank doubled (r = {r} -> 2r = {r2}): QPiSSA trained B', A' on top of the residual "
-        "W_res = W − s·B·A. On the original weights W the trained model is W + s·(B'A' − BA) = "
-        f"W + s·[B', −B]·[A'; A], a LoRA of rank 2r; r and lora_alpha are both doubled, so the scale "
-        f"s = {d['scale']:g} is unchanged.",
+        f"{why}: QPiSSA trained B', A' on top of the residual W_res = W − s·B·A. On the original weights W "
+        "the trained model is W + s·(B'A' − BA) = W + s·[B', −B]·[A'; A], a LoRA of rank 2r; "
+        f"{rank}, so the scale s = {d['scale']:g} is unchanged.",
         "How far it is from the trained model: the trained model used the NF4-quantized residual deq(Q), "
         "this adapter on W uses W_res itself. Their difference, the residual's NF4 error W_res − deq(Q), "
         f"measures {d['residual_nf4_error']['relative_fro']:.3%} of ‖W‖ (Frobenius, all adapted matrices); "

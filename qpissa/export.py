@@ -18,7 +18,16 @@ from tqdm.auto import tqdm
 import qpissa
 from qpissa import UserError
 from qpissa.architecture import Architecture, read_architecture
-from qpissa.artifacts import CONFIG_NAME, EXPORT_REPORT, OWN_JSON, ModelSource, resolve_source
+from qpissa.artifacts import (
+    CHECKPOINT_PREFIX,
+    CONFIG_NAME,
+    EXPORT_REPORT,
+    OWN_JSON,
+    ModelSource,
+    has_adapter,
+    read_run,
+    resolve_source,
+)
 from qpissa.chat_template import save_chat_template, saved_chat_template
 from qpissa.checkpoint import ShardedWriter, copy_side_files, write_json
 from qpissa.export_lora import LoraInputs, check_lora_inputs, check_trained, write_lora, write_readme
@@ -51,10 +60,47 @@ def export(
         UserError: no adapter, an adapter that does not fit the residual, a missing original model, an
             `out_dir` that exists (without `overwrite`, or is not an earlier export) or lies inside (or
             around) an input, or another process writing it;
-            raised before anything is written.
+            raised before anything is written. Also when training, still writing the run, deletes the
+            checkpoint being read (nothing is left written then either).
     """
     started = time.perf_counter()
     source = resolve_source(run)
+    try:
+        return _export(run, source, out_dir, settings, overwrite, show_progress, started)
+    # a deleted file fails safetensors and os.stat with FileNotFoundError, read_json with UserError, PEFT
+    # with ValueError: each is told as the vanished checkpoint, and only when that checkpoint is gone
+    except (FileNotFoundError, ValueError, UserError):
+        if not _checkpoint_vanished(source):
+            raise
+        raise UserError(
+            f"checkpoint {source.adapter_dir} vanished while export read it: training is still writing run "
+            f"{source.run_dir} and removed it (save_total_limit keeps the newest checkpoints only); nothing "
+            "was written: export again, or when training ends"
+        ) from None
+
+
+def _checkpoint_vanished(source: ModelSource) -> bool:
+    """A training run still being written rotates its checkpoints (`save_total_limit`): the one read may
+    be deleted under the export, which then fails on a missing file, not on a mistake of the user."""
+    adapter = source.adapter_dir
+    return (
+        source.run_dir is not None
+        and adapter is not None
+        and adapter.name.startswith(CHECKPOINT_PREFIX)
+        and not has_adapter(adapter)
+    )
+
+
+def _export(
+    run: Path,
+    source: ModelSource,
+    out_dir: Path,
+    settings: ExportSettings,
+    overwrite: bool,
+    show_progress: bool,
+    started: float,
+) -> dict:
+    """`export` of the resolved `source`; `started`: when the command started, for the report."""
     if source.adapter_dir is None:
         raise UserError(
             f"{run} has no adapter to export (no complete adapter/ directory); pass a training run, a "
@@ -102,6 +148,8 @@ def export(
                 run, source, residual, architecture, trained, lora_inputs, partial, dtype, settings,
                 show_progress,
             )  # fmt: skip
+            if lora_inputs is not None:
+                write_readme(partial, out_dir, report)
         except BaseException:  # this process made `partial`: nothing of it is worth keeping
             shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -144,6 +192,7 @@ def _write(
     report = {
         "kind": settings.to.value,
         "source": {"run": str(run), "base_dir": str(source.base_dir), "adapter_dir": str(source.adapter_dir)},
+        "data": _run_data(source),
         "settings": to_dict(settings),
         "dtype": dtype_name(dtype),
         "matrices": len(trained.shapes),
@@ -153,9 +202,16 @@ def _write(
         "peak_rss_mb_write": write_peak_mb,  # before --verify loads models
         "versions": {"qpissa": qpissa.__version__, "torch": torch.__version__},
     }
-    if lora_inputs is not None:
-        write_readme(partial, report)
     return report
+
+
+def _run_data(source: ModelSource) -> dict | None:
+    """The run's data settings (format, max_seq_len, training data) as its marker records them, for
+    `qpissa eval` of the export to read its data as it would for the run; None without a run."""
+    if source.run_dir is None:
+        return None
+    config = read_run(source.run_dir).get("config")
+    return config.get("data") if isinstance(config, dict) else None
 
 
 def _check_fits(adapter: Adapter, residual: Residual, architecture: Architecture) -> None:

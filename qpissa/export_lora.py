@@ -59,7 +59,8 @@ def check_lora_inputs(
     """Find the initial adapter and the original model and check that they fit the trained adapter.
 
     Raises:
-        UserError: no initial adapter, no original model, shapes that differ, or `--rank` above 2r.
+        UserError: no initial adapter, no original model, shapes that differ, an original model that is
+            not the one converted (`_check_converted_from`), or `--rank` above 2r.
     """
     initial_dir = source.base_dir / ADAPTER_DIR  # the untrained B, A written by `qpissa convert`
     if not has_adapter(initial_dir):
@@ -84,10 +85,48 @@ def check_lora_inputs(
             f"{original.model_dir} is not the model {source.base_dir} was converted from ({wrong[0]} is "
             "missing or has another shape); pass the right one with --base DIR"
         )
+    inputs = LoraInputs(initial=initial, original=original)
+    _check_converted_from(source.base_dir, residual, inputs, architecture)
     if settings.rank is not None and settings.rank > 2 * trained.rank:
         exact = 2 * trained.rank
         raise UserError(f"--rank {settings.rank} is above the exact rank 2r = {exact}; use --rank ≤ {exact}")
-    return LoraInputs(initial=initial, original=original)
+    return inputs
+
+
+# The conversion recorded each matrix's error ‖W − deq(Q) − s·B·A‖ against the W it was converted from
+# (qpissa_report.json, err_fro): on that W it comes out again, to float rounding. On another model with
+# the same shapes it is about ‖W' − W‖, of the order of ‖W‖ itself, ten times the NF4 error. Twice
+# the recorded error is far above any rounding and far below such a model; three matrices across the
+# depth (first, middle, last) show it at the cost of three matrix reads, whatever the model's size. A
+# model that differs from W by less than its NF4 error (a light fine-tune of it) is not told apart.
+WRONG_BASE_FACTOR = 2.0
+
+
+def _check_converted_from(
+    base_dir: Path, residual: Residual, inputs: LoraInputs, architecture: Architecture
+) -> None:
+    """The original model must be the one `base_dir` was converted from: on another, the LoRA would add
+    the trained change to weights it was never computed for.
+
+    Raises:
+        UserError: a probed matrix is much farther from deq(Q) + s·B·A than the conversion measured.
+    """
+    recorded = {layer["name"]: layer["err_fro"] for layer in read_report(base_dir)["layers"]}
+    stored = architecture.stored_names()
+    modules = sorted(module for module in inputs.initial.shapes if stored.get(module, module) in recorded)
+    probes = dict.fromkeys(modules[i] for i in (0, len(modules) // 2, -1)) if modules else {}
+    for module in probes:
+        name = stored.get(module, module)
+        A0, B0 = inputs.initial.factors(module)
+        rebuilt = residual.weight(name) + inputs.initial.scale * (B0 @ A0)
+        W = inputs.original_weight(architecture, module)
+        error, norm = _sq(W - rebuilt) ** 0.5, max(_sq(W), 1e-30) ** 0.5
+        if error > WRONG_BASE_FACTOR * recorded[name] + 1e-6 * norm:
+            raise UserError(
+                f"{inputs.original.model_dir} is not the model {base_dir} was converted from: its {module} "
+                f"is {error / norm:.1%} of its norm away from deq(Q) + s·B·A, where the conversion measured "
+                f"{recorded[name] / norm:.1%} on the original ({REPORT_NAME}); pass that one with --base DIR"
+            )
 
 
 def check_trained(source: ModelSource, trained: Adapter) -> None:
@@ -190,16 +229,18 @@ def write_lora(
     }  # fmt: skip
 
 
-def write_readme(partial: Path, report: dict) -> None:
-    """The adapter's README.md: how to load it, why its rank doubled, how far it is from the trained model."""
+def write_readme(partial: Path, out_dir: Path, report: dict) -> None:
+    """The adapter's README.md: how to load it from `out_dir` (where `partial` ends up), why its rank
+    doubled, how far it is from the trained model."""
     base = report["details"]["base_model"]
     text = (
         "# LoRA adapter exported by qpissa\n\n"
-        f"A PEFT LoRA adapter for the original model `{base}`, exported from the QPiSSA run "
-        f"`{report['source']['run']}`. Load it with plain transformers + PEFT:\n\n"
+        f"A PEFT LoRA adapter of rank {report['details']['rank']} for the original model `{base}`, "
+        f"exported from the QPiSSA run `{report['source']['run']}`. Load it with plain transformers + PEFT "
+        "(the paths are where export wrote them; change them if you move the model or this adapter):\n\n"
         "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
         f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
-        'model = PeftModel.from_pretrained(base, "ADAPTER_DIR")\n```\n\n'
+        f'model = PeftModel.from_pretrained(base, "{out_dir.resolve()}")\n```\n\n'
         f"{lora_summary(report)}\n"
     )
     (partial / ADAPTER_README).write_text(text)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qpissa import UserError
-from qpissa.artifacts import RUN_MARKER, read_run
+from qpissa.artifacts import EXPORT_REPORT, RUN_MARKER, ModelSource, is_qpissa_dir, read_json, read_run
 from qpissa.data import IGNORE_INDEX, collate, pad_token_id, tokenize_split
 from qpissa.data_formats import Sample
 from qpissa.data_sources import load_heldout
@@ -45,19 +46,21 @@ def evaluate(
             (unless `settings.adapter` is False).
     """
     source = checked_source(model_or_run, adapter=settings.adapter)
-    run_data = _run_data_config(source.run_dir)
-    recorded = run_data["format"] if run_data else None
+    run_data = _run_data(source)
+    recorded = run_data.settings["format"] if run_data else None
     data_format = settings.format or (DataFormat(recorded) if recorded else None)
     # no format given or recorded: detected, as training does
     records, data_format, split = load_heldout(data_path, settings.split, data_format, "--split", "--format")
+    if run_data is not None:
+        _say_recorded(run_data, data_path, settings)
+        _warn_training_data(run_data, data_path, split)
     if settings.metric is Metric.ACCURACY and data_format is DataFormat.TEXT:
         raise UserError("format text has no answers to match; use --metric loss or ppl")
     if settings.max_seq_len is not None:
         check_context(source.base_dir, settings.max_seq_len, "--max-seq-len")
     context = model_context(source.base_dir)
-    max_seq_len = settings.max_seq_len or (
-        run_data["max_seq_len"] if run_data else min(DEFAULT_EVAL_LENGTH, context or DEFAULT_EVAL_LENGTH)
-    )
+    default_length = min(DEFAULT_EVAL_LENGTH, context or DEFAULT_EVAL_LENGTH)
+    max_seq_len = settings.max_seq_len or (run_data.settings["max_seq_len"] if run_data else default_length)
     data = DataConfig(path=data_path, format=data_format, max_seq_len=max_seq_len)
     tokenizer = load_tokenizer(source)
     samples, tokenized = tokenize_split(records, data_format, data, tokenizer, "--max-seq-len", context)
@@ -215,17 +218,82 @@ def _prompt_ids(sample: Sample, tokenizer: Any) -> list[int]:
     return tokenizer(sample.prompt, add_special_tokens=add_special)["input_ids"]
 
 
-def _run_data_config(run_dir: Path | None) -> dict[str, Any] | None:
-    """The run's `data` settings (format, max_seq_len), as its marker recorded them."""
-    if run_dir is None:
-        return None
-    config = read_run(run_dir).get("config")
-    data = config.get("data") if isinstance(config, dict) else None
+@dataclass(frozen=True)
+class RunData:
+    """The data settings of the run a model was trained in, and the file that records them.
+
+    Attributes:
+        settings: the run's `data` group (format, max_seq_len, path or sources), as the run recorded it.
+        record: the run's qpissa_run.json, or the export_report.json of an export of the run.
+    """
+
+    settings: dict[str, Any]
+    record: Path
+
+
+def _run_data(source: ModelSource) -> RunData | None:
+    """The data settings of the run MODEL_OR_RUN was trained in: its marker's, or those an export of it
+    keeps (detected instead, the format could be another one the records also fit, and the loss with it)."""
+    if source.run_dir is not None:
+        marker = source.run_dir / RUN_MARKER
+        config = read_run(source.run_dir).get("config")
+        data = config.get("data") if isinstance(config, dict) else None
+        return RunData(_checked_data(data, marker), marker)
+    report = _export_report(source)
+    data = read_json(report, "export again").get("data") if report is not None else None
+    return None if data is None else RunData(_checked_data(data, report), report)
+
+
+def _export_report(source: ModelSource) -> Path | None:
+    """The export_report.json of a merged export (the model) or a LoRA export (the adapter); a QPiSSA
+    directory converted from a merged export may hold a copy of one, which describes another model."""
+    for directory in (source.adapter_dir, source.base_dir):
+        if directory is not None and (directory / EXPORT_REPORT).is_file() and not is_qpissa_dir(directory):
+            return directory / EXPORT_REPORT
+    return None
+
+
+def _checked_data(data: Any, record: Path) -> dict[str, Any]:
+    """A recorded `data` group with a valid format (None: the run detected it) and max_seq_len.
+
+    Raises:
+        UserError: either is missing or invalid in `record`.
+    """
     formats = {None, *(f.value for f in DataFormat)}  # None: the run detected it
     if not isinstance(data, dict) or data.get("format") not in formats:
-        raise UserError(
-            f"{run_dir / RUN_MARKER} records no valid data.format; pass --format and --max-seq-len"
-        )
+        raise UserError(f"{record} records no valid data.format; pass --format and --max-seq-len")
     if not isinstance(data.get("max_seq_len"), int):
-        raise UserError(f"{run_dir / RUN_MARKER} records no valid data.max_seq_len; pass --max-seq-len")
+        raise UserError(f"{record} records no valid data.max_seq_len; pass --max-seq-len")
     return data
+
+
+def _say_recorded(run_data: RunData, data_path: Path, settings: EvalSettings) -> None:
+    """Log which of the run's data settings eval takes, and from where: an export keeps them too."""
+    taken = []
+    if settings.format is None and run_data.settings["format"] is not None:
+        taken.append(f"format {run_data.settings['format']}")
+    if settings.max_seq_len is None:
+        taken.append(f"max_seq_len {run_data.settings['max_seq_len']}")
+    if taken:
+        log.info(
+            "data %s: %s, the trained run's (recorded in %s; --format and --max-seq-len choose)",
+            data_path, ", ".join(taken), run_data.record,
+        )  # fmt: skip
+
+
+def _warn_training_data(run_data: RunData, data_path: Path, split: str) -> None:
+    """Warn when the eval data is what the run trained on (the same resolved path and split as its
+    data.path or one of its data.sources, as training checks its eval_path): that loss measures fit."""
+    data = run_data.settings
+    sources = data.get("sources") or [{"path": data.get("path"), "split": data.get("split")}]
+    trained = {
+        (Path(source["path"]).resolve(), source.get("split") or "train")
+        for source in sources
+        if isinstance(source, dict) and isinstance(source.get("path"), str)
+    }
+    if (data_path.resolve(), split) in trained:
+        log.warning(
+            "eval data %s (split %s) is what the run trained on (its data.path or data.sources, as %s "
+            "records them): its loss measures fit, not held-out loss; evaluate on data the run does not "
+            "train on", data_path, split, run_data.record,
+        )  # fmt: skip

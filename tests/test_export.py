@@ -21,6 +21,7 @@ from qpissa.artifacts import EXPORT_REPORT, RUN_MARKER, resolve_source
 from qpissa.checkpoint import CheckpointReader
 from qpissa.export_verify import decoder_inputs
 from qpissa.loading import load_model
+from qpissa.models import make_tiny_model
 from qpissa.nf4 import quantize_nf4
 from qpissa.stored import Residual, read_adapter
 
@@ -175,9 +176,11 @@ def test_lora_export_differs_by_the_residual_nf4_error(
     assert report["details"]["distance"]["relative_fro"] == pytest.approx(nf4, rel=1e-3)
     readme = (out / "README.md").read_text()
     assert f"r = {RANK} -> 2r = {2 * RANK}" in readme and f"{nf4:.3%}" in readme
+    assert f"adapter of rank {2 * RANK} for the original model `{tiny_chat_model.resolve()}`" in readme
+    assert f'PeftModel.from_pretrained(base, "{out.resolve()}")' in readme  # where it is, not a placeholder
 
 
-def test_lora_rank_truncation_is_the_best_rank_k(trained_run: Path, qpissa_dir: Path, tmp_path: Path):
+def test_lora_rank_truncation_is_the_best_rank_k(trained_run: Path, qpissa_dir: Path, tmp_path: Path, capsys):
     out = tmp_path / "lora"
     k = 5
     argv = ["--quiet", "export", str(trained_run), str(out), "--to", "lora", "--rank", str(k), "--no-verify"]
@@ -192,9 +195,14 @@ def test_lora_rank_truncation_is_the_best_rank_k(trained_run: Path, qpissa_dir: 
         error = (delta - s * B2 @ A2).double().square().sum().item()
         assert error == pytest.approx(tail, rel=1e-3, abs=1e-10)
         dropped, total = dropped + tail, total + delta.double().square().sum().item()
+    assert f"adapter of rank {k} for the original model" in (out / "README.md").read_text()
     truncation = json.loads((out / "export_report.json").read_text())["details"]["truncation"]
     assert truncation["abs_fro"] == pytest.approx(dropped**0.5, rel=1e-3)
     assert 0 < truncation["relative_to_delta_fro"] == pytest.approx((dropped / total) ** 0.5, rel=1e-3)
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"rank-{k} LoRA for ")
+    assert f"Why rank {k} (r = {RANK} -> 2r = {2 * RANK}, re-truncated to {k} by --rank)" in printed
+    assert "Why the rank doubled" not in printed + (out / "README.md").read_text()
 
 
 def test_untrained_export_reproduces_the_original(qpissa_dir: Path, tiny_chat_model: Path, tmp_path: Path):
@@ -313,6 +321,7 @@ def _report_names_missing_model(run: Path, qpissa_dir: Path, tmp_path: Path) -> 
         ("overwrite_other", "exists and is not an export made by qpissa export"),
         ("rank_with_merged", "--rank applies to --to lora only"),
         ("rank_above_2r", "above the exact rank"),
+        ("wrong_base", "of its norm away from deq(Q) + s·B·A"),  # same shapes, another seed's weights
         ("shards_with_lora", "--shard-size-mb applies to --to merged only"),
     ],
 )
@@ -343,6 +352,8 @@ def test_bad_input_is_one_line_exit_2_and_no_output(
         extra = ["--rank", "4"]
     elif case == "rank_above_2r":
         extra = ["--to", "lora", "--rank", str(2 * RANK + 1)]
+    elif case == "wrong_base":
+        extra = ["--to", "lora", "--base", str(make_tiny_model(tmp_path / "other_seed", seed=1))]
     elif case == "shards_with_lora":
         extra = ["--to", "lora", "--shard-size-mb", "100"]
     capsys.readouterr()
@@ -367,3 +378,66 @@ def test_overwrite_replaces_an_earlier_export_once_the_new_one_is_whole(trained_
     second = json.loads((out / EXPORT_REPORT).read_text())
     assert (first["dtype"], second["dtype"]) == ("float32", "bfloat16")
     assert not (out / "stale.txt").exists() and not (tmp_path / "merged.partial").exists()
+
+
+def _ambiguous_data(tmp_path: Path) -> Path:
+    """Records that fit two formats: detected, they read as messages; the run trained prompt_completion."""
+    records = [
+        {"prompt": f"{i}%10=", "completion": f" {i % 10}",
+         "messages": [{"role": "user", "content": f"{i}%10="}, {"role": "assistant", "content": f"{i % 10}"}]}
+        for i in range(20, 26)
+    ]  # fmt: skip
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["merged", "lora"])
+def test_eval_of_an_export_reads_the_data_as_the_run_does(
+    kind: str, trained_run: Path, tmp_path: Path, capsys, caplog: pytest.LogCaptureFixture
+):
+    """The export keeps its run's data.format and max_seq_len: eval of the export scores the same
+    samples as eval of the run (the merged export, the same loss), and says where the settings came from."""
+    data, out = _ambiguous_data(tmp_path), tmp_path / kind
+    argv = ["--quiet", "export", str(trained_run), str(out), "--to", kind, "--dtype", "float32"]
+    assert cli.main([*argv, "--no-verify"]) == 0
+    results = {}
+    for name, model in (("run", trained_run), ("export", out)):
+        capsys.readouterr()
+        with caplog.at_level("INFO", logger="qpissa.task_eval"):
+            assert cli.main(["--quiet", "eval", str(model), "--data", str(data), "--metric", "loss"]) == 0
+        results[name] = json.loads(capsys.readouterr().out)
+    run, exported = results["run"], results["export"]
+    assert (exported["format"], exported["max_seq_len"]) == (run["format"], run["max_seq_len"])
+    assert (run["format"], run["max_seq_len"]) == ("prompt_completion", 32)  # as trained, not detected
+    assert exported["tokens"] == run["tokens"]
+    if kind == "merged":  # the trained model exactly, in float32
+        assert exported["loss"] == pytest.approx(run["loss"], abs=1e-4)
+    said = f"format prompt_completion, max_seq_len 32, the trained run's (recorded in {out / EXPORT_REPORT}"
+    assert said in caplog.text
+
+
+def test_export_of_a_checkpoint_that_training_deletes_is_one_line(
+    trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    """Training still writing the run rotates its checkpoints (save_total_limit): the checkpoint export
+    reads may be deleted under it. That is said in one line, with nothing written."""
+    from qpissa.stored import Adapter
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    shutil.rmtree(run / "adapter")  # not finished: export takes the newest checkpoint
+    newest = max(run.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    read = Adapter.factors
+
+    def rotated(adapter: Adapter, module: str) -> tuple:
+        shutil.rmtree(newest, ignore_errors=True)  # as the Trainer's _rotate_checkpoints does
+        return read(adapter, module)
+
+    monkeypatch.setattr(Adapter, "factors", rotated)
+    out = tmp_path / "out"
+    assert cli.main(["--quiet", "export", str(run), str(out), "--no-verify"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qpissa: error:")]
+    assert len(errors) == 1 and f"checkpoint {newest} vanished while export read it" in errors[0]
+    assert errors[0].endswith("export again, or when training ends")
+    assert not out.exists() and not (tmp_path / "out.partial").exists()

@@ -176,6 +176,34 @@ def test_cli_eval_of_a_run_uses_its_data_format(qpissa_dir: Path, tmp_path: Path
     assert result["adapter"] == str(run / "adapter") and "loss" in result and "accuracy" not in result
 
 
+def test_cli_eval_warns_when_the_data_is_what_the_run_trained_on(
+    qpissa_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Scoring what the run trained on measures fit: warned about, by the resolved path and the split,
+    whether the run names the data as data.path or among data.sources; held-out data is not."""
+    folder = tmp_path / "task"
+    folder.mkdir()
+    train = _data(tmp_path).rename(folder / "train.jsonl")
+    shutil.copy(train, folder / "eval.jsonl")  # the folder's test split
+    run = tmp_path / "run"
+    shutil.copytree(qpissa_dir / "adapter", run / "adapter")
+    monkeypatch.chdir(tmp_path)  # relative paths in a recipe are relative to the working directory
+    cases = [
+        ({"path": "task/train.jsonl"}, [str(train)], True),
+        ({"path": "task/train.jsonl"}, [str(folder / "eval.jsonl")], False),
+        ({"sources": [{"path": "other/name"}, {"path": str(folder), "split": "train"}]}, ["task"], False),
+        ({"sources": [{"path": "other/name"}, {"path": str(folder), "split": "train"}]},
+         ["task", "--split", "train"], True),
+    ]  # fmt: skip
+    for data, where, warned in cases:
+        marker = {"config": {"data": {"format": "prompt_completion", "max_seq_len": 64, **data}}}
+        (run / "qpissa_run.json").write_text(json.dumps({**marker, "model": str(qpissa_dir)}))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="qpissa.task_eval"):
+            assert cli.main(["--quiet", "eval", str(run), "--metric", "loss", "--data", *where]) == 0
+        assert ("is what the run trained on" in caplog.text) is warned, (data, where)
+
+
 def test_cli_eval_errors(qpissa_dir: Path, tmp_path: Path, capsys) -> None:
     # no run and no --format: the format is detected from the data, as training does
     assert cli.main(["--quiet", "eval", str(qpissa_dir), "--data", str(_data(tmp_path))]) == 0
