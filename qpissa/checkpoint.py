@@ -20,7 +20,7 @@ from typing import BinaryIO
 import torch
 
 from qpissa import UserError
-from qpissa.artifacts import CONFIG_NAME, read_json
+from qpissa.artifacts import CONFIG_NAME, EXPORT_REPORT, read_json
 from qpissa.safetensors_file import DTYPE_WIDTHS, read_header
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
@@ -275,14 +275,14 @@ def write_json(path: Path, data: object) -> None:
 def copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
     """Copy tokenizer, chat template, generation config and other non-weight files; return their names.
 
-    qpissa's own records (`qpissa_*.json`: a fetched demo model's marker, a report) describe the input,
-    not the output, and stay behind.
+    qpissa's own records (`qpissa_*.json`: a fetched demo model's marker, a report; a merged export's
+    `export_report.json`) describe the input, not the output, and stay behind.
     """
     copied = []
     for path in sorted(model_dir.iterdir()):
         if (
             path.is_file()
-            and path.name not in (CONFIG_NAME, INDEX_NAME)
+            and path.name not in (CONFIG_NAME, INDEX_NAME, EXPORT_REPORT)
             and not path.name.endswith(WEIGHT_SUFFIXES)
             and not (path.name.startswith("qpissa_") and path.suffix == ".json")
         ):

@@ -205,6 +205,16 @@ def test_lora_rank_truncation_is_the_best_rank_k(trained_run: Path, qpissa_dir: 
     assert "Why the rank doubled" not in printed + (out / "README.md").read_text()
 
 
+def test_a_merged_export_converts_again_without_its_export_record(qpissa_dir: Path, tmp_path: Path):
+    """export_report.json describes the export, not a conversion of it: a copy would make a later
+    `export --overwrite` into that conversion take it for an earlier export and replace it."""
+    merged, converted = tmp_path / "merged", tmp_path / "again"
+    assert cli.main(["--quiet", "export", str(qpissa_dir), str(merged), "--no-verify"]) == 0
+    assert cli.main(["--quiet", "convert", str(merged), str(converted), "--rank", "4", "--iters", "1"]) == 0
+    assert (merged / "export_report.json").is_file() and not (converted / "export_report.json").exists()
+    assert cli.main(["--quiet", "export", str(qpissa_dir), str(converted), "--overwrite", "--no-verify"]) == 2
+
+
 def test_untrained_export_reproduces_the_original(qpissa_dir: Path, tiny_chat_model: Path, tmp_path: Path):
     out = tmp_path / "merged"
     assert cli.main(["--quiet", "export", str(qpissa_dir), str(out), "--dtype", "float32"]) == 0
