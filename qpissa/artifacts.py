@@ -289,7 +289,10 @@ def resolve_source(path: Path) -> ModelSource:
     if (path / CONFIG_NAME).is_file():
         adapter = path / ADAPTER_DIR if has_adapter(path / ADAPTER_DIR) else None
         return ModelSource(path, adapter)
-    raise UserError(f"{path} is not a QPiSSA directory, a training run or a model directory (no config.json)")
+    raise UserError(
+        f"{path} is not a QPiSSA directory, a training run or a model directory (no config.json); point at "
+        "the output of qpissa convert, qpissa train or qpissa export, or a Hugging Face model directory"
+    )
 
 
 def _adapter_base(adapter_dir: Path) -> Path:

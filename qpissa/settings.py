@@ -112,7 +112,10 @@ class ExportSettings:
     )
     rank: int | None = field(
         default=None,
-        metadata={"help": "lora only: re-truncate ΔW to this rank with an SVD (adds a reported error)"},
+        metadata={
+            "help": "lora only: re-truncate ΔW to this rank with an SVD (adds a reported error; default: the "
+            "exact 2r)"
+        },
     )
     base: Path | None = field(
         default=None,
@@ -156,7 +159,9 @@ class EvalSettings:
             "help": "tokens per sample; default: the run's, else 1024 (the model's context if shorter)"
         },
     )
-    max_samples: int | None = field(default=None, metadata={"help": "evaluate only the first N samples"})
+    max_samples: int | None = field(
+        default=None, metadata={"help": "evaluate only the first N samples (default: all)"}
+    )
     split: str | None = field(
         default=None,
         metadata={

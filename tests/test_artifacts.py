@@ -79,7 +79,7 @@ def test_a_plain_model_has_no_adapter_and_anything_else_is_refused(tmp_path: Pat
     (tmp_path / CONFIG_NAME).write_text("{}")
     assert resolve_source(tmp_path).adapter_dir is None
     (tmp_path / "notes").mkdir()
-    with pytest.raises(UserError, match="not a QPiSSA directory, a training run or a model directory"):
+    with pytest.raises(UserError, match=r"\(no config.json\); point at the output of qpissa convert"):
         resolve_source(tmp_path / "notes")
     with pytest.raises(UserError, match="missing does not exist; pass a QPiSSA directory"):
         resolve_source(tmp_path / "missing")
