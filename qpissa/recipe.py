@@ -15,7 +15,7 @@ import yaml
 
 from qpissa import UserError
 from qpissa.artifacts import latest_checkpoint, read_text
-from qpissa.options import apply_overrides, coerce_fields, from_dict, yaml_problem
+from qpissa.options import apply_overrides, coerce_fields, from_dict, got, yaml_problem
 from qpissa.settings import MIN_SEQ_LEN, SEED_LIMIT, DataFormat, Device
 
 AUTO_OPTIM = "auto"  # paged 8-bit AdamW on CUDA, AdamW on CPU; any other name is transformers' own
@@ -101,6 +101,11 @@ class DataConfig:
             raise UserError("`data.sources` is empty; list at least one {path: ...}")
         if self.path is not None:  # the shortcut for one source, checked as one
             DataSource(self.path, self.format, self.subset, self.split, self.samples)
+        self._check_path_only_keys()
+        if self.eval_split is not None and self.eval_path is None:
+            raise UserError(
+                "`data.eval_split` is set but `data.eval_path` is not; add held-out data or drop eval_split"
+            )
         if self.max_seq_len < MIN_SEQ_LEN:
             raise UserError(f"`data.max_seq_len` must be at least {MIN_SEQ_LEN}, got {self.max_seq_len}")
         if self.eval_generate_samples < 0:
@@ -109,6 +114,20 @@ class DataConfig:
             )
         if self.num_proc is not None and self.num_proc < 1:
             raise UserError(f"`data.num_proc` must be at least 1 (or left out), got {self.num_proc}")
+
+    def _check_path_only_keys(self) -> None:
+        """`subset`, `split` and `samples` choose from `data.path`: beside `data.sources` they would be
+        ignored, silently (`format` is not among them: it is the held-out data's format, `eval_format`)."""
+        if self.sources is None:
+            return
+        defaults = {"subset": None, "split": "train", "samples": None}
+        beside = [name for name, default in defaults.items() if getattr(self, name) != default]
+        if beside:
+            keys = ", ".join(f"`data.{name}`" for name in beside)
+            raise UserError(
+                f"the config sets {keys} beside `data.sources`, where only `data.path` takes it; set it on "
+                f"each source instead (`data.sources.N.{beside[0]}`) or drop it"
+            )
 
     def train_sources(self) -> list[DataSource]:
         """The sources to train on: `sources`, or `path` with its own options as the only one."""
@@ -165,8 +184,10 @@ class TrainConfig:
     save_steps: int = field(default=100, metadata={"help": "write output_dir/checkpoint-N every N steps"})
     save_total_limit: int | None = field(default=2, metadata={"help": "keep the last K checkpoints"})
     eval_steps: int | None = field(
-        default=None, metadata={"help": "evaluate every N steps (needs data.eval_path)"}
-    )
+        default=None,
+        metadata={"help": "evaluate every N steps (needs data.eval_path); eval_strategy=steps alone: every "
+                  "logging_steps"},
+    )  # fmt: skip
     resume_from_checkpoint: Path | None = field(
         default=None, metadata={"help": "checkpoint-N directory to resume, or true for output_dir's newest"}
     )
@@ -212,6 +233,13 @@ class TrainConfig:
             )
         if not 0 <= self.seed < SEED_LIMIT:
             problems.append(f"`seed` must be in [0, 2**32), got {self.seed}")
+        shadowed = [name for name in self.trainer if name in {f.name for f in dataclasses.fields(self)}]
+        if shadowed:
+            keys = ", ".join(f"`trainer.{name}`" for name in shadowed)
+            problems.append(
+                f"{keys}: recipe keys go at the top level of the recipe (`{shadowed[0]}: ...`), where qpissa "
+                "checks and records them, not under `trainer`"
+            )
         if self.eval_steps is not None and self.data.eval_path is None:
             problems.append(
                 "`eval_steps` is set but `data.eval_path` is not; add held-out data or drop eval_steps"
@@ -271,8 +299,13 @@ def load_config(path: Path, overrides: list[str]) -> TrainConfig:
         )
     own = {f.name for f in dataclasses.fields(TrainConfig)}
     trainer = {key: values.pop(key) for key in list(values) if key not in own}  # checked by train
-    if isinstance(values.get("trainer"), dict):
-        trainer = {**values["trainer"], **trainer}
+    nested = values.get("trainer") or {}  # `trainer:` with every entry commented out is empty
+    if not isinstance(nested, dict):
+        raise UserError(
+            f"`trainer` must be a mapping of TrainingArguments options ({{report_to: ...}}), "
+            f"{got(nested)}; or write each option at the top level of the recipe"
+        )
+    trainer = {**nested, **trainer}
     if values.get("warmup_ratio") and "warmup_steps" in trainer:  # else warmup_steps would win, silently
         raise UserError(
             f"warmup_ratio={values['warmup_ratio']} and warmup_steps={trainer['warmup_steps']} both set the "

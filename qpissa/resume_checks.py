@@ -6,8 +6,11 @@ checkpoints) is touched: every file Trainer restores is whole, and the saved ada
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from qpissa import UserError
 from qpissa.artifacts import (
@@ -22,30 +25,42 @@ from qpissa.artifacts import (
     trained_on,
 )
 from qpissa.options import to_dict
-from qpissa.recipe import TrainConfig
+from qpissa.recipe import DataConfig, TrainConfig
 from qpissa.stored import read_adapter
+
+if TYPE_CHECKING:
+    import datasets
 
 RESUMED_FILES = ("optimizer.pt", "scheduler.pt")  # what Trainer restores, as torch zips, and the RNG:
 RNG_FILES = "rng_state*.pth"  # rng_state.pth, or rng_state_<rank>.pth per process of a multi-process run
 # what fixes the batches a resumed run replays up to its step: changed, the run would not continue exactly
 CONTINUED_SETTINGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "seed")
-# (the data's path is not among them: a moved or copied file is the same data)
-CONTINUED_DATA = ("format", "subset", "split", "samples", "max_seq_len", "packing", "response_only")
-# what fixes the learning rate of every step: the Trainer restores the optimizer's and the scheduler's
-# state, so a changed value would be ignored (the learning rate) or break the schedule (its length)
-SCHEDULE_SETTINGS = ("learning_rate", "lr_scheduler_type", "warmup_ratio")
-SCHEDULE_TRAINER_OPTIONS = ("warmup_steps", "lr_scheduler_kwargs")
+# every data setting is compared but these, which do not change what is trained on: the held-out data, how
+# many of its answers are generated, how many processes tokenize, and beside data.sources, data.format (the
+# held-out data's format only); and the paths, as a moved or copied file is the same data: what they hold
+# is compared instead, by the fingerprint of the tokenized samples (`check_same_samples`)
+NOT_TRAINED_ON = ("path", "eval_path", "eval_split", "eval_generate_samples", "num_proc")
+FINGERPRINT = "data_fingerprint"  # the run marker's key
+# what fixes the learning rate of every step and each update: the Trainer restores the optimizer's and the
+# scheduler's state, so a changed value would be ignored (the saved parameter groups keep their learning
+# rate, betas, epsilon and weight decay), break the schedule (its length) or fail (another optimizer)
+SCHEDULE_SETTINGS = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay")
+SCHEDULE_TRAINER_OPTIONS = (
+    "warmup_steps", "lr_scheduler_kwargs", "adam_beta1", "adam_beta2", "adam_epsilon", "optim_args",
+    "optim_target_modules",
+)  # fmt: skip
 RUN_LENGTH = ("max_steps", "num_train_epochs")  # free to change on a constant schedule only
 CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
 
 
-def check_checkpoint(checkpoint: Path, config: TrainConfig, source: ModelSource) -> None:
+def check_checkpoint(checkpoint: Path, config: TrainConfig, source: ModelSource, optim: str) -> None:
     """`checkpoint` is a whole checkpoint-N of a run on `source` (the model directory `config.model`
-    names), resumed with the settings that fix its data order and steps.
+    names), resumed with the settings that fix its data order and steps, and with the optimizer `optim`
+    (what `config.optim` resolves to) that saved its state.
 
     Raises:
         UserError: not a checkpoint, a missing or corrupt file, an adapter of another shape, or a run on
-            another model or with other batches, data or seed.
+            another model or with other batches, data, seed or optimizer settings.
     """
     model = config.model
     if not (checkpoint / TRAINER_STATE).is_file():
@@ -85,13 +100,13 @@ def check_checkpoint(checkpoint: Path, config: TrainConfig, source: ModelSource)
             f"layers, but model {model} has a rank-{initial.rank} adapter of {len(initial.shapes)} layers; "
             "resume with the model the run was trained on (its qpissa_run.json names it)"
         )
-    _check_same_run(checkpoint, config, source)
+    _check_same_run(checkpoint, config, source, optim)
 
 
-def _check_same_run(checkpoint: Path, config: TrainConfig, source: ModelSource) -> None:
+def _check_same_run(checkpoint: Path, config: TrainConfig, source: ModelSource, optim: str) -> None:
     """The run the checkpoint belongs to (its qpissa_run.json, when it is still beside it) trained the
-    same conversion (a copy of it is the same) with the same batches, data and seed: anything else would
-    not continue it exactly."""
+    same conversion (a copy of it is the same) with the same batches, data, seed and optimizer: anything
+    else would not continue it exactly."""
     marker_path = checkpoint.parent / RUN_MARKER
     if not marker_path.is_file():
         return
@@ -110,15 +125,14 @@ def _check_same_run(checkpoint: Path, config: TrainConfig, source: ModelSource) 
             f"resume_from_checkpoint {checkpoint} belongs to a run on {marker['model']}, not on model "
             f"{config.model}; resume with model={marker['model']}"
         )
-    before, now = _continued(marker["config"]), _continued(to_dict(config))
-    changed = [f"{key}={value!r}" for key, value in before.items() if now[key] != value]
+    changed = _changed(_continued(marker["config"]), _continued(to_dict(config)))
     if changed:
         raise UserError(
             f"resume_from_checkpoint {checkpoint} continues a run with {', '.join(changed)}, which this "
             "config changes; resume with the run's settings (its qpissa_run.json), or start a new run"
         )
-    before, now = _schedule(marker["config"]), _schedule(to_dict(config))
-    changed = [f"{key}={value!r}" for key, value in before.items() if now.get(key) != value]
+    recorded = (marker.get("runtime") or {}).get("optim", marker["config"].get("optim"))
+    changed = _changed(_schedule(marker["config"], recorded), _schedule(to_dict(config), optim))
     if changed:
         raise UserError(
             f"resume_from_checkpoint {checkpoint} continues a run with {', '.join(changed)}, which this "
@@ -127,22 +141,89 @@ def _check_same_run(checkpoint: Path, config: TrainConfig, source: ModelSource) 
         )
 
 
+def _changed(before: dict, now: dict) -> list[str]:
+    """`key=value` as the run had it for every setting that differs now (None: the run had none)."""
+    keys = [*before, *(key for key in now if key not in before)]
+    return [f"{key}={before.get(key)!r}" for key in keys if now.get(key) != before.get(key)]
+
+
 def _continued(config: dict) -> dict:
-    """A run's settings that fix the batches it replays, flat (`data.max_seq_len`)."""
-    data = config.get("data", {})
-    return {key: config.get(key) for key in CONTINUED_SETTINGS} | {
-        f"data.{key}": data.get(key) for key in CONTINUED_DATA
-    }
+    """A run's settings that fix the batches it replays, by the keys overrides name them with
+    (`data.max_seq_len`, `data.sources.1.samples`); a key the run's record lacks has its default."""
+    defaults = {field.name: field.default for field in dataclasses.fields(DataConfig)}
+    data = _trained_on({**defaults, **config.get("data", {})})
+    if data["sources"] is not None:
+        del data["format"]
+        data["sources"] = [_trained_on(source) for source in data["sources"]]
+    data_seed = (config.get("trainer") or {}).get("data_seed")  # None: the seed (qpissa's default)
+    settings = {key: config.get(key) for key in CONTINUED_SETTINGS}
+    settings["data_seed"] = config.get("seed") if data_seed is None else data_seed
+    return settings | _flat("data", data)
 
 
-def _schedule(config: dict) -> dict:
-    """A run's settings that fix its learning rate at every step (its length too, on a decaying one)."""
+def _trained_on(data: dict) -> dict:
+    """Data settings without those that do not change what is trained on (`NOT_TRAINED_ON`)."""
+    return {key: value for key, value in data.items() if key not in NOT_TRAINED_ON}
+
+
+def _flat(name: str, value: Any) -> dict[str, Any]:
+    """Nested settings one per key, as overrides name them: `data.sources.1.samples`."""
+    if isinstance(value, dict | list):
+        parts = value.items() if isinstance(value, dict) else enumerate(value)
+        return {key: inner for part, item in parts for key, inner in _flat(f"{name}.{part}", item).items()}
+    return {name: value}
+
+
+def _schedule(config: dict, optim: str | None) -> dict:
+    """A run's settings that fix its optimizer's updates and its learning rate at every step (its length
+    too, on a decaying schedule); a Trainer option left out has the Trainer's default."""
     trainer = config.get("trainer") or {}
-    settings = {key: config.get(key) for key in SCHEDULE_SETTINGS}
-    settings |= {key: trainer.get(key) for key in SCHEDULE_TRAINER_OPTIONS}
+    settings = {"optim": optim} | {key: config.get(key) for key in SCHEDULE_SETTINGS}
+    settings |= {key: trainer.get(key, _trainer_default(key)) for key in SCHEDULE_TRAINER_OPTIONS}
     if config.get("lr_scheduler_type") not in CONSTANT_SCHEDULES:
         settings |= {key: config.get(key) for key in RUN_LENGTH}
     return settings
+
+
+def _trainer_default(key: str) -> Any:
+    """TrainingArguments' default of option `key`."""
+    from transformers import TrainingArguments
+
+    return next(field.default for field in dataclasses.fields(TrainingArguments) if field.name == key)
+
+
+def data_fingerprint(rows: datasets.Dataset) -> str:
+    """A hash of the tokenized training samples in their order: recorded with the run, it tells a resume
+    whether the data it names still holds what the run trained on, wherever it lies now."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    digest = hashlib.sha256()
+    for batch in rows.with_format("arrow").iter(batch_size=4096):
+        for name in sorted(batch.column_names):  # input_ids, labels: lists of token ids
+            column = batch.column(name)
+            digest.update(pc.list_value_length(column).to_numpy().astype(np.int64).tobytes())
+            digest.update(pc.list_flatten(column).to_numpy().astype(np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def check_same_samples(checkpoint: Path, fingerprint: str) -> None:
+    """The resumed run's data tokenizes to the samples the checkpoint's run trained on (`data_fingerprint`;
+    a run recorded before the fingerprint was kept is not checked).
+
+    Raises:
+        UserError: other samples: another file or other contents at a data path, or another chat_template.
+    """
+    marker_path = checkpoint.parent / RUN_MARKER
+    if not marker_path.is_file():
+        return
+    recorded = read_json(marker_path, "resume from a checkpoint of an intact run").get(FINGERPRINT)
+    if recorded is not None and recorded != fingerprint:
+        raise UserError(
+            f"resume_from_checkpoint {checkpoint} continues a run on other training samples: what the "
+            "config's data paths hold now (or its chat_template) tokenizes to other samples than the run "
+            "trained on; resume with the run's data, or start a new run"
+        )
 
 
 def _check_torch_file(path: Path, fix: str) -> None:

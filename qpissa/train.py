@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import LocalTokenNotFoundError, OfflineModeIsEnabled
+from huggingface_hub.utils import httpx
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from qpissa import UserError
 from qpissa.artifacts import (
     ADAPTER_DIR,
     EVAL_LOG_NAME,
@@ -52,7 +55,7 @@ from qpissa.memory import estimate_memory
 from qpissa.options import to_dict
 from qpissa.outputs import lock_output, readable_as_umask_allows
 from qpissa.recipe import TrainConfig
-from qpissa.resume_checks import RNG_FILES
+from qpissa.resume_checks import FINGERPRINT, RNG_FILES, check_same_samples, data_fingerprint
 from qpissa.runtime import Runtime, dtype_name, resolve_runtime
 from qpissa.task_eval import evaluate_loss, exact_match
 from qpissa.train_checks import check_inputs, check_output_dir
@@ -70,6 +73,9 @@ from qpissa.trainlog import (
 
 log = logging.getLogger(__name__)
 
+# what creating push_to_hub's repository raises without a network or a login (the Hub's own HTTP errors are
+# httpx's, the transport huggingface_hub uses)
+HUB_ERRORS = (httpx.HTTPError, OfflineModeIsEnabled, LocalTokenNotFoundError)
 PISSA_MAX_LR = 1e-4  # the paper trains at 2e-5; users report PiSSA diverging at 2e-4 (REFERENCE.md §5)
 
 
@@ -89,8 +95,8 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
         UserError: any input problem, detected before anything is written; another process writing
             output_dir.
     """
-    source, resume = check_inputs(config)
     runtime = resolve_runtime(config.device, config.bf16, config.optim)
+    source, resume = check_inputs(config, runtime.optim)
     check_gpu_count(runtime.device.type)
     # checks the options and, under a launcher, joins the process group
     arguments = training_arguments(config, runtime, config.output_dir, show_progress)
@@ -125,22 +131,19 @@ def _train(
         tokenizer.chat_template = template
     context = model_context(source.base_dir)  # how far max_seq_len could be raised, for the advice
     train_data = load_train(config.data, tokenizer, config.seed, context)
+    fingerprint = data_fingerprint(train_data.rows)
+    if resume is not None:
+        check_same_samples(resume, fingerprint)
     eval_samples, eval_data = _load_eval(config, tokenizer, context)
     _warn_learning_rate(config, source)
 
     fsdp = uses_fsdp(arguments)  # FSDP moves each rank's shards to its GPU; the whole model stays off it
     device = torch.device("cpu") if fsdp else runtime.device
     model = load_model(source, trainable=True, device=device, compute_dtype=runtime.dtype)
-    run_dir = config.output_dir  # written only once the model loads: a refused model leaves nothing
-    on_main(partial(_prepare_run_dir, config, runtime, source, resume, arguments, template))
     _adapter_to(model, runtime.dtype if fsdp else torch.float32)
     model.config.use_cache = False  # no KV cache in training; with one, attention ignores packed positions
     pad_id = pad_token_id(tokenizer)
-    if resume is None and not fsdp:  # under FSDP no device holds the whole model before training
-        _log_initial_loss(model, train_data, arguments, pad_id, runtime, run_dir)
-    memory = estimate_memory(model, config, runtime)  # after a first forward: its kernels and buffers count
-    _log_setup(memory, train_data)
-
+    run_dir = config.output_dir
     generate = partial(
         exact_match,
         tokenizer=tokenizer,
@@ -159,14 +162,21 @@ def _train(
     final_evaluation = eval_data is not None and not fsdp  # after training, on the main process
     # the best checkpoint is chosen among the Trainer's evaluations: the last step's is one of them
     best_at_end = arguments.load_best_model_at_end
-    trainer = TokenWeightedTrainer(
+    trainer, refused = _build_trainer(
+        arguments,
         model=model,
-        args=arguments,
         train_dataset=train_data.rows,
         eval_dataset=eval_data.rows if eval_data else None,
         data_collator=packing_collator() if config.data.packing else partial(collate, pad_token_id=pad_id),
         callbacks=[callback, *([NoEvaluationAtTheEnd()] if final_evaluation and not best_at_end else [])],
     )
+    marker = _run_marker(config, runtime, source, arguments, fingerprint)
+    # written only once the model loads and the Trainer is built: a refused run leaves nothing
+    on_main(partial(_prepare_run_dir, config, resume, marker, template, refused))
+    if resume is None and not fsdp:  # under FSDP no device holds the whole model before training
+        _log_initial_loss(model, train_data, arguments, pad_id, runtime, run_dir)
+    memory = estimate_memory(model, config, runtime)  # after a first forward: its kernels and buffers count
+    _log_setup(memory, train_data)
     _quiet_progress(trainer)
     resume_or_finish(trainer, resume)
     _save_adapter(trainer, run_dir, template)
@@ -285,28 +295,57 @@ def _warn_learning_rate(config: TrainConfig, source: ModelSource) -> None:
         )
 
 
+def _build_trainer(arguments: TrainingArguments, **parts: Any) -> tuple[Trainer | None, UserError | None]:
+    """The Trainer, built before the run directory is written (one that fails to build leaves none); or,
+    where push_to_hub's repository cannot be created (the main process alone creates it, as its Trainer is
+    built), no Trainer and the refusal that `_prepare_run_dir` raises on every process."""
+    try:
+        return TokenWeightedTrainer(args=arguments, **parts), None
+    except HUB_ERRORS as error:
+        return None, _push_refused(error, arguments)
+
+
+def _push_refused(error: Exception, arguments: TrainingArguments) -> UserError:
+    """push_to_hub's repository, which the Trainer creates as it is built, cannot be created."""
+    repo = arguments.hub_model_id or Path(arguments.output_dir).absolute().name
+    reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return UserError(
+        f"push_to_hub: the Hugging Face Hub repository {repo} cannot be created ({reason}); check the "
+        "network and that you are logged in (`hf auth login`, or hub_token), or drop push_to_hub"
+    )
+
+
+def _run_marker(
+    config: TrainConfig, runtime: Runtime, source: ModelSource, arguments: TrainingArguments, fingerprint: str
+) -> dict[str, Any]:
+    """The run marker that `resolve_source` reads and a resume checks: the config, what `auto` became, the
+    conversion and the samples trained on, and how many processes train."""
+    resolved = {"device": runtime.device.type, "dtype": dtype_name(runtime.dtype), "optim": runtime.optim}
+    return {
+        "config": to_dict(config),
+        "model": str(source.base_dir),
+        "conversion": read_report(source.base_dir)["fingerprint"],  # what a resume must train on again
+        FINGERPRINT: fingerprint,  # and the samples it must see again
+        "processes": process_record(arguments, processes()),
+        "runtime": resolved,
+    }
+
+
 def _prepare_run_dir(
     config: TrainConfig,
-    runtime: Runtime,
-    source: ModelSource,
     resume: Path | None,
-    arguments: TrainingArguments,
+    marker: dict[str, Any],
     template: str | None,
+    refused: UserError | None,
 ) -> None:
-    """Create output_dir and write the run marker that `resolve_source` reads (with what `auto` became
-    and how many processes train), and the run's chat template."""
+    """Create output_dir and write the run `marker` and the run's chat template; first raise what refused
+    the main process's Trainer (run by `on_main`, so that every process ends with it)."""
+    if refused is not None:
+        raise refused
     run_dir = config.output_dir
     if resume is None and run_dir.exists() and config.overwrite_output_dir:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {"device": runtime.device.type, "dtype": dtype_name(runtime.dtype), "optim": runtime.optim}
-    marker = {
-        "config": to_dict(config),
-        "model": str(source.base_dir),
-        "conversion": read_report(source.base_dir)["fingerprint"],  # what a resume must train on again
-        "processes": process_record(arguments, processes()),
-        "runtime": resolved,
-    }
     write_json(run_dir / RUN_MARKER, marker)
     if template is not None:
         save_chat_template(template, run_dir)

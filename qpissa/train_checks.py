@@ -23,8 +23,9 @@ from qpissa.recipe import TrainConfig
 from qpissa.resume_checks import check_checkpoint
 
 
-def check_inputs(config: TrainConfig) -> tuple[ModelSource, Path | None]:
-    """Validate model, data paths, checkpoint and where output_dir lies, reading only."""
+def check_inputs(config: TrainConfig, optim: str) -> tuple[ModelSource, Path | None]:
+    """Validate model, data paths, checkpoint (saved by the optimizer `optim`, what `config.optim` resolves
+    to) and where output_dir lies, reading only."""
     model_dir = resolve_model(config.model, "model").resolve()
     if not model_dir.exists():
         raise UserError(
@@ -46,7 +47,7 @@ def check_inputs(config: TrainConfig) -> tuple[ModelSource, Path | None]:
     check_apart(config.output_dir, "output_dir", {"model": config.model, **config.data_inputs()})
     resume = config.resume_from_checkpoint
     if resume is not None:
-        check_checkpoint(resume, config, source)
+        check_checkpoint(resume, config, source, optim)
     return source, resume
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 from transformers.integrations import integration_utils
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 from transformers.training_args import OptimizerNames
 from transformers.utils import is_liger_kernel_available
 
@@ -86,6 +87,8 @@ def training_arguments(
         "ddp_find_unused_parameters": False,  # every adapter matrix takes part in each forward pass
     }
     values.update(extra)
+    if values["eval_strategy"] == "steps" and values["eval_steps"] is None:
+        values["eval_steps"] = config.logging_steps  # the Trainer's default, its logging_steps, is 1 here
     _check_optimizer(values["optim"])
     if values.get("eval_strategy", "no") != "no" and config.data.eval_path is None:
         raise UserError("eval_strategy is set but data.eval_path is not; add held-out data or drop it")
@@ -99,7 +102,25 @@ def training_arguments(
     except (ValueError, TypeError, ImportError) as error:
         reason = " ".join(str(error).split())
         raise UserError(f"a Trainer option is invalid: {reason}; fix it in the recipe or overrides") from None
+    _check_save_best(arguments)
     return arguments
+
+
+def _check_save_best(arguments: TrainingArguments) -> None:
+    """save_strategy=best saves when an evaluation improves the metric: without a metric the Trainer fails
+    with a traceback, and without evaluations it saves nothing, silently."""
+    if arguments.save_strategy != SaveStrategy.BEST:
+        return
+    if arguments.metric_for_best_model is None:
+        raise UserError(
+            "save_strategy=best needs metric_for_best_model=loss (the held-out loss, which the Trainer's "
+            "evaluations measure); set it, or use save_strategy=steps"
+        )
+    if arguments.eval_strategy == IntervalStrategy.NO:
+        raise UserError(
+            "save_strategy=best saves a checkpoint only when an evaluation improves the held-out loss, but "
+            "the run evaluates nothing; set eval_steps (with data.eval_path), or use save_strategy=steps"
+        )
 
 
 def _check_optimizer(name: str) -> None:

@@ -46,3 +46,11 @@ def test_warmup_steps_replace_the_recipes_ratio_only_when_it_is_turned_off(tmp_p
     config = load_config(demo, ["warmup_ratio=0", "warmup_steps=10"])
     arguments = training_arguments(config, resolve_runtime(), tmp_path, show_progress=False)
     assert arguments.warmup_steps == 10 and arguments.get_warmup_steps(100) == 10
+
+
+def test_data_format_beside_sources_is_kept_as_the_held_out_datas_format() -> None:
+    """Unlike `data.samples`, `split` and `subset`, which beside `data.sources` are refused, `data.format`
+    there reads eval_path (and `qpissa eval` of the run): it is accepted and used."""
+    mix = next(path for path in CONFIGS if path.name == "mix-chat.yaml")
+    config = load_config(mix, ["data.format=prompt_completion"])
+    assert config.data.sources and config.data.eval_format() is DataFormat.PROMPT_COMPLETION

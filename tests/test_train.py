@@ -135,6 +135,89 @@ def test_a_run_on_a_constant_schedule_resumes_longer_at_its_learning_rate(
     assert [row["learning_rate"] for row in rows if row["step"] > 0] == [1e-2] * 4
 
 
+@pytest.fixture(scope="module")
+def mixed_run(qpissa_dir: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two steps on two data sources, 8 records drawn from each; checkpoint-2 is the last step."""
+    tmp = tmp_path_factory.mktemp("mixed")
+    sources = [{"path": str(data_dir / name), "samples": 8} for name in ("train.jsonl", "eval.jsonl")]
+    data = {"path": None, "sources": sources}
+    config = _config(tmp, qpissa_dir, data_dir, max_steps=2, save_steps=2, eval_steps=None, data=data)
+    assert cli.main(["--quiet", "train", str(config)]) == 0
+    return tmp / "run"
+
+
+def _resume_a_copy(run: Path, tmp_path: Path, *overrides: str) -> tuple[Path, int]:
+    """Resume a copy of `run` from its newest checkpoint with the recipe it was trained with, overridden."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(json.loads((copy / "qpissa_run.json").read_text())["config"]))
+    status = cli.main(["--quiet", "train", str(recipe), f"output_dir={copy}", "resume_from_checkpoint=true",
+                       *overrides])  # fmt: skip
+    return copy, status
+
+
+@pytest.mark.parametrize(
+    ("base", "overrides", "message"),
+    [
+        ("run", ["optim=adafactor"], "with optim='adamw_torch', which this config changes, but the check"),
+        ("run", ["adam_beta2=0.99", "adam_epsilon=1e-6"], "with adam_beta2=0.999, adam_epsilon=1e-08, which"),
+        ("run", ["weight_decay=0.1", "optim_args=amsgrad=True"], "weight_decay=0.0, optim_args=None, which"),
+        ("run", ["data.path=DATA/eval.jsonl"], "continues a run on other training samples: what the config"),
+        ("run", ["data_seed=7"], "with data_seed=3, which this config changes"),
+        (
+            "mixed_run",
+            ["data.sources.0.samples=16", "data.sources.1.samples=2"],
+            "with data.sources.0.samples=8.0, data.sources.1.samples=8.0, which this config changes",
+        ),
+        (
+            "mixed_run",
+            ["data.sources=[{path: DATA/train.jsonl}]"],
+            "with data.sources.0.samples=8.0, data.sources.1.samples=8.0, data.sources.1.split='train', whi",
+        ),
+        ("mixed_run", ["data.sources.1.path=DATA/train.jsonl"], "continues a run on other training samples"),
+    ],
+)
+def test_a_resume_with_other_optimizer_or_data_settings_is_refused_and_touches_nothing(
+    base: str,
+    overrides: list[str],
+    message: str,
+    data_dir: Path,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    capsys,
+) -> None:
+    """The saved optimizer state would win over other optimizer settings, silently; other data would not
+    continue the run: both are refused before anything in the run directory changes."""
+    original = request.getfixturevalue(base)
+    overrides = [override.replace("DATA", str(data_dir)) for override in overrides]
+    copy, status = _resume_a_copy(original, tmp_path, *overrides)
+    assert status == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("qpissa: error: resume_from_checkpoint")
+    assert message.replace("DATA", str(data_dir)) in error
+    assert sorted(path.relative_to(copy) for path in copy.rglob("*")) == sorted(
+        path.relative_to(original) for path in original.rglob("*")
+    )
+    for name in ("qpissa_run.json", "trainer_log.jsonl"):
+        assert (copy / name).read_bytes() == (original / name).read_bytes()
+
+
+def test_a_resume_with_what_does_not_change_the_training_is_accepted(
+    run: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """`auto` is the optimizer it resolved to, the Trainer's defaults are as good as left out, the held-out
+    data's settings and tokenizing processes do not change what is trained, and a moved data file is the
+    same data."""
+    moved = tmp_path / "moved" / "train.jsonl"
+    moved.parent.mkdir()
+    shutil.copy(data_dir / "train.jsonl", moved)
+    overrides = ["optim=adamw_torch", "adam_beta2=0.999", "data.eval_generate_samples=0", "data.num_proc=1",
+                 f"data.path={moved}"]  # fmt: skip
+    copy, status = _resume_a_copy(run, tmp_path, *overrides)
+    assert status == 0 and _losses(copy) == _losses(run)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import types
 from pathlib import Path
 
 import pytest
 import torch
-from test_train import _config, _losses
+from huggingface_hub.errors import OfflineModeIsEnabled
+from huggingface_hub.utils import httpx
+from test_train import _config, _evals, _losses
 
 from qpissa import cli
 from qpissa.artifacts import resolve_source
@@ -57,6 +60,21 @@ def test_any_trainer_option_and_flag_overrides_reach_the_trainer(
             "metric_for_best_model=accuracy: the Trainer's evaluations measure only the held-out loss",
         ),
         (["--use_liger_kernel"], "use_liger_kernel needs liger-kernel"),
+        (
+            ["trainer={learning_rate: 0.5}"],
+            "`trainer.learning_rate`: recipe keys go at the top level of the recipe (`learning_rate: ...`)",
+        ),
+        (
+            ["trainer={logging_steps: 2, per_device_train_batch_size: 8, seed: 7}"],
+            "`trainer.logging_steps`, `trainer.per_device_train_batch_size`, `trainer.seed`: recipe keys go",
+        ),
+        (["trainer=5"], "`trainer` must be a mapping of TrainingArguments options ({report_to: ...}), got 5"),
+        (["save_strategy=best"], "save_strategy=best needs metric_for_best_model=loss"),
+        (
+            ["save_strategy=best", "metric_for_best_model=loss", "eval_steps=null"],
+            "save_strategy=best saves a checkpoint only when an evaluation improves the held-out loss, but "
+            "the run evaluates nothing",
+        ),
     ],
 )
 def test_bad_trainer_options_are_one_line_errors(
@@ -69,6 +87,94 @@ def test_bad_trainer_options_are_one_line_errors(
 ) -> None:
     pytest.importorskip("tensorboard")
     assert cli.main(["--quiet", "train", str(_config(tmp_path, qpissa_dir, data_dir)), *overrides]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("qpissa: error:") and message in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_trainer_mapping_cannot_send_the_run_into_the_input_model(
+    qpissa_dir: Path, data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """`trainer: {output_dir: MODEL}` would pass every check made on the top-level output_dir, and the
+    Trainer would write its checkpoints into the model directory."""
+    model = tmp_path / "model"
+    shutil.copytree(qpissa_dir, model)
+    before = sorted(model.rglob("*"))
+    config = _config(tmp_path, model, data_dir, max_steps=1, trainer={"output_dir": str(model)})
+    assert cli.main(["--quiet", "train", str(config)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("qpissa: error: `trainer.output_dir`: recipe keys go at the top level")
+    assert sorted(model.rglob("*")) == before and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "message"),
+    [
+        (httpx.ConnectError("[Errno -2] Name or service not known"), 2, "Name or service not known"),
+        (OfflineModeIsEnabled("offline mode is enabled"), 2, "offline mode is enabled"),
+        (RuntimeError("boom"), 1, "this is a bug in qpissa"),  # no Hub error: not a user's mistake
+    ],
+    ids=["no network", "HF_HUB_OFFLINE", "another error"],
+)
+def test_push_to_hub_without_the_hub_is_one_line_and_a_failing_trainer_writes_nothing(
+    failure: Exception,
+    status: int,
+    message: str,
+    qpissa_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys,
+) -> None:
+    """The Trainer creates push_to_hub's repository as it is built; whatever fails while it is built, the
+    run directory is not written yet."""
+    import transformers.trainer
+
+    def create_repo(*args: object, **kwargs: object) -> None:
+        raise failure
+
+    hub = types.SimpleNamespace(create_repo=create_repo)
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    config = _config(tmp_path, qpissa_dir, data_dir, max_steps=1)
+    assert cli.main(["--quiet", "train", str(config), "push_to_hub=true"]) == status
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error
+    if status == 2:
+        assert error.startswith("qpissa: error: push_to_hub: the Hugging Face Hub repository run cannot be")
+        assert error.endswith("or hub_token), or drop push_to_hub")
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_strategy_steps_without_eval_steps_evaluates_every_logging_steps(
+    qpissa_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """As transformers does: its default eval_steps is the logging_steps the user set, not the 1 that qpissa
+    hands the Trainer so that trainer_log.jsonl gets every step."""
+    changes = {"max_steps": 4, "eval_steps": None, "logging_steps": 2, "eval_strategy": "steps",
+               "save_strategy": "no", "data": {"eval_generate_samples": 0}}  # fmt: skip
+    assert cli.main(["--quiet", "train", str(_config(tmp_path, qpissa_dir, data_dir, **changes))]) == 0
+    assert [row["step"] for row in _evals(tmp_path / "run")] == [2, 4]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.samples=2"], "the config sets `data.samples` beside `data.sources`, where only `data.path`"),
+        (["data.split=validation"], "`data.split` beside `data.sources`, where only `data.path` takes it"),
+        (["data.subset=foo", "data.samples=2"], "`data.subset`, `data.samples` beside `data.sources`"),
+        (
+            ["data.eval_path=null", "eval_steps=null", "data.eval_split=test"],
+            "`data.eval_split` is set but `data.eval_path` is not; add held-out data or drop eval_split",
+        ),
+    ],
+)
+def test_data_keys_that_would_be_ignored_are_refused(
+    overrides: list[str], message: str, qpissa_dir: Path, data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """`data.subset`, `split` and `samples` choose from `data.path` only, and `eval_split` from eval_path."""
+    data = {"path": None, "sources": [{"path": str(data_dir / "train.jsonl")}]}
+    config = _config(tmp_path, qpissa_dir, data_dir, max_steps=1, data=data)
+    assert cli.main(["--quiet", "train", str(config), *overrides]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("qpissa: error:") and message in error
     assert not (tmp_path / "run").exists()
