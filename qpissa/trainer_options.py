@@ -35,7 +35,10 @@ SET_BY_QPISSA = {
     "remove_unused_columns": "qpissa's collator needs the labels column",
     "disable_tqdm": "use --quiet",
     "include_num_input_tokens_seen": "tokens/s in trainer_log.jsonl needs it",
+    "activation_checkpointing": "set the recipe key gradient_checkpointing (transformers 5 renamed it)",
 }
+# deprecated TrainingArguments names -> their transformers 5 names, which qpissa passes
+RENAMED = {"gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
 
 
 OPTIMIZERS_NEEDING_THE_MODEL = ("galore", "apollo", "lomo")  # built from the model's own modules
@@ -50,7 +53,7 @@ def training_arguments(
         UserError: a key that is neither a recipe key nor a TrainingArguments field, one qpissa sets
             itself, a value of the wrong type, or one TrainingArguments rejects (naming it and the fix).
     """
-    extra = _checked(config.trainer)
+    extra = {RENAMED.get(key, key): value for key, value in _checked(config.trainer).items()}
     evaluate = config.eval_steps is not None
     values = {
         "output_dir": str(run_dir),
@@ -65,8 +68,9 @@ def training_arguments(
         "max_steps": config.max_steps,
         "num_train_epochs": config.num_train_epochs,
         "optim": runtime.optim,
-        "gradient_checkpointing": config.gradient_checkpointing,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        # the recipe keeps transformers 4's name; transformers 5 deprecates it for activation_checkpointing
+        "activation_checkpointing": config.gradient_checkpointing,
+        "activation_checkpointing_kwargs": {"use_reentrant": False},
         "bf16": runtime.bf16,
         "fp16": runtime.device.type == "cuda" and not runtime.bf16,  # GPUs without bf16: loss scaling
         "use_cpu": runtime.device.type == "cpu",

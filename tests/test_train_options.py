@@ -37,6 +37,27 @@ def test_any_trainer_option_and_flag_overrides_reach_the_trainer(
     assert args["lr_scheduler_type"] == "cosine_with_restarts"
 
 
+def test_checkpointing_reaches_the_trainer_by_its_new_name_without_a_warning(
+    qpissa_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """transformers 5 deprecates gradient_checkpointing for activation_checkpointing: the recipe keeps its
+    key, and the Trainer gets the new name (no FutureWarning in a user's own Python)."""
+    import warnings
+
+    from qpissa.recipe import load_config
+    from qpissa.runtime import resolve_runtime
+    from qpissa.trainer_options import training_arguments
+
+    config = load_config(_config(tmp_path, qpissa_dir, data_dir, gradient_checkpointing=False), [])
+    config.trainer["gradient_checkpointing_kwargs"] = {"use_reentrant": True}
+    runtime = resolve_runtime(config.device, config.bf16, config.optim)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        arguments = training_arguments(config, runtime, tmp_path / "run", show_progress=False)
+    assert arguments.activation_checkpointing is False
+    assert arguments.activation_checkpointing_kwargs == {"use_reentrant": True}
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -48,6 +69,10 @@ def test_any_trainer_option_and_flag_overrides_reach_the_trainer(
         ),
         (["optim=adamw"], "did you mean adamw_torch"),
         (["use_cpu=true"], "`use_cpu` is set by qpissa: set device: cpu instead"),
+        (
+            ["activation_checkpointing=false"],
+            "`activation_checkpointing` is set by qpissa: set the recipe key",
+        ),
         (["--learning_rat", "1e-4"], "unknown setting `learning_rat`"),
         (["--max_stepz", "2"], "did you mean `max_steps`?"),
         (["--report_to", "wandb"], "wandb package is not installed"),
