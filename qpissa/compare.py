@@ -10,8 +10,10 @@ config, so the comparison differs only in the method (DESIGN.md principle 4). OU
     report.md, report.html, summary.json, *.png
 
 Each step is skipped when its result is already in OUT with the same inputs, so a re-run (or a run
-that was interrupted) redoes nothing that is finished. Conversions and training runs execute in a
-fresh process each, so their recorded peak memory is theirs alone.
+that was interrupted) redoes nothing that is finished. A re-run continues one comparison: its --methods
+add to those OUT holds, and every method's fidelity (and, with --train, its run) is brought to this
+run's settings, so that one report never mixes measurements made under different ones. Conversions and
+training runs execute in a fresh process each, so their recorded peak memory is theirs alone.
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ from qpissa.artifacts import (
     RUNS_DIR,
     ModelSource,
     latest_checkpoint,
+    partial_dir,
     read_json,
     read_report,
     read_run,
     resolve_source,
 )
 from qpissa.calibration import OVERLAP_NGRAM, calibration_tokens, overlap_tokens
+from qpissa.chat_template import resolve_chat_template
 from qpissa.checkpoint import CheckpointReader, auto_config, write_json
 from qpissa.convert import check_conversion, convert
 from qpissa.convert_settings import CompareSettings, ConvertSettings, Method
@@ -100,7 +104,7 @@ def compare(
     check_heldout(model_dir, fidelity_settings)  # a bad --text fails now, not after the conversions
     _check_calibration(model_dir, convert_settings, fidelity_settings)  # and bad --calib data too
     if settings.train is not None:
-        _check_train_config(settings.train, out_dir)
+        _check_train_config(settings.train, out_dir, model_dir)
     for variant in _variants(settings.method_list, convert_settings).values():  # before OUT is written:
         _, plan, _ = check_conversion(model_dir, variant)  # the targets, rank and device
         check_cpu_decoding(plan, variant.blocksize, "cpu")  # fidelity loads every conversion on the CPU
@@ -121,7 +125,7 @@ def _compare(
 ) -> dict:
     """`compare` while this process holds OUT's lock."""
     record = _prepare_output(out_dir, _fingerprint(model_dir, convert_settings))
-    variants = _variants(settings.method_list, convert_settings)
+    variants = _variants(_compared_methods(out_dir, record, settings.method_list), convert_settings)
     record["methods"] += [name for name in variants if name not in record["methods"]]
     run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None, "steps": []}
     record["history"].append(run)
@@ -135,6 +139,31 @@ def _compare(
     run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json(out_dir / COMPARE_NAME, record)
     return record
+
+
+def _compared_methods(out_dir: Path, record: dict, asked: list[Method]) -> list[Method]:
+    """The methods of an earlier run of OUT, then the new ones asked now: the report shows every method
+    OUT holds, so each is measured (and trained) with this run's settings, not left with older ones.
+
+    Raises:
+        UserError: compare.json names a method qpissa does not know (it was edited or damaged).
+    """
+    known = {method.value for method in Method}
+    earlier = [str(name).removesuffix(CALIBRATED_DIR_SUFFIX) for name in record["methods"]]
+    unknown = [name for name in earlier if name not in known]
+    if unknown:
+        raise UserError(
+            f"{out_dir / COMPARE_NAME} names unknown methods ({', '.join(unknown)}); it is written by "
+            "`qpissa compare`: choose a new OUT"
+        )
+    methods = list(dict.fromkeys([*map(Method, earlier), *asked]))
+    kept = [method.value for method in methods if method not in asked]
+    if kept:
+        log.info(
+            "%s holds %s from an earlier run as well: compared too, with this run's fidelity settings "
+            "(and --train)", out_dir, ", ".join(kept),
+        )  # fmt: skip
+    return methods
 
 
 def _variants(methods: list[Method], base: ConvertSettings) -> dict[str, ConvertSettings]:
@@ -158,12 +187,26 @@ def _convert_step(
     """Convert one variant, unless a finished conversion with identical settings is already there."""
     target = out_dir / CONVERSIONS_DIR / name
     if (target / REPORT_NAME).is_file():
-        convert(model_dir, target, settings, resume=True)  # checks the fingerprint; returns at once
+        _check_finished(model_dir, target, settings)
+        log.info("%s: converted already, with the same settings; reused", target)
         return _step(name, "convert", target, "reused", 0.0)
     started = time.perf_counter()
-    log.info("converting %s -> %s", name, target)
-    in_fresh_process(convert, model_dir, target, settings, resume=True, show_progress=show_progress)
+    interrupted = partial_dir(target).exists()  # continued; else no note on a --resume nobody passed
+    log.info("%s %s -> %s", "continuing" if interrupted else "converting", name, target)
+    in_fresh_process(convert, model_dir, target, settings, resume=interrupted, show_progress=show_progress)
     return _step(name, "convert", target, "done", time.perf_counter() - started)
+
+
+def _check_finished(model_dir: Path, target: Path, settings: ConvertSettings) -> None:
+    """Check a finished conversion against `settings` as `convert --resume` does (it returns at once),
+    without its note that the report follows: `qpissa convert` prints that report, compare does not."""
+    notes = logging.getLogger(convert.__module__)
+    level = notes.level
+    notes.setLevel(max(logging.WARNING, notes.getEffectiveLevel()))  # its warnings still show
+    try:
+        convert(model_dir, target, settings, resume=True)
+    finally:
+        notes.setLevel(level)
 
 
 def _fidelity_steps(
@@ -178,9 +221,12 @@ def _fidelity_steps(
         target = out_dir / CONVERSIONS_DIR / name
         key_here = {**key, "conversion": read_report(target)["fingerprint"]}
         path = target / FIDELITY_NAME
-        if _measured_key(path) == key_here:
+        measured = _measured_key(path)
+        if measured == key_here:
             steps.append(_step(name, "fidelity", path, "reused", 0.0))
             continue
+        if measured is not None:
+            log.info("%s was measured with other fidelity settings or text: measuring it again", path)
         if original is None:
             original = load_model(ModelSource(model_dir, None), compute_dtype=torch.float32)
         model = load_model(resolve_source(target), compute_dtype=torch.float32)
@@ -242,9 +288,10 @@ def _check_calibration(model_dir: Path, settings: ConvertSettings, fidelity: Fid
         )  # fmt: skip
 
 
-def _check_train_config(config_path: Path, out_dir: Path) -> None:
+def _check_train_config(config_path: Path, out_dir: Path, model_dir: Path) -> None:
     """Validate the training config and its data before any conversion starts (model and output_dir are
-    compare's)."""
+    compare's), and what `train` would refuse only after them: a conversion has the original's context
+    and tokenizer."""
     overrides = [f"model={out_dir / CONVERSIONS_DIR}", f"output_dir={out_dir / RUNS_DIR}"]
     config = load_config(config_path, overrides)
     check_apart(out_dir, "OUT", config.data_inputs())
@@ -255,6 +302,10 @@ def _check_train_config(config_path: Path, out_dir: Path) -> None:
         load_source(source)
     if data.eval_path is not None:
         load_heldout(data.eval_path, data.eval_split, data.eval_format(), "data.eval_split")
+    check_context(model_dir, data.max_seq_len, f"--train {config_path}: `data.max_seq_len`")
+    load_tokenizer(ModelSource(model_dir, None))  # training reads the tokenizer a conversion copies
+    if config.chat_template:
+        resolve_chat_template(config.chat_template)
 
 
 def _run_identity(config: dict) -> dict:
@@ -271,16 +322,45 @@ def _fingerprint(model_dir: Path, convert_settings: ConvertSettings) -> dict:
     return {"model": str(model_dir.resolve()), "convert": shared}
 
 
-def _differences(before: dict, now: dict) -> str:
-    """What an earlier comparison was made with, where this one differs (`--rank 8 (not 16)`)."""
+def _mismatch(out_dir: Path, before: dict, now: dict) -> str:
+    """Why OUT's comparison cannot be continued, in the options the user gives (`--rank 4`, `no --calib`,
+    `the default --iters`), and how to go on."""
     if before.get("model") != now["model"]:
-        return f"another model ({before.get('model')})"
-    settings, asked = before.get("convert", {}), now["convert"]
-    changed = [
-        f"--{key.replace('_', '-')} {settings.get(key)} (not {'the default' if value is None else value})"
-        for key, value in asked.items() if settings.get(key) != value
-    ]  # fmt: skip
-    return ", ".join(changed) if changed else "other settings"
+        return (
+            f"{out_dir} holds a comparison of another model ({before.get('model')}); rerun with that MODEL "
+            "to continue it, or choose another OUT"
+        )
+    earlier, asked = _as_given(before.get("convert", {})), _as_given(now["convert"])
+    calibrated = earlier.get("calib") is not None and asked.get("calib") is not None
+    keys = [key for key in dict.fromkeys([*asked, *earlier]) if calibrated or not key.startswith("calib_")]
+    changed = [key for key in keys if earlier.get(key) != asked.get(key)]  # calib_*: only beside --calib
+    if not changed:
+        return f"{out_dir} holds a comparison made with other settings; choose another OUT"
+    made = ", ".join(_option(key, earlier.get(key)) for key in changed)
+    wanted = ", ".join(_option(key, asked.get(key)) for key in changed)
+    return (
+        f"{out_dir} holds a comparison made with {made}, where this run asks for {wanted}; rerun with the "
+        "earlier options to continue it, or choose another OUT for these"
+    )
+
+
+def _as_given(convert_settings: dict) -> dict:
+    """Recorded conversion settings as a user gives them: the recorded --power-iters is resolved, and is
+    None here where it is the default of its --calib (4 without, 2 with), which nobody passed."""
+    default = ConvertSettings(calib=convert_settings.get("calib")).resolved_power_iters
+    if convert_settings.get("power_iters") == default:
+        return convert_settings | {"power_iters": None}
+    return convert_settings
+
+
+def _option(key: str, value: object) -> str:
+    """One setting as its flag reads: `--rank 4`, `--no-double-quant`, `no --calib`, `the default --iters`."""
+    flag = "--" + key.replace("_", "-")
+    if value is None:
+        return f"no {flag}" if key == "calib" else f"the default {flag}"
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    return f"{flag} {value}"
 
 
 def _prepare_output(out_dir: Path, fingerprint: dict) -> dict:
@@ -290,10 +370,7 @@ def _prepare_output(out_dir: Path, fingerprint: dict) -> dict:
         fix = "it is written by `qpissa compare`: choose a new OUT"
         record = read_json(record_path, fix, required=("fingerprint", "history", "methods"))
         if record["fingerprint"] != fingerprint:
-            raise UserError(
-                f"{out_dir} holds a comparison with {_differences(record['fingerprint'], fingerprint)}; "
-                "rerun with the same options or choose a new OUT"
-            )
+            raise UserError(_mismatch(out_dir, record["fingerprint"], fingerprint))
         return record
     # a directory holding only conversions/ and runs/ is a comparison begun elsewhere (or before compare.json
     # was written): continue it; each conversion and run is still checked against the settings

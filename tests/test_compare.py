@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -21,6 +22,14 @@ def comparison(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     assert (
         cli.main(["--quiet", "compare", str(tiny_model), str(out), "--methods", "qlora,qpissa", *FLAGS]) == 0
     )
+    return out
+
+
+@pytest.fixture(scope="module")
+def chat_comparison(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished comparison of QLoRA alone on the tiny model with a tokenizer (--calib needs one)."""
+    out = tmp_path_factory.mktemp("compare_chat") / "out"
+    assert cli.main(["--quiet", "compare", str(tiny_chat_model), str(out), "--methods", "qlora", *FLAGS]) == 0
     return out
 
 
@@ -76,7 +85,69 @@ def test_other_settings_in_the_same_out_are_refused(comparison: Path, tiny_model
     args = ["compare", str(tiny_model), str(comparison), "--methods", "qlora", "--rank", "8"]
     assert cli.main(args) == 2
     error = capsys.readouterr().err
-    assert "holds a comparison with --rank 4 (not 8), --iters 2 (not the default); rerun" in error
+    assert error == (
+        f"qpissa: error: {comparison} holds a comparison made with --rank 4, --iters 2, where this run asks "
+        "for --rank 8, the default --iters; rerun with the earlier options to continue it, or choose "
+        "another OUT for these\n"
+    )
+
+
+def test_a_rerun_refusal_names_only_the_options_given(
+    chat_comparison: Path, tiny_chat_model: Path, tmp_path: Path, capsys
+) -> None:
+    """--power-iters (whose default follows --calib) and the --calib-* options are not named; no None."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("a short calibration text. " * 40)
+    record = (chat_comparison / COMPARE_NAME).read_text()
+    args = ["compare", str(tiny_chat_model), str(chat_comparison), "--methods", "qlora,qpissa", *FLAGS,
+            "--calib", str(calib), "--calib-samples", "8", "--calib-seq-len", "16"]  # fmt: skip
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"qpissa: error: {chat_comparison} holds a comparison made with no --calib, where this run asks for "
+        f"--calib {calib}; rerun with the earlier options to continue it, or choose another OUT for these"
+    )
+    assert (chat_comparison / COMPARE_NAME).read_text() == record
+    assert not (chat_comparison / "conversions" / "qpissa").exists()
+
+
+def test_a_rerun_with_other_fidelity_settings_measures_every_method_with_them(
+    chat_comparison: Path,
+    tiny_chat_model: Path,
+    capfd: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """QLoRA, compared by an earlier run, is measured again on the tokens this run asks for: one report
+    never mixes two settings under one label."""
+    caplog.set_level(logging.INFO)  # and so the conversion's own process logs its notes
+    args = ["compare", str(tiny_chat_model), str(chat_comparison), "--methods", "qpissa", *FLAGS,
+            "--max-tokens", "48"]  # fmt: skip
+    assert cli.main(args) == 0
+    steps = json.loads((chat_comparison / COMPARE_NAME).read_text())["history"][-1]["steps"]
+    assert {(s["method"], s["step"], s["status"]) for s in steps} == {
+        ("qlora", "convert", "reused"), ("qpissa", "convert", "done"),
+        ("qlora", "fidelity", "done"), ("qpissa", "fidelity", "done"),
+    }  # fmt: skip
+    summary = json.loads((chat_comparison / "summary.json").read_text())
+    assert summary["methods"] == ["qlora", "qpissa"]
+    assert [row["tokens"] for row in summary["fidelity"].values()] == [47, 47]  # qlora's too: was 94
+    assert "Fidelity measured on 48 tokens of" in (chat_comparison / "report.md").read_text()
+    printed = capfd.readouterr()
+    assert "qlora" in printed.out  # the printed verdict holds every method compared
+    assert "--resume" not in printed.err  # qpissa's conversion logs no note on a flag nobody passed
+    assert f"{chat_comparison} holds qlora from an earlier run as well" in caplog.text  # told, not silent
+
+
+def test_a_reused_conversion_is_logged_as_reused(
+    chat_comparison: Path, tiny_chat_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not as `convert --resume` logs it, with a colon before a report that compare does not print."""
+    args = ["compare", str(tiny_chat_model), str(chat_comparison), "--methods", "qlora", *FLAGS]
+    with caplog.at_level(logging.INFO):
+        assert cli.main(args) == 0
+    messages = [record.getMessage() for record in caplog.records]
+    reused = f"{chat_comparison / 'conversions' / 'qlora'}: converted already, with the same settings; reused"
+    assert reused in messages
+    assert not [message for message in messages if message.endswith(":")]
 
 
 @pytest.mark.parametrize(
@@ -145,7 +216,7 @@ def test_train_runs_each_method_with_one_config_and_reuses_runs(
         assert log[-1]["step"] == 2
     assert "loss_curves" in summary["plots"]
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
-    assert cli.main(args) == 0
+    assert cli.main([*args, "--methods", "qpissa"]) == 0  # qlora stays in the comparison, checked alike
     steps = json.loads((out / COMPARE_NAME).read_text())["history"][-1]["steps"]
     assert {s["status"] for s in steps} == {"reused"} and len(steps) == 6
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()} == stamps
@@ -156,6 +227,29 @@ def test_a_bad_train_config_is_refused_before_converting(tiny_model: Path, tmp_p
     config.write_text("learning_rate: 1.0e-4\nno_such_key: 1\ndata:\n  path: x.jsonl\n")
     assert cli.main(["compare", str(tiny_model), str(tmp_path / "out"), "--train", str(config)]) == 2
     assert "no_such_key" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("model", "max_seq_len", "extra", "message"),
+    [
+        ("tiny_chat_model", 100000, "", "`data.max_seq_len` 100000 is longer than the model's context (256"),
+        ("tiny_model", 32, "", "holds no tokenizer"),
+        ("tiny_chat_model", 32, "chat_template: no_such.jinja", "is neither a file nor a Jinja template"),
+    ],
+)
+def test_a_train_config_the_model_cannot_train_on_is_refused_before_converting(
+    model: str, max_seq_len: int, extra: str, message: str, data_dir: Path, tmp_path: Path, capsys, request
+) -> None:
+    """What `train` would refuse only after every method was converted, for lack of the original's context,
+    tokenizer or a chat template."""
+    config = tmp_path / "train.yaml"
+    config.write_text(f"data:\n  path: {data_dir / 'train.jsonl'}\n  max_seq_len: {max_seq_len}\n{extra}\n")
+    model_dir = request.getfixturevalue(model)
+    args = ["compare", str(model_dir), str(tmp_path / "out"), "--methods", "qlora", "--train", str(config)]
+    assert cli.main([*args, *FLAGS]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("qpissa: error: ") and error.count("\n") == 1 and message in error
     assert not (tmp_path / "out").exists()
 
 
