@@ -255,7 +255,8 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     done = sum(step["status"] == "done" for step in steps)
     outputs = f"{REPORT_HTML}, {REPORT_MARKDOWN}, {SUMMARY_NAME}"
     print("\n".join(read_json(args.out / SUMMARY_NAME, "run the comparison again")["verdict"]))
-    print(f"{done} steps run, {len(steps) - done} reused -> {args.out}/{outputs}")
+    kinds = "conversions, fidelity measurements, training runs"
+    print(f"compare's steps ({kinds}): {done} done now, {len(steps) - done} reused -> {args.out}/{outputs}")
 
 
 def _cmd_report(args: argparse.Namespace) -> None:

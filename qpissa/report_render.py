@@ -55,7 +55,7 @@ def verdict(summary: dict, tail_steps: int) -> list[str]:
     train = summary["training"]
     if train:
         losses = ", ".join(
-            f"{k} {v['tail_loss']:.4f} ({counted(v['tail_steps'], 'step')} up to {v['final_step']})"
+            f"{k} {v['tail_loss']:.4f} (last {counted(v['tail_steps'], 'step')}, to step {v['final_step']})"
             for k, v in train.items()
         )
         lines.append(f"Mean training loss over the last trained steps (at most {tail_steps}): {losses}.")

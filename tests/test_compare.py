@@ -75,7 +75,7 @@ def test_rerun_reuses_finished_steps_and_adds_a_method(comparison: Path, tiny_mo
     assert done == {("loftq", "convert"), ("loftq", "fidelity")}
     assert reused == {(m, s) for m in ("qlora", "qpissa") for s in ("convert", "fidelity")}
     printed = capsys.readouterr().out  # the report's verdict, numbers included, then where it went
-    assert "Mean token KL to the original model" in printed and "2 steps run, 4 reused" in printed
+    assert "Mean token KL to the original model" in printed and ": 2 done now, 4 reused" in printed
     assert {p: p.stat().st_mtime_ns for p in watched} == stamps  # nothing of the first run was rewritten
     summary = json.loads((comparison / "summary.json").read_text())
     assert summary["methods"] == ["qlora", "loftq", "qpissa"]
