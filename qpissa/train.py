@@ -60,7 +60,7 @@ from qpissa.runtime import Runtime, dtype_name, resolve_runtime
 from qpissa.task_eval import evaluate_loss, exact_match
 from qpissa.train_checks import check_inputs, check_output_dir
 from qpissa.trainer_eval import TokenWeightedTrainer
-from qpissa.trainer_options import training_arguments
+from qpissa.trainer_options import checked_options, training_arguments
 from qpissa.trainer_resume import resume_or_finish
 from qpissa.trainlog import (
     JsonlLogCallback,
@@ -95,6 +95,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
         UserError: any input problem, detected before anything is written; another process writing
             output_dir.
     """
+    checked_options(config.trainer)  # a mistyped key first: it may be why the rest looks wrong
     runtime = resolve_runtime(config.device, config.bf16, config.optim)
     source, resume = check_inputs(config, runtime.optim)
     check_gpu_count(runtime.device.type)
@@ -186,7 +187,8 @@ def _train(
                  trainer.state.best_metric)  # fmt: skip
     if final_evaluation and processes().is_main:
         generated = min(len(eval_samples), config.data.eval_generate_samples or 0)
-        log.info("evaluating the final adapter: loss on %d samples, answers generated for %d",
+        log.info("evaluating the final adapter: loss on %d samples, answers generated for %d "
+                 "(data.eval_generate_samples chooses how many; generating is slow on a CPU)",
                  len(eval_data.rows), generated)  # fmt: skip
         bars = not arguments.disable_tqdm
         final = evaluate_loss(

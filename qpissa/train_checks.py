@@ -43,7 +43,10 @@ def check_inputs(config: TrainConfig, optim: str) -> tuple[ModelSource, Path | N
     paths = [source.path for source in config.data.train_sources()] + [config.data.eval_path]
     for path in paths:
         if path is not None and not path.exists() and not is_hub_name(path):
-            raise UserError(f"dataset {path} does not exist; check data.path / data.eval_path")
+            raise UserError(
+                f"dataset {path} does not exist; check data.path / data.eval_path (a relative path is "
+                f"relative to the working directory, {Path.cwd()})"
+            )
     check_apart(config.output_dir, "output_dir", {"model": config.model, **config.data_inputs()})
     resume = config.resume_from_checkpoint
     if resume is not None:

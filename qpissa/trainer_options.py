@@ -53,7 +53,7 @@ def training_arguments(
         UserError: a key that is neither a recipe key nor a TrainingArguments field, one qpissa sets
             itself, a value of the wrong type, or one TrainingArguments rejects (naming it and the fix).
     """
-    extra = {RENAMED.get(key, key): value for key, value in _checked(config.trainer).items()}
+    extra = {RENAMED.get(key, key): value for key, value in checked_options(config.trainer).items()}
     evaluate = config.eval_steps is not None
     values = {
         "output_dir": str(run_dir),
@@ -167,8 +167,9 @@ def _trainer_fields() -> set[str]:
     return {field.name for field in dataclasses.fields(TrainingArguments) if field.init}
 
 
-def _checked(options: dict[str, Any]) -> dict[str, Any]:
-    """The recipe's TrainingArguments options with their types checked (every problem at once)."""
+def checked_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's TrainingArguments options with their types checked (every problem at once): called
+    before the data is read too, so that a mistyped key is told before a data path's problem."""
     known = _trainer_fields()
     hints = typing.get_type_hints(TrainingArguments)
     problems, values = [], {}

@@ -37,6 +37,21 @@ def test_any_trainer_option_and_flag_overrides_reach_the_trainer(
     assert args["lr_scheduler_type"] == "cosine_with_restarts"
 
 
+def test_a_mistyped_key_is_told_before_a_missing_data_path(
+    qpissa_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A wrong key may be why the rest looks wrong (a path relative to another directory): it comes first."""
+    config = _config(tmp_path, qpissa_dir, data_dir, data={"path": "task/train.jsonl"})
+    assert cli.main(["--quiet", "train", str(config), "max_step=4"]) == 2
+    assert "unknown setting `max_step`" in capsys.readouterr().err
+    assert cli.main(["--quiet", "train", str(config), "max_steps=4"]) == 2
+    assert (
+        "task/train.jsonl does not exist; check data.path / data.eval_path (a relative path is relative "
+        "to the working directory" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_checkpointing_reaches_the_trainer_by_its_new_name_without_a_warning(
     qpissa_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:
