@@ -37,7 +37,9 @@ def verdict(summary: dict, tail_steps: int) -> list[str]:
     for label, q in summary["quality"].items():
         if q["method"] != Method.QLORA.value or q["avg_out"] is not None:
             change = "cut" if q[norm] >= 0 else "raised"
-            lines.append(f"{label} (r={q['rank']}, T={q['iters']}) {change} the QLoRA (plain NF4) "
+            named = f" r{q['rank']} T{q['iters']}" in label  # the label says it when methods collide
+            settings = "" if named else f" (r={q['rank']}, T={q['iters']})"
+            lines.append(f"{label}{settings} {change} the QLoRA (plain NF4) "
                          f"quantization error by {abs(q[norm]):.1f} % on average over {len(q['by_type'])} "
                          f"module types ({metric} norm of the weights).")  # fmt: skip
         if q["avg_out"] is not None:

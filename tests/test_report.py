@@ -208,6 +208,9 @@ def test_every_run_of_one_conversion_gets_its_own_row(inputs: dict[str, Path], t
     assert cli.main(["--quiet", "report", str(inputs["run"]), str(other), "--out", str(out)]) == 0
     training = json.loads((out / "summary.json").read_text())["training"]
     assert sorted(training) == ["qpissa r4 T2 (other-run)", "qpissa r4 T2 (run)"]
+    verdict = json.loads((out / "summary.json").read_text())["verdict"]
+    assert [line for line in verdict if line.startswith("qpissa r4 T2 (run) cut the QLoRA")], verdict
+    assert not [line for line in verdict if "(r=4, T=2)" in line], "the label says r and T already"
 
 
 def test_the_report_names_the_base_model_and_what_each_run_trained_on(
