@@ -121,6 +121,8 @@ def loss_curves(curves: dict[str, list[list[float]]], log_steps: bool, path: Pat
         )
     if log_steps:
         ax.set_xscale("log")
+    else:  # steps are whole: no ticks at 0.5 on a short run
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("step" + (" (log scale)" if log_steps else ""))
     ax.set_ylabel("training loss")
     ax.set_title("Training loss")
@@ -136,6 +138,7 @@ def accuracy(values: dict[str, float], path: Path) -> None:
     _bars(
         ax, labels, [100 * values[k] for k in labels], [colour(k, i) for i, k in enumerate(labels)], "{:.1f}"
     )
+    ax.set_ylim(0, 100)  # a percentage: all-zero bars would get a ±0.04 % axis
     ax.set_title("Eval accuracy (exact match), %")
     _save(fig, path)
 
