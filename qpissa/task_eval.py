@@ -254,7 +254,8 @@ def _export_report(source: ModelSource) -> Path | None:
 
 
 def _checked_data(data: Any, record: Path) -> dict[str, Any]:
-    """A recorded `data` group with a valid format (None: the run detected it) and max_seq_len.
+    """A recorded `data` group with a valid format (None: the run detected it; with `data.sources` that
+    all name one, that one) and max_seq_len.
 
     Raises:
         UserError: either is missing or invalid in `record`.
@@ -264,6 +265,9 @@ def _checked_data(data: Any, record: Path) -> dict[str, Any]:
         raise UserError(f"{record} records no valid data.format; pass --format and --max-seq-len")
     if not isinstance(data.get("max_seq_len"), int):
         raise UserError(f"{record} records no valid data.max_seq_len; pass --max-seq-len")
+    named = {source.get("format") for source in data.get("sources") or [] if isinstance(source, dict)}
+    if data["format"] is None and len(named) == 1 and None not in named and named <= formats:
+        return {**data, "format": named.pop()}  # the format training read its eval_path in (eval_format)
     return data
 
 

@@ -267,3 +267,18 @@ def test_samples_cut_at_max_seq_len_are_counted_and_said(
     result = json.loads(capsys.readouterr().out)
     assert (result["samples"], result["dropped"], result["cut"]) == (2, 0, 1)
     assert "1 of 2 samples are longer than max_seq_len=24" in caplog.text and "--max-seq-len" in caplog.text
+
+
+def test_eval_of_a_run_reads_its_data_in_the_format_its_sources_all_name() -> None:
+    """As training reads its eval_path (DataConfig.eval_format): the format every data.sources entry
+    names, where data.format is left out; detected when they name several, or none."""
+    from qpissa.task_eval import _checked_data
+
+    def recorded(*formats: str | None) -> str | None:
+        sources = [{"path": f"s{i}.jsonl", "format": name} for i, name in enumerate(formats)]
+        return _checked_data({"format": None, "max_seq_len": 8, "sources": sources}, Path("qpissa_run.json"))[
+            "format"
+        ]
+
+    assert recorded("alpaca", "alpaca") == "alpaca"
+    assert recorded("alpaca", "messages") is None and recorded("alpaca", None) is None
