@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import functools
 import json
@@ -40,6 +41,7 @@ from qpissa.console import convert_summary, counted, export_summary
 from qpissa.convert_settings import CompareSettings, ConvertSettings
 from qpissa.distributed import is_main_process
 from qpissa.options import add_arguments, from_namespace
+from qpissa.recipe import DataConfig, TrainConfig
 from qpissa.settings import (
     DEMO_MODELS,
     ChatSettings,
@@ -241,6 +243,19 @@ def _echoed_input(prompt: str) -> str:
     return line
 
 
+def _recipe_keys() -> str:
+    """`train --help`'s list of recipe keys, their defaults and what they do, from the dataclasses."""
+    lines = ["recipe keys (default), besides any TrainingArguments option (README: train, eval):"]
+    for prefix, settings in (("", TrainConfig), ("data.", DataConfig)):
+        for setting in dataclasses.fields(settings):
+            if setting.name in ("data", "trainer"):
+                continue
+            value = getattr(setting.default, "value", setting.default)  # an Enum's value: `auto`
+            default = "" if value in (None, dataclasses.MISSING) else f" ({value})"
+            lines.append(f"  {prefix}{setting.name}{default}: {setting.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
 def _cmd_compare(args: argparse.Namespace) -> None:
     settings = from_namespace(CompareSettings, args)  # a mistyped setting is told before torch loads
     convert_settings = from_namespace(ConvertSettings, args, exclude=("method",))
@@ -305,7 +320,10 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(handler=_cmd_convert)
 
     train = commands.add_parser(
-        "train", help="fine-tune the adapter of a QPiSSA directory from a YAML recipe"
+        "train",
+        help="fine-tune the adapter of a QPiSSA directory from a YAML recipe",
+        epilog=_recipe_keys(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("config", type=Path, help="YAML recipe (see configs/)")
     train.add_argument(

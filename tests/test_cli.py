@@ -33,6 +33,15 @@ def test_each_subcommand_has_help(command: str, capsys: pytest.CaptureFixture) -
     assert "usage: qpissa " + command in capsys.readouterr().out
 
 
+def test_train_help_lists_the_recipe_keys_with_their_defaults(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    printed = capsys.readouterr().out
+    for line in ("  learning_rate (2e-05): peak learning rate", "  device (auto): auto, cpu or cuda",
+                 "  data.max_seq_len (1024): tokens per sample", "  data.format: record format"):  # fmt: skip
+        assert line in printed, line
+
+
 def test_help_says_the_default_of_on_off_flags(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         main(["convert", "--help"])
