@@ -304,7 +304,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "fetch-model", help="write an embedded demo model as a standard HF checkpoint"
     )
     fetch.add_argument("name", choices=sorted(DEMO_MODELS), help="demo model")
-    fetch.add_argument("out", type=Path, help="directory to write (a second call is instant)")
+    fetch.add_argument("out", type=Path, metavar="DIR", help="directory to write (a second call is instant)")
     fetch.set_defaults(handler=_cmd_fetch_model)
 
     convert = commands.add_parser(
