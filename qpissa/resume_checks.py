@@ -24,7 +24,7 @@ from qpissa.artifacts import (
     run_model,
     trained_on,
 )
-from qpissa.options import to_dict
+from qpissa.options import is_number, to_dict
 from qpissa.recipe import DataConfig, TrainConfig
 from qpissa.stored import read_adapter
 
@@ -179,7 +179,9 @@ def _schedule(config: dict, optim: str | None) -> dict:
     too, on a decaying schedule); a Trainer option left out has the Trainer's default."""
     trainer = config.get("trainer") or {}
     settings = {"optim": optim} | {key: config.get(key) for key in SCHEDULE_SETTINGS}
-    settings |= {key: trainer.get(key, _trainer_default(key)) for key in SCHEDULE_TRAINER_OPTIONS}
+    given = {key: trainer.get(key, _trainer_default(key)) for key in SCHEDULE_TRAINER_OPTIONS}
+    # YAML 1.1 reads `1e-6` as text: a number is compared as a number, however it was written
+    settings |= {key: float(v) if isinstance(v, str) and is_number(v) else v for key, v in given.items()}
     if config.get("lr_scheduler_type") not in CONSTANT_SCHEDULES:
         settings |= {key: config.get(key) for key in RUN_LENGTH}
     return settings

@@ -50,7 +50,17 @@ def evaluate(
     recorded = run_data.settings["format"] if run_data else None
     data_format = settings.format or (DataFormat(recorded) if recorded else None)
     # no format given or recorded: detected, as training does
-    records, data_format, split = load_heldout(data_path, settings.split, data_format, "--split", "--format")
+    try:
+        records, data_format, split = load_heldout(
+            data_path, settings.split, data_format, "--split", "--format"
+        )
+    except UserError as error:
+        if settings.format is not None or not recorded:
+            raise
+        raise UserError(
+            f"{error} (format {recorded} is the trained run's, recorded in {run_data.record}; pass --format "
+            "to read the data in another)"
+        ) from None
     if run_data is not None:
         _say_recorded(run_data, data_path, settings)
         _warn_training_data(run_data, data_path, split)

@@ -92,7 +92,10 @@ def training_arguments(
     }
     values.update(extra)
     if values["eval_strategy"] == "steps" and values["eval_steps"] is None:
-        values["eval_steps"] = config.logging_steps  # the Trainer's default, its logging_steps, is 1 here
+        # the Trainer's default, its logging_steps, is 1 here; best-checkpoint saving needs save_steps'
+        values["eval_steps"] = (
+            config.save_steps if values.get("load_best_model_at_end") else config.logging_steps
+        )
     _check_optimizer(values["optim"])
     if values.get("eval_strategy", "no") != "no" and config.data.eval_path is None:
         raise UserError("eval_strategy is set but data.eval_path is not; add held-out data or drop it")

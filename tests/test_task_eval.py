@@ -282,3 +282,24 @@ def test_eval_of_a_run_reads_its_data_in_the_format_its_sources_all_name() -> No
 
     assert recorded("alpaca", "alpaca") == "alpaca"
     assert recorded("alpaca", "messages") is None and recorded("alpaca", None) is None
+
+
+def test_data_in_another_format_than_the_run_recorded_says_where_the_format_came_from(
+    qpissa_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A run (or its export) records its format; data in another fails in it, and the line says why."""
+    run = tmp_path / "run"
+    shutil.copytree(qpissa_dir / "adapter", run / "adapter")
+    marker = {
+        "model": str(qpissa_dir),
+        "config": {"data": {"format": "prompt_completion", "max_seq_len": 64}},
+    }
+    (run / "qpissa_run.json").write_text(json.dumps(marker))
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "some prose to score"}) + "\n")
+    assert cli.main(["--quiet", "eval", str(run), "--metric", "loss", "--data", str(text)]) == 2
+    assert "(format prompt_completion is the trained run's, recorded in" in capsys.readouterr().err
+    assert (
+        cli.main(["--quiet", "eval", str(run), "--metric", "loss", "--data", str(text), "--format", "text"])
+        == 0
+    )

@@ -212,8 +212,14 @@ def test_a_resume_with_what_does_not_change_the_training_is_accepted(
     moved = tmp_path / "moved" / "train.jsonl"
     moved.parent.mkdir()
     shutil.copy(data_dir / "train.jsonl", moved)
-    overrides = ["optim=adamw_torch", "adam_beta2=0.999", "data.eval_generate_samples=0", "data.num_proc=1",
-                 f"data.path={moved}"]  # fmt: skip
+    overrides = [
+        "optim=adamw_torch",
+        "adam_beta2=0.999",
+        "adam_epsilon=1e-8",
+        "data.eval_generate_samples=0",
+        "data.num_proc=1",
+        f"data.path={moved}",
+    ]  # fmt: skip  (YAML reads 1e-8 as text)
     copy, status = _resume_a_copy(run, tmp_path, *overrides)
     assert status == 0 and _losses(copy) == _losses(run)
 

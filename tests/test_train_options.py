@@ -41,13 +41,13 @@ def test_a_mistyped_key_is_told_before_a_missing_data_path(
     qpissa_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """A wrong key may be why the rest looks wrong (a path relative to another directory): it comes first."""
-    config = _config(tmp_path, qpissa_dir, data_dir, data={"path": "task/train.jsonl"})
+    config = _config(tmp_path, qpissa_dir, data_dir, data={"path": "no-such-task/train.jsonl"})
     assert cli.main(["--quiet", "train", str(config), "max_step=4"]) == 2
     assert "unknown setting `max_step`" in capsys.readouterr().err
     assert cli.main(["--quiet", "train", str(config), "max_steps=4"]) == 2
     assert (
-        "task/train.jsonl does not exist; check data.path / data.eval_path (a relative path is relative "
-        "to the working directory" in capsys.readouterr().err
+        "no-such-task/train.jsonl does not exist; check data.path / data.eval_path (a relative path is "
+        "relative to the working directory" in capsys.readouterr().err
     )
     assert not (tmp_path / "run").exists()
 
@@ -194,6 +194,16 @@ def test_eval_strategy_steps_without_eval_steps_evaluates_every_logging_steps(
                "save_strategy": "no", "data": {"eval_generate_samples": 0}}  # fmt: skip
     assert cli.main(["--quiet", "train", str(_config(tmp_path, qpissa_dir, data_dir, **changes))]) == 0
     assert [row["step"] for row in _evals(tmp_path / "run")] == [2, 4]
+    best = {
+        **changes,
+        "save_strategy": "steps",
+        "save_steps": 3,
+        "max_steps": 3,
+        "load_best_model_at_end": True,
+    }
+    shutil.rmtree(tmp_path / "run")
+    assert cli.main(["--quiet", "train", str(_config(tmp_path, qpissa_dir, data_dir, **best))]) == 0
+    assert [row["step"] for row in _evals(tmp_path / "run")] == [3], "best checkpoints: every save_steps"
 
 
 @pytest.mark.parametrize(
