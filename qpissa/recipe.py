@@ -186,7 +186,7 @@ class TrainConfig:
     eval_steps: int | None = field(
         default=None,
         metadata={"help": "evaluate every N steps (needs data.eval_path); eval_strategy=steps alone: every "
-                  "logging_steps"},
+                  "logging_steps (save_steps with load_best_model_at_end)"},
     )  # fmt: skip
     resume_from_checkpoint: Path | None = field(
         default=None, metadata={"help": "checkpoint-N directory to resume, or true for output_dir's newest"}
