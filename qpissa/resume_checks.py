@@ -24,9 +24,10 @@ from qpissa.artifacts import (
     run_model,
     trained_on,
 )
-from qpissa.options import is_number, to_dict
+from qpissa.options import to_dict
 from qpissa.recipe import DataConfig, TrainConfig
 from qpissa.stored import read_adapter
+from qpissa.trainer_options import checked_options
 
 if TYPE_CHECKING:
     import datasets
@@ -178,10 +179,10 @@ def _schedule(config: dict, optim: str | None) -> dict:
     """A run's settings that fix its optimizer's updates and its learning rate at every step (its length
     too, on a decaying schedule); a Trainer option left out has the Trainer's default."""
     trainer = config.get("trainer") or {}
+    # typed as training types them (YAML 1.1 reads `1e-6` as text): compared however they were written
+    given = checked_options({key: trainer[key] for key in SCHEDULE_TRAINER_OPTIONS if key in trainer})
     settings = {"optim": optim} | {key: config.get(key) for key in SCHEDULE_SETTINGS}
-    given = {key: trainer.get(key, _trainer_default(key)) for key in SCHEDULE_TRAINER_OPTIONS}
-    # YAML 1.1 reads `1e-6` as text: a number is compared as a number, however it was written
-    settings |= {key: float(v) if isinstance(v, str) and is_number(v) else v for key, v in given.items()}
+    settings |= {key: given.get(key, _trainer_default(key)) for key in SCHEDULE_TRAINER_OPTIONS}
     if config.get("lr_scheduler_type") not in CONSTANT_SCHEDULES:
         settings |= {key: config.get(key) for key in RUN_LENGTH}
     return settings
