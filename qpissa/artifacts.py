@@ -323,9 +323,18 @@ def _trained_model(run_dir: Path) -> Path:
             f"directory (resolved to {model}); put the run's QPiSSA directory back there, or correct "
             "`model` in that file"
         )
+    check_trained_on(run_dir, model, "train again")
+    return model
+
+
+def check_trained_on(run_dir: Path, model: Path, otherwise: str) -> None:
+    """Refuse a run whose QPiSSA directory `model` holds another conversion now (`trained_on`).
+
+    Raises:
+        UserError: naming the run and the directory; the fix ends with `otherwise`.
+    """
     if trained_on(read_run(run_dir), model) is False:
         raise UserError(
             f"run {run_dir} was trained on a conversion that {model} no longer holds (converted again, with "
-            "other settings or from another model); put the run's conversion back there, or train again"
+            f"other settings or from another model); put the run's conversion back there, or {otherwise}"
         )
-    return model

@@ -20,12 +20,12 @@ from qpissa.artifacts import (
     REPORT_NAME,
     RUN_MARKER,
     RUNS_DIR,
+    check_trained_on,
     comparison_members,
     read_json,
     read_jsonl,
     read_report,
     run_model,
-    trained_on,
 )
 from qpissa.convert_settings import Method
 
@@ -108,12 +108,8 @@ def _add(by_key: dict[str, MethodData], path: Path) -> bool:
         return True
     if (path / RUN_MARKER).is_file():
         model = run_model(path)
-        if (model / REPORT_NAME).is_file() and trained_on(_read(path / RUN_MARKER), model) is False:
-            raise UserError(
-                f"run {path} was trained on a conversion that {model} no longer holds (converted again "
-                "since), so its results would be credited to another conversion; put the run's conversion "
-                "back there, or leave the run out"
-            )
+        if (model / REPORT_NAME).is_file():  # else the run is reported alone
+            check_trained_on(path, model, "leave the run out (its results would be credited to it)")
         entry = _add_linked(by_key, model, path)
         if entry.run_dir is not None and entry.run_dir.resolve() != path.resolve():
             # another run of the same conversion: a row of its own, labelled by its directory if need be
