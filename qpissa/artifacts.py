@@ -237,6 +237,12 @@ def read_run(run_dir: Path) -> dict:
     )
 
 
+def run_data_settings(run_dir: Path) -> Any:
+    """The run's `data` group as its marker records it (format, max_seq_len, paths), or None."""
+    config = read_run(run_dir).get("config")
+    return config.get("data") if isinstance(config, dict) else None
+
+
 def run_model(run_dir: Path) -> Path:
     """The QPiSSA directory a run trained, as its marker names it; a relative path is relative to the run."""
     named = read_run(run_dir)["model"]

@@ -25,8 +25,8 @@ from qpissa.artifacts import (
     OWN_JSON,
     ModelSource,
     has_adapter,
-    read_run,
     resolve_source,
+    run_data_settings,
 )
 from qpissa.chat_template import save_chat_template, saved_chat_template
 from qpissa.checkpoint import ShardedWriter, copy_side_files, write_json
@@ -208,10 +208,7 @@ def _write(
 def _run_data(source: ModelSource) -> dict | None:
     """The run's data settings (format, max_seq_len, training data) as its marker records them, for
     `qpissa eval` of the export to read its data as it would for the run; None without a run."""
-    if source.run_dir is None:
-        return None
-    config = read_run(source.run_dir).get("config")
-    return config.get("data") if isinstance(config, dict) else None
+    return None if source.run_dir is None else run_data_settings(source.run_dir)
 
 
 def _check_fits(adapter: Adapter, residual: Residual, architecture: Architecture) -> None:

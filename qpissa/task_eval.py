@@ -17,7 +17,14 @@ import torch
 from tqdm.auto import tqdm
 
 from qpissa import UserError
-from qpissa.artifacts import EXPORT_REPORT, RUN_MARKER, ModelSource, is_qpissa_dir, read_json, read_run
+from qpissa.artifacts import (
+    EXPORT_REPORT,
+    RUN_MARKER,
+    ModelSource,
+    is_qpissa_dir,
+    read_json,
+    run_data_settings,
+)
 from qpissa.data import IGNORE_INDEX, collate, pad_token_id, tokenize_split
 from qpissa.data_formats import Sample
 from qpissa.data_sources import load_heldout
@@ -246,9 +253,7 @@ def _run_data(source: ModelSource) -> RunData | None:
     keeps (detected instead, the format could be another one the records also fit, and the loss with it)."""
     if source.run_dir is not None:
         marker = source.run_dir / RUN_MARKER
-        config = read_run(source.run_dir).get("config")
-        data = config.get("data") if isinstance(config, dict) else None
-        return RunData(_checked_data(data, marker), marker)
+        return RunData(_checked_data(run_data_settings(source.run_dir), marker), marker)
     report = _export_report(source)
     data = read_json(report, "export again").get("data") if report is not None else None
     return None if data is None else RunData(_checked_data(data, report), report)
