@@ -314,11 +314,25 @@ def _adapter_base(adapter_dir: Path) -> Path:
     return Path(base)
 
 
+# conversion settings that change only the report or how the tensors are split into files: a conversion
+# redone with other values of these holds the same tensors, so the runs trained on it still belong to it
+REPORT_ONLY_SETTINGS = ("metrics", "shard_size_mb")
+
+
 def trained_on(marker: dict, qpissa_dir: Path) -> bool | None:
     """Whether a run (its qpissa_run.json `marker`) trained the conversion `qpissa_dir` holds now, by the
     conversion's fingerprint (a copy of the directory is the same); None for a run that predates it."""
     recorded = marker.get("conversion")
-    return None if recorded is None else recorded == read_report(qpissa_dir)["fingerprint"]
+    if recorded is None:
+        return None
+    return _tensor_identity(recorded) == _tensor_identity(read_report(qpissa_dir)["fingerprint"])
+
+
+def _tensor_identity(fingerprint: dict) -> dict:
+    """A conversion's fingerprint without the settings that do not change its tensors."""
+    settings = {key: value for key, value in fingerprint.get("settings", {}).items()
+                if key not in REPORT_ONLY_SETTINGS}  # fmt: skip
+    return {**fingerprint, "settings": settings}
 
 
 def _trained_model(run_dir: Path) -> Path:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from qpissa.artifacts import trained_on
 from qpissa.cli import main
 from qpissa.convert import convert
 from qpissa.convert_settings import ConvertSettings, Method, SvdKind
@@ -225,6 +226,22 @@ def test_same_inputs_and_seed_give_identical_bytes_with_any_number_of_workers(
         _file_bytes(third)["adapter/adapter_model.safetensors"]
         != _file_bytes(first)["adapter/adapter_model.safetensors"]
     )
+
+
+def test_a_conversion_redone_with_other_metrics_or_shards_holds_the_same_tensors_for_its_runs(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "qpissa"
+    _convert(tiny_model, out, "--metrics", "fro")
+    marker = {"conversion": json.loads((out / "qpissa_report.json").read_text())["fingerprint"]}
+    tensors = {**_tensors(out), **_tensors(out / "adapter")}
+    _convert(tiny_model, out, "--metrics", "nuc", "--shard-size-mb", "0.01", "--overwrite")
+    assert len(list(out.glob("*.safetensors"))) > 1
+    redone = {**_tensors(out), **_tensors(out / "adapter")}
+    assert redone.keys() == tensors.keys() and all(torch.equal(redone[k], t) for k, t in tensors.items())
+    assert trained_on(marker, out)  # eval, export, chat and report still take the run
+    _convert(tiny_model, out, "--seed", "1", "--overwrite")
+    assert trained_on(marker, out) is False
 
 
 def test_resume_after_an_exception_at_a_random_matrix_gives_identical_bytes(
