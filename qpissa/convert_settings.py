@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qpissa import UserError
 from qpissa.options import coerce_fields, to_dict
-from qpissa.settings import SEED_LIMIT, Device
+from qpissa.settings import MIN_SEQ_LEN, SEED_LIMIT, Device
 
 ALL_LINEAR = "all-linear"
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the NF4 blocksizes bitsandbytes supports
@@ -292,10 +292,13 @@ class ConvertSettings:
                 else []
             )
         problems = []
-        for name in ("calib_samples", "calib_seq_len"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.calib_samples is not None and self.calib_samples < 1:
+            problems.append(f"--calib-samples must be at least 1, got {self.calib_samples}")
+        if self.calib_seq_len is not None and self.calib_seq_len < MIN_SEQ_LEN:
+            problems.append(
+                f"--calib-seq-len must be at least {MIN_SEQ_LEN}, got {self.calib_seq_len} (a shorter "
+                "window is mostly its first token, whose activations are unlike the rest)"
+            )
         for name in ("calib_damping", "calib_codes_damping"):
             value = getattr(self, name)
             if value is not None and not 0 < value <= MAX_DAMPING:

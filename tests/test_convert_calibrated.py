@@ -258,6 +258,7 @@ def _test_split_only(path: Path) -> None:
         ),
         (_test_split_only, [], "has splits test, not 'train' (a folder's files are split by name"),
         (lambda p: p.write_text(PROSE), ["--calib-samples", "0"], "--calib-samples must be at least 1"),
+        (lambda p: p.write_text(PROSE), ["--calib-seq-len", "1"], "--calib-seq-len must be at least 8, got"),
         (lambda p: p.write_text(PROSE), ["--calib-damping", "nan"], "--calib-damping must be"),
         (
             lambda p: p.write_text(PROSE),
