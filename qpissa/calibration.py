@@ -3,7 +3,9 @@
 Records of any training format are rendered as `qpissa train` renders them (chat template included), so
 calibrating on the data you will train on sees exactly the text training sees. Texts are shuffled with
 the seed, joined into one token stream, cut into windows of `seq_len` tokens, and `samples` windows are
-drawn with the seed: the same file, tokenizer and seed always give the same windows.
+drawn with the seed: the same file, tokenizer and seed always give the same windows. A share of them
+(`--calib-general`) is drawn from general prose shipped with qpissa, so narrow data does not make the
+conversion fit that data alone.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from qpissa.data_sources import load_source
 from qpissa.recipe import DataSource
 
 TEXT_SUFFIXES = (".txt", ".md")  # read whole as plain text (also .gz, .bz2 or .xz compressed)
+GENERAL_TEXT = "calibration.txt"  # in qpissa/texts: general English prose written for the project
 OVERLAP_NGRAM = 32  # tokens: a shared run this long between calibration and held-out text is an overlap
 
 
@@ -33,7 +37,8 @@ class CalibrationTokens:
     Attributes:
         windows: int64 `[samples, seq_len]`.
         source: the path given. format: how its records were read (`text file`, `messages`, ...).
-        records: texts read. available: whole windows the stream held. sha256: of the windows' ids.
+        records: texts read. available: whole windows its stream held. general: windows drawn from the
+        shipped general prose, the last ones. sha256: of the windows' ids.
     """
 
     windows: torch.Tensor
@@ -41,6 +46,7 @@ class CalibrationTokens:
     format: str
     records: int
     available: int
+    general: int
     sha256: str
 
     def describe(self) -> dict[str, Any]:
@@ -48,25 +54,57 @@ class CalibrationTokens:
         samples, seq_len = self.windows.shape
         return {"source": self.source, "format": self.format, "records": self.records, "samples": samples,
                 "seq_len": seq_len, "tokens": samples * seq_len, "windows_available": self.available,
-                "sha256": self.sha256}  # fmt: skip
+                "general_windows": self.general, "sha256": self.sha256}  # fmt: skip
 
 
 def calibration_tokens(
-    path: Path, tokenizer: Any, samples: int, seq_len: int, seed: int
+    path: Path, tokenizer: Any, samples: int, seq_len: int, seed: int, general: float
 ) -> CalibrationTokens:
-    """Read `path` and draw `samples` windows of `seq_len` tokens (fewer when the data holds fewer).
+    """Read `path` and draw `samples` windows of `seq_len` tokens, the share `general` of them (at least one
+    left to `path`) from the shipped general prose, unless `path` is that prose; fewer when the data holds
+    fewer.
 
     Args:
         path: a plain text file (.txt, .md), or a data file or directory `qpissa train` reads; its format
             is detected from its fields.
         tokenizer: the model's tokenizer.
-        samples, seq_len: windows to draw and their length. seed: the shuffle and the draw.
+        samples, seq_len: windows to draw and their length. seed: the shuffle and the draws.
 
     Raises:
         UserError: a missing, empty or unreadable input, an unknown record format, or fewer tokens than
             one window.
     """
     texts, data_format = _read_texts(path, tokenizer)
+    prose = general_prose()
+    count = 0 if texts == [prose] else min(round(samples * general), samples - 1)
+    windows, available = _draw(
+        texts, tokenizer, samples - count, seq_len, seed, f"--calib {path}", "more data"
+    )
+    if count:
+        general_windows, _ = _draw(
+            [prose],
+            tokenizer,
+            count,
+            seq_len,
+            seed,
+            f"qpissa's general prose ({GENERAL_TEXT})",
+            "--calib-general 0",
+        )
+        windows = torch.cat([windows, general_windows])
+    digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()
+    return CalibrationTokens(windows, str(path), data_format, len(texts), available, count, digest)
+
+
+def general_prose() -> str:
+    """The general English prose that ships with qpissa for calibration (not the held-out prose)."""
+    return resources.files("qpissa").joinpath("texts", GENERAL_TEXT).read_text(encoding="utf-8")
+
+
+def _draw(
+    texts: list[str], tokenizer: Any, samples: int, seq_len: int, seed: int, source: str, fix: str
+) -> tuple[torch.Tensor, int]:
+    """`samples` windows of `seq_len` tokens drawn with `seed` from `texts` shuffled and joined, and how many
+    whole windows they held; `source` and `fix` tell a stream shorter than one window."""
     rng = random.Random(seed)
     rng.shuffle(texts)
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -76,13 +114,12 @@ def calibration_tokens(
     available = len(stream) // seq_len
     if available == 0:
         raise UserError(
-            f"--calib {path} holds {len(stream)} tokens, fewer than one window of --calib-seq-len {seq_len}; "
-            "pass more data or a smaller --calib-seq-len"
+            f"{source} holds {len(stream)} tokens, fewer than one window of --calib-seq-len {seq_len}; "
+            f"pass {fix} or a smaller --calib-seq-len"
         )
     chosen = sorted(rng.sample(range(available), min(samples, available)))
     windows = torch.tensor([stream[i * seq_len : (i + 1) * seq_len] for i in chosen], dtype=torch.long)
-    digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()
-    return CalibrationTokens(windows, str(path), data_format, len(texts), available, digest)
+    return windows, available
 
 
 def overlap_tokens(calibration: torch.Tensor, heldout: torch.Tensor, n: int = OVERLAP_NGRAM) -> int:

@@ -276,8 +276,9 @@ def _check_calibration(model_dir: Path, settings: ConvertSettings, fidelity: Fid
     tokenizer = load_tokenizer(ModelSource(model_dir, None))
     calibration = settings.calibration
     tokens = calibration_tokens(
-        settings.calib, tokenizer, calibration["samples"], calibration["seq_len"], settings.seed
-    )
+        settings.calib, tokenizer, calibration["samples"], calibration["seq_len"], settings.seed,
+        calibration["general"],
+    )  # fmt: skip
     ids, source = heldout_ids(model_dir, fidelity, tokenizer.vocab_size)
     shared = overlap_tokens(tokens.windows, ids)
     if shared:

@@ -282,16 +282,22 @@ def _calibration_tokens(reader: CheckpointReader, settings: ConvertSettings) -> 
     check_context(reader.model_dir, calibration["seq_len"], "--calib-seq-len")
     tokenizer = load_tokenizer(ModelSource(reader.model_dir, None))
     tokens = calibration_tokens(
-        settings.calib, tokenizer, calibration["samples"], calibration["seq_len"], settings.seed
-    )
+        settings.calib, tokenizer, calibration["samples"], calibration["seq_len"], settings.seed,
+        calibration["general"],
+    )  # fmt: skip
     drawn, seq_len = tokens.windows.shape
-    if drawn < calibration["samples"]:
+    asked, general = calibration["samples"] - tokens.general, tokens.general
+    if tokens.available < asked:
         log.warning(
-            "--calib %s holds %s of %d tokens, fewer than --calib-samples %d: calibrating on all of them",
-            settings.calib, counted(drawn, "window"), seq_len, calibration["samples"],
+            "--calib %s holds %s of %d tokens, fewer than the %d it is asked for (--calib-samples %d%s): "
+            "calibrating on all of them", settings.calib, counted(tokens.available, "window"), seq_len, asked,
+            calibration["samples"], f", less {general} of qpissa's general prose" if general else "",
         )  # fmt: skip
-    else:
-        log.info("calibrating on %d windows of %d tokens from %s", drawn, seq_len, settings.calib)
+    log.info(
+        "calibrating on %d windows of %d tokens: %d from %s%s",
+        drawn, seq_len, drawn - general, settings.calib,
+        f" and {general} of qpissa's general prose (--calib-general)" if general else "",
+    )  # fmt: skip
     return tokens
 
 

@@ -15,7 +15,7 @@ import torch
 from qpissa.checkpoint import CheckpointReader
 from qpissa.cli import main
 from qpissa.convert import _decompose_settings
-from qpissa.convert_settings import ConvertSettings
+from qpissa.convert_settings import CALIB_GENERAL, ConvertSettings
 from qpissa.layer_stream import InputStatistics, first_layer_inputs, loaded_layer, open_stack, run_layer
 from qpissa.methods import output_error
 from qpissa.nf4 import dequantize_stored
@@ -62,6 +62,7 @@ def test_report_records_the_calibration_and_both_errors(calibrated: Path, calib_
     record = report["settings"]["calibration"]
     assert record["source"] == str(calib_text) and record["format"] == "text file"
     assert record["samples"] == 6 and record["seq_len"] == 32 and record["tokens"] == 192
+    assert record["general"] == CALIB_GENERAL and record["general_windows"] == 2
     assert len(record["sha256"]) == 64 and record["damping"] > 0 and record["seed"] == 0
     assert report["settings"]["power_iters"] == 2, "the report says which power iterations ran"
     assert record["products_dtype"] == record["dtype"], "H's products in the forward passes' dtype"
@@ -262,6 +263,11 @@ def _test_split_only(path: Path) -> None:
         (lambda p: p.write_text(PROSE), ["--calib-damping", "nan"], "--calib-damping must be"),
         (
             lambda p: p.write_text(PROSE),
+            ["--calib-general", "1"],
+            "--calib-general must be at least 0 and below 1",
+        ),
+        (
+            lambda p: p.write_text(PROSE),
             ["--calib-damping", "1e38"],
             "--calib-damping must be positive and at most 1e+06",
         ),
@@ -300,12 +306,36 @@ def test_asking_for_more_windows_than_the_data_holds_says_how_many_were_used(
     with caplog.at_level("WARNING", logger="qpissa.convert"):
         status = main([*argv, "--calib", str(calib_text), "--calib-samples", "1000", "--calib-seq-len", "32"])
     assert status == 0
-    drawn = json.loads((out / "qpissa_report.json").read_text())["settings"]["calibration"]["samples"]
-    assert 1 < drawn < 1000
+    calibration = json.loads((out / "qpissa_report.json").read_text())["settings"]["calibration"]
+    own = calibration["samples"] - calibration["general_windows"]
+    assert 1 < own < 750 and calibration["general_windows"] == 250
     assert [r.getMessage() for r in caplog.records if r.name == "qpissa.convert"] == [
-        f"--calib {calib_text} holds {drawn} windows of 32 tokens, fewer than --calib-samples 1000: "
-        "calibrating on all of them"
+        f"--calib {calib_text} holds {own} windows of 32 tokens, fewer than the 750 it is asked for "
+        "(--calib-samples 1000, less 250 of qpissa's general prose): calibrating on all of them"
     ]
+
+
+def test_a_share_of_the_windows_is_general_prose_unless_the_data_is_that_prose(
+    tiny_chat_model: Path, calib_text: Path
+) -> None:
+    from importlib import resources
+
+    from transformers import AutoTokenizer
+
+    from qpissa.calibration import GENERAL_TEXT, calibration_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
+    mixed = calibration_tokens(calib_text, tokenizer, 8, 32, 0, 0.25)
+    own = calibration_tokens(calib_text, tokenizer, 6, 32, 0, 0.0)
+    shipped = Path(str(resources.files("qpissa").joinpath("texts", GENERAL_TEXT)))
+    general = calibration_tokens(shipped, tokenizer, 2, 32, 0, 0.25)
+    assert mixed.general == 2 and own.general == 0 and general.general == 0, (
+        "the prose is not mixed into itself"
+    )
+    assert torch.equal(mixed.windows, torch.cat([own.windows, general.windows]))
+    assert calibration_tokens(calib_text, tokenizer, 2, 32, 0, 0.9).general == 1, (
+        "one window stays the data's"
+    )
 
 
 def test_calibration_flags_need_calib(
@@ -320,7 +350,7 @@ def _windows(model: Path, text: Path) -> torch.Tensor:
 
     from qpissa.calibration import calibration_tokens
 
-    return calibration_tokens(text, AutoTokenizer.from_pretrained(model), 6, 32, 0).windows
+    return calibration_tokens(text, AutoTokenizer.from_pretrained(model), 6, 32, 0, CALIB_GENERAL).windows
 
 
 def _converted(directory: Path, name: str) -> torch.Tensor:
