@@ -191,7 +191,11 @@ def _write(
     write_seconds, write_peak_mb = time.perf_counter() - started, peak_rss_mb()
     report = {
         "kind": settings.to.value,
-        "source": {"run": str(run), "base_dir": str(source.base_dir), "adapter_dir": str(source.adapter_dir)},
+        "source": {
+            "run": str(run.resolve()),
+            "base_dir": str(source.base_dir),
+            "adapter_dir": str(source.adapter_dir),
+        },
         "data": _run_data(source),
         "settings": to_dict(settings),
         "dtype": dtype_name(dtype),

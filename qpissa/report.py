@@ -25,7 +25,7 @@ from qpissa.artifacts import (
 )
 from qpissa.checkpoint import SHARD_GLOB, write_json
 from qpissa.outputs import check_apart, check_holds_only, finish_partial, lock_output, start_partial
-from qpissa.report_inputs import MethodData, collect
+from qpissa.report_inputs import MethodData, collect, export_label
 from qpissa.report_render import draw_plots, verdict, write_documents
 from qpissa.safetensors_file import read_header
 from qpissa.settings import ReportOptions
@@ -104,7 +104,9 @@ def summarize(methods: list[MethodData], options: ReportOptions) -> dict:
         "memory": {m.label: _memory(m) for m in methods},
         "training": {m.label: _training(m.steps) for m in methods if m.steps},
         "eval": {m.label: m.evals for m in methods if m.evals},
-        "exports": [_export(m.label, path, report) for m in methods for path, report in m.exports],
+        "exports": [
+            _export(export_label(m, report), path, report) for m in methods for path, report in m.exports
+        ],
         "spectrum": _spectrum(methods, options.layer, original),
         "setup": {
             "model": next((m.conversion["fingerprint"]["model"] for m in methods if m.conversion), None),

@@ -57,7 +57,8 @@ def collect(inputs: list[Path]) -> list[MethodData]:
     """
     by_key: dict[str, MethodData] = {}
     problems = []
-    for path in inputs:
+    exports = [path for path in inputs if (path / EXPORT_REPORT).is_file()]
+    for path in [path for path in inputs if path not in exports] + exports:  # an export joins its run
         if (path / COMPARE_NAME).is_file():
             for member in comparison_members(path, CONVERSIONS_DIR) + comparison_members(path, RUNS_DIR):
                 _add(by_key, member)
@@ -124,11 +125,38 @@ def _add(by_key: dict[str, MethodData], path: Path) -> bool:
         return True
     if (path / EXPORT_REPORT).is_file():
         report = _read(path / EXPORT_REPORT)
+        run = export_run(report)
         base = report.get("source", {}).get("base_dir")
-        entry = _add_linked(by_key, Path(base), path) if base else _entry(by_key, path)
+        same_run = [e for e in by_key.values() if run and e.run_dir and e.run_dir.resolve() == run.resolve()]
+        if same_run:
+            entry = same_run[0]
+        else:
+            entry = _add_linked(by_key, Path(base), path) if base else _entry(by_key, path)
         entry.exports.append((path, report))
         return True
     return False
+
+
+def export_run(report: dict) -> Path | None:
+    """The training run an export (its export_report.json) was made from; None for an exported conversion."""
+    run = report.get("source", {}).get("run")
+    if not isinstance(run, str):
+        return None
+    for candidate in (Path(run), Path(run).parent):  # the run, or the run of a checkpoint-N
+        if (candidate / RUN_MARKER).is_file():
+            return candidate
+    return None
+
+
+def export_label(entry: MethodData, report: dict) -> str:
+    """The method an export's row names: its entry's label, and where the export was not made from that
+    entry's run, what it was made from (another run, or the conversion untrained)."""
+    run = export_run(report)
+    if run is None and entry.run_dir is None:
+        return entry.label
+    if run is not None and entry.run_dir is not None and run.resolve() == entry.run_dir.resolve():
+        return entry.label
+    return f"{entry.label}, exported from {f'run {run.name}' if run else 'the conversion untrained'}"
 
 
 def _add_linked(by_key: dict[str, MethodData], model: Path, path: Path) -> MethodData:

@@ -82,7 +82,7 @@ def test_summary_numbers_equal_the_inputs(inputs: dict[str, Path], tmp_path: Pat
     assert memory["adapter_params"] == sum(4 * sum(layer["shape"]) for layer in _layers(inputs["qpissa"]))
     verify = json.loads((inputs["export"] / "export_report.json").read_text())["verify"]
     (row,) = summary["exports"]
-    assert row["method"] == "qpissa" and row["kind"] == "merged"
+    assert row["method"] == "qpissa, exported from the conversion untrained" and row["kind"] == "merged"
     assert row["max_abs_diff"] == verify["max_abs_diff"] and row["kl_mean"] == verify["kl_mean"]
     log = [json.loads(line) for line in (inputs["run"] / "trainer_log.jsonl").read_text().splitlines()]
     training = summary["training"]["qpissa"]
@@ -211,6 +211,25 @@ def test_every_run_of_one_conversion_gets_its_own_row(inputs: dict[str, Path], t
     verdict = json.loads((out / "summary.json").read_text())["verdict"]
     assert [line for line in verdict if line.startswith("qpissa r4 T2 (run) cut the QLoRA")], verdict
     assert not [line for line in verdict if "(r=4, T=2)" in line], "the label says r and T already"
+
+
+def test_an_export_is_reported_with_the_run_it_was_made_from(inputs: dict[str, Path], tmp_path: Path) -> None:
+    """Two runs of one conversion: the export of the second is not credited to the first, in any order."""
+    import shutil
+
+    other = tmp_path / "other-run"
+    shutil.copytree(inputs["run"], other)
+    exported = tmp_path / "other-merged"
+    export(other, exported, ExportSettings(verify=False), show_progress=False)
+    for order in ([exported, inputs["run"], other], [inputs["run"], other, exported]):
+        out = tmp_path / f"report-{len(list(tmp_path.iterdir()))}"
+        assert cli.main(["--quiet", "report", *map(str, order), "--out", str(out)]) == 0
+        (row,) = json.loads((out / "summary.json").read_text())["exports"]
+        assert row["method"] == "qpissa r4 T2 (other-run)", row
+    out = tmp_path / "alone"  # its run not among the inputs: it says where it came from
+    assert cli.main(["--quiet", "report", str(inputs["run"]), str(exported), "--out", str(out)]) == 0
+    (row,) = json.loads((out / "summary.json").read_text())["exports"]
+    assert row["method"] == "qpissa, exported from run other-run", row
 
 
 def test_the_report_names_the_base_model_and_what_each_run_trained_on(
