@@ -312,7 +312,30 @@ def load_config(path: Path, overrides: list[str]) -> TrainConfig:
             "warmup; keep one (warmup_steps counts steps, or is a fraction of them below 1; an override "
             "warmup_ratio=0 turns the recipe's ratio off)"
         )
+    _check_samples_written(values.get("data"))
     return from_dict(TrainConfig, {**values, "trainer": trainer})
+
+
+def _check_samples_written(data: Any) -> None:
+    """`samples: 1.0` in a recipe reads as the count of one record (settings store every count as a
+    number), where "all of it" was most likely meant: refuse it while the written value is still seen.
+
+    Raises:
+        UserError: naming the key, with both ways to write what was meant.
+    """
+    if not isinstance(data, dict):
+        return  # from_dict names the wrong type
+    sources = data.get("sources") if isinstance(data.get("sources"), list) else []
+    written = {"data.samples": data.get("samples")} | {
+        f"data.sources.{index}.samples": source.get("samples")
+        for index, source in enumerate(sources)
+        if isinstance(source, dict)
+    }
+    for key, samples in written.items():
+        if isinstance(samples, float) and samples == 1.0:
+            raise UserError(
+                f"`{key}` is 1.0, which would draw one record; write 1 for one, or leave it out for all"
+            )
 
 
 def _newest_checkpoint(values: dict) -> str:

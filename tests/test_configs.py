@@ -54,3 +54,15 @@ def test_data_format_beside_sources_is_kept_as_the_held_out_datas_format() -> No
     mix = next(path for path in CONFIGS if path.name == "mix-chat.yaml")
     config = load_config(mix, ["data.format=prompt_completion"])
     assert config.data.sources and config.data.eval_format() is DataFormat.PROMPT_COMPLETION
+
+
+def test_samples_one_point_zero_is_refused_and_a_count_of_one_stays_a_count() -> None:
+    """YAML `samples: 1.0` would draw one record where "all of it" was meant; `1` is the count one."""
+    demo = next(path for path in CONFIGS if path.name == "demo.yaml")
+    mix = next(path for path in CONFIGS if path.name == "mix-chat.yaml")
+    with pytest.raises(UserError, match=r"`data\.samples` is 1\.0, which would draw one record; write 1"):
+        load_config(demo, ["data.samples=1.0"])
+    with pytest.raises(UserError, match=r"`data\.sources\.0\.samples` is 1\.0, which would draw one record"):
+        load_config(mix, ["data.sources.0.samples=1.0"])
+    assert load_config(demo, ["data.samples=1"]).data.samples == 1  # the count one
+    assert load_config(demo, ["data.samples=0.5"]).data.samples == 0.5
