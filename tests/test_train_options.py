@@ -37,6 +37,17 @@ def test_any_trainer_option_and_flag_overrides_reach_the_trainer(
     assert args["lr_scheduler_type"] == "cosine_with_restarts"
 
 
+def test_a_number_with_an_exponent_inside_a_trainer_mapping_is_a_number(
+    qpissa_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """YAML 1.1 reads `1e-5` as text at any depth; inside lr_scheduler_kwargs it made the Trainer fail."""
+    config = _config(tmp_path, qpissa_dir, data_dir, eval_steps=None)
+    flags = ["max_steps=2", "save_strategy=no", "data.eval_generate_samples=0",
+             "lr_scheduler_type=cosine_with_min_lr", 'lr_scheduler_kwargs={"min_lr": 1e-5}']  # fmt: skip
+    assert cli.main(["--quiet", "train", str(config), *flags]) == 0  # was: a TypeError of the scheduler
+    assert sorted(_losses(tmp_path / "run")) == [0, 1, 2]
+
+
 def test_a_mistyped_key_is_told_before_a_missing_data_path(
     qpissa_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
