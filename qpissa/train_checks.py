@@ -12,6 +12,7 @@ from qpissa.artifacts import (
     REPORT_NAME,
     RUN_MARKER,
     ModelSource,
+    checkpoints,
     has_adapter,
     is_qpissa_dir,
     latest_checkpoint,
@@ -65,6 +66,13 @@ def check_output_dir(config: TrainConfig, resume: Path | None) -> None:
     if resume is None and _is_occupied(config.output_dir) and not config.overwrite_output_dir:
         started = any((config.output_dir / marker).is_file() for marker in markers[:2])
         checkpoint = latest_checkpoint(config.output_dir)  # complete ones only: a cut write is no checkpoint
+        if not any((config.output_dir / marker).is_file() for marker in markers) and not checkpoints(
+            config.output_dir
+        ):
+            raise UserError(
+                f"output_dir {config.output_dir} holds files that are not a training run (no {RUN_MARKER}), "
+                "which qpissa does not replace; choose a new or empty output_dir"
+            )
         if started and checkpoint is None:
             raise UserError(
                 f"output_dir {config.output_dir} holds a run that stopped before its first complete "
