@@ -1,14 +1,16 @@
 """Local data files checked before `datasets` reads them, for what it would misread silently or name
 without the fix: unknown and compressed types, JSON Lines lines, records wrapped in a JSON object, folders
-whose files it would partly ignore, CSV values it would turn into numbers."""
+whose files it would partly ignore, CSV values it would turn into numbers; and JSON records read as written,
+for the text it turns into dates or numbers."""
 
 from __future__ import annotations
 
 import csv
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qpissa import UserError
 from qpissa.artifacts import content_suffix, open_text, read_text
@@ -23,6 +25,7 @@ LOADERS = {
     ".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
     ".arrow": "arrow",
 }  # fmt: skip
+SAVED_MARKERS = ("state.json", "dataset_dict.json")  # what `save_to_disk` writes at a dataset's top
 BOM = "\ufeff"  # the byte-order mark some editors write at the start of a UTF-8 file
 TEXT_TYPES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv")  # also read compressed (.gz, .bz2, .xz)
 CSV_SEPARATORS = {".csv": ",", ".tsv": "\t"}
@@ -82,15 +85,8 @@ def check_folder(path: Path) -> list[Path]:
     Returns:
         The folder's data files (none when datasets finds none: reading it then says so).
     """
-    from datasets.data_files import DataFilesDict, get_data_patterns
-
     try:
-        patterns = get_data_patterns(str(path))
-        read = {
-            Path(f).resolve()
-            for files in DataFilesDict.from_patterns(patterns, str(path)).values()
-            for f in files
-        }
+        read = {file.resolve() for files in split_files(path).values() for file in files}
     except Exception:  # no data file at all: load_dataset says so, with the message of its own
         return []
     data_files = [
@@ -118,6 +114,126 @@ def check_folder(path: Path) -> list[Path]:
             "keep one type in the folder, or give each file as a data source of its own"
         )
     return data_files
+
+
+def split_files(path: Path) -> dict[str, list[Path]]:
+    """A folder's data files by split, as datasets splits them: by name (train*, validation*, test*...)."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    files = DataFilesDict.from_patterns(get_data_patterns(str(path)), str(path))
+    return {str(split): [Path(file) for file in names] for split, names in files.items()}
+
+
+def folder_options(path: Path, data_files: list[Path]) -> dict[str, str]:
+    """What `load_dataset` needs besides a folder: the field its JSON files wrap their records in
+    (`{"data": [...]}`). datasets reads every file of a folder alike, so all of them must do so, or none.
+
+    Raises:
+        UserError: naming a file that wraps its records and one that does not (or in another field).
+    """
+    json_files = [file for file in data_files if FOLDER_TYPES[content_suffix(file)] == "json"]
+    fields = {file: _wrapping_field(file) for file in json_files}
+    wrapped = [(file, field) for file, field in fields.items() if field is not None]
+    if not wrapped:
+        return {}
+    first, field = wrapped[0]
+    other = next((file for file, other_field in fields.items() if other_field != field), None)
+    if other is not None:
+        how = f"in the field `{fields[other]}`" if fields[other] else "as a list or JSON Lines"
+        raise UserError(
+            f"dataset {path}: {first.relative_to(path)} holds its records in the field `{field}`, "
+            f"{other.relative_to(path)} {how}; a folder's JSON files are read alike: write them in one form, "
+            "or give each file as a data source of its own"
+        )
+    return {"field": field}
+
+
+def json_records(files: list[Path]) -> list[Any]:
+    """The records of JSON and JSON Lines files exactly as written. datasets' reader (pyarrow's) turns
+    date-like text into timestamps, which keep no trace of the text, and reads text such as ` 1` back as
+    a number when other records hold numbers there; it has no option to keep either as written."""
+    records: list[Any] = []
+    for file in files:
+        text = read_text(file, "dataset", "check the path").removeprefix(BOM)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:  # JSON Lines (also in a .json file, as datasets reads them)
+            records += [json.loads(line) for line in text.splitlines() if line.strip()]
+            continue
+        if isinstance(data, dict):  # one record, or records wrapped in a field of a .json file
+            field = _field_of_records(file, data) if content_suffix(file) == ".json" else None
+            data = data[field] if field else [data]
+        records += data
+    return records
+
+
+def json_dataset(files: list[Path]) -> datasets.Dataset:
+    """`json_records` as a Dataset with the fields of all of them, as datasets' JSON reader gives them
+    (`Dataset.from_list` takes the first record's fields only)."""
+    import datasets
+
+    records = json_records(files)
+    names = dict.fromkeys(name for record in records for name in record)
+    columns = {name: [record.get(name) for record in records] for name in names}
+    return datasets.Dataset.from_dict(columns, on_mixed_types="use_json")
+
+
+def as_written(
+    read: datasets.Dataset | datasets.DatasetDict, path: Path
+) -> datasets.Dataset | datasets.DatasetDict:
+    """JSON records read again, as written: datasets' reader turned date-like text into timestamps.
+    Only this rare case holds the records as Python objects while reading them."""
+    import datasets
+
+    if not isinstance(read, dict):  # a file
+        return json_dataset([path])
+    return datasets.DatasetDict({name: json_dataset(json_files(path, name)) for name in read})
+
+
+def json_files(path: Path, split: str) -> list[Path]:
+    """A local JSON file, or the files of a folder's split if they are JSON (none for other data)."""
+    if path.is_file():
+        files = [path]
+    elif path.is_dir() and not is_saved(path):
+        files = split_files(path).get(split, [])
+    else:
+        return []
+    return files if all_json(files) else []
+
+
+def holds_dates(read: datasets.Dataset | datasets.DatasetDict) -> bool:
+    """Some field, at any depth, is a date, time or timestamp."""
+    import datasets
+    import pyarrow as pa
+
+    splits = read.values() if isinstance(read, dict) else [read]
+    return any(
+        isinstance(feature, datasets.Value) and pa.types.is_temporal(feature.pa_type)
+        for split in splits
+        for feature in leaf_features(split.features)
+    )
+
+
+def leaf_features(feature: Any) -> Iterator[Any]:
+    """The types of a (nested) feature's values: its fields', its list items', down to the leaves."""
+    import datasets
+
+    if isinstance(feature, dict):
+        for field in feature.values():
+            yield from leaf_features(field)
+    elif isinstance(feature, (datasets.List, datasets.LargeList)):
+        yield from leaf_features(feature.feature)
+    else:
+        yield feature
+
+
+def all_json(files: list[Path]) -> bool:
+    return all(FOLDER_TYPES[content_suffix(file)] == "json" for file in files)
+
+
+def is_saved(path: Path) -> bool:
+    """A `save_to_disk` directory (which holds JSON files of its own, not records)."""
+    return path.is_dir() and any((path / marker).is_file() for marker in SAVED_MARKERS)
 
 
 def csv_as_text(path: Path) -> datasets.Features | None:
@@ -150,8 +266,18 @@ def _records_field(path: Path, text: str) -> dict[str, str]:
         data = json.loads(text)
     except json.JSONDecodeError:
         return {}  # JSON Lines named .json, or broken JSON: datasets reads the one and names the other
+    field = _field_of_records(path, data)
+    if field is None:
+        return {}
+    log.debug("data %s: records read from its %r field", path, field)
+    return {"field": field}
+
+
+def _field_of_records(path: Path, data: dict[str, Any]) -> str | None:
+    """The field of a JSON object that holds its list of records; None for an object that is one record
+    (or holds no list of records: reading it says which fields it has)."""
     if any(all(name in data for name in names) for names in REQUIRED_FIELDS.values()):
-        return {}  # one record as an object
+        return None
     lists = [
         key for key, value in data.items() if isinstance(value, list) and value and isinstance(value[0], dict)
     ]
@@ -160,10 +286,15 @@ def _records_field(path: Path, text: str) -> dict[str, str]:
             f"dataset {path} holds lists of records in several fields ({', '.join(lists)}); keep one list "
             "per file (or write JSON Lines, one record per line)"
         )
-    if not lists:
-        return {}  # no list of records: reading it says which fields it has
-    log.debug("data %s: records read from its %r field", path, lists[0])
-    return {"field": lists[0]}
+    return lists[0] if lists else None
+
+
+def _wrapping_field(path: Path) -> str | None:
+    """The field a folder's JSON file wraps its records in, if it does (a compressed one is left to
+    datasets, as the lone values of `check_folder` are)."""
+    if path.suffix.lower() != ".json" or _opening(path) != "{":
+        return None
+    return _records_field(path, read_text(path, "dataset", "check the path").removeprefix(BOM)).get("field")
 
 
 def _opening(path: Path) -> str:

@@ -7,16 +7,31 @@ which works online and, offline (`HF_HUB_OFFLINE=1`), from what a previous downl
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qpissa import UserError
 from qpissa.artifacts import content_suffix
-from qpissa.data_files import FOLDER_TYPES, LOADERS, check_file, check_folder, csv_as_text
+from qpissa.data_files import (
+    FOLDER_TYPES,
+    LOADERS,
+    all_json,
+    as_written,
+    check_file,
+    check_folder,
+    csv_as_text,
+    folder_options,
+    holds_dates,
+    is_saved,
+    json_files,
+    json_records,
+    leaf_features,
+)
 from qpissa.data_formats import KNOWN_ROLES, check_record, detect_format
 from qpissa.hub import is_hub_name
 from qpissa.recipe import DataSource
@@ -27,7 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_SAVED_MARKERS = ("state.json", "dataset_dict.json")  # what `save_to_disk` writes at a dataset's top
 # local data below this size is read in a few seconds (~100 MB/s measured), so datasets' "Generating
 # train split" bars are hidden: they would only stand above the data's own error line
 QUIET_READ_BYTES = 256 << 20
@@ -58,13 +72,17 @@ def _check_records(
     dataset: datasets.Dataset, source: DataSource, seed: int = 0, format_setting: str | None = "data.format"
 ) -> tuple[datasets.Dataset, DataFormat]:
     """`load_source` on records read already: the format picked, every record checked, `samples` drawn."""
+    import datasets
+
     data_format = source.format or _detected_format(dataset, source.path, format_setting)
-    unknown_roles: Counter[str] = Counter()
-    empty = 0
-    for index, record in enumerate(dataset):
-        checked = check_record(record, data_format, f"{source.path} record {index}")
-        unknown_roles.update(checked.roles - KNOWN_ROLES)
-        empty += checked.empty_answer
+    try:
+        unknown_roles, empty = _check_each(dataset, data_format, source.path)
+    except UserError:
+        if any(isinstance(feature, datasets.Json) for feature in leaf_features(dataset.features)):
+            # a field mixing text and other values across records: datasets reads it back from JSON, text
+            # such as " 1" as a number, so the record to blame is found as written
+            _check_each(json_records(json_files(source.path, source.split)), data_format, source.path)
+        raise
     if empty:
         log.warning(
             "data %s: %d of %d records have an empty answer (or text); trained, they teach the model to "
@@ -78,6 +96,19 @@ def _check_records(
             "on; check the spelling (known: %s)", source.path, found, ", ".join(sorted(KNOWN_ROLES)),
         )  # fmt: skip
     return _subsample(dataset, source, seed), data_format
+
+
+def _check_each(
+    records: Iterable[dict[str, Any]], data_format: DataFormat, path: Path
+) -> tuple[Counter[str], int]:
+    """Every record checked: the roles no template knows, counted, and the records with an empty answer."""
+    unknown_roles: Counter[str] = Counter()
+    empty = 0
+    for index, record in enumerate(records):
+        checked = check_record(record, data_format, f"{path} record {index}")
+        unknown_roles.update(checked.roles - KNOWN_ROLES)
+        empty += checked.empty_answer
+    return unknown_roles, empty
 
 
 def load_records(
@@ -101,7 +132,7 @@ def load_records(
             f"dataset {path} is one saved Dataset, which has no subsets or splits (asked for {asked}); leave "
             "them unset, or save a DatasetDict with its splits"
         )
-    return _nonempty(_split(read, split, path, split_setting) if isinstance(read, dict) else read, path)
+    return _one_split(read, split, path, split_setting)
 
 
 def load_heldout(
@@ -130,7 +161,7 @@ def load_heldout(
         read = _read(path, None)
         names = list(read) if isinstance(read, dict) else ["train"]  # a DatasetDict, or one split
         split = _heldout(names, path, split_setting)
-        records = _nonempty(read[split] if isinstance(read, dict) else read, path)
+        records = _one_split(read, split, path, split_setting)
     else:
         records = load_records(path, split=split, split_setting=split_setting)
     source = DataSource(path, data_format, split=split)
@@ -163,30 +194,85 @@ def _read(path: Path, subset: str | None) -> datasets.Dataset | datasets.Dataset
     local = path.exists()
     if not local and not is_hub_name(path):
         raise UserError(f"dataset {path} does not exist; check the path (or give a Hub name: owner/name)")
-    options = check_file(path) if path.is_file() else {}
-    saved = path.is_dir() and any((path / marker).is_file() for marker in _SAVED_MARKERS)
+    saved = is_saved(path)
     data_files = check_folder(path) if path.is_dir() and not saved else []
+    options = check_file(path) if path.is_file() else folder_options(path, data_files)
     try:
         with _bars_hidden_below(QUIET_READ_BYTES, _local_bytes(path) if local else None), _datasets_quiet():
-            if saved:  # in memory: a transform of a memory-mapped one writes its cache into the user's files
-                return datasets.load_from_disk(str(path), keep_in_memory=True)
+            if saved:
+                return _loadis_saved(path)
+            if not local:
+                return datasets.load_dataset(str(path), subset)
             if path.is_file():
-                loader = LOADERS[content_suffix(path)]
-                features = csv_as_text(path) if loader == "csv" else None
-                return datasets.load_dataset(
-                    loader, data_files=str(path), split="train", features=features, **options
-                )
-            csv_files = [f for f in data_files if FOLDER_TYPES[content_suffix(f)] == "csv"]
-            features = csv_as_text(csv_files[0]) if csv_files else None  # a folder holds one type
-            return datasets.load_dataset(str(path), subset, features=features)
+                read = _load_file(path, options)
+            else:
+                read = _load_folder(path, subset, data_files, options)
     except Exception as error:  # datasets wraps parse and connection errors in many exception types
         raise UserError(_read_problem(path, local, error)) from None
+    return as_written(read, path) if all_json(data_files or [path]) and holds_dates(read) else read
 
 
-def _nonempty(dataset: datasets.Dataset, path: Path) -> datasets.Dataset:
-    if len(dataset) == 0:
-        raise UserError(f"dataset {path} has no records; it needs at least one")
-    return dataset
+def _load_file(path: Path, options: dict[str, str]) -> datasets.Dataset:
+    import datasets
+
+    loader = LOADERS[content_suffix(path)]
+    features = csv_as_text(path) if loader == "csv" else None
+    return datasets.load_dataset(loader, data_files=str(path), split="train", features=features, **options)
+
+
+def _load_folder(
+    path: Path, subset: str | None, data_files: list[Path], options: dict[str, str]
+) -> datasets.DatasetDict:
+    """Every split of a folder of data files, one without records as an empty Dataset: datasets'
+    `load_dataset` reads no split of a folder once one of them is empty."""
+    import datasets
+
+    csv_files = [f for f in data_files if FOLDER_TYPES[content_suffix(f)] == "csv"]
+    features = csv_as_text(csv_files[0]) if csv_files else None  # a folder holds one type
+    builder = datasets.load_dataset_builder(str(path), subset, features=features, **options)
+    builder.download_and_prepare()
+    splits = {
+        name: builder.as_dataset(name) if info.num_examples else datasets.Dataset.from_list([])
+        for name, info in builder.info.splits.items()
+    }
+    return datasets.DatasetDict(splits)
+
+
+def _loadis_saved(path: Path) -> datasets.Dataset | datasets.DatasetDict:
+    """A `save_to_disk` directory, split by split: datasets reads none of a DatasetDict's splits once one
+    of them is empty (it saved no data file for it)."""
+    import datasets
+
+    if not (path / "dataset_dict.json").is_file():
+        return _load_saved_split(path)
+    names = json.loads((path / "dataset_dict.json").read_text())["splits"]
+    return datasets.DatasetDict({name: _load_saved_split(path / name) for name in names})
+
+
+def _load_saved_split(path: Path) -> datasets.Dataset:
+    """One saved Dataset, in memory: a transform of a memory-mapped one writes its cache into the user's
+    files. One saved without records, which datasets cannot load back, is read as empty."""
+    import datasets
+
+    if json.loads((path / "state.json").read_text()).get("_data_files") == []:  # saved without records
+        return datasets.Dataset.from_list([])
+    return datasets.load_from_disk(str(path), keep_in_memory=True)
+
+
+def _one_split(
+    read: datasets.Dataset | datasets.DatasetDict, split: str, path: Path, split_setting: str | None
+) -> datasets.Dataset:
+    """`split` of the splits read (a file or a saved Dataset is its one split), if it holds records: a
+    split without any is an error only when it is the one asked for."""
+    if not isinstance(read, dict):
+        if len(read) == 0:
+            raise UserError(f"dataset {path} has no records; it needs at least one")
+        return read
+    records = _split(read, split, path, split_setting)
+    if len(records) == 0:
+        other = f" (or set {split_setting} to another split)" if split_setting else ""
+        raise UserError(f"dataset {path} has no records in its split {split!r}; it needs at least one{other}")
+    return records
 
 
 def _split(dataset: Any, split: str, path: Path, split_setting: str | None) -> datasets.Dataset:

@@ -7,6 +7,7 @@ import bz2
 import gzip
 import json
 import lzma
+import re
 import shutil
 from pathlib import Path
 
@@ -167,6 +168,29 @@ def test_saved_dataset_dict_split(tmp_path: Path) -> None:
     splits = {name: datasets.Dataset.from_list([{"text": name}]) for name in ("train", "validation")}
     datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "saved"))
     assert load_records(tmp_path / "saved", split="validation")["text"] == ["validation"]
+
+
+def test_an_empty_split_is_an_error_only_when_it_is_read(tmp_path: Path) -> None:
+    """datasets reads no split of a folder, or of a saved DatasetDict, once one of them is empty: the
+    train split was refused for an empty validation.jsonl beside it."""
+    import datasets
+
+    records = [{"text": f"t{i}"} for i in range(3)]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    _write_jsonl(folder / "train.jsonl", records)
+    (folder / "validation.jsonl").write_text("")
+    saved = tmp_path / "saved"
+    train = datasets.Dataset.from_list(records)
+    datasets.DatasetDict({"train": train, "validation": train.select([])}).save_to_disk(str(saved))
+    for path in (folder, saved):
+        assert load_records(path)["text"] == ["t0", "t1", "t2"]
+        assert load_heldout(path, "train", None, "--split")[0]["text"] == ["t0", "t1", "t2"]
+        empty = rf"dataset {re.escape(str(path))} has no records in its split 'validation'; .*set --split"
+        with pytest.raises(UserError, match=empty):
+            load_records(path, split="validation", split_setting="--split")
+        with pytest.raises(UserError, match=empty):
+            load_heldout(path, None, None, "--split")  # the held-out split, asked for without its name
 
 
 def test_a_saved_dataset_has_no_split_or_subset_to_choose(tmp_path: Path) -> None:

@@ -1,0 +1,74 @@
+"""JSON and JSON Lines records read as written: date-like text, fields mixing text and other values,
+records wrapped in an object inside a folder."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from qpissa import UserError
+from qpissa.data_sources import load_source
+from qpissa.recipe import DataSource
+from qpissa.settings import DataFormat
+
+DATES = [
+    {"prompt": "Normalize the date: March 1, 2023\nAnswer:", "completion": "2023-03-01"},
+    {"prompt": "Normalize: 2 March 2023, 10 am\nAnswer:", "completion": "2023-03-02T10:00:00"},
+]
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_date_like_text_is_read_as_the_text_written(tmp_path: Path) -> None:
+    """datasets' JSON reader (pyarrow's) turns ISO-like text into timestamps, `2023-03-01 00:00:00` once
+    read back; every record format needs the text itself."""
+    (tmp_path / "dates.json").write_text(json.dumps(DATES))
+    (tmp_path / "folder").mkdir()
+    _write_jsonl(tmp_path / "folder" / "train.jsonl", DATES)
+    _write_jsonl(tmp_path / "folder" / "test.jsonl", DATES[:1])
+    for path in (_write_jsonl(tmp_path / "dates.jsonl", DATES), tmp_path / "dates.json", tmp_path / "folder"):
+        records, data_format = load_source(DataSource(path))
+        assert data_format is DataFormat.PROMPT_COMPLETION, path
+        assert records.to_list() == DATES, path
+    assert load_source(DataSource(tmp_path / "folder", split="test"))[0].to_list() == DATES[:1]
+    chat = [{"role": "user", "content": "Today, as a date?"}, {"role": "assistant", "content": "2023-03-01"}]
+    late = {"messages": chat, "sent": {"at": "2023-03-01T10:00:00"}}  # nested, in one record only
+    path = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat}, late])
+    records, data_format = load_source(DataSource(path))
+    assert data_format is DataFormat.MESSAGES and records["messages"] == [chat, chat]
+    assert records["sent"] == [None, {"at": "2023-03-01T10:00:00"}]
+
+
+def test_a_field_mixing_text_and_numbers_blames_the_record_holding_a_number(tmp_path: Path) -> None:
+    """datasets stores such a field as JSON and reads the text ` 1` back as the number 1: the error named
+    record 0 (got int), which is text as written, not record 5."""
+    records = [{"prompt": f"Q{i}: what is {i}+1?\nA:", "completion": f" {i + 1}"} for i in range(8)]
+    records[5]["completion"] = 6
+    (tmp_path / "folder").mkdir()
+    _write_jsonl(tmp_path / "folder" / "train.jsonl", records)
+    for path in (_write_jsonl(tmp_path / "mixed.jsonl", records), tmp_path / "folder"):
+        where = re.escape(str(path))
+        with pytest.raises(UserError, match=rf"^{where} record 5: field `completion` must be text, got int$"):
+            load_source(DataSource(path))
+
+
+def test_records_wrapped_in_an_object_are_read_from_a_folder_as_from_a_file(tmp_path: Path) -> None:
+    """datasets read `{"version": 2, "data": [...]}` in a folder as one record, which fits no format."""
+    records = [{"prompt": "What is 30 plus 7?", "completion": " 37"}, {"prompt": "And 2?", "completion": "2"}]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "train.json").write_text(json.dumps({"version": 2, "data": records}))
+    (folder / "test.json").write_text(json.dumps({"version": 2, "data": records[:1]}))
+    read, data_format = load_source(DataSource(folder))
+    assert data_format is DataFormat.PROMPT_COMPLETION and read.to_list() == records
+    assert load_source(DataSource(folder, split="test"))[0].to_list() == records[:1]
+    _write_jsonl(folder / "test.json", records[:1])  # JSON Lines: no field to read it from
+    wrapped = r"train\.json holds its records in the field `data`, test\.json as a list or JSON Lines; "
+    with pytest.raises(UserError, match=wrapped):
+        load_source(DataSource(folder))
