@@ -31,7 +31,7 @@ bitsandbytes or datasets at module level.
     convert            `qpissa convert`: the streaming conversion and its worker pipeline
     convert_matrix     one target decomposed and measured (weight- and output-space errors)
     convert_calibrated `convert --calib`'s first phase: layer by layer, H, decompositions, spools
-    calibration        `--calib` data drawn into seeded token windows; overlap with held-out text
+    calibration        `--calib` data (and shipped general prose) drawn into seeded windows; overlap check
     layer_stream       a checkpoint run one decoder layer at a time; input statistics H per Linear
     convert_output     the QPiSSA directory being written: shard plan, resume record, config, adapter
     conversion_report  qpissa_report.json: settings as resolved, per-matrix errors, summary
@@ -41,7 +41,7 @@ bitsandbytes or datasets at module level.
     chat_template*     a run's own chat template: from a file or inline, saved with the run and adapter
     data_formats*      record formats, their detection, rendering records into (text, trained) segments
     data_sources*      training and held-out records from files, folders, save_to_disk dirs, the Hub; mixtures
-    data_files*        local data files checked before datasets reads them (types, JSON Lines, folders)
+    data_files*        local data files checked before datasets reads them; JSON records as written
     data               tokenization with datasets.map and exact loss masks, mixing, the collators (packing)
     trainer_options    every TrainingArguments option in a recipe, checked, and the Trainer's arguments
     trainer_eval       the Trainer whose evaluation loss weighs every token alike, as training does
