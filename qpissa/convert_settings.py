@@ -181,8 +181,8 @@ class ConvertSettings:
         default=None,
         metadata={
             "help": "--calib: share of the windows drawn from general English prose shipped with qpissa, so "
-            "that narrow data (one task) does not fit the conversion to itself alone; 0 calibrates on DATA "
-            f"alone (default {CALIB_GENERAL})"
+            "that the conversion is not fitted to narrow data (one task) alone; 0 calibrates on DATA alone "
+            f"(default {CALIB_GENERAL})"
         },
     )
     calib_damping: float | None = field(
