@@ -131,8 +131,7 @@ def folder_options(path: Path, data_files: list[Path]) -> dict[str, str]:
     Raises:
         UserError: naming a file that wraps its records and one that does not (or in another field).
     """
-    json_files = [file for file in data_files if FOLDER_TYPES[content_suffix(file)] == "json"]
-    fields = {file: _wrapping_field(file) for file in json_files}
+    fields = {file: _wrapping_field(file) for file in data_files if _is_json(file)}
     wrapped = [(file, field) for file, field in fields.items() if field is not None]
     if not wrapped:
         return {}
@@ -228,7 +227,11 @@ def leaf_features(feature: Any) -> Iterator[Any]:
 
 
 def all_json(files: list[Path]) -> bool:
-    return all(FOLDER_TYPES[content_suffix(file)] == "json" for file in files)
+    return all(_is_json(file) for file in files)
+
+
+def _is_json(file: Path) -> bool:
+    return FOLDER_TYPES[content_suffix(file)] == "json"
 
 
 def is_saved(path: Path) -> bool:

@@ -200,7 +200,7 @@ def _read(path: Path, subset: str | None) -> datasets.Dataset | datasets.Dataset
     try:
         with _bars_hidden_below(QUIET_READ_BYTES, _local_bytes(path) if local else None), _datasets_quiet():
             if saved:
-                return _loadis_saved(path)
+                return _load_saved(path)
             if not local:
                 return datasets.load_dataset(str(path), subset)
             if path.is_file():
@@ -238,7 +238,7 @@ def _load_folder(
     return datasets.DatasetDict(splits)
 
 
-def _loadis_saved(path: Path) -> datasets.Dataset | datasets.DatasetDict:
+def _load_saved(path: Path) -> datasets.Dataset | datasets.DatasetDict:
     """A `save_to_disk` directory, split by split: datasets reads none of a DatasetDict's splits once one
     of them is empty (it saved no data file for it)."""
     import datasets
