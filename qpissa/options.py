@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import types
 import typing
 from enum import Enum
@@ -21,6 +22,16 @@ import yaml
 from qpissa import UserError
 
 T = TypeVar("T")
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, reading `1e-5` (an exponent, no dot) as the number it is, as YAML 1.2 does:
+    PyYAML's YAML 1.1 reads it as text, in a Trainer option's mapping (`lr_scheduler_kwargs`) too."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = ()) -> None:
@@ -144,7 +155,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             if not isinstance(node, dict | list):
                 raise UserError(f"override `{key}`: `{parent}` is not a group of settings")
         try:
-            value = yaml.safe_load(raw)
+            value = yaml.load(raw, Loader=RecipeLoader)
         except yaml.YAMLError as error:
             raise UserError(
                 f"override `{item}`: the value is not a YAML scalar ({yaml_problem(error)}); quote it"

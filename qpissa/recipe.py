@@ -15,7 +15,7 @@ import yaml
 
 from qpissa import UserError
 from qpissa.artifacts import latest_checkpoint, read_text
-from qpissa.options import apply_overrides, coerce_fields, from_dict, got, yaml_problem
+from qpissa.options import RecipeLoader, apply_overrides, coerce_fields, from_dict, got, yaml_problem
 from qpissa.settings import MIN_SEQ_LEN, SEED_LIMIT, DataFormat, Device
 
 AUTO_OPTIM = "auto"  # paged 8-bit AdamW on CUDA, AdamW on CPU; any other name is transformers' own
@@ -260,8 +260,8 @@ class TrainConfig:
         return inputs
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, but a key given twice in one mapping is an error: PyYAML keeps the last, so a
+class _UniqueKeyLoader(RecipeLoader):
+    """The recipe loader, but a key given twice in one mapping is an error: PyYAML keeps the last, so a
     recipe edited by appending `learning_rate: ...` would train with whichever came last, silently."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import types
 import typing
 from enum import Enum
@@ -42,7 +41,6 @@ SET_BY_QPISSA = {
 RENAMED = {"gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
 
 
-EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # what YAML 1.1 reads as text
 OPTIMIZERS_NEEDING_THE_MODEL = ("galore", "apollo", "lomo")  # built from the model's own modules
 
 
@@ -219,24 +217,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     elif isinstance(value, str) and textual:
         return value  # TrainingArguments turns choices into its enums and rejects unknown ones
     elif isinstance(value, (list, dict)) and type(value) in allowed:
-        return _exponents_as_numbers(value)
+        return value
     elif any(isinstance(kind, type) and isinstance(value, kind) for kind in allowed):
         return value  # an object given through the Python API (a ParallelismConfig, ...)
     names = " or ".join(sorted({getattr(kind, "__name__", str(kind)) for kind in allowed} - {"NoneType"}))
     raise UserError(f"`{key}` must be {names}, {got(value)}")
-
-
-def _exponents_as_numbers(value: Any) -> Any:
-    """`value` with every text written as a number with an exponent and no dot (`1e-5`) as that number, at
-    any depth: YAML 1.1 reads it as text, and `lr_scheduler_kwargs: {min_lr: 1e-5}` then fails in the
-    Trainer with a TypeError."""
-    if isinstance(value, dict):
-        return {key: _exponents_as_numbers(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_exponents_as_numbers(item) for item in value]
-    if isinstance(value, str) and EXPONENT_NUMBER.fullmatch(value):
-        return float(value)
-    return value
 
 
 def _types(hint: Any) -> set[Any]:
