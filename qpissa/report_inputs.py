@@ -127,7 +127,7 @@ def _add(by_key: dict[str, MethodData], path: Path) -> bool:
         report = _read(path / EXPORT_REPORT)
         run = export_run(report)
         base = report.get("source", {}).get("base_dir")
-        same_run = [e for e in by_key.values() if run and e.run_dir and e.run_dir.resolve() == run.resolve()]
+        same_run = [e for e in by_key.values() if run is not None and _made_from(e, run)]
         if same_run:
             entry = same_run[0]
         else:
@@ -152,11 +152,16 @@ def export_label(entry: MethodData, report: dict) -> str:
     """The method an export's row names: its entry's label, and where the export was not made from that
     entry's run, what it was made from (another run, or the conversion untrained)."""
     run = export_run(report)
-    if run is None and entry.run_dir is None:
-        return entry.label
-    if run is not None and entry.run_dir is not None and run.resolve() == entry.run_dir.resolve():
+    if _made_from(entry, run):
         return entry.label
     return f"{entry.label}, exported from {f'run {run.name}' if run else 'the conversion untrained'}"
+
+
+def _made_from(entry: MethodData, run: Path | None) -> bool:
+    """Whether `run` (None: no run, the conversion itself) is the entry's own run."""
+    if run is None or entry.run_dir is None:
+        return run is None and entry.run_dir is None
+    return run.resolve() == entry.run_dir.resolve()
 
 
 def _add_linked(by_key: dict[str, MethodData], model: Path, path: Path) -> MethodData:
