@@ -21,6 +21,7 @@ import torch
 
 from qpissa import UserError
 from qpissa.artifacts import content_suffix, read_text
+from qpissa.convert_settings import ConvertSettings
 from qpissa.data_formats import check_tokenizer, render
 from qpissa.data_sources import load_source
 from qpissa.recipe import DataSource
@@ -37,14 +38,15 @@ class CalibrationTokens:
     Attributes:
         windows: int64 `[samples, seq_len]`.
         source: the path given. format: how its records were read (`text file`, `messages`, ...).
-        records: texts read. available: whole windows its stream held. general: windows drawn from the
-        shipped general prose, the last ones. sha256: of the windows' ids.
+        records: texts read. asked: windows asked of it. available: whole windows its stream held.
+        general: windows drawn from the shipped general prose, the last ones. sha256: of the windows' ids.
     """
 
     windows: torch.Tensor
     source: str
     format: str
     records: int
+    asked: int
     available: int
     general: int
     sha256: str
@@ -57,12 +59,21 @@ class CalibrationTokens:
                 "general_windows": self.general, "sha256": self.sha256}  # fmt: skip
 
 
+def calibration_of(settings: ConvertSettings, tokenizer: Any) -> CalibrationTokens:
+    """The windows `--calib` and its settings choose (`convert` and `compare` calibrate on the same)."""
+    calibration = settings.calibration
+    return calibration_tokens(
+        settings.calib, tokenizer, calibration["samples"], calibration["seq_len"], settings.seed,
+        calibration["general"],
+    )  # fmt: skip
+
+
 def calibration_tokens(
     path: Path, tokenizer: Any, samples: int, seq_len: int, seed: int, general: float
 ) -> CalibrationTokens:
     """Read `path` and draw `samples` windows of `seq_len` tokens, the share `general` of them (at least one
     left to `path`) from the shipped general prose, unless `path` is that prose; fewer when the data holds
-    fewer.
+    fewer, the general windows then fewer too, to keep their share.
 
     Args:
         path: a plain text file (.txt, .md), or a data file or directory `qpissa train` reads; its format
@@ -77,9 +88,10 @@ def calibration_tokens(
     texts, data_format = _read_texts(path, tokenizer)
     prose = general_prose()
     count = 0 if texts == [prose] else min(round(samples * general), samples - 1)
-    windows, available = _draw(
-        texts, tokenizer, samples - count, seq_len, seed, f"--calib {path}", "more data"
-    )
+    asked = samples - count
+    windows, available = _draw(texts, tokenizer, asked, seq_len, seed, f"--calib {path}", "more data")
+    if len(windows) < asked:  # short data: as many general windows as keep their share
+        count = min(count, round(len(windows) * general / (1 - general)))
     if count:
         general_windows, _ = _draw(
             [prose],
@@ -92,7 +104,7 @@ def calibration_tokens(
         )
         windows = torch.cat([windows, general_windows])
     digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()
-    return CalibrationTokens(windows, str(path), data_format, len(texts), available, count, digest)
+    return CalibrationTokens(windows, str(path), data_format, len(texts), asked, available, count, digest)
 
 
 def general_prose() -> str:

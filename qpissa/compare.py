@@ -45,7 +45,7 @@ from qpissa.artifacts import (
     read_run,
     resolve_source,
 )
-from qpissa.calibration import OVERLAP_NGRAM, calibration_tokens, overlap_tokens
+from qpissa.calibration import OVERLAP_NGRAM, calibration_of, overlap_tokens
 from qpissa.chat_template import resolve_chat_template
 from qpissa.checkpoint import CheckpointReader, auto_config, write_json
 from qpissa.convert import check_conversion, convert
@@ -274,11 +274,7 @@ def _check_calibration(model_dir: Path, settings: ConvertSettings, fidelity: Fid
     if settings.calibration is None:
         return
     tokenizer = load_tokenizer(ModelSource(model_dir, None))
-    calibration = settings.calibration
-    tokens = calibration_tokens(
-        settings.calib, tokenizer, calibration["samples"], calibration["seq_len"], settings.seed,
-        calibration["general"],
-    )  # fmt: skip
+    tokens = calibration_of(settings, tokenizer)
     ids, source = heldout_ids(model_dir, fidelity, tokenizer.vocab_size)
     shared = overlap_tokens(tokens.windows, ids)
     if shared:

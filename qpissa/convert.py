@@ -32,7 +32,7 @@ from qpissa.artifacts import (
     partial_dir,
     read_report,
 )
-from qpissa.calibration import CalibrationTokens, calibration_tokens
+from qpissa.calibration import CalibrationTokens, calibration_of
 from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, copy_side_files, write_index, write_json
 from qpissa.console import counted
 from qpissa.conversion_report import conversion_report
@@ -281,17 +281,16 @@ def _calibration_tokens(reader: CheckpointReader, settings: ConvertSettings) -> 
     calibration = settings.calibration
     check_context(reader.model_dir, calibration["seq_len"], "--calib-seq-len")
     tokenizer = load_tokenizer(ModelSource(reader.model_dir, None))
-    tokens = calibration_tokens(
-        settings.calib, tokenizer, calibration["samples"], calibration["seq_len"], settings.seed,
-        calibration["general"],
-    )  # fmt: skip
+    tokens = calibration_of(settings, tokenizer)
     drawn, seq_len = tokens.windows.shape
-    asked, general = calibration["samples"] - tokens.general, tokens.general
-    if tokens.available < asked:
+    general, reserved = tokens.general, calibration["samples"] - tokens.asked
+    if tokens.available < tokens.asked:
         log.warning(
             "--calib %s holds %s of %d tokens, fewer than the %d it is asked for (--calib-samples %d%s): "
-            "calibrating on all of them", settings.calib, counted(tokens.available, "window"), seq_len, asked,
-            calibration["samples"], f", less {general} of qpissa's general prose" if general else "",
+            "calibrating on all of them%s", settings.calib, counted(tokens.available, "window"), seq_len,
+            tokens.asked, calibration["samples"],
+            f", less {reserved} of qpissa's general prose" if reserved else "",
+            f", with {general} of the general prose to keep its --calib-general share" if reserved else "",
         )  # fmt: skip
     log.info(
         "calibrating on %d windows of %d tokens: %d from %s%s",
