@@ -168,13 +168,32 @@ def json_records(files: list[Path]) -> list[Any]:
 
 def json_dataset(files: list[Path]) -> datasets.Dataset:
     """`json_records` as a Dataset with the fields of all of them, as datasets' JSON reader gives them
-    (`Dataset.from_list` takes the first record's fields only)."""
+    (`Dataset.from_list` takes the first record's fields only; a list of texts is a `text` field)."""
     import datasets
 
-    records = json_records(files)
+    records = [{"text": record} if isinstance(record, str) else record for record in json_records(files)]
     names = dict.fromkeys(name for record in records for name in record)
     columns = {name: [record.get(name) for record in records] for name in names}
     return datasets.Dataset.from_dict(columns, on_mixed_types="use_json")
+
+
+def stray_item(path: Path, files: list[Path]) -> str | None:
+    """Which item of a JSON file's list is not of the first item's kind (a record, or a text), as in
+    `[{...}, 5]`, on which datasets' reader fails with a bare TypeError: the error line, or None."""
+    for file in files:
+        try:
+            items = json_records([file])
+        except (UserError, ValueError):  # not JSON at all: datasets' own error says more
+            return None
+        kind = dict if items and isinstance(items[0], dict) else str
+        first, wanted = ("a record", 'a record ({"field": value, ...})') if kind is dict else ("a text",) * 2
+        for index, item in enumerate(items):
+            if not isinstance(item, kind):
+                shown = json.dumps(item)
+                shown = shown if len(shown) <= 40 else shown[:37] + "..."
+                where = f"dataset {path}" if file == path else f"dataset {path}: {file.relative_to(path)}"
+                return f"{where} item {index} is {shown} where item 0 is {first}; make every item {wanted}"
+    return None
 
 
 def as_written(

@@ -31,6 +31,7 @@ from qpissa.data_files import (
     json_files,
     json_records,
     leaf_features,
+    stray_item,
 )
 from qpissa.data_formats import KNOWN_ROLES, check_record, detect_format
 from qpissa.hub import is_hub_name
@@ -81,7 +82,11 @@ def _check_records(
         if any(isinstance(feature, datasets.Json) for feature in leaf_features(dataset.features)):
             # a field mixing text and other values across records: datasets reads it back from JSON, text
             # such as " 1" as a number, so the record to blame is found as written
-            _check_each(json_records(json_files(source.path, source.split)), data_format, source.path)
+            files = json_files(source.path, source.split)
+            stray = stray_item(source.path, files)  # or a list mixing texts and records
+            if stray:
+                raise UserError(stray) from None
+            _check_each(json_records(files), data_format, source.path)
         raise
     if empty:
         log.warning(
@@ -208,7 +213,8 @@ def _read(path: Path, subset: str | None) -> datasets.Dataset | datasets.Dataset
             else:
                 read = _load_folder(path, subset, data_files, options)
     except Exception as error:  # datasets wraps parse and connection errors in many exception types
-        raise UserError(_read_problem(path, local, error)) from None
+        stray = stray_item(path, data_files or [path]) if local and all_json(data_files or [path]) else None
+        raise UserError(stray or _read_problem(path, local, error)) from None
     return as_written(read, path) if all_json(data_files or [path]) and holds_dates(read) else read
 
 

@@ -72,3 +72,32 @@ def test_records_wrapped_in_an_object_are_read_from_a_folder_as_from_a_file(tmp_
     wrapped = r"train\.json holds its records in the field `data`, test\.json as a list or JSON Lines; "
     with pytest.raises(UserError, match=wrapped):
         load_source(DataSource(folder))
+
+
+def test_a_list_of_date_like_texts_is_read_as_text(tmp_path: Path) -> None:
+    """datasets reads a JSON list of texts as the field `text`; date-like ones were read again as records."""
+    path = tmp_path / "dates.json"
+    path.write_text(json.dumps(["2023-03-01", "2023-03-02T10:00:00"]))
+    records, data_format = load_source(DataSource(path))
+    assert data_format is DataFormat.TEXT and records["text"] == ["2023-03-01", "2023-03-02T10:00:00"]
+
+
+@pytest.mark.parametrize(
+    ("items", "error"),
+    [
+        ([{"text": "a"}, 5], r"item 1 is 5 where item 0 is a record; make every item a record \("),
+        ([{"text": "a"}, "b"], r'item 1 is "b" where item 0 is a record; make every item a record \('),
+        (["a", {"text": "b"}], r'item 1 is \{"text": "b"\} where item 0 is a text; make every item a text$'),
+    ],
+)
+def test_a_list_mixing_records_with_other_items_names_the_first_stray_one(
+    tmp_path: Path, items: list, error: str
+) -> None:
+    """datasets failed on `[{...}, 5]` with a bare TypeError, and a list of texts with a record in it
+    reached the record checks as a text."""
+    (tmp_path / "folder").mkdir()
+    for path in (tmp_path / "list.json", tmp_path / "folder" / "train.json"):
+        path.write_text(json.dumps(items))
+    for path, where in ((tmp_path / "list.json", ""), (tmp_path / "folder", r": train\.json")):
+        with pytest.raises(UserError, match=rf"^dataset {re.escape(str(path))}{where} {error}"):
+            load_source(DataSource(path))
