@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import time
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -191,19 +192,26 @@ def _train(
                  "(data.eval_generate_samples chooses how many; generating is slow on a CPU)",
                  len(eval_data.rows), generated)  # fmt: skip
         bars = not arguments.disable_tqdm
+        evaluating = time.perf_counter()
         final = evaluate_loss(
             model, eval_data.rows, pad_id, runtime.device, config.per_device_eval_batch_size, bars
         )
+        seconds = time.perf_counter() - evaluating
         generation = generate(model, show_progress=bars) if config.data.eval_generate_samples else {}
         write_json(run_dir / EVAL_RESULTS_NAME, {**final, **generation})
         # the last step's line of the eval log, which the Trainer's pass would have written (a run finished
         # again from its last checkpoint evaluates that step again)
         if not best_at_end:
             drop_records_from(run_dir / EVAL_LOG_NAME, trainer.state.global_step)
-            append_jsonl(
-                run_dir / EVAL_LOG_NAME,
-                {"step": trainer.state.global_step, "eval_loss": final["loss"], **generation},
-            )
+            samples, state = len(eval_data.rows), trainer.state
+            batches = -(-samples // config.per_device_eval_batch_size)
+            line = {
+                "step": state.global_step, "eval_loss": final["loss"], "eval_runtime": round(seconds, 4),
+                "eval_samples_per_second": round(samples / seconds, 3),
+                "eval_steps_per_second": round(batches / seconds, 3), "epoch": state.epoch,
+                "num_input_tokens_seen": state.num_input_tokens_seen,
+            }  # fmt: skip
+            append_jsonl(run_dir / EVAL_LOG_NAME, {**line, **generation})
     if processes().is_main:
         readable_as_umask_allows(run_dir)  # the adapter and checkpoints PEFT and the Trainer wrote
     wait_for_everyone()  # the run directory is complete for every process
