@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qpissa import UserError
-from qpissa.artifacts import content_suffix, open_text, read_text
+from qpissa.artifacts import DECOMPRESSORS, content_suffix, open_text, read_text
 from qpissa.data_formats import REQUIRED_FIELDS
 
 if TYPE_CHECKING:
@@ -101,8 +101,8 @@ def check_folder(path: Path) -> list[Path]:
             "only those are); name every file after its split (train, validation, test), or give it as a "
             "data source of its own"
         )
-    for file in data_files:  # a lone JSON value crashes datasets' reader (a compressed file is left to it)
-        if file.suffix.lower() == ".json" and _opening(file) not in ("", "[", "{"):
+    for file in data_files:  # a lone JSON value crashes datasets' reader
+        if content_suffix(file) == ".json" and _opening(file) not in ("", "[", "{"):
             _refuse_json_value(file, read_text(file, "dataset", "check the path").removeprefix(BOM))
     kinds: dict[str, list[str]] = {}
     for file in data_files:
@@ -312,16 +312,15 @@ def _field_of_records(path: Path, data: dict[str, Any]) -> str | None:
 
 
 def _wrapping_field(path: Path) -> str | None:
-    """The field a folder's JSON file wraps its records in, if it does (a compressed one is left to
-    datasets, as the lone values of `check_folder` are)."""
-    if path.suffix.lower() != ".json" or _opening(path) != "{":
+    """The field a folder's JSON file wraps its records in, if it does."""
+    if content_suffix(path) != ".json" or _opening(path) != "{":
         return None
     return _records_field(path, read_text(path, "dataset", "check the path").removeprefix(BOM)).get("field")
 
 
 def _opening(path: Path) -> str:
-    """The first character of a text file that is not white space ("" when there is none)."""
-    with path.open("rb") as f:
+    """The first character of a text file (decompressed) that is not white space ("" when there is none)."""
+    with DECOMPRESSORS.get(path.suffix.lower(), open)(path, "rb") as f:
         head = f.read(4096).decode("utf-8", errors="replace").removeprefix(BOM).lstrip()
     return head[:1]
 

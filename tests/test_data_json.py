@@ -101,3 +101,20 @@ def test_a_list_mixing_records_with_other_items_names_the_first_stray_one(
     for path, where in ((tmp_path / "list.json", ""), (tmp_path / "folder", r": train\.json")):
         with pytest.raises(UserError, match=rf"^dataset {re.escape(str(path))}{where} {error}"):
             load_source(DataSource(path))
+
+
+def test_a_compressed_json_file_in_a_folder_is_read_as_the_same_file_uncompressed(tmp_path: Path) -> None:
+    """Records wrapped in an object, and a lone value, were left to datasets when compressed: one record,
+    and a bare error."""
+    import gzip
+
+    records = [{"prompt": "What is 30 plus 7?", "completion": " 37"}, {"prompt": "And 2?", "completion": "2"}]
+    (tmp_path / "wrapped").mkdir()
+    with gzip.open(tmp_path / "wrapped" / "train.json.gz", "wt") as f:
+        f.write(json.dumps({"version": 2, "data": records}))
+    assert load_source(DataSource(tmp_path / "wrapped"))[0].to_list() == records
+    (tmp_path / "value").mkdir()
+    with gzip.open(tmp_path / "value" / "train.json.gz", "wt") as f:
+        f.write("5")
+    with pytest.raises(UserError, match=r"train\.json\.gz holds a JSON number, not records; "):
+        load_source(DataSource(tmp_path / "value"))
