@@ -83,17 +83,22 @@ def check_folder(path: Path) -> list[Path]:
     are, and of those only the most common file type; it ignores the others, silently.
 
     Returns:
-        The folder's data files (none when datasets finds none: reading it then says so).
+        The folder's data files.
+
+    Raises:
+        UserError: the folder holds none (datasets' own message named files of another kind of folder).
     """
-    try:
-        read = {file.resolve() for files in split_files(path).values() for file in files}
-    except Exception:  # no data file at all: load_dataset says so, with the message of its own
-        return []
     data_files = [
         file for file in sorted(path.rglob("*"))
         if content_suffix(file) in FOLDER_TYPES and file.is_file() and file.name not in METADATA_FILES
         and not any(part.startswith((".", "__")) for part in file.relative_to(path).parts)
     ]  # fmt: skip
+    if not data_files:
+        raise UserError(
+            f"dataset {path} holds no data files ({', '.join(FOLDER_TYPES)}, also compressed); put them in "
+            "it, or give a data file itself as the path"
+        )
+    read = {file.resolve() for files in split_files(path).values() for file in files}
     ignored = [str(file.relative_to(path)) for file in data_files if file.resolve() not in read]
     if ignored:
         raise UserError(

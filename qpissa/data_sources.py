@@ -202,6 +202,7 @@ def _read(path: Path, subset: str | None) -> datasets.Dataset | datasets.Dataset
     saved = is_saved(path)
     data_files = check_folder(path) if path.is_dir() and not saved else []
     options = check_file(path) if path.is_file() else folder_options(path, data_files)
+    files = [path] if path.is_file() else data_files  # a local dataset's files; none for a Hub name
     try:
         with _bars_hidden_below(QUIET_READ_BYTES, _local_bytes(path) if local else None), _datasets_quiet():
             if saved:
@@ -213,9 +214,9 @@ def _read(path: Path, subset: str | None) -> datasets.Dataset | datasets.Dataset
             else:
                 read = _load_folder(path, subset, data_files, options)
     except Exception as error:  # datasets wraps parse and connection errors in many exception types
-        stray = stray_item(path, data_files or [path]) if local and all_json(data_files or [path]) else None
+        stray = stray_item(path, files) if local and all_json(files) else None
         raise UserError(stray or _read_problem(path, local, error)) from None
-    return as_written(read, path) if all_json(data_files or [path]) and holds_dates(read) else read
+    return as_written(read, path) if all_json(files) and holds_dates(read) else read
 
 
 def _load_file(path: Path, options: dict[str, str]) -> datasets.Dataset:

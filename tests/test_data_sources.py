@@ -142,6 +142,18 @@ def test_folder_of_data_files_like_a_hub_snapshot(tmp_path: Path) -> None:
         load_records(snapshot, split="dev")
 
 
+def test_a_folder_without_data_files_is_refused_in_one_line(tmp_path: Path) -> None:
+    """An empty folder failed with a KeyError; one holding only notes, with datasets' message about files of
+    another kind of folder."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("my data will go here")
+    for folder in (tmp_path / "empty", tmp_path / "notes"):
+        where = re.escape(str(folder))
+        with pytest.raises(UserError, match=rf"^dataset {where} holds no data files \(\.jsonl, "):
+            load_records(folder)
+
+
 def test_small_local_data_is_read_without_the_libraries_bars(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
