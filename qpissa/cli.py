@@ -39,7 +39,7 @@ from qpissa.artifacts import (
 )
 from qpissa.console import convert_summary, counted, export_summary
 from qpissa.convert_settings import CompareSettings, ConvertSettings
-from qpissa.distributed import is_main_process
+from qpissa.distributed import is_main_process, processes
 from qpissa.options import add_arguments, from_namespace
 from qpissa.recipe import DataConfig, TrainConfig
 from qpissa.settings import (
@@ -73,6 +73,9 @@ _SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT)  # named without a file: the messag
 NON_MAIN_GRACE_S = 10.0
 
 
+LAUNCHERS = {"torchrun": "torchrun", "accelerate": "accelerate launch"}  # as `Processes.launcher` names them
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit status: 0, 2 for a user mistake (as argparse), 130 when interrupted.
 
@@ -85,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"unrecognized arguments: {' '.join(extra)}; see `qpissa {args.command} --help`")
     if extra:  # `--max_steps 2`: transformers' and LLaMA-Factory's flag style, as overrides
         args.overrides = [*args.overrides, *extra]
+    launched = processes()
+    if launched.count > 1 and args.handler is not _cmd_train:  # each process would do the whole command
+        return _fail(
+            f"qpissa {args.command} runs in one process, and {launched.count} were launched; run it without "
+            f"{LAUNCHERS.get(launched.launcher, 'its launcher')} (only train uses several)"
+        )
     hide_library_deprecation_notes()
     # one bar per launch (the main process's), and none in a log: qpissa's own bars are terminal-only too
     bars = not args.quiet and is_main_process() and sys.stderr.isatty()

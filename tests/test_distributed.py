@@ -211,24 +211,54 @@ def test_a_mistyped_command_is_one_line_under_a_launcher(tmp_path: Path) -> None
 
 
 def test_ctrl_c_is_reported_by_the_main_process_only(
-    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    qpissa_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
 ) -> None:
-    """Ctrl-C reaches every process of a launcher; one line tells how to continue, not one per process."""
-    convert_module = importlib.import_module("qpissa.convert")  # `qpissa.convert` is the API function
+    """Ctrl-C reaches every process of a launcher; one line says so, not one per process."""
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert_module, "_read_and_decompose", interrupted)
+    monkeypatch.setattr(importlib.import_module("qpissa.train"), "train", interrupted)
     monkeypatch.setattr(cli, "NON_MAIN_GRACE_S", 0.0)
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, lines in (("1", 0), ("0", 1)):
         monkeypatch.setenv("RANK", rank)
-        args = ["--quiet", "convert", str(tiny_model), str(tmp_path / f"out{rank}"), "--rank", "4"]
-        assert cli.main(args) == 130
+        assert cli.main(["--quiet", "train", str(_config(tmp_path, qpissa_dir, data_dir))]) == 130
         said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qpissa:")]
-        hint = "interrupted; rerun the same command with --resume"
-        assert len(said) == lines and all(hint in line for line in said), said
+        assert said == ["qpissa: interrupted"] * lines, said
+
+
+@pytest.mark.parametrize(
+    ("launcher", "named"),
+    [("TORCHELASTIC_RUN_ID", "torchrun"), ("ACCELERATE_MIXED_PRECISION", "accelerate launch")],
+)
+def test_commands_other_than_train_refuse_several_processes(
+    tiny_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    launcher: str,
+    named: str,
+) -> None:
+    """Each process did the whole command: eval printed its result once per process, convert met its own
+    sibling's lock and left it behind, export failed on one rank without a word."""
+    monkeypatch.setattr(cli, "NON_MAIN_GRACE_S", 0.0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(launcher, "no")
+    for rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        out = tmp_path / f"out{rank}"
+        assert cli.main(["--quiet", "convert", str(tiny_model), str(out), "--rank", "4"]) == 2
+        said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qpissa:")]
+        refusal = (
+            f"qpissa: error: qpissa convert runs in one process, and 2 were launched; run it without {named}"
+        )
+        assert len(said) == lines and all(line.startswith(refusal) for line in said), said
+        assert not out.exists() and not out.with_name(f"{out.name}.lock").exists()
 
 
 def test_quant_storage_bfloat16_loads_with_plain_transformers(
