@@ -20,7 +20,7 @@ from typing import BinaryIO
 import torch
 
 from qpissa import UserError
-from qpissa.artifacts import CONFIG_NAME, EXPORT_REPORT, read_json
+from qpissa.artifacts import CONFIG_NAME, EXPORT_REPORT, REPORT_NAME, read_json
 from qpissa.safetensors_file import DTYPE_WIDTHS, read_header
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
@@ -52,7 +52,8 @@ class CheckpointReader:
         self.model_dir = model_dir
         self.config = read_config(model_dir)
         self.shards = _shard_files(model_dir)
-        parsed = {shard: read_header(shard) for shard in self.shards}
+        fix = _remake(model_dir)
+        parsed = {shard: read_header(shard, fix) for shard in self.shards}
         self.headers = {shard: header for shard, (header, _) in parsed.items()}
         self.data_start = {shard: start for shard, (_, start) in parsed.items()}  # byte offset of the data
         self.location = {name: shard for shard, header in self.headers.items() for name in header}
@@ -187,6 +188,15 @@ class ShardedWriter:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _remake(model_dir: Path) -> str:
+    """How to replace a damaged shard: made by qpissa, make it again; else download it again."""
+    if (model_dir / REPORT_NAME).is_file():
+        return "convert the model again (qpissa convert ... --overwrite)"
+    if (model_dir / EXPORT_REPORT).is_file():
+        return "export it again (qpissa export ... --overwrite)"
+    return "download it again"
 
 
 def copy_tensors(source: Path, writer: SafetensorsWriter, rename: Callable[[str], str] | None = None) -> None:
