@@ -295,6 +295,13 @@ def resolve_source(path: Path) -> ModelSource:
     if (path / CONFIG_NAME).is_file():
         adapter = path / ADAPTER_DIR if has_adapter(path / ADAPTER_DIR) else None
         return ModelSource(path, adapter)
+    if (path.parent / RUN_MARKER).is_file():  # a folder of a run: a checkpoint missing its adapter
+        missing = " and ".join(name for name in ADAPTER_FILES if not (path / name).is_file())
+        kept = ", ".join(c.name for c in checkpoints(path.parent) if has_adapter(c)) or "none"
+        raise UserError(
+            f"{path}, in run {path.parent}, has no {missing}; pass the run itself or a checkpoint holding "
+            f"its adapter (whole ones: {kept})"
+        )
     raise UserError(
         f"{path} is not a QPiSSA directory, a training run or a model directory (no config.json); point at "
         "the output of qpissa convert, qpissa train or qpissa export, or a Hugging Face model directory"

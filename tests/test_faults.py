@@ -588,6 +588,11 @@ CASES = [
     Case("export", "a checkpoint save_total_limit removed",
          lambda ws: ["export", str(ws / "run" / "checkpoint-9"), str(ws / "merged"), "--no-verify"],
          r"checkpoint-9 does not exist \(the run keeps checkpoint-2"),
+    Case("export", "a checkpoint without its adapter's weights",
+         lambda ws: ["export", str(ws / "run" / "checkpoint-2"), str(ws / "merged"), "--no-verify"],
+         r"checkpoint-2, in run .*run, has no adapter_model.safetensors; pass the run itself or a checkpoint "
+         r"holding its adapter \(whole ones: checkpoint-4\)",
+         damage=lambda ws: (ws / "run" / "checkpoint-2" / "adapter_model.safetensors").unlink()),
     Case("export", "--to lora into the original model its report names",
          lambda ws: ["export", str(ws / "qpissa"), str(ws / "model" / "lora"), "--to", "lora", "--no-verify"],
          "is inside the input original model", damage=_report_names_workspace_model),
