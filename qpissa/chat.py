@@ -120,10 +120,7 @@ def generate_reply(
     )
     prompt_length, context = inputs["input_ids"].shape[1], chat_model.context
     if context is not None and prompt_length >= context:
-        raise UserError(
-            f"the prompt is {prompt_length} tokens, as long as the model's whole context of {context}; "
-            "shorten it"
-        )
+        raise UserError(f"the prompt is {_too_long(prompt_length, context)}; shorten it")
     # models with a table of learned positions (GPT-2, OPT) fail past its end: the answer stops there
     budget = (
         settings.max_new_tokens if context is None else min(settings.max_new_tokens, context - prompt_length)
@@ -153,12 +150,15 @@ def answer(path: Path, settings: ChatSettings, write: Writer | None) -> str:
 def run_chat(path: Path, settings: ChatSettings, read: Reader, write: Writer) -> list[dict]:
     """Interactive chat: read a message, stream the answer, keep the history. `/reset` forgets, `/exit` ends.
 
+    The oldest exchanges are forgotten when the conversation outgrows the model's context; a message too
+    long for the context on its own is refused with a warning and the chat goes on without it.
+
     Returns:
         The conversation since the last `/reset`, as chat messages.
     """
     chat_model = load_chat_model(path, settings.adapter)
     torch.manual_seed(settings.seed)
-    messages = _start(settings)
+    messages, context = _start(settings), chat_model.context
     write(f"chatting with {path} (/reset forgets the conversation, /exit or Ctrl-D quits)\n")
     while True:
         try:
@@ -177,7 +177,12 @@ def run_chat(path: Path, settings: ChatSettings, read: Reader, write: Writer) ->
         if not is_utf8(text):
             write("(that line is not UTF-8 text and was not sent; type it again in UTF-8)\n")
             continue
-        messages.append({"role": "user", "content": text})
+        message = {"role": "user", "content": text}
+        alone = _prompt_length(chat_model, [*_start(settings), message])  # the history can all be forgotten
+        if context is not None and alone >= context:
+            log.warning("that message is %s: it was not sent; type a shorter one", _too_long(alone, context))
+            continue
+        messages.append(message)
         _fit_context(chat_model, messages, settings)
         reply = generate_reply(chat_model, messages, settings, write)
         write("\n")
@@ -200,11 +205,22 @@ def _fit_context(chat_model: ChatModel, messages: list[dict], settings: ChatSett
     room = min(settings.max_new_tokens, limit // 2)
     first = 1 if messages and messages[0]["role"] == "system" else 0
     while len(messages) - first > 1:
-        ids = render_chat(chat_model.tokenizer, messages, add_generation_prompt=True)
-        if len(chat_model.tokenizer(ids, add_special_tokens=False)["input_ids"]) + room <= limit:
+        if _prompt_length(chat_model, messages) + room <= limit:
             return
         del messages[first : first + 2]
         log.info("conversation too long for the context of %d tokens: forgot the oldest exchange", limit)
+
+
+def _prompt_length(chat_model: ChatModel, messages: list[dict]) -> int:
+    """The tokens of `messages` in the chat template, up to where the answer starts."""
+    text = render_chat(chat_model.tokenizer, messages, add_generation_prompt=True)
+    return len(chat_model.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _too_long(length: int, context: int) -> str:
+    """Why a prompt of `length` tokens (in the chat template) leaves no room for an answer in `context`."""
+    relation = "as long as" if length == context else "longer than"
+    return f"{length} tokens in the chat template, {relation} the model's whole context of {context}"
 
 
 def _answer_length(config: GenerationConfig, prompt_length: int, budget: int) -> dict[str, int]:

@@ -46,7 +46,8 @@ def evaluate(
     """Load MODEL_OR_RUN and score it on `data_path`; `show_progress`: bars on a terminal.
 
     Returns:
-        JSON-ready: model, adapter, data, samples, dropped, and loss / perplexity / accuracy as asked.
+        JSON-ready: model, adapter, data, samples, dropped, cut, and loss / perplexity / accuracy as asked;
+        with `max_samples`, samples + dropped is the first `max_samples` records, and cut counts among them.
 
     Raises:
         UserError: bad path, unknown format, unreadable data, a QPiSSA directory without its adapter
@@ -64,10 +65,7 @@ def evaluate(
     except UserError as error:
         if settings.format is not None or not recorded:
             raise
-        raise UserError(
-            f"{error} (format {recorded} is the trained run's, recorded in {run_data.record}; pass --format "
-            "to read the data in another)"
-        ) from None
+        raise UserError(f"{error}{_other_format(data_path, settings.split, run_data)}") from None
     if run_data is not None:
         _say_recorded(run_data, data_path, settings)
         _warn_training_data(run_data, data_path, split)
@@ -80,11 +78,9 @@ def evaluate(
     max_seq_len = settings.max_seq_len or (run_data.settings["max_seq_len"] if run_data else default_length)
     data = DataConfig(path=data_path, format=data_format, max_seq_len=max_seq_len)
     tokenizer = load_tokenizer(source)
+    if settings.max_samples:  # before tokenizing: dropped, cut and their warnings count what is scored
+        records = records.select(range(min(settings.max_samples, len(records))))
     samples, tokenized = tokenize_split(records, data_format, data, tokenizer, "--max-seq-len", context)
-    if settings.max_samples:
-        samples, rows = samples[: settings.max_samples], tokenized.rows[: settings.max_samples]
-    else:
-        rows = tokenized.rows
     runtime = resolve_runtime()
     model = load_model(source, device=runtime.device, compute_dtype=runtime.dtype)
     result: dict[str, Any] = {
@@ -101,7 +97,12 @@ def evaluate(
     if settings.metric is not Metric.ACCURACY:
         result.update(
             evaluate_loss(
-                model, rows, pad_token_id(tokenizer), runtime.device, settings.batch_size, show_progress
+                model,
+                tokenized.rows,
+                pad_token_id(tokenizer),
+                runtime.device,
+                settings.batch_size,
+                show_progress,
             )
         )
     if settings.metric in (Metric.ALL, Metric.ACCURACY) and data.format is not DataFormat.TEXT:
@@ -284,6 +285,19 @@ def _checked_data(data: Any, record: Path) -> dict[str, Any]:
     if data["format"] is None and len(named) == 1 and None not in named and named <= formats:
         return {**data, "format": named.pop()}  # the format training read its eval_path in (eval_format)
     return data
+
+
+def _other_format(data_path: Path, split: str | None, run_data: RunData) -> str:
+    """The hint for data that fails in the run's recorded format but fits another (else none): read again
+    with the format detected, as without a run, so a path or split mistake gets no word on formats."""
+    try:
+        _, detected, _ = load_heldout(data_path, split, None, "--split", "--format")
+    except UserError:
+        return ""
+    return (
+        f" (format {run_data.settings['format']} is the trained run's, recorded in {run_data.record}; the "
+        f"records fit format {detected.value}: pass --format {detected.value} to read them in it)"
+    )
 
 
 def _say_recorded(run_data: RunData, data_path: Path, settings: EvalSettings) -> None:

@@ -381,7 +381,7 @@ def test_chat_and_compare_stay_within_a_table_of_learned_positions(
     long = ["--quiet", "chat", str(tmp_path / "qpissa"), "--prompt", "x" * 200, "--greedy"]
     assert cli.main(long) == 2
     error = capsys.readouterr().err.strip()
-    assert "as long as the model's whole context of 128; shorten it" in error and "\n" not in error
+    assert "longer than the model's whole context of 128; shorten it" in error and "\n" not in error
     out = tmp_path / "compare"
     error = _error(capsys, out, "compare", str(model), str(out))  # its default --window is 256 tokens
     assert "--window 256 is longer than the model's context (128 tokens" in error

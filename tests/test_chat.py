@@ -254,3 +254,34 @@ def test_sampling_is_nucleus_sampling_over_the_whole_vocabulary(qpissa_dir: Path
     messages = [{"role": "user", "content": "hi"}]
     answers = {generate_reply(chat_model, messages, settings, None) for _ in range(250)}
     assert len(answers) > 50
+
+
+def test_a_message_too_long_for_the_context_is_refused_and_the_chat_goes_on(
+    qpissa_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A message longer than the whole context (256 positions) is refused with a warning: the session
+    goes on to the next line and keeps the conversation so far, which that message would have pushed out."""
+    lines = iter(["hi", "x" * 300, "more", "/exit"])
+    settings = ChatSettings(greedy=True, max_new_tokens=4)
+    with caplog.at_level("WARNING", logger="qpissa.chat"):
+        messages = run_chat(qpissa_dir, settings, lambda prompt: next(lines), lambda text: None)
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["hi", "more"]
+    refusals = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert refusals == [
+        "that message is 319 tokens in the chat template, longer than the model's whole context of 256: "
+        "it was not sent; type a shorter one"
+    ]
+
+
+@pytest.mark.parametrize(("length", "relation"), [(237, "as long as"), (238, "longer than")])
+def test_a_prompt_too_long_for_the_context_ends_a_one_shot_answer(
+    qpissa_dir: Path, length: int, relation: str, capsys: pytest.CaptureFixture
+) -> None:
+    """--prompt has nothing to go on to: a prompt that fills the context (19 tokens of template around
+    it, 256 positions) is one error line that says how it compares with the context."""
+    assert cli.main(["--quiet", "chat", str(qpissa_dir), "--prompt", "x" * length, *GREEDY]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (
+        f"qpissa: error: the prompt is {length + 19} tokens in the chat template, {relation} the model's "
+        "whole context of 256; shorten it"
+    )

@@ -269,6 +269,26 @@ def test_samples_cut_at_max_seq_len_are_counted_and_said(
     assert "1 of 2 samples are longer than max_seq_len=24" in caplog.text and "--max-seq-len" in caplog.text
 
 
+def test_max_samples_counts_only_the_samples_it_takes(
+    qpissa_dir: Path, tmp_path: Path, capsys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--max-samples 3 scores the file's first 3 samples: the JSON's dropped and cut, and the warnings,
+    count among those 3, not the whole file's (here 2 dropped and 2 cut)."""
+    short, long_prompt, long_answer = (
+        {"prompt": "1+1=", "completion": " 2"}, {"prompt": "q" * 40, "completion": " 4"},
+        {"prompt": "9=", "completion": " nine" * 10},
+    )  # fmt: skip
+    data = tmp_path / "mixed.jsonl"
+    records = [short, long_prompt, long_answer, long_prompt, long_answer, short]
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    options = ["--data", str(data), "--metric", "loss", "--max-seq-len", "24", "--max-samples", "3"]
+    with caplog.at_level("WARNING", logger="qpissa.data"):
+        assert cli.main(["--quiet", "eval", str(qpissa_dir), *options]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["samples"], result["dropped"], result["cut"]) == (2, 1, 1)
+    assert "dropped 1 of 3 samples" in caplog.text and "1 of 2 samples are longer" in caplog.text
+
+
 def test_eval_of_a_run_reads_its_data_in_the_format_its_sources_all_name() -> None:
     """As training reads its eval_path (DataConfig.eval_format): the format every data.sources entry
     names, where data.format is left out; detected when they name several, or none."""
@@ -298,7 +318,17 @@ def test_data_in_another_format_than_the_run_recorded_says_where_the_format_came
     text = tmp_path / "text.jsonl"
     text.write_text(json.dumps({"text": "some prose to score"}) + "\n")
     assert cli.main(["--quiet", "eval", str(run), "--metric", "loss", "--data", str(text)]) == 2
-    assert "(format prompt_completion is the trained run's, recorded in" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "(format prompt_completion is the trained run's, recorded in" in error
+    assert error.strip().endswith("the records fit format text: pass --format text to read them in it)")
+    # a mistake no format mends gets no word on formats: a wrong path, a split a file lacks, bad records
+    nonsense = tmp_path / "nonsense.jsonl"
+    nonsense.write_text(json.dumps({"question": "2+2?"}) + "\n")
+    for where in (["--data", str(tmp_path / "missing.jsonl")], ["--data", str(text), "--split", "test"],
+                  ["--data", str(nonsense)]):  # fmt: skip
+        assert cli.main(["--quiet", "eval", str(run), "--metric", "loss", *where]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("qpissa: error:") and "--format" not in error, error
     assert (
         cli.main(["--quiet", "eval", str(run), "--metric", "loss", "--data", str(text), "--format", "text"])
         == 0
