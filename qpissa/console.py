@@ -75,12 +75,13 @@ def convert_summary(report: dict, out_dir: Path) -> str:
 
 
 def export_summary(report: dict, out_dir: Path) -> str:
-    """What was written and how close it is to the trained model, for the terminal."""
+    """What was written and how close it is to the model it was exported from, for the terminal."""
     verify = report["verify"]
-    check = "not verified (--no-verify)"
+    check = f"not verified ({report.get('verify_skipped') or '--no-verify'})"
     if verify is not None:
         what = "Δlogit" if verify["kl_mean"] is not None else "Δhidden state"
-        check = (f"vs trained model on {verify['tokens']} tokens: max |{what}| {verify['max_abs_diff']:.3g}, "
+        against = f"vs {verify.get('reference', 'trained model')}, in {verify.get('export_dtype', 'float32')}"
+        check = (f"{against}, on {verify['tokens']} tokens: max |{what}| {verify['max_abs_diff']:.3g}, "
                  f"mean {verify['mean_abs_diff']:.3g}")  # fmt: skip
         check += f", KL {verify['kl_mean']:.3g}" if verify["kl_mean"] is not None else ""
     if report["kind"] == ExportKind.MERGED.value:

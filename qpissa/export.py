@@ -3,11 +3,13 @@ for the original model (REFERENCE.md §1, "Merging / exporting").
 
 Both exports stream one matrix at a time: the residual is dequantized from its stored bitsandbytes codes,
 the adapter factors are read lazily, and every output tensor goes straight to disk. Output is built in
-`OUT.partial/` and renamed to `OUT` only once written and verified.
+`OUT.partial/` and renamed to `OUT` only once written and verified (an export whole but too big for the
+check to load is kept, its report saying it is unverified).
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +33,7 @@ from qpissa.artifacts import (
 from qpissa.chat_template import save_chat_template, saved_chat_template
 from qpissa.checkpoint import ShardedWriter, copy_side_files, write_json
 from qpissa.export_lora import LoraInputs, check_lora_inputs, check_trained, write_lora, write_readme
-from qpissa.export_verify import verify_export
+from qpissa.export_verify import out_of_memory, verify_export
 from qpissa.loading import refuse_cpu_misdecoded
 from qpissa.memory import peak_rss_mb
 from qpissa.options import to_dict
@@ -39,6 +41,8 @@ from qpissa.outputs import check_apart, check_replaceable, finish_partial, lock_
 from qpissa.runtime import auto_device, dtype_name
 from qpissa.settings import ExportKind, ExportSettings, OutputDtype
 from qpissa.stored import Adapter, Residual, read_adapter
+
+log = logging.getLogger(__name__)
 
 
 def export(
@@ -131,7 +135,7 @@ def _export(
     )
     if lora_inputs is not None:  # the original model found from the conversion's report, not only --base
         check_apart(out_dir, "OUT", {"original model": lora_inputs.original.model_dir})
-        check_trained(source, trained)
+        check_trained(source)
     dtype = _resolve_dtype(settings, residual.reader.config)
     with lock_output(out_dir, "OUT"):
         if out_dir.exists() and not out_dir.is_dir():
@@ -156,6 +160,15 @@ def _export(
         report["seconds"] = time.perf_counter() - started
         write_json(partial / EXPORT_REPORT, report)
         finish_partial(partial, out_dir)
+    if settings.verify and report["verify"] is None:
+        # Exit status 0: the export is whole, the same files --no-verify writes; only the check of it
+        # failed, for want of memory, which says nothing against it. A failure would have the user rerun
+        # the whole export (into an OUT that now exists) for the same files; the report says it is unchecked.
+        log.warning(
+            "%s is exported but not verified: %s; it is kept: to verify it, export again with --overwrite "
+            "where more memory is free, or pass --no-verify to skip the check",
+            out_dir, report["verify_skipped"],
+        )  # fmt: skip
     return report
 
 
@@ -201,12 +214,33 @@ def _write(
         "dtype": dtype_name(dtype),
         "matrices": len(trained.shapes),
         "details": details,
-        "verify": verify_export(source, partial, details) if settings.verify else None,
+        **_verify(source, partial, details, settings.verify),
         "write_seconds": write_seconds,
         "peak_rss_mb_write": write_peak_mb,  # before --verify loads models
         "versions": {"qpissa": qpissa.__version__, "torch": torch.__version__},
     }
     return report
+
+
+def _verify(source: ModelSource, partial: Path, details: dict, verify: bool) -> dict:
+    """The report's `verify` (the check's numbers, or None) and `verify_skipped` (why there are none).
+
+    Running out of memory in the check leaves the export whole: it is kept, and said unverified.
+    """
+    if not verify:
+        return {"verify": None, "verify_skipped": "--no-verify"}
+    try:
+        return {"verify": verify_export(source, partial, details), "verify_skipped": None}
+    except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        if not out_of_memory(error):
+            raise
+        return {"verify": None, "verify_skipped": f"the check ran out of memory ({_first_line(error)})"}
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message, cut to 200 characters (a CUDA one runs on with advice)."""
+    line = next((part.strip() for part in str(error).splitlines() if part.strip()), type(error).__name__)
+    return line if len(line) <= 200 else f"{line[:199]}…"
 
 
 def _run_data(source: ModelSource) -> dict | None:
@@ -276,6 +310,8 @@ def _write_merged(
     files = shards.close()
     config = {key: value for key, value in reader.config.items() if key != "quantization_config"}
     config["dtype"] = dtype_name(dtype)
+    if "torch_dtype" in config:  # transformers 4's name, still read by tools of its time: the same value
+        config["torch_dtype"] = config["dtype"]
     write_json(partial / CONFIG_NAME, config)
     copy_side_files(reader.model_dir, partial)
     for path in partial.glob(OWN_JSON):  # our reports describe the QPiSSA dir, not this model

@@ -25,6 +25,7 @@ from qpissa.artifacts import (
     has_adapter,
     read_report,
 )
+from qpissa.chat_template import TEMPLATE_NAME
 from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, read_config
 from qpissa.console import lora_summary
 from qpissa.settings import ExportSettings
@@ -129,9 +130,17 @@ def _check_converted_from(
             )
 
 
-def check_trained(source: ModelSource, trained: Adapter) -> None:
+def is_untrained(source: ModelSource) -> bool:
+    """`source` is a QPiSSA directory with its own adapter, as `qpissa convert` initialized it."""
+    return (
+        source.adapter_dir is not None
+        and source.adapter_dir.resolve() == (source.base_dir / ADAPTER_DIR).resolve()
+    )
+
+
+def check_trained(source: ModelSource) -> None:
     """`--to lora` exports what training changed: of a QPiSSA directory's own adapter, nothing."""
-    if trained.path.resolve() == (source.base_dir / ADAPTER_DIR).resolve():
+    if is_untrained(source):
         raise UserError(
             f"{source.base_dir} is a QPiSSA directory, not a training run: its adapter is the initial one, "
             "so its LoRA for the original model would be zero; export a run trained from it (or --to merged)"
@@ -230,20 +239,45 @@ def write_lora(
 
 
 def write_readme(partial: Path, out_dir: Path, report: dict) -> None:
-    """The adapter's README.md: how to load it from `out_dir` (where `partial` ends up), why its rank
-    doubled, how far it is from the trained model."""
+    """The adapter's README.md: how to load it from `out_dir` (where `partial` ends up), with the run's
+    own chat template if it has one, why its rank doubled, how far it is from the trained model."""
     base = report["details"]["base_model"]
+    own_template = (partial / TEMPLATE_NAME).is_file()
+    template = (
+        f" The run trained with its own chat template, saved here as `{TEMPLATE_NAME}`: render prompts "
+        "with it, not with the base tokenizer's template, as the code below does."
+        if own_template
+        else ""
+    )
     text = (
         "# LoRA adapter exported by qpissa\n\n"
         f"A PEFT LoRA adapter of rank {report['details']['rank']} for the original model `{base}`, "
         f"exported from the QPiSSA run `{report['source']['run']}`. Load it with plain transformers + PEFT "
-        "(the paths are where export wrote them; change them if you move the model or this adapter):\n\n"
-        "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
-        f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
-        f'model = PeftModel.from_pretrained(base, "{out_dir.resolve()}")\n```\n\n'
+        "(the paths are where export wrote them; change them if you move the model or this adapter)."
+        f"{template}\n\n```python\n{_loading_code(base, out_dir.resolve(), own_template)}```\n\n"
         f"{lora_summary(report)}\n"
     )
     (partial / ADAPTER_README).write_text(text)
+
+
+def _loading_code(base: str, adapter: Path, own_template: bool) -> str:
+    """Python loading the original model and the adapter, and with the run's own chat template (kept
+    in the adapter folder, which holds no tokenizer) the base tokenizer set to use it."""
+    lines = [
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+        f'model = PeftModel.from_pretrained(base, "{adapter}")',
+    ]
+    if own_template:
+        lines[1] += ", AutoTokenizer"
+        lines[:0] = ["from pathlib import Path", ""]
+        lines += [
+            f'tokenizer = AutoTokenizer.from_pretrained("{base}")',
+            f'tokenizer.chat_template = Path("{adapter / TEMPLATE_NAME}").read_text()  # the run\'s template',
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def _truncate(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import torch
@@ -9,49 +10,65 @@ import torch
 from qpissa import UserError
 from qpissa.artifacts import ModelSource
 from qpissa.chat_template import render_chat
+from qpissa.export_lora import is_untrained
 from qpissa.loading import auto_model_class, load_model, load_tokenizer
-from qpissa.runtime import auto_device
+from qpissa.runtime import auto_device, dtype_name
+
+# what the export is compared with: a run's trained model, or a conversion's own (exported untrained)
+TRAINED = "trained model"
+CONVERTED = "converted model (its initial adapter, untrained)"
+# the words of torch's CPU allocator when it runs out ("can't allocate memory" on Linux and macOS, "not
+# enough memory" on Windows); on a GPU it raises torch.OutOfMemoryError
+_CPU_OUT_OF_MEMORY = ("can't allocate memory", "cannot allocate memory", "not enough memory")
+_ROWS = 16  # tokens compared at once
 
 
 def verify_export(source: ModelSource, export_dir: Path, details: dict) -> dict:
-    """Logits of the export vs the trained model (4-bit residual + adapter) on a few prompts, in float32.
+    """Logits of the export, loaded as a user loads it (in its stored dtype), vs those of the model it
+    was exported from (4-bit residual + adapter, computed in float32), on a few prompts.
+
+    It holds one model at a time (the 4-bit one is freed before the export loads) and widens only the
+    logits, to float32 (float64 for KL): it needs about the memory that running the export needs, where a
+    float32 copy of a 16-bit export would need twice that. The differences are what a user running the
+    export gets: its rounded weights, and for a 16-bit export its 16-bit arithmetic too.
 
     Args:
-        source: the trained model.
+        source: the model exported (a run's trained adapter, or a conversion's own).
         export_dir: a merged checkpoint, or a LoRA adapter (then `details["base_model"]` is its base).
         details: the export's details.
 
     Returns:
-        max/mean absolute logit difference, mean/max KL(trained ‖ export) per token, top-1 agreement;
+        `reference` (what the export is compared with, in words), `export_dtype` (what it computed in),
+        max/mean absolute logit difference, mean/max KL(reference ‖ export) per token, top-1 agreement;
         for a model without a head, the differences of its last hidden states (KL and top-1 None).
+
+    Raises:
+        torch.OutOfMemoryError, RuntimeError, MemoryError: a model does not fit (see `out_of_memory`).
     """
     device = auto_device()
-    trained = load_model(source, device=device, compute_dtype=torch.float32).eval()
-    inputs, kind = verify_inputs(source, trained.config.get_text_config().vocab_size)
-    reference = [_logits(trained, ids.to(device)) for ids in inputs]
-    del trained
-    if "base_model" not in details:  # merged
-        exported = auto_model_class(export_dir).from_pretrained(
-            export_dir, dtype=torch.float32, device_map={"": str(device)}
-        )
-    else:
-        exported = load_model(
-            ModelSource(Path(details["base_model"]), export_dir), device=device, compute_dtype=torch.float32
-        )
-    outputs = [_logits(exported.eval(), ids.to(device)) for ids in inputs]
-    ref, out = torch.cat(reference), torch.cat(outputs)  # [tokens, vocab] float32
-    diff = (ref - out).abs()
-    result = {
-        "inputs": kind, "prompts": len(inputs), "tokens": ref.shape[0],
-        "max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
-        "kl_mean": None, "kl_max": None, "top1_agreement": None,
+    model = load_model(source, device=device, compute_dtype=torch.float32).eval()
+    inputs, kind = verify_inputs(source, model.config.get_text_config().vocab_size)
+    reference = torch.cat([_logits(model, ids.to(device)) for ids in inputs])
+    del model
+    gc.collect()  # PEFT's and transformers' modules hold reference cycles: `del` alone frees no weights
+    model = _load_export(export_dir, details, device).eval()
+    outputs = torch.cat([_logits(model, ids.to(device)) for ids in inputs])
+    head, dtype = has_logits(model), dtype_name(model.dtype)
+    del model
+    gc.collect()  # the comparison's float64 rows, not the export, in memory
+    return {
+        "reference": CONVERTED if is_untrained(source) else TRAINED, "inputs": kind, "prompts": len(inputs),
+        "export_dtype": dtype, **_compare(reference, outputs, head),
     }  # fmt: skip
-    if has_logits(exported):
-        log_p, log_q = ref.double().log_softmax(-1), out.double().log_softmax(-1)  # float64: no negative KL
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # KL(trained ‖ export) per token
-        result.update(kl_mean=kl.mean().item(), kl_max=kl.max().item())
-        result["top1_agreement"] = (ref.argmax(-1) == out.argmax(-1)).float().mean().item()
-    return result
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """`error` says a model of the check did not fit: torch's on a GPU (`OutOfMemoryError`) and on a CPU
+    (a `RuntimeError` of its allocator), or Python's own."""
+    text = str(error).lower()
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and any(words in text for words in _CPU_OUT_OF_MEMORY)
+    )
 
 
 def has_logits(model: torch.nn.Module) -> bool:
@@ -99,6 +116,38 @@ def decoder_inputs(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch
     if start is None:
         start = getattr(config, "pad_token_id", None) or 0
     return {"decoder_input_ids": torch.cat([torch.full_like(ids[:, :1], start), ids[:, :-1]], dim=1)}
+
+
+def _load_export(export_dir: Path, details: dict, device: torch.device) -> torch.nn.Module:
+    """The export as plain transformers (+ PEFT) load it: in its stored dtype, as is the original model
+    under a LoRA export; PEFT holds the adapter in float32 (`autocast_adapter_dtype`)."""
+    if "base_model" not in details:  # merged
+        return auto_model_class(export_dir).from_pretrained(
+            export_dir, dtype="auto", device_map={"": str(device)}
+        )
+    return load_model(ModelSource(Path(details["base_model"]), export_dir), device=device)
+
+
+def _compare(ref: torch.Tensor, out: torch.Tensor, head: bool) -> dict:
+    """Differences of `out` from `ref` (`[tokens, vocab]` float32 logits, or hidden states without a
+    `head`), `_ROWS` tokens at a time: float64 copies of all the logits of a large vocabulary would
+    outweigh a small model."""
+    max_diff, sum_diff, kls, agree = 0.0, 0.0, [], 0
+    for r, o in zip(ref.split(_ROWS), out.split(_ROWS), strict=True):
+        diff = (r - o).abs()
+        max_diff, sum_diff = max(max_diff, diff.max().item()), sum_diff + diff.double().sum().item()
+        if head:
+            log_p, log_q = r.double().log_softmax(-1), o.double().log_softmax(-1)  # float64: no negative KL
+            kls.append((log_p.exp() * (log_p - log_q)).sum(-1))  # KL(reference ‖ export) per token
+            agree += (r.argmax(-1) == o.argmax(-1)).sum().item()
+    result = {
+        "tokens": ref.shape[0], "max_abs_diff": max_diff, "mean_abs_diff": sum_diff / ref.numel(),
+        "kl_mean": None, "kl_max": None, "top1_agreement": None,
+    }  # fmt: skip
+    if head:
+        kl = torch.cat(kls)
+        result.update(kl_mean=kl.mean().item(), kl_max=kl.max().item(), top1_agreement=agree / ref.shape[0])
+    return result
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from qpissa import cli
 from qpissa.artifacts import EXPORT_REPORT, RUN_MARKER, resolve_source
 from qpissa.checkpoint import CheckpointReader
-from qpissa.export_verify import decoder_inputs
+from qpissa.export_verify import CONVERTED, TRAINED, decoder_inputs
 from qpissa.loading import load_model
 from qpissa.models import make_tiny_model
 from qpissa.nf4 import quantize_nf4
@@ -96,6 +96,7 @@ def test_merged_export_is_the_trained_model(
 
     report = json.loads((out / "export_report.json").read_text())
     assert report["verify"]["inputs"] == "prompts" and report["verify"]["max_abs_diff"] < 1e-4
+    assert report["verify"]["reference"] == TRAINED
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "float32"
     assert config["tie_word_embeddings"] is True
@@ -117,7 +118,9 @@ def test_merged_export_default_dtype_keeps_the_model_dtype(trained_run: Path, tm
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}  # noqa: SIM118
     verify = json.loads((out / "export_report.json").read_text())["verify"]
-    assert 0 < verify["max_abs_diff"] < 0.1 and verify["kl_mean"] < 1e-3  # bf16 rounding of the weights only
+    # loaded as stored: bf16 weights and arithmetic against the trained model's float32
+    assert verify["export_dtype"] == "bfloat16"
+    assert 0 < verify["max_abs_diff"] < 0.1 and verify["kl_mean"] < 1e-3
 
 
 def test_checkpoint_dir_exports_that_checkpoint(trained_run: Path, qpissa_dir: Path, tmp_path: Path):
@@ -205,6 +208,46 @@ def test_lora_rank_truncation_is_the_best_rank_k(trained_run: Path, qpissa_dir: 
     assert "Why the rank doubled" not in printed + (out / "README.md").read_text()
 
 
+def test_a_merged_export_states_its_dtype_under_both_names(qpissa_dir: Path, tmp_path: Path):
+    """config.json written by transformers 4 names the dtype `torch_dtype`, which tools of that time
+    still read: the export's states the dtype written under that name too, not the input's."""
+    legacy = tmp_path / "legacy"
+    shutil.copytree(qpissa_dir, legacy)
+    config = json.loads((legacy / "config.json").read_text())
+    (legacy / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    out = tmp_path / "merged"
+    assert cli.main(["--quiet", "export", str(legacy), str(out), "--dtype", "float32", "--no-verify"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "float32"
+    tensors = load_file(out / "model.safetensors")
+    assert {tensor.dtype for tensor in tensors.values()} == {torch.float32}
+
+
+def test_lora_readme_loads_the_runs_own_chat_template(
+    trained_run: Path, tiny_chat_model: Path, tmp_path: Path
+):
+    """The adapter folder keeps a run's own chat template, the base tokenizer has another: the README's
+    code, run as it is, gives a tokenizer rendering prompts as the run trained."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    assert AutoTokenizer.from_pretrained(tiny_chat_model).chat_template != template
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    for directory in (run, run / "adapter"):  # as `qpissa train` saves a recipe's chat_template
+        (directory / "chat_template.jinja").write_text(template)
+    readmes = {}
+    for name, source in (("own", run), ("base", trained_run)):
+        out = tmp_path / name
+        assert cli.main(["--quiet", "export", str(source), str(out), "--to", "lora", "--no-verify"]) == 0
+        readmes[name] = (out / "README.md").read_text()
+    namespace: dict = {}
+    exec(readmes["own"].split("```python\n")[1].split("```")[0], namespace)
+    assert isinstance(namespace["model"], PeftModel) and namespace["tokenizer"].chat_template == template
+    assert "chat_template.jinja" in readmes["own"] and "chat_template" not in readmes["base"]
+
+
 def test_a_merged_export_converts_again_without_its_export_record(qpissa_dir: Path, tmp_path: Path):
     """export_report.json describes the export, not a conversion of it: a copy would make a later
     `export --overwrite` into that conversion take it for an earlier export and replace it."""
@@ -218,6 +261,8 @@ def test_a_merged_export_converts_again_without_its_export_record(qpissa_dir: Pa
 def test_untrained_export_reproduces_the_original(qpissa_dir: Path, tiny_chat_model: Path, tmp_path: Path):
     out = tmp_path / "merged"
     assert cli.main(["--quiet", "export", str(qpissa_dir), str(out), "--dtype", "float32"]) == 0
+    verify = json.loads((out / EXPORT_REPORT).read_text())["verify"]
+    assert verify["reference"] == CONVERTED  # nothing was trained: it is checked against the conversion
     exported, original = load_file(out / "model.safetensors"), CheckpointReader(tiny_chat_model)
     layers = json.loads((qpissa_dir / "qpissa_report.json").read_text())["layers"]
     for layer in layers:  # the weight error is exactly the quantization error the conversion reported
