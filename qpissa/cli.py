@@ -39,7 +39,8 @@ from qpissa.artifacts import (
 )
 from qpissa.console import convert_summary, counted, export_summary
 from qpissa.convert_settings import CompareSettings, ConvertSettings
-from qpissa.distributed import is_main_process, processes
+from qpissa.distributed import is_main_process, one_process_refusal
+from qpissa.memory import out_of_memory_line
 from qpissa.options import add_arguments, from_namespace
 from qpissa.recipe import DataConfig, TrainConfig
 from qpissa.settings import (
@@ -73,9 +74,6 @@ _SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT)  # named without a file: the messag
 NON_MAIN_GRACE_S = 10.0
 
 
-LAUNCHERS = {"torchrun": "torchrun", "accelerate": "accelerate launch"}  # as `Processes.launcher` names them
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit status: 0, 2 for a user mistake (as argparse), 130 when interrupted.
 
@@ -88,12 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"unrecognized arguments: {' '.join(extra)}; see `qpissa {args.command} --help`")
     if extra:  # `--max_steps 2`: transformers' and LLaMA-Factory's flag style, as overrides
         args.overrides = [*args.overrides, *extra]
-    launched = processes()
-    if launched.count > 1 and args.handler is not _cmd_train:  # each process would do the whole command
-        return _fail(
-            f"qpissa {args.command} runs in one process, and {launched.count} were launched; run it without "
-            f"{LAUNCHERS.get(launched.launcher, 'its launcher')} (only train uses several)"
-        )
+    if args.handler is not _cmd_train and (refusal := one_process_refusal(args.command)):
+        return _fail(refusal)
     hide_library_deprecation_notes()
     # one bar per launch (the main process's), and none in a log: qpissa's own bars are terminal-only too
     bars = not args.quiet and is_main_process() and sys.stderr.isatty()
@@ -124,8 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         if error.errno in _SPACE_ERRORS:  # then continue where this command can, else start it again
             fix += _continue_hint(args) or "; then rerun the same command"
         return _fail(f"{where}{error.strerror}; {fix}")
-    except Exception:
-        return _bug()
+    except Exception as error:
+        exhausted = out_of_memory_line(error)  # what this machine holds is no bug: one line, how to go on
+        if exhausted is None:
+            return _bug()
+        return _fail(exhausted + (_continue_hint(args) or "; then rerun the same command"))
     return 0
 
 

@@ -49,6 +49,19 @@ def processes() -> Processes:
     return Processes(rank, local_rank, count, launcher)
 
 
+def one_process_refusal(command: str) -> str | None:
+    """Why `qpissa COMMAND` cannot run under this launch (None when it can): a command other than train
+    would be done whole by every process side by side (results printed twice, one output written twice)."""
+    launched = processes()
+    if launched.count == 1:
+        return None
+    how = {"torchrun": "torchrun", "accelerate": "accelerate launch"}.get(launched.launcher, "its launcher")
+    return (
+        f"qpissa {command} runs in one process, and {launched.count} were launched; run it without {how} "
+        "(only train uses several)"
+    )
+
+
 def is_main_process() -> bool:
     """Whether this process prints and writes (torch-free, for the CLI)."""
     return processes().is_main

@@ -33,9 +33,9 @@ from qpissa.artifacts import (
 from qpissa.chat_template import save_chat_template, saved_chat_template
 from qpissa.checkpoint import ShardedWriter, copy_side_files, write_json
 from qpissa.export_lora import LoraInputs, check_lora_inputs, check_trained, write_lora, write_readme
-from qpissa.export_verify import out_of_memory, verify_export
+from qpissa.export_verify import verify_export
 from qpissa.loading import refuse_cpu_misdecoded
-from qpissa.memory import peak_rss_mb
+from qpissa.memory import out_of_memory, peak_rss_mb
 from qpissa.options import to_dict
 from qpissa.outputs import check_apart, check_replaceable, finish_partial, lock_output, start_partial
 from qpissa.runtime import auto_device, dtype_name

@@ -17,9 +17,6 @@ from qpissa.runtime import auto_device, dtype_name
 # what the export is compared with: a run's trained model, or a conversion's own (exported untrained)
 TRAINED = "trained model"
 CONVERTED = "converted model (its initial adapter, untrained)"
-# the words of torch's CPU allocator when it runs out ("can't allocate memory" on Linux and macOS, "not
-# enough memory" on Windows); on a GPU it raises torch.OutOfMemoryError
-_CPU_OUT_OF_MEMORY = ("can't allocate memory", "cannot allocate memory", "not enough memory")
 _ROWS = 16  # tokens compared at once
 
 
@@ -43,7 +40,7 @@ def verify_export(source: ModelSource, export_dir: Path, details: dict) -> dict:
         for a model without a head, the differences of its last hidden states (KL and top-1 None).
 
     Raises:
-        torch.OutOfMemoryError, RuntimeError, MemoryError: a model does not fit (see `out_of_memory`).
+        torch.OutOfMemoryError, RuntimeError, MemoryError: a model does not fit (`memory.out_of_memory`).
     """
     device = auto_device()
     model = load_model(source, device=device, compute_dtype=torch.float32).eval()
@@ -60,15 +57,6 @@ def verify_export(source: ModelSource, export_dir: Path, details: dict) -> dict:
         "reference": CONVERTED if is_untrained(source) else TRAINED, "inputs": kind, "prompts": len(inputs),
         "export_dtype": dtype, **_compare(reference, outputs, head),
     }  # fmt: skip
-
-
-def out_of_memory(error: BaseException) -> bool:
-    """`error` says a model of the check did not fit: torch's on a GPU (`OutOfMemoryError`) and on a CPU
-    (a `RuntimeError` of its allocator), or Python's own."""
-    text = str(error).lower()
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(error, RuntimeError) and any(words in text for words in _CPU_OUT_OF_MEMORY)
-    )
 
 
 def has_logits(model: torch.nn.Module) -> bool:

@@ -128,3 +128,29 @@ def return_freed_memory() -> None:
 
         with contextlib.suppress(OSError, AttributeError):  # musl or another libc: no trim, no harm
             ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+# the words of torch's CPU allocator and of a failed memory map when memory runs out ("can't allocate
+# memory" on Linux and macOS, "not enough memory" on Windows); on a GPU torch raises OutOfMemoryError
+_OUT_OF_MEMORY_WORDS = ("can't allocate memory", "cannot allocate memory", "not enough memory")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """`error` says this machine's memory ran out (torch's `OutOfMemoryError` on a GPU, its allocator's or
+    a memory map's `RuntimeError` on a CPU, Python's `MemoryError`): no bug, and no user mistake either.
+    Torch-free, for the CLI."""
+    if isinstance(error, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(error).__mro__):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(words in text for words in _OUT_OF_MEMORY_WORDS)
+
+
+def out_of_memory_line(error: BaseException) -> str | None:
+    """The error line for `error` if it says memory ran out (`out_of_memory`), else None."""
+    if not out_of_memory(error):
+        return None
+    reason = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return (
+        f"out of memory ({type(error).__name__}: {reason[:200]}); free memory (other programs, other jobs "
+        "on the GPU) or use a machine with more"
+    )

@@ -750,6 +750,32 @@ def test_an_unanticipated_exception_keeps_its_traceback_and_asks_for_a_report(
     assert error.strip().splitlines()[-1].startswith("qpissa: this is a bug in qpissa")
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory"),
+        RuntimeError("unable to mmap 98925 bytes from file <model.safetensors>: Cannot allocate memory (12)"),
+        MemoryError(),
+    ],
+    ids=["cpu allocator", "memory map", "python"],
+)
+def test_running_out_of_memory_is_one_line_not_a_bug_report(
+    workspace: Path, monkeypatch, capsys, error: Exception
+) -> None:
+    """What the machine holds is no bug in qpissa: one line saying so and what to do, no traceback."""
+    import qpissa.task_eval
+
+    def exhausted(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(qpissa.task_eval, "evaluate", exhausted)
+    assert main(["--quiet", *_eval(workspace)]) == 2
+    said = capsys.readouterr().err.strip()
+    assert "Traceback" not in said and "\n" not in said, said
+    assert said.startswith(f"qpissa: error: out of memory ({type(error).__name__}")
+    assert said.endswith("use a machine with more; then rerun the same command")
+
+
 def test_an_os_error_nobody_named_still_ends_in_one_line_naming_its_file(
     workspace: Path, monkeypatch, capsys
 ) -> None:
