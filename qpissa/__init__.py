@@ -16,7 +16,8 @@ bitsandbytes or datasets at module level.
     console*           the text the CLI prints for a result: error table, export summary
     demo_task*         the demo task's word problems and their `#### answer` convention
     memory*            peak RSS, available memory, the training memory estimate
-    runtime            device, compute dtype (float32 on a CPU), hardware probes, in_fresh_process
+    runtime            device, compute dtype (float32 on a CPU), hardware probes
+    worker*            a step in a fresh process (its own peak memory), ended and interrupted with its parent
     safetensors_file*  dtype widths; a safetensors header read and checked against its file
     checkpoint         HF checkpoints: lazy reading, streamed and sharded writing, config.json
     stored             reading back what qpissa stored (adapter, NF4 residual); the LoRA adapter config
@@ -147,7 +148,7 @@ def hide_library_deprecation_notes() -> None:
 
 def hide_library_progress_bars() -> None:
     """`--quiet`: hide the libraries' own bars too (transformers' "Loading weights", datasets' file
-    reading), in this process and in the fresh processes it starts (`runtime.in_fresh_process`)."""
+    reading), in this process and in the fresh processes it starts (`worker.in_fresh_process`)."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by transformers at import
     # tqdm's own default, read when tqdm is imported (hence not before this): also hides the bars of a
     # library that has no switch of its own (transformers' GGUF reader in fetch-model)

@@ -57,11 +57,12 @@ from qpissa.original_kl import check_heldout, heldout_ids, measure_fidelity
 from qpissa.outputs import check_apart, lock_output
 from qpissa.recipe import load_config
 from qpissa.report import build_report
-from qpissa.runtime import in_fresh_process, resolve_runtime
+from qpissa.runtime import resolve_runtime
 from qpissa.settings import FidelitySettings, ReportOptions
 from qpissa.targets import check_cpu_decoding
 from qpissa.train import train
 from qpissa.trainer_options import training_arguments
+from qpissa.worker import in_fresh_process
 
 log = logging.getLogger(__name__)
 

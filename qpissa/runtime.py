@@ -8,15 +8,11 @@ timings, so outputs stay fixed on a given machine.
 
 from __future__ import annotations
 
-import logging
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
-from typing import Any
 
 import torch
 
-from qpissa import LOG_FORMAT, UserError, hide_library_deprecation_notes
+from qpissa import UserError
 from qpissa.convert_settings import ComputeDtype, Precision, SketchDtype
 from qpissa.recipe import AUTO_OPTIM
 from qpissa.settings import Device
@@ -119,26 +115,6 @@ def resolve_runtime(
 def dtype_name(dtype: torch.dtype) -> str:
     """`torch.bfloat16` -> `bfloat16`, as reports and configs write it."""
     return str(dtype).removeprefix("torch.")
-
-
-def in_fresh_process(function: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run `function` in a new interpreter so that its peak memory (`peak_rss_mb`) is its own.
-
-    Returns:
-        What `function` returns; an exception it raises is raised here.
-    """
-    with ProcessPoolExecutor(
-        max_workers=1, mp_context=get_context("spawn"), initializer=_set_up_like_this_process,
-        initargs=(logging.getLogger().level,),
-    ) as pool:  # fmt: skip
-        return pool.submit(function, *args, **kwargs).result()
-
-
-def _set_up_like_this_process(log_level: int) -> None:
-    """A fresh process logs as the CLI's own does (level and `LOG_FORMAT`): unconfigured, it would drop
-    notes and print warnings without saying whose they are."""
-    hide_library_deprecation_notes()
-    logging.basicConfig(level=log_level, format=LOG_FORMAT)
 
 
 def _multiplies_bf16_natively(device: torch.device) -> bool:

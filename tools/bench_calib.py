@@ -40,8 +40,8 @@ from qpissa.convert_settings import CompareSettings, ConvertSettings
 from qpissa.demo_task import write_task
 from qpissa.models import TOKENIZER_FILES, make_synthetic_checkpoint
 from qpissa.options import from_dict
-from qpissa.runtime import in_fresh_process
 from qpissa.settings import FidelitySettings
+from qpissa.worker import in_fresh_process
 
 PROSE = Path(__file__).resolve().parent.parent / "qpissa" / "texts" / "calibration.txt"
 SCENARIOS = {  # name -> (calibration data, rank, methods)

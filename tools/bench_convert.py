@@ -11,7 +11,7 @@ Parts (all by default):
            iterative loop of REFERENCE.md §6 (torch.linalg.svd + bitsandbytes NF4 each iteration);
   memory   peak RSS of ours vs the PEFT flow on the demo model, and ours on a synthetic
            Llama-3-8B-shaped checkpoint with 2 vs 8 layers.
-Each measurement runs in a fresh process (`qpissa.runtime.in_fresh_process`), so peak RSS is that
+Each measurement runs in a fresh process (`qpissa.worker.in_fresh_process`), so peak RSS is that
 run's own. Timed sides import the same libraries (torch, transformers with the model's class, peft,
 bitsandbytes) before their clock starts, and each runs `--repeats` times, the sides interleaved: the fastest time counts (the machine's speed
 drifts between runs), and the median peak RSS (which varies by ~10 % from run to run). Our own error
@@ -34,8 +34,8 @@ from qpissa.convert import convert
 from qpissa.convert_settings import ALL_LINEAR, ConvertSettings, Method, MetricKind
 from qpissa.memory import peak_rss_mb
 from qpissa.models import make_synthetic_checkpoint
-from qpissa.runtime import in_fresh_process
 from qpissa.targets import resolve_targets
+from qpissa.worker import in_fresh_process
 
 # REFERENCE.md §6: AVG nuclear-norm reduction (%) of the straightforward exact-SVD implementations
 REFERENCE_AVG = {

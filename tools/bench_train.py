@@ -1,7 +1,7 @@
 """Benchmark `qpissa train` on the demo model: QLoRA vs LoftQ vs QPiSSA (data-free and calibrated), seeds.
 
 Every method is converted once at the same rank and trained with the same recipe under each training
-seed, each run in a fresh process (`qpissa.runtime.in_fresh_process`: peak RSS is per process). Runs
+seed, each run in a fresh process (`qpissa.worker.in_fresh_process`: peak RSS is per process). Runs
 alternate the method order from seed to seed (forward, then reversed), so a drift of the machine's
 speed does not favour one method's step time. `qpissa-calib` is QPiSSA calibrated on the task's own
 training data (`convert --calib`). With `--baseline`, plain PEFT + Trainer also trains once: the
@@ -28,7 +28,7 @@ from qpissa.artifacts import EVAL_LOG_NAME, EVAL_RESULTS_NAME, LOG_NAME, REPORT_
 from qpissa.cli import main as qpissa_main
 from qpissa.convert_settings import Method
 from qpissa.demo_task import write_task
-from qpissa.runtime import in_fresh_process
+from qpissa.worker import in_fresh_process
 
 CALIBRATED = "qpissa-calib"  # QPiSSA calibrated on the task's training data
 METHODS = (*(method.value for method in (Method.QLORA, Method.LOFTQ, Method.QPISSA)), CALIBRATED)

@@ -7,7 +7,7 @@ here has the demo model's config and tokenizer (a few MB, they travel) with rand
 and speed depend on shapes only. The CUDA conversion is checked against the same conversion on the
 CPU (equal settings and seed must give the same error reduction) and timed against PEFT's PiSSA flow
 on the same GPU by `tools/bench_convert.py --parts speed --sides ours,peft`. Every conversion and
-training run goes through `qpissa.runtime.in_fresh_process`.
+training run goes through `qpissa.worker.in_fresh_process`.
 
     python tools/gpu_check.py --like demo/smollm2-135m --work /tmp/gpu --out gpu_check.json
 
@@ -50,8 +50,8 @@ from qpissa.convert import convert
 from qpissa.convert_settings import ConvertSettings, Method
 from qpissa.demo_task import write_task
 from qpissa.models import TOKENIZER_FILES, make_synthetic_checkpoint
-from qpissa.runtime import in_fresh_process
 from qpissa.settings import Device
+from qpissa.worker import in_fresh_process
 
 ROOT = Path(__file__).resolve().parent.parent
 PROSE = ROOT / "qpissa" / "texts" / "calibration.txt"
