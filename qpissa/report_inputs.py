@@ -184,15 +184,34 @@ def method_label(settings: dict) -> str:
 
 
 def _assign_labels(entries: list[MethodData]) -> None:
-    """Label by method; add rank and iterations, then the directory name, only where labels collide."""
+    """Label by method; add rank and iterations, then the directory with as many of its parent folders as
+    tell the entries apart, only where labels collide: every table and plot is keyed by label.
+
+    Raises:
+        UserError: two entries no directory tells apart (the same input given twice).
+    """
     for entry in entries:
         if entry.conversion:
             entry.label = method_label(entry.conversion["settings"])
-    for make in (_label_with_settings, _label_with_dir):
-        if len({e.label for e in entries}) == len(entries):
+    if _distinct(entries):
+        return
+    for entry in entries:
+        entry.label = _label_with_settings(entry)
+    labels = [e.label for e in entries]
+    paths = [(e.run_dir or e.conversion_dir) for e in entries]  # runs of one conversion differ by their own
+    parts = [path.resolve().parts if path else () for path in paths]
+    for depth in range(max(len(p) for p in parts) + 1):  # depth 0: the settings alone
+        for entry, label, path_parts in zip(entries, labels, parts, strict=True):
+            entry.label = f"{label} ({'/'.join(path_parts[-depth:])})" if depth and path_parts else label
+        if _distinct(entries):
             return
-        for entry in entries:
-            entry.label = make(entry)
+    labels = [e.label for e in entries]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    raise UserError(f"the inputs give {', '.join(twice)} more than once; pass each once")
+
+
+def _distinct(entries: list[MethodData]) -> bool:
+    return len({e.label for e in entries}) == len(entries)
 
 
 def _label_with_settings(entry: MethodData) -> str:
@@ -200,11 +219,6 @@ def _label_with_settings(entry: MethodData) -> str:
         return entry.label
     s = entry.conversion["settings"]
     return f"{method_label(s)} r{s['rank']} T{s['iters']}"
-
-
-def _label_with_dir(entry: MethodData) -> str:
-    directory = entry.run_dir or entry.conversion_dir  # runs of one conversion differ by their own
-    return f"{entry.label} ({directory.name})" if directory else entry.label
 
 
 def _method_order(entry: MethodData) -> tuple[int, str]:

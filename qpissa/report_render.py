@@ -190,9 +190,16 @@ def _overview(summary: dict) -> Table:
                 _num(q.get("convert_seconds"), "{:.1f}"),
             ]
         )
-    data = next(iter(summary["fidelity"].values()), {}).get("data")
-    note = f"Fidelity measured on {data}." if data else ""
-    return Table("Overview", headers, rows, "fidelity", note)
+    return Table("Overview", headers, rows, "fidelity", _fidelity_note(summary["fidelity"]))
+
+
+def _fidelity_note(fidelity: dict[str, dict]) -> str:
+    """What fidelity was measured on: once if every entry shares it, else per entry, with a warning."""
+    data = {label: f["data"] for label, f in fidelity.items() if f and f.get("data")}
+    if len(set(data.values())) <= 1:
+        return f"Fidelity measured on {next(iter(data.values()))}." if data else ""
+    each = "; ".join(f"{label}: {text}" for label, text in data.items())
+    return f"Fidelity measured on different text, so its rows do not compare: {each}."
 
 
 def _by_type(summary: dict) -> Table | None:

@@ -298,3 +298,27 @@ def test_the_conversions_warnings_are_logged_as_the_cli_logs_its_own(
         r"^WARNING qpissa\.convert: --calib \S+ holds \d+ windows of 32 tokens, fewer than the \d+ it",
         capfd.readouterr().err, re.MULTILINE,
     )  # fmt: skip
+
+
+def test_a_report_of_comparisons_measured_on_other_text_says_so(
+    comparison: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The report's note named the first comparison's text alone, under rows measured on other text."""
+    other = tmp_path / "other"
+    args = [
+        "--quiet",
+        "compare",
+        str(tiny_model),
+        str(other),
+        "--methods",
+        "qlora",
+        *FLAGS,
+        "--max-tokens",
+        "48",
+    ]
+    assert cli.main(args) == 0
+    out = tmp_path / "report"
+    assert cli.main(["--quiet", "report", str(comparison), str(other), "--out", str(out)]) == 0
+    markdown = (out / "report.md").read_text()
+    assert "Fidelity measured on different text, so its rows do not compare: " in markdown
+    assert "(other/conversions/qlora): 48 synthetic ids" in markdown  # labels told apart by their folders

@@ -213,6 +213,20 @@ def test_every_run_of_one_conversion_gets_its_own_row(inputs: dict[str, Path], t
     assert not [line for line in verdict if "(r=4, T=2)" in line], "the label says r and T already"
 
 
+def test_conversions_in_folders_of_one_name_keep_a_row_each(inputs: dict[str, Path], tmp_path: Path) -> None:
+    """Two comparisons both hold `conversions/qpissa`: the folder's name did not tell them apart, and one's
+    numbers were shown twice under one label, the other's dropped."""
+    import shutil
+
+    for name in ("a", "b"):
+        shutil.copytree(inputs["qpissa"], tmp_path / name / "conversions" / "qpissa")
+    out = tmp_path / "report"
+    given = [str(tmp_path / name / "conversions" / "qpissa") for name in ("a", "b")]
+    assert cli.main(["--quiet", "report", *given, "--out", str(out)]) == 0
+    quality = json.loads((out / "summary.json").read_text())["quality"]
+    assert sorted(quality) == ["qpissa r4 T2 (a/conversions/qpissa)", "qpissa r4 T2 (b/conversions/qpissa)"]
+
+
 def test_an_export_is_reported_with_the_run_it_was_made_from(inputs: dict[str, Path], tmp_path: Path) -> None:
     """Two runs of one conversion: the export of the second is not credited to the first, in any order."""
     import shutil
