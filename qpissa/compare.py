@@ -109,6 +109,11 @@ def compare(
     for variant in _variants(settings.method_list, convert_settings).values():  # before OUT is written:
         _, plan, _ = check_conversion(model_dir, variant)  # the targets, rank and device
         check_cpu_decoding(plan, variant.blocksize, "cpu")  # fidelity loads every conversion on the CPU
+        layer = report_options.layer if report_options else None
+        if layer is not None and layer not in plan.names:  # the report's spectrum, drawn at the very end
+            raise UserError(
+                f"--layer {layer} is not a matrix the conversions decompose; e.g. --layer {plan.names[0]}"
+            )
     with lock_output(out_dir, "OUT"):  # one writer per comparison
         return _compare(
             model_dir, out_dir, settings, convert_settings, fidelity_settings, report_options, show_progress

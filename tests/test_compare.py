@@ -158,6 +158,8 @@ def test_a_reused_conversion_is_logged_as_reused(
         (["--train", "/nonexistent.yaml"], "--train"),
         (["--window", "1"], "--window"),
         (["--rank", "4", "--blocksize", "128"], "decodes NF4 weights 64 wide"),  # fidelity runs on a CPU
+        (["--rank", "4", "--layer", "nope"], "--layer nope is not a matrix the conversions decompose"),  # was
+        # said after every conversion and measurement, when the report was drawn
     ],
 )
 def test_bad_flags_are_user_errors(
