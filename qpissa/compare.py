@@ -264,10 +264,9 @@ def _train_step(out_dir: Path, name: str, config_path: Path, show_progress: bool
         checkpoint = latest_checkpoint(run_dir)
         extra = [f"resume_from_checkpoint={checkpoint}"] if checkpoint else ["overwrite_output_dir=true"]
         config = load_config(config_path, overrides + extra)
-    elif run_dir.exists():
-        config = load_config(
-            config_path, [*overrides, "overwrite_output_dir=true"]
-        )  # other config: start over
+    elif run_dir.exists():  # another recipe: start over, as fidelity does with other settings, saying so
+        log.info("%s was trained with another --train recipe: training it again", run_dir)
+        config = load_config(config_path, [*overrides, "overwrite_output_dir=true"])
     started = time.perf_counter()
     log.info("training %s -> %s", name, run_dir)
     in_fresh_process(train, config, show_progress=show_progress)

@@ -179,7 +179,7 @@ def test_an_occupied_out_is_refused(tiny_model: Path, tmp_path: Path, capsys) ->
 
 
 def test_train_runs_each_method_with_one_config_and_reuses_runs(
-    tiny_chat_model: Path, tmp_path: Path
+    tiny_chat_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     model = tiny_chat_model  # training needs a tokenizer
     data = tmp_path / "data.jsonl"
@@ -222,6 +222,11 @@ def test_train_runs_each_method_with_one_config_and_reuses_runs(
     steps = json.loads((out / COMPARE_NAME).read_text())["history"][-1]["steps"]
     assert {s["status"] for s in steps} == {"reused"} and len(steps) == 6
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()} == stamps
+    config.write_text(config.read_text().replace("max_steps: 2", "max_steps: 3"))
+    with caplog.at_level(logging.INFO, logger="qpissa.compare"):
+        assert cli.main([*args, "--methods", "qpissa"]) == 0  # another recipe: both trained again, told
+    again = [r.getMessage() for r in caplog.records if r.getMessage().endswith("training it again")]
+    assert len(again) == 2 and "was trained with another --train recipe" in again[0]
 
 
 def test_a_bad_train_config_is_refused_before_converting(tiny_model: Path, tmp_path: Path, capsys) -> None:
