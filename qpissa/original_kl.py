@@ -9,6 +9,7 @@ windows (`batch_size × window × vocab` logits per model).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from qpissa import UserError
 from qpissa.artifacts import ModelSource, read_text
 from qpissa.loading import load_tokenizer
 from qpissa.settings import FidelitySettings
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TEXT = "heldout.txt"  # package data: qpissa/texts/heldout.txt, English prose written for this project
 
@@ -143,8 +146,14 @@ def check_heldout(model_dir: Path, settings: FidelitySettings) -> None:
     Raises:
         UserError: as `heldout_ids` does.
     """
-    if settings.text is not None:
-        heldout_ids(model_dir, settings, vocab_size=0)  # the vocabulary only sizes synthetic ids
+    if settings.text is None:
+        return
+    ids, source = heldout_ids(model_dir, settings, vocab_size=0)  # the vocabulary only sizes synthetic ids
+    if len(ids) < settings.window:
+        log.warning(
+            "fidelity will be measured on %s, less than one --window of %d: too few predictions to tell "
+            "methods apart; pass a longer --text", source, settings.window,
+        )  # fmt: skip
 
 
 def _accumulate(totals: dict, original, model, batch: torch.Tensor, length: int) -> None:

@@ -14,6 +14,7 @@ from qpissa.convert import convert
 from qpissa.convert_settings import ConvertSettings, Method
 from qpissa.loading import load_model, load_tokenizer
 from qpissa.original_kl import (
+    check_heldout,
     default_text,
     heldout_ids,
     measure_fidelity,
@@ -106,3 +107,18 @@ def test_bad_settings_are_user_errors(kwargs: dict, message: str) -> None:
 def test_default_text_length_on_demo_tokenizer(demo_model: Path) -> None:
     ids, _ = heldout_ids(demo_model, FidelitySettings(), vocab_size=49152)
     assert 2000 <= len(ids) <= 3000
+
+
+def test_a_text_shorter_than_one_window_is_warned_of_before_any_work(
+    tiny_chat_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`--text` of one word: compare's KL and top-1 (100 % for every method) rested on one prediction."""
+    short, long = tmp_path / "short.txt", tmp_path / "long.txt"
+    short.write_text("hi")
+    long.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    with caplog.at_level("WARNING", logger="qpissa.original_kl"):
+        check_heldout(tiny_chat_model, FidelitySettings(text=long, window=32))
+        assert not caplog.records
+        check_heldout(tiny_chat_model, FidelitySettings(text=short, window=32))
+    (record,) = caplog.records
+    assert "less than one --window of 32: too few predictions" in record.getMessage()
