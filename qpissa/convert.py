@@ -59,8 +59,8 @@ log = logging.getLogger(__name__)
 
 
 def convert(
-    model_dir: Path,
-    out_dir: Path,
+    model_dir: Path | str,
+    out_dir: Path | str,
     settings: ConvertSettings,
     *,
     resume: bool = False,
@@ -84,6 +84,7 @@ def convert(
         UserError: bad input or settings, an existing output, a resume with different settings, another
             process writing OUT.
     """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)  # the Python API takes text paths too
     for output in (out_dir, partial_dir(out_dir)):
         check_apart(output, "OUT", {"MODEL": model_dir, "--calib": settings.calib})
     with lock_output(out_dir, "OUT"):  # held until OUT is complete: one writer per output

@@ -46,7 +46,12 @@ log = logging.getLogger(__name__)
 
 
 def export(
-    run: Path, out_dir: Path, settings: ExportSettings, *, overwrite: bool = False, show_progress: bool = True
+    run: Path | str,
+    out_dir: Path | str,
+    settings: ExportSettings,
+    *,
+    overwrite: bool = False,
+    show_progress: bool = True,
 ) -> dict:
     """Export a trained (or freshly converted) QPiSSA model as a merged checkpoint or a LoRA for the original.
 
@@ -68,6 +73,7 @@ def export(
             checkpoint being read (nothing is left written then either).
     """
     started = time.perf_counter()
+    run, out_dir = Path(run), Path(out_dir)  # the Python API takes text paths too
     source = resolve_source(run)
     try:
         return _export(run, source, out_dir, settings, overwrite, show_progress, started)

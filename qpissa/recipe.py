@@ -276,7 +276,7 @@ class _UniqueKeyLoader(RecipeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_config(path: Path, overrides: list[str]) -> TrainConfig:
+def load_config(path: Path | str, overrides: list[str]) -> TrainConfig:
     """Read a YAML recipe, apply `key=value` / `--key value` overrides and validate it.
 
     Keys that are no recipe key go to `trainer` (TrainingArguments options), which `train` checks
@@ -285,6 +285,7 @@ def load_config(path: Path, overrides: list[str]) -> TrainConfig:
     Raises:
         UserError: missing/unparseable file, unknown keys, wrong types, bad combinations.
     """
+    path = Path(path)  # the Python API takes a text path too
     text = read_text(path, "config", "pass a YAML recipe such as configs/demo.yaml")
     try:
         values = yaml.load(text, Loader=_UniqueKeyLoader) or {}

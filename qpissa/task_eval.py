@@ -41,7 +41,7 @@ DEFAULT_EVAL_LENGTH = 1024
 
 
 def evaluate(
-    model_or_run: Path, data_path: Path, settings: EvalSettings, show_progress: bool = True
+    model_or_run: Path | str, data_path: Path | str, settings: EvalSettings, show_progress: bool = True
 ) -> dict[str, Any]:
     """Load MODEL_OR_RUN and score it on `data_path`; `show_progress`: bars on a terminal.
 
@@ -53,6 +53,7 @@ def evaluate(
         UserError: bad path, unknown format, unreadable data, a QPiSSA directory without its adapter
             (unless `settings.adapter` is False).
     """
+    model_or_run, data_path = Path(model_or_run), Path(data_path)  # the Python API takes text paths too
     source = checked_source(model_or_run, adapter=settings.adapter)
     run_data = _run_data(source)
     recorded = run_data.settings["format"] if run_data else None

@@ -69,3 +69,23 @@ def test_settings_built_in_python_are_checked_and_converted_as_flags_are() -> No
         ConvertSettings(rank="8", method="pissa")
     with pytest.raises(UserError, match=r"^`max_seq_len` must be int, got '512'$"):
         DataConfig(path="train.jsonl", max_seq_len="512")
+
+
+def test_paths_may_be_given_as_text(tiny_chat_model: Path, data_dir: Path, tmp_path: Path) -> None:
+    """`convert("/models/x", "out", ...)` failed with AttributeError: 'str' object has no attribute 'name'."""
+    from qpissa import ConvertSettings, EvalSettings, ExportSettings, convert, evaluate, export, load_config
+
+    convert(
+        str(tiny_chat_model), str(tmp_path / "qpissa"), ConvertSettings(rank=4, iters=1), show_progress=False
+    )
+    scores = evaluate(str(tmp_path / "qpissa"), str(data_dir / "eval.jsonl"), EvalSettings(max_samples=2))
+    assert scores["samples"] == 2
+    export(
+        str(tmp_path / "qpissa"), str(tmp_path / "merged"), ExportSettings(verify=False), show_progress=False
+    )
+    assert (tmp_path / "merged" / "config.json").is_file()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {tmp_path / 'qpissa'}\noutput_dir: {tmp_path / 'run'}\ndata:\n  path: x.jsonl\n"
+    )
+    assert load_config(str(recipe), []).model == tmp_path / "qpissa"
