@@ -44,10 +44,12 @@ def verdict(summary: dict, tail_steps: int) -> list[str]:
                          f"module types ({metric} norm of the weights).")  # fmt: skip
         if q["avg_out"] is not None:
             c = q["calibration"]
+            general = c.get("general_windows", 0) * c["seq_len"]
+            prose = f" ({general} of them qpissa's general prose)" if general else ""
             lines.append(
-                f"{label} was calibrated on {c['tokens']} tokens of {c['source']}: it cut the layers' output "
-                f"error on them by {q['avg_out']:.1f} % against plain NF4 (the output error is what the "
-                "model feels; the weight error may rise as it falls)."
+                f"{label} was calibrated on {c['tokens']} tokens of {c['source']}{prose}: it cut the layers' "
+                f"output error on them by {q['avg_out']:.1f} % against plain NF4 (the output error is what "
+                "the model feels; the weight error may rise as it falls)."
             )
     fid = summary["fidelity"]
     if fid:
@@ -156,12 +158,13 @@ def write_documents(summary: dict, out_dir: Path, tail_steps: int) -> None:
 
 def _overview(summary: dict) -> Table:
     metric = summary["metric"]
+    calibrated = any(q.get("avg_out") is not None for q in summary["quality"].values())  # else no column
     headers = [
         "method",
         "rank",
         "T",
         f"AVG weight error reduction % ({metric})",
-        "AVG output error reduction % (calibration data)",
+        *(["AVG output error reduction % (calibration data)"] if calibrated else []),
         "KL to original",
         "top-1 agreement %",
         "perplexity (original → model)",
@@ -181,7 +184,7 @@ def _overview(summary: dict) -> Table:
                 _num(q.get("rank"), "{}"),
                 _num(q.get("iters"), "{}"),
                 _num(q.get("avg") if metric == "nuclear" else q.get("avg_fro"), "{:.2f}"),
-                _num(q.get("avg_out"), "{:.2f}"),
+                *([_num(q.get("avg_out"), "{:.2f}")] if calibrated else []),
                 _num(f and f["kl"], "{:#.4g}"),
                 _num(f and 100 * f["top1"], "{:.1f}"),
                 f"{f['ppl_original']:.2f} → {f['ppl_model']:.2f}" if f else "–",
@@ -270,7 +273,7 @@ def _training(summary: dict, tail_steps: int) -> Table | None:
             _num(t["tokens_per_second"], "{:.0f}"), _num(t["peak_memory_mb"], "{:.0f}"),
         ])  # fmt: skip
     headers = ["method", "first step", "first loss", "last step", "last loss",
-               f"mean loss, last {tail_steps}", "eval loss", "eval accuracy %",
+               f"mean loss, last {tail_steps} steps (or all)", "eval loss", "eval accuracy %",
                "tokens/s", "peak memory MB"]  # fmt: skip
     note = f"Loss per step from {LOG_NAME} (step 0: the initialized model); eval from {EVAL_RESULTS_NAME}."
     return Table("Training", headers, rows, "loss_curves", note) if rows else None

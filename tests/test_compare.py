@@ -305,6 +305,10 @@ def test_the_conversions_warnings_are_logged_as_the_cli_logs_its_own(
         r"^WARNING qpissa\.convert: --calib \S+ holds \d+ windows of 32 tokens, fewer than the \d+ it",
         capfd.readouterr().err, re.MULTILINE,
     )  # fmt: skip
+    report = (tmp_path / "out" / "report.md").read_text()  # the general prose is no part of calib.txt
+    assert re.search(
+        r"was calibrated on \d+ tokens of \S+calib\.txt \(\d+ of them qpissa's general prose\)", report
+    )
 
 
 def test_a_report_of_comparisons_measured_on_other_text_says_so(

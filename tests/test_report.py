@@ -94,6 +94,12 @@ def test_summary_numbers_equal_the_inputs(inputs: dict[str, Path], tmp_path: Pat
     assert training["peak_memory_mb"] == max(e["peak_memory_mb"] for e in log)
 
 
+def test_an_uncalibrated_report_has_no_output_error_column(inputs: dict[str, Path], tmp_path: Path) -> None:
+    """It held dashes only."""
+    _report(inputs, tmp_path / "report")
+    assert "output error" not in (tmp_path / "report" / "report.md").read_text()
+
+
 def test_log_scale_steps(inputs: dict[str, Path], tmp_path: Path) -> None:
     args = ["--quiet", "report", str(inputs["run"]), "--out", str(tmp_path), "--log-steps"]
     assert cli.main(args) == 0
