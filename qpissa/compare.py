@@ -138,7 +138,9 @@ def _compare(
     write_json(out_dir / COMPARE_NAME, record)  # from here on, an interrupted comparison can be continued
     for name, variant in variants.items():
         _record(out_dir, record, [_convert_step(model_dir, out_dir, name, variant, show_progress)])
-    _record(out_dir, record, _fidelity_steps(model_dir, out_dir, list(variants), fidelity_settings))
+    _record(
+        out_dir, record, _fidelity_steps(model_dir, out_dir, list(variants), fidelity_settings, show_progress)
+    )
     for name in variants if settings.train is not None else []:
         _record(out_dir, record, [_train_step(out_dir, name, settings.train, show_progress)])
     build_report([out_dir], out_dir, report_options or ReportOptions())
@@ -216,7 +218,7 @@ def _check_finished(model_dir: Path, target: Path, settings: ConvertSettings) ->
 
 
 def _fidelity_steps(
-    model_dir: Path, out_dir: Path, names: list[str], settings: FidelitySettings
+    model_dir: Path, out_dir: Path, names: list[str], settings: FidelitySettings, show_progress: bool
 ) -> list[dict]:
     """Measure each conversion against the original; load the original only if anything is left to measure."""
     vocab_size = auto_config(model_dir).get_text_config().vocab_size
@@ -233,10 +235,11 @@ def _fidelity_steps(
             continue
         if measured is not None:
             log.info("%s was measured with other fidelity settings or text: measuring it again", path)
+        log.info("measuring %s against the original model on %s", name, source)
         if original is None:
             original = load_model(ModelSource(model_dir, None), compute_dtype=torch.float32)
         model = load_model(resolve_source(target), compute_dtype=torch.float32)
-        result = measure_fidelity(original, model, ids, settings)
+        result = measure_fidelity(original, model, ids, settings, show_progress)
         del model
         write_json(path, {"key": key_here, "data": source, **dataclasses.asdict(result)})
         steps.append(_step(name, "fidelity", path, "done", result.seconds))

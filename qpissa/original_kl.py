@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from qpissa import UserError
 from qpissa.artifacts import ModelSource, read_text
@@ -81,7 +82,9 @@ def synthetic_ids(vocab_size: int, count: int, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure_fidelity(original, model, ids: torch.Tensor, settings: FidelitySettings) -> Fidelity:
+def measure_fidelity(
+    original, model, ids: torch.Tensor, settings: FidelitySettings, show_progress: bool = False
+) -> Fidelity:
     """Compare `model` with `original` on `ids`, window by window.
 
     Args:
@@ -89,6 +92,7 @@ def measure_fidelity(original, model, ids: torch.Tensor, settings: FidelitySetti
         model: the model to measure (e.g. NF4 residual + adapter, float32 compute), same vocabulary.
         ids: int64 `[n]` token ids; cut into windows of `settings.window` (the last may be shorter).
         settings: window and batch sizes.
+        show_progress: a bar over the batches (only on a terminal).
 
     Returns:
         Mean KL, top-1 agreement and both perplexities over all predicted tokens.
@@ -99,7 +103,10 @@ def measure_fidelity(original, model, ids: torch.Tensor, settings: FidelitySetti
     totals = {"kl": 0.0, "agree": 0, "nll_original": 0.0, "nll_model": 0.0, "tokens": 0}
     windows = list(torch.split(ids, settings.window))
     windows = [w for w in windows if len(w) >= 2]
-    for start in range(0, len(windows), settings.batch_size):
+    starts = range(0, len(windows), settings.batch_size)
+    for start in tqdm(
+        starts, desc="fidelity", unit="batch", disable=None if show_progress else True, leave=False
+    ):
         for length, batch in _group_by_length(windows[start : start + settings.batch_size]):
             _accumulate(totals, original, model, batch, length)
     count = totals["tokens"]
