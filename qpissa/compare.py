@@ -372,7 +372,10 @@ def _prepare_output(out_dir: Path, fingerprint: dict) -> dict:
     """Load the record of an earlier comparison with the same settings, or start a new one."""
     record_path = out_dir / COMPARE_NAME
     if record_path.is_file():
-        fix = "it is written by `qpissa compare`: choose a new OUT"
+        fix = (
+            f"to continue, keep {CONVERSIONS_DIR}/ and {RUNS_DIR}/ in {out_dir} and delete the rest (each "
+            "conversion and run is checked and reused), or choose a new OUT"
+        )
         record = read_json(record_path, fix, required=("fingerprint", "history", "methods"))
         if record["fingerprint"] != fingerprint:
             raise UserError(_mismatch(out_dir, record["fingerprint"], fingerprint))

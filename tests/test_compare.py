@@ -333,3 +333,23 @@ def test_a_report_of_comparisons_measured_on_other_text_says_so(
     markdown = (out / "report.md").read_text()
     assert "Fidelity measured on different text, so its rows do not compare: " in markdown
     assert "(other/conversions/qlora): 48 synthetic ids" in markdown  # labels told apart by their folders
+
+
+def test_a_damaged_record_says_how_to_continue_and_that_works(
+    comparison: Path, tiny_model: Path, tmp_path: Path, capsys
+) -> None:
+    """It said to choose a new OUT, as if the finished conversions were lost with compare.json."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(comparison, out)
+    (out / COMPARE_NAME).write_text("{")
+    args = ["compare", str(tiny_model), str(out), "--methods", "qlora,qpissa", *FLAGS]
+    assert cli.main(args) == 2
+    assert "to continue, keep conversions/ and runs/ in" in capsys.readouterr().err
+    for path in out.iterdir():
+        if path.name not in ("conversions", "runs"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert cli.main(["--quiet", *args]) == 0
+    steps = json.loads((out / COMPARE_NAME).read_text())["history"][-1]["steps"]
+    assert {s["status"] for s in steps if s["step"] == "convert"} == {"reused"}
