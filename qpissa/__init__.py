@@ -66,6 +66,7 @@ bitsandbytes or datasets at module level.
     spectrum           singular value spectra of one layer, for the report
 """
 
+import functools
 import importlib
 import logging
 import os
@@ -94,9 +95,11 @@ __all__ = ["UserError", "__version__", *API]
 
 
 def __getattr__(name: str) -> Any:
-    """Load an API name on first use, so that `import qpissa` (and `qpissa --help`) stays torch-free."""
+    """Load an API name on first use, so that `import qpissa` (and `qpissa --help`) stays torch-free; the
+    API's users are spared the library notes the CLI's are."""
     if name not in API:
         raise AttributeError(f"module 'qpissa' has no attribute {name!r}")
+    hide_library_deprecation_notes()
     return getattr(importlib.import_module(API[name]), name)
 
 
@@ -118,8 +121,9 @@ class UserError(Exception):
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # the CLI's, and its fresh processes' (runtime)
 
 
+@functools.cache  # once per process: each call would add the same filters again
 def hide_library_deprecation_notes() -> None:
-    """Silence library notes users can do nothing about, for the CLI's processes.
+    """Silence library notes users can do nothing about, in the CLI's processes and the API's.
 
     - transformers' notes that gradient checkpointing was renamed (5.2x): the range we support (>= 5.0)
       still needs the old name and PEFT reads the old attribute;

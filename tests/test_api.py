@@ -89,3 +89,15 @@ def test_paths_may_be_given_as_text(tiny_chat_model: Path, data_dir: Path, tmp_p
         f"model: {tmp_path / 'qpissa'}\noutput_dir: {tmp_path / 'run'}\ndata:\n  path: x.jsonl\n"
     )
     assert load_config(str(recipe), []).model == tmp_path / "qpissa"
+
+
+def test_the_api_is_spared_the_library_notes_the_cli_hides() -> None:
+    """bitsandbytes' note that its bf16 CPU kernel could not be fetched reached every API user."""
+    note = "Failed to load CPU gemm_4bit_forward from kernels-community"
+    script = (
+        "import logging; from qpissa import convert; "
+        f"logging.getLogger('bitsandbytes.backends.cpu.ops').warning({note!r}); "
+        "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another note')"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert note not in done.stderr and "another note" in done.stderr, done.stderr
