@@ -118,3 +118,29 @@ def load_eval():
         return tokenize_split(records, data_format, config, tokenizer)
 
     return load
+
+
+@pytest.fixture(scope="session")
+def moved_run():
+    """Make a run of a QPiSSA directory whose adapter moved away from the converted one (B shifted by
+    0.05·noise): what an export takes from training, without training."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from qpissa.artifacts import RUN_MARKER
+
+    def make(qpissa_dir: Path, run: Path) -> Path:
+        shutil.copytree(qpissa_dir / "adapter", run / "adapter")
+        (run / RUN_MARKER).write_text(json.dumps({"model": str(qpissa_dir)}))
+        weights = run / "adapter" / "adapter_model.safetensors"
+        generator = torch.Generator().manual_seed(0)
+        tensors = {
+            name: t + 0.05 * torch.randn(t.shape, generator=generator) if "lora_B" in name else t
+            for name, t in load_file(weights).items()
+        }
+        save_file(tensors, weights)
+        return run
+
+    return make

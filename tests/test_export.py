@@ -294,21 +294,12 @@ def _tiny_t5(out_dir: Path, tokenizer_dir: Path, **tokens: int) -> Path:
     return out_dir
 
 
-def test_encoder_decoder_exports_are_verified(tmp_path: Path, char_tokenizer: Path):
+def test_encoder_decoder_exports_are_verified(tmp_path: Path, char_tokenizer: Path, moved_run):
     """A T5's decoder needs inputs of its own: verification feeds it the prompt, shifted right, in both
     exports. qpissa trains causal LMs only, so the run is the converted adapter with B moved by hand."""
     model, qpissa_dir = _tiny_t5(tmp_path / "t5", char_tokenizer), tmp_path / "qpissa"
     assert cli.main(["--quiet", "convert", str(model), str(qpissa_dir), "--rank", "4", "--iters", "1"]) == 0
-    run = tmp_path / "run"
-    shutil.copytree(qpissa_dir / "adapter", run / "adapter")
-    (run / RUN_MARKER).write_text(json.dumps({"model": str(qpissa_dir)}))
-    weights = run / "adapter" / "adapter_model.safetensors"
-    generator = torch.Generator().manual_seed(0)
-    tensors = {
-        name: t + 0.05 * torch.randn(t.shape, generator=generator) if "lora_B" in name else t
-        for name, t in load_file(weights).items()
-    }
-    save_file(tensors, weights)
+    run = moved_run(qpissa_dir, tmp_path / "run")
     reports = {}
     for kind in ("merged", "lora"):
         argv = ["--quiet", "export", str(run), str(tmp_path / kind), "--to", kind, "--dtype", "float32"]

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import gc
 import json
-import shutil
 import weakref
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import qpissa.export_verify
 from qpissa import cli
-from qpissa.artifacts import EXPORT_REPORT, RUN_MARKER
+from qpissa.artifacts import EXPORT_REPORT
 
 # torch's own words when memory runs out: a GPU's OutOfMemoryError, the CPU allocator's RuntimeError
 CPU_OUT_OF_MEMORY = (
@@ -33,19 +32,9 @@ OUT_OF_MEMORY = [
 
 
 @pytest.fixture(scope="module")
-def run(qpissa_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run of `qpissa_dir` whose adapter moved away from the converted one (B shifted by 0.05·noise)."""
-    run = tmp_path_factory.mktemp("memory") / "run"
-    shutil.copytree(qpissa_dir / "adapter", run / "adapter")
-    (run / RUN_MARKER).write_text(json.dumps({"model": str(qpissa_dir)}))
-    weights = run / "adapter" / "adapter_model.safetensors"
-    generator = torch.Generator().manual_seed(0)
-    tensors = {
-        name: t + 0.05 * torch.randn(t.shape, generator=generator) if "lora_B" in name else t
-        for name, t in load_file(weights).items()
-    }
-    save_file(tensors, weights)
-    return run
+def run(qpissa_dir: Path, tmp_path_factory: pytest.TempPathFactory, moved_run) -> Path:
+    """A run of `qpissa_dir` whose adapter moved away from the converted one."""
+    return moved_run(qpissa_dir, tmp_path_factory.mktemp("memory") / "run")
 
 
 def _weight_bytes(model: torch.nn.Module) -> int:
