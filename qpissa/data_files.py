@@ -190,14 +190,15 @@ def stray_item(path: Path, files: list[Path]) -> str | None:
             items = json_records([file])
         except (UserError, ValueError):  # not JSON at all: datasets' own error says more
             return None
-        kind = dict if items and isinstance(items[0], dict) else str
-        first, wanted = ("a record", 'a record ({"field": value, ...})') if kind is dict else ("a text",) * 2
+        kind = str if items and isinstance(items[0], str) else dict
+        first, wanted = ("a text",) * 2 if kind is str else ("a record", 'a record ({"field": value, ...})')
         for index, item in enumerate(items):
             if not isinstance(item, kind):
                 shown = json.dumps(item)
                 shown = shown if len(shown) <= 40 else shown[:37] + "..."
                 where = f"dataset {path}" if file == path else f"dataset {path}: {file.relative_to(path)}"
-                return f"{where} item {index} is {shown} where item 0 is {first}; make every item {wanted}"
+                against = f" where item 0 is {first}" if index else ""
+                return f"{where} item {index} is {shown}{against}; make every item {wanted}"
     return None
 
 

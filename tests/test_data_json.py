@@ -88,6 +88,7 @@ def test_a_list_of_date_like_texts_is_read_as_text(tmp_path: Path) -> None:
         ([{"text": "a"}, 5], r"item 1 is 5 where item 0 is a record; make every item a record \("),
         ([{"text": "a"}, "b"], r'item 1 is "b" where item 0 is a record; make every item a record \('),
         (["a", {"text": "b"}], r'item 1 is \{"text": "b"\} where item 0 is a text; make every item a text$'),
+        ([5, {"text": "b"}], r"item 0 is 5; make every item a record \("),
     ],
 )
 def test_a_list_mixing_records_with_other_items_names_the_first_stray_one(
