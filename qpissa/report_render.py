@@ -143,7 +143,7 @@ def tables(summary: dict, tail_steps: int) -> list[Table]:
         tail_steps: how many last logged steps each run's mean loss spans.
     """
     found = [
-        _overview(summary), _by_type(summary), _memory(summary), _training(summary, tail_steps),
+        _overview(summary, tail_steps), _by_type(summary), _memory(summary), _training(summary, tail_steps),
         _exports(summary),
     ]  # fmt: skip
     return [table for table in found if table is not None and table.rows]
@@ -156,7 +156,7 @@ def write_documents(summary: dict, out_dir: Path, tail_steps: int) -> None:
     _write(out_dir / REPORT_HTML, _html(summary, found, out_dir))
 
 
-def _overview(summary: dict) -> Table:
+def _overview(summary: dict, tail_steps: int) -> Table:
     metric = summary["metric"]
     calibrated = any(q.get("avg_out") is not None for q in summary["quality"].values())  # else no column
     headers = [
@@ -168,7 +168,7 @@ def _overview(summary: dict) -> Table:
         "KL to original",
         "top-1 agreement %",
         "perplexity (original → model)",
-        "last train loss",
+        f"train loss, mean of last {tail_steps} steps",  # one step's loss is noise between methods
         "eval accuracy %",
         "conversion s",
     ]
@@ -188,7 +188,7 @@ def _overview(summary: dict) -> Table:
                 _num(f and f["kl"], "{:#.4g}"),
                 _num(f and 100 * f["top1"], "{:.1f}"),
                 f"{f['ppl_original']:.2f} → {f['ppl_model']:.2f}" if f else "–",
-                _num(t and t["final_loss"], "{:.4f}"),
+                _num(t and t["tail_loss"], "{:.4f}"),
                 _pct(e.get("accuracy")),
                 _num(q.get("convert_seconds"), "{:.1f}"),
             ]

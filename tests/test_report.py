@@ -92,6 +92,8 @@ def test_summary_numbers_equal_the_inputs(inputs: dict[str, Path], tmp_path: Pat
     trained = [e["loss"] for e in log[1:]]  # the mean `train` prints: trained steps only
     assert training["tail_loss"] == pytest.approx(sum(trained) / 3) and training["tail_steps"] == 3
     assert training["peak_memory_mb"] == max(e["peak_memory_mb"] for e in log)
+    overview = (tmp_path / "report.md").read_text().split("\n\n## ", 2)[1]  # the first table
+    assert "train loss, mean of last 10 steps" in overview and f"| {training['tail_loss']:.4f} |" in overview
 
 
 def test_an_uncalibrated_report_has_no_output_error_column(inputs: dict[str, Path], tmp_path: Path) -> None:
