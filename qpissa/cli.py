@@ -202,7 +202,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     args.output_dir = config.output_dir  # where a Ctrl-C can be continued from
     summary = train(config, show_progress=not args.quiet)
     evaluation = summary.get("eval", {})
-    extra = "".join(f", eval {k} {evaluation[k]:.4f}" for k in ("loss", "accuracy") if k in evaluation)
+    extra = f", eval loss {evaluation['loss']:.4f}" if "loss" in evaluation else ""
+    if evaluation.get("total"):  # of the answers generated, often fewer than the samples the loss is on
+        extra += f", exact match {evaluation['correct']}/{evaluation['total']}"
     if summary["loss_steps"]:  # the whole run's logged steps, a resumed one's included
         first, last = summary["loss_steps"]
         steps = f"step {first}" if first == last else f"steps {first}-{last}"

@@ -209,7 +209,7 @@ def _train(
                 "step": state.global_step, "eval_loss": final["loss"], "eval_runtime": round(seconds, 4),
                 "eval_samples_per_second": round(samples / seconds, 3),
                 "eval_steps_per_second": round(batches / seconds, 3), "epoch": state.epoch,
-                "num_input_tokens_seen": state.num_input_tokens_seen,
+                "num_input_tokens_seen": float(state.num_input_tokens_seen),  # as the Trainer logs it
             }  # fmt: skip
             append_jsonl(run_dir / EVAL_LOG_NAME, {**line, **generation})
     if processes().is_main:

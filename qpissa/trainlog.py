@@ -117,7 +117,18 @@ class JsonlLogCallback(TrainerCallback):
         if self.generate is not None and model is not None:
             entry.update(self.generate(model))
         append_jsonl(self.eval_path, entry)
-        log.info("eval at step %d: %s", step, json.dumps(entry, sort_keys=True))
+        log.info("eval at step %d: %s", step, evaluation_text(entry))
+
+
+def evaluation_text(entry: dict) -> str:
+    """An evaluation for the terminal, as the step lines read: loss, exact match over how many, its time
+    (the eval log keeps every field)."""
+    parts = [f"loss {entry['eval_loss']:.4f}"] if entry.get("eval_loss") is not None else []
+    if entry.get("total"):
+        parts.append(f"exact match {entry['correct']}/{entry['total']} ({100 * entry['accuracy']:.1f} %)")
+    if entry.get("eval_runtime") is not None:
+        parts.append(f"{entry['eval_runtime']:.1f} s")
+    return ", ".join(parts)
 
 
 class NoEvaluationAtTheEnd(TrainerCallback):

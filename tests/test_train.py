@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -42,8 +45,23 @@ def _losses(run: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def run(qpissa_dir: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("run")
-    assert cli.main(["--quiet", "train", str(_config(tmp, qpissa_dir, data_dir))]) == 0
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert cli.main(["--quiet", "train", str(_config(tmp, qpissa_dir, data_dir))]) == 0
+    (tmp / "printed.txt").write_text(printed.getvalue())
     return tmp / "run"
+
+
+def test_evaluations_read_as_the_step_lines_do(run: Path) -> None:
+    """The eval line was the raw JSON entry (16-digit floats, internal fields); the result line gave an
+    accuracy of 0.0000 without saying it came from 4 answers while the loss used every sample."""
+    from qpissa.trainlog import evaluation_text
+
+    first = _evals(run)[0]
+    text = evaluation_text(first)
+    assert re.fullmatch(r"loss \d+\.\d{4}, exact match \d+/4 \(\d+\.\d %\), \d+\.\d s", text), text
+    (line,) = (run.parent / "printed.txt").read_text().splitlines()
+    assert re.fullmatch(r"trained 8 steps, mean loss \d+\.\d{4} \(steps 1-8\), eval loss \d+\.\d{4}, "
+                        r"exact match \d+/4 -> .*run", line), line  # fmt: skip
 
 
 def test_loss_goes_down(run: Path) -> None:
@@ -73,6 +91,7 @@ def test_log_has_every_field_every_step(run: Path) -> None:
     # the last step is evaluated once, by train's final pass, into a line shaped as the Trainer's
     final = json.loads((run / "eval_results.json").read_text())
     assert set(evals[-1]) == set(evals[0]) and evals[-1]["eval_runtime"] > 0 and evals[-1]["epoch"] > 0
+    assert all(type(evals[-1][k]) is type(evals[0][k]) for k in evals[0]), "each field of one type"
     assert evals[-1]["eval_loss"] == final["loss"] and evals[-1]["accuracy"] == final["accuracy"]
 
 

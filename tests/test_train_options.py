@@ -57,10 +57,17 @@ def test_a_mistyped_key_is_told_before_a_missing_data_path(
     assert "unknown setting `max_step`" in capsys.readouterr().err
     assert cli.main(["--quiet", "train", str(config), "max_steps=4"]) == 2
     assert (
-        "no-such-task/train.jsonl does not exist; check data.path / data.eval_path (a relative path is "
+        "no-such-task/train.jsonl does not exist; check data.path (a relative path is "
         "relative to the working directory" in capsys.readouterr().err
     )
     assert not (tmp_path / "run").exists()
+    sources = {
+        "path": None,
+        "sources": [{"path": str(data_dir / "train.jsonl")}, {"path": "no-such/chat.jsonl"}],
+    }
+    config = _config(tmp_path, qpissa_dir, data_dir, data=sources)  # the key the recipe set is named
+    assert cli.main(["--quiet", "train", str(config)]) == 2
+    assert "no-such/chat.jsonl does not exist; check data.sources[1].path (a" in capsys.readouterr().err
 
 
 def test_checkpointing_reaches_the_trainer_by_its_new_name_without_a_warning(
