@@ -55,7 +55,7 @@ def _interrupt_worker(future: Future) -> None:
     except TimeoutError:
         for child in multiprocessing.active_children():
             os.kill(child.pid, signal.SIGINT)
-    except BaseException:
+    except BaseException:  # interrupted too, or failed: leaving the pool reaps it, then the caller re-raises
         pass
 
 
