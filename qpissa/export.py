@@ -35,7 +35,7 @@ from qpissa.checkpoint import ShardedWriter, copy_side_files, write_json
 from qpissa.export_lora import LoraInputs, check_lora_inputs, check_trained, write_lora, write_readme
 from qpissa.export_verify import verify_export
 from qpissa.loading import refuse_cpu_misdecoded
-from qpissa.memory import out_of_memory, peak_rss_mb
+from qpissa.memory import out_of_memory, out_of_memory_reason, peak_rss_mb
 from qpissa.options import to_dict
 from qpissa.outputs import check_apart, check_replaceable, finish_partial, lock_output, start_partial
 from qpissa.runtime import auto_device, dtype_name
@@ -240,13 +240,10 @@ def _verify(source: ModelSource, partial: Path, details: dict, verify: bool) -> 
     except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
         if not out_of_memory(error):
             raise
-        return {"verify": None, "verify_skipped": f"the check ran out of memory ({_first_line(error)})"}
-
-
-def _first_line(error: BaseException) -> str:
-    """The first line of an error's message, cut to 200 characters (a CUDA one runs on with advice)."""
-    line = next((part.strip() for part in str(error).splitlines() if part.strip()), type(error).__name__)
-    return line if len(line) <= 200 else f"{line[:199]}…"
+        return {
+            "verify": None,
+            "verify_skipped": f"the check ran out of memory ({out_of_memory_reason(error)})",
+        }
 
 
 def _run_data(source: ModelSource) -> dict | None:

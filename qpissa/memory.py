@@ -149,8 +149,13 @@ def out_of_memory_line(error: BaseException) -> str | None:
     """The error line for `error` if it says memory ran out (`out_of_memory`), else None."""
     if not out_of_memory(error):
         return None
-    reason = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
     return (
-        f"out of memory ({type(error).__name__}: {reason[:200]}); free memory (other programs, other jobs "
-        "on the GPU) or use a machine with more"
+        f"out of memory ({out_of_memory_reason(error)}); free memory (other programs, other jobs on the GPU) "
+        "or use a machine with more"
     )
+
+
+def out_of_memory_reason(error: BaseException) -> str:
+    """`Type: first line` of an out-of-memory error, cut to 200 characters (CUDA's runs on with advice)."""
+    line = next((part.strip() for part in str(error).splitlines() if part.strip()), "")
+    return f"{type(error).__name__}: {line[:200]}"
