@@ -41,14 +41,14 @@ def check_inputs(config: TrainConfig, optim: str) -> tuple[ModelSource, Path | N
     check_source(source)
     check_causal_lm(model_dir)
     check_context(model_dir, config.data.max_seq_len, "`data.max_seq_len`")
-    datasets = {key: path for key, path in config.data_inputs().items() if key.startswith("data.")}
-    for key, path in datasets.items():
-        if path is not None and not path.exists() and not is_hub_name(path):
+    inputs = config.data_inputs()
+    for key, path in inputs.items():
+        if key.startswith("data.") and path is not None and not path.exists() and not is_hub_name(path):
             raise UserError(
                 f"dataset {path} does not exist; check {key} (a relative path is relative to the working "
                 f"directory, {Path.cwd()})"
             )
-    check_apart(config.output_dir, "output_dir", {"model": config.model, **config.data_inputs()})
+    check_apart(config.output_dir, "output_dir", {"model": config.model, **inputs})
     resume = config.resume_from_checkpoint
     if resume is not None:
         check_checkpoint(resume, config, source, optim)
