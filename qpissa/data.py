@@ -49,7 +49,7 @@ def load_train(config: DataConfig, tokenizer: Any, seed: int, context: int | Non
     """
     parts = []
     for index, source in enumerate(config.train_sources()):
-        split_setting = "data.split" if config.sources is None else f"data.sources[{index}].split"
+        split_setting = "data.split" if config.sources is None else f"data.sources.{index}.split"
         dataset, data_format = load_source(source, seed, split_setting=split_setting)
         check_tokenizer(tokenizer, data_format)
         parts.append(

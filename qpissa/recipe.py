@@ -254,7 +254,7 @@ class TrainConfig:
         if self.data.sources is None:
             inputs["data.path"] = self.data.path
         for index, source in enumerate(self.data.sources or []):
-            inputs[f"data.sources[{index}].path"] = source.path
+            inputs[f"data.sources.{index}.path"] = source.path
         template = Path(self.chat_template).expanduser() if self.chat_template else None
         inputs["chat_template"] = template if template is not None and template.is_file() else None
         return inputs

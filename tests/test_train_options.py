@@ -67,7 +67,7 @@ def test_a_mistyped_key_is_told_before_a_missing_data_path(
     }
     config = _config(tmp_path, qpissa_dir, data_dir, data=sources)  # the key the recipe set is named
     assert cli.main(["--quiet", "train", str(config)]) == 2
-    assert "no-such/chat.jsonl does not exist; check data.sources[1].path (a" in capsys.readouterr().err
+    assert "no-such/chat.jsonl does not exist; check data.sources.1.path (a" in capsys.readouterr().err
 
 
 def test_checkpointing_reaches_the_trainer_by_its_new_name_without_a_warning(
