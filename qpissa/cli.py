@@ -54,6 +54,7 @@ from qpissa.settings import (
 
 EXIT_USER_ERROR = 2  # argparse's own status for a usage mistake
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+QUIET_HELP = "only warnings and the result; no progress bars"
 # errors of the file system and of its space, which the user fixes; any other OSError is a bug
 _FILE_ERRORS = {
     errno.EACCES: "check its permissions or choose another path",
@@ -303,7 +304,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qpissa", description="QPiSSA: 4-bit fine-tuning that loses less.")
-    parser.add_argument("--quiet", action="store_true", help="only warnings and the result; no progress bars")
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     parser.add_argument("--version", action="version", version=f"qpissa {__version__}")
     # subcommands' parsers are _Parser too (argparse makes them of the parent's class)
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND", dest="command")
@@ -370,9 +371,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     _add_compare_and_report(commands)
     for command in commands.choices.values():  # --quiet is accepted after the command name too
-        command.add_argument(
-            "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-        )
+        command.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
     return parser
 
 

@@ -30,7 +30,9 @@ def test_each_subcommand_has_help(command: str, capsys: pytest.CaptureFixture) -
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
-    assert "usage: qpissa " + command in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "usage: qpissa " + command in printed
+    assert "--quiet only warnings and the result" in " ".join(printed.split())  # global, after a command too
 
 
 def test_train_help_lists_the_recipe_keys_with_their_defaults(capsys: pytest.CaptureFixture) -> None:
