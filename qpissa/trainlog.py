@@ -92,7 +92,7 @@ class JsonlLogCallback(TrainerCallback):
         append_jsonl(self.path, entry)
         if state.global_step % self.every == 0:
             log.info(
-                "step %d/%d loss %.4f lr %.3g grad_norm %.3f %.0f tokens/s peak %.0f MB eta %.0f s",
+                "step %d/%d loss %.4f lr %.2e grad_norm %.3f %.0f tokens/s peak %.0f MB eta %.0f s",
                 state.global_step,
                 state.max_steps,
                 entry["loss"],

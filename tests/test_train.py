@@ -10,9 +10,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from transformers import TrainerState
 
 from qpissa import cli
+from qpissa.trainlog import JsonlLogCallback
 
 STEPS = 8
 
@@ -493,3 +496,19 @@ def test_samples_beyond_the_models_context_are_not_advised_a_longer_max_seq_len(
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "max_seq_len=256 tokens, the model's whole context" in error and "raise" not in error
     assert not (tmp_path / "run").exists()
+
+
+def test_step_line_writes_every_learning_rate_in_one_notation(tmp_path: Path, caplog) -> None:
+    """Warmup from 0, peak 1e-4, then 5e-5: one notation reads as one schedule (%g mixed 0.0001, 5e-05)."""
+    callback = JsonlLogCallback(
+        tmp_path / "log.jsonl", tmp_path / "eval.jsonl", torch.device("cpu"), None, every=1
+    )
+    state = TrainerState(max_steps=3, is_world_process_zero=True)
+    with caplog.at_level("INFO", logger="qpissa.trainlog"):
+        for step, learning_rate in enumerate([0.0, 1e-4, 5e-5], start=1):
+            state.global_step = step
+            callback.on_log(
+                None, state, None, logs={"loss": 1.0, "learning_rate": learning_rate, "grad_norm": 1.0}
+            )
+    rates = [re.search(r" lr (\S+) ", record.getMessage()).group(1) for record in caplog.records]
+    assert rates == ["0.00e+00", "1.00e-04", "5.00e-05"]
