@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import math
 import re
 import types
@@ -229,6 +230,9 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         if isinstance(value, bool):
             return value
         raise UserError(f"{label} must be true or false, got {value!r}")
+    if _is_count_or_ratio(hint) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        # the Trainer's `save_steps: 0.1` is a ratio of the run, `50` a count: each kept as what it is
+        return int(value) if float(value).is_integer() else float(value)
     if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         # YAML 1.1 reads `2e-5` (no dot) as text; `.nan`, `.inf` and the flag `nan` pass a `<= 0` check
         number = float(value) if not isinstance(value, str) or is_number(value) else None
@@ -236,19 +240,34 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
             raise UserError(f"{label} must be a finite number, got {value!r}")
         if number is not None:
             return number
-    if kind is Path and isinstance(value, (str, Path)):
-        if isinstance(value, str) and not value.strip():  # Path("") would quietly mean "."
+    if kind in (Path, str) and _is_text_scalar(value):
+        # YAML reads `output_dir: 2024` as a number and `2024-01-01` as a date: what was typed is meant
+        text = value if isinstance(value, (str, Path)) else _as_typed(value)
+        if kind is str:
+            return text
+        if isinstance(text, str) and not text.strip():  # Path("") would quietly mean "."
             raise UserError(f"{label} is empty; give a path")
-        return Path(value)
+        return Path(text).expanduser()  # as the Trainer expands output_dir: one `~` means one place
     if kind is list and isinstance(value, list):
         item = _list_item(hint)
         if dataclasses.is_dataclass(item):  # a list of groups: `data.sources: [{path: ...}, ...]`
-            return [_coerce(item, entry, f"{name}[{index}]") for index, entry in enumerate(value)]
+            return [_coerce(item, entry, f"{name}.{index}") for index, entry in enumerate(value)]
         return value
     if isinstance(kind, type) and isinstance(value, kind) and not isinstance(value, bool):
         return value
     wanted = "a path" if kind is Path else getattr(kind, "__name__", kind)
     raise UserError(f"{label} must be {wanted}, {got(value)}")
+
+
+def _is_text_scalar(value: Any) -> bool:
+    """A value a text or path setting takes as typed: text, a path, or a YAML number or date (not a bool,
+    which is most often a flag left without its value)."""
+    return isinstance(value, (str, Path, int, float, datetime.date)) and not isinstance(value, bool)
+
+
+def _as_typed(value: int | float | datetime.date) -> str:
+    """A YAML number or date as the text it was typed as (`2024-01-01`, not `datetime.date(2024, 1, 1)`)."""
+    return value.isoformat() if isinstance(value, datetime.date) else str(value)
 
 
 def got(value: Any) -> str:
@@ -268,6 +287,11 @@ def _base_type(hint: Any) -> Any:
     if origin is not None:
         return origin
     return hint
+
+
+def _is_count_or_ratio(hint: Any) -> bool:
+    """`int | float` (or with None): a count of steps, or a fraction of the run's steps below 1."""
+    return {a for a in typing.get_args(hint) if a is not type(None)} == {int, float}
 
 
 def _list_item(hint: Any) -> Any:

@@ -178,15 +178,20 @@ class TrainConfig:
     )
     device: Device = field(default=Device.AUTO, metadata={"help": "auto, cpu or cuda"})
     seed: int = field(default=42, metadata={"help": "seed of data order and all other randomness"})
-    logging_steps: int = field(
-        default=10, metadata={"help": "print a log line every N steps (the JSONL gets every step)"}
+    logging_steps: int | float = field(
+        default=10,
+        metadata={"help": "print a log line every N steps, or a ratio of the run's in (0, 1) (the JSONL gets "
+                  "every step)"},
+    )  # fmt: skip
+    save_steps: int | float = field(
+        default=100,
+        metadata={"help": "write output_dir/checkpoint-N every N steps, or a ratio of the run's in (0, 1)"},
     )
-    save_steps: int = field(default=100, metadata={"help": "write output_dir/checkpoint-N every N steps"})
     save_total_limit: int | None = field(default=2, metadata={"help": "keep the last K checkpoints"})
-    eval_steps: int | None = field(
+    eval_steps: int | float | None = field(
         default=None,
-        metadata={"help": "evaluate every N steps (needs data.eval_path); eval_strategy=steps alone: every "
-                  "logging_steps (save_steps with load_best_model_at_end)"},
+        metadata={"help": "evaluate every N steps or a ratio of the run's (needs data.eval_path); "
+                  "eval_strategy=steps alone: every logging_steps (save_steps with load_best_model_at_end)"},
     )  # fmt: skip
     resume_from_checkpoint: Path | None = field(
         default=None, metadata={"help": "checkpoint-N directory to resume, or true for output_dir's newest"}
@@ -210,13 +215,20 @@ class TrainConfig:
             "per_device_train_batch_size",
             "per_device_eval_batch_size",
             "gradient_accumulation_steps",
-            "logging_steps",
-            "save_steps",
         )
         problems = [f"`{name}` must be at least 1" for name in positive if getattr(self, name) < 1]
-        for name in ("save_total_limit", "eval_steps"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                problems.append(f"`{name}` must be at least 1 (or left out), got {getattr(self, name)}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            problems.append(
+                f"`save_total_limit` must be at least 1 (or left out), got {self.save_total_limit}"
+            )
+        for name in ("logging_steps", "save_steps", "eval_steps"):
+            steps = getattr(self, name)
+            # written so that NaN fails too: a count of at least 1 or a ratio of the run in (0, 1)
+            if steps is not None and not (0 < steps < 1 or (steps >= 1 and isinstance(steps, int))):
+                problems.append(
+                    f"`{name}` must be a count of steps (at least 1) or a ratio of the run in (0, 1), "
+                    f"got {steps}"
+                )
         # written so that NaN fails them too (every comparison with NaN is false)
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +37,7 @@ class JsonlLogCallback(TrainerCallback):
         eval_path: Path,
         device: torch.device,
         generate: Callable | None,
-        every: int = 10,
+        every: int | float = 10,
         resumed: bool = False,
     ) -> None:
         self.path, self.eval_path, self.device, self.generate, self.every = (
@@ -60,6 +61,8 @@ class JsonlLogCallback(TrainerCallback):
         self.start = self.training_since = time.perf_counter()
         self.evaluating = 0.0
         self.first_step = state.global_step
+        if self.every < 1:  # a ratio of the run's steps, counted as the Trainer counts its own
+            self.every = max(math.ceil(state.max_steps * self.every), 1)
         if torch.cuda.is_available() and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 

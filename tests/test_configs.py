@@ -66,3 +66,37 @@ def test_samples_one_point_zero_is_refused_and_a_count_of_one_stays_a_count() ->
         load_config(mix, ["data.sources.0.samples=1.0"])
     assert load_config(demo, ["data.samples=1"]).data.samples == 1  # the count one
     assert load_config(demo, ["data.samples=0.5"]).data.samples == 0.5
+
+
+def test_paths_and_texts_take_what_was_typed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`~` means the home directory in every path key, as the Trainer reads output_dir (a literal `./~`
+    beside $HOME split one run in two); a number or a date typed for a path or a text is that text."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    demo = next(path for path in CONFIGS if path.name == "demo.yaml")
+    config = load_config(demo, ["output_dir=~/runs/a", "data.path=~/train.jsonl", "data.split=2024"])
+    assert (config.output_dir, config.data.path) == (tmp_path / "runs/a", tmp_path / "train.jsonl")
+    assert config.data.split == "2024"
+    assert load_config(demo, ["output_dir=2024-01-01"]).output_dir == Path("2024-01-01")
+    with pytest.raises(UserError, match=r"`output_dir` must be a path, got true"):
+        load_config(demo, ["output_dir=true"])
+
+
+def test_a_list_entrys_setting_is_named_as_overrides_name_it() -> None:
+    mix = next(path for path in CONFIGS if path.name == "mix-chat.yaml")
+    with pytest.raises(UserError, match=r"unknown setting `data\.sources\.1\.pth`"):
+        load_config(mix, ["data.sources.1.pth=x.jsonl"])
+
+
+def test_step_settings_take_a_count_or_the_trainers_ratio_of_the_run(tmp_path: Path) -> None:
+    from qpissa.runtime import resolve_runtime
+    from qpissa.trainer_options import training_arguments
+
+    demo = next(path for path in CONFIGS if path.name == "demo.yaml")
+    config = load_config(demo, ["save_steps=0.5", "logging_steps=0.25", "max_steps=8"])
+    arguments = training_arguments(config, resolve_runtime(), tmp_path, show_progress=False)
+    assert (arguments.save_steps, config.logging_steps) == (0.5, 0.25)
+    assert load_config(demo, ["save_steps=50.0"]).save_steps == 50  # a count, as written in YAML
+    with pytest.raises(UserError, match=r"`save_steps` must be a count of steps \(at least 1\) or a ratio"):
+        load_config(demo, ["save_steps=1.5"])
+    with pytest.raises(UserError, match=r"`logging_steps` must be a count .*, got 0"):
+        load_config(demo, ["logging_steps=0"])

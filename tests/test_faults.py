@@ -360,7 +360,7 @@ CASES = [
     Case("train", "overwrite of the run that holds a data.sources file",
          lambda ws: _train(ws, output_dir=str(ws / "run"), overwrite_output_dir=True, data={"path": None,
                            "sources": [{"path": str(ws / "run" / "mine.jsonl")}]}),
-         r"contains the input data.sources\[0\].path",
+         r"contains the input data.sources.0.path",
          damage=lambda ws: _file(ws / "run" / "mine.jsonl", LONG_SAMPLE * 8)),
     Case("train", "overwrite of the run that holds the chat_template file",
          lambda ws: _train(ws, output_dir=str(ws / "run"), overwrite_output_dir=True,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import TrainerState
+from transformers import TrainerState, TrainingArguments
 
 from qpissa import cli
 from qpissa.trainlog import JsonlLogCallback
@@ -512,3 +512,21 @@ def test_step_line_writes_every_learning_rate_in_one_notation(tmp_path: Path, ca
             )
     rates = [re.search(r" lr (\S+) ", record.getMessage()).group(1) for record in caplog.records]
     assert rates == ["0.00e+00", "1.00e-04", "5.00e-05"]
+
+
+def test_a_ratio_of_logging_steps_prints_that_share_of_the_runs_steps(tmp_path: Path, caplog) -> None:
+    callback = JsonlLogCallback(
+        tmp_path / "log.jsonl", tmp_path / "eval.jsonl", torch.device("cpu"), None, every=0.25
+    )
+    state = TrainerState(max_steps=8, is_world_process_zero=True)
+    callback.on_train_begin(TrainingArguments(tmp_path, eval_on_start=False), state, None)
+    with caplog.at_level("INFO", logger="qpissa.trainlog"):
+        for step in range(1, 9):
+            state.global_step = step
+            callback.on_log(None, state, None, logs={"loss": 1.0, "learning_rate": 1e-4, "grad_norm": 1.0})
+    assert [re.search(r"step (\d+)/8", r.getMessage()).group(1) for r in caplog.records] == [
+        "2",
+        "4",
+        "6",
+        "8",
+    ]
