@@ -39,9 +39,26 @@ SET_BY_QPISSA = {
 }
 # deprecated TrainingArguments names -> their transformers 5 names, which qpissa passes
 RENAMED = {"gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+# DataLoader options only worker processes use: torch's DataLoader refuses them with no workers
+WORKER_OPTIONS = (
+    "dataloader_persistent_workers",
+    "dataloader_prefetch_factor",
+    "dataloader_multiprocessing_context",
+)
+# suggested keys whose name alone does not say how to use them (`qpissa convert --resume` is a flag)
+SUGGESTIONS = {"resume_from_checkpoint": "`resume_from_checkpoint=true` (resume after a kill)"}
 
 
-OPTIMIZERS_NEEDING_THE_MODEL = ("galore", "apollo", "lomo")  # built from the model's own modules
+class _ModelNeeded(Exception):
+    """Raised when transformers looks into `_ModelStandIn`: every check that needs no model passed."""
+
+
+class _ModelStandIn:
+    """The model, while transformers looks the optimizer up: GaLore and APOLLO read its modules only after
+    checking their package and options, which is all that can be checked before the model is loaded."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise _ModelNeeded(name)
 
 
 def training_arguments(
@@ -97,6 +114,8 @@ def training_arguments(
             config.save_steps if values.get("load_best_model_at_end") else config.logging_steps
         )
     _check_optimizer(values["optim"])
+    _check_dataloader(values)
+    _check_compile(values.get("torch_compile_backend"), values.get("torch_compile_mode"))
     if values.get("eval_strategy", "no") != "no" and config.data.eval_path is None:
         raise UserError("eval_strategy is set but data.eval_path is not; add held-out data or drop it")
     _check_best_metric(values.get("metric_for_best_model"))
@@ -145,24 +164,86 @@ def _check_optimizer(name: str) -> None:
     )
 
 
+def _check_dataloader(values: dict[str, Any]) -> None:
+    """torch's DataLoader refuses worker options without workers, but only as the Trainer starts training,
+    after the run directory is written."""
+    workers = values["dataloader_num_workers"]
+    if workers < 0:
+        raise UserError(f"dataloader_num_workers={workers}: use 0 (load in the main process) or more")
+    given = [key for key in WORKER_OPTIONS if values.get(key) not in (None, False)]
+    if workers == 0 and given:
+        raise UserError(
+            f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} worker processes, but "
+            "dataloader_num_workers is 0; set dataloader_num_workers=2 (or more), or leave "
+            f"{'it' if len(given) == 1 else 'them'} out"
+        )
+
+
+def _check_compile(backend: str | None, mode: str | None) -> None:
+    """accelerate reads the backend, and torch.compile inductor's mode, only once the Trainer is built:
+    after the model is loaded, with a traceback."""
+    from accelerate.utils import DynamoBackend
+
+    if backend is not None and backend.upper() not in DynamoBackend.__members__:
+        names = ", ".join(member.value.lower() for member in DynamoBackend if member != DynamoBackend.NO)
+        raise UserError(
+            f"torch_compile_backend={backend} is not a backend accelerate knows; use one of {names}"
+        )
+    if mode is not None and (backend or "inductor").lower() == "inductor":
+        from torch._inductor import list_mode_options
+
+        modes = ["default", *list_mode_options()]
+        if mode not in modes:
+            raise UserError(
+                f"torch_compile_mode={mode} is not a mode of torch.compile's inductor backend; use one of "
+                f"{', '.join(modes)}, or leave it out"
+            )
+
+
 def _build_optimizer_and_schedule(arguments: TrainingArguments) -> None:
     """Build the optimizer and the schedule the Trainer will build, on a stand-in parameter: their own
-    checks (betas, epsilon, `optim_args`, `lr_scheduler_kwargs`) then fail before anything is written,
-    not after the model is loaded. Optimizers that need the model itself (GaLore, APOLLO, LOMO) are left
-    to the Trainer."""
+    checks (package installed, betas, epsilon, `optim_args`, `lr_scheduler_kwargs`) then fail before
+    anything is written, not after the model is loaded. Optimizers built from the model's own modules
+    (GaLore, APOLLO, LOMO) are checked up to the model, then stand in as SGD."""
     import torch
-    from transformers import Trainer, get_scheduler
+    from transformers import get_scheduler
 
     parameters = [torch.nn.Parameter(torch.zeros(1))]
-    if any(name in arguments.optim.value for name in OPTIMIZERS_NEEDING_THE_MODEL):
+    found = _optimizer_class(arguments)
+    if found is None:
         optimizer = torch.optim.SGD(parameters, lr=arguments.learning_rate)
     else:
-        optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(arguments)
+        optimizer_class, optimizer_kwargs = found
         optimizer = optimizer_class(parameters, **optimizer_kwargs)
     get_scheduler(
         arguments.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=2,
         scheduler_specific_kwargs=arguments.lr_scheduler_kwargs,
     )  # fmt: skip
+
+
+def _optimizer_class(arguments: TrainingArguments) -> tuple[Any, dict[str, Any]] | None:
+    """The optimizer class and keyword arguments the Trainer will use, asked of transformers itself; None
+    for one built from the model (which `_ModelStandIn` stands for).
+
+    Raises:
+        UserError: the optimizer's package is not installed, or its options are wrong.
+    """
+    from transformers import Trainer
+
+    model = _ModelStandIn()
+    try:
+        optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(arguments, model)
+    except _ModelNeeded:
+        return None
+    except (ImportError, ValueError, TypeError, NotImplementedError) as error:
+        reason = " ".join(str(error).split())
+        raise UserError(
+            f"optim={arguments.optim.value} cannot be used: {reason}; fix that, or choose another optim "
+            "(auto: adamw_torch on a CPU, paged_adamw_8bit on a GPU)"
+        ) from None
+    if any(value is model for value in optimizer_kwargs.values()):  # LOMO takes the model itself
+        return None
+    return optimizer_class, optimizer_kwargs
 
 
 def _trainer_fields() -> set[str]:
@@ -181,11 +262,9 @@ def checked_options(options: dict[str, Any]) -> dict[str, Any]:
             problems.append(f"`{key}` is set by qpissa: {SET_BY_QPISSA[key]}")
         elif key not in known:
             own = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "trainer"]
-            close = difflib.get_close_matches(key, [*own, *known], n=1)
-            hint = f"did you mean `{close[0]}`?" if close else "check the spelling (README: Trainer options)"
             problems.append(
                 f"unknown setting `{key}`: neither a recipe key nor an option of this transformers "
-                f"version's TrainingArguments; {hint}"
+                f"version's TrainingArguments; {_spelling_hint(key, [*own, *sorted(known)])}"
             )
         else:
             try:
@@ -195,6 +274,16 @@ def checked_options(options: dict[str, Any]) -> dict[str, Any]:
     if problems:
         raise UserError("; ".join(problems))
     return values
+
+
+def _spelling_hint(key: str, names: list[str]) -> str:
+    """The names `key` may mean: close in spelling, else holding it as whole words (`resume`, `epochs`),
+    which difflib misses when the name is much longer than the key."""
+    close = difflib.get_close_matches(key, names, n=1)
+    close = close or list(dict.fromkeys(name for name in names if f"_{key}_" in f"_{name}_"))[:3]
+    if not close:
+        return "check the spelling (README: Trainer options)"
+    return f"did you mean {', '.join(SUGGESTIONS.get(name, f'`{name}`') for name in close)}?"
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
