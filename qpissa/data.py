@@ -97,7 +97,9 @@ def tokenize_split(
     `context` is the model's (None: not known), which caps how far `max_seq_len` can be raised.
     """
     check_tokenizer(tokenizer, data_format)
-    samples = [render(record, data_format, tokenizer, config.response_only) for record in dataset]
+    # scored on response tokens whatever `response_only` trains on: held-out losses of runs and of
+    # `qpissa eval` (which has no such setting) measure the same tokens
+    samples = [render(record, data_format, tokenizer) for record in dataset]
     tokenized = tokenize(samples, tokenizer, config.max_seq_len, length_setting, context)
     return [samples[index] for index in tokenized.kept], tokenized
 

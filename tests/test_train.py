@@ -530,3 +530,21 @@ def test_a_ratio_of_logging_steps_prints_that_share_of_the_runs_steps(tmp_path: 
         "6",
         "8",
     ]
+
+
+def test_a_run_trained_on_all_tokens_is_evaluated_as_qpissa_eval_evaluates_it(
+    qpissa_dir: Path, data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """With `data.response_only: false` the run's held-out loss counted prompt tokens too, `qpissa eval`
+    only responses: two losses of one adapter on one file. Both are on the responses."""
+    config = _config(
+        tmp_path, qpissa_dir, data_dir, max_steps=2, eval_steps=None, data={"response_only": False}
+    )
+    assert cli.main(["--quiet", "train", str(config)]) == 0
+    capsys.readouterr()
+    trained = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    eval_file = str(data_dir / "eval.jsonl")
+    assert cli.main(["--quiet", "eval", str(tmp_path / "run"), "--data", eval_file, "--metric", "loss"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["tokens"] == trained["tokens"]
+    assert evaluated["loss"] == pytest.approx(trained["loss"], rel=1e-4)
