@@ -40,6 +40,7 @@ bitsandbytes or datasets at module level.
     loading            loading a QPiSSA directory, run or export with plain transformers + PEFT
     hub*               Hub names told from local paths; a Hub model id resolved to its local snapshot
     chat_template*     a run's own chat template: from a file or inline, saved with the run and adapter
+    chat_tools*        tool use in chat data: schemas, calls, ShareGPT's form; checks that templates show them
     data_formats*      record formats, their detection, rendering records into (text, trained) segments
     data_sources*      training and held-out records from files, folders, save_to_disk dirs, the Hub; mixtures
     data_files*        local data files checked before datasets reads them; JSON records as written

@@ -48,8 +48,10 @@ def saved_chat_template(*directories: Path | None) -> str | None:
     return None
 
 
-def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """`messages` rendered as text by the tokenizer's chat template.
+def render_chat(
+    tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None
+) -> str:
+    """`messages` rendered as text by the tokenizer's chat template (with the function schemas `tools`).
 
     Raises:
         UserError: the template fails on them (a syntax error, an undefined variable, its own
@@ -59,7 +61,7 @@ def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: boo
 
     try:
         return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
         )
     except jinja2.TemplateError as error:
         reason = " ".join(f"{type(error).__name__}: {error}".split())

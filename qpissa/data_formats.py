@@ -12,6 +12,14 @@ from typing import Any
 
 from qpissa import UserError
 from qpissa.chat_template import render_chat
+from qpissa.chat_tools import (
+    TOOL_KEYS,
+    check_calls_rendered,
+    check_tool_calls,
+    check_tools_rendered,
+    record_tools,
+    sharegpt_call,
+)
 from qpissa.settings import DataFormat
 
 # fields each format needs; detection tries them in this order and takes the first that fits
@@ -40,6 +48,8 @@ SHAREGPT_ROLES = {
     "chatgpt": "assistant",
     "bard": "assistant",
     "bing": "assistant",
+    "function_call": "assistant",  # LLaMA-Factory's tool call: its value is the call as JSON
+    "observation": "tool",  # LLaMA-Factory's tool result
 }
 # the roles today's chat templates know; any other is rendered as given and never trained on, so it is
 # named in a warning (not refused: a template may define roles of its own)
@@ -81,8 +91,12 @@ def detect_format(
             )
     known = "; ".join(f"{f.value}: {', '.join(names)}" for f, names in REQUIRED_FIELDS.items())
     fields = ", ".join(sorted(record)) or "none"
-    fix = f"set {format_setting}" if format_setting else "write the records in one of these formats"
-    raise UserError(f"{where}: fields {fields} fit no record format ({known}); {fix}")
+    # no setting maps other field names, so choosing a format alone cannot help
+    choosing = f"; {format_setting} chooses a format but does not rename fields" if format_setting else ""
+    raise UserError(
+        f"{where}: fields {fields} fit no record format; write the records in one of these formats, with its "
+        f"field names ({known}){choosing}"
+    )
 
 
 @dataclass(frozen=True)
@@ -113,6 +127,7 @@ def check_record(record: dict[str, Any], data_format: DataFormat, where: str) ->
             )
     if data_format in CHAT_FORMATS:
         messages = to_messages(record, data_format, where)
+        record_tools(record, where)
         if messages[-1]["role"] != "assistant":
             raise UserError(
                 f"{where}: the last turn must be the assistant's (it is what the model learns), not "
@@ -123,28 +138,30 @@ def check_record(record: dict[str, Any], data_format: DataFormat, where: str) ->
                 f"{where}: the conversation opens with the assistant's turn; add the user's turn (or a "
                 "system prompt) it answers before it"
             )
-        empty = any(turn["role"] == "assistant" and not turn["content"].strip() for turn in messages)
+        answers = [turn for turn in messages if turn["role"] == "assistant" and not turn.get("tool_calls")]
+        empty = any(not turn["content"].strip() for turn in answers)
         return CheckedRecord(frozenset(message["role"] for message in messages), empty)
     for name in REQUIRED_FIELDS[data_format]:
         if not isinstance(record[name], str):
             raise UserError(f"{where}: field `{name}` must be text, got {type(record[name]).__name__}")
+    if data_format is DataFormat.ALPACA:
+        _alpaca_messages(record, where)
     field = RESPONSE_FIELDS.get(data_format)
     return CheckedRecord(frozenset(), field is not None and not record[field].strip())
 
 
-def to_messages(record: dict[str, Any], data_format: DataFormat, where: str) -> list[dict[str, str]]:
-    """A chat record's turns as [{role, content}, ...] (ShareGPT's from/value mapped to roles).
+def to_messages(record: dict[str, Any], data_format: DataFormat, where: str) -> list[dict[str, Any]]:
+    """A chat record's turns as [{role, content, and any TOOL_KEYS}, ...] (ShareGPT's from/value mapped).
 
     Raises:
-        UserError: a turn that is not a {role, content} (or {from, value}) pair of strings, an unknown
-            ShareGPT speaker, or a prompt-completion record whose completion has no assistant turn.
+        UserError: a turn that is not a {role, content} (or {from, value}) pair of strings (content may be
+            null beside tool calls), malformed tool calls, an unknown ShareGPT speaker, or a
+            prompt-completion record whose completion has no assistant turn.
     """
     if data_format is DataFormat.SHAREGPT:
         turns = _list(record["conversations"], "conversations", where)
         messages = [_sharegpt_turn(turn, index, where) for index, turn in enumerate(turns)]
-        system = record.get("system")  # LLaMA-Factory's system column
-        if system is not None and not isinstance(system, str):
-            raise UserError(f"{where}: field `system` must be text, got {type(system).__name__}")
+        system = _optional_text(record, "system", where)  # LLaMA-Factory's system column
         if system:
             messages.insert(0, {"content": system, "role": "system"})
         return messages
@@ -165,9 +182,10 @@ def render(
 ) -> Sample:
     """Turn one record into text segments, marking which ones the loss is computed on.
 
-    Chat formats use the tokenizer's chat template and train on every assistant turn (chat
-    prompt-completion: on the completion's turns only, as TRL does); `alpaca` uses the chat template
-    when the tokenizer has one; the EOS token ends every response so generation stops.
+    Chat formats use the tokenizer's chat template (with the record's `tools`) and train on every assistant
+    turn, tool calls included (chat prompt-completion: on the completion's turns only, as TRL does);
+    `alpaca` uses the chat template when the tokenizer has one; the EOS token ends every response so
+    generation stops.
     """
     eos = tokenizer.eos_token or ""
     if data_format is DataFormat.TEXT:
@@ -176,15 +194,13 @@ def render(
         prompt, response = record["prompt"], record["completion"]
         return Sample([(prompt, not response_only), (response + eos, True)], prompt, response)
     if data_format is DataFormat.ALPACA:
-        messages = _alpaca_messages(record)
-        if not tokenizer.chat_template:
-            prompt = f"### Instruction:\n{messages[0]['content']}\n\n### Response:\n"
-            output = record["output"]
-            return Sample([(prompt, not response_only), (output + eos, True)], prompt, output)
-        return _render_chat(messages, tokenizer, response_only, 0)
+        messages = _alpaca_messages(record, "record")
+        if tokenizer.chat_template:
+            return _render_chat(messages, None, tokenizer, response_only, 0)
+        return _render_alpaca(messages, eos, response_only)
     messages = to_messages(record, data_format, "record")
     first_trained = len(record["prompt"]) if data_format is DataFormat.CHAT_PROMPT_COMPLETION else 0
-    return _render_chat(messages, tokenizer, response_only, first_trained)
+    return _render_chat(messages, record_tools(record, "record"), tokenizer, response_only, first_trained)
 
 
 def check_tokenizer(tokenizer: Any, data_format: DataFormat) -> None:
@@ -208,17 +224,31 @@ def _list(value: Any, name: str, where: str) -> list[Any]:
     return value
 
 
-def _chat_turn(message: Any, name: str, where: str) -> dict[str, str]:
-    if (
-        not isinstance(message, dict)
-        or not isinstance(message.get("role"), str)
-        or not isinstance(message.get("content"), str)
-    ):
-        raise UserError(f"{where}: {name} needs string fields `role` and `content`")
-    return {"content": message["content"], "role": message["role"]}
+def _optional_text(record: dict[str, Any], name: str, where: str) -> str:
+    value = record.get(name)
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"{where}: field `{name}` must be text, got {type(value).__name__}")
+    return value or ""
 
 
-def _sharegpt_turn(turn: Any, index: int, where: str) -> dict[str, str]:
+def _chat_turn(message: Any, name: str, where: str) -> dict[str, Any]:
+    """A turn with the tool keys it has; a null one is left out, as `datasets` fills a key that other turns
+    have with null and templates test whether it is defined."""
+    fields = message if isinstance(message, dict) else {}
+    turn = {key: fields[key] for key in TOOL_KEYS if fields.get(key) is not None}
+    content = fields.get("content")
+    if content is None and "tool_calls" in turn:
+        content = ""  # OpenAI's null content beside tool calls; templates add content to text
+    if not isinstance(fields.get("role"), str) or not isinstance(content, str):
+        raise UserError(
+            f"{where}: {name} needs string fields `role` and `content` (null content only with `tool_calls`)"
+        )
+    if "tool_calls" in turn:
+        check_tool_calls(turn["tool_calls"], name, where)
+    return {**turn, "content": content, "role": fields["role"]}
+
+
+def _sharegpt_turn(turn: Any, index: int, where: str) -> dict[str, Any]:
     if (
         not isinstance(turn, dict)
         or not isinstance(turn.get("from"), str)
@@ -229,18 +259,51 @@ def _sharegpt_turn(turn: Any, index: int, where: str) -> dict[str, str]:
     if role is None:
         known = ", ".join(SHAREGPT_ROLES)
         raise UserError(f"{where}: conversations[{index}] is from {turn['from']!r}; known speakers: {known}")
+    if turn["from"].lower() == "function_call":
+        return sharegpt_call(turn["value"], f"conversations[{index}]", where)
     return {"content": turn["value"], "role": role}
 
 
-def _alpaca_messages(record: dict[str, Any]) -> list[dict[str, str]]:
+def _alpaca_messages(record: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """LLaMA-Factory's alpaca: `system` a system turn, `history` [instruction, response] pairs the turns
+    before; history responses are trained like the last one, as LLaMA-Factory does (mask_history=False)."""
+    system = _optional_text(record, "system", where)
+    history = record.get("history") or []
+    if not isinstance(history, list) or not all(_is_pair(pair) for pair in history):
+        raise UserError(f"{where}: `history` must be a list of [instruction, response] pairs of text")
     instruction = record["instruction"]
     if record.get("input"):
         instruction = f"{instruction}\n\n{record['input']}"
-    return [{"content": instruction, "role": "user"}, {"content": record["output"], "role": "assistant"}]
+    messages = [{"content": system, "role": "system"}] if system else []
+    for question, answer in [*history, (instruction, record["output"])]:
+        messages += [{"content": question, "role": "user"}, {"content": answer, "role": "assistant"}]
+    return messages
+
+
+def _is_pair(pair: Any) -> bool:
+    return isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(text, str) for text in pair)
+
+
+def _render_alpaca(messages: list[dict[str, str]], eos: str, response_only: bool) -> Sample:
+    """Alpaca's own prompt, for a tokenizer without a chat template; a system prompt stands first, where
+    Alpaca's preamble does. It has no form for earlier turns, so `history` is refused."""
+    system = messages[0]["content"] + "\n\n" if messages[0]["role"] == "system" else ""
+    if len(messages) > 2 + bool(system):
+        raise UserError(
+            "an alpaca record has `history` (earlier turns), which only a chat template renders; give the "
+            "model one (the recipe's `chat_template`), or leave `history` out"
+        )
+    prompt = f"{system}### Instruction:\n{messages[-2]['content']}\n\n### Response:\n"
+    output = messages[-1]["content"]
+    return Sample([(prompt, not response_only), (output + eos, True)], prompt, output)
 
 
 def _render_chat(
-    messages: list[dict[str, str]], tokenizer: Any, response_only: bool, first_trained: int
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    tokenizer: Any,
+    response_only: bool,
+    first_trained: int,
 ) -> Sample:
     """Render with the chat template one turn at a time; each assistant turn from `first_trained` on is a
     trained segment (earlier ones are context)."""
@@ -250,8 +313,8 @@ def _render_chat(
     for index, message in enumerate(messages):
         if message["role"] != "assistant" or index < first_trained:
             continue
-        before = render_chat(tokenizer, messages[:index], add_generation_prompt=True)
-        after = render_chat(tokenizer, messages[: index + 1])
+        before = render_chat(tokenizer, messages[:index], add_generation_prompt=True, tools=tools)
+        after = render_chat(tokenizer, messages[: index + 1], tools=tools)
         if not before.startswith(done) or not after.startswith(before):
             raise UserError(
                 "the tokenizer's chat template does not render conversations incrementally; "
@@ -259,14 +322,23 @@ def _render_chat(
             )
         segments.append((before[len(done) :], not response_only))
         response = after[len(before) :]
-        if message["content"].strip() and not response.replace(tokenizer.eos_token or "", "").strip():
-            raise UserError(
-                f"the chat template renders the assistant's turn without its text (it rendered {response!r} "
-                f"for {message['content'][:40]!r}), so training would learn only the end of turn; fix the "
-                "template, or write the records as prompt_completion"
-            )
+        _check_rendered_turn(message, response, tokenizer.eos_token or "")
+        check_calls_rendered(message, response)
         if tokenizer.eos_token and tokenizer.eos_token not in response:
             response += tokenizer.eos_token
         segments.append((response, True))
         done, prompt = after, before
+    if tools:
+        check_tools_rendered(tools, done, render_chat(tokenizer, messages))
     return Sample(segments, prompt, messages[-1]["content"])
+
+
+def _check_rendered_turn(message: dict[str, Any], response: str, eos: str) -> None:
+    """The template rendered the assistant turn's text: trained without it, the model would learn only to
+    end its turn."""
+    if message["content"].strip() and not response.replace(eos, "").strip():
+        raise UserError(
+            f"the chat template renders the assistant's turn without its text (it rendered {response!r} "
+            f"for {message['content'][:40]!r}), so training would learn only the end of turn; fix the "
+            "template, or write the records as prompt_completion"
+        )

@@ -277,3 +277,153 @@ def test_cut_training_samples_are_not_advised_past_the_models_context(
         assert message.endswith("without the end of turn" + (advice + " them whole" if advice else "")), (
             message
         )
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+WEATHER_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+# ChatML that shows the tools and renders tool calls and tool call ids, as tool-use templates do
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.tool_call_id %}[{{ m.tool_call_id }}] {% endif %}{{ m.content }}"
+    "{% for call in m.tool_calls or [] %}<tool_call>{{ call.function | tojson }}</tool_call>"
+    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tool_tokenizer(tokenizer):
+    from copy import deepcopy
+
+    tools = deepcopy(tokenizer)
+    tools.chat_template = TOOL_TEMPLATE
+    return tools
+
+
+def _trained_text(sample: Sample, tokenizer) -> tuple[str, str]:
+    """The sample as the model reads it, and the part of it the loss is computed on."""
+    row = tokenize([sample], tokenizer, max_seq_len=512).rows[0]
+    trained = [
+        token for token, label in zip(row["input_ids"], row["labels"], strict=True) if label != IGNORE_INDEX
+    ]
+    return tokenizer.decode(row["input_ids"]), tokenizer.decode(trained)
+
+
+def test_tool_calls_are_trained_and_the_tools_shown(
+    tool_tokenizer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OpenAI's form: a null content beside the tool calls, the result in a `tool` turn, `tools` beside."""
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [WEATHER_CALL]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
+        {"role": "assistant", "content": "It is sunny."},
+    ]
+    path = _write_jsonl(tmp_path / "tools.jsonl", [{"messages": messages, "tools": TOOLS}])
+    with caplog.at_level("WARNING", logger="qpissa.data_sources"):
+        (record,) = read_records(path, DataFormat.MESSAGES)
+    assert not caplog.records  # the tool-calling turn is no empty answer
+    text, trained = _trained_text(render(record, DataFormat.MESSAGES, tool_tokenizer), tool_tokenizer)
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    assert trained == f"{call}<|im_end|>\nIt is sunny.<|im_end|>\n"
+    assert 'Tools: [{"type": "function", "function": {"name": "get_weather"' in text
+    assert "<|im_start|>tool\n[call_1] sunny<|im_end|>" in text  # context, not trained
+
+    del messages[1]["tool_calls"]  # a null content alone says what it may stand beside
+    path = _write_jsonl(tmp_path / "null.jsonl", [{"messages": messages}])
+    with pytest.raises(
+        UserError, match=r"record 0: messages\[1\] needs .* \(null content only with `tool_calls`\)"
+    ):
+        read_records(path, DataFormat.MESSAGES)
+
+
+def test_a_chat_template_that_drops_tool_calls_or_tools_is_refused(tokenizer) -> None:
+    """The tests' ChatML renders role and content only: tool calls would train an empty turn, and tools
+    would never be shown."""
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [WEATHER_CALL]},
+        {"role": "tool", "content": "sunny"},
+        {"role": "assistant", "content": "It is sunny."},
+    ]
+    with pytest.raises(
+        UserError, match=r"renders no tool calls \(a record's call to 'get_weather'.*`chat_template`"
+    ):
+        render({"messages": messages}, DataFormat.MESSAGES, tokenizer)
+    answer = {"messages": [messages[0], {"role": "assistant", "content": "Ask a forecast."}], "tools": TOOLS}
+    with pytest.raises(UserError, match=r"ignores a record's `tools` \('get_weather'.*`chat_template`"):
+        render(answer, DataFormat.MESSAGES, tokenizer)
+
+
+def test_llama_factory_sharegpt_tool_turns(tool_tokenizer, tmp_path: Path) -> None:
+    """function_call holds the call as JSON, observation the result, `tools` JSON text of the schemas."""
+    turns = [
+        {"from": "human", "value": "weather?"},
+        {"from": "function_call", "value": json.dumps(WEATHER_CALL["function"])},
+        {"from": "observation", "value": "sunny"},
+        {"from": "gpt", "value": "It is sunny."},
+    ]
+    record = {"conversations": turns, "tools": json.dumps(TOOLS)}
+    (read,) = read_records(_write_jsonl(tmp_path / "sharegpt.jsonl", [record]), DataFormat.SHAREGPT)
+    text, trained = _trained_text(render(read, DataFormat.SHAREGPT, tool_tokenizer), tool_tokenizer)
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    assert trained == f"{call}<|im_end|>\nIt is sunny.<|im_end|>\n"
+    assert '"name": "get_weather"' in text.split("<|im_start|>user")[0]  # the tools, shown first
+    assert "<|im_start|>tool\nsunny<|im_end|>" in text
+    turns[1]["value"] = "get_weather(Paris)"
+    path = _write_jsonl(tmp_path / "bad.jsonl", [record])
+    with pytest.raises(
+        UserError, match=r"record 0: conversations\[1\] is a function_call, whose value is the call as JSON"
+    ):
+        read_records(path, DataFormat.SHAREGPT)
+
+
+ALPACA_WITH_HISTORY = {
+    "instruction": "Add", "input": "2 and 2", "output": "4", "system": "You are a calculator.",
+    "history": [["hi", "hello"]],
+}  # fmt: skip
+
+
+def test_alpaca_system_and_history_are_turns(tokenizer) -> None:
+    """LLaMA-Factory's alpaca columns: history responses are trained too, as LLaMA-Factory does."""
+    sample = render(ALPACA_WITH_HISTORY, DataFormat.ALPACA, tokenizer)
+    text, trained = _trained_text(sample, tokenizer)
+    expected = [
+        {"role": "system", "content": "You are a calculator."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "Add\n\n2 and 2"},
+        {"role": "assistant", "content": "4"},
+    ]
+    assert text == "<s>" + tokenizer.apply_chat_template(expected, tokenize=False)
+    assert trained == "hello<|im_end|>\n4<|im_end|>\n"
+
+
+def test_alpaca_system_and_history_without_a_chat_template(tokenizer, tmp_path: Path) -> None:
+    from copy import deepcopy
+
+    plain = deepcopy(tokenizer)
+    plain.chat_template = None
+    record = {key: value for key, value in ALPACA_WITH_HISTORY.items() if key != "history"}
+    sample = render(record, DataFormat.ALPACA, plain)
+    assert sample.prompt == "You are a calculator.\n\n### Instruction:\nAdd\n\n2 and 2\n\n### Response:\n"
+    with pytest.raises(
+        UserError, match=r"has `history` \(earlier turns\), which only a chat template renders"
+    ):
+        render(ALPACA_WITH_HISTORY, DataFormat.ALPACA, plain)
+    path = _write_jsonl(tmp_path / "bad.jsonl", [{**ALPACA_WITH_HISTORY, "history": [["hi"]]}])
+    with pytest.raises(
+        UserError, match=r"record 0: `history` must be a list of \[instruction, response\] pairs"
+    ):
+        read_records(path, DataFormat.ALPACA)
+
+
+def test_fields_of_no_format_are_refused_with_the_renaming_fix(tmp_path: Path) -> None:
+    """No setting maps field names: choosing a format for {question, answer} only moves the error."""
+    path = _write_jsonl(tmp_path / "qa.jsonl", [{"question": "2+2?", "answer": "4"}])
+    with pytest.raises(UserError) as refused:
+        load_source(DataSource(path))
+    message = str(refused.value)
+    assert "\n" not in message and "fields answer, question fit no record format" in message
+    assert "prompt_completion: prompt, completion; alpaca: instruction, output" in message
+    assert message.endswith("data.format chooses a format but does not rename fields")

@@ -217,7 +217,7 @@ def test_cli_eval_errors(qpissa_dir: Path, tmp_path: Path, capsys) -> None:
     unknown.write_text(json.dumps({"question": "2+2?", "answer": "4"}) + "\n")
     assert cli.main(["--quiet", "eval", str(qpissa_dir), "--data", str(unknown)]) == 2
     assert "fit no record format" in (error := capsys.readouterr().err) and error.strip().endswith(
-        "set --format"
+        "--format chooses a format but does not rename fields"
     )
 
 
