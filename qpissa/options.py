@@ -242,7 +242,7 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
             return number
     if kind in (Path, str) and _is_text_scalar(value):
         # YAML reads `output_dir: 2024` as a number and `2024-01-01` as a date: what was typed is meant
-        text = value if isinstance(value, (str, Path)) else _as_typed(value)
+        text = value if isinstance(value, (str, Path)) else typed_text(value)
         if kind is str:
             return text
         if isinstance(text, str) and not text.strip():  # Path("") would quietly mean "."
@@ -265,7 +265,7 @@ def _is_text_scalar(value: Any) -> bool:
     return isinstance(value, (str, Path, int, float, datetime.date)) and not isinstance(value, bool)
 
 
-def _as_typed(value: int | float | datetime.date) -> str:
+def typed_text(value: int | float | datetime.date) -> str:
     """A YAML number or date as the text it was typed as (`2024-01-01`, not `datetime.date(2024, 1, 1)`)."""
     return value.isoformat() if isinstance(value, datetime.date) else str(value)
 

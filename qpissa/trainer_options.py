@@ -10,6 +10,7 @@ values (choices, combinations) before anything is written.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import types
 import typing
@@ -24,7 +25,7 @@ from transformers.training_args import OptimizerNames
 from transformers.utils import is_liger_kernel_available
 
 from qpissa import UserError
-from qpissa.options import got, is_number
+from qpissa.options import got, is_number, typed_text
 from qpissa.recipe import TrainConfig
 from qpissa.runtime import Runtime
 
@@ -305,6 +306,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return float(value)  # YAML 1.1 reads `2e-5` (no dot) as text
     elif isinstance(value, str) and textual:
         return value  # TrainingArguments turns choices into its enums and rejects unknown ones
+    elif isinstance(value, (int, float, datetime.date)) and str in allowed:
+        return typed_text(value)  # YAML reads `run_name: 2024` as a number: the text typed is meant
     elif isinstance(value, (list, dict)) and type(value) in allowed:
         return value
     elif any(isinstance(kind, type) and isinstance(value, kind) for kind in allowed):

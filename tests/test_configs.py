@@ -100,3 +100,14 @@ def test_step_settings_take_a_count_or_the_trainers_ratio_of_the_run(tmp_path: P
         load_config(demo, ["save_steps=1.5"])
     with pytest.raises(UserError, match=r"`logging_steps` must be a count .*, got 0"):
         load_config(demo, ["logging_steps=0"])
+
+
+def test_a_trainer_option_of_text_takes_a_number_as_typed(tmp_path: Path) -> None:
+    """`run_name: 2024` reads as a number in YAML; it was refused as `must be str`."""
+    from qpissa.runtime import resolve_runtime
+    from qpissa.trainer_options import training_arguments
+
+    demo = next(path for path in CONFIGS if path.name == "demo.yaml")
+    config = load_config(demo, ["run_name=2024", "hub_model_id=2024-01-01"])
+    arguments = training_arguments(config, resolve_runtime(), tmp_path, show_progress=False)
+    assert (arguments.run_name, arguments.hub_model_id) == ("2024", "2024-01-01")
