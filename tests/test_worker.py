@@ -53,9 +53,22 @@ def _sleeping_worker() -> tuple[subprocess.Popen, int]:
     """A parent process and its worker, once the worker is running."""
     parent = subprocess.Popen([sys.executable, "-c", SLEEPING_PARENT], stderr=subprocess.PIPE)
     workers: list[int] = []
-    assert _wait_for(lambda: bool(workers.extend(_children(parent.pid)) or workers), 60), "no worker started"
+    assert _wait_for(lambda: bool(workers.extend(_spawned(parent.pid)) or workers), 60), "no worker started"
     time.sleep(3.0)  # the worker imports and reaches its sleep
     return parent, workers[0]
+
+
+def _spawned(pid: int) -> list[int]:
+    """The worker processes `pid` started: not multiprocessing's resource tracker, also its child."""
+    found = []
+    for child in _children(pid):
+        try:
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:  # ended while we looked
+            continue
+        if b"spawn_main" in command:
+            found.append(child)
+    return found
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux's /proc")
