@@ -111,3 +111,21 @@ def test_a_trainer_option_of_text_takes_a_number_as_typed(tmp_path: Path) -> Non
     config = load_config(demo, ["run_name=2024", "hub_model_id=2024-01-01"])
     arguments = training_arguments(config, resolve_runtime(), tmp_path, show_progress=False)
     assert (arguments.run_name, arguments.hub_model_id) == ("2024", "2024-01-01")
+
+
+def test_a_minimal_recipe_gets_the_defaults_readme_lists(tmp_path: Path) -> None:
+    """README's "Defaults that differ from the Trainer's" table, as the Trainer receives them on a CPU."""
+    from qpissa.runtime import resolve_runtime
+    from qpissa.trainer_options import training_arguments
+
+    recipe = tmp_path / "minimal.yaml"
+    recipe.write_text("model: converted\noutput_dir: run\ndata:\n  path: train.jsonl\n")
+    config = load_config(recipe, [])
+    runtime = resolve_runtime(config.device, config.bf16, config.optim)
+    arguments = training_arguments(config, runtime, tmp_path / "run", show_progress=False)
+    assert arguments.learning_rate == 2e-5 and arguments.lr_scheduler_type.value == "cosine"
+    assert arguments.get_warmup_steps(1000) == 30 and arguments.per_device_train_batch_size == 4
+    assert arguments.gradient_checkpointing and not arguments.bf16 and arguments.optim.value == "adamw_torch"
+    assert (config.logging_steps, arguments.save_steps, arguments.save_total_limit) == (10, 100, 2)
+    assert arguments.report_to in ([], "none", ["none"])
+    assert (arguments.seed, arguments.data_seed) == (42, 42)

@@ -249,7 +249,6 @@ def test_a_resume_with_what_does_not_change_the_training_is_accepted(
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"model": "TINY"}, "not a QPiSSA directory"),
         ({"data": {"path": "nope.jsonl", "format": "prompt_completion"}}, "does not exist"),
         (
             {"data": {"path": "BAD", "format": "prompt_completion"}},
@@ -270,13 +269,12 @@ def test_bad_input_is_one_line_and_writes_nothing(
     message: str,
     qpissa_dir: Path,
     data_dir: Path,
-    tiny_chat_model: Path,
     tmp_path: Path,
     capsys,
 ) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
-    names = {"TINY": str(tiny_chat_model), "BAD": str(bad), "TRAIN": str(data_dir / "train.jsonl")}
+    names = {"BAD": str(bad), "TRAIN": str(data_dir / "train.jsonl")}
     for key, value in change.items():
         if isinstance(value, str):
             change[key] = names.get(value, value)
@@ -305,15 +303,6 @@ def test_chat_format_without_template_is_refused(
     assert cli.main(["--quiet", "train", str(_config(tmp_path, plain, data_dir, data=data))]) == 2
     assert "no chat template" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
-
-
-def test_existing_output_dir_is_refused(
-    run: Path, qpissa_dir: Path, data_dir: Path, tmp_path: Path, capsys
-) -> None:
-    config = _config(tmp_path, qpissa_dir, data_dir, output_dir=str(run))
-    assert cli.main(["--quiet", "train", str(config)]) == 2
-    assert "exists" in capsys.readouterr().err
-    assert (run / "adapter").is_dir()
 
 
 def test_a_run_cut_short_by_a_full_disk_can_be_overwritten(
