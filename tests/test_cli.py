@@ -141,3 +141,19 @@ def test_bitsandbytes_kernel_notes_are_hidden() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "kernels-community" not in done.stderr, done.stderr
+
+
+def test_the_error_table_says_what_its_numbers_are() -> None:
+    """The columns are absolute Frobenius norms and the reduction a mean of per-matrix ratios, so a row's
+    reduction is not its columns' ratio: without a legend a stranger read a contradiction."""
+    from qpissa.console import summary_table
+
+    layers = [
+        {"module_type": "q_proj", "err_fro_base": 1.0, "err_fro": 1.0},  # an all-zero matrix: nothing gained
+        {"module_type": "q_proj", "err_fro_base": 0.1, "err_fro": 0.05},
+    ]
+    summary = {"avg": None, "avg_fro": 25.0, "by_type_fro": {"q_proj": 25.0}}
+    table = summary_table({"layers": layers, "settings": {"method": "qpissa"}, "summary": summary})
+    assert "q_proj           0.5500       0.5250" in table  # columns 0.55 and 0.525: their ratio is −4.5 %
+    assert "err: the weight error ‖W − Ŵ‖ (Frobenius), mean of each type's matrices" in table
+    assert "1 − err/QLoRA err, averaged (not the ratio of the two columns)" in table
