@@ -18,11 +18,18 @@ from qpissa.task_eval import evaluate_loss, exact_match
 
 
 @pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_chat_model: Path):
+def model_and_tokenizer(char_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random Llama whose greedy answer depends on the prompt: untied embeddings (the tied tiny
+    model answers every prompt alike, so answers paired with the wrong sample would go unseen)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float32)
-    return model, AutoTokenizer.from_pretrained(tiny_chat_model)
+    from qpissa.models import make_tiny_model
+
+    path = make_tiny_model(tmp_path_factory.mktemp("untied") / "model", tie=False)
+    for file in char_tokenizer.iterdir():
+        shutil.copy(file, path / file.name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(path)
 
 
 def test_final_answer() -> None:
@@ -49,20 +56,31 @@ def test_loss_matches_transformers_and_is_token_weighted(model_and_tokenizer) ->
         assert result["tokens"] == sum(count for _, count in reference)
 
 
-def test_exact_match_scores_greedy_answers(model_and_tokenizer) -> None:
+def test_exact_match_scores_each_sample_by_its_own_greedy_answer(model_and_tokenizer) -> None:
+    """Each prompt's answer generated alone is the one its sample is scored by, in batches of prompts of
+    different lengths (left-padded): answered right, every sample matches; given another prompt's answer,
+    none does."""
     model, tokenizer = model_and_tokenizer
-    prompts = ["1+1=", "long prompt 22+20="]  # different lengths exercise left padding
-    generated = []
+    prompts = ["1+1=", "long prompt 22+20=", "3%10=", "7-2=", "hello"]
+    answers = []
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=2)
-        generated.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
-    right = [Sample([], prompt, f"work #### {text}") for prompt, text in zip(prompts, generated, strict=True)]
-    wrong = [Sample([], prompt, "#### nothing like it") for prompt in prompts]
+        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    finals = [final_answer(text) for text in answers]
+    assert all(finals) and len(set(finals)) == len(prompts), answers  # the pairing decides the score
+    right = [Sample([], prompt, f"work #### {text}") for prompt, text in zip(prompts, answers, strict=True)]
+    others = answers[1:] + answers[:1]  # each prompt given the next one's answer
+    wrong = [Sample([], prompt, f"#### {text}") for prompt, text in zip(prompts, others, strict=True)]
     cpu = torch.device("cpu")
-    assert exact_match(model, tokenizer, right, 2, cpu, max_new_tokens=6)["accuracy"] == 1.0
-    assert exact_match(model, tokenizer, right + wrong, 3, cpu, max_new_tokens=6) == {
-        "accuracy": 0.5, "correct": 2, "total": 4
+    for batch_size in (1, 2, 3, 5):
+        assert exact_match(model, tokenizer, right, batch_size, cpu, max_new_tokens=6) == {
+            "accuracy": 1.0, "correct": 5, "total": 5
+        }, batch_size  # fmt: skip
+        assert exact_match(model, tokenizer, wrong, batch_size, cpu, max_new_tokens=6)["correct"] == 0
+    mixed = [right[0], wrong[1], right[2], wrong[3], right[4]]
+    assert exact_match(model, tokenizer, mixed, 2, cpu, max_new_tokens=6) == {
+        "accuracy": 0.6, "correct": 3, "total": 5
     }  # fmt: skip
 
 
