@@ -57,6 +57,31 @@ def _reconstruct(out: Path, module: str) -> torch.Tensor:
     return deq + config["lora_alpha"] / config["r"] * (B @ A)
 
 
+def _plain_logits(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of a conversion loaded as README says, with transformers, bitsandbytes and PEFT alone (no
+    qpissa), plus README's two lines for float32 compute on a CPU."""
+    import bitsandbytes as bnb
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    for module in base.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    for parameter in base.parameters():
+        if parameter.is_floating_point() and not isinstance(parameter, bnb.nn.Params4bit):
+            parameter.data = parameter.data.float()
+    with torch.no_grad():
+        return PeftModel.from_pretrained(base, directory / "adapter")(tokens).logits
+
+
+def _original_logits(model: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)(tokens).logits
+
+
 @pytest.fixture(scope="module")
 def converted(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("conv") / "qpissa"
@@ -168,22 +193,61 @@ def test_initialized_model_is_closer_to_the_original_than_qlora(
     tiny_model: Path, converted: Path, tmp_path: Path
 ) -> None:
     """Logits error of the initialized model; the KL version runs on the real model (test_demo_model)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     qlora = tmp_path / "qlora"
     _convert(tiny_model, qlora, "--method", "qlora")
     tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        reference = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)(tokens).logits
-
-        def logits_error(directory: Path) -> float:
-            base = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-            logits = PeftModel.from_pretrained(base, directory / "adapter")(tokens).logits
-            return (logits - reference).norm().item()
-
-        error_qpissa, error_qlora = logits_error(converted), logits_error(qlora)
+    reference = _original_logits(tiny_model, tokens)
+    error_qpissa, error_qlora = ((_plain_logits(d, tokens) - reference).norm() for d in (converted, qlora))
     assert 0 < error_qpissa < error_qlora
+
+
+def test_a_subset_of_targets_loads_with_the_other_layers_in_full_precision(
+    tiny_model: Path, converted: Path, tmp_path: Path
+) -> None:
+    """Linear layers outside --targets are stored unchanged and must be listed in llm_int8_skip_modules:
+    else transformers takes them for pre-quantized codes at load, and the forward fails."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    subset = tmp_path / "subset"
+    report = _convert(tiny_model, subset, "--targets", "q_proj,v_proj", "--iters", "2")
+    decomposed = sorted(layer["name"].rsplit(".", 1)[1] for layer in report["layers"])
+    assert decomposed == ["q_proj", "q_proj", "v_proj", "v_proj"]
+    original = _tensors(tiny_model)
+    loaded = AutoModelForCausalLM.from_pretrained(subset, dtype=torch.float32)
+    linears = {n: m for n, m in loaded.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    assert len(linears) == 14
+    for name, module in linears.items():
+        targeted = name.endswith(("q_proj", "v_proj"))
+        assert isinstance(module, bnb.nn.Linear4bit) == targeted, name
+        if not targeted:  # full precision: the checkpoint's weight itself
+            assert torch.equal(module.weight.data.float(), original[f"{name}.weight"].float()), name
+    tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    reference = _original_logits(tiny_model, tokens)
+    error_subset = (_plain_logits(subset, tokens) - reference).norm() / reference.norm()
+    error_all = (_plain_logits(converted, tokens) - reference).norm() / reference.norm()
+    assert 0 < error_subset < error_all < 0.08, (error_subset, error_all)  # measured 0.041 < 0.062
+
+
+@pytest.mark.parametrize(
+    ("flags", "written"), [((), "float32"), (("--compute-dtype", "bfloat16"), "bfloat16")]
+)
+def test_compute_dtype_written_for_transformers(
+    tiny_model: Path, tmp_path: Path, flags: tuple[str, ...], written: str
+) -> None:
+    """A CPU conversion's default is float32 (a bf16 matmul on a CPU is ~100x slower); --compute-dtype
+    sets it; transformers' Linear4bit layers compute in what config.json says."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    _convert(tiny_model, out, "--device", "cpu", "--iters", "1", *flags)
+    quantization = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quantization["bnb_4bit_compute_dtype"] == written
+    layers = [
+        m for m in AutoModelForCausalLM.from_pretrained(out).modules() if isinstance(m, bnb.nn.Linear4bit)
+    ]
+    assert len(layers) == 14 and {layer.compute_dtype for layer in layers} == {getattr(torch, written)}
 
 
 @pytest.mark.parametrize("method", ["qpissa", "loftq"])
@@ -348,11 +412,24 @@ def _file_bytes(directory: Path) -> dict[str, bytes]:
     return files
 
 
-def test_copied_output_is_still_loadable(converted: Path, tmp_path: Path) -> None:
-    """The artifacts are self-contained: a moved QPiSSA dir loads with transformers alone."""
-    from transformers import AutoModelForCausalLM
+def test_a_moved_output_loads_alone_with_its_adapter_and_computes_the_same(
+    tiny_chat_model: Path, tmp_path: Path
+) -> None:
+    """The artifacts are self-contained: moved elsewhere (as `mv` does; links stay links), the copy's
+    tokenizer, shards and adapter load with transformers + PEFT and give the original output's logits,
+    those of a model close to the full-precision one."""
+    from transformers import AutoTokenizer
 
-    moved = tmp_path / "moved"
-    shutil.copytree(converted, moved)
-    model = AutoModelForCausalLM.from_pretrained(moved)
-    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 256)
+    original = tmp_path / "qpissa"
+    _convert(tiny_chat_model, original, "--iters", "1", "--shard-size-mb", "0.05")
+    assert (original / "model.safetensors.index.json").is_file()
+    text = "The moved copy computes the same."
+    tokens = AutoTokenizer.from_pretrained(original)(text, return_tensors="pt").input_ids
+    before = _plain_logits(original, tokens)
+    reference = _original_logits(tiny_chat_model, tokens)
+    assert (before - reference).norm() / reference.norm() < 0.075  # measured 0.060; QLoRA's init: 0.088
+    (tmp_path / "elsewhere").mkdir()
+    moved = Path(shutil.move(original, tmp_path / "elsewhere" / "moved"))
+    assert not original.exists()
+    assert torch.equal(AutoTokenizer.from_pretrained(moved)(text, return_tensors="pt").input_ids, tokens)
+    assert torch.equal(_plain_logits(moved, tokens), before)

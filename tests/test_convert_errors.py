@@ -44,30 +44,22 @@ def test_only_pytorch_bin_weights(model_copy: Path, tmp_path: Path, capsys: pyte
     assert "pytorch_model.bin" in error and "safetensors" in error
 
 
-def test_truncated_shard_names_the_file(
-    model_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    shard = model_copy / "model.safetensors"
-    shard.write_bytes(shard.read_bytes()[:-1000])
-    error = _fails(capsys, tmp_path / "out", str(model_copy))
-    assert "model.safetensors" in error and "truncated" in error
-
-
 def test_garbage_shard(model_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (model_copy / "model.safetensors").write_bytes(b"\xff" * 64)
     assert "model.safetensors" in _fails(capsys, tmp_path / "out", str(model_copy))
 
 
-def test_non_finite_weight_names_the_tensor(model_copy: Path, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_weight_names_the_tensor(model_copy: Path, tmp_path: Path, capsys, value: float) -> None:
     from safetensors.torch import load_file, save_file
 
     shard = model_copy / "model.safetensors"
     tensors = load_file(shard)
     name = next(key for key in sorted(tensors) if key.endswith("mlp.down_proj.weight"))
-    tensors[name][0, 0] = float("nan")
+    tensors[name][0, 0] = value
     save_file(tensors, shard, metadata={"format": "pt"})
     error = _fails(capsys, tmp_path / "out", str(model_copy), "--rank", "4")
-    assert name in error and "NaN" in error
+    assert f"{name} contains NaN or infinite values" in error, error
 
 
 def test_already_quantized_checkpoint(
