@@ -227,7 +227,7 @@ def _optimizer_class(arguments: TrainingArguments) -> tuple[Any, dict[str, Any]]
     for one built from the model (which `_ModelStandIn` stands for).
 
     Raises:
-        UserError: the optimizer's package is not installed, or its options are wrong.
+        UserError: the optimizer's package is not installed (wrong options raise as the Trainer raises).
     """
     from transformers import Trainer
 
@@ -236,7 +236,7 @@ def _optimizer_class(arguments: TrainingArguments) -> tuple[Any, dict[str, Any]]
         optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(arguments, model)
     except _ModelNeeded:
         return None
-    except (ImportError, ValueError, TypeError, NotImplementedError) as error:
+    except ImportError as error:  # the optimizer's package; its options' errors are `training_arguments`'s
         reason = " ".join(str(error).split())
         raise UserError(
             f"optim={arguments.optim.value} cannot be used: {reason}; fix that, or choose another optim "

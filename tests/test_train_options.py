@@ -189,7 +189,7 @@ def test_bad_trainer_options_are_one_line_errors(
         (["optim=galore_adamw", "optim_target_modules=all-linear"], None),
         (
             ["optim=galore_adamw"],
-            "optim=galore_adamw cannot be used: You need to define `optim_target_modules`",
+            "a Trainer option is invalid: You need to define `optim_target_modules`",
         ),
         (["optim=lomo"], None),
     ],
