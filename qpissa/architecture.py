@@ -120,7 +120,8 @@ def read_architecture(reader: CheckpointReader) -> Architecture:
     """Build the checkpoint's model on the meta device and map its stored matrices onto it.
 
     Raises:
-        UserError: a config transformers cannot build, or an architecture transformers does not ship.
+        UserError: a config transformers cannot build, an architecture transformers does not ship, or a
+            checkpoint that disagrees with its config (a shape, a parameter no tensor fills).
     """
     import transformers
 
@@ -138,6 +139,7 @@ def read_architecture(reader: CheckpointReader) -> Architecture:
     renamed: dict[str, str] = {}
     output_name = None
     loaded: set[str] = set()
+    filled: set[str] = set()  # model names of the parameters a stored tensor fills, merged ones too
     quantized = reader.stores_quantized()  # packed 4-bit codes have shapes of their own
     for tensor in reader.names():
         key, merged = rename(tensor)
@@ -146,6 +148,7 @@ def read_architecture(reader: CheckpointReader) -> Architecture:
         if key not in held and not merged:  # an extra tensor, or an unsaved buffer (BERT's position_ids)
             kept.setdefault(KEPT_UNUSED, []).append(tensor)  # of any shape: old `rotary_emb.inv_freq`s
             continue
+        filled.add(key)
         if not merged:
             if not quantized:
                 _check_shape(reader, tensor, tuple(held[key].shape), name)
@@ -167,6 +170,8 @@ def read_architecture(reader: CheckpointReader) -> Architecture:
         shape = tuple(module.weight.shape[::-1] if transposed else module.weight.shape)
         linears[checkpoint_module] = LinearLayer(module=module_path, shape=shape, transposed=transposed)
     _check_complete(reader, modules, output, loaded, name)
+    if not quantized:  # refused as such by `convert`; and a QPiSSA directory holds what it was given
+        _check_filled(reader, model, filled, name)
     _, task_type = _AUTO_CLASSES[auto_class]
     quantizable = tuple(path for path, module in modules.items() if _is_linear(module))
     return Architecture(
@@ -203,6 +208,28 @@ def _check_complete(
             f"{reader.model_dir} lacks {missing[0]}{more}, which config.json's {model} builds; the "
             "checkpoint and its config.json disagree (num_hidden_layers? a missing shard?): restore the "
             "original files"
+        )
+
+
+def _check_filled(reader: CheckpointReader, model: torch.nn.Module, filled: set[str], name: str) -> None:
+    """Every parameter the config builds is filled by a stored tensor, or tied to one that is (a tied
+    `lm_head`), or one transformers expects to miss (`_keys_to_ignore_on_load_missing`): a missing one
+    (an untied `lm_head`, the embeddings, a norm) would be initialized at random at load, with no more
+    than a warning. Buffers are not asked for: the model computes them when it is built."""
+    tied: dict[int, list[str]] = {}  # parameters that share one tensor
+    for key, parameter in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(parameter), []).append(key)
+    ignored = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
+    missing = [
+        key for keys in tied.values() if not filled.intersection(keys)
+        for key in keys if not any(re.search(pattern, key) for pattern in ignored)
+    ]  # fmt: skip
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else "")
+        raise UserError(
+            f"{reader.model_dir} lacks {shown}, which config.json's {name} builds and transformers would "
+            "fill with random values; the checkpoint and its config.json disagree (tie_word_embeddings? a "
+            "missing shard, or an index pointing a tensor at the wrong one?): restore the original files"
         )
 
 

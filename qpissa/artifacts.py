@@ -11,6 +11,7 @@ import gzip
 import json
 import logging
 import lzma
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,9 +77,16 @@ class ModelSource:
 
 
 def partial_dir(out_dir: Path) -> Path:
-    """Where `out_dir` is built until it is complete (beside it; `.` and `..` are resolved first)."""
-    if out_dir.name in ("", ".", ".."):
-        out_dir = out_dir.resolve()
+    """Where `out_dir` is built until it is complete: beside it, or beside the directory it links to
+    (`outputs.resolve_output`); `.` and `..` are resolved first.
+
+    Raises:
+        UserError: `out_dir` is the file-system root, which has no place beside it.
+    """
+    if out_dir.name in ("", ".", "..") or out_dir.is_symlink():
+        out_dir = Path(os.path.realpath(out_dir))  # never raises, even on a link that loops
+    if not out_dir.name:
+        raise UserError(f"{out_dir} is the file-system root; choose a directory to write")
     return out_dir.with_name(out_dir.name + ".partial")
 
 

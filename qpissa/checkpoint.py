@@ -36,6 +36,7 @@ _DTYPE_CODES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }  # fmt: skip
+FLOAT_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items() if dtype.is_floating_point}
 
 
 class CheckpointReader:
@@ -96,6 +97,12 @@ class CheckpointReader:
         with open(shard, "rb") as f:
             f.seek(self.data_start[shard] + start)
             yield from _chunks(f, end - start)
+
+    def file_stats(self) -> dict[str, list[int]]:
+        """`{file name: [size, mtime_ns]}` of config.json, the index and the shards: a rewrite shows."""
+        index = self.model_dir / INDEX_NAME
+        files = [self.model_dir / CONFIG_NAME, *([index] if index.is_file() else []), *self.shards]
+        return {path.name: [path.stat().st_size, path.stat().st_mtime_ns] for path in files}
 
 
 class SafetensorsWriter:

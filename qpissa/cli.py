@@ -41,7 +41,7 @@ from qpissa.console import convert_summary, counted, export_summary
 from qpissa.convert_settings import CompareSettings, ConvertSettings
 from qpissa.distributed import is_main_process, one_process_refusal
 from qpissa.memory import out_of_memory_line
-from qpissa.options import add_arguments, from_namespace
+from qpissa.options import add_arguments, from_namespace, path_argument
 from qpissa.recipe import DataConfig, TrainConfig
 from qpissa.settings import (
     DEMO_MODELS,
@@ -372,6 +372,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_compare_and_report(commands)
     for command in commands.choices.values():  # --quiet is accepted after the command name too
         command.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
+        command.register("type", Path, path_argument)  # every `type=Path` argument: "" is refused, not "."
     return parser
 
 

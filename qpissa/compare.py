@@ -54,7 +54,7 @@ from qpissa.data_sources import load_heldout, load_source
 from qpissa.loading import check_causal_lm, check_context, load_model, load_tokenizer
 from qpissa.options import to_dict
 from qpissa.original_kl import check_heldout, heldout_ids, measure_fidelity
-from qpissa.outputs import check_apart, lock_output
+from qpissa.outputs import check_apart, lock_output, resolve_output
 from qpissa.recipe import load_config
 from qpissa.report import build_report
 from qpissa.runtime import resolve_runtime
@@ -96,6 +96,7 @@ def compare(
     Raises:
         UserError: bad inputs, or `out_dir` holds something else or a comparison with other settings.
     """
+    out_dir = resolve_output(out_dir, "OUT")  # a link is written through
     CheckpointReader(model_dir)  # fails early, with a clear message, on a missing or broken model
     check_causal_lm(model_dir)  # its fidelity is measured on next-token distributions
     check_context(model_dir, fidelity_settings.window, "--window")

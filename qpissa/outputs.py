@@ -1,8 +1,9 @@
 """Where commands write: outputs kept apart from inputs, one writer per output, finished or absent.
 
-Every command that creates or replaces a directory checks it here first, before anything is written
-(`check_apart`, `check_replaceable`), holds its lock while it writes (`lock_output`), and builds it in
-`OUT.partial/`, which appears under its name only when complete (`start_partial`, `finish_partial`).
+Every command that creates or replaces a directory resolves it here first (`resolve_output`: a symbolic
+link is written through), checks it before anything is written (`check_apart`, `check_replaceable`),
+holds its lock while it writes (`lock_output`), and builds it in `OUT.partial/`, which appears under its
+name only when complete (`start_partial`, `finish_partial`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,45 @@ from qpissa import UserError
 from qpissa.artifacts import LOCK_SUFFIX, PARTIAL_MARKER, partial_dir
 
 log = logging.getLogger(__name__)
+
+
+def resolve_output(output: Path, output_flag: str) -> Path:
+    """Where `output` is written: itself, or the path it points at when it is a symbolic link.
+
+    A link (the usual way to put an output on another disk) is written through, resolved once here:
+    OUT.partial/ and OUT.lock go beside the directory it points at, on that disk, so the finished build
+    is renamed into place there, and the link goes on pointing at it. A dangling link is written through
+    too, where its directory exists.
+
+    Args:
+        output: the directory the command will create, fill or replace, as the user gave it.
+        output_flag: how the user names it (`OUT`, `--out`), for messages.
+
+    Returns:
+        `output`, or the path its link resolves to.
+
+    Raises:
+        UserError: `output` is the file-system root, a link that loops, or a link into a directory that
+            does not exist (an unmounted disk, say), all before anything is written.
+    """
+    if output.is_symlink():
+        try:
+            target = output.resolve()
+        except (RuntimeError, OSError):  # a loop: RuntimeError up to Python 3.12, OSError after
+            raise UserError(
+                f"{output_flag} {output} is a symbolic link that loops; point it at a directory, or "
+                f"choose another {output_flag}"
+            ) from None
+        if not target.parent.is_dir():
+            raise UserError(
+                f"{output_flag} {output} is a symbolic link to {target}, but {target.parent} does not exist "
+                f"(a disk not mounted?); create it, or choose another {output_flag}"
+            )
+        log.info("%s %s is a symbolic link: writing %s", output_flag, output, target)
+        output = target
+    if not output.expanduser().resolve().name:
+        raise UserError(f"{output_flag} {output} is the file-system root; choose a directory to write")
+    return output
 
 
 def check_apart(output: Path, output_flag: str, inputs: dict[str, Path | None]) -> None:
@@ -96,10 +136,12 @@ def check_holds_only(output: Path, output_flag: str, patterns: tuple[str, ...], 
         raise UserError(f"{output_flag} {output} is a file; choose a directory path")
     if not output.is_dir():
         return
+    # a kill right after `finish_partial`'s rename leaves the marker in OUT
+    own = (*patterns, PARTIAL_MARKER)
     other = sorted(
         path.name
         for path in output.iterdir()
-        if not (path.is_file() and any(fnmatch.fnmatchcase(path.name, pattern) for pattern in patterns))
+        if not (path.is_file() and any(fnmatch.fnmatchcase(path.name, pattern) for pattern in own))
     )
     if other:
         listed = ", ".join(other[:3]) + (" …" if len(other) > 3 else "")
@@ -179,10 +221,14 @@ def start_partial(output: Path, output_flag: str) -> Path:
 
 
 def finish_partial(partial: Path, output: Path) -> None:
-    """Make the finished build appear as `output`, replacing an earlier one the caller checked."""
-    (partial / PARTIAL_MARKER).unlink()
+    """Make the finished build appear as `output`, replacing an earlier one the caller checked.
+
+    The marker goes only once the build is in place: if the rename fails, `OUT.partial/` is still
+    recognised as qpissa's and the next run replaces it.
+    """
     readable_as_umask_allows(partial)
     replace_dir(partial, output)
+    (output / PARTIAL_MARKER).unlink()
 
 
 def readable_as_umask_allows(directory: Path) -> None:
@@ -202,7 +248,8 @@ def replace_dir(source: Path, target: Path) -> None:
     """Rename `source` to `target`; a non-empty `target` is swapped out first and removed after.
 
     `target` is never half of each. On Linux the two are exchanged in one atomic step, so `target` always
-    exists; elsewhere the old one is moved aside first, which leaves a moment with no `target`.
+    exists; elsewhere the old one is moved aside first, which leaves a moment with no `target`, and is
+    put back if the rename fails.
     """
     if not (target.is_dir() and any(target.iterdir())):
         source.rename(target)  # an empty directory is replaced by rename(2) itself
@@ -211,7 +258,12 @@ def replace_dir(source: Path, target: Path) -> None:
     else:
         aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.replaced-", dir=target.parent))
         target.rename(aside / target.name)
-        source.rename(target)
+        try:
+            source.rename(target)
+        except BaseException:  # the old one goes back: `target` is never lost
+            (aside / target.name).rename(target)
+            aside.rmdir()
+            raise
         shutil.rmtree(aside)
 
 

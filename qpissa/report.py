@@ -24,7 +24,14 @@ from qpissa.artifacts import (
     SUMMARY_NAME,
 )
 from qpissa.checkpoint import SHARD_GLOB, write_json
-from qpissa.outputs import check_apart, check_holds_only, finish_partial, lock_output, start_partial
+from qpissa.outputs import (
+    check_apart,
+    check_holds_only,
+    finish_partial,
+    lock_output,
+    resolve_output,
+    start_partial,
+)
 from qpissa.report_inputs import MethodData, collect, export_label
 from qpissa.report_render import draw_plots, verdict, write_documents
 from qpissa.safetensors_file import read_header
@@ -51,6 +58,7 @@ def create_report(inputs: list[Path], out_dir: Path, options: ReportOptions) -> 
             `out_dir` that is, contains or lies inside an input, or holds anything but a report; another
             process writing `out_dir`.
     """
+    out_dir = resolve_output(out_dir, "--out")  # a link is written through
     labels = ["" if len(inputs) == 1 else f"#{index}" for index in range(1, len(inputs) + 1)]
     check_apart(out_dir, "--out", dict(zip(labels, inputs, strict=True)))
     summary = summarize(collect(inputs), options)

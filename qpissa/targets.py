@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from qpissa import UserError
 from qpissa.architecture import Architecture, read_architecture
-from qpissa.checkpoint import CheckpointReader
+from qpissa.checkpoint import QUANTIZED_KEY_MARKERS, CheckpointReader
 from qpissa.convert_settings import ALL_LINEAR, BLOCKSIZES
 from qpissa.nf4 import cpu_decodes_by_rows
 
@@ -125,9 +125,11 @@ def check_cpu_decoding(plan: TargetPlan, blocksize: int, device_type: str) -> No
         return
     fitting = [size for size in BLOCKSIZES if all(shape[1] % size == 0 for shape in shapes.values())]
     fix = f"--blocksize {fitting[-1]}" if fitting else "another --blocksize"
+    layers = [name for name, shape in shapes.items() if shape[1] in wrong]
+    shown = ", ".join(layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
     problem = (
         f"bitsandbytes' CPU kernel decodes NF4 weights {', '.join(map(str, wrong))} wide (not a multiple of "
-        f"--blocksize {blocksize}) with the wrong block scales"
+        f"--blocksize {blocksize}) with the wrong block scales ({shown})"
     )
     if device_type == "cpu":
         raise UserError(f"{problem}; convert with {fix}, or leave those layers out with --targets")
@@ -203,7 +205,10 @@ def _too_small(
         f"use --rank {smallest - 1} at most (the smallest side of the targets is {smallest}, "
         f"{module_type(narrowest)}'s {candidates[narrowest]}; a quarter of it is usual)"
     )
-    if fine and len(fine) < len({module_type(t) for t in targets}):
+    if smallest < 2:  # a side of 1: no rank fits, whatever --rank says
+        fix = f"no rank fits {module_type(narrowest)}'s {candidates[narrowest]}: leave those layers out"
+        fix += f" with --targets {','.join(fine)}" if fine else " of --targets"
+    elif fine and len(fine) < len({module_type(t) for t in targets}):
         fix += f", or leave them out with --targets {','.join(fine)}"
     shown = ", ".join(too_small[:3]) + (" …" if len(too_small) > 3 else "")
     if len(too_small) > 1:
@@ -239,8 +244,16 @@ def _matches(name: str, wanted: str) -> bool:
 def _check_full_precision(targets: list[str], reader: CheckpointReader) -> None:
     int_weights = [t for t in targets if not reader.dtype_code(f"{t}.weight").startswith(("F", "BF"))]
     if reader.stores_quantized() or int_weights:
-        method = (reader.config.get("quantization_config") or {}).get("quant_method", "quantized")
+        method = (reader.config.get("quantization_config") or {}).get("quant_method")
+        state = next((n for n in reader.names() if any(m in n for m in QUANTIZED_KEY_MARKERS)), None)
+        stored = f"{int_weights[0]}.weight" if int_weights else None
+        how = (
+            method
+            or (state and f"{state} is quantization state")
+            or (stored and f"{stored} is stored as {reader.dtype_code(stored)}")
+            or "config.json has a quantization_config"
+        )
         raise UserError(
-            f"{reader.model_dir} is already quantized ({method}); QPiSSA must decompose the full-precision "
+            f"{reader.model_dir} is already quantized ({how}); QPiSSA must decompose the full-precision "
             "weights: convert the original 16/32-bit checkpoint instead (the model it was quantized from)"
         )

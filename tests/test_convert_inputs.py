@@ -1,0 +1,209 @@
+"""What `qpissa convert` checks of its input beyond the target matrices: every parameter the model builds is
+stored, every copied tensor is finite, a resumed conversion reads the checkpoint it started on, and the
+messages for layers no setting can convert. Each refusal is one line, exit status 2, nothing written."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qpissa.cli import main
+from qpissa.convert import convert
+from qpissa.convert_settings import ConvertSettings, Method
+from qpissa.models import make_tiny_model
+
+
+def _fails(capsys: pytest.CaptureFixture, out: Path, model: Path, *extra: str) -> str:
+    status = main(["--quiet", "convert", str(model), str(out), "--rank", "4", "--iters", "1", *extra])
+    error = capsys.readouterr().err.strip()
+    assert status == 2, error
+    assert error.startswith("qpissa: error: ") and "\n" not in error, error
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists(), "no partial output"
+    return error
+
+
+def _edit(model: Path, change) -> None:
+    """Rewrite model.safetensors with `change(tensors)` applied."""
+    tensors = load_file(model / "model.safetensors")
+    change(tensors)
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+
+
+def _file_bytes(directory: Path, *, weights_only: bool = False) -> dict[str, bytes]:
+    """Every file's bytes; with `weights_only`, the tensor files' alone (a report's timings differ)."""
+    paths = directory.rglob("*.safetensors" if weights_only else "*")
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(paths) if p.is_file()}
+
+
+@pytest.fixture
+def model_copy(tiny_model: Path, tmp_path: Path) -> Path:
+    """The tiny tied Llama, copied (modification times kept) so that a test may change it."""
+    return Path(shutil.copytree(tiny_model, tmp_path / "model"))
+
+
+@pytest.fixture(scope="module")
+def untied_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with its own `lm_head` (tie_word_embeddings false)."""
+    return make_tiny_model(tmp_path_factory.mktemp("untied") / "model", tie=False)
+
+
+@pytest.mark.parametrize(
+    ("tied", "missing"),
+    [
+        (False, "lm_head.weight"),
+        (True, "model.embed_tokens.weight"),
+        (True, "model.layers.1.input_layernorm.weight"),
+        (True, "model.norm.weight"),
+    ],
+)
+def test_a_parameter_no_tensor_fills_is_refused(
+    tiny_model: Path, untied_model: Path, tmp_path: Path, capsys, tied: bool, missing: str
+) -> None:
+    """transformers would fill it with random values at load, with no more than a warning."""
+    model = Path(shutil.copytree(tiny_model if tied else untied_model, tmp_path / "model"))
+    _edit(model, lambda tensors: tensors.pop(missing))
+    error = _fails(capsys, tmp_path / "out", model)
+    assert f"lacks {missing}" in error and "config.json's LlamaForCausalLM builds" in error, error
+
+
+def test_a_tied_output_layer_need_not_be_stored(tiny_model: Path, tmp_path: Path) -> None:
+    assert "lm_head.weight" not in load_file(tiny_model / "model.safetensors")  # not vacuous
+    assert main(["--quiet", "convert", str(tiny_model), str(tmp_path / "out"), "--rank", "4"]) == 0
+
+
+def test_a_shard_the_index_no_longer_names_is_refused(untied_model: Path, tmp_path: Path, capsys) -> None:
+    """An index pointing `lm_head.weight` at another shard leaves the shard holding it unread."""
+    model = Path(shutil.copytree(untied_model, tmp_path / "model"))
+    tensors = load_file(model / "model.safetensors")
+    (model / "model.safetensors").unlink()
+    head = {"lm_head.weight": tensors.pop("lm_head.weight")}
+    save_file(tensors, model / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+    save_file(head, model / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
+    weight_map = dict.fromkeys([*tensors, *head], "model-00001-of-00002.safetensors")  # lm_head: wrong
+    (model / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    assert "lacks lm_head.weight" in _fails(capsys, tmp_path / "out", model)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "extra"),
+    [
+        ("model.embed_tokens.weight", float("inf"), ()),
+        ("model.layers.1.mlp.up_proj.weight", float("nan"), ("--targets", "q_proj,v_proj")),
+        ("model.norm.weight", float("-inf"), ("--shard-size-mb", "0.01")),  # found after shards are written
+    ],
+)
+def test_a_copied_tensor_with_non_finite_values_is_refused(
+    model_copy: Path, tmp_path: Path, capsys, name: str, value: float, extra: tuple[str, ...]
+) -> None:
+    _edit(model_copy, lambda tensors: tensors[name].view(-1)[-1].fill_(value))
+    error = _fails(capsys, tmp_path / "out", model_copy, *extra)
+    assert f"{name} contains NaN or infinite values" in error, error
+
+
+def _interrupt(model: Path, out: Path, settings: ConvertSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stop a conversion with a KeyboardInterrupt at its 9th matrix, after some shards are recorded."""
+    convert_module = importlib.import_module("qpissa.convert")  # `qpissa.convert` is the API function
+    real, calls = convert_module._read_and_decompose, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(convert_module, "_read_and_decompose", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            convert(model, out, settings, show_progress=False)
+    progress = json.loads((out.with_name(out.name + ".partial") / "progress.json").read_text())
+    assert progress["shards"], "the interruption must come after a recorded shard"
+
+
+@pytest.mark.parametrize("change", ["weights scaled", "touched"])
+def test_resume_from_a_checkpoint_that_changed_is_refused(
+    model_copy: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    settings = ConvertSettings(method=Method.QPISSA, rank=4, iters=1, shard_size_mb=0.03)
+    args = ["--quiet", "convert", str(model_copy), str(tmp_path / "out"), "--rank", "4", "--iters", "1"]
+    args += ["--shard-size-mb", "0.03", "--resume"]
+    reference = tmp_path / "reference"
+    convert(model_copy, reference, settings, show_progress=False)
+    out = tmp_path / "out"
+    _interrupt(model_copy, out, settings, monkeypatch)
+    assert main(args) == 0  # unchanged: it resumes, to the same bytes
+    assert _file_bytes(out, weights_only=True) == _file_bytes(reference, weights_only=True)
+    shutil.rmtree(out)
+
+    _interrupt(model_copy, out, settings, monkeypatch)
+    partial = _file_bytes(out.with_name("out.partial"))
+    shard = model_copy / "model.safetensors"
+    if change == "weights scaled":  # same names, shapes and file size: other values
+        size = shard.stat().st_size
+        _edit(model_copy, lambda tensors: tensors.update({k: t * 0.5 for k, t in tensors.items()}))
+        assert shard.stat().st_size == size
+    else:
+        stat = shard.stat()
+        os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("qpissa: error: ") and "\n" not in error, error
+    assert f"{model_copy} changed since the conversion in {out}.partial started (model.safetensors" in error
+    assert "use --overwrite to start over" in error, error
+    assert not out.exists() and _file_bytes(out.with_name("out.partial")) == partial, "nothing written"
+
+
+def test_resume_of_a_finished_conversion_of_a_changed_checkpoint_is_refused(
+    model_copy: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "out"
+    args = ["--quiet", "convert", str(model_copy), str(out), "--rank", "4", "--iters", "1"]
+    assert main(args) == 0
+    before = _file_bytes(out)
+    assert main([*args, "--resume"]) == 0  # unchanged: nothing to do
+    config = model_copy / "config.json"
+    config.write_text(config.read_text() + "\n")
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert f"changed since {out} was converted (config.json: another size" in error, error
+    assert "use --overwrite to convert it again" in error and _file_bytes(out) == before
+
+
+def test_layers_no_rank_fits_are_named_for_targets(tmp_path: Path, capsys) -> None:
+    """Qwen2-MoE's shared_expert_gate is 1 x hidden: `--rank 0 at most` would be no advice at all."""
+    import transformers
+
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+        shared_expert_intermediate_size=128, num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.Qwen2MoeForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "model")
+    error = _fails(capsys, tmp_path / "out", tmp_path / "model")
+    assert "shared_expert_gate (1, 64)" in error and "--rank 0" not in error, error
+    assert "no rank fits shared_expert_gate's (1, 64): leave those layers out with --targets " in error
+    assert "q_proj" in error.rsplit("--targets ", 1)[1]
+
+
+def test_the_cpu_decoding_refusal_names_the_layers(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    error = _fails(capsys, tmp_path / "out", tiny_model, "--blocksize", "128")
+    assert "decodes NF4 weights 64 wide" in error, error
+    assert "(model.layers.0.mlp.gate_proj, model.layers.0.mlp.up_proj, " in error, error
+    assert "and 9 more)" in error, error  # 12 targets of the 14 are 64 wide
+
+
+def test_int8_weights_are_named_as_such(model_copy: Path, tmp_path: Path, capsys) -> None:
+    name = "model.layers.0.self_attn.q_proj.weight"
+    _edit(model_copy, lambda tensors: tensors.update({name: tensors[name].to(torch.int8)}))
+    error = _fails(capsys, tmp_path / "out", model_copy)
+    assert f"is already quantized ({name} is stored as I8)" in error, error
