@@ -252,7 +252,7 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         # YAML reads `output_dir: 2024` as a number and `2024-01-01` as a date: what was typed is meant
         text = value if isinstance(value, (str, Path)) else typed_text(value)
         if kind is str:
-            return text
+            return str(text)
         if isinstance(text, str) and not text.strip():  # Path("") would quietly mean "."
             raise UserError(f"{label} is empty; give a path")
         return Path(text).expanduser()  # as the Trainer expands output_dir: one `~` means one place
