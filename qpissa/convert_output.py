@@ -79,7 +79,7 @@ def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite:
         _check_same_checkpoint(
             progress["fingerprint"], fingerprint, f"the conversion in {partial} started", "start over"
         )
-        if progress["fingerprint"] != fingerprint:
+        if progress["fingerprint"] != _as_recorded(fingerprint, progress["fingerprint"]):
             differences = _differences(progress["fingerprint"], fingerprint)
             raise UserError(
                 f"{partial} was started with other settings ({differences}); rerun with the same options, "
@@ -89,7 +89,7 @@ def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite:
     if resume and (out_dir / REPORT_NAME).is_file():
         recorded = read_report(out_dir)["fingerprint"]
         _check_same_checkpoint(recorded, fingerprint, f"{out_dir} was converted", "convert it again")
-        if recorded == fingerprint:
+        if recorded == _as_recorded(fingerprint, recorded):
             return None
         differences = _differences(recorded, fingerprint)
         raise UserError(
@@ -128,16 +128,23 @@ def _check_same_checkpoint(recorded: dict, current: dict, since: str, redo: str)
     Raises:
         UserError: naming the files whose size or modification time changed; the fix is --overwrite.
     """
-    if recorded.get("model") != current["model"]:
-        return  # another MODEL: `_differences` says so
-    before, now = recorded.get("checkpoint") or {}, current["checkpoint"]
+    if recorded.get("model") != current["model"] or "checkpoint" not in recorded:
+        return  # another MODEL (`_differences` says so), or recorded before qpissa kept the files' stats
+    before, now = recorded["checkpoint"], current["checkpoint"]
     changed = sorted(name for name in before.keys() | now.keys() if before.get(name) != now.get(name))
     if changed:
-        how = "another size or modification time" if before else "not recorded then"
         raise UserError(
-            f"{current['model']} changed since {since} ({', '.join(changed)}: {how}); resuming would mix "
-            f"the weights of both versions: use --overwrite to {redo}"
+            f"{current['model']} changed since {since} ({', '.join(changed)}: another size or modification "
+            f"time); resuming would mix the weights of both versions: use --overwrite to {redo}"
         )
+
+
+def _as_recorded(fingerprint: dict, recorded: dict) -> dict:
+    """`fingerprint` as a conversion recorded before the checkpoint files' stats were kept would hold it:
+    such a conversion resumes (or, finished, is reused) as it did then, by its settings alone."""
+    if "checkpoint" in recorded:
+        return fingerprint
+    return {key: value for key, value in fingerprint.items() if key != "checkpoint"}
 
 
 def _differences(recorded: dict, current: dict) -> str:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from qpissa.artifacts import REPORT_NAME
 from qpissa.cli import main
 from qpissa.convert import convert
 from qpissa.convert_settings import ConvertSettings, Method
@@ -207,3 +208,19 @@ def test_int8_weights_are_named_as_such(model_copy: Path, tmp_path: Path, capsys
     _edit(model_copy, lambda tensors: tensors.update({name: tensors[name].to(torch.int8)}))
     error = _fails(capsys, tmp_path / "out", model_copy)
     assert f"is already quantized ({name} is stored as I8)" in error, error
+
+
+def test_a_conversion_recorded_before_the_files_stats_resumes_as_it_did(
+    model_copy: Path, tmp_path: Path
+) -> None:
+    """`make demo` reruns convert with --resume over its earlier outputs: one written by an older qpissa,
+    without the checkpoint files' stats, is reused by its settings, not refused as a changed checkpoint."""
+    out = tmp_path / "out"
+    args = ["--quiet", "convert", str(model_copy), str(out), "--rank", "4", "--iters", "1"]
+    assert main(args) == 0
+    report = json.loads((out / REPORT_NAME).read_text())
+    del report["fingerprint"]["checkpoint"]
+    (out / REPORT_NAME).write_text(json.dumps(report))
+    before = _file_bytes(out)
+    assert main([*args, "--resume"]) == 0
+    assert _file_bytes(out) == before  # nothing converted again
