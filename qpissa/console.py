@@ -44,10 +44,8 @@ def summary_table(report: dict) -> str:
     lines.append("-" * len(header))
     last = f"{'AVG':<{width}} {'':>10} {'':>12}"
     lines.append(last + "".join(f" {summary[key]:>{max(18, len(title))}.2f}" for title, _, key in columns))
-    lines.append(
-        "err: the weight error ‖W − Ŵ‖ (Frobenius), mean of each type's matrices; reduction %: each matrix's "
-        "1 − err/QLoRA err, averaged (not the ratio of the two columns)"
-    )
+    lines.append("err: the weight error ‖W − Ŵ‖ (Frobenius), mean of each type's matrices")
+    lines.append("reduction %: each matrix's 1 − err/QLoRA err, averaged (not the ratio of the two columns)")
     if summary.get("avg_out") is not None:
         lines.append(
             "weight errors: ‖W − Ŵ‖ against plain NF4's; output errors: ‖(W − Ŵ)X‖ on the calibration "
