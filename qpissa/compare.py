@@ -49,6 +49,7 @@ from qpissa.calibration import OVERLAP_NGRAM, calibration_of, overlap_tokens
 from qpissa.chat_template import resolve_chat_template
 from qpissa.checkpoint import CheckpointReader, auto_config, write_json
 from qpissa.convert import check_conversion, convert
+from qpissa.convert_output import ChangedCheckpoint
 from qpissa.convert_settings import CompareSettings, ConvertSettings, Method
 from qpissa.data_sources import load_heldout, load_source
 from qpissa.loading import check_causal_lm, check_context, load_model, load_tokenizer
@@ -207,13 +208,16 @@ def _convert_step(
 
 
 def _check_finished(model_dir: Path, target: Path, settings: ConvertSettings) -> None:
-    """Check a finished conversion against `settings` as `convert --resume` does (it returns at once),
-    without its note that the report follows: `qpissa convert` prints that report, compare does not."""
+    """Check a finished conversion against `settings` as `convert --resume` does, without its note."""
     notes = logging.getLogger(convert.__module__)
     level = notes.level
     notes.setLevel(max(logging.WARNING, notes.getEffectiveLevel()))  # its warnings still show
     try:
         convert(model_dir, target, settings, resume=True)
+    except ChangedCheckpoint as changed:  # compare has no --overwrite: every step read the old MODEL
+        raise UserError(
+            f"{changed.what}; compare into another OUT, or remove {target.parent.parent}"
+        ) from None
     finally:
         notes.setLevel(level)
 
@@ -295,9 +299,8 @@ def _check_calibration(model_dir: Path, settings: ConvertSettings, fidelity: Fid
 
 
 def _check_train_config(config_path: Path, out_dir: Path, model_dir: Path) -> None:
-    """Validate the training config and its data before any conversion starts (model and output_dir are
-    compare's), and what `train` would refuse only after them: a conversion has the original's context
-    and tokenizer."""
+    """Validate the training config and its data before any conversion (model and output_dir are compare's),
+    and what `train` would refuse only after them: a conversion has the original's context and tokenizer."""
     overrides = [f"model={out_dir / CONVERSIONS_DIR}", f"output_dir={out_dir / RUNS_DIR}"]
     config = load_config(config_path, overrides)
     check_apart(out_dir, "OUT", config.data_inputs())
@@ -320,10 +323,8 @@ def _run_identity(config: dict) -> dict:
 
 
 def _fingerprint(model_dir: Path, convert_settings: ConvertSettings) -> dict:
-    """What must match for an existing OUT to be continued: the model and the shared conversion settings.
-
-    Methods may be added later; fidelity and training steps check their own inputs.
-    """
+    """What an existing OUT must match to be continued: the model and the shared conversion settings
+    (methods may be added; fidelity and training steps check their own inputs)."""
     shared = {k: v for k, v in convert_settings.output_settings().items() if k != "method"}
     return {"model": str(model_dir.resolve()), "convert": shared}
 

@@ -121,22 +121,34 @@ def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite:
     return progress
 
 
+class ChangedCheckpoint(UserError):
+    """MODEL's files changed since a recorded conversion read them (`what`: which, and since when)."""
+
+    def __init__(self, what: str, why: str, redo: str) -> None:
+        super().__init__(f"{what}; {why}: use --overwrite to {redo}")
+        self.what = what
+
+
 def _check_same_checkpoint(recorded: dict, current: dict, since: str, redo: str) -> None:
     """The files of MODEL (`CheckpointReader.file_stats`) are those the recorded conversion read: resuming
-    from rewritten weights would mix the two versions in one output.
+    from rewritten weights would mix the two versions in one output, and a finished one holds the old.
 
     Raises:
-        UserError: naming the files whose size or modification time changed; the fix is --overwrite.
+        ChangedCheckpoint: naming the files whose size or modification time changed; the fix is --overwrite.
     """
     if recorded.get("model") != current["model"] or "checkpoint" not in recorded:
         return  # another MODEL (`_differences` says so), or recorded before qpissa kept the files' stats
     before, now = recorded["checkpoint"], current["checkpoint"]
     changed = sorted(name for name in before.keys() | now.keys() if before.get(name) != now.get(name))
     if changed:
-        raise UserError(
-            f"{current['model']} changed since {since} ({', '.join(changed)}: another size or modification "
-            f"time); resuming would mix the weights of both versions: use --overwrite to {redo}"
+        why = (
+            "resuming would mix the weights of both versions"
+            if redo == "start over"
+            else "it holds a conversion of the earlier files"
         )
+        files = ", ".join(changed)
+        what = f"{current['model']} changed since {since} ({files}: another size or modification time)"
+        raise ChangedCheckpoint(what, why, redo)
 
 
 def _as_recorded(fingerprint: dict, recorded: dict) -> dict:

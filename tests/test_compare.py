@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -354,3 +356,25 @@ def test_a_damaged_record_says_how_to_continue_and_that_works(
     assert cli.main(["--quiet", *args]) == 0
     steps = json.loads((out / COMPARE_NAME).read_text())["history"][-1]["steps"]
     assert {s["status"] for s in steps if s["step"] == "convert"} == {"reused"}
+
+
+def test_a_model_changed_since_the_comparison_is_refused_with_a_fix_compare_has(
+    tiny_model: Path, tmp_path: Path, capsys
+) -> None:
+    """Reusing the conversion would compare old weights; convert's fix (--overwrite) is not compare's."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    out = tmp_path / "out"
+    args = ["--quiet", "compare", str(model), str(out), "--methods", "qlora", *FLAGS]
+    assert cli.main(args) == 0
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"qpissa: error: {re.escape(str(model.resolve()))} changed since .*conversions/qlora was converted "
+        r"\(model\.safetensors: another size or modification time\); "
+        r"compare into another OUT, or remove .*out",
+        error,
+    ), error
