@@ -340,7 +340,10 @@ def trained_on(marker: dict, qpissa_dir: Path) -> bool | None:
     recorded = marker.get("conversion")
     if recorded is None:
         return None
-    return _tensor_identity(recorded) == _tensor_identity(read_report(qpissa_dir)["fingerprint"])
+    current = read_report(qpissa_dir)["fingerprint"]
+    if "checkpoint" not in recorded:  # recorded before conversions kept their checkpoint files' stats
+        current = {key: value for key, value in current.items() if key != "checkpoint"}
+    return _tensor_identity(recorded) == _tensor_identity(current)
 
 
 def _tensor_identity(fingerprint: dict) -> dict:

@@ -235,7 +235,7 @@ def _chat_turn(message: Any, name: str, where: str) -> dict[str, Any]:
     """A turn with the tool keys it has; a null one is left out, as `datasets` fills a key that other turns
     have with null and templates test whether it is defined."""
     fields = message if isinstance(message, dict) else {}
-    turn = {key: fields[key] for key in TOOL_KEYS if fields.get(key) is not None}
+    turn = {key: fields[key] for key in TOOL_KEYS if fields.get(key) not in (None, [])}  # [] is no calls
     content = fields.get("content")
     if content is None and "tool_calls" in turn:
         content = ""  # OpenAI's null content beside tool calls; templates add content to text

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qpissa.artifacts import REPORT_NAME
+from qpissa.artifacts import REPORT_NAME, trained_on
 from qpissa.cli import main
 from qpissa.convert import convert
 from qpissa.convert_settings import ConvertSettings, Method
@@ -224,3 +224,15 @@ def test_a_conversion_recorded_before_the_files_stats_resumes_as_it_did(
     before = _file_bytes(out)
     assert main([*args, "--resume"]) == 0
     assert _file_bytes(out) == before  # nothing converted again
+
+
+def test_a_run_recorded_before_the_files_stats_still_belongs_to_its_conversion(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A run's marker written by an older qpissa holds a fingerprint without the checkpoint's file stats."""
+    out = tmp_path / "out"
+    convert(tiny_model, out, ConvertSettings(method=Method.QPISSA, rank=4, iters=1), show_progress=False)
+    recorded = json.loads((out / REPORT_NAME).read_text())["fingerprint"]
+    assert trained_on({"conversion": recorded}, out)
+    del recorded["checkpoint"]
+    assert trained_on({"conversion": recorded}, out)

@@ -427,3 +427,18 @@ def test_fields_of_no_format_are_refused_with_the_renaming_fix(tmp_path: Path) -
     assert "\n" not in message and "fields answer, question fit no record format" in message
     assert "prompt_completion: prompt, completion; alpaca: instruction, output" in message
     assert message.endswith("data.format chooses a format but does not rename fields")
+
+
+def test_an_empty_tool_calls_list_is_no_call(tokenizer, tmp_path: Path) -> None:
+    """Exported chat data often writes `"tool_calls": []` on every turn: a turn without calls, as before."""
+    messages = [
+        {"role": "user", "content": "Q0", "tool_calls": []},
+        {"role": "assistant", "content": "A0", "tool_calls": []},
+    ]
+    (record,) = read_records(
+        _write_jsonl(tmp_path / "empty.jsonl", [{"messages": messages}]), DataFormat.MESSAGES
+    )
+    plain = [{key: turn[key] for key in ("role", "content")} for turn in messages]
+    assert render(record, DataFormat.MESSAGES, tokenizer) == render(
+        {"messages": plain}, DataFormat.MESSAGES, tokenizer
+    )
