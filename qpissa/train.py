@@ -54,7 +54,7 @@ from qpissa.distributed import (
 from qpissa.loading import load_model, load_tokenizer, model_context
 from qpissa.memory import estimate_memory
 from qpissa.options import to_dict
-from qpissa.outputs import lock_output, readable_as_umask_allows
+from qpissa.outputs import lock_output, readable_as_umask_allows, resolve_output
 from qpissa.recipe import TrainConfig
 from qpissa.resume_checks import FINGERPRINT, RNG_FILES, check_same_samples, data_fingerprint
 from qpissa.runtime import Runtime, dtype_name, resolve_runtime
@@ -97,6 +97,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
             output_dir.
     """
     checked_options(config.trainer)  # a mistyped key first: it may be why the rest looks wrong
+    config.output_dir = resolve_output(config.output_dir, "output_dir")  # a link is written through
     runtime = resolve_runtime(config.device, config.bf16, config.optim)
     source, resume = check_inputs(config, runtime.optim)
     check_gpu_count(runtime.device.type)

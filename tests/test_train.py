@@ -537,3 +537,16 @@ def test_a_run_trained_on_all_tokens_is_evaluated_as_qpissa_eval_evaluates_it(
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["tokens"] == trained["tokens"]
     assert evaluated["loss"] == pytest.approx(trained["loss"], rel=1e-4)
+
+
+def test_an_output_dir_that_is_a_link_is_written_through(
+    qpissa_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """overwrite_output_dir over a linked run ended in `rmtree` on the link (a traceback)."""
+    (tmp_path / "disk").mkdir()
+    link = tmp_path / "runlink"
+    link.symlink_to(tmp_path / "disk")
+    config = _config(tmp_path, qpissa_dir, data_dir, output_dir=str(link), max_steps=1, eval_steps=None)
+    assert cli.main(["--quiet", "train", str(config)]) == 0
+    assert cli.main(["--quiet", "train", str(config), "overwrite_output_dir=true"]) == 0
+    assert link.is_symlink() and (tmp_path / "disk" / "adapter" / "adapter_model.safetensors").is_file()
