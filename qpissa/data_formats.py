@@ -63,7 +63,7 @@ class Sample:
 
     segments: list[tuple[str, bool]]  # (text, trained) in order
     prompt: str  # everything before the last response (what generation starts from)
-    response: str  # the last response, without EOS
+    response: str  # the last response, without EOS (a tool call as the template writes it)
 
 
 def detect_format(
@@ -310,6 +310,7 @@ def _render_chat(
     segments: list[tuple[str, bool]] = []
     done = ""
     prompt = ""
+    answer = messages[-1]["content"]
     for index, message in enumerate(messages):
         if message["role"] != "assistant" or index < first_trained:
             continue
@@ -324,13 +325,16 @@ def _render_chat(
         response = after[len(before) :]
         _check_rendered_turn(message, response, tokenizer.eos_token or "")
         check_calls_rendered(message, response)
+        # exact match compares a tool call as the template writes it, up to the end of the turn
+        call = response.split(tokenizer.eos_token)[0] if tokenizer.eos_token else response
+        answer = call.strip() if message.get("tool_calls") else message["content"]
         if tokenizer.eos_token and tokenizer.eos_token not in response:
             response += tokenizer.eos_token
         segments.append((response, True))
         done, prompt = after, before
     if tools:
         check_tools_rendered(tools, done, render_chat(tokenizer, messages))
-    return Sample(segments, prompt, messages[-1]["content"])
+    return Sample(segments, prompt, answer)
 
 
 def _check_rendered_turn(message: dict[str, Any], response: str, eos: str) -> None:

@@ -442,3 +442,13 @@ def test_an_empty_tool_calls_list_is_no_call(tokenizer, tmp_path: Path) -> None:
     assert render(record, DataFormat.MESSAGES, tokenizer) == render(
         {"messages": plain}, DataFormat.MESSAGES, tokenizer
     )
+
+
+def test_a_conversation_ending_in_a_tool_call_is_scored_on_the_call(tool_tokenizer) -> None:
+    """Its answer text is empty: exact match scored a model that said nothing as right, the call as wrong."""
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [WEATHER_CALL]},
+    ]
+    sample = render({"messages": messages, "tools": TOOLS}, DataFormat.MESSAGES, tool_tokenizer)
+    assert sample.response == '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
