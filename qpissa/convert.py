@@ -124,7 +124,7 @@ def _convert(
     reader, target_plan, device = check_conversion(model_dir, settings)
     check_cpu_decoding(target_plan, settings.blocksize, device.type)
     warn_cpu_kernel(target_plan, settings.blocksize)
-    if not any((model_dir / name).is_file() for name in TOKENIZER_MARKERS):
+    if settings.calib is None and not any((model_dir / name).is_file() for name in TOKENIZER_MARKERS):
         log.warning(
             "%s holds no tokenizer (no %s), so %s will hold none either; train, eval and chat need one: "
             "copy the original model's tokenizer files into it",

@@ -236,3 +236,17 @@ def test_a_run_recorded_before_the_files_stats_still_belongs_to_its_conversion(
     assert trained_on({"conversion": recorded}, out)
     del recorded["checkpoint"]
     assert trained_on({"conversion": recorded}, out)
+
+
+def test_calibrating_a_model_without_a_tokenizer_is_one_line(
+    tiny_model: Path, tmp_path: Path, capsys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warning that OUT would hold no tokenizer came before the refusal that --calib needs one."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some calibration text. " * 50)
+    args = ["convert", str(tiny_model), str(tmp_path / "out"), "--rank", "4", "--calib", str(calib)]
+    with caplog.at_level("WARNING"):
+        assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qpissa: error:") and "tokenizer" in lines[0], lines
+    assert not [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
