@@ -43,7 +43,7 @@ from qpissa.loading import check_context, load_tokenizer
 from qpissa.memory import available_memory_bytes
 from qpissa.methods import CalibratedFit, DecomposeSettings
 from qpissa.nf4 import as_storage
-from qpissa.outputs import check_apart, check_replaceable, lock_output, resolve_output
+from qpissa.outputs import check_apart, lock_output, resolve_output
 from qpissa.runtime import (
     calibration_dtype,
     compute_dtype,
@@ -120,7 +120,7 @@ def _convert(
     """`convert` while this process holds OUT's lock."""
     started = time.perf_counter()
     if overwrite:
-        check_replaceable(out_dir, "OUT", (REPORT_NAME,), "a QPiSSA directory")
+        convert_output.check_overwritable(out_dir)
     reader, target_plan, device = check_conversion(model_dir, settings)
     check_cpu_decoding(target_plan, settings.blocksize, device.type)
     warn_cpu_kernel(target_plan, settings.blocksize)

@@ -58,6 +58,24 @@ def plan_shards(
     return list(zip(shard_names(len(shards)), shards, strict=True))
 
 
+def check_overwritable(out_dir: Path) -> None:
+    """`--overwrite` replaces a QPiSSA directory, which holds no folder but `adapter/`: another one (a
+    training run moved in, the user's notes) is not the conversion's to delete.
+
+    Raises:
+        UserError: OUT is not a QPiSSA directory, or holds folders a conversion does not write.
+    """
+    check_replaceable(out_dir, "OUT", (REPORT_NAME,), "a QPiSSA directory")
+    found = out_dir.iterdir() if out_dir.is_dir() else []
+    others = sorted(p.name for p in found if p.is_dir() and p.name != ADAPTER_DIR)
+    if others:
+        folders = ", ".join(f"{name}/" for name in others[:3])
+        raise UserError(
+            f"OUT {out_dir} holds {folders}, which a conversion does not write and --overwrite would "
+            "delete; move it out of OUT, or choose another OUT"
+        )
+
+
 def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite: bool) -> dict | None:
     """Check the output location and return the progress record to continue from.
 
