@@ -16,7 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from qpissa import hide_library_deprecation_notes, hide_library_progress_bars
+from qpissa import UserError, hide_library_deprecation_notes, hide_library_progress_bars
 
 PROMPT = "In one sentence: why does quantizing a neural network lose accuracy?"
 
@@ -82,4 +82,8 @@ def chat_once(qpissa_dir: Path, prompt: str) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:  # one line, as the CLI says a user's mistake (a full disk, a damaged model)
+        print(f"qpissa: error: {error}", file=sys.stderr)
+        sys.exit(2)
