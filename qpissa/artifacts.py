@@ -340,10 +340,16 @@ def trained_on(marker: dict, qpissa_dir: Path) -> bool | None:
     recorded = marker.get("conversion")
     if recorded is None:
         return None
-    current = read_report(qpissa_dir)["fingerprint"]
-    if "checkpoint" not in recorded:  # recorded before conversions kept their checkpoint files' stats
-        current = {key: value for key, value in current.items() if key != "checkpoint"}
+    current = as_recorded(read_report(qpissa_dir)["fingerprint"], recorded)
     return _tensor_identity(recorded) == _tensor_identity(current)
+
+
+def as_recorded(fingerprint: dict, recorded: dict) -> dict:
+    """A conversion's `fingerprint` as `recorded` would hold it: without the checkpoint files' stats when
+    it was recorded before they were kept, so it is matched by its settings alone, as it was then."""
+    if "checkpoint" in recorded:
+        return fingerprint
+    return {key: value for key, value in fingerprint.items() if key != "checkpoint"}
 
 
 def _tensor_identity(fingerprint: dict) -> dict:

@@ -76,10 +76,10 @@ def check_calls_rendered(message: dict[str, Any], response: str) -> None:
         )
 
 
-def check_tools_rendered(tools: list[dict[str, Any]] | None, with_tools: str, without_tools: str) -> None:
+def check_tools_rendered(tools: list[dict[str, Any]], with_tools: str, without_tools: str) -> None:
     """The template showed the record's `tools`: else the model would learn to call functions it is never
     shown."""
-    if tools and with_tools == without_tools:
+    if with_tools == without_tools:
         raise UserError(
             f"the chat template ignores a record's `tools` ({function_name(tools[0])!r}...), so the model "
             "would learn to call functions it is never shown; use a chat template that renders "

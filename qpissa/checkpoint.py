@@ -102,7 +102,8 @@ class CheckpointReader:
         """`{file name: [size, mtime_ns]}` of config.json, the index and the shards: a rewrite shows."""
         index = self.model_dir / INDEX_NAME
         files = [self.model_dir / CONFIG_NAME, *([index] if index.is_file() else []), *self.shards]
-        return {path.name: [path.stat().st_size, path.stat().st_mtime_ns] for path in files}
+        stats = {path.name: path.stat() for path in files}
+        return {name: [stat.st_size, stat.st_mtime_ns] for name, stat in stats.items()}
 
 
 class SafetensorsWriter:

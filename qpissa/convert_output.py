@@ -21,6 +21,7 @@ from qpissa.artifacts import (
     CONFIG_NAME,
     PROGRESS_NAME,
     REPORT_NAME,
+    as_recorded,
     partial_dir,
     read_json,
     read_report,
@@ -94,10 +95,8 @@ def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite:
     if resume and (partial / PROGRESS_NAME).is_file():
         fix = "it records an interrupted conversion: use --overwrite to start over"
         progress = read_json(partial / PROGRESS_NAME, fix, required=("fingerprint", "shards", "seconds"))
-        _check_same_checkpoint(
-            progress["fingerprint"], fingerprint, f"the conversion in {partial} started", "start over"
-        )
-        if progress["fingerprint"] != _as_recorded(fingerprint, progress["fingerprint"]):
+        _check_same_checkpoint(progress["fingerprint"], fingerprint, f"the conversion in {partial} started")
+        if progress["fingerprint"] != as_recorded(fingerprint, progress["fingerprint"]):
             differences = _differences(progress["fingerprint"], fingerprint)
             raise UserError(
                 f"{partial} was started with other settings ({differences}); rerun with the same options, "
@@ -106,8 +105,8 @@ def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite:
         return progress
     if resume and (out_dir / REPORT_NAME).is_file():
         recorded = read_report(out_dir)["fingerprint"]
-        _check_same_checkpoint(recorded, fingerprint, f"{out_dir} was converted", "convert it again")
-        if recorded == _as_recorded(fingerprint, recorded):
+        _check_same_checkpoint(recorded, fingerprint, f"{out_dir} was converted", finished=True)
+        if recorded == as_recorded(fingerprint, recorded):
             return None
         differences = _differences(recorded, fingerprint)
         raise UserError(
@@ -147,7 +146,7 @@ class ChangedCheckpoint(UserError):
         self.what = what
 
 
-def _check_same_checkpoint(recorded: dict, current: dict, since: str, redo: str) -> None:
+def _check_same_checkpoint(recorded: dict, current: dict, since: str, finished: bool = False) -> None:
     """The files of MODEL (`CheckpointReader.file_stats`) are those the recorded conversion read: resuming
     from rewritten weights would mix the two versions in one output, and a finished one holds the old.
 
@@ -159,22 +158,11 @@ def _check_same_checkpoint(recorded: dict, current: dict, since: str, redo: str)
     before, now = recorded["checkpoint"], current["checkpoint"]
     changed = sorted(name for name in before.keys() | now.keys() if before.get(name) != now.get(name))
     if changed:
-        why = (
-            "resuming would mix the weights of both versions"
-            if redo == "start over"
-            else "it holds a conversion of the earlier files"
-        )
         files = ", ".join(changed)
         what = f"{current['model']} changed since {since} ({files}: another size or modification time)"
-        raise ChangedCheckpoint(what, why, redo)
-
-
-def _as_recorded(fingerprint: dict, recorded: dict) -> dict:
-    """`fingerprint` as a conversion recorded before the checkpoint files' stats were kept would hold it:
-    such a conversion resumes (or, finished, is reused) as it did then, by its settings alone."""
-    if "checkpoint" in recorded:
-        return fingerprint
-    return {key: value for key, value in fingerprint.items() if key != "checkpoint"}
+        if finished:
+            raise ChangedCheckpoint(what, "it holds a conversion of the earlier files", "convert it again")
+        raise ChangedCheckpoint(what, "resuming would mix the weights of both versions", "start over")
 
 
 def _differences(recorded: dict, current: dict) -> str:

@@ -325,9 +325,9 @@ def _render_chat(
         response = after[len(before) :]
         _check_rendered_turn(message, response, tokenizer.eos_token or "")
         check_calls_rendered(message, response)
-        # exact match compares a tool call as the template writes it, up to the end of the turn
-        call = response.split(tokenizer.eos_token)[0] if tokenizer.eos_token else response
-        answer = call.strip() if message.get("tool_calls") else message["content"]
+        answer = (
+            _written_call(response, tokenizer.eos_token) if message.get("tool_calls") else message["content"]
+        )
         if tokenizer.eos_token and tokenizer.eos_token not in response:
             response += tokenizer.eos_token
         segments.append((response, True))
@@ -335,6 +335,11 @@ def _render_chat(
     if tools:
         check_tools_rendered(tools, done, render_chat(tokenizer, messages))
     return Sample(segments, prompt, answer)
+
+
+def _written_call(response: str, eos: str | None) -> str:
+    """A tool-calling turn as the template writes it, up to the end of the turn: what exact match compares."""
+    return (response.split(eos)[0] if eos else response).strip()
 
 
 def _check_rendered_turn(message: dict[str, Any], response: str, eos: str) -> None:
