@@ -151,9 +151,7 @@ def _convert(
         log.info("%s is complete already, with the same settings: nothing to resume; its report:", out_dir)
         return read_report(out_dir)
     partial = partial_dir(out_dir)
-    resolved = settings.resolved_dict().items()
-    chosen = ", ".join(f"{key}={value}" for key, value in resolved if value is not None)  # None: automatic
-    log.info("converting %s -> %s with %s", model_dir, out_dir, chosen)
+    log.info("converting %s -> %s with %s", model_dir, out_dir, settings.description())
 
     plan = convert_output.plan_shards(
         reader, targets, settings.blocksize, settings.double_quant, settings.shard_size_mb

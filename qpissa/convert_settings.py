@@ -28,6 +28,10 @@ CALIB_CODES_DAMPING = 0.01
 # task's own held-out problems rises only from 0.0193 to 0.0206 / 0.0236 (BENCHMARKS.md)
 CALIB_GENERAL = 0.25
 MAX_DAMPING = 1e6  # λ·mean(diag H) must stay finite in float32; λ = 1e6 already weighs inputs alike
+# what only a decomposition reads: QLoRA quantizes W once, so its log line leaves them out
+_DECOMPOSITION_KEYS = (
+    "iters", "svd", "oversample", "power_iters", "warm_power_iters", "svd_dtype", "sketch_dtype",
+)  # fmt: skip
 MAX_SCALE = 1e3  # s = alpha/r: factors shrink by √s; LoRA recipes use s ≤ 16, and a huge s overflows float32
 
 
@@ -290,6 +294,12 @@ class ConvertSettings:
         if self.calibration is not None:
             values |= {f"calib_{k}": getattr(v, "value", v) for k, v in self.calibration.items()}
         return values
+
+    def description(self) -> str:
+        """`key=value, ...` of what this conversion runs with, for the log; automatic (None) ones omitted."""
+        unused = _DECOMPOSITION_KEYS if self.method is Method.QLORA else ()
+        chosen = {k: v for k, v in self.resolved_dict().items() if v is not None and k not in unused}
+        return ", ".join(f"{key}={getattr(value, 'value', value)}" for key, value in chosen.items())
 
     def output_settings(self) -> dict:
         """The settings the output depends on: all but `workers`, which only sets the speed."""

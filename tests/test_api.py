@@ -71,6 +71,16 @@ def test_settings_built_in_python_are_checked_and_converted_as_flags_are() -> No
         DataConfig(path="train.jsonl", max_seq_len="512")
 
 
+def test_the_settings_line_names_only_what_the_method_uses() -> None:
+    """QLoRA quantizes W once: its log line listed iters, svd and power iterations it never ran."""
+    from qpissa import ConvertSettings
+
+    qlora = ConvertSettings(method="qlora").description()
+    qpissa = ConvertSettings(rank=16).description()
+    assert qlora.startswith("method=qlora, rank=64,") and "iters" not in qlora and "svd" not in qlora
+    assert qpissa.startswith("method=qpissa, rank=16, alpha=16.0, iters=5, svd=randomized, oversample=32")
+
+
 def test_paths_may_be_given_as_text(tiny_chat_model: Path, data_dir: Path, tmp_path: Path) -> None:
     """`convert("/models/x", "out", ...)` failed with AttributeError: 'str' object has no attribute 'name'."""
     from qpissa import ConvertSettings, EvalSettings, ExportSettings, convert, evaluate, export, load_config
