@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import re
 import types
 import typing
 from enum import Enum
@@ -236,8 +237,11 @@ def _optimizer_class(arguments: TrainingArguments) -> tuple[Any, dict[str, Any]]
         optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(arguments, model)
     except _ModelNeeded:
         return None
-    except ImportError as error:  # the optimizer's package; its options' errors are `training_arguments`'s
+    except (ImportError, ValueError) as error:  # the optimizer's package; other errors are the options'
         reason = " ".join(str(error).split())
+        # transformers raises ValueError for a few missing packages (grokadamw, torchdistx, torch_xla, npu)
+        if isinstance(error, ValueError) and not re.search(r"\binstall\b|failed to import", reason, re.I):
+            raise
         raise UserError(
             f"optim={arguments.optim.value} cannot be used: {reason}; fix that, or choose another optim "
             "(auto: adamw_torch on a CPU, paged_adamw_8bit on a GPU)"

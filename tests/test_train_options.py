@@ -120,6 +120,8 @@ def test_checkpointing_reaches_the_trainer_by_its_new_name_without_a_warning(
         (["optim=apollo_adamw"], "optim=apollo_adamw cannot be used: You need to install `apollo_torch`"),
         (["optim=adalomo"], "optim=adalomo cannot be used: You need to install `lomo_optim`"),
         (["optim=adamw_torch_4bit"], "optim=adamw_torch_4bit cannot be used: You need to have `torchao"),
+        (["optim=grokadamw"], "optim=grokadamw cannot be used: Please install grokadamw"),
+        (["optim=adamw_anyprecision"], "optim=adamw_anyprecision cannot be used: Please install"),
         (
             ["dataloader_persistent_workers=true"],
             "dataloader_persistent_workers needs worker processes, but dataloader_num_workers is 0; set "
