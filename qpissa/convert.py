@@ -366,7 +366,7 @@ def _finish(
     calibration = None if tokens is None else tokens.describe()
     report = conversion_report(
         reader, settings, device, workers, sorted(targets), progress, calibration, architecture
-    )
+    ) | {"files": convert_output.written_files(partial)}
     write_json(partial / REPORT_NAME, report)
     shutil.rmtree(partial / CALIBRATION_DIR, ignore_errors=True)
     convert_output.move_into_place(partial, out_dir)

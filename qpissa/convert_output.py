@@ -18,7 +18,9 @@ from qpissa.architecture import Architecture
 from qpissa.artifacts import (
     ADAPTER_DIR,
     ADAPTER_WEIGHTS,
+    CALIBRATION_DIR,
     CONFIG_NAME,
+    FIDELITY_NAME,
     PROGRESS_NAME,
     REPORT_NAME,
     as_recorded,
@@ -60,21 +62,38 @@ def plan_shards(
 
 
 def check_overwritable(out_dir: Path) -> None:
-    """`--overwrite` replaces a QPiSSA directory, which holds no folder but `adapter/`: another one (a
+    """`--overwrite` replaces a QPiSSA directory, and only what its conversion wrote there: anything else (a
     training run moved in, the user's notes) is not the conversion's to delete.
 
     Raises:
-        UserError: OUT is not a QPiSSA directory, or holds folders a conversion does not write.
+        UserError: OUT is not a QPiSSA directory, or holds files or folders its conversion did not write.
     """
     check_replaceable(out_dir, "OUT", (REPORT_NAME,), "a QPiSSA directory")
-    found = out_dir.iterdir() if out_dir.is_dir() else []
-    others = sorted(p.name for p in found if p.is_dir() and p.name != ADAPTER_DIR)
+    if not out_dir.is_dir():
+        return
+    # conversions recorded before `files` are judged by their folders alone: they hold no other than adapter/
+    recorded = read_report(out_dir).get("files")
+    folders = [f"{p.name}/" for p in out_dir.iterdir() if p.is_dir() and p.name != ADAPTER_DIR]
+    ours = {*(recorded or ()), PROGRESS_NAME, FIDELITY_NAME}  # and the record `compare` keeps there
+    files = [] if recorded is None else sorted(set(_files(out_dir)) - ours)
+    others = sorted(folders) + [name for name in files if f"{name.split('/')[0]}/" not in folders]
     if others:
-        folders = ", ".join(f"{name}/" for name in others[:3])
+        named = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         raise UserError(
-            f"OUT {out_dir} holds {folders}, which a conversion does not write and --overwrite would "
+            f"OUT {out_dir} holds {named}, which its conversion did not write and --overwrite would "
             "delete; move it out of OUT, or choose another OUT"
         )
+
+
+def written_files(partial: Path) -> list[str]:
+    """The finished conversion's files, as its report records them for `--overwrite`'s check (the resume
+    record and the calibration's scratch folder are removed once it is in place)."""
+    kept = [name for name in _files(partial) if not name.startswith(f"{CALIBRATION_DIR}/")]
+    return sorted({*kept, REPORT_NAME} - {PROGRESS_NAME})
+
+
+def _files(directory: Path) -> list[str]:
+    return [p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir()]
 
 
 def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite: bool) -> dict | None:

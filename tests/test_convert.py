@@ -389,11 +389,12 @@ def test_resume_of_a_finished_conversion_does_nothing(tiny_model: Path, converte
 
 
 def test_overwrite_replaces_an_existing_output(tiny_model: Path, tmp_path: Path) -> None:
+    """The earlier conversion's files the new one does not write (its shards, their index) are gone."""
     out = tmp_path / "out"
-    _convert(tiny_model, out, "--rank", "2")
-    (out / "stale.txt").write_text("old")
+    _convert(tiny_model, out, "--rank", "2", "--shard-size-mb", "0.03")
+    assert (out / "model.safetensors.index.json").is_file()
     _convert(tiny_model, out, "--overwrite")
-    assert not (out / "stale.txt").exists() and (out / "qpissa_report.json").is_file()
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
 
 
 def _file_bytes(directory: Path) -> dict[str, bytes]:

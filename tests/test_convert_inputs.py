@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qpissa.artifacts import REPORT_NAME, trained_on
+from qpissa.artifacts import FIDELITY_NAME, REPORT_NAME, trained_on
 from qpissa.cli import main
 from qpissa.convert import convert
 from qpissa.convert_settings import ConvertSettings, Method
@@ -224,6 +224,30 @@ def test_a_conversion_recorded_before_the_files_stats_resumes_as_it_did(
     before = _file_bytes(out)
     assert main([*args, "--resume"]) == 0
     assert _file_bytes(out) == before  # nothing converted again
+
+
+def test_overwrite_replaces_a_conversion_compare_measured(tiny_model: Path, tmp_path: Path) -> None:
+    """`compare` keeps its fidelity record in each conversion it measured: qpissa's, not the user's."""
+    out = tmp_path / "out"
+    args = ["--quiet", "convert", str(tiny_model), str(out), "--rank", "4", "--iters", "1"]
+    assert main(args) == 0
+    (out / FIDELITY_NAME).write_text("{}")
+    assert main([*args, "--overwrite"]) == 0 and not (out / FIDELITY_NAME).exists()
+
+
+def test_overwrite_of_a_conversion_recorded_before_its_file_list_is_judged_by_its_folders(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """An older qpissa's report lists no files: --overwrite replaces that conversion as it did."""
+    out = tmp_path / "out"
+    args = ["--quiet", "convert", str(tiny_model), str(out), "--rank", "4", "--iters", "1"]
+    assert main(args) == 0
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert "adapter/adapter_model.safetensors" in report.pop("files")
+    (out / REPORT_NAME).write_text(json.dumps(report))
+    (out / "tokenizer.model").write_text("a side file of that older conversion")
+    assert main([*args, "--overwrite"]) == 0
+    assert not (out / "tokenizer.model").exists() and "files" in json.loads((out / REPORT_NAME).read_text())
 
 
 def test_a_run_recorded_before_the_files_stats_still_belongs_to_its_conversion(

@@ -255,6 +255,11 @@ def _report_names_workspace_model(ws: Path) -> None:
     path.write_text(json.dumps(report))
 
 
+def _user_files(qpissa_dir: Path) -> None:
+    _file(qpissa_dir / "notes.md", "results of a week")
+    _file(qpissa_dir / "adapter" / "README.md", "a model card")
+
+
 def _break_first_log_line(ws: Path) -> None:
     log = ws / "run" / "trainer_log.jsonl"
     log.write_text(log.read_text().replace("}\n", "\n", 1))
@@ -281,8 +286,12 @@ CASES = [
          damage=lambda ws: _file(ws / "notes" / "thesis.txt", "years of work")),
     Case("convert", "--overwrite of a conversion that holds the user's folder",
          lambda ws: _convert(ws, "--overwrite", out="qpissa"),
-         r"OUT .*qpissa holds runs/, which a conversion does not write and --overwrite would delete",
+         r"OUT .*qpissa holds runs/, which its conversion did not write and --overwrite would delete",
          damage=lambda ws: _file(ws / "qpissa" / "runs" / "notes.txt", "a week of runs")),
+    Case("convert", "--overwrite of a conversion that holds the user's file",
+         lambda ws: _convert(ws, "--overwrite", out="qpissa"),
+         r"OUT .*qpissa holds adapter/README.md, notes.md, which its conversion did not write",
+         damage=lambda ws: _user_files(ws / "qpissa")),
     Case("convert", "--overwrite of a conversion that holds the --calib data",
          lambda ws: _convert(ws, "--overwrite", "--calib", str(ws / "qpissa" / "calib.txt"), out="qpissa"),
          "contains the input --calib",
