@@ -60,7 +60,7 @@ def resolve_output(output: Path, output_flag: str) -> Path:
                 f"{output_flag} {output} is a symbolic link to {target}, but {target.parent} does not exist "
                 f"(a disk not mounted?); create it, or choose another {output_flag}"
             )
-        log.info("%s %s is a symbolic link: writing %s", output_flag, output, target)
+        log.info("%s %s is a symbolic link to %s, which holds the output", output_flag, output, target)
         output = target
     if not output.expanduser().resolve().name:
         raise UserError(f"{output_flag} {output} is the file-system root; choose a directory to write")
