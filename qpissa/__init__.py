@@ -60,6 +60,7 @@ bitsandbytes or datasets at module level.
     export_verify      the export's logits against the trained model's
     chat               `qpissa chat`: terminal chat and one-shot answers
     compare            `qpissa compare`: convert, measure and train each method, then report
+    compare_train      `compare --train`: the recipe checked first; each method's run trained or reused
     report_inputs      a report's inputs found, grouped by the conversion they came from, and labelled
     report             `qpissa report`: the JSON artifacts collected into summary.json and a verdict
     report_render      report.md and a self-contained report.html from the summary

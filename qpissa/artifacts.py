@@ -44,6 +44,7 @@ OWN_JSON = "qpissa_*.json"  # every qpissa record above: they describe the QPiSS
 
 # a training run (`qpissa train`)
 RUN_MARKER = "qpissa_run.json"  # {"model": QPiSSA dir, "config": ..., "runtime": ...}
+MODEL_FROM_RUN = "model_from_run"  # the run marker's path to its model, relative to the run
 LOG_NAME = "trainer_log.jsonl"
 EVAL_LOG_NAME = "eval_log.jsonl"
 EVAL_RESULTS_NAME = "eval_results.json"
@@ -252,11 +253,16 @@ def run_data_settings(run_dir: Path) -> Any:
 
 
 def run_model(run_dir: Path) -> Path:
-    """The QPiSSA directory a run trained, as its marker names it; a relative path is relative to the run."""
-    named = read_run(run_dir)["model"]
+    """The QPiSSA directory a run trained, as its marker names it (a relative path is relative to the run);
+    where that is gone, the one at the same place relative to the run: the two were moved together."""
+    marker = read_run(run_dir)
+    named, relative = marker["model"], marker.get(MODEL_FROM_RUN)
     if not isinstance(named, str) or not named:
         raise UserError(f"{run_dir / RUN_MARKER} has no model path; train again into a new output_dir")
-    return run_dir / named if not Path(named).is_absolute() else Path(named)
+    model = run_dir / named if not Path(named).is_absolute() else Path(named)
+    if not model.exists() and isinstance(relative, str) and (run_dir / relative).is_dir():
+        return Path(os.path.normpath(run_dir / relative))
+    return model
 
 
 def comparison_members(compare_dir: Path, kind: str) -> list[Path]:

@@ -28,41 +28,31 @@ import torch
 
 from qpissa import UserError
 from qpissa.artifacts import (
-    ADAPTER_CONFIG,
-    ADAPTER_DIR,
     CALIBRATED_DIR_SUFFIX,
     COMPARE_NAME,
     CONVERSIONS_DIR,
     FIDELITY_NAME,
     REPORT_NAME,
-    RUN_MARKER,
     RUNS_DIR,
     ModelSource,
-    latest_checkpoint,
     partial_dir,
     read_json,
     read_report,
-    read_run,
     resolve_source,
 )
 from qpissa.calibration import OVERLAP_NGRAM, calibration_of, overlap_tokens
-from qpissa.chat_template import resolve_chat_template
 from qpissa.checkpoint import CheckpointReader, auto_config, write_json
+from qpissa.compare_train import check_train_config, train_step
 from qpissa.convert import check_conversion, convert
 from qpissa.convert_output import ChangedCheckpoint
 from qpissa.convert_settings import CompareSettings, ConvertSettings, Method
-from qpissa.data_sources import load_heldout, load_source
 from qpissa.loading import check_causal_lm, check_context, load_model, load_tokenizer
 from qpissa.options import to_dict
 from qpissa.original_kl import check_heldout, heldout_ids, measure_fidelity
 from qpissa.outputs import check_apart, lock_output, resolve_output
-from qpissa.recipe import load_config
 from qpissa.report import build_report
-from qpissa.runtime import resolve_runtime
 from qpissa.settings import FidelitySettings, ReportOptions
 from qpissa.targets import check_cpu_decoding
-from qpissa.train import train
-from qpissa.trainer_options import training_arguments
 from qpissa.worker import in_fresh_process
 
 log = logging.getLogger(__name__)
@@ -107,7 +97,7 @@ def compare(
     check_heldout(model_dir, fidelity_settings)  # a bad --text fails now, not after the conversions
     _check_calibration(model_dir, convert_settings, fidelity_settings)  # and bad --calib data too
     if settings.train is not None:
-        _check_train_config(settings.train, out_dir, model_dir)
+        check_train_config(settings.train, out_dir, model_dir)
     for variant in _variants(settings.method_list, convert_settings).values():  # before OUT is written:
         _, plan, _ = check_conversion(model_dir, variant)  # the targets, rank and device
         check_cpu_decoding(plan, variant.blocksize, "cpu")  # fidelity loads every conversion on the CPU
@@ -144,7 +134,8 @@ def _compare(
         out_dir, record, _fidelity_steps(model_dir, out_dir, list(variants), fidelity_settings, show_progress)
     )
     for name in variants if settings.train is not None else []:
-        _record(out_dir, record, [_train_step(out_dir, name, settings.train, show_progress)])
+        run_dir, status, seconds = train_step(out_dir, name, settings.train, show_progress)
+        _record(out_dir, record, [_step(name, "train", run_dir, status, seconds)])
     build_report([out_dir], out_dir, report_options or ReportOptions())
     run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json(out_dir / COMPARE_NAME, record)
@@ -260,27 +251,6 @@ def _measured_key(path: Path) -> dict | None:
         return None
 
 
-def _train_step(out_dir: Path, name: str, config_path: Path, show_progress: bool) -> dict:
-    """Train one conversion with the shared config; reuse a finished run, resume an interrupted one."""
-    run_dir = (out_dir / RUNS_DIR / name).resolve()
-    overrides = [f"model={(out_dir / CONVERSIONS_DIR / name).resolve()}", f"output_dir={run_dir}"]
-    config = load_config(config_path, overrides)
-    recorded = read_run(run_dir)["config"] if (run_dir / RUN_MARKER).is_file() else None
-    if recorded is not None and _run_identity(recorded) == _run_identity(to_dict(config)):
-        if (run_dir / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
-            return _step(name, "train", run_dir, "reused", 0.0)
-        checkpoint = latest_checkpoint(run_dir)
-        extra = [f"resume_from_checkpoint={checkpoint}"] if checkpoint else ["overwrite_output_dir=true"]
-        config = load_config(config_path, overrides + extra)
-    elif run_dir.exists():  # another recipe: start over, as fidelity does with other settings, saying so
-        log.info("%s was trained with another --train recipe: training it again", run_dir)
-        config = load_config(config_path, [*overrides, "overwrite_output_dir=true"])
-    started = time.perf_counter()
-    log.info("training %s -> %s", name, run_dir)
-    in_fresh_process(train, config, show_progress=show_progress)
-    return _step(name, "train", run_dir, "done", time.perf_counter() - started)
-
-
 def _check_calibration(model_dir: Path, settings: ConvertSettings, fidelity: FidelitySettings) -> None:
     """Read `--calib` now (a bad file fails before any conversion) and warn if it overlaps the held-out
     text: fidelity must be measured on text the calibration did not see."""
@@ -296,30 +266,6 @@ def _check_calibration(model_dir: Path, settings: ConvertSettings, fidelity: Fid
             "fidelity measured on them overstates what calibration does for unseen text; pass another --text",
             shared, len(ids), source, OVERLAP_NGRAM, settings.calib,
         )  # fmt: skip
-
-
-def _check_train_config(config_path: Path, out_dir: Path, model_dir: Path) -> None:
-    """Validate the training config and its data before any conversion (model and output_dir are compare's),
-    and what `train` would refuse only after them: a conversion has the original's context and tokenizer."""
-    overrides = [f"model={out_dir / CONVERSIONS_DIR}", f"output_dir={out_dir / RUNS_DIR}"]
-    config = load_config(config_path, overrides)
-    check_apart(out_dir, "OUT", config.data_inputs())
-    runtime = resolve_runtime(config.device, config.bf16, config.optim)
-    training_arguments(config, runtime, out_dir / RUNS_DIR, show_progress=False)  # every Trainer option
-    data = config.data
-    for source in data.train_sources():
-        load_source(source)
-    if data.eval_path is not None:
-        load_heldout(data.eval_path, data.eval_split, data.eval_format(), "data.eval_split")
-    check_context(model_dir, data.max_seq_len, f"--train {config_path}: `data.max_seq_len`")
-    load_tokenizer(ModelSource(model_dir, None))  # training reads the tokenizer a conversion copies
-    if config.chat_template:
-        resolve_chat_template(config.chat_template)
-
-
-def _run_identity(config: dict) -> dict:
-    """A run's settings without the keys that only say how to start it."""
-    return {k: v for k, v in config.items() if k not in ("resume_from_checkpoint", "overwrite_output_dir")}
 
 
 def _fingerprint(model_dir: Path, convert_settings: ConvertSettings) -> dict:

@@ -18,9 +18,11 @@ import torch
 from transformers import DataCollatorWithFlattening
 
 from qpissa import UserError
+from qpissa.artifacts import ModelSource
 from qpissa.data_formats import Sample, check_tokenizer, render
 from qpissa.data_sources import load_source
-from qpissa.recipe import DataConfig
+from qpissa.loading import load_tokenizer, model_context
+from qpissa.recipe import DataConfig, TrainConfig
 from qpissa.settings import DataFormat
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,18 @@ class TokenizedData:
     dropped: int  # samples whose response was cut entirely by max_seq_len
     cut: int = 0  # samples kept but cut at max_seq_len: their responses trained in part, without the end
     kept: list[int] | None = None  # of a list of samples (`tokenize`): the index of each row's sample
+
+
+def training_data(
+    config: TrainConfig, source: ModelSource, template: str | None
+) -> tuple[Any, int | None, TokenizedData]:
+    """The tokenizer with the run's chat template, the model's context, and the training samples as a run
+    tokenizes them (`compare` hashes them to tell whether a finished run trained on the data named now)."""
+    tokenizer = load_tokenizer(source)
+    if template is not None:
+        tokenizer.chat_template = template
+    context = model_context(source.base_dir)  # how far max_seq_len could be raised, for the advice
+    return tokenizer, context, load_train(config.data, tokenizer, config.seed, context)
 
 
 def load_train(config: DataConfig, tokenizer: Any, seed: int, context: int | None = None) -> TokenizedData:

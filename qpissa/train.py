@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import time
 from contextlib import ExitStack
@@ -27,6 +28,7 @@ from qpissa.artifacts import (
     EVAL_LOG_NAME,
     EVAL_RESULTS_NAME,
     LOG_NAME,
+    MODEL_FROM_RUN,
     RUN_MARKER,
     ModelSource,
     partial_dir,
@@ -37,7 +39,7 @@ from qpissa.artifacts import (
 from qpissa.chat_template import resolve_chat_template, save_chat_template
 from qpissa.checkpoint import write_json
 from qpissa.convert_settings import Method
-from qpissa.data import TokenizedData, collate, load_train, packing_collator, pad_token_id, tokenize_split
+from qpissa.data import TokenizedData, collate, packing_collator, pad_token_id, tokenize_split, training_data
 from qpissa.data_formats import Sample
 from qpissa.data_sources import load_heldout
 from qpissa.distributed import (
@@ -51,7 +53,7 @@ from qpissa.distributed import (
     uses_fsdp,
     wait_for_everyone,
 )
-from qpissa.loading import load_model, load_tokenizer, model_context
+from qpissa.loading import load_model
 from qpissa.memory import estimate_memory
 from qpissa.options import to_dict
 from qpissa.outputs import lock_output, readable_as_umask_allows, resolve_output
@@ -129,11 +131,7 @@ def _train(
     template: str | None,
 ) -> dict[str, Any]:
     """`train` once the main process holds output_dir's lock; every process trains, the main one writes."""
-    tokenizer = load_tokenizer(source)
-    if template is not None:
-        tokenizer.chat_template = template
-    context = model_context(source.base_dir)  # how far max_seq_len could be raised, for the advice
-    train_data = load_train(config.data, tokenizer, config.seed, context)
+    tokenizer, context, train_data = training_data(config, source, template)
     fingerprint = data_fingerprint(train_data.rows)
     if resume is not None:
         check_same_samples(resume, fingerprint)
@@ -335,6 +333,7 @@ def _run_marker(
     return {
         "config": to_dict(config),
         "model": str(source.base_dir),
+        MODEL_FROM_RUN: os.path.relpath(source.base_dir.resolve(), config.output_dir.resolve()),
         "conversion": read_report(source.base_dir)["fingerprint"],  # what a resume must train on again
         FINGERPRINT: fingerprint,  # and the samples it must see again
         "processes": process_record(arguments, processes()),

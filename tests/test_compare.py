@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from qpissa import cli
-from qpissa.artifacts import COMPARE_NAME, FIDELITY_NAME, REPORT_NAME
+from qpissa.artifacts import COMPARE_NAME, FIDELITY_NAME, REPORT_NAME, run_model
 
 FLAGS = ["--rank", "4", "--iters", "2", "--max-tokens", "96", "--window", "48"]
 
@@ -226,10 +226,47 @@ def test_train_runs_each_method_with_one_config_and_reuses_runs(
     assert {s["status"] for s in steps} == {"reused"} and len(steps) == 6
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()} == stamps
     config.write_text(config.read_text().replace("max_steps: 2", "max_steps: 3"))
-    with caplog.at_level(logging.INFO, logger="qpissa.compare"):
+    with caplog.at_level(logging.INFO, logger="qpissa"):
         assert cli.main([*args, "--methods", "qpissa"]) == 0  # another recipe: both trained again, told
     again = [r.getMessage() for r in caplog.records if r.getMessage().endswith("training it again")]
     assert len(again) == 2 and "was trained with another --train recipe" in again[0]
+
+
+def _training_rows(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())["training"]
+
+
+def test_a_moved_comparison_keeps_its_runs_and_changed_data_trains_again(
+    tiny_chat_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Runs recorded their conversion's absolute path: a moved comparison trained every run again, and its
+    report split each method into a conversion row and a run row. The same path with other contents was
+    reused as if it held the samples the run trained on."""
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"{i}+1=", "completion": f"{i + 1}"}) + "\n" for i in range(8))
+    )
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        f"data:\n  path: {data}\n  format: prompt_completion\n  max_seq_len: 32\n"
+        "max_steps: 1\nper_device_train_batch_size: 4\nlogging_steps: 1\n"
+    )
+    out, moved = tmp_path / "out", tmp_path / "moved"
+    flags = ["--methods", "qlora", "--train", str(config), *FLAGS]
+    assert cli.main(["--quiet", "compare", str(tiny_chat_model), str(out), *flags]) == 0
+    rows = _training_rows(out)
+    out.rename(moved)
+    assert cli.main(["--quiet", "compare", str(tiny_chat_model), str(moved), *flags]) == 0
+    steps = json.loads((moved / COMPARE_NAME).read_text())["history"][-1]["steps"]
+    assert [s["status"] for s in steps] == ["reused"] * 3
+    assert _training_rows(moved).keys() == rows.keys() == {"qlora"}  # the run is its conversion's row
+    assert run_model(moved / "runs" / "qlora") == moved / "conversions" / "qlora"  # eval, export, chat
+    data.write_text(data.read_text().replace("+1=", "+2="))  # same path, same size, other samples
+    with caplog.at_level(logging.INFO, logger="qpissa"):
+        assert cli.main(["--quiet", "compare", str(tiny_chat_model), str(moved), *flags]) == 0
+    steps = json.loads((moved / COMPARE_NAME).read_text())["history"][-1]["steps"]
+    assert [s["status"] for s in steps] == ["reused", "reused", "done"]
+    assert any("trained on other samples" in r.getMessage() for r in caplog.records)
 
 
 def test_a_bad_train_config_is_refused_before_converting(tiny_model: Path, tmp_path: Path, capsys) -> None:
