@@ -28,11 +28,14 @@ def in_fresh_process(function: Any, *args: Any, **kwargs: Any) -> Any:
         What `function` returns; an exception it raises is raised here.
 
     Raises:
-        UserError: the worker died without a word (killed: most often by the system, out of memory).
+        UserError: the worker died without a word (killed: most often by the system, out of memory), or
+            failed to start (a script that calls qpissa without a `__main__` guard).
     """
+    context = multiprocessing.get_context("spawn")
+    started = context.Event()
     with ProcessPoolExecutor(
-        max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_set_up_like_this_process,
-        initargs=(logging.getLogger().level, os.getpid()),
+        max_workers=1, mp_context=context, initializer=_set_up_like_this_process,
+        initargs=(logging.getLogger().level, os.getpid(), started),
     ) as pool:  # fmt: skip
         future = pool.submit(_logged_above_bars, function, *args, **kwargs)
         try:
@@ -41,6 +44,12 @@ def in_fresh_process(function: Any, *args: Any, **kwargs: Any) -> Any:
             _interrupt_worker(future)
             raise
         except BrokenProcessPool:
+            if not started.is_set():  # it ended while importing the caller's script, as spawn does first
+                raise UserError(
+                    "the worker process of this step failed to start (its error is above): a script that "
+                    'calls qpissa must do so under `if __name__ == "__main__":`, since each step\'s fresh '
+                    "process imports the script first"
+                ) from None
             raise UserError(
                 "the worker process of this step was killed (most often by the system, out of memory); free "
                 "memory, then rerun the same command to continue"
@@ -59,9 +68,10 @@ def _interrupt_worker(future: Future) -> None:
         pass
 
 
-def _set_up_like_this_process(log_level: int, parent: int) -> None:
+def _set_up_like_this_process(log_level: int, parent: int, started: Any) -> None:
     """A fresh process logs as the CLI's own does (level and `LOG_FORMAT`): unconfigured, it would drop
     notes and print warnings without saying whose they are. It ends when `parent` does."""
+    started.set()
     hide_library_deprecation_notes()
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
     threading.Thread(target=_end_with, args=(parent,), daemon=True).start()

@@ -104,3 +104,20 @@ def test_a_worker_that_dies_is_one_line_saying_how_to_go_on() -> None:
         UserError, match=r"^the worker process of this step was killed .*rerun the same command"
     ):
         in_fresh_process(os._exit, 3)
+
+
+def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path: Path) -> None:
+    """Each step's process imports the calling script first: without the guard the script runs again
+    there and the step died, reported as killed for memory."""
+    script = tmp_path / "convert_all.py"
+    script.write_text(
+        "from qpissa import UserError\n"
+        "from qpissa.worker import in_fresh_process\n"
+        "try:\n"
+        "    in_fresh_process(abs, -1)\n"
+        "except UserError as error:\n"
+        "    print(error)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("the worker process of this step failed to start"), done
+    assert 'under `if __name__ == "__main__":`' in done.stdout
