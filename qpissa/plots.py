@@ -1,7 +1,8 @@
 """The PNG plots of `qpissa report`, drawn with matplotlib's Agg backend from `summary.json` data only.
 
 Each function takes plain data (the matching section of the summary) and a PNG path, and draws one
-figure; the report decides which plots have data. Methods keep one colour across all plots.
+figure; the report decides which plots have data. Every label keeps one colour across all plots: the
+report assigns them once (`colours`) and passes the mapping to each plot.
 """
 
 from __future__ import annotations
@@ -16,17 +17,27 @@ FALLBACK_COLOURS = ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17b
 DPI = 110
 
 
-def colour(label: str, index: int) -> str:
-    """A method's colour: fixed for the three methods, from a palette for other labels."""
-    return COLOURS.get(label, FALLBACK_COLOURS[index % len(FALLBACK_COLOURS)])
+def colours(methods: dict[str, str | None]) -> dict[str, str]:
+    """label -> colour for every plot of one report, from label -> method label (`qpissa+calib`; None for a
+    run alone): the first label of each of the three methods takes its fixed colour, every other label the
+    next palette colour, so a colour never depends on which labels one plot happens to show."""
+    found, spare = {}, 0
+    for label, method in methods.items():
+        if method in COLOURS and COLOURS[method] not in found.values():
+            found[label] = COLOURS[method]
+        else:
+            found[label] = FALLBACK_COLOURS[spare % len(FALLBACK_COLOURS)]
+            spare += 1
+    return found
 
 
-def reduction_by_type(quality: dict[str, dict], metric: str, path: Path) -> None:
+def reduction_by_type(quality: dict[str, dict], metric: str, colours: dict[str, str], path: Path) -> None:
     """Grouped bars: error reduction (%) per module type, one bar per method; AVG set apart and hatched.
 
     Args:
         quality: label -> {"by_type": {type: %}, "avg": %} in the chosen norm.
         metric: "nuclear" or "Frobenius", for the axis label.
+        colours: label -> colour, from `colours`.
         path: PNG to write.
     """
     plt = _pyplot()
@@ -39,7 +50,7 @@ def reduction_by_type(quality: dict[str, dict], metric: str, path: Path) -> None
         # a type this method did not convert gets no bar (NaN), not a 0 % one
         values = [quality[label]["by_type"].get(kind, math.nan) for kind in kinds] + [quality[label]["avg"]]
         xs = [x - 0.4 + width * (i + 0.5) for x in positions]
-        bars = ax.bar(xs, values, width, label=label, color=colour(label, i))
+        bars = ax.bar(xs, values, width, label=label, color=colours[label])
         bars[-1].set_hatch("//")
         bars[-1].set_edgecolor("black")
         ax.annotate(f"{values[-1]:.1f}", (xs[-1], values[-1]), ha="center", va="bottom", fontsize=8)
@@ -53,7 +64,9 @@ def reduction_by_type(quality: dict[str, dict], metric: str, path: Path) -> None
     _save(fig, path)
 
 
-def reduction_by_layer(layers: dict[str, dict[str, float]], metric: str, path: Path) -> None:
+def reduction_by_layer(
+    layers: dict[str, dict[str, float]], metric: str, colours: dict[str, str], path: Path
+) -> None:
     """Lines: mean error reduction (%) per decoder layer index, one line per method.
 
     Args:
@@ -61,10 +74,10 @@ def reduction_by_layer(layers: dict[str, dict[str, float]], metric: str, path: P
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 3.8))
-    for i, (label, points) in enumerate(layers.items()):
+    for label, points in layers.items():
         xs = sorted(points, key=int)
         ax.plot([int(x) for x in xs], [points[x] for x in xs], marker="o", markersize=3, label=label,
-                color=colour(label, i))  # fmt: skip
+                color=colours[label])  # fmt: skip
     ax.set_xlabel("decoder layer")
     ax.set_ylabel(f"error reduction, % ({metric})")
     ax.set_title("Error reduction per layer (mean over the layer's matrices)")
@@ -72,18 +85,19 @@ def reduction_by_layer(layers: dict[str, dict[str, float]], metric: str, path: P
     _save(fig, path)
 
 
-def spectrum(spectra: dict, path: Path) -> None:
+def spectrum(spectra: dict, colours: dict[str, str], path: Path) -> None:
     """Singular values of one layer: W and each method's residual (left), the residual's NF4 error (right).
 
     Args:
-        spectra: {"layer": name, "W": [σ...], "methods": {label: {"residual": [σ...], "error": [σ...]}}}.
+        spectra: {"layer": name, "W": [σ...], "methods": {label: {"method", "residual": [σ...],
+            "error": [σ...]}}}.
     """
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     left.semilogy(spectra["W"], color="black", label="W (original)")
-    for i, (label, values) in enumerate(spectra["methods"].items()):
-        style = {"color": colour(label, i), "label": label}
-        if label != Method.QLORA.value:  # QLoRA's residual is W itself
+    for label, values in spectra["methods"].items():
+        style = {"color": colours[label], "label": label}
+        if values["method"] != Method.QLORA.value:  # QLoRA's residual is W itself
             left.semilogy(values["residual"], linestyle="--", **style)
         right.semilogy(values["error"], **style)
     left.set_title("σ of W and of the residual W − s·B·A")
@@ -96,11 +110,10 @@ def spectrum(spectra: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def fidelity(values: dict[str, dict], path: Path) -> None:
+def fidelity(values: dict[str, dict], colours: dict[str, str], path: Path) -> None:
     """Bars: mean token KL to the original (left) and top-1 agreement in % (right) per method."""
     plt = _pyplot()
     labels = list(values)
-    colours = [colour(label, i) for i, label in enumerate(labels)]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
     _bars(left, labels, [values[k]["kl"] for k in labels], colours, "{:.3g}")
     left.set_title("Mean token KL(original ‖ model), nats (lower is closer)")
@@ -109,15 +122,17 @@ def fidelity(values: dict[str, dict], path: Path) -> None:
     _save(fig, path)
 
 
-def loss_curves(curves: dict[str, list[list[float]]], log_steps: bool, path: Path) -> None:
+def loss_curves(
+    curves: dict[str, list[list[float]]], log_steps: bool, colours: dict[str, str], path: Path
+) -> None:
     """Training loss per step, one line per method; `log_steps` puts the step axis on a log scale."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4))
-    for i, (label, points) in enumerate(curves.items()):
+    for label, points in curves.items():
         if log_steps:
             points = [p for p in points if p[0] > 0]  # step 0 has no place on a log axis
         ax.plot(
-            [p[0] for p in points], [p[1] for p in points], label=label, color=colour(label, i), linewidth=1.2
+            [p[0] for p in points], [p[1] for p in points], label=label, color=colours[label], linewidth=1.2
         )
     if log_steps:
         ax.set_xscale("log")
@@ -130,20 +145,20 @@ def loss_curves(curves: dict[str, list[list[float]]], log_steps: bool, path: Pat
     _save(fig, path)
 
 
-def accuracy(values: dict[str, float], path: Path) -> None:
+def accuracy(values: dict[str, float], colours: dict[str, str], path: Path) -> None:
     """Bars: eval accuracy (%) per method."""
     plt = _pyplot()
     labels = list(values)
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    _bars(
-        ax, labels, [100 * values[k] for k in labels], [colour(k, i) for i, k in enumerate(labels)], "{:.1f}"
-    )
+    _bars(ax, labels, [100 * values[k] for k in labels], colours, "{:.1f}")
     ax.set_ylim(0, 100)  # a percentage: all-zero bars would get a ±0.04 % axis
     ax.set_title("Eval accuracy (exact match), %")
     _save(fig, path)
 
 
-def memory_speed(memory: dict[str, dict[str, float]], speed: dict[str, float], path: Path) -> None:
+def memory_speed(
+    memory: dict[str, dict[str, float]], speed: dict[str, float], colours: dict[str, str], path: Path
+) -> None:
     """Bars: peak memory (MB) of conversion and training per method (left), training tokens/s (right)."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -159,7 +174,7 @@ def memory_speed(memory: dict[str, dict[str, float]], speed: dict[str, float], p
     left.legend(frameon=False, fontsize=8)
     if speed:
         names = list(speed)
-        _bars(right, names, [speed[k] for k in names], [colour(k, i) for i, k in enumerate(names)], "{:.0f}")
+        _bars(right, names, [speed[k] for k in names], colours, "{:.0f}")
         right.set_title("Training throughput, tokens/s")
     else:
         right.axis("off")
@@ -167,8 +182,8 @@ def memory_speed(memory: dict[str, dict[str, float]], speed: dict[str, float], p
     _save(fig, path)
 
 
-def _bars(ax, labels: list[str], values: list[float], colours: list[str], fmt: str) -> None:
-    bars = ax.bar(labels, values, color=colours)
+def _bars(ax, labels: list[str], values: list[float], colours: dict[str, str], fmt: str) -> None:
+    bars = ax.bar(labels, values, color=[colours[label] for label in labels])
     for bar, value in zip(bars, values, strict=True):
         ax.annotate(
             fmt.format(value),

@@ -24,6 +24,8 @@ from qpissa.artifacts import (
     SUMMARY_NAME,
 )
 from qpissa.checkpoint import SHARD_GLOB, write_json
+from qpissa.console import counted
+from qpissa.convert_settings import Method
 from qpissa.outputs import (
     check_apart,
     check_holds_only,
@@ -32,12 +34,14 @@ from qpissa.outputs import (
     resolve_output,
     start_partial,
 )
-from qpissa.report_inputs import MethodData, collect, export_label
-from qpissa.report_render import draw_plots, verdict, write_documents
+from qpissa.plots import colours
+from qpissa.report_inputs import MethodData, collect, export_label, method_label
+from qpissa.report_render import draw_plots, fidelity_apart, write_documents
 from qpissa.safetensors_file import read_header
 from qpissa.settings import ReportOptions
 from qpissa.spectrum import layer_spectra
 
+FIDELITY_SETTINGS = ("text", "window", "max_tokens")  # the `compare` settings that change what is measured
 TAIL_STEPS = 10  # the verdict quotes the mean loss of the last logged steps: one step's loss is noisy
 REPORT_FILES = (REPORT_MARKDOWN, REPORT_HTML, SUMMARY_NAME, "*.png")  # all a report directory holds
 
@@ -104,6 +108,7 @@ def summarize(methods: list[MethodData], options: ReportOptions) -> dict:
     original = _original(methods)
     summary = {
         "methods": [m.label for m in methods],
+        "colours": colours({m.label: _method(m) for m in methods}),  # one per label, in every plot
         "metric": metric,
         "original": original,
         "quality": quality,
@@ -126,8 +131,75 @@ def summarize(methods: list[MethodData], options: ReportOptions) -> dict:
             row["disk_vs_original_pct"] = (
                 100 * (row["residual_disk_mb"] + row["adapter_disk_mb"]) / original["disk_mb"]
             )
+    summary["fidelity_differs"] = _fidelity_differences(summary["fidelity"])  # empty: the rows compare
     summary["verdict"] = verdict(summary, TAIL_STEPS)
     return summary
+
+
+def verdict(summary: dict, tail_steps: int) -> list[str]:
+    """Plain sentences that state what the numbers show, and nothing else."""
+    lines = []
+    metric = summary["metric"]
+    norm = "avg" if metric == "nuclear" else "avg_fro"
+    for label, q in summary["quality"].items():
+        if q["method"] != Method.QLORA.value or q["avg_out"] is not None:
+            change = "cut" if q[norm] >= 0 else "raised"
+            named = f" r{q['rank']} T{q['iters']}" in label  # the label says it when methods collide
+            settings = "" if named else f" (r={q['rank']}, T={q['iters']})"
+            lines.append(f"{label}{settings} {change} the QLoRA (plain NF4) "
+                         f"quantization error by {abs(q[norm]):.1f} % on average over {len(q['by_type'])} "
+                         f"module types ({metric} norm of the weights).")  # fmt: skip
+        if q["avg_out"] is not None:
+            c = q["calibration"]
+            general = c.get("general_windows", 0) * c["seq_len"]
+            prose = f" ({general} of them qpissa's general prose)" if general else ""
+            lines.append(
+                f"{label} was calibrated on {c['tokens']} tokens of {c['source']}{prose}: it cut the layers' "
+                f"output error on them by {q['avg_out']:.1f} % against plain NF4 (the output error is what "
+                "the model feels; the weight error may rise as it falls)."
+            )
+    fid = summary["fidelity"]
+    if fid:
+        kls = ", ".join(f"{k} {v['kl']:#.3g}" for k, v in fid.items())
+        agree = ", ".join(f"{k} {100 * v['top1']:.1f} %" for k, v in fid.items())
+        apart = fidelity_apart(summary["fidelity_differs"])
+        caveat = f" (measured {apart}: these do not compare)" if apart else ""
+        lines.append(
+            f"Mean token KL to the original model before training: {kls}; top-1 agreement: {agree}{caveat}."
+        )
+    train = summary["training"]
+    if train:
+        losses = ", ".join(
+            f"{k} {v['tail_loss']:.4f} (last {counted(v['tail_steps'], 'step')}, to step {v['final_step']})"
+            for k, v in train.items()
+        )
+        lines.append(f"Mean training loss over the last trained steps (at most {tail_steps}): {losses}.")
+    acc = {k: v["accuracy"] for k, v in summary["eval"].items() if v.get("accuracy") is not None}
+    if acc:
+        lines.append("Eval accuracy: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in acc.items()) + ".")
+    sizes = {k: v["residual_disk_mb"] + v["adapter_disk_mb"] for k, v in summary["memory"].items()
+             if v.get("residual_disk_mb") is not None}  # fmt: skip
+    if sizes:
+        text = ", ".join(f"{k} {v:.1f} MB" for k, v in sizes.items())
+        original = summary["original"]
+        against = f" against {original['disk_mb']:.1f} MB for the original model" if original else ""
+        lines.append(f"Residual + adapter on disk: {text}{against}.")
+    return lines
+
+
+def _fidelity_differences(fidelity: dict[str, dict]) -> list[str]:
+    """What the fidelity rows were not all measured with: "text" (other token ids), "window"; empty when
+    they compare. Token ids cover `--text` and `--max-tokens`; a row that did not record one is not judged."""
+    rows = list(fidelity.values())
+    hashed = all(row.get("ids_sha256") for row in rows)  # else the text's description is all there is
+    texts = {row["ids_sha256"] if hashed else row["data"] for row in rows}
+    windows = {row.get("window") for row in rows} - {None}
+    return [name for name, values in (("text", texts), ("window", windows)) if len(values) > 1]
+
+
+def _method(entry: MethodData) -> str | None:
+    """The entry's method as labels name it (`qpissa+calib`); None for a run without its conversion."""
+    return method_label(entry.conversion["settings"]) if entry.conversion else None
 
 
 def _quality(report: dict) -> dict:
@@ -154,8 +226,12 @@ def _per_layer(layers: list[dict], key: str) -> dict[str, float]:
 
 
 def _fidelity(record: dict) -> dict:
+    """The numbers, and what they were measured on and with: rows of other text or windows do not compare."""
     names = ("kl", "top1", "ppl_original", "ppl_model", "tokens", "data")
-    return {name: record[name] for name in names}
+    key = record.get("key") or {}
+    settings = key.get("settings") or {}
+    measured = {name: settings.get(name) for name in FIDELITY_SETTINGS}
+    return {**{name: record[name] for name in names}, **measured, "ids_sha256": key.get("ids_sha256")}
 
 
 def _training(steps: list[dict]) -> dict:
@@ -180,6 +256,7 @@ def _recipe(run: dict) -> dict:
     return {
         "data": data["path"] or [source["path"] for source in data["sources"]],
         "eval_path": data["eval_path"], "max_seq_len": data["max_seq_len"],
+        "data_fingerprint": run.get("data_fingerprint"),  # the same path may hold other contents
         "max_steps": config["max_steps"], "num_train_epochs": config["num_train_epochs"],
         "learning_rate": config["learning_rate"], "seed": config["seed"],
         "global_batch_size": run["processes"]["global_batch_size"],
@@ -231,19 +308,33 @@ def _original(methods: list[MethodData]) -> dict | None:
 
 
 def _spectrum(methods: list[MethodData], layer: str | None, original: dict | None) -> dict:
-    """Singular values of one layer's W, residuals and errors; a note instead when they cannot be computed."""
+    """Singular values of one layer's W, residuals and errors; a note instead when they cannot be computed.
+
+    Conversions with other `--targets` lack some layers: the default layer is one that most of them (all,
+    where one is common) converted, and those without the layer are listed under `left_out`.
+
+    Raises:
+        UserError: `layer` given and converted by none of the conversions.
+    """
     conversions = [m for m in methods if m.conversion]
     if not conversions:
         return {"note": "no conversions among the inputs"}
     if original is None:
         return {"note": f"the original model named in {REPORT_NAME} (fingerprint.model) is not here"}
-    names = [entry["name"] for entry in conversions[0].conversion["layers"]]
-    chosen = layer or next((n for n in names if n.endswith("q_proj")), names[0])
-    if chosen not in names:
-        raise UserError(f"--layer {chosen} is not a converted matrix; e.g. --layer {names[0]}")
-    return layer_spectra(
-        Path(original["model"]), chosen, {m.label: (m.conversion_dir, m.conversion) for m in conversions}
+    held = {m.label: {entry["name"] for entry in m.conversion["layers"]} for m in conversions}
+    names = list(dict.fromkeys(entry["name"] for m in conversions for entry in m.conversion["layers"]))
+    if layer is not None and layer not in names:
+        common = [name for name in names if all(name in layers for layers in held.values())]
+        raise UserError(f"--layer {layer} is not a converted matrix; e.g. --layer {(common or names)[0]}")
+    most = max(sum(name in layers for layers in held.values()) for name in names)
+    widest = [name for name in names if sum(name in layers for layers in held.values()) == most]
+    chosen = layer or next((n for n in widest if n.endswith("q_proj")), widest[0])
+    spectra = layer_spectra(
+        Path(original["model"]),
+        chosen,
+        {m.label: (m.conversion_dir, m.conversion) for m in conversions if chosen in held[m.label]},
     )
+    return {**spectra, "left_out": [label for label, layers in held.items() if chosen not in layers]}
 
 
 def _is_quantized(name: str, quantized: set[str]) -> bool:

@@ -13,8 +13,6 @@ from pathlib import Path
 
 from qpissa import plots
 from qpissa.artifacts import EVAL_RESULTS_NAME, LOG_NAME, REPORT_HTML, REPORT_MARKDOWN
-from qpissa.console import counted
-from qpissa.convert_settings import Method
 from qpissa.settings import ReportOptions
 
 
@@ -29,67 +27,28 @@ class Table:
     note: str = ""
 
 
-def verdict(summary: dict, tail_steps: int) -> list[str]:
-    """Plain sentences that state what the numbers show, and nothing else."""
-    lines = []
-    metric = summary["metric"]
-    norm = "avg" if metric == "nuclear" else "avg_fro"
-    for label, q in summary["quality"].items():
-        if q["method"] != Method.QLORA.value or q["avg_out"] is not None:
-            change = "cut" if q[norm] >= 0 else "raised"
-            named = f" r{q['rank']} T{q['iters']}" in label  # the label says it when methods collide
-            settings = "" if named else f" (r={q['rank']}, T={q['iters']})"
-            lines.append(f"{label}{settings} {change} the QLoRA (plain NF4) "
-                         f"quantization error by {abs(q[norm]):.1f} % on average over {len(q['by_type'])} "
-                         f"module types ({metric} norm of the weights).")  # fmt: skip
-        if q["avg_out"] is not None:
-            c = q["calibration"]
-            general = c.get("general_windows", 0) * c["seq_len"]
-            prose = f" ({general} of them qpissa's general prose)" if general else ""
-            lines.append(
-                f"{label} was calibrated on {c['tokens']} tokens of {c['source']}{prose}: it cut the layers' "
-                f"output error on them by {q['avg_out']:.1f} % against plain NF4 (the output error is what "
-                "the model feels; the weight error may rise as it falls)."
-            )
-    fid = summary["fidelity"]
-    if fid:
-        kls = ", ".join(f"{k} {v['kl']:#.3g}" for k, v in fid.items())
-        agree = ", ".join(f"{k} {100 * v['top1']:.1f} %" for k, v in fid.items())
-        lines.append(f"Mean token KL to the original model before training: {kls}; top-1 agreement: {agree}.")
-    train = summary["training"]
-    if train:
-        losses = ", ".join(
-            f"{k} {v['tail_loss']:.4f} (last {counted(v['tail_steps'], 'step')}, to step {v['final_step']})"
-            for k, v in train.items()
-        )
-        lines.append(f"Mean training loss over the last trained steps (at most {tail_steps}): {losses}.")
-    acc = {k: v["accuracy"] for k, v in summary["eval"].items() if v.get("accuracy") is not None}
-    if acc:
-        lines.append("Eval accuracy: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in acc.items()) + ".")
-    sizes = {k: v["residual_disk_mb"] + v["adapter_disk_mb"] for k, v in summary["memory"].items()
-             if v.get("residual_disk_mb") is not None}  # fmt: skip
-    if sizes:
-        text = ", ".join(f"{k} {v:.1f} MB" for k, v in sizes.items())
-        original = summary["original"]
-        against = f" against {original['disk_mb']:.1f} MB for the original model" if original else ""
-        lines.append(f"Residual + adapter on disk: {text}{against}.")
-    return lines
-
-
 def setup_lines(summary: dict) -> list[str]:
     """What was compared: the base model, and what the runs trained on (once if every run shares it)."""
     setup = summary["setup"]
     lines = [f"Base model: {setup['model']}."] if setup["model"] else []
-    recipes = {label: _recipe_text(recipe) for label, recipe in setup["runs"].items()}
+    # one path may hold other contents from run to run: the fingerprints of what was read tell them apart
+    prints = {recipe.get("data_fingerprint") for recipe in setup["runs"].values()} - {None}
+    recipes = {label: _recipe_text(recipe, len(prints) > 1) for label, recipe in setup["runs"].items()}
     if len(set(recipes.values())) == 1 and len(recipes) > 1:
         lines.append(f"Every run trained on {next(iter(recipes.values()))}.")
     else:
+        if len(prints) > 1:
+            lines.append("The runs trained on different data (their data fingerprints differ), so their "
+                         "losses do not compare.")  # fmt: skip
         lines += [f"Run {label} trained on {text}." for label, text in recipes.items()]
     return lines
 
 
-def _recipe_text(recipe: dict) -> str:
+def _recipe_text(recipe: dict, fingerprint: bool) -> str:
+    """The recipe in words; `fingerprint` names the data's fingerprint too, where runs' data differ."""
     data = recipe["data"] if isinstance(recipe["data"], str) else " + ".join(recipe["data"])
+    if fingerprint:
+        data += f" (data fingerprint {(recipe.get('data_fingerprint') or 'not recorded')[:12]})"
     length = (
         f"{recipe['max_steps']} steps"
         if recipe["max_steps"] > 0
@@ -115,17 +74,18 @@ def draw_plots(summary: dict, out_dir: Path, options: ReportOptions) -> dict[str
     speed = {k: v["tokens_per_second"] for k, v in summary["training"].items() if v["tokens_per_second"]}
     accuracy = {k: v["accuracy"] for k, v in summary["eval"].items() if v.get("accuracy") is not None}
     has_memory = any(any(v.values()) for v in memory.values())
+    colours = summary["colours"]  # one per label, whichever labels a plot shows
     jobs = {
-        "reduction_by_type": (quality, lambda p: plots.reduction_by_type(quality, metric, p)),
+        "reduction_by_type": (quality, lambda p: plots.reduction_by_type(quality, metric, colours, p)),
         "reduction_by_layer": (
             summary["layers"],
-            lambda p: plots.reduction_by_layer(summary["layers"], metric, p),
+            lambda p: plots.reduction_by_layer(summary["layers"], metric, colours, p),
         ),
-        "spectrum": ("W" in summary["spectrum"], lambda p: plots.spectrum(summary["spectrum"], p)),
-        "fidelity": (summary["fidelity"], lambda p: plots.fidelity(summary["fidelity"], p)),
-        "loss_curves": (curves, lambda p: plots.loss_curves(curves, options.log_steps, p)),
-        "eval_accuracy": (accuracy, lambda p: plots.accuracy(accuracy, p)),
-        "memory_speed": (has_memory, lambda p: plots.memory_speed(memory, speed, p)),
+        "spectrum": ("W" in summary["spectrum"], lambda p: plots.spectrum(summary["spectrum"], colours, p)),
+        "fidelity": (summary["fidelity"], lambda p: plots.fidelity(summary["fidelity"], colours, p)),
+        "loss_curves": (curves, lambda p: plots.loss_curves(curves, options.log_steps, colours, p)),
+        "eval_accuracy": (accuracy, lambda p: plots.accuracy(accuracy, colours, p)),
+        "memory_speed": (has_memory, lambda p: plots.memory_speed(memory, speed, colours, p)),
     }
     drawn = {}
     for name, (has_data, draw) in jobs.items():
@@ -193,16 +153,28 @@ def _overview(summary: dict, tail_steps: int) -> Table:
                 _num(q.get("convert_seconds"), "{:.1f}"),
             ]
         )
-    return Table("Overview", headers, rows, "fidelity", _fidelity_note(summary["fidelity"]))
+    note = _fidelity_note(summary["fidelity"], summary["fidelity_differs"])
+    return Table("Overview", headers, rows, "fidelity", note)
 
 
-def _fidelity_note(fidelity: dict[str, dict]) -> str:
+def fidelity_apart(differs: list[str]) -> str:
+    """`fidelity_differences` in words: "on different text and with different windows"."""
+    words = {"text": "on different text", "window": "with different windows"}
+    return " and ".join(words[name] for name in differs)
+
+
+def _fidelity_note(fidelity: dict[str, dict], differs: list[str]) -> str:
     """What fidelity was measured on: once if every entry shares it, else per entry, with a warning."""
-    data = {label: f["data"] for label, f in fidelity.items() if f and f.get("data")}
-    if len(set(data.values())) <= 1:
-        return f"Fidelity measured on {next(iter(data.values()))}." if data else ""
-    each = "; ".join(f"{label}: {text}" for label, text in data.items())
-    return f"Fidelity measured on different text, so its rows do not compare: {each}."
+    described = {label: _measured_on(f) for label, f in fidelity.items() if f.get("data")}
+    if not differs:
+        return f"Fidelity measured on {next(iter(described.values()))}." if described else ""
+    each = "; ".join(f"{label}: {text}" for label, text in described.items())
+    return f"Fidelity measured {fidelity_apart(differs)}, so its rows do not compare: {each}."
+
+
+def _measured_on(fidelity: dict) -> str:
+    window = fidelity.get("window")
+    return fidelity["data"] + (f", in windows of {window} tokens" if window else "")
 
 
 def _by_type(summary: dict) -> Table | None:
@@ -319,13 +291,10 @@ def _markdown(summary: dict, found: list[Table]) -> str:
         lines.append("")
     shown = {t.plot for t in found}
     extra = [name for name in summary["plots"] if name not in shown]
-    if extra or "note" in summary["spectrum"]:
+    notes = _spectrum_notes(summary["spectrum"])
+    if extra or notes:
         lines += ["## More plots", ""] + [f"![{name}]({summary['plots'][name]})" for name in extra]
-        lines += (
-            [f"Singular value spectrum skipped: {summary['spectrum']['note']}."]
-            if "note" in summary["spectrum"]
-            else []
-        )
+        lines += [part for note in notes for part in ("", note)]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -354,14 +323,23 @@ def _html(summary: dict, found: list[Table], out_dir: Path) -> str:
         )
     shown = {t.plot for t in found}
     extra = [image(name) for name in summary["plots"] if name not in shown]
-    if "note" in summary["spectrum"]:
-        extra.append(
-            f"<p class='note'>Singular value spectrum skipped: {html.escape(summary['spectrum']['note'])}</p>"
-        )
+    extra += [f"<p class='note'>{html.escape(note)}</p>" for note in _spectrum_notes(summary["spectrum"])]
     if extra:
         parts.append("<section><h2>More plots</h2>" + "".join(extra) + "</section>")
     head = f"<meta charset='utf-8'><title>qpissa report</title><style>{_CSS}</style>"
     return f"<!DOCTYPE html><html><head>{head}</head><body>{''.join(parts)}</body></html>\n"
+
+
+def _spectrum_notes(spectrum: dict) -> list[str]:
+    """Why the spectrum plot is missing, or which conversions it leaves out (their `--targets` lacked it)."""
+    if "note" in spectrum:
+        return [f"Singular value spectrum skipped: {spectrum['note']}."]
+    if spectrum.get("left_out"):
+        left_out = ", ".join(spectrum["left_out"])
+        return [
+            f"The singular value spectrum of {spectrum['layer']} leaves out {left_out}: not converted there."
+        ]
+    return []
 
 
 _CSS = (

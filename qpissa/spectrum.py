@@ -24,7 +24,8 @@ def layer_spectra(model_dir: Path, layer: str, conversions: dict[str, tuple[Path
         conversions: label -> (QPiSSA dir, its qpissa_report.json).
 
     Returns:
-        {"layer", "W": [σ], "methods": {label: {"residual": [σ], "error": [σ]}}}, σ in descending order.
+        {"layer", "W": [σ], "methods": {label: {"method", "residual": [σ], "error": [σ]}}}, σ in descending
+        order; "method" as converted (not the label, which may carry a suffix): QLoRA's residual is W.
     """
     reader = CheckpointReader(model_dir)
     architecture = read_architecture(reader)
@@ -36,7 +37,8 @@ def layer_spectra(model_dir: Path, layer: str, conversions: dict[str, tuple[Path
         A, B = read_adapter(directory / ADAPTER_DIR).factors(module)  # [r, in], [out, r]
         s = report["settings"]["alpha"] / report["settings"]["rank"]
         residual = W - s * (B @ A)  # what was quantized (REFERENCE.md §1)
-        methods[label] = {"residual": _svdvals(residual), "error": _svdvals(residual - deq)}
+        errors = {"residual": _svdvals(residual), "error": _svdvals(residual - deq)}
+        methods[label] = {"method": report["settings"]["method"], **errors}
     return {"layer": layer, "W": _svdvals(W), "methods": methods}
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from qpissa import cli
-from qpissa.artifacts import REPORT_NAME
+from qpissa import cli, plots
+from qpissa.artifacts import FIDELITY_NAME, REPORT_NAME
 from qpissa.convert import convert
 from qpissa.convert_settings import ConvertSettings, Method, MetricKind
 from qpissa.export import export
@@ -274,3 +274,121 @@ def test_the_report_names_the_base_model_and_what_each_run_trained_on(
     html = (tmp_path / "apart" / "report.html").read_text()
     assert "Every run" not in html and "learning rate 5e-05" in html and "learning rate 0.001" in html
     assert html.count("<p>Run qpissa r4 T2 (") == 2
+
+
+def test_conversions_of_other_targets_share_a_report(
+    inputs: dict[str, Path], tiny_chat_model: Path, tmp_path: Path
+) -> None:
+    """A conversion of `--targets v_proj` beside all-linear ones: the spectrum read q_proj from every
+    conversion, and the report ended in a traceback."""
+    settings = ConvertSettings(
+        method=Method.QPISSA, rank=4, iters=1, targets="v_proj", metrics=MetricKind.NUC
+    )
+    convert(tiny_chat_model, tmp_path / "vonly", settings, show_progress=False)
+    given = [str(inputs["qlora"]), str(inputs["qpissa"]), str(tmp_path / "vonly")]
+    assert cli.main(["--quiet", "report", *given, "--out", str(tmp_path / "default")]) == 0
+    summary = json.loads((tmp_path / "default" / "summary.json").read_text())
+    spectrum = summary["spectrum"]  # the default layer is one every conversion holds
+    assert spectrum["layer"].endswith("v_proj") and sorted(spectrum["methods"]) == sorted(summary["methods"])
+    assert spectrum["left_out"] == [] and "spectrum" in summary["plots"]
+    layer = ["--layer", "model.layers.0.self_attn.q_proj"]  # converted by two of the three
+    assert cli.main(["--quiet", "report", *given, "--out", str(tmp_path / "q"), *layer]) == 0
+    summary = json.loads((tmp_path / "q" / "summary.json").read_text())
+    vonly = "qpissa r4 T1"  # its T tells it from the all-linear qpissa r4 T2
+    assert summary["spectrum"]["left_out"] == [vonly] and vonly not in summary["spectrum"]["methods"]
+    assert len(summary["spectrum"]["methods"]) == 2
+    note = f"spectrum of model.layers.0.self_attn.q_proj leaves out {vonly}: not converted there."
+    assert note in (tmp_path / "q" / "report.md").read_text()
+
+
+def test_fidelity_measured_with_other_windows_or_text_does_not_compare(
+    inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    """One conversion measured with window 256 and 64 showed two KLs under one note naming the text alone."""
+    given = []
+    for name, window in (("a", 256), ("b", 64)):
+        conversion = tmp_path / name / "qlora"
+        shutil.copytree(inputs["qlora"], conversion)
+        _write_fidelity(conversion, window, "ids-of-the-text")
+        given.append(str(conversion))
+    summary = _report_of(given, tmp_path / "windows")
+    assert summary["fidelity_differs"] == ["window"]
+    assert summary["fidelity"]["qlora r4 T1 (a/qlora)"]["window"] == 256
+    markdown = (tmp_path / "windows" / "report.md").read_text()
+    assert "Fidelity measured with different windows, so its rows do not compare: " in markdown
+    assert "(b/qlora): 40 tokens of heldout.txt, in windows of 64 tokens" in markdown
+    assert "(measured with different windows: these do not compare)" in " ".join(summary["verdict"])
+    assert "do not compare" in (tmp_path / "windows" / "report.html").read_text()
+    _write_fidelity(tmp_path / "b" / "qlora", 256, "ids-of-other-text")  # same file name, other contents
+    summary = _report_of(given, tmp_path / "text")
+    assert summary["fidelity_differs"] == ["text"]
+    assert "Fidelity measured on different text, so" in (tmp_path / "text" / "report.md").read_text()
+    _write_fidelity(tmp_path / "b" / "qlora", 256, "ids-of-the-text")
+    assert _report_of(given, tmp_path / "same")["fidelity_differs"] == []
+    markdown = (tmp_path / "same" / "report.md").read_text()
+    assert "Fidelity measured on 40 tokens of heldout.txt, in windows of 256 tokens." in markdown
+
+
+def test_every_plot_gives_a_label_one_colour(
+    inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Labels with a suffix took the palette colour of their place in each plot's own labels, and the
+    spectrum drew a residual line for QLoRA conversions not labelled plain `qlora`."""
+    copy = tmp_path / "copy" / "qlora"
+    shutil.copytree(inputs["qlora"], copy)
+    _write_fidelity(copy, 256, "ids-of-the-text")  # only one of the four has a fidelity row
+    given = [str(inputs["qlora"]), str(copy), str(inputs["qpissa"]), str(inputs["run"])]
+    summary = _report_of(given, tmp_path / "report")
+    colours = summary["colours"]
+    assert sorted(colours) == sorted(summary["methods"]) and len(set(colours.values())) == len(colours)
+    shown = {"fidelity": summary["fidelity"], "spectrum": summary["spectrum"]["methods"],
+             "loss_curves": summary["training"], "reduction_by_type": summary["quality"]}  # fmt: skip
+    for plot, labels in shown.items():
+        for label in labels:
+            assert _pixels(tmp_path / "report" / f"{plot}.png", colours[label]) > 20, (plot, label)
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig))
+    plots.spectrum(summary["spectrum"], colours, tmp_path / "unused.png")
+    residuals = [line.get_label() for line in drawn[0].axes[0].get_lines()][1:]  # after W
+    assert residuals == [label for label in summary["methods"] if label.startswith("qpissa")]
+
+
+def test_runs_on_other_contents_of_one_path_are_not_said_to_share_it(
+    inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Runs whose data had other contents at the same path were said to have all trained on it."""
+    other = tmp_path / "other-run"
+    shutil.copytree(inputs["run"], other)
+    marker = json.loads((other / "qpissa_run.json").read_text())
+    marker["data_fingerprint"] = "0123456789ab" + "0" * 52
+    (other / "qpissa_run.json").write_text(json.dumps(marker))
+    _report_of([str(inputs["run"]), str(other)], tmp_path / "report")
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "Every run" not in markdown and "The runs trained on different data" in markdown
+    assert "(data fingerprint 0123456789ab)" in markdown and markdown.count("Run qpissa r4 T2 (") == 2
+
+
+def _report_of(given: list[str], out: Path) -> dict:
+    assert cli.main(["--quiet", "report", *given, "--out", str(out)]) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def _write_fidelity(conversion: Path, window: int, ids: str) -> None:
+    """A `qpissa_fidelity.json` as `compare` writes it, its KL depending on the window as measured ones do."""
+    key = {
+        "ids_sha256": ids,
+        "settings": {"text": None, "window": window, "batch_size": 2, "max_tokens": 4096},
+    }
+    record = {"key": key, "data": "40 tokens of heldout.txt", "kl": 16 / window, "top1": 0.7,
+              "ppl_original": 30.0, "ppl_model": 35.0, "tokens": 39, "seconds": 1.0}  # fmt: skip
+    (conversion / FIDELITY_NAME).write_text(json.dumps(record))
+
+
+def _pixels(path: Path, colour: str) -> int:
+    """How many pixels of the PNG are within a few levels of `colour` (`#rrggbb`)."""
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
+    pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+    return int((np.abs(pixels - rgb).max(axis=-1) < 8).sum())
