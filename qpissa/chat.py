@@ -148,7 +148,8 @@ def answer(path: Path, settings: ChatSettings, write: Writer | None) -> str:
 
 
 def run_chat(path: Path, settings: ChatSettings, read: Reader, write: Writer) -> list[dict]:
-    """Interactive chat: read a message, stream the answer, keep the history. `/reset` forgets, `/exit` ends.
+    """Interactive chat: read a message, stream the answer, keep the history. `/reset` forgets, `/exit` ends;
+    Ctrl-C stops an answer being written.
 
     The oldest exchanges are forgotten when the conversation outgrows the model's context; a message too
     long for the context on its own is refused with a warning and the chat goes on without it.
@@ -184,7 +185,12 @@ def run_chat(path: Path, settings: ChatSettings, read: Reader, write: Writer) ->
             continue
         messages.append(message)
         _fit_context(chat_model, messages, settings)
-        reply = generate_reply(chat_model, messages, settings, write)
+        try:
+            reply = generate_reply(chat_model, messages, settings, write)
+        except KeyboardInterrupt:  # stops this answer, not the chat (Ctrl-C at the prompt, or Ctrl-D, quits)
+            write("\n(answer stopped: it is not kept in the conversation)\n")
+            messages.pop()
+            continue
         write("\n")
         messages.append({"role": "assistant", "content": reply})
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import errno
 import functools
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -42,7 +42,7 @@ from qpissa.convert_settings import CompareSettings, ConvertSettings
 from qpissa.distributed import is_main_process, one_process_refusal
 from qpissa.memory import out_of_memory_line
 from qpissa.options import add_arguments, from_namespace, path_argument
-from qpissa.recipe import DataConfig, TrainConfig
+from qpissa.recipe import recipe_keys_help
 from qpissa.settings import (
     DEMO_MODELS,
     ChatSettings,
@@ -54,6 +54,7 @@ from qpissa.settings import (
 
 EXIT_USER_ERROR = 2  # argparse's own status for a usage mistake
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a tool whose reader left (`| head`) ends with
 QUIET_HELP = "only warnings and the result; no progress bars"
 # errors of the file system and of its space, which the user fixes; any other OSError is a bug
 _FILE_ERRORS = {
@@ -111,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             return _after_the_main_process(EXIT_INTERRUPTED)
         print(f"qpissa: interrupted{_continue_hint(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # stdout's reader left (`| head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flushes stdout
+        return EXIT_BROKEN_PIPE
     except OSError as error:  # the last resort: modules that know the file raise UserError themselves
         fix = _FILE_ERRORS.get(error.errno)
         if fix is None or (error.filename is None and error.errno not in _SPACE_ERRORS):
@@ -238,8 +242,10 @@ def _cmd_chat(args: argparse.Namespace) -> None:
     write = functools.partial(print, end="", flush=True)  # the answer, streamed as it is generated
     if settings.prompt is not None:
         hide_library_progress_bars()  # one answer and nothing else, not transformers' "Loading weights"
-        answer(args.model_or_run, settings, write)
-        print()
+        try:
+            answer(args.model_or_run, settings, write)
+        finally:
+            print()  # the answer's line ends before anything else is printed (Ctrl-C's line)
     else:
         run_chat(args.model_or_run, settings, input if sys.stdin.isatty() else _echoed_input, write)
 
@@ -250,19 +256,6 @@ def _echoed_input(prompt: str) -> str:
     line = input(prompt)
     print(line, flush=True)
     return line
-
-
-def _recipe_keys() -> str:
-    """`train --help`'s list of recipe keys, their defaults and what they do, from the dataclasses."""
-    lines = ["recipe keys (default), besides any TrainingArguments option (README: train, eval):"]
-    for prefix, settings in (("", TrainConfig), ("data.", DataConfig)):
-        for setting in dataclasses.fields(settings):
-            if setting.name in ("data", "trainer"):
-                continue
-            value = getattr(setting.default, "value", setting.default)  # an Enum's value: `auto`
-            default = "" if value in (None, dataclasses.MISSING) else f" ({value})"
-            lines.append(f"  {prefix}{setting.name}{default}: {setting.metadata.get('help', '')}")
-    return "\n".join(lines)
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
@@ -331,7 +324,7 @@ def _build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="fine-tune the adapter of a QPiSSA directory from a YAML recipe",
-        epilog=_recipe_keys(),
+        epilog=recipe_keys_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("config", type=Path, help="YAML recipe (see configs/)")

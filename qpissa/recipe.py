@@ -361,3 +361,16 @@ def _newest_checkpoint(values: dict) -> str:
             "name one, or leave resume_from_checkpoint out to start the run"
         )
     return str(checkpoint)
+
+
+def recipe_keys_help() -> str:
+    """`train --help`'s list of recipe keys, their defaults and what they do, from the dataclasses."""
+    lines = ["recipe keys (default), besides any TrainingArguments option (README: train, eval):"]
+    for prefix, settings in (("", TrainConfig), ("data.", DataConfig)):
+        for setting in dataclasses.fields(settings):
+            if setting.name in ("data", "trainer"):
+                continue
+            value = getattr(setting.default, "value", setting.default)  # an Enum's value: `auto`
+            default = "" if value in (None, dataclasses.MISSING) else f" ({value})"
+            lines.append(f"  {prefix}{setting.name}{default}: {setting.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -188,6 +188,41 @@ def test_piped_chat_echoes_each_line_as_a_terminal_would(
     assert "you> hi\n" in transcript and transcript.rstrip().endswith("you> /exit")
 
 
+def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(qpissa_dir: Path):
+    """Ctrl-C while an answer streamed ended the whole chat, its message glued to the answer's line."""
+    lines = iter(["tell me a story", "hi", "/exit"])
+    written: list[str] = []
+
+    def write(text: str) -> None:
+        if len(written) == 2:  # the first answer, two pieces in
+            written.append("<Ctrl-C>")
+            raise KeyboardInterrupt
+        written.append(text)
+
+    messages = run_chat(qpissa_dir, ChatSettings(max_new_tokens=8), lambda prompt: next(lines), write)
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["hi"]
+    assert "<Ctrl-C>\n(answer stopped: it is not kept in the conversation)\n" in "".join(written)
+
+
+def test_an_answer_piped_into_a_reader_that_leaves_ends_quietly(qpissa_dir: Path):
+    """`qpissa chat ... | head -c 5` was a BrokenPipeError traceback labelled a bug."""
+    command = [
+        sys.executable,
+        "-m",
+        "qpissa",
+        "--quiet",
+        "chat",
+        str(qpissa_dir),
+        "--prompt",
+        "hi",
+        "--greedy",
+    ]
+    chat = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    chat.stdout.close()  # the reader leaves before the answer's first piece
+    _, errors = chat.communicate(timeout=120)
+    assert chat.returncode == 141 and "Traceback" not in errors and "bug" not in errors, errors
+
+
 def test_interactive_chat_skips_a_line_that_is_not_utf8(qpissa_dir: Path):
     lines = iter(["caf\udce9", "hi", "/exit"])  # a terminal's Latin-1 byte, as Python's input() returns it
     written: list[str] = []
