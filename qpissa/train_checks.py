@@ -8,6 +8,7 @@ from pathlib import Path
 from qpissa import UserError
 from qpissa.artifacts import (
     ADAPTER_DIR,
+    CONFIG_NAME,
     LOG_NAME,
     REPORT_NAME,
     RUN_MARKER,
@@ -16,6 +17,7 @@ from qpissa.artifacts import (
     has_adapter,
     is_qpissa_dir,
     latest_checkpoint,
+    run_model,
 )
 from qpissa.hub import is_hub_name, resolve_model
 from qpissa.loading import check_causal_lm, check_context, check_source
@@ -31,6 +33,16 @@ def check_inputs(config: TrainConfig, optim: str) -> tuple[ModelSource, Path | N
     if not model_dir.exists():
         raise UserError(
             f"model {config.model} does not exist; set model= to a QPiSSA directory made by `qpissa convert`"
+        )
+    if (model_dir / RUN_MARKER).is_file():  # a run where its conversion belongs: convert cannot read it
+        raise UserError(
+            f"model {config.model} is a training run, not a QPiSSA directory; set model= to the one it "
+            f"trained, {run_model(model_dir)} (resume_from_checkpoint continues the run itself)"
+        )
+    if not (model_dir / CONFIG_NAME).is_file():
+        raise UserError(
+            f"model {config.model} is not a QPiSSA directory nor a model (no {CONFIG_NAME}); set model= to "
+            "a directory made by `qpissa convert`"
         )
     if not is_qpissa_dir(model_dir) or not has_adapter(model_dir / ADAPTER_DIR):
         raise UserError(
