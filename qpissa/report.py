@@ -65,7 +65,9 @@ def create_report(inputs: list[Path], out_dir: Path, options: ReportOptions) -> 
     out_dir = resolve_output(out_dir, "--out")  # a link is written through
     labels = ["" if len(inputs) == 1 else f"#{index}" for index in range(1, len(inputs) + 1)]
     check_apart(out_dir, "--out", dict(zip(labels, inputs, strict=True)))
-    summary = summarize(collect(inputs), options)
+    methods = collect(inputs)
+    check_apart(out_dir, "--out", _read_through(methods))  # what the inputs lead to is read too
+    summary = summarize(methods, options)
     with lock_output(out_dir, "--out"):
         check_holds_only(out_dir, "--out", REPORT_FILES, "a report directory")
         partial = start_partial(out_dir, "--out")
@@ -76,6 +78,16 @@ def create_report(inputs: list[Path], out_dir: Path, options: ReportOptions) -> 
             raise
         finish_partial(partial, out_dir)
     return summary
+
+
+def _read_through(methods: list[MethodData]) -> dict[str, Path | None]:
+    """The conversions, runs and exports the report reads, by what they are to the user: a run given
+    alone leads to its QPiSSA directory, an export to its run."""
+    read = {}
+    for m in methods:
+        read |= {f"{m.label}'s QPiSSA directory": m.conversion_dir, f"{m.label}'s run": m.run_dir}
+        read |= {f"{m.label}'s export #{i}": path for i, (path, _) in enumerate(m.exports, 1)}
+    return read
 
 
 def build_report(inputs: list[Path], out_dir: Path, options: ReportOptions) -> dict:
