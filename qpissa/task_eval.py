@@ -23,6 +23,7 @@ from qpissa.artifacts import (
     ModelSource,
     is_qpissa_dir,
     read_json,
+    resolve_source,
     run_data_settings,
 )
 from qpissa.data import IGNORE_INDEX, collate, pad_token_id, tokenize_split
@@ -55,7 +56,8 @@ def evaluate(
     """
     model_or_run, data_path = Path(model_or_run), Path(data_path)  # the Python API takes text paths too
     source = checked_source(model_or_run, adapter=settings.adapter)
-    run_data = _run_data(source)
+    # a LoRA export's data settings are its adapter's: kept with --no-adapter, the baseline users compare to
+    run_data = _run_data(source if settings.adapter else resolve_source(model_or_run))
     recorded = run_data.settings["format"] if run_data else None
     data_format = settings.format or (DataFormat(recorded) if recorded else None)
     # no format given or recorded: detected, as training does

@@ -194,6 +194,25 @@ def test_cli_eval_of_a_run_uses_its_data_format(qpissa_dir: Path, tmp_path: Path
     assert result["adapter"] == str(run / "adapter") and "loss" in result and "accuracy" not in result
 
 
+def test_cli_eval_of_a_lora_export_without_its_adapter_keeps_its_data_settings(
+    qpissa_dir: Path, tiny_chat_model: Path, tmp_path: Path, capsys
+) -> None:
+    """The original model alone, the baseline of a LoRA export, was read in a detected format and length."""
+    lora = tmp_path / "lora"
+    shutil.copytree(qpissa_dir / "adapter", lora)
+    config = json.loads((lora / "adapter_config.json").read_text())
+    (lora / "adapter_config.json").write_text(
+        json.dumps(config | {"base_model_name_or_path": str(tiny_chat_model)})
+    )
+    recorded = {"format": "prompt_completion", "max_seq_len": 24}
+    (lora / "export_report.json").write_text(json.dumps({"data": recorded}))
+    for extra in ([], ["--no-adapter"]):
+        argv = ["--quiet", "eval", str(lora), "--data", str(_data(tmp_path)), "--metric", "loss", *extra]
+        assert cli.main(argv) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert {"format": result["format"], "max_seq_len": result["max_seq_len"]} == recorded, extra
+
+
 def test_cli_eval_warns_when_the_data_is_what_the_run_trained_on(
     qpissa_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
