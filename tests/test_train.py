@@ -96,6 +96,7 @@ def test_log_has_every_field_every_step(run: Path) -> None:
     assert set(evals[-1]) == set(evals[0]) and evals[-1]["eval_runtime"] > 0 and evals[-1]["epoch"] > 0
     assert all(type(evals[-1][k]) is type(evals[0][k]) for k in evals[0]), "each field of one type"
     assert evals[-1]["eval_loss"] == final["loss"] and evals[-1]["accuracy"] == final["accuracy"]
+    assert all(e["generation_runtime"] > 0 for e in evals), "the answers' time, beside the loss pass's"
 
 
 def test_run_files_are_readable_as_the_umask_allows(run: Path) -> None:
