@@ -15,6 +15,7 @@ from qpissa.convert_settings import Method
 COLOURS = {Method.QLORA.value: "#7f7f7f", Method.LOFTQ.value: "#1f77b4", Method.QPISSA.value: "#d62728"}
 FALLBACK_COLOURS = ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
 DPI = 110
+CROWDED_CHARS = 36  # label characters one half-width plot's x axis holds level
 
 
 def colours(methods: dict[str, str | None]) -> dict[str, str]:
@@ -170,6 +171,7 @@ def memory_speed(
         ys = [memory[label].get(kind) or 0.0 for label in labels]
         left.bar(xs, ys, width, label=kind, color=("#9ecae1", "#3182bd", "#08519c")[j % 3])
     left.set_xticks(range(len(labels)), labels)
+    _tilt_if_crowded(left, labels)
     left.set_title("Peak memory, MB")
     left.legend(frameon=False, fontsize=8)
     if speed:
@@ -184,6 +186,7 @@ def memory_speed(
 
 def _bars(ax, labels: list[str], values: list[float], colours: dict[str, str], fmt: str) -> None:
     bars = ax.bar(labels, values, color=[colours[label] for label in labels])
+    _tilt_if_crowded(ax, labels)
     for bar, value in zip(bars, values, strict=True):
         ax.annotate(
             fmt.format(value),
@@ -192,6 +195,14 @@ def _bars(ax, labels: list[str], values: list[float], colours: dict[str, str], f
             va="bottom",
             fontsize=8,
         )
+
+
+def _tilt_if_crowded(ax, labels: list[str]) -> None:
+    """Tilt the x labels where, level, they would run into each other (several long method labels)."""
+    if sum(len(label) for label in labels) > CROWDED_CHARS:
+        ax.tick_params(axis="x", labelrotation=20)
+        for text in ax.get_xticklabels():
+            text.set_horizontalalignment("right")
 
 
 def _pyplot():

@@ -392,3 +392,18 @@ def _pixels(path: Path, colour: str) -> int:
     rgb = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
     pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
     return int((np.abs(pixels - rgb).max(axis=-1) < 8).sum())
+
+
+def test_long_labels_are_tilted_where_they_would_run_into_each_other() -> None:
+    """Four labels such as `qpissa+calib r64 T5` overlapped on the memory plot's axis."""
+    from qpissa import plots
+
+    plt = plots._pyplot()
+    for labels, rotation in (
+        (["qlora", "qpissa"], 0),
+        (["qlora r8 T1", "qpissa r64 T5", "qpissa+calib r64 T5"], 20),
+    ):
+        fig, ax = plt.subplots()
+        plots._bars(ax, labels, [1.0] * len(labels), dict.fromkeys(labels, "#000000"), "{:.0f}")
+        assert {text.get_rotation() for text in ax.get_xticklabels()} == {rotation}, labels
+        plt.close(fig)
