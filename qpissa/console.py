@@ -94,30 +94,46 @@ def export_summary(report: dict, out_dir: Path) -> str:
 
 
 def lora_summary(report: dict) -> str:
-    """Why the adapter has the rank written (2r, or --rank's) and how far the adapter on the original is
-    from the trained model, in words."""
+    """Why the adapter has the rank written (2r, r from a zero initial adapter, or --rank's) and how far
+    the adapter on the original is from the trained model, in words."""
     d = report["details"]
-    r, r2 = d["trained_rank"], 2 * d["trained_rank"]
-    if d["truncation"] is None:
-        why, rank = f"Why the rank doubled (r = {r} -> 2r = {r2})", "r and lora_alpha are both doubled"
-    else:  # what was written is --rank's, not 2r
+    r, zero = d["trained_rank"], d["zero_initial"]
+    exact = r if zero else 2 * r
+    ranks = f"r = {r}" if zero else f"r = {r} -> 2r = {exact}"
+    if d["truncation"] is not None:  # what was written is --rank's, not the exact rank
         k = d["rank"]
-        why = f"Why rank {k} (r = {r} -> 2r = {r2}, re-truncated to {k} by --rank)"
+        why = f"Why rank {k} ({ranks}, re-truncated to {k} by --rank)"
         rank = f"it is re-truncated to rank {k} below, with lora_alpha = s·{k}"
+    elif zero:
+        why, rank = f"Why rank {r}, as trained", "r and lora_alpha are the trained adapter's"
+    else:
+        why, rank = f"Why the rank doubled ({ranks})", "r and lora_alpha are both doubled"
+    conversion = f"the conversion (--method {d['method']})"
+    if zero:
+        change = (
+            f"{conversion} started from a zero adapter (B·A = 0), so training fitted B', A' on top of the "
+            "residual W_res = W itself. On the original weights W the trained model is W + s·B'A', the "
+            "trained adapter alone, a LoRA of rank r"
+        )
+    else:
+        change = (
+            f"{conversion} split W into the residual W_res = W − s·B·A and the initial adapter B, A, and "
+            "training fitted B', A' on top of W_res. On the original weights W the trained model is "
+            "W + s·(B'A' − BA) = W + s·[B', −B]·[A'; A], a LoRA of rank 2r"
+        )
+    distance = d["distance"]
     lines = [
-        f"{why}: QPiSSA trained B', A' on top of the residual W_res = W − s·B·A. On the original weights W "
-        "the trained model is W + s·(B'A' − BA) = W + s·[B', −B]·[A'; A], a LoRA of rank 2r; "
-        f"{rank}, so the scale s = {d['scale']:g} is unchanged.",
+        f"{why}: {change}; {rank}, so the scale s = {d['scale']:g} is unchanged.",
         "How far it is from the trained model: the trained model used the NF4-quantized residual deq(Q), "
-        "this adapter on W uses W_res itself. Their difference, the residual's NF4 error W_res − deq(Q), "
-        f"measures {d['residual_nf4_error']['relative_fro']:.3%} of ‖W‖ (Frobenius, all adapted matrices); "
-        f"the exported weights differ from the trained ones by {d['distance']['relative_fro']:.3%} in all "
-        f"(worst matrix {d['distance']['max_matrix_relative_fro']:.3%}).",
+        f"this adapter on W uses W_res{' = W' if zero else ''} itself. Their difference, the residual's NF4 "
+        f"error W_res − deq(Q), measures {d['residual_nf4_error']['relative_fro']:.3%} of ‖W‖ (Frobenius, "
+        "all adapted matrices); the exported weights differ from the trained ones by "
+        f"{distance['relative_fro']:.3%} in all (worst matrix {distance['max_matrix_relative_fro']:.3%}).",
     ]
     if d["truncation"] is not None:
         t = d["truncation"]
         lines.append(
-            f"Re-truncated from rank {r2} to {t['rank']} with an SVD (--rank): that drops "
+            f"Re-truncated from rank {exact} to {t['rank']} with an SVD (--rank): that drops "
             f"{t['relative_to_delta_fro']:.3%} of ‖ΔW‖ (Frobenius {t['abs_fro']:.4g}), included in the "
             "distance above."
         )

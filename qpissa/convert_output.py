@@ -29,7 +29,7 @@ from qpissa.artifacts import (
     read_report,
 )
 from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, copy_tensors, shard_names, write_json
-from qpissa.outputs import check_replaceable, replace_dir
+from qpissa.outputs import check_only_own, check_replaceable, files_in, replace_dir
 from qpissa.stored import ADAPTER_KEY, adapter_key, write_lora_config
 from qpissa.targets import module_type
 
@@ -62,38 +62,22 @@ def plan_shards(
 
 
 def check_overwritable(out_dir: Path) -> None:
-    """`--overwrite` replaces a QPiSSA directory, and only what its conversion wrote there: anything else (a
-    training run moved in, the user's notes) is not the conversion's to delete.
+    """`--overwrite` replaces a QPiSSA directory, and only what its conversion wrote there.
 
     Raises:
         UserError: OUT is not a QPiSSA directory, or holds files or folders its conversion did not write.
     """
     check_replaceable(out_dir, "OUT", (REPORT_NAME,), "a QPiSSA directory")
-    if not out_dir.is_dir():
-        return
-    # conversions recorded before `files` are judged by their folders alone: they hold no other than adapter/
-    recorded = read_report(out_dir).get("files")
-    folders = [f"{p.name}/" for p in out_dir.iterdir() if p.is_dir() and p.name != ADAPTER_DIR]
-    ours = {*(recorded or ()), PROGRESS_NAME, FIDELITY_NAME}  # and the record `compare` keeps there
-    files = [] if recorded is None else sorted(set(_files(out_dir)) - ours)
-    others = sorted(folders) + [name for name in files if f"{name.split('/')[0]}/" not in folders]
-    if others:
-        named = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-        raise UserError(
-            f"OUT {out_dir} holds {named}, which its conversion did not write and --overwrite would "
-            "delete; move it out of OUT, or choose another OUT"
-        )
+    if out_dir.is_dir():
+        recorded = read_report(out_dir).get("files")  # and the record `compare` keeps there:
+        check_only_own(out_dir, recorded, {PROGRESS_NAME, FIDELITY_NAME}, {ADAPTER_DIR}, "conversion")
 
 
 def written_files(partial: Path) -> list[str]:
     """The finished conversion's files, as its report records them for `--overwrite`'s check (the resume
     record and the calibration's scratch folder are removed once it is in place)."""
-    kept = [name for name in _files(partial) if not name.startswith(f"{CALIBRATION_DIR}/")]
+    kept = [name for name in files_in(partial) if not name.startswith(f"{CALIBRATION_DIR}/")]
     return sorted({*kept, REPORT_NAME} - {PROGRESS_NAME})
-
-
-def _files(directory: Path) -> list[str]:
-    return [p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir()]
 
 
 def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite: bool) -> dict | None:

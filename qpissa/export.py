@@ -1,5 +1,5 @@
-"""`qpissa export`: a trained adapter over the NF4 residual → a merged 16-bit model, or a rank-2r LoRA
-for the original model (REFERENCE.md §1, "Merging / exporting").
+"""`qpissa export`: a trained adapter over the NF4 residual → a merged 16-bit model, or a LoRA (rank 2r, r
+from a zero initial adapter) for the original model (REFERENCE.md §1, "Merging / exporting").
 
 Both exports stream one matrix at a time: the residual is dequantized from its stored bitsandbytes codes,
 the adapter factors are read lazily, and every output tensor goes straight to disk. Output is built in
@@ -25,8 +25,10 @@ from qpissa.artifacts import (
     CONFIG_NAME,
     EXPORT_REPORT,
     OWN_JSON,
+    PARTIAL_MARKER,
     ModelSource,
     has_adapter,
+    read_json,
     resolve_source,
     run_data_settings,
 )
@@ -39,7 +41,9 @@ from qpissa.memory import out_of_memory, out_of_memory_reason, peak_rss_mb
 from qpissa.options import to_dict
 from qpissa.outputs import (
     check_apart,
+    check_only_own,
     check_replaceable,
+    files_in,
     finish_partial,
     lock_output,
     resolve_output,
@@ -66,7 +70,8 @@ def export(
         run: a training run, a `checkpoint-N` inside one, or a QPiSSA directory (its untrained adapter).
         out_dir: the directory to create; must not exist (or be empty), unless `overwrite`.
         settings: kind of export, dtype, optional re-truncation rank, original model, verification.
-        overwrite: replace an earlier export in `out_dir` (and nothing else), once the new one is whole.
+        overwrite: replace an earlier export in `out_dir` (and nothing else: not one holding a file or
+            folder it did not write), once the new one is whole.
         show_progress: show a progress bar (only on a terminal).
 
     Returns:
@@ -74,8 +79,8 @@ def export(
 
     Raises:
         UserError: no adapter, an adapter that does not fit the residual, a missing original model, an
-            `out_dir` that exists (without `overwrite`, or is not an earlier export) or lies inside (or
-            around) an input, or another process writing it;
+            `out_dir` that exists (without `overwrite`, or is not an earlier export, or holds what that
+            export did not write) or lies inside (or around) an input, or another process writing it;
             raised before anything is written. Also when training, still writing the run, deletes the
             checkpoint being read (nothing is left written then either).
     """
@@ -154,7 +159,7 @@ def _export(
         if out_dir.exists() and not out_dir.is_dir():
             raise UserError(f"OUT {out_dir} is a file; choose a directory path")
         if out_dir.exists() and any(out_dir.iterdir()):  # --overwrite is advised only where it would do
-            check_replaceable(out_dir, "OUT", (EXPORT_REPORT,), "an export made by qpissa export")
+            _check_overwritable(out_dir)
             if not overwrite:
                 raise UserError(
                     f"output {out_dir} already exists; pass --overwrite to replace it, or choose another OUT"
@@ -171,6 +176,7 @@ def _export(
             shutil.rmtree(partial, ignore_errors=True)
             raise
         report["seconds"] = time.perf_counter() - started
+        report["files"] = sorted({*files_in(partial), EXPORT_REPORT} - {PARTIAL_MARKER})
         write_json(partial / EXPORT_REPORT, report)
         finish_partial(partial, out_dir)
     if settings.verify and report["verify"] is None:
@@ -183,6 +189,19 @@ def _export(
             out_dir, report["verify_skipped"],
         )  # fmt: skip
     return report
+
+
+def _check_overwritable(out_dir: Path) -> None:
+    """`--overwrite` replaces an earlier export, and only what it wrote there (exports write no folder).
+
+    Raises:
+        UserError: OUT is not an export, or holds files or folders its export did not write.
+    """
+    check_replaceable(out_dir, "OUT", (EXPORT_REPORT,), "an export made by qpissa export")
+    fix = "it is written by `qpissa export`: choose another OUT, or empty it yourself"
+    recorded = read_json(out_dir / EXPORT_REPORT, fix).get("files")
+    # a kill right after `finish_partial`'s rename leaves the build marker in OUT
+    check_only_own(out_dir, recorded, {PARTIAL_MARKER}, set(), "export")
 
 
 def _write(

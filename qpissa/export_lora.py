@@ -1,7 +1,8 @@
-"""`qpissa export --to lora`: the trained model as a rank-2r LoRA for the ORIGINAL model (REFERENCE.md §1).
+"""`qpissa export --to lora`: the trained model as a LoRA for the ORIGINAL model (REFERENCE.md §1).
 
 On the original `W` the trained model is `W + ΔW` with `ΔW = s·(B'A' − BA) = s·[B', −B]·[A'; A]`, a LoRA of
-rank 2r with r and alpha doubled (same scale). It differs from what was trained by the residual's NF4
+rank 2r with r and alpha doubled (same scale); where the initial product BA is zero (QLoRA's B = 0) it is
+`s·B'A'`, the trained adapter itself, of rank r. It differs from what was trained by the residual's NF4
 error `W_res − deq(Q)`, which this module measures, matrix by matrix, and writes into the adapter's README.
 """
 
@@ -20,7 +21,9 @@ from qpissa.artifacts import (
     ADAPTER_README,
     ADAPTER_WEIGHTS,
     CONFIG_NAME,
+    EXPORT_REPORT,
     REPORT_NAME,
+    RUN_MARKER,
     ModelSource,
     has_adapter,
     read_report,
@@ -39,10 +42,19 @@ class LoraInputs:
     Attributes:
         initial: the adapter as initialized by `qpissa convert` (B, A).
         original: the full-precision model the QPiSSA directory was converted from.
+        method: the conversion's method (`qpissa`, `loftq`, `qlora`), for the README's words.
+        zero_initial: every initial product B·A is zero (QLoRA): the LoRA is B', A' alone, of rank r.
     """
 
     initial: Adapter
     original: CheckpointReader
+    method: str
+    zero_initial: bool
+
+    @property
+    def exact_rank(self) -> int:
+        """The rank of the exact change on the original: r where the initial adapter is zero, else 2r."""
+        return self.initial.rank * (1 if self.zero_initial else 2)
 
     def original_weight(self, architecture: Architecture, module: str) -> torch.Tensor:
         """The original weight of adapted module `module` (a model name), float32 `[out, in]`."""
@@ -60,8 +72,9 @@ def check_lora_inputs(
     """Find the initial adapter and the original model and check that they fit the trained adapter.
 
     Raises:
-        UserError: no initial adapter, no original model, shapes that differ, an original model that is
-            not the one converted (`_check_converted_from`), or `--rank` above 2r.
+        UserError: no initial adapter or report, no original model, shapes that differ, an original model
+            that is not the one converted (`original_model_dir`, `_check_converted_from`), or `--rank`
+            above the exact rank (2r, or r from a zero initial adapter).
     """
     initial_dir = source.base_dir / ADAPTER_DIR  # the untrained B, A written by `qpissa convert`
     if not has_adapter(initial_dir):
@@ -75,7 +88,15 @@ def check_lora_inputs(
             f"the trained adapter {trained.path} (rank {trained.rank}) does not match the initial adapter "
             f"{initial_dir} (rank {initial.rank}); the run was trained from another QPiSSA directory"
         )
-    original = CheckpointReader(original_model_dir(source.base_dir, settings.base))
+    if not (source.base_dir / REPORT_NAME).is_file():
+        raise UserError(
+            f"{source.base_dir} has no {REPORT_NAME}, which names the original model and the conversion's "
+            "errors that --to lora needs; point RUN at a run of a QPiSSA directory made by `qpissa convert`, "
+            "or use --to merged"
+        )
+    report = read_report(source.base_dir)
+    recorded = Path(report["fingerprint"]["model"])
+    original = CheckpointReader(original_model_dir(source.base_dir, recorded, settings.base))
     stored = architecture.stored_names()
     wrong = [
         module for module, shape in trained.shapes.items()
@@ -86,12 +107,21 @@ def check_lora_inputs(
             f"{original.model_dir} is not the model {source.base_dir} was converted from ({wrong[0]} is "
             "missing or has another shape); pass the right one with --base DIR"
         )
-    inputs = LoraInputs(initial=initial, original=original)
-    _check_converted_from(source.base_dir, residual, inputs, architecture)
-    if settings.rank is not None and settings.rank > 2 * trained.rank:
-        exact = 2 * trained.rank
-        raise UserError(f"--rank {settings.rank} is above the exact rank 2r = {exact}; use --rank ≤ {exact}")
+    inputs = LoraInputs(initial, original, report["settings"]["method"], _zero_initial(initial))
+    _check_converted_from(source.base_dir, report, residual, inputs, architecture)
+    exact = inputs.exact_rank
+    if settings.rank is not None and settings.rank > exact:
+        named = "r" if inputs.zero_initial else "2r"
+        raise UserError(
+            f"--rank {settings.rank} is above the exact rank {named} = {exact}; use --rank ≤ {exact}"
+        )
     return inputs
+
+
+def _zero_initial(initial: Adapter) -> bool:
+    """Every initial product B·A is zero (QLoRA's B = 0): then W_res = W, and the trained B', A' alone
+    are the change on the original, exactly."""
+    return all(not B.any() or not A.any() for A, B in map(initial.factors, initial.shapes))
 
 
 # The conversion recorded each matrix's error ‖W − deq(Q) − s·B·A‖ against the W it was converted from
@@ -104,7 +134,7 @@ WRONG_BASE_FACTOR = 2.0
 
 
 def _check_converted_from(
-    base_dir: Path, residual: Residual, inputs: LoraInputs, architecture: Architecture
+    base_dir: Path, report: dict, residual: Residual, inputs: LoraInputs, architecture: Architecture
 ) -> None:
     """The original model must be the one `base_dir` was converted from: on another, the LoRA would add
     the trained change to weights it was never computed for.
@@ -112,7 +142,7 @@ def _check_converted_from(
     Raises:
         UserError: a probed matrix is much farther from deq(Q) + s·B·A than the conversion measured.
     """
-    recorded = {layer["name"]: layer["err_fro"] for layer in read_report(base_dir)["layers"]}
+    recorded = {layer["name"]: layer["err_fro"] for layer in report["layers"]}
     stored = architecture.stored_names()
     modules = sorted(module for module in inputs.initial.shapes if stored.get(module, module) in recorded)
     probes = dict.fromkeys(modules[i] for i in (0, len(modules) // 2, -1)) if modules else {}
@@ -147,27 +177,39 @@ def check_trained(source: ModelSource) -> None:
         )
 
 
-def original_model_dir(base_dir: Path, override: Path | None) -> Path:
-    """The full-precision model a QPiSSA directory was converted from: `--base`, else its report.
+# what --base may name by mistake, told by the file that marks it: each holds a model made from a
+# conversion (a merged export of a run holds the training already, which the LoRA would add twice), or none
+_NOT_ORIGINAL = (
+    (EXPORT_REPORT, "an export made by qpissa export"),
+    (REPORT_NAME, "a QPiSSA directory made by qpissa convert"),
+    (RUN_MARKER, "a training run"),
+)
+
+
+def original_model_dir(base_dir: Path, recorded: Path, override: Path | None) -> Path:
+    """The full-precision model a QPiSSA directory was converted from: `--base`, else the one its report
+    records (`recorded`).
 
     Raises:
-        UserError: neither names one, or the model is not there any more.
+        UserError: `--base` names a qpissa output (unless the conversion was made from it), or the model
+            is missing or not a model directory (no config.json).
     """
-    where = "--base"
-    path = override
-    if path is None:
-        report_path = base_dir / REPORT_NAME
-        if not report_path.is_file():
-            raise UserError(
-                f"{base_dir} has no {REPORT_NAME} naming the original model; pass it with --base DIR"
-            )
-        path = Path(read_report(base_dir)["fingerprint"]["model"])
-        where = str(report_path)
+    if override is None:
+        path, fix = recorded, "pass it, where it is now, with --base DIR"
+        named = f"the original model {path} (named by {base_dir / REPORT_NAME})"
+    else:
+        path, named = override, f"--base {override}"
+        fix = f"--base must name the full-precision model {base_dir} was converted from ({recorded})"
+        what = next((what for marker, what in _NOT_ORIGINAL if (path / marker).is_file()), None)
+        if what is None and (path.parent / RUN_MARKER).is_file():
+            what = f"a part of the training run {path.parent}"
+        if what is not None and path.resolve() != recorded.resolve():  # not the export converted
+            raise UserError(f"{named} is {what}, not an original model; {fix}")
+    if not path.exists():
+        raise UserError(f"{named} is missing; --to lora needs the original model: {fix}")
     if not (path / CONFIG_NAME).is_file():
-        raise UserError(
-            f"the original model {path} (named by {where}) is missing; --to lora needs it: "
-            "pass it with --base DIR"
-        )
+        what = f"a directory without {CONFIG_NAME}" if path.is_dir() else "a file"
+        raise UserError(f"{named} is {what}, not a model; {fix}")
     read_config(path)
     return path
 
@@ -182,22 +224,27 @@ def write_lora(
     rank: int | None,
     bar: tqdm,
 ) -> dict:
-    """Write `s·[B', −B]·[A'; A]` (re-truncated to `rank` if given) as a PEFT adapter; measure its distance.
+    """Write `s·[B', −B]·[A'; A]`, or `s·B'A'` from a zero initial adapter (re-truncated to `rank` if
+    given) as a PEFT adapter; measure its distance.
 
     Returns:
-        base_model, ranks, scale, and in Frobenius norm: `distance` (adapter on the original vs the
-        trained weights), `residual_nf4_error` (`W_res − deq(Q)`), `truncation` (from `--rank`, or None).
+        base_model, method, zero_initial, ranks, scale, and in Frobenius norm: `distance` (adapter on the
+        original vs the trained weights), `residual_nf4_error` (`W_res − deq(Q)`), `truncation` (from
+        `--rank`, or None).
     """
     s = trained.scale
-    out_rank = rank or 2 * trained.rank
+    out_rank = rank or inputs.exact_rank
     sums = dict.fromkeys(("distance", "nf4", "weights", "delta", "dropped"), 0.0)
     worst = 0.0
     writer = SafetensorsWriter(partial / ADAPTER_WEIGHTS)
     for module in sorted(trained.shapes):
         A1, B1 = trained.factors(module)  # A' [r, in], B' [out, r]
         A0, B0 = inputs.initial.factors(module)  # A [r, in], B [out, r]
-        A2 = torch.cat([A1, A0])  # [2r, in]
-        B2 = torch.cat([B1, -(inputs.initial.scale / s) * B0], dim=1)  # [out, 2r]; -B when both scales agree
+        if inputs.zero_initial:  # BA = 0: [B', −B]·[A'; A] = B'A', and B' alone has rank r
+            A2, B2 = A1, B1
+        else:
+            A2 = torch.cat([A1, A0])  # [2r, in]
+            B2 = torch.cat([B1, -(inputs.initial.scale / s) * B0], dim=1)  # [out, 2r]; -B when scales agree
         delta = s * (B2 @ A2)  # ΔW [out, in]
         if rank is not None:
             A2, B2, dropped = _truncate(A2, B2, rank)
@@ -229,7 +276,8 @@ def write_lora(
         relative = (sums["dropped"] / max(sums["delta"], 1e-30)) ** 0.5
         truncation = {"rank": rank, "abs_fro": sums["dropped"] ** 0.5, "relative_to_delta_fro": relative}
     return {
-        "base_model": str(base_model), "trained_rank": trained.rank, "rank": out_rank, "scale": s,
+        "base_model": str(base_model), "method": inputs.method, "zero_initial": inputs.zero_initial,
+        "trained_rank": trained.rank, "rank": out_rank, "scale": s,
         "lora_alpha": s * out_rank,
         "distance": {"abs_fro": sums["distance"] ** 0.5, "relative_fro": sums["distance"] ** 0.5 / norm,
                      "max_matrix_relative_fro": worst},
@@ -240,7 +288,7 @@ def write_lora(
 
 def write_readme(partial: Path, out_dir: Path, report: dict) -> None:
     """The adapter's README.md: how to load it from `out_dir` (where `partial` ends up), with the run's
-    own chat template if it has one, why its rank doubled, how far it is from the trained model."""
+    own chat template if it has one, why it has its rank, how far it is from the trained model."""
     base = report["details"]["base_model"]
     own_template = (partial / TEMPLATE_NAME).is_file()
     template = (

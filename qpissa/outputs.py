@@ -151,6 +151,43 @@ def check_holds_only(output: Path, output_flag: str, patterns: tuple[str, ...], 
         )
 
 
+def check_only_own(
+    out_dir: Path, recorded: list[str] | None, ours: set[str], folders: set[str], writer: str
+) -> None:
+    """`--overwrite` replaces OUT whole: refuse one holding a file or folder its writer did not put there
+    (a training run moved in, the user's notes).
+
+    Args:
+        recorded: the files the report of `out_dir` lists (`files_in`); None for a report from before that
+            list, judged by its folders alone.
+        ours: the writer's files the list leaves out (resume and build markers, compare's record).
+        folders: the folders the writer makes.
+        writer: `conversion`, `export`: for the message.
+
+    Raises:
+        UserError: naming the first three others.
+    """
+    others = sorted(f"{p.name}/" for p in out_dir.iterdir() if p.is_dir() and p.name not in folders)
+    if recorded is not None:
+        kept = {*recorded, *ours}
+        others += [
+            name for name in files_in(out_dir) if name not in kept and f"{name.split('/')[0]}/" not in others
+        ]
+    if others:
+        named = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise UserError(
+            f"OUT {out_dir} holds {named}, which its {writer} did not write and --overwrite would delete; "
+            "move it out of OUT, or choose another OUT"
+        )
+
+
+def files_in(directory: Path) -> list[str]:
+    """Every file under `directory`, as a relative POSIX path: what an output's report lists as its own."""
+    return sorted(
+        path.relative_to(directory).as_posix() for path in directory.rglob("*") if not path.is_dir()
+    )
+
+
 @contextmanager
 def lock_output(output: Path, output_flag: str) -> Iterator[None]:
     """Hold an OS advisory lock on `output` while the body runs: a second writer is refused.

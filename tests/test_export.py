@@ -355,12 +355,36 @@ def _report_names_missing_model(run: Path, qpissa_dir: Path, tmp_path: Path) -> 
     return copy
 
 
+def _wrong_base(case: str, run: Path, qpissa_dir: Path, tmp_path: Path) -> Path:
+    """What `--base` names by mistake in `case`: a qpissa output, a file, a directory of no model."""
+    if case == "base_is_merged_export":
+        assert cli.main(["--quiet", "export", str(run), str(tmp_path / "merged"), "--no-verify"]) == 0
+        return tmp_path / "merged"
+    if case == "base_is_file":
+        (tmp_path / "recipe.yaml").write_text("model: x\n")
+        return tmp_path / "recipe.yaml"
+    if case == "base_without_config":
+        (tmp_path / "empty").mkdir()
+        return tmp_path / "empty"
+    return {"base_is_qpissa_dir": qpissa_dir, "base_is_run": run, "base_is_checkpoint": run / "checkpoint-3"}[
+        case
+    ]
+
+
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
         ("no_adapter", "has no adapter"),
         ("wrong_shapes", "does not fit"),
         ("missing_base", "is missing"),
+        # a merged export of the run holds the training already: the LoRA would add it twice
+        ("base_is_merged_export", "is an export made by qpissa export, not an original model; --base must"),
+        ("base_is_qpissa_dir", "is a QPiSSA directory made by qpissa convert, not an original model"),
+        ("base_is_run", "is a training run, not an original model"),
+        ("base_is_checkpoint", "is a part of the training run"),
+        ("base_is_file", "is a file, not a model; --base must name the full-precision model"),
+        ("base_without_config", "is a directory without config.json, not a model"),
+        ("no_report", "has no qpissa_report.json, which names the original model"),
         ("report_names_missing_model", "deleted_original"),
         ("existing_out", "already exists; pass --overwrite to replace it"),
         ("other_out", "exists and is not an export made by qpissa export"),  # --overwrite would not do
@@ -388,11 +412,18 @@ def test_bad_input_is_one_line_exit_2_and_no_output(
         run = _wrong_shapes(trained_run, tmp_path)
     elif case == "missing_base":
         extra = ["--to", "lora", "--base", str(tmp_path / "nowhere")]
+    elif case.startswith("base_"):
+        extra = ["--to", "lora", "--base", str(_wrong_base(case, trained_run, qpissa_dir, tmp_path))]
+    elif case == "no_report":
+        run, extra = tmp_path / "no_report", ["--to", "lora"]
+        shutil.copytree(qpissa_dir, run)
+        (run / "qpissa_report.json").unlink()
     elif case == "report_names_missing_model":
         run, extra = _report_names_missing_model(trained_run, qpissa_dir, tmp_path), ["--to", "lora"]
     elif case in ("existing_out", "other_out", "overwrite_other"):
         out.mkdir()
-        (out / ("keep.txt" if case != "existing_out" else EXPORT_REPORT)).write_text("mine")
+        # an export's report, of an export recorded before reports listed its files; or the user's file
+        (out / ("keep.txt" if case != "existing_out" else EXPORT_REPORT)).write_text("{}")
         extra = ["--overwrite"] if case == "overwrite_other" else []
     elif case == "rank_with_merged":
         extra = ["--rank", "4"]
@@ -414,16 +445,17 @@ def test_bad_input_is_one_line_exit_2_and_no_output(
 
 
 def test_overwrite_replaces_an_earlier_export_once_the_new_one_is_whole(trained_run: Path, tmp_path: Path):
-    out = tmp_path / "merged"
+    out = tmp_path / "out"
     assert cli.main(["--quiet", "export", str(trained_run), str(out), "--dtype", "float32"]) == 0
     first = json.loads((out / EXPORT_REPORT).read_text())
-    (out / "stale.txt").write_text("from the first export")
-    assert (
-        cli.main(["--quiet", "export", str(trained_run), str(out), "--dtype", "bfloat16", "--overwrite"]) == 0
-    )
+    assert first["files"] == sorted(path.name for path in out.iterdir())  # what --overwrite may delete
+    argv = ["--quiet", "export", str(trained_run), str(out), "--to", "lora", "--dtype", "bfloat16"]
+    assert cli.main([*argv, "--overwrite"]) == 0
     second = json.loads((out / EXPORT_REPORT).read_text())
     assert (first["dtype"], second["dtype"]) == ("float32", "bfloat16")
-    assert not (out / "stale.txt").exists() and not (tmp_path / "merged.partial").exists()
+    assert second["files"] == sorted(path.name for path in out.iterdir())
+    assert "model.safetensors" in first["files"] and not (out / "model.safetensors").exists()
+    assert not (tmp_path / "out.partial").exists()
 
 
 def _ambiguous_data(tmp_path: Path) -> Path:
