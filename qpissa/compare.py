@@ -173,7 +173,9 @@ def _variants(methods: list[Method], base: ConvertSettings) -> dict[str, Convert
     data_free = {f.name: None for f in dataclasses.fields(base) if f.name.startswith("calib")}
     variants = {}
     for method in methods:
-        settings = base.for_method(method)
+        settings = dataclasses.replace(
+            base, method=method, iters=None if method is Method.QLORA else base.iters
+        )
         variants[method.value] = dataclasses.replace(settings, **data_free)
         if base.calib is not None:
             variants[method.value + CALIBRATED_DIR_SUFFIX] = settings

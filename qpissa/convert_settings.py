@@ -6,7 +6,6 @@ names the flag to change. The other commands' settings are in `settings.py`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from enum import Enum
@@ -29,9 +28,10 @@ CALIB_CODES_DAMPING = 0.01
 # task's own held-out problems rises only from 0.0193 to 0.0206 / 0.0236 (BENCHMARKS.md)
 CALIB_GENERAL = 0.25
 MAX_DAMPING = 1e6  # λ·mean(diag H) must stay finite in float32; λ = 1e6 already weighs inputs alike
-# what only the SVD reads: QLoRA quantizes W once (in --svd-dtype), so it takes none of them
-_DECOMPOSITION_KEYS = ("iters", "svd", "oversample", "power_iters", "warm_power_iters", "sketch_dtype")
-OVERSAMPLE = 32
+# what only an SVD reads: QLoRA quantizes W once (in --svd-dtype), so its log line leaves them out, and
+# those only the randomized SVD reads, left out beside --svd exact
+_RANDOMIZED_KEYS = ("oversample", "power_iters", "warm_power_iters", "sketch_dtype")
+_DECOMPOSITION_KEYS = ("iters", "svd", *_RANDOMIZED_KEYS)
 MAX_SCALE = 1e3  # s = alpha/r: factors shrink by √s; LoRA recipes use s ≤ 16, and a huge s overflows float32
 
 
@@ -107,9 +107,7 @@ class ConvertSettings:
     svd: SvdKind = field(
         default=SvdKind.RANDOMIZED, metadata={"help": "exact, or randomized (seeded, oversampled)"}
     )
-    oversample: int = field(
-        default=OVERSAMPLE, metadata={"help": "randomized SVD: extra sketch columns beyond r"}
-    )
+    oversample: int = field(default=32, metadata={"help": "randomized SVD: extra sketch columns beyond r"})
     power_iters: int | None = field(
         default=None,
         metadata={
@@ -249,7 +247,7 @@ class ConvertSettings:
             problems.append(f"--seed must be in [0, 2**32), got {self.seed}")
         if self.workers is not None and self.workers < 1:
             problems.append(f"--workers must be at least 1, got {self.workers}")
-        problems += self._svd_problems() + self._calibration_problems()
+        problems += self._calibration_problems()
         if problems:
             raise UserError("; ".join(problems))
 
@@ -297,40 +295,16 @@ class ConvertSettings:
             values |= {f"calib_{k}": getattr(v, "value", v) for k, v in self.calibration.items()}
         return values
 
-    def for_method(self, method: Method) -> ConvertSettings:
-        """These settings for `method` (compare shares one set): QLoRA runs no SVD, so it takes none of
-        the decomposition's settings, which it would refuse."""
-        if method is not Method.QLORA:
-            return dataclasses.replace(self, method=method)
-        unused = {f.name: f.default for f in fields(self) if f.name in _DECOMPOSITION_KEYS}
-        return dataclasses.replace(self, method=method, **unused)
-
     def description(self) -> str:
         """`key=value, ...` of what this conversion runs with, for the log; automatic (None) ones omitted."""
         unused = _DECOMPOSITION_KEYS if self.method is Method.QLORA else ()
+        unused += _RANDOMIZED_KEYS if self.svd is SvdKind.EXACT else ()
         chosen = {k: v for k, v in self.resolved_dict().items() if v is not None and k not in unused}
         return ", ".join(f"{key}={getattr(value, 'value', value)}" for key, value in chosen.items())
 
     def output_settings(self) -> dict:
         """The settings the output depends on: all but `workers`, which only sets the speed."""
         return {key: value for key, value in self.as_dict().items() if key != "workers"}
-
-    def _svd_problems(self) -> list[str]:
-        """The randomized SVD's options where none runs: given, they would read as if they counted."""
-        given = [flag for flag, is_set in (
-            ("--oversample", self.oversample != OVERSAMPLE), ("--power-iters", self.power_iters is not None),
-            ("--warm-power-iters", self.warm_power_iters is not None),
-            ("--sketch-dtype", self.sketch_dtype is not SketchDtype.AUTO),
-        ) if is_set]  # fmt: skip
-        if self.method is Method.QLORA:
-            given += ["--svd"] if self.svd is not SvdKind.RANDOMIZED else []
-            reason, fix = "--method qlora runs no SVD", ""
-        else:
-            reason, fix = "--svd exact runs no randomized one", ", or use --svd randomized"
-        if not given or (self.method is not Method.QLORA and self.svd is not SvdKind.EXACT):
-            return []
-        verb, pronoun = ("has", "it") if len(given) == 1 else ("have", "them")
-        return [f"{reason}, so {', '.join(given)} {verb} no meaning; drop {pronoun}{fix}"]
 
     def _calibration_problems(self) -> list[str]:
         given = [f"--{f.name.replace('_', '-')}" for f in fields(self)

@@ -77,7 +77,9 @@ def test_the_settings_line_names_only_what_the_method_uses() -> None:
 
     qlora = ConvertSettings(method="qlora").description()
     qpissa = ConvertSettings(rank=16).description()
+    exact = ConvertSettings(svd="exact").description()
     assert qlora.startswith("method=qlora, rank=64,") and "iters" not in qlora and "svd=" not in qlora
+    assert "svd=exact," in exact and "power_iters" not in exact and "oversample" not in exact
     assert qpissa.startswith("method=qpissa, rank=16, alpha=16.0, iters=5, svd=randomized, oversample=32")
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from qpissa.cli import main
-from qpissa.convert_settings import ConvertSettings, Method, SvdKind
 
 
 def _fails(capsys: pytest.CaptureFixture, out: Path, model: str, *extra: str) -> str:
@@ -105,38 +104,6 @@ def test_invalid_option_values(tiny_model: Path, tmp_path: Path, capsys: pytest.
     error = _fails(capsys, tmp_path / "out", str(tiny_model), "--rank", "0", "--blocksize", "48")
     assert "--rank" in error and "--blocksize" in error, "all problems are reported at once"
     assert "--iters" in _fails(capsys, tmp_path / "out", str(tiny_model), "--method", "qlora", "--iters", "3")
-
-
-@pytest.mark.parametrize(
-    ("flags", "expected"),
-    [
-        (
-            ["--svd", "exact", "--power-iters", "3"],
-            "--svd exact runs no randomized one, so --power-iters has",
-        ),
-        (
-            ["--svd", "exact", "--oversample", "8", "--sketch-dtype", "float64"],
-            "--oversample, --sketch-dtype have",
-        ),
-        (
-            ["--method", "qlora", "--svd", "exact"],
-            "--method qlora runs no SVD, so --svd has no meaning; drop it",
-        ),
-        (["--method", "qlora", "--warm-power-iters", "1"], "so --warm-power-iters has no meaning"),
-    ],
-)
-def test_randomized_svd_options_where_none_runs_are_refused(
-    tiny_model: Path, tmp_path: Path, capsys, flags: list[str], expected: str
-) -> None:
-    """They were recorded beside `svd: exact` as if they had counted."""
-    assert expected in _fails(capsys, tmp_path / "out", str(tiny_model), *flags)
-
-
-def test_compare_gives_qlora_none_of_the_svd_settings_it_shares() -> None:
-    shared = ConvertSettings(svd="exact", iters=3, svd_dtype="float64")
-    qlora = shared.for_method(Method.QLORA)
-    assert (qlora.svd, qlora.iters, qlora.svd_dtype.value) == (SvdKind.RANDOMIZED, None, "float64")
-    assert shared.for_method(Method.LOFTQ).iters == 3
 
 
 def test_unknown_method_is_an_argparse_error(tiny_model: Path, tmp_path: Path, capsys) -> None:
