@@ -254,15 +254,17 @@ def run_data_settings(run_dir: Path) -> Any:
 
 def run_model(run_dir: Path) -> Path:
     """The QPiSSA directory a run trained, as its marker names it (a relative path is relative to the run);
-    where that is gone, the one at the same place relative to the run: the two were moved together."""
+    but the one at the same place relative to the run where it holds that conversion, or where the named
+    one is gone: the two were moved or copied together (the named path may hold another one now)."""
     marker = read_run(run_dir)
     named, relative = marker["model"], marker.get(MODEL_FROM_RUN)
     if not isinstance(named, str) or not named:
         raise UserError(f"{run_dir / RUN_MARKER} has no model path; train again into a new output_dir")
     model = run_dir / named if not Path(named).is_absolute() else Path(named)
-    if not model.exists() and isinstance(relative, str) and (run_dir / relative).is_dir():
-        return Path(os.path.normpath(run_dir / relative))
-    return model
+    beside = Path(os.path.normpath(run_dir / relative)) if isinstance(relative, str) else None
+    if beside is None or beside == model or not is_qpissa_dir(beside):
+        return model
+    return beside if not model.exists() or trained_on(marker, beside) else model
 
 
 def comparison_members(compare_dir: Path, kind: str) -> list[Path]:
