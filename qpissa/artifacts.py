@@ -45,6 +45,8 @@ OWN_JSON = "qpissa_*.json"  # every qpissa record above: they describe the QPiSS
 # a training run (`qpissa train`)
 RUN_MARKER = "qpissa_run.json"  # {"model": QPiSSA dir, "config": ..., "runtime": ...}
 MODEL_FROM_RUN = "model_from_run"  # the run marker's path to its model, relative to the run
+RUN_MARKERS = (RUN_MARKER, f"{RUN_MARKER}.tmp")  # the second: a marker whose write was cut short
+DATA_FINGERPRINT = "data_fingerprint"  # the run marker's hash of the tokenized training samples
 LOG_NAME = "trainer_log.jsonl"
 EVAL_LOG_NAME = "eval_log.jsonl"
 EVAL_RESULTS_NAME = "eval_results.json"
@@ -254,17 +256,19 @@ def run_data_settings(run_dir: Path) -> Any:
 
 def run_model(run_dir: Path) -> Path:
     """The QPiSSA directory a run trained, as its marker names it (a relative path is relative to the run);
-    but the one at the same place relative to the run where it holds that conversion, or where the named
-    one is gone: the two were moved or copied together (the named path may hold another one now)."""
+    where that is gone or holds another conversion now, the one at the same place relative to the run, if
+    it holds the run's: the two were moved together."""
     marker = read_run(run_dir)
     named, relative = marker["model"], marker.get(MODEL_FROM_RUN)
     if not isinstance(named, str) or not named:
         raise UserError(f"{run_dir / RUN_MARKER} has no model path; train again into a new output_dir")
     model = run_dir / named if not Path(named).is_absolute() else Path(named)
-    beside = Path(os.path.normpath(run_dir / relative)) if isinstance(relative, str) else None
-    if beside is None or beside == model or not is_qpissa_dir(beside):
+    if is_qpissa_dir(model) and trained_on(marker, model) is not False:
         return model
-    return beside if not model.exists() or trained_on(marker, beside) else model
+    beside = Path(os.path.normpath(run_dir / relative)) if isinstance(relative, str) else None
+    if beside is not None and is_qpissa_dir(beside) and trained_on(marker, beside) is not False:
+        return beside
+    return model
 
 
 def comparison_members(compare_dir: Path, kind: str) -> list[Path]:

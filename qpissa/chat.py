@@ -160,7 +160,8 @@ def run_chat(path: Path, settings: ChatSettings, read: Reader, write: Writer) ->
     chat_model = load_chat_model(path, settings.adapter)
     torch.manual_seed(settings.seed)
     messages, context = _start(settings), chat_model.context
-    write(f"chatting with {path} (/reset forgets the conversation, /exit or Ctrl-D quits)\n")
+    keys = "/reset forgets the conversation, Ctrl-C stops an answer, /exit or Ctrl-D quits"
+    write(f"chatting with {path} ({keys})\n")
     while True:
         try:
             text = read("you> ").strip()
@@ -188,7 +189,7 @@ def run_chat(path: Path, settings: ChatSettings, read: Reader, write: Writer) ->
         try:
             reply = generate_reply(chat_model, messages, settings, write)
         except KeyboardInterrupt:  # stops this answer, not the chat (Ctrl-C at the prompt, or Ctrl-D, quits)
-            write("\n(answer stopped: it is not kept in the conversation)\n")
+            write("\n(answer stopped; this exchange is not kept in the conversation)\n")
             messages.pop()
             continue
         write("\n")

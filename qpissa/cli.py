@@ -37,7 +37,7 @@ from qpissa.artifacts import (
     partial_dir,
     read_json,
 )
-from qpissa.console import convert_summary, counted, export_summary
+from qpissa.console import convert_summary, counted, export_summary, stdout_reader_left
 from qpissa.convert_settings import CompareSettings, ConvertSettings
 from qpissa.distributed import is_main_process, one_process_refusal
 from qpissa.memory import out_of_memory_line
@@ -112,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
             return _after_the_main_process(EXIT_INTERRUPTED)
         print(f"qpissa: interrupted{_continue_hint(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # stdout's reader left (`| head`): stop quietly, as other tools do
+    except BrokenPipeError:
+        if not stdout_reader_left():  # another pipe, a socket: not the user's doing
+            return _bug()
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flushes stdout
-        return EXIT_BROKEN_PIPE
+        return EXIT_BROKEN_PIPE  # stopped quietly, as other tools do when `| head` has read enough
     except OSError as error:  # the last resort: modules that know the file raise UserError themselves
         fix = _FILE_ERRORS.get(error.errno)
         if fix is None or (error.filename is None and error.errno not in _SPACE_ERRORS):
@@ -244,8 +246,10 @@ def _cmd_chat(args: argparse.Namespace) -> None:
         hide_library_progress_bars()  # one answer and nothing else, not transformers' "Loading weights"
         try:
             answer(args.model_or_run, settings, write)
-        finally:
-            print()  # the answer's line ends before anything else is printed (Ctrl-C's line)
+        except KeyboardInterrupt:
+            print()  # the answer's line ends before Ctrl-C's
+            raise
+        print()
     else:
         run_chat(args.model_or_run, settings, input if sys.stdin.isatty() else _echoed_input, write)
 

@@ -16,6 +16,7 @@ from qpissa.artifacts import (
     ADAPTER_CONFIG,
     ADAPTER_DIR,
     CONVERSIONS_DIR,
+    DATA_FINGERPRINT,
     RUN_MARKER,
     RUNS_DIR,
     ModelSource,
@@ -30,7 +31,7 @@ from qpissa.loading import check_context, load_tokenizer
 from qpissa.options import to_dict
 from qpissa.outputs import check_apart
 from qpissa.recipe import TrainConfig, load_config
-from qpissa.resume_checks import FINGERPRINT, data_fingerprint
+from qpissa.resume_checks import data_fingerprint
 from qpissa.runtime import resolve_runtime
 from qpissa.train import train
 from qpissa.trainer_options import training_arguments
@@ -92,7 +93,7 @@ def _why_not_reused(run_dir: Path, config: TrainConfig) -> str | None:
         return "with another --train recipe"
     if trained_on(marker, config.model) is False:
         return "on another conversion"
-    recorded = marker.get(FINGERPRINT)  # a run recorded before the samples' hash is taken at its word
+    recorded = marker.get(DATA_FINGERPRINT)  # a run recorded before the samples' hash is taken at its word
     if recorded is not None and recorded != _samples_hash(config):
         return "on other samples (the recipe's data files changed since)"
     return None
@@ -100,15 +101,17 @@ def _why_not_reused(run_dir: Path, config: TrainConfig) -> str | None:
 
 def _samples_hash(config: TrainConfig) -> str:
     """The hash `train` records of the samples `config` trains on, tokenized as the run tokenizes them;
-    the data's notes were logged when the recipe was checked, so they are not repeated here."""
+    quietly: the run said what its data held when it trained (formats detected, samples dropped)."""
     template = resolve_chat_template(config.chat_template) if config.chat_template else None
-    notes = logging.getLogger("qpissa.data_sources")
-    level = notes.level
-    notes.setLevel(logging.WARNING)
+    notes = [logging.getLogger(name) for name in ("qpissa.data", "qpissa.data_sources")]
+    levels = [logger.level for logger in notes]
+    for logger in notes:
+        logger.setLevel(logging.ERROR)
     try:
         _, _, samples = training_data(config, ModelSource(config.model, None), template)
     finally:
-        notes.setLevel(level)
+        for logger, level in zip(notes, levels, strict=True):
+            logger.setLevel(level)
     return data_fingerprint(samples.rows)
 
 

@@ -5,6 +5,8 @@ Plain functions of the JSON reports, torch-free; the LoRA export's README quotes
 
 from __future__ import annotations
 
+import select
+import sys
 from pathlib import Path
 
 from qpissa.settings import ExportKind
@@ -153,3 +155,13 @@ def lora_summary(report: dict) -> str:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
+
+
+def stdout_reader_left() -> bool:
+    """stdout is a pipe whose reader has closed it (`| head` read enough), which poll reports as an error."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll on this system, or stdout is no file
+        return False

@@ -68,9 +68,14 @@ def check_overwritable(out_dir: Path) -> None:
         UserError: OUT is not a QPiSSA directory, or holds files or folders its conversion did not write.
     """
     check_replaceable(out_dir, "OUT", (REPORT_NAME,), "a QPiSSA directory")
-    if out_dir.is_dir():
-        recorded = read_report(out_dir).get("files")  # and the record `compare` keeps there:
-        check_only_own(out_dir, recorded, {PROGRESS_NAME, FIDELITY_NAME}, {ADAPTER_DIR}, "conversion")
+    if not out_dir.is_dir():
+        return
+    try:
+        recorded = read_report(out_dir).get("files")
+    except UserError:  # a damaged report lists nothing: judged by its folders, as one from before the list
+        recorded = None
+    ours = {PROGRESS_NAME, FIDELITY_NAME, f"{FIDELITY_NAME}.tmp"}  # and the record `compare` keeps there
+    check_only_own(out_dir, recorded, ours, {ADAPTER_DIR}, "conversion")
 
 
 def written_files(partial: Path) -> list[str]:

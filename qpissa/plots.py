@@ -2,7 +2,7 @@
 
 Each function takes plain data (the matching section of the summary) and a PNG path, and draws one
 figure; the report decides which plots have data. Every label keeps one colour across all plots: the
-report assigns them once (`colours`) and passes the mapping to each plot.
+report assigns them once (`assign_colours`) and passes the mapping to each plot.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ DPI = 110
 CROWDED_CHARS = 36  # label characters one half-width plot's x axis holds level
 
 
-def colours(methods: dict[str, str | None]) -> dict[str, str]:
+def assign_colours(methods: dict[str, str | None]) -> dict[str, str]:
     """label -> colour for every plot of one report, from label -> method label (`qpissa+calib`; None for a
     run alone): the first label of each of the three methods takes its fixed colour, every other label the
     next palette colour, so a colour never depends on which labels one plot happens to show."""
@@ -38,7 +38,7 @@ def reduction_by_type(quality: dict[str, dict], metric: str, colours: dict[str, 
     Args:
         quality: label -> {"by_type": {type: %}, "avg": %} in the chosen norm.
         metric: "nuclear" or "Frobenius", for the axis label.
-        colours: label -> colour, from `colours`.
+        colours: label -> colour, from `assign_colours`.
         path: PNG to write.
     """
     plt = _pyplot()

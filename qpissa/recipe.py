@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from qpissa import UserError
-from qpissa.artifacts import RUN_MARKER, latest_checkpoint, read_text
+from qpissa.artifacts import ADAPTER_DIR, RUN_MARKERS, has_adapter, latest_checkpoint, read_text
 from qpissa.options import RecipeLoader, apply_overrides, coerce_fields, from_dict, got, yaml_problem
 from qpissa.settings import MIN_SEQ_LEN, SEED_LIMIT, DataFormat, Device
 
@@ -356,13 +356,14 @@ def _newest_checkpoint(values: dict) -> str:
     output_dir = values.get("output_dir")
     checkpoint = latest_checkpoint(Path(output_dir)) if output_dir else None
     if checkpoint is None:
-        markers = (RUN_MARKER, f"{RUN_MARKER}.tmp")  # the second: a marker whose write was cut short
-        started = output_dir is not None and any((Path(output_dir) / m).is_file() for m in markers)
-        start = (
-            "replace resume_from_checkpoint with overwrite_output_dir=true to start the run again"
-            if started  # a run stopped before its first checkpoint: nothing to resume, train refuses to mix
-            else "leave resume_from_checkpoint out to start the run"
-        )
+        directory = Path(output_dir) if output_dir else None
+        if directory is not None and has_adapter(directory / ADAPTER_DIR):  # finished, saving no checkpoint
+            start = "leave resume_from_checkpoint out and choose a new output_dir to train again"
+        elif directory is not None and any((directory / marker).is_file() for marker in RUN_MARKERS):
+            # stopped before its first checkpoint: nothing to resume, and train does not mix runs
+            start = "replace resume_from_checkpoint with overwrite_output_dir=true to start the run again"
+        else:
+            start = "leave resume_from_checkpoint out to start the run"
         raise UserError(
             f"resume_from_checkpoint=true, but output_dir {output_dir} holds no complete checkpoint-N; "
             f"name one, or {start}"

@@ -18,6 +18,7 @@ from qpissa import UserError
 from qpissa.artifacts import (
     ADAPTER_DIR,
     ADAPTER_WEIGHTS,
+    DATA_FINGERPRINT,
     REPORT_HTML,
     REPORT_MARKDOWN,
     REPORT_NAME,
@@ -34,7 +35,7 @@ from qpissa.outputs import (
     resolve_output,
     start_partial,
 )
-from qpissa.plots import colours
+from qpissa.plots import assign_colours
 from qpissa.report_inputs import MethodData, collect, export_label, method_label
 from qpissa.report_render import draw_plots, fidelity_apart, write_documents
 from qpissa.safetensors_file import read_header
@@ -80,16 +81,6 @@ def create_report(inputs: list[Path], out_dir: Path, options: ReportOptions) -> 
     return summary
 
 
-def _read_through(methods: list[MethodData]) -> dict[str, Path | None]:
-    """The conversions, runs and exports the report reads, by what they are to the user: a run given
-    alone leads to its QPiSSA directory, an export to its run."""
-    read = {}
-    for m in methods:
-        read |= {f"{m.label}'s QPiSSA directory": m.conversion_dir, f"{m.label}'s run": m.run_dir}
-        read |= {f"{m.label}'s export #{i}": path for i, (path, _) in enumerate(m.exports, 1)}
-    return read
-
-
 def build_report(inputs: list[Path], out_dir: Path, options: ReportOptions) -> dict:
     """Read INPUTS and write the report's files into `out_dir`, a directory the caller owns and has
     locked (`qpissa compare` writes its report beside its conversions); each file is replaced whole.
@@ -106,6 +97,16 @@ def build_report(inputs: list[Path], out_dir: Path, options: ReportOptions) -> d
     return summary
 
 
+def _read_through(methods: list[MethodData]) -> dict[str, Path | None]:
+    """The conversions, runs and exports the report reads, by what they are to the user: a run given
+    alone leads to its QPiSSA directory, an export to its run."""
+    read = {}
+    for m in methods:
+        read |= {f"{m.label}'s QPiSSA directory": m.conversion_dir, f"{m.label}'s run": m.run_dir}
+        read |= {f"{m.label}'s export #{i}": path for i, (path, _) in enumerate(m.exports, 1)}
+    return read
+
+
 def _write(summary: dict, out_dir: Path, options: ReportOptions) -> None:
     summary["plots"] = draw_plots(summary, out_dir, options)
     write_documents(summary, out_dir, TAIL_STEPS)
@@ -120,7 +121,7 @@ def summarize(methods: list[MethodData], options: ReportOptions) -> dict:
     original = _original(methods)
     summary = {
         "methods": [m.label for m in methods],
-        "colours": colours({m.label: _method(m) for m in methods}),  # one per label, in every plot
+        "colours": assign_colours({m.label: _method(m) for m in methods}),  # one per label, in every plot
         "metric": metric,
         "original": original,
         "quality": quality,
@@ -268,7 +269,7 @@ def _recipe(run: dict) -> dict:
     return {
         "data": data["path"] or [source["path"] for source in data["sources"]],
         "eval_path": data["eval_path"], "max_seq_len": data["max_seq_len"],
-        "data_fingerprint": run.get("data_fingerprint"),  # the same path may hold other contents
+        "data_fingerprint": run.get(DATA_FINGERPRINT),  # the same path may hold other contents
         "max_steps": config["max_steps"], "num_train_epochs": config["num_train_epochs"],
         "learning_rate": config["learning_rate"], "seed": config["seed"],
         "global_batch_size": run["processes"]["global_batch_size"],

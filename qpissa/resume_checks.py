@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from qpissa import UserError
 from qpissa.artifacts import (
     CHECKPOINT_PREFIX,
+    DATA_FINGERPRINT,
     RUN_MARKER,
     TRAINER_STATE,
     ModelSource,
@@ -41,7 +42,6 @@ CONTINUED_SETTINGS = ("per_device_train_batch_size", "gradient_accumulation_step
 # held-out data's format only); and the paths, as a moved or copied file is the same data: what they hold
 # is compared instead, by the fingerprint of the tokenized samples (`check_same_samples`)
 NOT_TRAINED_ON = ("path", "eval_path", "eval_split", "eval_generate_samples", "num_proc")
-FINGERPRINT = "data_fingerprint"  # the run marker's key
 # what fixes the learning rate of every step and each update: the Trainer restores the optimizer's and the
 # scheduler's state, so a changed value would be ignored (the saved parameter groups keep their learning
 # rate, betas, epsilon and weight decay), break the schedule (its length) or fail (another optimizer)
@@ -220,7 +220,7 @@ def check_same_samples(checkpoint: Path, fingerprint: str) -> None:
     marker_path = checkpoint.parent / RUN_MARKER
     if not marker_path.is_file():
         return
-    recorded = read_json(marker_path, "resume from a checkpoint of an intact run").get(FINGERPRINT)
+    recorded = read_json(marker_path, "resume from a checkpoint of an intact run").get(DATA_FINGERPRINT)
     if recorded is not None and recorded != fingerprint:
         raise UserError(
             f"resume_from_checkpoint {checkpoint} continues a run on other training samples: what the "

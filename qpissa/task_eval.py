@@ -23,7 +23,6 @@ from qpissa.artifacts import (
     ModelSource,
     is_qpissa_dir,
     read_json,
-    resolve_source,
     run_data_settings,
 )
 from qpissa.data import IGNORE_INDEX, collate, pad_token_id, tokenize_split
@@ -56,8 +55,7 @@ def evaluate(
     """
     model_or_run, data_path = Path(model_or_run), Path(data_path)  # the Python API takes text paths too
     source = checked_source(model_or_run, adapter=settings.adapter)
-    # a LoRA export's data settings are its adapter's: kept with --no-adapter, the baseline users compare to
-    run_data = _run_data(source if settings.adapter else resolve_source(model_or_run))
+    run_data = _run_data(source, model_or_run)
     recorded = run_data.settings["format"] if run_data else None
     data_format = settings.format or (DataFormat(recorded) if recorded else None)
     # no format given or recorded: detected, as training does
@@ -252,21 +250,22 @@ class RunData:
     record: Path
 
 
-def _run_data(source: ModelSource) -> RunData | None:
-    """The data settings of the run MODEL_OR_RUN was trained in: its marker's, or those an export of it
-    keeps (detected instead, the format could be another one the records also fit, and the loss with it)."""
+def _run_data(source: ModelSource, given: Path) -> RunData | None:
+    """The data settings of the run MODEL_OR_RUN (`given`) was trained in: its marker's, or those an
+    export of it keeps (detected instead, the format could be another one the records also fit, and the
+    loss with it); a LoRA export's also with --no-adapter, for the baseline its loss is compared to."""
     if source.run_dir is not None:
         marker = source.run_dir / RUN_MARKER
         return RunData(_checked_data(run_data_settings(source.run_dir), marker), marker)
-    report = _export_report(source)
+    report = _export_report(source, given)
     data = read_json(report, "export again").get("data") if report is not None else None
     return None if data is None else RunData(_checked_data(data, report), report)
 
 
-def _export_report(source: ModelSource) -> Path | None:
+def _export_report(source: ModelSource, given: Path) -> Path | None:
     """The export_report.json of a merged export (the model) or a LoRA export (the adapter); a QPiSSA
     directory converted from a merged export may hold a copy of one, which describes another model."""
-    for directory in (source.adapter_dir, source.base_dir):
+    for directory in (source.adapter_dir, source.base_dir, given):
         if directory is not None and (directory / EXPORT_REPORT).is_file() and not is_qpissa_dir(directory):
             return directory / EXPORT_REPORT
     return None

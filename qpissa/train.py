@@ -25,6 +25,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from qpissa import UserError
 from qpissa.artifacts import (
     ADAPTER_DIR,
+    DATA_FINGERPRINT,
     EVAL_LOG_NAME,
     EVAL_RESULTS_NAME,
     LOG_NAME,
@@ -58,7 +59,7 @@ from qpissa.memory import estimate_memory
 from qpissa.options import to_dict
 from qpissa.outputs import lock_output, readable_as_umask_allows, resolve_output
 from qpissa.recipe import TrainConfig
-from qpissa.resume_checks import FINGERPRINT, RNG_FILES, check_same_samples, data_fingerprint
+from qpissa.resume_checks import RNG_FILES, check_same_samples, data_fingerprint
 from qpissa.runtime import Runtime, dtype_name, resolve_runtime
 from qpissa.task_eval import evaluate_loss, exact_match
 from qpissa.train_checks import check_inputs, check_output_dir
@@ -66,6 +67,7 @@ from qpissa.trainer_eval import TokenWeightedTrainer
 from qpissa.trainer_options import checked_options, training_arguments
 from qpissa.trainer_resume import resume_or_finish
 from qpissa.trainlog import (
+    GENERATION_TIME,
     JsonlLogCallback,
     NoEvaluationAtTheEnd,
     QuietProgressCallback,
@@ -146,7 +148,7 @@ def _train(
     pad_id = pad_token_id(tokenizer)
     run_dir = config.output_dir
     generate = partial(
-        _timed_exact_match,
+        exact_match,
         tokenizer=tokenizer,
         samples=eval_samples[: config.data.eval_generate_samples],
         batch_size=config.per_device_eval_batch_size,
@@ -196,7 +198,9 @@ def _train(
             model, eval_data.rows, pad_id, runtime.device, config.per_device_eval_batch_size, bars
         )
         seconds = time.perf_counter() - evaluating
+        generating = time.perf_counter()
         generation = generate(model, show_progress=bars) if config.data.eval_generate_samples else {}
+        answered = {GENERATION_TIME: round(time.perf_counter() - generating, 4)} if generation else {}
         write_json(run_dir / EVAL_RESULTS_NAME, {**final, **generation})
         # the last step's line of the eval log, which the Trainer's pass would have written (a run finished
         # again from its last checkpoint evaluates that step again)
@@ -210,7 +214,7 @@ def _train(
                 "eval_steps_per_second": round(batches / seconds, 3), "epoch": state.epoch,
                 "num_input_tokens_seen": float(state.num_input_tokens_seen),  # as the Trainer logs it
             }  # fmt: skip
-            append_jsonl(run_dir / EVAL_LOG_NAME, {**line, **generation})
+            append_jsonl(run_dir / EVAL_LOG_NAME, {**line, **generation, **answered})
     if processes().is_main:
         readable_as_umask_allows(run_dir)  # the adapter and checkpoints PEFT and the Trainer wrote
     wait_for_everyone()  # the run directory is complete for every process
@@ -324,12 +328,6 @@ def _push_refused(error: Exception, arguments: TrainingArguments) -> UserError:
     )
 
 
-def _timed_exact_match(model: torch.nn.Module, **kwargs: Any) -> dict[str, Any]:
-    """`exact_match` with its own time: the eval log's `eval_runtime` is the loss pass's, as the Trainer's."""
-    started = time.perf_counter()
-    return {**exact_match(model, **kwargs), "generation_runtime": round(time.perf_counter() - started, 4)}
-
-
 def _run_marker(
     config: TrainConfig, runtime: Runtime, source: ModelSource, arguments: TrainingArguments, fingerprint: str
 ) -> dict[str, Any]:
@@ -341,7 +339,7 @@ def _run_marker(
         "model": str(source.base_dir),
         MODEL_FROM_RUN: os.path.relpath(source.base_dir.resolve(), config.output_dir.resolve()),
         "conversion": read_report(source.base_dir)["fingerprint"],  # what a resume must train on again
-        FINGERPRINT: fingerprint,  # and the samples it must see again
+        DATA_FINGERPRINT: fingerprint,  # and the samples it must see again
         "processes": process_record(arguments, processes()),
         "runtime": resolved,
     }

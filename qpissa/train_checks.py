@@ -12,6 +12,7 @@ from qpissa.artifacts import (
     LOG_NAME,
     REPORT_NAME,
     RUN_MARKER,
+    RUN_MARKERS,
     ModelSource,
     checkpoints,
     has_adapter,
@@ -70,7 +71,7 @@ def check_inputs(config: TrainConfig, optim: str) -> tuple[ModelSource, Path | N
 def check_output_dir(config: TrainConfig, resume: Path | None) -> None:
     """What is in output_dir may be replaced or continued (checked under its lock)."""
     # a marker whose write was cut short (a full disk) still marks a run of qpissa's
-    markers = (RUN_MARKER, f"{RUN_MARKER}.tmp", LOG_NAME)
+    markers = (*RUN_MARKERS, LOG_NAME)
     if resume is None and config.overwrite_output_dir:
         check_replaceable(config.output_dir, "output_dir", markers, "a training run")
     if resume is None and config.output_dir.is_file():

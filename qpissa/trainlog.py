@@ -23,6 +23,8 @@ from transformers.trainer_utils import has_length
 from qpissa.artifacts import read_jsonl
 from qpissa.memory import peak_rss_mb
 
+GENERATION_TIME = "generation_runtime"  # beside the Trainer's eval_runtime, which times the loss pass
+
 log = logging.getLogger(__name__)
 
 
@@ -118,7 +120,8 @@ class JsonlLogCallback(TrainerCallback):
     def _log_evaluation(self, step: int, metrics: dict, model: torch.nn.Module | None) -> None:
         entry = {"step": step, **{k: _float(v) for k, v in metrics.items()}}
         if self.generate is not None and model is not None:
-            entry.update(self.generate(model))
+            started = time.perf_counter()  # the answers' own time: eval_runtime is the loss pass's
+            entry.update(self.generate(model), **{GENERATION_TIME: round(time.perf_counter() - started, 4)})
         append_jsonl(self.eval_path, entry)
         log.info("eval at step %d: %s", step, evaluation_text(entry))
 
@@ -130,7 +133,7 @@ def evaluation_text(entry: dict) -> str:
     if entry.get("total"):
         parts.append(f"exact match {entry['correct']}/{entry['total']} ({100 * entry['accuracy']:.1f} %)")
     if entry.get("eval_runtime") is not None:
-        parts.append(f"{entry['eval_runtime']:.1f} s")
+        parts.append(f"{entry['eval_runtime'] + entry.get(GENERATION_TIME, 0.0):.1f} s")
     return ", ".join(parts)
 
 

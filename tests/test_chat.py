@@ -201,7 +201,7 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(qpissa_dir: Path):
 
     messages = run_chat(qpissa_dir, ChatSettings(max_new_tokens=8), lambda prompt: next(lines), write)
     assert [m["content"] for m in messages if m["role"] == "user"] == ["hi"]
-    assert "<Ctrl-C>\n(answer stopped: it is not kept in the conversation)\n" in "".join(written)
+    assert "<Ctrl-C>\n(answer stopped; this exchange is not kept in the conversation)\n" in "".join(written)
 
 
 def test_an_answer_piped_into_a_reader_that_leaves_ends_quietly(qpissa_dir: Path):
@@ -221,6 +221,17 @@ def test_an_answer_piped_into_a_reader_that_leaves_ends_quietly(qpissa_dir: Path
     chat.stdout.close()  # the reader leaves before the answer's first piece
     _, errors = chat.communicate(timeout=120)
     assert chat.returncode == 141 and "Traceback" not in errors and "bug" not in errors, errors
+
+
+def test_a_broken_pipe_that_is_not_stdouts_is_a_bug(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys):
+    """Only a reader of stdout that left ends quietly: another broken pipe (a socket) keeps its traceback."""
+
+    def broken(args: object) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_cmd_fetch_model", broken)
+    assert cli.main(["fetch-model", "smollm2-135m", str(tmp_path / "model")]) == 1
+    assert "this is a bug" in capsys.readouterr().err
 
 
 def test_interactive_chat_skips_a_line_that_is_not_utf8(qpissa_dir: Path):

@@ -248,6 +248,8 @@ def test_overwrite_of_a_conversion_recorded_before_its_file_list_is_judged_by_it
     (out / "tokenizer.model").write_text("a side file of that older conversion")
     assert main([*args, "--overwrite"]) == 0
     assert not (out / "tokenizer.model").exists() and "files" in json.loads((out / REPORT_NAME).read_text())
+    (out / REPORT_NAME).write_text('{"settings": ')  # damaged: judged by its folders too, and replaced
+    assert main([*args, "--overwrite"]) == 0 and "files" in json.loads((out / REPORT_NAME).read_text())
 
 
 def test_a_run_recorded_before_the_files_stats_still_belongs_to_its_conversion(

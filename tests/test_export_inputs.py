@@ -70,6 +70,8 @@ def test_an_export_recorded_before_its_file_list_is_judged_by_its_folders(run: P
     (out / "kept").rmdir()
     assert _export(run, out, "--overwrite") == 0
     assert not (out / "NOTES.txt").exists() and "files" in json.loads((out / EXPORT_REPORT).read_text())
+    (out / EXPORT_REPORT).write_text('{"files": ')  # damaged: judged by its folders too, and replaced
+    assert _export(run, out, "--overwrite") == 0 and "files" in json.loads((out / EXPORT_REPORT).read_text())
 
 
 def test_base_may_be_the_export_its_conversion_was_made_from(qpissa_dir: Path, moved_run, tmp_path: Path):

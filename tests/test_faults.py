@@ -255,6 +255,11 @@ def _report_names_workspace_model(ws: Path) -> None:
     path.write_text(json.dumps(report))
 
 
+def _name_model(ws: Path, model: str) -> None:
+    """Point the workspace run at `model`, as a run recorded before `model_from_run` named it."""
+    _edit_json(ws / "run" / "qpissa_run.json", model=model, model_from_run=None)
+
+
 def _user_files(qpissa_dir: Path) -> None:
     _file(qpissa_dir / "notes.md", "results of a week")
     _file(qpissa_dir / "adapter" / "README.md", "a model card")
@@ -520,6 +525,10 @@ CASES = [
     Case("train", "resume_from_checkpoint=true without a checkpoint",
          lambda ws: _train(ws, resume_from_checkpoint=True),
          "resume_from_checkpoint=true, but output_dir .*new_run holds no complete checkpoint-N"),
+    Case("train", "resume_from_checkpoint=true where a run finished without checkpoints",
+         lambda ws: _train(ws, output_dir=str(ws / "run"), resume_from_checkpoint=True),
+         "checkpoint-N; name one, or leave resume_from_checkpoint out and choose a new output_dir",
+         damage=lambda ws: [shutil.rmtree(c) for c in (ws / "run").glob("checkpoint-*")]),
     Case("train", "resume_from_checkpoint=true where a run stopped before its first checkpoint",
          lambda ws: _train(ws, resume_from_checkpoint=True),
          "no complete checkpoint-N; name one, or replace resume_from_checkpoint with overwrite_output_dir",
@@ -560,10 +569,10 @@ CASES = [
          damage=lambda ws: _file(ws / "data" / "train.jsonl", LONG_SAMPLE)),
     Case("eval", "run names a directory that is no QPiSSA directory", lambda ws: _eval(ws, target="run"),
          "names model .* which is not a QPiSSA directory",
-         damage=lambda ws: _edit_json(ws / "run" / "qpissa_run.json", model=str(ws / "data"))),
+         damage=lambda ws: _name_model(ws, str(ws / "data"))),
     Case("eval", "run names its model by a relative path elsewhere", lambda ws: _eval(ws, target="run"),
          "names model ../model, which is not a QPiSSA directory",
-         damage=lambda ws: _edit_json(ws / "run" / "qpissa_run.json", model="../model")),
+         damage=lambda ws: _name_model(ws, "../model")),
     Case("eval", "run file damaged", lambda ws: _eval(ws, target="run"), "qpissa_run.json is not valid JSON",
          damage=lambda ws: _file(ws / "run" / "qpissa_run.json", '{"model": ')),
     Case("eval", "run's adapter truncated", lambda ws: _eval(ws, target="run"),
@@ -574,7 +583,7 @@ CASES = [
          damage=lambda ws: _file(ws / "run" / "adapter" / "adapter_config.json", "[]")),
     Case("eval", "run trained on another QPiSSA directory", lambda ws: _eval(ws, target="run"),
          "was trained on a conversion that .*qpissa8 no longer holds",
-         damage=lambda ws: _edit_json(ws / "run" / "qpissa_run.json", model=str(ws / "qpissa8"))),
+         damage=lambda ws: _name_model(ws, str(ws / "qpissa8"))),
     Case("eval", "QPiSSA directory holding another conversion's adapter", _eval,
          r"rank 8, lora_alpha 8, 14 layers\) is not the adapter .*qpissa was converted with \(rank 4",
          damage=lambda ws: (shutil.rmtree(ws / "qpissa" / "adapter"),
@@ -648,7 +657,7 @@ CASES = [
     # report: never into an input or a directory of another kind
     Case("report", "a run whose conversion was redone", lambda ws: _report(ws, "report", "run"),
          "run .*run was trained on a conversion that .*qpissa8 no longer holds .* leave the run out",
-         damage=lambda ws: _edit_json(ws / "run" / "qpissa_run.json", model=str(ws / "qpissa8"))),
+         damage=lambda ws: _name_model(ws, str(ws / "qpissa8"))),
     Case("report", "an input that does not exist", lambda ws: _report(ws, "report", "qpissa", "nowhere"),
          r"nowhere does not exist \(check the path\)"),
     Case("report", "--out is an input run", lambda ws: _report(ws, "run"),

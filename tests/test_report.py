@@ -395,7 +395,7 @@ def _pixels(path: Path, colour: str) -> int:
 
 
 def test_long_labels_are_tilted_where_they_would_run_into_each_other() -> None:
-    """Four labels such as `qpissa+calib r64 T5` overlapped on the memory plot's axis."""
+    """Four labels such as `qpissa+calib r64 T5` overlapped on the bar plots' axes (memory, fidelity)."""
     from qpissa import plots
 
     plt = plots._pyplot()
