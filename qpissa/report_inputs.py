@@ -25,7 +25,9 @@ from qpissa.artifacts import (
     read_json,
     read_jsonl,
     read_report,
+    read_run,
     run_model,
+    trained_on,
 )
 from qpissa.convert_settings import Method
 
@@ -58,7 +60,9 @@ def collect(inputs: list[Path]) -> list[MethodData]:
     by_key: dict[str, MethodData] = {}
     problems = []
     exports = [path for path in inputs if (path / EXPORT_REPORT).is_file()]
-    for path in [path for path in inputs if path not in exports] + exports:  # an export joins its run
+    conversions = [path for path in inputs if (path / REPORT_NAME).is_file()]  # a run joins one given
+    others = [path for path in inputs if path not in exports and path not in conversions]
+    for path in conversions + others + exports:  # an export joins its run
         if (path / COMPARE_NAME).is_file():
             for member in comparison_members(path, CONVERSIONS_DIR) + comparison_members(path, RUNS_DIR):
                 _add(by_key, member)
@@ -108,7 +112,7 @@ def _add(by_key: dict[str, MethodData], path: Path) -> bool:
         entry.fidelity = _read(path / FIDELITY_NAME) if (path / FIDELITY_NAME).is_file() else None
         return True
     if (path / RUN_MARKER).is_file():
-        model = run_model(path)
+        model = _given_conversion(by_key, path) or run_model(path)
         if (model / REPORT_NAME).is_file():  # else the run is reported alone
             check_trained_on(path, model, "leave the run out (its results would be credited to it)")
         entry = _add_linked(by_key, model, path)
@@ -162,6 +166,14 @@ def _made_from(entry: MethodData, run: Path | None) -> bool:
     if run is None or entry.run_dir is None:
         return run is None and entry.run_dir is None
     return run.resolve() == entry.run_dir.resolve()
+
+
+def _given_conversion(by_key: dict[str, MethodData], run_dir: Path) -> Path | None:
+    """A conversion among the inputs that holds what the run trained: a copy of the one its marker names
+    (a copied comparison's) is the run's row, not a row beside it."""
+    marker = read_run(run_dir)
+    held = [e.conversion_dir for e in by_key.values() if e.conversion is not None and e.conversion_dir]
+    return next((directory for directory in held if trained_on(marker, directory)), None)
 
 
 def _add_linked(by_key: dict[str, MethodData], model: Path, path: Path) -> MethodData:

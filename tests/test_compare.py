@@ -261,7 +261,20 @@ def test_a_moved_comparison_keeps_its_runs_and_changed_data_trains_again(
     assert [s["status"] for s in steps] == ["reused"] * 3
     assert _training_rows(moved).keys() == rows.keys() == {"qlora"}  # the run is its conversion's row
     assert run_model(moved / "runs" / "qlora") == moved / "conversions" / "qlora"  # eval, export, chat
-    again = ["--quiet", "convert", str(tiny_chat_model), str(out / "conversions" / "qlora"), "--rank", "2"]
+    shutil.copytree(moved / "conversions", out / "conversions")  # where the runs' markers point
+    copy = tmp_path / "copy"
+    shutil.copytree(moved, copy)  # its runs name a conversion elsewhere, the same: still one row each
+    assert cli.main(["--quiet", "report", str(copy), "--out", str(tmp_path / "report")]) == 0
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["methods"] == ["qlora"]
+    again = [
+        "--quiet",
+        "convert",
+        str(tiny_chat_model),
+        str(out / "conversions" / "qlora"),
+        "--rank",
+        "2",
+        "--overwrite",
+    ]
     assert cli.main(again) == 0  # the old path holds another conversion now
     assert run_model(moved / "runs" / "qlora") == moved / "conversions" / "qlora"
     data.write_text(data.read_text().replace("+1=", "+2="))  # same path, same size, other samples
