@@ -77,7 +77,7 @@ def check_output_dir(config: TrainConfig, resume: Path | None) -> None:
     if resume is None and config.output_dir.is_file():
         raise UserError(f"output_dir {config.output_dir} is a file; choose a directory path")
     if resume is None and _is_occupied(config.output_dir) and not config.overwrite_output_dir:
-        started = any((config.output_dir / marker).is_file() for marker in markers[:2])
+        started = any((config.output_dir / marker).is_file() for marker in RUN_MARKERS)
         checkpoint = latest_checkpoint(config.output_dir)  # complete ones only: a cut write is no checkpoint
         if not any((config.output_dir / marker).is_file() for marker in markers) and not checkpoints(
             config.output_dir

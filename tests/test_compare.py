@@ -181,20 +181,25 @@ def test_an_occupied_out_is_refused(tiny_model: Path, tmp_path: Path, capsys) ->
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
 
 
-def test_train_runs_each_method_with_one_config_and_reuses_runs(
-    tiny_chat_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    model = tiny_chat_model  # training needs a tokenizer
+def _train_recipe(tmp_path: Path, samples: int, settings: str) -> Path:
+    """A recipe training on `samples` sums (`data.jsonl`) in batches of 4, logging every step."""
     data = tmp_path / "data.jsonl"
     data.write_text(
-        "".join(json.dumps({"prompt": f"{i}+1=", "completion": f"{i + 1}"}) + "\n" for i in range(16))
+        "".join(json.dumps({"prompt": f"{i}+1=", "completion": f"{i + 1}"}) + "\n" for i in range(samples))
     )
     config = tmp_path / "train.yaml"
     config.write_text(
         f"data:\n  path: {data}\n  format: prompt_completion\n  max_seq_len: 32\n"
-        "max_steps: 2\nlearning_rate: 1.0e-3\nper_device_train_batch_size: 4\n"
-        "logging_steps: 1\nsave_steps: 100\n"
+        f"per_device_train_batch_size: 4\nlogging_steps: 1\n{settings}"
     )
+    return config
+
+
+def test_train_runs_each_method_with_one_config_and_reuses_runs(
+    tiny_chat_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = tiny_chat_model  # training needs a tokenizer
+    config = _train_recipe(tmp_path, 16, "max_steps: 2\nlearning_rate: 1.0e-3\nsave_steps: 100\n")
     out = tmp_path / "out"
     args = [
         "--quiet",
@@ -242,15 +247,8 @@ def test_a_moved_comparison_keeps_its_runs_and_changed_data_trains_again(
     """Runs recorded their conversion's absolute path: a moved comparison trained every run again, and its
     report split each method into a conversion row and a run row. The same path with other contents was
     reused as if it held the samples the run trained on."""
+    config = _train_recipe(tmp_path, 8, "max_steps: 1\n")
     data = tmp_path / "data.jsonl"
-    data.write_text(
-        "".join(json.dumps({"prompt": f"{i}+1=", "completion": f"{i + 1}"}) + "\n" for i in range(8))
-    )
-    config = tmp_path / "train.yaml"
-    config.write_text(
-        f"data:\n  path: {data}\n  format: prompt_completion\n  max_seq_len: 32\n"
-        "max_steps: 1\nper_device_train_batch_size: 4\nlogging_steps: 1\n"
-    )
     out, moved = tmp_path / "out", tmp_path / "moved"
     flags = ["--methods", "qlora", "--train", str(config), *FLAGS]
     assert cli.main(["--quiet", "compare", str(tiny_chat_model), str(out), *flags]) == 0
