@@ -11,6 +11,11 @@ from qpissa.artifacts import read_text
 
 TEMPLATE_NAME = "chat_template.jinja"  # transformers' own file name for a tokenizer's chat template
 _JINJA_MARKS = ("{%", "{{")
+# where each command takes a chat template from, for messages that ask for one
+WHERE_TEMPLATES_COME_FROM = (
+    "train: the recipe's chat_template, a .jinja file or the template itself; eval, convert --calib: a "
+    f"{TEMPLATE_NAME} in the model's directory"
+)
 
 
 def resolve_chat_template(value: str) -> str:

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from qpissa import UserError
+from qpissa.chat_template import WHERE_TEMPLATES_COME_FROM
 
 # what chat templates read from a turn for tool use besides role and content (OpenAI's, transformers' names)
 TOOL_KEYS = ("tool_calls", "tool_call_id", "name")
@@ -71,8 +72,8 @@ def check_calls_rendered(message: dict[str, Any], response: str) -> None:
     if missing:
         raise UserError(
             f"the chat template renders no tool calls (a record's call to {missing[0]!r} is missing from the "
-            f"rendered turn {response[:60]!r}); use a chat template that renders them (the recipe's "
-            "`chat_template`), or leave the tool calls out of the data"
+            f"rendered turn {response[:60]!r}); use a chat template that renders them "
+            f"({WHERE_TEMPLATES_COME_FROM}), or leave the tool calls out of the data"
         )
 
 
@@ -83,5 +84,5 @@ def check_tools_rendered(tools: list[dict[str, Any]], with_tools: str, without_t
         raise UserError(
             f"the chat template ignores a record's `tools` ({function_name(tools[0])!r}...), so the model "
             "would learn to call functions it is never shown; use a chat template that renders "
-            "tools (the recipe's `chat_template`), or leave `tools` out of the data"
+            f"tools ({WHERE_TEMPLATES_COME_FROM}), or leave `tools` out of the data"
         )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qpissa import UserError
-from qpissa.chat_template import render_chat
+from qpissa.chat_template import WHERE_TEMPLATES_COME_FROM, render_chat
 from qpissa.chat_tools import (
     TOOL_KEYS,
     check_calls_rendered,
@@ -212,9 +212,7 @@ def check_tokenizer(tokenizer: Any, data_format: DataFormat) -> None:
     if data_format in CHAT_FORMATS and not tokenizer.chat_template:
         raise UserError(
             f"the data is in the chat format {data_format.value}, but the model's tokenizer has no chat "
-            "template; give it one (train: the recipe's chat_template, a .jinja file or the template itself; "
-            "eval, convert --calib: a chat_template.jinja in the model's directory), or write the records as "
-            "prompt_completion"
+            f"template; give it one ({WHERE_TEMPLATES_COME_FROM}), or write the records as prompt_completion"
         )
 
 
@@ -291,7 +289,7 @@ def _render_alpaca(messages: list[dict[str, str]], eos: str, response_only: bool
     if len(messages) > 2 + bool(system):
         raise UserError(
             "an alpaca record has `history` (earlier turns), which only a chat template renders; give the "
-            "model one (the recipe's `chat_template`), or leave `history` out"
+            f"model one ({WHERE_TEMPLATES_COME_FROM}), or leave `history` out"
         )
     prompt = f"{system}### Instruction:\n{messages[-2]['content']}\n\n### Response:\n"
     output = messages[-1]["content"]

@@ -347,11 +347,15 @@ def test_a_chat_template_that_drops_tool_calls_or_tools_is_refused(tokenizer) ->
         {"role": "assistant", "content": "It is sunny."},
     ]
     with pytest.raises(
-        UserError, match=r"renders no tool calls \(a record's call to 'get_weather'.*`chat_template`"
+        UserError,
+        match=r"renders no tool calls.*'get_weather'.*convert --calib: a chat_template.jinja",
     ):
         render({"messages": messages}, DataFormat.MESSAGES, tokenizer)
     answer = {"messages": [messages[0], {"role": "assistant", "content": "Ask a forecast."}], "tools": TOOLS}
-    with pytest.raises(UserError, match=r"ignores a record's `tools` \('get_weather'.*`chat_template`"):
+    with pytest.raises(
+        UserError,
+        match=r"ignores a record's `tools` \('get_weather'.*eval, convert --calib: a chat_template.jinja",
+    ):
         render(answer, DataFormat.MESSAGES, tokenizer)
 
 
