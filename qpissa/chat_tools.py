@@ -27,7 +27,19 @@ def record_tools(record: dict[str, Any], where: str) -> list[dict[str, Any]] | N
         raise UserError(
             f"{where}: `tools` must be a list of function schemas, each with a `name` (or JSON text of one)"
         )
-    return tools or None
+    return without_nulls(tools) or None
+
+
+def without_nulls(value: Any) -> Any:
+    """`value` without null entries in its mappings, at any depth. Parquet, Arrow and `save_to_disk` data
+    give every record's schemas and call arguments the keys other records have, as null: rendered, they
+    would show parameters a function lacks and train calls that pass them. A file cannot tell those from
+    nulls written on purpose, so every source drops them alike (as TRL does)."""
+    if isinstance(value, dict):
+        return {key: without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [without_nulls(item) for item in value]
+    return value
 
 
 def check_tool_calls(calls: Any, name: str, where: str) -> None:

@@ -36,7 +36,7 @@ class TokenizedData:
 
     rows: datasets.Dataset | list[dict[str, list[int]]]  # input_ids, labels per sample
     dropped: int  # samples whose response was cut entirely by max_seq_len
-    cut: int = 0  # samples kept but cut at max_seq_len: their responses trained in part, without the end
+    cut: int = 0  # samples kept but cut at max_seq_len: response tokens past it are not trained
     kept: list[int] | None = None  # of a list of samples (`tokenize`): the index of each row's sample
 
 
@@ -90,8 +90,8 @@ def load_train(config: DataConfig, tokenizer: Any, seed: int, context: int | Non
     if cut:
         raising = _raising(length, config.max_seq_len, context)
         log.warning(
-            "%d of %d training samples are longer than data.max_seq_len=%d and were cut there: their "
-            "responses are trained in part, without the end of turn%s",
+            "%d of %d training samples are longer than data.max_seq_len=%d and were cut there: response "
+            "tokens past it (the end of a turn, or later turns) are not trained%s",
             cut, len(kept), config.max_seq_len, f"; {raising} to keep them whole" if raising else "",
         )  # fmt: skip
     return TokenizedData(kept.remove_columns("cut"), len(tokenized) - len(kept), cut)
@@ -142,7 +142,7 @@ def tokenize(
         raising = _raising(length_setting, max_seq_len, context)
         log.warning(
             "%d of %d samples are longer than max_seq_len=%d: their loss is measured on the first %d "
-            "tokens only%s", cut, len(rows), max_seq_len, max_seq_len,
+            "tokens only, without the response tokens past them%s", cut, len(rows), max_seq_len, max_seq_len,
             f"; {raising} to score them whole" if raising else "",
         )  # fmt: skip
     return TokenizedData(rows, len(encoded) - len(rows), cut, kept)
@@ -195,14 +195,28 @@ def _encode_record(
 def _encode(segments: list[tuple[str, bool]], tokenizer: Any, max_seq_len: int) -> dict[str, Any]:
     ids: list[int] = []
     labels: list[int] = []
-    for index, (text, trained) in enumerate(segments):
-        # only the very first segment gets the tokenizer's own specials (BOS), as a whole text would
-        piece = tokenizer(text, add_special_tokens=index == 0 and not _starts_with_bos(text, tokenizer))[
-            "input_ids"
-        ]
+    previous = ""  # the last non-empty segment: the context a segment is tokenized in
+    for text, trained in segments:
+        piece = _segment_ids(text, previous, tokenizer, first=not ids)
         ids += piece
         labels += piece if trained else [IGNORE_INDEX] * len(piece)
+        previous = text or previous
     return {"input_ids": ids[:max_seq_len], "labels": labels[:max_seq_len], "cut": len(ids) > max_seq_len}
+
+
+def _segment_ids(text: str, previous: str, tokenizer: Any, first: bool) -> list[int]:
+    """A segment's tokens as the whole text tokenizes them: after the previous segment, not alone, since a
+    SentencePiece (Metaspace) tokenizer would start every segment with a space token ("▁") that the whole
+    text does not have. Where a token spans the boundary, the segment's own tokens (as at generation,
+    where the prompt is tokenized alone). Only the very first segment gets the tokenizer's specials (BOS)."""
+    if not previous:
+        specials = first and not _starts_with_bos(text, tokenizer)
+        return tokenizer(text, add_special_tokens=specials)["input_ids"]
+    context = tokenizer(previous, add_special_tokens=False)["input_ids"]
+    joined = tokenizer(previous + text, add_special_tokens=False)["input_ids"]
+    if joined[: len(context)] == context:
+        return joined[len(context) :]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _has_target(labels: list[int]) -> bool:

@@ -19,6 +19,7 @@ from qpissa.chat_tools import (
     check_tools_rendered,
     record_tools,
     sharegpt_call,
+    without_nulls,
 )
 from qpissa.settings import DataFormat
 
@@ -184,15 +185,15 @@ def render(
 
     Chat formats use the tokenizer's chat template (with the record's `tools`) and train on every assistant
     turn, tool calls included (chat prompt-completion: on the completion's turns only, as TRL does);
-    `alpaca` uses the chat template when the tokenizer has one; the EOS token ends every response so
-    generation stops.
+    `alpaca` uses the chat template when the tokenizer has one; the EOS token ends every sample so generation
+    stops (in a conversation the last turn; earlier turns end as the template renders them).
     """
     eos = tokenizer.eos_token or ""
     if data_format is DataFormat.TEXT:
-        return Sample([(record["text"] + eos, True)], "", record["text"])
+        return Sample([(_ended(record["text"], eos), True)], "", record["text"])
     if data_format is DataFormat.PROMPT_COMPLETION:
         prompt, response = record["prompt"], record["completion"]
-        return Sample([(prompt, not response_only), (response + eos, True)], prompt, response)
+        return Sample([(prompt, not response_only), (_ended(response, eos), True)], prompt, response)
     if data_format is DataFormat.ALPACA:
         messages = _alpaca_messages(record, "record")
         if tokenizer.chat_template:
@@ -243,6 +244,7 @@ def _chat_turn(message: Any, name: str, where: str) -> dict[str, Any]:
         )
     if "tool_calls" in turn:
         check_tool_calls(turn["tool_calls"], name, where)
+        turn["tool_calls"] = without_nulls(turn["tool_calls"])
     return {**turn, "content": content, "role": fields["role"]}
 
 
@@ -293,7 +295,7 @@ def _render_alpaca(messages: list[dict[str, str]], eos: str, response_only: bool
         )
     prompt = f"{system}### Instruction:\n{messages[-2]['content']}\n\n### Response:\n"
     output = messages[-1]["content"]
-    return Sample([(prompt, not response_only), (output + eos, True)], prompt, output)
+    return Sample([(prompt, not response_only), (_ended(output, eos), True)], prompt, output)
 
 
 def _render_chat(
@@ -326,13 +328,18 @@ def _render_chat(
         answer = (
             _written_call(response, tokenizer.eos_token) if message.get("tool_calls") else message["content"]
         )
-        if tokenizer.eos_token and tokenizer.eos_token not in response:
-            response += tokenizer.eos_token
+        if index == len(messages) - 1 and tokenizer.eos_token and tokenizer.eos_token not in response:
+            response += tokenizer.eos_token  # earlier turns: the history `chat` renders, without it
         segments.append((response, True))
         done, prompt = after, before
     if tools:
         check_tools_rendered(tools, done, render_chat(tokenizer, messages))
     return Sample(segments, prompt, answer)
+
+
+def _ended(text: str, eos: str) -> str:
+    """`text` ending with the EOS token (once, also where the data already writes it)."""
+    return text if text.endswith(eos) else text + eos
 
 
 def _written_call(response: str, eos: str | None) -> str:

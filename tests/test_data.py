@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import string
 from pathlib import Path
 
 import pytest
@@ -108,8 +109,9 @@ def test_training_samples_cut_inside_their_response_are_kept_and_counted(
     long_row = max(data.rows, key=lambda row: len(row["input_ids"]))
     assert len(long_row["input_ids"]) == 16 and long_row["labels"][-1] != tokenizer.eos_token_id
     assert [r.getMessage() for r in caplog.records if r.name == "qpissa.data"] == [
-        "1 of 2 training samples are longer than data.max_seq_len=16 and were cut there: their responses "
-        "are trained in part, without the end of turn; raise `data.max_seq_len` to keep them whole"
+        "1 of 2 training samples are longer than data.max_seq_len=16 and were cut there: response tokens "
+        "past it (the end of a turn, or later turns) are not trained; raise `data.max_seq_len` to keep them "
+        "whole"
     ]
 
 
@@ -274,9 +276,7 @@ def test_cut_training_samples_are_not_advised_past_the_models_context(
         with caplog.at_level("WARNING", logger="qpissa.data"):
             load_train(config, tokenizer, seed=0, context=context)
         (message,) = [r.getMessage() for r in caplog.records if r.name == "qpissa.data"]
-        assert message.endswith("without the end of turn" + (advice + " them whole" if advice else "")), (
-            message
-        )
+        assert message.endswith("are not trained" + (advice + " them whole" if advice else "")), message
 
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
@@ -456,3 +456,82 @@ def test_a_conversation_ending_in_a_tool_call_is_scored_on_the_call(tool_tokeniz
     ]
     sample = render({"messages": messages, "tools": TOOLS}, DataFormat.MESSAGES, tool_tokenizer)
     assert sample.response == '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizer():
+    """transformers' Llama tokenizer (Metaspace, byte fallback) over single characters."""
+    from transformers import LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{byte:02X}>": 3 + byte for byte in range(256)}}
+    for character in "▁" + string.ascii_letters + string.punctuation:
+        vocab.setdefault(character, len(vocab))
+    return LlamaTokenizer(vocab=vocab, merges=[])
+
+
+def test_segments_are_tokenized_as_the_whole_text(sentencepiece_tokenizer) -> None:
+    """Tokenized alone, every segment would start with Metaspace's "▁": the model would learn to answer
+    " yes" where the text (and generation after the prompt) has "yes"."""
+    tokenizer = sentencepiece_tokenizer
+    for record, data_format in (
+        ({"prompt": "Q: hi\nA:\n", "completion": "yes"}, DataFormat.PROMPT_COMPLETION),
+        ({"instruction": "Say yes", "output": "yes"}, DataFormat.ALPACA),
+    ):
+        sample = render(record, data_format, tokenizer)
+        row = tokenize([sample], tokenizer, max_seq_len=256).rows[0]
+        whole = "".join(text for text, _ in sample.segments)
+        assert row["input_ids"] == tokenizer(whole)["input_ids"]
+        trained = [token for token, label in zip(*row.values(), strict=True) if label != IGNORE_INDEX]
+        assert tokenizer.convert_ids_to_tokens(trained) == ["y", "e", "s", "</s>"]
+
+
+def test_only_a_conversations_last_turn_gets_the_eos(tokenizer) -> None:
+    """Where the template ends turns without the EOS, earlier turns are trained as the template renders
+    the history that `chat` gives the model."""
+    from copy import deepcopy
+
+    plain = deepcopy(tokenizer)
+    plain.chat_template = (
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "2+2"},
+        {"role": "assistant", "content": "4"},
+    ]
+    text, trained = _trained_text(render({"messages": messages}, DataFormat.MESSAGES, plain), plain)
+    assert text == "<s>" + plain.apply_chat_template(messages, tokenize=False) + "<|im_end|>"
+    assert trained == "yo\n4\n<|im_end|>"
+
+
+def test_data_that_ends_with_the_eos_gets_no_second_one(tokenizer) -> None:
+    eos = tokenizer.eos_token
+    for record, data_format in (
+        ({"prompt": "Q:", "completion": " 4" + eos}, DataFormat.PROMPT_COMPLETION),
+        ({"text": "abc" + eos}, DataFormat.TEXT),
+    ):
+        text, _ = _trained_text(render(record, data_format, tokenizer), tokenizer)
+        assert text.endswith(" 4" + eos if data_format is DataFormat.PROMPT_COMPLETION else "abc" + eos)
+        assert text.count(eos) == 1
+
+
+def test_nulls_that_arrow_fills_into_calls_and_schemas_are_not_rendered(tool_tokenizer) -> None:
+    """Parquet and Arrow give every record's arguments and schemas the keys other records have, as null."""
+    call = {
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": {"city": "Paris", "tz": None}},
+    }
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "tz": None}}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": schema}}]
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [call], "tool_call_id": None},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
+        {"role": "assistant", "content": "It is sunny."},
+    ]
+    sample = render({"messages": messages, "tools": tools}, DataFormat.MESSAGES, tool_tokenizer)
+    text, trained = _trained_text(sample, tool_tokenizer)
+    assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in trained
+    assert "null" not in text and '"properties": {"city": {"type": "string"}}' in text
