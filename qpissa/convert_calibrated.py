@@ -33,7 +33,7 @@ from qpissa.nf4 import dequantize_stored
 from qpissa.safetensors_file import read_header
 from qpissa.stored import adapter_key
 
-HIDDEN_NAME = "hidden.pt"  # in OUT.partial/calibration/: the inputs of the next layer to calibrate
+HIDDEN_PREFIX = "hidden-"  # in OUT.partial/calibration/: hidden-I.pt holds layer I's inputs
 BATCH_TOKENS = 1024  # calibration tokens per forward pass: activations stay small, products stay large
 
 
@@ -103,11 +103,14 @@ def calibrate_layers(
                     outputs = run_layer(layer, inputs, index, run.dtype)
             inputs.hidden = outputs
             bar.update(len(results))
-            torch.save(inputs.hidden, folder / (HIDDEN_NAME + ".tmp"))
-            (folder / (HIDDEN_NAME + ".tmp")).replace(folder / HIDDEN_NAME)
+            # named by layer: a kill before the progress below is saved resumes from the file it names
+            saved = _hidden_path(folder, index + 1)
+            torch.save(inputs.hidden, saved.with_suffix(".tmp"))
+            saved.with_suffix(".tmp").replace(saved)
             state["metrics"] |= {name: result.metrics for name, result in results.items()}
             state["layers_done"] = index + 1
             write_json(partial / PROGRESS_NAME, progress)
+            _hidden_path(folder, index).unlink(missing_ok=True)
             return_freed_memory()
     state["layer_of"] = {name: _layer_index(name, stack.prefix) for name in state["metrics"]}
     write_json(partial / PROGRESS_NAME, progress)
@@ -122,11 +125,16 @@ def _resumed_hidden(folder: Path, layers_done: int, device: torch.device) -> lis
     fix = "use --overwrite to start the conversion over"
     for index in range(layers_done):
         read_header(folder / spool_name(index), fix)  # its length against the file's
+    saved = _hidden_path(folder, layers_done)
     try:
-        return torch.load(folder / HIDDEN_NAME, weights_only=True, map_location=device)
+        return torch.load(saved, weights_only=True, map_location=device)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
         reason = " ".join(str(error).split())
-        raise UserError(f"{folder / HIDDEN_NAME} is truncated or corrupt ({reason}); {fix}") from None
+        raise UserError(f"{saved} is missing, truncated or corrupt ({reason}); {fix}") from None
+
+
+def _hidden_path(folder: Path, layer: int) -> Path:
+    return folder / f"{HIDDEN_PREFIX}{layer}.pt"
 
 
 def spooled(partial: Path, progress: dict, module: str) -> DecomposedMatrix | None:

@@ -110,6 +110,7 @@ def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite:
                 f"{partial} was started with other settings ({differences}); rerun with the same options, "
                 "or use --overwrite to start over"
             )
+        check_overwritable(out_dir)  # finished, the resumed conversion replaces OUT as --overwrite does
         return progress
     if resume and (out_dir / REPORT_NAME).is_file():
         recorded = read_report(out_dir)["fingerprint"]

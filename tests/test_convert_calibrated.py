@@ -4,6 +4,7 @@ deterministic bytes, resume after a kill, and one clear line for every bad calib
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -194,10 +195,30 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _killed_after_the_first_layer(model: Path, calib_text: Path, tmp_path: Path) -> list[str]:
+# killed after the last layer's inputs are saved, before the progress records layer 1 done
+_KILL_BEFORE_THE_SECOND_RECORD = """
+import os, signal, sys
+from qpissa import convert_calibrated
+from qpissa.cli import main
+
+write_json = convert_calibrated.write_json
+
+def die_before_layer_1_is_recorded(path, data, *args, **kwargs):
+    if data.get("calibration", {}).get("layers_done") == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_json(path, data, *args, **kwargs)
+
+convert_calibrated.write_json = die_before_layer_1_is_recorded
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _killed_after_the_first_layer(
+    model: Path, calib_text: Path, tmp_path: Path, kill: str = _KILL_AFTER_FIRST_SPOOL
+) -> list[str]:
     """Run a calibrated conversion into `tmp_path/out` killed once layer 0 is recorded; its arguments."""
     script = tmp_path / "killed.py"
-    script.write_text(_KILL_AFTER_FIRST_SPOOL)
+    script.write_text(kill)
     args = ["convert", str(model), str(tmp_path / "out"), "--rank", "4", "--iters", "2",
             "--calib", str(calib_text), *CALIB]  # fmt: skip
     done = subprocess.run(
@@ -217,7 +238,19 @@ def test_resume_after_a_kill_between_layers_gives_identical_bytes(
     assert _file_bytes(tmp_path / "out") == _file_bytes(calibrated)
 
 
-@pytest.mark.parametrize("damaged", ["hidden.pt", "layer-00000.safetensors"])
+def test_resume_after_a_kill_before_a_layer_is_recorded_gives_identical_bytes(
+    calibrated: Path, tiny_chat_model: Path, calib_text: Path, tmp_path: Path
+) -> None:
+    """The next layer's inputs are saved before the progress that records the layer: the resumed layer
+    must read its own inputs, not the ones its outputs became."""
+    args = _killed_after_the_first_layer(
+        tiny_chat_model, calib_text, tmp_path, _KILL_BEFORE_THE_SECOND_RECORD
+    )
+    assert main(["--quiet", *args, "--resume"]) == 0
+    assert _file_bytes(tmp_path / "out") == _file_bytes(calibrated)
+
+
+@pytest.mark.parametrize("damaged", ["hidden-1.pt", "layer-00000.safetensors"])
 def test_resume_names_a_damaged_calibration_file(
     tiny_chat_model: Path, calib_text: Path, tmp_path: Path, capsys: pytest.CaptureFixture, damaged: str
 ) -> None:
@@ -227,7 +260,8 @@ def test_resume_names_a_damaged_calibration_file(
     assert main(["--quiet", *args, "--resume"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("qpissa: error: ") and "\n" not in error, error
-    assert f"{damaged} is truncated or corrupt" in error and "use --overwrite" in error, error
+    assert "use --overwrite" in error, error
+    assert re.search(f"{damaged} is (missing, )?truncated or corrupt", error), error
 
 
 def test_data_free_conversion_records_no_calibration(tiny_chat_model: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shutil
@@ -132,6 +133,31 @@ def test_interrupted_output_needs_resume_or_overwrite(tiny_model: Path, tmp_path
     (tmp_path / "out.partial").mkdir()
     status = main(["--quiet", "convert", str(tiny_model), str(tmp_path / "out"), "--rank", "4"])
     assert status == 2 and "--resume" in capsys.readouterr().err
+
+
+def test_resume_refuses_an_out_the_user_filled_since_the_interruption(
+    tiny_model: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finished, a resumed conversion replaces OUT: a folder made there in between is the user's."""
+    convert_module = importlib.import_module("qpissa.convert")  # `qpissa.convert` is the API function
+    real = convert_module._read_and_decompose
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    args = ["--quiet", "convert", str(tiny_model), str(tmp_path / "out"), "--rank", "4", "--iters", "1"]
+    monkeypatch.setattr(convert_module, "_read_and_decompose", interrupted)
+    assert main(args) == 130  # interrupted, as by Ctrl-C
+    monkeypatch.setattr(convert_module, "_read_and_decompose", real)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert main([*args, "--resume"]) == 2
+    assert "is not a QPiSSA directory, so it is not replaced" in capsys.readouterr().err
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine" and (tmp_path / "out.partial").is_dir()
 
 
 def test_resume_with_other_settings_is_refused(tiny_model: Path, tmp_path: Path, capsys) -> None:
