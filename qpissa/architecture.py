@@ -30,9 +30,11 @@ _AUTO_CLASSES = {
     "AutoModel": ("MODEL_MAPPING_NAMES", "FEATURE_EXTRACTION"),
     "AutoModelForMaskedLM": ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", None),
     "AutoModelForSeq2SeqLM": ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "SEQ_2_SEQ_LM"),
-    "AutoModelForSequenceClassification": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "SEQ_CLS"),
-    "AutoModelForTokenClassification": ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "TOKEN_CLS"),
-    "AutoModelForQuestionAnswering": ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "QUESTION_ANS"),
+    # a plain PeftModel for models with a task head: PEFT's SEQ_CLS, TOKEN_CLS and QUESTION_ANS add the
+    # head to `modules_to_save` and expect its weights in the adapter, which holds only A and B
+    "AutoModelForSequenceClassification": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", None),
+    "AutoModelForTokenClassification": ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", None),
+    "AutoModelForQuestionAnswering": ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", None),
 }
 # why a matrix stays unquantized whatever --targets says (qpissa_report.json's `kept_unquantized`, convert's
 # summary)

@@ -140,7 +140,12 @@ def _compare(ref: torch.Tensor, out: torch.Tensor, head: bool) -> dict:
 
 @torch.no_grad()
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Logits `[tokens, vocab]`, or the last hidden states `[tokens, hidden]` of a model without a head;
+    """Logits `[tokens, vocab]`, or the last hidden states `[tokens, hidden]` of a model without a language
+    model head (a bare encoder, or one with a classification or QA head, whose outputs are not per token);
     an encoder-decoder's come from its decoder, fed by `decoder_inputs`."""
-    output = model(input_ids=ids, **decoder_inputs(model, ids))
-    return (output.logits if has_logits(model) else output.last_hidden_state)[0].float().cpu()
+    head = has_logits(model)
+    output = model(input_ids=ids, output_hidden_states=not head, **decoder_inputs(model, ids))
+    if head:
+        return output.logits[0].float().cpu()
+    hidden = getattr(output, "last_hidden_state", None)
+    return (output.hidden_states[-1] if hidden is None else hidden)[0].float().cpu()

@@ -46,8 +46,13 @@ FAMILIES = {
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", GPT2),  # Conv1D layers, weights stored [in, out]
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {**COMMON, "num_local_experts": 4}),
     "bert": ("BertConfig", "BertModel", BERT),  # an encoder without a head (sentence-transformers' layout)
+    "bert_cls": (
+        "BertConfig",
+        "BertForSequenceClassification",
+        {**BERT, "num_labels": 64},
+    ),  # a head, adapted
 }
-NOT_CAUSAL = {"bert"}
+NOT_CAUSAL = {"bert": "AutoModel", "bert_cls": "AutoModelForSequenceClassification"}
 
 
 def make_family_model(family: str, out_dir: Path, tokenizer_dir: Path, **changes) -> Path:
@@ -79,7 +84,7 @@ def converted(
 def _auto_class(family: str):
     import transformers
 
-    return transformers.AutoModel if family in NOT_CAUSAL else transformers.AutoModelForCausalLM
+    return getattr(transformers, NOT_CAUSAL.get(family, "AutoModelForCausalLM"))
 
 
 def _plain(family: str, model_dir: Path, adapter_dir: Path | None = None, trainable: bool = False):
@@ -159,7 +164,10 @@ def test_trains_and_the_merged_export_reproduces_it(
         ):
             error = _error(capsys, tmp_path / out, *argv)
             assert "not a causal language model" in error and "AutoModel" in error
-        run = qpissa_dir  # its converted adapter is exported
+        run = qpissa_dir  # its converted adapter is exported, and verified against the hidden states
+        assert (
+            cli.main(["--quiet", "export", str(run), str(tmp_path / "verified"), "--dtype", "float32"]) == 0
+        )
     else:
         assert cli.main(["--quiet", "train", str(_train_config(qpissa_dir, tmp_path))]) == 0
         run = tmp_path / "run"
