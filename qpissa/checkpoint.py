@@ -310,7 +310,18 @@ def copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
 
 
 def _shard_files(model_dir: Path) -> list[Path]:
+    """The weight files transformers loads: model.safetensors if present (before any index), else the
+    index's shards; others beside them are ignored, with a warning, as transformers ignores them."""
     index = model_dir / INDEX_NAME
+    single = model_dir / shard_names(1)[0]
+    if single.is_file():
+        others = sorted(p.name for p in model_dir.glob("*.safetensors") if p != single)
+        if others or index.is_file():
+            log.warning(
+                "%s: %s ignored, as transformers ignores them: it loads %s before any index",
+                model_dir, ", ".join([*others, *[INDEX_NAME] * index.is_file()]), single.name,
+            )  # fmt: skip
+        return [single]
     if index.is_file():
         record = read_json(index, "restore it from the original model", required=("weight_map",))
         weight_map = record["weight_map"]
@@ -322,16 +333,14 @@ def _shard_files(model_dir: Path) -> list[Path]:
             raise UserError(
                 f"{index} lists shards that are missing: {', '.join(missing)}; download them again"
             )
-        return shards
-    single = model_dir / shard_names(1)[0]
-    unindexed = sorted(p.name for p in model_dir.glob("*.safetensors") if p != single)
-    if single.is_file():  # what transformers loads without an index; it ignores any other file
-        if unindexed:
+        unlisted = sorted(p.name for p in model_dir.glob("*.safetensors") if p not in shards)
+        if unlisted:
             log.warning(
-                "%s: %s ignored, as transformers ignores them: without %s it loads %s alone",
-                model_dir, ", ".join(unindexed), INDEX_NAME, single.name,
+                "%s: %s ignored, as transformers ignores them: %s does not list them",
+                model_dir, ", ".join(unlisted), INDEX_NAME,
             )  # fmt: skip
-        return [single]
+        return shards
+    unindexed = sorted(p.name for p in model_dir.glob("*.safetensors"))
     if unindexed:
         raise UserError(
             f"{model_dir} has {', '.join(unindexed)} but neither {single.name} nor {INDEX_NAME}, so "

@@ -216,6 +216,30 @@ def test_weights_beside_model_safetensors_are_ignored_as_transformers_ignores_th
     assert "model-copy.safetensors, optimizer.safetensors ignored" in caplog.text
 
 
+def test_model_safetensors_is_read_before_an_index_and_an_index_ignores_what_it_does_not_list(
+    model_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """transformers loads model.safetensors before any index: converting the index's shards instead
+    converted other weights than the model loaded from MODEL."""
+    from safetensors import safe_open
+
+    with safe_open(str(model_copy / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    shard = "model-00001-of-00001.safetensors"
+    index = {"metadata": {}, "weight_map": dict.fromkeys(names, shard)}
+    (model_copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    (model_copy / shard).write_bytes(b"not read")  # read, it would fail the conversion
+    with caplog.at_level("WARNING", logger="qpissa.checkpoint"):
+        assert main(["convert", str(model_copy), str(tmp_path / "a"), "--rank", "4", "--iters", "1"]) == 0
+    assert f"{shard}, model.safetensors.index.json ignored" in caplog.text
+    (model_copy / "model.safetensors").replace(model_copy / shard)
+    (model_copy / "consolidated.safetensors").write_bytes(b"not read")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qpissa.checkpoint"):
+        assert main(["convert", str(model_copy), str(tmp_path / "b"), "--rank", "4", "--iters", "1"]) == 0
+    assert "consolidated.safetensors ignored, as transformers ignores them" in caplog.text
+
+
 def test_weights_under_another_name_without_an_index(
     model_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
