@@ -221,7 +221,7 @@ def load_tokenizer(source: ModelSource):
     template a training run saved, if it set one."""
     from transformers import AutoTokenizer
 
-    auto_config(source.base_dir)  # a damaged config.json is named as such, not as a tokenizer problem
+    config = auto_config(source.base_dir)  # a damaged config.json is named as such, not as a tokenizer's
     if not any((source.base_dir / name).is_file() for name in TOKENIZER_MARKERS):
         raise UserError(
             f"{source.base_dir} holds no tokenizer (no {', '.join(TOKENIZER_MARKERS)}); copy the original "
@@ -237,6 +237,12 @@ def load_tokenizer(source: ModelSource):
             f"{source.base_dir} has no usable tokenizer ({reason}); "
             "copy the original model's tokenizer files there"
         ) from None
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if isinstance(vocab, int) and len(tokenizer) > vocab:  # its later ids would index past the embeddings
+        raise UserError(
+            f"{source.base_dir}: the tokenizer has {len(tokenizer)} tokens, the model's embeddings {vocab} "
+            "(config.json's vocab_size); copy the model's own tokenizer files there"
+        )
     template = saved_chat_template(source.adapter_dir, source.run_dir)  # the run's own, if it set one
     if template is not None:
         tokenizer.chat_template = template

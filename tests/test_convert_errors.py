@@ -240,6 +240,25 @@ def test_model_safetensors_is_read_before_an_index_and_an_index_ignores_what_it_
     assert "consolidated.safetensors ignored, as transformers ignores them" in caplog.text
 
 
+def test_a_tokenizer_larger_than_the_models_embeddings_is_one_line(
+    tiny_chat_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Its later ids index past the embedding table: an IndexError deep in the forward pass, in train,
+    eval, chat and convert --calib alike (all read it through one loader)."""
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_chat_model, model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(300)])
+    tokenizer.save_pretrained(model)
+    (tmp_path / "calib.txt").write_text("Some calibration prose, long enough for a window or two. " * 20)
+    error = _fails(
+        capsys, tmp_path / "out", str(model), "--rank", "4", "--calib", str(tmp_path / "calib.txt")
+    )
+    assert f"{model}: the tokenizer has {len(tokenizer)} tokens, the model's embeddings 256" in error
+
+
 def test_weights_under_another_name_without_an_index(
     model_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
