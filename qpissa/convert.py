@@ -43,6 +43,7 @@ from qpissa.loading import check_context, load_tokenizer
 from qpissa.memory import available_memory_bytes
 from qpissa.methods import CalibratedFit, DecomposeSettings
 from qpissa.nf4 import as_storage
+from qpissa.options import check_api_argument
 from qpissa.outputs import check_apart, lock_output, resolve_output
 from qpissa.runtime import (
     calibration_dtype,
@@ -84,6 +85,7 @@ def convert(
         UserError: bad input or settings, an existing output, a resume with different settings, another
             process writing OUT.
     """
+    check_api_argument(settings, ConvertSettings, "settings", "e.g. ConvertSettings(rank=64)")
     model_dir, out_dir = Path(model_dir), resolve_output(Path(out_dir), "OUT")  # text paths too
     for output in (out_dir, partial_dir(out_dir)):
         check_apart(output, "OUT", {"MODEL": model_dir, "--calib": settings.calib})

@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import lzma
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +35,11 @@ CSV_SEPARATORS = {".csv": ",", ".tsv": "\t"}
 FOLDER_TYPES = LOADERS | {".txt": "text"}
 METADATA_FILES = ("dataset_info.json", "dataset_infos.json")  # a Hub dataset's description, not records
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")  # told apart from unknown types: decompress first
+# a .txt file has no record boundaries of its own; in a folder datasets makes each line a record
+PLAIN_TEXT = (
+    '; write plain text as JSON Lines, one {"text": ...} record per sample (or put .txt files in a folder: '
+    "each line is a record there, as datasets reads them)"
+)
 
 
 def check_file(path: Path) -> dict[str, str]:
@@ -49,7 +56,8 @@ def check_file(path: Path) -> dict[str, str]:
         packed = path.suffix.lower() in COMPRESSED and Path(path.stem).suffix.lower() in LOADERS
         fix = (
             f"decompress it first ({Path(path.stem).name})" if packed
-            else f"use {known} (the text types also as .gz, .bz2 or .xz) or a directory"
+            else f"use {known} (the text types also as .gz, .bz2 or .xz)"
+            + (PLAIN_TEXT if suffix == ".txt" else "")
         )  # fmt: skip
         raise UserError(f"{path}: unknown data file type {path.suffix!r}; {fix}")
     if path.stat().st_size == 0:
@@ -58,35 +66,50 @@ def check_file(path: Path) -> dict[str, str]:
         return {"sep": CSV_SEPARATORS[suffix]}
     if LOADERS[suffix] != "json":
         return {}
+    if suffix != ".json":
+        _check_lines(path)
+        return {}
     text = read_text(path, "dataset", "check the path").removeprefix(BOM)  # datasets reads past a BOM
     if not text.strip():
         raise UserError(f"dataset {path} is empty; it needs at least one record")
-    if suffix == ".json":
-        return _records_field(path, text)
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(
-                f"dataset {path} line {number} is not valid JSON ({error.msg}, column {error.colno}); "
-                "fix or remove that line"
-            ) from None
-        if not isinstance(record, dict):
-            raise UserError(f"dataset {path} line {number} is not a JSON object (one record per line)")
-    return {}
+    return _records_field(path, text)
 
 
-def check_folder(path: Path) -> list[Path]:
-    """Every data file of a folder is read. datasets reads only the files named after a split once some
-    are, and of those only the most common file type; it ignores the others, silently.
+def _check_lines(path: Path) -> None:
+    """Every line of a JSON Lines file is a JSON object, read one line at a time (a large file is never
+    held whole). Lines end at a line feed only, as datasets reads them: U+2028 may stand in a string."""
+    found = False
+    try:
+        with open_text(path, newline="\n") as file:
+            for number, line in enumerate(file, 1):
+                line = line.rstrip("\r\n").removeprefix(BOM if number == 1 else "")  # datasets reads past it
+                if not line.strip():
+                    continue
+                found = True
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise UserError(
+                        f"dataset {path} line {number} is not valid JSON ({error.msg}, column "
+                        f"{error.colno}); fix or remove that line"
+                    ) from None
+                if not isinstance(record, dict):
+                    raise UserError(
+                        f"dataset {path} line {number} is not a JSON object (one record per line)"
+                    )
+    except (UnicodeDecodeError, EOFError, OSError, lzma.LZMAError, zlib.error):
+        read_text(path, "dataset", "check the path")  # reads it whole to say which byte, or why, as elsewhere
+        raise
+    if not found:
+        raise UserError(f"dataset {path} is empty; it needs at least one record")
 
-    Returns:
-        The folder's data files.
 
-    Raises:
-        UserError: the folder holds none (datasets' own message named files of another kind of folder).
+def check_folder(path: Path, subset: str | None = None, subset_setting: str | None = None) -> list[Path]:
+    """Every data file of a folder is read: as its README.md's configs name them (a Hub snapshot's), else
+    by name. datasets reads only the files named after a split once some are, and of those only the most
+    common type; those, and the files no config names, it ignores silently.
+
+    Returns the data files read (a config's: `subset`, else the default one); `subset_setting` chooses it.
     """
     data_files = [
         file for file in sorted(path.rglob("*"))
@@ -95,17 +118,30 @@ def check_folder(path: Path) -> list[Path]:
     ]  # fmt: skip
     if not data_files:
         raise UserError(
-            f"dataset {path} holds no data files ({', '.join(FOLDER_TYPES)}, also compressed); put them in "
-            "it, or give a data file itself as the path"
+            f"dataset {path} holds no data files ({', '.join(LOADERS)}, also compressed); put them in it, "
+            "or give a data file itself as the path"
         )
-    read = {file.resolve() for files in split_files(path).values() for file in files}
-    ignored = [str(file.relative_to(path)) for file in data_files if file.resolve() not in read]
+    import datasets
+
+    configs = datasets.get_dataset_config_names(str(path)) if declares_configs(path) else [None]
+    chosen = (subset or datasets.get_dataset_default_config_name(str(path))) if configs != [None] else None
+    if chosen not in configs:
+        which = f"not {subset!r}" if subset else "none is the default"
+        fix = f"set {subset_setting} to one of them" if subset_setting else "give one's files as the path"
+        raise UserError(f"dataset {path} has the configs {', '.join(configs)} (README.md), {which}; {fix}")
+    read = _read_by(path, chosen)
+    named = read.union(*(_read_by(path, config) for config in configs if config != chosen))
+    ignored = [str(file.relative_to(path)) for file in data_files if file.resolve() not in named]
     if ignored:
-        raise UserError(
-            f"dataset {path}: {_some(ignored)} would not be read (once some files are named after a split, "
-            "only those are); name every file after its split (train, validation, test), or give it as a "
-            "data source of its own"
-        )
+        why = "no config of its README.md names it); add it to a config's data_files" if chosen else (
+            "once some files are named after a split, only those are); name every file after its split "
+            "(train, validation, test)"
+        )  # fmt: skip
+        raise UserError(f"dataset {path}: {_some(ignored)} would not be read ({why}, or give it as a data "
+                        "source of its own")  # fmt: skip
+    data_files = [file for file in data_files if file.resolve() in read]
+    if chosen:
+        log.info("data %s: config %s of its README.md, %d of its data files", path, chosen, len(data_files))
     for file in data_files:  # a lone JSON value crashes datasets' reader
         if content_suffix(file) == ".json" and _opening(file) not in ("", "[", "{"):
             _refuse_json_value(file, read_text(file, "dataset", "check the path").removeprefix(BOM))
@@ -121,12 +157,28 @@ def check_folder(path: Path) -> list[Path]:
     return data_files
 
 
-def split_files(path: Path) -> dict[str, list[Path]]:
-    """A folder's data files by split, as datasets splits them: by name (train*, validation*, test*...)."""
+def declares_configs(path: Path) -> bool:
+    """A folder's README.md declares configs (`configs:` in its YAML header), as a Hub dataset's does."""
+    from huggingface_hub import DatasetCard
+
+    return (path / "README.md").is_file() and bool(DatasetCard.load(path / "README.md").data.get("configs"))
+
+
+def split_files(path: Path, config: str | None = None) -> dict[str, list[Path]]:
+    """A folder's data files by split, as datasets splits them: as its README.md's `config` (None: the
+    default) names them, else by name (train*, validation*, test*...)."""
+    import datasets
     from datasets.data_files import DataFilesDict, get_data_patterns
 
-    files = DataFilesDict.from_patterns(get_data_patterns(str(path)), str(path))
+    if declares_configs(path):
+        files = datasets.load_dataset_builder(str(path), config).config.data_files
+    else:
+        files = DataFilesDict.from_patterns(get_data_patterns(str(path)), str(path))
     return {str(split): [Path(file) for file in names] for split, names in files.items()}
+
+
+def _read_by(path: Path, config: str | None) -> set[Path]:
+    return {file.resolve() for files in split_files(path, config).values() for file in files}
 
 
 def folder_options(path: Path, data_files: list[Path]) -> dict[str, str]:
@@ -162,7 +214,8 @@ def json_records(files: list[Path]) -> list[Any]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError:  # JSON Lines (also in a .json file, as datasets reads them)
-            records += [json.loads(line) for line in text.splitlines() if line.strip()]
+            # lines end at "\n" only: str.splitlines also ends them at U+2028 or U+0085 inside a string
+            records += [json.loads(line) for line in text.split("\n") if line.strip()]
             continue
         if isinstance(data, dict):  # one record, or records wrapped in a field of a .json file
             field = _field_of_records(file, data) if content_suffix(file) == ".json" else None
@@ -203,7 +256,7 @@ def stray_item(path: Path, files: list[Path]) -> str | None:
 
 
 def as_written(
-    read: datasets.Dataset | datasets.DatasetDict, path: Path
+    read: datasets.Dataset | datasets.DatasetDict, path: Path, subset: str | None = None
 ) -> datasets.Dataset | datasets.DatasetDict:
     """JSON records read again, as written: datasets' reader turned date-like text into timestamps.
     Only this rare case holds the records as Python objects while reading them."""
@@ -211,15 +264,15 @@ def as_written(
 
     if not isinstance(read, dict):  # a file
         return json_dataset([path])
-    return datasets.DatasetDict({name: json_dataset(json_files(path, name)) for name in read})
+    return datasets.DatasetDict({name: json_dataset(json_files(path, name, subset)) for name in read})
 
 
-def json_files(path: Path, split: str) -> list[Path]:
-    """A local JSON file, or the files of a folder's split if they are JSON (none for other data)."""
+def json_files(path: Path, split: str, subset: str | None = None) -> list[Path]:
+    """A local JSON file, or the files of a folder's split (of its config) if they are JSON (else none)."""
     if path.is_file():
         files = [path]
     elif path.is_dir() and not is_saved(path):
-        files = split_files(path).get(split, [])
+        files = split_files(path, subset).get(split, [])
     else:
         return []
     return files if all_json(files) else []
@@ -264,21 +317,22 @@ def is_saved(path: Path) -> bool:
     return path.is_dir() and any((path / marker).is_file() for marker in SAVED_MARKERS)
 
 
-def csv_as_text(path: Path) -> datasets.Features | None:
-    """Every column of a CSV file as text: pandas would read an answer ` 37` as the integer 37, which no
-    record format accepts and no quoting in the file can prevent. None if the header is unreadable (the
-    read then says why)."""
+def csv_options(path: Path) -> dict[str, Any]:
+    """What `load_dataset` needs to read a CSV file's cells as written: every column as text (pandas would
+    read an answer ` 37` as the integer 37, which no record format accepts and no quoting in the file can
+    prevent), and only an empty cell as missing (pandas reads `NA`, `None` or `null` as missing too)."""
     import datasets
 
+    options: dict[str, Any] = {"keep_default_na": False, "na_values": [""]}
     try:
         with open_text(path, newline="") as file:
             header = next(csv.reader(file, delimiter=CSV_SEPARATORS[content_suffix(path)]))
     except Exception:  # unreadable, empty, not UTF-8 or a damaged archive: the read says which
-        return None
+        return options
     if len(set(header)) != len(header) or not all(header):
-        return None  # unnamed or repeated columns: datasets names them, and the record check says so
+        return options  # unnamed or repeated columns: datasets names them, and the record check says so
     header[0] = header[0].removeprefix(BOM)  # datasets reads past a byte-order mark; so must its columns
-    return datasets.Features({name: datasets.Value("string") for name in header})
+    return {**options, "features": datasets.Features({name: datasets.Value("string") for name in header})}
 
 
 def _records_field(path: Path, text: str) -> dict[str, str]:

@@ -24,13 +24,15 @@ from qpissa.data_files import (
     as_written,
     check_file,
     check_folder,
-    csv_as_text,
+    csv_options,
+    declares_configs,
     folder_options,
     holds_dates,
     is_saved,
     json_files,
     json_records,
     leaf_features,
+    split_files,
     stray_item,
 )
 from qpissa.data_formats import KNOWN_ROLES, check_record, detect_format
@@ -66,13 +68,18 @@ def load_source(
         UserError: missing or unreadable data, unknown extension, no such split, or a bad record.
     """
     dataset = load_records(source.path, source.subset, source.split, split_setting)
-    return _check_records(dataset, source, seed, format_setting)
+    return _check_records(dataset, source, seed, format_setting, _beside(split_setting, "samples"))
 
 
 def _check_records(
-    dataset: datasets.Dataset, source: DataSource, seed: int = 0, format_setting: str | None = "data.format"
+    dataset: datasets.Dataset,
+    source: DataSource,
+    seed: int = 0,
+    format_setting: str | None = "data.format",
+    samples_setting: str | None = None,
 ) -> tuple[datasets.Dataset, DataFormat]:
-    """`load_source` on records read already: the format picked, every record checked, `samples` drawn."""
+    """`load_source` on records read already: the format picked, every record checked, `samples` drawn
+    (`samples_setting`: how the user sets it, for the message when there are too few records)."""
     import datasets
 
     data_format = source.format or _detected_format(dataset, source.path, format_setting)
@@ -82,7 +89,7 @@ def _check_records(
         if any(isinstance(feature, datasets.Json) for feature in leaf_features(dataset.features)):
             # a field mixing text and other values across records: datasets reads it back from JSON, text
             # such as " 1" as a number, so the record to blame is found as written
-            files = json_files(source.path, source.split)
+            files = json_files(source.path, source.split, source.subset)
             stray = stray_item(source.path, files)  # or a list mixing texts and records
             if stray:
                 raise UserError(stray) from None
@@ -100,7 +107,7 @@ def _check_records(
             "data %s: turns with the role %s are rendered by the chat template as given and never trained "
             "on; check the spelling (known: %s)", source.path, found, ", ".join(sorted(KNOWN_ROLES)),
         )  # fmt: skip
-    return _subsample(dataset, source, seed), data_format
+    return _subsample(dataset, source, seed, samples_setting or "samples"), data_format
 
 
 def _check_each(
@@ -130,7 +137,7 @@ def load_records(
             f"dataset {path} is a single file, which has no subsets or splits (asked for {asked}); "
             "leave them unset, or point at a folder, a save_to_disk directory or a Hub dataset"
         )
-    read = _read(path, subset)
+    read = _read(path, subset, _beside(split_setting, "subset"))
     if not isinstance(read, dict) and (subset is not None or split != "train"):  # a save_to_disk'd Dataset
         asked = f"subset {subset!r}" if subset is not None else f"split {split!r}"
         raise UserError(
@@ -192,19 +199,23 @@ def _detected_format(dataset: datasets.Dataset, path: Path, format_setting: str 
     return data_format
 
 
-def _read(path: Path, subset: str | None) -> datasets.Dataset | datasets.DatasetDict:
-    """Every split of a dataset (one Dataset for a file, or a `save_to_disk`'d Dataset)."""
+def _read(
+    path: Path, subset: str | None, subset_setting: str | None = None
+) -> datasets.Dataset | datasets.DatasetDict:
+    """Every split of a dataset (one Dataset for a file, or a `save_to_disk`'d Dataset); `subset_setting`
+    chooses a folder's config, for the message when none is chosen."""
     import datasets
 
     local = path.exists()
     if not local and not is_hub_name(path):
         raise UserError(f"dataset {path} does not exist; check the path (or give a Hub name: owner/name)")
     saved = is_saved(path)
-    data_files = check_folder(path) if path.is_dir() and not saved else []
-    options = check_file(path) if path.is_file() else folder_options(path, data_files)
-    files = [path] if path.is_file() else data_files  # a local dataset's files; none for a Hub name
+    files = [path] if path.is_file() else []  # a local dataset's files; none for a Hub name
     try:
         with _bars_hidden_below(QUIET_READ_BYTES, _local_bytes(path) if local else None), _datasets_quiet():
+            data_files = check_folder(path, subset, subset_setting) if path.is_dir() and not saved else []
+            options = check_file(path) if path.is_file() else folder_options(path, data_files)
+            files = files or data_files
             if saved:
                 return _load_saved(path)
             if not local:
@@ -213,18 +224,20 @@ def _read(path: Path, subset: str | None) -> datasets.Dataset | datasets.Dataset
                 read = _load_file(path, options)
             else:
                 read = _load_folder(path, subset, data_files, options)
+    except UserError:
+        raise
     except Exception as error:  # datasets wraps parse and connection errors in many exception types
         stray = stray_item(path, files) if local and all_json(files) else None
         raise UserError(stray or _read_problem(path, local, error)) from None
-    return as_written(read, path) if all_json(files) and holds_dates(read) else read
+    return as_written(read, path, subset) if all_json(files) and holds_dates(read) else read
 
 
 def _load_file(path: Path, options: dict[str, str]) -> datasets.Dataset:
     import datasets
 
     loader = LOADERS[content_suffix(path)]
-    features = csv_as_text(path) if loader == "csv" else None
-    return datasets.load_dataset(loader, data_files=str(path), split="train", features=features, **options)
+    as_text = csv_options(path) if loader == "csv" else {}
+    return datasets.load_dataset(loader, data_files=str(path), split="train", **as_text, **options)
 
 
 def _load_folder(
@@ -235,8 +248,12 @@ def _load_folder(
     import datasets
 
     csv_files = [f for f in data_files if FOLDER_TYPES[content_suffix(f)] == "csv"]
-    features = csv_as_text(csv_files[0]) if csv_files else None  # a folder holds one type
-    builder = datasets.load_dataset_builder(str(path), subset, features=features, **options)
+    as_text = csv_options(csv_files[0]) if csv_files else {}  # a folder holds one type
+    # a README.md config's files, found: datasets keys their cache by the names in the README alone, so
+    # another folder's, or an edited file, would be read from the cache
+    files = split_files(path, subset) if declares_configs(path) else None
+    found = {split: [str(file) for file in names] for split, names in files.items()} if files else None
+    builder = datasets.load_dataset_builder(str(path), subset, data_files=found, **as_text, **options)
     builder.download_and_prepare()
     splits = {
         name: builder.as_dataset(name) if info.num_examples else datasets.Dataset.from_list([])
@@ -294,19 +311,32 @@ def _split(dataset: Any, split: str, path: Path, split_setting: str | None) -> d
     return dataset[split]
 
 
-def _subsample(dataset: datasets.Dataset, source: DataSource, seed: int) -> datasets.Dataset:
-    """`samples` records drawn without replacement (seeded), or all of them; more than there are is an
-    error rather than a silent repeat."""
+def _subsample(dataset: datasets.Dataset, source: DataSource, seed: int, setting: str) -> datasets.Dataset:
+    """`samples` records drawn without replacement (seeded), or all of them; more than there are, or a
+    fraction that rounds to none, is an error rather than a silent repeat (or an empty source)."""
     if source.samples is None:
         return dataset
-    count = source.samples if source.samples >= 1 else round(source.samples * len(dataset))
-    count = int(count)
-    if count > len(dataset) or count < 1:
+    total, samples = len(dataset), source.samples
+    count = int(samples if samples >= 1 else round(samples * total))
+    if count < 1:
         raise UserError(
-            f"data source {source.path} has {len(dataset)} records; samples={source.samples:g} asks for "
-            f"{count}; use at most {len(dataset)} (or a fraction in (0, 1))"
+            f"data source {source.path} has {total} records; {setting}={samples:g} of them rounds to 0 "
+            f"records; set {setting} to a larger fraction, or to a count from 1 to {total}"
+        )
+    if count > total:
+        raise UserError(
+            f"data source {source.path} has {total} records; {setting}={samples:g} asks for {count}; use at "
+            f"most {total} (or a fraction in (0, 1))"
         )
     return dataset.shuffle(seed=seed).select(range(count))
+
+
+def _beside(split_setting: str | None, name: str) -> str | None:
+    """The setting `name` of the source whose split `split_setting` sets (`data.sources.1.split` ->
+    `data.sources.1.subset`); None where the command has no such setting (eval's `--split`)."""
+    if split_setting is None or not split_setting.endswith(".split"):
+        return None
+    return split_setting.removesuffix("split") + name
 
 
 def _local_bytes(path: Path) -> int:

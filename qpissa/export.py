@@ -10,6 +10,7 @@ check to load is kept, its report saying it is unverified).
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -33,12 +34,19 @@ from qpissa.artifacts import (
     run_data_settings,
 )
 from qpissa.chat_template import save_chat_template, saved_chat_template
-from qpissa.checkpoint import ShardedWriter, copy_side_files, write_json
+from qpissa.checkpoint import (
+    FLOAT_DTYPES,
+    QUANTIZED_KEY_MARKERS,
+    CheckpointReader,
+    ShardedWriter,
+    copy_side_files,
+    write_json,
+)
 from qpissa.export_lora import LoraInputs, check_lora_inputs, check_trained, write_lora, write_readme
 from qpissa.export_verify import verify_export
 from qpissa.loading import refuse_cpu_misdecoded
 from qpissa.memory import out_of_memory, out_of_memory_reason, peak_rss_mb
-from qpissa.options import to_dict
+from qpissa.options import check_api_argument, to_dict
 from qpissa.outputs import (
     check_apart,
     check_only_own,
@@ -85,6 +93,7 @@ def export(
             checkpoint being read (nothing is left written then either).
     """
     started = time.perf_counter()
+    check_api_argument(settings, ExportSettings, "settings", "e.g. ExportSettings()")
     run, out_dir = Path(run), resolve_output(Path(out_dir), "OUT")  # the Python API takes text too
     source = resolve_source(run)
     try:
@@ -154,7 +163,7 @@ def _export(
     if lora_inputs is not None:  # the original model found from the conversion's report, not only --base
         check_apart(out_dir, "OUT", {"original model": lora_inputs.original.model_dir})
         check_trained(source)
-    dtype = _resolve_dtype(settings, residual.reader.config)
+    dtype = _resolve_dtype(settings, residual.reader)
     with lock_output(out_dir, "OUT"):
         if out_dir.exists() and not out_dir.is_dir():
             raise UserError(f"OUT {out_dir} is a file; choose a directory path")
@@ -297,13 +306,24 @@ def _check_fits(adapter: Adapter, residual: Residual, architecture: Architecture
         )
 
 
-def _resolve_dtype(settings: ExportSettings, config: dict) -> torch.dtype:
+def _resolve_dtype(settings: ExportSettings, reader: CheckpointReader) -> torch.dtype:
+    """The asked dtype; else float32 for a LoRA, and for a merged model the one config.json names, or,
+    where it names none, the one its largest unquantized tensor (the embeddings, mostly) is stored in."""
     if settings.dtype is not OutputDtype.AUTO:
         return getattr(torch, settings.dtype.value)
     if settings.to is ExportKind.LORA:
         return torch.float32
-    name = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
-    return getattr(torch, name) if name in ("bfloat16", "float16", "float32") else torch.bfloat16
+    kept = (torch.bfloat16, torch.float16, torch.float32)
+    name = reader.config.get("dtype") or reader.config.get("torch_dtype")
+    if name is not None:
+        return getattr(torch, name) if name in ("bfloat16", "float16", "float32") else torch.bfloat16
+    floats = [
+        n for n in reader.names()
+        if reader.dtype_code(n) in FLOAT_DTYPES and not any(m in n for m in QUANTIZED_KEY_MARKERS)
+    ]  # fmt: skip
+    largest = max(floats, key=lambda n: math.prod(reader.shape(n)), default=None)
+    stored = FLOAT_DTYPES[reader.dtype_code(largest)] if largest else None
+    return stored if stored in kept else torch.bfloat16
 
 
 def _write_merged(

@@ -286,6 +286,17 @@ def got(value: Any) -> str:
     return f"got {value!r}"
 
 
+def check_api_argument(value: Any, cls: type, argument: str, fix: str) -> None:
+    """A Python API function's settings argument is a `cls`: a path or a dict there would fail deep inside
+    with an AttributeError.
+
+    Raises:
+        UserError: naming the argument, what it got and `fix`.
+    """
+    if not isinstance(value, cls):
+        raise UserError(f"{argument}: expected {cls.__name__}, got {type(value).__name__}; {fix}")
+
+
 def _base_type(hint: Any) -> Any:
     """`int | None` → int; `list[str]` → list; anything else unchanged."""
     origin = typing.get_origin(hint)

@@ -297,6 +297,8 @@ def load_config(path: Path | str, overrides: list[str]) -> TrainConfig:
     Raises:
         UserError: missing/unparseable file, unknown keys, wrong types, bad combinations.
     """
+    if isinstance(overrides, str):
+        raise UserError(f"overrides must be a list of key=value texts, got one text; write [{overrides!r}]")
     path = Path(path)  # the Python API takes a text path too
     text = read_text(path, "config", "pass a YAML recipe such as configs/demo.yaml")
     try:

@@ -25,11 +25,12 @@ from qpissa.artifacts import (
     read_json,
     run_data_settings,
 )
-from qpissa.data import IGNORE_INDEX, collate, pad_token_id, tokenize_split
+from qpissa.data import IGNORE_INDEX, TokenizedData, collate, pad_token_id, tokenize_split
 from qpissa.data_formats import Sample
 from qpissa.data_sources import load_heldout
 from qpissa.demo_task import final_answer
 from qpissa.loading import check_context, checked_source, load_model, load_tokenizer, model_context
+from qpissa.options import check_api_argument
 from qpissa.recipe import DataConfig
 from qpissa.runtime import resolve_runtime
 from qpissa.settings import DataFormat, EvalSettings, Metric
@@ -53,6 +54,7 @@ def evaluate(
         UserError: bad path, unknown format, unreadable data, a QPiSSA directory without its adapter
             (unless `settings.adapter` is False).
     """
+    check_api_argument(settings, EvalSettings, "settings", "e.g. EvalSettings(max_samples=64)")
     model_or_run, data_path = Path(model_or_run), Path(data_path)  # the Python API takes text paths too
     source = checked_source(model_or_run, adapter=settings.adapter)
     run_data = _run_data(source, model_or_run)
@@ -82,6 +84,12 @@ def evaluate(
     if settings.max_samples:  # before tokenizing: dropped, cut and their warnings count what is scored
         records = records.select(range(min(settings.max_samples, len(records))))
     samples, tokenized = tokenize_split(records, data_format, data, tokenizer, "--max-seq-len", context)
+    scored = answerable(samples, data_format, data_path)
+    if settings.metric is Metric.ACCURACY and not scored:
+        raise UserError(
+            f"dataset {data_path} has no prompt to answer (every record's prompt is empty); use --metric "
+            "loss or ppl"
+        )
     runtime = resolve_runtime()
     model = load_model(source, device=runtime.device, compute_dtype=runtime.dtype)
     result: dict[str, Any] = {
@@ -106,12 +114,12 @@ def evaluate(
                 show_progress,
             )
         )
-    if settings.metric in (Metric.ALL, Metric.ACCURACY) and data.format is not DataFormat.TEXT:
+    if settings.metric in (Metric.ALL, Metric.ACCURACY) and scored:
         result.update(
             exact_match(
                 model,
                 tokenizer,
-                samples,
+                scored,
                 settings.batch_size,
                 runtime.device,
                 settings.max_new_tokens,
@@ -120,6 +128,48 @@ def evaluate(
             )
         )
     return result
+
+
+def answerable(samples: list[Sample], data_format: DataFormat, where: Path) -> list[Sample]:
+    """The samples exact match scores: those with a prompt. Text has none to answer, nor has a
+    prompt_completion record whose prompt is empty (unconditional completion); these are skipped, not
+    refused: their loss still counts, and an answer generated from nothing would match by chance."""
+    if data_format is DataFormat.TEXT:
+        return []
+    scored = [sample for sample in samples if sample.prompt]
+    if len(scored) < len(samples):
+        log.info(
+            "exact match: %d of %d samples of %s have an empty prompt, with nothing to answer; they are not "
+            "scored", len(samples) - len(scored), len(samples), where,
+        )  # fmt: skip
+    return scored
+
+
+def heldout_for_training(
+    data: DataConfig, tokenizer: Any, context: int | None
+) -> tuple[list[Sample], TokenizedData | None]:
+    """A run's held-out data (`data.eval_path`, none without it): the samples whose answers are generated,
+    the first `data.eval_generate_samples` of those with a prompt, and the tokenized rows scored by loss."""
+    if data.eval_path is None:
+        return [], None
+    records, data_format, split = load_heldout(
+        data.eval_path, data.eval_split, data.eval_format(), "data.eval_split"
+    )
+    trained = {(source.path.resolve(), source.split) for source in data.train_sources()}
+    if (data.eval_path.resolve(), split) in trained:
+        log.warning(
+            "eval_path %s (split %s) is training data: its loss measures fit, not held-out loss; "
+            "evaluate on data the run does not train on", data.eval_path, split,
+        )  # fmt: skip
+    samples, tokenized = tokenize_split(records, data_format, data, tokenizer, context=context)
+    if not data.eval_generate_samples:
+        return [], tokenized
+    if data_format is DataFormat.TEXT and data.eval_generate_samples != DataConfig.eval_generate_samples:
+        # set in the recipe, not left at its default: say why nothing is generated
+        log.info(
+            "data.eval_generate_samples: eval_path %s is text, with no answers to generate", data.eval_path
+        )
+    return answerable(samples, data_format, data.eval_path)[: data.eval_generate_samples], tokenized
 
 
 @torch.no_grad()

@@ -40,9 +40,7 @@ from qpissa.artifacts import (
 from qpissa.chat_template import resolve_chat_template, save_chat_template
 from qpissa.checkpoint import write_json
 from qpissa.convert_settings import Method
-from qpissa.data import TokenizedData, collate, packing_collator, pad_token_id, tokenize_split, training_data
-from qpissa.data_formats import Sample
-from qpissa.data_sources import load_heldout
+from qpissa.data import TokenizedData, collate, packing_collator, pad_token_id, training_data
 from qpissa.distributed import (
     check_fsdp,
     check_gpu_count,
@@ -56,12 +54,12 @@ from qpissa.distributed import (
 )
 from qpissa.loading import load_model
 from qpissa.memory import estimate_memory
-from qpissa.options import to_dict
+from qpissa.options import check_api_argument, to_dict
 from qpissa.outputs import lock_output, readable_as_umask_allows, resolve_output
 from qpissa.recipe import TrainConfig
 from qpissa.resume_checks import RNG_FILES, check_same_samples, data_fingerprint
 from qpissa.runtime import Runtime, dtype_name, resolve_runtime
-from qpissa.task_eval import evaluate_loss, exact_match
+from qpissa.task_eval import evaluate_loss, exact_match, heldout_for_training
 from qpissa.train_checks import check_inputs, check_output_dir
 from qpissa.trainer_eval import TokenWeightedTrainer
 from qpissa.trainer_options import checked_options, training_arguments
@@ -100,6 +98,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
         UserError: any input problem, detected before anything is written; another process writing
             output_dir.
     """
+    check_api_argument(config, TrainConfig, "config", "read a recipe with load_config(path, overrides)")
     checked_options(config.trainer)  # a mistyped key first: it may be why the rest looks wrong
     config.output_dir = resolve_output(config.output_dir, "output_dir")  # a link is written through
     runtime = resolve_runtime(config.device, config.bf16, config.optim)
@@ -137,7 +136,7 @@ def _train(
     fingerprint = data_fingerprint(train_data.rows)
     if resume is not None:
         check_same_samples(resume, fingerprint)
-    eval_samples, eval_data = _load_eval(config, tokenizer, context)
+    generated, eval_data = heldout_for_training(config.data, tokenizer, context)
     _warn_learning_rate(config, source)
 
     fsdp = uses_fsdp(arguments)  # FSDP moves each rank's shards to its GPU; the whole model stays off it
@@ -150,7 +149,7 @@ def _train(
     generate = partial(
         exact_match,
         tokenizer=tokenizer,
-        samples=eval_samples[: config.data.eval_generate_samples],
+        samples=generated,
         batch_size=config.per_device_eval_batch_size,
         device=runtime.device,
     )
@@ -158,7 +157,7 @@ def _train(
         run_dir / LOG_NAME,
         run_dir / EVAL_LOG_NAME,
         runtime.device,
-        generate if eval_samples and config.data.eval_generate_samples and not fsdp else None,
+        generate if generated and not fsdp else None,
         every=config.logging_steps,
         resumed=resume is not None,
     )
@@ -188,10 +187,9 @@ def _train(
                  trainer.state.best_model_checkpoint, arguments.metric_for_best_model,
                  trainer.state.best_metric)  # fmt: skip
     if final_evaluation and processes().is_main:
-        generated = min(len(eval_samples), config.data.eval_generate_samples or 0)
         log.info("evaluating the final adapter: loss on %d samples, answers generated for %d "
                  "(data.eval_generate_samples chooses how many; generating is slow on a CPU)",
-                 len(eval_data.rows), generated)  # fmt: skip
+                 len(eval_data.rows), len(generated))  # fmt: skip
         bars = not arguments.disable_tqdm
         evaluating = time.perf_counter()
         final = evaluate_loss(
@@ -199,7 +197,7 @@ def _train(
         )
         seconds = time.perf_counter() - evaluating
         generating = time.perf_counter()
-        generation = generate(model, show_progress=bars) if config.data.eval_generate_samples else {}
+        generation = generate(model, show_progress=bars) if generated else {}
         answered = {GENERATION_TIME: round(time.perf_counter() - generating, 4)} if generation else {}
         write_json(run_dir / EVAL_RESULTS_NAME, {**final, **generation})
         # the last step's line of the eval log, which the Trainer's pass would have written (a run finished
@@ -277,24 +275,6 @@ def _log_initial_loss(
     }
     append_jsonl(run_dir / LOG_NAME, entry)
     log.info("step 0 loss %.4f (the converted model, before any training)", loss)
-
-
-def _load_eval(
-    config: TrainConfig, tokenizer: Any, context: int | None
-) -> tuple[list[Sample], TokenizedData | None]:
-    if config.data.eval_path is None:
-        return [], None
-    data = config.data
-    records, data_format, split = load_heldout(
-        data.eval_path, data.eval_split, data.eval_format(), "data.eval_split"
-    )
-    trained = {(source.path.resolve(), source.split) for source in data.train_sources()}
-    if (data.eval_path.resolve(), split) in trained:
-        log.warning(
-            "eval_path %s (split %s) is training data: its loss measures fit, not held-out loss; "
-            "evaluate on data the run does not train on", data.eval_path, split,
-        )  # fmt: skip
-    return tokenize_split(records, data_format, data, tokenizer, context=context)
 
 
 def _warn_learning_rate(config: TrainConfig, source: ModelSource) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,32 @@ def test_paths_may_be_given_as_text(tiny_chat_model: Path, data_dir: Path, tmp_p
         f"model: {tmp_path / 'qpissa'}\noutput_dir: {tmp_path / 'run'}\ndata:\n  path: x.jsonl\n"
     )
     assert load_config(str(recipe), []).model == tmp_path / "qpissa"
+
+
+def test_arguments_of_the_wrong_kind_are_user_errors(tmp_path: Path) -> None:
+    """A recipe path where a TrainConfig belongs, or a dict where settings do, failed with AttributeError
+    deep inside; one text of overrides was read character by character."""
+    import pytest
+
+    from qpissa import UserError, convert, evaluate, export, load_config, train
+
+    calls = [
+        (
+            lambda: convert("model", tmp_path / "out", {"rank": 8}),
+            "settings: expected ConvertSettings, got dict",
+        ),
+        (lambda: export("run", tmp_path / "out", None), "settings: expected ExportSettings, got NoneType"),
+        (lambda: evaluate("run", "data.jsonl", None), "settings: expected EvalSettings, got NoneType"),
+        (
+            lambda: train("recipe.yaml"),
+            "config: expected TrainConfig, got str; read a recipe with load_config",
+        ),
+        (lambda: load_config("recipe.yaml", "max_steps=3"), "write ['max_steps=3']"),
+    ]
+    for call, message in calls:
+        with pytest.raises(UserError, match=re.escape(message)):
+            call()
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_api_is_spared_the_library_notes_the_cli_hides() -> None:

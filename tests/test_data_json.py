@@ -119,3 +119,51 @@ def test_a_compressed_json_file_in_a_folder_is_read_as_the_same_file_uncompresse
         f.write("5")
     with pytest.raises(UserError, match=r"train\.json\.gz holds a JSON number, not records; "):
         load_source(DataSource(tmp_path / "value"))
+
+
+def test_line_separators_inside_a_string_are_text_not_line_ends(tmp_path: Path) -> None:
+    """`json.dumps(..., ensure_ascii=False)` writes U+2028, U+2029 and U+0085 raw: str.splitlines ended a
+    line there, so a valid file was refused, and in a folder, with a date-like field, crashed."""
+    records = [
+        {"prompt": "Line one\u2028still the prompt\u2029and\x85more:", "completion": "2023-03-01"},
+        {"prompt": "And then?", "completion": "2024-01-02"},
+    ]
+    lines = [json.dumps(record, ensure_ascii=False) for record in records]
+    (tmp_path / "folder").mkdir()
+    for path in (tmp_path / "u2028.jsonl", tmp_path / "folder" / "train.jsonl"):
+        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    for path in (tmp_path / "u2028.jsonl", tmp_path / "folder"):
+        assert load_source(DataSource(path))[0].to_list() == records, path
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(line + "\n" for line in lines) + '{"prompt": \n', encoding="utf-8")
+    with pytest.raises(
+        UserError, match=r"bad\.jsonl line 3 is not valid JSON \(Expecting value, column 12\)"
+    ):
+        load_source(DataSource(bad))
+
+
+def test_json_lines_are_checked_without_holding_the_file(tmp_path: Path) -> None:
+    """The check read the whole file into one string and a list of lines, ~8 times its size in memory
+    before datasets read it; line by line it holds one line. Its errors still name the line and byte."""
+    import tracemalloc
+
+    from qpissa.data_files import check_file
+
+    line = json.dumps(
+        {"prompt": "Q: " + "word " * 200 + "\U0001f389", "completion": " a"}, ensure_ascii=False
+    )
+    path = tmp_path / "big.jsonl"
+    path.write_text((line + "\n") * 4000, encoding="utf-8")  # 4 MB
+    tracemalloc.start()
+    try:
+        check_file(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < path.stat().st_size // 10, peak
+    path.write_bytes((line + "\n").encode() * 2 + b'{"prompt": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=rf"is not UTF-8 text \(byte {2 * len(line.encode()) + 2 + 15} "):
+        check_file(path)
+    path.write_text(line + "\n\n  \n[1]\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"big\.jsonl line 4 is not a JSON object"):
+        check_file(path)

@@ -142,6 +142,60 @@ def test_folder_of_data_files_like_a_hub_snapshot(tmp_path: Path) -> None:
         load_records(snapshot, split="dev")
 
 
+def test_a_folder_with_configs_in_its_readme_is_read_as_they_name_its_files(tmp_path: Path) -> None:
+    """A Hub snapshot's README.md declares `configs:`, which datasets reads by: a file no config named was
+    skipped silently, and several configs without a default failed as an invalid folder."""
+    first = [{"prompt": f"A{i}:", "completion": f" a{i}"} for i in range(3)]
+    second = [{"prompt": "When?", "completion": "2023-03-01"}]  # date-like: read again, as written
+    snap, multi = tmp_path / "snap", tmp_path / "multi"
+    for folder in (snap, multi):
+        folder.mkdir()
+        _write_jsonl(folder / "a.jsonl", first), _write_jsonl(folder / "b.jsonl", second)
+    card = "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: a.jsonl\n---\n"
+    (snap / "README.md").write_text(card)
+    with pytest.raises(
+        UserError, match=r"snap: b\.jsonl would not be read \(no config of its README\.md names"
+    ):
+        load_records(snap)
+    (multi / "README.md").write_text(
+        "---\nconfigs:\n- config_name: first\n  data_files: a.jsonl\n- config_name: second\n  data_files: "
+        "b.jsonl\n---\n"
+    )
+    assert load_source(DataSource(multi, subset="second"))[0].to_list() == second
+    _write_jsonl(multi / "b.jsonl", first[:1])  # edited: read again, not from datasets' cache
+    assert load_records(multi, subset="second").to_list() == first[:1]
+    assert load_records(multi, subset="first").to_list() == first
+    where = re.escape(str(multi))
+    for split_setting, fix in (
+        ("data.split", "set data.subset to one of them"),
+        ("data.sources.1.split", "set data.sources.1.subset to one of them"),
+        ("--split", "give one's files as the path"),  # eval's --data: no setting chooses a config
+    ):
+        message = (
+            rf"^dataset {where} has the configs first, second \(README\.md\), none is the default; {fix}$"
+        )
+        with pytest.raises(UserError, match=message):
+            load_records(multi, split_setting=split_setting)
+    with pytest.raises(
+        UserError, match=r"has the configs first, second \(README\.md\), not 'third'; set data\.subset"
+    ):
+        load_records(multi, subset="third", split_setting="data.split")
+
+
+def test_a_plain_text_file_is_refused_saying_what_a_folder_of_them_gives(tmp_path: Path) -> None:
+    """A .txt file was refused with the advice to use a directory, without a word that each of its lines
+    becomes a record there (as datasets reads them; `convert --calib` takes such folders too)."""
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "story.txt").write_text("A story.\nIt goes on.\n")
+    with pytest.raises(
+        UserError,
+        match=r"story\.txt: unknown data file type '\.txt'; use \.jsonl, .*\); write plain text as JSON "
+        r"Lines, .* \(or put \.txt files in a folder: each line is a record there, as datasets reads them\)$",
+    ):
+        load_records(tmp_path / "txt" / "story.txt")
+    assert load_records(tmp_path / "txt")["text"] == ["A story.", "It goes on."]
+
+
 def test_a_folder_without_data_files_is_refused_in_one_line(tmp_path: Path) -> None:
     """An empty folder failed with a KeyError; one holding only notes, with datasets' message about files of
     another kind of folder."""
@@ -298,8 +352,21 @@ def test_sources_mix_with_counts_and_fractions_seeded(tmp_path: Path, tokenizer)
     assert isinstance(mixed.rows, datasets.Dataset)  # Arrow arrays from datasets.map, not Python lists
     again, other = load_train(config, tokenizer, seed=1), load_train(config, tokenizer, seed=2)
     assert again.rows["input_ids"] == mixed.rows["input_ids"] != other.rows["input_ids"]
-    with pytest.raises(UserError, match="has 10 records; samples=11 asks for 11"):
+    with pytest.raises(UserError, match=r"has 10 records; data\.sources\.0\.samples=11 asks for 11"):
         load_train(DataConfig(sources=[DataSource(first, samples=11)]), tokenizer, seed=1)
+
+
+def test_a_fraction_of_samples_that_rounds_to_no_record_says_so(tmp_path: Path, tokenizer) -> None:
+    """The message advised "a fraction in (0, 1)" for a value that is one, and named no setting."""
+    path = _write_jsonl(tmp_path / "ten.jsonl", [{"prompt": f"a{i}", "completion": "x"} for i in range(10)])
+    advice = "; set {0} to a larger fraction, or to a count from 1 to 10$"
+    for config, setting in (
+        (DataConfig(path=path, samples=0.04), "data.samples"),
+        (DataConfig(sources=[DataSource(path), DataSource(path, samples=0.04)]), "data.sources.1.samples"),
+    ):
+        message = rf"ten\.jsonl has 10 records; {re.escape(setting)}=0\.04 of them rounds to 0 records"
+        with pytest.raises(UserError, match=message + advice.format(re.escape(setting))):
+            load_train(config, tokenizer, seed=1)
 
 
 def test_eval_data_is_read_in_the_format_every_source_names(tmp_path: Path, tokenizer, load_eval) -> None:
@@ -349,6 +416,24 @@ def test_csv_columns_are_read_as_written(tmp_path: Path) -> None:
         records, data_format = load_source(DataSource(path))
         assert data_format is DataFormat.PROMPT_COMPLETION
         assert records["completion"] == [" 37", "2"] and records[0]["prompt"] == "What is 30 plus 7?\nAnswer:"
+
+
+def test_csv_cells_such_as_na_or_none_are_read_as_the_text_written(tmp_path: Path) -> None:
+    """pandas read `NA`, `N/A`, `None`, `null` and `NaN` as missing: an optional input vanished from the
+    prompt, a required answer was refused as missing. An empty cell is still missing."""
+    rows = (
+        "instruction,input,output\nRegion code,NA,North America\nSay hi,N/A,hi\nShow x,None,null\nAdd,,NaN\n"
+    )
+    (tmp_path / "a.csv").write_text(rows)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "train.tsv").write_text(rows.replace(",", "\t"))
+    for path in (tmp_path / "a.csv", tmp_path / "folder"):
+        records, _ = load_source(DataSource(path, DataFormat.ALPACA))
+        assert records["input"] == ["NA", "N/A", "None", None], path
+        assert records["output"] == ["North America", "hi", "null", "NaN"], path
+    (tmp_path / "empty.csv").write_text("instruction,output\nAdd,\n")
+    with pytest.raises(UserError, match=r"record 0: missing or null field `output`"):
+        load_source(DataSource(tmp_path / "empty.csv", DataFormat.ALPACA))
 
 
 def test_compressed_tab_separated_and_wrapped_files_read_as_their_plain_form(tmp_path: Path) -> None:

@@ -123,6 +123,26 @@ def test_merged_export_default_dtype_keeps_the_model_dtype(trained_run: Path, tm
     assert 0 < verify["max_abs_diff"] < 0.1 and verify["kl_mean"] < 1e-3
 
 
+def test_a_float32_model_whose_config_names_no_dtype_is_merged_in_float32(
+    tiny_chat_model: Path, tmp_path: Path
+) -> None:
+    """Without a dtype in config.json the merged export was bf16 whatever the checkpoint stored."""
+    from transformers import AutoModelForCausalLM
+
+    model = tmp_path / "model"
+    AutoModelForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float32).save_pretrained(model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "dtype"}))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_chat_model / name, model / name)
+    assert (
+        cli.main(["--quiet", "convert", str(model), str(tmp_path / "q"), "--rank", "4", "--iters", "1"]) == 0
+    )
+    assert cli.main(["--quiet", "export", str(tmp_path / "q"), str(tmp_path / "merged"), "--no-verify"]) == 0
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"F32"}  # noqa: SIM118
+
+
 def test_checkpoint_dir_exports_that_checkpoint(trained_run: Path, qpissa_dir: Path, tmp_path: Path):
     out = tmp_path / "merged"
     checkpoint = trained_run / "checkpoint-3"

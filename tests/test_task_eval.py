@@ -370,3 +370,29 @@ def test_data_in_another_format_than_the_run_recorded_says_where_the_format_came
         cli.main(["--quiet", "eval", str(run), "--metric", "loss", "--data", str(text), "--format", "text"])
         == 0
     )
+
+
+def test_records_with_an_empty_prompt_are_scored_by_loss_not_by_exact_match(
+    qpissa_dir: Path, tmp_path: Path, capsys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An empty prompt (unconditional completion) has nothing to answer: generating from it crashed the
+    whole evaluation. Its loss counts; exact match scores the others, or, with none left, is left out."""
+    records = [{"prompt": "", "completion": "Once upon a time"}, {"prompt": "1+1=", "completion": " 2"}]
+    data = tmp_path / "some.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    options = ["--format", "prompt_completion", "--max-new-tokens", "2"]
+    with caplog.at_level("INFO", logger="qpissa.task_eval"):
+        assert cli.main(["--quiet", "eval", str(qpissa_dir), "--data", str(data), *options]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["samples"], result["total"]) == (2, 1) and result["loss"] > 0
+    assert f"1 of 2 samples of {data} have an empty prompt, with nothing to answer" in caplog.text
+    none = tmp_path / "none.jsonl"
+    none.write_text(json.dumps(records[0]) + "\n")
+    assert cli.main(["--quiet", "eval", str(qpissa_dir), "--data", str(none), *options]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["samples"] == 1 and result["loss"] > 0 and "accuracy" not in result
+    assert cli.main(["--quiet", "eval", str(qpissa_dir), "--data", str(none), "--metric", "accuracy"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"qpissa: error: dataset {none} has no prompt to answer (every record's prompt is empty); use "
+        "--metric loss or ppl"
+    )

@@ -355,6 +355,38 @@ def test_eval_path_folder_is_evaluated_on_its_held_out_split(
     assert tokens[None] * 4 < tokens["train"]  # 2 held-out records, not the 16 trained on
 
 
+def test_held_out_text_or_empty_prompts_are_evaluated_without_generating_from_nothing(
+    qpissa_dir: Path, data_dir: Path, tmp_path: Path, caplog
+) -> None:
+    """Held-out text (continued pretraining), with the default data.eval_generate_samples, crashed the run
+    at its first evaluation, as did a held-out prompt_completion record with an empty prompt: such records
+    are scored by loss only; a generation asked for in the recipe is said to be skipped, once."""
+    from qpissa.recipe import load_config
+    from qpissa.train import train
+
+    prose = [{"text": f"Record {i} is prose."} for i in range(4)]
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps(record) + "\n" for record in prose))
+    pairs = [{"prompt": "", "completion": "Once upon a time"}, {"prompt": "1+1=", "completion": " 2"}]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(record) + "\n" for record in pairs))
+    text = {"path": str(tmp_path / "text.jsonl"), "eval_path": str(tmp_path / "text.jsonl"), "format": "text"}
+    cases = {
+        "default": ({**text, "eval_generate_samples": 64}, None),  # the default, as a recipe leaves it
+        "asked": ({**text, "eval_generate_samples": 8}, None),
+        "pairs": ({"eval_path": str(tmp_path / "pairs.jsonl"), "eval_generate_samples": 8}, 1),
+    }
+    for name, (data, answered) in cases.items():
+        run = tmp_path / name
+        changes = {"max_steps": 2, "eval_steps": 1, "save_steps": 2, "output_dir": str(run), "data": data}
+        caplog.clear()
+        with caplog.at_level("INFO", logger="qpissa.task_eval"):
+            train(load_config(_config(tmp_path, qpissa_dir, data_dir, **changes), []), show_progress=False)
+        evals = [*_evals(run), json.loads((run / "eval_results.json").read_text())]
+        assert [row.get("total") for row in evals] == [answered] * 3, name
+        assert all(row.get("eval_loss", row.get("loss")) > 0 for row in evals), name
+        said = [r.getMessage() for r in caplog.records if "no answers to generate" in r.getMessage()]
+        assert len(said) == (name == "asked"), (name, said)
+
+
 def test_a_log_gets_no_progress_bars(qpissa_dir: Path, data_dir: Path, tmp_path: Path, capsys) -> None:
     """stderr redirected to a file (here: captured) gets neither the training bar nor the evaluations'."""
     config = _config(tmp_path, qpissa_dir, data_dir, max_steps=2, eval_steps=1)
