@@ -29,6 +29,8 @@ from qpissa.artifacts import (
     read_report,
 )
 from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, copy_tensors, shard_names, write_json
+from qpissa.convert_settings import ConvertSettings
+from qpissa.options import from_dict
 from qpissa.outputs import check_only_own, check_replaceable, files_in, replace_dir
 from qpissa.stored import ADAPTER_KEY, adapter_key, write_lora_config
 from qpissa.targets import module_type
@@ -104,8 +106,9 @@ def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite:
         fix = "it records an interrupted conversion: use --overwrite to start over"
         progress = read_json(partial / PROGRESS_NAME, fix, required=("fingerprint", "shards", "seconds"))
         _check_same_checkpoint(progress["fingerprint"], fingerprint, f"the conversion in {partial} started")
-        if progress["fingerprint"] != as_recorded(fingerprint, progress["fingerprint"]):
-            differences = _differences(progress["fingerprint"], fingerprint)
+        started, now = _comparable(progress["fingerprint"]), _comparable(fingerprint)
+        if started != as_recorded(now, started):
+            differences = _differences(progress["fingerprint"], fingerprint, started, now)
             raise UserError(
                 f"{partial} was started with other settings ({differences}); rerun with the same options, "
                 "or use --overwrite to start over"
@@ -115,9 +118,10 @@ def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite:
     if resume and (out_dir / REPORT_NAME).is_file():
         recorded = read_report(out_dir)["fingerprint"]
         _check_same_checkpoint(recorded, fingerprint, f"{out_dir} was converted", finished=True)
-        if recorded == as_recorded(fingerprint, recorded):
+        resolved, now = _comparable(recorded), _comparable(fingerprint)
+        if resolved == as_recorded(now, resolved):
             return None
-        differences = _differences(recorded, fingerprint)
+        differences = _differences(recorded, fingerprint, resolved, now)
         raise UserError(
             f"{out_dir} holds a finished conversion with other settings ({differences}); use --overwrite to "
             "replace it"
@@ -174,8 +178,32 @@ def _check_same_checkpoint(recorded: dict, current: dict, since: str, finished: 
         raise ChangedCheckpoint(what, "resuming would mix the weights of both versions", "start over")
 
 
-def _differences(recorded: dict, current: dict) -> str:
-    """What differs between two conversions' fingerprints, as the user sets it (`--rank, --calib data`)."""
+def _comparable(fingerprint: dict) -> dict:
+    """A fingerprint as every spelling of one conversion shares it: its settings' defaults resolved
+    (`--iters 5` is the default's conversion), and no --calib path where the hash of the tokens drawn pins
+    the data (`data.jsonl` and `/home/me/data.jsonl` are one file). One another version wrote stays as is."""
+    try:
+        settings = from_dict(ConvertSettings, fingerprint["settings"]).resolved_dict()
+    except (UserError, KeyError, TypeError, AttributeError):
+        return fingerprint
+    settings.pop("workers")
+    if "calibration" in fingerprint:
+        settings.pop("calib")
+    return {**fingerprint, "settings": {k: getattr(v, "value", v) for k, v in settings.items()}}
+
+
+def _differences(recorded: dict, current: dict, *resolved: dict) -> str:
+    """What differs between two conversions' fingerprints, as the user sets it (`--rank, --calib data`);
+    given the `resolved` pair (`_comparable`), what differs both as given and as resolved (a default that
+    follows another setting, --alpha's r, is not named)."""
+    names = _named(recorded, current)
+    if resolved:
+        differing = _named(*resolved)
+        names = [name for name in names if name in differing] or differing
+    return ", ".join(names)
+
+
+def _named(recorded: dict, current: dict) -> list[str]:
     names = []
     for key in sorted(set(recorded) | set(current)):
         before, now = recorded.get(key), current.get(key)
@@ -189,7 +217,7 @@ def _differences(recorded: dict, current: dict) -> str:
                 names += [_CALIBRATION_PARTS.get(name, f"calibration {name} dtype") for name in changed]
         else:
             names.append({"model": "MODEL", "sketch": "--sketch-dtype auto as resolved here"}.get(key, key))
-    return ", ".join(names)
+    return names
 
 
 _CALIBRATION_PARTS = {"sha256": "the --calib data's contents"}

@@ -182,6 +182,28 @@ def test_resume_names_calibration_data_that_changed(tiny_chat_model: Path, tmp_p
     assert "other settings (the --calib data's contents); use --overwrite" in capsys.readouterr().err
 
 
+def test_resume_takes_a_default_written_out_and_the_same_calib_data_at_another_path(
+    tiny_chat_model: Path, tmp_path: Path, capsys
+) -> None:
+    """`--iters 5` is the default's conversion and a copy of the --calib file holds the same data: both
+    were refused as other settings, with the advice to convert again (--overwrite)."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The calibration text, long enough for a window or two of characters. " * 40)
+    args = ["--quiet", "convert", str(tiny_chat_model), str(tmp_path / "out"), "--rank", "4", "--iters", "1",
+            "--calib-samples", "2", "--calib-seq-len", "16"]  # fmt: skip
+    assert main([*args, "--calib", str(calib)]) == 0
+    shutil.copy(calib, tmp_path / "copy.txt")
+    report = (tmp_path / "out" / "qpissa_report.json").read_bytes()
+    for extra in (
+        ["--calib", str(tmp_path / "copy.txt")],
+        ["--calib", str(calib), "--calib-general", "0.25"],
+    ):
+        assert main([*args, *extra, "--resume"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "qpissa_report.json").read_bytes() == report, "nothing converted again"
+    assert main([*args, "--calib", str(calib), "--rank", "2", "--resume"]) == 2
+    assert "other settings (--rank); use --overwrite" in capsys.readouterr().err
+
+
 def test_resume_with_nothing_to_resume_says_it_starts_over(tiny_model: Path, tmp_path: Path, caplog) -> None:
     with caplog.at_level("INFO", logger="qpissa.convert_output"):
         assert (
