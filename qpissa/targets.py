@@ -123,8 +123,11 @@ def check_cpu_decoding(plan: TargetPlan, blocksize: int, device_type: str) -> No
     wrong = [width for width in widths if cpu_decodes_by_rows(width, blocksize)]
     if not wrong:
         return
-    fitting = [size for size in BLOCKSIZES if all(shape[1] % size == 0 for shape in shapes.values())]
-    fix = f"--blocksize {fitting[-1]}" if fitting else "another --blocksize"
+    fitting = [size for size in BLOCKSIZES if not any(cpu_decodes_by_rows(width, size) for width in widths)]
+    # the nearest that decodes right, finer blocks first (a coarser one raises the NF4 error)
+    finer = [size for size in fitting if size <= blocksize]
+    nearest = finer[-1] if finer else fitting[0] if fitting else None
+    fix = f"--blocksize {nearest}" if nearest else "another --blocksize"
     layers = [name for name, shape in shapes.items() if shape[1] in wrong]
     shown = ", ".join(layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
     problem = (

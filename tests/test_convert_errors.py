@@ -226,6 +226,23 @@ def test_widths_the_cpu_kernel_decodes_wrongly_are_refused_on_a_cpu(
     assert not (tmp_path / "out").exists()
 
 
+def test_the_blocksize_advised_for_such_widths_is_one_that_decodes_right(tmp_path: Path, capsys) -> None:
+    """96 and 200 wide: no blocksize divides both, but 32 decodes both right: "another --blocksize"
+    was advised, with none named."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=96, intermediate_size=200, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    capsys.readouterr()  # transformers' bar while saving
+    error = _fails(capsys, tmp_path / "out", str(tmp_path / "model"), "--rank", "4")
+    assert "decodes NF4 weights 96 wide" in error and "convert with --blocksize 32" in error
+    assert main(["--quiet", "convert", str(tmp_path / "model"), str(tmp_path / "out"), "--rank", "4",
+                 "--iters", "1", "--blocksize", "32"]) == 0  # fmt: skip
+
+
 def test_weights_beside_model_safetensors_are_ignored_as_transformers_ignores_them(
     model_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
