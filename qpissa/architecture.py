@@ -255,6 +255,11 @@ def model_class(config, model_dir: Path) -> tuple[str, str]:
     custom = (
         " (custom code in auto_map, which qpissa never runs)" if getattr(config, "auto_map", None) else ""
     )
+    if wanted and hasattr(transformers, wanted) and not custom:  # shipped, of a kind qpissa does not build
+        raise UserError(
+            f"{model_dir}: {wanted} (model_type {config.model_type!r}) is not a kind of model qpissa "
+            f"converts: it builds {', '.join(_AUTO_CLASSES)} models; convert a language model's checkpoint"
+        )
     raise UserError(
         f"{model_dir}: transformers {transformers.__version__} has no model class {wanted} for model_type "
         f"{config.model_type!r}{custom} among those qpissa builds ({', '.join(_AUTO_CLASSES)}); convert a "

@@ -348,6 +348,12 @@ def _shard_files(model_dir: Path) -> list[Path]:
             "or add the index of its shards"
         )
     others = sorted(p.name for p in model_dir.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+    if others and all(name.endswith(".gguf") for name in others):
+        raise UserError(
+            f"{model_dir} has only GGUF weights ({', '.join(others)}); write them as safetensors first: "
+            "`AutoModelForCausalLM.from_pretrained(DIR, gguf_file=NAME).save_pretrained(NEW_DIR)` "
+            "dequantizes them (a quantized GGUF's rounding stays in the weights)"
+        )
     if others:
         raise UserError(
             f"{model_dir} has no .safetensors weights, only {', '.join(others)}; convert them first, e.g. "

@@ -376,6 +376,31 @@ def test_architecture_transformers_does_not_ship_is_refused(
     assert "no model class MyLlamaForCausalLM" in error and "custom code in auto_map" in error
 
 
+def test_a_shipped_model_of_a_kind_not_converted_and_gguf_weights_are_named_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Whisper was said to have "no model class" in transformers, which ships it; a GGUF file was advised a
+    `from_pretrained(DIR)` that cannot read it."""
+    import transformers
+
+    config = transformers.WhisperConfig(
+        d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=128, decoder_ffn_dim=128,
+    )  # fmt: skip
+    transformers.WhisperForConditionalGeneration(config).save_pretrained(tmp_path / "whisper")
+    capsys.readouterr()
+    error = _fails(capsys, tmp_path / "out", tmp_path / "whisper")
+    assert (
+        "WhisperForConditionalGeneration (model_type 'whisper') is not a kind of model qpissa converts"
+        in error
+    )
+    (tmp_path / "gguf").mkdir()
+    shutil.copy(tmp_path / "whisper" / "config.json", tmp_path / "gguf")
+    (tmp_path / "gguf" / "model-Q4_K_M.gguf").write_bytes(b"GGUF")
+    error = _fails(capsys, tmp_path / "out", tmp_path / "gguf")
+    assert "has only GGUF weights (model-Q4_K_M.gguf)" in error and "gguf_file=NAME" in error
+
+
 def test_chat_and_compare_stay_within_a_table_of_learned_positions(
     tmp_path: Path, char_tokenizer: Path, capsys: pytest.CaptureFixture
 ) -> None:
