@@ -229,6 +229,12 @@ def _fetch(ws: Path, out: str) -> list[str]:
     return ["fetch-model", "smollm2-135m", str(ws / out)]
 
 
+def _sharded_with_index(model: Path, index: str) -> Path:
+    """The model as a shard its index names (transformers reads model.safetensors before any index)."""
+    (model / "model.safetensors").rename(model / "model-00001-of-00001.safetensors")
+    return _file(model / "model.safetensors.index.json", index)
+
+
 def _file(path: Path, content: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(content, bytes):
@@ -382,7 +388,7 @@ CASES = [
     Case("convert", "safetensors file truncated", _convert, "model.safetensors is truncated or corrupt",
          damage=lambda ws: _truncate(ws / MODEL_SHARD, 0.9)),
     Case("convert", "shard index is not JSON", _convert, "model.safetensors.index.json is not valid JSON",
-         damage=lambda ws: _file(ws / "model" / "model.safetensors.index.json", "{")),
+         damage=lambda ws: _sharded_with_index(ws / "model", "{")),
     # train: outputs over inputs, numbers, recipe files, data, a damaged resume
     Case("train", "output_dir is the model, overwrite",
          lambda ws: _train(ws, output_dir=str(ws / "qpissa"), overwrite_output_dir=True),
