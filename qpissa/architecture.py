@@ -255,7 +255,10 @@ def model_class(config, model_dir: Path) -> tuple[str, str]:
     custom = (
         " (custom code in auto_map, which qpissa never runs)" if getattr(config, "auto_map", None) else ""
     )
-    if wanted and hasattr(transformers, wanted) and not custom:  # shipped, of a kind qpissa does not build
+    mappings = [getattr(modeling_auto, mapping) for mapping, _ in _AUTO_CLASSES.values()]
+    built = {name for mapping in mappings for names in mapping.values()
+             for name in ((names,) if isinstance(names, str) else names)}  # fmt: skip
+    if wanted and hasattr(transformers, wanted) and wanted not in built and not custom:  # another kind
         raise UserError(
             f"{model_dir}: {wanted} (model_type {config.model_type!r}) is not a kind of model qpissa "
             f"converts: it builds {', '.join(_AUTO_CLASSES)} models; convert a language model's checkpoint"

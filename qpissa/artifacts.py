@@ -47,6 +47,10 @@ RUN_MARKER = "qpissa_run.json"  # {"model": QPiSSA dir, "config": ..., "runtime"
 MODEL_FROM_RUN = "model_from_run"  # the run marker's path to its model, relative to the run
 RUN_MARKERS = (RUN_MARKER, f"{RUN_MARKER}.tmp")  # the second: a marker whose write was cut short
 DATA_FINGERPRINT = "data_fingerprint"  # the run marker's hash of the tokenized training samples
+# how records become token ids (data.py), recorded with a run and in datasets' cache key: bump it with them.
+# 2: each segment tokenized after the previous one (SentencePiece's "▁"), EOS at a conversation's end only
+TOKENIZATION = "tokenization"
+TOKENIZATION_VERSION = 2
 LOG_NAME = "trainer_log.jsonl"
 EVAL_LOG_NAME = "eval_log.jsonl"
 EVAL_RESULTS_NAME = "eval_results.json"

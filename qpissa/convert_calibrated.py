@@ -126,6 +126,10 @@ def _resumed_hidden(folder: Path, layers_done: int, device: torch.device) -> lis
     for index in range(layers_done):
         read_header(folder / spool_name(index), fix)  # its length against the file's
     saved = _hidden_path(folder, layers_done)
+    if not saved.exists() and (folder / "hidden.pt").exists():  # one name for every layer's, before
+        raise UserError(
+            f"{folder.parent} was written by an earlier qpissa, which this one cannot resume; {fix}"
+        )
     try:
         return torch.load(saved, weights_only=True, map_location=device)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:

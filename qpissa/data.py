@@ -18,7 +18,7 @@ import torch
 from transformers import DataCollatorWithFlattening
 
 from qpissa import UserError
-from qpissa.artifacts import ModelSource
+from qpissa.artifacts import TOKENIZATION_VERSION, ModelSource
 from qpissa.data_formats import Sample, check_tokenizer, render
 from qpissa.data_sources import load_source
 from qpissa.loading import load_tokenizer, model_context
@@ -28,6 +28,7 @@ from qpissa.settings import DataFormat
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value the loss skips (transformers' convention)
+CONTEXT_CHARS = 64  # of the text before a segment, tokenized with it: where tokens could merge across
 
 
 @dataclass
@@ -74,6 +75,7 @@ def load_train(config: DataConfig, tokenizer: Any, seed: int, context: int | Non
                     "tokenizer": tokenizer,
                     "response_only": config.response_only,
                     "max_seq_len": config.max_seq_len,
+                    "version": TOKENIZATION_VERSION,
                 },
                 remove_columns=dataset.column_names,
                 num_proc=config.num_proc,
@@ -186,26 +188,33 @@ def pad_token_id(tokenizer: Any) -> int:
 
 
 def _encode_record(
-    record: dict[str, Any], data_format: DataFormat, tokenizer: Any, response_only: bool, max_seq_len: int
+    record: dict[str, Any],
+    data_format: DataFormat,
+    tokenizer: Any,
+    response_only: bool,
+    max_seq_len: int,
+    version: int = TOKENIZATION_VERSION,
 ) -> dict[str, Any]:
-    """One record to input_ids and labels (`datasets.map`'s function)."""
+    """One record to input_ids and labels (`datasets.map`'s function). `version` is unused but part of
+    datasets' cache key, which names this function without its code: samples an earlier encoding cached
+    would be read back."""
     return _encode(render(record, data_format, tokenizer, response_only).segments, tokenizer, max_seq_len)
 
 
 def _encode(segments: list[tuple[str, bool]], tokenizer: Any, max_seq_len: int) -> dict[str, Any]:
     ids: list[int] = []
     labels: list[int] = []
-    previous = ""  # the last non-empty segment: the context a segment is tokenized in
+    previous = ""  # the end of the last non-empty segment: the context a segment is tokenized in
     for text, trained in segments:
         piece = _segment_ids(text, previous, tokenizer, first=not ids)
         ids += piece
         labels += piece if trained else [IGNORE_INDEX] * len(piece)
-        previous = text or previous
+        previous = (previous + text)[-CONTEXT_CHARS:]
     return {"input_ids": ids[:max_seq_len], "labels": labels[:max_seq_len], "cut": len(ids) > max_seq_len}
 
 
 def _segment_ids(text: str, previous: str, tokenizer: Any, first: bool) -> list[int]:
-    """A segment's tokens as the whole text tokenizes them: after the previous segment, not alone, since a
+    """A segment's tokens as the whole text tokenizes them: after the text before it, not alone, since a
     SentencePiece (Metaspace) tokenizer would start every segment with a space token ("▁") that the whole
     text does not have. Where a token spans the boundary, the segment's own tokens (as at generation,
     where the prompt is tokenized alone). Only the very first segment gets the tokenizer's specials (BOS)."""

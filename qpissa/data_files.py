@@ -35,11 +35,8 @@ CSV_SEPARATORS = {".csv": ",", ".tsv": "\t"}
 FOLDER_TYPES = LOADERS | {".txt": "text"}
 METADATA_FILES = ("dataset_info.json", "dataset_infos.json")  # a Hub dataset's description, not records
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")  # told apart from unknown types: decompress first
-# a .txt file has no record boundaries of its own; in a folder datasets makes each line a record
-PLAIN_TEXT = (
-    '; write plain text as JSON Lines, one {"text": ...} record per sample (or put .txt files in a folder: '
-    "each line is a record there, as datasets reads them)"
-)
+# a .txt file has no record boundaries; in a folder datasets reads each line as a record
+PLAIN_TEXT = '; write JSON Lines, one {"text": ...} per sample (or a folder of .txt: a record per line)'
 
 
 def check_file(path: Path) -> dict[str, str]:
@@ -77,12 +74,12 @@ def check_file(path: Path) -> dict[str, str]:
 
 def _check_lines(path: Path) -> None:
     """Every line of a JSON Lines file is a JSON object, read one line at a time (a large file is never
-    held whole). Lines end at a line feed only, as datasets reads them: U+2028 may stand in a string."""
+    held whole). Lines end at \n, \r\n or \r, as datasets reads them, not at U+2028 inside a string."""
     found = False
     try:
-        with open_text(path, newline="\n") as file:
+        with open_text(path) as file:
             for number, line in enumerate(file, 1):
-                line = line.rstrip("\r\n").removeprefix(BOM if number == 1 else "")  # datasets reads past it
+                line = line.rstrip("\n").removeprefix(BOM if number == 1 else "")  # datasets reads past it
                 if not line.strip():
                     continue
                 found = True

@@ -17,6 +17,8 @@ from qpissa.artifacts import (
     CHECKPOINT_PREFIX,
     DATA_FINGERPRINT,
     RUN_MARKER,
+    TOKENIZATION,
+    TOKENIZATION_VERSION,
     TRAINER_STATE,
     ModelSource,
     has_adapter,
@@ -220,7 +222,14 @@ def check_same_samples(checkpoint: Path, fingerprint: str) -> None:
     marker_path = checkpoint.parent / RUN_MARKER
     if not marker_path.is_file():
         return
-    recorded = read_json(marker_path, "resume from a checkpoint of an intact run").get(DATA_FINGERPRINT)
+    marker = read_json(marker_path, "resume from a checkpoint of an intact run")
+    recorded = marker.get(DATA_FINGERPRINT)
+    if recorded is not None and recorded != fingerprint and marker.get(TOKENIZATION) != TOKENIZATION_VERSION:
+        raise UserError(
+            f"resume_from_checkpoint {checkpoint} continues a run whose samples an earlier qpissa tokenized "
+            "otherwise (each segment alone: a SentencePiece tokenizer got a space before every response), or "
+            "whose data changed since; start a new run (or resume it with the qpissa that started it)"
+        )
     if recorded is not None and recorded != fingerprint:
         raise UserError(
             f"resume_from_checkpoint {checkpoint} continues a run on other training samples: what the "

@@ -31,6 +31,8 @@ from qpissa.artifacts import (
     LOG_NAME,
     MODEL_FROM_RUN,
     RUN_MARKER,
+    TOKENIZATION,
+    TOKENIZATION_VERSION,
     ModelSource,
     partial_dir,
     read_json,
@@ -320,6 +322,7 @@ def _run_marker(
         MODEL_FROM_RUN: os.path.relpath(source.base_dir.resolve(), config.output_dir.resolve()),
         "conversion": read_report(source.base_dir)["fingerprint"],  # what a resume must train on again
         DATA_FINGERPRINT: fingerprint,  # and the samples it must see again
+        TOKENIZATION: TOKENIZATION_VERSION,
         "processes": process_record(arguments, processes()),
         "runtime": resolved,
     }

@@ -377,7 +377,7 @@ def test_architecture_transformers_does_not_ship_is_refused(
 
 
 def test_a_shipped_model_of_a_kind_not_converted_and_gguf_weights_are_named_as_such(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, char_tokenizer: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """Whisper was said to have "no model class" in transformers, which ships it; a GGUF file was advised a
     `from_pretrained(DIR)` that cannot read it."""
@@ -399,6 +399,13 @@ def test_a_shipped_model_of_a_kind_not_converted_and_gguf_weights_are_named_as_s
     (tmp_path / "gguf" / "model-Q4_K_M.gguf").write_bytes(b"GGUF")
     error = _fails(capsys, tmp_path / "out", tmp_path / "gguf")
     assert "has only GGUF weights (model-Q4_K_M.gguf)" in error and "gguf_file=NAME" in error
+    llama = make_family_model(
+        "llama", tmp_path / "llama", char_tokenizer
+    )  # a kind qpissa builds, mislabelled
+    config = json.loads((llama / "config.json").read_text())
+    (llama / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    error = _fails(capsys, tmp_path / "out", llama)
+    assert "has no model class LlamaForCausalLM for model_type 'mistral'" in error
 
 
 def test_chat_and_compare_stay_within_a_table_of_learned_positions(

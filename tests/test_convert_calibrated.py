@@ -250,6 +250,19 @@ def test_resume_after_a_kill_before_a_layer_is_recorded_gives_identical_bytes(
     assert _file_bytes(tmp_path / "out") == _file_bytes(calibrated)
 
 
+def test_a_calibrated_conversion_an_earlier_qpissa_left_is_said_to_be_one(
+    tiny_chat_model: Path, calib_text: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """It kept every layer's inputs in one hidden.pt: refused as missing or corrupt, as if damaged."""
+    args = _killed_after_the_first_layer(tiny_chat_model, calib_text, tmp_path)
+    folder = tmp_path / "out.partial" / "calibration"
+    (folder / "hidden-1.pt").rename(folder / "hidden.pt")
+    assert main(["--quiet", *args, "--resume"]) == 2
+    assert "was written by an earlier qpissa, which this one cannot resume; use --overwrite" in (
+        capsys.readouterr().err
+    )
+
+
 @pytest.mark.parametrize("damaged", ["hidden-1.pt", "layer-00000.safetensors"])
 def test_resume_names_a_damaged_calibration_file(
     tiny_chat_model: Path, calib_text: Path, tmp_path: Path, capsys: pytest.CaptureFixture, damaged: str

@@ -507,14 +507,13 @@ def test_only_a_conversations_last_turn_gets_the_eos(tokenizer) -> None:
 
 
 def test_data_that_ends_with_the_eos_gets_no_second_one(tokenizer) -> None:
+    """Nor does exact match compare a generated answer, decoded without it, against the EOS."""
     eos = tokenizer.eos_token
-    for record, data_format in (
-        ({"prompt": "Q:", "completion": " 4" + eos}, DataFormat.PROMPT_COMPLETION),
-        ({"text": "abc" + eos}, DataFormat.TEXT),
-    ):
-        text, _ = _trained_text(render(record, data_format, tokenizer), tokenizer)
-        assert text.endswith(" 4" + eos if data_format is DataFormat.PROMPT_COMPLETION else "abc" + eos)
-        assert text.count(eos) == 1
+    sample = render({"prompt": "Q:", "completion": " 4" + eos}, DataFormat.PROMPT_COMPLETION, tokenizer)
+    text, _ = _trained_text(sample, tokenizer)
+    assert text.endswith("Q: 4" + eos) and text.count(eos) == 1 and sample.response == " 4"
+    text, _ = _trained_text(render({"text": "abc" + eos}, DataFormat.TEXT, tokenizer), tokenizer)
+    assert text.endswith("abc" + eos) and text.count(eos) == 1
 
 
 def test_nulls_that_arrow_fills_into_calls_and_schemas_are_not_rendered(tool_tokenizer) -> None:

@@ -132,7 +132,8 @@ def test_line_separators_inside_a_string_are_text_not_line_ends(tmp_path: Path) 
     (tmp_path / "folder").mkdir()
     for path in (tmp_path / "u2028.jsonl", tmp_path / "folder" / "train.jsonl"):
         path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    for path in (tmp_path / "u2028.jsonl", tmp_path / "folder"):
+    (tmp_path / "cr.jsonl").write_bytes("".join(line + "\r" for line in lines).encode())  # old Mac endings
+    for path in (tmp_path / "u2028.jsonl", tmp_path / "folder", tmp_path / "cr.jsonl"):
         assert load_source(DataSource(path))[0].to_list() == records, path
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(line + "\n" for line in lines) + '{"prompt": \n', encoding="utf-8")

@@ -189,8 +189,8 @@ def test_a_plain_text_file_is_refused_saying_what_a_folder_of_them_gives(tmp_pat
     (tmp_path / "txt" / "story.txt").write_text("A story.\nIt goes on.\n")
     with pytest.raises(
         UserError,
-        match=r"story\.txt: unknown data file type '\.txt'; use \.jsonl, .*\); write plain text as JSON "
-        r"Lines, .* \(or put \.txt files in a folder: each line is a record there, as datasets reads them\)$",
+        match=r"story\.txt: unknown data file type '\.txt'; use \.jsonl, .*\); write JSON Lines, one "
+        r"\{\"text\": \.\.\.\} per sample \(or a folder of \.txt: a record per line\)$",
     ):
         load_records(tmp_path / "txt" / "story.txt")
     assert load_records(tmp_path / "txt")["text"] == ["A story.", "It goes on."]

@@ -226,6 +226,19 @@ def test_a_resume_with_other_optimizer_or_data_settings_is_refused_and_touches_n
         assert (copy / name).read_bytes() == (original / name).read_bytes()
 
 
+def test_a_run_an_earlier_tokenization_started_is_said_to_be_one(run: Path, tmp_path: Path, capsys) -> None:
+    """A run whose samples an earlier qpissa tokenized otherwise was refused as if its data had changed."""
+    earlier = tmp_path / "earlier"
+    shutil.copytree(run, earlier)
+    marker = json.loads((earlier / "qpissa_run.json").read_text())
+    del marker["tokenization"]
+    marker["data_fingerprint"] = "0" * 64  # what the earlier tokenization hashed to
+    (earlier / "qpissa_run.json").write_text(json.dumps(marker))
+    _, status = _resume_a_copy(earlier, tmp_path)
+    assert status == 2
+    assert "whose samples an earlier qpissa tokenized otherwise" in capsys.readouterr().err
+
+
 def test_a_resume_with_what_does_not_change_the_training_is_accepted(
     run: Path, data_dir: Path, tmp_path: Path
 ) -> None:
