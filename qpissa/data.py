@@ -204,7 +204,7 @@ def _encode_record(
 def _encode(segments: list[tuple[str, bool]], tokenizer: Any, max_seq_len: int) -> dict[str, Any]:
     ids: list[int] = []
     labels: list[int] = []
-    previous = ""  # the end of the last non-empty segment: the context a segment is tokenized in
+    previous = ""  # the text before a segment (its last CONTEXT_CHARS): the context it is tokenized in
     for text, trained in segments:
         piece = _segment_ids(text, previous, tokenizer, first=not ids)
         ids += piece
