@@ -41,7 +41,8 @@ def plan_targets(spec: str, reader: CheckpointReader, rank: int, *, calibrated: 
     """Resolve `--targets` against the checkpoint; refuse what cannot be converted, before any write.
 
     Args:
-        spec: `all-linear` (every Linear layer but the output layer), or comma-separated module names or
+        spec: `all-linear` (every Linear layer but the output layer and those with a side of 1, which have no
+            low-rank part), or comma-separated module names or
             name suffixes (`q_proj,v_proj`), matched against the checkpoint's and the model's names.
         reader: the checkpoint; its weights must exist, be full precision and be larger than `rank`.
         rank: adapter rank; every target needs `rank < min(out, in)`.
@@ -56,6 +57,14 @@ def plan_targets(spec: str, reader: CheckpointReader, rank: int, *, calibrated: 
     candidates = {name: layer.shape for name, layer in architecture.linears.items()}
     if spec == ALL_LINEAR:
         targets = [name for name in candidates if name != architecture.output]
+        vectors = [name for name in targets if min(candidates[name]) == 1]  # a gate to one scalar, say
+        if vectors and len(vectors) < len(targets):
+            log.info(
+                "all-linear leaves out %d Linear layer(s) with a side of 1 (%s %s%s): no low-rank part to "
+                "take out, kept in 16 bits", len(vectors), vectors[0], candidates[vectors[0]],
+                " …" if len(vectors) > 1 else "",
+            )  # fmt: skip
+            targets = [name for name in targets if name not in vectors]
     else:
         targets = _match(spec, architecture)
     if not targets:

@@ -33,6 +33,10 @@ BERT = {
     "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
     "num_attention_heads": 4, "max_position_embeddings": 128, "pad_token_id": 0,
 }  # fmt: skip
+QWEN2_MOE = {
+    **COMMON, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+    "shared_expert_intermediate_size": 128,
+}  # fmt: skip
 # family: (config class, model class, config); every width a multiple of 64, as bitsandbytes' CPU kernel needs
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {**COMMON, "tie_word_embeddings": True}),
@@ -45,6 +49,7 @@ FAMILIES = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", COMMON),  # fused qkv_proj, gate_up_proj
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", GPT2),  # Conv1D layers, weights stored [in, out]
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {**COMMON, "num_local_experts": 4}),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", QWEN2_MOE),  # a [1, hidden] gate: left out
     "bert": ("BertConfig", "BertModel", BERT),  # an encoder without a head (sentence-transformers' layout)
     "bert_cls": (
         "BertConfig",
