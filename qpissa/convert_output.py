@@ -181,7 +181,8 @@ def _check_same_checkpoint(recorded: dict, current: dict, since: str, finished: 
 def _comparable(fingerprint: dict) -> dict:
     """A fingerprint as every spelling of one conversion shares it: its settings' defaults resolved
     (`--iters 5` is the default's conversion), and no --calib path where the hash of the tokens drawn pins
-    the data (`data.jsonl` and `/home/me/data.jsonl` are one file). One another version wrote stays as is."""
+    the data (`data.jsonl` and `/home/me/data.jsonl` are one file). Settings these cannot read (another
+    version's) stay as written."""
     try:
         settings = from_dict(ConvertSettings, fingerprint["settings"]).resolved_dict()
     except (UserError, KeyError, TypeError, AttributeError):
@@ -304,11 +305,14 @@ def write_adapter(
 
 def peft_target_modules(modules: list[str], architecture: Architecture) -> list[str]:
     """PEFT's `target_modules` for exactly `modules` (model names): their types (`q_proj`) where every
-    layer of those types is among them, as after all-linear; else the modules' own names, so that PEFT
-    adapts no layer the conversion did not decompose."""
+    layer of those types is among them, as after all-linear, and no tensor kept unquantized is named like
+    them; else the modules' own names, so that PEFT adapts nothing the conversion did not decompose (PEFT
+    0.22 adapts MoE experts merged at load, Qwen2-MoE's `experts.down_proj`, for the type `down_proj`)."""
     types = {module_type(name) for name in modules}
     same_type = [name for name in architecture.modules if module_type(name) in types]
-    return sorted(types) if sorted(same_type) == sorted(modules) else modules
+    kept = [name for names in architecture.kept.values() for name in names]
+    clash = any(part in types for name in kept for part in name.split("."))
+    return sorted(types) if sorted(same_type) == sorted(modules) and not clash else modules
 
 
 def move_into_place(partial: Path, out_dir: Path) -> None:

@@ -217,7 +217,8 @@ def check_same_samples(checkpoint: Path, fingerprint: str) -> None:
     a run recorded before the fingerprint was kept is not checked).
 
     Raises:
-        UserError: other samples: another file or other contents at a data path, or another chat_template.
+        UserError: other samples: another file or other contents at a data path, another chat_template, or
+            a run an earlier qpissa tokenized otherwise (`TOKENIZATION_VERSION`).
     """
     marker_path = checkpoint.parent / RUN_MARKER
     if not marker_path.is_file():
