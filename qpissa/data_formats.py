@@ -193,7 +193,7 @@ def render(
         return Sample([(_ended(record["text"], eos), True)], "", record["text"])
     if data_format is DataFormat.PROMPT_COMPLETION:
         prompt, response = record["prompt"], record["completion"]
-        answer = response.removesuffix(eos) if eos else response  # what exact match compares: decoded text
+        answer = response.removesuffix(eos)  # what exact match compares: decoded text
         return Sample([(prompt, not response_only), (_ended(response, eos), True)], prompt, answer)
     if data_format is DataFormat.ALPACA:
         messages = _alpaca_messages(record, "record")
@@ -296,7 +296,7 @@ def _render_alpaca(messages: list[dict[str, str]], eos: str, response_only: bool
         )
     prompt = f"{system}### Instruction:\n{messages[-2]['content']}\n\n### Response:\n"
     output = messages[-1]["content"]
-    answer = output.removesuffix(eos) if eos else output  # what exact match compares: decoded text
+    answer = output.removesuffix(eos)  # what exact match compares: decoded text
     return Sample([(prompt, not response_only), (_ended(output, eos), True)], prompt, answer)
 
 

@@ -243,6 +243,14 @@ def test_the_blocksize_advised_for_such_widths_is_one_that_decodes_right(tmp_pat
                  "--iters", "1", "--blocksize", "32"]) == 0  # fmt: skip
 
 
+def _converting_warnings(model: Path, out: Path, caplog: pytest.LogCaptureFixture) -> str:
+    """The checkpoint reader's warnings while `model` converts into `out` (which must succeed)."""
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qpissa.checkpoint"):
+        assert main(["convert", str(model), str(out), "--rank", "4", "--iters", "1"]) == 0
+    return caplog.text
+
+
 def test_weights_beside_model_safetensors_are_ignored_as_transformers_ignores_them(
     model_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -250,9 +258,8 @@ def test_weights_beside_model_safetensors_are_ignored_as_transformers_ignores_th
     (a traceback, and a half-written OUT.partial); transformers loads model.safetensors alone."""
     shutil.copy(model_copy / "model.safetensors", model_copy / "model-copy.safetensors")
     (model_copy / "optimizer.safetensors").write_bytes(b"not read")
-    with caplog.at_level("WARNING", logger="qpissa.checkpoint"):
-        assert main(["convert", str(model_copy), str(tmp_path / "out"), "--rank", "4", "--iters", "1"]) == 0
-    assert "model-copy.safetensors, optimizer.safetensors ignored" in caplog.text
+    warnings = _converting_warnings(model_copy, tmp_path / "out", caplog)
+    assert "model-copy.safetensors, optimizer.safetensors ignored" in warnings
 
 
 def test_model_safetensors_is_read_before_an_index_and_an_index_ignores_what_it_does_not_list(
@@ -268,15 +275,13 @@ def test_model_safetensors_is_read_before_an_index_and_an_index_ignores_what_it_
     index = {"metadata": {}, "weight_map": dict.fromkeys(names, shard)}
     (model_copy / "model.safetensors.index.json").write_text(json.dumps(index))
     (model_copy / shard).write_bytes(b"not read")  # read, it would fail the conversion
-    with caplog.at_level("WARNING", logger="qpissa.checkpoint"):
-        assert main(["convert", str(model_copy), str(tmp_path / "a"), "--rank", "4", "--iters", "1"]) == 0
-    assert f"{shard}, model.safetensors.index.json ignored" in caplog.text
+    assert f"{shard}, model.safetensors.index.json ignored" in _converting_warnings(
+        model_copy, tmp_path / "a", caplog
+    )
     (model_copy / "model.safetensors").replace(model_copy / shard)
     (model_copy / "consolidated.safetensors").write_bytes(b"not read")
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="qpissa.checkpoint"):
-        assert main(["convert", str(model_copy), str(tmp_path / "b"), "--rank", "4", "--iters", "1"]) == 0
-    assert "consolidated.safetensors ignored, as transformers ignores them" in caplog.text
+    warnings = _converting_warnings(model_copy, tmp_path / "b", caplog)
+    assert "consolidated.safetensors ignored, as transformers ignores them" in warnings
 
 
 def test_a_tokenizer_larger_than_the_models_embeddings_is_one_line(
