@@ -72,12 +72,8 @@ def check_overwritable(out_dir: Path) -> None:
     check_replaceable(out_dir, "OUT", (REPORT_NAME,), "a QPiSSA directory")
     if not out_dir.is_dir():
         return
-    try:
-        recorded = read_report(out_dir).get("files")
-    except UserError:  # a damaged report lists nothing: judged by its folders, as one from before the list
-        recorded = None
     ours = {PROGRESS_NAME, FIDELITY_NAME, f"{FIDELITY_NAME}.tmp"}  # and the record `compare` keeps there
-    check_only_own(out_dir, recorded, ours, {ADAPTER_DIR}, "conversion")
+    check_only_own(out_dir, REPORT_NAME, ours, {ADAPTER_DIR}, "conversion")
 
 
 def written_files(partial: Path) -> list[str]:

@@ -29,7 +29,6 @@ from qpissa.artifacts import (
     PARTIAL_MARKER,
     ModelSource,
     has_adapter,
-    read_json,
     resolve_source,
     run_data_settings,
 )
@@ -207,12 +206,8 @@ def _check_overwritable(out_dir: Path) -> None:
         UserError: OUT is not an export, or holds files or folders its export did not write.
     """
     check_replaceable(out_dir, "OUT", (EXPORT_REPORT,), "an export made by qpissa export")
-    try:
-        recorded = read_json(out_dir / EXPORT_REPORT, "").get("files")
-    except UserError:  # a damaged report lists nothing: judged by its folders, as one from before the list
-        recorded = None
     # a kill right after `finish_partial`'s rename leaves the build marker in OUT
-    check_only_own(out_dir, recorded, {PARTIAL_MARKER}, set(), "export")
+    check_only_own(out_dir, EXPORT_REPORT, {PARTIAL_MARKER}, set(), "export")
 
 
 def _write(

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from qpissa import UserError
-from qpissa.artifacts import LOCK_SUFFIX, PARTIAL_MARKER, partial_dir
+from qpissa.artifacts import LOCK_SUFFIX, PARTIAL_MARKER, partial_dir, read_json
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +151,13 @@ def check_holds_only(output: Path, output_flag: str, patterns: tuple[str, ...], 
         )
 
 
-def check_only_own(
-    out_dir: Path, recorded: list[str] | None, ours: set[str], folders: set[str], writer: str
-) -> None:
+def check_only_own(out_dir: Path, report: str, ours: set[str], folders: set[str], writer: str) -> None:
     """`--overwrite` replaces OUT whole: refuse one holding a file or folder its writer did not put there
     (a training run moved in, the user's notes).
 
     Args:
-        recorded: the files the report of `out_dir` lists (`files_in`); None for a report from before that
-            list, judged by its folders alone.
+        report: the name of the writer's report in `out_dir`, whose `files` list (`files_in`) is what it
+            wrote; a report from before that list, or a damaged one, is judged by its folders alone.
         ours: the writer's files the list leaves out (resume and build markers, compare's record).
         folders: the folders the writer makes.
         writer: `conversion`, `export`: for the message.
@@ -167,6 +165,10 @@ def check_only_own(
     Raises:
         UserError: naming the first three others.
     """
+    try:
+        recorded = read_json(out_dir / report, "").get("files")
+    except UserError:
+        recorded = None
     others = sorted(f"{p.name}/" for p in out_dir.iterdir() if p.is_dir() and p.name not in folders)
     if recorded is not None:
         kept = {*recorded, *ours}
