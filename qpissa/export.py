@@ -141,6 +141,7 @@ def _export(
         "OUT",
         {
             "RUN": run,
+            "the run RUN belongs to": source.run_dir,  # a checkpoint's run: its rotation and overwrite delete
             "RUN's QPiSSA directory": source.base_dir,
             "RUN's adapter": source.adapter_dir,
             "--base": settings.base,

@@ -121,12 +121,13 @@ def check_replaceable(output: Path, output_flag: str, markers: tuple[str, ...], 
 
 
 def check_holds_only(output: Path, output_flag: str, patterns: tuple[str, ...], what: str) -> None:
-    """Refuse to replace a directory that holds anything but files named like `patterns` (globs).
+    """Refuse to replace a directory that holds anything but what its writer names (`patterns`, globs).
 
     Args:
         output: the directory that would be replaced.
         output_flag: how the user names it.
-        patterns: the file names a directory of the expected kind holds (`report.md`, `*.png`).
+        patterns: the names a directory of the expected kind holds (`report.md`, `*.png`); a folder's
+            ends with `/` (`checkpoint-*/`).
         what: the kind in words (`a report directory`).
 
     Raises:
@@ -138,16 +139,13 @@ def check_holds_only(output: Path, output_flag: str, patterns: tuple[str, ...], 
         return
     # a kill right after `finish_partial`'s rename leaves the marker in OUT
     own = (*patterns, PARTIAL_MARKER)
-    other = sorted(
-        path.name
-        for path in output.iterdir()
-        if not (path.is_file() and any(fnmatch.fnmatchcase(path.name, pattern) for pattern in own))
-    )
+    names = (f"{path.name}/" if path.is_dir() else path.name for path in output.iterdir())
+    other = sorted(name for name in names if not any(fnmatch.fnmatchcase(name, pattern) for pattern in own))
     if other:
-        listed = ", ".join(other[:3]) + (" …" if len(other) > 3 else "")
+        listed = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
         raise UserError(
-            f"{output_flag} {output} exists and is not {what} (it holds {listed}), so it is not replaced; "
-            f"choose a new or empty {output_flag}"
+            f"{output_flag} {output} holds {listed}, which {what} does not and replacing it would delete; "
+            f"move that out of {output_flag}, or choose a new or empty {output_flag}"
         )
 
 

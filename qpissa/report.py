@@ -30,6 +30,7 @@ from qpissa.convert_settings import Method
 from qpissa.outputs import (
     check_apart,
     check_holds_only,
+    check_replaceable,
     finish_partial,
     lock_output,
     resolve_output,
@@ -37,14 +38,14 @@ from qpissa.outputs import (
 )
 from qpissa.plots import assign_colours
 from qpissa.report_inputs import MethodData, collect, export_label, method_label
-from qpissa.report_render import draw_plots, fidelity_apart, write_documents
+from qpissa.report_render import PLOT_FILES, draw_plots, fidelity_apart, write_documents
 from qpissa.safetensors_file import read_header
 from qpissa.settings import ReportOptions
 from qpissa.spectrum import layer_spectra
 
 FIDELITY_SETTINGS = ("text", "window", "max_tokens")  # the `compare` settings that change what is measured
 TAIL_STEPS = 10  # the verdict quotes the mean loss of the last logged steps: one step's loss is noisy
-REPORT_FILES = (REPORT_MARKDOWN, REPORT_HTML, SUMMARY_NAME, "*.png")  # all a report directory holds
+REPORT_FILES = (REPORT_MARKDOWN, REPORT_HTML, SUMMARY_NAME, *PLOT_FILES)  # all a report directory holds
 
 
 def create_report(inputs: list[Path], out_dir: Path, options: ReportOptions) -> dict:
@@ -70,6 +71,7 @@ def create_report(inputs: list[Path], out_dir: Path, options: ReportOptions) -> 
     check_apart(out_dir, "--out", _read_through(methods))  # what the inputs lead to is read too
     summary = summarize(methods, options)
     with lock_output(out_dir, "--out"):
+        check_replaceable(out_dir, "--out", (SUMMARY_NAME,), "a report directory")
         check_holds_only(out_dir, "--out", REPORT_FILES, "a report directory")
         partial = start_partial(out_dir, "--out")
         try:
@@ -98,11 +100,13 @@ def build_report(inputs: list[Path], out_dir: Path, options: ReportOptions) -> d
 
 
 def _read_through(methods: list[MethodData]) -> dict[str, Path | None]:
-    """The conversions, runs and exports the report reads, by what they are to the user: a run given
-    alone leads to its QPiSSA directory, an export to its run."""
+    """The conversions, runs, exports and original models the report reads, by what they are to the user: a
+    run given alone leads to its QPiSSA directory, an export to its run, a conversion to its original."""
     read = {}
     for m in methods:
         read |= {f"{m.label}'s QPiSSA directory": m.conversion_dir, f"{m.label}'s run": m.run_dir}
+        if m.conversion:  # `_original` and the spectrum read the model the conversion names
+            read[f"{m.label}'s original model"] = Path(m.conversion["fingerprint"]["model"])
         read |= {f"{m.label}'s export #{i}": path for i, (path, _) in enumerate(m.exports, 1)}
     return read
 

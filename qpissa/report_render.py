@@ -15,6 +15,11 @@ from qpissa import plots
 from qpissa.artifacts import EVAL_RESULTS_NAME, LOG_NAME, REPORT_HTML, REPORT_MARKDOWN
 from qpissa.settings import ReportOptions
 
+# every plot a report can draw, in order: a report directory holds these PNGs and nothing else of its own
+PLOTS = ("reduction_by_type", "reduction_by_layer", "spectrum", "fidelity", "loss_curves", "eval_accuracy",
+         "memory_speed")  # fmt: skip
+PLOT_FILES = tuple(f"{name}.png" for name in PLOTS)
+
 
 @dataclass
 class Table:
@@ -88,7 +93,8 @@ def draw_plots(summary: dict, out_dir: Path, options: ReportOptions) -> dict[str
         "memory_speed": (has_memory, lambda p: plots.memory_speed(memory, speed, colours, p)),
     }
     drawn = {}
-    for name, (has_data, draw) in jobs.items():
+    for name in PLOTS:
+        has_data, draw = jobs[name]
         if has_data:
             draw(out_dir / f"{name}.png")
             drawn[name] = f"{name}.png"

@@ -8,7 +8,10 @@ from pathlib import Path
 from qpissa import UserError
 from qpissa.artifacts import (
     ADAPTER_DIR,
+    CHECKPOINT_PREFIX,
     CONFIG_NAME,
+    EVAL_LOG_NAME,
+    EVAL_RESULTS_NAME,
     LOG_NAME,
     REPORT_NAME,
     RUN_MARKER,
@@ -20,11 +23,19 @@ from qpissa.artifacts import (
     latest_checkpoint,
     run_model,
 )
+from qpissa.chat_template import TEMPLATE_NAME
 from qpissa.hub import is_hub_name, resolve_model
 from qpissa.loading import check_causal_lm, check_context, check_source
-from qpissa.outputs import check_apart, check_replaceable
+from qpissa.outputs import check_apart, check_holds_only, check_replaceable
 from qpissa.recipe import TrainConfig
 from qpissa.resume_checks import check_checkpoint
+
+# what a run writes into output_dir: overwrite_output_dir replaces a run holding nothing else (a `.tmp` is a
+# JSON write cut short; `runs/` the Trainer's default TensorBoard logging_dir)
+RUN_FILES = (
+    *RUN_MARKERS, LOG_NAME, EVAL_LOG_NAME, EVAL_RESULTS_NAME, f"{EVAL_RESULTS_NAME}.tmp", TEMPLATE_NAME,
+    f"{ADAPTER_DIR}/", f"{ADAPTER_DIR}.partial/", f"{CHECKPOINT_PREFIX}*/", "runs/",
+)  # fmt: skip
 
 
 def check_inputs(config: TrainConfig, optim: str) -> tuple[ModelSource, Path | None]:
@@ -74,6 +85,7 @@ def check_output_dir(config: TrainConfig, resume: Path | None) -> None:
     markers = (*RUN_MARKERS, LOG_NAME)
     if resume is None and config.overwrite_output_dir:
         check_replaceable(config.output_dir, "output_dir", markers, "a training run")
+        check_holds_only(config.output_dir, "output_dir", RUN_FILES, "a training run")
     if resume is None and config.output_dir.is_file():
         raise UserError(f"output_dir {config.output_dir} is a file; choose a directory path")
     if resume is None and _is_occupied(config.output_dir) and not config.overwrite_output_dir:

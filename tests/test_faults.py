@@ -408,6 +408,10 @@ CASES = [
                            chat_template=str(ws / "run" / "mine.jinja")),
          "contains the input chat_template",
          damage=lambda ws: _file(ws / "run" / "mine.jinja", "{{ messages[0].content }}")),
+    Case("train", "overwrite of a run the user added notes and an export to",
+         lambda ws: _train(ws, output_dir=str(ws / "run"), overwrite_output_dir=True),
+         "output_dir .*run holds NOTES.md, merged/, which a training run does not and replacing it would",
+         damage=lambda ws: [_file(ws / "run" / "NOTES.md", "mine"), _file(ws / "run" / "merged" / "a", "x")]),
     Case("train", "overwrite of a directory that is no run",
          lambda ws: _train(ws, output_dir=str(ws / "mine"), overwrite_output_dir=True),
          "is not a training run",
@@ -644,6 +648,9 @@ CASES = [
     Case("export", "a checkpoint save_total_limit removed",
          lambda ws: ["export", str(ws / "run" / "checkpoint-9"), str(ws / "merged"), "--no-verify"],
          r"checkpoint-9 does not exist \(the run keeps checkpoint-2"),
+    Case("export", "OUT inside the run of the checkpoint exported",
+         lambda ws: ["export", str(ws / "run" / "checkpoint-4"), str(ws / "run" / "exp"), "--no-verify"],
+         "is inside the input the run RUN belongs to"),
     Case("export", "a checkpoint without its adapter's weights",
          lambda ws: ["export", str(ws / "run" / "checkpoint-2"), str(ws / "merged"), "--no-verify"],
          r"checkpoint-2, in run .*run, has no adapter_model.safetensors; pass the run itself or a checkpoint "
@@ -675,8 +682,18 @@ CASES = [
          lambda ws: _report(ws, "qpissa/rep", "run"),
          r"--out .*qpissa/rep is inside the input .*'s QPiSSA directory .*qpissa; writing there could"),
     Case("report", "--out is a directory of another kind", lambda ws: _report(ws, "other_run"),
-         "is not a report directory \\(it holds",
+         "exists and is not a report directory, so it is not replaced",
          damage=lambda ws: shutil.copytree(ws / "run", ws / "other_run")),
+    Case("report", "--out holds the user's pictures and notes", lambda ws: _report(ws, "pics"),
+         "exists and is not a report directory",
+         damage=lambda ws: [_file(ws / "pics" / name, "mine") for name in ("holiday.png", "report.md")]),
+    Case("report", "--out is an earlier report the user added a picture to", lambda ws: _report(ws, "pics"),
+         "--out .*pics holds holiday.png, which a report directory does not and replacing it would delete",
+         damage=lambda ws: [_file(ws / "pics" / name, "{}") for name in ("holiday.png", "summary.json")]),
+    Case("report", "--out inside the original model the conversion names",
+         lambda ws: _report(ws, "model/rep", "qpissa"),
+         "--out .*model/rep is inside the input qpissa's original model .*model;",
+         damage=_report_names_workspace_model),
     Case("report", "--out is a file", lambda ws: _report(ws, "data/train.jsonl", "qpissa"), "is a file"),
     Case("report", "another process writes --out", _report, LOCKED, locked="report"),
     Case("report", "a log line broken before the last", _report,
@@ -905,9 +922,9 @@ def test_export_replaces_only_its_own_interrupted_build(workspace: Path) -> None
 def test_report_replaces_an_earlier_report_whole(workspace: Path) -> None:
     report = workspace / "report"
     assert main(["--quiet", *_report(workspace)]) == 0
-    _file(report / "from_an_older_version.png", b"old")
+    _file(report / "eval_accuracy.png", b"a plot of an earlier report, which this one does not draw")
     assert main(["--quiet", *_report(workspace)]) == 0
-    assert (report / "summary.json").is_file() and not (report / "from_an_older_version.png").exists()
+    assert (report / "summary.json").is_file() and not (report / "eval_accuracy.png").exists()
     assert _no_stray(workspace) == []
 
 
