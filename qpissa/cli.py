@@ -40,7 +40,7 @@ from qpissa.artifacts import (
 from qpissa.console import convert_summary, counted, export_summary, stdout_reader_left
 from qpissa.convert_settings import CompareSettings, ConvertSettings
 from qpissa.distributed import is_main_process, one_process_refusal
-from qpissa.memory import out_of_memory_line
+from qpissa.memory import out_of_memory_line, out_of_space_line
 from qpissa.options import add_arguments, from_namespace, path_argument
 from qpissa.recipe import recipe_keys_help
 from qpissa.settings import (
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             fix += _continue_hint(args) or "; then rerun the same command"
         return _fail(f"{where}{error.strerror}; {fix}")
     except Exception as error:
-        exhausted = out_of_memory_line(error)  # what this machine holds is no bug: one line, how to go on
+        exhausted = out_of_memory_line(error) or out_of_space_line(error)  # what this machine holds: no bug
         if exhausted is None:
             return _bug()
         return _fail(exhausted + (_continue_hint(args) or "; then rerun the same command"))

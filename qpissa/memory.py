@@ -133,6 +133,7 @@ def return_freed_memory() -> None:
 # the words of torch's CPU allocator and of a failed memory map when memory runs out ("can't allocate
 # memory" on Linux and macOS, "not enough memory" on Windows); on a GPU torch raises OutOfMemoryError
 _OUT_OF_MEMORY_WORDS = ("can't allocate memory", "cannot allocate memory", "not enough memory")
+_OUT_OF_SPACE_WORDS = ("No space left on device", "Disk quota exceeded")  # strerror of ENOSPC, EDQUOT
 
 
 def out_of_memory(error: BaseException) -> bool:
@@ -155,7 +156,15 @@ def out_of_memory_line(error: BaseException) -> str | None:
     )
 
 
+def out_of_space_line(error: BaseException) -> str | None:
+    """The error line for a library's own error that wraps a full disk (safetensors' writer raises
+    `SafetensorError: ... No space left on device (os error 28)`, no OSError), else None."""
+    if not any(words in str(error) for words in _OUT_OF_SPACE_WORDS):
+        return None
+    return f"no space left on device ({out_of_memory_reason(error)}); free some space"
+
+
 def out_of_memory_reason(error: BaseException) -> str:
-    """`Type: first line` of an out-of-memory error, cut to 200 characters (CUDA's runs on with advice)."""
+    """`Type: first line` of an error, cut to 200 characters (CUDA's out-of-memory runs on with advice)."""
     line = next((part.strip() for part in str(error).splitlines() if part.strip()), "")
     return f"{type(error).__name__}: {line[:200]}"

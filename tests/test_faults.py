@@ -865,6 +865,27 @@ def test_running_out_of_memory_is_one_line_not_a_bug_report(
     assert said.endswith("use a machine with more; then rerun the same command")
 
 
+def test_a_full_disk_under_a_library_writer_is_one_line_saying_how_to_continue(
+    workspace: Path, monkeypatch, capsys
+) -> None:
+    """safetensors' writer wraps ENOSPC in its own error, not an OSError: still the full disk's line."""
+    import peft.peft_model
+    from safetensors import SafetensorError
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full)
+    assert main(["--quiet", *_train(workspace)]) == 2
+    said = capsys.readouterr().err.strip()
+    assert "Traceback" not in said and "\n" not in said, said
+    assert said.startswith("qpissa: error: no space left on device (SafetensorError: Error while serializing")
+    assert said.endswith(
+        "free some space; no checkpoint was complete: add overwrite_output_dir=true to the "
+        "same command to start again"
+    )  # how to go on with the run
+
+
 def test_an_os_error_nobody_named_still_ends_in_one_line_naming_its_file(
     workspace: Path, monkeypatch, capsys
 ) -> None:
