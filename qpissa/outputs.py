@@ -41,12 +41,15 @@ def resolve_output(output: Path, output_flag: str) -> Path:
         output_flag: how the user names it (`OUT`, `--out`), for messages.
 
     Returns:
-        `output`, or the path its link resolves to.
+        `output` with `~` expanded (as a shell and the Trainer's output_dir do: a quoted `~`, or one given
+        to the Python API, means the same place to the lock, the checks and the writes), or the path its
+        link resolves to.
 
     Raises:
         UserError: `output` is the file-system root, a link that loops, or a link into a directory that
             does not exist (an unmounted disk, say), all before anything is written.
     """
+    output = output.expanduser()
     if output.is_symlink():
         try:
             target = output.resolve()
@@ -62,7 +65,7 @@ def resolve_output(output: Path, output_flag: str) -> Path:
             )
         log.info("%s %s is a symbolic link to %s, which holds the output", output_flag, output, target)
         output = target
-    if not output.expanduser().resolve().name:
+    if not output.resolve().name:
         raise UserError(f"{output_flag} {output} is the file-system root; choose a directory to write")
     return output
 

@@ -865,6 +865,20 @@ def test_running_out_of_memory_is_one_line_not_a_bug_report(
     assert said.endswith("use a machine with more; then rerun the same command")
 
 
+def test_a_quoted_tilde_in_out_is_the_home_directory_for_the_lock_and_the_writes(
+    workspace: Path, monkeypatch
+) -> None:
+    """`OUT="~/x"` in a script reaches qpissa unexpanded: locked and written at one place, the home's."""
+    monkeypatch.setenv("HOME", str(workspace / "home"))
+    monkeypatch.chdir(workspace)
+    assert (
+        main(["--quiet", "convert", str(workspace / "model"), "~/cv", "--rank", str(RANK), "--iters", "1"])
+        == 0
+    )
+    assert (workspace / "home" / "cv" / "qpissa_report.json").is_file()
+    assert not (workspace / "~").exists()
+
+
 def test_a_full_disk_under_a_library_writer_is_one_line_saying_how_to_continue(
     workspace: Path, monkeypatch, capsys
 ) -> None:
