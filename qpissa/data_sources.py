@@ -228,7 +228,7 @@ def _read(
         raise
     except Exception as error:  # datasets wraps parse and connection errors in many exception types
         stray = stray_item(path, files) if local and all_json(files) else None
-        raise UserError(stray or _read_problem(path, local, error)) from None
+        raise UserError(stray or _read_problem(path, local, error, files)) from None
     return as_written(read, path, subset) if all_json(files) and holds_dates(read) else read
 
 
@@ -373,7 +373,7 @@ def _datasets_quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _read_problem(path: Path, local: bool, error: Exception) -> str:
+def _read_problem(path: Path, local: bool, error: Exception, files: list[Path]) -> str:
     cause = error.__cause__ or error
     reason = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
     if "corresponds to no data" in reason or "EmptyDatasetError" in type(error).__name__:
@@ -389,5 +389,11 @@ def _read_problem(path: Path, local: bool, error: Exception) -> str:
             f"({type(error).__name__}: {reason}); check the path or name, your connection, or (with "
             "HF_HUB_OFFLINE=1) that a previous download is in the datasets cache"
         )
+    for file in files if path.is_dir() else []:  # the folder's file datasets failed on, as it names one alone
+        try:
+            if file.stat().st_size:  # an empty file is an empty split, not damage
+                check_file(file)
+        except UserError as damaged:
+            return str(damaged)
     kind = path.suffix.lstrip(".") or "save_to_disk or data-file folder"
     return f"cannot read dataset {path} ({type(cause).__name__}: {reason}); check that it is a valid {kind}"

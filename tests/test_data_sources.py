@@ -196,6 +196,20 @@ def test_a_plain_text_file_is_refused_saying_what_a_folder_of_them_gives(tmp_pat
     assert load_records(tmp_path / "txt")["text"] == ["A story.", "It goes on."]
 
 
+@pytest.mark.parametrize(
+    ("broken", "said"),
+    [
+        (b'{"prompt": "2+2=", "compl', r"b\.jsonl line 1 is not valid JSON"),
+        (b"caf\xe9\n", r"b\.jsonl is not UTF-8"),
+    ],
+)
+def test_a_broken_file_in_a_folder_is_named_as_it_is_alone(tmp_path: Path, broken: bytes, said: str) -> None:
+    (tmp_path / "a.jsonl").write_text(json.dumps({"prompt": "1+1=", "completion": " 2"}) + "\n")
+    (tmp_path / "b.jsonl").write_bytes(broken)
+    with pytest.raises(UserError, match=said):
+        load_records(tmp_path)
+
+
 def test_a_folder_without_data_files_is_refused_in_one_line(tmp_path: Path) -> None:
     """An empty folder failed with a KeyError; one holding only notes, with datasets' message about files of
     another kind of folder."""
