@@ -18,6 +18,7 @@ from qpissa.artifacts import (
     TOKENIZER_MARKERS,
     ModelSource,
     is_qpissa_dir,
+    read_json,
     read_report,
     resolve_source,
 )
@@ -216,6 +217,10 @@ def set_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                  "vocab.json")  # fmt: skip
+
+
 def load_tokenizer(source: ModelSource):
     """The tokenizer saved beside the base model (QPiSSA dirs and exports carry it), with the chat
     template a training run saved, if it set one."""
@@ -230,6 +235,9 @@ def load_tokenizer(source: ModelSource):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.base_dir)
     except Exception as error:  # tokenizers raises a plain Exception for a damaged tokenizer.json
+        for name in TOKENIZER_JSON:  # a damaged file is named, with its line: the library's error names none
+            if (source.base_dir / name).is_file():
+                read_json(source.base_dir / name, "copy the original model's tokenizer files there")
         reason = next(
             (line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__
         )
