@@ -41,9 +41,7 @@ def resolve_output(output: Path, output_flag: str) -> Path:
         output_flag: how the user names it (`OUT`, `--out`), for messages.
 
     Returns:
-        `output` with `~` expanded (as a shell and the Trainer's output_dir do: a quoted `~`, or one given
-        to the Python API, means the same place to the lock, the checks and the writes), or the path its
-        link resolves to.
+        `output` with `~` expanded (a quoted one too, as the Trainer's output_dir), or its link's target.
 
     Raises:
         UserError: `output` is the file-system root, a link that loops, or a link into a directory that
