@@ -13,11 +13,13 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from qpissa import (
     LOG_FORMAT,
@@ -37,7 +39,7 @@ from qpissa.artifacts import (
     partial_dir,
     read_json,
 )
-from qpissa.console import convert_summary, counted, export_summary, stdout_reader_left
+from qpissa.console import convert_summary, export_summary, stdout_reader_left, train_summary
 from qpissa.convert_settings import CompareSettings, ConvertSettings
 from qpissa.distributed import is_main_process, one_process_refusal
 from qpissa.memory import out_of_memory_line, out_of_space_line
@@ -135,7 +137,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def main_entry() -> None:
     """Console-script entry point."""
+    sys.unraisablehook = _interrupt_again  # in the command's own process only: tests call `main`
     sys.exit(main())
+
+
+def _interrupt_again(unraisable: Any) -> None:
+    """Python drops a Ctrl-C that lands in a finalizer (a `__del__` as a tokenizer loads), and the command
+    would run on to its end: deliver it again a moment later, to the code that runs next (raised now, it
+    would land in this hook and be dropped again), and to the main thread, which runs signal handlers."""
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+        main = threading.main_thread().ident
+        threading.Timer(0.05, signal.pthread_kill, args=(main, signal.SIGINT)).start()
+    else:
+        sys.__unraisablehook__(unraisable)
 
 
 def _fail(message: str) -> int:
@@ -208,18 +222,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     args.output_dir = config.output_dir  # where a Ctrl-C can be continued from
     summary = train(config, show_progress=not args.quiet)
-    evaluation = summary.get("eval", {})
-    extra = f", eval loss {evaluation['loss']:.4f}" if "loss" in evaluation else ""
-    if evaluation.get("total"):  # of the answers generated, often fewer than the samples the loss is on
-        extra += f", exact match {evaluation['correct']}/{evaluation['total']}"
-    if summary["loss_steps"]:  # the whole run's logged steps, a resumed one's included
-        first, last = summary["loss_steps"]
-        steps = f"step {first}" if first == last else f"steps {first}-{last}"
-        loss = f"mean loss {summary['train_loss']:.4f} ({steps})"
-    else:
-        loss = "no step logged"
     if is_main_process():
-        print(f"trained {counted(summary['steps'], 'step')}, {loss}{extra} -> {summary['output_dir']}")
+        print(train_summary(summary))
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:

@@ -95,6 +95,21 @@ def export_summary(report: dict, out_dir: Path) -> str:
     return f"{head}\n\n{lora_summary(report)}"
 
 
+def train_summary(summary: dict) -> str:
+    """The line `qpissa train` ends with: steps, mean loss, the final evaluation, the run's directory."""
+    evaluation = summary.get("eval", {})
+    extra = f", eval loss {evaluation['loss']:.4f}" if "loss" in evaluation else ""
+    if evaluation.get("total"):  # of the answers generated, often fewer than the samples the loss is on
+        extra += f", exact match {evaluation['correct']}/{evaluation['total']}"
+    if summary["loss_steps"]:  # the whole run's logged steps, a resumed one's included
+        first, last = summary["loss_steps"]
+        steps = f"step {first}" if first == last else f"steps {first}-{last}"
+        loss = f"mean loss {summary['train_loss']:.4f} ({steps})"
+    else:
+        loss = "no step logged"
+    return f"trained {counted(summary['steps'], 'step')}, {loss}{extra} -> {summary['output_dir']}"
+
+
 def lora_summary(report: dict) -> str:
     """Why the adapter has the rank written (2r, r from a zero initial adapter, or --rank's) and how far
     the adapter on the original is from the trained model, in words."""

@@ -125,6 +125,34 @@ sys.exit(cli.main(["fetch-model", "smollm2-135m", sys.argv[1]]))
     assert "GGUF" not in done.stderr and "%|" not in done.stderr, done.stderr
 
 
+def test_ctrl_c_in_a_finalizer_still_interrupts_the_command(tmp_path: Path) -> None:
+    """Python drops a KeyboardInterrupt raised in a `__del__` (a Ctrl-C as a tokenizer loads): the command
+    must still stop with the interrupt's line and status, not run on to its end."""
+    program = """
+import sys, time, types
+from qpissa import cli
+
+class Finalized:
+    def __del__(self):
+        raise KeyboardInterrupt  # what Ctrl-C does when it lands while a finalizer runs
+
+def fetch_demo_model(name, out):
+    Finalized()
+    time.sleep(30)  # the work that follows
+    print("ran on to its end")
+    return out
+
+sys.modules["qpissa.models"] = types.SimpleNamespace(fetch_demo_model=fetch_demo_model)
+sys.argv = ["qpissa", "fetch-model", "smollm2-135m", sys.argv[1]]
+cli.main_entry()
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", program, str(tmp_path / "model")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 130, done.stdout + done.stderr
+    assert "ran on" not in done.stdout and done.stderr.strip() == "qpissa: interrupted", done.stderr
+
+
 def test_bitsandbytes_kernel_notes_are_hidden() -> None:
     """On import, bitsandbytes tries to fetch a bf16 CPU kernel from the Hub that qpissa never uses; its
     failure (and offline, the `kernels` package's skipped trust check) is noise a user cannot act on."""
