@@ -7,6 +7,7 @@ launcher's environment and uses accelerate's barrier and broadcast, so no proces
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from transformers import TrainingArguments
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,22 @@ def processes() -> Processes:
         launcher = "none"
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     return Processes(rank, local_rank, count, launcher)
+
+
+def warn_fewer_processes() -> None:
+    """`accelerate launch --cpu --num_processes N` starts one process (accelerate's own rule: on a CPU it
+    needs MPI for several), which trains as if N were 1; its launcher still sets the address that several
+    processes would meet at (`MASTER_ADDR`), beside no `WORLD_SIZE`."""
+    if (
+        processes().launcher == "accelerate"
+        and "MASTER_ADDR" in os.environ
+        and "WORLD_SIZE" not in os.environ
+    ):
+        log.warning(
+            "accelerate launch asked for several processes but started one (on a CPU accelerate needs MPI "
+            "for several): this run trains as 1 process; launch with --multi_gpu or --config_file "
+            "configs/accelerate/ddp.yaml to train in several"
+        )
 
 
 def one_process_refusal(command: str) -> str | None:

@@ -320,6 +320,11 @@ def load_config(path: Path | str, overrides: list[str]) -> TrainConfig:
             f"`trainer` must be a mapping of TrainingArguments options ({{report_to: ...}}), "
             f"{got(nested)}; or write each option at the top level of the recipe"
         )
+    twice = [
+        f"`{key}` ({trainer[key]}) and `trainer.{key}` ({nested[key]})" for key in nested if key in trainer
+    ]
+    if twice:  # else the top level's would win, silently
+        raise UserError(f"the recipe sets {'; '.join(twice)}: one option twice; keep one of them")
     trainer = {**nested, **trainer}
     if values.get("warmup_ratio") and "warmup_steps" in trainer:  # else warmup_steps would win, silently
         raise UserError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,11 +35,15 @@ from qpissa.trainer_options import checked_options
 
 if TYPE_CHECKING:
     import datasets
+    from transformers import TrainingArguments
+
+log = logging.getLogger(__name__)
 
 RESUMED_FILES = ("optimizer.pt", "scheduler.pt")  # what Trainer restores, as torch zips, and the RNG:
 RNG_FILES = "rng_state*.pth"  # rng_state.pth, or rng_state_<rank>.pth per process of a multi-process run
 # what fixes the batches a resumed run replays up to its step: changed, the run would not continue exactly
 CONTINUED_SETTINGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "seed")
+CONTINUED_TRAINER_OPTIONS = ("data_seed", "train_sampling_strategy", "dataloader_drop_last")
 # every data setting is compared but these, which do not change what is trained on: the held-out data, how
 # many of its answers are generated, how many processes tokenize, and beside data.sources, data.format (the
 # held-out data's format only); and the paths, as a moved or copied file is the same data: what they hold
@@ -53,7 +58,6 @@ SCHEDULE_TRAINER_OPTIONS = (
     "optim_target_modules",
 )  # fmt: skip
 RUN_LENGTH = ("max_steps", "num_train_epochs")  # free to change on a constant schedule only
-CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
 
 
 def check_checkpoint(checkpoint: Path, config: TrainConfig, source: ModelSource, optim: str) -> None:
@@ -66,6 +70,13 @@ def check_checkpoint(checkpoint: Path, config: TrainConfig, source: ModelSource,
             another model or with other batches, data, seed or optimizer settings.
     """
     model = config.model
+    if not checkpoint.exists() and not checkpoint.is_absolute():  # `checkpoint-5`, meaning output_dir's
+        beside = config.output_dir / checkpoint
+        named = f"resume_from_checkpoint={beside}, or " if beside.is_dir() else ""
+        raise UserError(
+            f"resume_from_checkpoint {checkpoint} does not exist (a relative path is relative to the working "
+            f"directory, {Path.cwd()}); write {named}resume_from_checkpoint=true for output_dir's newest"
+        )
     if not (checkpoint / TRAINER_STATE).is_file():
         if (
             not checkpoint.name.startswith(CHECKPOINT_PREFIX)
@@ -89,6 +100,7 @@ def check_checkpoint(checkpoint: Path, config: TrainConfig, source: ModelSource,
         raise UserError(
             f"{checkpoint / TRAINER_STATE}: global_step {state['global_step']!r} is invalid; {fix}"
         )
+    _check_saved_for_resuming(checkpoint)
     rng = sorted(checkpoint.glob(RNG_FILES)) or [checkpoint / "rng_state.pth"]
     for path in [*(checkpoint / name for name in RESUMED_FILES), *rng]:
         _check_torch_file(path, fix)
@@ -104,6 +116,34 @@ def check_checkpoint(checkpoint: Path, config: TrainConfig, source: ModelSource,
             "resume with the model the run was trained on (its qpissa_run.json names it)"
         )
     _check_same_run(checkpoint, config, source, optim)
+
+
+def warn_unresumable(arguments: TrainingArguments) -> None:
+    """save_only_model saves checkpoints that a resume refuses (`_check_saved_for_resuming`): told as the
+    run starts, not after a kill."""
+    if arguments.save_only_model and arguments.save_strategy != "no":
+        log.warning(
+            "save_only_model=true: checkpoints hold the adapter but not the optimizer, scheduler and random "
+            "states, so this run cannot be resumed from them; leave save_only_model out to keep that possible"
+        )
+
+
+def _check_saved_for_resuming(checkpoint: Path) -> None:
+    """A whole checkpoint (its trainer state is written last) without the optimizer's and the scheduler's
+    state is one saved with save_only_model: every checkpoint of its run is, so none is named as the fix."""
+    if any((checkpoint / name).is_file() for name in RESUMED_FILES) or not has_adapter(checkpoint):
+        return
+    marker_path = checkpoint.parent / RUN_MARKER
+    marker = (
+        read_json(marker_path, "resume from a checkpoint of an intact run") if marker_path.is_file() else {}
+    )
+    recorded = ((marker.get("config") or {}).get("trainer") or {}).get("save_only_model")
+    how = "its run was saved with save_only_model=true" if recorded else "as save_only_model=true saves them"
+    raise UserError(
+        f"resume_from_checkpoint {checkpoint} holds the adapter but not the optimizer, scheduler and random "
+        f"states that a resume continues ({how}), so no checkpoint of the run can be resumed; start the run "
+        "again without save_only_model (overwrite_output_dir=true)"
+    )
 
 
 def _check_same_run(checkpoint: Path, config: TrainConfig, source: ModelSource, optim: str) -> None:
@@ -158,9 +198,12 @@ def _continued(config: dict) -> dict:
     if data["sources"] is not None:
         del data["format"]
         data["sources"] = [_trained_on(source) for source in data["sources"]]
-    data_seed = (config.get("trainer") or {}).get("data_seed")  # None: the seed (qpissa's default)
+    trainer = config.get("trainer") or {}
+    given = checked_options({key: trainer[key] for key in CONTINUED_TRAINER_OPTIONS if key in trainer})
     settings = {key: config.get(key) for key in CONTINUED_SETTINGS}
-    settings["data_seed"] = config.get("seed") if data_seed is None else data_seed
+    settings |= {key: given.get(key, _trainer_default(key)) for key in CONTINUED_TRAINER_OPTIONS}
+    if settings["data_seed"] is None:  # the seed: qpissa's default
+        settings["data_seed"] = config.get("seed")
     return settings | _flat("data", data)
 
 
@@ -179,13 +222,19 @@ def _flat(name: str, value: Any) -> dict[str, Any]:
 
 def _schedule(config: dict, optim: str | None) -> dict:
     """A run's settings that fix its optimizer's updates and its learning rate at every step (its length
-    too, on a decaying schedule); a Trainer option left out has the Trainer's default."""
+    too, on a decaying schedule or a warmup given as a ratio of the run); a Trainer option left out has the
+    Trainer's default."""
     trainer = config.get("trainer") or {}
     # typed as training types them (YAML 1.1 reads `1e-6` as text): compared however they were written
     given = checked_options({key: trainer[key] for key in SCHEDULE_TRAINER_OPTIONS if key in trainer})
     settings = {"optim": optim} | {key: config.get(key) for key in SCHEDULE_SETTINGS}
     settings |= {key: given.get(key, _trainer_default(key)) for key in SCHEDULE_TRAINER_OPTIONS}
-    if config.get("lr_scheduler_type") not in CONSTANT_SCHEDULES:
+    schedule = config.get("lr_scheduler_type")
+    # as `training_arguments` passes it: a warmup below 1 is a ratio of the run, so it ends at another step
+    # when the run's length changes (the learning rate would drop, then warm up again)
+    warmup = given.get("warmup_steps", config.get("warmup_ratio") or 0)
+    length_free = schedule == "constant" or (schedule == "constant_with_warmup" and not 0 < warmup < 1)
+    if not length_free:
         settings |= {key: config.get(key) for key in RUN_LENGTH}
     return settings
 

@@ -21,6 +21,7 @@ from huggingface_hub.errors import LocalTokenNotFoundError, OfflineModeIsEnabled
 from huggingface_hub.utils import httpx
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import SaveStrategy
 
 from qpissa import UserError
 from qpissa.artifacts import (
@@ -53,13 +54,14 @@ from qpissa.distributed import (
     processes,
     uses_fsdp,
     wait_for_everyone,
+    warn_fewer_processes,
 )
 from qpissa.loading import load_model
 from qpissa.memory import estimate_memory
 from qpissa.options import check_api_argument, to_dict
 from qpissa.outputs import lock_output, readable_as_umask_allows, resolve_output
 from qpissa.recipe import TrainConfig
-from qpissa.resume_checks import RNG_FILES, check_same_samples, data_fingerprint
+from qpissa.resume_checks import RNG_FILES, check_same_samples, data_fingerprint, warn_unresumable
 from qpissa.runtime import Runtime, dtype_name, resolve_runtime
 from qpissa.task_eval import evaluate_loss, exact_match, heldout_for_training
 from qpissa.train_checks import check_inputs, check_output_dir
@@ -110,6 +112,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     arguments = training_arguments(config, runtime, config.output_dir, show_progress)
     runtime = dataclasses.replace(runtime, device=arguments.device)  # this rank's own GPU (local rank)
     ranks = processes()
+    warn_fewer_processes()
     if uses_fsdp(arguments):
         check_fsdp(runtime.device.type, dtype_name(runtime.dtype), source.base_dir)
     if resume is not None:
@@ -140,6 +143,7 @@ def _train(
         check_same_samples(resume, fingerprint)
     generated, eval_data = heldout_for_training(config.data, tokenizer, context)
     _warn_learning_rate(config, source)
+    warn_unresumable(arguments)
 
     fsdp = uses_fsdp(arguments)  # FSDP moves each rank's shards to its GPU; the whole model stays off it
     device = torch.device("cpu") if fsdp else runtime.device
@@ -164,15 +168,19 @@ def _train(
         resumed=resume is not None,
     )
     final_evaluation = eval_data is not None and not fsdp  # after training, on the main process
-    # the best checkpoint is chosen among the Trainer's evaluations: the last step's is one of them
+    # the Trainer chooses (or saves) the best checkpoint among its evaluations: the last step's is one of them
     best_at_end = arguments.load_best_model_at_end
+    trainer_evaluates_last = best_at_end or arguments.save_strategy == SaveStrategy.BEST
     trainer, refused = _build_trainer(
         arguments,
         model=model,
         train_dataset=train_data.rows,
         eval_dataset=eval_data.rows if eval_data else None,
         data_collator=packing_collator() if config.data.packing else partial(collate, pad_token_id=pad_id),
-        callbacks=[callback, *([NoEvaluationAtTheEnd()] if final_evaluation and not best_at_end else [])],
+        callbacks=[
+            callback,
+            *([NoEvaluationAtTheEnd()] if final_evaluation and not trainer_evaluates_last else []),
+        ],
     )
     marker = _run_marker(config, runtime, source, arguments, fingerprint)
     # written only once the model loads and the Trainer is built: a refused run leaves nothing
@@ -204,7 +212,7 @@ def _train(
         write_json(run_dir / EVAL_RESULTS_NAME, {**final, **generation})
         # the last step's line of the eval log, which the Trainer's pass would have written (a run finished
         # again from its last checkpoint evaluates that step again)
-        if not best_at_end:
+        if not trainer_evaluates_last:
             drop_records_from(run_dir / EVAL_LOG_NAME, trainer.state.global_step)
             samples, state = len(eval_data.rows), trainer.state
             batches = -(-samples // config.per_device_eval_batch_size)
@@ -255,10 +263,12 @@ def _log_initial_loss(
     run_dir: Path,
 ) -> None:
     """Log the loss of the initialized model on the first global batch (its first rows) as step 0, in a
-    fresh log: each process measures its per-device share, weighted by tokens as training weighs them."""
+    fresh log: each process measures its share (a per-device batch for each accumulated micro-batch),
+    weighted by tokens as training weighs them."""
     size = arguments.per_device_train_batch_size
-    start = arguments.process_index * size
-    rows = [data.rows[i] for i in range(start, min(start + size, len(data.rows)))]
+    share = size * arguments.gradient_accumulation_steps
+    start = arguments.process_index * share
+    rows = [data.rows[i] for i in range(start, min(start + share, len(data.rows)))]
     own = evaluate_loss(model, rows, pad_id, runtime.device, size) if rows else {"loss": 0.0, "tokens": 0}
     shares = gather((own["loss"] * own["tokens"], own["tokens"]))
     if not arguments.should_save:  # only the main process writes

@@ -38,17 +38,25 @@ SET_BY_QPISSA = {
     "disable_tqdm": "use --quiet",
     "include_num_input_tokens_seen": "tokens/s in trainer_log.jsonl needs it",
     "activation_checkpointing": "set the recipe key gradient_checkpointing (transformers 5 renamed it)",
+    "logging_strategy": "qpissa logs each step to trainer_log.jsonl; recipe key logging_steps paces printing",
+    "label_names": "qpissa's collator gives the Trainer the labels column (`labels`); leave it out",
 }
 # deprecated TrainingArguments names -> their transformers 5 names, which qpissa passes
 RENAMED = {"gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
 # DataLoader options only worker processes use: torch's DataLoader refuses them with no workers
 WORKER_OPTIONS = (
-    "dataloader_persistent_workers",
-    "dataloader_prefetch_factor",
-    "dataloader_multiprocessing_context",
-)
+    "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_multiprocessing_context",
+)  # fmt: skip
 # suggested keys whose name alone does not say how to use them (`qpissa convert --resume` is a flag)
 SUGGESTIONS = {"resume_from_checkpoint": "`resume_from_checkpoint=true` (resume after a kill)"}
+# names other trainers (TRL, Axolotl, LLaMA-Factory) give settings that qpissa takes elsewhere
+ALIASES = {
+    **dict.fromkeys(("max_seq_length", "sequence_len", "cutoff_len"), "`data.max_seq_len`"),
+    **dict.fromkeys(("packing", "sample_packing"), "`data.packing`"),
+    "group_by_length": "`train_sampling_strategy=group_by_length`",
+    **dict.fromkeys(("r", "lora_r", "lora_rank"), "`qpissa convert --rank R` (the conversion's rank)"),
+    "lora_alpha": "`qpissa convert --alpha A` (the conversion's scale, alpha/r)",
+}
 
 
 class _ModelNeeded(Exception):
@@ -111,16 +119,15 @@ def training_arguments(
     }
     values.update(extra)
     if values["eval_strategy"] == "steps" and values["eval_steps"] is None:
-        # the Trainer's default, its logging_steps, is 1 here; best-checkpoint saving needs save_steps'
-        values["eval_steps"] = (
-            config.save_steps if values.get("load_best_model_at_end") else config.logging_steps
-        )
+        best = values.get("load_best_model_at_end")  # best-checkpoint saving needs save_steps'
+        values["eval_steps"] = config.save_steps if best else config.logging_steps  # the Trainer's: 1 here
     _check_optimizer(values["optim"])
     _check_dataloader(values)
     _check_compile(values.get("torch_compile_backend"), values.get("torch_compile_mode"))
     if values.get("eval_strategy", "no") != "no" and config.data.eval_path is None:
         raise UserError("eval_strategy is set but data.eval_path is not; add held-out data or drop it")
-    _check_best_metric(values.get("metric_for_best_model"))
+    _check_best(values)
+    _check_forms(values)
     values["report_to"] = _checked_reporters(values["report_to"])
     if values.get("use_liger_kernel") and not is_liger_kernel_available():  # else the Trainer fails later
         raise UserError("use_liger_kernel needs liger-kernel (pip install liger-kernel) and a CUDA GPU")
@@ -130,24 +137,55 @@ def training_arguments(
     except (ValueError, TypeError, ImportError) as error:
         reason = " ".join(str(error).split())
         raise UserError(f"a Trainer option is invalid: {reason}; fix it in the recipe or overrides") from None
-    _check_save_best(arguments)
     return arguments
 
 
-def _check_save_best(arguments: TrainingArguments) -> None:
-    """save_strategy=best saves when an evaluation improves the metric: without a metric the Trainer fails
-    with a traceback, and without evaluations it saves nothing, silently."""
-    if arguments.save_strategy != SaveStrategy.BEST:
-        return
-    if arguments.metric_for_best_model is None:
+def _check_best(values: dict[str, Any]) -> None:
+    """The best checkpoint (save_strategy=best saves it, load_best_model_at_end loads it) is chosen among the
+    Trainer's evaluations, of the held-out loss only: else the Trainer fails after training or with a
+    traceback, saves nothing, silently, or refuses in its own words."""
+    metric, saves_best = values.get("metric_for_best_model"), values["save_strategy"] == SaveStrategy.BEST
+    if metric is not None and str(metric).removeprefix("eval_") != "loss":
+        raise UserError(
+            f"metric_for_best_model={metric}: the Trainer's evaluations measure only the held-out loss "
+            "(eval_loss; the exact match logged beside it scores a few generated answers and cannot choose "
+            "checkpoints); set metric_for_best_model=loss or leave it out"
+        )
+    if saves_best and metric is None:
         raise UserError(
             "save_strategy=best needs metric_for_best_model=loss (the held-out loss, which the Trainer's "
             "evaluations measure); set it, or use save_strategy=steps"
         )
-    if arguments.eval_strategy == IntervalStrategy.NO:
+    if values["eval_strategy"] == IntervalStrategy.NO and (
+        saves_best or values.get("load_best_model_at_end")
+    ):
+        what = "save_strategy=best saves" if saves_best else "load_best_model_at_end loads"
         raise UserError(
-            "save_strategy=best saves a checkpoint only when an evaluation improves the held-out loss, but "
-            "the run evaluates nothing; set eval_steps (with data.eval_path), or use save_strategy=steps"
+            f"{what} the checkpoint of the lowest held-out loss among the Trainer's evaluations, but the run "
+            "evaluates nothing; set eval_steps (with data.eval_path: held-out data), or leave "
+            f"{what.split()[0]} out"
+        )
+
+
+def _check_forms(values: dict[str, Any]) -> None:
+    """Options that transformers refuses in its own words (a scheduler's TypeError, an unpacking error, a
+    missing package), told as the recipe writes them."""
+    if values.get("deepspeed"):
+        raise UserError(
+            "deepspeed: qpissa does not train with DeepSpeed; leave it out, and where the 4-bit weights do "
+            "not fit one GPU use FSDP (configs/accelerate/fsdp_qlora.yaml; README: More than one GPU)"
+        )
+    kwargs = values.get("lr_scheduler_kwargs")
+    if isinstance(kwargs, str) and not kwargs.lstrip().startswith("{"):  # transformers reads `{...}` as JSON
+        mapping = ", ".join(part.strip().replace("=", ": ", 1) for part in kwargs.split(","))
+        raise UserError(
+            f"lr_scheduler_kwargs={kwargs} is not a mapping; write lr_scheduler_kwargs={{{mapping}}}"
+        )
+    optim_args = values.get("optim_args")
+    if optim_args and any(part.count("=") != 1 for part in optim_args.replace(" ", "").split(",")):
+        raise UserError(
+            f"a Trainer option is invalid: optim_args={optim_args} is not of the form key=value,key=value "
+            "(split at every comma: a value holds none); AdamW's betas are adam_beta1 and adam_beta2"
         )
 
 
@@ -194,7 +232,7 @@ def _check_compile(backend: str | None, mode: str | None) -> None:
     if mode is not None and (backend or "inductor").lower() == "inductor":
         from torch._inductor import list_mode_options
 
-        modes = ["default", *list_mode_options()]
+        modes = list(dict.fromkeys(["default", *list_mode_options()]))  # which lists default too
         if mode not in modes:
             raise UserError(
                 f"torch_compile_mode={mode} is not a mode of torch.compile's inductor backend; use one of "
@@ -283,7 +321,9 @@ def checked_options(options: dict[str, Any]) -> dict[str, Any]:
 
 def _spelling_hint(key: str, names: list[str]) -> str:
     """The names `key` may mean: close in spelling, else holding it as whole words (`resume`, `epochs`),
-    which difflib misses when the name is much longer than the key."""
+    which difflib misses when the name is much longer than the key; or what another trainer's name is."""
+    if key in ALIASES:
+        return f"qpissa takes it as {ALIASES[key]}"
     close = difflib.get_close_matches(key, names, n=1)
     close = close or list(dict.fromkeys(name for name in names if f"_{key}_" in f"_{name}_"))[:3]
     if not close:
@@ -333,22 +373,21 @@ def _is_enum(kind: Any) -> bool:
     return isinstance(kind, type) and issubclass(kind, Enum)
 
 
-def _check_best_metric(metric: Any) -> None:
-    """The Trainer's evaluations measure the held-out loss only: any other metric fails after training."""
-    if metric is not None and str(metric).removeprefix("eval_") != "loss":
-        raise UserError(
-            f"metric_for_best_model={metric}: the Trainer's evaluations measure only the held-out loss "
-            "(eval_loss; the exact match logged beside it scores a few generated answers and cannot choose "
-            "checkpoints); set metric_for_best_model=loss or leave it out"
-        )
-
-
 def _checked_reporters(report_to: Any) -> Any:
-    """`report_to` as the Trainer takes it (`a,b` as a list, as users type it), each integration known
-    and installed: the Trainer would fail only after setup, with a traceback."""
+    """`report_to` as the Trainer takes it (`a,b` as a list, as users type it; YAML's null as none), each
+    integration known and installed, none and all alone: the Trainer would fail only after setup, with a
+    traceback."""
+    if report_to is None:
+        return "none"
     if isinstance(report_to, str) and "," in report_to:
         report_to = [name.strip() for name in report_to.split(",") if name.strip()]
-    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    alone = [name for name in ("none", "all") if name in names]
+    if alone and len(names) > 1:
+        raise UserError(
+            f"report_to {','.join(map(str, names))}: {alone[0]} stands alone; write report_to={alone[0]}, "
+            "or list only the integrations to report to"
+        )
     for name in names:
         if name in ("none", "all"):
             continue

@@ -129,3 +129,16 @@ def test_a_minimal_recipe_gets_the_defaults_readme_lists(tmp_path: Path) -> None
     assert (config.logging_steps, arguments.save_steps, arguments.save_total_limit) == (10, 100, 2)
     assert arguments.report_to in ([], "none", ["none"])
     assert (arguments.seed, arguments.data_seed) == (42, 42)
+
+
+def test_an_option_both_at_the_top_level_and_under_trainer_is_refused() -> None:
+    """The top level's value won, silently: `trainer.adam_beta2=0.5` trained with the recipe's 0.9."""
+    demo = next(path for path in CONFIGS if path.name == "demo.yaml")
+    mix = next(path for path in CONFIGS if path.name == "mix-chat.yaml")
+    with pytest.raises(
+        UserError, match=r"sets `adam_beta2` \(0\.9\) and `trainer\.adam_beta2` \(0\.5\): one"
+    ):
+        load_config(demo, ["adam_beta2=0.9", "trainer.adam_beta2=0.5"])
+    with pytest.raises(UserError, match=r"`report_to` \(none\) and `trainer\.report_to` \(tensorboard\)"):
+        load_config(mix, ["trainer={report_to: tensorboard}"])  # mix-chat.yaml has `report_to: none`
+    assert load_config(demo, ["trainer.adam_beta2=0.5"]).trainer["adam_beta2"] == 0.5

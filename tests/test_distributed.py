@@ -169,6 +169,19 @@ def test_resume_with_another_process_count_is_refused(
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # nothing written
 
 
+def test_accelerate_launch_on_a_cpu_says_it_started_one_process(
+    qpissa_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """`accelerate launch --cpu --num_processes 2` starts a single process (accelerate's rule without MPI,
+    README), which trained alone, silently: the run says so once."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+    done = _launch(launcher, tmp_path, "train", str(_config(tmp_path, qpissa_dir, data_dir, max_steps=1)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("accelerate launch asked for several processes but started one") == 1
+    marker = json.loads((tmp_path / "run" / "qpissa_run.json").read_text())
+    assert marker["processes"]["count"] == 1 and marker["processes"]["launcher"] == "accelerate"
+
+
 def test_export_eval_and_chat_take_a_multi_process_run(
     two: tuple[Path, str], data_dir: Path, tmp_path: Path
 ) -> None:

@@ -158,6 +158,68 @@ def test_a_run_on_a_constant_schedule_resumes_longer_at_its_learning_rate(
     assert [row["learning_rate"] for row in rows if row["step"] > 0] == [1e-2] * 4
 
 
+def test_a_warmup_given_as_a_ratio_of_the_run_refuses_a_resume_of_another_length(
+    qpissa_dir: Path, data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """constant_with_warmup keeps every step's learning rate in a longer run only when its warmup is a count
+    of steps: a ratio of the run would end the warmup later, and the learning rate would drop mid-run."""
+    rates = {}
+    for name, warmup in (
+        ("ratio", {"warmup_ratio": 0.5}),
+        ("count", {"warmup_ratio": 0.0, "warmup_steps": 1}),
+    ):
+        changes = {"lr_scheduler_type": "constant_with_warmup", "save_steps": 2, "eval_steps": None, **warmup}
+        config = _config(
+            tmp_path, qpissa_dir, data_dir, max_steps=2, output_dir=str(tmp_path / name), **changes
+        )
+        assert cli.main(["--quiet", "train", str(config)]) == 0
+        resume = f"resume_from_checkpoint={tmp_path / name / 'checkpoint-2'}"
+        status = cli.main(["--quiet", "train", str(config), "max_steps=4", resume])
+        rows = [json.loads(line) for line in (tmp_path / name / "trainer_log.jsonl").read_text().splitlines()]
+        rates[name] = (status, [row["learning_rate"] for row in rows if row["step"] > 0])
+    assert rates["count"] == (0, [0.0, 1e-2, 1e-2, 1e-2])
+    assert rates["ratio"] == (2, [0.0, 1e-2])  # refused: the log and checkpoints are as they were
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("qpissa: error: resume_from_checkpoint") and "with max_steps=2, which" in error
+
+
+def test_the_step_0_loss_is_the_first_global_batchs_however_it_is_accumulated(
+    qpissa_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """Step 0 measured one micro-batch: with gradient accumulation, fewer samples than every later step."""
+    losses = []
+    for batch, accumulated in ((4, 1), (2, 2)):
+        out = tmp_path / f"batch-{batch}"
+        changes = {"max_steps": 1, "eval_steps": None, "save_strategy": "no", "output_dir": str(out),
+                   "per_device_train_batch_size": batch,
+                   "gradient_accumulation_steps": accumulated}  # fmt: skip
+        assert cli.main(["--quiet", "train", str(_config(tmp_path, qpissa_dir, data_dir, **changes))]) == 0
+        losses.append(_losses(out)[0])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_a_run_saved_with_save_only_model_is_told_unresumable_when_it_starts_and_resumes(
+    qpissa_dir: Path, data_dir: Path, tmp_path: Path, caplog, capsys
+) -> None:
+    """Its checkpoints hold no optimizer state: the resume said optimizer.pt was missing and pointed to an
+    earlier checkpoint-N, which lacks it too."""
+    from qpissa.recipe import load_config
+    from qpissa.train import train
+
+    changes = {"max_steps": 2, "save_steps": 1, "save_total_limit": None, "eval_steps": None}
+    config = _config(tmp_path, qpissa_dir, data_dir, save_only_model=True, **changes)
+    with caplog.at_level("WARNING"):
+        train(load_config(config, []), show_progress=False)
+    assert any("save_only_model=true: checkpoints hold the adapter" in r.getMessage() for r in caplog.records)
+    run = tmp_path / "run"
+    log = (run / "trainer_log.jsonl").read_bytes()
+    assert cli.main(["--quiet", "train", str(config), f"resume_from_checkpoint={run / 'checkpoint-1'}"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"qpissa: error: resume_from_checkpoint {run / 'checkpoint-1'} holds the adapter")
+    assert "its run was saved with save_only_model=true" in error and "earlier checkpoint" not in error
+    assert (run / "trainer_log.jsonl").read_bytes() == log
+
+
 @pytest.fixture(scope="module")
 def mixed_run(qpissa_dir: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two steps on two data sources, 8 records drawn from each; checkpoint-2 is the last step."""
@@ -188,6 +250,8 @@ def _resume_a_copy(run: Path, tmp_path: Path, *overrides: str) -> tuple[Path, in
         ("run", ["weight_decay=0.1", "optim_args=amsgrad=True"], "weight_decay=0.0, optim_args=None, which"),
         ("run", ["data.path=DATA/eval.jsonl"], "continues a run on other training samples: what the config"),
         ("run", ["data_seed=7"], "with data_seed=3, which this config changes"),
+        ("run", ["train_sampling_strategy=sequential"], "with train_sampling_strategy='random', which"),
+        ("run", ["dataloader_drop_last=true"], "with dataloader_drop_last=False, which this config changes"),
         (
             "mixed_run",
             ["data.sources.0.samples=16", "data.sources.1.samples=2"],
@@ -224,6 +288,21 @@ def test_a_resume_with_other_optimizer_or_data_settings_is_refused_and_touches_n
     )
     for name in ("qpissa_run.json", "trainer_log.jsonl"):
         assert (copy / name).read_bytes() == (original / name).read_bytes()
+
+
+def test_a_checkpoint_named_relative_to_output_dir_is_pointed_to(run: Path, tmp_path: Path, capsys) -> None:
+    """`resume_from_checkpoint=checkpoint-8` is relative to the working directory: it was said to be no
+    checkpoint-N directory of a run, which the one in output_dir is."""
+    copy, status = _resume_a_copy(run, tmp_path, f"resume_from_checkpoint=checkpoint-{STEPS}")
+    assert status == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(
+        f"qpissa: error: resume_from_checkpoint checkpoint-{STEPS} does not exist (a relative"
+    )
+    assert (
+        f"write resume_from_checkpoint={copy / f'checkpoint-{STEPS}'}, or resume_from_checkpoint=true"
+        in error
+    )
 
 
 def test_a_run_an_earlier_tokenization_started_is_said_to_be_one(run: Path, tmp_path: Path, capsys) -> None:
@@ -425,6 +504,22 @@ def test_load_best_model_at_end_chooses_among_every_step_the_trainer_evaluated(
     adapter = load_file(run / "adapter" / "adapter_model.safetensors")
     chosen = load_file(run / f"checkpoint-{best}" / "adapter_model.safetensors")
     assert adapter.keys() == chosen.keys() and all(adapter[k].equal(chosen[k]) for k in adapter)
+
+
+def test_save_strategy_best_saves_the_last_step_when_it_is_the_best(
+    qpissa_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """Without load_best_model_at_end train evaluated the last step itself, after the Trainer: the Trainer
+    never saw that step's loss, and never saved it, however good."""
+    changes = {"max_steps": 2, "eval_steps": 1, "save_strategy": "best", "metric_for_best_model": "loss",
+               "save_total_limit": None, "data": {"eval_generate_samples": 0}}  # fmt: skip
+    assert cli.main(["--quiet", "train", str(_config(tmp_path, qpissa_dir, data_dir, **changes))]) == 0
+    run = tmp_path / "run"
+    evals = _evals(run)
+    assert [e["step"] for e in evals] == [1, 2] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    final = json.loads((run / "eval_results.json").read_text())
+    assert final["loss"] == pytest.approx(evals[1]["eval_loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])

@@ -39,6 +39,14 @@ def test_any_trainer_option_and_flag_overrides_reach_the_trainer(
     assert args["lr_scheduler_type"] == "cosine_with_restarts"
 
 
+def test_report_to_null_reports_to_nothing(qpissa_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    """YAML's null for report_to reached the Trainer as None, which it could not look up (a traceback)."""
+    config = _config(tmp_path, qpissa_dir, data_dir, eval_steps=None, max_steps=1, report_to=None)
+    assert cli.main(["--quiet", "train", str(config), "save_strategy=no"]) == 0
+    assert sorted(_losses(tmp_path / "run")) == [0, 1]
+    assert not list((tmp_path / "run").glob("**/events.out.tfevents.*"))
+
+
 def test_a_number_with_an_exponent_inside_a_trainer_mapping_is_a_number(
     qpissa_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:
@@ -149,6 +157,44 @@ def test_checkpointing_reaches_the_trainer_by_its_new_name_without_a_warning(
         (["--report_to"], "`report_to` must be list or str, got true (a flag without its value?"),
         (["--report_to", "tensorboardx"], "report_to tensorboardx: not an integration transformers knows"),
         (
+            ["report_to=[tensorboard, none]"],
+            "report_to tensorboard,none: none stands alone; write report_to=none, or list only the",
+        ),
+        (
+            ["logging_strategy=epoch"],
+            "`logging_strategy` is set by qpissa: qpissa logs each step to trainer_log.jsonl; recipe key "
+            "logging_steps paces printing",
+        ),
+        (["logging_strategy=no"], "`logging_strategy` is set by qpissa: qpissa logs each step"),
+        (["label_names=[foo]"], "`label_names` is set by qpissa: qpissa's collator gives the Trainer the"),
+        (
+            ["lr_scheduler_type=cosine_with_min_lr", "lr_scheduler_kwargs=min_lr_rate=0.1"],
+            "lr_scheduler_kwargs=min_lr_rate=0.1 is not a mapping; write "
+            "lr_scheduler_kwargs={min_lr_rate: 0.1}",
+        ),
+        (
+            ["optim_args=betas=(0.9,0.95)"],
+            "a Trainer option is invalid: optim_args=betas=(0.9,0.95) is not of the form key=value,key=value",
+        ),
+        (["deepspeed=ds.json"], "deepspeed: qpissa does not train with DeepSpeed; leave it out, and where"),
+        (
+            ["load_best_model_at_end=true", "eval_steps=null"],
+            "load_best_model_at_end loads the checkpoint of the lowest held-out loss among the Trainer's "
+            "evaluations, but the run evaluates nothing; set eval_steps (with data.eval_path",
+        ),
+        (
+            ["max_seq_length=64"],
+            "unknown setting `max_seq_length`: neither a recipe key nor an option of this transformers "
+            "version's TrainingArguments; qpissa takes it as `data.max_seq_len`",
+        ),
+        (["packing=true"], "qpissa takes it as `data.packing`"),
+        (["group_by_length=true"], "qpissa takes it as `train_sampling_strategy=group_by_length`"),
+        (["lora_r=16", "r=16"], "qpissa takes it as `qpissa convert --rank R` (the conversion's rank)"),
+        (
+            ["lora_alpha=32"],
+            "qpissa takes it as `qpissa convert --alpha A` (the conversion's scale, alpha/r)",
+        ),
+        (
             ["metric_for_best_model=accuracy", "load_best_model_at_end=true"],
             "metric_for_best_model=accuracy: the Trainer's evaluations measure only the held-out loss",
         ),
@@ -165,8 +211,9 @@ def test_checkpointing_reaches_the_trainer_by_its_new_name_without_a_warning(
         (["save_strategy=best"], "save_strategy=best needs metric_for_best_model=loss"),
         (
             ["save_strategy=best", "metric_for_best_model=loss", "eval_steps=null"],
-            "save_strategy=best saves a checkpoint only when an evaluation improves the held-out loss, but "
-            "the run evaluates nothing",
+            "save_strategy=best saves the checkpoint of the lowest held-out loss among the Trainer's "
+            "evaluations, but the run evaluates nothing; set eval_steps (with data.eval_path: held-out "
+            "data), or leave save_strategy=best out",
         ),
     ],
 )
@@ -183,6 +230,17 @@ def test_bad_trainer_options_are_one_line_errors(
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("qpissa: error:") and message in error
     assert not (tmp_path / "run").exists()
+
+
+def test_a_wrong_compile_mode_is_told_the_modes_once_each() -> None:
+    """torch lists `default` among its modes too: the message read `use one of default, default, ...`."""
+    from qpissa import UserError
+    from qpissa.trainer_options import _check_compile
+
+    with pytest.raises(UserError) as refused:
+        _check_compile(None, "fast")
+    modes = str(refused.value).split("use one of ")[1].removesuffix(", or leave it out").split(", ")
+    assert "default" in modes and "max-autotune" in modes and len(modes) == len(set(modes)), modes
 
 
 @pytest.mark.parametrize(
