@@ -62,6 +62,7 @@ bitsandbytes or datasets at module level.
     compare            `qpissa compare`: convert, measure and train each method, then report
     compare_train      `compare --train`: the recipe checked first; each method's run trained or reused
     report_inputs      a report's inputs found, grouped by the conversion they came from, and labelled
+    report_checks      what a report reads, checked: damaged records, one base model, a changed original
     report             `qpissa report`: the JSON artifacts collected into summary.json and a verdict
     report_render      report.md and a self-contained report.html from the summary
     plots              the report's PNG plots

@@ -170,29 +170,33 @@ def read_text(path: Path, what: str, fix: str) -> str:
         raise UserError(f"cannot read {what} {path}: {reason}; {fix}") from None
 
 
-def read_json(path: Path, fix: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
+def read_json(path: Path, fix: str, required: tuple[str, ...] | dict[str, type] = ()) -> dict[str, Any]:
     """A JSON object from a file qpissa or Hugging Face wrote, or one line naming the file and the fix.
 
     Args:
         path: the file.
         fix: what the user can do when it is damaged (`restore it from the original model`).
-        required: keys the object must have.
+        required: keys the object must have (as a dict: and the type of each one's value).
 
     Raises:
-        UserError: missing, unreadable, not UTF-8, not JSON, not an object, or without a required key.
+        UserError: missing, unreadable, not UTF-8, not JSON, not an object, or a required key missing or
+            of another type.
     """
     text = read_text(path, "file", fix)
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise UserError(
-            f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); {fix}"
-        ) from None
+    except json.JSONDecodeError as error:  # its msg may end in "at" ("Unterminated string starting at")
+        what = f"{error.msg.removesuffix(' at')} at line {error.lineno}, column {error.colno}"
+        raise UserError(f"{path} is not valid JSON ({what}); {fix}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
     missing = [key for key in required if key not in data]
     if missing:
         raise UserError(f"{path} lacks {', '.join(f'`{key}`' for key in missing)}; {fix}")
+    kinds = required.items() if isinstance(required, dict) else ()
+    wrong = [f"`{key}` is not a {kind.__name__}" for key, kind in kinds if not isinstance(data[key], kind)]
+    if wrong:  # told here, not as a TypeError in the reader that takes the value apart
+        raise UserError(f"{path} is damaged ({', '.join(wrong)}); {fix}")
     return data
 
 
@@ -236,20 +240,15 @@ def _is_number(value: Any) -> bool:
 
 def read_report(qpissa_dir: Path) -> dict:
     """`qpissa_report.json` of a finished QPiSSA directory."""
-    return read_json(
-        qpissa_dir / REPORT_NAME,
-        "it is written by `qpissa convert`: convert again into a new directory",
-        required=("fingerprint", "settings", "layers", "summary"),
-    )
+    fix = "it is written by `qpissa convert`: convert again into a new directory"
+    return read_json(qpissa_dir / REPORT_NAME, fix, {"fingerprint": dict, "settings": dict, "layers": list,
+                                                     "summary": dict})  # fmt: skip
 
 
 def read_run(run_dir: Path) -> dict:
     """The run marker `qpissa_run.json`: the QPiSSA directory trained, the config, the resolved runtime."""
-    return read_json(
-        run_dir / RUN_MARKER,
-        "it is written by `qpissa train`: train again into a new output_dir",
-        required=("model",),
-    )
+    fix = "it is written by `qpissa train`: train again into a new output_dir"
+    return read_json(run_dir / RUN_MARKER, fix, required=("model",))
 
 
 def run_data_settings(run_dir: Path) -> Any:
@@ -277,11 +276,8 @@ def run_model(run_dir: Path) -> Path:
 
 def comparison_members(compare_dir: Path, kind: str) -> list[Path]:
     """The conversion (`kind=CONVERSIONS_DIR`) or run (`RUNS_DIR`) directories of a comparison, by method."""
-    record = read_json(
-        compare_dir / COMPARE_NAME,
-        "it is written by `qpissa compare`: rerun the comparison",
-        required=("methods",),
-    )
+    fix = "it is written by `qpissa compare`: rerun the comparison"
+    record = read_json(compare_dir / COMPARE_NAME, fix, required=("methods",))
     paths = [compare_dir / kind / str(name) for name in record["methods"]]
     return [path for path in paths if path.is_dir()]
 

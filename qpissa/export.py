@@ -27,8 +27,10 @@ from qpissa.artifacts import (
     EXPORT_REPORT,
     OWN_JSON,
     PARTIAL_MARKER,
+    REPORT_NAME,
     ModelSource,
     has_adapter,
+    read_report,
     resolve_source,
     run_data_settings,
 )
@@ -248,6 +250,7 @@ def _write(
             "base_dir": str(source.base_dir),
             "adapter_dir": str(source.adapter_dir),
         },
+        "conversion": _conversion(source.base_dir),
         "data": _run_data(source),
         "settings": to_dict(settings),
         "dtype": dtype_name(dtype),
@@ -259,6 +262,12 @@ def _write(
         "versions": {"qpissa": qpissa.__version__, "torch": torch.__version__},
     }
     return report
+
+
+def _conversion(base_dir: Path) -> dict | None:
+    """The fingerprint of the conversion exported, as a run's marker records it: by it `qpissa report` tells
+    a conversion redone in `base_dir` since; None for a model directory with an adapter/ (no conversion)."""
+    return read_report(base_dir)["fingerprint"] if (base_dir / REPORT_NAME).is_file() else None
 
 
 def _verify(source: ModelSource, partial: Path, details: dict, verify: bool) -> dict:

@@ -9,6 +9,7 @@ plots show (DESIGN.md principle 6). Rendering lives in `report_render.py`, plott
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import shutil
@@ -37,6 +38,7 @@ from qpissa.outputs import (
     start_partial,
 )
 from qpissa.plots import assign_colours
+from qpissa.report_checks import original_changes
 from qpissa.report_inputs import MethodData, collect, export_label, method_label
 from qpissa.report_render import PLOT_FILES, draw_plots, fidelity_apart, write_documents
 from qpissa.safetensors_file import read_header
@@ -44,6 +46,8 @@ from qpissa.settings import ReportOptions
 from qpissa.spectrum import layer_spectra
 
 FIDELITY_SETTINGS = ("text", "window", "max_tokens")  # the `compare` settings that change what is measured
+log = logging.getLogger(__name__)
+
 TAIL_STEPS = 10  # the verdict quotes the mean loss of the last logged steps: one step's loss is noisy
 REPORT_FILES = (REPORT_MARKDOWN, REPORT_HTML, SUMMARY_NAME, *PLOT_FILES)  # all a report directory holds
 
@@ -122,7 +126,7 @@ def summarize(methods: list[MethodData], options: ReportOptions) -> dict:
     quality = {m.label: _quality(m.conversion) for m in methods if m.conversion}
     metric = "nuclear" if quality and all(q["avg"] is not None for q in quality.values()) else "Frobenius"
     key = "nuc" if metric == "nuclear" else "fro"
-    original = _original(methods)
+    original, missing = _original(methods)
     summary = {
         "methods": [m.label for m in methods],
         "colours": assign_colours({m.label: _method(m) for m in methods}),  # one per label, in every plot
@@ -137,7 +141,7 @@ def summarize(methods: list[MethodData], options: ReportOptions) -> dict:
         "exports": [
             _export(export_label(m, report), path, report) for m in methods for path, report in m.exports
         ],
-        "spectrum": _spectrum(methods, options.layer, original),
+        "spectrum": _spectrum(methods, options.layer, original, missing),
         "setup": {
             "model": next((m.conversion["fingerprint"]["model"] for m in methods if m.conversion), None),
             "runs": {m.label: _recipe(m.run) for m in methods if m.run},
@@ -313,18 +317,27 @@ def _memory(entry: MethodData) -> dict:
     return row
 
 
-def _original(methods: list[MethodData]) -> dict | None:
-    """Size and parameter count of the original model named in the conversions' fingerprints, if present."""
+def _original(methods: list[MethodData]) -> tuple[dict | None, str]:
+    """Size and parameter count of the original model named in the conversions' fingerprints, where it is
+    still there as converted; else None, and why (the spectrum's note). A model changed since (another
+    model at its path) would give wrong numbers: it is left out with a warning, and the report goes on."""
+    missing, changed = f"the original model named in {REPORT_NAME} (fingerprint.model) is not here", ""
     for entry in methods:
         model = Path(entry.conversion["fingerprint"]["model"]) if entry.conversion else None
-        if model is not None and model.is_dir() and list(model.glob("*.safetensors")):
-            headers = [_header(shard) for shard in model.glob("*.safetensors")]
-            params = sum(_numel(info) for header in headers for info in header.values())
-            return {"model": str(model), "disk_mb": _size_mb(model.glob("*.safetensors")), "params": params}
-    return None
+        shards = list(model.glob("*.safetensors")) if model is not None and model.is_dir() else []
+        changes = original_changes(entry.conversion["fingerprint"]) if shards else None
+        if shards and changes is None:
+            params = sum(_numel(info) for shard in shards for info in _header(shard).values())
+            return {"model": str(model), "disk_mb": _size_mb(shards), "params": params}, ""
+        if changes and not changed:
+            changed = f"the original model {model} changed since {entry.label} was converted ({changes})"
+    if changed:
+        log.warning("%s; the report leaves out its size and the spectrum: put the converted model back "
+                    "there, or convert again from this one", changed)  # fmt: skip
+    return None, changed or missing
 
 
-def _spectrum(methods: list[MethodData], layer: str | None, original: dict | None) -> dict:
+def _spectrum(methods: list[MethodData], layer: str | None, original: dict | None, missing: str) -> dict:
     """Singular values of one layer's W, residuals and errors; a note instead when they cannot be computed.
 
     Conversions with other `--targets` lack some layers: the default layer is one that most of them (all,
@@ -337,7 +350,7 @@ def _spectrum(methods: list[MethodData], layer: str | None, original: dict | Non
     if not conversions:
         return {"note": "no conversions among the inputs"}
     if original is None:
-        return {"note": f"the original model named in {REPORT_NAME} (fingerprint.model) is not here"}
+        return {"note": missing}
     held = {m.label: {entry["name"] for entry in m.conversion["layers"]} for m in conversions}
     names = list(dict.fromkeys(entry["name"] for m in conversions for entry in m.conversion["layers"]))
     if layer is not None and layer not in names:

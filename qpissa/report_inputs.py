@@ -24,12 +24,12 @@ from qpissa.artifacts import (
     comparison_members,
     read_json,
     read_jsonl,
-    read_report,
     read_run,
     run_model,
     trained_on,
 )
 from qpissa.convert_settings import Method
+from qpissa.report_checks import read_conversion, read_export, read_fidelity, same_model
 
 CALIBRATED_SUFFIX = "+calib"
 METHOD_ORDER = (Method.QLORA.value, Method.LOFTQ.value, Method.QPISSA.value)
@@ -87,20 +87,30 @@ def collect(inputs: list[Path]) -> list[MethodData]:
 
 def _check_one_base_model(entries: list[MethodData]) -> None:
     """A report compares methods on one base model: its per-layer tables and plots pair layers by name.
+    One model is told by its weights (`same_model`): copies of it at two paths are one, two models that
+    one path held in turn are two.
 
     Raises:
         UserError: conversions of different original models among the inputs, listed by model.
     """
-    by_model: dict[str, list[str]] = {}
-    for entry in entries:
-        if entry.conversion:
-            model = entry.conversion["fingerprint"]["model"]
-            by_model.setdefault(model, []).append(str(entry.conversion_dir))
-    if len(by_model) > 1:
-        groups = "; ".join(f"{model}: {', '.join(dirs)}" for model, dirs in by_model.items())
+    groups: list[list[MethodData]] = []
+    for entry in (entry for entry in entries if entry.conversion):
+        group = next((g for g in groups if all(same_model(entry.conversion, e.conversion) for e in g)), None)
+        if group is None:
+            groups.append([entry])
+        else:
+            group.append(entry)
+    if len(groups) > 1:
+        models = [", ".join(dict.fromkeys(e.conversion["fingerprint"]["model"] for e in g)) for g in groups]
+        listed = "; ".join(
+            f"{model}: {', '.join(str(e.conversion_dir) for e in group)}"
+            for model, group in zip(models, groups, strict=True)
+        )
+        one_path = len(set(models)) < len(groups)
+        replaced = " (one path held another model at each conversion)" if one_path else ""
         raise UserError(
-            f"the inputs were converted from {len(by_model)} different models ({groups}); a report compares "
-            "methods on one base model: run `qpissa report` once per model, with its own --out"
+            f"the inputs were converted from {len(groups)} different models ({listed}){replaced}; a report "
+            "compares methods on one base model: run `qpissa report` once per model, with its own --out"
         )
 
 
@@ -108,8 +118,8 @@ def _add(by_key: dict[str, MethodData], path: Path) -> bool:
     """Add one input directory; False if it is none of the known kinds."""
     if (path / REPORT_NAME).is_file():
         entry = _entry(by_key, path)
-        entry.conversion = read_report(path)
-        entry.fidelity = _read(path / FIDELITY_NAME) if (path / FIDELITY_NAME).is_file() else None
+        entry.conversion = read_conversion(path)
+        entry.fidelity = read_fidelity(path / FIDELITY_NAME) if (path / FIDELITY_NAME).is_file() else None
         return True
     if (path / RUN_MARKER).is_file():
         model = _given_conversion(by_key, path) or run_model(path)
@@ -128,17 +138,36 @@ def _add(by_key: dict[str, MethodData], path: Path) -> bool:
         entry.evals = _read(path / EVAL_RESULTS_NAME) if (path / EVAL_RESULTS_NAME).is_file() else None
         return True
     if (path / EXPORT_REPORT).is_file():
-        report = _read(path / EXPORT_REPORT)
+        report = read_export(path / EXPORT_REPORT)
         run = export_run(report)
         base = report.get("source", {}).get("base_dir")
         same_run = [e for e in by_key.values() if run is not None and _made_from(e, run)]
         if same_run:
             entry = same_run[0]
+        elif base:
+            _check_exported_from(path, report, Path(base))
+            entry = _add_linked(by_key, Path(base), path)
         else:
-            entry = _add_linked(by_key, Path(base), path) if base else _entry(by_key, path)
+            entry = _entry(by_key, path)
         entry.exports.append((path, report))
         return True
     return False
+
+
+def _check_exported_from(export_dir: Path, report: dict, base: Path) -> None:
+    """Refuse an export whose QPiSSA directory `base` holds another conversion now, as `check_trained_on`
+    refuses such a run: by the conversion's fingerprint the export recorded (`trained_on` reads it as a run
+    marker's); an export made before it was recorded is taken to be of what `base` holds.
+
+    Raises:
+        UserError: naming the export and the directory.
+    """
+    if (base / REPORT_NAME).is_file() and trained_on(report, base) is False:
+        raise UserError(
+            f"export {export_dir} was made from a conversion that {base} no longer holds (converted again, "
+            "with other settings or from another model); put the export's conversion back there, or leave "
+            "the export out (its numbers would be credited to it)"
+        )
 
 
 def export_run(report: dict) -> Path | None:
@@ -169,10 +198,14 @@ def _made_from(entry: MethodData, run: Path | None) -> bool:
 
 
 def _given_conversion(by_key: dict[str, MethodData], run_dir: Path) -> Path | None:
-    """A conversion among the inputs that holds what the run trained: a copy of the one its marker names
-    (a copied comparison's) is the run's row, not a row beside it."""
+    """A conversion among the inputs that holds what the run trained: the one its marker names (`run_model`),
+    else a copy of it (a copied comparison's), which is the run's row, not a row beside it. Identical
+    conversions (two comparisons' qlora) each keep their own runs."""
     marker = read_run(run_dir)
     held = [e.conversion_dir for e in by_key.values() if e.conversion is not None and e.conversion_dir]
+    named = run_model(run_dir).resolve()
+    if any(directory.resolve() == named for directory in held) and trained_on(marker, named) is not False:
+        return named
     return next((directory for directory in held if trained_on(marker, directory)), None)
 
 

@@ -16,6 +16,7 @@ from qpissa.artifacts import (
     TRAINER_STATE,
     latest_checkpoint,
     partial_dir,
+    read_json,
     resolve_source,
 )
 
@@ -119,3 +120,18 @@ def test_a_replaced_output_is_always_there_and_nothing_is_left_beside_it(tmp_pat
     outputs.replace_dir(new, out)
     assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == ["new.txt"]
     assert seen == [["new.txt"]]
+
+
+def test_broken_json_is_named_with_where_it_breaks_in_plain_words(tmp_path: Path) -> None:
+    """Python's message ends in "at" for some errors: the line said "starting at at line 3"."""
+    path = tmp_path / "record.json"
+    path.write_text('{\n  "a": 1,\n  "b": "unterminated')
+    with pytest.raises(UserError) as raised:
+        read_json(path, "write it again")
+    message = str(raised.value)
+    assert message == (
+        f"{path} is not valid JSON (Unterminated string starting at line 3, column 8); write it again"
+    )
+    path.write_text("{")
+    with pytest.raises(UserError, match=r"\(Expecting property name enclosed in double quotes at line 1, "):
+        read_json(path, "write it again")

@@ -407,3 +407,167 @@ def test_long_labels_are_tilted_where_they_would_run_into_each_other() -> None:
         plots._bars(ax, labels, [1.0] * len(labels), dict.fromkeys(labels, "#000000"), "{:.0f}")
         assert {text.get_rotation() for text in ax.get_xticklabels()} == {rotation}, labels
         plt.close(fig)
+
+
+def _edited(conversion: Path, to: Path, change) -> Path:
+    """A copy of a conversion at `to`, its `qpissa_report.json` passed through `change` (in place)."""
+    shutil.copytree(conversion, to)
+    report = json.loads((to / REPORT_NAME).read_text())
+    change(report)
+    (to / REPORT_NAME).write_text(json.dumps(report))
+    return to
+
+
+def test_an_export_of_a_conversion_redone_at_its_path_is_refused(
+    inputs: dict[str, Path], moved_run, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A merged export was credited to whatever conversion sat at its base_dir later (`loftq, exported
+    from run run`), though `report RUN` refused the run of that same conversion."""
+    conversion = tmp_path / "qpissa"
+    shutil.copytree(inputs["qpissa"], conversion)
+    run = moved_run(conversion, tmp_path / "run")
+    exported = tmp_path / "merged"
+    export(run, exported, ExportSettings(verify=False), show_progress=False)
+    rows = _report_of([str(exported)], tmp_path / "before")["exports"]
+    assert [row["method"] for row in rows] == ["qpissa, exported from run run"]
+    shutil.rmtree(conversion)
+    shutil.copytree(inputs["qlora"], conversion)  # converted again there, with another method
+    out = tmp_path / "after"
+    assert cli.main(["--quiet", "report", str(exported), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert f"export {exported} was made from a conversion that {conversion} no longer holds" in error
+    assert error.count("\n") == 1 and not out.exists()
+    record = json.loads((exported / "export_report.json").read_text())
+    del record["conversion"]  # an export made before the conversion was recorded: trusted, as then
+    (exported / "export_report.json").write_text(json.dumps(record))
+    assert [row["method"] for row in _report_of([str(exported)], out)["exports"]] == [
+        "qlora, exported from run run"
+    ]
+
+
+def test_an_original_model_replaced_since_the_conversion_is_left_out_with_a_warning(
+    inputs: dict[str, Path], tiny_chat_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The spectrum and the original's size were read from whatever model sat at fingerprint.model: another
+    one of the same shapes gave a spectrum 17× off, one of other shapes a traceback."""
+    from qpissa.models import make_tiny_model
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_chat_model, model)  # its files' sizes and times kept: the model converted
+
+    def moved(report: dict) -> None:
+        report["fingerprint"]["model"] = str(model)
+
+    conversion = _edited(inputs["qpissa"], tmp_path / "qpissa", moved)
+    summary = _report_of([str(conversion)], tmp_path / "same")
+    assert summary["original"]["model"] == str(model) and "spectrum" in summary["plots"]
+    for name, options in (("seed", {"seed": 1}), ("shape", {"hidden": 32})):
+        shutil.rmtree(model)
+        make_tiny_model(model, **options)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="qpissa.report"):
+            summary = _report_of([str(conversion)], tmp_path / name)
+        assert summary["original"] is None and "spectrum" not in summary["plots"], name
+        assert f"the original model {model} changed since qpissa was converted" in summary["spectrum"]["note"]
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and "leaves out its size and the spectrum" in warnings[0], warnings
+
+
+def test_conversions_are_of_one_model_by_its_weights_not_its_path(
+    inputs: dict[str, Path], tiny_chat_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Conversions of byte-identical copies at two paths were refused as two models; conversions of two
+    models that one path held in turn were compared as one."""
+    from qpissa.models import make_tiny_model
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_chat_model, copy)
+
+    def of_the_copy(report: dict) -> None:
+        report["fingerprint"]["model"] = str(copy)
+
+    copied = _edited(inputs["qlora"], tmp_path / "qlora", of_the_copy)
+    summary = _report_of([str(copied), str(inputs["qpissa"])], tmp_path / "copies")
+    assert summary["methods"] == ["qlora", "qpissa"]
+    other = make_tiny_model(tmp_path / "other", seed=1)  # the same shapes, other weights
+    convert(other, tmp_path / "converted", ConvertSettings(method=Method.QLORA, rank=4), show_progress=False)
+
+    def at_the_same_path(report: dict) -> None:
+        report["fingerprint"]["model"] = str(tiny_chat_model)
+
+    replaced = _edited(tmp_path / "converted", tmp_path / "replaced", at_the_same_path)
+    out = tmp_path / "mixed"
+    assert cli.main(["--quiet", "report", str(replaced), str(inputs["qpissa"]), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "the inputs were converted from 2 different models" in error and str(replaced) in error
+    assert error.count("\n") == 1 and not out.exists()
+
+
+def test_identical_conversions_of_two_comparisons_keep_their_own_runs(
+    inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Both comparisons' qlora conversions are alike: the second's run was put on the first's conversion,
+    and the second's conversion shown as a row of its own, untrained."""
+    fingerprint = json.loads((inputs["qlora"] / REPORT_NAME).read_text())["fingerprint"]
+    for name, loss in (("a", 4.0), ("b", 3.0)):
+        comparison = tmp_path / name
+        shutil.copytree(inputs["qlora"], comparison / "conversions" / "qlora")
+        run = comparison / "runs" / "qlora"
+        shutil.copytree(inputs["run"], run)
+        marker = json.loads((run / "qpissa_run.json").read_text())
+        marker |= {"model": str(comparison / "conversions" / "qlora"), "conversion": fingerprint}
+        (run / "qpissa_run.json").write_text(json.dumps(marker))
+        log = [{"step": 0, "loss": 5.0}, {"step": 1, "loss": loss}]
+        (run / "trainer_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
+        (comparison / "compare.json").write_text(json.dumps({"methods": ["qlora"]}))
+    summary = _report_of([str(tmp_path / "a"), str(tmp_path / "b")], tmp_path / "report")
+    rows = {label: row["final_loss"] for label, row in summary["training"].items()}
+    assert rows == {"qlora r4 T1 (a/runs/qlora)": 4.0, "qlora r4 T1 (b/runs/qlora)": 3.0}
+    assert summary["methods"] == list(rows)
+
+
+DAMAGED_REPORTS = {
+    "layers is text": (lambda r: r.update(layers="oops"), "`layers` is not a list"),
+    "settings is a list": (lambda r: r.update(settings=[]), "`settings` is not a dict"),
+    "summary is null": (lambda r: r.update(summary=None), "`summary` is not a dict"),
+    "rank is text": (lambda r: r["settings"].update(rank="four"), '`settings.rank` is "four", not an'),
+    "unknown method": (lambda r: r["settings"].update(method="foo"), '`settings.method` is "foo", not one'),
+    "no layers": (lambda r: r.update(layers=[]), "`layers` is empty"),
+    "a layer without shape": (lambda r: r["layers"][1].pop("shape"), "`layers[1].shape` is missing"),
+    "a layer's reduction is text": (
+        lambda r: r["layers"][0].update(reduction_fro="12"),
+        '`layers[0].reduction_fro` is "12", not a number',
+    ),
+    "by_type holds text": (
+        lambda r: r["summary"]["by_type_fro"].update(q_proj="x"),
+        "`summary.by_type_fro` holds a value that",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED_REPORTS, ids=list(DAMAGED_REPORTS))
+def test_a_damaged_conversion_report_is_one_line_naming_it(
+    case: str, inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Valid JSON of the wrong shape ended in a TypeError, ValueError or KeyError deep in the report."""
+    change, problem = DAMAGED_REPORTS[case]
+    conversion = _edited(inputs["qpissa"], tmp_path / "qpissa", change)
+    out = tmp_path / "report"
+    assert cli.main(["--quiet", "report", str(conversion), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"qpissa: error: {conversion / REPORT_NAME} is damaged (") and problem in error
+    assert "convert again into a new directory" in error and error.count("\n") == 1 and not out.exists()
+
+
+def test_a_fidelity_record_without_its_numbers_is_one_line_naming_it(
+    inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A `qpissa_fidelity.json` without `kl` ended in KeyError: 'kl'."""
+    conversion = tmp_path / "qlora"
+    shutil.copytree(inputs["qlora"], conversion)
+    (conversion / FIDELITY_NAME).write_text(json.dumps({"key": {"a": 1}}))
+    out = tmp_path / "report"
+    assert cli.main(["--quiet", "report", str(conversion), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"qpissa: error: {conversion / FIDELITY_NAME} is damaged (`kl` is missing)")
+    assert error.count("\n") == 1 and not out.exists()

@@ -1,0 +1,190 @@
+"""What `qpissa report` reads, checked as it is read: a damaged record is one line naming its file, not a
+traceback deep in the tables; conversions of one model are told by their weights, not by its path; and an
+original model changed since its conversion is told, so that no number is computed from the wrong weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from qpissa import UserError
+from qpissa.artifacts import REPORT_NAME, read_json, read_report
+from qpissa.checkpoint import CheckpointReader
+from qpissa.convert_settings import Method
+
+# the JSON types of the fields the report reads: (Python types, how the error names them)
+TEXT = ((str,), "a string")
+TEXT_OR_NULL = ((str, type(None)), "a string or null")
+INTEGER = ((int,), "an integer")
+NUMBER = ((int, float), "a number")
+NUMBER_OR_NULL = ((int, float, type(None)), "a number or null")
+OBJECT = ((dict,), "an object")
+OBJECT_OR_NULL = ((dict, type(None)), "an object or null")
+ARRAY = ((list,), "an array")
+
+# the fields of qpissa_report.json the report reads; a name ending in `?` may be left out
+FINGERPRINT = {"model": TEXT, "settings": OBJECT, "checkpoint?": OBJECT_OR_NULL}
+SETTINGS = {"method": TEXT, "rank": INTEGER, "iters": INTEGER, "alpha": NUMBER,
+            "calibration?": OBJECT_OR_NULL}  # fmt: skip
+CALIBRATION = {"source": TEXT, "tokens": INTEGER, "seq_len": INTEGER}
+LAYER = {"name": TEXT, "shape": ARRAY, "err_fro_base": NUMBER, "reduction_fro": NUMBER_OR_NULL,
+         "reduction_nuc": NUMBER_OR_NULL}  # fmt: skip
+SUMMARY = {"avg": NUMBER_OR_NULL, "avg_fro": NUMBER_OR_NULL, "by_type": OBJECT_OR_NULL, "by_type_fro": OBJECT,
+           "total_seconds": NUMBER, "peak_rss_mb": NUMBER, "peak_gpu_mb?": NUMBER_OR_NULL,
+           "avg_out?": NUMBER_OR_NULL, "by_type_out?": OBJECT_OR_NULL}  # fmt: skip
+# qpissa_fidelity.json, written by `qpissa compare` into each conversion it measured
+FIDELITY = {"kl": NUMBER, "top1": NUMBER, "ppl_original": NUMBER, "ppl_model": NUMBER, "tokens": INTEGER,
+            "data": TEXT, "key?": OBJECT_OR_NULL}  # fmt: skip
+FIDELITY_KEY = {"settings?": OBJECT_OR_NULL, "ids_sha256?": TEXT_OR_NULL}
+# export_report.json: where the export came from (and, since it is recorded, the conversion's fingerprint)
+EXPORT = {"source": OBJECT, "conversion?": OBJECT_OR_NULL, "verify?": OBJECT_OR_NULL}
+EXPORT_SOURCE = {"base_dir?": TEXT, "run?": TEXT_OR_NULL}
+
+CONVERT_AGAIN = "it is written by `qpissa convert`: convert again into a new directory"
+# with the weights, these settings alone decide each matrix's plain-NF4 error (err_fro_base)
+QUANTIZER = ("blocksize", "double_quant", "svd_dtype")
+# one model's plain-NF4 error as measured on another device or thread count differs by ~1e-6 relative;
+# another model's (another seed, a fine-tune) by far more
+NF4_ERROR_TOLERANCE = 1e-3
+
+
+def read_conversion(qpissa_dir: Path) -> dict:
+    """`qpissa_report.json` with every field the report reads there and of its type.
+
+    Raises:
+        UserError: naming the file and the first field missing, of another type or out of range.
+    """
+    report = read_report(qpissa_dir)
+    problem = next((problem for problem in _conversion_problems(report) if problem), None)
+    if problem:
+        raise UserError(f"{qpissa_dir / REPORT_NAME} is damaged ({problem}); {CONVERT_AGAIN}")
+    return report
+
+
+def read_fidelity(path: Path) -> dict:
+    """A conversion's `qpissa_fidelity.json`, with the numbers the report shows.
+
+    Raises:
+        UserError: naming the file and the first field missing or of another type.
+    """
+    fix = "it is written by `qpissa compare`: delete it (the report leaves the fidelity out) or compare again"
+    record = read_json(path, fix)
+    problem = _problem(record, FIDELITY, "") or _problem(record.get("key") or {}, FIDELITY_KEY, "key")
+    if problem:
+        raise UserError(f"{path} is damaged ({problem}); {fix}")
+    return record
+
+
+def read_export(path: Path) -> dict:
+    """An export's `export_report.json`, with what the report reads there (its source, its check).
+
+    Raises:
+        UserError: naming the file and the first field missing or of another type.
+    """
+    fix = "it is written by `qpissa export`: export again with --overwrite"
+    record = read_json(path, fix)
+    problem = _problem(record, EXPORT, "") or _problem(record["source"], EXPORT_SOURCE, "source")
+    if problem:
+        raise UserError(f"{path} is damaged ({problem}); {fix}")
+    return record
+
+
+def _conversion_problems(report: dict) -> Iterator[str | None]:
+    """What is wrong in a conversion's report, field by field (None: that one is right); a field is looked
+    into only once the fields it lies in were found right."""
+    yield _problem(report["fingerprint"], FINGERPRINT, "fingerprint")
+    stats = report["fingerprint"].get("checkpoint") or {}
+    yield next((f"`fingerprint.checkpoint.{name}` is {_shown(stat)}, not [size, mtime]"
+                for name, stat in stats.items() if not _integers(stat, 2)), None)  # fmt: skip
+    settings = report["settings"]
+    yield _problem(settings, SETTINGS, "settings")
+    methods = [method.value for method in Method]
+    if settings["method"] not in methods:
+        yield f"`settings.method` is {_shown(settings['method'])}, not one of {', '.join(methods)}"
+    yield None if settings["rank"] > 0 else f"`settings.rank` is {settings['rank']}, not positive"
+    if settings.get("calibration") is not None:
+        yield _problem(settings["calibration"], CALIBRATION, "settings.calibration")
+    summary = report["summary"]
+    yield _problem(summary, SUMMARY, "summary")
+    for name in ("by_type", "by_type_fro", "by_type_out"):
+        if not all(_is(value, NUMBER) for value in (summary.get(name) or {}).values()):
+            yield f"`summary.{name}` holds a value that is not a number"
+    yield None if report["layers"] else "`layers` is empty"
+    for index, layer in enumerate(report["layers"]):
+        yield _problem(layer, LAYER, f"layers[{index}]")
+        if not _integers(layer["shape"], 2) or min(layer["shape"]) < 1:
+            yield f"`layers[{index}].shape` is {_shown(layer['shape'])}, not [out, in]"
+
+
+def _problem(record: Any, fields: dict[str, tuple], where: str) -> str | None:
+    """The first of `fields` that `record` lacks or holds with another type, as the error says it."""
+    if not isinstance(record, dict):
+        return f"`{where}` is {_shown(record)}, not an object"
+    for name, kind in fields.items():
+        key = name.removesuffix("?")
+        path = f"{where}.{key}" if where else key
+        if key not in record and key == name:
+            return f"`{path}` is missing"
+        if key in record and not _is(record[key], kind):
+            return f"`{path}` is {_shown(record[key])}, not {kind[1]}"
+    return None
+
+
+def _is(value: Any, kind: tuple) -> bool:
+    """Whether a JSON value is of `kind` (true and false are no numbers, though Python's bool is an int)."""
+    return isinstance(value, kind[0]) and not (isinstance(value, bool) and bool not in kind[0])
+
+
+def _integers(value: Any, count: int) -> bool:
+    return isinstance(value, list) and len(value) == count and all(_is(item, INTEGER) for item in value)
+
+
+def _shown(value: Any) -> str:
+    """A JSON value as the error quotes it: its text, cut short."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def same_model(a: dict, b: dict) -> bool:
+    """Whether two conversions (their `qpissa_report.json`) were converted from one model.
+
+    By the names and sizes of the model's files that their fingerprints record, not by its path: copies of
+    a model at two paths are one model. Then by each matrix's plain-NF4 error, which the weights alone
+    decide where both were converted with one quantizer: two models of one shape (at one path, one after
+    the other) are two. A conversion that predates the record of the files is matched by its model's path.
+    """
+    files = [_sizes(report["fingerprint"]) for report in (a, b)]
+    paths = [report["fingerprint"]["model"] for report in (a, b)]
+    same = paths[0] == paths[1] if None in files else files[0] == files[1]
+    if not same or any(a["settings"].get(key) != b["settings"].get(key) for key in QUANTIZER):
+        return same
+    errors = {layer["name"]: layer["err_fro_base"] for layer in b["layers"]}
+    return all(
+        math.isclose(layer["err_fro_base"], errors[layer["name"]], rel_tol=NF4_ERROR_TOLERANCE)
+        for layer in a["layers"]
+        if layer["name"] in errors
+    )
+
+
+def _sizes(fingerprint: dict) -> dict[str, int] | None:
+    stats = fingerprint.get("checkpoint")
+    return None if stats is None else {name: size for name, (size, _) in stats.items()}
+
+
+def original_changes(fingerprint: dict) -> str | None:
+    """How the model at a conversion's `fingerprint["model"]` differs from the one it converted, by the
+    sizes and modification times of its files that the conversion recorded (as `convert --resume` tells a
+    rewritten model); None where they match, or where the conversion predates that record."""
+    recorded = fingerprint.get("checkpoint")
+    if recorded is None:
+        return None
+    try:
+        current = CheckpointReader(Path(fingerprint["model"])).file_stats()
+    except UserError as error:
+        return f"it is no checkpoint that can be read now: {error}"
+    changed = sorted(name for name in {*recorded, *current} if recorded.get(name) != current.get(name))
+    return f"{', '.join(changed)}: another size or modification time" if changed else None
