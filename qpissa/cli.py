@@ -142,14 +142,14 @@ def main_entry() -> None:
 
 
 def _interrupt_again(unraisable: Any) -> None:
-    """Python drops a Ctrl-C that lands in a finalizer (a `__del__` as a tokenizer loads), and the command
-    would run on to its end: deliver it again a moment later, to the code that runs next (raised now, it
-    would land in this hook and be dropped again), and to the main thread, which runs signal handlers."""
-    if issubclass(unraisable.exc_type, KeyboardInterrupt):
-        main = threading.main_thread().ident
-        threading.Timer(0.05, signal.pthread_kill, args=(main, signal.SIGINT)).start()
-    else:
+    """Python drops a Ctrl-C that lands in a finalizer (a `__del__` as a tokenizer loads): send it again, a
+    moment later, to the main thread (raised now, it would land in this hook and be dropped again)."""
+    if not issubclass(unraisable.exc_type, KeyboardInterrupt) or sys.is_finalizing():  # no thread starts then
         sys.__unraisablehook__(unraisable)
+        return
+    again = threading.Timer(0.05, signal.pthread_kill, args=(threading.main_thread().ident, signal.SIGINT))
+    again.daemon = True  # an exit meanwhile does not wait for it
+    again.start()
 
 
 def _fail(message: str) -> int:

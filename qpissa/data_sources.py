@@ -391,8 +391,8 @@ def _read_problem(path: Path, local: bool, error: Exception, files: list[Path]) 
         )
     for file in files if path.is_dir() else []:  # the folder's file datasets failed on, as it names one alone
         try:
-            if file.stat().st_size:  # an empty file is an empty split, not damage
-                check_file(file)
+            if file.stat().st_size and content_suffix(file) in LOADERS:  # an empty one is an empty split
+                check_file(file)  # (a folder's .txt, which a file alone may not be, is left to datasets)
         except UserError as damaged:
             return str(damaged)
     kind = path.suffix.lstrip(".") or "save_to_disk or data-file folder"

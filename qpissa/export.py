@@ -46,7 +46,7 @@ from qpissa.checkpoint import (
 from qpissa.export_lora import LoraInputs, check_lora_inputs, check_trained, write_lora, write_readme
 from qpissa.export_verify import verify_export
 from qpissa.loading import refuse_cpu_misdecoded
-from qpissa.memory import out_of_memory, out_of_memory_reason, peak_rss_mb
+from qpissa.memory import error_reason, out_of_memory, peak_rss_mb
 from qpissa.options import check_api_argument, to_dict
 from qpissa.outputs import (
     check_apart,
@@ -284,7 +284,7 @@ def _verify(source: ModelSource, partial: Path, details: dict, verify: bool) -> 
             raise
         return {
             "verify": None,
-            "verify_skipped": f"the check ran out of memory ({out_of_memory_reason(error)})",
+            "verify_skipped": f"the check ran out of memory ({error_reason(error)})",
         }
 
 

@@ -26,6 +26,10 @@ from qpissa.chat_template import saved_chat_template
 from qpissa.checkpoint import CheckpointReader, auto_config
 from qpissa.stored import Adapter, Residual, read_adapter
 
+# the tokenizer files that are JSON: the one a tokenizer fails to load on is named
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                  "vocab.json")  # fmt: skip
+
 
 def checked_source(path: Path, *, adapter: bool = True) -> ModelSource:
     """What `eval` and `chat` load for MODEL_OR_RUN, checked before anything is loaded.
@@ -215,10 +219,6 @@ def set_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
     for param in model.parameters():  # tied weights are one Parameter: they stay tied
         if param.is_floating_point() and param.dtype != dtype and not isinstance(param, bnb.nn.Params4bit):
             param.data = param.data.to(dtype)
-
-
-TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                  "vocab.json")  # fmt: skip
 
 
 def load_tokenizer(source: ModelSource):

@@ -151,7 +151,7 @@ def out_of_memory_line(error: BaseException) -> str | None:
     if not out_of_memory(error):
         return None
     return (
-        f"out of memory ({out_of_memory_reason(error)}); free memory (other programs, other jobs on the GPU) "
+        f"out of memory ({error_reason(error)}); free memory (other programs, other jobs on the GPU) "
         "or use a machine with more"
     )
 
@@ -161,10 +161,11 @@ def out_of_space_line(error: BaseException) -> str | None:
     `SafetensorError: ... No space left on device (os error 28)`, no OSError), else None."""
     if not any(words in str(error) for words in _OUT_OF_SPACE_WORDS):
         return None
-    return f"no space left on device ({out_of_memory_reason(error)}); free some space"
+    return f"no space left on device ({error_reason(error)}); free some space"
 
 
-def out_of_memory_reason(error: BaseException) -> str:
-    """`Type: first line` of an error, cut to 200 characters (CUDA's out-of-memory runs on with advice)."""
+def error_reason(error: BaseException) -> str:
+    """`Type: first line` of an error for a one-line message, cut to 200 characters (CUDA's out-of-memory
+    runs on with advice)."""
     line = next((part.strip() for part in str(error).splitlines() if part.strip()), "")
     return f"{type(error).__name__}: {line[:200]}"

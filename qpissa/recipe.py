@@ -307,12 +307,18 @@ def load_config(path: Path | str, overrides: list[str]) -> TrainConfig:
         raise UserError(f"config {path} is not valid YAML ({yaml_problem(error)}); fix that line") from None
     if not isinstance(values, dict):
         raise UserError(f"config {path} must be a mapping of settings, not {type(values).__name__}")
+    own = {f.name for f in dataclasses.fields(TrainConfig)}
+    written = values.get("trainer")
+    nested = written if isinstance(written, dict) else {}
+    twice = [f"`{key}` ({values[key]}) and `trainer.{key}` ({nested[key]})" for key in nested
+             if key in values and key not in own]  # fmt: skip
+    if twice:  # else the top level's would win, silently; an override of either is the user's choice
+        raise UserError(f"config {path} sets {'; '.join(twice)}: one option twice; keep one of them")
     values = apply_overrides(values, overrides)
     if isinstance(values.get("resume_from_checkpoint"), bool):  # the Trainer's idiom for the newest one
         values["resume_from_checkpoint"] = (
             _newest_checkpoint(values) if values["resume_from_checkpoint"] else None
         )
-    own = {f.name for f in dataclasses.fields(TrainConfig)}
     trainer = {key: values.pop(key) for key in list(values) if key not in own}  # checked by train
     nested = values.get("trainer") or {}  # `trainer:` with every entry commented out is empty
     if not isinstance(nested, dict):
@@ -320,11 +326,6 @@ def load_config(path: Path | str, overrides: list[str]) -> TrainConfig:
             f"`trainer` must be a mapping of TrainingArguments options ({{report_to: ...}}), "
             f"{got(nested)}; or write each option at the top level of the recipe"
         )
-    twice = [
-        f"`{key}` ({trainer[key]}) and `trainer.{key}` ({nested[key]})" for key in nested if key in trainer
-    ]
-    if twice:  # else the top level's would win, silently
-        raise UserError(f"the recipe sets {'; '.join(twice)}: one option twice; keep one of them")
     trainer = {**nested, **trainer}
     if values.get("warmup_ratio") and "warmup_steps" in trainer:  # else warmup_steps would win, silently
         raise UserError(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qpissa import UserError
-from qpissa.artifacts import REPORT_NAME, read_json, read_report
+from qpissa.artifacts import CONFIG_NAME, REPORT_NAME, read_json, read_report
 from qpissa.checkpoint import CheckpointReader
 from qpissa.convert_settings import Method
 
@@ -140,6 +140,7 @@ def _is(value: Any, kind: tuple) -> bool:
 
 
 def _integers(value: Any, count: int) -> bool:
+    """Whether a JSON value is a list of `count` integers (a shape, a file's [size, mtime])."""
     return isinstance(value, list) and len(value) == count and all(_is(item, INTEGER) for item in value)
 
 
@@ -152,16 +153,19 @@ def _shown(value: Any) -> str:
 def same_model(a: dict, b: dict) -> bool:
     """Whether two conversions (their `qpissa_report.json`) were converted from one model.
 
-    By the names and sizes of the model's files that their fingerprints record, not by its path: copies of
-    a model at two paths are one model. Then by each matrix's plain-NF4 error, which the weights alone
-    decide where both were converted with one quantizer: two models of one shape (at one path, one after
-    the other) are two. A conversion that predates the record of the files is matched by its model's path.
+    Not by its path alone: copies of a model at two paths are one model, and one path may hold two models
+    one after the other. The recorded weight files' names and sizes must agree; then each matrix's plain-NF4
+    error, which the weights alone decide where both used one quantizer, must too; where the quantizers
+    differ, so must the path. A conversion that predates the record of the files is matched by its path.
     """
-    files = [_sizes(report["fingerprint"]) for report in (a, b)]
-    paths = [report["fingerprint"]["model"] for report in (a, b)]
-    same = paths[0] == paths[1] if None in files else files[0] == files[1]
-    if not same or any(a["settings"].get(key) != b["settings"].get(key) for key in QUANTIZER):
-        return same
+    files = [_weight_sizes(report["fingerprint"]) for report in (a, b)]
+    same_path = a["fingerprint"]["model"] == b["fingerprint"]["model"]
+    if None in files:
+        return same_path
+    if files[0] != files[1]:
+        return False
+    if any(a["settings"].get(key) != b["settings"].get(key) for key in QUANTIZER):
+        return same_path
     errors = {layer["name"]: layer["err_fro_base"] for layer in b["layers"]}
     return all(
         math.isclose(layer["err_fro_base"], errors[layer["name"]], rel_tol=NF4_ERROR_TOLERANCE)
@@ -170,9 +174,13 @@ def same_model(a: dict, b: dict) -> bool:
     )
 
 
-def _sizes(fingerprint: dict) -> dict[str, int] | None:
+def _weight_sizes(fingerprint: dict) -> dict[str, int] | None:
+    """The sizes of the model's weight files (shards and their index; not config.json, which an edit of
+    its notes changes), as the conversion recorded them; None where it predates that record."""
     stats = fingerprint.get("checkpoint")
-    return None if stats is None else {name: size for name, (size, _) in stats.items()}
+    if stats is None:
+        return None
+    return {name: size for name, (size, _) in stats.items() if name != CONFIG_NAME}
 
 
 def original_changes(fingerprint: dict) -> str | None:

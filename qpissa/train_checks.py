@@ -30,11 +30,14 @@ from qpissa.outputs import check_apart, check_holds_only, check_replaceable
 from qpissa.recipe import TrainConfig
 from qpissa.resume_checks import check_checkpoint
 
-# what a run writes into output_dir: overwrite_output_dir replaces a run holding nothing else (a `.tmp` is a
-# JSON write cut short; `runs/` the Trainer's default TensorBoard logging_dir)
+# what a run writes into output_dir: overwrite_output_dir replaces a run holding nothing else. A `.tmp` is a
+# write cut short; `runs/` the Trainer's default TensorBoard logging_dir; with push_to_hub the Trainer copies
+# the last checkpoint's adapter and arguments to the top (`last-checkpoint/` with hub_strategy=checkpoint)
 RUN_FILES = (
-    *RUN_MARKERS, LOG_NAME, EVAL_LOG_NAME, EVAL_RESULTS_NAME, f"{EVAL_RESULTS_NAME}.tmp", TEMPLATE_NAME,
-    f"{ADAPTER_DIR}/", f"{ADAPTER_DIR}.partial/", f"{CHECKPOINT_PREFIX}*/", "runs/",
+    *(f"{name}{cut}" for name in (RUN_MARKER, LOG_NAME, EVAL_LOG_NAME, EVAL_RESULTS_NAME)
+      for cut in ("", ".tmp")),
+    TEMPLATE_NAME, f"{ADAPTER_DIR}/", f"{ADAPTER_DIR}.partial/", f"{CHECKPOINT_PREFIX}*/", "runs/",
+    "adapter_config.json", "adapter_model.*", "training_args.bin", "last-checkpoint/",
 )  # fmt: skip
 
 

@@ -41,12 +41,12 @@ SET_BY_QPISSA = {
     "logging_strategy": "qpissa logs each step to trainer_log.jsonl; recipe key logging_steps paces printing",
     "label_names": "qpissa's collator gives the Trainer the labels column (`labels`); leave it out",
 }
+OWN_VALUES = {"logging_strategy": "steps", "label_names": ["labels"]}  # what qpissa sets: accepted as written
 # deprecated TrainingArguments names -> their transformers 5 names, which qpissa passes
 RENAMED = {"gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
 # DataLoader options only worker processes use: torch's DataLoader refuses them with no workers
-WORKER_OPTIONS = (
-    "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_multiprocessing_context",
-)  # fmt: skip
+WORKER_OPTIONS = ("dataloader_persistent_workers", "dataloader_prefetch_factor",
+                  "dataloader_multiprocessing_context")  # fmt: skip
 # suggested keys whose name alone does not say how to use them (`qpissa convert --resume` is a flag)
 SUGGESTIONS = {"resume_from_checkpoint": "`resume_from_checkpoint=true` (resume after a kill)"}
 # names other trainers (TRL, Axolotl, LLaMA-Factory) give settings that qpissa takes elsewhere
@@ -301,7 +301,7 @@ def checked_options(options: dict[str, Any]) -> dict[str, Any]:
     hints = typing.get_type_hints(TrainingArguments)
     problems, values = [], {}
     for key, value in options.items():
-        if key in SET_BY_QPISSA:
+        if key in SET_BY_QPISSA and not (key in OWN_VALUES and value == OWN_VALUES[key]):
             problems.append(f"`{key}` is set by qpissa: {SET_BY_QPISSA[key]}")
         elif key not in known:
             own = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "trainer"]

@@ -153,6 +153,27 @@ cli.main_entry()
     assert "ran on" not in done.stdout and done.stderr.strip() == "qpissa: interrupted", done.stderr
 
 
+def test_ctrl_c_in_a_finalizer_at_exit_lets_the_command_end(tmp_path: Path) -> None:
+    """At interpreter exit no thread can start: the interrupt is left dropped there, not waited on forever."""
+    program = """
+import sys, types
+from qpissa import cli
+
+class Finalized:
+    def __del__(self):
+        raise KeyboardInterrupt
+
+KEPT = Finalized()  # finalized as the interpreter exits
+sys.modules["qpissa.models"] = types.SimpleNamespace(fetch_demo_model=lambda name, out: out)
+sys.argv = ["qpissa", "fetch-model", "smollm2-135m", sys.argv[1]]
+cli.main_entry()
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", program, str(tmp_path / "model")], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and "Hugging Face checkpoint in" in done.stdout, done.stderr
+
+
 def test_bitsandbytes_kernel_notes_are_hidden() -> None:
     """On import, bitsandbytes tries to fetch a bf16 CPU kernel from the Hub that qpissa never uses; its
     failure (and offline, the `kernels` package's skipped trust check) is noise a user cannot act on."""

@@ -210,6 +210,15 @@ def test_a_broken_file_in_a_folder_is_named_as_it_is_alone(tmp_path: Path, broke
         load_records(tmp_path)
 
 
+def test_a_broken_file_in_a_folder_of_text_is_not_blamed_on_its_type(tmp_path: Path) -> None:
+    """A folder's .txt files are data (a record per line), though a .txt alone is refused for training."""
+    (tmp_path / "a.txt").write_text("one line\n")
+    (tmp_path / "b.txt").write_bytes(b"caf\xe9\n")
+    with pytest.raises(UserError) as refused:
+        load_records(tmp_path)
+    assert "unknown data file type" not in str(refused.value) and str(tmp_path) in str(refused.value)
+
+
 def test_a_folder_without_data_files_is_refused_in_one_line(tmp_path: Path) -> None:
     """An empty folder failed with a KeyError; one holding only notes, with datasets' message about files of
     another kind of folder."""

@@ -959,6 +959,16 @@ def test_export_replaces_only_its_own_interrupted_build(workspace: Path) -> None
     assert _no_stray(workspace) == []
 
 
+def test_train_overwrite_replaces_a_run_holding_what_runs_and_the_trainer_write(workspace: Path) -> None:
+    """A log rewrite a kill cut short leaves its `.tmp`; push_to_hub copies the adapter and the arguments to
+    the run's top: the run's own, so overwrite_output_dir replaces them with the run."""
+    run = workspace / "run"
+    for name in ("trainer_log.jsonl.tmp", "eval_log.jsonl.tmp", "adapter_config.json", "training_args.bin"):
+        _file(run / name, "x")
+    assert main(["--quiet", *_train(workspace, output_dir=str(run), overwrite_output_dir=True)]) == 0
+    assert not (run / "training_args.bin").exists() and (run / "adapter" / "adapter_config.json").is_file()
+
+
 def test_report_replaces_an_earlier_report_whole(workspace: Path) -> None:
     report = workspace / "report"
     assert main(["--quiet", *_report(workspace)]) == 0

@@ -501,6 +501,23 @@ def test_conversions_are_of_one_model_by_its_weights_not_its_path(
     error = capsys.readouterr().err
     assert "the inputs were converted from 2 different models" in error and str(replaced) in error
     assert error.count("\n") == 1 and not out.exists()
+    # another model at another path, quantized otherwise (its NF4 errors do not compare): two models
+    settings = ConvertSettings(method=Method.QLORA, rank=4, blocksize=32)
+    convert(other, tmp_path / "blocks32", settings, show_progress=False)
+    assert (
+        cli.main(["--quiet", "report", str(tmp_path / "blocks32"), str(inputs["qpissa"]), "--out", str(out)])
+        == 2
+    )
+    assert "2 different models" in capsys.readouterr().err
+
+    def config_edited(report: dict) -> None:  # its notes, say: the weights are the same
+        report["fingerprint"]["checkpoint"]["config.json"][0] += 7
+
+    edited = _edited(inputs["qlora"], tmp_path / "edited", config_edited)
+    assert _report_of([str(edited), str(inputs["qpissa"])], tmp_path / "edits")["methods"] == [
+        "qlora",
+        "qpissa",
+    ]
 
 
 def test_identical_conversions_of_two_comparisons_keep_their_own_runs(

@@ -21,6 +21,15 @@ from qpissa.artifacts import resolve_source
 from qpissa.loading import load_tokenizer
 
 
+def test_options_qpissa_sets_are_accepted_at_the_values_it_sets() -> None:
+    """Recipes from other tools often write `logging_strategy: steps` and `label_names: [labels]`: what
+    qpissa sets anyway, so no reason to refuse them."""
+    from qpissa.trainer_options import checked_options
+
+    written = {"logging_strategy": "steps", "label_names": ["labels"]}
+    assert checked_options(written) == written
+
+
 def test_any_trainer_option_and_flag_overrides_reach_the_trainer(
     qpissa_dir: Path,
     data_dir: Path,
