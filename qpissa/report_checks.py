@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qpissa import UserError
-from qpissa.artifacts import CONFIG_NAME, REPORT_NAME, read_json, read_report
+from qpissa.artifacts import CONFIG_NAME, REPORT_NAME, RUN_MARKER, read_json, read_report
 from qpissa.checkpoint import CheckpointReader
 from qpissa.convert_settings import Method
 
@@ -25,6 +25,7 @@ NUMBER_OR_NULL = ((int, float, type(None)), "a number or null")
 OBJECT = ((dict,), "an object")
 OBJECT_OR_NULL = ((dict, type(None)), "an object or null")
 ARRAY = ((list,), "an array")
+ARRAY_OR_NULL = ((list, type(None)), "an array or null")
 
 # the fields of qpissa_report.json the report reads; a name ending in `?` may be left out
 FINGERPRINT = {"model": TEXT, "settings": OBJECT, "checkpoint?": OBJECT_OR_NULL}
@@ -43,6 +44,13 @@ FIDELITY_KEY = {"settings?": OBJECT_OR_NULL, "ids_sha256?": TEXT_OR_NULL}
 # export_report.json: where the export came from (and, since it is recorded, the conversion's fingerprint)
 EXPORT = {"source": OBJECT, "conversion?": OBJECT_OR_NULL, "verify?": OBJECT_OR_NULL}
 EXPORT_SOURCE = {"base_dir?": TEXT, "run?": TEXT_OR_NULL}
+
+# qpissa_run.json: what the report's line on a run's recipe reads there
+RUN = {"config": OBJECT, "processes": OBJECT}
+RUN_CONFIG = {"data": OBJECT, "max_steps": NUMBER, "num_train_epochs": NUMBER, "learning_rate": NUMBER,
+              "seed": NUMBER}  # fmt: skip
+RUN_DATA = {"path": TEXT_OR_NULL, "eval_path": TEXT_OR_NULL, "max_seq_len": NUMBER, "sources?": ARRAY_OR_NULL}
+RUN_PROCESSES = {"global_batch_size": NUMBER}
 
 CONVERT_AGAIN = "it is written by `qpissa convert`: convert again into a new directory"
 # with the weights, these settings alone decide each matrix's plain-NF4 error (err_fro_base)
@@ -90,6 +98,27 @@ def read_export(path: Path) -> dict:
     problem = _problem(record, EXPORT, "") or _problem(record["source"], EXPORT_SOURCE, "source")
     if problem:
         raise UserError(f"{path} is damaged ({problem}); {fix}")
+    return record
+
+
+def read_run_record(run_dir: Path) -> dict:
+    """A run's `qpissa_run.json`, with what the report reads there (its recipe, its global batch).
+
+    Raises:
+        UserError: naming the file and the first field missing or of another type.
+    """
+    fix = "it is written by `qpissa train`: leave the run out, or train again into a new output_dir"
+    record = read_json(run_dir / RUN_MARKER, fix)
+    problem = (
+        _problem(record, RUN, "")
+        or _problem(record["config"], RUN_CONFIG, "config")
+        or _problem(record["config"]["data"], RUN_DATA, "config.data")
+        or _problem(record["processes"], RUN_PROCESSES, "processes")
+    )
+    if not problem and not (record["config"]["data"]["path"] or record["config"]["data"].get("sources")):
+        problem = "`config.data` names neither a path nor sources"
+    if problem:
+        raise UserError(f"{run_dir / RUN_MARKER} is damaged ({problem}); {fix}")
     return record
 
 

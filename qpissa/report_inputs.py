@@ -29,7 +29,7 @@ from qpissa.artifacts import (
     trained_on,
 )
 from qpissa.convert_settings import Method
-from qpissa.report_checks import read_conversion, read_export, read_fidelity, same_model
+from qpissa.report_checks import read_conversion, read_export, read_fidelity, read_run_record, same_model
 
 CALIBRATED_SUFFIX = "+calib"
 METHOD_ORDER = (Method.QLORA.value, Method.LOFTQ.value, Method.QPISSA.value)
@@ -133,7 +133,7 @@ def _add(by_key: dict[str, MethodData], path: Path) -> bool:
                 replace(entry, label=path.name, steps=[], evals=None, run=None, exports=[]),
             )
         entry.run_dir = path
-        entry.run = _read(path / RUN_MARKER)
+        entry.run = read_run_record(path)
         entry.steps = read_jsonl(path / LOG_NAME, required=("step", "loss"))
         entry.evals = _read(path / EVAL_RESULTS_NAME) if (path / EVAL_RESULTS_NAME).is_file() else None
         return True

@@ -576,6 +576,31 @@ def test_a_damaged_conversion_report_is_one_line_naming_it(
     assert "convert again into a new directory" in error and error.count("\n") == 1 and not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda m: m.pop("config"), "`config` is missing"),
+        (lambda m: m["config"]["data"].update(path=None, sources=None), "names neither a path nor sources"),
+        (lambda m: m.update(processes=[]), "`processes` is [], not an object"),
+    ],
+    ids=["no config", "no data", "processes is a list"],
+)
+def test_a_damaged_run_marker_is_one_line_naming_it(
+    change, problem: str, inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A `qpissa_run.json` without the recipe the report quotes ended in KeyError: 'config'."""
+    run = tmp_path / "run"
+    shutil.copytree(inputs["run"], run)
+    marker = json.loads((run / "qpissa_run.json").read_text())
+    change(marker)
+    (run / "qpissa_run.json").write_text(json.dumps(marker))
+    out = tmp_path / "report"
+    assert cli.main(["--quiet", "report", str(run), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"qpissa: error: {run / 'qpissa_run.json'} is damaged (") and problem in error
+    assert error.count("\n") == 1 and not out.exists()
+
+
 def test_a_fidelity_record_without_its_numbers_is_one_line_naming_it(
     inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
