@@ -129,9 +129,10 @@ def test_ctrl_c_in_a_finalizer_still_interrupts_the_command(tmp_path: Path) -> N
     """Python drops a KeyboardInterrupt raised in a `__del__` (a Ctrl-C as a tokenizer loads): the command
     must still stop with the interrupt's line and status, not run on to its end."""
     program = """
-import sys, time, types
+import signal, sys, time, types
 from qpissa import cli
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as on a terminal: a script's `&` job ignores it
 class Finalized:
     def __del__(self):
         raise KeyboardInterrupt  # what Ctrl-C does when it lands while a finalizer runs
