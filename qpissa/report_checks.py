@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,41 +74,40 @@ def read_conversion(qpissa_dir: Path) -> dict:
 
 
 def read_fidelity(path: Path) -> dict:
-    """A conversion's `qpissa_fidelity.json`, with the numbers the report shows.
-
-    Raises:
-        UserError: naming the file and the first field missing or of another type.
-    """
+    """A conversion's `qpissa_fidelity.json`, with the numbers the report shows."""
     fix = "it is written by `qpissa compare`: delete it (the report leaves the fidelity out) or compare again"
-    record = read_json(path, fix)
-    problem = _problem(record, FIDELITY, "") or _problem(record.get("key") or {}, FIDELITY_KEY, "key")
-    if problem:
-        raise UserError(f"{path} is damaged ({problem}); {fix}")
-    return record
+    return _read_checked(path, fix, lambda r: _problem(r, FIDELITY, "")
+                         or _problem(r.get("key") or {}, FIDELITY_KEY, "key"))  # fmt: skip
 
 
 def read_export(path: Path) -> dict:
-    """An export's `export_report.json`, with what the report reads there (its source, its check).
+    """An export's `export_report.json`, with what the report reads there (its source, its check)."""
+    fix = "it is written by `qpissa export`: export again with --overwrite"
+    return _read_checked(path, fix, lambda r: _problem(r, EXPORT, "")
+                         or _problem(r["source"], EXPORT_SOURCE, "source"))  # fmt: skip
+
+
+def read_run_record(run_dir: Path) -> dict:
+    """A run's `qpissa_run.json`, with what the report reads there (its recipe, its global batch)."""
+    fix = "it is written by `qpissa train`: leave the run out, or train again into a new output_dir"
+    return _read_checked(run_dir / RUN_MARKER, fix, _run_problem)
+
+
+def _read_checked(path: Path, fix: str, problem_of: Callable[[dict], str | None]) -> dict:
+    """A qpissa JSON record whose fields `problem_of` finds right (it names the first that is not).
 
     Raises:
-        UserError: naming the file and the first field missing or of another type.
+        UserError: naming the file, the field and `fix`.
     """
-    fix = "it is written by `qpissa export`: export again with --overwrite"
     record = read_json(path, fix)
-    problem = _problem(record, EXPORT, "") or _problem(record["source"], EXPORT_SOURCE, "source")
+    problem = problem_of(record)
     if problem:
         raise UserError(f"{path} is damaged ({problem}); {fix}")
     return record
 
 
-def read_run_record(run_dir: Path) -> dict:
-    """A run's `qpissa_run.json`, with what the report reads there (its recipe, its global batch).
-
-    Raises:
-        UserError: naming the file and the first field missing or of another type.
-    """
-    fix = "it is written by `qpissa train`: leave the run out, or train again into a new output_dir"
-    record = read_json(run_dir / RUN_MARKER, fix)
+def _run_problem(record: dict) -> str | None:
+    """The first field of a run marker the report's recipe line reads that is missing or of another type."""
     problem = (
         _problem(record, RUN, "")
         or _problem(record["config"], RUN_CONFIG, "config")
@@ -116,10 +115,8 @@ def read_run_record(run_dir: Path) -> dict:
         or _problem(record["processes"], RUN_PROCESSES, "processes")
     )
     if not problem and not (record["config"]["data"]["path"] or record["config"]["data"].get("sources")):
-        problem = "`config.data` names neither a path nor sources"
-    if problem:
-        raise UserError(f"{run_dir / RUN_MARKER} is damaged ({problem}); {fix}")
-    return record
+        return "`config.data` names neither a path nor sources"
+    return problem
 
 
 def _conversion_problems(report: dict) -> Iterator[str | None]:
