@@ -12,7 +12,8 @@ bitsandbytes or datasets at module level.
     options*           settings dataclasses <-> argparse flags, YAML data and key=value overrides
     recipe*            the training recipe: TrainConfig, DataConfig, DataSource, load_config
     artifacts*         every file name qpissa writes or reads, and the finders (resolve_source, ...)
-    outputs*           outputs kept apart from inputs, one writer per output (lock), built in OUT.partial
+    outputs*           outputs kept apart from inputs, checked before they are replaced, built in OUT.partial
+    output_lock*       one writer per output: the OS lock OUT.lock, not inherited by forked workers
     console*           the text the CLI prints for a result: error table, export summary
     demo_task*         the demo task's word problems and their `#### answer` convention
     memory*            peak RSS, available memory, the training memory estimate

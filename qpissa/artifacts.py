@@ -38,7 +38,7 @@ ADAPTER_DIR = "adapter"  # also the final adapter of a run
 PROGRESS_NAME = "progress.json"  # in OUT.partial/: the finished shards and their metrics
 CALIBRATION_DIR = "calibration"  # in OUT.partial/ of a calibrated conversion: layer results, hidden states
 PARTIAL_MARKER = ".qpissa-partial"  # in OUT.partial/ of export, report, fetch-model: qpissa is building it
-LOCK_SUFFIX = ".lock"  # OUT.lock beside OUT: the pid of the process writing OUT (`outputs.lock_output`)
+LOCK_SUFFIX = ".lock"  # OUT.lock beside OUT: the pid of the process writing OUT (`output_lock`)
 FIDELITY_NAME = "qpissa_fidelity.json"  # written by `qpissa compare` into each QPiSSA directory it measured
 OWN_JSON = "qpissa_*.json"  # every qpissa record above: they describe the QPiSSA directory only
 

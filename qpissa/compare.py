@@ -49,7 +49,8 @@ from qpissa.convert_settings import CompareSettings, ConvertSettings, Method
 from qpissa.loading import check_causal_lm, check_context, load_model, load_tokenizer
 from qpissa.options import to_dict
 from qpissa.original_kl import check_heldout, heldout_ids, measure_fidelity
-from qpissa.outputs import check_apart, lock_output, resolve_output
+from qpissa.output_lock import lock_output
+from qpissa.outputs import check_apart, resolve_output
 from qpissa.report import build_report
 from qpissa.settings import FidelitySettings, ReportOptions
 from qpissa.targets import check_cpu_decoding

@@ -44,7 +44,8 @@ from qpissa.memory import available_memory_bytes
 from qpissa.methods import CalibratedFit, DecomposeSettings
 from qpissa.nf4 import as_storage
 from qpissa.options import check_api_argument
-from qpissa.outputs import check_apart, lock_output, resolve_output
+from qpissa.output_lock import lock_output
+from qpissa.outputs import check_apart, resolve_output
 from qpissa.runtime import (
     calibration_dtype,
     compute_dtype,

@@ -48,13 +48,13 @@ from qpissa.export_verify import verify_export
 from qpissa.loading import refuse_cpu_misdecoded
 from qpissa.memory import error_reason, out_of_memory, peak_rss_mb
 from qpissa.options import check_api_argument, to_dict
+from qpissa.output_lock import lock_output
 from qpissa.outputs import (
     check_apart,
     check_only_own,
     check_replaceable,
     files_in,
     finish_partial,
-    lock_output,
     resolve_output,
     start_partial,
 )

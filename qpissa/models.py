@@ -19,7 +19,8 @@ import torch
 from qpissa import UserError
 from qpissa.artifacts import CONFIG_NAME, FETCH_MARKER, PARTIAL_MARKER, read_json
 from qpissa.checkpoint import SafetensorsWriter, shard_names
-from qpissa.outputs import finish_partial, lock_output, resolve_output, start_partial
+from qpissa.output_lock import lock_output
+from qpissa.outputs import finish_partial, resolve_output, start_partial
 from qpissa.settings import DEMO_MODELS
 
 log = logging.getLogger(__name__)

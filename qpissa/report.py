@@ -28,12 +28,12 @@ from qpissa.artifacts import (
 from qpissa.checkpoint import SHARD_GLOB, write_json
 from qpissa.console import counted
 from qpissa.convert_settings import Method
+from qpissa.output_lock import lock_output
 from qpissa.outputs import (
     check_apart,
     check_holds_only,
     check_replaceable,
     finish_partial,
-    lock_output,
     resolve_output,
     start_partial,
 )

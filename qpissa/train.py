@@ -59,7 +59,8 @@ from qpissa.distributed import (
 from qpissa.loading import load_model
 from qpissa.memory import estimate_memory
 from qpissa.options import check_api_argument, to_dict
-from qpissa.outputs import lock_output, readable_as_umask_allows, resolve_output
+from qpissa.output_lock import lock_output
+from qpissa.outputs import readable_as_umask_allows, resolve_output
 from qpissa.recipe import TrainConfig
 from qpissa.resume_checks import RNG_FILES, check_same_samples, data_fingerprint, warn_unresumable
 from qpissa.runtime import Runtime, dtype_name, resolve_runtime

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -29,6 +30,7 @@ import pytest
 import yaml
 
 from qpissa.cli import main
+from qpissa.output_lock import lock_output
 
 RANK = 4  # of the session's `qpissa_dir`
 
@@ -160,7 +162,7 @@ def _overlap(header: dict) -> None:
 def _locked_by_another_process(output: Path) -> Iterator[int]:
     """Another live process holding `output`'s lock, as a second `qpissa` writing it would; yields its pid."""
     script = (
-        "import sys\nfrom pathlib import Path\nfrom qpissa.outputs import lock_output\n"
+        "import sys\nfrom pathlib import Path\nfrom qpissa.output_lock import lock_output\n"
         "with lock_output(Path(sys.argv[1]), 'OUT'):\n    print('locked', flush=True)\n    sys.stdin.read()\n"
     )
     holder = subprocess.Popen(
@@ -1233,6 +1235,28 @@ def test_a_second_convert_on_the_same_out_is_refused_while_the_first_finishes(
     assert _weights(out) == _weights(reference_conversion)  # no stray spool or temp file of a second writer
     assert sorted(path.name for path in tmp_path.iterdir()) == ["go", "out", "paused"]
     assert _no_stray(out) == []
+
+
+def test_a_killed_writers_forked_workers_do_not_hold_its_lock(tmp_path: Path) -> None:
+    """A DataLoader's forked workers outlive a killed train for seconds: the next command must not wait."""
+    script = (
+        "import os, sys, time\nfrom pathlib import Path\nfrom qpissa.output_lock import lock_output\n"
+        "with lock_output(Path(sys.argv[1]), 'OUT'):\n"
+        "    worker = os.fork()\n"
+        "    if worker == 0:\n        time.sleep(60)\n        os._exit(0)\n"
+        "    print(worker, flush=True)\n    sys.stdin.read()\n"
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path / "out")], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    worker = int(writer.stdout.readline())
+    try:
+        writer.kill()
+        writer.wait(timeout=30)
+        with lock_output(tmp_path / "out", "OUT"):  # taken over while the worker lives on
+            os.kill(worker, 0)  # raises if the worker has ended
+    finally:
+        os.kill(worker, signal.SIGKILL)
 
 
 SIX_STEPS = {"max_steps": 6, "save_total_limit": None}  # checkpoints after steps 2, 4 and 6
