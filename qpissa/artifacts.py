@@ -359,16 +359,18 @@ def trained_on(marker: dict, qpissa_dir: Path) -> bool | None:
 def as_recorded(fingerprint: dict, recorded: dict) -> dict:
     """A conversion's `fingerprint` as `recorded` would hold it: without the checkpoint files' stats when
     it was recorded before they were kept, so it is matched by its settings alone, as it was then."""
-    if "checkpoint" in recorded:
+    if not isinstance(recorded, dict) or "checkpoint" in recorded:
         return fingerprint
     return {key: value for key, value in fingerprint.items() if key != "checkpoint"}
 
 
 def _tensor_identity(fingerprint: dict) -> dict:
-    """A conversion's fingerprint without the settings that do not change its tensors."""
-    settings = {key: value for key, value in fingerprint.get("settings", {}).items()
-                if key not in REPORT_ONLY_SETTINGS}  # fmt: skip
-    return {**fingerprint, "settings": settings}
+    """A conversion's fingerprint without the settings that do not change its tensors; one damaged by hand
+    (its settings no object) is kept whole, so it matches no conversion."""
+    settings = fingerprint.get("settings") if isinstance(fingerprint, dict) else None
+    if not isinstance(settings, dict):
+        return {"damaged": fingerprint}
+    return {**fingerprint, "settings": {k: v for k, v in settings.items() if k not in REPORT_ONLY_SETTINGS}}
 
 
 def _trained_model(run_dir: Path) -> Path:

@@ -51,6 +51,7 @@ RUN_CONFIG = {"data": OBJECT, "max_steps": NUMBER, "num_train_epochs": NUMBER, "
               "seed": NUMBER}  # fmt: skip
 RUN_DATA = {"path": TEXT_OR_NULL, "eval_path": TEXT_OR_NULL, "max_seq_len": NUMBER, "sources?": ARRAY_OR_NULL}
 RUN_PROCESSES = {"global_batch_size": NUMBER}
+RUN_CONVERSION = {"settings": OBJECT}  # the fingerprint a run is matched to its conversion by
 
 CONVERT_AGAIN = "it is written by `qpissa convert`: convert again into a new directory"
 # with the weights, these settings alone decide each matrix's plain-NF4 error (err_fro_base)
@@ -113,6 +114,7 @@ def _run_problem(record: dict) -> str | None:
         or _problem(record["config"], RUN_CONFIG, "config")
         or _problem(record["config"]["data"], RUN_DATA, "config.data")
         or _problem(record["processes"], RUN_PROCESSES, "processes")
+        or (_problem(record["conversion"], RUN_CONVERSION, "conversion") if "conversion" in record else None)
     )
     if not problem and not (record["config"]["data"]["path"] or record["config"]["data"].get("sources")):
         return "`config.data` names neither a path nor sources"

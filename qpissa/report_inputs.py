@@ -122,6 +122,7 @@ def _add(by_key: dict[str, MethodData], path: Path) -> bool:
         entry.fidelity = read_fidelity(path / FIDELITY_NAME) if (path / FIDELITY_NAME).is_file() else None
         return True
     if (path / RUN_MARKER).is_file():
+        record = read_run_record(path)  # checked before its fingerprint is matched to a conversion
         model = _given_conversion(by_key, path) or run_model(path)
         if (model / REPORT_NAME).is_file():  # else the run is reported alone
             check_trained_on(path, model, "leave the run out (its results would be credited to it)")
@@ -133,7 +134,7 @@ def _add(by_key: dict[str, MethodData], path: Path) -> bool:
                 replace(entry, label=path.name, steps=[], evals=None, run=None, exports=[]),
             )
         entry.run_dir = path
-        entry.run = read_run_record(path)
+        entry.run = record
         entry.steps = read_jsonl(path / LOG_NAME, required=("step", "loss"))
         entry.evals = _read(path / EVAL_RESULTS_NAME) if (path / EVAL_RESULTS_NAME).is_file() else None
         return True

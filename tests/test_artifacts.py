@@ -135,3 +135,19 @@ def test_broken_json_is_named_with_where_it_breaks_in_plain_words(tmp_path: Path
     path.write_text("{")
     with pytest.raises(UserError, match=r"\(Expecting property name enclosed in double quotes at line 1, "):
         read_json(path, "write it again")
+
+
+@pytest.mark.parametrize("damaged", [{"settings": []}, 7], ids=["settings a list", "a number"])
+def test_a_run_whose_recorded_conversion_is_damaged_is_refused_in_one_line(tmp_path: Path, damaged) -> None:
+    """A fingerprint damaged inside the run marker was an AttributeError deep in the match."""
+    run = _run(tmp_path)
+    _checkpoint(run, 10)
+    fingerprint = {"settings": {"rank": 4}}
+    report = {"fingerprint": fingerprint, "settings": {}, "layers": [], "summary": {}}
+    (tmp_path / "qpissa" / REPORT_NAME).write_text(json.dumps(report))
+    marker = json.loads((run / RUN_MARKER).read_text())
+    (run / RUN_MARKER).write_text(json.dumps({**marker, "conversion": fingerprint}))
+    assert resolve_source(run).base_dir == tmp_path / "qpissa"
+    (run / RUN_MARKER).write_text(json.dumps({**marker, "conversion": damaged}))
+    with pytest.raises(UserError, match=r"was trained on a conversion that .* no longer holds"):
+        resolve_source(run)

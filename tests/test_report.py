@@ -582,8 +582,10 @@ def test_a_damaged_conversion_report_is_one_line_naming_it(
         (lambda m: m.pop("config"), "`config` is missing"),
         (lambda m: m["config"]["data"].update(path=None, sources=None), "names neither a path nor sources"),
         (lambda m: m.update(processes=[]), "`processes` is [], not an object"),
+        (lambda m: m["conversion"].update(settings=[]), "`conversion.settings` is [], not an object"),
+        (lambda m: m.update(conversion=7), "`conversion` is 7, not an object"),
     ],
-    ids=["no config", "no data", "processes is a list"],
+    ids=["no config", "no data", "processes is a list", "conversion settings a list", "conversion a number"],
 )
 def test_a_damaged_run_marker_is_one_line_naming_it(
     change, problem: str, inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
