@@ -314,6 +314,8 @@ def load_config(path: Path | str, overrides: list[str]) -> TrainConfig:
              if key in values and key not in own]  # fmt: skip
     if twice:  # else the top level's would win, silently; an override of either is the user's choice
         raise UserError(f"config {path} sets {'; '.join(twice)}: one option twice; keep one of them")
+    if written is None or isinstance(written, dict):  # the file's options in one place: an override wins
+        values["trainer"] = {**nested, **{key: values.pop(key) for key in list(values) if key not in own}}
     values = apply_overrides(values, overrides)
     if isinstance(values.get("resume_from_checkpoint"), bool):  # the Trainer's idiom for the newest one
         values["resume_from_checkpoint"] = (

@@ -149,3 +149,7 @@ def test_an_option_both_at_the_top_level_and_under_trainer_is_refused(tmp_path: 
         ["trainer.report_to=tensorboard"],
     ):
         assert load_config(nested, override).trainer["report_to"] == "tensorboard", override
+    top = tmp_path / "top.yaml"
+    top.write_text(demo.read_text() + "report_to: none\n")
+    for override in (["report_to=tensorboard"], ["trainer.report_to=tensorboard"]):
+        assert load_config(top, override).trainer["report_to"] == "tensorboard", override
