@@ -170,6 +170,9 @@ def read_text(path: Path, what: str, fix: str) -> str:
         raise UserError(f"cannot read {what} {path}: {reason}; {fix}") from None
 
 
+JSON_KINDS = {dict: "an object", list: "an array", str: "a string"}  # as JSON names them
+
+
 def read_json(path: Path, fix: str, required: tuple[str, ...] | dict[str, type] = ()) -> dict[str, Any]:
     """A JSON object from a file qpissa or Hugging Face wrote, or one line naming the file and the fix.
 
@@ -194,7 +197,7 @@ def read_json(path: Path, fix: str, required: tuple[str, ...] | dict[str, type] 
     if missing:
         raise UserError(f"{path} lacks {', '.join(f'`{key}`' for key in missing)}; {fix}")
     kinds = required.items() if isinstance(required, dict) else ()
-    wrong = [f"`{key}` is not a {kind.__name__}" for key, kind in kinds if not isinstance(data[key], kind)]
+    wrong = [f"`{key}` is not {JSON_KINDS[kind]}" for key, kind in kinds if not isinstance(data[key], kind)]
     if wrong:  # told here, not as a TypeError in the reader that takes the value apart
         raise UserError(f"{path} is damaged ({', '.join(wrong)}); {fix}")
     return data
@@ -365,8 +368,7 @@ def as_recorded(fingerprint: dict, recorded: dict) -> dict:
 
 
 def _tensor_identity(fingerprint: dict) -> dict:
-    """A conversion's fingerprint without the settings that do not change its tensors; one damaged by hand
-    (its settings no object) is kept whole, so it matches no conversion."""
+    """A fingerprint without the settings that do not change its tensors; a damaged one matches none."""
     settings = fingerprint.get("settings") if isinstance(fingerprint, dict) else None
     if not isinstance(settings, dict):
         return {"damaged": fingerprint}

@@ -544,9 +544,9 @@ def test_identical_conversions_of_two_comparisons_keep_their_own_runs(
 
 
 DAMAGED_REPORTS = {
-    "layers is text": (lambda r: r.update(layers="oops"), "`layers` is not a list"),
-    "settings is a list": (lambda r: r.update(settings=[]), "`settings` is not a dict"),
-    "summary is null": (lambda r: r.update(summary=None), "`summary` is not a dict"),
+    "layers is text": (lambda r: r.update(layers="oops"), "`layers` is not an array"),
+    "settings is a list": (lambda r: r.update(settings=[]), "`settings` is not an object"),
+    "summary is null": (lambda r: r.update(summary=None), "`summary` is not an object"),
     "rank is text": (lambda r: r["settings"].update(rank="four"), '`settings.rank` is "four", not an'),
     "unknown method": (lambda r: r["settings"].update(method="foo"), '`settings.method` is "foo", not one'),
     "no layers": (lambda r: r.update(layers=[]), "`layers` is empty"),
