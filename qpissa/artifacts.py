@@ -379,9 +379,9 @@ def _trained_model(run_dir: Path) -> Path:
     model = run_model(run_dir)
     if not is_qpissa_dir(model):
         raise UserError(
-            f"{run_dir / RUN_MARKER} names model {read_run(run_dir)['model']}, which is not a QPiSSA "
-            f"directory (resolved to {model}); put the run's QPiSSA directory back there, or correct "
-            "`model` in that file"
+            f"{run_dir / RUN_MARKER} names model {read_run(run_dir)['model']}, which "
+            f"{'is not a QPiSSA directory' if model.exists() else 'does not exist'} (resolved to {model}); "
+            "put the run's QPiSSA directory back there, or correct `model` in that file"
         )
     check_trained_on(run_dir, model, "train again")
     return model

@@ -8,6 +8,7 @@ error `W_res − deq(Q)`, which this module measures, matrix by matrix, and writ
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, read_config
 from qpissa.console import lora_summary
 from qpissa.settings import ExportSettings
 from qpissa.stored import Adapter, Residual, adapter_key, read_adapter, write_lora_config
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -235,11 +238,12 @@ def write_lora(
     s = trained.scale
     out_rank = rank or inputs.exact_rank
     sums = dict.fromkeys(("distance", "nf4", "weights", "delta", "dropped"), 0.0)
-    worst = 0.0
+    worst, changed = 0.0, False
     writer = SafetensorsWriter(partial / ADAPTER_WEIGHTS)
     for module in sorted(trained.shapes):
         A1, B1 = trained.factors(module)  # A' [r, in], B' [out, r]
         A0, B0 = inputs.initial.factors(module)  # A [r, in], B [out, r]
+        changed = changed or not (torch.equal(A1, A0) and torch.equal(B1, B0))
         if inputs.zero_initial:  # BA = 0: [B', −B]·[A'; A] = B'A', and B' alone has rank r
             A2, B2 = A1, B1
         else:
@@ -270,10 +274,15 @@ def write_lora(
         partial, out_rank, s * out_rank, trained.config["target_modules"], str(base_model),
         trained.config.get("task_type"), bool(trained.config.get("fan_in_fan_out")),
     )  # fmt: skip
+    if not changed:  # a run stopped before its learning rate left 0: ΔW is rounding noise
+        log.warning(
+            "the adapter equals its initial one: training changed nothing (a learning rate still 0 at the "
+            "last step?), so this LoRA adds only rounding noise to the original model"
+        )
     norm = max(sums["weights"], 1e-30) ** 0.5
     truncation = None
-    if rank is not None:
-        relative = (sums["dropped"] / max(sums["delta"], 1e-30)) ** 0.5
+    if rank is not None:  # ≤ 1 but for rounding, which dominates where ΔW is about 0
+        relative = min(1.0, (sums["dropped"] / max(sums["delta"], 1e-30)) ** 0.5)
         truncation = {"rank": rank, "abs_fro": sums["dropped"] ** 0.5, "relative_to_delta_fro": relative}
     return {
         "base_model": str(base_model), "method": inputs.method, "zero_initial": inputs.zero_initial,

@@ -43,6 +43,8 @@ def resolve_output(output: Path, output_flag: str) -> Path:
             does not exist (an unmounted disk, say), all before anything is written.
     """
     output = output.expanduser()
+    if output.name in ("", ".."):  # `.` or `..`: no name to put OUT.partial beside, nor to rename onto
+        output = Path(os.path.abspath(output))
     if output.is_symlink():
         try:
             target = output.resolve()

@@ -186,9 +186,13 @@ def export_label(entry: MethodData, report: dict) -> str:
     """The method an export's row names: its entry's label, and where the export was not made from that
     entry's run, what it was made from (another run, or the conversion untrained)."""
     run = export_run(report)
+    exported = Path(report["source"]["run"]) if run is not None else None
+    checkpoint = f" at {exported.name}" if exported is not None and exported.name != run.name else ""
     if _made_from(entry, run):
-        return entry.label
-    return f"{entry.label}, exported from {f'run {run.name}' if run else 'the conversion untrained'}"
+        return entry.label + (f", exported{checkpoint}" if checkpoint else "")
+    return (
+        f"{entry.label}, exported from {f'run {run.name}{checkpoint}' if run else 'the conversion untrained'}"
+    )
 
 
 def _made_from(entry: MethodData, run: Path | None) -> bool:

@@ -228,6 +228,24 @@ def test_lora_rank_truncation_is_the_best_rank_k(trained_run: Path, qpissa_dir: 
     assert "Why the rank doubled" not in printed + (out / "README.md").read_text()
 
 
+def test_a_run_that_changed_nothing_is_warned_about_and_drops_no_more_than_all(
+    trained_run: Path, qpissa_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """A run stopped while its learning rate was 0 exported rounding noise, said to drop 181 % of ΔW."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    shutil.copy(
+        qpissa_dir / "adapter" / "adapter_model.safetensors", run / "adapter" / "adapter_model.safetensors"
+    )
+    out = tmp_path / "lora"
+    argv = ["--quiet", "export", str(run), str(out), "--to", "lora", "--rank", "5", "--no-verify"]
+    with caplog.at_level("WARNING", logger="qpissa"):
+        assert cli.main(argv) == 0
+    assert "training changed nothing" in caplog.text
+    truncation = json.loads((out / "export_report.json").read_text())["details"]["truncation"]
+    assert truncation["relative_to_delta_fro"] <= 1
+
+
 def test_a_merged_export_states_its_dtype_under_both_names(qpissa_dir: Path, tmp_path: Path):
     """config.json written by transformers 4 names the dtype `torch_dtype`, which tools of that time
     still read: the export's states the dtype written under that name too, not the input's."""

@@ -585,6 +585,9 @@ CASES = [
     Case("eval", "run names its model by a relative path elsewhere", lambda ws: _eval(ws, target="run"),
          "names model ../model, which is not a QPiSSA directory",
          damage=lambda ws: _name_model(ws, "../model")),
+    Case("eval", "run's QPiSSA directory moved away", lambda ws: _eval(ws, target="run"),
+         "names model .*qpissa, which does not exist",
+         damage=lambda ws: (_name_model(ws, str(ws / "qpissa")), (ws / "qpissa").rename(ws / "elsewhere"))),
     Case("eval", "run file damaged", lambda ws: _eval(ws, target="run"), "qpissa_run.json is not valid JSON",
          damage=lambda ws: _file(ws / "run" / "qpissa_run.json", '{"model": ')),
     Case("eval", "run's adapter truncated", lambda ws: _eval(ws, target="run"),
@@ -948,6 +951,24 @@ def test_library_bars_only_on_a_terminal_without_quiet(
     assert loading_bar_shown(_eval(workspace), terminal=True)  # the checks below are not vacuous
     assert not loading_bar_shown(["--quiet", *_eval(workspace)], terminal=True)
     assert not loading_bar_shown(_eval(workspace), terminal=False)
+
+
+@pytest.mark.parametrize("command", ["export", "report"])
+def test_an_out_given_as_dot_is_written_into_the_empty_current_directory(
+    command: str, workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`qpissa export RUN .` from inside an empty directory renamed its build onto `.`: a traceback."""
+    (workspace / "here").mkdir()
+    monkeypatch.chdir(workspace / "here")
+    run, conversion = str(workspace / "run"), str(workspace / "qpissa")
+    args = (
+        ["export", run, ".", "--no-verify"]
+        if command == "export"
+        else ["report", conversion, run, "--out", "."]
+    )
+    assert main(["--quiet", *args]) == 0
+    assert (workspace / "here" / ("config.json" if command == "export" else "summary.json")).is_file()
+    assert sorted(path.name for path in workspace.iterdir() if path.name.startswith("here")) == ["here"]
 
 
 def test_export_replaces_only_its_own_interrupted_build(workspace: Path) -> None:

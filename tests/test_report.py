@@ -252,6 +252,16 @@ def test_an_export_is_reported_with_the_run_it_was_made_from(inputs: dict[str, P
     assert cli.main(["--quiet", "report", str(inputs["run"]), str(exported), "--out", str(out)]) == 0
     (row,) = json.loads((out / "summary.json").read_text())["exports"]
     assert row["method"] == "qpissa, exported from run other-run", row
+    (checkpoint,) = other.glob("checkpoint-*")  # an export of a checkpoint is not the run's final adapter
+    export(checkpoint, tmp_path / "early", ExportSettings(verify=False), show_progress=False)
+    for given, label in (
+        (other, "qpissa, exported at"),
+        (inputs["run"], "qpissa, exported from run other-run at"),
+    ):
+        out = tmp_path / f"report-{len(list(tmp_path.iterdir()))}"
+        assert cli.main(["--quiet", "report", str(given), str(tmp_path / "early"), "--out", str(out)]) == 0
+        (row,) = json.loads((out / "summary.json").read_text())["exports"]
+        assert row["method"] == f"{label} {checkpoint.name}", row
 
 
 def test_the_report_names_the_base_model_and_what_each_run_trained_on(
