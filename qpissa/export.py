@@ -9,6 +9,7 @@ check to load is kept, its report saying it is unverified).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -30,6 +31,7 @@ from qpissa.artifacts import (
     REPORT_NAME,
     ModelSource,
     has_adapter,
+    read_json,
     read_report,
     resolve_source,
     run_data_settings,
@@ -202,6 +204,24 @@ def _export(
     return report
 
 
+def _replace_inline_template(tokenizer_config: Path, template: str) -> None:
+    """Put the run's template into a copied tokenizer_config.json that holds the base model's: tools that
+    read only that file (llama.cpp's converter, transformers 4.42 and older) would render with the base's."""
+    if not tokenizer_config.is_file():
+        return
+    config = read_json(tokenizer_config, "restore the tokenizer files of the QPiSSA directory")
+    inline = config.get("chat_template")
+    if isinstance(inline, list):  # named templates: the run's replaces the default one
+        inline = [
+            {**t, "template": template} if isinstance(t, dict) and t.get("name") == "default" else t
+            for t in inline
+        ]
+    elif inline is not None:
+        inline = template
+    if inline != config.get("chat_template"):
+        tokenizer_config.write_text(json.dumps({**config, "chat_template": inline}, indent=2) + "\n")
+
+
 def _check_overwritable(out_dir: Path) -> None:
     """`--overwrite` replaces an earlier export, and only what it wrote there (exports write no folder).
 
@@ -242,6 +262,7 @@ def _write(
     template = saved_chat_template(source.adapter_dir, source.run_dir)  # the run's own, if it set one
     if template is not None:
         save_chat_template(template, partial)
+        _replace_inline_template(partial / "tokenizer_config.json", template)
     write_seconds, write_peak_mb = time.perf_counter() - started, peak_rss_mb()
     report = {
         "kind": settings.to.value,

@@ -286,6 +286,31 @@ def test_lora_readme_loads_the_runs_own_chat_template(
     assert "chat_template.jinja" in readmes["own"] and "chat_template" not in readmes["base"]
 
 
+def test_a_merged_export_holds_the_runs_template_where_the_base_tokenizer_config_held_its_own(
+    trained_run: Path, qpissa_dir: Path, tmp_path: Path
+):
+    """A base template kept inside tokenizer_config.json stayed there beside the run's chat_template.jinja:
+    tools that read only that file rendered prompts as the run never trained."""
+    from transformers import AutoTokenizer
+
+    conversion, run, out = tmp_path / "qpissa", tmp_path / "run", tmp_path / "merged"
+    shutil.copytree(qpissa_dir, conversion)
+    tokenizer_config = json.loads((conversion / "tokenizer_config.json").read_text())
+    base = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    (conversion / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "chat_template": base}))
+    shutil.copytree(trained_run, run)
+    marker = json.loads((run / "qpissa_run.json").read_text())
+    (run / "qpissa_run.json").write_text(
+        json.dumps({**marker, "model": str(conversion), "model_from_run": None})
+    )
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    for directory in (run, run / "adapter"):  # as `qpissa train` saves a recipe's chat_template
+        (directory / "chat_template.jinja").write_text(template)
+    assert cli.main(["--quiet", "export", str(run), str(out), "--no-verify"]) == 0
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == template
+    assert AutoTokenizer.from_pretrained(out).chat_template == template
+
+
 def test_a_merged_export_converts_again_without_its_export_record(qpissa_dir: Path, tmp_path: Path):
     """export_report.json describes the export, not a conversion of it: a copy would make a later
     `export --overwrite` into that conversion take it for an earlier export and replace it."""
