@@ -43,13 +43,14 @@ from qpissa.loading import check_context, load_tokenizer
 from qpissa.memory import available_memory_bytes
 from qpissa.methods import CalibratedFit, DecomposeSettings
 from qpissa.nf4 import as_storage
-from qpissa.options import check_api_argument
+from qpissa.options import api_path, check_api_argument
 from qpissa.output_lock import lock_output
 from qpissa.outputs import check_apart, resolve_output
 from qpissa.runtime import (
     calibration_dtype,
     compute_dtype,
     dtype_name,
+    float32_default,
     resolve_device,
     sketch_dtype,
     statistics_dtype,
@@ -86,11 +87,11 @@ def convert(
         UserError: bad input or settings, an existing output, a resume with different settings, another
             process writing OUT.
     """
-    check_api_argument(settings, ConvertSettings, "settings", "e.g. ConvertSettings(rank=64)")
-    model_dir, out_dir = Path(model_dir), resolve_output(Path(out_dir), "OUT")  # text paths too
+    settings = check_api_argument(settings, ConvertSettings, "settings", "e.g. ConvertSettings(rank=64)")
+    model_dir, out_dir = api_path(model_dir, "model_dir"), resolve_output(api_path(out_dir, "out_dir"), "OUT")
     for output in (out_dir, partial_dir(out_dir)):
         check_apart(output, "OUT", {"MODEL": model_dir, "--calib": settings.calib})
-    with lock_output(out_dir, "OUT"):  # held until OUT is complete: one writer per output
+    with lock_output(out_dir, "OUT"), float32_default():  # the lock held until OUT is complete
         return _convert(model_dir, out_dir, settings, resume, overwrite, show_progress)
 
 

@@ -49,7 +49,7 @@ from qpissa.export_lora import LoraInputs, check_lora_inputs, check_trained, wri
 from qpissa.export_verify import verify_export
 from qpissa.loading import refuse_cpu_misdecoded
 from qpissa.memory import error_reason, out_of_memory, peak_rss_mb
-from qpissa.options import check_api_argument, to_dict
+from qpissa.options import api_path, check_api_argument, to_dict
 from qpissa.output_lock import lock_output
 from qpissa.outputs import (
     check_apart,
@@ -96,8 +96,8 @@ def export(
             checkpoint being read (nothing is left written then either).
     """
     started = time.perf_counter()
-    check_api_argument(settings, ExportSettings, "settings", "e.g. ExportSettings()")
-    run, out_dir = Path(run), resolve_output(Path(out_dir), "OUT")  # the Python API takes text too
+    settings = check_api_argument(settings, ExportSettings, "settings", "e.g. ExportSettings()")
+    run, out_dir = api_path(run, "run"), resolve_output(api_path(out_dir, "out_dir"), "OUT")
     source = resolve_source(run)
     try:
         return _export(run, source, out_dir, settings, overwrite, show_progress, started)

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import datetime
 import math
+import os
 import re
 import types
 import typing
@@ -286,15 +287,35 @@ def got(value: Any) -> str:
     return f"got {value!r}"
 
 
-def check_api_argument(value: Any, cls: type, argument: str, fix: str) -> None:
-    """A Python API function's settings argument is a `cls`: a path or a dict there would fail deep inside
-    with an AttributeError.
+def check_api_argument(value: Any, cls: type[T], argument: str, fix: str) -> T:
+    """A Python API function's settings argument, checked again: a path or a dict there would fail deep
+    inside with an AttributeError, and a field set after creation (`settings.rank = 0`) skipped the checks.
+
+    Returns:
+        a copy of `value` built again (nested settings too), so its `__post_init__` checks run on it.
 
     Raises:
-        UserError: naming the argument, what it got and `fix`.
+        UserError: naming the argument, what it got and `fix`; or what the checks find.
     """
     if not isinstance(value, cls):
         raise UserError(f"{argument}: expected {cls.__name__}, got {type(value).__name__}; {fix}")
+    return _rebuilt(value)
+
+
+def api_path(value: Any, argument: str) -> Path:
+    """A Python API function's path argument, text or a Path; None or a number failed inside pathlib."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise UserError(f"{argument}: expected a path (text or a Path), got {type(value).__name__}")
+    return Path(value)
+
+
+def _rebuilt(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_rebuilt(item) for item in value]
+    if not dataclasses.is_dataclass(value) or isinstance(value, type):
+        return value
+    fields = (field for field in dataclasses.fields(value) if field.init)
+    return type(value)(**{field.name: _rebuilt(getattr(value, field.name)) for field in fields})
 
 
 def _base_type(hint: Any) -> Any:

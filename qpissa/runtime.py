@@ -8,6 +8,8 @@ timings, so outputs stay fixed on a given machine.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -124,3 +126,15 @@ def _multiplies_bf16_natively(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported(including_emulation=False)
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch's own CPU feature checks
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+@contextmanager
+def float32_default() -> Iterator[None]:
+    """torch's default dtype float32 while the body runs: a caller's float64 (`torch.set_default_dtype`, in
+    a notebook) made tensors that bitsandbytes and qpissa create without a dtype float64 in the output."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

@@ -103,7 +103,9 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
         UserError: any input problem, detected before anything is written; another process writing
             output_dir.
     """
-    check_api_argument(config, TrainConfig, "config", "read a recipe with load_config(path, overrides)")
+    config = check_api_argument(
+        config, TrainConfig, "config", "read a recipe with load_config(path, overrides)"
+    )
     checked_options(config.trainer)  # a mistyped key first: it may be why the rest looks wrong
     config.output_dir = resolve_output(config.output_dir, "output_dir")  # a link is written through
     runtime = resolve_runtime(config.device, config.bf16, config.optim)

@@ -130,6 +130,71 @@ def test_arguments_of_the_wrong_kind_are_user_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_settings_changed_after_creation_are_checked_again(tiny_chat_model: Path, tmp_path: Path) -> None:
+    """`settings.rank = 0` in a notebook skipped every check: ZeroDivisionError, AttributeError, or
+    `iters = 0` silently run as 5; a TrainConfig's batch size 0 left a half-made run behind."""
+    import pytest
+
+    from qpissa import ConvertSettings, UserError, convert, load_config, train
+
+    changes = [
+        ("rank", 0, "--rank must be at least 1"),
+        ("iters", 0, "--iters"),
+        ("method", "nope", "method"),
+        ("blocksize", 48, "--blocksize"),
+        ("targets", ["q_proj"], "targets"),
+    ]
+    for name, value, message in changes:
+        settings = ConvertSettings(rank=4, iters=1)
+        setattr(settings, name, value)
+        with pytest.raises(UserError, match=re.escape(message)):
+            convert(tiny_chat_model, tmp_path / "out", settings, show_progress=False)
+    settings = ConvertSettings(rank=4, iters=1)
+    settings.method = "qlora"  # text, as the constructor takes it
+    assert (
+        convert(tiny_chat_model, tmp_path / "out", settings, show_progress=False)["settings"]["method"]
+        == "qlora"
+    )
+    with pytest.raises(
+        UserError, match=re.escape("model_dir: expected a path (text or a Path), got NoneType")
+    ):
+        convert(None, tmp_path / "other", ConvertSettings())
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {tmp_path / 'out'}\noutput_dir: {tmp_path / 'run'}\ndata:\n  path: x.jsonl\n")
+    config = load_config(recipe, [])
+    config.per_device_train_batch_size = 0
+    with pytest.raises(UserError, match="`per_device_train_batch_size` must be at least 1"):
+        train(config, show_progress=False)
+    config = load_config(recipe, [])
+    config.data.max_seq_len = 0
+    with pytest.raises(UserError, match="max_seq_len"):
+        train(config, show_progress=False)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "other").exists()
+
+
+def test_a_callers_default_dtype_changes_no_byte_of_a_conversion(
+    tiny_chat_model: Path, tmp_path: Path
+) -> None:
+    """With `torch.set_default_dtype(torch.float64)` in a notebook, every NF4 quant_map was stored float64."""
+    import torch
+
+    from qpissa import ConvertSettings, convert
+
+    settings = ConvertSettings(rank=4, iters=1)
+    convert(tiny_chat_model, tmp_path / "reference", settings, show_progress=False)
+    torch.set_default_dtype(torch.float64)
+    try:
+        convert(tiny_chat_model, tmp_path / "float64", settings, show_progress=False)
+        assert torch.get_default_dtype() == torch.float64  # the caller's, given back
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for path in (tmp_path / "reference").rglob("*.safetensors"):
+        assert (
+            path.read_bytes()
+            == (tmp_path / "float64" / path.relative_to(tmp_path / "reference")).read_bytes()
+        )
+
+
 def test_the_api_is_spared_the_library_notes_the_cli_hides() -> None:
     """bitsandbytes' note that its bf16 CPU kernel could not be fetched reached every API user."""
     note = "Failed to load CPU gemm_4bit_forward from kernels-community"
