@@ -32,6 +32,7 @@ from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, copy_tensors,
 from qpissa.convert_settings import ConvertSettings
 from qpissa.options import from_dict
 from qpissa.outputs import check_only_own, check_replaceable, files_in, replace_dir
+from qpissa.safetensors_file import read_header
 from qpissa.stored import ADAPTER_KEY, adapter_key, write_lora_config
 from qpissa.targets import module_type
 
@@ -110,6 +111,11 @@ def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite:
                 "or use --overwrite to start over"
             )
         check_overwritable(out_dir)  # finished, the resumed conversion replaces OUT as --overwrite does
+        for entry in progress["shards"]:  # checked now, not once every other shard is written
+            shard = partial / str(entry.get("file") if isinstance(entry, dict) else entry)
+            if not shard.is_file():
+                raise UserError(f"{shard}, written before the interruption, is missing; {fix}")
+            read_header(shard, fix)
         return progress
     if resume and (out_dir / REPORT_NAME).is_file():
         recorded = read_report(out_dir)["fingerprint"]

@@ -1232,6 +1232,24 @@ def test_convert_interrupted_mid_write_resumes_to_the_same_bytes(
     assert _no_stray(tmp_path) == []
 
 
+@pytest.mark.parametrize("damage", ["removed", "truncated"])
+def test_a_damaged_shard_of_an_interrupted_conversion_is_named_before_resume_works(
+    damage: str, tiny_chat_model: Path, tmp_path: Path, capsys
+) -> None:
+    """It was found only once every other shard was written, as a missing path or a file to download again."""
+    args, out = _convert_args(tiny_chat_model), tmp_path / "out"
+    process = _start(_CONVERT_INTERRUPTED, "SIGKILL", ["convert", args[0], str(out), *args[1:]])
+    process.communicate(timeout=600)
+    (tmp_path / "out.lock").unlink()  # the killed writer's, which the refused resume would take over
+    progress = json.loads((tmp_path / "out.partial" / "progress.json").read_text())
+    shard = tmp_path / "out.partial" / progress["shards"][0]["file"]
+    shard.unlink() if damage == "removed" else shard.write_bytes(shard.read_bytes()[:1000])
+    error = _refused(capsys, tmp_path, ["convert", args[0], str(out), *args[1:], "--resume"], str(shard))
+    assert ("is missing" if damage == "removed" else "is truncated or corrupt") in error
+    assert error.endswith("it records an interrupted conversion: use --overwrite to start over")
+    assert main(["--quiet", "convert", args[0], str(out), *args[1:], "--overwrite"]) == 0
+
+
 def test_a_second_convert_on_the_same_out_is_refused_while_the_first_finishes(
     tiny_chat_model: Path, reference_conversion: Path, tmp_path: Path, capsys
 ) -> None:
