@@ -10,6 +10,7 @@ conversion fit that data alone.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 from dataclasses import dataclass
@@ -22,9 +23,10 @@ import torch
 from qpissa import UserError
 from qpissa.artifacts import content_suffix, read_text
 from qpissa.convert_settings import ConvertSettings
-from qpissa.data_formats import check_tokenizer, render
+from qpissa.data_formats import CHAT_FORMATS, check_tokenizer, render
 from qpissa.data_sources import load_source
 from qpissa.recipe import DataSource
+from qpissa.settings import DataFormat
 
 TEXT_SUFFIXES = (".txt", ".md")  # read whole as plain text (also .gz, .bz2 or .xz compressed)
 GENERAL_TEXT = "calibration.txt"  # in qpissa/texts: general English prose written for the project
@@ -155,6 +157,10 @@ def _read_texts(path: Path, tokenizer: Any) -> tuple[list[str], str]:
         return [text], "text file"
     # convert has no format or split flag: a folder's train split is read
     records, data_format = load_source(DataSource(path), format_setting=None, split_setting=None)
+    if data_format in CHAT_FORMATS and not tokenizer.chat_template:  # records may fit both (the demo task)
+        plain = DataSource(path, format=DataFormat.PROMPT_COMPLETION)
+        with contextlib.suppress(UserError):  # else the chat format's refusal below says what to do
+            records, data_format = load_source(plain, format_setting=None, split_setting=None)
     check_tokenizer(tokenizer, data_format)
     texts = [
         "".join(text for text, _ in render(record, data_format, tokenizer).segments) for record in records
