@@ -42,8 +42,11 @@ bitsandbytes or datasets at module level.
     hub*               Hub names told from local paths; a Hub model id resolved to its local snapshot
     chat_template*     a run's own chat template: from a file or inline, saved with the run and adapter
     chat_tools*        tool use in chat data: schemas, calls, ShareGPT's form; checks that templates show them
+    chat_turns*        a chat record's turns: messages, ShareGPT's, TRL's; text content parts, per-turn weight
+    chat_render*       a conversation rendered one assistant turn at a time into exactly masked segments
     data_formats*      record formats, their detection, rendering records into (text, trained) segments
-    data_sources*      training and held-out records from files, folders, save_to_disk dirs, the Hub; mixtures
+    data_read*         a file, folder, save_to_disk dir or Hub dataset read, every split; errors in one line
+    data_sources*      training and held-out records: one split checked, its format picked, samples drawn
     data_files*        local data files checked before datasets reads them; JSON records as written
     data               tokenization with datasets.map and exact loss masks, mixing, the collators (packing)
     trainer_options    every TrainingArguments option in a recipe, checked, and the Trainer's arguments

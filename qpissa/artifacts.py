@@ -48,9 +48,9 @@ MODEL_FROM_RUN = "model_from_run"  # the run marker's path to its model, relativ
 RUN_MARKERS = (RUN_MARKER, f"{RUN_MARKER}.tmp")  # the second: a marker whose write was cut short
 DATA_FINGERPRINT = "data_fingerprint"  # the run marker's hash of the tokenized training samples
 # how records become token ids (data.py), recorded with a run and in datasets' cache key: bump it with them.
-# 2: each segment tokenized after the previous one (SentencePiece's "▁"), EOS at a conversation's end only
+# 2: segments tokenized in sequence, EOS at a conversation's end only; 3: a text's own end-of-turn once
 TOKENIZATION = "tokenization"
-TOKENIZATION_VERSION = 2
+TOKENIZATION_VERSION = 3
 LOG_NAME = "trainer_log.jsonl"
 EVAL_LOG_NAME = "eval_log.jsonl"
 EVAL_RESULTS_NAME = "eval_results.json"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from qpissa import UserError
-from qpissa.chat_template import render_chat
+from qpissa.chat_template import prompt_ids, render_chat
 from qpissa.loading import checked_source, load_model, load_tokenizer, model_context
 from qpissa.runtime import auto_device, inference_dtype
 from qpissa.settings import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ChatSettings, is_utf8
@@ -111,14 +111,17 @@ def generate_reply(
         write: receives the answer piece by piece as it is generated (None: silent).
     """
     tokenizer = chat_model.tokenizer
-    text = render_chat(tokenizer, messages, add_generation_prompt=True)
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(chat_model.device)
+    ids = _prompt_ids(chat_model, messages)
+    inputs = {
+        "input_ids": torch.tensor([ids], device=chat_model.device),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=chat_model.device),
+    }
     pad = (
         tokenizer.pad_token_id
         if tokenizer.pad_token_id is not None
         else next(iter(chat_model.stop_ids), None)
     )
-    prompt_length, context = inputs["input_ids"].shape[1], chat_model.context
+    prompt_length, context = len(ids), chat_model.context
     if context is not None and prompt_length >= context:
         raise UserError(f"the prompt is {_too_long(prompt_length, context)}; shorten it")
     # models with a table of learned positions (GPT-2, OPT) fail past its end: the answer stops there
@@ -136,7 +139,7 @@ def generate_reply(
     streamer = _streamer(tokenizer, write) if write is not None else None
     with torch.no_grad():
         output = chat_model.model.generate(**inputs, generation_config=config, streamer=streamer)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True)
 
 
 def answer(path: Path, settings: ChatSettings, write: Writer | None) -> str:
@@ -220,8 +223,14 @@ def _fit_context(chat_model: ChatModel, messages: list[dict], settings: ChatSett
 
 def _prompt_length(chat_model: ChatModel, messages: list[dict]) -> int:
     """The tokens of `messages` in the chat template, up to where the answer starts."""
+    return len(_prompt_ids(chat_model, messages))
+
+
+def _prompt_ids(chat_model: ChatModel, messages: list[dict]) -> list[int]:
+    """`messages` in the chat template, up to where the answer starts, tokenized as training tokenizes a
+    sample: with the BOS a Llama-style tokenizer adds, where the template does not write it."""
     text = render_chat(chat_model.tokenizer, messages, add_generation_prompt=True)
-    return len(chat_model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return prompt_ids(text, chat_model.tokenizer)
 
 
 def _too_long(length: int, context: int) -> str:

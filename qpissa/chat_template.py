@@ -1,13 +1,15 @@
 """A run's own chat template: read from a file or given inline, saved with the run and its adapters so
-that `chat`, `eval` and `export` render prompts exactly as training did."""
+that `chat`, `eval` and `export` render prompts exactly as training did; conversations rendered with a
+template, its own failures told from qpissa's, and rendered prompts tokenized as training tokenizes them."""
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 from typing import Any
 
 from qpissa import UserError
-from qpissa.artifacts import read_text
+from qpissa.artifacts import ModelSource, read_text
 
 TEMPLATE_NAME = "chat_template.jinja"  # transformers' own file name for a tokenizer's chat template
 _JINJA_MARKS = ("{%", "{{")
@@ -47,10 +49,29 @@ def save_chat_template(template: str, *directories: Path) -> None:
 
 def saved_chat_template(*directories: Path | None) -> str | None:
     """The first chat template saved in these directories (a run's adapter, the run), if any."""
-    for directory in directories:
-        if directory is not None and (directory / TEMPLATE_NAME).is_file():
-            return read_text(directory / TEMPLATE_NAME, "chat template", "remove or fix the file")
-    return None
+    saved = _saved_template_file(*directories)
+    return None if saved is None else read_text(saved, "chat template", "remove or fix the file")
+
+
+def template_origin(source: ModelSource, recipe: bool = False) -> str:
+    """Whose chat template a tokenizer loaded from `source` renders with (`recipe`: the recipe's, set on
+    it), for the messages that ask to fix the template."""
+    if recipe:
+        return "the recipe's chat_template"
+    saved = _saved_template_file(source.adapter_dir, source.run_dir)  # as `loading.load_tokenizer` finds it
+    if saved is not None:
+        return f"the run's chat_template ({saved})"
+    return f"the chat template of the tokenizer in {source.base_dir}"
+
+
+class TemplateFailure(Exception):
+    """The chat template's own code failed, not qpissa's: its error on one line (`reason`), and whether
+    the template does not even compile (`syntax`), which no conversation causes."""
+
+    def __init__(self, reason: str, syntax: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.syntax = syntax
 
 
 def render_chat(
@@ -59,8 +80,25 @@ def render_chat(
     """`messages` rendered as text by the tokenizer's chat template (with the function schemas `tools`).
 
     Raises:
-        UserError: the template fails on them (a syntax error, an undefined variable, its own
-            `raise_exception`), naming the error.
+        UserError: the template fails on them (`apply_template`), naming its error.
+    """
+    try:
+        return apply_template(tokenizer, messages, add_generation_prompt, tools)
+    except TemplateFailure as failure:
+        raise UserError(
+            f"the chat template fails on a conversation of {len(messages)} message(s) ({failure.reason}); "
+            f"fix the template (the run's chat_template, or {TEMPLATE_NAME} in the model directory)"
+        ) from None
+
+
+def apply_template(
+    tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None
+) -> str:
+    """`render_chat` for callers that say themselves what failed, and where.
+
+    Raises:
+        TemplateFailure: the template's own code failed: a syntax error, an undefined variable, its
+            `raise_exception`, or a plain Python error in it (`{{ content + 1 }}`); any other error is a bug.
     """
     import jinja2
 
@@ -68,9 +106,29 @@ def render_chat(
         return tokenizer.apply_chat_template(
             messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
         )
-    except jinja2.TemplateError as error:
+    except Exception as error:
+        if not isinstance(error, jinja2.TemplateError) and not _raised_in_template(error):
+            raise
         reason = " ".join(f"{type(error).__name__}: {error}".split())
-        raise UserError(
-            f"the chat template fails on a conversation of {len(messages)} message(s) ({reason}); fix the "
-            f"template (the run's chat_template, or {TEMPLATE_NAME} in the model directory)"
-        ) from None
+        raise TemplateFailure(reason, isinstance(error, jinja2.TemplateSyntaxError)) from None
+
+
+def prompt_ids(text: str, tokenizer: Any) -> list[int]:
+    """The start of a sample (or a prompt) tokenized as training tokenizes it: with the tokenizer's special
+    tokens (the BOS a Llama-style post-processor adds), unless the text writes the BOS itself (a template's
+    `{{ bos_token }}`), which would then stand twice."""
+    written = bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
+    return tokenizer(text, add_special_tokens=not written)["input_ids"]
+
+
+def _raised_in_template(error: BaseException) -> bool:
+    """The error was raised while the template's code ran: jinja names the frames of that code
+    `<template>`, so a TypeError of `{{ content + 1 }}` is the template's, one of the library's is not."""
+    frames = traceback.walk_tb(error.__traceback__)
+    return any(frame.f_code.co_filename == "<template>" for frame, _ in frames)
+
+
+def _saved_template_file(*directories: Path | None) -> Path | None:
+    return next(
+        (d / TEMPLATE_NAME for d in directories if d is not None and (d / TEMPLATE_NAME).is_file()), None
+    )

@@ -77,24 +77,26 @@ def sharegpt_call(value: str, name: str, where: str) -> dict[str, Any]:
     }
 
 
-def check_calls_rendered(message: dict[str, Any], response: str) -> None:
+def check_calls_rendered(message: dict[str, Any], response: str, where: str, origin: str) -> None:
     """The template rendered the assistant turn's tool calls: trained without them, the model would learn
-    to end its turn in their place."""
+    to end its turn in their place (`where`: the record, `origin`: whose template, for the message)."""
     missing = [name for name in map(function_name, message.get("tool_calls", [])) if name not in response]
     if missing:
         raise UserError(
-            f"the chat template renders no tool calls (a record's call to {missing[0]!r} is missing from the "
-            f"rendered turn {response[:60]!r}); use a chat template that renders them "
+            f"{where}: {origin} renders no tool calls (the record's call to {missing[0]!r} is missing from "
+            f"the rendered turn {response[:60]!r}); use a chat template that renders them "
             f"({WHERE_TEMPLATES_COME_FROM}), or leave the tool calls out of the data"
         )
 
 
-def check_tools_rendered(tools: list[dict[str, Any]], with_tools: str, without_tools: str) -> None:
+def check_tools_rendered(
+    tools: list[dict[str, Any]], with_tools: str, without_tools: str, where: str, origin: str
+) -> None:
     """The template showed the record's `tools`: else the model would learn to call functions it is never
     shown."""
     if with_tools == without_tools:
         raise UserError(
-            f"the chat template ignores a record's `tools` ({function_name(tools[0])!r}...), so the model "
+            f"{where}: {origin} ignores the record's `tools` ({function_name(tools[0])!r}...), so the model "
             "would learn to call functions it is never shown; use a chat template that renders "
             f"tools ({WHERE_TEMPLATES_COME_FROM}), or leave `tools` out of the data"
         )

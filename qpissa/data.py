@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -19,8 +20,9 @@ from transformers import DataCollatorWithFlattening
 
 from qpissa import UserError
 from qpissa.artifacts import TOKENIZATION_VERSION, ModelSource
+from qpissa.chat_template import prompt_ids, template_origin
 from qpissa.data_formats import Sample, check_tokenizer, render
-from qpissa.data_sources import load_source
+from qpissa.data_sources import RECORD_COLUMN, load_source
 from qpissa.loading import load_tokenizer, model_context
 from qpissa.recipe import DataConfig, TrainConfig
 from qpissa.settings import DataFormat
@@ -50,31 +52,42 @@ def training_data(
     if template is not None:
         tokenizer.chat_template = template
     context = model_context(source.base_dir)  # how far max_seq_len could be raised, for the advice
-    return tokenizer, context, load_train(config.data, tokenizer, config.seed, context)
+    origin = template_origin(source, recipe=template is not None)
+    return tokenizer, context, load_train(config.data, tokenizer, config.seed, context, origin)
 
 
-def load_train(config: DataConfig, tokenizer: Any, seed: int, context: int | None = None) -> TokenizedData:
+def load_train(
+    config: DataConfig,
+    tokenizer: Any,
+    seed: int,
+    context: int | None = None,
+    origin: str = "the chat template",
+) -> TokenizedData:
     """Read, check, render and tokenize every training source with `datasets.map`, then mix them.
 
     Several sources are concatenated and shuffled with `seed` (each drew its `samples` with it too).
-    `context` is the model's (None: not known), which caps how far `max_seq_len` can be raised.
+    `context` is the model's (None: not known), which caps how far `max_seq_len` can be raised; `origin`
+    says whose chat template the tokenizer has, for messages.
 
     Raises:
         UserError: unreadable data, bad records, a chat format without a chat template, or nothing left.
     """
     parts = []
     for index, source in enumerate(config.train_sources()):
-        split_setting = "data.split" if config.sources is None else f"data.sources.{index}.split"
-        dataset, data_format = load_source(source, seed, split_setting=split_setting)
+        setting = "data." if config.sources is None else f"data.sources.{index}."
+        dataset, data_format = load_source(source, seed, f"{setting}format", f"{setting}split")
         check_tokenizer(tokenizer, data_format)
         parts.append(
             dataset.map(
                 _encode_record,
+                with_indices=True,
                 fn_kwargs={
                     "data_format": data_format,
                     "tokenizer": tokenizer,
                     "response_only": config.response_only,
                     "max_seq_len": config.max_seq_len,
+                    "path": str(source.path),
+                    "origin": origin,
                     "version": TOKENIZATION_VERSION,
                 },
                 remove_columns=dataset.column_names,
@@ -106,16 +119,22 @@ def tokenize_split(
     tokenizer: Any,
     length_setting: str = "`data.max_seq_len`",
     context: int | None = None,
+    path: Path | None = None,
+    origin: str = "the chat template",
 ) -> tuple[list[Sample], TokenizedData]:
     """Render and tokenize held-out records (`data_sources.load_heldout`), keeping the rendered samples for
     exact-match scoring: those of the rows, in their order (a sample dropped from the loss is not scored).
 
-    `context` is the model's (None: not known), which caps how far `max_seq_len` can be raised.
+    `context` is the model's (None: not known), which caps how far `max_seq_len` can be raised; `path`
+    the records' (their first ones, in order) and `origin` whose chat template renders them, for messages.
     """
     check_tokenizer(tokenizer, data_format)
     # scored on response tokens whatever `response_only` trains on: held-out losses of runs and of
     # `qpissa eval` (which has no such setting) measure the same tokens
-    samples = [render(record, data_format, tokenizer) for record in dataset]
+    samples = [
+        render(record, data_format, tokenizer, where=f"{path or 'data'} record {index}", origin=origin)
+        for index, record in enumerate(dataset)
+    ]
     tokenized = tokenize(samples, tokenizer, config.max_seq_len, length_setting, context)
     return [samples[index] for index in tokenized.kept], tokenized
 
@@ -189,16 +208,22 @@ def pad_token_id(tokenizer: Any) -> int:
 
 def _encode_record(
     record: dict[str, Any],
+    index: int,
     data_format: DataFormat,
     tokenizer: Any,
     response_only: bool,
     max_seq_len: int,
+    path: str,
+    origin: str,
     version: int = TOKENIZATION_VERSION,
 ) -> dict[str, Any]:
-    """One record to input_ids and labels (`datasets.map`'s function). `version` is unused but part of
+    """One record to input_ids and labels (`datasets.map`'s function); `index` is its place among the
+    records mapped, its number in `path` unless `samples` drew it. `version` is unused but part of
     datasets' cache key, which names this function without its code: samples an earlier encoding cached
     would be read back."""
-    return _encode(render(record, data_format, tokenizer, response_only).segments, tokenizer, max_seq_len)
+    where = f"{path} record {record.get(RECORD_COLUMN, index)}"
+    sample = render(record, data_format, tokenizer, response_only, where, origin)
+    return _encode(sample.segments, tokenizer, max_seq_len)
 
 
 def _encode(segments: list[tuple[str, bool]], tokenizer: Any, max_seq_len: int) -> dict[str, Any]:
@@ -218,9 +243,10 @@ def _segment_ids(text: str, previous: str, tokenizer: Any, first: bool) -> list[
     SentencePiece (Metaspace) tokenizer would start every segment with a space token ("▁") that the whole
     text does not have. Where a token spans the boundary, the segment's own tokens (as at generation,
     where the prompt is tokenized alone). Only the very first segment gets the tokenizer's specials (BOS)."""
+    if first:
+        return prompt_ids(text, tokenizer)  # with the tokenizer's specials (BOS), as generation's prompt
     if not previous:
-        specials = first and not _starts_with_bos(text, tokenizer)
-        return tokenizer(text, add_special_tokens=specials)["input_ids"]
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
     context = tokenizer(previous, add_special_tokens=False)["input_ids"]
     joined = tokenizer(previous + text, add_special_tokens=False)["input_ids"]
     if joined[: len(context)] == context:
@@ -265,7 +291,3 @@ def _raising(length_setting: str, max_seq_len: int, context: int | None) -> str 
     if context is not None and max_seq_len >= context:
         return None
     return f"raise {length_setting}" + (f" (up to {context}, the model's context)" if context else "")
-
-
-def _starts_with_bos(text: str, tokenizer: Any) -> bool:
-    return bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)

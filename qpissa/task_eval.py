@@ -25,12 +25,13 @@ from qpissa.artifacts import (
     read_json,
     run_data_settings,
 )
+from qpissa.chat_template import prompt_ids, template_origin
 from qpissa.data import IGNORE_INDEX, TokenizedData, collate, pad_token_id, tokenize_split
 from qpissa.data_formats import Sample
 from qpissa.data_sources import load_heldout
 from qpissa.demo_task import final_answer
 from qpissa.loading import check_context, checked_source, load_model, load_tokenizer, model_context
-from qpissa.options import check_api_argument
+from qpissa.options import api_path, check_api_argument
 from qpissa.recipe import DataConfig
 from qpissa.runtime import resolve_runtime
 from qpissa.settings import DataFormat, EvalSettings, Metric
@@ -54,8 +55,8 @@ def evaluate(
         UserError: bad path, unknown format, unreadable data, a QPiSSA directory without its adapter
             (unless `settings.adapter` is False).
     """
-    check_api_argument(settings, EvalSettings, "settings", "e.g. EvalSettings(max_samples=64)")
-    model_or_run, data_path = Path(model_or_run), Path(data_path)  # the Python API takes text paths too
+    settings = check_api_argument(settings, EvalSettings, "settings", "e.g. EvalSettings(max_samples=64)")
+    model_or_run, data_path = api_path(model_or_run, "model_or_run"), api_path(data_path, "data_path")
     source = checked_source(model_or_run, adapter=settings.adapter)
     run_data = _run_data(source, model_or_run)
     recorded = run_data.settings["format"] if run_data else None
@@ -83,7 +84,9 @@ def evaluate(
     tokenizer = load_tokenizer(source)
     if settings.max_samples:  # before tokenizing: dropped, cut and their warnings count what is scored
         records = records.select(range(min(settings.max_samples, len(records))))
-    samples, tokenized = tokenize_split(records, data_format, data, tokenizer, "--max-seq-len", context)
+    samples, tokenized = tokenize_split(
+        records, data_format, data, tokenizer, "--max-seq-len", context, data_path, template_origin(source)
+    )
     scored = answerable(samples, data_format, data_path)
     if settings.metric is Metric.ACCURACY and not scored:
         raise UserError(
@@ -161,7 +164,9 @@ def heldout_for_training(
             "eval_path %s (split %s) is training data: its loss measures fit, not held-out loss; "
             "evaluate on data the run does not train on", data.eval_path, split,
         )  # fmt: skip
-    samples, tokenized = tokenize_split(records, data_format, data, tokenizer, context=context)
+    samples, tokenized = tokenize_split(
+        records, data_format, data, tokenizer, context=context, path=data.eval_path
+    )
     if not data.eval_generate_samples:
         return [], tokenized
     if data_format is DataFormat.TEXT and data.eval_generate_samples != DataConfig.eval_generate_samples:
@@ -244,7 +249,7 @@ def exact_match(
     correct = shortened = 0
     for start in _batches(len(samples), batch_size, "exact match", show_progress):
         chunk = samples[start : start + batch_size]
-        prompts = [_prompt_ids(sample, tokenizer) for sample in chunk]
+        prompts = [prompt_ids(sample.prompt, tokenizer) for sample in chunk]
         longest = max(len(ids) for ids in prompts)
         # left padding so every prompt ends where generation starts
         ids = torch.tensor([[pad_id] * (longest - len(p)) + p for p in prompts], device=device)
@@ -280,11 +285,6 @@ def _batches(total: int, batch_size: int, description: str, show_progress: bool)
         for start in range(0, total, batch_size):
             yield start
             bar.update(min(batch_size, total - start))
-
-
-def _prompt_ids(sample: Sample, tokenizer: Any) -> list[int]:
-    add_special = not (tokenizer.bos_token and sample.prompt.startswith(tokenizer.bos_token))
-    return tokenizer(sample.prompt, add_special_tokens=add_special)["input_ids"]
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,16 @@ from qpissa.artifacts import RUN_MARKER
 from qpissa.chat import (
     ChatSettings,
     _fit_context,
+    _prompt_length,
     answer,
     generate_reply,
     load_chat_model,
     run_chat,
     stop_token_ids,
 )
+from qpissa.data import tokenize
+from qpissa.data_formats import render
+from qpissa.settings import DataFormat
 
 GREEDY = ["--greedy", "--max-new-tokens", "12"]
 SAMPLED = [
@@ -89,7 +93,7 @@ def _reference_answer(qpissa_dir: Path, adapter: Path | None, prompt: str) -> st
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
     )
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+    ids = tokenizer(text, return_tensors="pt")["input_ids"].to(device)  # with the BOS training adds
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=2)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
@@ -317,7 +321,7 @@ def test_a_model_whose_generation_config_sets_max_length_chats_quietly_within_it
         chat_model = load_chat_model(source)
         chat_model.stop_ids = []  # no stop token: the answer runs to the end of the context
         torch.manual_seed(3)
-        messages = [{"role": "user", "content": "x" * 200}]  # 219 tokens in the template: 37 left
+        messages = [{"role": "user", "content": "x" * 200}]  # 220 tokens in the template: 36 left
         replies.append(generate_reply(chat_model, messages, ChatSettings(temperature=1.0), write=None))
     assert replies[0] and replies[1] == replies[0]
 
@@ -360,20 +364,42 @@ def test_a_message_too_long_for_the_context_is_refused_and_the_chat_goes_on(
     assert [m["content"] for m in messages if m["role"] == "user"] == ["hi", "more"]
     refusals = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
     assert refusals == [
-        "that message is 319 tokens in the chat template, longer than the model's whole context of 256: "
+        "that message is 320 tokens in the chat template, longer than the model's whole context of 256: "
         "it was not sent; type a shorter one"
     ]
 
 
-@pytest.mark.parametrize(("length", "relation"), [(237, "as long as"), (238, "longer than")])
+@pytest.mark.parametrize(("length", "relation"), [(236, "as long as"), (237, "longer than")])
 def test_a_prompt_too_long_for_the_context_ends_a_one_shot_answer(
     qpissa_dir: Path, length: int, relation: str, capsys: pytest.CaptureFixture
 ) -> None:
-    """--prompt has nothing to go on to: a prompt that fills the context (19 tokens of template around
-    it, 256 positions) is one error line that says how it compares with the context."""
+    """--prompt has nothing to go on to: a prompt that fills the context (19 tokens of template and the BOS
+    around it, 256 positions) is one error line that says how it compares with the context."""
     assert cli.main(["--quiet", "chat", str(qpissa_dir), "--prompt", "x" * length, *GREEDY]) == 2
     error = capsys.readouterr().err.strip()
     assert error == (
-        f"qpissa: error: the prompt is {length + 19} tokens in the chat template, {relation} the model's "
+        f"qpissa: error: the prompt is {length + 20} tokens in the chat template, {relation} the model's "
         "whole context of 256; shorten it"
     )
+
+
+def test_chat_prompts_get_the_bos_training_gives_them(qpissa_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """The tests' tokenizer adds a BOS itself (Llama-style) and its template writes none: training and
+    eval start every sample with it, so chat's prompt must too, token for token up to the answer."""
+    chat_model = load_chat_model(qpissa_dir)
+    tokenizer = chat_model.tokenizer
+    generated: list[list[int]] = []
+
+    def generate(input_ids: torch.Tensor, **options) -> torch.Tensor:
+        generated.append(input_ids[0].tolist())
+        return input_ids
+
+    monkeypatch.setattr(chat_model.model, "generate", generate)
+    question = [{"role": "user", "content": "2+2?"}]
+    generate_reply(chat_model, question, ChatSettings(greedy=True), write=None)
+    record = {"messages": [*question, {"role": "assistant", "content": "4"}]}
+    trained = tokenize([render(record, DataFormat.MESSAGES, tokenizer)], tokenizer, 256).rows[0]
+    answer = tokenizer("4<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    assert generated == [trained["input_ids"][: -len(answer)]]
+    assert generated[0][0] == tokenizer.bos_token_id
+    assert _prompt_length(chat_model, question) == len(generated[0])

@@ -354,7 +354,7 @@ def test_a_chat_template_that_drops_tool_calls_or_tools_is_refused(tokenizer) ->
     answer = {"messages": [messages[0], {"role": "assistant", "content": "Ask a forecast."}], "tools": TOOLS}
     with pytest.raises(
         UserError,
-        match=r"ignores a record's `tools` \('get_weather'.*eval, convert --calib: a chat_template.jinja",
+        match=r"ignores the record's `tools` \('get_weather'.*eval, convert --calib: a chat_template.jinja",
     ):
         render(answer, DataFormat.MESSAGES, tokenizer)
 

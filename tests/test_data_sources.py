@@ -243,7 +243,7 @@ def test_small_local_data_is_read_without_the_libraries_bars(
         load_records(_write_jsonl(tmp_path / "small.jsonl", [{"text": "first"}]))
         assert "Generating" not in capsys.readouterr().err
         assert not datasets.are_progress_bars_disabled()  # switched back on for the rest of the process
-        monkeypatch.setattr("qpissa.data_sources.QUIET_READ_BYTES", 0)  # large data keeps its bars
+        monkeypatch.setattr("qpissa.data_read.QUIET_READ_BYTES", 0)  # large data keeps its bars
         load_records(_write_jsonl(tmp_path / "large.jsonl", [{"text": "second"}]))
         assert "Generating train split" in capsys.readouterr().err
     finally:
@@ -515,7 +515,6 @@ def test_records_with_an_empty_answer_are_counted_in_a_warning(
     sources = {
         "pc.jsonl": [{"prompt": "a", "completion": ""}, {"prompt": "b", "completion": "c"}],
         "chat.jsonl": [{"messages": chat}, {"messages": [*chat[:1], {"role": "assistant", "content": "yo"}]}],
-        "text.jsonl": [{"text": ""}, {"text": "some prose"}],
     }
     for name, records in sources.items():
         path = _write_jsonl(tmp_path / name, records)
@@ -523,8 +522,8 @@ def test_records_with_an_empty_answer_are_counted_in_a_warning(
         with caplog.at_level("WARNING", logger="qpissa.data_sources"):
             load_source(DataSource(path))
         assert [r.getMessage() for r in caplog.records] == [
-            f"data {path}: 1 of 2 records have an empty answer (or text); trained, they teach the model to "
-            "answer nothing (only the end of turn is left to learn): fill or remove them"
+            f"data {path}: 1 of 2 records have an empty answer; trained, they teach the model to answer "
+            "nothing (only the end of turn is left to learn): fill or remove them"
         ]
 
 
@@ -561,3 +560,51 @@ def test_the_detected_format_line_names_the_setting_that_chooses_it(
         f"data {path}: format text (detected; set data.format to choose)",
         f"data {path}: format text (detected)",
     ]
+
+
+def test_a_sources_detected_format_line_names_the_sources_own_setting(
+    tmp_path: Path, tokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`data.format` does not choose a source's format: the line named it all the same."""
+    path = _write_jsonl(tmp_path / "data.jsonl", [{"text": "a record"}])
+    with caplog.at_level("INFO", logger="qpissa.data_sources"):
+        load_train(DataConfig(sources=[DataSource(path, DataFormat.TEXT), DataSource(path)]), tokenizer, 0)
+    lines = [record.getMessage() for record in caplog.records if "detected" in record.getMessage()]
+    assert lines == [f"data {path}: format text (detected; set data.sources.1.format to choose)"]
+
+
+@pytest.mark.parametrize(("value", "kind"), [([1, 2, 3], "list"), (0, "int")])
+def test_an_alpaca_input_that_is_not_text_is_refused(tmp_path: Path, value, kind: str) -> None:
+    """It was rendered as "[1, 2, 3]", or dropped (0), where instruction and output are refused."""
+    path = _write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Add", "input": value, "output": "6"}])
+    with pytest.raises(UserError) as refused:
+        load_source(DataSource(path))
+    assert str(refused.value) == f"{path} record 0: field `input` must be text, got {kind}"
+
+
+def test_an_empty_text_record_is_dropped_and_said_once(
+    tmp_path: Path, tokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It was warned about as trained ("they teach the model to answer nothing") and then, on a tokenizer
+    without a BOS, said dropped; on one with a BOS, trained on the EOS alone. It has nothing to train."""
+    path = _write_jsonl(tmp_path / "text.jsonl", [{"text": ""}, {"text": "some prose"}])
+    with caplog.at_level("WARNING", logger="qpissa"):
+        data = load_train(DataConfig(path=path, max_seq_len=64), tokenizer, seed=0)
+    assert (len(data.rows), data.dropped) == (1, 1)
+    assert [record.getMessage() for record in caplog.records] == [
+        "dropped 1 of 2 samples with no response token to train on within max_seq_len=64 (empty, or cut off)"
+    ]
+
+
+def test_a_split_a_saved_dataset_lacks_is_refused_with_the_splits_it_was_saved_with(tmp_path: Path) -> None:
+    """The hint for a folder's files (split by their names) misled about a save_to_disk directory."""
+    import datasets
+
+    splits = {name: datasets.Dataset.from_list([{"text": name}]) for name in ("train", "validation")}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(UserError) as refused:
+        load_records(tmp_path / "saved", split="nosuch", split_setting="--split")
+    assert str(refused.value) == (
+        f"dataset {tmp_path / 'saved'} has splits train, validation, not 'nosuch' (the splits it was saved "
+        "with, as its dataset_dict.json lists them); set --split"
+    )
