@@ -149,10 +149,11 @@ def answerable(samples: list[Sample], data_format: DataFormat, where: Path) -> l
 
 
 def heldout_for_training(
-    data: DataConfig, tokenizer: Any, context: int | None
+    data: DataConfig, tokenizer: Any, context: int | None, origin: str
 ) -> tuple[list[Sample], TokenizedData | None]:
     """A run's held-out data (`data.eval_path`, none without it): the samples whose answers are generated,
-    the first `data.eval_generate_samples` of those with a prompt, and the tokenized rows scored by loss."""
+    the first `data.eval_generate_samples` of those with a prompt, and the tokenized rows scored by loss;
+    `origin` says whose chat template renders them, for messages."""
     if data.eval_path is None:
         return [], None
     records, data_format, split = load_heldout(
@@ -165,7 +166,7 @@ def heldout_for_training(
             "evaluate on data the run does not train on", data.eval_path, split,
         )  # fmt: skip
     samples, tokenized = tokenize_split(
-        records, data_format, data, tokenizer, context=context, path=data.eval_path
+        records, data_format, data, tokenizer, context=context, path=data.eval_path, origin=origin
     )
     if not data.eval_generate_samples:
         return [], tokenized

@@ -40,7 +40,7 @@ from qpissa.artifacts import (
     read_jsonl,
     read_report,
 )
-from qpissa.chat_template import resolve_chat_template, save_chat_template
+from qpissa.chat_template import resolve_chat_template, save_chat_template, template_origin
 from qpissa.checkpoint import write_json
 from qpissa.convert_settings import Method
 from qpissa.data import TokenizedData, collate, packing_collator, pad_token_id, training_data
@@ -144,7 +144,8 @@ def _train(
     fingerprint = data_fingerprint(train_data.rows)
     if resume is not None:
         check_same_samples(resume, fingerprint)
-    generated, eval_data = heldout_for_training(config.data, tokenizer, context)
+    origin = template_origin(source, recipe=template is not None)  # whose template a failure names
+    generated, eval_data = heldout_for_training(config.data, tokenizer, context, origin)
     _warn_learning_rate(config, source)
     warn_unresumable(arguments)
 

@@ -18,6 +18,7 @@ from qpissa.data_formats import Sample, render
 from qpissa.data_sources import load_source
 from qpissa.recipe import DataConfig, DataSource
 from qpissa.settings import DataFormat
+from qpissa.task_eval import heldout_for_training
 
 FOUR_TURNS = [
     {"role": "user", "content": "hi"},
@@ -132,6 +133,9 @@ def test_a_records_template_failure_names_the_file_the_record_and_its_messages(
     with pytest.raises(UserError, match=rf"^{path} record 3: the run's chat_template \(R\) fails on this"):
         tokenize_split(held_out, DataFormat.MESSAGES, config, alternating, path=path, origin="the run's "
                        "chat_template (R)")  # fmt: skip
+    config = DataConfig(path=path, eval_path=path, max_seq_len=64)  # a run's own held-out data
+    with pytest.raises(UserError, match=rf"^{path} record 3: the recipe's chat_template fails on this"):
+        heldout_for_training(config, alternating, None, "the recipe's chat_template")
 
 
 def test_template_errors_about_the_whole_template_say_whose_it_is(tokenizer) -> None:
