@@ -114,11 +114,20 @@ def apply_template(
 
 
 def prompt_ids(text: str, tokenizer: Any) -> list[int]:
-    """The start of a sample (or a prompt) tokenized as training tokenizes it: with the tokenizer's special
-    tokens (the BOS a Llama-style post-processor adds), unless the text writes the BOS itself (a template's
-    `{{ bos_token }}`), which would then stand twice."""
+    """The start of a sample (or a prompt) tokenized as training tokenizes it: after the special tokens the
+    tokenizer puts before a text (the BOS a Llama-style post-processor adds), unless the text writes the BOS
+    itself (a template's `{{ bos_token }}`), and without those it puts after one (an EOS would end the
+    prompt before the answer)."""
     written = bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
-    return tokenizer(text, add_special_tokens=not written)["input_ids"]
+    lead = [] if written else _leading_specials(tokenizer)
+    return lead + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _leading_specials(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer's post-processor puts before any text (none, or a BOS, a [CLS])."""
+    marked = tokenizer("x", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    return next((marked[:at] for at in range(len(marked)) if marked[at : at + len(plain)] == plain), [])
 
 
 def _raised_in_template(error: BaseException) -> bool:

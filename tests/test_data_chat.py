@@ -12,7 +12,7 @@ import yaml
 
 from qpissa import UserError, cli
 from qpissa.artifacts import ModelSource
-from qpissa.chat_template import TEMPLATE_NAME, render_chat, template_origin
+from qpissa.chat_template import TEMPLATE_NAME, prompt_ids, render_chat, template_origin
 from qpissa.data import IGNORE_INDEX, load_train, tokenize, tokenize_split
 from qpissa.data_formats import Sample, render
 from qpissa.data_sources import load_source
@@ -303,3 +303,21 @@ def test_a_file_mixing_text_and_parts_is_read_unless_datasets_turns_text_into_nu
         'is read as JSON, so text such as "4" turns into a number); write that field in one form in every '
         "record (chat content: all text, or all lists of text parts)"
     )
+
+
+def test_a_tokenizer_that_appends_an_eos_gets_none_inside_a_sample_or_at_a_prompts_end(tokenizer) -> None:
+    """With `add_eos_token` (a post-processor `<s> $A <|im_end|>`), the first segment of every sample got an
+    EOS between the generation prompt and the answer, and chat's prompt ended with it."""
+    from tokenizers import processors
+
+    appending = deepcopy(tokenizer)
+    appending.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A <|im_end|>", special_tokens=[("<s>", 1), ("<|im_end|>", 2)]
+    )
+    question = [{"role": "user", "content": "2+2?"}]
+    prompt = prompt_ids(render_chat(appending, question, add_generation_prompt=True), appending)
+    assert prompt == prompt_ids(render_chat(tokenizer, question, add_generation_prompt=True), tokenizer)
+    assert prompt[0] == 1 and prompt[-1] != 2
+    record = {"messages": [*question, {"role": "assistant", "content": "4"}]}
+    sample = render(record, DataFormat.MESSAGES, appending)
+    assert tokenize([sample], appending, 64).rows[0] == tokenize([sample], tokenizer, 64).rows[0]
