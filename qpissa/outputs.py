@@ -43,8 +43,6 @@ def resolve_output(output: Path, output_flag: str) -> Path:
             does not exist (an unmounted disk, say), all before anything is written.
     """
     output = output.expanduser()
-    if output.name in ("", ".."):  # `.` or `..`: no name to put OUT.partial beside, nor to rename onto
-        output = Path(os.path.abspath(output))
     if output.is_symlink():
         try:
             target = output.resolve()
@@ -62,6 +60,11 @@ def resolve_output(output: Path, output_flag: str) -> Path:
         output = target
     if not output.resolve().name:
         raise UserError(f"{output_flag} {output} is the file-system root; choose a directory to write")
+    if Path.cwd().is_relative_to(output.resolve()):  # `.`, `..`: the output replaces it by a rename
+        raise UserError(
+            f"{output_flag} {output} is the current directory or holds it, which the finished output would "
+            "replace, leaving your shell in a deleted directory; name a new directory, such as ./out"
+        )
     return output
 
 

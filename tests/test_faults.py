@@ -954,21 +954,26 @@ def test_library_bars_only_on_a_terminal_without_quiet(
 
 
 @pytest.mark.parametrize("command", ["export", "report"])
-def test_an_out_given_as_dot_is_written_into_the_empty_current_directory(
-    command: str, workspace: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("out", [".", "..", "../here"])
+def test_an_out_that_is_or_holds_the_current_directory_is_refused(
+    command: str, out: str, workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    """`qpissa export RUN .` from inside an empty directory renamed its build onto `.`: a traceback."""
+    """`qpissa export RUN .` renamed its build onto `.` (a traceback, a 269 MB .partial left); written
+    there, the shell would stand in a deleted directory."""
     (workspace / "here").mkdir()
     monkeypatch.chdir(workspace / "here")
     run, conversion = str(workspace / "run"), str(workspace / "qpissa")
     args = (
-        ["export", run, ".", "--no-verify"]
+        ["export", run, out, "--no-verify"]
         if command == "export"
-        else ["report", conversion, run, "--out", "."]
+        else ["report", conversion, run, "--out", out]
     )
-    assert main(["--quiet", *args]) == 0
-    assert (workspace / "here" / ("config.json" if command == "export" else "summary.json")).is_file()
-    assert sorted(path.name for path in workspace.iterdir() if path.name.startswith("here")) == ["here"]
+    flag = "OUT" if command == "export" else "--out"
+    error = _refused(capsys, workspace, args, "current directory")
+    assert error == (
+        f"qpissa: error: {flag} {out} is the current directory or holds it, which the finished output would "
+        "replace, leaving your shell in a deleted directory; name a new directory, such as ./out"
+    )
 
 
 def test_export_replaces_only_its_own_interrupted_build(workspace: Path) -> None:
