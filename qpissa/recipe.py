@@ -117,14 +117,10 @@ class DataConfig:
 
     def _check_path_only_keys(self) -> None:
         """`subset`, `split` and `samples` choose from `data.path`: beside `data.sources` they would be
-        ignored, silently; so would `format` without `eval_path`, whose format alone it is there."""
+        ignored, silently (`format` is not among them: it is the held-out data's format, `eval_format`, and
+        `qpissa eval` reads the run's with it)."""
         if self.sources is None:
             return
-        if self.format is not None and self.eval_path is None:
-            raise UserError(
-                "the config sets `data.format` beside `data.sources`, where it reads only `data.eval_path`, "
-                "which is not set; set each source's format instead (`data.sources.N.format`) or drop it"
-            )
         defaults = {"subset": None, "split": "train", "samples": None}
         beside = [name for name, default in defaults.items() if getattr(self, name) != default]
         if beside:

@@ -52,19 +52,9 @@ def test_data_format_beside_sources_is_kept_as_the_held_out_datas_format() -> No
     """Unlike `data.samples`, `split` and `subset`, which beside `data.sources` are refused, `data.format`
     there reads eval_path (and `qpissa eval` of the run): it is accepted and used."""
     mix = next(path for path in CONFIGS if path.name == "mix-chat.yaml")
-    config = load_config(mix, ["data.format=prompt_completion", "data.eval_path=data/eval.jsonl"])
-    assert config.data.sources and config.data.eval_format() is DataFormat.PROMPT_COMPLETION
-
-
-def test_data_format_beside_sources_without_eval_path_is_refused() -> None:
-    """It would read no data at all: training reads each source in its own format (or detects it)."""
-    mix = next(path for path in CONFIGS if path.name == "mix-chat.yaml")
-    with pytest.raises(UserError) as refused:
-        load_config(mix, ["data.format=prompt_completion"])
-    assert str(refused.value) == (
-        "the config sets `data.format` beside `data.sources`, where it reads only `data.eval_path`, which is "
-        "not set; set each source's format instead (`data.sources.N.format`) or drop it"
-    )
+    for overrides in ([], ["data.eval_path=data/eval.jsonl"]):
+        config = load_config(mix, ["data.format=prompt_completion", *overrides])
+        assert config.data.sources and config.data.eval_format() is DataFormat.PROMPT_COMPLETION
 
 
 def test_samples_one_point_zero_is_refused_and_a_count_of_one_stays_a_count() -> None:
