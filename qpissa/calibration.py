@@ -10,7 +10,6 @@ conversion fit that data alone.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import random
 from dataclasses import dataclass
@@ -23,8 +22,8 @@ import torch
 from qpissa import UserError
 from qpissa.artifacts import content_suffix, read_text
 from qpissa.convert_settings import ConvertSettings
-from qpissa.data_formats import CHAT_FORMATS, check_tokenizer, render
-from qpissa.data_sources import load_source
+from qpissa.data_formats import CHAT_FORMATS, REQUIRED_FIELDS, check_tokenizer, detect_format, render
+from qpissa.data_sources import load_records, load_source
 from qpissa.recipe import DataSource
 from qpissa.settings import DataFormat
 
@@ -156,13 +155,22 @@ def _read_texts(path: Path, tokenizer: Any) -> tuple[list[str], str]:
             raise UserError(f"--calib {path} is empty; pass a file with text in it")
         return [text], "text file"
     # convert has no format or split flag: a folder's train split is read
-    records, data_format = load_source(DataSource(path), format_setting=None, split_setting=None)
-    if data_format in CHAT_FORMATS and not tokenizer.chat_template:  # records may fit both (the demo task)
-        plain = DataSource(path, format=DataFormat.PROMPT_COMPLETION)
-        with contextlib.suppress(UserError):  # else the chat format's refusal below says what to do
-            records, data_format = load_source(plain, format_setting=None, split_setting=None)
+    records, data_format = load_source(
+        _calibration_source(path, tokenizer), format_setting=None, split_setting=None
+    )
     check_tokenizer(tokenizer, data_format)
     texts = [
         "".join(text for text, _ in render(record, data_format, tokenizer).segments) for record in records
     ]
     return texts, data_format.value
+
+
+def _calibration_source(path: Path, tokenizer: Any) -> DataSource:
+    """The data read in the format detected, but as prompt_completion where the model has no chat template
+    and the records fit that too (the demo task's): convert has no flag to choose a format."""
+    first = load_records(path, split_setting=None)[0]
+    chat = detect_format(first, f"{path} record 0", None) in CHAT_FORMATS
+    fields = REQUIRED_FIELDS[DataFormat.PROMPT_COMPLETION]
+    if chat and not tokenizer.chat_template and all(isinstance(first.get(name), str) for name in fields):
+        return DataSource(path, format=DataFormat.PROMPT_COMPLETION)
+    return DataSource(path)

@@ -462,7 +462,7 @@ def test_fits_multiply_by_h_in_bf16_only_where_speed_was_asked_for(changes: dict
 
 
 def test_records_that_fit_a_chat_format_and_prompt_completion_calibrate_a_model_without_a_template(
-    tiny_chat_model: Path, tmp_path: Path
+    tiny_chat_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The demo task's records (messages and prompt/completion) were refused for a base model without a
     chat template, with no flag to choose the other format."""
@@ -478,8 +478,9 @@ def test_records_that_fit_a_chat_format_and_prompt_completion_calibrate_a_model_
     turns = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
     both = tmp_path / "both.jsonl"
     both.write_text(json.dumps({"messages": turns, "prompt": "2+2?", "completion": " 4"}) + "\n")
-    tokens = calibration_tokens(both, tokenizer, 1, 8, 0, 0.0)
-    assert tokens.format == "prompt_completion"
+    with caplog.at_level("INFO", logger="qpissa"):
+        tokens = calibration_tokens(both, tokenizer, 1, 8, 0, 0.0)
+    assert tokens.format == "prompt_completion" and "messages" not in caplog.text  # read once, as that
     chat_only = tmp_path / "chat.jsonl"
     chat_only.write_text(json.dumps({"messages": turns}) + "\n")
     with pytest.raises(UserError, match="the model's tokenizer has no chat template"):
