@@ -51,8 +51,9 @@ def check_train_config(config_path: Path, out_dir: Path, model_dir: Path) -> Non
     runtime = resolve_runtime(config.device, config.bf16, config.optim)
     training_arguments(config, runtime, out_dir / RUNS_DIR, show_progress=False)  # every Trainer option
     data = config.data
-    for source in data.train_sources():
-        load_source(source)
+    for index, source in enumerate(data.train_sources()):
+        load_source(source, format_setting=f"{data.source_prefix(index)}format",
+                    split_setting=f"{data.source_prefix(index)}split")  # fmt: skip
     if data.eval_path is not None:
         load_heldout(data.eval_path, data.eval_split, data.eval_format(), "data.eval_split")
     check_context(model_dir, data.max_seq_len, f"--train {config_path}: `data.max_seq_len`")

@@ -74,7 +74,7 @@ def load_train(
     """
     parts = []
     for index, source in enumerate(config.train_sources()):
-        setting = "data." if config.sources is None else f"data.sources.{index}."
+        setting = config.source_prefix(index)
         dataset, data_format = load_source(source, seed, f"{setting}format", f"{setting}split")
         check_tokenizer(tokenizer, data_format)
         parts.append(

@@ -136,6 +136,10 @@ class DataConfig:
             return self.sources
         return [DataSource(self.path, self.format, self.subset, self.split, self.samples)]
 
+    def source_prefix(self, index: int) -> str:
+        """How the recipe names source `index`'s settings, for messages: `data.` or `data.sources.N.`."""
+        return "data." if self.sources is None else f"data.sources.{index}."
+
     def eval_format(self) -> DataFormat | None:
         """`format`, or the one format every source names: eval data is read as the training data is
         (detected, it could take another format the records also fit, and score a rendering never trained)."""

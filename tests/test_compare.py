@@ -314,6 +314,29 @@ def test_a_train_config_the_model_cannot_train_on_is_refused_before_converting(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_sources_missing_split_is_named_by_its_own_setting_before_converting(
+    tiny_chat_model: Path, data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """compare's early check told a source's missing split as `data.split`, a key refused beside sources."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    shutil.copy(data_dir / "train.jsonl", folder / "train.jsonl")
+    config = tmp_path / "train.yaml"
+    config.write_text(f"data:\n  max_seq_len: 32\n  sources:\n    - path: {folder}\n      split: nosuch\n")
+    args = [
+        "compare",
+        str(tiny_chat_model),
+        str(tmp_path / "out"),
+        "--methods",
+        "qlora",
+        "--train",
+        str(config),
+    ]
+    assert cli.main([*args, *FLAGS]) == 2
+    error = capsys.readouterr().err
+    assert "set data.sources.0.split" in error and error.count("\n") == 1
+
+
 def test_matching_conversions_already_in_out_are_reused(tiny_model: Path, tmp_path: Path) -> None:
     from qpissa.convert import convert
     from qpissa.convert_settings import ConvertSettings, Method
