@@ -5,6 +5,7 @@ the recipe's, the run's or the tokenizer's), or on both where either could be th
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -80,6 +81,12 @@ def render_conversation(
             raise _parted(before, after, f"{what}: the two", GENERATION, where, origin)
         floor = len(done) - len(segments[-1][0]) if segments else 0  # ends are cut from the last turn only
         kept = _shared_start(done, before, ends, floor)
+        if (
+            kept is not None
+            and kept != done
+            and not render(messages[:index], False).endswith(done[len(kept) :])
+        ):
+            kept = None  # the cut ends no conversation that ends elsewhere: it stands for the turn's own end
         if kept is None:
             what = f"its rendering of the first {rendered} messages and, going on, that of the first {index}"
             what = f"does not render conversations incrementally: {what}"
@@ -156,8 +163,12 @@ def _shared_start(done: str, longer: str, ends: tuple[str, ...], floor: int) -> 
 
 def _doubled_end(content: str, response: str, ends: tuple[str, ...]) -> str:
     """The special token (EOS, end of turn) an assistant's text ends with where the template writes it
-    after the text too (`4<|im_end|><|im_end|>`): trained twice else, and compared by exact match."""
-    return next((end for end in ends if content.endswith(end) and content + end in response), "")
+    after the text too (`4<|im_end|><|im_end|>`, or ` 4</s> </s>` as Llama 2 spaces it): trained twice else,
+    and compared by exact match."""
+    doubled = (end for end in ends if content.endswith(end))
+    return next(
+        (end for end in doubled if re.search(re.escape(content) + r"\s*" + re.escape(end), response)), ""
+    )
 
 
 def _special_texts(tokenizer: Any) -> tuple[str, ...]:

@@ -171,6 +171,19 @@ def test_a_template_that_ends_only_a_whole_conversation_with_the_eos_is_trained_
     assert trained == "yo<|end|>\n4<|end|>\n<|im_end|>"
 
 
+def test_a_template_that_ends_a_conversation_in_place_of_a_turns_end_is_refused(tokenizer) -> None:
+    """Writing `<s>` in place of the last turn's `<|im_end|>\n` was taken as Phi-3's conversation end: cut,
+    the earlier turn was trained without its end of turn, and the model never learnt to end a turn."""
+    replacing = _with_template(
+        tokenizer,
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}{% if loop.last and m.role == "
+        "'assistant' and not add_generation_prompt %}<s>{% else %}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    )
+    with pytest.raises(UserError, match="does not render conversations incrementally"):
+        render({"messages": FOUR_TURNS}, DataFormat.MESSAGES, replacing)
+
+
 def test_a_template_that_changes_earlier_turns_is_refused_saying_where_and_how_to_go_on(tokenizer) -> None:
     """Text (not a special token) that only a conversation's end has: the earlier turn cannot be trained
     as the whole conversation renders it. The refusal quotes where the renderings part; marking the
@@ -210,6 +223,13 @@ def test_an_end_of_turn_the_data_writes_is_trained_once(tokenizer) -> None:
         render({"messages": FOUR_TURNS}, DataFormat.MESSAGES, tokenizer), tokenizer
     )
     assert _trained_text(sample, tokenizer)[1] == "yo<|im_end|>\n4<|im_end|>\n" and sample.response == "4"
+    spaced = _with_template(  # Llama 2's: a space between the text and the end of turn
+        tokenizer,
+        "{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }} [/INST]{% else %} "
+        "{{ m.content }} {{ eos_token }}{% endif %}{% endfor %}",
+    )
+    sample = render({"messages": written[:2]}, DataFormat.MESSAGES, spaced)
+    assert _trained_text(sample, spaced)[1] == " yo <|im_end|>" and sample.response == "yo"
 
 
 def test_a_turn_of_weight_0_is_context_not_trained(tokenizer, tmp_path: Path) -> None:
