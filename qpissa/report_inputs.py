@@ -11,6 +11,7 @@ from pathlib import Path
 
 from qpissa import UserError
 from qpissa.artifacts import (
+    CHECKPOINT_PREFIX,
     COMPARE_NAME,
     CONVERSIONS_DIR,
     EVAL_RESULTS_NAME,
@@ -184,15 +185,13 @@ def export_run(report: dict) -> Path | None:
 
 def export_label(entry: MethodData, report: dict) -> str:
     """The method an export's row names: its entry's label, and where the export was not made from that
-    entry's run, what it was made from (another run, or the conversion untrained)."""
+    entry's run's final adapter, what it was (a checkpoint, another run, the untrained conversion)."""
     run = export_run(report)
-    exported = Path(report["source"]["run"]) if run is not None else None
-    checkpoint = f" at {exported.name}" if exported is not None and exported.name != run.name else ""
+    adapter = Path(str(report["source"].get("adapter_dir")))  # the run's adapter/, or a checkpoint-N
+    step = f" at {adapter.name}" if run is not None and adapter.name.startswith(CHECKPOINT_PREFIX) else ""
     if _made_from(entry, run):
-        return entry.label + (f", exported{checkpoint}" if checkpoint else "")
-    return (
-        f"{entry.label}, exported from {f'run {run.name}{checkpoint}' if run else 'the conversion untrained'}"
-    )
+        return entry.label + (f", exported{step}" if step else "")
+    return f"{entry.label}, exported from {f'run {run.name}{step}' if run else 'the conversion untrained'}"
 
 
 def _made_from(entry: MethodData, run: Path | None) -> bool:
