@@ -2,7 +2,9 @@
 
 The lock is an flock(2) on the file beside OUT, which holds the writer's pid. A process forked while it is
 held (a DataLoader's workers) closes its copy at once: an flock belongs to the open file, so a copy would
-keep it held after its writer was killed, until the last worker noticed and ended.
+keep it held after its writer was killed, until the last worker noticed and ended. That takes the module's
+one piece of state, the descriptors held, and a fork hook registered at import: a `lockf` lock, which no
+child inherits, is the process's, and would let the nested writers of one process in (compare's).
 """
 
 from __future__ import annotations
@@ -52,14 +54,15 @@ def lock_output(output: Path, output_flag: str) -> Iterator[None]:
     path = lock_path(output)
     created = _make_parents(path.parent, output, output_flag)
     try:
-        descriptor = _acquire(path, output, output_flag)
+        descriptor, owner = _acquire(path, output, output_flag), os.getpid()
         _held.add(descriptor)
         try:
             yield
         finally:
-            path.unlink(missing_ok=True)  # before the lock goes: a waiting opener sees the file is gone
-            _held.discard(descriptor)
-            os.close(descriptor)
+            if os.getpid() == owner:  # not in a forked child leaving the body: the lock is its parent's
+                path.unlink(missing_ok=True)  # before the lock goes: a waiting opener sees the file is gone
+                _held.discard(descriptor)
+                os.close(descriptor)
     finally:
         for directory in reversed(created):
             try:

@@ -1256,6 +1256,29 @@ def test_a_damaged_shard_of_an_interrupted_conversion_is_named_before_resume_wor
     assert main(["--quiet", "convert", args[0], str(out), *args[1:], "--overwrite"]) == 0
 
 
+def _lock_left_by_forked_child(out: Path) -> bool:
+    """Fork inside `lock_output(out)`; the child leaves the body as plain code would, then ends. Whether
+    the parent's lock file is still there after that."""
+    child = None
+    try:
+        with lock_output(out, "OUT"):
+            child = os.fork()
+            if child:
+                os.waitpid(child, 0)
+                return (out.parent / f"{out.name}.lock").is_file()
+    finally:
+        if child == 0:
+            os._exit(0)
+    return False
+
+
+def test_a_forked_child_leaving_the_lock_leaves_it_to_its_parent(tmp_path: Path) -> None:
+    """A child forked inside the body that unwound out of it removed its parent's OUT.lock, letting a second
+    writer in, and closed a descriptor the fork hook had closed already."""
+    assert _lock_left_by_forked_child(tmp_path / "out")
+    assert not (tmp_path / "out.lock").exists()  # the parent's own exit removes it
+
+
 def test_a_second_convert_on_the_same_out_is_refused_while_the_first_finishes(
     tiny_chat_model: Path, reference_conversion: Path, tmp_path: Path, capsys
 ) -> None:
