@@ -39,6 +39,7 @@ PROGRESS_NAME = "progress.json"  # in OUT.partial/: the finished shards and thei
 CALIBRATION_DIR = "calibration"  # in OUT.partial/ of a calibrated conversion: layer results, hidden states
 PARTIAL_MARKER = ".qpissa-partial"  # in OUT.partial/ of export, report, fetch-model: qpissa is building it
 LOCK_SUFFIX = ".lock"  # OUT.lock beside OUT: the pid of the process writing OUT (`output_lock`)
+JSON_KINDS = {dict: "an object", list: "an array", str: "a string"}  # as JSON names them
 FIDELITY_NAME = "qpissa_fidelity.json"  # written by `qpissa compare` into each QPiSSA directory it measured
 OWN_JSON = "qpissa_*.json"  # every qpissa record above: they describe the QPiSSA directory only
 
@@ -168,9 +169,6 @@ def read_text(path: Path, what: str, fix: str) -> str:
     except OSError as error:
         reason = error.strerror or str(error)  # bz2 says "Invalid data stream" without a strerror
         raise UserError(f"cannot read {what} {path}: {reason}; {fix}") from None
-
-
-JSON_KINDS = {dict: "an object", list: "an array", str: "a string"}  # as JSON names them
 
 
 def read_json(path: Path, fix: str, required: tuple[str, ...] | dict[str, type] = ()) -> dict[str, Any]:

@@ -111,11 +111,12 @@ def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite:
                 "or use --overwrite to start over"
             )
         check_overwritable(out_dir)  # finished, the resumed conversion replaces OUT as --overwrite does
+        damaged = f"{partial} holds an interrupted conversion: use --overwrite to start over"
         for entry in progress["shards"]:  # checked now, not once every other shard is written
-            shard = partial / str(entry.get("file") if isinstance(entry, dict) else entry)
+            shard = partial / entry["file"]
             if not shard.is_file():
-                raise UserError(f"{shard}, written before the interruption, is missing; {fix}")
-            read_header(shard, fix)
+                raise UserError(f"{shard}, written before the interruption, is missing; {damaged}")
+            read_header(shard, damaged)
         return progress
     if resume and (out_dir / REPORT_NAME).is_file():
         recorded = read_report(out_dir)["fingerprint"]

@@ -310,6 +310,7 @@ def api_path(value: Any, argument: str) -> Path:
 
 
 def _rebuilt(value: Any) -> Any:
+    """`value` built again from its fields (settings have no `init=False` field, which this would drop)."""
     if isinstance(value, list):
         return [_rebuilt(item) for item in value]
     if not dataclasses.is_dataclass(value) or isinstance(value, type):

@@ -277,9 +277,9 @@ def check_same_samples(checkpoint: Path, fingerprint: str) -> None:
     if recorded is not None and recorded != fingerprint and marker.get(TOKENIZATION) != TOKENIZATION_VERSION:
         raise UserError(
             f"resume_from_checkpoint {checkpoint} continues a run whose samples an earlier qpissa tokenized "
-            "otherwise (an end-of-turn the data writes trained twice, empty texts trained; before that, each "
-            "segment alone), or whose data changed since; start a new run (or resume it with the qpissa that "
-            "started it)"
+            "otherwise (an end-of-turn the data writes trained twice, empty texts and turns of weight 0 "
+            "trained; before that, each segment alone), or whose data changed since; start a new run (or "
+            "resume it with the qpissa that started it)"
         )
     if recorded is not None and recorded != fingerprint:
         raise UserError(

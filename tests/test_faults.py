@@ -1252,7 +1252,9 @@ def test_a_damaged_shard_of_an_interrupted_conversion_is_named_before_resume_wor
     shard.unlink() if damage == "removed" else shard.write_bytes(shard.read_bytes()[:1000])
     error = _refused(capsys, tmp_path, ["convert", args[0], str(out), *args[1:], "--resume"], str(shard))
     assert ("is missing" if damage == "removed" else "is truncated or corrupt") in error
-    assert error.endswith("it records an interrupted conversion: use --overwrite to start over")
+    assert error.endswith(
+        f"{tmp_path / 'out.partial'} holds an interrupted conversion: use --overwrite to start over"
+    )
     assert main(["--quiet", "convert", args[0], str(out), *args[1:], "--overwrite"]) == 0
 
 
