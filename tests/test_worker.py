@@ -15,8 +15,12 @@ import pytest
 from qpissa import UserError
 from qpissa.worker import in_fresh_process
 
-# a parent whose worker sleeps for a minute: what a long conversion or training run looks like to it
-SLEEPING_PARENT = "import time; from qpissa.worker import in_fresh_process; in_fresh_process(time.sleep, 60)"
+# a parent whose worker sleeps for ten minutes: what a long conversion or training run looks like to it
+# SIGINT handled as on a terminal: a test run started as a script's `&` job inherits it ignored
+SLEEPING_PARENT = (
+    "import signal, time; from qpissa.worker import in_fresh_process; "
+    "signal.signal(signal.SIGINT, signal.default_int_handler); in_fresh_process(time.sleep, 600)"
+)
 
 
 def _children(pid: int) -> list[int]:
@@ -91,7 +95,7 @@ def test_an_interrupt_of_the_parent_alone_reaches_its_worker() -> None:
     parent, worker = _sleeping_worker()
     os.kill(parent.pid, signal.SIGINT)
     try:
-        parent.wait(timeout=30)
+        parent.wait(timeout=120)  # far below the step: a loaded machine may start slowly
     finally:
         parent.kill()
     assert b"KeyboardInterrupt" in parent.stderr.read()
