@@ -31,7 +31,7 @@ from qpissa.artifacts import (
 from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, copy_tensors, shard_names, write_json
 from qpissa.convert_settings import ConvertSettings
 from qpissa.options import from_dict
-from qpissa.outputs import check_only_own, check_replaceable, files_in, replace_dir
+from qpissa.outputs import check_not_current, check_only_own, check_replaceable, files_in, replace_dir
 from qpissa.safetensors_file import read_header
 from qpissa.stored import ADAPTER_KEY, adapter_key, write_lora_config
 from qpissa.targets import module_type
@@ -94,6 +94,7 @@ def prepare_output(out_dir: Path, fingerprint: dict, *, resume: bool, overwrite:
     Raises:
         UserError: an occupied output, an interrupted one without `--resume`, other settings on resume.
     """
+    check_not_current(out_dir, "OUT")
     partial = partial_dir(out_dir)
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other; choose one")

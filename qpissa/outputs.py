@@ -60,12 +60,18 @@ def resolve_output(output: Path, output_flag: str) -> Path:
         output = target
     if not output.resolve().name:
         raise UserError(f"{output_flag} {output} is the file-system root; choose a directory to write")
-    if Path.cwd().is_relative_to(output.resolve()):  # `.`, `..`: the output replaces it by a rename
+    return output
+
+
+def check_not_current(output: Path, output_flag: str) -> None:
+    """Refuse an output a finished build replaces by a rename (`finish_partial`, a conversion's) that is the
+    current directory or holds it (`.`, `..`): the shell would be left in a deleted directory. (train
+    writes its run in place, so a run's own directory may be the current one.)"""
+    if Path.cwd().is_relative_to(output.resolve()):
         raise UserError(
             f"{output_flag} {output} is the current directory or holds it, which the finished output would "
             "replace, leaving your shell in a deleted directory; name a new directory, such as ./out"
         )
-    return output
 
 
 def check_apart(output: Path, output_flag: str, inputs: dict[str, Path | None]) -> None:
@@ -199,6 +205,7 @@ def start_partial(output: Path, output_flag: str) -> Path:
     Raises:
         UserError: `OUT.partial` exists and is not a build of qpissa's.
     """
+    check_not_current(output, output_flag)
     partial = partial_dir(output)
     if partial.exists() or partial.is_symlink():
         ours = (

@@ -954,22 +954,23 @@ def test_library_bars_only_on_a_terminal_without_quiet(
     assert not loading_bar_shown(_eval(workspace), terminal=False)
 
 
-@pytest.mark.parametrize("command", ["export", "report"])
-@pytest.mark.parametrize("out", [".", "..", "../here"])
+@pytest.mark.parametrize("command", ["convert", "export", "report"])
+@pytest.mark.parametrize("out", [".", "../here"])
 def test_an_out_that_is_or_holds_the_current_directory_is_refused(
     command: str, out: str, workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     """`qpissa export RUN .` renamed its build onto `.` (a traceback, a 269 MB .partial left); written
-    there, the shell would stand in a deleted directory."""
+    there, the shell would stand in a deleted directory. (train writes its run in place: not refused.)"""
     (workspace / "here").mkdir()
     monkeypatch.chdir(workspace / "here")
     run, conversion = str(workspace / "run"), str(workspace / "qpissa")
-    args = (
-        ["export", run, out, "--no-verify"]
-        if command == "export"
-        else ["report", conversion, run, "--out", out]
-    )
-    flag = "OUT" if command == "export" else "--out"
+    model = str(workspace / "model")
+    args = {
+        "convert": ["convert", model, out, "--rank", str(RANK), "--iters", "1"],
+        "export": ["export", run, out, "--no-verify"],
+        "report": ["report", conversion, run, "--out", out],
+    }[command]
+    flag = "--out" if command == "report" else "OUT"
     error = _refused(capsys, workspace, args, "current directory")
     assert error == (
         f"qpissa: error: {flag} {out} is the current directory or holds it, which the finished output would "
