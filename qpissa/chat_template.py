@@ -4,6 +4,7 @@ template, its own failures told from qpissa's, and rendered prompts tokenized as
 
 from __future__ import annotations
 
+import functools
 import traceback
 from pathlib import Path
 from typing import Any
@@ -119,15 +120,20 @@ def prompt_ids(text: str, tokenizer: Any) -> list[int]:
     itself (a template's `{{ bos_token }}`), and without those it puts after one (an EOS would end the
     prompt before the answer)."""
     written = bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
-    lead = [] if written else _leading_specials(tokenizer)
+    lead = [] if written else list(_leading_specials(tokenizer))
     return lead + tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _leading_specials(tokenizer: Any) -> list[int]:
-    """The special tokens the tokenizer's post-processor puts before any text (none, or a BOS, a [CLS])."""
+@functools.lru_cache(maxsize=8)
+def _leading_specials(tokenizer: Any) -> tuple[int, ...]:
+    """The special tokens the tokenizer's post-processor puts before any text (none, or a BOS, a [CLS]);
+    kept per tokenizer (by identity): found by two tokenizations, which nearly doubled the time to tokenize
+    every training sample's first segment (37 µs on top of 47 µs on the demo tokenizer)."""
     marked = tokenizer("x", add_special_tokens=True)["input_ids"]
     plain = tokenizer("x", add_special_tokens=False)["input_ids"]
-    return next((marked[:at] for at in range(len(marked)) if marked[at : at + len(plain)] == plain), [])
+    return next(
+        (tuple(marked[:at]) for at in range(len(marked)) if marked[at : at + len(plain)] == plain), ()
+    )
 
 
 def _raised_in_template(error: BaseException) -> bool:
