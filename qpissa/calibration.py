@@ -23,7 +23,7 @@ from qpissa import UserError
 from qpissa.artifacts import content_suffix, read_text
 from qpissa.convert_settings import ConvertSettings
 from qpissa.data_formats import CHAT_FORMATS, REQUIRED_FIELDS, check_tokenizer, detect_format, render
-from qpissa.data_sources import load_records, load_source
+from qpissa.data_sources import check_records, load_records
 from qpissa.recipe import DataSource
 from qpissa.settings import DataFormat
 
@@ -155,9 +155,9 @@ def _read_texts(path: Path, tokenizer: Any) -> tuple[list[str], str]:
             raise UserError(f"--calib {path} is empty; pass a file with text in it")
         return [text], "text file"
     # convert has no format or split flag: a folder's train split is read
-    records, data_format = load_source(
-        _calibration_source(path, tokenizer), format_setting=None, split_setting=None
-    )
+    dataset = load_records(path, split_setting=None)
+    source = DataSource(path, format=_format_without_template(dataset[0], path, tokenizer))
+    records, data_format = check_records(dataset, source, format_setting=None)
     check_tokenizer(tokenizer, data_format)
     texts = [
         "".join(text for text, _ in render(record, data_format, tokenizer).segments) for record in records
@@ -165,12 +165,11 @@ def _read_texts(path: Path, tokenizer: Any) -> tuple[list[str], str]:
     return texts, data_format.value
 
 
-def _calibration_source(path: Path, tokenizer: Any) -> DataSource:
-    """The data read in the format detected, but as prompt_completion where the model has no chat template
-    and the records fit that too (the demo task's): convert has no flag to choose a format."""
-    first = load_records(path, split_setting=None)[0]
+def _format_without_template(first: dict[str, Any], path: Path, tokenizer: Any) -> DataFormat | None:
+    """prompt_completion where the model has no chat template and the records fit a chat format and that
+    too (the demo task's): convert has no flag to choose a format; else None, the format detected."""
     chat = detect_format(first, f"{path} record 0", None) in CHAT_FORMATS
     fields = REQUIRED_FIELDS[DataFormat.PROMPT_COMPLETION]
     if chat and not tokenizer.chat_template and all(isinstance(first.get(name), str) for name in fields):
-        return DataSource(path, format=DataFormat.PROMPT_COMPLETION)
-    return DataSource(path)
+        return DataFormat.PROMPT_COMPLETION
+    return None

@@ -50,10 +50,10 @@ def load_source(
         UserError: missing or unreadable data, unknown extension, no such split, or a bad record.
     """
     dataset = load_records(source.path, source.subset, source.split, split_setting)
-    return _check_records(dataset, source, seed, format_setting, _beside(split_setting, "samples"))
+    return check_records(dataset, source, seed, format_setting, _beside(split_setting, "samples"))
 
 
-def _check_records(
+def check_records(
     dataset: datasets.Dataset,
     source: DataSource,
     seed: int = 0,
@@ -159,7 +159,7 @@ def load_heldout(
     else:
         records = load_records(path, split=split, split_setting=split_setting)
     source = DataSource(path, data_format, split=split)
-    records, data_format = _check_records(records, source, format_setting=format_setting)
+    records, data_format = check_records(records, source, format_setting=format_setting)
     return records, data_format, split
 
 
