@@ -10,8 +10,11 @@ bitsandbytes or datasets at module level.
     settings*          eval, export, chat, report and fidelity settings; shared choices; the demo models
     convert_settings*  convert's and compare's settings and their closed choices (method, SVD, ...)
     options*           settings dataclasses <-> argparse flags, YAML data and key=value overrides
-    recipe*            the training recipe: TrainConfig, DataConfig, DataSource, load_config
-    artifacts*         every file name qpissa writes or reads, and the finders (resolve_source, ...)
+    recipe*            the training recipe: TrainConfig, DataConfig, DataSource
+    recipe_file*       a recipe file read: YAML, key=value overrides, trainer options gathered; load_config
+    artifacts*         every file name qpissa writes or reads; JSON, text and report readers; run finders
+    run_marker*        a run's qpissa_run.json: its model, its data settings, the conversion it trained
+    model_source*      MODEL_OR_RUN resolved: QPiSSA dir, run, checkpoint-N, LoRA export or HF model
     outputs*           outputs kept apart from inputs, checked before they are replaced, built in OUT.partial
     output_lock*       one writer per output: the OS lock OUT.lock, not inherited by forked workers
     console*           the text the CLI prints for a result: error table, export summary
@@ -31,8 +34,8 @@ bitsandbytes or datasets at module level.
     weight_error       per-matrix weight-space error against QLoRA and its per-type means (the paper's)
     roles*             the report row of each target: one role each (GPT-2's attn.c_proj, mlp.c_proj)
     convert            `qpissa convert`: the streaming conversion and its worker pipeline
-    convert_matrix     one target decomposed and measured (weight- and output-space errors)
-    convert_calibrated `convert --calib`'s first phase: layer by layer, H, decompositions, spools
+    convert_matrix     one target decomposed and measured (weight-, output-space errors); settings resolved
+    convert_calibrated `convert --calib`'s first phase: windows, layer by layer, H, decompositions, spools
     calibration        `--calib` data (and shipped general prose) drawn into seeded windows; overlap check
     layer_stream       a checkpoint run one decoder layer at a time; input statistics H per Linear
     convert_output     the QPiSSA directory being written: shard plan, resume record, config, adapter
@@ -92,7 +95,7 @@ API = {
     "TrainConfig": "qpissa.recipe",
     "DataConfig": "qpissa.recipe",
     "DataSource": "qpissa.recipe",
-    "load_config": "qpissa.recipe",
+    "load_config": "qpissa.recipe_file",
     "export": "qpissa.export",
     "ExportSettings": "qpissa.settings",
     "evaluate": "qpissa.task_eval",

@@ -1,7 +1,7 @@
 """Every file and directory name qpissa writes or looks for, and the finders that read them back.
 
 A QPiSSA directory, a training run, an export and a comparison are plain directories; these names
-are what tells them apart (`resolve_source` turns a MODEL_OR_RUN argument into what to load).
+are what tells them apart (`model_source.resolve_source` turns a MODEL_OR_RUN argument into what to load).
 """
 
 from __future__ import annotations
@@ -246,153 +246,9 @@ def read_report(qpissa_dir: Path) -> dict:
                                                      "summary": dict})  # fmt: skip
 
 
-def read_run(run_dir: Path) -> dict:
-    """The run marker `qpissa_run.json`: the QPiSSA directory trained, the config, the resolved runtime."""
-    fix = "it is written by `qpissa train`: train again into a new output_dir"
-    return read_json(run_dir / RUN_MARKER, fix, required=("model",))
-
-
-def run_data_settings(run_dir: Path) -> Any:
-    """The run's `data` group as its marker records it (format, max_seq_len, paths), or None."""
-    config = read_run(run_dir).get("config")
-    return config.get("data") if isinstance(config, dict) else None
-
-
-def run_model(run_dir: Path) -> Path:
-    """The QPiSSA directory a run trained, as its marker names it (a relative path is relative to the run);
-    where that is gone or holds another conversion now, the one at the same place relative to the run, if
-    it holds the run's: the two were moved together."""
-    marker = read_run(run_dir)
-    named, relative = marker["model"], marker.get(MODEL_FROM_RUN)
-    if not isinstance(named, str) or not named:
-        raise UserError(f"{run_dir / RUN_MARKER} has no model path; train again into a new output_dir")
-    model = run_dir / named if not Path(named).is_absolute() else Path(named)
-    if is_qpissa_dir(model) and trained_on(marker, model) is not False:
-        return model
-    beside = Path(os.path.normpath(run_dir / relative)) if isinstance(relative, str) else None
-    if beside is not None and is_qpissa_dir(beside) and trained_on(marker, beside) is not False:
-        return beside
-    return model
-
-
 def comparison_members(compare_dir: Path, kind: str) -> list[Path]:
     """The conversion (`kind=CONVERSIONS_DIR`) or run (`RUNS_DIR`) directories of a comparison, by method."""
     fix = "it is written by `qpissa compare`: rerun the comparison"
     record = read_json(compare_dir / COMPARE_NAME, fix, required=("methods",))
     paths = [compare_dir / kind / str(name) for name in record["methods"]]
     return [path for path in paths if path.is_dir()]
-
-
-def resolve_source(path: Path) -> ModelSource:
-    """Interpret MODEL_OR_RUN: a QPiSSA dir, a run dir (final adapter, else latest checkpoint), a
-    `checkpoint-N` dir inside a run, a LoRA export (on the model it names), or a plain HF checkpoint.
-
-    A run's model is the one its marker names (relative to the run when relative), and must be a QPiSSA
-    directory: a run file from elsewhere cannot point a command at an arbitrary directory.
-
-    Raises:
-        UserError: the path does not exist or is none of these, or a run names no QPiSSA directory.
-    """
-    if not path.is_dir():
-        problem = "is not a directory" if path.exists() else "does not exist"
-        if not path.exists() and (path.parent / RUN_MARKER).is_file():  # save_total_limit removed it
-            kept = ", ".join(checkpoint.name for checkpoint in checkpoints(path.parent))
-            problem += f" (the run keeps {kept or 'no checkpoint'})"
-        raise UserError(f"{path} {problem}; pass a QPiSSA directory, a training run or a model directory")
-    if (path / RUN_MARKER).is_file():
-        adapter = path / ADAPTER_DIR if has_adapter(path / ADAPTER_DIR) else latest_checkpoint(path)
-        if adapter is None or not has_adapter(adapter):
-            raise UserError(
-                f"run {path} has no adapter yet (no adapter/ and no checkpoint-N/); train it first"
-            )
-        if adapter.name != ADAPTER_DIR:
-            log.warning("run %s did not finish (no adapter/): using its newest checkpoint, %s; resume the "
-                        "run to finish it, or name a checkpoint-N to choose", path, adapter.name)  # fmt: skip
-        return ModelSource(_trained_model(path), adapter, run_dir=path)
-    if has_adapter(path) and (path.parent / RUN_MARKER).is_file():
-        return ModelSource(_trained_model(path.parent), path, run_dir=path.parent)
-    if has_adapter(path) and not (path / CONFIG_NAME).is_file():  # a LoRA export: an adapter alone
-        return ModelSource(_adapter_base(path), path)
-    if (path / CONFIG_NAME).is_file():
-        adapter = path / ADAPTER_DIR if has_adapter(path / ADAPTER_DIR) else None
-        return ModelSource(path, adapter)
-    if (path.parent / RUN_MARKER).is_file():  # a folder of a run: a checkpoint missing its adapter
-        missing = " and ".join(name for name in ADAPTER_FILES if not (path / name).is_file())
-        kept = ", ".join(c.name for c in checkpoints(path.parent) if has_adapter(c)) or "none"
-        raise UserError(
-            f"{path}, in run {path.parent}, has no {missing}; pass the run itself or a checkpoint holding "
-            f"its adapter (whole ones: {kept})"
-        )
-    raise UserError(
-        f"{path} is not a QPiSSA directory, a training run or a model directory (no config.json); point at "
-        "the output of qpissa convert, qpissa train or qpissa export, or a Hugging Face model directory"
-    )
-
-
-def _adapter_base(adapter_dir: Path) -> Path:
-    """The local model a PEFT adapter directory names (`base_model_name_or_path`), as a LoRA export
-    names the original model."""
-    config = read_json(adapter_dir / "adapter_config.json", "export the adapter again")
-    base = config.get("base_model_name_or_path")
-    if not isinstance(base, str) or not (Path(base) / CONFIG_NAME).is_file():
-        raise UserError(
-            f"adapter {adapter_dir} names base model {base!r}, which is no local model directory; put the "
-            "original model there, or correct base_model_name_or_path in its adapter_config.json"
-        )
-    return Path(base)
-
-
-# conversion settings that change only the report or how the tensors are split into files: a conversion
-# redone with other values of these holds the same tensors, so the runs trained on it still belong to it
-REPORT_ONLY_SETTINGS = ("metrics", "shard_size_mb")
-
-
-def trained_on(marker: dict, qpissa_dir: Path) -> bool | None:
-    """Whether a run (its qpissa_run.json `marker`) trained the conversion `qpissa_dir` holds now, by the
-    conversion's fingerprint (a copy of the directory is the same); None for a run that predates it."""
-    recorded = marker.get("conversion")
-    if recorded is None:
-        return None
-    current = as_recorded(read_report(qpissa_dir)["fingerprint"], recorded)
-    return _tensor_identity(recorded) == _tensor_identity(current)
-
-
-def as_recorded(fingerprint: dict, recorded: dict) -> dict:
-    """A conversion's `fingerprint` as `recorded` would hold it: without the checkpoint files' stats when
-    it was recorded before they were kept, so it is matched by its settings alone, as it was then."""
-    if not isinstance(recorded, dict) or "checkpoint" in recorded:
-        return fingerprint
-    return {key: value for key, value in fingerprint.items() if key != "checkpoint"}
-
-
-def _tensor_identity(fingerprint: dict) -> dict:
-    """A fingerprint without the settings that do not change its tensors; a damaged one matches none."""
-    settings = fingerprint.get("settings") if isinstance(fingerprint, dict) else None
-    if not isinstance(settings, dict):
-        return {"damaged": fingerprint}
-    return {**fingerprint, "settings": {k: v for k, v in settings.items() if k not in REPORT_ONLY_SETTINGS}}
-
-
-def _trained_model(run_dir: Path) -> Path:
-    model = run_model(run_dir)
-    if not is_qpissa_dir(model):
-        raise UserError(
-            f"{run_dir / RUN_MARKER} names model {read_run(run_dir)['model']}, which "
-            f"{'is not a QPiSSA directory' if model.exists() else 'does not exist'} (resolved to {model}); "
-            "put the run's QPiSSA directory back there, or correct `model` in that file"
-        )
-    check_trained_on(run_dir, model, "train again")
-    return model
-
-
-def check_trained_on(run_dir: Path, model: Path, otherwise: str) -> None:
-    """Refuse a run whose QPiSSA directory `model` holds another conversion now (`trained_on`).
-
-    Raises:
-        UserError: naming the run and the directory; the fix ends with `otherwise`.
-    """
-    if trained_on(read_run(run_dir), model) is False:
-        raise UserError(
-            f"run {run_dir} was trained on a conversion that {model} no longer holds (converted again, with "
-            f"other settings or from another model); put the run's conversion back there, or {otherwise}"
-        )

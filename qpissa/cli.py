@@ -215,7 +215,7 @@ def _cmd_convert(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from qpissa.recipe import load_config
+    from qpissa.recipe_file import load_config
 
     config = load_config(args.config, args.overrides)  # a missing recipe is told before torch loads
     from qpissa.train import train

@@ -38,7 +38,6 @@ from qpissa.artifacts import (
     partial_dir,
     read_json,
     read_report,
-    resolve_source,
 )
 from qpissa.calibration import OVERLAP_NGRAM, calibration_of, overlap_tokens
 from qpissa.checkpoint import CheckpointReader, auto_config, write_json
@@ -47,6 +46,7 @@ from qpissa.convert import check_conversion, convert
 from qpissa.convert_output import ChangedCheckpoint
 from qpissa.convert_settings import CompareSettings, ConvertSettings, Method
 from qpissa.loading import check_causal_lm, check_context, load_model, load_tokenizer
+from qpissa.model_source import resolve_source
 from qpissa.options import to_dict
 from qpissa.original_kl import check_heldout, heldout_ids, measure_fidelity
 from qpissa.output_lock import lock_output

@@ -21,8 +21,6 @@ from qpissa.artifacts import (
     RUNS_DIR,
     ModelSource,
     latest_checkpoint,
-    read_run,
-    trained_on,
 )
 from qpissa.chat_template import resolve_chat_template
 from qpissa.data import training_data
@@ -30,8 +28,10 @@ from qpissa.data_sources import load_heldout, load_source
 from qpissa.loading import check_context, load_tokenizer
 from qpissa.options import to_dict
 from qpissa.outputs import check_apart
-from qpissa.recipe import TrainConfig, load_config
+from qpissa.recipe import TrainConfig
+from qpissa.recipe_file import load_config
 from qpissa.resume_checks import data_fingerprint
+from qpissa.run_marker import read_run, trained_on
 from qpissa.runtime import resolve_runtime
 from qpissa.train import train
 from qpissa.trainer_options import training_arguments

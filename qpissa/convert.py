@@ -28,20 +28,23 @@ from qpissa.artifacts import (
     CALIBRATION_DIR,
     REPORT_NAME,
     TOKENIZER_MARKERS,
-    ModelSource,
     partial_dir,
     read_report,
 )
-from qpissa.calibration import CalibrationTokens, calibration_of
+from qpissa.calibration import CalibrationTokens
 from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, copy_side_files, write_index, write_json
-from qpissa.console import counted
 from qpissa.conversion_report import conversion_report
-from qpissa.convert_calibrated import CalibrationRun, calibrate_layers, spooled
-from qpissa.convert_matrix import DecomposedMatrix, checked_bytes, decompose_matrix, one_thread_per_matrix
-from qpissa.convert_settings import ConvertSettings, Precision, SvdKind
-from qpissa.loading import check_context, load_tokenizer
+from qpissa.convert_calibrated import calibrate_layers, calibration_run, calibration_tokens, spooled
+from qpissa.convert_matrix import (
+    DecomposedMatrix,
+    checked_bytes,
+    decompose_matrix,
+    decompose_settings_of,
+    one_thread_per_matrix,
+)
+from qpissa.convert_settings import ConvertSettings
 from qpissa.memory import available_memory_bytes
-from qpissa.methods import CalibratedFit, DecomposeSettings
+from qpissa.methods import DecomposeSettings
 from qpissa.nf4 import as_storage
 from qpissa.options import api_path, check_api_argument
 from qpissa.output_lock import lock_output
@@ -52,11 +55,10 @@ from qpissa.runtime import (
     dtype_name,
     float32_default,
     resolve_device,
-    sketch_dtype,
     statistics_dtype,
 )
 from qpissa.stored import adapter_key
-from qpissa.targets import TargetPlan, check_cpu_decoding, plan_targets, warn_cpu_kernel
+from qpissa.targets import TargetPlan, check_cpu_decoding, check_quant_storage, plan_targets, warn_cpu_kernel
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +105,12 @@ def check_conversion(
 
     Raises:
         UserError: a missing, damaged or already quantized checkpoint, targets that match nothing or are
-            too small for the rank, an unavailable device.
+            too small for the rank or the --quant-storage, an unavailable device.
     """
     reader = CheckpointReader(model_dir)
     target_plan = plan_targets(settings.targets, reader, settings.rank, calibrated=settings.calib is not None)
+    storage = settings.quant_storage.value
+    check_quant_storage(target_plan, getattr(torch, storage).itemsize, storage)
     device = resolve_device(
         settings.device, "--device cuda was given but no CUDA GPU is visible; use --device cpu or auto"
     )
@@ -136,8 +140,8 @@ def _convert(
         )  # fmt: skip
     targets = set(target_plan.names)
     workers = _resolve_workers(settings.workers, device, reader, targets, settings.calib is not None)
-    decompose_settings = _decompose_settings(settings, device)
-    tokens = _calibration_tokens(reader, settings)
+    decompose_settings = decompose_settings_of(settings, device)
+    tokens = calibration_tokens(reader, settings)
     # the resolved sketch dtype (`auto` may resolve otherwise where it resumes), the checkpoint's files too
     fingerprint = {
         "model": str(model_dir.resolve()), "settings": settings.output_settings(),
@@ -169,7 +173,7 @@ def _convert(
         if tokens is not None:
             calibration = progress.get("calibration", {})
             if "layer_of" not in calibration:
-                run = _calibration_run(tokens, settings, decompose_settings, device, workers)
+                run = calibration_run(tokens, settings, decompose_settings, device, workers)
                 with _bar(len(targets), f"{description} calibrated", show_progress) as bar:
                     bar.update(len(calibration.get("metrics", {})))
                     calibrate_layers(reader, targets, run, partial, progress, bar)
@@ -247,78 +251,6 @@ def _convert_shard(
     writer.close()
     adapter.close()
     return layers
-
-
-def _decompose_settings(settings: ConvertSettings, device: torch.device) -> DecomposeSettings:
-    """What `decompose` needs of the settings, resolved once for every matrix."""
-    calibration = settings.calibration
-    fit = None if calibration is None else CalibratedFit(
-        adapter_damping=calibration["damping"], scale_search=calibration["scale_search"],
-        compensate=calibration["compensate"], codes_damping=calibration["codes_damping"],
-        fit_products_dtype=_fit_products_dtype(settings, device),
-    )  # fmt: skip
-    return DecomposeSettings(
-        method=settings.method, rank=settings.rank, scale=settings.resolved_alpha / settings.rank,
-        iters=settings.resolved_iters, svd=settings.svd, oversample=settings.oversample,
-        power_iters=settings.resolved_power_iters, warm_power_iters=settings.resolved_warm_power_iters,
-        svd_dtype=getattr(torch, settings.svd_dtype.value),
-        sketch_dtype=sketch_dtype(settings.sketch_dtype, settings.svd_dtype),
-        blocksize=settings.blocksize, double_quant=settings.double_quant, calibrated=fit,
-    )  # fmt: skip
-
-
-def _fit_products_dtype(settings: ConvertSettings, device: torch.device) -> torch.dtype | None:
-    """bf16 for the H-weighted fits' products with H where H's own products or the sketch are bf16; else
-    None (the weight's dtype), and always for an exact or float64 fit, which are asked for accuracy."""
-    if settings.svd is SvdKind.EXACT or settings.svd_dtype is not Precision.FLOAT32:
-        return None
-    chosen = (
-        statistics_dtype(device, settings.calibration["compensate"]),
-        sketch_dtype(settings.sketch_dtype, settings.svd_dtype),
-    )
-    return torch.bfloat16 if torch.bfloat16 in chosen else None
-
-
-def _calibration_tokens(reader: CheckpointReader, settings: ConvertSettings) -> CalibrationTokens | None:
-    """The calibration windows of `--calib`, read and checked before anything is written."""
-    if settings.calibration is None:
-        return None
-    calibration = settings.calibration
-    check_context(reader.model_dir, calibration["seq_len"], "--calib-seq-len")
-    tokenizer = load_tokenizer(ModelSource(reader.model_dir, None))
-    tokens = calibration_of(settings, tokenizer)
-    drawn, seq_len = tokens.windows.shape
-    general, reserved = tokens.general, calibration["samples"] - tokens.asked
-    if tokens.available < tokens.asked:
-        log.warning(
-            "--calib %s holds %s of %d tokens, fewer than the %d it is asked for (--calib-samples %d%s): "
-            "calibrating on all of them%s", settings.calib, counted(tokens.available, "window"), seq_len,
-            tokens.asked, calibration["samples"],
-            f", less {reserved} of qpissa's general prose" if reserved else "",
-            f", with {general} of the general prose to keep its --calib-general share" if reserved else "",
-        )  # fmt: skip
-    log.info(
-        "calibrating on %d windows of %d tokens: %d from %s%s",
-        drawn, seq_len, drawn - general, settings.calib,
-        f" and {general} of qpissa's general prose (--calib-general)" if general else "",
-    )  # fmt: skip
-    return tokens
-
-
-def _calibration_run(
-    tokens: CalibrationTokens,
-    settings: ConvertSettings,
-    decompose_settings: DecomposeSettings,
-    device: torch.device,
-    workers: int,
-) -> CalibrationRun:
-    return CalibrationRun(
-        windows=tokens.windows, dtype=calibration_dtype(device),
-        statistics_dtype=statistics_dtype(device, settings.calibration["compensate"]),
-        propagate=settings.calibration["propagate"],
-        decompose=decompose_settings, metrics=settings.metrics, seed=settings.seed, device=device,
-        workers=workers,
-    )  # fmt: skip
 
 
 def _read_and_decompose(

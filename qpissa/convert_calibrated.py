@@ -12,6 +12,7 @@ from the spools in checkpoint order (DESIGN.md, "Calibrated conversion").
 
 from __future__ import annotations
 
+import logging
 import pickle
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,16 +23,22 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from qpissa import UserError
-from qpissa.artifacts import CALIBRATION_DIR, PROGRESS_NAME
+from qpissa.artifacts import CALIBRATION_DIR, PROGRESS_NAME, ModelSource
+from qpissa.calibration import CalibrationTokens, calibration_of
 from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, write_json
+from qpissa.console import counted
 from qpissa.convert_matrix import DecomposedMatrix, decompose_matrix, one_thread_per_matrix
-from qpissa.convert_settings import MetricKind, Propagation
+from qpissa.convert_settings import ConvertSettings, MetricKind, Propagation
 from qpissa.layer_stream import InputStatistics, first_layer_inputs, loaded_layer, open_stack, run_layer
+from qpissa.loading import check_context, load_tokenizer
 from qpissa.memory import return_freed_memory
 from qpissa.methods import DecomposeSettings
 from qpissa.nf4 import dequantize_stored
+from qpissa.runtime import calibration_dtype, statistics_dtype
 from qpissa.safetensors_file import read_header
 from qpissa.stored import adapter_key
+
+log = logging.getLogger(__name__)
 
 HIDDEN_PREFIX = "hidden-"  # in OUT.partial/calibration/: hidden-I.pt holds layer I's inputs
 BATCH_TOKENS = 1024  # calibration tokens per forward pass: activations stay small, products stay large
@@ -61,6 +68,49 @@ class CalibrationRun:
     seed: int
     device: torch.device
     workers: int
+
+
+def calibration_tokens(reader: CheckpointReader, settings: ConvertSettings) -> CalibrationTokens | None:
+    """The calibration windows of `--calib`, read and checked before anything is written."""
+    if settings.calibration is None:
+        return None
+    calibration = settings.calibration
+    check_context(reader.model_dir, calibration["seq_len"], "--calib-seq-len")
+    tokenizer = load_tokenizer(ModelSource(reader.model_dir, None))
+    tokens = calibration_of(settings, tokenizer)
+    drawn, seq_len = tokens.windows.shape
+    general, reserved = tokens.general, calibration["samples"] - tokens.asked
+    if tokens.available < tokens.asked:
+        log.warning(
+            "--calib %s holds %s of %d tokens, fewer than the %d it is asked for (--calib-samples %d%s): "
+            "calibrating on all of them%s", settings.calib, counted(tokens.available, "window"), seq_len,
+            tokens.asked, calibration["samples"],
+            f", less {reserved} of qpissa's general prose" if reserved else "",
+            f", with {general} of the general prose to keep its --calib-general share" if reserved else "",
+        )  # fmt: skip
+    log.info(
+        "calibrating on %d windows of %d tokens: %d from %s%s",
+        drawn, seq_len, drawn - general, settings.calib,
+        f" and {general} of qpissa's general prose (--calib-general)" if general else "",
+    )  # fmt: skip
+    return tokens
+
+
+def calibration_run(
+    tokens: CalibrationTokens,
+    settings: ConvertSettings,
+    decompose_settings: DecomposeSettings,
+    device: torch.device,
+    workers: int,
+) -> CalibrationRun:
+    """What the calibrated phase needs of the conversion's settings, resolved for `device`."""
+    return CalibrationRun(
+        windows=tokens.windows, dtype=calibration_dtype(device),
+        statistics_dtype=statistics_dtype(device, settings.calibration["compensate"]),
+        propagate=settings.calibration["propagate"],
+        decompose=decompose_settings, metrics=settings.metrics, seed=settings.seed, device=device,
+        workers=workers,
+    )  # fmt: skip
 
 
 def calibrate_layers(

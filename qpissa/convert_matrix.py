@@ -17,10 +17,10 @@ import torch
 
 from qpissa import UserError
 from qpissa.checkpoint import FLOAT_DTYPES, CheckpointReader
-from qpissa.convert_settings import MetricKind
-from qpissa.methods import DecomposeSettings, decompose, output_error
+from qpissa.convert_settings import ConvertSettings, MetricKind, Precision, SvdKind
+from qpissa.methods import CalibratedFit, DecomposeSettings, decompose, output_error
 from qpissa.nf4 import quantize_nf4
-from qpissa.runtime import calibration_dtype
+from qpissa.runtime import calibration_dtype, sketch_dtype, statistics_dtype
 from qpissa.weight_error import error_fields, error_norms, output_fields
 
 
@@ -39,6 +39,36 @@ class DecomposedMatrix:
     A: torch.Tensor
     B: torch.Tensor
     metrics: dict
+
+
+def decompose_settings_of(settings: ConvertSettings, device: torch.device) -> DecomposeSettings:
+    """What `decompose` needs of the settings, resolved once for every matrix."""
+    calibration = settings.calibration
+    fit = None if calibration is None else CalibratedFit(
+        adapter_damping=calibration["damping"], scale_search=calibration["scale_search"],
+        compensate=calibration["compensate"], codes_damping=calibration["codes_damping"],
+        fit_products_dtype=_fit_products_dtype(settings, device),
+    )  # fmt: skip
+    return DecomposeSettings(
+        method=settings.method, rank=settings.rank, scale=settings.resolved_alpha / settings.rank,
+        iters=settings.resolved_iters, svd=settings.svd, oversample=settings.oversample,
+        power_iters=settings.resolved_power_iters, warm_power_iters=settings.resolved_warm_power_iters,
+        svd_dtype=getattr(torch, settings.svd_dtype.value),
+        sketch_dtype=sketch_dtype(settings.sketch_dtype, settings.svd_dtype),
+        blocksize=settings.blocksize, double_quant=settings.double_quant, calibrated=fit,
+    )  # fmt: skip
+
+
+def _fit_products_dtype(settings: ConvertSettings, device: torch.device) -> torch.dtype | None:
+    """bf16 for the H-weighted fits' products with H where H's own products or the sketch are bf16; else
+    None (the weight's dtype), and always for an exact or float64 fit, which are asked for accuracy."""
+    if settings.svd is SvdKind.EXACT or settings.svd_dtype is not Precision.FLOAT32:
+        return None
+    chosen = (
+        statistics_dtype(device, settings.calibration["compensate"]),
+        sketch_dtype(settings.sketch_dtype, settings.svd_dtype),
+    )
+    return torch.bfloat16 if torch.bfloat16 in chosen else None
 
 
 def decompose_matrix(

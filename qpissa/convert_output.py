@@ -23,7 +23,6 @@ from qpissa.artifacts import (
     FIDELITY_NAME,
     PROGRESS_NAME,
     REPORT_NAME,
-    as_recorded,
     partial_dir,
     read_json,
     read_report,
@@ -32,6 +31,7 @@ from qpissa.checkpoint import CheckpointReader, SafetensorsWriter, copy_tensors,
 from qpissa.convert_settings import ConvertSettings
 from qpissa.options import from_dict
 from qpissa.outputs import check_not_current, check_only_own, check_replaceable, files_in, replace_dir
+from qpissa.run_marker import as_recorded
 from qpissa.safetensors_file import read_header
 from qpissa.stored import ADAPTER_KEY, adapter_key, write_lora_config
 from qpissa.targets import module_type

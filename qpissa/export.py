@@ -33,8 +33,6 @@ from qpissa.artifacts import (
     has_adapter,
     read_json,
     read_report,
-    resolve_source,
-    run_data_settings,
 )
 from qpissa.chat_template import save_chat_template, saved_chat_template
 from qpissa.checkpoint import (
@@ -49,6 +47,7 @@ from qpissa.export_lora import LoraInputs, check_lora_inputs, check_trained, wri
 from qpissa.export_verify import verify_export
 from qpissa.loading import refuse_cpu_misdecoded
 from qpissa.memory import error_reason, out_of_memory, peak_rss_mb
+from qpissa.model_source import resolve_source
 from qpissa.options import api_path, check_api_argument, to_dict
 from qpissa.output_lock import lock_output
 from qpissa.outputs import (
@@ -60,6 +59,7 @@ from qpissa.outputs import (
     resolve_output,
     start_partial,
 )
+from qpissa.run_marker import run_data_settings
 from qpissa.runtime import auto_device, dtype_name
 from qpissa.settings import ExportKind, ExportSettings, OutputDtype
 from qpissa.stored import Adapter, Residual, read_adapter

@@ -20,10 +20,10 @@ from qpissa.artifacts import (
     is_qpissa_dir,
     read_json,
     read_report,
-    resolve_source,
 )
 from qpissa.chat_template import saved_chat_template
 from qpissa.checkpoint import CheckpointReader, auto_config
+from qpissa.model_source import resolve_source
 from qpissa.stored import Adapter, Residual, read_adapter
 
 # the tokenizer files that are JSON: the one a tokenizer fails to load on is named
@@ -161,7 +161,7 @@ def load_model(
     """Load the base model (4-bit residual or plain) and, if any, the adapter on top of it.
 
     Args:
-        source: from `artifacts.resolve_source`.
+        source: from `model_source.resolve_source`.
         trainable: load the adapter with `is_trainable=True`.
         device: where to put the model.
         compute_dtype: dtype of activations and of the 16-bit weights; None keeps the checkpoint's

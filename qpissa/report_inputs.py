@@ -21,16 +21,13 @@ from qpissa.artifacts import (
     REPORT_NAME,
     RUN_MARKER,
     RUNS_DIR,
-    check_trained_on,
     comparison_members,
     read_json,
     read_jsonl,
-    read_run,
-    run_model,
-    trained_on,
 )
 from qpissa.convert_settings import Method
 from qpissa.report_checks import read_conversion, read_export, read_fidelity, read_run_record, same_model
+from qpissa.run_marker import check_trained_on, read_run, run_model, trained_on
 
 CALIBRATED_SUFFIX = "+calib"
 METHOD_ORDER = (Method.QLORA.value, Method.LOFTQ.value, Method.QPISSA.value)

@@ -25,11 +25,10 @@ from qpissa.artifacts import (
     has_adapter,
     latest_checkpoint,
     read_json,
-    run_model,
-    trained_on,
 )
 from qpissa.options import to_dict
 from qpissa.recipe import DataConfig, TrainConfig
+from qpissa.run_marker import run_model, trained_on
 from qpissa.stored import read_adapter
 from qpissa.trainer_options import checked_options
 

@@ -94,6 +94,24 @@ def kept_matrices(reader: CheckpointReader, architecture: Architecture | None = 
     ]
 
 
+def check_quant_storage(plan: TargetPlan, storage_width: int, storage: str) -> None:
+    """Refuse, before any write, a `--quant-storage` of `storage_width` bytes that does not divide a target's
+    packed codes (two per byte): bitsandbytes stores them as whole elements of that dtype.
+
+    Raises:
+        UserError: naming the first such target, its shape and its byte count.
+    """
+    for name in plan.names:
+        shape = plan.architecture.linears[name].shape
+        code_bytes = (math.prod(shape) + 1) // 2
+        if code_bytes % storage_width:
+            raise UserError(
+                f"target {name} {tuple(shape)} has {code_bytes} bytes of NF4 codes, not a multiple of "
+                f"{storage}'s {storage_width}, so it cannot be stored as {storage}; convert with "
+                "--quant-storage uint8, or leave it out of --targets"
+            )
+
+
 def warn_cpu_kernel(plan: TargetPlan, blocksize: int) -> None:
     """One warning naming the targets bitsandbytes' packed CPU inference kernel rejects, and the fix.
 

@@ -17,14 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qpissa import UserError
-from qpissa.artifacts import (
-    EXPORT_REPORT,
-    RUN_MARKER,
-    ModelSource,
-    is_qpissa_dir,
-    read_json,
-    run_data_settings,
-)
+from qpissa.artifacts import EXPORT_REPORT, RUN_MARKER, ModelSource, is_qpissa_dir, read_json
 from qpissa.chat_template import prompt_ids, template_origin
 from qpissa.data import IGNORE_INDEX, TokenizedData, collate, pad_token_id, tokenize_split
 from qpissa.data_formats import Sample
@@ -33,6 +26,7 @@ from qpissa.demo_task import final_answer
 from qpissa.loading import check_context, checked_source, load_model, load_tokenizer, model_context
 from qpissa.options import api_path, check_api_argument
 from qpissa.recipe import DataConfig
+from qpissa.run_marker import run_data_settings
 from qpissa.runtime import resolve_runtime
 from qpissa.settings import DataFormat, EvalSettings, Metric
 

@@ -21,7 +21,6 @@ from qpissa.artifacts import (
     has_adapter,
     is_qpissa_dir,
     latest_checkpoint,
-    run_model,
 )
 from qpissa.chat_template import TEMPLATE_NAME
 from qpissa.hub import is_hub_name, resolve_model
@@ -29,6 +28,7 @@ from qpissa.loading import check_causal_lm, check_context, check_source
 from qpissa.outputs import check_apart, check_holds_only, check_replaceable
 from qpissa.recipe import TrainConfig
 from qpissa.resume_checks import check_checkpoint
+from qpissa.run_marker import run_model
 
 # what a run writes into output_dir: overwrite_output_dir replaces a run holding nothing else. A `.tmp` is a
 # write cut short; `runs/` the Trainer's default TensorBoard logging_dir; with push_to_hub the Trainer copies

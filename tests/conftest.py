@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from qpissa.models import make_tiny_model
+from qpissa.nf4 import cpu_decodes_by_rows
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -15,6 +16,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if any("misdecoding_cpu" in item.keywords for item in items) and not cpu_decodes_by_rows(64, 128):
+        skip = pytest.mark.skip(reason="bitsandbytes decodes 64-wide NF4 blocks of 128 right on this CPU")
+        for item in items:
+            if "misdecoding_cpu" in item.keywords:
+                item.add_marker(skip)
     if config.getoption("--integration"):
         return
     skip = pytest.mark.skip(reason="uses the demo model; run with --integration")

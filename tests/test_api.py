@@ -123,6 +123,7 @@ def test_arguments_of_the_wrong_kind_are_user_errors(tmp_path: Path) -> None:
             "config: expected TrainConfig, got str; read a recipe with load_config",
         ),
         (lambda: load_config("recipe.yaml", "max_steps=3"), "write ['max_steps=3']"),
+        (lambda: load_config(None, []), "path: expected a path (text or a Path), got NoneType"),
     ]
     for call, message in calls:
         with pytest.raises(UserError, match=re.escape(message)):

@@ -17,8 +17,8 @@ from qpissa.artifacts import (
     latest_checkpoint,
     partial_dir,
     read_json,
-    resolve_source,
 )
+from qpissa.model_source import resolve_source
 
 
 def _checkpoint(run: Path, step: int, *, complete: bool = True, adapter: bool = True) -> Path:
@@ -139,7 +139,8 @@ def test_broken_json_is_named_with_where_it_breaks_in_plain_words(tmp_path: Path
 
 @pytest.mark.parametrize("damaged", [{"settings": []}, 7], ids=["settings a list", "a number"])
 def test_a_run_whose_recorded_conversion_is_damaged_is_refused_in_one_line(tmp_path: Path, damaged) -> None:
-    """A fingerprint damaged inside the run marker was an AttributeError deep in the match."""
+    """A fingerprint damaged inside the run marker was an AttributeError deep in the match, then blamed on the
+    QPiSSA directory ("no longer holds" the conversion): the marker is named as what is damaged."""
     run = _run(tmp_path)
     _checkpoint(run, 10)
     fingerprint = {"settings": {"rank": 4}}
@@ -149,5 +150,7 @@ def test_a_run_whose_recorded_conversion_is_damaged_is_refused_in_one_line(tmp_p
     (run / RUN_MARKER).write_text(json.dumps({**marker, "conversion": fingerprint}))
     assert resolve_source(run).base_dir == tmp_path / "qpissa"
     (run / RUN_MARKER).write_text(json.dumps({**marker, "conversion": damaged}))
-    with pytest.raises(UserError, match=r"was trained on a conversion that .* no longer holds"):
+    with pytest.raises(UserError) as raised:
         resolve_source(run)
+    assert str(raised.value).startswith(f"{run / RUN_MARKER} is damaged (`conversion`")
+    assert "train again into a new output_dir" in str(raised.value)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from qpissa import cli
-from qpissa.artifacts import COMPARE_NAME, FIDELITY_NAME, REPORT_NAME, run_model
+from qpissa.artifacts import COMPARE_NAME, FIDELITY_NAME, REPORT_NAME
+from qpissa.run_marker import run_model
 
 FLAGS = ["--rank", "4", "--iters", "2", "--max-tokens", "96", "--window", "48"]
 

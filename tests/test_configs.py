@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from qpissa import UserError
-from qpissa.recipe import TrainConfig, load_config
+from qpissa.recipe import TrainConfig
+from qpissa.recipe_file import load_config
 from qpissa.settings import DataFormat
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qpissa.artifacts import trained_on
 from qpissa.cli import main
 from qpissa.convert import convert
 from qpissa.convert_settings import ConvertSettings, Method, SvdKind
+from qpissa.run_marker import trained_on
 
 RANK = 8
 

@@ -15,7 +15,7 @@ import torch
 
 from qpissa.checkpoint import CheckpointReader
 from qpissa.cli import main
-from qpissa.convert import _decompose_settings
+from qpissa.convert_matrix import decompose_settings_of
 from qpissa.convert_settings import CALIB_GENERAL, ConvertSettings
 from qpissa.layer_stream import InputStatistics, first_layer_inputs, loaded_layer, open_stack, run_layer
 from qpissa.methods import output_error
@@ -457,7 +457,7 @@ def test_error_compensated_codes_sum_h_from_float32_products(
 def test_fits_multiply_by_h_in_bf16_only_where_speed_was_asked_for(changes: dict, expected) -> None:
     """An exact or float64 fit is asked for accuracy: its products with H stay in the weight's dtype."""
     settings = from_dict(ConvertSettings, {"calib": "data.txt", **changes})
-    fit = _decompose_settings(settings, torch.device("cpu")).calibrated
+    fit = decompose_settings_of(settings, torch.device("cpu")).calibrated
     assert fit.fit_products_dtype == expected
 
 

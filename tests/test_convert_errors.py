@@ -213,6 +213,7 @@ def test_resume_with_nothing_to_resume_says_it_starts_over(tiny_model: Path, tmp
     assert "out.partial holds no interrupted conversion: --resume starts it from the beginning" in caplog.text
 
 
+@pytest.mark.misdecoding_cpu
 def test_widths_the_cpu_kernel_decodes_wrongly_are_refused_on_a_cpu(
     tiny_model: Path, tmp_path: Path, capsys
 ) -> None:
@@ -226,6 +227,7 @@ def test_widths_the_cpu_kernel_decodes_wrongly_are_refused_on_a_cpu(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.misdecoding_cpu
 def test_the_blocksize_advised_for_such_widths_is_one_that_decodes_right(tmp_path: Path, capsys) -> None:
     """96 and 200 wide: no blocksize divides both, but 32 decodes both right: "another --blocksize"
     was advised, with none named."""

@@ -14,11 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qpissa.artifacts import FIDELITY_NAME, REPORT_NAME, trained_on
+from qpissa.artifacts import FIDELITY_NAME, REPORT_NAME
 from qpissa.cli import main
 from qpissa.convert import convert
 from qpissa.convert_settings import ConvertSettings, Method
+from qpissa.loading import refuse_cpu_misdecoded
 from qpissa.models import make_tiny_model
+from qpissa.nf4 import cpu_decodes_by_rows
+from qpissa.run_marker import trained_on
 
 
 def _fails(capsys: pytest.CaptureFixture, out: Path, model: Path, *extra: str) -> str:
@@ -198,11 +201,23 @@ def test_layers_no_rank_fits_are_named_for_targets(tmp_path: Path, capsys) -> No
     assert "q_proj" in error.rsplit("--targets ", 1)[1]
 
 
+@pytest.mark.misdecoding_cpu
 def test_the_cpu_decoding_refusal_names_the_layers(tiny_model: Path, tmp_path: Path, capsys) -> None:
     error = _fails(capsys, tmp_path / "out", tiny_model, "--blocksize", "128")
     assert "decodes NF4 weights 64 wide" in error, error
     assert "(model.layers.0.mlp.gate_proj, model.layers.0.mlp.up_proj, " in error, error
     assert "and 9 more)" in error, error  # 12 targets of the 14 are 64 wide
+
+
+def test_widths_this_cpu_decodes_right_are_converted(tiny_model: Path, tmp_path: Path) -> None:
+    """The refusal above is for CPUs whose kernel decodes such blocks by rows; where it decodes them as
+    written (no AVX512-BF16), the same conversion is allowed and loads."""
+    if cpu_decodes_by_rows(64, 128):
+        pytest.skip("this CPU's kernel decodes 64-wide blocks of 128 by rows: refused (the test above)")
+    out = tmp_path / "out"
+    assert main(["--quiet", "convert", str(tiny_model), str(out), "--rank", "4", "--blocksize", "128"]) == 0
+    refuse_cpu_misdecoded(out, "unused")  # raises where a layer would decode wrong here
+    assert json.loads((out / REPORT_NAME).read_text())["summary"]["avg_fro"] > 0  # below plain NF4
 
 
 def test_int8_weights_are_named_as_such(model_copy: Path, tmp_path: Path, capsys) -> None:
@@ -278,3 +293,23 @@ def test_calibrating_a_model_without_a_tokenizer_is_one_line(
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qpissa: error:") and "tokenizer" in lines[0], lines
     assert not [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+
+
+def test_a_quant_storage_that_cannot_hold_a_target_is_refused_naming_it(tmp_path: Path, capsys) -> None:
+    """`--quant-storage bfloat16` on a weight of an odd number of code bytes was refused only at write time,
+    after every earlier matrix was decomposed, and without the weight's name."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=66, intermediate_size=33, num_hidden_layers=1, num_attention_heads=3,
+        num_key_value_heads=3, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    capsys.readouterr()  # transformers' bar while saving
+    error = _fails(capsys, tmp_path / "out", tmp_path / "model", "--quant-storage", "bfloat16")
+    assert error == (
+        "qpissa: error: target model.layers.0.mlp.down_proj (66, 33) has 1089 bytes of NF4 codes, not a "
+        "multiple of bfloat16's 2, so it cannot be stored as bfloat16; convert with --quant-storage uint8, "
+        "or leave it out of --targets"
+    )

@@ -18,7 +18,7 @@ from qpissa.checkpoint import SafetensorsWriter, ShardedWriter
 from qpissa.convert_settings import Method, SvdKind
 from qpissa.methods import DecomposeSettings, decompose
 from qpissa.options import apply_overrides, from_dict
-from qpissa.recipe import load_config
+from qpissa.recipe_file import load_config
 from qpissa.settings import DataFormat
 from qpissa.svd import truncated_svd
 

@@ -18,10 +18,13 @@ from safetensors.torch import load_file
 
 import qpissa.targets
 from qpissa import UserError, cli
-from qpissa.artifacts import ADAPTER_DIR, resolve_source
+from qpissa.artifacts import ADAPTER_DIR
 from qpissa.checkpoint import CheckpointReader
 from qpissa.loading import load_model
+from qpissa.model_source import resolve_source
 from qpissa.stored import read_adapter
+
+pytestmark = pytest.mark.misdecoding_cpu
 
 
 @pytest.fixture(scope="module")

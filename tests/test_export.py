@@ -17,10 +17,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qpissa import cli
-from qpissa.artifacts import EXPORT_REPORT, RUN_MARKER, resolve_source
+from qpissa.artifacts import EXPORT_REPORT, RUN_MARKER
 from qpissa.checkpoint import CheckpointReader
 from qpissa.export_verify import CONVERTED, TRAINED, decoder_inputs
 from qpissa.loading import load_model
+from qpissa.model_source import resolve_source
 from qpissa.models import make_tiny_model
 from qpissa.nf4 import quantize_nf4
 from qpissa.stored import Residual, read_adapter

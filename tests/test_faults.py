@@ -116,6 +116,10 @@ def _train_config(root: Path, **changes: object) -> Path:
     return path
 
 
+# a run marker's fingerprint of a conversion other than the one its QPiSSA directory holds now
+_OTHER_CONVERSION = {"model": "another", "settings": {"rank": 99}}
+
+
 def _edit_json(path: Path, **changes: object) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
@@ -530,7 +534,7 @@ CASES = [
          damage=lambda ws: _truncate(ws / "run" / "checkpoint-2" / "adapter_model.safetensors")),
     Case("train", "resume: the run's QPiSSA directory converted again since", _resume,
          "belongs to a run on a conversion that .*qpissa no longer holds \\(converted again",
-         damage=lambda ws: _edit_json(ws / "run" / "qpissa_run.json", conversion={"model": "another"})),
+         damage=lambda ws: _edit_json(ws / "run" / "qpissa_run.json", conversion=_OTHER_CONVERSION)),
     Case("train", "resume: with another batch size", lambda ws: _resume(ws, per_device_train_batch_size=3),
          "continues a run with per_device_train_batch_size=2, which this config changes"),
     Case("train", "resume: with other data", lambda ws: _resume(ws, data={"max_seq_len": 24}),
@@ -557,7 +561,7 @@ CASES = [
     # eval and chat: the silently wrong refused, numbers, damaged run files
     Case("eval", "the run's QPiSSA directory converted again since", lambda ws: _eval(ws, target="run"),
          "was trained on a conversion that .* no longer holds",
-         damage=lambda ws: _edit_json(ws / "run" / "qpissa_run.json", conversion={"model": "another"})),
+         damage=lambda ws: _edit_json(ws / "run" / "qpissa_run.json", conversion=_OTHER_CONVERSION)),
     Case("eval", "a data file that is not what its suffix says", lambda ws: _eval(ws, data="data/x.parquet"),
          "cannot read dataset .*x.parquet \\(ArrowInvalid: Parquet magic bytes not found",
          damage=lambda ws: _file(ws / "data" / "x.parquet", "PAR1garbage")),

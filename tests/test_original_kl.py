@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from qpissa import UserError
-from qpissa.artifacts import ModelSource, resolve_source
+from qpissa.artifacts import ModelSource
 from qpissa.convert import convert
 from qpissa.convert_settings import ConvertSettings, Method
 from qpissa.loading import load_model, load_tokenizer
+from qpissa.model_source import resolve_source
 from qpissa.original_kl import (
     check_heldout,
     default_text,

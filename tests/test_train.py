@@ -203,7 +203,7 @@ def test_a_run_saved_with_save_only_model_is_told_unresumable_when_it_starts_and
 ) -> None:
     """Its checkpoints hold no optimizer state: the resume said optimizer.pt was missing and pointed to an
     earlier checkpoint-N, which lacks it too."""
-    from qpissa.recipe import load_config
+    from qpissa.recipe_file import load_config
     from qpissa.train import train
 
     changes = {"max_steps": 2, "save_steps": 1, "save_total_limit": None, "eval_steps": None}
@@ -410,7 +410,7 @@ def test_a_run_cut_short_by_a_full_disk_can_be_overwritten(
 
 
 def test_high_learning_rate_warns(qpissa_dir: Path, data_dir: Path, tmp_path: Path, caplog) -> None:
-    from qpissa.recipe import load_config
+    from qpissa.recipe_file import load_config
     from qpissa.train import train
 
     config = load_config(_config(tmp_path, qpissa_dir, data_dir, max_steps=1, eval_steps=None), [])
@@ -424,7 +424,7 @@ def test_eval_path_folder_is_evaluated_on_its_held_out_split(
 ) -> None:
     """A folder given as both data and eval_path trains on train.jsonl and evaluates eval.jsonl (its test
     split); asking for its train split is evaluating training data, and is said."""
-    from qpissa.recipe import load_config
+    from qpissa.recipe_file import load_config
     from qpissa.train import train
 
     folder = tmp_path / "task"
@@ -453,7 +453,7 @@ def test_held_out_text_or_empty_prompts_are_evaluated_without_generating_from_no
     """Held-out text (continued pretraining), with the default data.eval_generate_samples, crashed the run
     at its first evaluation, as did a held-out prompt_completion record with an empty prompt: such records
     are scored by loss only; a generation asked for in the recipe is said to be skipped, once."""
-    from qpissa.recipe import load_config
+    from qpissa.recipe_file import load_config
     from qpissa.train import train
 
     prose = [{"text": f"Record {i} is prose."} for i in range(4)]

@@ -17,8 +17,8 @@ from huggingface_hub.utils import httpx
 from test_train import _config, _evals, _losses
 
 from qpissa import cli
-from qpissa.artifacts import resolve_source
 from qpissa.loading import load_tokenizer
+from qpissa.model_source import resolve_source
 
 
 def test_options_qpissa_sets_are_accepted_at_the_values_it_sets() -> None:
@@ -96,7 +96,7 @@ def test_checkpointing_reaches_the_trainer_by_its_new_name_without_a_warning(
     key, and the Trainer gets the new name (no FutureWarning in a user's own Python)."""
     import warnings
 
-    from qpissa.recipe import load_config
+    from qpissa.recipe_file import load_config
     from qpissa.runtime import resolve_runtime
     from qpissa.trainer_options import training_arguments
 
@@ -276,7 +276,7 @@ def test_optimizers_built_from_the_model_are_checked_up_to_the_model(
     from transformers import trainer_optimizer
 
     from qpissa import UserError
-    from qpissa.recipe import load_config
+    from qpissa.recipe_file import load_config
     from qpissa.runtime import resolve_runtime
     from qpissa.trainer_options import training_arguments
 

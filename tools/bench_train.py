@@ -90,7 +90,7 @@ def train_peft_baseline(
     from transformers.trainer_callback import PrinterCallback
 
     from qpissa.data import collate, load_train, pad_token_id
-    from qpissa.recipe import load_config
+    from qpissa.recipe_file import load_config
     from qpissa.runtime import resolve_runtime
     from qpissa.trainer_options import training_arguments
     from qpissa.trainlog import JsonlLogCallback
