@@ -350,14 +350,14 @@ def test_asking_for_more_windows_than_the_data_holds_says_how_many_were_used(
 ) -> None:
     out = tmp_path / "out"
     argv = ["--quiet", "convert", str(tiny_chat_model), str(out), "--rank", "4", "--iters", "1"]
-    with caplog.at_level("WARNING", logger="qpissa.convert"):
+    with caplog.at_level("WARNING", logger="qpissa.convert_calibrated"):
         status = main([*argv, "--calib", str(calib_text), "--calib-samples", "1000", "--calib-seq-len", "32"])
     assert status == 0
     calibration = json.loads((out / "qpissa_report.json").read_text())["settings"]["calibration"]
     general = calibration["general_windows"]
     own = calibration["samples"] - general
     assert 1 < own < 750 and general == round(own / 3), "the general prose keeps its share, a quarter"
-    assert [r.getMessage() for r in caplog.records if r.name == "qpissa.convert"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "qpissa.convert_calibrated"] == [
         f"--calib {calib_text} holds {own} windows of 32 tokens, fewer than the 750 it is asked for "
         "(--calib-samples 1000, less 250 of qpissa's general prose): calibrating on all of them, with "
         f"{general} of the general prose to keep its --calib-general share"
