@@ -10,7 +10,9 @@ restart at every sample: transformers' attention (sdpa, eager, flash) then keeps
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +197,42 @@ def packing_collator() -> DataCollatorWithFlattening:
     predicts token t+1), so every sample's loss is exactly its loss alone.
     """
     return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+
+
+def training_collator(model: torch.nn.Module, data: DataConfig, pad_id: int) -> Callable:
+    """The training batches' collator: padding-free packing, checked exact on `model`; else right padding."""
+    if not data.packing:
+        return partial(collate, pad_token_id=pad_id)
+    check_packing_exact(model)
+    return packing_collator()
+
+
+def check_packing_exact(model: torch.nn.Module) -> None:
+    """Refuse `data.packing` where the model lets a packed sample attend to the samples before it in its row
+    (OPT, BLOOM, MPT, state-space models ignore the restarting position ids): a probe packs one sample
+    behind two different ones, which must leave its logits unchanged.
+
+    Raises:
+        UserError: naming the model type and the fix.
+    """
+    vocab = model.get_input_embeddings().num_embeddings
+    first, other, probe = ([(7 * i + shift) % vocab for i in range(6)] for shift in (1, 2, 3))
+    collator = packing_collator()
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = []
+        for before in (first, other):
+            batch = collator([{"input_ids": before, "labels": before}, {"input_ids": probe, "labels": probe}])
+            inputs = {key: value.to(model.device) for key, value in batch.items() if key != "labels"}
+            logits.append(model(**inputs, use_cache=False).logits[0, len(before) :].float())
+    model.train(was_training)
+    if not torch.allclose(*logits, atol=1e-3, rtol=1e-3):
+        raise UserError(
+            f"data.packing: {model.config.model_type} models let a packed sample attend to the samples "
+            "before it in its row (its logits change with them), so every loss and gradient would be wrong; "
+            "set data.packing=false"
+        )
 
 
 def pad_token_id(tokenizer: Any) -> int:

@@ -43,7 +43,7 @@ from qpissa.artifacts import (
 from qpissa.chat_template import resolve_chat_template, save_chat_template, template_origin
 from qpissa.checkpoint import write_json
 from qpissa.convert_settings import Method
-from qpissa.data import TokenizedData, collate, packing_collator, pad_token_id, training_data
+from qpissa.data import TokenizedData, pad_token_id, training_collator, training_data
 from qpissa.distributed import (
     check_fsdp,
     check_gpu_count,
@@ -180,7 +180,7 @@ def _train(
         model=model,
         train_dataset=train_data.rows,
         eval_dataset=eval_data.rows if eval_data else None,
-        data_collator=packing_collator() if config.data.packing else partial(collate, pad_token_id=pad_id),
+        data_collator=training_collator(model, config.data, pad_id),  # packing checked exact on the model
         callbacks=[
             callback,
             *([NoEvaluationAtTheEnd()] if final_evaluation and not trainer_evaluates_last else []),

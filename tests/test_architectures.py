@@ -462,3 +462,28 @@ def test_a_multimodal_gemma3_trains_and_exports(tmp_path: Path, char_tokenizer: 
     assert cli.main(["--quiet", "train", str(_train_config(tmp_path / "qpissa", tmp_path))]) == 0
     assert cli.main(["--quiet", "export", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
     assert json.loads((tmp_path / "merged" / "export_report.json").read_text())["verify"]["kl_mean"] < 1e-3
+
+
+def test_packing_is_refused_where_the_model_lets_packed_samples_see_each_other(
+    tmp_path: Path, char_tokenizer: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """OPT builds its mask without the restarting position ids: with data.packing every sample attended to
+    those before it in its row, and the losses, gradients and evaluations were wrong without a word."""
+    import transformers
+
+    config = transformers.OPTConfig(
+        vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, word_embed_proj_dim=64, dropout=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.OPTForCausalLM(config).save_pretrained(tmp_path / "model")
+    for path in char_tokenizer.iterdir():
+        shutil.copy(path, tmp_path / "model" / path.name)
+    assert _convert(tmp_path / "model", tmp_path / "qpissa") == 0
+    recipe = _train_config(tmp_path / "qpissa", tmp_path)
+    error = _error(capsys, tmp_path / "run", "train", str(recipe), "data.packing=true")
+    assert error == (
+        "qpissa: error: data.packing: opt models let a packed sample attend to the samples before it in its "
+        "row (its logits change with them), so every loss and gradient would be wrong; set data.packing=false"
+    )
+    assert cli.main(["--quiet", "train", str(recipe)]) == 0  # unpacked, the same run trains
