@@ -154,6 +154,9 @@ def _train(
     model = load_model(source, trainable=True, device=device, compute_dtype=runtime.dtype)
     _adapter_to(model, runtime.dtype if fsdp else torch.float32)
     model.config.use_cache = False  # no KV cache in training; with one, attention ignores packed positions
+    # an MoE's routers stay frozen in 16 bits: their load-balancing term would only be added to the logged
+    # training loss (not to step 0's or the evaluations') and pull the adapters
+    model.config.output_router_logits = False
     pad_id = pad_token_id(tokenizer)
     run_dir = config.output_dir
     generate = partial(

@@ -487,3 +487,18 @@ def test_packing_is_refused_where_the_model_lets_packed_samples_see_each_other(
         "row (its logits change with them), so every loss and gradient would be wrong; set data.packing=false"
     )
     assert cli.main(["--quiet", "train", str(recipe)]) == 0  # unpacked, the same run trains
+
+
+def test_an_moe_router_loss_is_not_added_to_the_training_loss(tmp_path: Path, char_tokenizer: Path) -> None:
+    """With `output_router_logits: true` in an MoE's config, steps from 1 on logged cross-entropy plus the
+    frozen routers' load-balancing term, while step 0 and every evaluation logged cross-entropy alone."""
+    model = make_family_model(
+        "mixtral", tmp_path / "model", char_tokenizer, output_router_logits=True, router_aux_loss_coef=0.5
+    )
+    assert _convert(model, tmp_path / "qpissa") == 0
+    recipe = _train_config(tmp_path / "qpissa", tmp_path)
+    (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "12%10=", "completion": " 2"}) + "\n")
+    assert cli.main(["--quiet", "train", str(recipe), "max_steps=1", "learning_rate=1e-6"]) == 0
+    steps = [json.loads(line) for line in (tmp_path / "run" / "trainer_log.jsonl").read_text().splitlines()]
+    losses = {entry["step"]: entry["loss"] for entry in steps if "loss" in entry}
+    assert losses[1] == pytest.approx(losses[0], abs=1e-3), losses  # one batch, before any update
