@@ -16,7 +16,13 @@ from qpissa.nf4 import cpu_decodes_by_rows
 
 log = logging.getLogger(__name__)
 
-CPU_KERNEL_BLOCK_N = 32  # bitsandbytes' packed CPU kernel takes out_features in blocks of 32 rows
+CPU_KERNEL_BLOCK_N = 32
+# model types whose out_proj / conv1d layers PEFT 0.22 refuses to adapt (`_check_lora_target_modules_mamba`)
+PEFT_MAMBA_TYPES = {"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"}
+PEFT_MAMBA_REFUSED = {
+    "out_proj",
+    "conv1d",
+}  # bitsandbytes' packed CPU kernel takes out_features in blocks of 32 rows
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,7 @@ def plan_targets(spec: str, reader: CheckpointReader, rank: int, *, calibrated: 
             targets = [name for name in targets if name not in vectors]
     else:
         targets = _match(spec, architecture)
+    targets = _without_peft_refused(targets, reader.config.get("model_type"), explicit=spec != ALL_LINEAR)
     if not targets:
         raise UserError(_nothing_to_convert(reader, architecture))
     _check_full_precision(targets, reader)
@@ -269,6 +276,25 @@ def _check_calibration(architecture: Architecture, targets: list[str]) -> None:
 
 def _matches(name: str, wanted: str) -> bool:
     return name == wanted or name.endswith("." + wanted)
+
+
+def _without_peft_refused(targets: list[str], model_type: str | None, explicit: bool) -> list[str]:
+    """PEFT refuses a LoRA layer on a Mamba-style mixer's `out_proj` or `conv1d` (it would break the fused
+    scan; `tuners_utils._check_lora_target_modules_mamba`), so no adapter of such a target could load:
+    all-linear leaves them out, and naming one is refused."""
+    if model_type not in PEFT_MAMBA_TYPES:
+        return targets
+    refused = [name for name in targets if name.rsplit(".", 1)[-1] in PEFT_MAMBA_REFUSED]
+    if refused and explicit:
+        raise UserError(
+            f"PEFT loads no LoRA adapter on the {' or '.join(sorted(PEFT_MAMBA_REFUSED))} layers of a "
+            f"{model_type} model ({refused[0]}{' …' if len(refused) > 1 else ''}); leave them out of "
+            "--targets"
+        )
+    if refused:
+        log.info("all-linear leaves out %d %s layer(s) (%s …): PEFT loads no LoRA adapter there, kept in 16 "
+                 "bits", len(refused), model_type, refused[0])  # fmt: skip
+    return [name for name in targets if name not in refused]
 
 
 def _check_full_precision(targets: list[str], reader: CheckpointReader) -> None:

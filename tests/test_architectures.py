@@ -502,3 +502,24 @@ def test_an_moe_router_loss_is_not_added_to_the_training_loss(tmp_path: Path, ch
     steps = [json.loads(line) for line in (tmp_path / "run" / "trainer_log.jsonl").read_text().splitlines()]
     losses = {entry["step"]: entry["loss"] for entry in steps if "loss" in entry}
     assert losses[1] == pytest.approx(losses[0], abs=1e-3), losses  # one batch, before any update
+
+
+def test_mamba_out_proj_is_left_out_because_peft_loads_no_adapter_there(
+    tmp_path: Path, char_tokenizer: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A converted Mamba's adapter on out_proj made train, eval, chat, export and plain PEFT fail with
+    PEFT's ValueError (and qpissa's "this is a bug" line)."""
+    import transformers
+    from peft import PeftModel
+
+    config = transformers.MambaConfig(
+        vocab_size=256, hidden_size=64, state_size=8, num_hidden_layers=2, time_step_rank=16
+    )
+    torch.manual_seed(0)
+    transformers.MambaForCausalLM(config).save_pretrained(tmp_path / "model")
+    error = _fails(capsys, tmp_path / "named", tmp_path / "model", "--targets", "in_proj,out_proj")
+    assert "PEFT loads no LoRA adapter on the conv1d or out_proj layers of a mamba model" in error, error
+    assert _convert(tmp_path / "model", tmp_path / "qpissa") == 0
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qpissa")
+    model = PeftModel.from_pretrained(base, tmp_path / "qpissa" / "adapter")  # refused with out_proj
+    assert not [name for name in model.targeted_module_names if name.endswith("out_proj")]
