@@ -56,7 +56,9 @@ SCHEDULE_TRAINER_OPTIONS = (
     "warmup_steps", "lr_scheduler_kwargs", "adam_beta1", "adam_beta2", "adam_epsilon", "optim_args",
     "optim_target_modules",
 )  # fmt: skip
-RUN_LENGTH = ("max_steps", "num_train_epochs")  # free to change on a constant schedule only
+# what fixes the run's length: max_steps, or num_train_epochs where max_steps is -1 (the Trainer ignores the
+# epochs otherwise); free to change on a schedule that does not depend on it (`_length`)
+RUN_LENGTH = ("max_steps", "num_train_epochs")
 
 
 def check_checkpoint(checkpoint: Path, config: TrainConfig, source: ModelSource, optim: str) -> None:
@@ -181,6 +183,17 @@ def _check_same_run(checkpoint: Path, config: TrainConfig, source: ModelSource, 
             "config changes, but the checkpoint's optimizer and learning-rate schedule go on as they were "
             "saved; resume with the run's values, or start a new run"
         )
+    length = _length(marker["config"])  # the run's, as it had it: epochs only where they counted
+    changed = [
+        change for change in _changed(length, _length(to_dict(config))) if change.split("=")[0] in length
+    ]
+    if changed:
+        raise UserError(
+            f"resume_from_checkpoint {checkpoint} continues a run with {', '.join(changed)}, which this "
+            f"config changes, but its learning-rate schedule ({config.lr_scheduler_type}, or a warmup given "
+            "as a ratio) is laid over the run's length: every step left would get another learning rate; "
+            "resume with the run's length, or start a new run (a constant schedule may resume longer)"
+        )
 
 
 def _changed(before: dict, now: dict) -> list[str]:
@@ -220,22 +233,29 @@ def _flat(name: str, value: Any) -> dict[str, Any]:
 
 
 def _schedule(config: dict, optim: str | None) -> dict:
-    """A run's settings that fix its optimizer's updates and its learning rate at every step (its length
-    too, on a decaying schedule or a warmup given as a ratio of the run); a Trainer option left out has the
-    Trainer's default."""
+    """A run's settings that fix its optimizer's updates and its learning rate at every step (but its
+    length, `_length`); a Trainer option left out has the Trainer's default."""
     trainer = config.get("trainer") or {}
     # typed as training types them (YAML 1.1 reads `1e-6` as text): compared however they were written
     given = checked_options({key: trainer[key] for key in SCHEDULE_TRAINER_OPTIONS if key in trainer})
     settings = {"optim": optim} | {key: config.get(key) for key in SCHEDULE_SETTINGS}
-    settings |= {key: given.get(key, _trainer_default(key)) for key in SCHEDULE_TRAINER_OPTIONS}
+    return settings | {key: given.get(key, _trainer_default(key)) for key in SCHEDULE_TRAINER_OPTIONS}
+
+
+def _length(config: dict) -> dict:
+    """What decides a run's length, where its learning-rate schedule depends on it (a decaying schedule, or
+    a warmup given as a ratio of the run): max_steps, and num_train_epochs only where max_steps is -1 (the
+    Trainer ignores the epochs otherwise); nothing on a schedule that is the same at any length."""
+    trainer = config.get("trainer") or {}
+    given = checked_options({"warmup_steps": trainer["warmup_steps"]} if "warmup_steps" in trainer else {})
     schedule = config.get("lr_scheduler_type")
     # as `training_arguments` passes it: a warmup below 1 is a ratio of the run, so it ends at another step
     # when the run's length changes (the learning rate would drop, then warm up again)
     warmup = given.get("warmup_steps", config.get("warmup_ratio") or 0)
-    length_free = schedule == "constant" or (schedule == "constant_with_warmup" and not 0 < warmup < 1)
-    if not length_free:
-        settings |= {key: config.get(key) for key in RUN_LENGTH}
-    return settings
+    if schedule == "constant" or (schedule == "constant_with_warmup" and not 0 < warmup < 1):
+        return {}
+    steps = config.get("max_steps", -1)
+    return {"max_steps": steps} if steps > 0 else {key: config.get(key) for key in RUN_LENGTH}
 
 
 def _trainer_default(key: str) -> Any:

@@ -65,7 +65,7 @@ from qpissa.recipe import TrainConfig
 from qpissa.resume_checks import RNG_FILES, check_same_samples, data_fingerprint, warn_unresumable
 from qpissa.runtime import Runtime, dtype_name, resolve_runtime
 from qpissa.task_eval import evaluate_loss, exact_match, heldout_for_training
-from qpissa.train_checks import check_inputs, check_output_dir
+from qpissa.train_checks import check_batches, check_inputs, check_output_dir
 from qpissa.trainer_eval import TokenWeightedTrainer
 from qpissa.trainer_options import checked_options, training_arguments
 from qpissa.trainer_resume import resume_or_finish
@@ -141,6 +141,7 @@ def _train(
 ) -> dict[str, Any]:
     """`train` once the main process holds output_dir's lock; every process trains, the main one writes."""
     tokenizer, context, train_data = training_data(config, source, template)
+    check_batches(arguments, len(train_data.rows))
     fingerprint = data_fingerprint(train_data.rows)
     if resume is not None:
         check_same_samples(resume, fingerprint)

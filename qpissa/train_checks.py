@@ -1,9 +1,10 @@
 """`qpissa train`'s refusals before anything is loaded or written: the model, the data paths, the
-checkpoint to resume, and what output_dir holds."""
+checkpoint to resume, what output_dir holds, and (once tokenized) whether the data fills one batch."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qpissa import UserError
 from qpissa.artifacts import (
@@ -29,6 +30,9 @@ from qpissa.outputs import check_apart, check_holds_only, check_replaceable
 from qpissa.recipe import TrainConfig
 from qpissa.resume_checks import check_checkpoint
 from qpissa.run_marker import run_model
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 # what a run writes into output_dir: overwrite_output_dir replaces a run holding nothing else. A `.tmp` is a
 # write cut short; `runs/` the Trainer's default TensorBoard logging_dir; with push_to_hub the Trainer copies
@@ -117,3 +121,29 @@ def check_output_dir(config: TrainConfig, resume: Path | None) -> None:
 
 def _is_occupied(directory: Path) -> bool:
     return directory.is_dir() and any(directory.iterdir())
+
+
+def check_batches(arguments: TrainingArguments, samples: int) -> None:
+    """With dataloader_drop_last, `samples` training samples (tokenized, as the Trainer gets them) fill at
+    least one batch on each process: else the Trainer trains 0 steps and exits as done (max_steps > 0) or
+    fails with a traceback (max_steps=-1). Called once the data is tokenized, before the model is loaded.
+
+    Raises:
+        UserError: too few samples for one batch, naming the batch size that fits.
+    """
+    batch, processes = arguments.per_device_train_batch_size, arguments.world_size
+    if not arguments.dataloader_drop_last or samples >= batch * processes:
+        return
+    across = f" × {processes} processes" if processes > 1 else ""
+    fits = samples // processes
+    fix = (
+        f"set per_device_train_batch_size={fits} or less (gradient_accumulation_steps keeps the batch), add "
+        "training data, or drop dataloader_drop_last"
+        if fits
+        else "add training data, or drop dataloader_drop_last"
+    )
+    raise UserError(
+        f"the data holds {samples} training sample{'s' if samples != 1 else ''} (as tokenized), fewer than "
+        f"one batch (per_device_train_batch_size={batch}{across}), and dataloader_drop_last=true drops an "
+        f"incomplete batch, so nothing would be trained; {fix}"
+    )

@@ -28,6 +28,7 @@ from transformers.utils import is_liger_kernel_available
 from qpissa import UserError
 from qpissa.options import got, is_number, typed_text
 from qpissa.recipe import TrainConfig
+from qpissa.recipe_keys import spelling_hint
 from qpissa.runtime import Runtime
 
 # TrainingArguments fields qpissa sets itself, and why (or what to set instead)
@@ -47,16 +48,6 @@ RENAMED = {"gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
 # DataLoader options only worker processes use: torch's DataLoader refuses them with no workers
 WORKER_OPTIONS = ("dataloader_persistent_workers", "dataloader_prefetch_factor",
                   "dataloader_multiprocessing_context")  # fmt: skip
-# suggested keys whose name alone does not say how to use them (`qpissa convert --resume` is a flag)
-SUGGESTIONS = {"resume_from_checkpoint": "`resume_from_checkpoint=true` (resume after a kill)"}
-# names other trainers (TRL, Axolotl, LLaMA-Factory) give settings that qpissa takes elsewhere
-ALIASES = {
-    **dict.fromkeys(("max_seq_length", "sequence_len", "cutoff_len"), "`data.max_seq_len`"),
-    **dict.fromkeys(("packing", "sample_packing"), "`data.packing`"),
-    "group_by_length": "`train_sampling_strategy=group_by_length`",
-    **dict.fromkeys(("r", "lora_r", "lora_rank"), "`qpissa convert --rank R` (the conversion's rank)"),
-    "lora_alpha": "`qpissa convert --alpha A` (the conversion's scale, alpha/r)",
-}
 
 
 class _ModelNeeded(Exception):
@@ -304,10 +295,9 @@ def checked_options(options: dict[str, Any]) -> dict[str, Any]:
         if key in SET_BY_QPISSA and not (key in OWN_VALUES and value == OWN_VALUES[key]):
             problems.append(f"`{key}` is set by qpissa: {SET_BY_QPISSA[key]}")
         elif key not in known:
-            own = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "trainer"]
             problems.append(
                 f"unknown setting `{key}`: neither a recipe key nor an option of this transformers "
-                f"version's TrainingArguments; {_spelling_hint(key, [*own, *sorted(known)])}"
+                f"version's TrainingArguments; {spelling_hint(key, sorted(known))}"
             )
         else:
             try:
@@ -317,18 +307,6 @@ def checked_options(options: dict[str, Any]) -> dict[str, Any]:
     if problems:
         raise UserError("; ".join(problems))
     return values
-
-
-def _spelling_hint(key: str, names: list[str]) -> str:
-    """The names `key` may mean: close in spelling, else holding it as whole words (`resume`, `epochs`),
-    which difflib misses when the name is much longer than the key; or what another trainer's name is."""
-    if key in ALIASES:
-        return f"qpissa takes it as {ALIASES[key]}"
-    close = difflib.get_close_matches(key, names, n=1)
-    close = close or list(dict.fromkeys(name for name in names if f"_{key}_" in f"_{name}_"))[:3]
-    if not close:
-        return "check the spelling (README: Trainer options)"
-    return f"did you mean {', '.join(SUGGESTIONS.get(name, f'`{name}`') for name in close)}?"
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:

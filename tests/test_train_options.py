@@ -571,3 +571,47 @@ def test_logged_eta_leaves_out_the_evaluations_time(monkeypatch: pytest.MonkeyPa
     rows = [json.loads(line) for line in log_file.read_text().splitlines()]
     assert rows[-1]["step"] == 6 and rows[-1]["eta"] == pytest.approx(14), rows[-1]
     assert rows[-1]["elapsed"] == pytest.approx(36)  # elapsed stays the wall time
+
+
+def _arguments(config_path: Path, overrides: list[str], run: Path):
+    """The Trainer's arguments `qpissa train CONFIG OVERRIDES` would build."""
+    from qpissa.recipe_file import load_config
+    from qpissa.runtime import resolve_runtime
+    from qpissa.trainer_options import training_arguments
+
+    config = load_config(config_path, overrides)
+    runtime = resolve_runtime(config.device, config.bf16, config.optim)
+    return training_arguments(config, runtime, run, show_progress=False)
+
+
+def test_drop_last_with_fewer_samples_than_one_batch_is_refused_in_one_line(
+    qpissa_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """16 samples in batches of 64 with dataloader_drop_last trained 0 steps and exited 0 (max_steps > 0),
+    or failed with a ValueError traceback (max_steps=-1)."""
+    from qpissa import UserError
+    from qpissa.train_checks import check_batches
+
+    config = _config(tmp_path, qpissa_dir, data_dir, eval_steps=None)
+    arguments = _arguments(config, ["per_device_train_batch_size=64", "dataloader_drop_last=true"], tmp_path)
+    with pytest.raises(UserError) as error:
+        check_batches(arguments, 16)
+    assert str(error.value) == (
+        "the data holds 16 training samples (as tokenized), fewer than one batch (per_device_train_batch_size"
+        "=64), and dataloader_drop_last=true drops an incomplete batch, so nothing would be trained; set "
+        "per_device_train_batch_size=16 or less (gradient_accumulation_steps keeps the batch), add training "
+        "data, or drop dataloader_drop_last"
+    )
+    check_batches(arguments, 64)  # one whole batch
+    check_batches(_arguments(config, ["per_device_train_batch_size=64"], tmp_path), 16)  # a partial one
+
+
+def test_drop_last_with_fewer_samples_than_one_batch_writes_nothing(
+    qpissa_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    config = _config(tmp_path, qpissa_dir, data_dir, eval_steps=None, max_steps=2)
+    overrides = ["per_device_train_batch_size=64", "dataloader_drop_last=true"]
+    assert cli.main(["--quiet", "train", str(config), *overrides]) == 2  # was 0: "trained 0 steps"
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [error[-1]] and error[-1].startswith("qpissa: error: the data holds 16 training samples")
+    assert not (tmp_path / "run").exists()
