@@ -53,6 +53,7 @@ bitsandbytes or datasets at module level.
     data_files*        local data files checked before datasets reads them; JSON records as written
     data               tokenization with datasets.map and exact loss masks, mixing, the collators (packing)
     trainer_options    every TrainingArguments option in a recipe, checked, and the Trainer's arguments
+    recipe_keys*       what an unknown recipe key may mean: a recipe key, another fine-tuner's name, an option
     trainer_eval       the Trainer whose evaluation loss weighs every token alike, as training does
     distributed*       several processes (torchrun, accelerate launch): ranks, main-only work, barriers
     trainlog           the per-step JSONL log and a quieter progress bar
@@ -70,6 +71,8 @@ bitsandbytes or datasets at module level.
     compare_train      `compare --train`: the recipe checked first; each method's run trained or reused
     report_inputs      a report's inputs found, grouped by the conversion they came from, and labelled
     report_checks      what a report reads, checked: damaged records, one base model, a changed original
+    report_runs        a report's runs in words: recipes, the keys that set them apart, unfinished runs
+    report_sizes       a report's sizes: the original's, each conversion's and export's files and params
     report             `qpissa report`: the JSON artifacts collected into summary.json and a verdict
     report_render      report.md and a self-contained report.html from the summary
     plots              the report's PNG plots

@@ -28,23 +28,31 @@ import torch
 
 from qpissa import UserError
 from qpissa.artifacts import (
-    CALIBRATED_DIR_SUFFIX,
+    ADAPTER_DIR,
+    ADAPTER_WEIGHTS,
     COMPARE_NAME,
     CONVERSIONS_DIR,
     FIDELITY_NAME,
     REPORT_NAME,
-    RUNS_DIR,
     ModelSource,
     partial_dir,
     read_json,
     read_report,
 )
 from qpissa.calibration import OVERLAP_NGRAM, calibration_of, overlap_tokens
-from qpissa.checkpoint import CheckpointReader, auto_config, write_json
+from qpissa.checkpoint import SHARD_GLOB, CheckpointReader, auto_config, write_json
+from qpissa.compare_record import (
+    compared_methods,
+    fingerprint,
+    finished_methods,
+    prepare_output,
+    record_steps,
+    variants,
+)
 from qpissa.compare_train import check_train_config, train_step
 from qpissa.convert import check_conversion, convert
 from qpissa.convert_output import ChangedCheckpoint
-from qpissa.convert_settings import CompareSettings, ConvertSettings, Method
+from qpissa.convert_settings import CompareSettings, ConvertSettings
 from qpissa.loading import check_causal_lm, check_context, load_model, load_tokenizer
 from qpissa.model_source import resolve_source
 from qpissa.options import to_dict
@@ -52,13 +60,16 @@ from qpissa.original_kl import check_heldout, heldout_ids, measure_fidelity
 from qpissa.output_lock import lock_output
 from qpissa.outputs import check_apart, resolve_output
 from qpissa.report import build_report
+from qpissa.safetensors_file import read_header
 from qpissa.settings import FidelitySettings, ReportOptions
 from qpissa.targets import check_cpu_decoding
 from qpissa.worker import in_fresh_process
 
 log = logging.getLogger(__name__)
 
-OWN_DIRS = (CONVERSIONS_DIR, RUNS_DIR)
+# per-token KL is heavy-tailed (a few tokens carry most of it): its mean over fewer tokens than this is off by
+# a fifth or more, as much as the methods' KLs differ
+MIN_FIDELITY_TOKENS = 256
 
 
 def compare(
@@ -96,10 +107,11 @@ def compare(
               "--calib": convert_settings.calib}  # fmt: skip
     check_apart(out_dir, "OUT", inputs)
     check_heldout(model_dir, fidelity_settings)  # a bad --text fails now, not after the conversions
-    _check_calibration(model_dir, convert_settings, fidelity_settings)  # and bad --calib data too
+    _warn_few_tokens(model_dir, fidelity_settings)
+    calib_sha256 = _check_calibration(model_dir, convert_settings, fidelity_settings)  # bad --calib data too
     if settings.train is not None:
         check_train_config(settings.train, out_dir, model_dir)
-    for variant in _variants(settings.method_list, convert_settings).values():  # before OUT is written:
+    for variant in variants(settings.method_list, convert_settings).values():  # before OUT is written:
         _, plan, _ = check_conversion(model_dir, variant)  # the targets, rank and device
         check_cpu_decoding(plan, variant.blocksize, "cpu")  # fidelity loads every conversion on the CPU
         layer = report_options.layer if report_options else None
@@ -107,80 +119,45 @@ def compare(
             raise UserError(
                 f"--layer {layer} is not a matrix the conversions decompose; e.g. --layer {plan.names[0]}"
             )
+    recorded = fingerprint(model_dir, convert_settings, calib_sha256)
     with lock_output(out_dir, "OUT"):  # one writer per comparison
         return _compare(
-            model_dir, out_dir, settings, convert_settings, fidelity_settings, report_options, show_progress
-        )
+            model_dir, out_dir, recorded, settings, convert_settings, fidelity_settings, report_options,
+            show_progress,
+        )  # fmt: skip
 
 
 def _compare(
     model_dir: Path,
     out_dir: Path,
+    recorded: dict,
     settings: CompareSettings,
     convert_settings: ConvertSettings,
     fidelity_settings: FidelitySettings,
     report_options: ReportOptions | None,
     show_progress: bool,
 ) -> dict:
-    """`compare` while this process holds OUT's lock."""
-    record = _prepare_output(out_dir, _fingerprint(model_dir, convert_settings))
-    variants = _variants(_compared_methods(out_dir, record, settings.method_list), convert_settings)
-    record["methods"] += [name for name in variants if name not in record["methods"]]
+    """`compare` while this process holds OUT's lock (`recorded`: the fingerprint its record must match)."""
+    record = prepare_output(out_dir, recorded)
+    compared = variants(compared_methods(out_dir, record, settings.method_list), convert_settings)
+    record["methods"] = finished_methods(out_dir, record)  # each other one once its conversion is finished
     run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None, "steps": []}
     record["history"].append(run)
     write_json(out_dir / COMPARE_NAME, record)  # from here on, an interrupted comparison can be continued
-    for name, variant in variants.items():
-        _record(out_dir, record, [_convert_step(model_dir, out_dir, name, variant, show_progress)])
-    _record(
-        out_dir, record, _fidelity_steps(model_dir, out_dir, list(variants), fidelity_settings, show_progress)
-    )
-    for name in variants if settings.train is not None else []:
+    for name, variant in compared.items():
+        step = _convert_step(model_dir, out_dir, name, variant, show_progress)
+        record["methods"] += [] if name in record["methods"] else [name]
+        record_steps(out_dir, record, [step])
+    names = list(compared)
+    measured = _fidelity_steps(model_dir, out_dir, names, fidelity_settings, show_progress)
+    record_steps(out_dir, record, measured)
+    for name in names if settings.train is not None else []:
         run_dir, status, seconds = train_step(out_dir, name, settings.train, show_progress)
-        _record(out_dir, record, [_step(name, "train", run_dir, status, seconds)])
+        record_steps(out_dir, record, [_step(name, "train", run_dir, status, seconds)])
     build_report([out_dir], out_dir, report_options or ReportOptions())
     run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json(out_dir / COMPARE_NAME, record)
     return record
-
-
-def _compared_methods(out_dir: Path, record: dict, asked: list[Method]) -> list[Method]:
-    """The methods of an earlier run of OUT, then the new ones asked now: the report shows every method
-    OUT holds, so each is measured (and trained) with this run's settings, not left with older ones.
-
-    Raises:
-        UserError: compare.json names a method qpissa does not know (it was edited or damaged).
-    """
-    known = {method.value for method in Method}
-    earlier = [str(name).removesuffix(CALIBRATED_DIR_SUFFIX) for name in record["methods"]]
-    unknown = [name for name in earlier if name not in known]
-    if unknown:
-        raise UserError(
-            f"{out_dir / COMPARE_NAME} names unknown methods ({', '.join(unknown)}); it is written by "
-            "`qpissa compare`: choose a new OUT"
-        )
-    methods = list(dict.fromkeys([*map(Method, earlier), *asked]))
-    kept = [method.value for method in methods if method not in asked]
-    if kept:
-        log.info(
-            "%s holds %s from an earlier run as well: compared too, with this run's fidelity settings "
-            "(and --train)", out_dir, ", ".join(kept),
-        )  # fmt: skip
-    return methods
-
-
-def _variants(methods: list[Method], base: ConvertSettings) -> dict[str, ConvertSettings]:
-    """The conversions to compare, by directory name: each method data-free, and with `--calib` also
-    calibrated (`<method>-calib`); everything else shared."""
-    data_free = {f.name: None for f in dataclasses.fields(base) if f.name.startswith("calib")}
-    variants = {}
-    for method in methods:
-        settings = dataclasses.replace(
-            base, method=method, iters=None if method is Method.QLORA else base.iters
-        )
-        variants[method.value] = dataclasses.replace(settings, **data_free)
-        if base.calib is not None:
-            variants[method.value + CALIBRATED_DIR_SUFFIX] = settings
-    return variants
 
 
 def _convert_step(
@@ -200,18 +177,35 @@ def _convert_step(
 
 
 def _check_finished(model_dir: Path, target: Path, settings: ConvertSettings) -> None:
-    """Check a finished conversion against `settings` as `convert --resume` does, without its note."""
+    """Check a finished conversion against `settings` as `convert --resume` does, without its note, and its
+    weight files whole (the report and training read them).
+
+    Raises:
+        UserError: with compare's fix, not convert's (compare has no --overwrite): the conversion is
+            removed and done again, or the comparison goes into another OUT.
+    """
     notes = logging.getLogger(convert.__module__)
     level = notes.level
     notes.setLevel(max(logging.WARNING, notes.getEffectiveLevel()))  # its warnings still show
+    redo = f"remove {target} and rerun to convert it again, or compare into another OUT"
     try:
         convert(model_dir, target, settings, resume=True)
-    except ChangedCheckpoint as changed:  # compare has no --overwrite: every step read the old MODEL
+        for weights in [*target.glob(SHARD_GLOB), target / ADAPTER_DIR / ADAPTER_WEIGHTS]:
+            read_header(weights, redo)
+    except ChangedCheckpoint as changed:  # every step read the old MODEL: the whole comparison is stale
         raise UserError(
             f"{changed.what}; compare into another OUT, or remove {target.parent.parent}"
         ) from None
+    except UserError as refused:
+        raise UserError(f"{_without_fix(str(refused))}; {redo}") from None
     finally:
         notes.setLevel(level)
+
+
+def _without_fix(message: str) -> str:
+    """A refusal of `convert` without its fix (`...; use --overwrite to replace it`), which is convert's:
+    every qpissa refusal ends in `; FIX`."""
+    return message.rsplit("; ", 1)[0]
 
 
 def _fidelity_steps(
@@ -252,11 +246,15 @@ def _measured_key(path: Path) -> dict | None:
         return None
 
 
-def _check_calibration(model_dir: Path, settings: ConvertSettings, fidelity: FidelitySettings) -> None:
+def _check_calibration(model_dir: Path, settings: ConvertSettings, fidelity: FidelitySettings) -> str | None:
     """Read `--calib` now (a bad file fails before any conversion) and warn if it overlaps the held-out
-    text: fidelity must be measured on text the calibration did not see."""
+    text: fidelity must be measured on text the calibration did not see.
+
+    Returns:
+        The hash of the token windows drawn (the data as a conversion records it); None without --calib.
+    """
     if settings.calibration is None:
-        return
+        return None
     tokenizer = load_tokenizer(ModelSource(model_dir, None))
     tokens = calibration_of(settings, tokenizer)
     ids, source = heldout_ids(model_dir, fidelity, tokenizer.vocab_size)
@@ -267,80 +265,17 @@ def _check_calibration(model_dir: Path, settings: ConvertSettings, fidelity: Fid
             "fidelity measured on them overstates what calibration does for unseen text; pass another --text",
             shared, len(ids), source, OVERLAP_NGRAM, settings.calib,
         )  # fmt: skip
+    return tokens.sha256
 
 
-def _fingerprint(model_dir: Path, convert_settings: ConvertSettings) -> dict:
-    """What an existing OUT must match to be continued: the model and the shared conversion settings
-    (methods may be added; fidelity and training steps check their own inputs)."""
-    shared = {k: v for k, v in convert_settings.output_settings().items() if k != "method"}
-    return {"model": str(model_dir.resolve()), "convert": shared}
-
-
-def _mismatch(out_dir: Path, before: dict, now: dict) -> str:
-    """Why OUT's comparison cannot be continued, in the options the user gives (`--rank 4`, `no --calib`,
-    `the default --iters`), and how to go on."""
-    if before.get("model") != now["model"]:
-        return (
-            f"{out_dir} holds a comparison of another model ({before.get('model')}); rerun with that MODEL "
-            "to continue it, or choose another OUT"
-        )
-    earlier, asked = _as_given(before.get("convert", {})), _as_given(now["convert"])
-    calibrated = earlier.get("calib") is not None and asked.get("calib") is not None
-    keys = [key for key in dict.fromkeys([*asked, *earlier]) if calibrated or not key.startswith("calib_")]
-    changed = [key for key in keys if earlier.get(key) != asked.get(key)]  # calib_*: only beside --calib
-    if not changed:
-        return f"{out_dir} holds a comparison made with other settings; choose another OUT"
-    made = ", ".join(_option(key, earlier.get(key)) for key in changed)
-    wanted = ", ".join(_option(key, asked.get(key)) for key in changed)
-    return (
-        f"{out_dir} holds a comparison made with {made}, where this run asks for {wanted}; rerun with the "
-        "earlier options to continue it, or choose another OUT for these"
-    )
-
-
-def _as_given(convert_settings: dict) -> dict:
-    """Recorded conversion settings as a user gives them: the recorded --power-iters is resolved, and is
-    None here where it is the default of its --calib (4 without, 2 with), which nobody passed."""
-    default = ConvertSettings(calib=convert_settings.get("calib")).resolved_power_iters
-    if convert_settings.get("power_iters") == default:
-        return convert_settings | {"power_iters": None}
-    return convert_settings
-
-
-def _option(key: str, value: object) -> str:
-    """One setting as its flag reads: `--rank 4`, `--no-double-quant`, `no --calib`, `the default --iters`."""
-    flag = "--" + key.replace("_", "-")
-    if value is None:
-        return f"no {flag}" if key == "calib" else f"the default {flag}"
-    if isinstance(value, bool):
-        return flag if value else f"--no-{flag[2:]}"
-    return f"{flag} {value}"
-
-
-def _prepare_output(out_dir: Path, fingerprint: dict) -> dict:
-    """Load the record of an earlier comparison with the same settings, or start a new one."""
-    record_path = out_dir / COMPARE_NAME
-    if record_path.is_file():
-        fix = (
-            f"to continue, keep {CONVERSIONS_DIR}/ and {RUNS_DIR}/ in {out_dir} and delete the rest (each "
-            "conversion and run is checked and reused), or choose a new OUT"
-        )
-        record = read_json(record_path, fix, required=("fingerprint", "history", "methods"))
-        if record["fingerprint"] != fingerprint:
-            raise UserError(_mismatch(out_dir, record["fingerprint"], fingerprint))
-        return record
-    # a directory holding only conversions/ and runs/ is a comparison begun elsewhere (or before compare.json
-    # was written): continue it; each conversion and run is still checked against the settings
-    if out_dir.exists() and (not out_dir.is_dir() or any(p.name not in OWN_DIRS for p in out_dir.iterdir())):
-        raise UserError(f"{out_dir} exists and is not a comparison directory; choose a new or empty OUT")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return {"fingerprint": fingerprint, "history": [], "methods": []}
-
-
-def _record(out_dir: Path, record: dict, steps: list[dict]) -> None:
-    """Log finished steps in compare.json at once, so the record is true even if a later step fails."""
-    record["history"][-1]["steps"] += steps
-    write_json(out_dir / COMPARE_NAME, record)
+def _warn_few_tokens(model_dir: Path, settings: FidelitySettings) -> None:
+    """Warn, before any conversion, when the held-out text is too short for its mean KL to rank methods."""
+    ids, source = heldout_ids(model_dir, settings, auto_config(model_dir).get_text_config().vocab_size)
+    if len(ids) < MIN_FIDELITY_TOKENS:
+        log.warning(
+            "fidelity is measured on %s, fewer than %d: a mean token KL over so few varies more than the "
+            "methods differ; pass a longer --text (or a larger --max-tokens)", source, MIN_FIDELITY_TOKENS,
+        )  # fmt: skip
 
 
 def _step(name: str, step: str, path: Path, status: str, seconds: float) -> dict:

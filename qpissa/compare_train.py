@@ -1,5 +1,5 @@
 """`compare --train`: the shared recipe checked before any conversion, and each method's run trained, or
-reused when it trained this conversion on these samples with this recipe.
+reused when it trained this conversion on these samples with this recipe and finished (evaluated too).
 
 A comparison's runs are `runs/<method>`, each on `conversions/<method>`: compare sets both paths, so a run
 is told apart by the rest of its recipe, the conversion it trained (its fingerprint) and its samples (the
@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 
 from qpissa.artifacts import (
-    ADAPTER_CONFIG,
-    ADAPTER_DIR,
     CONVERSIONS_DIR,
     DATA_FINGERPRINT,
     RUN_MARKER,
@@ -30,6 +28,7 @@ from qpissa.options import to_dict
 from qpissa.outputs import check_apart
 from qpissa.recipe import TrainConfig
 from qpissa.recipe_file import load_config
+from qpissa.report_runs import RunState, run_state
 from qpissa.resume_checks import data_fingerprint
 from qpissa.run_marker import read_run, trained_on
 from qpissa.runtime import resolve_runtime
@@ -63,7 +62,9 @@ def check_train_config(config_path: Path, out_dir: Path, model_dir: Path) -> Non
 
 
 def train_step(out_dir: Path, name: str, config_path: Path, show_progress: bool) -> tuple[Path, str, float]:
-    """Train one conversion with the shared config; reuse a finished run, resume an interrupted one.
+    """Train one conversion with the shared config; reuse a finished run, resume an interrupted one. A run
+    stopped in its final evaluation (its adapter saved, `eval_results.json` not) is finished as `train`
+    finishes one: from the checkpoint of its last step, nothing is trained and the adapter is evaluated.
 
     Returns:
         The run directory, `done` or `reused`, and the seconds spent.
@@ -72,9 +73,12 @@ def train_step(out_dir: Path, name: str, config_path: Path, show_progress: bool)
     overrides = [f"model={(out_dir / CONVERSIONS_DIR / name).resolve()}", f"output_dir={run_dir}"]
     config = load_config(config_path, overrides)
     why_not = _why_not_reused(run_dir, config) if (run_dir / RUN_MARKER).is_file() else None
-    if why_not is None and (run_dir / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
+    state = run_state(run_dir, to_dict(config))
+    if why_not is None and state is RunState.FINISHED:
         return run_dir, "reused", 0.0
     if why_not is None:  # interrupted: continue from its last checkpoint
+        if state is RunState.UNEVALUATED:
+            log.info("%s was trained, but stopped before its final evaluation: finishing it", run_dir)
         checkpoint = latest_checkpoint(run_dir)
         extra = [f"resume_from_checkpoint={checkpoint}"] if checkpoint else ["overwrite_output_dir=true"]
         config = load_config(config_path, overrides + extra)

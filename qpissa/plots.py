@@ -16,6 +16,7 @@ COLOURS = {Method.QLORA.value: "#7f7f7f", Method.LOFTQ.value: "#1f77b4", Method.
 FALLBACK_COLOURS = ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
 DPI = 110
 CROWDED_CHARS = 36  # label characters one half-width plot's x axis holds level
+CROWDED_INCHES_PER_CHAR = 0.06  # the width a tilted label's character takes, added to two-plot figures
 
 
 def assign_colours(methods: dict[str, str | None]) -> dict[str, str]:
@@ -115,11 +116,11 @@ def fidelity(values: dict[str, dict], colours: dict[str, str], path: Path) -> No
     """Bars: mean token KL to the original (left) and top-1 agreement in % (right) per method."""
     plt = _pyplot()
     labels = list(values)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(_width(labels, 9), 3.6))
     _bars(left, labels, [values[k]["kl"] for k in labels], colours, "{:.3g}")
-    left.set_title("Mean token KL(original ‖ model), nats (lower is closer)")
+    left.set_title("Mean token KL(original ‖ model),\nnats (lower is closer)")
     _bars(right, labels, [100 * values[k]["top1"] for k in labels], colours, "{:.1f}")
-    right.set_title("Top-1 agreement with the original, %")
+    right.set_title("Top-1 agreement\nwith the original, %")
     _save(fig, path)
 
 
@@ -162,8 +163,8 @@ def memory_speed(
 ) -> None:
     """Bars: peak memory (MB) of conversion and training per method (left), training tokens/s (right)."""
     plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     labels = list(memory)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(_width(labels, 10), 3.8))
     kinds = sorted({kind for values in memory.values() for kind in values})
     width = 0.8 / max(len(kinds), 1)
     for j, kind in enumerate(kinds):
@@ -203,6 +204,13 @@ def _tilt_if_crowded(ax, labels: list[str]) -> None:
         ax.tick_params(axis="x", labelrotation=20)
         for text in ax.get_xticklabels():
             text.set_horizontalalignment("right")
+
+
+def _width(labels: list[str], width: float) -> float:
+    """A two-plot figure's width in inches, wider for long tilted labels: they take the plots' room, and
+    the plots' titles, wider than the plots left, were cut off at the figure's edge."""
+    crowded = sum(len(label) for label in labels) > CROWDED_CHARS
+    return width + (CROWDED_INCHES_PER_CHAR * max(map(len, labels)) if crowded else 0)
 
 
 def _pyplot():

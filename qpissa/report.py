@@ -10,22 +10,18 @@ plots show (DESIGN.md principle 6). Rendering lives in `report_render.py`, plott
 from __future__ import annotations
 
 import logging
-import math
 import re
 import shutil
 from pathlib import Path
 
 from qpissa import UserError
 from qpissa.artifacts import (
-    ADAPTER_DIR,
-    ADAPTER_WEIGHTS,
-    DATA_FINGERPRINT,
     REPORT_HTML,
     REPORT_MARKDOWN,
     REPORT_NAME,
     SUMMARY_NAME,
 )
-from qpissa.checkpoint import SHARD_GLOB, write_json
+from qpissa.checkpoint import write_json
 from qpissa.console import counted
 from qpissa.convert_settings import Method
 from qpissa.output_lock import lock_output
@@ -38,10 +34,11 @@ from qpissa.outputs import (
     start_partial,
 )
 from qpissa.plots import assign_colours
-from qpissa.report_checks import original_changes
+from qpissa.report_checks import read_original
 from qpissa.report_inputs import MethodData, collect, export_label, method_label
 from qpissa.report_render import PLOT_FILES, draw_plots, fidelity_apart, write_documents
-from qpissa.safetensors_file import read_header
+from qpissa.report_runs import RunState, run_recipe
+from qpissa.report_sizes import checkpoint_sizes, conversion_sizes, export_sizes
 from qpissa.settings import ReportOptions
 from qpissa.spectrum import layer_spectra
 
@@ -139,12 +136,12 @@ def summarize(methods: list[MethodData], options: ReportOptions) -> dict:
         "training": {m.label: _training(m.steps) for m in methods if m.steps},
         "eval": {m.label: m.evals for m in methods if m.evals},
         "exports": [
-            _export(export_label(m, report), path, report) for m in methods for path, report in m.exports
+            export_sizes(export_label(m, report), path, report) for m in methods for path, report in m.exports
         ],
         "spectrum": _spectrum(methods, options.layer, original, missing),
         "setup": {
             "model": next((m.conversion["fingerprint"]["model"] for m in methods if m.conversion), None),
-            "runs": {m.label: _recipe(m.run) for m in methods if m.run},
+            "runs": {m.label: run_recipe(m.run, m.run_dir) for m in methods if m.run},
         },
     }
     for row in summary["memory"].values():
@@ -188,13 +185,7 @@ def verdict(summary: dict, tail_steps: int) -> list[str]:
         lines.append(
             f"Mean token KL to the original model before training: {kls}; top-1 agreement: {agree}{caveat}."
         )
-    train = summary["training"]
-    if train:
-        losses = ", ".join(
-            f"{k} {v['tail_loss']:.4f} (last {counted(v['tail_steps'], 'step')}, to step {v['final_step']})"
-            for k, v in train.items()
-        )
-        lines.append(f"Mean training loss over the last trained steps (at most {tail_steps}): {losses}.")
+    lines += _training_lines(summary, tail_steps)
     acc = {k: v["accuracy"] for k, v in summary["eval"].items() if v.get("accuracy") is not None}
     if acc:
         lines.append("Eval accuracy: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in acc.items()) + ".")
@@ -205,6 +196,27 @@ def verdict(summary: dict, tail_steps: int) -> list[str]:
         original = summary["original"]
         against = f" against {original['disk_mb']:.1f} MB for the original model" if original else ""
         lines.append(f"Residual + adapter on disk: {text}{against}.")
+    return lines
+
+
+def _training_lines(summary: dict, tail_steps: int) -> list[str]:
+    """Each run's mean loss over its last trained steps, marked where the run did not finish; the runs that
+    logged no trained step (step 0 is the converted model, before training) are said to have none."""
+    states = {label: recipe["state"] for label, recipe in summary["setup"]["runs"].items()}
+    train = summary["training"]
+    trained = {k: v for k, v in train.items() if v["tail_steps"]}
+    untrained = [k for k, v in train.items() if not v["tail_steps"]]
+    lines = []
+    if trained:
+        losses = ", ".join(
+            f"{k} {v['tail_loss']:.4f} (last {counted(v['tail_steps'], 'step')}, to step {v['final_step']}"
+            f"{'; unfinished' if states.get(k) == RunState.UNFINISHED.value else ''})"
+            for k, v in trained.items()
+        )
+        lines.append(f"Mean training loss over the last trained steps (at most {tail_steps}): {losses}.")
+    if untrained:
+        lines.append(f"No trained step logged by {', '.join(untrained)}: only step 0, the converted model "
+                     "before training.")  # fmt: skip
     return lines
 
 
@@ -260,75 +272,39 @@ def _training(steps: list[dict]) -> dict:
     loss is over trained steps (step 0 is the initialized model), as `train` prints it."""
     speeds = [s["tokens_per_second"] for s in steps if s.get("tokens_per_second")]
     memory = [s["peak_memory_mb"] for s in steps if s.get("peak_memory_mb") is not None]
-    tail = [s for s in steps if s["step"] > 0][-TAIL_STEPS:] or steps[:1]
+    tail = [s for s in steps if s["step"] > 0][-TAIL_STEPS:]  # none where only step 0 was logged
     return {
         "first_loss": steps[0]["loss"], "first_step": steps[0]["step"],
         "final_loss": steps[-1]["loss"], "final_step": steps[-1]["step"],
-        "tail_loss": sum(s["loss"] for s in tail) / len(tail), "tail_steps": len(tail),
+        "tail_loss": sum(s["loss"] for s in tail) / len(tail) if tail else None, "tail_steps": len(tail),
         "tokens_per_second": sum(speeds) / len(speeds) if speeds else None,
         "peak_memory_mb": max(memory) if memory else None,
         "curve": [[s["step"], s["loss"]] for s in steps],
     }  # fmt: skip
 
 
-def _recipe(run: dict) -> dict:
-    """What a run trained on and how long, from its run marker: what a reader of the report asks first."""
-    config, data = run["config"], run["config"]["data"]
-    return {
-        "data": data["path"] or [source["path"] for source in data["sources"]],
-        "eval_path": data["eval_path"], "max_seq_len": data["max_seq_len"],
-        "data_fingerprint": run.get(DATA_FINGERPRINT),  # the same path may hold other contents
-        "max_steps": config["max_steps"], "num_train_epochs": config["num_train_epochs"],
-        "learning_rate": config["learning_rate"], "seed": config["seed"],
-        "global_batch_size": run["processes"]["global_batch_size"],
-    }  # fmt: skip
-
-
-def _export(label: str, path: Path, report: dict) -> dict:
-    verify = report.get("verify") or {}
-    return {
-        "method": label, "path": str(path), "kind": report.get("kind"), "dtype": report.get("dtype"),
-        "disk_mb": _size_mb(path.glob("*.safetensors")), "max_abs_diff": verify.get("max_abs_diff"),
-        "kl_mean": verify.get("kl_mean"), "seconds": report.get("seconds"),
-    }  # fmt: skip
-
-
 def _memory(entry: MethodData) -> dict:
     """On-disk sizes and parameter counts of a conversion, peak memory of its conversion and training."""
-    row: dict = {"convert_peak_rss_mb": None, "train_peak_memory_mb": None, "residual_disk_mb": None}
-    if entry.steps:
-        row["train_peak_memory_mb"] = _training(entry.steps)["peak_memory_mb"]
-    if not entry.conversion:
-        return row
-    directory = entry.conversion_dir
-    quantized = {layer["name"] for layer in entry.conversion["layers"]}
-    params_4bit = sum(layer["shape"][0] * layer["shape"][1] for layer in entry.conversion["layers"])
-    headers = {name: info for shard in directory.glob(SHARD_GLOB) for name, info in _header(shard).items()}
-    params_16bit = sum(_numel(info) for name, info in headers.items() if not _is_quantized(name, quantized))
-    adapter = directory / ADAPTER_DIR / ADAPTER_WEIGHTS
-    row.update({
-        "convert_peak_rss_mb": entry.conversion["summary"]["peak_rss_mb"],
-        "convert_peak_gpu_mb": entry.conversion["summary"].get("peak_gpu_mb"),
-        "residual_disk_mb": _size_mb(directory.glob(SHARD_GLOB)),
-        "adapter_disk_mb": _size_mb([adapter]),
-        "params_4bit": params_4bit, "params_16bit": params_16bit,
-        "adapter_params": sum(_numel(info) for info in _header(adapter).values()),
-    })  # fmt: skip
+    row = conversion_sizes(entry.conversion_dir, entry.conversion) if entry.conversion else {
+        "convert_peak_rss_mb": None, "residual_disk_mb": None}  # fmt: skip
+    row["train_peak_memory_mb"] = _training(entry.steps)["peak_memory_mb"] if entry.steps else None
     return row
 
 
 def _original(methods: list[MethodData]) -> tuple[dict | None, str]:
-    """Size and parameter count of the original model named in the conversions' fingerprints, where it is
-    still there as converted; else None, and why (the spectrum's note). A model changed since (another
-    model at its path) would give wrong numbers: it is left out with a warning, and the report goes on."""
+    """Size, parameter count and dtypes of the original model named in the conversions' fingerprints, where
+    it is still there as converted; else None, and why (the spectrum's note). Only the weight files
+    transformers loads count (Mistral's `consolidated.safetensors` beside `model.safetensors` is a copy).
+    A model changed since (another model at its path) would give wrong numbers: it is left out with a
+    warning, and the report goes on."""
     missing, changed = f"the original model named in {REPORT_NAME} (fingerprint.model) is not here", ""
     for entry in methods:
         model = Path(entry.conversion["fingerprint"]["model"]) if entry.conversion else None
-        shards = list(model.glob("*.safetensors")) if model is not None and model.is_dir() else []
-        changes = original_changes(entry.conversion["fingerprint"]) if shards else None
-        if shards and changes is None:
-            params = sum(_numel(info) for shard in shards for info in _header(shard).values())
-            return {"model": str(model), "disk_mb": _size_mb(shards), "params": params}, ""
+        if model is None or not model.is_dir():
+            continue
+        reader, changes = read_original(entry.conversion["fingerprint"])
+        if reader is not None and changes is None:
+            return {"model": str(model), **checkpoint_sizes(reader)}, ""
         if changes and not changed:
             changed = f"the original model {model} changed since {entry.label} was converted ({changes})"
     if changed:
@@ -365,21 +341,3 @@ def _spectrum(methods: list[MethodData], layer: str | None, original: dict | Non
         {m.label: (m.conversion_dir, m.conversion) for m in conversions if chosen in held[m.label]},
     )
     return {**spectra, "left_out": [label for label, layers in held.items() if chosen not in layers]}
-
-
-def _is_quantized(name: str, quantized: set[str]) -> bool:
-    """`<module>.weight` and its quant state (`.weight.absmax`, ...) of a quantized module."""
-    return name.split(".weight")[0] in quantized
-
-
-def _header(path: Path) -> dict[str, dict]:
-    """The tensor entries of a safetensors header (dtype, shape), without reading any data."""
-    return read_header(path)[0]
-
-
-def _numel(info: dict) -> int:
-    return math.prod(info["shape"])
-
-
-def _size_mb(paths) -> float:
-    return sum(path.stat().st_size for path in paths if path.is_file()) / 2**20

@@ -5,14 +5,16 @@ original model changed since its conversion is told, so that no number is comput
 
 from __future__ import annotations
 
+import filecmp
 import json
+import logging
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from qpissa import UserError
-from qpissa.artifacts import CONFIG_NAME, REPORT_NAME, RUN_MARKER, read_json, read_report
+from qpissa.artifacts import CONFIG_NAME, REPORT_NAME, RUN_MARKER, read_json, read_jsonl, read_report
 from qpissa.checkpoint import CheckpointReader
 from qpissa.convert_settings import Method
 
@@ -46,12 +48,17 @@ EXPORT = {"source": OBJECT, "conversion?": OBJECT_OR_NULL, "verify?": OBJECT_OR_
 EXPORT_SOURCE = {"base_dir?": TEXT, "run?": TEXT_OR_NULL}
 
 # qpissa_run.json: what the report's line on a run's recipe reads there
-RUN = {"config": OBJECT, "processes": OBJECT}
+RUN = {"config": OBJECT, "processes": OBJECT, "runtime?": OBJECT_OR_NULL}
 RUN_CONFIG = {"data": OBJECT, "max_steps": NUMBER, "num_train_epochs": NUMBER, "learning_rate": NUMBER,
-              "seed": NUMBER}  # fmt: skip
+              "seed": NUMBER, "trainer?": OBJECT_OR_NULL}  # fmt: skip
 RUN_DATA = {"path": TEXT_OR_NULL, "eval_path": TEXT_OR_NULL, "max_seq_len": NUMBER, "sources?": ARRAY_OR_NULL}
 RUN_PROCESSES = {"global_batch_size": NUMBER}
-RUN_CONVERSION = {"settings": OBJECT}  # the fingerprint a run is matched to its conversion by
+# the fingerprint a run (or an export) is matched to its conversion by, and its model told by
+RUN_CONVERSION = {"model?": TEXT, "settings": OBJECT, "checkpoint?": OBJECT_OR_NULL}
+# eval_results.json: what the report shows of a run's final evaluation
+EVAL_RESULTS = {"loss?": NUMBER_OR_NULL, "accuracy?": NUMBER_OR_NULL}
+# a trainer_log.jsonl line: what the report reads besides its step and loss, which `read_jsonl` checks
+LOG_LINE = {"tokens_per_second?": NUMBER_OR_NULL, "peak_memory_mb?": NUMBER_OR_NULL}
 
 CONVERT_AGAIN = "it is written by `qpissa convert`: convert again into a new directory"
 # with the weights, these settings alone decide each matrix's plain-NF4 error (err_fro_base)
@@ -59,6 +66,7 @@ QUANTIZER = ("blocksize", "double_quant", "svd_dtype")
 # one model's plain-NF4 error as measured on another device or thread count differs by ~1e-6 relative;
 # another model's (another seed, a fine-tune) by far more
 NF4_ERROR_TOLERANCE = 1e-3
+log = logging.getLogger(__name__)
 
 
 def read_conversion(qpissa_dir: Path) -> dict:
@@ -82,10 +90,33 @@ def read_fidelity(path: Path) -> dict:
 
 
 def read_export(path: Path) -> dict:
-    """An export's `export_report.json`, with what the report reads there (its source, its check)."""
+    """An export's `export_report.json`, with what the report reads there (its source, its check, the
+    fingerprint of the conversion it was made from)."""
     fix = "it is written by `qpissa export`: export again with --overwrite"
     return _read_checked(path, fix, lambda r: _problem(r, EXPORT, "")
-                         or _problem(r["source"], EXPORT_SOURCE, "source"))  # fmt: skip
+                         or _problem(r["source"], EXPORT_SOURCE, "source")
+                         or _fingerprint_problem(r.get("conversion"), "conversion"))  # fmt: skip
+
+
+def read_eval_results(path: Path) -> dict:
+    """A run's `eval_results.json`, with the numbers the report shows (loss, accuracy)."""
+    fix = "it is written by `qpissa train`: delete it (the report then says the evaluation is missing)"
+    return _read_checked(path, fix, lambda r: _problem(r, EVAL_RESULTS, ""))
+
+
+def read_training_log(path: Path) -> list[dict]:
+    """A run's `trainer_log.jsonl`, each line with the numbers the report shows (throughput, memory).
+
+    Raises:
+        UserError: naming the file, the step and the field.
+    """
+    steps = read_jsonl(path, required=("step", "loss"))
+    problem = next((f"step {row['step']}'s {found}" for row in steps
+                    if (found := _problem(row, LOG_LINE, ""))), None)  # fmt: skip
+    if problem:
+        fix = "it is written by `qpissa train`: correct or delete that line, or leave the run out"
+        raise UserError(f"{path} is damaged ({problem}); {fix}")
+    return steps
 
 
 def read_run_record(run_dir: Path) -> dict:
@@ -114,7 +145,7 @@ def _run_problem(record: dict) -> str | None:
         or _problem(record["config"], RUN_CONFIG, "config")
         or _problem(record["config"]["data"], RUN_DATA, "config.data")
         or _problem(record["processes"], RUN_PROCESSES, "processes")
-        or (_problem(record["conversion"], RUN_CONVERSION, "conversion") if "conversion" in record else None)
+        or _fingerprint_problem(record.get("conversion"), "conversion")
     )
     if not problem and not (record["config"]["data"]["path"] or record["config"]["data"].get("sources")):
         return "`config.data` names neither a path nor sources"
@@ -125,9 +156,7 @@ def _conversion_problems(report: dict) -> Iterator[str | None]:
     """What is wrong in a conversion's report, field by field (None: that one is right); a field is looked
     into only once the fields it lies in were found right."""
     yield _problem(report["fingerprint"], FINGERPRINT, "fingerprint")
-    stats = report["fingerprint"].get("checkpoint") or {}
-    yield next((f"`fingerprint.checkpoint.{name}` is {_shown(stat)}, not [size, mtime]"
-                for name, stat in stats.items() if not _integers(stat, 2)), None)  # fmt: skip
+    yield _stats_problem(report["fingerprint"], "fingerprint")
     settings = report["settings"]
     yield _problem(settings, SETTINGS, "settings")
     methods = [method.value for method in Method]
@@ -146,6 +175,21 @@ def _conversion_problems(report: dict) -> Iterator[str | None]:
         yield _problem(layer, LAYER, f"layers[{index}]")
         if not _integers(layer["shape"], 2) or min(layer["shape"]) < 1:
             yield f"`layers[{index}].shape` is {_shown(layer['shape'])}, not [out, in]"
+
+
+def _fingerprint_problem(fingerprint: Any, where: str) -> str | None:
+    """What is wrong in the fingerprint of a conversion that a run or an export recorded (None: nothing, or
+    none recorded, as before qpissa kept it)."""
+    if fingerprint is None:
+        return None
+    return _problem(fingerprint, RUN_CONVERSION, where) or _stats_problem(fingerprint, where)
+
+
+def _stats_problem(fingerprint: dict, where: str) -> str | None:
+    """The first recorded model file whose stats are not [size, mtime]."""
+    stats = fingerprint.get("checkpoint") or {}
+    return next((f"`{where}.checkpoint.{name}` is {_shown(stat)}, not [size, mtime]"
+                 for name, stat in stats.items() if not _integers(stat, 2)), None)  # fmt: skip
 
 
 def _problem(record: Any, fields: dict[str, tuple], where: str) -> str | None:
@@ -179,21 +223,52 @@ def _shown(value: Any) -> str:
 
 
 def same_model(a: dict, b: dict) -> bool:
-    """Whether two conversions (their `qpissa_report.json`) were converted from one model.
+    """Whether two inputs were converted from one model: each a conversion's `qpissa_report.json`, or only
+    the fingerprint of one (`{"fingerprint": ...}`), as a run or an export records the conversion it was
+    made from.
 
     Not by its path alone: copies of a model at two paths are one model, and one path may hold two models
-    one after the other. The recorded weight files' names and sizes must agree; then each matrix's plain-NF4
-    error, which the weights alone decide where both used one quantizer, must too; where the quantizers
-    differ, so must the path. A conversion that predates the record of the files is matched by its path.
+    one after the other. The recorded weight files' names and sizes must agree; with their modification
+    times too they are the same files (a copy that kept them, or the model itself). Else each matrix's
+    plain-NF4 error decides, which the weights alone decide where both used one quantizer; else the files
+    themselves, where both are still there as converted; else the path. A conversion that predates the
+    record of the files is matched by its path.
     """
-    files = [_weight_sizes(report["fingerprint"]) for report in (a, b)]
+    stats = [_weight_stats(record["fingerprint"]) for record in (a, b)]
     same_path = a["fingerprint"]["model"] == b["fingerprint"]["model"]
-    if None in files:
+    if stats[0] is None or stats[1] is None:
         return same_path
-    if files[0] != files[1]:
+    if _sizes(stats[0]) != _sizes(stats[1]):
         return False
+    if stats[0] == stats[1]:
+        return True
+    errors = _same_nf4_errors(a, b)
+    if errors is not None:
+        return errors
+    contents = _same_contents(a["fingerprint"], b["fingerprint"])
+    return same_path if contents is None else contents
+
+
+def _weight_stats(fingerprint: dict) -> dict[str, list[int]] | None:
+    """The [size, mtime] of the model's weight files (shards and their index; not config.json, which an
+    edit of its notes changes), as the conversion recorded them; None where it predates that record."""
+    stats = fingerprint.get("checkpoint")
+    if stats is None:
+        return None
+    return {name: stat for name, stat in stats.items() if name != CONFIG_NAME}
+
+
+def _sizes(stats: dict[str, list[int]]) -> dict[str, int]:
+    return {name: size for name, (size, _) in stats.items()}
+
+
+def _same_nf4_errors(a: dict, b: dict) -> bool | None:
+    """Whether two conversions' matrices have the plain-NF4 errors of one model's weights; None where that
+    cannot tell (another quantizer, or a fingerprint alone, with no errors recorded)."""
+    if "layers" not in a or "layers" not in b:
+        return None
     if any(a["settings"].get(key) != b["settings"].get(key) for key in QUANTIZER):
-        return same_path
+        return None
     errors = {layer["name"]: layer["err_fro_base"] for layer in b["layers"]}
     return all(
         math.isclose(layer["err_fro_base"], errors[layer["name"]], rel_tol=NF4_ERROR_TOLERANCE)
@@ -202,25 +277,30 @@ def same_model(a: dict, b: dict) -> bool:
     )
 
 
-def _weight_sizes(fingerprint: dict) -> dict[str, int] | None:
-    """The sizes of the model's weight files (shards and their index; not config.json, which an edit of
-    its notes changes), as the conversion recorded them; None where it predates that record."""
-    stats = fingerprint.get("checkpoint")
-    if stats is None:
+def _same_contents(a: dict, b: dict) -> bool | None:
+    """Whether the weight files of two fingerprints' models hold the same bytes, where both are still there
+    as converted (read whole: this is asked only where nothing recorded tells); None where one is not."""
+    if any(reader is None or changes for reader, changes in map(read_original, (a, b))):
         return None
-    return {name: size for name, (size, _) in stats.items() if name != CONFIG_NAME}
+    models = [Path(fingerprint["model"]) for fingerprint in (a, b)]
+    log.info("comparing the weights of %s and %s byte by byte: are they one model?", *models)
+    names = _weight_stats(a) or {}
+    return all(filecmp.cmp(models[0] / name, models[1] / name, shallow=False) for name in names)
 
 
-def original_changes(fingerprint: dict) -> str | None:
-    """How the model at a conversion's `fingerprint["model"]` differs from the one it converted, by the
-    sizes and modification times of its files that the conversion recorded (as `convert --resume` tells a
-    rewritten model); None where they match, or where the conversion predates that record."""
+def read_original(fingerprint: dict) -> tuple[CheckpointReader | None, str | None]:
+    """The original model at a conversion's `fingerprint["model"]`, read as transformers loads it (the weight
+    files it loads, not others beside them), and how it differs from the one converted, by the sizes and
+    modification times of its files that the conversion recorded (as `convert --resume` tells a rewritten
+    model): None where they match, or where the conversion predates that record; no reader where the
+    model cannot be read now."""
+    try:
+        reader = CheckpointReader(Path(fingerprint["model"]))
+    except UserError as error:
+        return None, f"it is no checkpoint that can be read now: {error}"
     recorded = fingerprint.get("checkpoint")
     if recorded is None:
-        return None
-    try:
-        current = CheckpointReader(Path(fingerprint["model"])).file_stats()
-    except UserError as error:
-        return f"it is no checkpoint that can be read now: {error}"
+        return reader, None
+    current = reader.file_stats()
     changed = sorted(name for name in {*recorded, *current} if recorded.get(name) != current.get(name))
-    return f"{', '.join(changed)}: another size or modification time" if changed else None
+    return reader, f"{', '.join(changed)}: another size or modification time" if changed else None

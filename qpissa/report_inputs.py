@@ -22,11 +22,17 @@ from qpissa.artifacts import (
     RUN_MARKER,
     RUNS_DIR,
     comparison_members,
-    read_json,
-    read_jsonl,
 )
 from qpissa.convert_settings import Method
-from qpissa.report_checks import read_conversion, read_export, read_fidelity, read_run_record, same_model
+from qpissa.report_checks import (
+    read_conversion,
+    read_eval_results,
+    read_export,
+    read_fidelity,
+    read_run_record,
+    read_training_log,
+    same_model,
+)
 from qpissa.run_marker import check_trained_on, read_run, run_model, trained_on
 
 CALIBRATED_SUFFIX = "+calib"
@@ -86,22 +92,26 @@ def collect(inputs: list[Path]) -> list[MethodData]:
 def _check_one_base_model(entries: list[MethodData]) -> None:
     """A report compares methods on one base model: its per-layer tables and plots pair layers by name.
     One model is told by its weights (`same_model`): copies of it at two paths are one, two models that
-    one path held in turn are two.
+    one path held in turn are two. A run or an export whose conversion is gone is told by the conversion's
+    fingerprint it recorded.
 
     Raises:
-        UserError: conversions of different original models among the inputs, listed by model.
+        UserError: inputs of different original models, listed by model.
     """
-    groups: list[list[MethodData]] = []
-    for entry in (entry for entry in entries if entry.conversion):
-        group = next((g for g in groups if all(same_model(entry.conversion, e.conversion) for e in g)), None)
+    groups: list[list[tuple[MethodData, dict]]] = []
+    for entry in entries:
+        known = _model_record(entry)
+        if known is None:  # a run or export that predates the record of its conversion
+            continue
+        group = next((g for g in groups if all(same_model(known, other) for _, other in g)), None)
         if group is None:
-            groups.append([entry])
+            groups.append([(entry, known)])
         else:
-            group.append(entry)
+            group.append((entry, known))
     if len(groups) > 1:
-        models = [", ".join(dict.fromkeys(e.conversion["fingerprint"]["model"] for e in g)) for g in groups]
+        models = [", ".join(dict.fromkeys(known["fingerprint"]["model"] for _, known in g)) for g in groups]
         listed = "; ".join(
-            f"{model}: {', '.join(str(e.conversion_dir) for e in group)}"
+            f"{model}: {', '.join(str(e.conversion_dir) for e, _ in group)}"
             for model, group in zip(models, groups, strict=True)
         )
         one_path = len(set(models)) < len(groups)
@@ -110,6 +120,17 @@ def _check_one_base_model(entries: list[MethodData]) -> None:
             f"the inputs were converted from {len(groups)} different models ({listed}){replaced}; a report "
             "compares methods on one base model: run `qpissa report` once per model, with its own --out"
         )
+
+
+def _model_record(entry: MethodData) -> dict | None:
+    """What tells the model an entry was converted from: its conversion's report, or else the fingerprint of
+    the conversion its run or its export recorded (None: none is recorded, or none names its model)."""
+    if entry.conversion:
+        return entry.conversion
+    recorded = [entry.run.get("conversion") if entry.run else None]
+    recorded += [report.get("conversion") for _, report in entry.exports]
+    fingerprint = next((found for found in recorded if found and "model" in found), None)
+    return {"fingerprint": fingerprint} if fingerprint else None
 
 
 def _add(by_key: dict[str, MethodData], path: Path) -> bool:
@@ -133,8 +154,9 @@ def _add(by_key: dict[str, MethodData], path: Path) -> bool:
             )
         entry.run_dir = path
         entry.run = record
-        entry.steps = read_jsonl(path / LOG_NAME, required=("step", "loss"))
-        entry.evals = _read(path / EVAL_RESULTS_NAME) if (path / EVAL_RESULTS_NAME).is_file() else None
+        entry.steps = read_training_log(path / LOG_NAME)
+        results = path / EVAL_RESULTS_NAME
+        entry.evals = read_eval_results(results) if results.is_file() else None
         return True
     if (path / EXPORT_REPORT).is_file():
         report = read_export(path / EXPORT_REPORT)
@@ -271,7 +293,3 @@ def _method_order(entry: MethodData) -> tuple[int, str]:
     method = entry.conversion["settings"]["method"] if entry.conversion else ""
     rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
     return rank, str(entry.conversion_dir)
-
-
-def _read(path: Path) -> dict:
-    return read_json(path, "it was written by qpissa: regenerate it")

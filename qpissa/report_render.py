@@ -13,6 +13,7 @@ from pathlib import Path
 
 from qpissa import plots
 from qpissa.artifacts import EVAL_RESULTS_NAME, LOG_NAME, REPORT_HTML, REPORT_MARKDOWN
+from qpissa.report_runs import RunState, setup_lines
 from qpissa.settings import ReportOptions
 
 # every plot a report can draw, in order: a report directory holds these PNGs and nothing else of its own
@@ -30,40 +31,6 @@ class Table:
     rows: list[list[str]]
     plot: str | None = None
     note: str = ""
-
-
-def setup_lines(summary: dict) -> list[str]:
-    """What was compared: the base model, and what the runs trained on (once if every run shares it)."""
-    setup = summary["setup"]
-    lines = [f"Base model: {setup['model']}."] if setup["model"] else []
-    # one path may hold other contents from run to run: the fingerprints of what was read tell them apart
-    prints = {recipe.get("data_fingerprint") for recipe in setup["runs"].values()} - {None}
-    recipes = {label: _recipe_text(recipe, len(prints) > 1) for label, recipe in setup["runs"].items()}
-    if len(set(recipes.values())) == 1 and len(recipes) > 1:
-        lines.append(f"Every run trained on {next(iter(recipes.values()))}.")
-    else:
-        if len(prints) > 1:
-            lines.append("The runs trained on different data (their data fingerprints differ), so their "
-                         "losses do not compare.")  # fmt: skip
-        lines += [f"Run {label} trained on {text}." for label, text in recipes.items()]
-    return lines
-
-
-def _recipe_text(recipe: dict, fingerprint: bool) -> str:
-    """The recipe in words; `fingerprint` names the data's fingerprint too, where runs' data differ."""
-    data = recipe["data"] if isinstance(recipe["data"], str) else " + ".join(recipe["data"])
-    if fingerprint:
-        data += f" (data fingerprint {(recipe.get('data_fingerprint') or 'not recorded')[:12]})"
-    length = (
-        f"{recipe['max_steps']} steps"
-        if recipe["max_steps"] > 0
-        else f"{recipe['num_train_epochs']:g} epochs"
-    )
-    evaluated = f", evaluated on {recipe['eval_path']}" if recipe["eval_path"] else ""
-    return (
-        f"{data} ({length} of {recipe['global_batch_size']} samples, learning rate "
-        f"{recipe['learning_rate']:g}, max_seq_len {recipe['max_seq_len']}, seed {recipe['seed']}){evaluated}"
-    )
 
 
 def draw_plots(summary: dict, out_dir: Path, options: ReportOptions) -> dict[str, str]:
@@ -216,42 +183,45 @@ def _by_type(summary: dict) -> Table | None:
 
 def _memory(summary: dict) -> Table:
     headers = ["model", "residual on disk MB", "adapter on disk MB", "total vs original %", "4-bit params",
-               "16-bit params", "adapter params", "conversion peak RSS MB", "conversion peak GPU MB",
+               "unquantized params", "adapter params", "conversion peak RSS MB", "conversion peak GPU MB",
                "training peak MB"]  # fmt: skip
     rows = []
     original = summary["original"]
     if original:
+        name = f"original ({', '.join(original.get('dtypes') or ['unquantized'])})"
         params = f"{original['params']:,}"
-        rows.append(
-            ["original (16-bit)", f"{original['disk_mb']:.1f}", "–", "100.0", "–", params, *["–"] * 4]
-        )
+        rows.append([name, f"{original['disk_mb']:.1f}", "–", "100.0", "–", params, *["–"] * 4])
     for label, m in summary["memory"].items():
         rows.append([
             label, _num(m.get("residual_disk_mb"), "{:.1f}"), _num(m.get("adapter_disk_mb"), "{:.1f}"),
             _num(m.get("disk_vs_original_pct"), "{:.1f}"), _num(m.get("params_4bit"), "{:,}"),
-            _num(m.get("params_16bit"), "{:,}"), _num(m.get("adapter_params"), "{:,}"),
+            _num(m.get("params_unquantized"), "{:,}"), _num(m.get("adapter_params"), "{:,}"),
             _num(m.get("convert_peak_rss_mb"), "{:.0f}"), _num(m.get("convert_peak_gpu_mb"), "{:.0f}"),
             _num(m.get("train_peak_memory_mb"), "{:.0f}"),
         ])  # fmt: skip
     note = (
         "Peak memory: process RSS on CPU (max allocated on CUDA for training). Each conversion and training "
-        "run ran in its own process. Original: the 16-bit checkpoint the conversions were made from."
+        "run ran in its own process. Original: the checkpoint the conversions were made from, in its own "
+        "dtype; unquantized params are kept in it (embeddings, norms, layers not targeted)."
     )
     return Table("Memory", headers, rows, "memory_speed", note)
 
 
 def _training(summary: dict, tail_steps: int) -> Table | None:
     rows = []
+    runs = summary["setup"]["runs"]
     for label, t in summary["training"].items():
         e = summary["eval"].get(label) or {}
+        unfinished = runs.get(label, {}).get("state") == RunState.UNFINISHED.value
         rows.append([
-            label, str(t["first_step"]), f"{t['first_loss']:.4f}", str(t["final_step"]),
-            f"{t['final_loss']:.4f}", f"{t['tail_loss']:.4f}", _num(e.get("loss"), "{:.4f}"),
+            label, str(t["first_step"]), f"{t['first_loss']:.4f}",
+            f"{t['final_step']}{' (unfinished)' if unfinished else ''}",
+            f"{t['final_loss']:.4f}", _num(t["tail_loss"], "{:.4f}"), _num(e.get("loss"), "{:.4f}"),
             _pct(e.get("accuracy")),
             _num(t["tokens_per_second"], "{:.0f}"), _num(t["peak_memory_mb"], "{:.0f}"),
         ])  # fmt: skip
     headers = ["method", "first step", "first loss", "last step", "last loss",
-               f"mean loss, last {tail_steps} steps (or all)", "eval loss", "eval accuracy %",
+               f"mean loss, last {tail_steps} trained steps", "eval loss", "eval accuracy %",
                "tokens/s", "peak memory MB"]  # fmt: skip
     note = f"Loss per step from {LOG_NAME} (step 0: the initialized model); eval from {EVAL_RESULTS_NAME}."
     return Table("Training", headers, rows, "loss_curves", note) if rows else None

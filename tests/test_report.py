@@ -78,7 +78,7 @@ def test_summary_numbers_equal_the_inputs(inputs: dict[str, Path], tmp_path: Pat
     memory = summary["memory"]["qpissa"]
     disk = sum(p.stat().st_size for p in inputs["qpissa"].glob("model*.safetensors")) / 2**20
     assert memory["residual_disk_mb"] == disk and memory["disk_vs_original_pct"] < 100
-    assert memory["params_4bit"] + memory["params_16bit"] == summary["original"]["params"]
+    assert memory["params_4bit"] + memory["params_unquantized"] == summary["original"]["params"]
     assert memory["adapter_params"] == sum(4 * sum(layer["shape"]) for layer in _layers(inputs["qpissa"]))
     verify = json.loads((inputs["export"] / "export_report.json").read_text())["verify"]
     (row,) = summary["exports"]
